@@ -1,0 +1,689 @@
+"""SIP messages as values: parse, inspect, change a header, serialize.
+
+Written here rather than taken from a library (see docs/decisions.md): a proxy must forward
+every header it did not change byte-for-byte, in its order, and must do so thousands of times
+a second. A header is therefore kept as the exact text it arrived as (``raw``, folds and all)
+beside an unfolded ``value`` for reading; serialising an untouched header writes ``raw`` back.
+The wire text is decoded as latin-1, a one-to-one map of bytes to code points, so any octet
+(UTF-8 display names included) survives the round trip.
+
+Messages are immutable. Every change returns a new message that shares the untouched headers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import NamedTuple, Self
+
+from e911_sip.sip.errors import (
+    MalformedMessage,
+    MessageTooLarge,
+    RemoteSipError,
+    VersionNotSupported,
+)
+from e911_sip.sip.uri import NameAddr, Uri, Via, parse_name_addr, parse_uri, parse_via, split_values
+
+SIP_VERSION = "SIP/2.0"
+DEFAULT_MAX_SIZE = 65535
+DEFAULT_MAX_HEADERS = 256
+
+# RFC 3261 §7.3.3 and the registry of compact forms; "y" is Identity (RFC 8224).
+COMPACT_FORMS = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+# Names we see on nearly every message: known, so their spelling needs no token check.
+_KNOWN = {
+    name: name
+    for name in (
+        "via",
+        "from",
+        "to",
+        "call-id",
+        "cseq",
+        "contact",
+        "max-forwards",
+        "content-length",
+        "content-type",
+        "route",
+        "record-route",
+        "user-agent",
+        "allow",
+        "supported",
+        "accept",
+        "expires",
+        "p-asserted-identity",
+        "p-preferred-identity",
+        "priority",
+        "geolocation",
+        "geolocation-routing",
+        "identity",
+        "privacy",
+        "server",
+        "require",
+        "proxy-require",
+        "session-expires",
+        "min-se",
+        "date",
+        "subject",
+        "organization",
+        "reason",
+        "warning",
+        "content-disposition",
+        "mime-version",
+        "allow-events",
+        "event",
+        "authorization",
+        "www-authenticate",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "rseq",
+        "rack",
+    )
+}
+_KNOWN.update(COMPACT_FORMS)
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
+_CSEQ_RE = re.compile(r"(\d{1,10})\s+([A-Za-z0-9.!%*_+`'~-]+)")
+_REQUIRED = ("via", "from", "to", "call-id", "cseq")
+
+
+class Header(NamedTuple):
+    """One header field as it stood on the wire."""
+
+    key: str
+    """Canonical lower-case long name (compact forms expanded): the lookup key."""
+    raw: str
+    """The field's exact text, from its name to the end of its last fold, without CRLF."""
+    value: str
+    """The value with folds joined by one space and outer whitespace removed."""
+
+
+def make_header(name: str, value: str) -> Header:
+    """A new header written as ``Name: value``."""
+    return Header(_key_of(name), f"{name}: {value}", value)
+
+
+class Message:
+    """Headers and body common to requests and responses. Immutable.
+
+    Header fields are held as two parallel lists: the raw text of each field and its
+    canonical key. Values are read from the raw text on demand, so a message that is only
+    relayed never pays for unfolding or stripping headers nobody looks at.
+    """
+
+    __slots__ = ("_lines", "_keys", "body", "_wire", "_vias", "_cseq")
+
+    body: bytes
+
+    def __init__(self, headers: Iterable[Header], body: bytes = b"") -> None:
+        self._lines: list[str] = []
+        self._keys: list[str] = []
+        for h in headers:
+            self._keys.append(h.key)
+            self._lines.append(h.raw)
+        self.body = body
+        self._wire: bytes | None = None
+        self._vias: list[Via] | None = None
+        self._cseq: tuple[int, str] | None = None
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        """Every header field in order."""
+        lines = self._lines
+        return tuple(Header(key, lines[i], _value_of(lines[i])) for i, key in enumerate(self._keys))
+
+    def get(self, key: str) -> str | None:
+        """The value of the first header named ``key`` (lower-case long name), or None."""
+        try:
+            return _value_of(self._lines[self._keys.index(key)])
+        except ValueError:
+            return None
+
+    def get_all(self, key: str) -> list[str]:
+        """The values of every header named ``key``, one entry per header line."""
+        lines = self._lines
+        return [_value_of(lines[i]) for i, k in enumerate(self._keys) if k == key]
+
+    def values(self, key: str) -> list[str]:
+        """Every comma-separated value of headers named ``key`` (Via, Route, ...), in order."""
+        out: list[str] = []
+        for value in self.get_all(key):
+            out.extend(split_values(value))
+        return out
+
+    def has(self, key: str) -> bool:
+        """True when a header named ``key`` is present."""
+        return key in self._keys
+
+    def count(self, key: str) -> int:
+        """How many header lines are named ``key``."""
+        return self._keys.count(key)
+
+    @property
+    def vias(self) -> list[Via]:
+        """Parsed Via values, topmost first."""
+        if self._vias is None:
+            self._vias = [parse_via(v) for v in self.values("via")]
+        return self._vias
+
+    @property
+    def top_via(self) -> Via:
+        """The topmost Via value (only the first Via header line is read)."""
+        if self._vias is not None:
+            if not self._vias:
+                raise MalformedMessage("message has no Via")
+            return self._vias[0]
+        value = self.get("via")
+        if not value:
+            raise MalformedMessage("message has no Via")
+        return parse_via(split_values(value)[0])
+
+    @property
+    def call_id(self) -> str:
+        """The Call-ID."""
+        value = self.get("call-id")
+        if not value:
+            raise MalformedMessage("message has no Call-ID")
+        return value
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        """CSeq as (number, METHOD)."""
+        if self._cseq is None:
+            self._cseq = _parse_cseq(self.get("cseq"))
+        return self._cseq
+
+    def from_addr(self) -> NameAddr:
+        """The From value, parsed."""
+        return parse_name_addr(self.get("from") or "")
+
+    def to_addr(self) -> NameAddr:
+        """The To value, parsed."""
+        return parse_name_addr(self.get("to") or "")
+
+    @property
+    def to_tag(self) -> str | None:
+        """The To tag, None when absent."""
+        return self.to_addr().param("tag")
+
+    @property
+    def from_tag(self) -> str | None:
+        """The From tag, None when absent."""
+        return self.from_addr().param("tag")
+
+    # -- changing (each returns a new message) -------------------------------------------
+    def _copy(self, lines: list[str], keys: list[str]) -> Self:
+        clone = object.__new__(type(self))
+        clone._lines = lines
+        clone._keys = keys
+        clone.body = self.body
+        clone._wire = None
+        clone._vias = None
+        clone._cseq = self._cseq
+        self._copy_start_line(clone)
+        return clone
+
+    def _copy_start_line(self, clone: Self) -> None:
+        raise NotImplementedError
+
+    def with_headers(self, headers: Iterable[Header]) -> Self:
+        """The same start line and body with ``headers`` instead."""
+        keys: list[str] = []
+        lines: list[str] = []
+        for h in headers:
+            keys.append(h.key)
+            lines.append(h.raw)
+        return self._copy(lines, keys)
+
+    def prepend(self, name: str, value: str) -> Self:
+        """A new header placed before every other header of that name (or first, if none)."""
+        key = _key_of(name)
+        keys = self._keys
+        try:
+            index = keys.index(key)
+        except ValueError:
+            index = 0 if key == "via" else _after_vias(keys)
+        lines = self._lines.copy()
+        keys = keys.copy()
+        lines.insert(index, f"{name}: {value}")
+        keys.insert(index, key)
+        return self._copy(lines, keys)
+
+    def append(self, name: str, value: str) -> Self:
+        """A new header after the others; Content-Length stays last when it was last."""
+        lines = self._lines.copy()
+        keys = self._keys.copy()
+        index = len(keys) - 1 if keys and keys[-1] == "content-length" else len(keys)
+        lines.insert(index, f"{name}: {value}")
+        keys.insert(index, _key_of(name))
+        return self._copy(lines, keys)
+
+    def replace(self, name: str, value: str) -> Self:
+        """Set header ``name`` to one value: the first one is rewritten in place, others go."""
+        key = _key_of(name)
+        if key not in self._keys:
+            return self.append(name, value)
+        lines: list[str] = []
+        keys: list[str] = []
+        placed = False
+        for line, k in zip(self._lines, self._keys, strict=True):
+            if k == key:
+                if placed:
+                    continue
+                line = f"{name}: {value}"
+                placed = True
+            lines.append(line)
+            keys.append(k)
+        return self._copy(lines, keys)
+
+    def replace_at(self, key: str, value: str) -> Self:
+        """Rewrite the first ``key`` header's value, keeping the name as it was spelt."""
+        index = self._keys.index(key)
+        lines = self._lines.copy()
+        name = lines[index].partition(":")[0].rstrip(" \t")
+        lines[index] = f"{name}: {value}"
+        return self._copy(lines, self._keys.copy())
+
+    def remove(self, key: str) -> Self:
+        """Without any header named ``key``."""
+        if key not in self._keys:
+            return self
+        pairs = [(ln, k) for ln, k in zip(self._lines, self._keys, strict=True) if k != key]
+        return self._copy([ln for ln, _ in pairs], [k for _, k in pairs])
+
+    def pop_first_value(self, key: str) -> Self:
+        """Without the first comma-separated value of header ``key`` (top Via, top Route)."""
+        try:
+            index = self._keys.index(key)
+        except ValueError:
+            return self
+        lines = self._lines.copy()
+        keys = self._keys.copy()
+        rest = split_values(_value_of(lines[index]))[1:]
+        if rest:
+            name = lines[index].partition(":")[0].rstrip(" \t")
+            lines[index] = f"{name}: {', '.join(rest)}"
+        else:
+            del lines[index]
+            del keys[index]
+        return self._copy(lines, keys)
+
+    def pop_top_via(self) -> Self:
+        """Without the topmost Via value (RFC 3261 §16.7 step 3)."""
+        return self.pop_first_value("via")
+
+    # -- writing -------------------------------------------------------------------------
+    def start_line(self) -> str:
+        """The first line, without CRLF."""
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        """The message on the wire. Adds Content-Length when it is missing (RFC 3261 §18.3)."""
+        if self._wire is None:
+            head = "\r\n".join(self._lines)
+            if "content-length" not in self._keys:
+                head = f"{head}\r\nContent-Length: {len(self.body)}"
+            text = (
+                f"{self.start_line()}\r\n{head}\r\n\r\n" if head else f"{self.start_line()}\r\n\r\n"
+            )
+            self._wire = text.encode("latin-1") + self.body
+        return self._wire
+
+
+def _value_of(line: str) -> str:
+    value = line[line.find(":") + 1 :]
+    if "\n" in value:
+        value = " ".join(part.strip() for part in value.split("\r\n"))
+    return value.strip()
+
+
+def _key_of(name: str) -> str:
+    key = name.lower()
+    return COMPACT_FORMS.get(key, key)
+
+
+class Request(Message):
+    """A SIP request."""
+
+    __slots__ = ("method", "uri", "_ruri")
+
+    def __init__(
+        self, method: str, uri: str, headers: Iterable[Header] = (), body: bytes = b""
+    ) -> None:
+        super().__init__(headers, body)
+        self.method = method
+        self.uri = uri
+        self._ruri: Uri | None = None
+
+    @property
+    def request_uri(self) -> Uri:
+        """The parsed Request-URI."""
+        if self._ruri is None:
+            self._ruri = parse_uri(self.uri)
+        return self._ruri
+
+    def _copy_start_line(self, clone: Self) -> None:
+        clone.method = self.method
+        clone.uri = self.uri
+        clone._ruri = self._ruri
+
+    def with_uri(self, uri: str) -> Request:
+        """The same request sent to another Request-URI."""
+        clone = self._copy(self._lines.copy(), self._keys.copy())
+        clone.uri = uri
+        clone._ruri = None
+        return clone
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} {SIP_VERSION}"
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri}>"
+
+
+class Response(Message):
+    """A SIP response."""
+
+    __slots__ = ("status", "reason")
+
+    def __init__(
+        self, status: int, reason: str, headers: Iterable[Header] = (), body: bytes = b""
+    ) -> None:
+        super().__init__(headers, body)
+        self.status = status
+        self.reason = reason
+
+    def _copy_start_line(self, clone: Self) -> None:
+        clone.status = self.status
+        clone.reason = self.reason
+
+    def start_line(self) -> str:
+        return f"{SIP_VERSION} {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+def _after_vias(keys: list[str]) -> int:
+    index = 0
+    for i, key in enumerate(keys):
+        if key == "via":
+            index = i + 1
+    return index
+
+
+def _parse_cseq(value: str | None) -> tuple[int, str]:
+    if value is None:
+        raise MalformedMessage("message has no CSeq")
+    m = _CSEQ_RE.fullmatch(value)
+    if m is None:
+        raise MalformedMessage(f"bad CSeq {value!r}")
+    number = int(m.group(1))
+    if number >= 2**31:
+        raise MalformedMessage(f"CSeq number out of range in {value!r}")
+    return number, m.group(2)
+
+
+class ParseFailure(RemoteSipError):
+    """A message that failed validation after its header block was read.
+
+    It keeps what was read, so the boundary can answer a broken request with the status the
+    error implies (RFC 3261 §8.2.6: the response copies Via, From, To, Call-ID and CSeq).
+    """
+
+    def __init__(
+        self,
+        cause: RemoteSipError,
+        *,
+        method: str | None,
+        headers: tuple[Header, ...],
+    ) -> None:
+        super().__init__(str(cause), status_hint=cause.status_code)
+        self.reason = cause.reason
+        self.cause = cause
+        self.method = method
+        self.headers = headers
+
+
+def _split_head(head: str) -> tuple[list[str], list[str]]:
+    """Header field texts and their keys; the common case runs as two C-level passes."""
+    lines = head.split("\r\n")
+    if "\r\n " in head or "\r\n\t" in head or "" in lines:
+        lines = _unfold(lines)
+    known = _KNOWN
+    keys = [known.get(line.partition(":")[0].lower(), "") for line in lines]
+    if "" in keys:
+        for i, key in enumerate(keys):
+            if not key:
+                keys[i] = _slow_key(lines[i])
+    return lines, keys
+
+
+def _unfold(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        if not line:
+            raise MalformedMessage("empty line inside the header block")
+        if line[0] in " \t":
+            if not out:
+                raise MalformedMessage("continuation line before the first header")
+            out[-1] = f"{out[-1]}\r\n{line}"
+        else:
+            out.append(line)
+    return out
+
+
+def _slow_key(line: str) -> str:
+    colon = line.find(":")
+    if colon <= 0:
+        raise MalformedMessage(f"header line without a name and colon: {line[:60]!r}")
+    name = line[:colon].rstrip(" \t").lower()
+    key = _KNOWN.get(name)
+    if key is None:
+        if _TOKEN_RE.fullmatch(name) is None:
+            raise MalformedMessage(f"bad header name {line[:colon]!r}")
+        key = name
+    return key
+
+
+def parse(
+    data: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_headers: int = DEFAULT_MAX_HEADERS,
+    datagram: bool = True,
+) -> Request | Response:
+    """Parse one whole SIP message.
+
+    With ``datagram`` the body is what follows the header block, cut to Content-Length
+    (RFC 3261 §18.3); a stream framer has already cut the message to its exact length.
+
+    Raises:
+        MessageTooLarge: over ``max_size`` bytes or ``max_headers`` header fields.
+        MalformedMessage: the start line cannot be read (nothing to answer with).
+        ParseFailure: the header block was read but the message is invalid; it carries the
+            headers so that a request can still be answered.
+    """
+    if len(data) > max_size:
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+    start = 0
+    # RFC 3261 §7.5: ignore CRLFs before the start line.
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end < 0:
+        raise MalformedMessage("no blank line after the header block")
+    text = data[start:end].decode("latin-1")
+    first, sep, head = text.partition("\r\n")
+    method: str | None = None
+    status = 0
+    reason = ""
+    uri = ""
+    version = SIP_VERSION
+    if first.startswith("SIP/"):
+        version, _, rest = first.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version != SIP_VERSION:
+            raise VersionNotSupported(f"unsupported version {version!r}")
+        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+            raise MalformedMessage(f"bad status line {first[:80]!r}")
+        status = int(code)
+    else:
+        parts = first.split(" ")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise MalformedMessage(f"bad request line {first[:80]!r}")
+        method, uri, version = parts
+        if _TOKEN_RE.fullmatch(method) is None:
+            raise MalformedMessage(f"bad method {method[:40]!r}")
+    lines: list[str] = []
+    keys: list[str] = []
+    try:
+        if sep:
+            lines, keys = _split_head(head)
+        if len(keys) > max_headers:
+            raise MessageTooLarge(f"{len(keys)} header fields exceed the limit of {max_headers}")
+        body = data[end + 4 :]
+        if "content-length" in keys:
+            length_text = _value_of(lines[keys.index("content-length")])
+            if keys.count("content-length") > 1:
+                others = {_value_of(lines[i]) for i, k in enumerate(keys) if k == "content-length"}
+                if len(others) > 1:
+                    raise MalformedMessage("conflicting Content-Length headers")
+            if not length_text.isdigit():
+                raise MalformedMessage(f"bad Content-Length {length_text!r}")
+            length = int(length_text)
+            if length > len(body):
+                raise MalformedMessage(
+                    f"Content-Length {length} exceeds the {len(body)} bytes received"
+                )
+            if datagram and length < len(body):
+                body = body[:length]
+        for key in _REQUIRED:
+            if key not in keys:
+                raise MalformedMessage(f"missing mandatory header {key}")
+        message: Request | Response
+        if method is not None:
+            if version != SIP_VERSION:
+                raise VersionNotSupported(f"unsupported version {version!r}")
+            message = Request(method, uri, (), body)
+            message._lines = lines
+            message._keys = keys
+            parse_uri(uri)
+            if message.cseq[1] != method:
+                raise MalformedMessage(f"CSeq method {message.cseq[1]} does not match {method}")
+            for key in ("from", "to"):
+                parse_name_addr(message.get(key) or "")
+        else:
+            message = Response(status, reason, (), body)
+            message._lines = lines
+            message._keys = keys
+            _ = message.cseq
+        _ = message.top_via
+        return message
+    except RemoteSipError as exc:
+        headers = tuple(Header(k, lines[i], _value_of(lines[i])) for i, k in enumerate(keys))
+        raise ParseFailure(exc, method=method, headers=headers) from exc
+
+
+REASONS = {
+    100: "Trying",
+    180: "Ringing",
+    183: "Session Progress",
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    416: "Unsupported URI Scheme",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    487: "Request Terminated",
+    500: "Server Internal Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+}
+
+
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    extra: Iterable[tuple[str, str]] = (),
+) -> Response:
+    """A response built by this element (RFC 3261 §8.2.6.2).
+
+    Via, From, Call-ID and CSeq are copied as received; To gains ``to_tag`` when it has none
+    and the status is above 100.
+    """
+    return response_from_headers(request.headers, status, reason, to_tag=to_tag, extra=extra)
+
+
+def response_from_headers(
+    headers: Iterable[Header],
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    extra: Iterable[tuple[str, str]] = (),
+) -> Response:
+    """A response from a request's header list; used where the request failed to parse."""
+    out: list[Header] = []
+    for h in headers:
+        if h.key in ("via", "from", "call-id", "cseq"):
+            out.append(h)
+        elif h.key == "to":
+            if to_tag and status > 100 and ";tag=" not in h.value.replace(" ", "").lower():
+                out.append(make_header("To", f"{h.value};tag={to_tag}"))
+            else:
+                out.append(h)
+    out.extend(make_header(name, value) for name, value in extra)
+    out.append(make_header("Content-Length", "0"))
+    return Response(status, reason or REASONS.get(status, "Unknown"), out)
+
+
+def error_response(error: ParseFailure, *, to_tag: str | None = None) -> Response | None:
+    """The reply to a request that failed to parse, or None when it cannot be answered.
+
+    A response needs the request's Via, From, To, Call-ID and CSeq; without them, or for a
+    broken response or ACK, the message is dropped.
+    """
+    if error.method is None or error.method == "ACK":
+        return None
+    present = {h.key for h in error.headers}
+    if not all(key in present for key in _REQUIRED):
+        return None
+    try:
+        vias = [
+            parse_via(v) for h in error.headers if h.key == "via" for v in split_values(h.value)
+        ]
+    except RemoteSipError:
+        return None
+    if not vias:
+        return None
+    return response_from_headers(error.headers, error.status_code, error.reason, to_tag=to_tag)

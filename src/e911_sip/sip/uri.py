@@ -1,0 +1,271 @@
+"""URIs, name-addr values and Via values, parsed only as far as routing needs.
+
+Written here rather than taken from a library: the SIP parsers on PyPI either reject
+``urn:service:sos`` Request-URIs or rebuild every value they read, and the proxy must forward
+what it did not change exactly as it came. These helpers read a value and never re-encode it;
+the few values the proxy does change (its own Via, Record-Route, a rewritten Request-URI) are
+written out whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
+
+ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
+
+Params = tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Uri:
+    """A parsed URI. ``raw`` is the text it was parsed from, kept for pass-through."""
+
+    scheme: str
+    """Lower-case scheme: ``sip``, ``sips``, ``tel`` or ``urn``."""
+    user: str | None
+    """The userinfo user part of a SIP URI, the number of a tel URI; None for urn."""
+    host: str
+    """Host of a SIP URI (IPv6 without brackets); empty for tel; the NSS for urn."""
+    port: int | None
+    """Explicit port of a SIP URI, else None."""
+    params: Params
+    """URI parameters in order, names lower-cased, values as written (None for a flag)."""
+    raw: str
+    """The URI exactly as received."""
+
+    def param(self, name: str) -> str | None:
+        """Value of parameter ``name`` (lower-case), '' for a flag, None when absent."""
+        for key, value in self.params:
+            if key == name:
+                return "" if value is None else value
+        return None
+
+    def has_param(self, name: str) -> bool:
+        """True when parameter ``name`` (lower-case) is present, with or without a value."""
+        return any(key == name for key, _ in self.params)
+
+    @property
+    def transport(self) -> str:
+        """Transport the URI asks for (``udp`` by default, ``tls`` for sips)."""
+        value = self.param("transport")
+        if value:
+            return value.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def hostport(self) -> str:
+        """``host[:port]`` with IPv6 brackets restored."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def _split_params(text: str) -> Params:
+    if not text:
+        return ()
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(";"):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        out.append((name.strip().lower(), value.strip() if sep else None))
+    return tuple(out)
+
+
+def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise MalformedMessage(f"unterminated IPv6 reference in URI {raw!r}")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise MalformedMessage(f"bad host in URI {raw!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = ""
+    if not host:
+        raise MalformedMessage(f"URI has no host: {raw!r}")
+    if not port_text:
+        return host, None
+    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+        raise MalformedMessage(f"bad port in URI {raw!r}")
+    return host, int(port_text)
+
+
+def parse_uri(text: str) -> Uri:
+    """Parse a sip, sips, tel or urn URI.
+
+    Raises:
+        UnsupportedUriScheme: any other scheme (the caller answers 416).
+        MalformedMessage: the URI is not well formed.
+    """
+    raw = text
+    scheme, sep, rest = text.partition(":")
+    if not sep or not scheme:
+        raise MalformedMessage(f"not a URI: {raw!r}")
+    scheme = scheme.lower()
+    if scheme not in ROUTABLE_SCHEMES:
+        if not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+            raise MalformedMessage(f"not a URI: {raw!r}")
+        raise UnsupportedUriScheme(f"unsupported URI scheme {scheme!r}")
+    if scheme == "tel":
+        number, _, ptext = rest.partition(";")
+        if not number:
+            raise MalformedMessage(f"tel URI without a number: {raw!r}")
+        return Uri(scheme, number, "", None, _split_params(ptext), raw)
+    if scheme == "urn":
+        if not rest or " " in rest:
+            raise MalformedMessage(f"bad urn: {raw!r}")
+        return Uri(scheme, None, rest.lower(), None, (), raw)
+    # sip / sips: [user[:password]@]hostport[;params][?headers]
+    rest, _, _headers = rest.partition("?")
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo = rest[:at]
+        rest = rest[at + 1 :]
+        user = userinfo.partition(":")[0]
+        if not user:
+            raise MalformedMessage(f"empty user in URI {raw!r}")
+    else:
+        user = None
+    hostport, _, ptext = rest.partition(";")
+    if " " in hostport or "\t" in hostport:
+        raise MalformedMessage(f"whitespace inside URI {raw!r}")
+    host, port = _split_hostport(hostport, raw)
+    return Uri(scheme, user, host.lower(), port, _split_params(ptext), raw)
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """A From/To/Contact/Route/PAI value: optional display name, URI and header parameters."""
+
+    display: str
+    uri: str
+    params: Params
+    raw: str
+
+    def param(self, name: str) -> str | None:
+        """Header parameter ``name`` (lower-case): '' for a flag, None when absent."""
+        for key, value in self.params:
+            if key == name:
+                return "" if value is None else value
+        return None
+
+
+def parse_name_addr(text: str) -> NameAddr:
+    """Parse ``["display"] <uri>;params`` or a bare ``uri;params`` (RFC 3261 §20.10)."""
+    raw = text
+    text = text.strip()
+    lt = text.find("<")
+    if lt >= 0:
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise MalformedMessage(f"unterminated '<' in {raw!r}")
+        display = text[:lt].strip()
+        uri = text[lt + 1 : gt].strip()
+        ptext = text[gt + 1 :].strip()
+        if ptext and not ptext.startswith(";"):
+            raise MalformedMessage(f"unexpected text after URI in {raw!r}")
+        params = _split_params(ptext[1:])
+    else:
+        # addr-spec form: parameters after the URI belong to the header, not the URI.
+        uri, _, ptext = text.partition(";")
+        uri = uri.strip()
+        display = ""
+        params = _split_params(ptext)
+    if not uri:
+        raise MalformedMessage(f"empty URI in {raw!r}")
+    return NameAddr(display, uri, params, raw)
+
+
+def split_values(text: str) -> list[str]:
+    """Split a comma-separated header value, honouring quotes and ``<...>``."""
+    if "," not in text:
+        return [text.strip()]
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth = max(0, depth - 1)
+        elif c == "," and depth == 0:
+            part = text[start:i].strip()
+            if part:
+                out.append(part)
+            start = i + 1
+        i += 1
+    part = text[start:].strip()
+    if part:
+        out.append(part)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One Via value (RFC 3261 §20.42)."""
+
+    transport: str
+    """Upper-case transport token (UDP, TCP, TLS, ...)."""
+    host: str
+    port: int | None
+    params: Params
+    raw: str
+
+    def param(self, name: str) -> str | None:
+        """Parameter ``name`` (lower-case): '' for a flag, None when absent."""
+        for key, value in self.params:
+            if key == name:
+                return "" if value is None else value
+        return None
+
+    @property
+    def branch(self) -> str | None:
+        """The branch parameter, or None."""
+        return self.param("branch")
+
+    @property
+    def sent_by(self) -> str:
+        """``host:port`` as a transaction-matching key (default port 5060)."""
+        return f"{self.host}:{self.port or 5060}"
+
+
+_VIA_RE = re.compile(
+    r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+"
+    r"(\[[^\]]*\]|[^\s:;\[\]]+)(?:\s*:\s*(\d{1,5}))?\s*(;.*)?\s*$",
+    re.S | re.I,
+)
+
+
+def parse_via(text: str) -> Via:
+    """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25)."""
+    m = _VIA_RE.match(text)
+    if m is None:
+        raise MalformedMessage(f"bad Via {text!r}")
+    transport, host, port_text, ptext = m.groups()
+    if host.startswith("["):
+        host = host[1:-1]
+    port = int(port_text) if port_text else None
+    if port is not None and port > 65535:
+        raise MalformedMessage(f"bad port in Via {text!r}")
+    params = _split_params(ptext[1:] if ptext else "")
+    return Via(transport.upper(), host.lower(), port, params, text)

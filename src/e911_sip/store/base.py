@@ -1,0 +1,111 @@
+"""The location store contract shared by the edge (reader) and provisioning (writer).
+
+The Redis layout is part of the product's contract (see README, "Location store schema"):
+one hash per line at ``{prefix}{10 digits}`` with field ``provider_endpoint`` =
+``{bw_account_id}/{endpoint_id}`` (required) and optional ``callback`` (10 digits) and
+``updated_at`` (ISO 8601, UTC).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+DEFAULT_KEY_PREFIX = "e911:line:"
+
+_PROVIDER_ENDPOINT = re.compile(r"[A-Za-z0-9]+/[A-Za-z0-9]{1,64}")
+_LINE = re.compile(r"\d{10}")
+
+
+class StoreError(Exception):
+    """The store could not answer (down, slow, refused). Raised instead of client errors."""
+
+
+class InvalidRecord(StoreError):
+    """A record that breaks the schema; the edge treats the line as unprovisioned."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocationRecord:
+    """A line's provisioned emergency location, as stored."""
+
+    provider_endpoint: str
+    """``{bw_account_id}/{endpoint_id}``: appended to the Geolocation base URL."""
+    callback: str | None = None
+    """10-digit NANP callback number, when it differs from the calling line."""
+    updated_at: str | None = None
+    """When provisioning last wrote the record (ISO 8601), for operators."""
+
+    def to_fields(self) -> dict[str, str]:
+        """The hash fields this record is stored as."""
+        fields = {"provider_endpoint": self.provider_endpoint}
+        if self.callback:
+            fields["callback"] = self.callback
+        if self.updated_at:
+            fields["updated_at"] = self.updated_at
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> LocationRecord:
+        """Validate stored hash fields.
+
+        Raises:
+            InvalidRecord: ``provider_endpoint`` is missing or malformed, or ``callback`` is
+                not 10 digits.
+        """
+        endpoint = fields.get("provider_endpoint", "")
+        if not _PROVIDER_ENDPOINT.fullmatch(endpoint):
+            raise InvalidRecord(f"provider_endpoint {endpoint!r} is not account/endpoint")
+        callback = fields.get("callback") or None
+        if callback is not None and not _LINE.fullmatch(callback):
+            raise InvalidRecord(f"callback {callback!r} is not 10 digits")
+        return cls(endpoint, callback, fields.get("updated_at") or None)
+
+
+def check_line(line: str) -> str:
+    """Return ``line`` if it is 10 digits, else raise ValueError."""
+    if not _LINE.fullmatch(line):
+        raise ValueError(f"line {line!r} is not a 10-digit NANP number")
+    return line
+
+
+class LocationStore(Protocol):
+    """What the edge needs: one lookup per emergency call."""
+
+    async def lookup(self, line: str) -> LocationRecord | None:
+        """The record for a 10-digit line, or None when it has none.
+
+        Raises:
+            StoreError: the store could not answer; the caller falls back.
+        """
+        ...
+
+    async def ping(self) -> bool:
+        """True when the store answers; never raises."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class LineRecordWriter(Protocol):
+    """What provisioning needs: atomic writes of line records."""
+
+    async def put_records(
+        self, records: Mapping[str, LocationRecord], deletions: frozenset[str] = frozenset()
+    ) -> None:
+        """Write several lines' records and delete others as one atomic step.
+
+        A reader never sees half a record: each hash is replaced whole.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        ...
+
+    async def all_lines(self) -> dict[str, LocationRecord]:
+        """Every stored line record (for resync and audits); invalid ones are skipped."""
+        ...
