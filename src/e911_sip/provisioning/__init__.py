@@ -1,0 +1,1 @@
+"""Provisioning: customer, site and account addresses into Bandwidth emergency endpoints and the line records the edge reads."""
