@@ -474,10 +474,29 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     known = _KNOWN
     keys = [known.get(line.partition(":")[0].lower(), "") for line in lines]
     if "" in keys:
+        bad: MalformedMessage | None = None
         for i, key in enumerate(keys):
             if not key:
-                keys[i] = _slow_key(lines[i])
+                try:
+                    keys[i] = _slow_key(lines[i])
+                except MalformedMessage as exc:
+                    bad = bad or exc
+                    keys[i] = _BAD
+        if bad is not None:
+            # Keep the readable fields so the request can still be answered 400.
+            good = [(ln, k) for ln, k in zip(lines, keys, strict=True) if k != _BAD]
+            raise _BadHeaders(bad, [ln for ln, _ in good], [k for _, k in good])
     return lines, keys
+
+
+_BAD = "\x00bad"
+
+
+class _BadHeaders(MalformedMessage):
+    def __init__(self, cause: MalformedMessage, lines: list[str], keys: list[str]) -> None:
+        super().__init__(str(cause))
+        self.lines = lines
+        self.keys = keys
 
 
 def _unfold(lines: list[str]) -> list[str]:
@@ -541,6 +560,7 @@ def parse(
     reason = ""
     uri = ""
     version = SIP_VERSION
+    start_error: MalformedMessage | None = None
     if first.startswith("SIP/"):
         version, _, rest = first.partition(" ")
         code, _, reason = rest.partition(" ")
@@ -551,16 +571,28 @@ def parse(
         status = int(code)
     else:
         parts = first.split(" ")
-        if len(parts) != 3 or not parts[0] or not parts[1]:
+        if len(parts) == 3 and parts[0] and parts[1]:
+            method, uri, version = parts
+            if _TOKEN_RE.fullmatch(method) is None:
+                raise MalformedMessage(f"bad method {method[:40]!r}")
+        elif len(parts) > 3 and parts[-1] == SIP_VERSION and _TOKEN_RE.fullmatch(parts[0]):
+            # Whitespace inside the Request-URI (RFC 4475 §3.1.2.11): clearly a request, so
+            # it is answered 400 rather than dropped.
+            method = parts[0]
+            start_error = MalformedMessage(f"whitespace in Request-URI {first[:80]!r}")
+        else:
             raise MalformedMessage(f"bad request line {first[:80]!r}")
-        method, uri, version = parts
-        if _TOKEN_RE.fullmatch(method) is None:
-            raise MalformedMessage(f"bad method {method[:40]!r}")
     lines: list[str] = []
     keys: list[str] = []
     try:
         if sep:
-            lines, keys = _split_head(head)
+            try:
+                lines, keys = _split_head(head)
+            except _BadHeaders as exc:
+                lines, keys = exc.lines, exc.keys
+                raise
+        if start_error is not None:
+            raise start_error
         if len(keys) > max_headers:
             raise MessageTooLarge(f"{len(keys)} header fields exceed the limit of {max_headers}")
         body = data[end + 4 :]

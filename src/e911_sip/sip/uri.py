@@ -124,9 +124,10 @@ def parse_uri(text: str) -> Uri:
         if not rest or " " in rest:
             raise MalformedMessage(f"bad urn: {raw!r}")
         return Uri(scheme, None, rest.lower(), None, (), raw)
-    # sip / sips: [user[:password]@]hostport[;params][?headers]
-    rest, _, _headers = rest.partition("?")
-    at = rest.rfind("@")
+    # sip / sips: [user[:password]@]hostport[;params][?headers]. A user part may hold ';',
+    # '?' and '/' (RFC 3261 §25.1 user-unreserved) but never a bare '@', which the header
+    # part may not hold either, so the first '@' ends the userinfo.
+    at = rest.find("@")
     if at >= 0:
         userinfo = rest[:at]
         rest = rest[at + 1 :]
@@ -135,6 +136,7 @@ def parse_uri(text: str) -> Uri:
             raise MalformedMessage(f"empty user in URI {raw!r}")
     else:
         user = None
+    rest = rest.partition("?")[0]
     hostport, _, ptext = rest.partition(";")
     if " " in hostport or "\t" in hostport:
         raise MalformedMessage(f"whitespace inside URI {raw!r}")
@@ -164,6 +166,8 @@ def parse_name_addr(text: str) -> NameAddr:
     raw = text
     text = text.strip()
     lt = text.find("<")
+    if lt >= 0 and '"' in text[:lt]:
+        lt = _find_outside_quotes(text, "<")
     if lt >= 0:
         gt = text.find(">", lt)
         if gt < 0:
@@ -183,6 +187,24 @@ def parse_name_addr(text: str) -> NameAddr:
     if not uri:
         raise MalformedMessage(f"empty URI in {raw!r}")
     return NameAddr(display, uri, params, raw)
+
+
+def _find_outside_quotes(text: str, char: str) -> int:
+    quoted = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == char:
+            return i
+        i += 1
+    return -1
 
 
 def split_values(text: str) -> list[str]:

@@ -1,0 +1,56 @@
+"""Where a message came from or goes to, as plain values (no sockets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from e911_sip.sip.uri import Uri, Via
+
+DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A transport address, plus the stream connection a message arrived on, if any."""
+
+    transport: str
+    """Lower-case transport: ``udp``, ``tcp`` or ``tls``."""
+    host: str
+    """IP address or host name (IPv6 without brackets)."""
+    port: int
+    connection: int | None = None
+    """Identifier of an existing stream connection to reply on (RFC 3261 §18.2.2); None for
+    datagrams and for new outbound connections."""
+
+    @property
+    def reliable(self) -> bool:
+        """True for stream transports: no retransmission timers (RFC 3261 §17)."""
+        return self.transport != "udp"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+def peer_for_uri(uri: Uri) -> Peer:
+    """The next-hop address of a SIP URI (RFC 3263 without DNS: host, port, transport)."""
+    transport = uri.transport
+    if transport not in DEFAULT_PORTS:
+        transport = "udp"
+    port = uri.port or DEFAULT_PORTS[transport]
+    return Peer(transport, uri.host, port)
+
+
+def response_peer(via: Via, source: Peer) -> Peer:
+    """Where a response to a request with top Via ``via`` goes (RFC 3261 §18.2.2, RFC 3581).
+
+    Stream requests are answered on their own connection; datagrams go to ``received`` /
+    ``rport`` when present, else to the sent-by address.
+    """
+    if source.connection is not None:
+        return source
+    host = via.param("received") or via.host
+    rport = via.param("rport")
+    if rport and rport.isdigit():
+        return Peer(source.transport, host, int(rport))
+    return Peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))
