@@ -1,1 +1,1 @@
-"""transport"""
+"""Thin asyncio adapters that move bytes between sockets and the sans-IO proxy core."""

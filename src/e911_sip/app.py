@@ -1,0 +1,242 @@
+"""The composition root: builds every part from a Config and runs them until a signal.
+
+Only this module (and the CLI) turns configuration into objects. Roles: ``edge`` runs the SIP
+edge, ``provisioning`` the provisioning API, ``all`` both in one process sharing one location
+store (the embedded single-box mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from aiohttp import web
+
+from e911_sip import logs
+from e911_sip.config import Config, ConfigError
+from e911_sip.edge import Edge, EdgeOptions
+from e911_sip.metrics import Metrics
+from e911_sip.opshttp import build_ops_app
+from e911_sip.policy.emergency import emergency_number
+from e911_sip.policy.enrich import EnrichOptions
+from e911_sip.proxy.core import ProxyCore, ProxyOptions
+from e911_sip.proxy.routing import LocalAddress
+from e911_sip.sip.transaction import TimerSettings
+from e911_sip.store.base import LocationStore
+from e911_sip.store.memory import MemoryStore
+from e911_sip.store.redis import RedisStore
+from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.transport.stream import TcpTransport
+from e911_sip.transport.udp import UdpTransport
+
+log = logging.getLogger("e911_sip.app")
+
+
+class Role(StrEnum):
+    """What one process runs."""
+
+    EDGE = "edge"
+    PROVISIONING = "provisioning"
+    ALL = "all"
+
+
+def check_role(config: Config, role: Role) -> None:
+    """Refuse combinations that cannot work.
+
+    Raises:
+        ConfigError: provisioning alone with the in-memory store would write line records
+            no edge can read.
+    """
+    if role is Role.PROVISIONING and config.store.url.startswith("memory://"):
+        raise ConfigError(
+            "[store] url: --role provisioning writes line records for edges in other "
+            "processes; use redis://, or run --role all for the embedded single box"
+        )
+
+
+def build_store(config: Config) -> MemoryStore | RedisStore:
+    """The location store the config names."""
+    if config.store.url.startswith("memory://"):
+        if config.store.seed_file is not None:
+            try:
+                return MemoryStore.from_file(config.store.seed_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"[store] seed_file: {exc}") from exc
+        return MemoryStore()
+    return RedisStore(
+        url=config.store.url,
+        key_prefix=config.store.key_prefix,
+        socket_timeout=config.store.socket_timeout,
+    )
+
+
+def local_addresses(config: Config) -> tuple[LocalAddress, ...]:
+    """Our SIP addresses as peers should see them."""
+    advertise = config.sip.advertise
+    return tuple(LocalAddress(a.transport, advertise or a.host, a.port) for a in config.sip.listen)
+
+
+def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptions:
+    """The proxy core's options from the config."""
+    numbers = frozenset(config.emergency.numbers)
+    return ProxyOptions(
+        local=local,
+        emergency_classifier=functools.partial(emergency_number, numbers=numbers),
+        emergency_trunks=config.emergency.trunks,
+        default_trunks=config.default.trunks,
+        provisional_timeout=config.emergency.provisional_timeout,
+        fail_open_after=config.emergency.fail_open_after,
+        timer_c=config.sip.timer_c,
+        timers=TimerSettings(t1=config.sip.t1, t2=config.sip.t2, t4=config.sip.t4),
+        max_message_size=config.sip.max_message_size,
+        max_headers=config.sip.max_headers,
+    )
+
+
+@dataclass(slots=True)
+class RunningEdge:
+    """An edge and its transports, for the lifecycle to drain and close."""
+
+    edge: Edge
+    transports: list[UdpTransport | TcpTransport]
+
+
+async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> RunningEdge:
+    """Bind the SIP listeners and return the running edge.
+
+    Raises:
+        OSError: a listener could not be bound.
+    """
+    local = local_addresses(config)
+    core = ProxyCore(options=proxy_options(config, local), branch_seed=secrets.token_hex(4))
+    emergency = config.emergency
+    lookup = ResilientLookup(
+        store,
+        options=LookupOptions(
+            timeout=emergency.lookup_timeout,
+            cache_size=emergency.cache_size,
+            cache_max_age=emergency.cache_max_age,
+            cooldown=emergency.store_cooldown,
+        ),
+    )
+    edge = Edge(
+        core=core,
+        store=store,
+        lookup=lookup,
+        metrics=metrics,
+        options=EdgeOptions(
+            enrich=EnrichOptions(
+                geolocation_base_url=emergency.geolocation_base_url,
+                existing_geolocation=emergency.existing_geolocation,
+                pai_domain=emergency.pai_domain,
+                fallback_domain=local[0].host,
+            ),
+            drain_timeout=config.shutdown.drain_timeout,
+            emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
+        ),
+    )
+    transports: list[UdpTransport | TcpTransport] = []
+    try:
+        for address in config.sip.listen:
+            transport: UdpTransport | TcpTransport
+            if address.transport == "udp":
+                transport = UdpTransport(edge, host=address.host, port=address.port)
+            else:
+                transport = TcpTransport(
+                    edge,
+                    host=address.host,
+                    port=address.port,
+                    connect_timeout=config.sip.tcp_connect_timeout,
+                    max_message_size=config.sip.max_message_size,
+                )
+            await transport.start()
+            transports.append(transport)
+            edge.add_transport(address.transport, transport)
+            log.info("sip listener bound", extra={"listen": str(address)})
+    except OSError:
+        for transport in transports:
+            await transport.close()
+        raise
+    return RunningEdge(edge, transports)
+
+
+@contextlib.asynccontextmanager
+async def serve_http(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+    """Serve an aiohttp application for the duration of the block."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def run(config: Config, *, role: Role = Role.ALL) -> int:
+    """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code."""
+    logs.configure(config.log.level)
+    check_role(config, role)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.warning("second signal: stopping without waiting", extra={"signal": name})
+            force.set()
+        else:
+            log.info("signal received: draining", extra={"signal": name})
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    metrics = Metrics()
+    store = build_store(config)
+    running: RunningEdge | None = None
+    watch_stop = asyncio.Event()
+    try:
+        if role in (Role.EDGE, Role.ALL):
+            running = await start_edge(config, store, metrics)
+
+        def readiness() -> tuple[bool, dict[str, object]]:
+            if running is not None:
+                return running.edge.readiness()
+            return (not stop.is_set(), {"status": "ready" if not stop.is_set() else "draining"})
+
+        host, port = config.http.listen
+        async with serve_http(build_ops_app(metrics=metrics, readiness=readiness), host, port):
+            log.info(
+                "e911-sip running",
+                extra={
+                    "role": role.value,
+                    "http": f"{host}:{port}",
+                    "store": "memory" if isinstance(store, MemoryStore) else "redis",
+                    "config": str(config.source) if config.source else "built-in defaults",
+                },
+            )
+            async with asyncio.TaskGroup() as tasks:
+                if running is not None:
+                    tasks.create_task(running.edge.watch_store(watch_stop))
+                await stop.wait()
+                if running is not None:
+                    await running.edge.drain(force)
+                watch_stop.set()
+    finally:
+        if running is not None:
+            running.edge.close()
+            for transport in running.transports:
+                await transport.close()
+        await store.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("e911-sip stopped")
+    return 0

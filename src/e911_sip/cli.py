@@ -1,0 +1,86 @@
+"""Command line: ``e911-sip serve | check-config | resync | bandwidth-emulator``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from e911_sip import app
+from e911_sip.config import ConfigError, load
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed; the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coro)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="e911-sip",
+        description="SIP edge that attaches the caller's dispatchable location to 911 calls.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the edge and/or the provisioning API")
+    serve.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+    serve.add_argument(
+        "--role",
+        choices=[r.value for r in app.Role],
+        default=app.Role.ALL.value,
+        help="edge, provisioning, or all in one process (default: all)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("--config", type=Path, required=True)
+
+    return parser
+
+
+def _check_config(path: Path) -> int:
+    config = load(path, os.environ)
+    print(f"{path}: OK")
+    print(f"  sip listen:       {', '.join(str(a) for a in config.sip.listen)}")
+    print(f"  emergency trunks: {', '.join(config.emergency.trunks)}")
+    print(f"  default trunks:   {', '.join(config.default.trunks) or '(none)'}")
+    print(f"  store:            {config.store.url}")
+    print(f"  http:             {config.http.listen[0]}:{config.http.listen[1]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``e911-sip`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.config)
+        if args.command == "serve":
+            config = load(args.config, os.environ)
+            return _run(app.run(config, role=app.Role(args.role)))
+    except ConfigError as exc:
+        print(f"e911-sip: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"e911-sip: {exc}", file=sys.stderr)
+        return 1
+    return 2

@@ -1,0 +1,385 @@
+"""The edge: the asyncio orchestrator around the sans-IO proxy core.
+
+Theory of operation
+-------------------
+Transports hand every message to :meth:`Edge.message_received`, which feeds the core with
+the loop's time and then *pumps*: it writes what the core queued (``data_to_send``), acts on
+the core's events (``next_event``) and arms a single ``loop.call_at`` for ``get_timer()``.
+That is the whole adapter; every SIP rule lives in the core (RFC 3261 §16, §17).
+
+Emergency INVITEs are the one place the edge adds behaviour. The core reports each as an
+:class:`~e911_sip.proxy.core.EmergencyCall` and waits. A task then reads the caller's line
+(PAI, else From), looks the line up under a timeout with a cache and a cool-down behind it
+(:mod:`e911_sip.store.resilient`), enriches the request (:mod:`e911_sip.policy.enrich`) and
+hands it back with ``forward_emergency``. Any exception on that path sends the original
+request instead, and the core itself forwards the original if no answer comes within its
+fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
+the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
+
+Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
+flight and no emergency dialog that passed through here is still up (its BYE must still be
+routed through our Record-Route), bounded by the configured grace periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from e911_sip.metrics import Metrics
+from e911_sip.policy.emergency import caller_line
+from e911_sip.policy.enrich import EnrichOptions, enrich
+from e911_sip.proxy.core import (
+    CallCompleted,
+    Discarded,
+    EmergencyCall,
+    EmergencyForwarded,
+    Event,
+    FailOpen,
+    Failover,
+    ProxyCore,
+    RequestRouted,
+)
+from e911_sip.sip.peer import Peer
+from e911_sip.store.base import LocationStore
+from e911_sip.store.resilient import LookupSource, ResilientLookup
+
+log = logging.getLogger("e911_sip.edge")
+
+_KNOWN_METHODS = frozenset(
+    {
+        "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
+        "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH",
+    }
+)  # fmt: skip
+
+_OUTCOME_BY_SOURCE = {
+    LookupSource.CACHE: "cached",
+    LookupSource.NONE: "store_error",
+    LookupSource.INVALID: "invalid_record",
+}
+
+
+class Sender(Protocol):
+    """A transport as the edge sees it."""
+
+    def send(self, data: bytes, peer: Peer, branch: str | None) -> None:
+        """Send ``data`` to ``peer``; failures come back through ``delivery_failed``."""
+        ...
+
+    @property
+    def bound(self) -> bool:
+        """True while the transport's socket is open."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EdgeOptions:
+    """Behaviour of the edge around the core."""
+
+    enrich: EnrichOptions = field(default_factory=EnrichOptions)
+    """How emergency INVITEs are enriched."""
+    store_check_interval: float = 1.0
+    """Seconds between location store health checks."""
+    drain_timeout: float = 30.0
+    """Seconds a shutdown waits for transactions in flight."""
+    emergency_drain_timeout: float = 7200.0
+    """Seconds a shutdown waits for emergency dialogs that are still up."""
+    emergency_dialog_max_age: float = 14400.0
+    """Seconds after which an emergency dialog with no BYE seen is no longer waited for."""
+
+
+class Edge:
+    """Feeds transports into the proxy core and carries out what it asks for."""
+
+    def __init__(
+        self,
+        *,
+        core: ProxyCore,
+        store: LocationStore,
+        lookup: ResilientLookup,
+        metrics: Metrics,
+        options: EdgeOptions,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._core = core
+        self._store = store
+        self._lookup = lookup
+        self._metrics = metrics
+        self._options = options
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._transports: dict[str, Sender] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._received_at: dict[int, float] = {}
+        self._emergency_dialogs: dict[str, float] = {}
+        self._now_received = 0.0
+        self.draining = False
+        self.store_ok = True
+        metrics.transactions.set_function(lambda: core.transactions_in_flight)
+        metrics.contexts.set_function(lambda: core.contexts_in_flight)
+
+    # -- wiring --------------------------------------------------------------------------
+    def add_transport(self, name: str, transport: Sender) -> None:
+        """Register the transport that sends messages for ``name`` (udp, tcp)."""
+        self._transports[name] = transport
+
+    @property
+    def listeners_bound(self) -> bool:
+        """True when every registered transport is open."""
+        return bool(self._transports) and all(t.bound for t in self._transports.values())
+
+    @property
+    def emergency_dialogs(self) -> int:
+        """Emergency calls answered through us whose BYE has not been seen."""
+        return len(self._emergency_dialogs)
+
+    # -- MessageSink ---------------------------------------------------------------------
+    def message_received(self, data: bytes, source: Peer) -> None:
+        """A transport delivered one message."""
+        self._now_received = self._clock()
+        self._core.receive(data, source, self._loop.time())
+        self._pump()
+
+    def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
+        """A transport could not send; the core treats it as a transport error (§8.1.3.1)."""
+        self._metrics.delivery_failures.labels(peer.transport).inc()
+        log.warning("delivery failed", extra={"peer": str(peer), "error": reason})
+        if branch is not None:
+            self._core.transport_error(branch, self._loop.time())
+            self._pump()
+
+    # -- the pump ------------------------------------------------------------------------
+    def _pump(self) -> None:
+        core = self._core
+        while True:
+            outgoing = core.data_to_send()
+            for out in outgoing:
+                transport = self._transports.get(out.peer.transport)
+                if transport is None:
+                    self.delivery_failed(out.branch, out.peer, "no transport for peer")
+                    continue
+                transport.send(out.data, out.peer, out.branch)
+            event = core.next_event()
+            if event is None and not outgoing:
+                break
+            while event is not None:
+                self._on_event(event)
+                event = core.next_event()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self._core.get_timer()
+        if deadline is None:
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._core.handle_timer(self._loop.time())
+        self._pump()
+
+    # -- events --------------------------------------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        metrics = self._metrics
+        if isinstance(event, RequestRouted):
+            method = event.method if event.method in _KNOWN_METHODS else "other"
+            metrics.requests.labels(method, event.route.value).inc()
+        elif isinstance(event, EmergencyCall):
+            self._received_at[event.call] = self._now_received
+            task = self._loop.create_task(self._enrich_and_forward(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(event, EmergencyForwarded):
+            started = self._received_at.pop(event.call, None)
+            if started is not None:
+                metrics.enrich_seconds.observe(self._clock() - started)
+            log.info(
+                "emergency call forwarded",
+                extra={
+                    "call_id": event.call_id,
+                    "trunk": event.trunk,
+                    "attempt": event.attempt,
+                    "enriched": event.enriched,
+                },
+            )
+        elif isinstance(event, Failover):
+            route = "emergency" if event.emergency else "default"
+            metrics.failovers.labels(route, event.trunk, event.reason).inc()
+            if event.emergency:
+                metrics.emergency_calls.labels("failover").inc()
+            log.warning(
+                "trunk failed, trying the next one",
+                extra={
+                    "call_id": event.call_id,
+                    "route": route,
+                    "trunk": event.trunk,
+                    "reason": event.reason,
+                },
+            )
+        elif isinstance(event, FailOpen):
+            metrics.emergency_calls.labels("fail_open").inc()
+            log.error(
+                "emergency INVITE forwarded without enrichment: lookup did not finish in time",
+                extra={"call_id": event.call_id},
+            )
+        elif isinstance(event, CallCompleted):
+            self._on_completed(event)
+        elif isinstance(event, Discarded):
+            metrics.discarded.labels(event.reason).inc()
+            log.info(
+                "message discarded",
+                extra={"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
+            )
+
+    def _on_completed(self, event: CallCompleted) -> None:
+        if event.method == "BYE":
+            self._emergency_dialogs.pop(event.call_id, None)
+            return
+        if not event.emergency:
+            return
+        self._metrics.emergency_results.labels(f"{event.status // 100}xx").inc()
+        if 200 <= event.status < 300:
+            self._emergency_dialogs[event.call_id] = self._loop.time()
+        elif event.status != 487:
+            # 487 is the caller hanging up; anything else means no trunk took the call.
+            self._metrics.emergency_calls.labels("failed").inc()
+            log.critical(
+                "emergency call failed on every trunk",
+                extra={"call_id": event.call_id, "status": event.status, "trunk": event.trunk},
+            )
+
+    async def _enrich_and_forward(self, event: EmergencyCall) -> None:
+        request = event.request
+        extra: dict[str, object] = {"call_id": event.call_id, "number": event.number}
+        outcome = "enriched"
+        try:
+            line = caller_line(request)
+            extra["caller"] = line
+            provider_endpoint: str | None = None
+            callback: str | None = None
+            if line is None:
+                outcome = "no_caller"
+            else:
+                result = await self._lookup.lookup(line)
+                self._metrics.store_lookup_seconds.labels(result.source.value).observe(
+                    result.seconds
+                )
+                if result.record is not None:
+                    provider_endpoint = result.record.provider_endpoint
+                    callback = result.record.callback
+                if result.source is LookupSource.STORE:
+                    outcome = "enriched" if result.record is not None else "no_location"
+                else:
+                    outcome = _OUTCOME_BY_SOURCE[result.source]
+                    extra["store_error"] = result.error
+            enrichment = enrich(
+                request,
+                line=line,
+                provider_endpoint=provider_endpoint,
+                callback=callback,
+                options=self._options.enrich,
+            )
+            if enrichment.removed_geolocation:
+                log.info(
+                    "replaced the Geolocation that came with the call",
+                    extra={**extra, "removed": list(enrichment.removed_geolocation)},
+                )
+            to_send = enrichment.request
+            enriched = True
+        except Exception:
+            # Whatever broke, the call goes out as it came (the first rule of the product).
+            log.exception("enrichment failed; forwarding the original INVITE", extra=extra)
+            outcome = "enrich_error"
+            to_send = request
+            enriched = False
+        self._metrics.emergency_calls.labels(outcome).inc()
+        if outcome == "enriched":
+            log.info("emergency call enriched", extra=extra)
+        elif outcome == "cached":
+            log.warning("location store unavailable; used a cached location", extra=extra)
+        elif outcome != "enrich_error":
+            log.warning(
+                "emergency call without location; Bandwidth's call center will answer it",
+                extra={**extra, "outcome": outcome},
+            )
+        self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        self._pump()
+        # Forwarding observed the latency; a call cancelled or failed open meanwhile did not.
+        self._received_at.pop(event.call, None)
+
+    # -- health and lifecycle ------------------------------------------------------------
+    async def watch_store(self, stop: asyncio.Event) -> None:
+        """Ping the store every interval; keep ``store_ok`` and ``e911_sip_store_up`` true."""
+        while not stop.is_set():
+            ok = await self._store.ping()
+            if ok and not self.store_ok:
+                log.info("location store reachable again")
+                self._lookup.reset_cooldown()
+            elif not ok and self.store_ok:
+                log.error("location store unreachable; emergency calls use the cache or none")
+            self.store_ok = ok
+            self._metrics.store_up.set(1 if ok else 0)
+            try:
+                async with asyncio.timeout(self._options.store_check_interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """(ready, details) for ``/readyz``: listeners bound; the store up or degraded."""
+        store = "ok" if self.store_ok and not self._lookup.degraded else "degraded"
+        ready = self.listeners_bound and not self.draining
+        return ready, {
+            "status": "ready" if ready else ("draining" if self.draining else "not_ready"),
+            "listeners": "bound" if self.listeners_bound else "not_bound",
+            "store": store,
+            "transactions": self._core.transactions_in_flight,
+            "emergency_dialogs": self.emergency_dialogs,
+        }
+
+    async def drain(self, force: asyncio.Event) -> None:
+        """Wait until nothing is in flight, within the grace periods, or until ``force``."""
+        self.draining = True
+        loop = self._loop
+        start = loop.time()
+        while not force.is_set():
+            now = loop.time()
+            self._prune_dialogs(now)
+            busy = self._core.contexts_in_flight > 0 or bool(self._tasks)
+            if self._emergency_dialogs:
+                if now - start >= self._options.emergency_drain_timeout:
+                    break
+            elif not busy or now - start >= self._options.drain_timeout:
+                break
+            try:
+                async with asyncio.timeout(0.25):
+                    await force.wait()
+            except TimeoutError:
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _prune_dialogs(self, now: float) -> None:
+        limit = self._options.emergency_dialog_max_age
+        for call_id, since in list(self._emergency_dialogs.items()):
+            if now - since > limit:
+                del self._emergency_dialogs[call_id]
+
+    def close(self) -> None:
+        """Stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,148 @@
+"""Every Prometheus metric of the product, defined once (``e911_sip_<noun>_total/_seconds``).
+
+A :class:`Metrics` instance owns its own registry, so two edges in one test process do not
+collide and ``/metrics`` shows only this product's series plus the process collectors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client import (
+    PlatformCollector as _PlatformCollector,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Sub-millisecond resolution where the product's latency lives, out to the lookup timeout.
+_FAST_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0003,
+    0.0005,
+    0.00075,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+EMERGENCY_OUTCOMES = (
+    "enriched",
+    "no_location",
+    "store_error",
+    "cached",
+    "invalid_record",
+    "no_caller",
+    "enrich_error",
+    "fail_open",
+    "failover",
+    "failed",
+)
+
+
+class Metrics:
+    """The edge's and provisioning's metrics on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        _PlatformCollector(registry=r)
+        self.requests = Counter(
+            "e911_sip_requests_total",
+            "New SIP requests (not retransmissions) by method and how they were routed.",
+            ["method", "route"],
+            registry=r,
+        )
+        self.emergency_calls = Counter(
+            "e911_sip_emergency_calls_total",
+            "Emergency call events by outcome: enriched, no_location, store_error, cached, "
+            "invalid_record, no_caller, enrich_error, fail_open, failover (one per trunk "
+            "change) and failed (no trunk completed the call).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in EMERGENCY_OUTCOMES:
+            self.emergency_calls.labels(outcome)
+        self.emergency_results = Counter(
+            "e911_sip_emergency_results_total",
+            "Final responses sent upstream for emergency INVITEs, by status class.",
+            ["status_class"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "e911_sip_trunk_failovers_total",
+            "Calls moved off a trunk, by route, trunk and reason.",
+            ["route", "trunk", "reason"],
+            registry=r,
+        )
+        self.enrich_seconds = Histogram(
+            "e911_sip_emergency_enrich_seconds",
+            "Time from receiving an emergency INVITE to sending it on to a trunk.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.store_lookup_seconds = Histogram(
+            "e911_sip_store_lookup_seconds",
+            "Location store lookup latency, by where the answer came from.",
+            ["source"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.transactions = Gauge(
+            "e911_sip_transactions_in_flight",
+            "SIP transactions (server plus client) not yet terminated.",
+            registry=r,
+        )
+        self.contexts = Gauge(
+            "e911_sip_requests_in_flight",
+            "Requests being proxied (response contexts).",
+            registry=r,
+        )
+        self.discarded = Counter(
+            "e911_sip_messages_discarded_total",
+            "Messages dropped or answered with an error by the edge itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.delivery_failures = Counter(
+            "e911_sip_delivery_failures_total",
+            "Messages a transport could not deliver, by transport.",
+            ["transport"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "e911_sip_store_up",
+            "1 when the location store answered its last health check, else 0.",
+            registry=r,
+        )
+        self.provisioning_operations = Counter(
+            "e911_sip_provisioning_operations_total",
+            "Provisioning API operations by operation and result.",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.bandwidth_requests = Counter(
+            "e911_sip_bandwidth_requests_total",
+            "Requests to the Bandwidth API by operation and result.",
+            ["operation", "result"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

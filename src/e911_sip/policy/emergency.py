@@ -1,0 +1,94 @@
+"""Is this an emergency call, and which line is calling? (RFC 6881 §5, RFC 5031)
+
+Pure functions over a parsed request. The dialled number comes from the Request-URI; the
+calling line from P-Asserted-Identity when present (Bandwidth gives PAI precedence over From),
+else from From, normalised to the 10-digit NANP form the location store is keyed by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from e911_sip.sip.errors import SipError
+from e911_sip.sip.message import Request
+from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, split_values
+
+DEFAULT_NUMBERS = frozenset({"911", "933"})
+_VISUAL_SEPARATORS = str.maketrans("", "", "-.() ")
+
+
+def dialled_digits(uri: Uri) -> str | None:
+    """The dialled string of a sip/sips/tel URI without visual separators, else None."""
+    if uri.scheme in ("sip", "sips"):
+        user = uri.user
+        if user is None:
+            return None
+        # A sip user may carry tel parameters ("911;phone-context=...").
+        user = user.partition(";")[0]
+    elif uri.scheme == "tel":
+        user = uri.user
+        if user is None:
+            return None
+    else:
+        return None
+    return user.translate(_VISUAL_SEPARATORS)
+
+
+def emergency_number(uri: Uri, numbers: Collection[str] = DEFAULT_NUMBERS) -> str | None:
+    """The emergency number ``uri`` dials, or None when it is not an emergency call.
+
+    ``sip:911@host;user=phone`` and ``tel:911`` dial 911. ``urn:service:sos`` and every
+    ``urn:service:sos.*`` sub-service (RFC 5031) count as 911; the test service
+    ``urn:service:test.sos*`` (RFC 6881 §15) counts as 933, the US test number.
+    """
+    if uri.scheme == "urn":
+        service = uri.host
+        if service == "service:sos" or service.startswith("service:sos."):
+            return "911"
+        if service == "service:test.sos" or service.startswith("service:test.sos."):
+            return "933" if "933" in numbers else None
+        return None
+    digits = dialled_digits(uri)
+    if digits is not None and digits in numbers:
+        return digits
+    return None
+
+
+def normalize_nanp(number: str) -> str | None:
+    """A NANP number as 10 digits, or None when it is not one.
+
+    ``+13215551234``, ``13215551234``, ``3215551234`` and ``(321) 555-1234`` are one line.
+    Area code and exchange may not start with 0 or 1 (NANP numbering plan).
+    """
+    digits = number.translate(_VISUAL_SEPARATORS)
+    if digits.startswith("+"):
+        digits = digits[1:]
+        if not digits.startswith("1"):
+            return None
+    if len(digits) == 11 and digits.startswith("1"):
+        digits = digits[1:]
+    if len(digits) != 10 or not digits.isdigit():
+        return None
+    if digits[0] in "01" or digits[3] in "01":
+        return None
+    return digits
+
+
+def _line_of(value: str) -> str | None:
+    try:
+        uri = parse_uri(parse_name_addr(value).uri)
+    except SipError:
+        return None
+    digits = dialled_digits(uri)
+    return normalize_nanp(digits) if digits else None
+
+
+def caller_line(request: Request) -> str | None:
+    """The calling line as 10 NANP digits: the first usable PAI, else the From user."""
+    for header in request.get_all("p-asserted-identity"):
+        for value in split_values(header):
+            line = _line_of(value)
+            if line is not None:
+                return line
+    from_value = request.get("from")
+    return _line_of(from_value) if from_value else None

@@ -1,0 +1,973 @@
+"""The transaction-stateful proxy, as a sans-IO state machine.
+
+Theory of operation
+-------------------
+Bytes come in with ``receive(data, source, now)``; what must go out is collected from
+``data_to_send()``, what the owner must know or do from ``next_event()``, and time moves only
+through ``handle_timer(now)`` at the deadline ``get_timer()`` names. Nothing here opens a
+socket or reads a clock, so every path, failover and fail-open included, is tested with
+injected time (the aioquic pattern).
+
+- Requests (RFC 3261 §16.3–16.6). A new request gets a server transaction (§17.2) and, for
+  INVITE, an immediate 100 Trying (§16.2 allows 200 ms; sooner stops the caller's
+  retransmissions). Max-Forwards 0 is answered 483. Our Route entries are popped (§16.4);
+  an in-dialog request follows the remaining Route or its Request-URI; an initial one is
+  classified: an emergency INVITE (RFC 6881 §5) goes to the emergency trunks, anything else
+  to the default trunks. OPTIONS addressed to us is answered 200 here (softswitch keepalive).
+- Emergency INVITEs are handed to the owner as an :class:`EmergencyCall` event so that the
+  location lookup and enrichment, which need I/O, happen outside. The owner calls
+  :meth:`ProxyCore.forward_emergency` with the request to send. If it does not do so by the
+  fail-open deadline, the core forwards the request as received: a 911 call never waits on
+  a lookup or a bug in enrichment.
+- Each attempt at a trunk is a branch: a client transaction (§17.1) with its own
+  ``z9hG4bK`` branch. Trunks are tried in order: a transport error, 408, 5xx, 6xx, or no
+  provisional response within ``provisional_timeout`` moves the call to the next trunk
+  instead of waiting for Timer B's 32 s. A branch abandoned for silence stays alive: if it
+  wakes up with a provisional it is cancelled (§9.1), and a late 2xx is still forwarded
+  (§16.7 step 5 forwards every 2xx).
+- Responses (§16.7): 100 is never forwarded; other provisionals reset Timer C (§16.8, above
+  3 minutes) and are forwarded; 2xx are forwarded at once; when no branch is left, the best
+  final response goes upstream, a 503 becoming 500 (§16.7 step 6).
+- CANCEL (§16.10) is answered 200 and cancels each branch that has had a provisional; a
+  branch that has not is cancelled as soon as one arrives. ACK for a non-2xx is absorbed by
+  the server transaction (hop-by-hop); ACK for a 2xx, like any request without a context,
+  is forwarded statelessly with a branch derived from the incoming one (§16.11).
+- Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
+  its error implies) when it can be answered and dropped when it cannot.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from e911_sip.proxy.routing import (
+    DIALOG_CREATING,
+    BranchFactory,
+    LocalAddress,
+    add_record_route,
+    add_via,
+    decrement_max_forwards,
+    is_local_uri,
+    next_hop,
+    own_via,
+    pop_own_routes,
+    stamp_received,
+)
+from e911_sip.sip.errors import RemoteSipError, SipError, TooManyHops, TransactionStateError
+from e911_sip.sip.message import (
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_SIZE,
+    ParseFailure,
+    Request,
+    Response,
+    error_response,
+    make_response,
+    parse,
+)
+from e911_sip.sip.peer import Peer, peer_for_uri, response_peer
+from e911_sip.sip.transaction import (
+    ClientInviteTransaction,
+    ClientNonInviteTransaction,
+    PassUp,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+    Terminated,
+    Timeout,
+    TimerSettings,
+    Transmit,
+    TransportFailure,
+    client_key,
+    server_key,
+)
+from e911_sip.sip.uri import Uri, parse_uri
+
+ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
+ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
+
+
+class Route(StrEnum):
+    """How a request was routed; a label on the request counter."""
+
+    EMERGENCY = "emergency"
+    DEFAULT = "default"
+    IN_DIALOG = "in_dialog"
+    LOCAL = "local"
+    STATELESS = "stateless"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyOptions:
+    """What the proxy core needs to know; built by the application from its config."""
+
+    local: tuple[LocalAddress, ...]
+    """Our listening addresses, one per transport, as advertised in Via and Record-Route."""
+    emergency_classifier: Callable[[Uri], str | None] = lambda _uri: None
+    """Returns the emergency number a Request-URI dials, or None (the policy layer's
+    ``emergency_number``, bound to the configured numbers, in production)."""
+    emergency_trunks: tuple[str, ...] = ()
+    """SIP URIs of the emergency trunks, tried in order."""
+    default_trunks: tuple[str, ...] = ()
+    """SIP URIs for every other initial request, tried in order."""
+    provisional_timeout: float = 2.0
+    """Seconds a trunk has to send any provisional to an INVITE before the next is tried."""
+    fail_open_after: float = 0.5
+    """Seconds the owner has to return an enriched emergency INVITE before the original goes."""
+    timer_c: float = 185.0
+    """RFC 3261 §16.6 step 11 Timer C for INVITE branches; must exceed 3 minutes."""
+    timers: TimerSettings = field(default_factory=TimerSettings)
+    """T1, T2, T4 for the transactions."""
+    max_message_size: int = DEFAULT_MAX_SIZE
+    """Largest message accepted, in bytes."""
+    max_headers: int = DEFAULT_MAX_HEADERS
+    """Largest number of header fields accepted."""
+    server_header: str | None = "e911-sip"
+    """Server header on responses we generate ourselves; None writes none."""
+
+
+# -- events for the owner ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRouted:
+    """A new request (not a retransmission) was routed."""
+
+    method: str
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class EmergencyCall:
+    """An emergency INVITE waits for :meth:`ProxyCore.forward_emergency`."""
+
+    call: int
+    """Handle to pass back."""
+    request: Request
+    """The request as it will be forwarded unless the owner returns another."""
+    number: str
+    """The emergency number dialled (911 or 933; urn:service:sos maps to 911)."""
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmergencyForwarded:
+    """An emergency INVITE left for a trunk."""
+
+    call: int
+    call_id: str
+    trunk: str
+    attempt: int
+    """1 for the first trunk, 2 after one failover, ..."""
+    enriched: bool
+    """False when the original request went (fail-open deadline, or the owner said so)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailOpen:
+    """The owner did not return an enriched emergency INVITE in time; the original went."""
+
+    call: int
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """A trunk failed a call and the next one is tried."""
+
+    call_id: str
+    emergency: bool
+    trunk: str
+    reason: str
+    """``transport``, ``timeout``, ``no_provisional`` or the status code."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallCompleted:
+    """The final response to a routed initial request went upstream."""
+
+    call_id: str
+    method: str
+    emergency: bool
+    status: int
+    trunk: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """A message was dropped or answered with an error by the proxy itself."""
+
+    reason: str
+    detail: str
+    source: Peer
+
+
+Event = (
+    RequestRouted
+    | EmergencyCall
+    | EmergencyForwarded
+    | FailOpen
+    | Failover
+    | CallCompleted
+    | Discarded
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Bytes for the transport to send."""
+
+    data: bytes
+    peer: Peer
+    branch: str | None = None
+    """The client transaction this belongs to, for reporting transport errors back."""
+
+
+# -- per-request state -------------------------------------------------------------------
+
+
+class _Branch:
+    """One attempt at one target: a client transaction plus the proxy's timers for it."""
+
+    __slots__ = (
+        "context",
+        "txn",
+        "peer",
+        "trunk",
+        "provisional_deadline",
+        "timer_c_deadline",
+        "got_provisional",
+        "cancel_wanted",
+        "cancelled",
+        "abandoned",
+        "done",
+    )
+
+    def __init__(self, context: _Context, txn: ClientTransaction, peer: Peer, trunk: str) -> None:
+        self.context = context
+        self.txn = txn
+        self.peer = peer
+        self.trunk = trunk
+        self.provisional_deadline: float | None = None
+        self.timer_c_deadline: float | None = None
+        self.got_provisional = False
+        self.cancel_wanted = False
+        self.cancelled = False
+        self.abandoned = False
+        self.done = False
+
+
+class _Context:
+    """A response context (RFC 3261 §16): one server transaction and its branches."""
+
+    __slots__ = (
+        "id",
+        "server",
+        "source",
+        "request",
+        "template",
+        "route",
+        "emergency_number",
+        "trunks",
+        "attempt",
+        "branches",
+        "responses",
+        "final_sent",
+        "cancelled",
+        "awaiting_owner",
+        "fail_open_deadline",
+        "enriched",
+        "inbound",
+    )
+
+    def __init__(
+        self,
+        ident: int,
+        server: ServerTransaction,
+        source: Peer,
+        request: Request,
+        inbound: LocalAddress,
+    ) -> None:
+        self.id = ident
+        self.server = server
+        self.source = source
+        self.request = request
+        """The request as received (received/rport stamped): responses are built from it."""
+        self.template: Request = request
+        """The request to forward, before the per-branch Via and Request-URI."""
+        self.route = Route.DEFAULT
+        self.emergency_number: str | None = None
+        self.trunks: list[str] = []
+        self.attempt = 0
+        self.branches: list[_Branch] = []
+        self.responses: list[Response] = []
+        """Final responses collected so far, already fit to go upstream."""
+        self.final_sent = False
+        self.cancelled = False
+        self.awaiting_owner = False
+        self.fail_open_deadline: float | None = None
+        self.enriched = False
+        self.inbound = inbound
+
+
+class _ServerEntry:
+    __slots__ = ("txn", "context", "peer")
+
+    def __init__(self, txn: ServerTransaction, context: _Context | None, peer: Peer) -> None:
+        self.txn = txn
+        self.context = context
+        self.peer = peer
+        """Where responses go (RFC 3261 §18.2.2)."""
+
+
+class _ClientEntry:
+    __slots__ = ("txn", "branch", "peer")
+
+    def __init__(self, txn: ClientTransaction, branch: _Branch | None, peer: Peer) -> None:
+        self.txn = txn
+        self.branch = branch
+        """The branch whose responses matter; None for a CANCEL we sent."""
+        self.peer = peer
+
+
+def _is_failover_status(status: int) -> bool:
+    return status == 408 or status >= 500
+
+
+def _response_rank(response: Response) -> tuple[int, int]:
+    # §16.7 step 6: a 6xx wins; otherwise the lowest class. min() keeps the earliest on ties.
+    status = response.status
+    if status >= 600:
+        return (0, 0)
+    return (1, status // 100)
+
+
+def _build_cancel(invite: Request) -> Request:
+    """CANCEL for a forwarded INVITE (RFC 3261 §9.1): same Request-URI, Call-ID, From, To,
+    CSeq number and Route, and only the top Via, so it matches the INVITE's transaction."""
+    cancel = Request("CANCEL", invite.uri).append("Via", invite.top_via.raw.strip())
+    for value in invite.get_all("route"):
+        cancel = cancel.append("Route", value)
+    return (
+        cancel.append("Max-Forwards", "70")
+        .append("From", invite.get("from") or "")
+        .append("To", invite.get("to") or "")
+        .append("Call-ID", invite.call_id)
+        .append("CSeq", f"{invite.cseq[0]} CANCEL")
+        .append("Content-Length", "0")
+    )
+
+
+class ProxyCore:
+    """The stateful proxy. One instance serves every transport of one edge process."""
+
+    def __init__(self, *, options: ProxyOptions, branch_seed: str) -> None:
+        if not options.local:
+            raise ValueError("the proxy needs at least one local address")
+        self._options = options
+        self._locals = options.local
+        self._by_transport = {local.transport: local for local in options.local}
+        self._branches = BranchFactory(branch_seed)
+        self._to_tag = f"e911{branch_seed}"
+        self._server: dict[tuple[str, str, str], _ServerEntry] = {}
+        self._client: dict[tuple[str, str], _ClientEntry] = {}
+        self._contexts: dict[int, _Context] = {}
+        self._ids = itertools.count(1)
+        self._outbox: list[Outgoing] = []
+        self._events: deque[Event] = deque()
+        self._timers: list[tuple[float, int, object]] = []
+        self._seq = itertools.count()
+
+    # -- the sans-IO surface -------------------------------------------------------------
+    def data_to_send(self) -> list[Outgoing]:
+        """Everything queued for the wire since the last call, in order."""
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet collected, or None."""
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline at which :meth:`handle_timer` must run, or None.
+
+        It may name a deadline that has since been cancelled; running early is harmless.
+        """
+        return self._timers[0][0] if self._timers else None
+
+    @property
+    def transactions_in_flight(self) -> int:
+        """Server plus client transactions that have not terminated."""
+        return len(self._server) + len(self._client)
+
+    @property
+    def contexts_in_flight(self) -> int:
+        """Requests being proxied (response contexts)."""
+        return len(self._contexts)
+
+    def receive(self, data: bytes, source: Peer, now: float) -> None:
+        """Process one datagram or one framed stream message from ``source``."""
+        try:
+            message = parse(
+                data,
+                max_size=self._options.max_message_size,
+                max_headers=self._options.max_headers,
+                datagram=not source.reliable,
+            )
+        except ParseFailure as exc:
+            self._events.append(Discarded("malformed", str(exc), source))
+            reply = error_response(exc, to_tag=self._to_tag)
+            if reply is not None:
+                self._send_stateless_reply(reply, source)
+            return
+        except RemoteSipError as exc:
+            self._events.append(Discarded("unparsable", str(exc), source))
+            return
+        try:
+            if isinstance(message, Request):
+                self._on_request(message, source, now)
+            else:
+                self._on_response(message, source, now)
+        except SipError as exc:
+            # A value read lazily (a Route, a Request-URI) turned out malformed.
+            self._events.append(Discarded("malformed", str(exc), source))
+            if isinstance(message, Request) and message.method != "ACK":
+                status = exc.status_code if isinstance(exc, RemoteSipError) else 400
+                reply = make_response(message, status, to_tag=self._to_tag)
+                self._send_stateless_reply(reply, source)
+
+    def transport_error(self, branch: str, now: float) -> None:
+        """The transport could not deliver a message of the client transaction ``branch``."""
+        for key, entry in list(self._client.items()):
+            if key[0] == branch:
+                self._run_client(entry, entry.txn.transport_error(now), now)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire everything due at or before ``now``."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, target = heapq.heappop(timers)
+            if isinstance(target, _Branch):
+                self._branch_timer(target, now)
+            elif isinstance(target, _Context):
+                self._fail_open_timer(target, now)
+            elif isinstance(target, ClientInviteTransaction | ClientNonInviteTransaction):
+                due = target.get_timer()
+                entry = self._client.get(target.key)
+                if due is not None and due <= now and entry is not None and entry.txn is target:
+                    self._run_client(entry, target.handle_timer(now), now)
+            elif isinstance(target, ServerInviteTransaction | ServerNonInviteTransaction):
+                due = target.get_timer()
+                server = self._server.get(target.key)
+                if due is not None and due <= now and server is not None and server.txn is target:
+                    self._run_server(server, target.handle_timer(now), now)
+
+    def forward_emergency(
+        self, call: int, request: Request, now: float, *, enriched: bool = True
+    ) -> None:
+        """Send the emergency INVITE ``call`` on as ``request`` (normally the enriched one).
+
+        Late or repeated calls are ignored: the call already went out (fail-open) or ended.
+        """
+        context = self._contexts.get(call)
+        if context is None or not context.awaiting_owner:
+            return
+        self._start_emergency(context, request, now, enriched=enriched)
+
+    # -- requests ------------------------------------------------------------------------
+    def _on_request(self, request: Request, source: Peer, now: float) -> None:
+        request = stamp_received(request, source)
+        method = request.method
+        key = server_key(request)
+        server = self._server.get(key)
+        if server is not None:
+            # A retransmission, or the ACK of a non-2xx: the transaction absorbs it.
+            self._run_server(server, server.txn.receive(request, now), now)
+            return
+        if method == "ACK":
+            # ACK for a 2xx is its own transaction and goes end to end (§16.11 / §13.2.2.4).
+            self._forward_stateless(request, source)
+            return
+        if method == "CANCEL":
+            self._on_cancel(request, source, key, now)
+            return
+
+        reliable = source.reliable
+        timers = self._options.timers
+        txn: ServerTransaction
+        if method == "INVITE":
+            txn = ServerInviteTransaction(request, reliable=reliable, timers=timers)
+        else:
+            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers)
+        inbound = self._by_transport.get(source.transport, self._locals[0])
+        context = _Context(next(self._ids), txn, source, request, inbound)
+        entry = _ServerEntry(txn, context, response_peer(request.top_via, source))
+        self._server[key] = entry
+        self._contexts[context.id] = context
+        if method == "INVITE":
+            self._reply(context, make_response(request, 100), now)
+
+        try:
+            forwarded = decrement_max_forwards(request)
+        except TooManyHops:
+            if method == "OPTIONS" and self._addressed_to_us(request):
+                self._answer_options(context, now)
+                return
+            self._events.append(RequestRouted(method, Route.REJECTED))
+            self._reply(context, make_response(request, 483, to_tag=self._to_tag), now)
+            return
+        forwarded = pop_own_routes(forwarded, self._locals)
+        has_route = forwarded.has("route")
+        in_dialog = has_route or request.to_tag is not None
+
+        if not in_dialog:
+            if method == "INVITE":
+                number = self._options.emergency_classifier(request.request_uri)
+                if number is not None:
+                    self._begin_emergency(context, forwarded, number, now)
+                    return
+            elif method == "OPTIONS" and self._addressed_to_us(request):
+                self._answer_options(context, now)
+                return
+            context.route = Route.DEFAULT
+            context.template = (
+                add_record_route(forwarded, inbound, inbound)
+                if method in DIALOG_CREATING
+                else forwarded
+            )
+            context.trunks = list(self._options.default_trunks)
+            self._events.append(RequestRouted(method, Route.DEFAULT))
+            if not self._next_trunk(context, now):
+                self._reply(context, make_response(request, 503, to_tag=self._to_tag), now)
+            return
+
+        target = next_hop(forwarded)
+        if not has_route and is_local_uri(target, self._locals):
+            # In-dialog request for us, not through us: no dialog of ours to match.
+            self._events.append(RequestRouted(method, Route.REJECTED))
+            self._reply(context, make_response(request, 481, to_tag=self._to_tag), now)
+            return
+        context.route = Route.IN_DIALOG
+        context.template = forwarded
+        self._events.append(RequestRouted(method, Route.IN_DIALOG))
+        self._start_branch(context, target, forwarded, now, trunk=None)
+
+    def _addressed_to_us(self, request: Request) -> bool:
+        uri = request.request_uri
+        return uri.user is None and is_local_uri(uri, self._locals)
+
+    def _answer_options(self, context: _Context, now: float) -> None:
+        self._events.append(RequestRouted("OPTIONS", Route.LOCAL))
+        extra = [("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS")]
+        if self._options.server_header:
+            extra.append(("Server", self._options.server_header))
+        reply = make_response(context.request, 200, to_tag=self._to_tag, extra=extra)
+        self._reply(context, reply, now)
+
+    def _begin_emergency(
+        self, context: _Context, forwarded: Request, number: str, now: float
+    ) -> None:
+        context.route = Route.EMERGENCY
+        context.emergency_number = number
+        context.trunks = list(self._options.emergency_trunks)
+        context.template = forwarded
+        context.awaiting_owner = True
+        context.fail_open_deadline = now + self._options.fail_open_after
+        self._push_timer(context.fail_open_deadline, context)
+        self._events.append(RequestRouted("INVITE", Route.EMERGENCY))
+        self._events.append(EmergencyCall(context.id, forwarded, number, forwarded.call_id))
+
+    def _fail_open_timer(self, context: _Context, now: float) -> None:
+        deadline = context.fail_open_deadline
+        if context.awaiting_owner and deadline is not None and deadline <= now:
+            self._events.append(FailOpen(context.id, context.request.call_id))
+            self._start_emergency(context, context.template, now, enriched=False)
+
+    def _start_emergency(
+        self, context: _Context, request: Request, now: float, *, enriched: bool
+    ) -> None:
+        context.awaiting_owner = False
+        context.fail_open_deadline = None
+        context.enriched = enriched
+        if context.cancelled or context.final_sent:
+            return
+        context.template = add_record_route(request, context.inbound, context.inbound)
+        if not self._next_trunk(context, now):
+            # No emergency trunk configured: the config check refuses that, but answer
+            # rather than leave a caller waiting if it ever happens.
+            self._reply(context, make_response(context.request, 503, to_tag=self._to_tag), now)
+
+    def _next_trunk(self, context: _Context, now: float) -> bool:
+        """Send the request to the next trunk in order; False when none is left."""
+        if not context.trunks:
+            return False
+        trunk = context.trunks.pop(0)
+        uri = parse_uri(trunk)
+        request = context.template
+        number = context.emergency_number
+        if number is not None:
+            transport = uri.param("transport")
+            suffix = f";transport={transport}" if transport else ""
+            request = request.with_uri(f"sip:{number}@{uri.hostport}{suffix}")
+        context.attempt += 1
+        if number is not None:
+            self._events.append(
+                EmergencyForwarded(
+                    context.id, context.request.call_id, trunk, context.attempt, context.enriched
+                )
+            )
+        self._start_branch(context, uri, request, now, trunk=trunk)
+        return True
+
+    def _start_branch(
+        self, context: _Context, target: Uri, request: Request, now: float, *, trunk: str | None
+    ) -> None:
+        peer = peer_for_uri(target)
+        local = self._by_transport.get(peer.transport)
+        if local is None:
+            # No listener for that transport: use the first we have rather than fail.
+            local = self._locals[0]
+            peer = Peer(local.transport, peer.host, peer.port)
+        if (
+            local != context.inbound
+            and context.route is not Route.IN_DIALOG
+            and request.method in DIALOG_CREATING
+        ):
+            # The two sides use different transports: a double Record-Route (RFC 5658).
+            request = add_record_route(
+                request.pop_first_value("record-route"), context.inbound, local
+            )
+        request = add_via(request, local, self._branches.new())
+        timers = self._options.timers
+        txn: ClientTransaction
+        if request.method == "INVITE":
+            txn = ClientInviteTransaction(request, reliable=peer.reliable, timers=timers)
+        else:
+            txn = ClientNonInviteTransaction(request, reliable=peer.reliable, timers=timers)
+        branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
+        context.branches.append(branch)
+        entry = _ClientEntry(txn, branch, peer)
+        self._client[txn.key] = entry
+        if request.method == "INVITE" and trunk is not None and context.trunks:
+            branch.provisional_deadline = now + self._options.provisional_timeout
+            self._push_timer(branch.provisional_deadline, branch)
+        self._run_client(entry, txn.start(now), now)
+
+    def _on_cancel(
+        self, request: Request, source: Peer, key: tuple[str, str, str], now: float
+    ) -> None:
+        invite = self._server.get(server_key(request, "INVITE"))
+        context = invite.context if invite is not None else None
+        if context is None:
+            # §16.10: no response context; forward it statelessly along its own route.
+            self._events.append(RequestRouted("CANCEL", Route.STATELESS))
+            self._forward_stateless(request, source)
+            return
+        txn = ServerNonInviteTransaction(
+            request, reliable=source.reliable, timers=self._options.timers
+        )
+        entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
+        self._server[key] = entry
+        ok = make_response(request, 200, to_tag=self._to_tag)
+        self._run_server(entry, txn.send_response(ok, now), now)
+        self._events.append(RequestRouted("CANCEL", Route.IN_DIALOG))
+        if context.final_sent or context.cancelled:
+            return
+        context.cancelled = True
+        if context.awaiting_owner or all(b.done or b.abandoned for b in context.branches):
+            context.awaiting_owner = False
+            self._final(context, make_response(context.request, 487, to_tag=self._to_tag), now)
+            return
+        for branch in context.branches:
+            self._cancel_branch(branch, now)
+
+    def _cancel_branch(self, branch: _Branch, now: float) -> None:
+        if branch.cancelled or branch.done or not isinstance(branch.txn, ClientInviteTransaction):
+            return
+        if not branch.got_provisional:
+            branch.cancel_wanted = True  # §9.1: CANCEL waits for a provisional response
+            return
+        branch.cancelled = True
+        cancel = _build_cancel(branch.txn.request)
+        txn = ClientNonInviteTransaction(
+            cancel, reliable=branch.peer.reliable, timers=self._options.timers
+        )
+        entry = _ClientEntry(txn, None, branch.peer)
+        self._client[txn.key] = entry
+        self._run_client(entry, txn.start(now), now)
+
+    def _forward_stateless(self, request: Request, source: Peer) -> None:
+        """Forward without a transaction: ACK for 2xx, CANCEL without a context (§16.11)."""
+        try:
+            forwarded = decrement_max_forwards(request)
+        except TooManyHops:
+            self._events.append(Discarded("too_many_hops", request.method, source))
+            return
+        forwarded = pop_own_routes(forwarded, self._locals)
+        if request.method == "CANCEL" and not forwarded.has("route"):
+            # A CANCEL for a request we never saw: nothing downstream can match it either.
+            self._events.append(Discarded("no_transaction", "CANCEL", source))
+            return
+        target = next_hop(forwarded)
+        if not forwarded.has("route") and is_local_uri(target, self._locals):
+            self._events.append(Discarded("no_route", request.method, source))
+            return
+        peer = peer_for_uri(target)
+        local = self._by_transport.get(peer.transport, self._locals[0])
+        if local.transport != peer.transport:
+            peer = Peer(local.transport, peer.host, peer.port)
+        forwarded = add_via(forwarded, local, self._branches.stateless(request))
+        self._events.append(RequestRouted(request.method, Route.STATELESS))
+        self._outbox.append(Outgoing(forwarded.to_bytes(), peer))
+
+    def _send_stateless_reply(self, response: Response, source: Peer) -> None:
+        try:
+            peer = response_peer(response.top_via, source)
+        except SipError:
+            return
+        self._outbox.append(Outgoing(response.to_bytes(), peer))
+
+    # -- responses -----------------------------------------------------------------------
+    def _on_response(self, response: Response, source: Peer, now: float) -> None:
+        entry = self._client.get(client_key(response))
+        if entry is None:
+            via = response.top_via
+            if own_via(via, self._locals) and self._branches.is_ours(via.branch):
+                self._forward_response_stateless(response, source)
+            else:
+                self._events.append(Discarded("stray_response", str(response.status), source))
+            return
+        self._run_client(entry, entry.txn.receive(response, now), now)
+
+    def _forward_response_stateless(self, response: Response, source: Peer) -> None:
+        """A 2xx retransmission after our client transaction ended goes on (§16.7)."""
+        if response.status < 200 or response.status >= 300:
+            self._events.append(Discarded("late_response", str(response.status), source))
+            return
+        upstream = response.pop_top_via()
+        if not upstream.has("via"):
+            return
+        via = upstream.top_via
+        transport = via.transport.lower()
+        self._outbox.append(
+            Outgoing(upstream.to_bytes(), response_peer(via, Peer(transport, via.host, 0)))
+        )
+
+    def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
+        context = branch.context
+        status = response.status
+        if status < 200:
+            branch.got_provisional = True
+            branch.provisional_deadline = None
+            if branch.cancel_wanted or branch.abandoned:
+                branch.cancel_wanted = False
+                self._cancel_branch(branch, now)
+                return
+            branch.timer_c_deadline = now + self._options.timer_c
+            self._push_timer(branch.timer_c_deadline, branch)
+            if status != 100 and not context.final_sent and not context.cancelled:
+                self._reply(context, response.pop_top_via(), now)
+            return
+        branch.provisional_deadline = None
+        branch.timer_c_deadline = None
+        branch.done = True
+        if status < 300:
+            # Every 2xx goes upstream (§16.7 step 5), even a late one from an abandoned trunk.
+            if not context.final_sent:
+                context.final_sent = True
+                self._completed(context, status, branch.trunk)
+            self._server_send(context, response.pop_top_via(), now)
+            for other in context.branches:
+                if other is not branch:
+                    self._cancel_branch(other, now)
+            self._maybe_forget(context)
+            return
+        if branch.abandoned:
+            self._maybe_finish(context, now)
+            return
+        context.responses.append(response.pop_top_via())
+        if self._can_fail_over(context) and _is_failover_status(status):
+            self._fail_over(context, branch, str(status), now)
+            return
+        self._maybe_finish(context, now)
+
+    def _branch_failed(self, branch: _Branch, reason: str, now: float) -> None:
+        """A branch ended with no final response: it counts as a 408 (§16.7 step 1, §16.8)."""
+        if branch.done:
+            return
+        branch.done = True
+        branch.provisional_deadline = None
+        branch.timer_c_deadline = None
+        context = branch.context
+        if branch.abandoned:
+            self._maybe_finish(context, now)
+            return
+        context.responses.append(make_response(context.request, 408, to_tag=self._to_tag))
+        if self._can_fail_over(context):
+            self._fail_over(context, branch, reason, now)
+            return
+        self._maybe_finish(context, now)
+
+    def _can_fail_over(self, context: _Context) -> bool:
+        return (
+            context.route in (Route.EMERGENCY, Route.DEFAULT)
+            and bool(context.trunks)
+            and not context.cancelled
+            and not context.final_sent
+        )
+
+    def _fail_over(self, context: _Context, branch: _Branch, reason: str, now: float) -> None:
+        self._events.append(
+            Failover(
+                context.request.call_id, context.route is Route.EMERGENCY, branch.trunk, reason
+            )
+        )
+        self._next_trunk(context, now)
+
+    def _maybe_finish(self, context: _Context, now: float) -> None:
+        """Send the best final response once no branch can produce a better one."""
+        if context.final_sent:
+            self._maybe_forget(context)
+            return
+        if any(not b.done and not b.abandoned for b in context.branches):
+            return
+        if context.cancelled:
+            best = make_response(context.request, 487, to_tag=self._to_tag)
+        elif context.responses:
+            best = min(context.responses, key=_response_rank)
+            if best.status == 503:
+                best = make_response(context.request, 500, to_tag=self._to_tag)
+        else:
+            best = make_response(context.request, 408, to_tag=self._to_tag)
+        self._final(context, best, now)
+
+    def _final(self, context: _Context, response: Response, now: float) -> None:
+        if context.final_sent:
+            return
+        context.final_sent = True
+        trunk = context.branches[-1].trunk if context.branches else None
+        self._completed(context, response.status, trunk)
+        self._server_send(context, response, now)
+        self._maybe_forget(context)
+
+    def _completed(self, context: _Context, status: int, trunk: str | None) -> None:
+        # Initial requests are reported; so is BYE, which ends a dialog the owner may track.
+        if context.route in (Route.EMERGENCY, Route.DEFAULT) or context.request.method == "BYE":
+            request = context.request
+            self._events.append(
+                CallCompleted(
+                    request.call_id,
+                    request.method,
+                    context.route is Route.EMERGENCY,
+                    status,
+                    trunk,
+                )
+            )
+
+    def _maybe_forget(self, context: _Context) -> None:
+        # A context lives while one of its branches may still need a CANCEL or bring a 2xx.
+        if context.final_sent and all(b.done for b in context.branches):
+            self._contexts.pop(context.id, None)
+
+    def _reply(self, context: _Context, response: Response, now: float) -> None:
+        """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
+        if response.status >= 200:
+            if context.final_sent:
+                return
+            context.final_sent = True
+            self._completed(context, response.status, None)
+        self._server_send(context, response, now)
+        self._maybe_forget(context)
+
+    def _server_send(self, context: _Context, response: Response, now: float) -> None:
+        entry = self._server.get(context.server.key)
+        if entry is None or entry.txn is not context.server:
+            # The server transaction has ended (its Timer L ran out); a late 2xx still goes.
+            if 200 <= response.status < 300:
+                peer = response_peer(context.request.top_via, context.source)
+                self._outbox.append(Outgoing(response.to_bytes(), peer))
+            return
+        try:
+            effects = entry.txn.send_response(response, now)
+        except TransactionStateError:
+            # A 2xx after a non-2xx final (a trunk answering a cancelled call): nothing upstream
+            # can take it any more.
+            self._events.append(Discarded("late_response", str(response.status), context.source))
+            return
+        self._run_server(entry, effects, now)
+
+    # -- timers and transaction effects --------------------------------------------------
+    def _push_timer(self, deadline: float, target: object) -> None:
+        heapq.heappush(self._timers, (deadline, next(self._seq), target))
+
+    def _branch_timer(self, branch: _Branch, now: float) -> None:
+        if branch.done:
+            return
+        deadline = branch.provisional_deadline
+        if deadline is not None and deadline <= now:
+            branch.provisional_deadline = None
+            context = branch.context
+            if not branch.got_provisional and self._can_fail_over(context):
+                branch.abandoned = True
+                self._fail_over(context, branch, "no_provisional", now)
+            return
+        deadline = branch.timer_c_deadline
+        if deadline is not None and deadline <= now:
+            branch.timer_c_deadline = None
+            self._cancel_branch(branch, now)  # §16.8: Timer C fired after a provisional
+
+    def _run_client(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
+        txn = entry.txn
+        branch = entry.branch
+        for effect in effects:
+            if isinstance(effect, Transmit):
+                self._outbox.append(Outgoing(effect.message.to_bytes(), entry.peer, txn.key[0]))
+            elif isinstance(effect, PassUp):
+                if branch is not None and isinstance(effect.message, Response):
+                    self._branch_response(branch, effect.message, now)
+            elif isinstance(effect, Timeout):
+                if branch is not None:
+                    self._branch_failed(branch, "timeout", now)
+            elif isinstance(effect, TransportFailure):
+                if branch is not None:
+                    self._branch_failed(branch, "transport", now)
+            elif isinstance(effect, Terminated):
+                if self._client.get(txn.key) is entry:
+                    del self._client[txn.key]
+                if branch is not None:
+                    self._branch_failed(branch, "timeout", now)
+                    self._maybe_forget(branch.context)
+        due = txn.get_timer()
+        if due is not None:
+            self._push_timer(due, txn)
+
+    def _run_server(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
+        txn = entry.txn
+        for effect in effects:
+            if isinstance(effect, Transmit):
+                self._outbox.append(Outgoing(effect.message.to_bytes(), entry.peer))
+            elif isinstance(effect, PassUp):
+                # An ACK for a 2xx that reused the INVITE's branch (RFC 6026 §7.1).
+                message = effect.message
+                if isinstance(message, Request) and entry.context is not None:
+                    self._forward_stateless(message, entry.context.source)
+            elif isinstance(effect, Terminated):
+                if self._server.get(txn.key) is entry:
+                    del self._server[txn.key]
+                context = entry.context
+                if context is not None and not context.final_sent:
+                    # Only a transport failure ends a server transaction before its final.
+                    context.final_sent = True
+                    context.cancelled = True
+                    for branch in context.branches:
+                        self._cancel_branch(branch, now)
+                if context is not None:
+                    self._maybe_forget(context)
+        due = txn.get_timer()
+        if due is not None:
+            self._push_timer(due, txn)

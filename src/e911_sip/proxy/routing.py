@@ -1,0 +1,191 @@
+"""The header changes RFC 3261 §16 obliges a proxy to make, and nothing else.
+
+Each function takes a request and returns a new one: Max-Forwards (§16.6 step 3), the
+received/rport parameters of the top Via (§18.2.1, RFC 3581), our own Via with a fresh
+``z9hG4bK`` branch (§16.6 step 8), Record-Route (§16.6 step 4) and loose routing (§16.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from e911_sip.sip.errors import MalformedMessage, SipError, TooManyHops
+from e911_sip.sip.message import Request
+from e911_sip.sip.peer import DEFAULT_PORTS, Peer
+from e911_sip.sip.uri import Uri, Via, parse_name_addr, parse_uri, split_values
+
+MAGIC_COOKIE = "z9hG4bK"
+DEFAULT_MAX_FORWARDS = 70
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAddress:
+    """An address the proxy listens on and advertises in Via and Record-Route."""
+
+    transport: str
+    """``udp``, ``tcp`` or ``tls``."""
+    host: str
+    """Advertised host (an IP address peers can reach)."""
+    port: int
+
+    @property
+    def hostport(self) -> str:
+        """``host:port`` with IPv6 brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def record_route(self) -> str:
+        """Our Record-Route value for this transport, always loose (``;lr``)."""
+        transport = "" if self.transport == "udp" else f";transport={self.transport}"
+        return f"<sip:{self.hostport}{transport};lr>"
+
+
+class BranchFactory:
+    """Unique ``z9hG4bK`` branches (RFC 3261 §8.1.1.7) from a per-process seed and a counter.
+
+    A counter is cheaper than a random token per request and, with the seed, unique across
+    restarts; the seed is supplied by the caller so the core stays deterministic in tests.
+    """
+
+    __slots__ = ("_prefix", "_counter")
+
+    def __init__(self, seed: str) -> None:
+        self._prefix = f"{MAGIC_COOKIE}{seed}."
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        """A branch never handed out before by this factory."""
+        return f"{self._prefix}{next(self._counter):x}"
+
+    def is_ours(self, branch: str | None) -> bool:
+        """True when ``branch`` came from this factory (or its stateless twin)."""
+        return branch is not None and branch.startswith(self._prefix)
+
+    def stateless(self, request: Request) -> str:
+        """The branch for a request forwarded without a transaction (ACK for 2xx, stray CANCEL).
+
+        It is derived from the incoming top Via branch (RFC 3261 §16.11), so a retransmission
+        gets the same branch again.
+        """
+        top = request.top_via.branch or request.call_id
+        digest = hashlib.blake2s(f"{top}|{request.method}".encode(), digest_size=8).hexdigest()
+        return f"{self._prefix}s{digest}"
+
+
+def decrement_max_forwards(request: Request) -> Request:
+    """Max-Forwards minus one, or 70 when absent (§16.6 step 3).
+
+    Raises:
+        TooManyHops: it was already 0 (the caller answers 483, §16.3 step 3).
+        MalformedMessage: it is not a number.
+    """
+    value = request.get("max-forwards")
+    if value is None:
+        return request.append("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
+    if not value.isdigit():
+        raise MalformedMessage(f"bad Max-Forwards {value!r}")
+    hops = int(value)
+    if hops <= 0:
+        raise TooManyHops("Max-Forwards reached 0")
+    return request.replace_at("max-forwards", str(min(hops - 1, 255)))
+
+
+def stamp_received(request: Request, source: Peer) -> Request:
+    """Add ``received`` / fill ``rport`` on the top Via (§18.2.1, RFC 3581 §4)."""
+    via = request.top_via
+    rport = via.param("rport")
+    needs_received = via.host != source.host
+    needs_rport = rport == ""
+    if not needs_received and not needs_rport:
+        return request
+    params: list[str] = []
+    for name, value in via.params:
+        if name == "received":
+            continue
+        if name == "rport":
+            params.append(f"rport={source.port}" if needs_rport else f"rport={value}")
+        else:
+            params.append(name if value is None else f"{name}={value}")
+    if needs_received or needs_rport:
+        params.append(f"received={source.host}")
+    host = f"[{via.host}]" if ":" in via.host else via.host
+    sent_by = host if via.port is None else f"{host}:{via.port}"
+    new_top = f"SIP/2.0/{via.transport} {sent_by};{';'.join(params)}"
+    first = request.get("via") or ""
+    rest = split_values(first)[1:]
+    value = ", ".join([new_top, *rest])
+    stamped = request.replace_at("via", value)
+    return stamped
+
+
+def add_via(request: Request, local: LocalAddress, branch: str) -> Request:
+    """Our Via on top, asking for rport so replies find us through NAT (RFC 3581)."""
+    return request.prepend(
+        "Via", f"SIP/2.0/{local.transport.upper()} {local.hostport};branch={branch};rport"
+    )
+
+
+def add_record_route(request: Request, inbound: LocalAddress, outbound: LocalAddress) -> Request:
+    """Record-Route so in-dialog requests come back through us (§16.6 step 4).
+
+    When the two sides use different transports, two entries are written (RFC 5658 §3.2):
+    each side of the dialog then reaches us on its own transport.
+    """
+    out = request.prepend("Record-Route", inbound.record_route())
+    if outbound != inbound:
+        out = out.prepend("Record-Route", outbound.record_route())
+    return out
+
+
+def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
+    """True when ``uri`` names one of our listening addresses (§16.4)."""
+    if uri.scheme not in ("sip", "sips"):
+        return False
+    for local in locals_:
+        if uri.host != local.host:
+            continue
+        port = uri.port or DEFAULT_PORTS.get(uri.transport, 5060)
+        if port == local.port:
+            return True
+    return False
+
+
+def pop_own_routes(request: Request, locals_: tuple[LocalAddress, ...]) -> Request:
+    """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
+    out = request
+    while True:
+        routes = out.get("route")
+        if routes is None:
+            return out
+        first = split_values(routes)[0]
+        try:
+            uri = parse_uri(parse_name_addr(first).uri)
+        except SipError:
+            return out
+        if not is_local_uri(uri, locals_):
+            return out
+        out = out.pop_first_value("route")
+
+
+def next_hop(request: Request) -> Uri:
+    """The URI the request goes to: the top Route if any, else the Request-URI (§16.6 step 6).
+
+    Raises:
+        MalformedMessage / UnsupportedUriScheme: the chosen URI is not routable.
+    """
+    routes = request.get("route")
+    if routes is not None:
+        return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
+    return request.request_uri
+
+
+def own_via(via: Via, locals_: Iterable[LocalAddress]) -> bool:
+    """True when ``via`` was written by us (a response's top Via, §16.7 step 3)."""
+    for local in locals_:
+        if via.host == local.host and (via.port or 5060) == local.port:
+            return True
+    return False
