@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from e911_sip import app
+from e911_sip import app, logs
 from e911_sip.config import ConfigError, load
+from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -54,7 +56,49 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
 
+    defaults = EmulatorOptions()
+    emulator = sub.add_parser(
+        "bandwidth-emulator",
+        help="serve a local emulator of Bandwidth's v2 emergency API (for tests and trials)",
+    )
+    emulator.add_argument(
+        "--listen", type=_hostport, default=("127.0.0.1", 9300), help="HOST:PORT (127.0.0.1:9300)"
+    )
+    emulator.add_argument("--client-id", default=defaults.client_id)
+    emulator.add_argument("--client-secret", default=defaults.client_secret)
+    emulator.add_argument("--account-id", default=defaults.account_id)
+    emulator.add_argument(
+        "--nonexistent-street",
+        action="append",
+        metavar="STREET",
+        help="a standardised street line that does not exist (repeatable); "
+        f"default: {', '.join(defaults.nonexistent_streets)}",
+    )
+    emulator.add_argument("--log-level", default="INFO")
+
     return parser
+
+
+def _bandwidth_emulator(args: argparse.Namespace) -> int:
+    defaults = EmulatorOptions()
+    options = EmulatorOptions(
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        account_id=args.account_id,
+        nonexistent_streets=tuple(args.nonexistent_street or defaults.nonexistent_streets),
+    )
+    host, port = args.listen
+
+    async def serve() -> int:
+        logs.configure(args.log_level)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_emulator(options, host=host, port=port, stop=stop)
+        return 0
+
+    return _run(serve())
 
 
 def _check_config(path: Path) -> int:
@@ -74,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args.config)
+        if args.command == "bandwidth-emulator":
+            return _bandwidth_emulator(args)
         if args.command == "serve":
             config = load(args.config, os.environ)
             return _run(app.run(config, role=app.Role(args.role)))

@@ -1,1 +1,2 @@
-"""Provisioning: customer, site and account addresses into Bandwidth emergency endpoints and the line records the edge reads."""
+"""Provisioning: customer, site and account addresses into Bandwidth emergency endpoints,
+and the line records the edge reads."""
