@@ -1,0 +1,106 @@
+"""The header changes RFC 3261 §16 obliges a proxy to make."""
+
+from __future__ import annotations
+
+import pytest
+
+from e911_sip.proxy.routing import (
+    BranchFactory,
+    LocalAddress,
+    add_record_route,
+    add_via,
+    decrement_max_forwards,
+    next_hop,
+    pop_own_routes,
+    stamp_received,
+)
+from e911_sip.sip.errors import MalformedMessage, TooManyHops
+from e911_sip.sip.message import Request, parse
+from e911_sip.sip.peer import Peer
+
+UDP = LocalAddress("udp", "192.0.2.1", 5070)
+TCP = LocalAddress("tcp", "192.0.2.1", 5070)
+
+
+def request(*extra: str, via: str = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKa") -> Request:
+    lines = [
+        "BYE sip:911@198.51.100.1:5060 SIP/2.0",
+        f"Via: {via}",
+        "From: <sip:a@b>;tag=1",
+        "To: <sip:c@d>;tag=2",
+        "Call-ID: r",
+        "CSeq: 2 BYE",
+        *extra,
+        "Content-Length: 0",
+    ]
+    message = parse(("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert isinstance(message, Request)
+    return message
+
+
+def test_max_forwards_is_decremented_or_added() -> None:
+    assert decrement_max_forwards(request("Max-Forwards: 70")).get("max-forwards") == "69"
+    assert decrement_max_forwards(request()).get("max-forwards") == "70"
+    with pytest.raises(TooManyHops):
+        decrement_max_forwards(request("Max-Forwards: 0"))
+    with pytest.raises(MalformedMessage):
+        decrement_max_forwards(request("Max-Forwards: many"))
+
+
+def test_max_forwards_keeps_the_header_spelling() -> None:
+    out = decrement_max_forwards(request("max-forwards:   9"))
+    assert [h.raw for h in out.headers if h.key == "max-forwards"] == ["max-forwards: 8"]
+
+
+def test_received_and_rport() -> None:
+    source = Peer("udp", "203.0.113.9", 40000)
+    out = stamp_received(request(via="SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKa;rport"), source)
+    via = out.top_via
+    assert (via.param("received"), via.param("rport"), via.branch) == (
+        "203.0.113.9",
+        "40000",
+        "z9hG4bKa",
+    )
+    same = request()
+    assert stamp_received(same, Peer("udp", "192.0.2.10", 5060)) is same
+
+
+def test_received_keeps_further_via_values() -> None:
+    via = "SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKa, SIP/2.0/UDP 10.0.0.6;branch=z9hG4bKb"
+    out = stamp_received(request(via=via), Peer("udp", "203.0.113.9", 5060))
+    assert [v.host for v in out.vias] == ["10.0.0.5", "10.0.0.6"]
+    assert out.vias[0].param("received") == "203.0.113.9"
+
+
+def test_our_via_goes_on_top_with_a_unique_branch() -> None:
+    branches = BranchFactory("seed")
+    first, second = branches.new(), branches.new()
+    assert first != second and first.startswith("z9hG4bK")
+    out = add_via(request(), UDP, first)
+    assert out.vias[0].branch == first and out.vias[0].sent_by == "192.0.2.1:5070"
+    assert branches.is_ours(first) and not branches.is_ours("z9hG4bKa")
+
+
+def test_stateless_branch_is_stable_per_request() -> None:
+    branches = BranchFactory("seed")
+    assert branches.stateless(request()) == branches.stateless(request())
+    other = request(via="SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKz")
+    assert branches.stateless(request()) != branches.stateless(other)
+
+
+def test_record_route_single_and_double() -> None:
+    assert add_record_route(request(), UDP, UDP).values("record-route") == [
+        "<sip:192.0.2.1:5070;lr>"
+    ]
+    assert add_record_route(request(), UDP, TCP).values("record-route") == [
+        "<sip:192.0.2.1:5070;transport=tcp;lr>",
+        "<sip:192.0.2.1:5070;lr>",
+    ]
+
+
+def test_loose_routing_pops_only_our_entries() -> None:
+    routes = "Route: <sip:192.0.2.1:5070;transport=tcp;lr>, <sip:192.0.2.1:5070;lr>"
+    out = pop_own_routes(request(routes, "Route: <sip:198.51.100.9;lr>"), (UDP, TCP))
+    assert out.values("route") == ["<sip:198.51.100.9;lr>"]
+    assert next_hop(out).host == "198.51.100.9"
+    assert next_hop(pop_own_routes(request(routes), (UDP, TCP))).host == "198.51.100.1"

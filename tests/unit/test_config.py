@@ -1,0 +1,124 @@
+"""Configuration loading: defaults, the shipped files, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e911_sip.cli import main
+from e911_sip.config import ConfigError, ListenAddress, load
+from e911_sip.policy.enrich import ExistingGeolocation
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "e911.toml"
+    path.write_text(text)
+    return path
+
+
+def test_built_in_defaults() -> None:
+    config = load(None, {})
+    assert config.sip.listen == (
+        ListenAddress("udp", "127.0.0.1", 5070),
+        ListenAddress("tcp", "127.0.0.1", 5070),
+    )
+    assert config.emergency.numbers == ("911", "933")
+    assert config.store.url == "memory://"
+    assert config.emergency.lookup_timeout == 0.05
+    assert config.emergency.provisional_timeout == 2.0
+
+
+def test_shipped_example_config_is_valid() -> None:
+    config = load(ROOT / "config" / "e911-sip.toml", {})
+    assert config.store.seed_file == ROOT / "config" / "locations.example.json"
+    assert config.emergency.trunks == ("sip:127.0.0.1:5080", "sip:127.0.0.1:5081")
+    assert config.http.listen == ("127.0.0.1", 9100)
+
+
+def test_documented_minimum_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[sip]
+listen = ["udp:127.0.0.1:5070", "tcp:127.0.0.1:5070"]
+[emergency]
+numbers = ["911", "933"]
+trunks = ["sip:127.0.0.1:5080", "sip:127.0.0.1:5081"]
+geolocation_base_url = "https://emergency.bandwidth.com/locations/"
+[default]
+trunks = ["sip:127.0.0.1:5090"]
+[store]
+url = "redis://127.0.0.1:6379/0"
+[http]
+listen = "127.0.0.1:9100"
+""",
+    )
+    config = load(path, {})
+    assert config.store.url == "redis://127.0.0.1:6379/0"
+    assert config.default.trunks == ("sip:127.0.0.1:5090",)
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[store]\nurl = "memory://"\n')
+    config = load(
+        path,
+        {
+            "E911_SIP__STORE__URL": "redis://10.0.0.5:6379/1",
+            "E911_SIP__EMERGENCY__LOOKUP_TIMEOUT": "0.02",
+            "E911_SIP__EMERGENCY__TRUNKS": '["sip:10.1.1.1:5060"]',
+            "E911_SIP__EMERGENCY__EXISTING_GEOLOCATION": "append",
+            "UNRELATED": "x",
+        },
+    )
+    assert config.store.url == "redis://10.0.0.5:6379/1"
+    assert config.emergency.lookup_timeout == 0.02
+    assert config.emergency.trunks == ("sip:10.1.1.1:5060",)
+    assert config.emergency.existing_geolocation is ExistingGeolocation.APPEND
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sip]\nlisen = []\n", r"\[sip\] lisen: unknown key"),
+        ("[sipp]\n", r"\[sipp\]: unknown section"),
+        ('[sip]\nlisten = ["sctp:1.2.3.4:5060"]\n', r"\[sip\] listen: expected TRANSPORT"),
+        ('[sip]\nlisten = ["udp:0.0.0.0:5060"]\n', r"\[sip\] advertise: required"),
+        ("[sip]\ntimer_c = 60\n", r"\[sip\] timer_c: must exceed 180"),
+        ("[emergency]\ntrunks = []\n", r"\[emergency\] trunks: at least one"),
+        ('[emergency]\ntrunks = ["sip:bw.example.com"]\n', r"must name an IP address"),
+        ('[emergency]\ntrunks = ["tel:911"]\n', r"must be a sip: URI"),
+        (
+            '[emergency]\nlookup_timeout = "fast"\n',
+            r"\[emergency\] lookup_timeout: expected a number",
+        ),
+        ('[emergency]\ngeolocation_base_url = "ftp://x/"\n', r"geolocation_base_url"),
+        ('[emergency]\nexisting_geolocation = "merge"\n', r"existing_geolocation: expected one of"),
+        ('[store]\nurl = "postgres://x"\n', r"\[store\] url"),
+        ('[store]\nseed_file = "missing.json"\n', r"\[store\] seed_file: .* does not exist"),
+        ('[http]\nlisten = "9100"\n', r"\[http\] listen: expected HOST:PORT"),
+        ('[provisioning]\ntokens = { ops = "short" }\n', r"shorter than 16"),
+        ("not toml = = 1\n", r"not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), {})
+
+
+def test_bad_environment_name() -> None:
+    with pytest.raises(ConfigError, match="E911_SIP__SECTION__KEY"):
+        load(None, {"E911_SIP__STOREURL": "x"})
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(ROOT / "config" / "e911-sip.toml")]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = write(tmp_path, "[emergency]\ntrunks = []\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "[emergency] trunks" in err
+    assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err

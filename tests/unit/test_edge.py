@@ -1,0 +1,206 @@
+"""The asyncio edge around the core, with the recording transport and the memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from e911_sip import edge as edge_module
+from e911_sip.edge import Edge, EdgeOptions
+from e911_sip.metrics import Metrics
+from e911_sip.policy.emergency import emergency_number
+from e911_sip.policy.enrich import EnrichOptions
+from e911_sip.proxy.core import ProxyCore, ProxyOptions
+from e911_sip.proxy.routing import LocalAddress
+from e911_sip.sip.message import Request, parse
+from e911_sip.sip.peer import Peer
+from e911_sip.store.base import LocationRecord
+from e911_sip.store.memory import MemoryStore
+from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.transport.recording import RecordingTransport
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "valid"
+SOFTSWITCH = Peer("udp", "192.0.2.10", 5060)
+RECORD = LocationRecord("5555555/e911abc123def456")
+BASE = "https://emergency.bandwidth.com/locations/"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition``, bounded; it fails the test rather than hang."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+def build(
+    store: MemoryStore, *, provisional_timeout: float = 2.0, lookup_timeout: float = 0.05
+) -> tuple[Edge, RecordingTransport, Metrics]:
+    options = ProxyOptions(
+        local=(LocalAddress("udp", "192.0.2.1", 5070),),
+        emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
+        emergency_trunks=("sip:198.51.100.1:5060", "sip:198.51.100.2:5060"),
+        default_trunks=("sip:203.0.113.5:5060",),
+        provisional_timeout=provisional_timeout,
+    )
+    metrics = Metrics()
+    edge = Edge(
+        core=ProxyCore(options=options, branch_seed="e1"),
+        store=store,
+        lookup=ResilientLookup(store, options=LookupOptions(timeout=lookup_timeout)),
+        metrics=metrics,
+        options=EdgeOptions(enrich=EnrichOptions(geolocation_base_url=BASE)),
+    )
+    transport = RecordingTransport(sink=edge)
+    edge.add_transport("udp", transport)
+    return edge, transport, metrics
+
+
+def invite() -> bytes:
+    return (DATA / "portasip_911.sip").read_bytes()
+
+
+def invites_to(transport: RecordingTransport, host: str) -> list[Request]:
+    out = []
+    for sent in transport.sent:
+        message = parse(sent.data)
+        if sent.peer.host == host and isinstance(message, Request) and message.method == "INVITE":
+            out.append(message)
+    return out
+
+
+def outcome(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value("e911_sip_emergency_calls_total", {"outcome": name})
+    return value or 0.0
+
+
+async def test_emergency_call_is_enriched_counted_and_timed() -> None:
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}))
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    sent = invites_to(transport, "198.51.100.1")[0]
+    assert sent.get("geolocation") == f"<{BASE}5555555/e911abc123def456>"
+    assert sent.get("priority") == "emergency"
+    assert sent.uri == "sip:911@198.51.100.1:5060"
+    assert outcome(metrics, "enriched") == 1
+    count = metrics.registry.get_sample_value("e911_sip_emergency_enrich_seconds_count")
+    assert count == 1
+    routed = metrics.registry.get_sample_value(
+        "e911_sip_requests_total", {"method": "INVITE", "route": "emergency"}
+    )
+    assert routed == 1
+
+
+async def test_unprovisioned_caller_still_reaches_the_trunk(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    edge, transport, metrics = build(MemoryStore())
+    with caplog.at_level(logging.WARNING, logger="e911_sip.edge"):
+        edge.message_received(invite(), SOFTSWITCH)
+        await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    sent = invites_to(transport, "198.51.100.1")[0]
+    assert not sent.has("geolocation")
+    assert sent.get("priority") == "emergency"
+    assert outcome(metrics, "no_location") == 1
+    record = [r for r in caplog.records if "without location" in r.getMessage()][0]
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["call_id"] == "3848276298220188511@192.0.2.10"
+    assert record.__dict__["caller"] == "3215551234"
+
+
+async def test_store_down_still_forwards_and_counts() -> None:
+    store = MemoryStore({"3215551234": RECORD})
+    store.available = False
+    edge, transport, metrics = build(store)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert not invites_to(transport, "198.51.100.1")[0].has("geolocation")
+    assert outcome(metrics, "store_error") == 1
+
+
+async def test_hung_store_is_bounded_by_the_lookup_timeout() -> None:
+    class Hung(MemoryStore):
+        async def lookup(self, line: str) -> LocationRecord | None:
+            await asyncio.Event().wait()
+            return None
+
+    edge, transport, metrics = build(Hung(), lookup_timeout=0.02)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert outcome(metrics, "store_error") == 1
+    assert outcome(metrics, "fail_open") == 0
+
+
+async def test_a_bug_in_enrichment_sends_the_original_invite(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("enrichment bug")
+
+    monkeypatch.setattr(edge_module, "enrich", broken)
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}))
+    with caplog.at_level(logging.ERROR, logger="e911_sip.edge"):
+        edge.message_received(invite(), SOFTSWITCH)
+        await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    sent = invites_to(transport, "198.51.100.1")[0]
+    assert not sent.has("priority") and not sent.has("geolocation")
+    assert sent.uri == "sip:911@198.51.100.1:5060"
+    assert outcome(metrics, "enrich_error") == 1
+    assert any(r.exc_info for r in caplog.records)
+
+
+async def test_delivery_failure_fails_over_to_the_next_trunk() -> None:
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}))
+    transport.fail_to.add("198.51.100.1")
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.2")))
+    assert outcome(metrics, "failover") == 1
+    sent = invites_to(transport, "198.51.100.2")[0]
+    assert sent.get("geolocation") == f"<{BASE}5555555/e911abc123def456>"
+
+
+async def test_silent_trunk_fails_over_on_the_real_loop_timer() -> None:
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}), provisional_timeout=0.05)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.2")))
+    reasons = metrics.registry.get_sample_value(
+        "e911_sip_trunk_failovers_total",
+        {"route": "emergency", "trunk": "sip:198.51.100.1:5060", "reason": "no_provisional"},
+    )
+    assert reasons == 1
+    edge.close()
+
+
+async def test_readiness_reports_store_and_listeners() -> None:
+    store = MemoryStore()
+    edge, transport, _ = build(store)
+    ready, details = edge.readiness()
+    assert ready and details["store"] == "ok" and details["listeners"] == "bound"
+    transport.bound = False
+    assert edge.readiness()[0] is False
+    transport.bound = True
+    stop = asyncio.Event()
+    store.available = False
+    task = asyncio.create_task(edge.watch_store(stop))
+    await until(lambda: not edge.store_ok)
+    ready, details = edge.readiness()
+    assert ready and details["store"] == "degraded"  # fail-open: still ready
+    stop.set()
+    await task
+
+
+async def test_drain_waits_for_calls_in_flight() -> None:
+    edge, transport, _ = build(MemoryStore({"3215551234": RECORD}))
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    force = asyncio.Event()
+    drain = asyncio.create_task(edge.drain(force))
+    await asyncio.sleep(0)
+    assert not drain.done() and edge.readiness()[1]["status"] == "draining"
+    force.set()
+    await asyncio.wait_for(drain, 5)
+    edge.close()
