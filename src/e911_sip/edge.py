@@ -28,9 +28,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from e911_sip.metrics import Metrics
+from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
 from e911_sip.proxy.core import (
@@ -118,6 +118,9 @@ class Edge:
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._received_at: dict[int, float] = {}
+        self._call_info: dict[int, dict[str, object]] = {}
+        self._request_counters: dict[tuple[str, str], Any] = {}
+        self._outcomes = {name: metrics.emergency_calls.labels(name) for name in EMERGENCY_OUTCOMES}
         self._emergency_dialogs: dict[str, float] = {}
         self._now_received = 0.0
         self.draining = False
@@ -195,8 +198,14 @@ class Edge:
     def _on_event(self, event: Event) -> None:
         metrics = self._metrics
         if isinstance(event, RequestRouted):
-            method = event.method if event.method in _KNOWN_METHODS else "other"
-            metrics.requests.labels(method, event.route.value).inc()
+            key = (event.method, event.route.value)
+            counter = self._request_counters.get(key)
+            if counter is None:
+                method = event.method if event.method in _KNOWN_METHODS else "other"
+                counter = metrics.requests.labels(method, event.route.value)
+                if len(self._request_counters) < 256:
+                    self._request_counters[key] = counter
+            counter.inc()
         elif isinstance(event, EmergencyCall):
             self._received_at[event.call] = self._now_received
             task = self._loop.create_task(self._enrich_and_forward(event))
@@ -206,20 +215,16 @@ class Edge:
             started = self._received_at.pop(event.call, None)
             if started is not None:
                 metrics.enrich_seconds.observe(self._clock() - started)
-            log.info(
-                "emergency call forwarded",
-                extra={
-                    "call_id": event.call_id,
-                    "trunk": event.trunk,
-                    "attempt": event.attempt,
-                    "enriched": event.enriched,
-                },
-            )
+            # One line per trunk attempt: where each emergency call was routed, and with
+            # what, is part of the RAY BAUM's Act trail.
+            extra = self._call_info.pop(event.call, None) or {"call_id": event.call_id}
+            extra.update(trunk=event.trunk, attempt=event.attempt, enriched=event.enriched)
+            log.info("emergency call forwarded", extra=extra)
         elif isinstance(event, Failover):
             route = "emergency" if event.emergency else "default"
             metrics.failovers.labels(route, event.trunk, event.reason).inc()
             if event.emergency:
-                metrics.emergency_calls.labels("failover").inc()
+                self._outcomes["failover"].inc()
             log.warning(
                 "trunk failed, trying the next one",
                 extra={
@@ -230,7 +235,7 @@ class Edge:
                 },
             )
         elif isinstance(event, FailOpen):
-            metrics.emergency_calls.labels("fail_open").inc()
+            self._outcomes["fail_open"].inc()
             log.error(
                 "emergency INVITE forwarded without enrichment: lookup did not finish in time",
                 extra={"call_id": event.call_id},
@@ -255,7 +260,7 @@ class Edge:
             self._emergency_dialogs[event.call_id] = self._loop.time()
         elif event.status != 487:
             # 487 is the caller hanging up; anything else means no trunk took the call.
-            self._metrics.emergency_calls.labels("failed").inc()
+            self._outcomes["failed"].inc()
             log.critical(
                 "emergency call failed on every trunk",
                 extra={"call_id": event.call_id, "status": event.status, "trunk": event.trunk},
@@ -305,20 +310,23 @@ class Edge:
             outcome = "enrich_error"
             to_send = request
             enriched = False
-        self._metrics.emergency_calls.labels(outcome).inc()
+        self._outcomes[outcome].inc()
+        extra["outcome"] = outcome
+        self._call_info[event.call] = extra
         if outcome == "enriched":
-            log.info("emergency call enriched", extra=extra)
+            pass  # logged once, with the trunk, when it is forwarded
         elif outcome == "cached":
             log.warning("location store unavailable; used a cached location", extra=extra)
         elif outcome != "enrich_error":
             log.warning(
                 "emergency call without location; Bandwidth's call center will answer it",
-                extra={**extra, "outcome": outcome},
+                extra=extra,
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
         self._pump()
-        # Forwarding observed the latency; a call cancelled or failed open meanwhile did not.
+        # Forwarding consumed these; a call cancelled or failed open meanwhile did not.
         self._received_at.pop(event.call, None)
+        self._call_info.pop(event.call, None)
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

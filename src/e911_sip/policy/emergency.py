@@ -55,21 +55,21 @@ def emergency_number(uri: Uri, numbers: Collection[str] = DEFAULT_NUMBERS) -> st
 
 
 def normalize_nanp(number: str) -> str | None:
-    """A NANP number as 10 digits, or None when it is not one.
+    """A line as the 10 digits the location store is keyed by, or None.
 
     ``+13215551234``, ``13215551234``, ``3215551234`` and ``(321) 555-1234`` are one line.
-    Area code and exchange may not start with 0 or 1 (NANP numbering plan).
+    The NPA/NXX digit rules are deliberately not enforced: lines are keyed by whatever
+    provisioning stored (the acceptance story's own account, 1321551234, is outside them), and
+    an unknown number only finds no record.
     """
     digits = number.translate(_VISUAL_SEPARATORS)
     if digits.startswith("+"):
         digits = digits[1:]
-        if not digits.startswith("1"):
+        if not digits.startswith("1") or len(digits) != 11:
             return None
     if len(digits) == 11 and digits.startswith("1"):
         digits = digits[1:]
     if len(digits) != 10 or not digits.isdigit():
-        return None
-    if digits[0] in "01" or digits[3] in "01":
         return None
     return digits
 

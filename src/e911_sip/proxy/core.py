@@ -381,6 +381,10 @@ class ProxyCore:
         self._events: deque[Event] = deque()
         self._timers: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
+        self._trunk_uris = {
+            trunk: parse_uri(trunk)
+            for trunk in (*options.emergency_trunks, *options.default_trunks)
+        }
 
     # -- the sans-IO surface -------------------------------------------------------------
     def data_to_send(self) -> list[Outgoing]:
@@ -607,7 +611,7 @@ class ProxyCore:
         if not context.trunks:
             return False
         trunk = context.trunks.pop(0)
-        uri = parse_uri(trunk)
+        uri = self._trunk_uris.get(trunk) or parse_uri(trunk)
         request = context.template
         number = context.emergency_number
         if number is not None:

@@ -131,7 +131,7 @@ class Message:
     relayed never pays for unfolding or stripping headers nobody looks at.
     """
 
-    __slots__ = ("_lines", "_keys", "body", "_wire", "_vias", "_cseq")
+    __slots__ = ("_lines", "_keys", "body", "_wire", "_vias", "_top_via", "_cseq")
 
     body: bytes
 
@@ -144,6 +144,7 @@ class Message:
         self.body = body
         self._wire: bytes | None = None
         self._vias: list[Via] | None = None
+        self._top_via: Via | None = None
         self._cseq: tuple[int, str] | None = None
 
     # -- reading -------------------------------------------------------------------------
@@ -190,14 +191,20 @@ class Message:
     @property
     def top_via(self) -> Via:
         """The topmost Via value (only the first Via header line is read)."""
+        top = self._top_via
+        if top is not None:
+            return top
         if self._vias is not None:
             if not self._vias:
                 raise MalformedMessage("message has no Via")
-            return self._vias[0]
-        value = self.get("via")
-        if not value:
-            raise MalformedMessage("message has no Via")
-        return parse_via(split_values(value)[0])
+            top = self._vias[0]
+        else:
+            value = self.get("via")
+            if not value:
+                raise MalformedMessage("message has no Via")
+            top = parse_via(split_values(value)[0])
+        self._top_via = top
+        return top
 
     @property
     def call_id(self) -> str:
@@ -225,7 +232,10 @@ class Message:
     @property
     def to_tag(self) -> str | None:
         """The To tag, None when absent."""
-        return self.to_addr().param("tag")
+        value = self.get("to")
+        if value is None or "tag" not in value.lower():
+            return None  # the common initial request: no need to parse the value
+        return parse_name_addr(value).param("tag")
 
     @property
     def from_tag(self) -> str | None:
@@ -240,6 +250,7 @@ class Message:
         clone.body = self.body
         clone._wire = None
         clone._vias = None
+        clone._top_via = None
         clone._cseq = self._cseq
         self._copy_start_line(clone)
         return clone
@@ -433,6 +444,20 @@ def _after_vias(keys: list[str]) -> int:
     return index
 
 
+def _check_name_addr(value: str) -> None:
+    """Enough of RFC 3261 §20.10 to refuse what cannot be a From or To; the full parse waits
+    until a value is actually read."""
+    if '"' in value:
+        parse_name_addr(value)
+        return
+    lt = value.find("<")
+    if lt >= 0:
+        if value.find(">", lt) < 0:
+            raise MalformedMessage(f"unterminated '<' in {value[:80]!r}")
+    elif ":" not in value:
+        raise MalformedMessage(f"not a name-addr: {value[:80]!r}")
+
+
 def _parse_cseq(value: str | None) -> tuple[int, str]:
     if value is None:
         raise MalformedMessage("message has no CSeq")
@@ -621,11 +646,11 @@ def parse(
             message = Request(method, uri, (), body)
             message._lines = lines
             message._keys = keys
-            parse_uri(uri)
+            message._ruri = parse_uri(uri)
             if message.cseq[1] != method:
                 raise MalformedMessage(f"CSeq method {message.cseq[1]} does not match {method}")
-            for key in ("from", "to"):
-                parse_name_addr(message.get(key) or "")
+            _check_name_addr(_value_of(lines[keys.index("from")]))
+            _check_name_addr(_value_of(lines[keys.index("to")]))
         else:
             message = Response(status, reason, (), body)
             message._lines = lines
@@ -673,7 +698,30 @@ def make_response(
     Via, From, Call-ID and CSeq are copied as received; To gains ``to_tag`` when it has none
     and the status is above 100.
     """
-    return response_from_headers(request.headers, status, reason, to_tag=to_tag, extra=extra)
+    lines: list[str] = []
+    keys: list[str] = []
+    for line, key in zip(request._lines, request._keys, strict=True):
+        if key in _COPIED:
+            if key == "to" and to_tag and status > 100 and not _has_tag(_value_of(line)):
+                line = f"{line.rstrip()};tag={to_tag}"
+            lines.append(line)
+            keys.append(key)
+    for name, value in extra:
+        lines.append(f"{name}: {value}")
+        keys.append(_key_of(name))
+    lines.append("Content-Length: 0")
+    keys.append("content-length")
+    response = Response(status, reason or REASONS.get(status, "Unknown"))
+    response._lines = lines
+    response._keys = keys
+    return response
+
+
+_COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
+def _has_tag(value: str) -> bool:
+    return ";tag=" in value.replace(" ", "").replace("\t", "").lower()
 
 
 def response_from_headers(
@@ -690,7 +738,7 @@ def response_from_headers(
         if h.key in ("via", "from", "call-id", "cseq"):
             out.append(h)
         elif h.key == "to":
-            if to_tag and status > 100 and ";tag=" not in h.value.replace(" ", "").lower():
+            if to_tag and status > 100 and not _has_tag(h.value):
                 out.append(make_header("To", f"{h.value};tag={to_tag}"))
             else:
                 out.append(h)

@@ -211,6 +211,9 @@ def split_values(text: str) -> list[str]:
     """Split a comma-separated header value, honouring quotes and ``<...>``."""
     if "," not in text:
         return [text.strip()]
+    if '"' not in text and "<" not in text:
+        # Via and most list headers: no quoting, so a plain split is exact.
+        return [part for part in (p.strip() for p in text.split(",")) if part]
     out: list[str] = []
     depth = 0
     quoted = False
