@@ -16,6 +16,8 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -26,10 +28,21 @@ from e911_sip.metrics import Metrics
 from e911_sip.opshttp import build_ops_app
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions
+from e911_sip.provisioning.api import build_provisioning_app
+from e911_sip.provisioning.audit import AuditLog, JsonlAuditLog, MemoryAuditLog, RedisAuditLog
+from e911_sip.provisioning.bandwidth import BandwidthClient, BandwidthOptions
+from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
+from e911_sip.provisioning.state import (
+    FileStateStore,
+    MemoryStateStore,
+    RedisStateStore,
+    StateStore,
+)
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
-from e911_sip.store.base import LocationStore
+from e911_sip.store.base import LineRecordWriter, LocationStore
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
@@ -59,6 +72,8 @@ def check_role(config: Config, role: Role) -> None:
             "[store] url: --role provisioning writes line records for edges in other "
             "processes; use redis://, or run --role all for the embedded single box"
         )
+    if role is Role.PROVISIONING and not config.provisioning.tokens:
+        raise ConfigError("[provisioning] tokens: --role provisioning needs at least one token")
 
 
 def build_store(config: Config) -> MemoryStore | RedisStore:
@@ -180,6 +195,98 @@ async def serve_http(app: web.Application, host: str, port: int) -> AsyncIterato
         await runner.cleanup()
 
 
+def build_state(config: Config) -> StateStore:
+    """The provisioning state backend ``[provisioning] state_url`` names."""
+    url = config.provisioning.state_url
+    if url.startswith("file://"):
+        return FileStateStore(Path(url[len("file://") :]))
+    if url.startswith("memory://"):
+        return MemoryStateStore()
+    return RedisStateStore(url=url, key_prefix=config.provisioning.key_prefix)
+
+
+def build_audit(config: Config) -> AuditLog:
+    """The audit trail backend ``[provisioning] audit_url`` names."""
+    url = config.provisioning.audit_url
+    if url.startswith("file://"):
+        return JsonlAuditLog(Path(url[len("file://") :]))
+    if url.startswith("memory://"):
+        return MemoryAuditLog()
+    return RedisAuditLog(url=url, stream=config.provisioning.audit_stream)
+
+
+def bandwidth_options(config: Config) -> BandwidthOptions:
+    """The Bandwidth client's options from ``[bandwidth]``."""
+    bw = config.bandwidth
+    return BandwidthOptions(
+        account_id=bw.account_id,
+        client_id=bw.client_id,
+        client_secret=bw.client_secret,
+        api_base=bw.api_base,
+        token_url=bw.token_url,
+        region=bw.region,
+        request_timeout=bw.request_timeout,
+        max_attempts=bw.max_attempts,
+        max_retry_time=bw.max_retry_time,
+        order_timeout=bw.order_timeout,
+    )
+
+
+@contextlib.asynccontextmanager
+async def provisioning_service(
+    config: Config, lines: LineRecordWriter, metrics: Metrics | None
+) -> AsyncIterator[ProvisioningService]:
+    """A provisioning service with its Bandwidth client and backends, closed on exit."""
+    state = build_state(config)
+    audit = build_audit(config)
+    try:
+        async with BandwidthClient(bandwidth_options(config)) as client:
+            yield ProvisioningService(
+                provider=client,
+                lines=lines,
+                state=state,
+                audit=audit,
+                options=ServiceOptions(),
+                metrics=metrics,
+            )
+    finally:
+        await state.close()
+        await audit.close()
+
+
+async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> None:
+    """Serve the bundled emulator at ``[bandwidth] api_base`` for the life of ``stack``."""
+    bw = config.bandwidth
+    url = urlsplit(bw.api_base)
+    if url.hostname is None or url.port is None:
+        raise ConfigError("[bandwidth] api_base: run_emulator needs http://HOST:PORT/api/v2")
+    options = EmulatorOptions(
+        client_id=bw.client_id, client_secret=bw.client_secret, account_id=bw.account_id
+    )
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        serve_emulator(
+            options, host=url.hostname, port=url.port, ready=lambda _port: ready.set(), stop=stop
+        )
+    )
+
+    async def shutdown() -> None:
+        stop.set()
+        await task
+
+    stack.push_async_callback(shutdown)
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.is_set():
+        waiter.cancel()
+        task.result()  # raises the bind error
+    log.warning(
+        "serving the Bandwidth emulator in-process; not for production",
+        extra={"api_base": bw.api_base},
+    )
+
+
 async def run(config: Config, *, role: Role = Role.ALL) -> int:
     """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code."""
     logs.configure(config.log.level)
@@ -204,16 +311,36 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
     try:
-        if role in (Role.EDGE, Role.ALL):
-            running = await start_edge(config, store, metrics)
+        async with contextlib.AsyncExitStack() as stack:
+            if role in (Role.EDGE, Role.ALL):
+                running = await start_edge(config, store, metrics)
+            provisioning = role in (Role.PROVISIONING, Role.ALL)
+            if provisioning and not config.provisioning.tokens:
+                log.warning("provisioning API not started: [provisioning] tokens is empty")
+                provisioning = False
+            if provisioning:
+                if config.bandwidth.run_emulator:
+                    await start_emulator(config, stack)
+                service = await stack.enter_async_context(
+                    provisioning_service(config, store, metrics)
+                )
+                tokens = {token: name for name, token in config.provisioning.tokens.items()}
+                phost, pport = config.provisioning.listen
+                await stack.enter_async_context(
+                    serve_http(build_provisioning_app(service, tokens=tokens), phost, pport)
+                )
+                log.info("provisioning API listening", extra={"listen": f"{phost}:{pport}"})
 
-        def readiness() -> tuple[bool, dict[str, object]]:
-            if running is not None:
-                return running.edge.readiness()
-            return (not stop.is_set(), {"status": "ready" if not stop.is_set() else "draining"})
+            def readiness() -> tuple[bool, dict[str, object]]:
+                if running is not None:
+                    return running.edge.readiness()
+                draining = stop.is_set()
+                return (not draining, {"status": "draining" if draining else "ready"})
 
-        host, port = config.http.listen
-        async with serve_http(build_ops_app(metrics=metrics, readiness=readiness), host, port):
+            host, port = config.http.listen
+            await stack.enter_async_context(
+                serve_http(build_ops_app(metrics=metrics, readiness=readiness), host, port)
+            )
             log.info(
                 "e911-sip running",
                 extra={
@@ -240,3 +367,14 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             loop.remove_signal_handler(sig)
     log.info("e911-sip stopped")
     return 0
+
+
+async def resync(config: Config) -> tuple[int, dict[str, object]]:
+    """Rebuild every line record from provisioning state; (exit code, report)."""
+    store = build_store(config)
+    try:
+        async with provisioning_service(config, store, None) as service:
+            report = await service.resync(who="cli")
+    finally:
+        await store.close()
+    return (0 if report.ok else 1), report.to_dict()

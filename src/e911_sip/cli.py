@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -30,6 +31,13 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _run_pair(
+    coro: Coroutine[Any, Any, tuple[int, dict[str, object]]],
+) -> tuple[int, dict[str, object]]:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coro)
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -52,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         default=app.Role.ALL.value,
         help="edge, provisioning, or all in one process (default: all)",
     )
+
+    resync = sub.add_parser(
+        "resync",
+        help="rebuild every line record from provisioning state; report lines without an endpoint",
+    )
+    resync.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
@@ -120,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.config)
         if args.command == "bandwidth-emulator":
             return _bandwidth_emulator(args)
+        if args.command == "resync":
+            config = load(args.config, os.environ)
+            logs.configure(config.log.level)
+            code, report = _run_pair(app.resync(config))
+            print(json.dumps(report, indent=2))
+            return code
         if args.command == "serve":
             config = load(args.config, os.environ)
             return _run(app.run(config, role=app.Role(args.role)))

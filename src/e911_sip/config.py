@@ -187,6 +187,10 @@ class BandwidthConfig:
     """Seconds all attempts of one call may take."""
     order_timeout: float = 30.0
     """Seconds to wait for a 202 order to complete."""
+    run_emulator: bool = False
+    """Serve the bundled Bandwidth emulator in-process at ``api_base``'s host and port, with
+    ``client_id``/``client_secret``/``account_id`` as its only credentials (first tries and
+    demos; never in production)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,6 +245,12 @@ class _Section:
             raise ConfigError(f"{self.where(key)}: expected an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{self.where(key)}: must be at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
         return value
 
     def string(self, key: str, default: str) -> str:
@@ -485,6 +495,7 @@ def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
         max_attempts=s.integer("max_attempts", d.max_attempts, minimum=1),
         max_retry_time=s.number("max_retry_time", d.max_retry_time),
         order_timeout=s.number("order_timeout", d.order_timeout, minimum=0.1),
+        run_emulator=s.boolean("run_emulator", d.run_emulator),
     )
 
 

@@ -1,0 +1,1270 @@
+"""The provisioning orchestrator: one method per API operation, and ``resync``.
+
+Theory of operation. Every change acts on one customer and runs under that customer's
+lock, so two changes to one customer never interleave (changes to different customers run
+in parallel). A change goes through these steps, in this order, for crash safety:
+
+1. load the customer; if the previous change left an *outbox* (side effects not known to
+   be done), finish it first;
+2. apply the request to the entities (pure), let the cascade refuse what must not happen;
+3. **Bandwidth first**: validate addresses, create or re-point endpoints. Endpoint ids are
+   a pure function of the entity, and ``provision_endpoint`` re-points an existing id, so
+   repeating a step after a crash never duplicates an endpoint. If Bandwidth refuses or is
+   unavailable, what this change did there is undone (best effort) and *nothing* changes
+   locally: entity, ``provider_endpoint`` and line records stay as they were;
+4. **entity state**: save the customer with the new endpoints and an outbox that lists the
+   line records to write, the endpoints and addresses nothing uses any more, and the
+   audit entries (optimistic: a concurrent writer elsewhere makes the save fail, not
+   overwrite);
+5. **line records**: one ``put_records`` call (MULTI/EXEC in Redis), so the edge never
+   sees half a change;
+6. **cleanup at Bandwidth**: delete the endpoints no entity uses. This runs after the lines
+   moved off them, so a 911 call never references an endpoint that is already gone;
+7. **audit**: append the entries; then clear the outbox.
+
+A crash (or an outage) after step 4 leaves the outbox in the saved state: the next change
+to that customer, a retry of the same request, or ``resync`` completes it. A crash between
+steps 3 and 4 leaves at most an endpoint at Bandwidth that no entity references: a retry of
+the request reuses it (same id) and ``resync`` lists it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Protocol, TypeVar
+
+from e911_sip.metrics import Metrics
+from e911_sip.provisioning import cascade
+from e911_sip.provisioning.audit import AuditError, AuditLog
+from e911_sip.provisioning.bandwidth import (
+    AddressInput,
+    AddressRejected,
+    AuthenticationFailed,
+    BandwidthError,
+    Endpoint,
+    OrderFailed,
+    ProviderUnavailable,
+    RateLimited,
+    StandardAddress,
+    make_endpoint_id,
+)
+from e911_sip.provisioning.model import (
+    Account,
+    Address,
+    AuditEntry,
+    Customer,
+    CustomerState,
+    EndpointRef,
+    Entity,
+    EntityRef,
+    ModelError,
+    Outbox,
+    Site,
+    StandardizedAddress,
+    check_entity_id,
+    check_number,
+)
+from e911_sip.provisioning.state import NumberInUse, StateConflict, StateError, StateStore
+from e911_sip.store.base import LineRecordWriter, LocationRecord, StoreError
+
+_LOG = logging.getLogger("e911_sip.provisioning")
+
+_T = TypeVar("_T")
+_C = TypeVar("_C", Customer, Site)
+
+
+# --- the seams --------------------------------------------------------------------------
+
+
+class EmergencyProvider(Protocol):
+    """What the service needs from Bandwidth (``BandwidthClient`` has this shape)."""
+
+    @property
+    def account_id(self) -> str: ...
+
+    async def create_address(
+        self, address: AddressInput, *, description: str
+    ) -> StandardAddress: ...
+
+    async def delete_address(self, address_id: str) -> None: ...
+
+    async def provision_endpoint(
+        self, *, endpoint_id: str, phone_number: str, name: str, address_id: str
+    ) -> Endpoint: ...
+
+    async def delete_endpoint(self, endpoint_id: str) -> None: ...
+
+    async def list_endpoints(self, *, address_id: str | None = None) -> list[Endpoint]: ...
+
+
+# --- options, inputs, results -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceOptions:
+    """How the provisioning service behaves."""
+
+    default_country: str = "US"
+    """Country given to an address that names none."""
+    endpoint_name_max_length: int = 64
+    """Endpoint names (``Helpdesk 365 / CarryOffice``) are cut to this many characters."""
+    resync_checks_provider: bool = True
+    """``resync`` lists the endpoints at Bandwidth to find lines whose endpoint is missing
+    there and endpoints nothing references. Off: resync works from local state only."""
+    resync_prunes_orphan_lines: bool = True
+    """``resync`` deletes line records of numbers no account holds (left by a crash during
+    a termination). Off: they are only reported."""
+
+
+class Unset(Enum):
+    """Marks a field a request did not give (PATCH leaves it; PUT resets it)."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CustomerFields:
+    """Customer attributes a request gives."""
+
+    name: str | Unset = UNSET
+    callback_number: str | None | Unset = UNSET
+    address: Address | None | Unset = UNSET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteFields:
+    """Site attributes a request gives."""
+
+    name: str | Unset = UNSET
+    callback_number: str | None | Unset = UNSET
+    address: Address | None | Unset = UNSET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountFields:
+    """Account attributes a request gives."""
+
+    customer_id: str | Unset = UNSET
+    site_id: str | None | Unset = UNSET
+    name: str | Unset = UNSET
+    callback_number: str | None | Unset = UNSET
+    address: Address | None | Unset = UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """The customer after a PUT, and whether the PUT created the entity."""
+
+    state: CustomerState
+    created: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BandwidthDetail:
+    """Bandwidth's own words for a failure, passed through to the API client."""
+
+    type: str
+    code: int | None
+    description: str
+    field: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "code": self.code,
+            "description": self.description,
+            "field": self.field,
+        }
+
+
+class ServiceError(Exception):
+    """A refused or failed operation, carrying the HTTP answer it implies."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        bandwidth: BandwidthDetail | None = None,
+        retry_after: float | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.bandwidth = bandwidth
+        self.retry_after = retry_after
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LineProblem:
+    """A line that has no valid endpoint, and why."""
+
+    line: str
+    customer_id: str
+    reason: str
+    """``no_address``, ``not_provisioned`` or ``missing_at_provider``."""
+    provider_endpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "line": self.line,
+            "customer_id": self.customer_id,
+            "reason": self.reason,
+            "provider_endpoint": self.provider_endpoint,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResyncReport:
+    """What ``resync`` found and did."""
+
+    customers: int
+    lines: int
+    written: tuple[str, ...]
+    """Lines whose record was (re)written because it differed from the state."""
+    removed: tuple[str, ...]
+    """Line records deleted: the line has no endpoint, or no account holds the number."""
+    orphan_lines: tuple[str, ...]
+    """Stored line records no account holds (removed when pruning is on)."""
+    without_endpoint: tuple[LineProblem, ...]
+    """Lines with no valid endpoint: their 911 calls reach Bandwidth's national call center."""
+    provider_checked: bool
+    provider_error: str | None
+    orphan_endpoints: tuple[str, ...]
+    """Endpoint ids at Bandwidth that no entity references."""
+    errors: tuple[str, ...]
+    """Customers that could not be processed."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every line has a valid endpoint and nothing failed."""
+        return not self.without_endpoint and not self.errors and self.provider_error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "customers": self.customers,
+            "lines": self.lines,
+            "written": list(self.written),
+            "removed": list(self.removed),
+            "orphan_lines": list(self.orphan_lines),
+            "without_endpoint": [p.to_dict() for p in self.without_endpoint],
+            "provider_checked": self.provider_checked,
+            "provider_error": self.provider_error,
+            "orphan_endpoints": list(self.orphan_endpoints),
+            "errors": list(self.errors),
+        }
+
+
+# --- concurrency helpers -----------------------------------------------------------------
+
+
+class _Gate:
+    """Many shared holders (changes) or one exclusive holder (resync); resync waits its turn
+    and, while it waits, no new change starts, so it cannot starve."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+@dataclass(slots=True)
+class _LockEntry:
+    lock: asyncio.Lock
+    users: int = 0
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+Edit = Callable[[CustomerState | None, str], CustomerState | None]
+"""Applies a request to the stored customer (None: absent) at ``now``; None: remove it."""
+
+
+class ProvisioningService:
+    """Customers, sites and accounts → Bandwidth endpoints and the edge's line records."""
+
+    def __init__(
+        self,
+        *,
+        provider: EmergencyProvider,
+        lines: LineRecordWriter,
+        state: StateStore,
+        audit: AuditLog,
+        options: ServiceOptions,
+        clock: Callable[[], datetime] = _utcnow,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._provider = provider
+        self._lines = lines
+        self._state = state
+        self._audit = audit
+        self._options = options
+        self._clock = clock
+        self._metrics = metrics
+        self._locks: dict[str, _LockEntry] = {}
+        self._gate = _Gate()
+
+    @property
+    def options(self) -> ServiceOptions:
+        return self._options
+
+    # -- customers -------------------------------------------------------------------------
+
+    async def list_customers(self) -> list[CustomerState]:
+        """Every customer, in id order."""
+        out = []
+        for cid in await self._guard_state(self._state.customer_ids()):
+            state = await self._guard_state(self._state.get(cid))
+            if state is not None:
+                out.append(state)
+        return out
+
+    async def get_customer(self, customer_id: str) -> CustomerState:
+        """The customer with its sites and accounts. Raises ServiceError 404."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        state = await self._guard_state(self._state.get(customer_id))
+        if state is None:
+            raise _not_found(f"customer {customer_id} does not exist")
+        return state
+
+    async def put_customer(self, customer_id: str, fields: CustomerFields, *, who: str) -> Saved:
+        """Create or replace a customer (fields not given are reset)."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        self._check_common(fields.callback_number)
+        created = False
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            nonlocal created
+            created = old is None
+            current = old.customer if old is not None else Customer(customer_id=customer_id)
+            new = self._apply_common(current, fields, replace=True)
+            new = cascade.touch(old.customer if old else None, new, now=now)
+            if old is None:
+                return CustomerState(customer=new)
+            return dataclasses.replace(old, customer=new)
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="put_customer",
+            entity=EntityRef.customer(customer_id),
+        )
+        assert state is not None
+        return Saved(state, created)
+
+    async def patch_customer(
+        self, customer_id: str, fields: CustomerFields, *, who: str
+    ) -> CustomerState:
+        """Change the given customer fields (``address=None`` clears the address)."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        self._check_common(fields.callback_number)
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            if old is None:
+                raise _not_found(f"customer {customer_id} does not exist")
+            new = self._apply_common(old.customer, fields, replace=False)
+            return dataclasses.replace(old, customer=cascade.touch(old.customer, new, now=now))
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="patch_customer",
+            entity=EntityRef.customer(customer_id),
+        )
+        assert state is not None
+        return state
+
+    async def delete_customer(self, customer_id: str, *, who: str) -> None:
+        """Delete a customer with no sites and no accounts, and its endpoint at Bandwidth."""
+        _check(check_entity_id, customer_id, what="customer_id")
+
+        def edit(old: CustomerState | None, now: str) -> None:
+            if old is None:
+                raise _not_found(f"customer {customer_id} does not exist")
+            _raise_refusal(cascade.refuse_customer_removal(old))
+            return None
+
+        await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="delete_customer",
+            entity=EntityRef.customer(customer_id),
+        )
+
+    # -- sites -------------------------------------------------------------------------------
+
+    async def get_site(self, customer_id: str, site_id: str) -> tuple[CustomerState, Site]:
+        """The site and its customer. Raises ServiceError 404."""
+        _check(check_entity_id, site_id, what="site_id")
+        state = await self.get_customer(customer_id)
+        site = state.sites.get(site_id)
+        if site is None:
+            raise _not_found(f"customer {customer_id} has no site {site_id}")
+        return state, site
+
+    async def put_site(
+        self, customer_id: str, site_id: str, fields: SiteFields, *, who: str
+    ) -> Saved:
+        """Create or replace a site of an existing customer."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        _check(check_entity_id, site_id, what="site_id")
+        self._check_common(fields.callback_number)
+        created = False
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            nonlocal created
+            if old is None:
+                raise _not_found(f"customer {customer_id} does not exist")
+            before = old.sites.get(site_id)
+            created = before is None
+            current = before or Site(customer_id=customer_id, site_id=site_id)
+            new = cascade.touch(before, self._apply_common(current, fields, replace=True), now=now)
+            return dataclasses.replace(old, sites={**old.sites, site_id: new})
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="put_site",
+            entity=EntityRef.site(customer_id, site_id),
+        )
+        assert state is not None
+        return Saved(state, created)
+
+    async def patch_site(
+        self, customer_id: str, site_id: str, fields: SiteFields, *, who: str
+    ) -> CustomerState:
+        """Change the given site fields."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        _check(check_entity_id, site_id, what="site_id")
+        self._check_common(fields.callback_number)
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            if old is None:
+                raise _not_found(f"customer {customer_id} does not exist")
+            before = old.sites.get(site_id)
+            if before is None:
+                raise _not_found(f"customer {customer_id} has no site {site_id}")
+            new = cascade.touch(before, self._apply_common(before, fields, replace=False), now=now)
+            return dataclasses.replace(old, sites={**old.sites, site_id: new})
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="patch_site",
+            entity=EntityRef.site(customer_id, site_id),
+        )
+        assert state is not None
+        return state
+
+    async def delete_site(self, customer_id: str, site_id: str, *, who: str) -> None:
+        """Delete a site no account is assigned to, and its endpoint at Bandwidth (1.5)."""
+        _check(check_entity_id, customer_id, what="customer_id")
+        _check(check_entity_id, site_id, what="site_id")
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            if old is None:
+                raise _not_found(f"customer {customer_id} does not exist")
+            if site_id not in old.sites:
+                raise _not_found(f"customer {customer_id} has no site {site_id}")
+            _raise_refusal(cascade.refuse_site_removal(old, site_id))
+            sites = {k: v for k, v in old.sites.items() if k != site_id}
+            return dataclasses.replace(old, sites=sites)
+
+        await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="delete_site",
+            entity=EntityRef.site(customer_id, site_id),
+        )
+
+    # -- accounts ----------------------------------------------------------------------------
+
+    async def get_account(self, number: str) -> tuple[CustomerState, Account]:
+        """The account and its customer. Raises ServiceError 404."""
+        _check(check_number, number, what="number")
+        owner = await self._guard_state(self._state.owner(number))
+        state = await self._guard_state(self._state.get(owner)) if owner is not None else None
+        account = state.accounts.get(number) if state is not None else None
+        if state is None or account is None:
+            raise _not_found(f"account {number} does not exist")
+        return state, account
+
+    async def put_account(self, number: str, fields: AccountFields, *, who: str) -> Saved:
+        """Create or replace an account (a line). ``customer_id`` is required to create one;
+        an account cannot move to another customer."""
+        _check(check_number, number, what="number")
+        self._check_account_fields(fields)
+        owner = await self._guard_state(self._state.owner(number))
+        customer_id = fields.customer_id if not isinstance(fields.customer_id, Unset) else owner
+        if customer_id is None:
+            raise ServiceError(
+                422,
+                "invalid_request",
+                "customer_id is required to create an account",
+                field="customer_id",
+            )
+        if owner is not None and owner != customer_id:
+            raise ServiceError(
+                409,
+                "number_in_use",
+                f"number {number} belongs to customer {owner}; terminate it there first",
+            )
+        created = False
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            nonlocal created
+            if old is None:
+                raise ServiceError(
+                    422,
+                    "unknown_customer",
+                    f"customer {customer_id} does not exist",
+                    field="customer_id",
+                )
+            before = old.accounts.get(number)
+            created = before is None
+            current = before or Account(number=number, customer_id=customer_id)
+            new = cascade.touch(before, self._apply_account(current, fields, True), now=now)
+            return dataclasses.replace(old, accounts={**old.accounts, number: new})
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="put_account",
+            entity=EntityRef.account(customer_id, number),
+        )
+        assert state is not None
+        return Saved(state, created)
+
+    async def patch_account(self, number: str, fields: AccountFields, *, who: str) -> CustomerState:
+        """Change the given account fields: own address, site assignment (``site_id``; None
+        unassigns), name, callback number."""
+        _check(check_number, number, what="number")
+        self._check_account_fields(fields)
+        customer_id = await self._account_owner(number)
+        if not isinstance(fields.customer_id, Unset) and fields.customer_id != customer_id:
+            raise ServiceError(
+                409,
+                "customer_change",
+                f"account {number} belongs to customer {customer_id}; an account cannot move "
+                "to another customer (terminate it and create it there)",
+                field="customer_id",
+            )
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            before = old.accounts.get(number) if old is not None else None
+            if old is None or before is None:
+                raise _not_found(f"account {number} does not exist")
+            new = cascade.touch(before, self._apply_account(before, fields, False), now=now)
+            return dataclasses.replace(old, accounts={**old.accounts, number: new})
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="patch_account",
+            entity=EntityRef.account(customer_id, number),
+        )
+        assert state is not None
+        return state
+
+    async def terminate_account(self, number: str, *, who: str) -> CustomerState:
+        """Terminate an account: its line record goes, its own endpoint is deleted at
+        Bandwidth (1.8); customer and site endpoints stay."""
+        _check(check_number, number, what="number")
+        customer_id = await self._account_owner(number)
+
+        def edit(old: CustomerState | None, now: str) -> CustomerState:
+            if old is None or number not in old.accounts:
+                raise _not_found(f"account {number} does not exist")
+            accounts = {k: v for k, v in old.accounts.items() if k != number}
+            return dataclasses.replace(old, accounts=accounts)
+
+        state = await self._change(
+            customer_id,
+            edit,
+            who=who,
+            action="terminate_account",
+            entity=EntityRef.account(customer_id, number),
+        )
+        assert state is not None
+        return state
+
+    # -- audit and health --------------------------------------------------------------------
+
+    async def audit_trail(self, *, line: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries (of one line, when given), oldest first."""
+        if line is not None:
+            _check(check_number, line, what="line")
+        try:
+            return await self._audit.read(line=line, limit=limit)
+        except AuditError as exc:
+            raise ServiceError(503, "audit_unavailable", str(exc)) from exc
+
+    async def healthy(self) -> bool:
+        """True when the state store answers."""
+        return await self._state.ping()
+
+    # -- resync ------------------------------------------------------------------------------
+
+    async def resync(self, *, who: str = "resync") -> ResyncReport:
+        """Rebuild every line record from entity state; report lines with no valid endpoint.
+
+        Pending outboxes are finished first. Records that already say the right thing are
+        left alone; the others are rewritten (and audited as ``resync``) in one atomic
+        write. With ``resync_checks_provider``, endpoints are listed at Bandwidth to find
+        lines whose endpoint is gone there and endpoints nothing references.
+
+        Raises:
+            ServiceError: the state or line store could not be read or written.
+        """
+        # Exclusive: changes in flight finish first and new ones wait, so neither the listing
+        # at Bandwidth nor the state read can catch a change half-way.
+        async with self._gate.exclusive():
+            provider_ids: set[str] | None = None
+            provider_error: str | None = None
+            if self._options.resync_checks_provider:
+                try:
+                    endpoints = await self._bw("list_endpoints", self._provider.list_endpoints())
+                    provider_ids = {e.id for e in endpoints}
+                except BandwidthError as exc:
+                    provider_error = f"could not list endpoints at Bandwidth: {exc.description}"
+            return await self._resync(who, provider_ids, provider_error)
+
+    async def _resync(
+        self, who: str, provider_ids: set[str] | None, provider_error: str | None
+    ) -> ResyncReport:
+        now = _iso(self._clock())
+        errors: list[str] = []
+        states: list[CustomerState] = []
+        for cid in await self._guard_state(self._state.customer_ids()):
+            try:
+                async with self._locked(cid):
+                    state = await self._guard_state(self._state.get(cid))
+                    if state is not None and state.outbox is not None:
+                        state = await self._flush(state)
+            except ServiceError as exc:
+                errors.append(f"customer {cid}: {exc.message}")
+                continue
+            if state is not None:
+                states.append(state)
+        try:
+            stored = await self._lines.all_lines()
+        except StoreError as exc:
+            raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
+
+        records: dict[str, LocationRecord] = {}
+        removals: set[str] = set()
+        problems: list[LineProblem] = []
+        audit: list[AuditEntry] = []
+        owned: set[str] = set()
+        for state in states:
+            for number, want in cascade.desired_records(state, now=now).items():
+                owned.add(number)
+                have = stored.get(number)
+                eff = cascade.effective(state, state.accounts[number])
+                missing = eff.missing
+                if missing is not None:
+                    problems.append(
+                        LineProblem(
+                            line=number, customer_id=state.customer_id, reason=missing.value
+                        )
+                    )
+                elif provider_ids is not None and want is not None:
+                    endpoint_id = want.provider_endpoint.split("/", 1)[1]
+                    if endpoint_id not in provider_ids:
+                        problems.append(
+                            LineProblem(
+                                line=number,
+                                customer_id=state.customer_id,
+                                reason="missing_at_provider",
+                                provider_endpoint=want.provider_endpoint,
+                            )
+                        )
+                if want is None:
+                    if have is None:
+                        continue
+                    removals.add(number)
+                elif have is None or (have.provider_endpoint, have.callback) != (
+                    want.provider_endpoint,
+                    want.callback,
+                ):
+                    records[number] = want
+                else:
+                    continue
+                audit.append(
+                    AuditEntry(
+                        at=now,
+                        who=who,
+                        action="resync",
+                        entity=str(state.accounts[number].ref),
+                        line=number,
+                        old_provider_endpoint=have.provider_endpoint if have else None,
+                        new_provider_endpoint=want.provider_endpoint if want else None,
+                        source=str(eff.source) if want is not None else None,
+                        address=eff.address if want is not None else "",
+                    )
+                )
+        orphan_lines = sorted(set(stored) - owned)
+        if self._options.resync_prunes_orphan_lines:
+            for number in orphan_lines:
+                removals.add(number)
+                audit.append(
+                    AuditEntry(
+                        at=now,
+                        who=who,
+                        action="resync",
+                        entity=f"line:{number}",
+                        line=number,
+                        old_provider_endpoint=stored[number].provider_endpoint,
+                        new_provider_endpoint=None,
+                        source=None,
+                        address="",
+                    )
+                )
+        if records or removals:
+            try:
+                await self._lines.put_records(records, frozenset(removals))
+            except StoreError as exc:
+                raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
+        if audit:
+            try:
+                await self._audit.append(audit)
+            except AuditError as exc:
+                # The records are right now; only the trail of the repair is missing.
+                _LOG.error(
+                    "resync could not write its audit entries: %s",
+                    exc,
+                    extra={"audit": [e.to_dict() for e in audit]},
+                )
+                errors.append(f"audit: {exc}")
+        orphan_endpoints: tuple[str, ...] = ()
+        if provider_ids is not None:
+            referenced = cascade.referenced_endpoints(states)
+            orphan_endpoints = tuple(sorted(provider_ids - set(referenced)))
+        report = ResyncReport(
+            customers=len(states),
+            lines=len(owned),
+            written=tuple(sorted(records)),
+            removed=tuple(sorted(removals)),
+            orphan_lines=tuple(orphan_lines),
+            without_endpoint=tuple(problems),
+            provider_checked=provider_ids is not None,
+            provider_error=provider_error,
+            orphan_endpoints=orphan_endpoints,
+            errors=tuple(errors),
+        )
+        _LOG.info(
+            "resync: %d customers, %d lines, %d written, %d removed, %d without endpoint",
+            report.customers,
+            report.lines,
+            len(report.written),
+            len(report.removed),
+            len(report.without_endpoint),
+        )
+        return report
+
+    # -- the change pipeline -------------------------------------------------------------------
+
+    async def _change(
+        self, customer_id: str, edit: Edit, *, who: str, action: str, entity: EntityRef
+    ) -> CustomerState | None:
+        result = "ok"
+        try:
+            async with self._gate.shared(), self._locked(customer_id):
+                return await self._change_locked(
+                    customer_id, edit, who=who, action=action, entity=entity
+                )
+        except ServiceError as exc:
+            result = exc.code
+            raise
+        except BaseException:
+            result = "error"
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.provisioning_operations.labels(action, result).inc()
+
+    async def _change_locked(
+        self, customer_id: str, edit: Edit, *, who: str, action: str, entity: EntityRef
+    ) -> CustomerState | None:
+        old = await self._guard_state(self._state.get(customer_id))
+        if old is not None and old.outbox is not None:
+            old = await self._flush(old)
+        now = _iso(self._clock())
+        proposed = edit(old, now)
+        if proposed is None and old is None:
+            return None
+        if proposed is not None and old is not None and proposed == old:
+            return old
+        if proposed is not None:
+            _raise_refusal(cascade.check(proposed))
+        steps = cascade.plan(proposed).steps if proposed is not None else ()
+        outcomes, undo = await self._provision(proposed, steps)
+        final = cascade.settle(proposed, outcomes) if proposed is not None else None
+        changes = cascade.line_changes(old, final, now=now, who=who, action=action, entity=entity)
+        outbox = Outbox(
+            records=changes.records,
+            deletions=changes.deletions,
+            endpoint_deletions=cascade.released_endpoints(old, final),
+            address_deletions=cascade.released_addresses(old, final),
+            audit=changes.audit,
+        )
+        if final is None:
+            assert old is not None
+            # A customer is removed only when it has no lines, so no record points at its
+            # endpoint: Bandwidth's copy can go before the state does.
+            await self._clean_up(outbox)
+            try:
+                await self._state.delete(customer_id, version=old.version)
+            except StateConflict as exc:
+                raise ServiceError(409, "concurrent_change", f"{exc}; retry") from exc
+            except StateError as exc:
+                raise ServiceError(503, "state_unavailable", str(exc)) from exc
+            _LOG.info("customer deleted", extra={"customer_id": customer_id, "who": who})
+            return None
+        final = dataclasses.replace(
+            final,
+            version=(old.version if old is not None else 0) + 1,
+            outbox=None if outbox.empty else outbox,
+        )
+        try:
+            await self._state.put(final)
+        except NumberInUse as exc:
+            await undo()
+            raise ServiceError(409, "number_in_use", str(exc)) from exc
+        except StateConflict as exc:
+            raise ServiceError(409, "concurrent_change", f"{exc}; retry") from exc
+        except StateError as exc:
+            raise ServiceError(503, "state_unavailable", str(exc)) from exc
+        _LOG.info(
+            "%s %s by %s: %d line record(s) written, %d removed, %d endpoint(s) released",
+            action,
+            entity,
+            who,
+            len(outbox.records),
+            len(outbox.deletions),
+            len(outbox.endpoint_deletions),
+            extra={"customer_id": customer_id, "who": who, "action": action},
+        )
+        return await self._flush(final)
+
+    async def _provision(
+        self, proposed: CustomerState | None, steps: Iterable[cascade.Step]
+    ) -> tuple[dict[EntityRef, cascade.Outcome], Callable[[], Awaitable[None]]]:
+        """Run the plan at Bandwidth; on failure undo what it did and raise ServiceError.
+
+        Returns the outcomes and an ``undo`` for the caller to use if the save then turns
+        out to be refused.
+        """
+        outcomes: dict[EntityRef, cascade.Outcome] = {}
+        undo_actions: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+        async def undo() -> None:
+            for what, action in reversed(undo_actions):
+                try:
+                    await action()
+                except BandwidthError as exc:
+                    _LOG.warning("could not undo %s at Bandwidth: %s", what, exc.description)
+
+        for step in steps:
+            assert proposed is not None
+            entity = proposed.entity(step.ref)
+            assert entity is not None
+            try:
+                outcome = await self._run_step(proposed, entity, step, undo_actions)
+            except BandwidthError as exc:
+                await undo()
+                raise _bandwidth_error(exc, step.ref) from exc
+            outcomes[step.ref] = outcome
+        return outcomes, undo
+
+    async def _run_step(
+        self,
+        state: CustomerState,
+        entity: Entity,
+        step: cascade.Step,
+        undo_actions: list[tuple[str, Callable[[], Awaitable[None]]]],
+    ) -> cascade.Outcome:
+        if step.address_id is not None and entity.standardized is not None:
+            standardized = entity.standardized
+        else:
+            address = step.address
+            bw_address = await self._bw(
+                "create_address",
+                self._provider.create_address(
+                    AddressInput(
+                        line1=address.line1,
+                        line2=address.line2,
+                        city=address.city,
+                        state=address.state,
+                        postal_code=address.postal_code,
+                        country=address.country,
+                    ),
+                    description=str(step.ref),
+                ),
+            )
+            standardized = _standardized(bw_address)
+            address_id = standardized.address_id
+
+            async def drop_address() -> None:
+                await self._provider.delete_address(address_id)
+
+            undo_actions.append((f"address {address_id}", drop_address))
+        if step.kind is cascade.StepKind.VALIDATE:
+            return cascade.Outcome(standardized=standardized)
+        assert step.phone_number is not None
+        endpoint_id = make_endpoint_id(step.ref.level.value, step.ref.endpoint_key)
+        endpoint = await self._bw(
+            "provision_endpoint",
+            self._provider.provision_endpoint(
+                endpoint_id=endpoint_id,
+                phone_number=step.phone_number,
+                name=self._endpoint_name(state, entity),
+                address_id=standardized.address_id,
+            ),
+        )
+        previous = step.endpoint
+        if previous is None:
+
+            async def drop_endpoint() -> None:
+                await self._provider.delete_endpoint(endpoint_id)
+
+            undo_actions.append((f"endpoint {endpoint_id}", drop_endpoint))
+        else:
+            name = self._endpoint_name(state, entity)
+
+            async def restore_endpoint() -> None:
+                await self._provider.provision_endpoint(
+                    endpoint_id=previous.endpoint_id,
+                    phone_number=previous.phone_number,
+                    name=name,
+                    address_id=previous.address_id,
+                )
+
+            # Runs before the new address is dropped (undo runs in reverse order).
+            undo_actions.append((f"endpoint {endpoint_id}", restore_endpoint))
+        return cascade.Outcome(
+            standardized=standardized,
+            endpoint=EndpointRef(
+                endpoint_id=endpoint.id,
+                provider_endpoint=endpoint.provider_endpoint,
+                phone_number=step.phone_number,
+                address_id=endpoint.address_id or standardized.address_id,
+            ),
+        )
+
+    async def _flush(self, state: CustomerState) -> CustomerState:
+        """Carry out ``state``'s outbox and save the state without it.
+
+        Raises:
+            ServiceError: a side effect failed; the outbox stays saved for the next try.
+        """
+        outbox = state.outbox
+        if outbox is None:
+            return state
+        try:
+            await self._lines.put_records(outbox.records, outbox.deletions)
+        except StoreError as exc:
+            raise ServiceError(
+                503,
+                "line_store_unavailable",
+                f"the change is saved but the line records could not be written ({exc}); "
+                "retry the request or run resync",
+                retry_after=1.0,
+            ) from exc
+        await self._clean_up(outbox)
+        if outbox.audit:
+            try:
+                await self._audit.append(outbox.audit)
+            except AuditError as exc:
+                raise ServiceError(
+                    503,
+                    "audit_unavailable",
+                    f"the change is in effect but its audit entries could not be written "
+                    f"({exc}); retry the request or run resync",
+                    retry_after=1.0,
+                ) from exc
+        cleared = dataclasses.replace(state, version=state.version + 1, outbox=None)
+        try:
+            await self._state.put(cleared)
+        except StateError as exc:
+            # Everything took effect; the outbox is replayed (harmlessly, but the audit
+            # entries twice) by the next change to this customer.
+            _LOG.warning("could not clear the outbox of customer %s: %s", state.customer_id, exc)
+            return state
+        return cleared
+
+    async def _clean_up(self, outbox: Outbox) -> None:
+        for endpoint_id in outbox.endpoint_deletions:
+            try:
+                await self._bw("delete_endpoint", self._provider.delete_endpoint(endpoint_id))
+            except BandwidthError as exc:
+                error = _bandwidth_error(exc, None)
+                raise ServiceError(
+                    error.status,
+                    error.code,
+                    f"the change is in effect but endpoint {endpoint_id} could not be deleted "
+                    f"at Bandwidth yet ({exc.description}); retry the request or run resync",
+                    bandwidth=error.bandwidth,
+                    retry_after=error.retry_after,
+                ) from exc
+        for address_id in outbox.address_deletions:
+            try:
+                await self._bw("delete_address", self._provider.delete_address(address_id))
+            except BandwidthError as exc:
+                # Addresses no endpoint uses cost nothing and harm nobody: best effort.
+                _LOG.warning("could not delete address %s: %s", address_id, exc.description)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _bw(self, operation: str, call: Awaitable[_T]) -> _T:
+        try:
+            result = await call
+        except BandwidthError as exc:
+            if self._metrics is not None:
+                self._metrics.bandwidth_requests.labels(operation, type(exc).__name__).inc()
+            raise
+        if self._metrics is not None:
+            self._metrics.bandwidth_requests.labels(operation, "ok").inc()
+        return result
+
+    async def _guard_state(self, call: Awaitable[_T]) -> _T:
+        try:
+            return await call
+        except StateError as exc:
+            raise ServiceError(503, "state_unavailable", str(exc)) from exc
+
+    async def _account_owner(self, number: str) -> str:
+        owner = await self._guard_state(self._state.owner(number))
+        if owner is None:
+            raise _not_found(f"account {number} does not exist")
+        return str(owner)
+
+    @asynccontextmanager
+    async def _locked(self, customer_id: str) -> AsyncIterator[None]:
+        entry = self._locks.get(customer_id)
+        if entry is None:
+            entry = self._locks[customer_id] = _LockEntry(asyncio.Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[customer_id]
+
+    def _endpoint_name(self, state: CustomerState, entity: Entity) -> str:
+        customer = state.customer.display_name
+        if isinstance(entity, Customer):
+            name = customer
+        else:
+            name = f"{customer} / {entity.display_name}"
+        return name[: self._options.endpoint_name_max_length]
+
+    def _apply_common(self, entity: _C, fields: CustomerFields | SiteFields, replace: bool) -> _C:
+        name = _pick(fields.name, entity.name, "", replace)
+        callback = _pick(fields.callback_number, entity.callback_number, None, replace)
+        new = dataclasses.replace(entity, name=name, callback_number=callback)
+        address = _pick(fields.address, entity.address, None, replace)
+        return cascade.with_address(new, address)
+
+    def _apply_account(self, account: Account, fields: AccountFields, replace: bool) -> Account:
+        new = dataclasses.replace(
+            account,
+            name=_pick(fields.name, account.name, "", replace),
+            callback_number=_pick(fields.callback_number, account.callback_number, None, replace),
+            site_id=_pick(fields.site_id, account.site_id, None, replace),
+        )
+        address = _pick(fields.address, account.address, None, replace)
+        return cascade.with_address(new, address)
+
+    def _check_common(self, callback: str | None | Unset) -> None:
+        if isinstance(callback, str):
+            _check(check_number, callback, what="callback_number")
+
+    def _check_account_fields(self, fields: AccountFields) -> None:
+        self._check_common(fields.callback_number)
+        if isinstance(fields.customer_id, str):
+            _check(check_entity_id, fields.customer_id, what="customer_id")
+        if isinstance(fields.site_id, str):
+            _check(check_entity_id, fields.site_id, what="site_id")
+
+
+# --- module helpers -------------------------------------------------------------------------
+
+
+def _pick(value: Any, current: Any, default: Any, replace: bool) -> Any:
+    if isinstance(value, Unset):
+        return default if replace else current
+    return value
+
+
+def _check(check: Callable[..., str], value: str, *, what: str) -> None:
+    try:
+        check(value, what=what)
+    except ModelError as exc:
+        raise ServiceError(422, "invalid_request", str(exc), field=exc.field) from exc
+
+
+def _not_found(message: str) -> ServiceError:
+    return ServiceError(404, "not_found", message)
+
+
+def _raise_refusal(refusal: cascade.Refusal | None) -> None:
+    if refusal is not None:
+        raise ServiceError(refusal.status, refusal.code, refusal.message)
+
+
+def _standardized(address: StandardAddress) -> StandardizedAddress:
+    return StandardizedAddress(
+        address_id=address.address_id,
+        validation_status=address.validation_status,
+        one_line=address.one_line(),
+        house_number=address.house_number,
+        predirectional=address.predirectional,
+        street_name=address.street_name,
+        street_suffix=address.street_suffix,
+        postdirectional=address.postdirectional,
+        address_line2=address.address_line2,
+        city=address.city,
+        state=address.state,
+        postal_code=address.postal_code,
+        country=address.country,
+    )
+
+
+def _detail(exc: BandwidthError) -> BandwidthDetail:
+    return BandwidthDetail(
+        type=exc.type, code=exc.code, description=exc.description, field=exc.field
+    )
+
+
+def _bandwidth_error(exc: BandwidthError, ref: EntityRef | None) -> ServiceError:
+    """The API answer a Bandwidth failure implies."""
+    about = f" for {ref}" if ref is not None else ""
+    detail = _detail(exc)
+    if isinstance(exc, AddressRejected):
+        return ServiceError(
+            422,
+            "address_rejected",
+            f"Bandwidth rejected the address{about}: {exc.description}",
+            bandwidth=detail,
+            field="address",
+        )
+    if isinstance(exc, OrderFailed):
+        return ServiceError(
+            422,
+            "endpoint_rejected",
+            f"Bandwidth refused the emergency endpoint{about}: {exc.description}",
+            bandwidth=detail,
+        )
+    if isinstance(exc, RateLimited):
+        return ServiceError(
+            503,
+            "provider_rate_limited",
+            f"Bandwidth is rate-limiting requests; nothing was changed, retry later "
+            f"({exc.description})",
+            bandwidth=detail,
+            retry_after=exc.retry_after,
+        )
+    if isinstance(exc, ProviderUnavailable):
+        return ServiceError(
+            503,
+            "provider_unavailable",
+            f"Bandwidth is unavailable; nothing was changed, retry later ({exc.description})",
+            bandwidth=detail,
+        )
+    if isinstance(exc, AuthenticationFailed):
+        return ServiceError(
+            502,
+            "provider_authentication_failed",
+            "Bandwidth refused this service's API credentials; nothing was changed "
+            f"(an operator must fix the configuration: {exc.description})",
+            bandwidth=detail,
+        )
+    return ServiceError(
+        502,
+        "provider_error",
+        f"Bandwidth answered unexpectedly{about}; nothing was changed ({exc.description})",
+        bandwidth=detail,
+    )
+
+
+__all__ = [
+    "UNSET",
+    "AccountFields",
+    "BandwidthDetail",
+    "CustomerFields",
+    "EmergencyProvider",
+    "LineProblem",
+    "ProvisioningService",
+    "ResyncReport",
+    "Saved",
+    "ServiceError",
+    "ServiceOptions",
+    "SiteFields",
+    "Unset",
+]

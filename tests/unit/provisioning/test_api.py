@@ -1,0 +1,425 @@
+"""The provisioning HTTP API over real HTTP on 127.0.0.1, with the Bandwidth emulator behind it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDictProxy
+
+from e911_sip.provisioning.api import PUBLIC_PATHS, ROUTES, build_provisioning_app
+from e911_sip.provisioning.model import CustomerState
+from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
+from e911_sip.provisioning.state import MemoryStateStore
+from tests.unit.provisioning.test_service import (
+    ACCOUNT,
+    CARY_STD,
+    CUSTOMER_EP,
+    LINE,
+    LINE2,
+    RALEIGH_STD,
+    SITE_EP,
+    Bw,
+    World,
+    emulator,
+    make_world,
+)
+
+TOKENS = {"s3cret-portal-token": "self-care-portal", "s3cret-ops-token": "noc-operator"}
+PORTAL = {"Authorization": "Bearer s3cret-portal-token"}
+OPS = {"Authorization": "Bearer s3cret-ops-token"}
+
+RALEIGH = {
+    "line1": "900 Main Campus Drive",
+    "line2": "Suite 500",
+    "city": "Raleigh",
+    "state": "NC",
+    "postal_code": "27606",
+    "country": "US",
+}
+CARY = {"line1": "600 Chatham Street", "city": "Cary", "state": "NC", "postal_code": "27513"}
+NOWHERE = {"line1": "1 Nowhere Street", "city": "Cary", "state": "NC", "postal_code": "27513"}
+
+
+@dataclass
+class Api:
+    world: World
+    server: TestServer
+    session: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        kwargs: dict[str, Any] = {"headers": PORTAL if headers is None else headers}
+        if data is not None:
+            kwargs["data"] = data
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, self.url(path), **kwargs) as response:
+            text = await response.text()
+            payload = None
+            if text and response.content_type == "application/json":
+                payload = await response.json()
+            return response.status, payload, response.headers
+
+
+@pytest.fixture
+async def bw() -> AsyncIterator[Bw]:
+    async with emulator() as running:
+        yield running
+
+
+async def start_api(world: World) -> AsyncIterator[Api]:
+    server = TestServer(build_provisioning_app(world.service, tokens=TOKENS), host="127.0.0.1")
+    await server.start_server()
+    session = aiohttp.ClientSession()
+    try:
+        yield Api(world, server, session)
+    finally:
+        await session.close()
+        await server.close()
+
+
+@pytest.fixture
+async def api(bw: Bw) -> AsyncIterator[Api]:
+    async for running in start_api(make_world(bw)):
+        yield running
+
+
+async def helpdesk(api: Api) -> None:
+    status, _, _ = await api.call("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365"})
+    assert status == 201
+    status, _, _ = await api.call(
+        "PUT", f"/v1/accounts/{LINE}", {"customer_id": "hd365", "name": "ext 1000"}
+    )
+    assert status == 201
+    status, _, _ = await api.call("PATCH", "/v1/customers/hd365", {"address": RALEIGH})
+    assert status == 200
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({}, None),
+        ({"Authorization": "Bearer wrong"}, "invalid_token"),
+        ({"Authorization": "Basic czNjcmV0LXBvcnRhbC10b2tlbjo="}, "invalid_token"),
+        ({"Authorization": "Bearer "}, "invalid_token"),
+    ],
+)
+async def test_requests_without_a_valid_token_are_401_and_change_nothing(
+    api: Api, headers: dict[str, str], error: str | None
+) -> None:
+    status, body, response_headers = await api.call(
+        "PUT", "/v1/customers/hd365", {"address": RALEIGH}, headers=headers
+    )
+    assert status == 401
+    assert body["error"]["code"] == "unauthorized"
+    challenge = response_headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert (f'error="{error}"' in challenge) == (error is not None)
+    assert await api.world.state.customer_ids() == []
+    assert (await api.world.bw.state())["requests"] == []
+
+
+@pytest.mark.parametrize("path", ["/v1/customers", "/v1/audit", "/v1/accounts/1321551234"])
+async def test_reads_are_protected_too(api: Api, path: str) -> None:
+    status, _, _ = await api.call("GET", path, headers={})
+    assert status == 401
+
+
+@pytest.mark.parametrize("path", sorted(PUBLIC_PATHS))
+async def test_health_and_openapi_are_public(api: Api, path: str) -> None:
+    status, body, _ = await api.call("GET", path, headers={})
+    assert status == 200 and isinstance(body, dict)
+
+
+def test_tokens_must_be_usable() -> None:
+    with pytest.raises(ValueError):
+        build_provisioning_app(object(), tokens={"": "x"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        build_provisioning_app(object(), tokens={"token": ""})  # type: ignore[arg-type]
+
+
+async def test_the_token_name_is_the_audit_who(api: Api) -> None:
+    await helpdesk(api)
+    status, _, _ = await api.call("PATCH", "/v1/customers/hd365", {"address": CARY}, headers=OPS)
+    assert status == 200
+    status, body, _ = await api.call("GET", f"/v1/audit?line={LINE}")
+    assert status == 200
+    assert [(e["who"], e["address"]) for e in body["entries"]] == [
+        ("self-care-portal", RALEIGH_STD),
+        ("noc-operator", CARY_STD),
+    ]
+
+
+# --- customers, sites, accounts ---------------------------------------------------------------
+
+
+async def test_customer_put_creates_then_replaces(api: Api) -> None:
+    status, body, headers = await api.call(
+        "PUT", "/v1/customers/hd365", {"name": "Helpdesk 365", "callback_number": "9195550100"}
+    )
+    assert status == 201 and headers["Location"] == "/v1/customers/hd365"
+    assert body["address_status"] == "none" and body["provider_endpoint"] is None
+    status, body, _ = await api.call(
+        "PUT", "/v1/customers/hd365", {"customer_id": "hd365", "address": RALEIGH}
+    )
+    assert status == 200
+    assert body["name"] == "" and body["callback_number"] is None  # PUT replaces
+    assert body["address_status"] == "validated"
+    assert body["standardized_address"]["one_line"] == RALEIGH_STD
+    assert body["provider_endpoint"] is None  # no line and no callback: validated only
+
+
+async def test_customer_address_is_validated_standardised_and_provisioned(api: Api) -> None:
+    await helpdesk(api)
+    status, body, _ = await api.call("GET", "/v1/customers/hd365")
+    assert status == 200
+    assert body["standardized_address"]["one_line"] == RALEIGH_STD
+    assert body["provider_endpoint"] == f"{ACCOUNT}/{CUSTOMER_EP}"
+    assert body["endpoint_phone_number"] == LINE
+    assert body["accounts"] == [LINE] and body["pending"] is False
+    status, body, _ = await api.call("GET", f"/v1/accounts/{LINE}")
+    assert body["effective"] == {
+        "level": "customer",
+        "entity": "customer:hd365",
+        "provider_endpoint": f"{ACCOUNT}/{CUSTOMER_EP}",
+        "address": RALEIGH_STD,
+        "status": "provisioned",
+    }
+    assert body["provider_endpoint"] is None  # the account has no endpoint of its own
+
+
+async def test_rejected_address_is_422_with_bandwidths_reason(api: Api) -> None:
+    await helpdesk(api)
+    status, body, _ = await api.call("PATCH", "/v1/customers/hd365", {"address": NOWHERE})
+    assert status == 422
+    error = body["error"]
+    assert error["code"] == "address_rejected"
+    assert "1 NOWHERE ST was not found" in error["message"]
+    assert error["bandwidth"]["type"] == "address-validation"
+    assert "1 NOWHERE ST was not found" in error["bandwidth"]["description"]
+    _, customer, _ = await api.call("GET", "/v1/customers/hd365")
+    assert customer["address"] == RALEIGH
+
+
+async def test_sites_and_assignment(api: Api) -> None:
+    await helpdesk(api)
+    status, body, headers = await api.call(
+        "PUT", "/v1/customers/hd365/sites/cary", {"name": "CarryOffice", "address": CARY}
+    )
+    assert status == 201 and headers["Location"] == "/v1/customers/hd365/sites/cary"
+    assert body["address_status"] == "unvalidated" and body["provider_endpoint"] is None
+    status, body, _ = await api.call("PATCH", f"/v1/accounts/{LINE}", {"site_id": "cary"})
+    assert status == 200
+    assert body["effective"]["level"] == "site"
+    assert body["effective"]["provider_endpoint"] == f"{ACCOUNT}/{SITE_EP}"
+    status, body, _ = await api.call("GET", "/v1/customers/hd365/sites/cary")
+    assert body["accounts"] == [LINE] and body["address_status"] == "validated"
+    status, body, _ = await api.call("GET", "/v1/customers/hd365/sites")
+    assert [s["site_id"] for s in body["sites"]] == ["cary"]
+    status, body, _ = await api.call("DELETE", "/v1/customers/hd365/sites/cary")
+    assert status == 409 and body["error"]["code"] == "site_in_use"
+    await api.call("PATCH", f"/v1/accounts/{LINE}", {"site_id": None})
+    status, body, _ = await api.call("DELETE", "/v1/customers/hd365/sites/cary")
+    assert status == 204 and body is None
+    status, _, _ = await api.call("GET", "/v1/customers/hd365/sites/cary")
+    assert status == 404
+
+
+async def test_accounts_list_and_termination(api: Api) -> None:
+    await helpdesk(api)
+    await api.call("PUT", f"/v1/accounts/{LINE2}", {"customer_id": "hd365", "address": CARY})
+    status, body, _ = await api.call("GET", "/v1/customers/hd365/accounts")
+    assert [(a["number"], a["effective"]["level"]) for a in body["accounts"]] == [
+        (LINE, "customer"),
+        (LINE2, "account"),
+    ]
+    status, _, _ = await api.call("DELETE", f"/v1/accounts/{LINE2}")
+    assert status == 204
+    status, body, _ = await api.call("GET", f"/v1/accounts/{LINE2}")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body, _ = await api.call("GET", "/v1/customers")
+    assert [c["customer_id"] for c in body["customers"]] == ["hd365"]
+
+
+async def test_customer_deletion(api: Api) -> None:
+    await api.call("PUT", "/v1/customers/solo", {})
+    status, _, _ = await api.call("DELETE", "/v1/customers/solo")
+    assert status == 204
+    status, _, _ = await api.call("DELETE", "/v1/customers/solo")
+    assert status == 404
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code", "field"),
+    [
+        ("PUT", "/v1/customers/hd365", {"adress": {}}, 422, "invalid_request", "adress"),
+        (
+            "PUT",
+            "/v1/customers/hd365",
+            {"customer_id": "other"},
+            422,
+            "invalid_request",
+            "customer_id",
+        ),
+        (
+            "PUT",
+            "/v1/customers/hd365",
+            {"address": {"line1": "x"}},
+            422,
+            "invalid_request",
+            "address.city",
+        ),
+        ("PUT", "/v1/customers/hd365", {"name": 5}, 422, "invalid_request", "name"),
+        ("PUT", "/v1/customers/hd365", [], 400, "invalid_json", None),
+        ("PUT", "/v1/customers/bad%20id", {}, 422, "invalid_request", "customer_id"),
+        ("PUT", "/v1/accounts/12345", {"customer_id": "hd365"}, 422, "invalid_request", "number"),
+        (
+            "PUT",
+            f"/v1/accounts/{LINE}",
+            {"customer_id": None},
+            422,
+            "invalid_request",
+            "customer_id",
+        ),
+        ("PATCH", "/v1/customers/ghost", {"name": "x"}, 404, "not_found", None),
+        ("GET", "/v1/audit?limit=0", None, 422, "invalid_request", "limit"),
+        ("GET", "/v1/nowhere", None, 404, "not_found", None),
+    ],
+)
+async def test_bad_requests_get_json_errors(
+    api: Api,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+    code: str,
+    field: str | None,
+) -> None:
+    got, payload, _ = await api.call(method, path, body)
+    assert got == status
+    assert payload["error"]["code"] == code
+    assert payload["error"]["field"] == field
+    assert payload["error"]["bandwidth"] is None
+
+
+async def test_body_that_is_not_json_is_400(api: Api) -> None:
+    status, body, _ = await api.call("PUT", "/v1/customers/hd365", data=b"{nope")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+async def test_wrong_method_is_405_with_allow(api: Api) -> None:
+    status, body, headers = await api.call("POST", "/v1/customers/hd365", {})
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert "PUT" in headers["Allow"]
+
+
+async def test_rate_limited_bandwidth_is_503_with_retry_after(api: Api) -> None:
+    await api.call("PUT", "/v1/customers/hd365", {})
+    await api.world.bw.fault(status=429, retry_after=7, count=2)
+    status, body, headers = await api.call("PATCH", "/v1/customers/hd365", {"address": RALEIGH})
+    assert status == 503
+    assert headers["Retry-After"] == "7"
+    assert body["error"]["code"] == "provider_rate_limited"
+    assert body["error"]["bandwidth"]["type"] == "rate-limiting"
+
+
+async def test_unexpected_failure_is_a_json_500(bw: Bw) -> None:
+    class Broken(MemoryStateStore):
+        async def get(self, customer_id: str) -> CustomerState | None:
+            raise RuntimeError("secret internals")
+
+    world = make_world(bw)
+    world.service = ProvisioningService(
+        provider=bw.client,
+        lines=world.lines,
+        state=Broken(),
+        audit=world.audit,
+        options=ServiceOptions(),
+    )
+    async for api in start_api(world):
+        status, body, _ = await api.call("GET", "/v1/customers/hd365")
+        assert status == 500
+        assert body["error"] == {
+            "code": "internal",
+            "message": "internal error; see the service log",
+            "field": None,
+            "bandwidth": None,
+        }
+
+
+async def test_health_reports_the_state_store(api: Api) -> None:
+    api.world.state.available = False
+    status, body, _ = await api.call("GET", "/healthz", headers={})
+    assert status == 503 and body == {"status": "unavailable", "state": False}
+
+
+# --- audit and resync -------------------------------------------------------------------------
+
+
+async def test_audit_is_filtered_by_line_and_limited(api: Api) -> None:
+    await helpdesk(api)
+    await api.call("PUT", f"/v1/accounts/{LINE2}", {"customer_id": "hd365"})
+    status, body, _ = await api.call("GET", "/v1/audit")
+    assert [e["line"] for e in body["entries"]] == [LINE, LINE2]
+    status, body, _ = await api.call("GET", f"/v1/audit?line={LINE2}")
+    assert [e["action"] for e in body["entries"]] == ["put_account"]
+    status, body, _ = await api.call("GET", "/v1/audit?limit=1")
+    assert [e["line"] for e in body["entries"]] == [LINE2]
+
+
+async def test_resync_endpoint_returns_the_report(api: Api) -> None:
+    await helpdesk(api)
+    await api.world.lines.put_records({}, frozenset({LINE}))
+    status, body, _ = await api.call("POST", "/v1/resync", headers=OPS)
+    assert status == 200
+    assert body["written"] == [LINE] and body["ok"] is True
+    assert body["provider_checked"] is True
+    entries = await api.world.audit.read(line=LINE)
+    assert (entries[-1].who, entries[-1].action) == ("noc-operator", "resync")
+
+
+# --- the OpenAPI document ---------------------------------------------------------------------
+
+
+async def test_openapi_documents_exactly_the_routes_served(api: Api) -> None:
+    _, doc, _ = await api.call("GET", "/openapi.json", headers={})
+    assert doc["openapi"].startswith("3.")
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    served = {
+        (route.method, route.resource.canonical)
+        for route in api.server.app.router.routes()
+        if route.resource is not None
+    }
+    assert documented == served == {(r.method, r.path) for r in ROUTES}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            params = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert params == set(re.findall(r"{(\w+)}", path)), (method, path)
+            for response in op["responses"].values():
+                for media in response.get("content", {}).values():
+                    ref = media["schema"]["$ref"].rsplit("/", 1)[1]
+                    assert ref in doc["components"]["schemas"]
+            assert ("security" in op and op["security"] == []) == (path in PUBLIC_PATHS)
+    assert doc["security"] == [{"bearer": []}]
