@@ -49,8 +49,13 @@ def response_peer(via: Via, source: Peer) -> Peer:
     """
     if source.connection is not None:
         return source
-    host = via.param("received") or via.host
     rport = via.param("rport")
+    if rport == "":
+        # RFC 3581 §4: a request asking for rport is answered to where it came from, even
+        # when nothing stamped its Via (a reply built straight from a message that failed
+        # to parse).
+        return Peer(source.transport, source.host, source.port)
+    host = via.param("received") or via.host
     if rport and rport.isdigit():
         return Peer(source.transport, host, int(rport))
     return Peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import socket
+from typing import cast
 
 from e911_sip.sip.errors import RemoteSipError
 from e911_sip.sip.framing import StreamFramer
@@ -34,8 +35,8 @@ class _Connection(asyncio.Protocol):
         self.outbound_key = outbound_key
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transport implements the Transport interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.remote = (str(peername[0]), int(peername[1]))
         sock = transport.get_extra_info("socket")

@@ -1,0 +1,191 @@
+"""Provision through the API, then call 911 through the edge and see the Geolocation arrive.
+
+This is the README's quick start as a test: the bundled Bandwidth emulator, the provisioning
+API and the edge, in one process (embedded mode) and split into two processes with a real
+redis-server between them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import (
+    EdgeProcess,
+    RedisServer,
+    Sipp,
+    edge_config,
+    free_port,
+    trunk_uri,
+    write_toml,
+)
+
+TOKEN = "integration-token-0123456789"
+CUSTOMER_ADDRESS = {
+    "line1": "900 Main Campus Drive",
+    "line2": "Suite 500",
+    "city": "Raleigh",
+    "state": "NC",
+    "postal_code": "27606",
+    "country": "US",
+}
+
+
+def api(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def provisioning_tables(api_port: int, emulator_port: int, **state: str) -> dict[str, Any]:
+    return {
+        "provisioning": {
+            "listen": f"127.0.0.1:{api_port}",
+            "tokens": {"integration": TOKEN},
+            **state,
+        },
+        "bandwidth": {
+            "api_base": f"http://127.0.0.1:{emulator_port}/api/v2",
+            "token_url": f"http://127.0.0.1:{emulator_port}/api/v1/oauth2/token",
+            "run_emulator": True,
+            "max_retry_time": 5.0,
+        },
+    }
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[EdgeProcess]]:
+    started: list[EdgeProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def serve(
+    tmp_path: Path, processes: list[EdgeProcess], config: dict[str, Any], role: str
+) -> EdgeProcess:
+    command = [sys.executable, "-m", "e911_sip", "serve", "--role", role, "--config", "{config}"]
+    process = EdgeProcess(tmp_path, config, command=command)
+    processes.append(process)
+    process.start(timeout=30)
+    return process
+
+
+def provision_customer_and_line(api_port: int, line: str) -> str:
+    """Use case 1.1 then an account on the customer; returns the line's provider_endpoint."""
+    status, customer = api(
+        api_port,
+        "PUT",
+        "/v1/customers/helpdesk365",
+        {"name": "Helpdesk 365", "address": CUSTOMER_ADDRESS},
+    )
+    assert status == 201, customer
+    assert customer["standardized_address"]["one_line"] == (
+        "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
+    )
+    status, account = api(api_port, "PUT", f"/v1/accounts/{line}", {"customer_id": "helpdesk365"})
+    assert status == 201, account
+    endpoint = account["effective"]["provider_endpoint"]
+    assert account["effective"]["level"] == "customer" and endpoint.startswith("5555555/")
+    return str(endpoint)
+
+
+def call_and_check(sipp: Sipp, edge: EdgeProcess, trunk: int, line: str, endpoint: str) -> None:
+    uas = sipp.uas(
+        "uas_emergency.xml",
+        port=trunk,
+        keys={"expected_endpoint": endpoint, "expected_callback": line},
+    )
+    caller = sipp.uac("uac_911.xml", edge.sip_target, keys={"caller": line})
+    assert caller.ok, caller.summary()
+    trunk_result = uas.wait()
+    assert trunk_result.ok, trunk_result.summary()
+
+
+def test_embedded_single_box(tmp_path: Path, processes: list[EdgeProcess], sipp: Sipp) -> None:
+    api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        **provisioning_tables(
+            api_port,
+            emulator_port,
+            state_url=f"file://{tmp_path / 'state.json'}",
+            audit_url=f"file://{tmp_path / 'audit.jsonl'}",
+        ),
+    )
+    edge = serve(tmp_path, processes, config, "all")
+    endpoint = provision_customer_and_line(api_port, "1321551234")
+    call_and_check(sipp, edge, trunk, "1321551234", endpoint)
+    status, audit = api(api_port, "GET", "/v1/audit?line=1321551234")
+    assert status == 200
+    entries = audit["entries"] if isinstance(audit, dict) else audit
+    assert any(
+        e["new_provider_endpoint"] == endpoint and e["who"] == "integration" for e in entries
+    )
+
+
+def test_split_roles_with_redis_between_them(
+    tmp_path: Path, processes: list[EdgeProcess], sipp: Sipp, redis_server: RedisServer
+) -> None:
+    api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
+    shared = {"store_url": redis_server.url}
+    provisioning_config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        **shared,
+        **provisioning_tables(
+            api_port, emulator_port, state_url=redis_server.url, audit_url=redis_server.url
+        ),
+    )
+    serve(tmp_path, processes, provisioning_config, "provisioning")
+    edge_only = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        **shared,
+    )
+    edge = serve(tmp_path, processes, edge_only, "edge")
+
+    endpoint = provision_customer_and_line(api_port, "3215551234")
+    record = redis_server.client().hgetall("e911:line:3215551234")
+    assert record["provider_endpoint"] == endpoint
+    call_and_check(sipp, edge, trunk, "3215551234", endpoint)
+
+    # A lost line record (a crash between Bandwidth and Redis, an operator's mistake) is
+    # rebuilt from provisioning state by `e911-sip resync`.
+    redis_server.client().delete("e911:line:3215551234")
+    config_path = write_toml(provisioning_config, tmp_path / "resync.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "e911_sip", "resync", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "3215551234" in report["written"]
+    assert redis_server.client().hget("e911:line:3215551234", "provider_endpoint") == endpoint
