@@ -246,7 +246,8 @@ async def provisioning_service(
                 lines=lines,
                 state=state,
                 audit=audit,
-                options=ServiceOptions(),
+                # Seeded demo records belong to no account; resync must not prune them.
+                options=ServiceOptions(resync_prunes_orphan_lines=config.store.seed_file is None),
                 metrics=metrics,
             )
     finally:
@@ -324,6 +325,11 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 service = await stack.enter_async_context(
                     provisioning_service(config, store, metrics)
                 )
+                if isinstance(store, MemoryStore):
+                    # An in-memory line store starts empty (or from its seed file): rebuild the
+                    # records of every provisioned line before the first call can need one.
+                    report = await service.resync(who="startup")
+                    log.info("line records rebuilt from provisioning state", extra=report.to_dict())
                 tokens = {token: name for name, token in config.provisioning.tokens.items()}
                 phost, pport = config.provisioning.listen
                 await stack.enter_async_context(
