@@ -1,0 +1,152 @@
+"""CPU cost of one emergency call in the sans-IO core, without sockets.
+
+Drives ProxyCore through a full INVITE/100/180/200/ACK/BYE/200 flow with enrichment, many
+times, and reports microseconds of CPU per call. It isolates the Python work from the kernel's
+(sendto/recvfrom), so a change to the parser or the core can be judged on its own.
+
+    python bench/core_bench.py [--calls N] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import pstats
+import re
+import time
+
+from e911_sip.policy.emergency import caller_line, emergency_number
+from e911_sip.policy.enrich import EnrichOptions, enrich
+from e911_sip.proxy.core import EmergencyCall, ProxyCore, ProxyOptions
+from e911_sip.proxy.routing import LocalAddress
+from e911_sip.sip.peer import Peer
+
+UAC = Peer("udp", "127.0.0.1", 5060)
+UAS = Peer("udp", "127.0.0.1", 5080)
+SDP = (
+    b"v=0\r\no=- 659841 659841 IN IP4 127.0.0.1\r\ns=Talk\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 16006 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+)
+
+
+def invite(n: int) -> bytes:
+    head = (
+        "INVITE sip:911@127.0.0.1:5070 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-inv\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
+        "To: <sip:911@127.0.0.1:5070>\r\n"
+        f"Call-ID: {n}-bench@127.0.0.1\r\n"
+        "CSeq: 102 INVITE\r\n"
+        "Contact: <sip:3215551234@127.0.0.1:5060;transport=UDP>\r\n"
+        "User-Agent: PortaSIP\r\n"
+        "Identity: eyJhbGciOiJFUzI1NiJ9.eyJhdHRlc3QiOiJBIn0.c2ln;info=<https://cert.example/a.pem>;alg=ES256;ppt=shaken\r\n"
+        "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY, REGISTER, SUBSCRIBE, REFER\r\n"
+        "Accept: application/sdp, application/pidf+xml\r\n"
+        "Content-Type: application/sdp\r\n"
+        f"Content-Length: {len(SDP)}\r\n\r\n"
+    )
+    return head.encode() + SDP
+
+
+_HEADER = re.compile(rb"^(Via|From|To|Call-ID|CSeq|Record-Route): (.*)$", re.M)
+
+
+def answer(request: bytes, status: int, reason: str) -> bytes:
+    """A UAS answer that copies Vias as SIPp's [last_Via:] does: one comma-joined line.
+
+    Built with one regex pass so that the harness costs little next to the code measured.
+    """
+    head = request[: request.index(b"\r\n\r\n")]
+    vias: list[bytes] = []
+    lines = [f"SIP/2.0 {status} {reason}".encode()]
+    for name, value in _HEADER.findall(head):
+        value = value.rstrip(b"\r")
+        if name == b"Via":
+            vias.append(value)
+        elif name == b"To" and status != 100 and b";tag=" not in value:
+            lines.append(b"To: " + value + b";tag=uas1")
+        else:
+            lines.append(name + b": " + value)
+    lines.insert(1, b"Via: " + b", ".join(vias))
+    lines.append(b"Contact: <sip:127.0.0.1:5080>")
+    lines.append(b"Content-Length: 0")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def in_dialog(method: str, n: int, cseq: int) -> bytes:
+    return (
+        f"{method} sip:127.0.0.1:5080 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-{method.lower()}\r\n"
+        "Route: <sip:127.0.0.1:5070;lr>\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
+        "To: <sip:911@127.0.0.1:5070>;tag=uas1\r\n"
+        f"Call-ID: {n}-bench@127.0.0.1\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def run(calls: int) -> float:
+    options = ProxyOptions(
+        local=(LocalAddress("udp", "127.0.0.1", 5070),),
+        emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
+        emergency_trunks=("sip:127.0.0.1:5080",),
+    )
+    core = ProxyCore(options=options, branch_seed="bench")
+    enrich_options = EnrichOptions()
+    now = 0.0
+    start = time.process_time()
+    for n in range(calls):
+        core.receive(invite(n), UAC, now)
+        core.data_to_send()
+        while (event := core.next_event()) is not None:
+            if isinstance(event, EmergencyCall):
+                line = caller_line(event.request)
+                result = enrich(
+                    event.request,
+                    line=line,
+                    provider_endpoint="5555555/e911abc",
+                    options=enrich_options,
+                )
+                core.forward_emergency(event.call, result.request, now)
+        sent = core.data_to_send()
+        downstream = sent[0].data
+        for status, reason in ((100, "Trying"), (180, "Ringing"), (200, "OK")):
+            core.receive(answer(downstream, status, reason), UAS, now)
+            core.data_to_send()
+        core.receive(in_dialog("ACK", n, 102), UAC, now)
+        core.data_to_send()
+        core.receive(in_dialog("BYE", n, 103), UAC, now)
+        bye = core.data_to_send()[0].data
+        core.receive(answer(bye, 200, "OK"), UAS, now)
+        core.data_to_send()
+        while core.next_event() is not None:
+            pass
+        now += 0.001
+        if n % 1000 == 999:
+            core.handle_timer(now + 64)
+    elapsed = time.process_time() - start
+    return elapsed / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(args.calls)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return
+    run(500)  # warm up
+    print(f"{run(args.calls):.1f} us of CPU per emergency call (core + enrichment, no I/O)")
+
+
+if __name__ == "__main__":
+    main()
