@@ -243,15 +243,18 @@ class Message:
         return self.from_addr().param("tag")
 
     # -- changing (each returns a new message) -------------------------------------------
-    def _copy(self, lines: list[str], keys: list[str]) -> Self:
+    def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
+        # What was read from headers the change did not touch stays valid in the copy: a
+        # relayed request is copied several times and its Via need not be parsed each time.
         clone = object.__new__(type(self))
         clone._lines = lines
         clone._keys = keys
         clone.body = self.body
         clone._wire = None
-        clone._vias = None
-        clone._top_via = None
-        clone._cseq = self._cseq
+        keep_via = changed != "via" and changed != "*"
+        clone._vias = self._vias if keep_via else None
+        clone._top_via = self._top_via if keep_via else None
+        clone._cseq = self._cseq if changed != "cseq" and changed != "*" else None
         self._copy_start_line(clone)
         return clone
 
@@ -279,16 +282,17 @@ class Message:
         keys = keys.copy()
         lines.insert(index, f"{name}: {value}")
         keys.insert(index, key)
-        return self._copy(lines, keys)
+        return self._copy(lines, keys, key)
 
     def append(self, name: str, value: str) -> Self:
         """A new header after the others; Content-Length stays last when it was last."""
         lines = self._lines.copy()
         keys = self._keys.copy()
         index = len(keys) - 1 if keys and keys[-1] == "content-length" else len(keys)
+        key = _key_of(name)
         lines.insert(index, f"{name}: {value}")
-        keys.insert(index, _key_of(name))
-        return self._copy(lines, keys)
+        keys.insert(index, key)
+        return self._copy(lines, keys, key)
 
     def replace(self, name: str, value: str) -> Self:
         """Set header ``name`` to one value: the first one is rewritten in place, others go."""
@@ -306,7 +310,7 @@ class Message:
                 placed = True
             lines.append(line)
             keys.append(k)
-        return self._copy(lines, keys)
+        return self._copy(lines, keys, key)
 
     def replace_at(self, key: str, value: str) -> Self:
         """Rewrite the first ``key`` header's value, keeping the name as it was spelt."""
@@ -314,14 +318,14 @@ class Message:
         lines = self._lines.copy()
         name = lines[index].partition(":")[0].rstrip(" \t")
         lines[index] = f"{name}: {value}"
-        return self._copy(lines, self._keys.copy())
+        return self._copy(lines, self._keys.copy(), key)
 
     def remove(self, key: str) -> Self:
         """Without any header named ``key``."""
         if key not in self._keys:
             return self
         pairs = [(ln, k) for ln, k in zip(self._lines, self._keys, strict=True) if k != key]
-        return self._copy([ln for ln, _ in pairs], [k for _, k in pairs])
+        return self._copy([ln for ln, _ in pairs], [k for _, k in pairs], key)
 
     def pop_first_value(self, key: str) -> Self:
         """Without the first comma-separated value of header ``key`` (top Via, top Route)."""
@@ -338,7 +342,7 @@ class Message:
         else:
             del lines[index]
             del keys[index]
-        return self._copy(lines, keys)
+        return self._copy(lines, keys, key)
 
     def pop_top_via(self) -> Self:
         """Without the topmost Via value (RFC 3261 §16.7 step 3)."""
@@ -401,7 +405,7 @@ class Request(Message):
 
     def with_uri(self, uri: str) -> Request:
         """The same request sent to another Request-URI."""
-        clone = self._copy(self._lines.copy(), self._keys.copy())
+        clone = self._copy(self._lines.copy(), self._keys.copy(), "")
         clone.uri = uri
         clone._ruri = None
         return clone

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from e911_sip.sip.uri import Uri, Via
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     """A transport address, plus the stream connection a message arrived on, if any."""
 
     transport: str

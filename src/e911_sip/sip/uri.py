@@ -10,7 +10,7 @@ written out whole.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
 
@@ -19,8 +19,7 @@ ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 Params = tuple[tuple[str, str | None], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Uri:
+class Uri(NamedTuple):
     """A parsed URI. ``raw`` is the text it was parsed from, kept for pass-through."""
 
     scheme: str
@@ -144,8 +143,7 @@ def parse_uri(text: str) -> Uri:
     return Uri(scheme, user, host.lower(), port, _split_params(ptext), raw)
 
 
-@dataclass(frozen=True, slots=True)
-class NameAddr:
+class NameAddr(NamedTuple):
     """A From/To/Contact/Route/PAI value: optional display name, URI and header parameters."""
 
     display: str
@@ -245,8 +243,7 @@ def split_values(text: str) -> list[str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Via:
+class Via(NamedTuple):
     """One Via value (RFC 3261 §20.42)."""
 
     transport: str
