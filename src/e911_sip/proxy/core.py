@@ -131,9 +131,11 @@ class ProxyOptions:
 
 
 # -- events for the owner ----------------------------------------------------------------
+# Plain (not frozen) slotted dataclasses: several are made per message, and a frozen one
+# pays an object.__setattr__ per field. They are values all the same; nothing mutates them.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestRouted:
     """A new request (not a retransmission) was routed."""
 
@@ -141,7 +143,7 @@ class RequestRouted:
     route: Route
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EmergencyCall:
     """An emergency INVITE waits for :meth:`ProxyCore.forward_emergency`."""
 
@@ -154,7 +156,7 @@ class EmergencyCall:
     call_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EmergencyForwarded:
     """An emergency INVITE left for a trunk."""
 
@@ -167,7 +169,7 @@ class EmergencyForwarded:
     """False when the original request went (fail-open deadline, or the owner said so)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FailOpen:
     """The owner did not return an enriched emergency INVITE in time; the original went."""
 
@@ -175,7 +177,7 @@ class FailOpen:
     call_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Failover:
     """A trunk failed a call and the next one is tried."""
 
@@ -186,7 +188,7 @@ class Failover:
     """``transport``, ``timeout``, ``no_provisional`` or the status code."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallCompleted:
     """The final response to a routed initial request went upstream."""
 
@@ -197,7 +199,7 @@ class CallCompleted:
     trunk: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Discarded:
     """A message was dropped or answered with an error by the proxy itself."""
 
@@ -217,7 +219,7 @@ Event = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """Bytes for the transport to send."""
 

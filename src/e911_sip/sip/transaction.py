@@ -306,9 +306,11 @@ DEFAULT_TIMERS = TimerSettings()
 
 
 # -- effects -------------------------------------------------------------------------------
+# Not frozen: several are made per message and a frozen dataclass pays an
+# object.__setattr__ per field on construction. Nobody mutates them.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transmit:
     """Put ``message`` on the wire to the transaction's peer.
 
@@ -319,26 +321,26 @@ class Transmit:
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PassUp:
     """Hand ``message`` to the transaction user."""
 
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Timeout:
     """A transaction timer ran out: ``"B"`` or ``"F"`` (the TU treats it as 408) or ``"H"``."""
 
     timer: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TransportFailure:
     """The transport reported an error; the TU treats it as a 408 (RFC 3261 §8.1.3.1)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Terminated:
     """The transaction is over; its owner drops it (RFC 3261 §17.1.1.2, §17.2.1)."""
 
