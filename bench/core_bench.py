@@ -4,7 +4,13 @@ Drives ProxyCore through a full INVITE/100/180/200/ACK/BYE/200 flow with enrichm
 times, and reports microseconds of CPU per call. It isolates the Python work from the kernel's
 (sendto/recvfrom), so a change to the parser or the core can be judged on its own.
 
-    python bench/core_bench.py [--calls N] [--profile]
+    python bench/core_bench.py [--calls N] [--warmup N] [--profile]
+
+On a shared machine CPU time varies; instruction counts do not. For a repeatable figure run it
+under callgrind twice and divide the difference by the difference in calls:
+
+    valgrind --tool=callgrind python bench/core_bench.py --warmup 0 --calls 200
+    valgrind --tool=callgrind python bench/core_bench.py --warmup 0 --calls 400
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import pstats
 import re
 import time
 
+from e911_sip.app import tune_gc
 from e911_sip.policy.emergency import caller_line, emergency_number
 from e911_sip.policy.enrich import EnrichOptions, enrich
 from e911_sip.proxy.core import EmergencyCall, ProxyCore, ProxyOptions
@@ -133,8 +140,10 @@ def run(calls: int) -> float:
 
 
 def main() -> None:
+    tune_gc()  # as the running edge does
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if args.profile:
@@ -144,7 +153,8 @@ def main() -> None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
-    run(500)  # warm up
+    if args.warmup:
+        run(args.warmup)
     print(f"{run(args.calls):.1f} us of CPU per emergency call (core + enrichment, no I/O)")
 
 

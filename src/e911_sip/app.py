@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import secrets
 import signal
@@ -288,6 +289,20 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
     )
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper garbage-collector passes for a long-running message loop.
+
+    Every SIP message allocates many short-lived objects; with the default thresholds the
+    collector runs every few hundred messages and, as transactions live for 32 s, each pass
+    walks a large heap. The core avoids reference cycles, so reference counting frees almost
+    everything and rarer passes lose nothing. Objects made at start-up are frozen out of
+    the collector's way.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def run(config: Config, *, role: Role = Role.ALL) -> int:
     """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code."""
     logs.configure(config.log.level)
@@ -347,6 +362,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             await stack.enter_async_context(
                 serve_http(build_ops_app(metrics=metrics, readiness=readiness), host, port)
             )
+            tune_gc()
             log.info(
                 "e911-sip running",
                 extra={

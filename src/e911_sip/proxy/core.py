@@ -879,6 +879,9 @@ class ProxyCore:
         # A context lives while one of its branches may still need a CANCEL or bring a 2xx.
         if context.final_sent and all(b.done for b in context.branches):
             self._contexts.pop(context.id, None)
+            # Branches point back at their context; dropping the forward list breaks the
+            # cycle so the context is freed by reference counting, not by a GC pass.
+            context.branches = []
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
