@@ -1,0 +1,1457 @@
+"""Load benchmark of the edge with real processes on loopback: SIPp caller -> edge -> SIPp trunk.
+
+What it measures, each with a fresh edge process (so one measurement cannot warm up or
+poison the next):
+
+1. **Maximum sustained call rate**, for emergency calls (``911``, enriched from the location
+   store) and for non-emergency pass-through (``2125550100``, sent to the default trunk).
+   The call rate is stepped up (doubling from ``--start-rate``, at most ``--max-rate``); each
+   step places ``rate * duration`` calls of ``sipp_scenarios/uac_load.xml`` (INVITE, 100,
+   180, 200, ACK, 100 ms hold, BYE, 200). A step passes when, on SIPp's ``-trace_stat``
+   counters, every call succeeded with 0 failed calls and 0 retransmissions on the caller
+   *and* the trunk side, the calls were completed on time (not held back by the concurrency
+   limit or a backlog), and the edge's ``/metrics`` shows no failover, fail-open or failed
+   call and, for 911, one enriched call per call placed. Between the last pass and the first
+   failure, at most three bisection steps refine the figure.
+2. **Latency added by the edge, on the wire.** tcpdump captures, on ``lo``, only INVITEs (a
+   BPF test on the first payload bytes) sent to the edge by the caller and to the trunk by
+   the edge. Pairing them by Call-ID gives in->out per call with kernel timestamps, which is
+   the figure comparable to the Kamailio reference (SIPp's own response times come in 4 ms
+   ticks). Alongside, the edge's own ``e911_sip_emergency_enrich_seconds`` histogram is read
+   (count and p50/p99 interpolated inside its buckets): it starts later (after the datagram
+   has been read and parsed) and stops earlier (before the send), so it is below the wire
+   figure; far below means datagrams wait in the socket buffer (the event loop is behind).
+3. **CPU**, from ``/proc/<pid>/stat`` (utime + stime) of the edge, of every SIPp process, of
+   tcpdump and redis-server when they run, as % of one core averaged over the run and the
+   busiest one-second interval, plus the whole host's busy and steal share and the CPU of
+   every other process on the host (a shared machine has neighbours). On a 2-core box
+   the SIPp processes take about a core at high rates: when the host is near 100 % busy, a
+   failed step is a limit of the box, not of the edge. "Edge CPU us/call" is the edge's CPU
+   time divided by calls completed, comparable to the reference's ~150 us per 911 call.
+
+How to read it: the machine's speed varies 2-3x over time, so an absolute calls/s figure
+means little on its own. The report records load average, host busy/steal and a small fixed
+CPU probe ("speed probe", lower is faster) before and after, to tell a slow period from a
+regression. Compare figures taken in one session, and quote ratios.
+
+    python bench/run_load.py                 # full run, 30 s steps, 20 s latency points
+    python bench/run_load.py --quick         # smoke run, 5 s steps
+    python bench/run_load.py --only emergency --skip-latency --start-rate 500
+
+Results: a markdown report on stdout and in ``bench/results/<timestamp>.md``, the raw
+figures in ``bench/results/<timestamp>.json`` and every process's logs (edge stderr, SIPp
+statistics and error logs) in ``bench/results/<timestamp>/``. This is run by hand; it is not
+part of the test suite. ``bench/core_bench.py`` measures the sans-IO core's CPU per call
+without sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Run as a plain script (``python bench/run_load.py``): the harness is imported from the
+# repository, and the edge itself runs from src/ (the harness puts it on PYTHONPATH).
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.integration.harness import (  # noqa: E402
+    EdgeProcess,
+    HarnessError,
+    RedisServer,
+    Sipp,
+    SippProcess,
+    SippResult,
+    _poll_until,
+    _stop_process,
+    edge_config,
+    free_port,
+    free_port_pair,
+    metric_value,
+    trunk_uri,
+)
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+CALLER = "3215551234"
+PROVIDER_ENDPOINT = "5555555/e911abc123def456"
+HOLD_MS = 100
+SERVICES = {"emergency": "911", "passthrough": "2125550100"}
+KINDS = tuple(SERVICES)
+
+# SIPp's default socket buffer (64 KiB) overflows on loopback as soon as SIPp is descheduled
+# for a few ms at a few thousand messages per second; the drops then show up as
+# retransmissions blamed on the edge. The edge itself asks for 4 MiB, so SIPp gets the same.
+SIPP_BUFFER = 4 * 1024 * 1024
+# Each call lasts ~0.1 s, so ``rate / 10`` calls are up at once; five times that bounds SIPp's
+# memory when the edge stalls, and a step held back by it fails on the "placed on time" check.
+CONCURRENCY_FACTOR = 0.5
+MIN_CONCURRENCY = 100
+MAX_RAMP_STEPS = 12
+BISECT_STEPS = 3
+# A step must finish placing its calls within this much more than ``duration`` + hold.
+LATE_SLACK_FRACTION = 0.05
+LATE_SLACK_MIN_S = 1.0
+# Bounds on every wait; the SIPp processes carry their own -timeout as well.
+SIPP_TIMEOUT_MARGIN_S = 30.0
+TRUNK_DRAIN_S = 5.0
+PAUSE_BETWEEN_RUNS_S = 1.0
+CAPTURE_READY_S = 10.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# First four payload bytes of a request that starts with "INVITE": only those are captured,
+# which keeps tcpdump's cost and the pcap small at 1000+ calls/s.
+_INVITE_BPF = "udp[8:4] = 0x494e5649"
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class CpuUsage:
+    """CPU time of one process over a run, as % of one core."""
+
+    name: str
+    pid: int
+    seconds: float
+    mean_pct: float
+    peak_pct: float
+
+
+@dataclass
+class HostCpu:
+    """The whole machine over a run, from /proc/stat: % of all cores."""
+
+    busy_pct: float
+    steal_pct: float
+    others_pct: float = 0.0
+    """CPU used by processes other than the measured ones, % of one core (all cores: N*100)."""
+
+
+@dataclass
+class SippSummary:
+    """What one SIPp process reported (its last -trace_stat row and exit code)."""
+
+    role: str
+    returncode: int
+    successful: int
+    failed: int
+    retransmissions: int
+    timed_out: bool
+    out_of_call: int
+    dead_call: int
+    errors: list[str]
+    rundir: str
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram reduced to count and interpolated quantiles, in ms."""
+
+    count: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class EdgeSummary:
+    """The edge's /metrics and log at the end of a run."""
+
+    running_at_end: bool
+    outcomes: dict[str, float]
+    trunk_failovers: float
+    discarded: float
+    delivery_failures: float
+    enrich: Histogram | None
+    log_problems: list[str]
+    metrics_error: str | None = None
+
+
+@dataclass
+class WireLatency:
+    """INVITE in -> INVITE out at the edge, from the capture on lo."""
+
+    captured: bool
+    note: str
+    invites_in: int = 0
+    invites_out: int = 0
+    paired: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    dropped_by_kernel: int | None = None
+    retransmitted_in: int = 0
+    """Calls whose INVITE reached the edge more than once (the caller retransmitted it)."""
+    repeated_out: int = 0
+    """Calls whose INVITE the edge sent to the trunk more than once."""
+    new_branch_out: int = 0
+    """Calls the edge sent to the trunk under more than one Via branch."""
+
+
+@dataclass
+class RunResult:
+    """One measurement: one edge, one caller, one rate."""
+
+    kind: str
+    purpose: str
+    rate: int
+    duration_s: float
+    calls: int
+    concurrency_limit: int
+    passed: bool
+    reasons: list[str]
+    wall_s: float
+    late_s: float
+    """How much longer than ``duration`` + hold the caller took to complete its calls."""
+    achieved_rate: float
+    """Calls completed / (wall - hold): a lower bound, SIPp's start-up is included."""
+    edge_cpu_us_per_call: float | None
+    uac: SippSummary
+    trunk: SippSummary
+    idle_trunk: SippSummary
+    edge: EdgeSummary
+    cpu: list[CpuUsage]
+    host: HostCpu
+    udp_errors: dict[str, int]
+    wire: WireLatency | None
+    workdir: str
+
+
+@dataclass
+class MaxSearch:
+    """The ramp and bisection for one kind of call."""
+
+    kind: str
+    best_rate: int | None
+    first_fail: int | None
+    capped: bool
+    steps: list[RunResult] = field(default_factory=list)
+
+
+@dataclass
+class Environment:
+    command: str
+    started_at: str
+    finished_at: str = ""
+    interrupted: bool = False
+    error: str | None = None
+    nproc: str = ""
+    cpu_model: str = ""
+    kernel: str = ""
+    python: str = ""
+    uvloop: str = ""
+    sipp: str = ""
+    tcpdump: str = ""
+    redis_server: str | None = None
+    git: str = ""
+    store: str = ""
+    loadavg_before: str = ""
+    loadavg_after: str = ""
+    speed_probe_before_ms: float = 0.0
+    speed_probe_after_ms: float = 0.0
+
+
+@dataclass
+class Report:
+    environment: Environment
+    options: dict[str, Any]
+    max_searches: list[MaxSearch] = field(default_factory=list)
+    latency: list[RunResult] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ host probes
+
+
+def _run_text(command: Sequence[str]) -> str:
+    """Output of a short informational command, or why it could not run."""
+    try:
+        done = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    return (done.stdout + done.stderr).strip()
+
+
+def _first_line_matching(text: str, pattern: str) -> str:
+    for line in text.splitlines():
+        if re.search(pattern, line):
+            return line.strip()
+    return text.splitlines()[0].strip() if text.strip() else "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def speed_probe() -> float:
+    """Milliseconds for a fixed pure-Python loop, best of three (lower is faster).
+
+    Not a benchmark of anything: a yardstick for the host's speed at the time, so two
+    reports from a fast and a slow period can be told apart.
+    """
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i * i
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 1)
+
+
+def _host_ticks() -> tuple[int, int, int]:
+    """(total, idle incl. iowait, steal) jiffies of all CPUs."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return (0, 0, 0)
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    # counted in user/nice.
+    total = sum(fields[:8])
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    steal = fields[7] if len(fields) > 7 else 0
+    return total, idle, steal
+
+
+def _host_cpu(before: tuple[int, int, int], after: tuple[int, int, int]) -> HostCpu:
+    total = after[0] - before[0]
+    if total <= 0:
+        return HostCpu(busy_pct=0.0, steal_pct=0.0)
+    busy = total - (after[1] - before[1])
+    return HostCpu(
+        busy_pct=round(100.0 * busy / total, 1),
+        steal_pct=round(100.0 * (after[2] - before[2]) / total, 1),
+    )
+
+
+_UDP_FIELDS = ("InErrors", "RcvbufErrors", "SndbufErrors")
+
+
+def udp_counters() -> dict[str, int]:
+    """Host-wide UDP error counters: drops anywhere on the box show here (not only ours)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    except OSError:
+        return {}
+    udp = [line for line in lines if line and line[0] == "Udp:"]
+    if len(udp) < 2:
+        return {}
+    values = dict(zip(udp[0][1:], udp[1][1:], strict=False))
+    return {name: int(values[name]) for name in _UDP_FIELDS if name in values}
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after it start at ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class CpuSampler:
+    """Samples utime+stime of named processes once a second in a background thread."""
+
+    def __init__(self, pids: Mapping[str, int], *, interval: float = 1.0, max_s: float) -> None:
+        self._pids = dict(pids)
+        self._interval = interval
+        self._max_samples = max(2, int(max_s / interval) + 2)
+        self._samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        values: dict[str, float] = {}
+        for name, pid in self._pids.items():
+            seconds = _proc_cpu_seconds(pid)
+            if seconds is not None:
+                values[name] = seconds
+        self._samples.append((now, values))
+
+    def _run(self) -> None:
+        # Bounded both by the stop event and by a sample count derived from the run's limit.
+        for _ in range(self._max_samples):
+            if self._stop.wait(self._interval):
+                return
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> list[CpuUsage]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+        usage: list[CpuUsage] = []
+        first_t = self._samples[0][0]
+        last_t = self._samples[-1][0]
+        wall = max(last_t - first_t, 1e-6)
+        for name, pid in self._pids.items():
+            series = [(t, v[name]) for t, v in self._samples if name in v]
+            if len(series) < 2:
+                usage.append(CpuUsage(name, pid, 0.0, 0.0, 0.0))
+                continue
+            seconds = series[-1][1] - series[0][1]
+            peak = 0.0
+            for (t0, c0), (t1, c1) in zip(series, series[1:], strict=False):
+                if t1 - t0 > 0.5:
+                    peak = max(peak, (c1 - c0) / (t1 - t0))
+            usage.append(
+                CpuUsage(
+                    name=name,
+                    pid=pid,
+                    seconds=round(seconds, 3),
+                    mean_pct=round(100.0 * seconds / wall, 1),
+                    peak_pct=round(100.0 * peak, 1),
+                )
+            )
+        return usage
+
+
+# ------------------------------------------------------------------------------- SIPp
+
+
+class BenchSipp(Sipp):
+    """The harness's SIPp runner without the per-message trace files.
+
+    The tests keep ``-trace_msg`` (every message, to a file) and ``-trace_logs``; at a few
+    thousand calls/s that is hundreds of MB per step and enough CPU in SIPp to distort the
+    measurement. The statistics CSV, the error log and the screen stay.
+    """
+
+    _DROP = {"-trace_msg": 0, "-message_file": 1, "-trace_logs": 0, "-log_file": 1}
+
+    def _command(self, scenario: str | Path, **kwargs: Any) -> tuple[list[str], Path, str]:
+        command, rundir, name = super()._command(scenario, **kwargs)
+        kept: list[str] = []
+        skip = 0
+        for part in command:
+            if skip:
+                skip -= 1
+                continue
+            if part in self._DROP:
+                skip = self._DROP[part]
+                continue
+            kept.append(part)
+        return kept, rundir, name
+
+
+# Each SIPp error-log entry starts with "date time epoch: "; the SIP message it quotes runs
+# over the next lines, and the next entry may follow on the same line without a break.
+_ENTRY_START = r"\d{4}-\d\d-\d\d\s+[\d:.]+\s+[\d.]+:"
+_ERROR_ENTRY = re.compile(_ENTRY_START + r"\s*([^\n]*?)(?=" + _ENTRY_START + r"|\n|$)")
+
+
+def _error_kinds(error_log: str, limit: int = 4) -> list[str]:
+    """The most frequent kinds of SIPp error-log entries, with counts."""
+    kinds: Counter[str] = Counter()
+    for match in _ERROR_ENTRY.finditer(error_log):
+        head, _, quoted = match.group(1).partition("received '")
+        text = re.sub(r"\d+", "#", re.sub(r"'([^']*)'", _short_quote, head))
+        if quoted:
+            words = quoted.split()
+            text += "received " + " ".join(words[:2] if quoted.startswith("SIP/") else words[:1])
+        kinds[text[:160]] += 1
+    return [f"{count}x {text}" for text, count in kinds.most_common(limit)]
+
+
+def _short_quote(match: re.Match[str]) -> str:
+    """Keeps 'ACK' or '200' in an entry; a quoted Call-ID or file name becomes '...'."""
+    inner = match.group(1)
+    return match.group(0) if len(inner) <= 8 and "@" not in inner else "'...'"
+
+
+def _stat(stats: Mapping[str, str], column: str) -> int:
+    try:
+        return int(float(stats[column]))
+    except (KeyError, ValueError):
+        return 0
+
+
+def summarize_sipp(role: str, result: SippResult) -> SippSummary:
+    rundir = next(iter(result.files.values())).parent if result.files else Path()
+    return SippSummary(
+        role=role,
+        returncode=result.returncode,
+        successful=result.successful,
+        failed=result.failed,
+        retransmissions=result.retransmissions,
+        timed_out=result.timed_out,
+        out_of_call=_stat(result.stats, "OutOfCallMsgs(C)"),
+        dead_call=_stat(result.stats, "DeadCallMsgs(C)"),
+        errors=_error_kinds(result.error_log),
+        rundir=str(rundir),
+    )
+
+
+# ---------------------------------------------------------------------------- tcpdump
+
+
+class InviteCapture:
+    """tcpdump on lo writing only the INVITEs into and out of the edge to a pcap file."""
+
+    def __init__(self, pcap: Path, *, edge_port: int, uac_port: int, trunk_port: int) -> None:
+        self.pcap = pcap
+        self.stderr_path = pcap.with_suffix(".stderr.log")
+        self.binary = shutil.which("tcpdump")
+        self.filter = (
+            f"udp and ((src port {uac_port} and dst port {edge_port}) or "
+            f"(src port {edge_port} and dst port {trunk_port})) and {_INVITE_BPF}"
+        )
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self.problem: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> bool:
+        """Start tcpdump and wait until it listens; False (and ``problem`` set) otherwise."""
+        if self.binary is None:
+            self.problem = "tcpdump is not installed"
+            return False
+        # --immediate-mode: without it libpcap hands packets over in blocks that retire only
+        # when full or after a second, and the last block is lost when tcpdump is stopped.
+        # Only INVITEs pass the filter, so per-packet delivery costs little.
+        command = [self.binary, "-i", "lo", "-nn", "-s", "0", "-B", "32768", "-U"]
+        command += ["--immediate-mode"]
+        command += ["--time-stamp-precision=micro", "-w", str(self.pcap)]
+        # Running as root, tcpdump would switch to its own user and then fail to write here.
+        if os.geteuid() == 0:
+            command += ["-Z", "root"]
+        command.append(self.filter)
+        self._stderr = self.stderr_path.open("wb")
+        try:
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+            )
+        except OSError as exc:
+            self.problem = f"tcpdump could not start: {exc}"
+            return False
+        if _poll_until(self._listening, self._proc, timeout=CAPTURE_READY_S, interval=0.05):
+            return True
+        self.stop()
+        self.problem = "tcpdump did not start capturing: " + self._stderr_text()[-500:].strip()
+        return False
+
+    def _stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _listening(self) -> bool:
+        return "listening on" in self._stderr_text()
+
+    def stop(self) -> int | None:
+        """Stop tcpdump by PID (it flushes the file on SIGTERM); returns kernel drops."""
+        if self._proc is not None:
+            _stop_process(self._proc, 10.0)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        found = re.findall(r"(\d+) packets? dropped by kernel", self._stderr_text())
+        return int(found[-1]) if found else None
+
+
+_BRANCH = re.compile(rb"^(?:Via|v)[ \t]*:[^\r\n]*?;branch=([^;,\s]+)", re.IGNORECASE | re.MULTILINE)
+_CALL_ID = re.compile(rb"^(?:Call-ID|i)[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE | re.MULTILINE)
+
+
+def read_pcap_udp(path: Path) -> Iterator[tuple[float, int, int, bytes]]:
+    """(timestamp, source port, destination port, payload) of each IPv4 UDP packet."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        endian = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        endian = ">"
+    else:
+        raise ValueError(f"{path} is not a pcap file (magic {magic.hex()})")
+    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    linktype = struct.unpack(endian + "I", data[20:24])[0] & 0x0FFFFFFF
+    record = struct.Struct(endian + "IIII")
+    offset = 24
+    # The loop advances by at least the record header each time, so it ends with the file.
+    while offset + record.size <= len(data):
+        sec, frac, incl_len, _orig = record.unpack_from(data, offset)
+        offset += record.size
+        frame = data[offset : offset + incl_len]
+        offset += incl_len
+        ip = _ip_payload(frame, linktype)
+        if ip is None or len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 17:
+            continue
+        header_len = (ip[0] & 0x0F) * 4
+        total_len = min(struct.unpack("!H", ip[2:4])[0], len(ip))
+        udp = ip[header_len:total_len]
+        if len(udp) < 8:
+            continue
+        sport, dport = struct.unpack("!HH", udp[:4])
+        yield sec + frac / (1e9 if nano else 1e6), sport, dport, udp[8:]
+
+
+def _ip_payload(frame: bytes, linktype: int) -> bytes | None:
+    if linktype == 1:  # Ethernet (what lo reports)
+        return frame[14:] if frame[12:14] == b"\x08\x00" else None
+    if linktype == 113:  # Linux cooked (-i any)
+        return frame[16:] if frame[14:16] == b"\x08\x00" else None
+    if linktype == 276:  # Linux cooked v2
+        return frame[20:] if frame[0:2] == b"\x08\x00" else None
+    if linktype == 0:  # BSD loopback
+        return frame[4:]
+    if linktype in (12, 101, 228):  # raw IP / raw IPv4
+        return frame
+    return None
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    index = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+def wire_latency(pcap: Path, *, edge_port: int, trunk_port: int) -> WireLatency:
+    """Pair the first INVITE into the edge with the first one out to the trunk, by Call-ID.
+
+    Also counts calls whose INVITE crossed more than once: retransmitted by the caller, or
+    sent to the trunk again (a retransmission keeps its branch; a new branch means the edge
+    started a second client transaction for the same call).
+    """
+    into: dict[bytes, float] = {}
+    out: dict[bytes, float] = {}
+    in_count: Counter[bytes] = Counter()
+    out_count: Counter[bytes] = Counter()
+    out_branches: dict[bytes, set[bytes]] = {}
+    try:
+        for ts, _sport, dport, payload in read_pcap_udp(pcap):
+            if not payload.startswith(b"INVITE "):
+                continue
+            match = _CALL_ID.search(payload)
+            if match is None:
+                continue
+            call_id = match.group(1).strip()
+            # setdefault: a retransmitted INVITE must not move the first timestamp.
+            if dport == edge_port:
+                into.setdefault(call_id, ts)
+                in_count[call_id] += 1
+            elif dport == trunk_port:
+                out.setdefault(call_id, ts)
+                out_count[call_id] += 1
+                branch = _BRANCH.search(payload)
+                out_branches.setdefault(call_id, set()).add(branch.group(1) if branch else b"")
+    except (OSError, ValueError) as exc:
+        return WireLatency(captured=False, note=f"could not read the capture: {exc}")
+    deltas = sorted(
+        (out[cid] - into[cid]) * 1000.0 for cid in into.keys() & out.keys() if out[cid] >= into[cid]
+    )
+    result = WireLatency(
+        captured=bool(into or out),
+        note="",
+        invites_in=len(into),
+        invites_out=len(out),
+        paired=len(deltas),
+        retransmitted_in=sum(1 for n in in_count.values() if n > 1),
+        repeated_out=sum(1 for n in out_count.values() if n > 1),
+        new_branch_out=sum(1 for b in out_branches.values() if len(b) > 1),
+    )
+    if not deltas:
+        result.note = "no INVITE captured" if not (into or out) else "no INVITE could be paired"
+        return result
+    result.p50_ms = round(_percentile(deltas, 0.50), 3)
+    result.p95_ms = round(_percentile(deltas, 0.95), 3)
+    result.p99_ms = round(_percentile(deltas, 0.99), 3)
+    result.max_ms = round(deltas[-1], 3)
+    return result
+
+
+# ------------------------------------------------------------------------------- edge
+
+_LE = re.compile(r'le="([^"]+)"')
+
+
+def histogram(text: str, name: str) -> Histogram | None:
+    """Count and interpolated p50/p99 of a Prometheus histogram, in milliseconds.
+
+    Interpolates linearly inside the bucket holding the quantile, as Prometheus's
+    histogram_quantile does: only as good as the bucket bounds (0.05, 0.1, 0.2, 0.3, 0.5,
+    0.75, 1, 2, ... ms for this one).
+    """
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        match = _LE.search(line)
+        if match is None:
+            continue
+        bound = math.inf if match.group(1) == "+Inf" else float(match.group(1))
+        buckets.append((bound, float(line.rsplit(None, 1)[1])))
+    if not buckets:
+        return None
+    buckets.sort()
+    count = int(buckets[-1][1])
+    total = metric_value(text, name + "_sum")
+    mean = None if not count or total is None else round(total / count * 1000.0, 3)
+
+    def quantile(q: float) -> float | None:
+        if count == 0:
+            return None
+        rank = q * count
+        lower_bound, lower_count = 0.0, 0.0
+        for bound, cumulative in buckets:
+            if cumulative >= rank:
+                if math.isinf(bound):
+                    return round(lower_bound * 1000.0, 3)  # beyond the last finite bound
+                width = cumulative - lower_count
+                fraction = (rank - lower_count) / width if width else 1.0
+                return round((lower_bound + (bound - lower_bound) * fraction) * 1000.0, 3)
+            lower_bound, lower_count = bound, cumulative
+        return None
+
+    return Histogram(count=count, mean_ms=mean, p50_ms=quantile(0.50), p99_ms=quantile(0.99))
+
+
+_OUTCOMES = ("enriched", "no_location", "store_error", "cached", "fail_open", "failover", "failed")
+
+
+def summarize_edge(edge: EdgeProcess, log_offset: int = 0) -> EdgeSummary:
+    problems = _log_problems(edge.log_text()[log_offset:])
+    try:
+        text = edge.metrics()
+    except (OSError, HarnessError) as exc:
+        return EdgeSummary(
+            running_at_end=edge.running,
+            outcomes={},
+            trunk_failovers=0.0,
+            discarded=0.0,
+            delivery_failures=0.0,
+            enrich=None,
+            log_problems=problems,
+            metrics_error=str(exc),
+        )
+    outcomes = {
+        outcome: metric_value(text, "e911_sip_emergency_calls_total", outcome=outcome) or 0.0
+        for outcome in _OUTCOMES
+    }
+    return EdgeSummary(
+        running_at_end=edge.running,
+        outcomes=outcomes,
+        trunk_failovers=metric_value(text, "e911_sip_trunk_failovers_total") or 0.0,
+        discarded=metric_value(text, "e911_sip_messages_discarded_total") or 0.0,
+        delivery_failures=metric_value(text, "e911_sip_delivery_failures_total") or 0.0,
+        enrich=histogram(text, "e911_sip_emergency_enrich_seconds"),
+        log_problems=problems,
+    )
+
+
+def _log_problems(log: str, limit: int = 5) -> list[str]:
+    """The most frequent WARNING-or-worse lines of the edge's JSON log, with counts."""
+    kinds: Counter[str] = Counter()
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.strip():
+                kinds[f"(not JSON) {line.strip()[:120]}"] += 1
+            continue
+        if not isinstance(record, dict):
+            continue
+        level = str(record.get("level", ""))
+        if level in ("WARNING", "ERROR", "CRITICAL"):
+            detail = record.get("reason") or record.get("error") or ""
+            kinds[f"{level} {record.get('msg', '')} {detail}".strip()[:160]] += 1
+    return [f"{count}x {text}" for text, count in kinds.most_common(limit)]
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class Options:
+    duration: float
+    latency_duration: float
+    rates: list[int]
+    start_rate: int
+    max_rate: int
+    store: str
+    quick: bool
+    only: str | None
+    skip_max: bool
+    skip_latency: bool
+    keep_pcap: bool
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (self.only,) if self.only else KINDS
+
+
+class LoadBench:
+    """Starts the processes of each measurement and stops every one of them by PID."""
+
+    def __init__(self, options: Options, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self._runs = 0
+        self.redis: RedisServer | None = None
+        self.seed_file = workdir / "locations.json"
+
+    def __enter__(self) -> LoadBench:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.options.store == "redis":
+            self.redis = RedisServer(self.workdir)
+            self.redis.start()
+            self.redis.client().hset(f"e911:line:{CALLER}", "provider_endpoint", PROVIDER_ENDPOINT)
+        else:
+            self.seed_file.write_text(
+                json.dumps({CALLER: {"provider_endpoint": PROVIDER_ENDPOINT}}, indent=2) + "\n"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+
+    def _edge_config(
+        self, *, sip_port: int, http_port: int, emergency_port: int, default_port: int
+    ) -> dict[str, Any]:
+        if self.redis is not None:
+            return edge_config(
+                sip_port=sip_port,
+                http_port=http_port,
+                emergency_trunks=[trunk_uri(emergency_port)],
+                default_trunks=[trunk_uri(default_port)],
+                store_url=self.redis.url,
+            )
+        return edge_config(
+            sip_port=sip_port,
+            http_port=http_port,
+            emergency_trunks=[trunk_uri(emergency_port)],
+            default_trunks=[trunk_uri(default_port)],
+            seed_file=self.seed_file,
+        )
+
+    def run(self, kind: str, rate: int, duration: float, *, purpose: str) -> RunResult:
+        """One measurement with its own edge, trunks, caller and (for latency) capture."""
+        self._runs += 1
+        rundir = self.workdir / f"{self._runs:02d}-{purpose}-{kind}-{rate}cps"
+        rundir.mkdir(parents=True)
+        capture_wanted = purpose == "latency"
+        calls = max(1, round(rate * duration))
+        limit = max(MIN_CONCURRENCY, math.ceil(rate * CONCURRENCY_FACTOR))
+        sipp_timeout = duration + HOLD_MS / 1000 + SIPP_TIMEOUT_MARGIN_S
+        sipp_extra = ["-buff_size", str(SIPP_BUFFER)]
+        sipp = BenchSipp(rundir)
+        edge: EdgeProcess | None = None
+        capture: InviteCapture | None = None
+        print(f"-- {purpose} {kind} {rate} calls/s x {duration:g} s ({calls} calls)", flush=True)
+        try:
+            emergency_port = free_port("udp")
+            default_port = free_port("udp")
+            while default_port == emergency_port:
+                default_port = free_port("udp")
+            # Both trunks run in every measurement, as in production; only one gets calls.
+            trunks: dict[str, SippProcess] = {}
+            for name, port in (("emergency", emergency_port), ("passthrough", default_port)):
+                trunks[name] = sipp.uas(
+                    "uas_load",
+                    port=port,
+                    calls=calls,
+                    timeout=sipp_timeout + SIPP_TIMEOUT_MARGIN_S,
+                    extra=sipp_extra,
+                )
+            edge = EdgeProcess(
+                rundir,
+                self._edge_config(
+                    sip_port=free_port_pair(),
+                    http_port=free_port("tcp"),
+                    emergency_port=emergency_port,
+                    default_port=default_port,
+                ),
+            )
+            edge.start()
+            trunk_port = emergency_port if kind == "emergency" else default_port
+            uac_port = free_port("udp")
+            capture_problem: str | None = None
+            if capture_wanted:
+                capture = InviteCapture(
+                    rundir / "invites.pcap",
+                    edge_port=edge.sip_port,
+                    uac_port=uac_port,
+                    trunk_port=trunk_port,
+                )
+                if not capture.start():
+                    capture_problem = capture.problem
+                    capture = None
+
+            # Only what the edge logs under load counts; its start-up lines are not news.
+            log_offset = len(edge.log_text())
+            udp_before = udp_counters()
+            host_before = _host_ticks()
+            started = time.monotonic()
+            uac = sipp.start_uac(
+                "uac_load",
+                edge.sip_target,
+                service=SERVICES[kind],
+                port=uac_port,
+                keys={"caller": CALLER, "hold_ms": str(HOLD_MS)},
+                calls=calls,
+                rate=rate,
+                timeout=sipp_timeout,
+                extra=["-l", str(limit), *sipp_extra],
+            )
+            pids: dict[str, int] = {"edge": _pid(edge.pid), "sipp caller": uac.pid}
+            pids["sipp emergency trunk"] = trunks["emergency"].pid
+            pids["sipp default trunk"] = trunks["passthrough"].pid
+            if capture is not None and capture.pid is not None:
+                pids["tcpdump"] = capture.pid
+            if self.redis is not None and self.redis.pid is not None:
+                pids["redis-server"] = self.redis.pid
+            sampler = CpuSampler(pids, max_s=sipp_timeout + 20.0)
+            sampler.start()
+            try:
+                uac_result = uac.wait(timeout=sipp_timeout + 15.0)
+            finally:
+                wall = time.monotonic() - started
+                cpu = sampler.stop()
+            host = _host_cpu(host_before, _host_ticks())
+            # What the rest of the box did meanwhile: on a shared host, other work competing
+            # for the two cores explains a failure the edge's own figures cannot.
+            ours = sum(usage.mean_pct for usage in cpu)
+            host.others_pct = round(max(0.0, host.busy_pct * (os.cpu_count() or 1) - ours), 1)
+            udp_after = udp_counters()
+
+            active = trunks[kind]
+            idle = trunks["passthrough" if kind == "emergency" else "emergency"]
+            trunk_result = active.wait(timeout=TRUNK_DRAIN_S)
+            idle_result = idle.stop()
+            edge_summary = summarize_edge(edge, log_offset)
+
+            wire: WireLatency | None = None
+            if capture_wanted:
+                if capture is None:
+                    wire = WireLatency(captured=False, note=capture_problem or "no capture")
+                else:
+                    drops = capture.stop()
+                    wire = wire_latency(
+                        capture.pcap, edge_port=edge.sip_port, trunk_port=trunk_port
+                    )
+                    wire.dropped_by_kernel = drops
+                    if not self.options.keep_pcap:
+                        capture.pcap.unlink(missing_ok=True)
+        finally:
+            if capture is not None:
+                capture.stop()
+            sipp.close()
+            if edge is not None:
+                edge.stop()
+
+        uac_summary = summarize_sipp("caller", uac_result)
+        trunk_summary = summarize_sipp(f"{kind} trunk", trunk_result)
+        idle_summary = summarize_sipp("idle trunk", idle_result)
+        edge_cpu = next((c for c in cpu if c.name == "edge"), None)
+        per_call = (
+            round(edge_cpu.seconds / uac_summary.successful * 1e6, 1)
+            if edge_cpu is not None and uac_summary.successful
+            else None
+        )
+        hold_s = HOLD_MS / 1000
+        placing = max(wall - hold_s, 1e-3)
+        reasons = self._verdict(
+            kind, calls, duration, wall, uac_summary, trunk_summary, edge_summary
+        )
+        result = RunResult(
+            kind=kind,
+            purpose=purpose,
+            rate=rate,
+            duration_s=duration,
+            calls=calls,
+            concurrency_limit=limit,
+            passed=not reasons,
+            reasons=reasons,
+            wall_s=round(wall, 2),
+            late_s=round(max(0.0, wall - duration - hold_s), 2),
+            achieved_rate=round(uac_summary.successful / placing, 1),
+            edge_cpu_us_per_call=per_call,
+            uac=uac_summary,
+            trunk=trunk_summary,
+            idle_trunk=idle_summary,
+            edge=edge_summary,
+            cpu=cpu,
+            host=host,
+            udp_errors={k: udp_after.get(k, 0) - v for k, v in udp_before.items()},
+            wire=wire,
+            workdir=str(rundir),
+        )
+        verdict = "pass" if result.passed else "FAIL: " + "; ".join(reasons)
+        print(f"   {verdict}", flush=True)
+        time.sleep(PAUSE_BETWEEN_RUNS_S)  # let the CPU settle before the next edge starts
+        return result
+
+    @staticmethod
+    def _verdict(
+        kind: str,
+        calls: int,
+        duration: float,
+        wall: float,
+        uac: SippSummary,
+        trunk: SippSummary,
+        edge: EdgeSummary,
+    ) -> list[str]:
+        reasons: list[str] = []
+        if uac.timed_out:
+            reasons.append("caller had to be stopped")
+        elif uac.returncode != 0:
+            reasons.append(f"caller exit {uac.returncode}")
+        if uac.failed:
+            reasons.append(f"{uac.failed} failed calls")
+        if uac.successful < calls:
+            reasons.append(f"{uac.successful}/{calls} calls completed")
+        if uac.retransmissions or trunk.retransmissions:
+            reasons.append(
+                f"retransmissions caller {uac.retransmissions} / trunk {trunk.retransmissions}"
+            )
+        if trunk.failed:
+            reasons.append(f"{trunk.failed} failed calls at the trunk")
+        allowed = duration + HOLD_MS / 1000 + max(LATE_SLACK_MIN_S, LATE_SLACK_FRACTION * duration)
+        if wall > allowed:
+            reasons.append(f"calls took {wall:.1f} s to complete (allowed {allowed:.1f} s)")
+        if not edge.running_at_end:
+            reasons.append("edge exited")
+        if edge.metrics_error:
+            reasons.append(f"no /metrics: {edge.metrics_error}")
+        else:
+            if edge.trunk_failovers:
+                reasons.append(f"{edge.trunk_failovers:g} trunk failovers")
+            for outcome in ("fail_open", "failover", "failed"):
+                if edge.outcomes.get(outcome):
+                    reasons.append(f"{edge.outcomes[outcome]:g} {outcome}")
+            enriched = edge.outcomes.get("enriched", 0.0)
+            if kind == "emergency" and enriched < calls:
+                reasons.append(f"{enriched:g}/{calls} calls enriched")
+        return reasons
+
+    def max_rate(self, search: MaxSearch) -> None:
+        """Double the rate until a step fails, then bisect at most BISECT_STEPS times.
+
+        Fills ``search`` step by step, so an interrupted search still reports its steps.
+        """
+        opts = self.options
+        kind = search.kind
+        rate = min(opts.start_rate, opts.max_rate)
+        for _ in range(MAX_RAMP_STEPS):
+            step = self.run(kind, rate, opts.duration, purpose="max")
+            search.steps.append(step)
+            if not step.passed:
+                search.first_fail = rate
+                break
+            search.best_rate = rate
+            if rate >= opts.max_rate:
+                search.capped = True
+                break
+            rate = min(rate * 2, opts.max_rate)
+        if search.first_fail is None:
+            return
+        low, high = search.best_rate or 0, search.first_fail
+        for _ in range(BISECT_STEPS):
+            middle = _round_rate((low + high) / 2, high - low)
+            if middle <= low or middle >= high:
+                break
+            step = self.run(kind, middle, opts.duration, purpose="max")
+            search.steps.append(step)
+            if step.passed:
+                low = middle
+                search.best_rate = middle
+            else:
+                high = middle
+                search.first_fail = middle
+
+
+def _round_rate(value: float, gap: int) -> int:
+    """Rates to a round figure (multiples of 10 when the interval allows it)."""
+    return int(round(value / 10) * 10) if gap >= 40 else int(round(value))
+
+
+def _pid(pid: int | None) -> int:
+    if pid is None:
+        raise HarnessError("process has no PID")
+    return pid
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _cpu(result: RunResult, name: str) -> str:
+    for usage in result.cpu:
+        if usage.name == name:
+            return f"{usage.mean_pct:.0f} ({usage.peak_pct:.0f})"
+    return "-"
+
+
+def _sipp_cpu(result: RunResult) -> str:
+    total = sum(u.mean_pct for u in result.cpu if u.name.startswith("sipp"))
+    return f"{total:.0f}"
+
+
+def render(report: Report) -> str:
+    env = report.environment
+    out: list[str] = ["# e911-sip load benchmark", ""]
+    out += [
+        f"- command: `{env.command}`",
+        f"- started {env.started_at}, finished {env.finished_at}"
+        + (" (interrupted)" if env.interrupted else ""),
+        f"- host: {env.nproc} CPUs (`nproc`), {env.cpu_model}, kernel {env.kernel}",
+        f"- Python {env.python}, uvloop {env.uvloop}, {env.sipp}, {env.tcpdump}"
+        + (f", redis-server {env.redis_server}" if env.redis_server else ""),
+        f"- code: {env.git}; location store: {env.store}",
+        f"- load average before {env.loadavg_before}, after {env.loadavg_after}",
+        f"- speed probe (fixed Python loop, lower is faster): before "
+        f"{env.speed_probe_before_ms} ms, after {env.speed_probe_after_ms} ms",
+    ]
+    if env.error:
+        out.append(f"- **stopped by an error:** {env.error}")
+    out.append("")
+
+    if report.max_searches:
+        out += ["## Maximum sustained rate", ""]
+        out += [
+            "A step passes with every call completed on time, 0 failed calls and 0 "
+            "retransmissions at the caller and the trunk (SIPp -trace_stat), no failover / "
+            "fail-open / failed call in the edge's /metrics and, for 911, every call enriched. "
+            "Late: seconds beyond duration + hold the caller needed to complete its calls "
+            f"(allowed: {LATE_SLACK_FRACTION:.0%} of the duration, at least "
+            f"{LATE_SLACK_MIN_S:g} s). CPU: % of one core, mean over the step (busiest second "
+            "in brackets); SIPp = all SIPp processes together; other = every other process "
+            "on the host.",
+            "",
+        ]
+        out += ["| kind | max sustained calls/s | first failing calls/s |", "|---|---|---|"]
+        for search in report.max_searches:
+            best = "none passed" if search.best_rate is None else str(search.best_rate)
+            if search.capped:
+                best = f">= {best} (--max-rate reached)"
+            elif search.first_fail is None and env.interrupted:
+                best += " (search interrupted)"
+            fail = "-" if search.first_fail is None else str(search.first_fail)
+            out.append(f"| {search.kind} | {best} | {fail} |")
+        out.append("")
+        out += [
+            "| kind | target calls/s | calls | completed | failed | retrans caller/trunk "
+            "| late s | edge CPU % | edge us/call | SIPp CPU % | other CPU % "
+            "| UDP rcvbuf errors | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for search in report.max_searches:
+            for step in search.steps:
+                out.append(_step_row(step))
+        out.append("")
+        out += _failure_notes([s for m in report.max_searches for s in m.steps])
+
+    if report.latency:
+        out += ["## Latency added by the edge (INVITE in -> INVITE out)", ""]
+        out += [
+            "Wire: tcpdump on lo, kernel timestamps, INVITE pairs by Call-ID. Histogram: the "
+            "edge's own e911_sip_emergency_enrich_seconds (911 only; interpolated inside its "
+            "buckets, and blind to time spent in the socket queue before the edge reads). "
+            "Repeats: calls whose INVITE the caller retransmitted / the edge sent to the trunk "
+            "more than once / under a second branch. A point marked FAIL missed the pass "
+            "criteria of a rate step: its latency is that of an overloaded edge or box.",
+            "",
+            "| kind | calls/s | result | paired | wire p50 ms | p95 ms | p99 ms | max ms "
+            "| hist count | hist p50 ms | hist p99 ms | SIPp failed / retrans | repeats "
+            "| edge CPU % | SIPp CPU % | other CPU % | capture drops |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for run in report.latency:
+            wire = run.wire or WireLatency(captured=False, note="not captured")
+            hist = run.edge.enrich
+            if not wire.captured or wire.paired == 0:
+                cells = [f"no capture: {wire.note}", "-", "-", "-", "-"]
+            else:
+                cells = [str(wire.paired)]
+                cells += [_fmt(v, 3) for v in (wire.p50_ms, wire.p95_ms, wire.p99_ms, wire.max_ms)]
+            cells += [
+                str(hist.count) if hist is not None else "-",
+                _fmt(hist.p50_ms if hist else None, 3),
+                _fmt(hist.p99_ms if hist else None, 3),
+                f"{run.uac.failed} / {run.uac.retransmissions + run.trunk.retransmissions}",
+                f"{wire.retransmitted_in}/{wire.repeated_out}/{wire.new_branch_out}",
+                _cpu(run, "edge"),
+                _sipp_cpu(run),
+                f"{run.host.others_pct:.0f}",
+                "-" if wire.dropped_by_kernel is None else str(wire.dropped_by_kernel),
+            ]
+            verdict = "pass" if run.passed else "FAIL"
+            out.append(f"| {run.kind} | {run.rate} | {verdict} | " + " | ".join(cells) + " |")
+        out.append("")
+        out += _failure_notes([r for r in report.latency if not r.passed])
+
+    runs = [s for m in report.max_searches for s in m.steps] + report.latency
+    names = sorted({u.name for r in runs for u in r.cpu}, key=_cpu_order)
+    if runs:
+        out += ["## CPU per process (% of one core: mean over the run, busiest second)", ""]
+        out += [
+            "Other processes: CPU of everything else on the host during the run, % of one "
+            f"core (host busy is % of all {os.cpu_count()} cores).",
+            "",
+        ]
+        out += [
+            "| run | " + " | ".join(names) + " | other processes | host busy % | steal % |",
+            "|---|" + "---|" * (len(names) + 3),
+        ]
+        for run in runs:
+            cells = [_cpu(run, name) for name in names]
+            out.append(
+                f"| {run.purpose} {run.kind} {run.rate}/s | "
+                + " | ".join(cells)
+                + f" | {run.host.others_pct:.0f} | {run.host.busy_pct:.0f}"
+                + f" | {run.host.steal_pct:.0f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _cpu_order(name: str) -> tuple[int, str]:
+    order = ["edge", "sipp caller", "sipp emergency trunk", "sipp default trunk"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _step_row(step: RunResult) -> str:
+    retrans = f"{step.uac.retransmissions}/{step.trunk.retransmissions}"
+    rcvbuf = step.udp_errors.get("RcvbufErrors", 0)
+    result = "pass" if step.passed else "FAIL: " + "; ".join(step.reasons)
+    return (
+        f"| {step.kind} | {step.rate} | {step.calls} | {step.uac.successful} | {step.uac.failed}"
+        f" | {retrans} | {step.late_s:.1f} | {_cpu(step, 'edge')}"
+        f" | {_fmt(step.edge_cpu_us_per_call, 0)} | {_sipp_cpu(step)}"
+        f" | {step.host.others_pct:.0f} | {rcvbuf} | {result} |"
+    )
+
+
+def _failure_notes(runs: Sequence[RunResult]) -> list[str]:
+    out: list[str] = []
+    for run in runs:
+        if run.passed:
+            continue
+        out.append(
+            f"- {run.purpose} {run.kind} {run.rate} calls/s: "
+            + "; ".join(run.reasons)
+            + f" (logs: {run.workdir})"
+        )
+        for summary in (run.uac, run.trunk):
+            for line in summary.errors:
+                out.append(f"  - SIPp {summary.role}: {line}")
+            if summary.out_of_call or summary.dead_call:
+                out.append(
+                    f"  - SIPp {summary.role}: {summary.out_of_call} out-of-call and "
+                    f"{summary.dead_call} dead-call messages"
+                )
+        for line in run.edge.log_problems:
+            out.append(f"  - edge log: {line}")
+        if run.edge.discarded or run.edge.delivery_failures:
+            out.append(
+                f"  - edge metrics: {run.edge.discarded:g} messages discarded, "
+                f"{run.edge.delivery_failures:g} delivery failures"
+            )
+        udp = ", ".join(f"{k} {v}" for k, v in run.udp_errors.items() if v)
+        if udp:
+            out.append(f"  - host UDP counters during the run: {udp}")
+    if out:
+        out.append("")
+    return out
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        description="Load benchmark of the edge: max sustained rate, latency on the wire, CPU.",
+    )
+    parser.add_argument("--duration", type=float, help="seconds per rate step (default 30)")
+    parser.add_argument(
+        "--latency-duration", type=float, help="seconds per latency point (default 20)"
+    )
+    parser.add_argument(
+        "--rates",
+        default="200,1000",
+        help="calls/s of the latency points, comma-separated (default 200,1000)",
+    )
+    parser.add_argument("--start-rate", type=int, default=100, help="first step, calls/s")
+    parser.add_argument("--max-rate", type=int, default=12800, help="highest step, calls/s")
+    parser.add_argument("--store", choices=("memory", "redis"), default="memory")
+    parser.add_argument("--quick", action="store_true", help="5 s steps and points: smoke run")
+    parser.add_argument("--only", choices=KINDS, help="one kind of call only")
+    parser.add_argument("--skip-max", action="store_true", help="no max-rate search")
+    parser.add_argument("--skip-latency", action="store_true", help="no latency points")
+    parser.add_argument("--keep-pcap", action="store_true", help="keep the latency captures")
+    args = parser.parse_args(argv)
+    short = 5.0 if args.quick else None
+    duration = args.duration or short or 30.0
+    latency_duration = args.latency_duration or short or 20.0
+    try:
+        rates = [int(part) for part in args.rates.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--rates: expected integers separated by commas, got {args.rates!r}")
+    if any(rate <= 0 for rate in rates) or args.start_rate <= 0 or args.max_rate <= 0:
+        parser.error("rates must be positive")
+    if duration <= 0 or latency_duration <= 0:
+        parser.error("durations must be positive")
+    return Options(
+        duration=duration,
+        latency_duration=latency_duration,
+        rates=rates,
+        start_rate=args.start_rate,
+        max_rate=args.max_rate,
+        store=args.store,
+        quick=args.quick,
+        only=args.only,
+        skip_max=args.skip_max,
+        skip_latency=args.skip_latency,
+        keep_pcap=args.keep_pcap,
+    )
+
+
+def environment(options: Options, argv: Sequence[str]) -> Environment:
+    return Environment(
+        command=shlex.join([Path(sys.executable).name, *argv]),
+        started_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        nproc=_run_text(["nproc"]),
+        cpu_model=cpu_model(),
+        kernel=platform.release(),
+        python=platform.python_version(),
+        uvloop=package_version("uvloop"),
+        sipp=_first_line_matching(_run_text(["sipp", "-v"]), r"SIPp v"),
+        tcpdump=_first_line_matching(_run_text(["tcpdump", "--version"]), r"tcpdump version"),
+        redis_server=(
+            _first_line_matching(_run_text(["redis-server", "--version"]), r"v=")
+            if options.store == "redis"
+            else None
+        ),
+        git=_run_text(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
+        store=(
+            f"redis-server (HSET e911:line:{CALLER})"
+            if options.store == "redis"
+            else f"memory:// seeded with line {CALLER}"
+        ),
+        loadavg_before=loadavg(),
+        speed_probe_before_ms=speed_probe(),
+    )
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so every process is stopped by the finally blocks.
+    # Further signals are ignored meanwhile: a second Ctrl-C must not cut that cleanup short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = parse_args(args)
+    for tool in ("sipp", "tcpdump"):
+        if shutil.which(tool) is None:
+            print(f"warning: {tool} is not installed", file=sys.stderr)
+    # SIGINT too: a shell starting the script in the background leaves SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    workdir = RESULTS_DIR / stamp
+    report = Report(
+        environment=environment(options, [sys.argv[0], *args]),
+        options=asdict(options),
+    )
+    status = 0
+    try:
+        with LoadBench(options, workdir) as bench:
+            if not options.skip_max:
+                for kind in options.kinds:
+                    search = MaxSearch(kind=kind, best_rate=None, first_fail=None, capped=False)
+                    report.max_searches.append(search)
+                    bench.max_rate(search)
+            if not options.skip_latency:
+                # Kinds alternate at each rate so both are measured in the same period of the
+                # host's speed.
+                for rate in options.rates:
+                    for kind in options.kinds:
+                        run = bench.run(kind, rate, options.latency_duration, purpose="latency")
+                        report.latency.append(run)
+    except KeyboardInterrupt:
+        report.environment.interrupted = True
+        status = 130
+    except HarnessError as exc:
+        report.environment.error = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        status = 1
+    finally:
+        report.environment.finished_at = (
+            dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        )
+        report.environment.loadavg_after = loadavg()
+        report.environment.speed_probe_after_ms = speed_probe()
+        text = render(report)
+        (RESULTS_DIR / f"{stamp}.md").write_text(text + "\n", encoding="utf-8")
+        (RESULTS_DIR / f"{stamp}.json").write_text(
+            json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8"
+        )
+        print()
+        print(text)
+        print(f"\nwritten: {RESULTS_DIR / stamp}.md, {RESULTS_DIR / stamp}.json, logs in {workdir}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
