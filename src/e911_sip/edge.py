@@ -8,10 +8,12 @@ the core's events (``next_event``) and arms a single ``loop.call_at`` for ``get_
 That is the whole adapter; every SIP rule lives in the core (RFC 3261 §16, §17).
 
 Emergency INVITEs are the one place the edge adds behaviour. The core reports each as an
-:class:`~e911_sip.proxy.core.EmergencyCall` and waits. A task then reads the caller's line
-(PAI, else From), looks the line up under a timeout with a cache and a cool-down behind it
-(:mod:`e911_sip.store.resilient`), enriches the request (:mod:`e911_sip.policy.enrich`) and
-hands it back with ``forward_emergency``. Any exception on that path sends the original
+:class:`~e911_sip.proxy.core.EmergencyCall` and waits. The edge reads the caller's line (PAI,
+else From), looks the line up (:mod:`e911_sip.store.resilient`: a timeout, a cache and a
+cool-down in front of the store), enriches the request (:mod:`e911_sip.policy.enrich`) and
+hands it back with ``forward_emergency``. An in-memory store answers at once, so the INVITE
+leaves in the same turn of the loop that received it; a Redis lookup runs in a task while the
+loop serves other messages. Any exception on that path sends the original
 request instead, and the core itself forwards the original if no answer comes within its
 fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
 the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
@@ -46,7 +48,7 @@ from e911_sip.proxy.core import (
 )
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore
-from e911_sip.store.resilient import LookupSource, ResilientLookup
+from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
 
 log = logging.getLogger("e911_sip.edge")
 
@@ -119,8 +121,12 @@ class Edge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._received_at: dict[int, float] = {}
         self._call_info: dict[int, dict[str, object]] = {}
+        self._settled: list[int] = []
         self._request_counters: dict[tuple[str, str], Any] = {}
         self._outcomes = {name: metrics.emergency_calls.labels(name) for name in EMERGENCY_OUTCOMES}
+        self._lookup_seconds = {
+            source: metrics.store_lookup_seconds.labels(source.value) for source in LookupSource
+        }
         self._emergency_dialogs: dict[str, float] = {}
         self._now_received = 0.0
         self.draining = False
@@ -175,6 +181,11 @@ class Edge:
             while event is not None:
                 self._on_event(event)
                 event = core.next_event()
+        if self._settled:
+            for call in self._settled:
+                self._received_at.pop(call, None)
+                self._call_info.pop(call, None)
+            self._settled.clear()
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -208,9 +219,7 @@ class Edge:
             counter.inc()
         elif isinstance(event, EmergencyCall):
             self._received_at[event.call] = self._now_received
-            task = self._loop.create_task(self._enrich_and_forward(event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._begin_emergency(event)
         elif isinstance(event, EmergencyForwarded):
             started = self._received_at.pop(event.call, None)
             if started is not None:
@@ -266,22 +275,58 @@ class Edge:
                 extra={"call_id": event.call_id, "status": event.status, "trunk": event.trunk},
             )
 
-    async def _enrich_and_forward(self, event: EmergencyCall) -> None:
-        request = event.request
-        extra: dict[str, object] = {"call_id": event.call_id, "number": event.number}
-        outcome = "enriched"
+    def _begin_emergency(self, event: EmergencyCall) -> None:
+        """Look the caller up and enrich: at once when the store answers without waiting
+        (in memory), else in a task so that the loop keeps serving while Redis answers."""
         try:
-            line = caller_line(request)
-            extra["caller"] = line
+            line = caller_line(event.request)
+            result = self._lookup.lookup_now(line) if line is not None else None
+        except Exception:
+            log.exception("reading the caller failed", extra={"call_id": event.call_id})
+            self._finish_emergency(event, None, None, failed=True)
+            return
+        if line is None or result is not None:
+            self._finish_emergency(event, line, result)
+            return
+        task = self._loop.create_task(self._lookup_then_finish(event, line))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup_then_finish(self, event: EmergencyCall, line: str) -> None:
+        try:
+            result: LookupResult | None = await self._lookup.lookup(line)
+            failed = False
+        except Exception:
+            log.exception("location lookup failed", extra={"call_id": event.call_id})
+            result, failed = None, True
+        self._finish_emergency(event, line, result, failed=failed)
+        self._pump()
+
+    def _finish_emergency(
+        self,
+        event: EmergencyCall,
+        line: str | None,
+        result: LookupResult | None,
+        *,
+        failed: bool = False,
+    ) -> None:
+        """Enrich with what the lookup found and hand the request back to the core."""
+        request = event.request
+        extra: dict[str, object] = {
+            "call_id": event.call_id,
+            "number": event.number,
+            "caller": line,
+        }
+        try:
+            if failed:
+                raise RuntimeError("the caller or the location could not be read")
             provider_endpoint: str | None = None
             callback: str | None = None
             if line is None:
                 outcome = "no_caller"
             else:
-                result = await self._lookup.lookup(line)
-                self._metrics.store_lookup_seconds.labels(result.source.value).observe(
-                    result.seconds
-                )
+                assert result is not None
+                self._lookup_seconds[result.source].observe(result.seconds)
                 if result.record is not None:
                     provider_endpoint = result.record.provider_endpoint
                     callback = result.record.callback
@@ -313,20 +358,19 @@ class Edge:
         self._outcomes[outcome].inc()
         extra["outcome"] = outcome
         self._call_info[event.call] = extra
-        if outcome == "enriched":
-            pass  # logged once, with the trunk, when it is forwarded
-        elif outcome == "cached":
+        if outcome == "cached":
             log.warning("location store unavailable; used a cached location", extra=extra)
-        elif outcome != "enrich_error":
+        elif outcome not in ("enriched", "enrich_error"):
+            # "enriched" is logged once, with the trunk, when it is forwarded.
             log.warning(
                 "emergency call without location; Bandwidth's call center will answer it",
                 extra=extra,
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
-        self._pump()
-        # Forwarding consumed these; a call cancelled or failed open meanwhile did not.
-        self._received_at.pop(event.call, None)
-        self._call_info.pop(event.call, None)
+        # The INVITE going out consumes the timing and log fields (EmergencyForwarded, in
+        # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
+        # clears them when it is done.
+        self._settled.append(event.call)
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

@@ -19,7 +19,7 @@ from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, parse
 from e911_sip.sip.peer import Peer
-from e911_sip.store.base import LocationRecord
+from e911_sip.store.base import LocationRecord, LocationStore
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.transport.recording import RecordingTransport
@@ -38,7 +38,7 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def build(
-    store: MemoryStore, *, provisional_timeout: float = 2.0, lookup_timeout: float = 0.05
+    store: LocationStore, *, provisional_timeout: float = 2.0, lookup_timeout: float = 0.05
 ) -> tuple[Edge, RecordingTransport, Metrics]:
     options = ProxyOptions(
         local=(LocalAddress("udp", "192.0.2.1", 5070),),
@@ -123,9 +123,17 @@ async def test_store_down_still_forwards_and_counts() -> None:
 
 
 async def test_hung_store_is_bounded_by_the_lookup_timeout() -> None:
-    class Hung(MemoryStore):
+    class Hung:
+        """A store that never answers (a Redis stuck behind a dead network path)."""
+
         async def lookup(self, line: str) -> LocationRecord | None:
             await asyncio.Event().wait()
+            return None
+
+        async def ping(self) -> bool:
+            return False
+
+        async def close(self) -> None:
             return None
 
     edge, transport, metrics = build(Hung(), lookup_timeout=0.02)
@@ -204,3 +212,32 @@ async def test_drain_waits_for_calls_in_flight() -> None:
     force.set()
     await asyncio.wait_for(drain, 5)
     edge.close()
+
+
+async def test_a_store_that_must_be_awaited_is_looked_up_in_a_task() -> None:
+    class Remote:
+        """Answers only through the event loop, as Redis does."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def lookup(self, line: str) -> LocationRecord | None:
+            self.calls += 1
+            await asyncio.sleep(0)
+            return RECORD if line == "3215551234" else None
+
+        async def ping(self) -> bool:
+            return True
+
+        async def close(self) -> None:
+            return None
+
+    store = Remote()
+    edge, transport, metrics = build(store)
+    edge.message_received(invite(), SOFTSWITCH)
+    # Nothing can have been looked up before the loop ran the task.
+    assert store.calls == 0 and not invites_to(transport, "198.51.100.1")
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert invites_to(transport, "198.51.100.1")[0].get("geolocation") is not None
+    assert outcome(metrics, "enriched") == 1
+    assert metrics.registry.get_sample_value("e911_sip_emergency_enrich_seconds_count") == 1

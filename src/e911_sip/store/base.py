@@ -91,6 +91,15 @@ class LocationStore(Protocol):
         ...
 
 
+class ImmediateLocationStore(LocationStore, Protocol):
+    """A store that can answer without waiting (in memory): the edge then enriches an
+    emergency INVITE in the same turn of the event loop that received it."""
+
+    def lookup_now(self, line: str) -> LocationRecord | None:
+        """As :meth:`LocationStore.lookup`, synchronously."""
+        ...
+
+
 class LineRecordWriter(Protocol):
     """What provisioning needs: atomic writes of line records."""
 

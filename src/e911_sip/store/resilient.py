@@ -87,21 +87,44 @@ class ResilientLookup:
         try:
             async with asyncio.timeout(self._options.timeout):
                 record = await self._store.lookup(line)
-        except InvalidRecord as exc:
-            self._cache.pop(line, None)
-            return LookupResult(None, LookupSource.INVALID, str(exc), self._clock() - start)
         except (StoreError, TimeoutError) as exc:
-            now = self._clock()
-            reason = str(exc) or f"lookup exceeded {self._options.timeout * 1000:.0f} ms"
-            self.last_error = reason
-            self._skip_until = now + self._options.cooldown
-            return self._fallback(line, reason, now - start)
+            return self._failed(line, exc, start)
+        return self._found(line, record, start)
+
+    def lookup_now(self, line: str) -> LookupResult | None:
+        """The answer at once when the store can give it without waiting, else None.
+
+        An in-memory store answers here; a Redis store needs :meth:`lookup`.
+        """
+        immediate = getattr(self._store, "lookup_now", None)
+        if immediate is None:
+            return None
+        start = self._clock()
+        if start < self._skip_until:
+            return self._fallback(line, self.last_error or "store unavailable", 0.0)
+        try:
+            record = immediate(line)
+        except StoreError as exc:
+            return self._failed(line, exc, start)
+        return self._found(line, record, start)
+
+    def _found(self, line: str, record: LocationRecord | None, start: float) -> LookupResult:
         now = self._clock()
         if record is None:
             self._cache.pop(line, None)
         else:
             self._remember(line, record, now)
         return LookupResult(record, LookupSource.STORE, None, now - start)
+
+    def _failed(self, line: str, exc: Exception, start: float) -> LookupResult:
+        now = self._clock()
+        if isinstance(exc, InvalidRecord):
+            self._cache.pop(line, None)
+            return LookupResult(None, LookupSource.INVALID, str(exc), now - start)
+        reason = str(exc) or f"lookup exceeded {self._options.timeout * 1000:.0f} ms"
+        self.last_error = reason
+        self._skip_until = now + self._options.cooldown
+        return self._fallback(line, reason, now - start)
 
     def _remember(self, line: str, record: LocationRecord, now: float) -> None:
         cache = self._cache
