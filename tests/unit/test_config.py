@@ -122,3 +122,26 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "configuration error" in err and "[emergency] trunks" in err
     assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_container_config_and_its_environment() -> None:
+    config = load(
+        ROOT / "config" / "e911-sip.container.toml",
+        {
+            "E911_SIP__SIP__ADVERTISE": "203.0.113.10",
+            "E911_SIP__STORE__URL": "redis://10.0.0.7:6379/0",
+            "E911_SIP__PROVISIONING__TOKENS": '{ portaswitch = "0123456789abcdef0123" }',
+        },
+    )
+    assert config.sip.advertise == "203.0.113.10"
+    assert config.provisioning.tokens == {"portaswitch": "0123456789abcdef0123"}
+    assert config.provisioning.state_url == "file:///var/lib/e911-sip/provisioning.json"
+
+
+def test_dockerfile_runs_a_shipped_config() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = [line for line in dockerfile.splitlines() if line.startswith("CMD ")][-1]
+    path = cmd.split('"')[-2]
+    assert path.startswith("/etc/e911-sip/")
+    assert (ROOT / "config" / path.removeprefix("/etc/e911-sip/")).is_file()
+    assert "COPY config /etc/e911-sip" in dockerfile

@@ -22,13 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from e911_sip.provisioning.model import AuditEntry, ModelError
+from e911_sip.store.redis import connect
 
 __all__ = [
     "AuditEntry",
@@ -173,14 +171,7 @@ class RedisAuditLog:
         self, *, url: str, stream: str = DEFAULT_STREAM, socket_timeout: float = 5.0
     ) -> None:
         self._stream = stream
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._client = connect(url, socket_timeout=socket_timeout)
 
     @property
     def stream(self) -> str:

@@ -29,12 +29,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
-from redis.retry import Retry
 
 from e911_sip.provisioning.model import CustomerState, ModelError
+from e911_sip.store.redis import connect
 
 DEFAULT_STATE_PREFIX = "e911:prov:"
 
@@ -345,16 +343,8 @@ class RedisStateStore:
         socket_timeout: float = 5.0,
     ) -> None:
         self._prefix = key_prefix
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            # A retried EXEC could apply a change twice from the caller's point of view;
-            # the service retries whole operations instead.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        # No client retries: the service retries whole operations instead.
+        self._client = connect(url, socket_timeout=socket_timeout)
 
     def customer_key(self, customer_id: str) -> str:
         """Key of one customer's document."""

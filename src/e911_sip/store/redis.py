@@ -18,6 +18,25 @@ from redis.retry import Retry
 from e911_sip.store.base import DEFAULT_KEY_PREFIX, InvalidRecord, LocationRecord, StoreError
 
 
+def connect(url: str, *, socket_timeout: float, max_connections: int = 64) -> aioredis.Redis:
+    """A ``redis.asyncio`` client as every part of the product uses it.
+
+    Replies decoded as text; no client-side retries (a retried EXEC could apply a change
+    twice from the caller's point of view, and the edge bounds lookups itself); no periodic
+    health check on the hot path.
+    """
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections,
+        health_check_interval=0,
+    )
+    return client
+
+
 class RedisStore:
     """Line records in Redis hashes. Implements LocationStore and LineRecordWriter."""
 
@@ -30,15 +49,7 @@ class RedisStore:
         max_connections: int = 64,
     ) -> None:
         self._prefix = key_prefix
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-            health_check_interval=0,
-        )
+        self._client = connect(url, socket_timeout=socket_timeout, max_connections=max_connections)
 
     def key(self, line: str) -> str:
         """The hash key of a 10-digit line."""
