@@ -289,18 +289,35 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
     )
 
 
-def tune_gc() -> None:
-    """Fewer, cheaper garbage-collector passes for a long-running message loop.
+GC_FREEZE_INTERVAL = 0.5
+"""Seconds between moves of surviving objects out of the collector's reach."""
 
-    Every SIP message allocates many short-lived objects; with the default thresholds the
-    collector runs every few hundred messages and, as transactions live for 32 s, each pass
-    walks a large heap. The core avoids reference cycles, so reference counting frees almost
-    everything and rarer passes lose nothing. Objects made at start-up are frozen out of
-    the collector's way.
-    """
+
+def tune_gc() -> None:
+    """Start the process with everything made so far out of the collector's reach."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+
+
+async def keep_gc_young(stop: asyncio.Event, interval: float = GC_FREEZE_INTERVAL) -> None:
+    """Collect, then freeze, every ``interval``: no collection ever walks a large heap.
+
+    Transactions must live 32 s (Timers D, J, L, M over UDP), so at a few hundred calls a
+    second the heap holds hundreds of thousands of objects; a full collection of that took
+    close to a second on a 2-core host, long enough for every caller to retransmit. The
+    core is free of reference cycles (a test holds it to that), so reference counting frees
+    what it drops. Each round collects what was allocated since the last one, then freezes
+    the survivors, keeping every pass of the collector over at most ``interval`` worth of
+    objects.
+    """
+    while not stop.is_set():
+        gc.collect()
+        gc.freeze()
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
 
 
 async def run(config: Config, *, role: Role = Role.ALL) -> int:
@@ -373,6 +390,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 },
             )
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(keep_gc_young(watch_stop))
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
                 await stop.wait()

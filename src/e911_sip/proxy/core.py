@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -247,6 +248,7 @@ class _Branch:
         "cancelled",
         "abandoned",
         "done",
+        "__weakref__",
     )
 
     def __init__(self, context: _Context, txn: ClientTransaction, peer: Peer, trunk: str) -> None:
@@ -284,6 +286,7 @@ class _Context:
         "fail_open_deadline",
         "enriched",
         "inbound",
+        "__weakref__",
     )
 
     def __init__(
@@ -458,6 +461,10 @@ class ProxyCore:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, target = heapq.heappop(timers)
+            if isinstance(target, weakref.ref):
+                target = target()
+                if target is None:
+                    continue
             if isinstance(target, _Branch):
                 self._branch_timer(target, now)
             elif isinstance(target, _Context):
@@ -584,7 +591,7 @@ class ProxyCore:
         context.template = forwarded
         context.awaiting_owner = True
         context.fail_open_deadline = now + self._options.fail_open_after
-        self._push_timer(context.fail_open_deadline, context)
+        self._push_timer(context.fail_open_deadline, weakref.ref(context))
         self._events.append(RequestRouted("INVITE", Route.EMERGENCY))
         self._events.append(EmergencyCall(context.id, forwarded, number, forwarded.call_id))
 
@@ -661,7 +668,7 @@ class ProxyCore:
         self._client[txn.key] = entry
         if request.method == "INVITE" and trunk is not None and context.trunks:
             branch.provisional_deadline = now + self._options.provisional_timeout
-            self._push_timer(branch.provisional_deadline, branch)
+            self._push_timer(branch.provisional_deadline, weakref.ref(branch))
         self._run_client(entry, txn.start(now), now)
 
     def _on_cancel(
@@ -775,7 +782,9 @@ class ProxyCore:
                 self._cancel_branch(branch, now)
                 return
             branch.timer_c_deadline = now + self._options.timer_c
-            self._push_timer(branch.timer_c_deadline, branch)
+            # Weakly held: a finished branch must not stay alive until its Timer C (3 min)
+            # comes round in the heap.
+            self._push_timer(branch.timer_c_deadline, weakref.ref(branch))
             if status != 100 and not context.final_sent and not context.cancelled:
                 self._reply(context, response.pop_top_via(), now)
             return

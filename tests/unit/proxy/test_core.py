@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 from dataclasses import dataclass, field
 
 import pytest
@@ -565,3 +566,32 @@ def test_receive_never_raises(noise: bytes, cut: int) -> None:
     data = invite()
     h.feed(data[:cut] + noise + data[cut + len(noise) :])
     h.advance(1.0)
+
+
+def test_calls_leave_no_reference_cycles() -> None:
+    """The edge freezes surviving objects out of the garbage collector's reach (app.py),
+    which is only safe while everything the core drops is freed by reference counting."""
+    h = make_core()
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(20):
+            request = invite(branch=f"z9hG4bKcycle{n}", call_id=f"cycle-{n}@192.0.2.10")
+            _, raw = start_emergency(h, request)
+            if n % 4 == 0:
+                h.feed(response_to(raw, 503, "Unavailable"), TRUNK1)  # failover branch
+                raw = [o.data for o in h.sent if o.peer.host == TRUNK2.host][-1]
+                h.feed(response_to(raw, 180, "Ringing"), TRUNK2)
+                h.feed(cancel_for(request))
+                h.feed(response_to(raw, 487, "Request Terminated"), TRUNK2)
+            else:
+                h.feed(response_to(raw, 180, "Ringing"), TRUNK1)
+                h.feed(response_to(raw, 200, "OK"), TRUNK1)
+        h.advance(70.0)
+        assert h.core.transactions_in_flight == 0 and h.core.contexts_in_flight == 0
+        h.sent.clear()
+        h.events.clear()
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
