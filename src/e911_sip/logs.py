@@ -23,16 +23,25 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._prefix = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        created = time.gmtime(record.created)
+        second = int(record.created)
+        if second != self._second:
+            # One strftime per second, not per line: the edge logs every emergency call.
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._prefix}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key[0] != "_":
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
