@@ -1,7 +1,9 @@
-"""Load benchmark of the edge with real processes on loopback: SIPp caller -> edge -> SIPp trunk.
+"""Load benchmark with real processes on loopback: SIPp caller -> proxy -> SIPp trunk.
 
-What it measures, each with a fresh edge process (so one measurement cannot warm up or
-poison the next):
+The proxy is the edge, or Kamailio 5.6 running ``bench/reference/kamailio.cfg`` (the same job:
+record-route, stateful relay, a Redis HGET per 911 call, the same four headers), or both
+alternately (``--target edge|kamailio|both``). What it measures, each with a fresh proxy
+process (so one measurement cannot warm up or poison the next):
 
 1. **Maximum sustained call rate**, for emergency calls (``911``, enriched from the location
    store) and for non-emergency pass-through (``2125550100``, sent to the default trunk).
@@ -10,36 +12,41 @@ poison the next):
    180, 200, ACK, 100 ms hold, BYE, 200). A step passes when, on SIPp's ``-trace_stat``
    counters, every call succeeded with 0 failed calls and 0 retransmissions on the caller
    *and* the trunk side, the calls were completed on time (not held back by the concurrency
-   limit or a backlog), and the edge's ``/metrics`` shows no failover, fail-open or failed
-   call and, for 911, one enriched call per call placed. Between the last pass and the first
-   failure, at most three bisection steps refine the figure.
-2. **Latency added by the edge, on the wire.** tcpdump captures, on ``lo``, only INVITEs (a
-   BPF test on the first payload bytes) sent to the edge by the caller and to the trunk by
-   the edge. Pairing them by Call-ID gives in->out per call with kernel timestamps, which is
-   the figure comparable to the Kamailio reference (SIPp's own response times come in 4 ms
-   ticks). Alongside, the edge's own ``e911_sip_emergency_enrich_seconds`` histogram is read
-   (count and p50/p99 interpolated inside its buckets): it starts later (after the datagram
-   has been read and parsed) and stops earlier (before the send), so it is below the wire
-   figure; far below means datagrams wait in the socket buffer (the event loop is behind).
-3. **CPU**, from ``/proc/<pid>/stat`` (utime + stime) of the edge, of every SIPp process, of
+   limit or a backlog), and the proxy's own counters agree: the edge's ``/metrics`` shows no
+   failover, fail-open or failed call and, for 911, one enriched call per call placed;
+   Kamailio's statistics (read with ``kamcmd``) show one enriched call per 911 call and no
+   failed lookup. Between the last pass and the first failure, at most three bisection steps
+   refine the figure.
+2. **Latency added by the proxy, on the wire.** tcpdump captures, on ``lo``, only INVITEs (a
+   BPF test on the first payload bytes) sent to the proxy by the caller and to the trunk by
+   the proxy. Pairing them by Call-ID gives in->out per call with kernel timestamps, which is
+   the figure comparable between the edge and Kamailio (SIPp's own response times come in
+   4 ms ticks). For the edge, its own ``e911_sip_emergency_enrich_seconds`` histogram is read
+   alongside (count and p50/p99 interpolated inside its buckets): it starts later (after the
+   datagram has been read and parsed) and stops earlier (before the send), so it is below the
+   wire figure; far below means datagrams wait in the socket buffer (the event loop is behind).
+3. **CPU**, from ``/proc/<pid>/stat`` (utime + stime) of the proxy (for Kamailio, the sum of
+   all its processes: main, UDP worker, timers, control socket), of every SIPp process, of
    tcpdump and redis-server when they run, as % of one core averaged over the run and the
    busiest one-second interval, plus the whole host's busy and steal share and the CPU of
    every other process on the host (a shared machine has neighbours). On a 2-core box
    the SIPp processes take about a core at high rates: when the host is near 100 % busy, a
-   failed step is a limit of the box, not of the edge. "Edge CPU us/call" is the edge's CPU
-   time divided by calls completed, comparable to the reference's ~150 us per 911 call.
+   failed step is a limit of the box, not of the proxy. "us/call" is the proxy's CPU time
+   divided by calls completed.
 
 How to read it: the machine's speed varies 2-3x over time, so an absolute calls/s figure
-means little on its own. The report records load average, host busy/steal and a small fixed
-CPU probe ("speed probe", lower is faster) before and after, to tell a slow period from a
-regression. Compare figures taken in one session, and quote ratios.
+means little on its own. With ``--target both`` every measurement is taken for the edge and
+then for Kamailio before the next one starts, so a change in the host's speed hits both, and
+the report ends with the ratios edge / Kamailio. The report also records load average, host
+busy/steal and a small fixed CPU probe ("speed probe", lower is faster) before and after.
 
-    python bench/run_load.py                 # full run, 30 s steps, 20 s latency points
+    python bench/run_load.py                 # the edge: 30 s steps, 20 s latency points
     python bench/run_load.py --quick         # smoke run, 5 s steps
+    python bench/run_load.py --target both --quick --max-rate 3200
     python bench/run_load.py --only emergency --skip-latency --start-rate 500
 
 Results: a markdown report on stdout and in ``bench/results/<timestamp>.md``, the raw
-figures in ``bench/results/<timestamp>.json`` and every process's logs (edge stderr, SIPp
+figures in ``bench/results/<timestamp>.json`` and every process's logs (proxy stderr, SIPp
 statistics and error logs) in ``bench/results/<timestamp>/``. This is run by hand; it is not
 part of the test suite. ``bench/core_bench.py`` measures the sans-IO core's CPU per call
 without sockets.
@@ -72,12 +79,15 @@ from types import FrameType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Run as a plain script (``python bench/run_load.py``): the harness is imported from the
-# repository, and the edge itself runs from src/ (the harness puts it on PYTHONPATH).
+# Run as a plain script (``python bench/run_load.py``): the harness and the Kamailio reference
+# are imported from the repository, and the edge itself runs from src/ (the harness puts it on
+# PYTHONPATH).
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.reference import kamailio as reference  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
+    LOOPBACK,
     EdgeProcess,
     HarnessError,
     RedisServer,
@@ -100,13 +110,15 @@ PROVIDER_ENDPOINT = "5555555/e911abc123def456"
 HOLD_MS = 100
 SERVICES = {"emergency": "911", "passthrough": "2125550100"}
 KINDS = tuple(SERVICES)
+TARGETS = ("edge", "kamailio")
 
 # SIPp's default socket buffer (64 KiB) overflows on loopback as soon as SIPp is descheduled
 # for a few ms at a few thousand messages per second; the drops then show up as
-# retransmissions blamed on the edge. The edge itself asks for 4 MiB, so SIPp gets the same.
+# retransmissions blamed on the proxy. The edge asks for 4 MiB (and the Kamailio config allows
+# it as much), so SIPp gets the same.
 SIPP_BUFFER = 4 * 1024 * 1024
 # Each call lasts ~0.1 s, so ``rate / 10`` calls are up at once; five times that bounds SIPp's
-# memory when the edge stalls, and a step held back by it fails on the "placed on time" check.
+# memory when the proxy stalls, and a step held back by it fails on the "placed on time" check.
 CONCURRENCY_FACTOR = 0.5
 MIN_CONCURRENCY = 100
 MAX_RAMP_STEPS = 12
@@ -131,13 +143,18 @@ _INVITE_BPF = "udp[8:4] = 0x494e5649"
 
 @dataclass
 class CpuUsage:
-    """CPU time of one process over a run, as % of one core."""
+    """CPU time of one process (or the sum of a group of them) over a run, as % of one core."""
 
     name: str
     pid: int
+    """The first (for Kamailio, the main) process."""
     seconds: float
     mean_pct: float
     peak_pct: float
+    pids: list[int] = field(default_factory=list)
+    """Every process counted under ``name``."""
+    seconds_by_pid: dict[int, float] = field(default_factory=dict)
+    """CPU seconds of each process, when ``name`` covers more than one."""
 
 
 @dataclass
@@ -191,8 +208,26 @@ class EdgeSummary:
 
 
 @dataclass
+class KamailioSummary:
+    """Kamailio's statistics (``kamcmd stats.get_statistics all``) and log at the end of a run."""
+
+    running_at_end: bool
+    enriched: float
+    """911 calls that got a Geolocation (``script:e911_enriched``)."""
+    unlocated: float
+    """911 calls whose line had no location (``script:e911_unlocated``)."""
+    store_errors: float
+    """Location lookups that failed (``script:e911_store_error``)."""
+    processes: dict[int, str]
+    """Every PID Kamailio ran as, with its role (``core.psx``)."""
+    log_problems: list[str]
+    statistics: dict[str, float] = field(default_factory=dict)
+    stats_error: str | None = None
+
+
+@dataclass
 class WireLatency:
-    """INVITE in -> INVITE out at the edge, from the capture on lo."""
+    """INVITE in -> INVITE out at the proxy, from the capture on lo."""
 
     captured: bool
     note: str
@@ -205,17 +240,19 @@ class WireLatency:
     max_ms: float | None = None
     dropped_by_kernel: int | None = None
     retransmitted_in: int = 0
-    """Calls whose INVITE reached the edge more than once (the caller retransmitted it)."""
+    """Calls whose INVITE reached the proxy more than once (the caller retransmitted it)."""
     repeated_out: int = 0
-    """Calls whose INVITE the edge sent to the trunk more than once."""
+    """Calls whose INVITE the proxy sent to the trunk more than once."""
     new_branch_out: int = 0
-    """Calls the edge sent to the trunk under more than one Via branch."""
+    """Calls the proxy sent to the trunk under more than one Via branch."""
 
 
 @dataclass
 class RunResult:
-    """One measurement: one edge, one caller, one rate."""
+    """One measurement: one proxy (the edge or Kamailio), one caller, one rate."""
 
+    target: str
+    """``edge`` or ``kamailio``."""
     kind: str
     purpose: str
     rate: int
@@ -229,11 +266,15 @@ class RunResult:
     """How much longer than ``duration`` + hold the caller took to complete its calls."""
     achieved_rate: float
     """Calls completed / (wall - hold): a lower bound, SIPp's start-up is included."""
-    edge_cpu_us_per_call: float | None
+    cpu_us_per_call: float | None
+    """CPU time of the proxy (all its processes) per completed call."""
+    redis_us_per_call: float | None
+    """CPU time of redis-server per completed call, when one runs."""
     uac: SippSummary
     trunk: SippSummary
     idle_trunk: SippSummary
-    edge: EdgeSummary
+    edge: EdgeSummary | None
+    kamailio: KamailioSummary | None
     cpu: list[CpuUsage]
     host: HostCpu
     udp_errors: dict[str, int]
@@ -243,8 +284,9 @@ class RunResult:
 
 @dataclass
 class MaxSearch:
-    """The ramp and bisection for one kind of call."""
+    """The ramp and bisection for one proxy and one kind of call."""
 
+    target: str
     kind: str
     best_rate: int | None
     first_fail: int | None
@@ -267,7 +309,9 @@ class Environment:
     sipp: str = ""
     tcpdump: str = ""
     redis_server: str | None = None
+    kamailio: str | None = None
     git: str = ""
+    targets: str = ""
     store: str = ""
     loadavg_before: str = ""
     loadavg_after: str = ""
@@ -394,23 +438,32 @@ def _proc_cpu_seconds(pid: int) -> float | None:
 
 
 class CpuSampler:
-    """Samples utime+stime of named processes once a second in a background thread."""
+    """Samples utime+stime of named processes once a second in a background thread.
 
-    def __init__(self, pids: Mapping[str, int], *, interval: float = 1.0, max_s: float) -> None:
-        self._pids = dict(pids)
+    A name may cover several PIDs (Kamailio's main process and its children): its figures are
+    the sum over them, each PID counted from its own first to its last sample.
+    """
+
+    def __init__(
+        self, pids: Mapping[str, int | Sequence[int]], *, interval: float = 1.0, max_s: float
+    ) -> None:
+        self._groups = {
+            name: [pid] if isinstance(pid, int) else list(pid) for name, pid in pids.items()
+        }
         self._interval = interval
         self._max_samples = max(2, int(max_s / interval) + 2)
-        self._samples: list[tuple[float, dict[str, float]]] = []
+        self._samples: list[tuple[float, dict[int, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
     def _sample(self) -> None:
         now = time.monotonic()
-        values: dict[str, float] = {}
-        for name, pid in self._pids.items():
-            seconds = _proc_cpu_seconds(pid)
-            if seconds is not None:
-                values[name] = seconds
+        values: dict[int, float] = {}
+        for group in self._groups.values():
+            for pid in group:
+                seconds = _proc_cpu_seconds(pid)
+                if seconds is not None:
+                    values[pid] = seconds
         self._samples.append((now, values))
 
     def _run(self) -> None:
@@ -432,23 +485,34 @@ class CpuSampler:
         first_t = self._samples[0][0]
         last_t = self._samples[-1][0]
         wall = max(last_t - first_t, 1e-6)
-        for name, pid in self._pids.items():
-            series = [(t, v[name]) for t, v in self._samples if name in v]
-            if len(series) < 2:
-                usage.append(CpuUsage(name, pid, 0.0, 0.0, 0.0))
-                continue
-            seconds = series[-1][1] - series[0][1]
+        for name, group in self._groups.items():
+            by_pid: dict[int, float] = {}
+            # CPU per one-second interval, summed over the group's processes.
+            per_interval = [0.0] * (len(self._samples) - 1)
+            for pid in group:
+                series = [v.get(pid) for _, v in self._samples]
+                seen = [c for c in series if c is not None]
+                if len(seen) < 2:
+                    continue
+                by_pid[pid] = round(seen[-1] - seen[0], 3)
+                for i, (c0, c1) in enumerate(zip(series, series[1:], strict=False)):
+                    if c0 is not None and c1 is not None:
+                        per_interval[i] += c1 - c0
+            seconds = sum(by_pid.values())
             peak = 0.0
-            for (t0, c0), (t1, c1) in zip(series, series[1:], strict=False):
-                if t1 - t0 > 0.5:
-                    peak = max(peak, (c1 - c0) / (t1 - t0))
+            for i, cpu in enumerate(per_interval):
+                span = self._samples[i + 1][0] - self._samples[i][0]
+                if span > 0.5:
+                    peak = max(peak, cpu / span)
             usage.append(
                 CpuUsage(
                     name=name,
-                    pid=pid,
+                    pid=group[0],
                     seconds=round(seconds, 3),
                     mean_pct=round(100.0 * seconds / wall, 1),
                     peak_pct=round(100.0 * peak, 1),
+                    pids=list(group),
+                    seconds_by_pid=by_pid if len(group) > 1 else {},
                 )
             )
         return usage
@@ -534,15 +598,15 @@ def summarize_sipp(role: str, result: SippResult) -> SippSummary:
 
 
 class InviteCapture:
-    """tcpdump on lo writing only the INVITEs into and out of the edge to a pcap file."""
+    """tcpdump on lo writing only the INVITEs into and out of the proxy to a pcap file."""
 
-    def __init__(self, pcap: Path, *, edge_port: int, uac_port: int, trunk_port: int) -> None:
+    def __init__(self, pcap: Path, *, proxy_port: int, uac_port: int, trunk_port: int) -> None:
         self.pcap = pcap
         self.stderr_path = pcap.with_suffix(".stderr.log")
         self.binary = shutil.which("tcpdump")
         self.filter = (
-            f"udp and ((src port {uac_port} and dst port {edge_port}) or "
-            f"(src port {edge_port} and dst port {trunk_port})) and {_INVITE_BPF}"
+            f"udp and ((src port {uac_port} and dst port {proxy_port}) or "
+            f"(src port {proxy_port} and dst port {trunk_port})) and {_INVITE_BPF}"
         )
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
@@ -659,11 +723,11 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
-def wire_latency(pcap: Path, *, edge_port: int, trunk_port: int) -> WireLatency:
-    """Pair the first INVITE into the edge with the first one out to the trunk, by Call-ID.
+def wire_latency(pcap: Path, *, proxy_port: int, trunk_port: int) -> WireLatency:
+    """Pair the first INVITE into the proxy with the first one out to the trunk, by Call-ID.
 
     Also counts calls whose INVITE crossed more than once: retransmitted by the caller, or
-    sent to the trunk again (a retransmission keeps its branch; a new branch means the edge
+    sent to the trunk again (a retransmission keeps its branch; a new branch means the proxy
     started a second client transaction for the same call).
     """
     into: dict[bytes, float] = {}
@@ -680,7 +744,7 @@ def wire_latency(pcap: Path, *, edge_port: int, trunk_port: int) -> WireLatency:
                 continue
             call_id = match.group(1).strip()
             # setdefault: a retransmitted INVITE must not move the first timestamp.
-            if dport == edge_port:
+            if dport == proxy_port:
                 into.setdefault(call_id, ts)
                 in_count[call_id] += 1
             elif dport == trunk_port:
@@ -811,6 +875,36 @@ def _log_problems(log: str, limit: int = 5) -> list[str]:
     return [f"{count}x {text}" for text, count in kinds.most_common(limit)]
 
 
+# --------------------------------------------------------------------------- Kamailio
+
+
+def summarize_kamailio(kamailio: reference.KamailioProcess, log_offset: int = 0) -> KamailioSummary:
+    problems = reference.log_problems(kamailio.log_text()[log_offset:])
+    running = kamailio.running
+    try:
+        stats = kamailio.statistics()
+    except HarnessError as exc:
+        return KamailioSummary(
+            running_at_end=running,
+            enriched=0.0,
+            unlocated=0.0,
+            store_errors=0.0,
+            processes=dict(kamailio.processes),
+            log_problems=problems,
+            stats_error=str(exc),
+        )
+    return KamailioSummary(
+        running_at_end=running,
+        enriched=stats.get("script:e911_enriched", 0.0),
+        unlocated=stats.get("script:e911_unlocated", 0.0),
+        store_errors=stats.get("script:e911_store_error", 0.0),
+        processes=dict(kamailio.processes),
+        log_problems=problems,
+        # Over a hundred counters, most of them 0 in this scenario: the rest say enough.
+        statistics={k: v for k, v in stats.items() if v or k.startswith("script:")},
+    )
+
+
 # ----------------------------------------------------------------------------- runner
 
 
@@ -822,15 +916,25 @@ class Options:
     start_rate: int
     max_rate: int
     store: str
+    """Location store of the edge; Kamailio always reads the private redis-server."""
     quick: bool
     only: str | None
     skip_max: bool
     skip_latency: bool
     keep_pcap: bool
+    target: str = "edge"
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return (self.only,) if self.only else KINDS
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return TARGETS if self.target == "both" else (self.target,)
+
+    @property
+    def needs_redis(self) -> bool:
+        return self.store == "redis" or "kamailio" in self.targets
 
 
 class LoadBench:
@@ -845,11 +949,13 @@ class LoadBench:
 
     def __enter__(self) -> LoadBench:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.options.store == "redis":
+        # One redis-server for the whole session: the edge (with --store redis) and Kamailio
+        # read the same record from the same server.
+        if self.options.needs_redis:
             self.redis = RedisServer(self.workdir)
             self.redis.start()
             self.redis.client().hset(f"e911:line:{CALLER}", "provider_endpoint", PROVIDER_ENDPOINT)
-        else:
+        if self.options.store == "memory":
             self.seed_file.write_text(
                 json.dumps({CALLER: {"provider_endpoint": PROVIDER_ENDPOINT}}, indent=2) + "\n"
             )
@@ -862,7 +968,7 @@ class LoadBench:
     def _edge_config(
         self, *, sip_port: int, http_port: int, emergency_port: int, default_port: int
     ) -> dict[str, Any]:
-        if self.redis is not None:
+        if self.options.store == "redis" and self.redis is not None:
             return edge_config(
                 sip_port=sip_port,
                 http_port=http_port,
@@ -878,10 +984,10 @@ class LoadBench:
             seed_file=self.seed_file,
         )
 
-    def run(self, kind: str, rate: int, duration: float, *, purpose: str) -> RunResult:
-        """One measurement with its own edge, trunks, caller and (for latency) capture."""
+    def run(self, target: str, kind: str, rate: int, duration: float, *, purpose: str) -> RunResult:
+        """One measurement with its own proxy, trunks, caller and (for latency) capture."""
         self._runs += 1
-        rundir = self.workdir / f"{self._runs:02d}-{purpose}-{kind}-{rate}cps"
+        rundir = self.workdir / f"{self._runs:02d}-{target}-{purpose}-{kind}-{rate}cps"
         rundir.mkdir(parents=True)
         capture_wanted = purpose == "latency"
         calls = max(1, round(rate * duration))
@@ -890,8 +996,12 @@ class LoadBench:
         sipp_extra = ["-buff_size", str(SIPP_BUFFER)]
         sipp = BenchSipp(rundir)
         edge: EdgeProcess | None = None
+        kamailio: reference.KamailioProcess | None = None
         capture: InviteCapture | None = None
-        print(f"-- {purpose} {kind} {rate} calls/s x {duration:g} s ({calls} calls)", flush=True)
+        print(
+            f"-- {target} {purpose} {kind} {rate} calls/s x {duration:g} s ({calls} calls)",
+            flush=True,
+        )
         try:
             emergency_port = free_port("udp")
             default_port = free_port("udp")
@@ -907,23 +1017,42 @@ class LoadBench:
                     timeout=sipp_timeout + SIPP_TIMEOUT_MARGIN_S,
                     extra=sipp_extra,
                 )
-            edge = EdgeProcess(
-                rundir,
-                self._edge_config(
-                    sip_port=free_port_pair(),
-                    http_port=free_port("tcp"),
-                    emergency_port=emergency_port,
-                    default_port=default_port,
-                ),
-            )
-            edge.start()
+            if target == "edge":
+                edge = EdgeProcess(
+                    rundir,
+                    self._edge_config(
+                        sip_port=free_port_pair(),
+                        http_port=free_port("tcp"),
+                        emergency_port=emergency_port,
+                        default_port=default_port,
+                    ),
+                )
+                edge.start()
+                proxy_port, proxy_target = edge.sip_port, edge.sip_target
+                proxy_pids = [_pid(edge.pid)]
+                # Only what the proxy logs under load counts; its start-up lines are not news.
+                log_offset = len(edge.log_text())
+            else:
+                if self.redis is None:
+                    raise HarnessError("Kamailio needs the private redis-server")
+                kamailio = reference.KamailioProcess(
+                    rundir,
+                    sip_port=free_port("udp"),
+                    emergency_trunk=f"{LOOPBACK}:{emergency_port}",
+                    default_trunk=f"{LOOPBACK}:{default_port}",
+                    redis_port=self.redis.port,
+                )
+                kamailio.start()
+                proxy_port, proxy_target = kamailio.sip_port, kamailio.sip_target
+                proxy_pids = kamailio.pids()
+                log_offset = len(kamailio.log_text())
             trunk_port = emergency_port if kind == "emergency" else default_port
             uac_port = free_port("udp")
             capture_problem: str | None = None
             if capture_wanted:
                 capture = InviteCapture(
                     rundir / "invites.pcap",
-                    edge_port=edge.sip_port,
+                    proxy_port=proxy_port,
                     uac_port=uac_port,
                     trunk_port=trunk_port,
                 )
@@ -931,14 +1060,12 @@ class LoadBench:
                     capture_problem = capture.problem
                     capture = None
 
-            # Only what the edge logs under load counts; its start-up lines are not news.
-            log_offset = len(edge.log_text())
             udp_before = udp_counters()
             host_before = _host_ticks()
             started = time.monotonic()
             uac = sipp.start_uac(
                 "uac_load",
-                edge.sip_target,
+                proxy_target,
                 service=SERVICES[kind],
                 port=uac_port,
                 keys={"caller": CALLER, "hold_ms": str(HOLD_MS)},
@@ -947,7 +1074,7 @@ class LoadBench:
                 timeout=sipp_timeout,
                 extra=["-l", str(limit), *sipp_extra],
             )
-            pids: dict[str, int] = {"edge": _pid(edge.pid), "sipp caller": uac.pid}
+            pids: dict[str, int | list[int]] = {target: proxy_pids, "sipp caller": uac.pid}
             pids["sipp emergency trunk"] = trunks["emergency"].pid
             pids["sipp default trunk"] = trunks["passthrough"].pid
             if capture is not None and capture.pid is not None:
@@ -963,7 +1090,7 @@ class LoadBench:
                 cpu = sampler.stop()
             host = _host_cpu(host_before, _host_ticks())
             # What the rest of the box did meanwhile: on a shared host, other work competing
-            # for the two cores explains a failure the edge's own figures cannot.
+            # for the two cores explains a failure the proxy's own figures cannot.
             ours = sum(usage.mean_pct for usage in cpu)
             host.others_pct = round(max(0.0, host.busy_pct * (os.cpu_count() or 1) - ours), 1)
             udp_after = udp_counters()
@@ -972,7 +1099,10 @@ class LoadBench:
             idle = trunks["passthrough" if kind == "emergency" else "emergency"]
             trunk_result = active.wait(timeout=TRUNK_DRAIN_S)
             idle_result = idle.stop()
-            edge_summary = summarize_edge(edge, log_offset)
+            edge_summary = summarize_edge(edge, log_offset) if edge is not None else None
+            kamailio_summary = (
+                summarize_kamailio(kamailio, log_offset) if kamailio is not None else None
+            )
 
             wire: WireLatency | None = None
             if capture_wanted:
@@ -980,9 +1110,7 @@ class LoadBench:
                     wire = WireLatency(captured=False, note=capture_problem or "no capture")
                 else:
                     drops = capture.stop()
-                    wire = wire_latency(
-                        capture.pcap, edge_port=edge.sip_port, trunk_port=trunk_port
-                    )
+                    wire = wire_latency(capture.pcap, proxy_port=proxy_port, trunk_port=trunk_port)
                     wire.dropped_by_kernel = drops
                     if not self.options.keep_pcap:
                         capture.pcap.unlink(missing_ok=True)
@@ -992,22 +1120,21 @@ class LoadBench:
             sipp.close()
             if edge is not None:
                 edge.stop()
+            if kamailio is not None:
+                kamailio.stop()
 
         uac_summary = summarize_sipp("caller", uac_result)
         trunk_summary = summarize_sipp(f"{kind} trunk", trunk_result)
         idle_summary = summarize_sipp("idle trunk", idle_result)
-        edge_cpu = next((c for c in cpu if c.name == "edge"), None)
-        per_call = (
-            round(edge_cpu.seconds / uac_summary.successful * 1e6, 1)
-            if edge_cpu is not None and uac_summary.successful
-            else None
-        )
         hold_s = HOLD_MS / 1000
         placing = max(wall - hold_s, 1e-3)
-        reasons = self._verdict(
-            kind, calls, duration, wall, uac_summary, trunk_summary, edge_summary
-        )
+        reasons = self._verdict(kind, calls, duration, wall, uac_summary, trunk_summary)
+        if edge_summary is not None:
+            reasons += self._edge_verdict(kind, calls, edge_summary)
+        if kamailio_summary is not None:
+            reasons += self._kamailio_verdict(kind, calls, kamailio_summary)
         result = RunResult(
+            target=target,
             kind=kind,
             purpose=purpose,
             rate=rate,
@@ -1019,11 +1146,13 @@ class LoadBench:
             wall_s=round(wall, 2),
             late_s=round(max(0.0, wall - duration - hold_s), 2),
             achieved_rate=round(uac_summary.successful / placing, 1),
-            edge_cpu_us_per_call=per_call,
+            cpu_us_per_call=_us_per_call(cpu, target, uac_summary.successful),
+            redis_us_per_call=_us_per_call(cpu, "redis-server", uac_summary.successful),
             uac=uac_summary,
             trunk=trunk_summary,
             idle_trunk=idle_summary,
             edge=edge_summary,
+            kamailio=kamailio_summary,
             cpu=cpu,
             host=host,
             udp_errors={k: udp_after.get(k, 0) - v for k, v in udp_before.items()},
@@ -1032,7 +1161,7 @@ class LoadBench:
         )
         verdict = "pass" if result.passed else "FAIL: " + "; ".join(reasons)
         print(f"   {verdict}", flush=True)
-        time.sleep(PAUSE_BETWEEN_RUNS_S)  # let the CPU settle before the next edge starts
+        time.sleep(PAUSE_BETWEEN_RUNS_S)  # let the CPU settle before the next proxy starts
         return result
 
     @staticmethod
@@ -1043,8 +1172,8 @@ class LoadBench:
         wall: float,
         uac: SippSummary,
         trunk: SippSummary,
-        edge: EdgeSummary,
     ) -> list[str]:
+        """What SIPp saw, the same for either proxy."""
         reasons: list[str] = []
         if uac.timed_out:
             reasons.append("caller had to be stopped")
@@ -1063,6 +1192,11 @@ class LoadBench:
         allowed = duration + HOLD_MS / 1000 + max(LATE_SLACK_MIN_S, LATE_SLACK_FRACTION * duration)
         if wall > allowed:
             reasons.append(f"calls took {wall:.1f} s to complete (allowed {allowed:.1f} s)")
+        return reasons
+
+    @staticmethod
+    def _edge_verdict(kind: str, calls: int, edge: EdgeSummary) -> list[str]:
+        reasons: list[str] = []
         if not edge.running_at_end:
             reasons.append("edge exited")
         if edge.metrics_error:
@@ -1078,40 +1212,112 @@ class LoadBench:
                 reasons.append(f"{enriched:g}/{calls} calls enriched")
         return reasons
 
-    def max_rate(self, search: MaxSearch) -> None:
-        """Double the rate until a step fails, then bisect at most BISECT_STEPS times.
+    @staticmethod
+    def _kamailio_verdict(kind: str, calls: int, kamailio: KamailioSummary) -> list[str]:
+        reasons: list[str] = []
+        if not kamailio.running_at_end:
+            reasons.append("kamailio exited")
+        if kamailio.stats_error:
+            reasons.append(f"no statistics: {kamailio.stats_error}")
+        else:
+            if kamailio.store_errors:
+                reasons.append(f"{kamailio.store_errors:g} location lookups failed")
+            if kind == "emergency" and kamailio.enriched < calls:
+                reasons.append(f"{kamailio.enriched:g}/{calls} calls enriched")
+        return reasons
 
-        Fills ``search`` step by step, so an interrupted search still reports its steps.
-        """
-        opts = self.options
-        kind = search.kind
-        rate = min(opts.start_rate, opts.max_rate)
-        for _ in range(MAX_RAMP_STEPS):
-            step = self.run(kind, rate, opts.duration, purpose="max")
-            search.steps.append(step)
-            if not step.passed:
-                search.first_fail = rate
-                break
-            search.best_rate = rate
-            if rate >= opts.max_rate:
-                search.capped = True
-                break
-            rate = min(rate * 2, opts.max_rate)
-        if search.first_fail is None:
-            return
-        low, high = search.best_rate or 0, search.first_fail
-        for _ in range(BISECT_STEPS):
-            middle = _round_rate((low + high) / 2, high - low)
-            if middle <= low or middle >= high:
-                break
-            step = self.run(kind, middle, opts.duration, purpose="max")
-            search.steps.append(step)
+
+class RateSearch:
+    """Doubling, then bisection, for one MaxSearch, one step at a time.
+
+    Asking for one rate at a time lets the searches of two proxies alternate step by step, so
+    a change in the host's speed falls on both. Each search takes at most MAX_RAMP_STEPS +
+    BISECT_STEPS steps.
+    """
+
+    def __init__(self, result: MaxSearch, *, start_rate: int, max_rate: int) -> None:
+        self.result = result
+        self.max_rate = max_rate
+        self._next: int | None = min(start_rate, max_rate)
+        self._ramp_left = MAX_RAMP_STEPS
+        self._bisect_left = BISECT_STEPS
+        self._bisecting = False
+
+    @property
+    def next_rate(self) -> int | None:
+        """The rate of the next step; None once the search is over."""
+        return self._next
+
+    def record(self, step: RunResult) -> None:
+        """Take a step's outcome into account and choose the next rate."""
+        search = self.result
+        search.steps.append(step)
+        if not self._bisecting:
+            self._ramp_left -= 1
             if step.passed:
-                low = middle
-                search.best_rate = middle
+                search.best_rate = step.rate
+                if step.rate >= self.max_rate:
+                    search.capped = True
+                    self._next = None
+                elif self._ramp_left <= 0:
+                    self._next = None
+                else:
+                    self._next = min(step.rate * 2, self.max_rate)
+                return
+            search.first_fail = step.rate
+            self._bisecting = True
+        else:
+            self._bisect_left -= 1
+            if step.passed:
+                search.best_rate = step.rate
             else:
-                high = middle
-                search.first_fail = middle
+                search.first_fail = step.rate
+        self._next = self._bisect_next()
+
+    def _bisect_next(self) -> int | None:
+        search = self.result
+        if self._bisect_left <= 0 or search.first_fail is None:
+            return None
+        low, high = search.best_rate or 0, search.first_fail
+        middle = _round_rate((low + high) / 2, high - low)
+        return None if middle <= low or middle >= high else middle
+
+
+def run_max_searches(bench: LoadBench, report: Report) -> None:
+    """The max-rate search of every proxy, kind by kind, the proxies' steps alternating.
+
+    Fills the report as it goes, so an interrupted search still reports its steps.
+    """
+    opts = bench.options
+    for kind in opts.kinds:
+        searches: list[RateSearch] = []
+        for target in opts.targets:
+            result = MaxSearch(
+                target=target, kind=kind, best_rate=None, first_fail=None, capped=False
+            )
+            report.max_searches.append(result)
+            searches.append(RateSearch(result, start_rate=opts.start_rate, max_rate=opts.max_rate))
+        for _ in range(MAX_RAMP_STEPS + BISECT_STEPS):
+            pending = [search for search in searches if search.next_rate is not None]
+            if not pending:
+                break
+            for search in pending:
+                rate = search.next_rate
+                if rate is not None:
+                    step = bench.run(search.result.target, kind, rate, opts.duration, purpose="max")
+                    search.record(step)
+
+
+def run_latency_points(bench: LoadBench, report: Report) -> None:
+    """Every latency point for every kind and proxy, alternating at each rate."""
+    opts = bench.options
+    # Kinds and proxies alternate at each rate so all are measured in the same period of the
+    # host's speed.
+    for rate in opts.rates:
+        for kind in opts.kinds:
+            for target in opts.targets:
+                run = bench.run(target, kind, rate, opts.latency_duration, purpose="latency")
+                report.latency.append(run)
 
 
 def _round_rate(value: float, gap: int) -> int:
@@ -1123,6 +1329,13 @@ def _pid(pid: int | None) -> int:
     if pid is None:
         raise HarnessError("process has no PID")
     return pid
+
+
+def _us_per_call(cpu: Sequence[CpuUsage], name: str, calls: int) -> float | None:
+    usage = next((c for c in cpu if c.name == name), None)
+    if usage is None or not calls:
+        return None
+    return round(usage.seconds / calls * 1e6, 1)
 
 
 # ----------------------------------------------------------------------------- report
@@ -1144,6 +1357,15 @@ def _sipp_cpu(result: RunResult) -> str:
     return f"{total:.0f}"
 
 
+def _best(search: MaxSearch, interrupted: bool) -> str:
+    best = "none passed" if search.best_rate is None else str(search.best_rate)
+    if search.capped:
+        return f">= {best} (--max-rate reached)"
+    if search.first_fail is None and interrupted:
+        return best + " (search interrupted)"
+    return best
+
+
 def render(report: Report) -> str:
     env = report.environment
     out: list[str] = ["# e911-sip load benchmark", ""]
@@ -1153,8 +1375,9 @@ def render(report: Report) -> str:
         + (" (interrupted)" if env.interrupted else ""),
         f"- host: {env.nproc} CPUs (`nproc`), {env.cpu_model}, kernel {env.kernel}",
         f"- Python {env.python}, uvloop {env.uvloop}, {env.sipp}, {env.tcpdump}"
-        + (f", redis-server {env.redis_server}" if env.redis_server else ""),
-        f"- code: {env.git}; location store: {env.store}",
+        + (f", redis-server {env.redis_server}" if env.redis_server else "")
+        + (f", Kamailio {env.kamailio}" if env.kamailio else ""),
+        f"- code: {env.git}; proxies: {env.targets}; location store: {env.store}",
         f"- load average before {env.loadavg_before}, after {env.loadavg_after}",
         f"- speed probe (fixed Python loop, lower is faster): before "
         f"{env.speed_probe_before_ms} ms, after {env.speed_probe_after_ms} ms",
@@ -1167,55 +1390,59 @@ def render(report: Report) -> str:
         out += ["## Maximum sustained rate", ""]
         out += [
             "A step passes with every call completed on time, 0 failed calls and 0 "
-            "retransmissions at the caller and the trunk (SIPp -trace_stat), no failover / "
-            "fail-open / failed call in the edge's /metrics and, for 911, every call enriched. "
+            "retransmissions at the caller and the trunk (SIPp -trace_stat) and the proxy's "
+            "own counters in order: for the edge no failover / fail-open / failed call in its "
+            "/metrics, for Kamailio no failed location lookup in its statistics, and for 911 "
+            "every call enriched. "
             "Late: seconds beyond duration + hold the caller needed to complete its calls "
             f"(allowed: {LATE_SLACK_FRACTION:.0%} of the duration, at least "
             f"{LATE_SLACK_MIN_S:g} s). CPU: % of one core, mean over the step (busiest second "
-            "in brackets); SIPp = all SIPp processes together; other = every other process "
-            "on the host.",
+            "in brackets); proxy = the edge, or all of Kamailio's processes together; SIPp = "
+            "all SIPp processes together; other = every other process on the host.",
             "",
         ]
-        out += ["| kind | max sustained calls/s | first failing calls/s |", "|---|---|---|"]
-        for search in report.max_searches:
-            best = "none passed" if search.best_rate is None else str(search.best_rate)
-            if search.capped:
-                best = f">= {best} (--max-rate reached)"
-            elif search.first_fail is None and env.interrupted:
-                best += " (search interrupted)"
-            fail = "-" if search.first_fail is None else str(search.first_fail)
-            out.append(f"| {search.kind} | {best} | {fail} |")
-        out.append("")
         out += [
-            "| kind | target calls/s | calls | completed | failed | retrans caller/trunk "
-            "| late s | edge CPU % | edge us/call | SIPp CPU % | other CPU % "
-            "| UDP rcvbuf errors | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| proxy | kind | max sustained calls/s | first failing calls/s |",
+            "|---|---|---|---|",
         ]
         for search in report.max_searches:
-            for step in search.steps:
-                out.append(_step_row(step))
+            fail = "-" if search.first_fail is None else str(search.first_fail)
+            out.append(
+                f"| {search.target} | {search.kind} | {_best(search, env.interrupted)} | {fail} |"
+            )
         out.append("")
-        out += _failure_notes([s for m in report.max_searches for s in m.steps])
+        out += [
+            "| proxy | kind | target calls/s | calls | completed | failed "
+            "| retrans caller/trunk | late s | proxy CPU % | proxy us/call | SIPp CPU % "
+            "| other CPU % | UDP rcvbuf errors | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        steps = sorted(
+            (s for m in report.max_searches for s in m.steps), key=lambda s: _run_number(s)
+        )
+        for step in steps:
+            out.append(_step_row(step))
+        out.append("")
+        out += _failure_notes(steps)
 
     if report.latency:
-        out += ["## Latency added by the edge (INVITE in -> INVITE out)", ""]
+        out += ["## Latency added by the proxy (INVITE in -> INVITE out)", ""]
         out += [
-            "Wire: tcpdump on lo, kernel timestamps, INVITE pairs by Call-ID. Histogram: the "
-            "edge's own e911_sip_emergency_enrich_seconds (911 only; interpolated inside its "
-            "buckets, and blind to time spent in the socket queue before the edge reads). "
-            "Repeats: calls whose INVITE the caller retransmitted / the edge sent to the trunk "
-            "more than once / under a second branch. A point marked FAIL missed the pass "
-            "criteria of a rate step: its latency is that of an overloaded edge or box.",
+            "Wire: tcpdump on lo, kernel timestamps, INVITE pairs by Call-ID. Histogram (edge "
+            "only): the edge's own e911_sip_emergency_enrich_seconds (911 only; interpolated "
+            "inside its buckets, and blind to time spent in the socket queue before the edge "
+            "reads). Repeats: calls whose INVITE the caller retransmitted / the proxy sent to "
+            "the trunk more than once / under a second branch. A point marked FAIL missed the "
+            "pass criteria of a rate step: its latency is that of an overloaded proxy or box.",
             "",
-            "| kind | calls/s | result | paired | wire p50 ms | p95 ms | p99 ms | max ms "
-            "| hist count | hist p50 ms | hist p99 ms | SIPp failed / retrans | repeats "
-            "| edge CPU % | SIPp CPU % | other CPU % | capture drops |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| proxy | kind | calls/s | result | paired | wire p50 ms | p95 ms | p99 ms "
+            "| max ms | hist count | hist p50 ms | hist p99 ms | SIPp failed / retrans "
+            "| repeats | proxy CPU % | SIPp CPU % | other CPU % | capture drops |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for run in report.latency:
             wire = run.wire or WireLatency(captured=False, note="not captured")
-            hist = run.edge.enrich
+            hist = run.edge.enrich if run.edge is not None else None
             if not wire.captured or wire.paired == 0:
                 cells = [f"no capture: {wire.note}", "-", "-", "-", "-"]
             else:
@@ -1227,23 +1454,31 @@ def render(report: Report) -> str:
                 _fmt(hist.p99_ms if hist else None, 3),
                 f"{run.uac.failed} / {run.uac.retransmissions + run.trunk.retransmissions}",
                 f"{wire.retransmitted_in}/{wire.repeated_out}/{wire.new_branch_out}",
-                _cpu(run, "edge"),
+                _cpu(run, run.target),
                 _sipp_cpu(run),
                 f"{run.host.others_pct:.0f}",
                 "-" if wire.dropped_by_kernel is None else str(wire.dropped_by_kernel),
             ]
             verdict = "pass" if run.passed else "FAIL"
-            out.append(f"| {run.kind} | {run.rate} | {verdict} | " + " | ".join(cells) + " |")
+            out.append(
+                f"| {run.target} | {run.kind} | {run.rate} | {verdict} | "
+                + " | ".join(cells)
+                + " |"
+            )
         out.append("")
         out += _failure_notes([r for r in report.latency if not r.passed])
 
-    runs = [s for m in report.max_searches for s in m.steps] + report.latency
+    runs = sorted(
+        [s for m in report.max_searches for s in m.steps] + report.latency, key=_run_number
+    )
     names = sorted({u.name for r in runs for u in r.cpu}, key=_cpu_order)
     if runs:
         out += ["## CPU per process (% of one core: mean over the run, busiest second)", ""]
         out += [
-            "Other processes: CPU of everything else on the host during the run, % of one "
-            f"core (host busy is % of all {os.cpu_count()} cores).",
+            "kamailio: the sum of all its processes (main, UDP worker, timers, control socket; "
+            "each one's seconds are in the JSON). Other processes: CPU of everything else on "
+            f"the host during the run, % of one core (host busy is % of all {os.cpu_count()} "
+            "cores).",
             "",
         ]
         out += [
@@ -1253,17 +1488,147 @@ def render(report: Report) -> str:
         for run in runs:
             cells = [_cpu(run, name) for name in names]
             out.append(
-                f"| {run.purpose} {run.kind} {run.rate}/s | "
+                f"| {run.target} {run.purpose} {run.kind} {run.rate}/s | "
                 + " | ".join(cells)
                 + f" | {run.host.others_pct:.0f} | {run.host.busy_pct:.0f}"
                 + f" | {run.host.steal_pct:.0f} |"
             )
         out.append("")
+
+    if {r.target for r in runs} >= set(TARGETS) or {m.target for m in report.max_searches} >= set(
+        TARGETS
+    ):
+        out += _comparison(report)
     return "\n".join(out)
 
 
+def _run_number(run: RunResult) -> int:
+    """The order runs were taken in, from their directory name (``NN-...``)."""
+    head = Path(run.workdir).name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _ratio(edge: float | None, kamailio: float | None, digits: int = 2) -> str:
+    if edge is None or kamailio is None or kamailio == 0:
+        return "-"
+    return f"{edge / kamailio:.{digits}f}"
+
+
+def _max_ratio(edge: MaxSearch, kamailio: MaxSearch) -> str:
+    """edge / kamailio of the max sustained rates; a bound when a search hit --max-rate."""
+    if edge.best_rate is None or kamailio.best_rate is None:
+        return "-"
+    ratio = _ratio(edge.best_rate, kamailio.best_rate)
+    if edge.capped and kamailio.capped:
+        return f"{ratio} (both reached --max-rate)"
+    if edge.capped:
+        return f">= {ratio}"
+    if kamailio.capped:
+        return f"<= {ratio}"
+    return ratio
+
+
+def _comparison(report: Report) -> list[str]:
+    """Edge next to Kamailio: max rate, wire latency and CPU per call, with ratios."""
+    out = ["## Edge vs Kamailio (measured alternately in this session)", ""]
+    out += [
+        "Every measurement was taken for the edge and then for Kamailio before the next one, "
+        "so a change in the host's speed falls on both. Ratios are edge / Kamailio: above 1 "
+        "the edge sustains more calls/s, or takes more time or CPU per call.",
+        "",
+    ]
+    searches = {(m.target, m.kind): m for m in report.max_searches}
+    kinds = [k for k in KINDS if ("edge", k) in searches and ("kamailio", k) in searches]
+    if kinds:
+        out += [
+            "| kind | edge max calls/s | kamailio max calls/s | edge / kamailio |",
+            "|---|---|---|---|",
+        ]
+        for kind in kinds:
+            edge, kamailio = searches[("edge", kind)], searches[("kamailio", kind)]
+            out.append(
+                f"| {kind} | {_best(edge, report.environment.interrupted)} "
+                f"| {_best(kamailio, report.environment.interrupted)} "
+                f"| {_max_ratio(edge, kamailio)} |"
+            )
+        out.append("")
+
+    latency = _pairs(report.latency)
+    if latency:
+        out += [
+            "Latency on the wire, INVITE in -> INVITE out, ms (FAIL: the point missed the pass "
+            "criteria):",
+            "",
+            "| kind | calls/s | edge p50 / p99 | kamailio p50 / p99 | p50 ratio | p99 ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (kind, rate), pair in latency.items():
+            edge_wire, kamailio_wire = pair["edge"].wire, pair["kamailio"].wire
+            out.append(
+                f"| {kind} | {rate} | {_wire_cell(pair['edge'])} | "
+                f"{_wire_cell(pair['kamailio'])} "
+                f"| {_ratio(_p(edge_wire, 50), _p(kamailio_wire, 50))} "
+                f"| {_ratio(_p(edge_wire, 99), _p(kamailio_wire, 99))} |"
+            )
+        out.append("")
+
+    cpu_pairs = _pairs([s for m in report.max_searches for s in m.steps], purpose="max")
+    cpu_pairs.update(_pairs(report.latency, purpose="latency"))
+    if cpu_pairs:
+        out += [
+            "CPU per completed call, us (proxy: the edge process, or all Kamailio processes; "
+            "redis: the redis-server both read; FAIL: the run missed the pass criteria):",
+            "",
+            "| run | kind | calls/s | edge us/call | kamailio us/call | edge / kamailio "
+            "| redis us/call, edge run / kamailio run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        order = {"max": 0, "latency": 1}
+        for key in sorted(cpu_pairs, key=lambda k: (order.get(k[0], 2), KINDS.index(k[1]), k[2])):
+            purpose, kind, rate = key
+            edge_run, kamailio_run = cpu_pairs[key]["edge"], cpu_pairs[key]["kamailio"]
+            out.append(
+                f"| {purpose} | {kind} | {rate} | {_cpu_cell(edge_run)} "
+                f"| {_cpu_cell(kamailio_run)} "
+                f"| {_ratio(edge_run.cpu_us_per_call, kamailio_run.cpu_us_per_call)} "
+                f"| {_fmt(edge_run.redis_us_per_call, 0)} / "
+                f"{_fmt(kamailio_run.redis_us_per_call, 0)} |"
+            )
+        out.append("")
+    return out
+
+
+def _pairs(
+    runs: Sequence[RunResult], purpose: str | None = None
+) -> dict[Any, dict[str, RunResult]]:
+    """Runs of both proxies at the same kind and rate (and purpose), keyed by those."""
+    by_key: dict[Any, dict[str, RunResult]] = {}
+    for run in runs:
+        key: Any = (run.kind, run.rate) if purpose is None else (purpose, run.kind, run.rate)
+        by_key.setdefault(key, {})[run.target] = run
+    return {key: pair for key, pair in by_key.items() if set(pair) >= set(TARGETS)}
+
+
+def _p(wire: WireLatency | None, quantile: int) -> float | None:
+    if wire is None or not wire.captured or not wire.paired:
+        return None
+    return wire.p50_ms if quantile == 50 else wire.p99_ms
+
+
+def _wire_cell(run: RunResult) -> str:
+    if _p(run.wire, 50) is None:
+        return "no capture"
+    text = f"{_fmt(_p(run.wire, 50), 3)} / {_fmt(_p(run.wire, 99), 3)}"
+    return text if run.passed else text + " FAIL"
+
+
+def _cpu_cell(run: RunResult) -> str:
+    text = _fmt(run.cpu_us_per_call, 0)
+    return text if run.passed else text + " FAIL"
+
+
 def _cpu_order(name: str) -> tuple[int, str]:
-    order = ["edge", "sipp caller", "sipp emergency trunk", "sipp default trunk"]
+    order = ["edge", "kamailio", "sipp caller", "sipp emergency trunk", "sipp default trunk"]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -1272,9 +1637,9 @@ def _step_row(step: RunResult) -> str:
     rcvbuf = step.udp_errors.get("RcvbufErrors", 0)
     result = "pass" if step.passed else "FAIL: " + "; ".join(step.reasons)
     return (
-        f"| {step.kind} | {step.rate} | {step.calls} | {step.uac.successful} | {step.uac.failed}"
-        f" | {retrans} | {step.late_s:.1f} | {_cpu(step, 'edge')}"
-        f" | {_fmt(step.edge_cpu_us_per_call, 0)} | {_sipp_cpu(step)}"
+        f"| {step.target} | {step.kind} | {step.rate} | {step.calls} | {step.uac.successful}"
+        f" | {step.uac.failed} | {retrans} | {step.late_s:.1f} | {_cpu(step, step.target)}"
+        f" | {_fmt(step.cpu_us_per_call, 0)} | {_sipp_cpu(step)}"
         f" | {step.host.others_pct:.0f} | {rcvbuf} | {result} |"
     )
 
@@ -1285,7 +1650,7 @@ def _failure_notes(runs: Sequence[RunResult]) -> list[str]:
         if run.passed:
             continue
         out.append(
-            f"- {run.purpose} {run.kind} {run.rate} calls/s: "
+            f"- {run.target} {run.purpose} {run.kind} {run.rate} calls/s: "
             + "; ".join(run.reasons)
             + f" (logs: {run.workdir})"
         )
@@ -1297,13 +1662,24 @@ def _failure_notes(runs: Sequence[RunResult]) -> list[str]:
                     f"  - SIPp {summary.role}: {summary.out_of_call} out-of-call and "
                     f"{summary.dead_call} dead-call messages"
                 )
-        for line in run.edge.log_problems:
-            out.append(f"  - edge log: {line}")
-        if run.edge.discarded or run.edge.delivery_failures:
-            out.append(
-                f"  - edge metrics: {run.edge.discarded:g} messages discarded, "
-                f"{run.edge.delivery_failures:g} delivery failures"
-            )
+        if run.edge is not None:
+            for line in run.edge.log_problems:
+                out.append(f"  - edge log: {line}")
+            if run.edge.discarded or run.edge.delivery_failures:
+                out.append(
+                    f"  - edge metrics: {run.edge.discarded:g} messages discarded, "
+                    f"{run.edge.delivery_failures:g} delivery failures"
+                )
+        if run.kamailio is not None:
+            for line in run.kamailio.log_problems:
+                out.append(f"  - kamailio log: {line}")
+            stats = run.kamailio.statistics
+            dropped = {k: v for k, v in stats.items() if k.startswith("core:drop") and v}
+            if dropped:
+                out.append(
+                    "  - kamailio statistics: "
+                    + ", ".join(f"{k} {v:g}" for k, v in sorted(dropped.items()))
+                )
         udp = ", ".join(f"{k} {v}" for k, v in run.udp_errors.items() if v)
         if udp:
             out.append(f"  - host UDP counters during the run: {udp}")
@@ -1317,7 +1693,8 @@ def _failure_notes(runs: Sequence[RunResult]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
-        description="Load benchmark of the edge: max sustained rate, latency on the wire, CPU.",
+        description="Load benchmark of the edge (and of Kamailio as a reference): max sustained "
+        "rate, latency on the wire, CPU.",
     )
     parser.add_argument("--duration", type=float, help="seconds per rate step (default 30)")
     parser.add_argument(
@@ -1330,7 +1707,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--start-rate", type=int, default=100, help="first step, calls/s")
     parser.add_argument("--max-rate", type=int, default=12800, help="highest step, calls/s")
-    parser.add_argument("--store", choices=("memory", "redis"), default="memory")
+    parser.add_argument(
+        "--store",
+        choices=("memory", "redis"),
+        help="the edge's location store (default: memory with --target edge, redis otherwise, "
+        "so that the edge and Kamailio both read Redis on every 911 call)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=("edge", "kamailio", "both"),
+        default="edge",
+        help="the proxy to measure; both: the edge and Kamailio alternately (default edge)",
+    )
     parser.add_argument("--quick", action="store_true", help="5 s steps and points: smoke run")
     parser.add_argument("--only", choices=KINDS, help="one kind of call only")
     parser.add_argument("--skip-max", action="store_true", help="no max-rate search")
@@ -1348,18 +1736,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("rates must be positive")
     if duration <= 0 or latency_duration <= 0:
         parser.error("durations must be positive")
+    store = args.store or ("memory" if args.target == "edge" else "redis")
     return Options(
         duration=duration,
         latency_duration=latency_duration,
         rates=rates,
         start_rate=args.start_rate,
         max_rate=args.max_rate,
-        store=args.store,
+        store=store,
         quick=args.quick,
         only=args.only,
         skip_max=args.skip_max,
         skip_latency=args.skip_latency,
         keep_pcap=args.keep_pcap,
+        target=args.target,
     )
 
 
@@ -1376,18 +1766,31 @@ def environment(options: Options, argv: Sequence[str]) -> Environment:
         tcpdump=_first_line_matching(_run_text(["tcpdump", "--version"]), r"tcpdump version"),
         redis_server=(
             _first_line_matching(_run_text(["redis-server", "--version"]), r"v=")
-            if options.store == "redis"
+            if options.needs_redis
             else None
         ),
+        kamailio=reference.version() if "kamailio" in options.targets else None,
         git=_run_text(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
-        store=(
-            f"redis-server (HSET e911:line:{CALLER})"
-            if options.store == "redis"
-            else f"memory:// seeded with line {CALLER}"
-        ),
+        targets=" and ".join(options.targets)
+        + (", alternating" if len(options.targets) > 1 else ""),
+        store=_store_text(options),
         loadavg_before=loadavg(),
         speed_probe_before_ms=speed_probe(),
     )
+
+
+def _store_text(options: Options) -> str:
+    edge = (
+        f"redis-server (HSET e911:line:{CALLER})"
+        if options.store == "redis"
+        else f"memory:// seeded with line {CALLER}"
+    )
+    parts = []
+    if "edge" in options.targets:
+        parts.append(edge if len(options.targets) == 1 else f"edge {edge}")
+    if "kamailio" in options.targets:
+        parts.append("kamailio ndb_redis HGET on the same redis-server per 911 call")
+    return "; ".join(parts)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -1404,6 +1807,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in ("sipp", "tcpdump"):
         if shutil.which(tool) is None:
             print(f"warning: {tool} is not installed", file=sys.stderr)
+    if "kamailio" in options.targets:
+        # Refuse before anything starts: a missing package would otherwise surface as a failed
+        # step in the middle of the run.
+        missing = [] if shutil.which("redis-server") else ["redis-server (apt-get install redis)"]
+        try:
+            reference.check_config()
+        except reference.KamailioUnavailable as exc:
+            missing.append(str(exc))
+        if missing:
+            print(
+                f"error: --target {options.target} needs Kamailio and redis-server:\n  "
+                + "\n  ".join(missing)
+                + "\n(use --target edge to measure the edge alone)",
+                file=sys.stderr,
+            )
+            return 2
     # SIGINT too: a shell starting the script in the background leaves SIGINT ignored, and
     # Python then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGTERM, _terminate)
@@ -1419,17 +1838,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with LoadBench(options, workdir) as bench:
             if not options.skip_max:
-                for kind in options.kinds:
-                    search = MaxSearch(kind=kind, best_rate=None, first_fail=None, capped=False)
-                    report.max_searches.append(search)
-                    bench.max_rate(search)
+                run_max_searches(bench, report)
             if not options.skip_latency:
-                # Kinds alternate at each rate so both are measured in the same period of the
-                # host's speed.
-                for rate in options.rates:
-                    for kind in options.kinds:
-                        run = bench.run(kind, rate, options.latency_duration, purpose="latency")
-                        report.latency.append(run)
+                run_latency_points(bench, report)
     except KeyboardInterrupt:
         report.environment.interrupted = True
         status = 130
