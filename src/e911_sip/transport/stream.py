@@ -68,6 +68,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._forget(self)
+        # The transport holds this protocol: drop the back-reference so the pair is freed
+        # by reference counting (the process keeps the garbage collector's passes small).
+        self.transport = None
 
     def write(self, data: bytes) -> bool:
         transport = self.transport
