@@ -69,7 +69,7 @@ def normalize_nanp(number: str) -> str | None:
             return None
     if len(digits) == 11 and digits.startswith("1"):
         digits = digits[1:]
-    if len(digits) != 10 or not digits.isdigit():
+    if len(digits) != 10 or not (digits.isascii() and digits.isdigit()):
         return None
     return digits
 

@@ -97,6 +97,7 @@ class Route(StrEnum):
     EMERGENCY = "emergency"
     DEFAULT = "default"
     IN_DIALOG = "in_dialog"
+    ROUTE_SET = "route_set"
     LOCAL = "local"
     STATELESS = "stateless"
     REJECTED = "rejected"
@@ -536,15 +537,19 @@ class ProxyCore:
             return
         forwarded = pop_own_routes(forwarded, self._locals)
         has_route = forwarded.has("route")
-        in_dialog = has_route or request.to_tag is not None
+        initial = request.to_tag is None
 
-        if not in_dialog:
-            if method == "INVITE":
-                number = self._options.emergency_classifier(request.request_uri)
-                if number is not None:
-                    self._begin_emergency(context, forwarded, number, now)
-                    return
-            elif method == "OPTIONS" and self._addressed_to_us(request):
+        if initial and method == "INVITE":
+            number = self._options.emergency_classifier(request.request_uri)
+            if number is not None:
+                if has_route:
+                    # The emergency trunks are ours to choose: a route set preloaded past us
+                    # would take the call somewhere else.
+                    forwarded = forwarded.remove("route")
+                self._begin_emergency(context, forwarded, number, now)
+                return
+        if initial and not has_route:
+            if method == "OPTIONS" and self._addressed_to_us(request):
                 self._answer_options(context, now)
                 return
             context.route = Route.DEFAULT
@@ -565,9 +570,16 @@ class ProxyCore:
             self._events.append(RequestRouted(method, Route.REJECTED))
             self._reply(context, make_response(request, 481, to_tag=self._to_tag), now)
             return
-        context.route = Route.IN_DIALOG
+        if initial:
+            # An initial request with a preloaded route set follows it (RFC 3261 §16.6),
+            # and stays in the dialog it creates.
+            context.route = Route.ROUTE_SET
+            if method in DIALOG_CREATING:
+                forwarded = add_record_route(forwarded, inbound, inbound)
+        else:
+            context.route = Route.IN_DIALOG
         context.template = forwarded
-        self._events.append(RequestRouted(method, Route.IN_DIALOG))
+        self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
 
     def _addressed_to_us(self, request: Request) -> bool:

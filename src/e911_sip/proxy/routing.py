@@ -86,7 +86,7 @@ def decrement_max_forwards(request: Request) -> Request:
     value = request.get("max-forwards")
     if value is None:
         return request.append("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise MalformedMessage(f"bad Max-Forwards {value!r}")
     hops = int(value)
     if hops <= 0:

@@ -104,7 +104,7 @@ _KNOWN = {
 _KNOWN.update(COMPACT_FORMS)
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
-_CSEQ_RE = re.compile(r"(\d{1,10})\s+([A-Za-z0-9.!%*_+`'~-]+)")
+_CSEQ_RE = re.compile(r"(\d{1,10})\s+([A-Za-z0-9.!%*_+`'~-]+)", re.ASCII)
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 
 
@@ -449,6 +449,11 @@ def _after_vias(keys: list[str]) -> int:
     return index
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _check_name_addr(value: str) -> None:
     """Enough of RFC 3261 §20.10 to refuse what cannot be a From or To; the full parse waits
     until a value is actually read."""
@@ -608,7 +613,7 @@ def parse(
         code, _, reason = rest.partition(" ")
         if version != SIP_VERSION:
             raise VersionNotSupported(f"unsupported version {version!r}")
-        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+        if len(code) != 3 or not _digits(code) or code[0] == "0":
             raise MalformedMessage(f"bad status line {first[:80]!r}")
         status = int(code)
     else:
@@ -644,7 +649,7 @@ def parse(
                 others = {_value_of(lines[i]) for i, k in enumerate(keys) if k == "content-length"}
                 if len(others) > 1:
                     raise MalformedMessage("conflicting Content-Length headers")
-            if not length_text.isdigit():
+            if not _digits(length_text):
                 raise MalformedMessage(f"bad Content-Length {length_text!r}")
             length = int(length_text)
             if length > len(body):

@@ -55,6 +55,6 @@ def response_peer(via: Via, source: Peer) -> Peer:
         # to parse).
         return Peer(source.transport, source.host, source.port)
     host = via.param("received") or via.host
-    if rport and rport.isdigit():
+    if rport and rport.isascii() and rport.isdigit():
         return Peer(source.transport, host, int(rport))
     return Peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))

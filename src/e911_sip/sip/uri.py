@@ -93,7 +93,11 @@ def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
         raise MalformedMessage(f"URI has no host: {raw!r}")
     if not port_text:
         return host, None
-    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+    if (
+        not (port_text.isascii() and port_text.isdigit())
+        or len(port_text) > 5
+        or int(port_text) > 65535
+    ):
         raise MalformedMessage(f"bad port in URI {raw!r}")
     return host, int(port_text)
 
@@ -274,7 +278,7 @@ class Via(NamedTuple):
 _VIA_RE = re.compile(
     r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+"
     r"(\[[^\]]*\]|[^\s:;\[\]]+)(?:\s*:\s*(\d{1,5}))?\s*(;.*)?\s*$",
-    re.S | re.I,
+    re.S | re.I | re.ASCII,
 )
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 DEFAULT_KEY_PREFIX = "e911:line:"
 
 _PROVIDER_ENDPOINT = re.compile(r"[A-Za-z0-9]+/[A-Za-z0-9]{1,64}")
-_LINE = re.compile(r"\d{10}")
+_LINE = re.compile(r"[0-9]{10}")
 
 
 class StoreError(Exception):

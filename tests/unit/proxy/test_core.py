@@ -595,3 +595,24 @@ def test_calls_leave_no_reference_cycles() -> None:
     finally:
         gc.enable()
     assert unreachable == 0
+
+
+def test_emergency_invite_with_a_preloaded_route_still_goes_to_the_emergency_trunk() -> None:
+    h = make_core()
+    routes = "Route: <sip:192.0.2.1:5070;lr>, <sip:203.0.113.99:5060;lr>\r\n"
+    h.feed(invite(extra=routes))
+    assert h.event(RequestRouted) == [RequestRouted("INVITE", Route.EMERGENCY)]
+    sent, _ = start_emergency_after(h, h.emergency())
+    assert sent.uri == "sip:911@198.51.100.1:5060"
+    assert not sent.has("route")
+
+
+def test_initial_request_with_a_preloaded_route_follows_it_and_record_routes() -> None:
+    h = make_core()
+    routes = "Route: <sip:192.0.2.1:5070;lr>, <sip:203.0.113.99:5060;lr>\r\n"
+    out = h.feed(invite("sip:4075550100@192.0.2.1:5070", extra=routes))
+    sent = only(Peer("udp", "203.0.113.99", 5060), out)
+    assert isinstance(sent, Request)
+    assert sent.values("route") == ["<sip:203.0.113.99:5060;lr>"]
+    assert sent.get("record-route") == "<sip:192.0.2.1:5070;lr>"
+    assert h.event(RequestRouted) == [RequestRouted("INVITE", Route.ROUTE_SET)]

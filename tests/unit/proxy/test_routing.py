@@ -104,3 +104,9 @@ def test_loose_routing_pops_only_our_entries() -> None:
     assert out.values("route") == ["<sip:198.51.100.9;lr>"]
     assert next_hop(out).host == "198.51.100.9"
     assert next_hop(pop_own_routes(request(routes), (UDP, TCP))).host == "198.51.100.1"
+
+
+def test_max_forwards_with_non_ascii_digits_is_malformed() -> None:
+    # "²".isdigit() is True but int() refuses it: a peer must not be able to crash the core.
+    with pytest.raises(MalformedMessage):
+        decrement_max_forwards(request("Max-Forwards: \u00b270"))

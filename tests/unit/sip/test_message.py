@@ -213,3 +213,11 @@ def test_parse_raises_only_sip_errors(noise: bytes, cut: int) -> None:
     except RemoteSipError:
         return
     message.to_bytes()
+
+
+def test_non_ascii_digits_are_not_numbers() -> None:
+    data = (DATA / "valid" / "tel_911.sip").read_bytes()
+    with pytest.raises(ParseFailure):
+        parse(data.replace(b"Content-Length: 0", b"Content-Length: \xb2"))
+    with pytest.raises(ParseFailure):
+        parse(data.replace(b"CSeq: 1 INVITE", b"CSeq: \xb2 INVITE"))
