@@ -153,7 +153,13 @@ class Edge:
     def message_received(self, data: bytes, source: Peer) -> None:
         """A transport delivered one message."""
         self._now_received = self._clock()
-        self._core.receive(data, source, self._loop.time())
+        try:
+            self._core.receive(data, source, self._loop.time())
+        except Exception:
+            # The core answers or drops whatever a peer sends; reaching here is a bug. Keep
+            # serving, and make it loud: the message is lost.
+            self._metrics.discarded.labels("internal_error").inc()
+            log.exception("internal error handling a message", extra={"peer": str(source)})
         self._pump()
 
     def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
@@ -202,7 +208,11 @@ class Edge:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._core.handle_timer(self._loop.time())
+        try:
+            self._core.handle_timer(self._loop.time())
+        except Exception:
+            self._metrics.discarded.labels("internal_error").inc()
+            log.exception("internal error running timers")
         self._pump()
 
     # -- events --------------------------------------------------------------------------

@@ -241,3 +241,31 @@ async def test_a_store_that_must_be_awaited_is_looked_up_in_a_task() -> None:
     assert invites_to(transport, "198.51.100.1")[0].get("geolocation") is not None
     assert outcome(metrics, "enriched") == 1
     assert metrics.registry.get_sample_value("e911_sip_emergency_enrich_seconds_count") == 1
+
+
+async def test_a_bug_in_the_core_is_counted_and_the_edge_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}))
+    original = ProxyCore.receive
+    calls = 0
+
+    def flaky(self: ProxyCore, data: bytes, source: Peer, now: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("core bug")
+        original(self, data, source, now)
+
+    monkeypatch.setattr(ProxyCore, "receive", flaky)
+    with caplog.at_level(logging.ERROR, logger="e911_sip.edge"):
+        edge.message_received(invite(), SOFTSWITCH)  # lost to the bug, but nothing escapes
+    assert (
+        metrics.registry.get_sample_value(
+            "e911_sip_messages_discarded_total", {"reason": "internal_error"}
+        )
+        == 1
+    )
+    assert any(r.exc_info for r in caplog.records)
+    edge.message_received(invite(), SOFTSWITCH)  # the caller's retransmission gets through
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
