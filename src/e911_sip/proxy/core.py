@@ -453,6 +453,15 @@ class ProxyCore:
 
     def transport_error(self, branch: str, now: float) -> None:
         """The transport could not deliver a message of the client transaction ``branch``."""
+        found = False
+        for method in ("INVITE", "CANCEL"):
+            entry = self._client.get((branch, method))
+            if entry is not None:
+                found = True
+                self._run_client(entry, entry.txn.transport_error(now), now)
+        if found:
+            return
+        # Other methods (BYE, OPTIONS, ...) are rarer; a scan finds them.
         for key, entry in list(self._client.items()):
             if key[0] == branch:
                 self._run_client(entry, entry.txn.transport_error(now), now)

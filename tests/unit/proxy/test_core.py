@@ -616,3 +616,19 @@ def test_initial_request_with_a_preloaded_route_follows_it_and_record_routes() -
     assert sent.values("route") == ["<sip:203.0.113.99:5060;lr>"]
     assert sent.get("record-route") == "<sip:192.0.2.1:5070;lr>"
     assert h.event(RequestRouted) == [RequestRouted("INVITE", Route.ROUTE_SET)]
+
+
+def test_transport_error_on_an_in_dialog_request_answers_408() -> None:
+    h = make_core()
+    bye = (
+        b"BYE sip:911@198.51.100.1:5060 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKbye9\r\n"
+        b"Route: <sip:192.0.2.1:5070;lr>\r\nMax-Forwards: 70\r\n"
+        b"From: <sip:3215551234@192.0.2.10>;tag=uac-tag\r\nTo: <sip:911@192.0.2.1>;tag=uas-tag\r\n"
+        b"Call-ID: call-9@192.0.2.10\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    sent = only(TRUNK1, h.feed(bye))
+    assert isinstance(sent, Request)
+    h.core.transport_error(sent.vias[0].branch or "", h.now)
+    final = only(SOFTSWITCH, h.collect())
+    assert isinstance(final, Response) and (final.status, final.cseq[1]) == (408, "BYE")
