@@ -82,6 +82,7 @@ from e911_sip.sip.transaction import (
     TimerSettings,
     Transmit,
     TransportFailure,
+    build_cancel,
     client_key,
     server_key,
 )
@@ -350,22 +351,6 @@ def _response_rank(response: Response) -> tuple[int, int]:
     if status >= 600:
         return (0, 0)
     return (1, status // 100)
-
-
-def _build_cancel(invite: Request) -> Request:
-    """CANCEL for a forwarded INVITE (RFC 3261 §9.1): same Request-URI, Call-ID, From, To,
-    CSeq number and Route, and only the top Via, so it matches the INVITE's transaction."""
-    cancel = Request("CANCEL", invite.uri).append("Via", invite.top_via.raw.strip())
-    for value in invite.get_all("route"):
-        cancel = cancel.append("Route", value)
-    return (
-        cancel.append("Max-Forwards", "70")
-        .append("From", invite.get("from") or "")
-        .append("To", invite.get("to") or "")
-        .append("Call-ID", invite.call_id)
-        .append("CSeq", f"{invite.cseq[0]} CANCEL")
-        .append("Content-Length", "0")
-    )
 
 
 class ProxyCore:
@@ -727,7 +712,7 @@ class ProxyCore:
             branch.cancel_wanted = True  # §9.1: CANCEL waits for a provisional response
             return
         branch.cancelled = True
-        cancel = _build_cancel(branch.txn.request)
+        cancel = build_cancel(branch.txn.request)
         txn = ClientNonInviteTransaction(
             cancel, reliable=branch.peer.reliable, timers=self._options.timers
         )

@@ -226,10 +226,6 @@ class Message:
         """The From value, parsed."""
         return parse_name_addr(self.get("from") or "")
 
-    def to_addr(self) -> NameAddr:
-        """The To value, parsed."""
-        return parse_name_addr(self.get("to") or "")
-
     @property
     def to_tag(self) -> str | None:
         """The To tag, None when absent."""
@@ -261,15 +257,6 @@ class Message:
 
     def _copy_start_line(self, clone: Self) -> None:
         raise NotImplementedError
-
-    def with_headers(self, headers: Iterable[Header]) -> Self:
-        """The same start line and body with ``headers`` instead."""
-        keys: list[str] = []
-        lines: list[str] = []
-        for h in headers:
-            keys.append(h.key)
-            lines.append(h.raw)
-        return self._copy(lines, keys)
 
     def prepend(self, name: str, value: str) -> Self:
         """A new header placed before every other header of that name (or first, if none)."""

@@ -68,6 +68,7 @@ from e911_sip.sip.message import Message, Request, Response, make_header
 __all__ = [
     "DEFAULT_TIMERS",
     "TRANSITIONS",
+    "build_cancel",
     "ClientInviteTransaction",
     "ClientNonInviteTransaction",
     "Effect",
@@ -534,7 +535,7 @@ class _Transaction:
 
 
 class _ClientTransaction(_Transaction):
-    __slots__ = ("key", "_via", "_started", "_send")
+    __slots__ = ("key", "_started", "_send")
 
     key: tuple[str, str]
 
@@ -542,8 +543,7 @@ class _ClientTransaction(_Transaction):
         self, request: Request, state: State, reliable: bool, timers: TimerSettings
     ) -> None:
         super().__init__(request, state, reliable, timers)
-        self._via = request.top_via
-        branch = self._via.branch
+        branch = request.top_via.branch
         if not branch:
             raise ValueError(
                 "a client transaction's request needs a Via branch (RFC 3261 §8.1.1.7)"
@@ -635,16 +635,7 @@ class ClientInviteTransaction(_ClientTransaction):
         tag) from the response, has exactly one Via equal to the INVITE's top Via, repeats the
         INVITE's Route headers, and has Max-Forwards 70 and no body.
         """
-        request = self.request
-        headers = [make_header("Via", self._via.raw)]
-        headers.extend(make_header("Route", value) for value in request.get_all("route"))
-        headers.append(make_header("Max-Forwards", "70"))
-        headers.append(make_header("From", request.get("from") or ""))
-        headers.append(make_header("To", response.get("to") or ""))
-        headers.append(make_header("Call-ID", request.call_id))
-        headers.append(make_header("CSeq", f"{request.cseq[0]} ACK"))
-        headers.append(make_header("Content-Length", "0"))
-        return Request("ACK", request.uri, headers)
+        return _same_transaction(self.request, "ACK", response.get("to") or "")
 
     def _retransmit(self, now: float) -> list[Effect]:
         if (self.state, Event.TIMER_A) not in self._table:
@@ -712,6 +703,27 @@ class ClientNonInviteTransaction(_ClientTransaction):
         self._retx_interval = interval
         self._retx_at = now + interval
         return [self._send]
+
+
+def build_cancel(invite: Request) -> Request:
+    """The CANCEL for a sent INVITE (RFC 3261 §9.1): the INVITE's Request-URI, Call-ID, From,
+    To, CSeq number, Route headers and top Via (so it reaches the INVITE's server
+    transaction), Max-Forwards 70 and no body."""
+    return _same_transaction(invite, "CANCEL", invite.get("to") or "")
+
+
+def _same_transaction(invite: Request, method: str, to: str) -> Request:
+    # ACK for a non-2xx and CANCEL are built alike: they must match the INVITE's
+    # transaction at the next hop and follow the INVITE's route.
+    headers = [make_header("Via", invite.top_via.raw.strip())]
+    headers.extend(make_header("Route", value) for value in invite.get_all("route"))
+    headers.append(make_header("Max-Forwards", "70"))
+    headers.append(make_header("From", invite.get("from") or ""))
+    headers.append(make_header("To", to))
+    headers.append(make_header("Call-ID", invite.call_id))
+    headers.append(make_header("CSeq", f"{invite.cseq[0]} {method}"))
+    headers.append(make_header("Content-Length", "0"))
+    return Request(method, invite.uri, headers)
 
 
 class _ServerTransaction(_Transaction):

@@ -42,10 +42,6 @@ class Uri(NamedTuple):
                 return "" if value is None else value
         return None
 
-    def has_param(self, name: str) -> bool:
-        """True when parameter ``name`` (lower-case) is present, with or without a value."""
-        return any(key == name for key, _ in self.params)
-
     @property
     def transport(self) -> str:
         """Transport the URI asks for (``udp`` by default, ``tls`` for sips)."""
