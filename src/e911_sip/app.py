@@ -31,7 +31,7 @@ from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions
 from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.audit import AuditLog, JsonlAuditLog, MemoryAuditLog, RedisAuditLog
-from e911_sip.provisioning.bandwidth import BandwidthClient, BandwidthOptions
+from e911_sip.provisioning.bandwidth import BandwidthClient
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import (
@@ -216,23 +216,6 @@ def build_audit(config: Config) -> AuditLog:
     return RedisAuditLog(url=url, stream=config.provisioning.audit_stream)
 
 
-def bandwidth_options(config: Config) -> BandwidthOptions:
-    """The Bandwidth client's options from ``[bandwidth]``."""
-    bw = config.bandwidth
-    return BandwidthOptions(
-        account_id=bw.account_id,
-        client_id=bw.client_id,
-        client_secret=bw.client_secret,
-        api_base=bw.api_base,
-        token_url=bw.token_url,
-        region=bw.region,
-        request_timeout=bw.request_timeout,
-        max_attempts=bw.max_attempts,
-        max_retry_time=bw.max_retry_time,
-        order_timeout=bw.order_timeout,
-    )
-
-
 @contextlib.asynccontextmanager
 async def provisioning_service(
     config: Config, lines: LineRecordWriter, metrics: Metrics | None
@@ -241,7 +224,7 @@ async def provisioning_service(
     state = build_state(config)
     audit = build_audit(config)
     try:
-        async with BandwidthClient(bandwidth_options(config)) as client:
+        async with BandwidthClient(config.bandwidth.client) as client:
             yield ProvisioningService(
                 provider=client,
                 lines=lines,
@@ -258,7 +241,7 @@ async def provisioning_service(
 
 async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> None:
     """Serve the bundled emulator at ``[bandwidth] api_base`` for the life of ``stack``."""
-    bw = config.bandwidth
+    bw = config.bandwidth.client
     url = urlsplit(bw.api_base)
     if url.hostname is None or url.port is None:
         raise ConfigError("[bandwidth] api_base: run_emulator needs http://HOST:PORT/api/v2")

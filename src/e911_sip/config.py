@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from e911_sip.policy.enrich import ExistingGeolocation
+from e911_sip.provisioning.bandwidth import BandwidthOptions
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
 
@@ -163,30 +164,30 @@ class ProvisioningConfig:
     """Redis stream holding the audit trail."""
 
 
+def _emulator_client() -> BandwidthOptions:
+    return BandwidthOptions(
+        account_id="5555555",
+        client_id="e911-sip-emulator",
+        client_secret="emulator-secret",
+        api_base="http://127.0.0.1:9300/api/v2",
+        token_url="http://127.0.0.1:9300/api/v1/oauth2/token",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BandwidthConfig:
-    """[bandwidth]: the Bandwidth v2 emergency API (or the bundled emulator)."""
+    """[bandwidth]: the Bandwidth v2 emergency API (or the bundled emulator).
 
-    account_id: str = "5555555"
-    """Bandwidth account id; the first half of ``provider_endpoint``."""
-    client_id: str = "e911-sip-emulator"
-    """OAuth2 client id."""
-    client_secret: str = "emulator-secret"
-    """OAuth2 client secret; set it through E911_SIP__BANDWIDTH__CLIENT_SECRET."""
-    api_base: str = "http://127.0.0.1:9300/api/v2"
-    """API base; production is https://api.bandwidth.com/api/v2."""
-    token_url: str = "http://127.0.0.1:9300/api/v1/oauth2/token"
-    """OAuth2 token URL; production is https://api.bandwidth.com/api/v1/oauth2/token."""
-    region: str = "NA"
-    """``region`` query parameter."""
-    request_timeout: float = 10.0
-    """Seconds per HTTP request."""
-    max_attempts: int = 5
-    """Attempts per call on 429, 5xx and timeouts."""
-    max_retry_time: float = 30.0
-    """Seconds all attempts of one call may take."""
-    order_timeout: float = 30.0
-    """Seconds to wait for a 202 order to complete."""
+    Every field of :class:`~e911_sip.provisioning.bandwidth.BandwidthOptions` is a key of the
+    section (``account_id``, ``client_id``, ``client_secret``, ``api_base``, ``token_url``,
+    ``region``, ``request_timeout``, ``max_attempts``, ``max_retry_time``, ``order_timeout``,
+    ...); the defaults point at the bundled emulator on 127.0.0.1:9300. Production uses
+    ``https://api.bandwidth.com/api/v2`` and ``https://api.bandwidth.com/api/v1/oauth2/token``
+    with the secret in E911_SIP__BANDWIDTH__CLIENT_SECRET.
+    """
+
+    client: BandwidthOptions = field(default_factory=_emulator_client)
+    """The Bandwidth client's options."""
     run_emulator: bool = False
     """Serve the bundled Bandwidth emulator in-process at ``api_base``'s host and port, with
     ``client_id``/``client_secret``/``account_id`` as its only credentials (first tries and
@@ -479,22 +480,26 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
 
 
 def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
-    s = _Section("bandwidth", data, _fields(BandwidthConfig))
+    s = _Section("bandwidth", data, _fields(BandwidthOptions) | {"run_emulator"})
     d = BandwidthConfig()
-    account = s.string("account_id", d.account_id)
-    if not account.isalnum():
-        raise ConfigError(f"[bandwidth] account_id: expected letters and digits, got {account!r}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(BandwidthOptions):
+        default = getattr(d.client, f.name)
+        if isinstance(default, bool):
+            values[f.name] = s.boolean(f.name, default)
+        elif isinstance(default, int):
+            values[f.name] = s.integer(f.name, default, minimum=1)
+        elif isinstance(default, float):
+            values[f.name] = s.number(f.name, default)
+        else:
+            values[f.name] = s.string(f.name, default)
+    if not values["account_id"].isalnum():
+        raise ConfigError(
+            f"[bandwidth] account_id: expected letters and digits, got {values['account_id']!r}"
+        )
+    values["api_base"] = values["api_base"].rstrip("/")
     return BandwidthConfig(
-        account_id=account,
-        client_id=s.string("client_id", d.client_id),
-        client_secret=s.string("client_secret", d.client_secret),
-        api_base=s.string("api_base", d.api_base).rstrip("/"),
-        token_url=s.string("token_url", d.token_url),
-        region=s.string("region", d.region),
-        request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
-        max_attempts=s.integer("max_attempts", d.max_attempts, minimum=1),
-        max_retry_time=s.number("max_retry_time", d.max_retry_time),
-        order_timeout=s.number("order_timeout", d.order_timeout, minimum=0.1),
+        client=BandwidthOptions(**values),
         run_emulator=s.boolean("run_emulator", d.run_emulator),
     )
 

@@ -145,3 +145,23 @@ def test_dockerfile_runs_a_shipped_config() -> None:
     assert path.startswith("/etc/e911-sip/")
     assert (ROOT / "config" / path.removeprefix("/etc/e911-sip/")).is_file()
     assert "COPY config /etc/e911-sip" in dockerfile
+
+
+def test_bandwidth_section_is_the_clients_options(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            '[bandwidth]\naccount_id = "9900001"\napi_base = "https://api.bandwidth.com/api/v2/"\n'
+            "max_attempts = 3\nbackoff_cap = 4.0\n",
+        ),
+        {"E911_SIP__BANDWIDTH__CLIENT_SECRET": "from-the-environment"},
+    )
+    client = config.bandwidth.client
+    assert (client.account_id, client.api_base) == ("9900001", "https://api.bandwidth.com/api/v2")
+    assert (client.max_attempts, client.backoff_cap) == (3, 4.0)
+    assert client.client_secret == "from-the-environment"
+    assert config.bandwidth.run_emulator is False
+    with pytest.raises(ConfigError, match=r"\[bandwidth\] max_attempts: must be at least 1"):
+        load(write(tmp_path, "[bandwidth]\nmax_attempts = 0\n"), {})
+    with pytest.raises(ConfigError, match=r"\[bandwidth\] acount_id: unknown key"):
+        load(write(tmp_path, '[bandwidth]\nacount_id = "1"\n'), {})
