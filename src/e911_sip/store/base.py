@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 DEFAULT_KEY_PREFIX = "e911:line:"
 
@@ -91,6 +91,7 @@ class LocationStore(Protocol):
         ...
 
 
+@runtime_checkable
 class ImmediateLocationStore(LocationStore, Protocol):
     """A store that can answer without waiting (in memory): the edge then enriches an
     emergency INVITE in the same turn of the event loop that received it."""

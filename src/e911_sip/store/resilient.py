@@ -15,7 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from e911_sip.store.base import InvalidRecord, LocationRecord, LocationStore, StoreError
+from e911_sip.store.base import (
+    ImmediateLocationStore,
+    InvalidRecord,
+    LocationRecord,
+    LocationStore,
+    StoreError,
+)
 
 
 class LookupSource(StrEnum):
@@ -68,6 +74,7 @@ class ResilientLookup:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._immediate = store.lookup_now if isinstance(store, ImmediateLocationStore) else None
         self._options = options
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, LocationRecord]] = OrderedDict()
@@ -96,7 +103,7 @@ class ResilientLookup:
 
         An in-memory store answers here; a Redis store needs :meth:`lookup`.
         """
-        immediate = getattr(self._store, "lookup_now", None)
+        immediate = self._immediate
         if immediate is None:
             return None
         start = self._clock()
