@@ -12,7 +12,7 @@ import contextlib
 import functools
 import gc
 import logging
-import secrets
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,12 +23,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from e911_sip import logs
-from e911_sip.config import Config, ConfigError
+from e911_sip.config import Config, ConfigError, UntrustedAction
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
 from e911_sip.opshttp import build_ops_app
 from e911_sip.policy.emergency import emergency_number
-from e911_sip.policy.enrich import EnrichOptions
+from e911_sip.policy.enrich import EnrichOptions, ExistingGeolocation
 from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.audit import AuditLog, JsonlAuditLog, MemoryAuditLog, RedisAuditLog
 from e911_sip.provisioning.bandwidth import BandwidthClient
@@ -113,6 +113,13 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
         timers=TimerSettings(t1=config.sip.t1, t2=config.sip.t2, t4=config.sip.t4),
         max_message_size=config.sip.max_message_size,
         max_headers=config.sip.max_headers,
+        trusted_sources=config.security.trusted_sources,
+        reject_untrusted=config.security.untrusted is UntrustedAction.REJECT,
+        keep_device_geolocation=(
+            config.emergency.existing_geolocation is not ExistingGeolocation.REMOVE
+        ),
+        max_trunk_dialogs=config.security.max_trunk_dialogs,
+        trunk_dialog_max_age=config.security.trunk_dialog_max_age,
     )
 
 
@@ -131,7 +138,7 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
         OSError: a listener could not be bound.
     """
     local = local_addresses(config)
-    core = ProxyCore(options=proxy_options(config, local), branch_seed=secrets.token_hex(4))
+    core = ProxyCore(options=proxy_options(config, local), entropy=os.urandom)
     emergency = config.emergency
     lookup = ResilientLookup(
         store,

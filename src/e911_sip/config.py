@@ -13,11 +13,13 @@ import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from e911_sip.policy.enrich import ExistingGeolocation
 from e911_sip.provisioning.bandwidth import BandwidthOptions
+from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
 
@@ -79,8 +81,10 @@ class EmergencyConfig:
     """Bandwidth emergency trunks as SIP URIs with IP hosts, tried in order."""
     geolocation_base_url: str = "https://emergency.bandwidth.com/locations/"
     """Prefix of the Geolocation reference; ``provider_endpoint`` is appended."""
-    existing_geolocation: ExistingGeolocation = ExistingGeolocation.REPLACE
-    """A Geolocation already on the call: ``replace`` (default, old value logged), ``keep``
+    existing_geolocation: ExistingGeolocation = ExistingGeolocation.REMOVE
+    """A Geolocation that arrives with the call: ``remove`` (default: never passed on, ours
+    added when the line has a record), or, for devices that send their own location (RFC
+    6442 UA-provided location), ``replace`` (ours replaces it when we have one), ``keep``
     (ours is not added) or ``append`` (ours goes last)."""
     pai_domain: str | None = None
     """Host of the P-Asserted-Identity URI; unset takes the From URI's host."""
@@ -194,6 +198,30 @@ class BandwidthConfig:
     demos; never in production)."""
 
 
+class UntrustedAction(StrEnum):
+    """What the edge does with a request it will not relay."""
+
+    DROP = "drop"
+    """Nothing goes back: a spoofed source gets no reflection."""
+    REJECT = "reject"
+    """A stateless 403 Forbidden to the address it came from."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityConfig:
+    """[security]: the trust domain (RFC 3325) and what happens outside it."""
+
+    trusted_sources: tuple[IPNetwork, ...] = LOOPBACK_SOURCES
+    """CIDRs of the softswitch: the only sources whose initial requests (911 included) are
+    relayed, and whose P-Asserted-Identity, Privacy and Geolocation are believed."""
+    untrusted: UntrustedAction = UntrustedAction.DROP
+    """``drop`` or ``reject`` (403) requests from outside the trust domain."""
+    max_trunk_dialogs: int = 100_000
+    """Dialogs a trunk answered in which it may send requests (bounded table)."""
+    trunk_dialog_max_age: float = 14_400.0
+    """Seconds without a message after which such a dialog is forgotten."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration."""
@@ -207,6 +235,7 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: Path | None = None
     """The file this came from, None for the built-in defaults."""
 
@@ -504,6 +533,37 @@ def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
     )
 
 
+def _security(data: Mapping[str, Any]) -> SecurityConfig:
+    s = _Section("security", data, _fields(SecurityConfig))
+    d = SecurityConfig()
+    networks: list[IPNetwork] = []
+    for text in s.strings("trusted_sources", tuple(str(n) for n in d.trusted_sources)):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(
+                f"[security] trusted_sources: {text!r} is not a CIDR network ({exc})"
+            ) from None
+    if not networks:
+        raise ConfigError(
+            "[security] trusted_sources: at least one network is required (the softswitch); "
+            "with none, no call could be relayed"
+        )
+    action = s.string("untrusted", d.untrusted.value)
+    try:
+        untrusted = UntrustedAction(action)
+    except ValueError:
+        raise ConfigError(
+            f"[security] untrusted: expected drop or reject, got {action!r}"
+        ) from None
+    return SecurityConfig(
+        trusted_sources=tuple(networks),
+        untrusted=untrusted,
+        max_trunk_dialogs=s.integer("max_trunk_dialogs", d.max_trunk_dialogs, minimum=1),
+        trunk_dialog_max_age=s.number("trunk_dialog_max_age", d.trunk_dialog_max_age, minimum=1.0),
+    )
+
+
 _SECTIONS = (
     "sip",
     "emergency",
@@ -514,6 +574,7 @@ _SECTIONS = (
     "shutdown",
     "provisioning",
     "bandwidth",
+    "security",
 )
 
 
@@ -565,6 +626,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         shutdown=_shutdown(tables["shutdown"]),
         provisioning=_provisioning(tables["provisioning"], base),
         bandwidth=_bandwidth(tables["bandwidth"]),
+        security=_security(tables["security"]),
     )
 
 

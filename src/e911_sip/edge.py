@@ -229,6 +229,11 @@ class Edge:
             counter.inc()
         elif isinstance(event, EmergencyCall):
             self._received_at[event.call] = self._now_received
+            if event.removed_geolocation:
+                log.info(
+                    "removed a Geolocation the edge did not write",
+                    extra={"call_id": event.call_id, "removed": list(event.removed_geolocation)},
+                )
             self._begin_emergency(event)
         elif isinstance(event, EmergencyForwarded):
             started = self._received_at.pop(event.call, None)

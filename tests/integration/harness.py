@@ -53,6 +53,7 @@ _UAC_KEYS = {"caller": DEFAULT_CALLER, "hold_ms": DEFAULT_HOLD_MS}
 SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uac_911": dict(_UAC_KEYS),
     "uac_911_pai": {**_UAC_KEYS, "pai": DEFAULT_PAI},
+    "uac_911_device_location": dict(_UAC_KEYS),
     "uac_sos": dict(_UAC_KEYS),
     "uac_load": dict(_UAC_KEYS),
     "uac_cancel": {"caller": DEFAULT_CALLER},

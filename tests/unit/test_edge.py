@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,10 +48,11 @@ def build(
         emergency_trunks=("sip:198.51.100.1:5060", "sip:198.51.100.2:5060"),
         default_trunks=("sip:203.0.113.5:5060",),
         provisional_timeout=provisional_timeout,
+        trusted_sources=(ipaddress.ip_network("192.0.2.0/24"),),
     )
     metrics = Metrics()
     edge = Edge(
-        core=ProxyCore(options=options, branch_seed="e1"),
+        core=ProxyCore(options=options, entropy=random.Random(1).randbytes),
         store=store,
         lookup=ResilientLookup(store, options=LookupOptions(timeout=lookup_timeout)),
         metrics=metrics,

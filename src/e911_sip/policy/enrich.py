@@ -7,9 +7,11 @@ What is added (use scenario 1.6b; RFC 6442, RFC 3325, RFC 7090):
 - ``Priority: emergency``, replacing any other Priority value (a ``psap-callback`` marking from a
   caller is not ours to honour, RFC 7090 §6).
 - ``Geolocation: <{base}{provider_endpoint}>`` (location by reference: a proxy may not add a
-  body, RFC 6881 §6.5). A Geolocation that is already present is replaced (default), kept, or
-  kept with ours appended last, as configured (RFC 6442 §3.2 prefers not touching it; Bandwidth
-  reads one reference, so the default is to send ours alone and log the one we removed).
+  body, RFC 6881 §6.5). A Geolocation that came with the call is removed by default, with its
+  Geolocation-Routing, whether or not the line has a record: a location the edge did not
+  write is not vouched for, and Bandwidth reads one reference. Deployments whose devices send
+  their own location (RFC 6442 UA-provided location) choose to have it replaced by ours, kept,
+  or kept with ours appended last (RFC 6442 §3.2 prefers not touching it).
 - ``Geolocation-Routing: no`` when we add a location and none is present; an existing one is
   never changed or duplicated (RFC 6442 §3.4).
 - Exactly one ``P-Asserted-Identity`` whose sip URI carries the 10-digit callback number, and
@@ -31,8 +33,12 @@ from e911_sip.sip.uri import parse_name_addr, parse_uri
 class ExistingGeolocation(StrEnum):
     """What to do with a Geolocation header the request already carries."""
 
+    REMOVE = "remove"
+    """Never pass on a location we did not write: the proxy core removes it (and its
+    Geolocation-Routing) before enrichment, on every emergency call, located or not."""
     REPLACE = "replace"
-    """Send only ours; the old value is reported so the edge can log it."""
+    """Send only ours when we have one (the old value is reported so the edge can log it);
+    without a record of ours, the caller's goes on."""
     KEEP = "keep"
     """Send theirs and do not add ours (RFC 6442 §3.2's "SHOULD NOT add")."""
     APPEND = "append"
@@ -45,7 +51,7 @@ class EnrichOptions:
 
     geolocation_base_url: str = "https://emergency.bandwidth.com/locations/"
     """Prefix of the location reference; ``provider_endpoint`` is appended to it."""
-    existing_geolocation: ExistingGeolocation = ExistingGeolocation.REPLACE
+    existing_geolocation: ExistingGeolocation = ExistingGeolocation.REMOVE
     """Policy for a Geolocation that arrives with the call."""
     pai_domain: str | None = None
     """Host part of the P-Asserted-Identity we write; None takes the From URI's host."""
@@ -61,7 +67,7 @@ class Enrichment:
     geolocation: str | None
     """The Geolocation value we added, None when none was added."""
     removed_geolocation: tuple[str, ...]
-    """Geolocation values that arrived and were removed (REPLACE policy)."""
+    """Geolocation values that arrived and were removed (REMOVE or REPLACE policy)."""
     callback: str | None
     """The 10-digit callback number written into P-Asserted-Identity, if any."""
 
@@ -98,9 +104,13 @@ def enrich(
 
     added: str | None = None
     removed: tuple[str, ...] = ()
+    existing = out.get_all("geolocation")
+    if existing and options.existing_geolocation is ExistingGeolocation.REMOVE:
+        removed = tuple(existing)
+        existing = []
+        out = out.remove("geolocation").remove("geolocation-routing")
     if provider_endpoint:
         ours = f"<{options.geolocation_base_url}{provider_endpoint}>"
-        existing = out.get_all("geolocation")
         if not existing:
             out = out.append("Geolocation", ours)
             added = ours

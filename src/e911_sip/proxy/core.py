@@ -50,14 +50,23 @@ from e911_sip.proxy.routing import (
     DIALOG_CREATING,
     BranchFactory,
     LocalAddress,
+    Tokens,
     add_record_route,
     add_via,
     decrement_max_forwards,
     is_local_uri,
     next_hop,
-    own_via,
     pop_own_routes,
     stamp_received,
+)
+from e911_sip.proxy.trust import (
+    IDENTITY_HEADERS,
+    LOOPBACK_SOURCES,
+    IPNetwork,
+    TrunkDialogs,
+    Trust,
+    TrustPolicy,
+    is_ip_address,
 )
 from e911_sip.sip.errors import RemoteSipError, SipError, TooManyHops, TransactionStateError
 from e911_sip.sip.message import (
@@ -131,6 +140,17 @@ class ProxyOptions:
     """Largest number of header fields accepted."""
     server_header: str | None = "e911-sip"
     """Server header on responses we generate ourselves; None writes none."""
+    trusted_sources: tuple[IPNetwork, ...] = LOOPBACK_SOURCES
+    """Networks of the softswitch: the only sources whose initial requests are routed."""
+    reject_untrusted: bool = False
+    """Answer refused requests with a stateless 403; False drops them silently."""
+    keep_device_geolocation: bool = False
+    """Pass a Geolocation that arrived with an emergency call on to the trunk (RFC 6442
+    UA-provided location); False removes it, and its Geolocation-Routing, before enrichment."""
+    max_trunk_dialogs: int = 100_000
+    """Dialogs a trunk answered that it may send in-dialog requests in (bounded table)."""
+    trunk_dialog_max_age: float = 14_400.0
+    """Seconds without a message after which such a dialog is forgotten."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -157,6 +177,8 @@ class EmergencyCall:
     number: str
     """The emergency number dialled (911 or 933; urn:service:sos maps to 911)."""
     call_id: str
+    removed_geolocation: tuple[str, ...] = ()
+    """Geolocation values the call arrived with and that were removed (not ours to pass on)."""
 
 
 @dataclass(slots=True)
@@ -250,6 +272,7 @@ class _Branch:
         "cancelled",
         "abandoned",
         "done",
+        "dialog_noted",
         "__weakref__",
     )
 
@@ -265,6 +288,7 @@ class _Branch:
         self.cancelled = False
         self.abandoned = False
         self.done = False
+        self.dialog_noted = False
 
 
 class _Context:
@@ -356,14 +380,25 @@ def _response_rank(response: Response) -> tuple[int, int]:
 class ProxyCore:
     """The stateful proxy. One instance serves every transport of one edge process."""
 
-    def __init__(self, *, options: ProxyOptions, branch_seed: str) -> None:
+    def __init__(self, *, options: ProxyOptions, entropy: Callable[[int], bytes]) -> None:
+        """``entropy(n)`` returns ``n`` unpredictable bytes (``os.urandom`` in the product): the
+        core reads no randomness of its own, so tests can make it deterministic."""
         if not options.local:
             raise ValueError("the proxy needs at least one local address")
         self._options = options
         self._locals = options.local
         self._by_transport = {local.transport: local for local in options.local}
-        self._branches = BranchFactory(branch_seed)
-        self._to_tag = f"e911{branch_seed}"
+        self._tokens = Tokens(entropy)
+        self._branches = BranchFactory(self._tokens)
+        self._trust = TrustPolicy(
+            trusted_sources=options.trusted_sources,
+            trunk_hosts=[
+                parse_uri(t).host for t in (*options.emergency_trunks, *options.default_trunks)
+            ],
+        )
+        self._trunk_dialogs = TrunkDialogs(
+            max_entries=options.max_trunk_dialogs, max_age=options.trunk_dialog_max_age
+        )
         self._server: dict[tuple[str, str, str], _ServerEntry] = {}
         self._client: dict[tuple[str, str], _ClientEntry] = {}
         self._contexts: dict[int, _Context] = {}
@@ -416,7 +451,7 @@ class ProxyCore:
             )
         except ParseFailure as exc:
             self._events.append(Discarded("malformed", str(exc), source))
-            reply = error_response(exc, to_tag=self._to_tag)
+            reply = error_response(exc, to_tag=self._tokens.token())
             if reply is not None:
                 self._send_stateless_reply(reply, source)
             return
@@ -433,7 +468,7 @@ class ProxyCore:
             self._events.append(Discarded("malformed", str(exc), source))
             if isinstance(message, Request) and message.method != "ACK":
                 status = exc.status_code if isinstance(exc, RemoteSipError) else 400
-                reply = make_response(message, status, to_tag=self._to_tag)
+                reply = make_response(message, status, to_tag=self._tokens.token())
                 self._send_stateless_reply(reply, source)
 
     def transport_error(self, branch: str, now: float) -> None:
@@ -490,6 +525,11 @@ class ProxyCore:
     # -- requests ------------------------------------------------------------------------
     def _on_request(self, request: Request, source: Peer, now: float) -> None:
         request = stamp_received(request, source)
+        if self._trust.classify(source.host) is not Trust.SOFTSWITCH:
+            admitted = self._admit_untrusted(request, source, now)
+            if admitted is None:
+                return
+            request = admitted
         method = request.method
         key = server_key(request)
         server = self._server.get(key)
@@ -527,7 +567,7 @@ class ProxyCore:
                 self._answer_options(context, now)
                 return
             self._events.append(RequestRouted(method, Route.REJECTED))
-            self._reply(context, make_response(request, 483, to_tag=self._to_tag), now)
+            self._reply(context, make_response(request, 483, to_tag=self._tokens.token()), now)
             return
         forwarded = pop_own_routes(forwarded, self._locals)
         has_route = forwarded.has("route")
@@ -555,14 +595,14 @@ class ProxyCore:
             context.trunks = list(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
-                self._reply(context, make_response(request, 503, to_tag=self._to_tag), now)
+                self._reply(context, make_response(request, 503, to_tag=self._tokens.token()), now)
             return
 
         target = next_hop(forwarded)
         if not has_route and is_local_uri(target, self._locals):
             # In-dialog request for us, not through us: no dialog of ours to match.
             self._events.append(RequestRouted(method, Route.REJECTED))
-            self._reply(context, make_response(request, 481, to_tag=self._to_tag), now)
+            self._reply(context, make_response(request, 481, to_tag=self._tokens.token()), now)
             return
         if initial:
             # An initial request with a preloaded route set follows it (RFC 3261 §16.6),
@@ -576,6 +616,45 @@ class ProxyCore:
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
 
+    def _admit_untrusted(self, request: Request, source: Peer, now: float) -> Request | None:
+        """What may come from outside the trust domain (RFC 3325 §5), or None when refused.
+
+        A trunk may keep its dialogs alive (in-dialog requests of dialogs it answered, sent to
+        the softswitch or a trunk) and ping us with OPTIONS; the identity and location headers
+        it sends are removed. Nothing else from outside is relayed, a 911 call included.
+        """
+        if self._trust.classify(source.host) is not Trust.TRUNK:
+            self._refuse(request, source, "untrusted_source")
+            return None
+        if request.to_tag is None:
+            if (
+                request.method == "OPTIONS"
+                and self._addressed_to_us(request)
+                and not pop_own_routes(request, self._locals).has("route")
+            ):
+                return request
+            self._refuse(request, source, "untrusted_initial")
+            return None
+        if not self._trunk_dialogs.allows(request.call_id, source.host, now):
+            self._refuse(request, source, "untrusted_dialog")
+            return None
+        target = next_hop(pop_own_routes(request, self._locals))
+        if not self._trust.may_receive(target.host):
+            self._refuse(request, source, "untrusted_target")
+            return None
+        for name in IDENTITY_HEADERS:
+            if request.has(name):
+                request = request.remove(name)
+        return request
+
+    def _refuse(self, request: Request, source: Peer, reason: str) -> None:
+        """Drop a request from outside, or answer 403 without a transaction: no state, no
+        retransmissions, and the reply goes only to the address it came from."""
+        self._events.append(Discarded(reason, request.method, source))
+        if self._options.reject_untrusted and request.method != "ACK":
+            reply = make_response(request, 403, to_tag=self._tokens.token())
+            self._outbox.append(Outgoing(reply.to_bytes(), source))
+
     def _addressed_to_us(self, request: Request) -> bool:
         uri = request.request_uri
         return uri.user is None and is_local_uri(uri, self._locals)
@@ -585,12 +664,21 @@ class ProxyCore:
         extra = [("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS")]
         if self._options.server_header:
             extra.append(("Server", self._options.server_header))
-        reply = make_response(context.request, 200, to_tag=self._to_tag, extra=extra)
+        reply = make_response(context.request, 200, to_tag=self._tokens.token(), extra=extra)
         self._reply(context, reply, now)
 
     def _begin_emergency(
         self, context: _Context, forwarded: Request, number: str, now: float
     ) -> None:
+        removed: tuple[str, ...] = ()
+        if not self._options.keep_device_geolocation:
+            # A location the edge did not write is not passed to the PSAP by default: the
+            # provisioned, validated one is the dispatchable location (RFC 6442 §3.2).
+            for name in ("geolocation", "geolocation-routing", "geolocation-error"):
+                if forwarded.has(name):
+                    if name == "geolocation":
+                        removed = tuple(forwarded.get_all(name))
+                    forwarded = forwarded.remove(name)
         context.route = Route.EMERGENCY
         context.emergency_number = number
         context.trunks = list(self._options.emergency_trunks)
@@ -599,7 +687,9 @@ class ProxyCore:
         context.fail_open_deadline = now + self._options.fail_open_after
         self._push_timer(context.fail_open_deadline, weakref.ref(context))
         self._events.append(RequestRouted("INVITE", Route.EMERGENCY))
-        self._events.append(EmergencyCall(context.id, forwarded, number, forwarded.call_id))
+        self._events.append(
+            EmergencyCall(context.id, forwarded, number, forwarded.call_id, removed)
+        )
 
     def _fail_open_timer(self, context: _Context, now: float) -> None:
         deadline = context.fail_open_deadline
@@ -619,7 +709,9 @@ class ProxyCore:
         if not self._next_trunk(context, now):
             # No emergency trunk configured: the config check refuses that, but answer
             # rather than leave a caller waiting if it ever happens.
-            self._reply(context, make_response(context.request, 503, to_tag=self._to_tag), now)
+            self._reply(
+                context, make_response(context.request, 503, to_tag=self._tokens.token()), now
+            )
 
     def _next_trunk(self, context: _Context, now: float) -> bool:
         """Send the request to the next trunk in order; False when none is left."""
@@ -692,7 +784,7 @@ class ProxyCore:
         )
         entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
         self._server[key] = entry
-        ok = make_response(request, 200, to_tag=self._to_tag)
+        ok = make_response(request, 200, to_tag=self._tokens.token())
         self._run_server(entry, txn.send_response(ok, now), now)
         self._events.append(RequestRouted("CANCEL", Route.IN_DIALOG))
         if context.final_sent or context.cancelled:
@@ -700,7 +792,9 @@ class ProxyCore:
         context.cancelled = True
         if context.awaiting_owner or all(b.done or b.abandoned for b in context.branches):
             context.awaiting_owner = False
-            self._final(context, make_response(context.request, 487, to_tag=self._to_tag), now)
+            self._final(
+                context, make_response(context.request, 487, to_tag=self._tokens.token()), now
+            )
             return
         for branch in context.branches:
             self._cancel_branch(branch, now)
@@ -755,31 +849,29 @@ class ProxyCore:
     def _on_response(self, response: Response, source: Peer, now: float) -> None:
         entry = self._client.get(client_key(response))
         if entry is None:
-            via = response.top_via
-            if own_via(via, self._locals) and self._branches.is_ours(via.branch):
-                self._forward_response_stateless(response, source)
-            else:
-                self._events.append(Discarded("stray_response", str(response.status), source))
+            # Includes 2xx retransmissions after Timer M: the client transaction passed every
+            # 2xx up while it could (RFC 6026 §8.4); later ones have nowhere to go.
+            self._events.append(Discarded("stray_response", str(response.status), source))
+            return
+        peer = entry.peer
+        if (source.host, source.port, source.transport) != (
+            peer.host,
+            peer.port,
+            peer.transport,
+        ) and is_ip_address(peer.host):
+            # §17.1.3 matches by branch; the branch is unguessable, and on top of that only
+            # the hop the request went to may answer it (a forged 503 must not end a call).
+            # A target named by host name was resolved by the transport, so its address is
+            # not known here; trunks are configured by IP, so the emergency path is checked.
+            self._events.append(Discarded("response_source", str(response.status), source))
             return
         self._run_client(entry, entry.txn.receive(response, now), now)
-
-    def _forward_response_stateless(self, response: Response, source: Peer) -> None:
-        """A 2xx retransmission after our client transaction ended goes on (§16.7)."""
-        if response.status < 200 or response.status >= 300:
-            self._events.append(Discarded("late_response", str(response.status), source))
-            return
-        upstream = response.pop_top_via()
-        if not upstream.has("via"):
-            return
-        via = upstream.top_via
-        transport = via.transport.lower()
-        self._outbox.append(
-            Outgoing(upstream.to_bytes(), response_peer(via, Peer(transport, via.host, 0)))
-        )
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
         context = branch.context
         status = response.status
+        if status > 100 and status < 300 and not branch.dialog_noted:
+            self._note_trunk_dialog(branch, response, now)
         if status < 200:
             branch.got_provisional = True
             branch.provisional_deadline = None
@@ -817,6 +909,22 @@ class ProxyCore:
             return
         self._maybe_finish(context, now)
 
+    def _note_trunk_dialog(self, branch: _Branch, response: Response, now: float) -> None:
+        """A trunk answered a dialog-creating request: it may now send in that dialog."""
+        branch.dialog_noted = True
+        request = branch.txn.request
+        if (
+            request.method in DIALOG_CREATING
+            and self._trust.classify(branch.peer.host) is Trust.TRUNK
+            and response.to_tag is not None
+        ):
+            self._trunk_dialogs.add(
+                request.call_id,
+                branch.peer.host,
+                now,
+                emergency=branch.context.route is Route.EMERGENCY,
+            )
+
     def _branch_failed(self, branch: _Branch, reason: str, now: float) -> None:
         """A branch ended with no final response: it counts as a 408 (§16.7 step 1, §16.8)."""
         if branch.done:
@@ -828,7 +936,7 @@ class ProxyCore:
         if branch.abandoned:
             self._maybe_finish(context, now)
             return
-        context.responses.append(make_response(context.request, 408, to_tag=self._to_tag))
+        context.responses.append(make_response(context.request, 408, to_tag=self._tokens.token()))
         if self._can_fail_over(context):
             self._fail_over(context, branch, reason, now)
             return
@@ -858,13 +966,13 @@ class ProxyCore:
         if any(not b.done and not b.abandoned for b in context.branches):
             return
         if context.cancelled:
-            best = make_response(context.request, 487, to_tag=self._to_tag)
+            best = make_response(context.request, 487, to_tag=self._tokens.token())
         elif context.responses:
             best = min(context.responses, key=_response_rank)
             if best.status == 503:
-                best = make_response(context.request, 500, to_tag=self._to_tag)
+                best = make_response(context.request, 500, to_tag=self._tokens.token())
         else:
-            best = make_response(context.request, 408, to_tag=self._to_tag)
+            best = make_response(context.request, 408, to_tag=self._tokens.token())
         self._final(context, best, now)
 
     def _final(self, context: _Context, response: Response, now: float) -> None:
@@ -877,9 +985,12 @@ class ProxyCore:
         self._maybe_forget(context)
 
     def _completed(self, context: _Context, status: int, trunk: str | None) -> None:
+        request = context.request
+        if (status >= 300 and request.to_tag is None) or (status < 300 and request.method == "BYE"):
+            # The dialog never came up, or it is over: the trunk may send nothing more in it.
+            self._trunk_dialogs.end(request.call_id)
         # Initial requests are reported; so is BYE, which ends a dialog the owner may track.
-        if context.route in (Route.EMERGENCY, Route.DEFAULT) or context.request.method == "BYE":
-            request = context.request
+        if context.route in (Route.EMERGENCY, Route.DEFAULT) or request.method == "BYE":
             self._events.append(
                 CallCompleted(
                     request.call_id,

@@ -7,9 +7,9 @@ received/rport parameters of the top Via (§18.2.1, RFC 3581), our own Via with 
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from e911_sip.sip.errors import MalformedMessage, SipError, TooManyHops
@@ -44,36 +44,68 @@ class LocalAddress:
         return f"<sip:{self.hostport}{transport};lr>"
 
 
-class BranchFactory:
-    """Unique ``z9hG4bK`` branches (RFC 3261 §8.1.1.7) from a per-process seed and a counter.
+class Tokens:
+    """Unpredictable tokens for branches and tags (RFC 3261 §8.1.1.7, §19.3).
 
-    A counter is cheaper than a random token per request and, with the seed, unique across
-    restarts; the seed is supplied by the caller so the core stays deterministic in tests.
+    Each token is 96 bits from an injected entropy function (``os.urandom`` in the product, a
+    seeded generator in tests), read in blocks so the message path makes one system call per
+    few hundred tokens. Nothing in a token reveals process state: a peer that sees every
+    branch and tag we write can neither guess the next one nor tell two processes apart,
+    so it cannot forge a response to a transaction it did not see.
     """
 
-    __slots__ = ("_prefix", "_counter")
+    __slots__ = ("_entropy", "_block", "_offset")
 
-    def __init__(self, seed: str) -> None:
-        self._prefix = f"{MAGIC_COOKIE}{seed}."
-        self._counter = itertools.count(1)
+    _SIZE = 12
+    _BLOCK = 4092  # a multiple of _SIZE
+
+    def __init__(self, entropy: Callable[[int], bytes]) -> None:
+        self._entropy = entropy
+        self._block = b""
+        self._offset = 0
+
+    def raw(self, size: int) -> bytes:
+        """``size`` fresh random bytes."""
+        if size > self._BLOCK:
+            return self._entropy(size)
+        if self._offset + size > len(self._block):
+            self._block = self._entropy(self._BLOCK)
+            self._offset = 0
+        start = self._offset
+        self._offset = start + size
+        return self._block[start : self._offset]
+
+    def token(self) -> str:
+        """16 URL-safe characters (all of them SIP ``token`` characters)."""
+        return base64.urlsafe_b64encode(self.raw(self._SIZE)).decode("ascii")
+
+
+class BranchFactory:
+    """``z9hG4bK`` branches (RFC 3261 §8.1.1.7): random per client transaction, and keyed
+    digests of the incoming branch for requests forwarded without a transaction."""
+
+    __slots__ = ("_tokens", "_key")
+
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+        self._key = tokens.raw(32)
 
     def new(self) -> str:
-        """A branch never handed out before by this factory."""
-        return f"{self._prefix}{next(self._counter):x}"
-
-    def is_ours(self, branch: str | None) -> bool:
-        """True when ``branch`` came from this factory (or its stateless twin)."""
-        return branch is not None and branch.startswith(self._prefix)
+        """A branch never handed out before, that no peer can predict."""
+        return f"{MAGIC_COOKIE}{self._tokens.token()}"
 
     def stateless(self, request: Request) -> str:
         """The branch for a request forwarded without a transaction (ACK for 2xx, stray CANCEL).
 
         It is derived from the incoming top Via branch (RFC 3261 §16.11), so a retransmission
-        gets the same branch again.
+        gets the same branch again; the digest is keyed with a per-process secret, so the
+        branch tells a peer nothing it could use to match or forge anything.
         """
         top = request.top_via.branch or request.call_id
-        digest = hashlib.blake2s(f"{top}|{request.method}".encode(), digest_size=8).hexdigest()
-        return f"{self._prefix}s{digest}"
+        digest = hashlib.blake2s(
+            f"{top}|{request.method}".encode(), digest_size=12, key=self._key
+        ).digest()
+        return f"{MAGIC_COOKIE}{base64.urlsafe_b64encode(digest).decode('ascii')}"
 
 
 def decrement_max_forwards(request: Request) -> Request:

@@ -678,6 +678,7 @@ REASONS = {
     183: "Session Progress",
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     408: "Request Timeout",
     416: "Unsupported URI Scheme",

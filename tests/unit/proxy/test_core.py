@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import ipaddress
+import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -124,6 +127,8 @@ def make_core(
     emergency_trunks: tuple[str, ...] = ("sip:198.51.100.1:5060", "sip:198.51.100.2:5060"),
     default_trunks: tuple[str, ...] = ("sip:203.0.113.5:5060",),
     local: tuple[LocalAddress, ...] = (EDGE_UDP, EDGE_TCP),
+    trusted: tuple[str, ...] = ("192.0.2.0/24", "203.0.113.77/32"),
+    **extra: Any,
 ) -> Harness:
     options = ProxyOptions(
         local=local,
@@ -132,8 +137,10 @@ def make_core(
         default_trunks=default_trunks,
         provisional_timeout=2.0,
         fail_open_after=0.5,
+        trusted_sources=tuple(ipaddress.ip_network(n) for n in trusted),
+        **extra,
     )
-    return Harness(ProxyCore(options=options, branch_seed="t1"))
+    return Harness(ProxyCore(options=options, entropy=random.Random(1).randbytes))
 
 
 def to(peer: Peer, out: list[Outgoing]) -> list[Request | Response]:

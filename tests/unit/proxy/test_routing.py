@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
 
 from e911_sip.proxy.routing import (
     BranchFactory,
     LocalAddress,
+    Tokens,
     add_record_route,
     add_via,
     decrement_max_forwards,
@@ -73,19 +77,45 @@ def test_received_keeps_further_via_values() -> None:
 
 
 def test_our_via_goes_on_top_with_a_unique_branch() -> None:
-    branches = BranchFactory("seed")
+    branches = BranchFactory(Tokens(os.urandom))
     first, second = branches.new(), branches.new()
     assert first != second and first.startswith("z9hG4bK")
     out = add_via(request(), UDP, first)
     assert out.vias[0].branch == first and out.vias[0].sent_by == "192.0.2.1:5070"
-    assert branches.is_ours(first) and not branches.is_ours("z9hG4bKa")
 
 
-def test_stateless_branch_is_stable_per_request() -> None:
-    branches = BranchFactory("seed")
+def test_branches_carry_96_random_bits_and_nothing_shared() -> None:
+    # Two processes seeded alike would share nothing: every branch is fresh entropy, with no
+    # common prefix or counter a peer could learn from one and use on the next.
+    tokens = Tokens(random.Random(7).randbytes)
+    branches = BranchFactory(tokens)
+    seen = [branches.new()[len("z9hG4bK") :] for _ in range(2000)]
+    assert len(set(seen)) == len(seen)
+    assert all(len(b) == 16 for b in seen)
+    assert len({b[:4] for b in seen}) > 1000
+    assert all(c.isalnum() or c in "-_" for b in seen for c in b)
+
+
+def test_tokens_read_entropy_in_blocks() -> None:
+    calls: list[int] = []
+
+    def entropy(n: int) -> bytes:
+        calls.append(n)
+        return os.urandom(n)
+
+    tokens = Tokens(entropy)
+    values = {tokens.token() for _ in range(1000)}
+    assert len(values) == 1000
+    assert len(calls) <= 4
+
+
+def test_stateless_branch_is_stable_per_request_and_keyed() -> None:
+    branches = BranchFactory(Tokens(os.urandom))
     assert branches.stateless(request()) == branches.stateless(request())
     other = request(via="SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKz")
     assert branches.stateless(request()) != branches.stateless(other)
+    # Another process (another key) derives another branch from the same request.
+    assert BranchFactory(Tokens(os.urandom)).stateless(request()) != branches.stateless(request())
 
 
 def test_record_route_single_and_double() -> None:
