@@ -138,8 +138,8 @@ class TlsConfig:
     signed (mutual TLS)."""
 
 
-TLS_KEYS = frozenset({"tls_cert_file", "tls_key_file", "tls_client_ca_file", "allow_plaintext"})
-"""The keys every HTTP listener's section takes for HTTPS (see :func:`_tls`)."""
+_HTTPS_KEYS = frozenset({"tls_cert_file", "tls_key_file", "tls_client_ca_file", "allow_plaintext"})
+"""The keys every HTTP listener's section takes for HTTPS or plain HTTP (see :func:`_tls`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -451,8 +451,12 @@ def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:
     )
 
 
+class _EncryptedKey(Exception):
+    """OpenSSL asked for the private key's password."""
+
+
 def _refuse_password() -> bytes:
-    raise ConfigError("encrypted")
+    raise _EncryptedKey
 
 
 def server_tls_context(tls: TlsConfig, section: str) -> ssl.SSLContext:
@@ -481,7 +485,7 @@ def server_tls_context(tls: TlsConfig, section: str) -> ssl.SSLContext:
         # Without a password callback OpenSSL would prompt on the terminal for an encrypted
         # key; the callback refuses instead.
         context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_password)
-    except ConfigError:
+    except _EncryptedKey:
         raise ConfigError(
             f"{key_key}: {tls.key_file} is encrypted; give an unencrypted key "
             "(readable only by the service user)"
@@ -546,9 +550,9 @@ def _tls(
     client_ca = _file(s, "tls_client_ca_file", base)
     allow_plaintext = s.boolean("allow_plaintext", False)
     if cert is None and key is not None:
-        raise ConfigError(f"{s.where('tls_cert_file')}: required with tls_key_file")
+        raise ConfigError(f"{s.where('tls_cert_file')}: required when tls_key_file is set")
     if cert is not None and key is None:
-        raise ConfigError(f"{s.where('tls_key_file')}: required with tls_cert_file")
+        raise ConfigError(f"{s.where('tls_key_file')}: required when tls_cert_file is set")
     if cert is None and client_ca is not None:
         raise ConfigError(
             f"{s.where('tls_client_ca_file')}: client certificates need HTTPS; "
@@ -570,7 +574,7 @@ def _tls(
 
 
 def _http(data: Mapping[str, Any], base: Path | None) -> HttpConfig:
-    s = _Section("http", data, (_fields(HttpConfig) - {"tls"}) | TLS_KEYS)
+    s = _Section("http", data, (_fields(HttpConfig) - {"tls"}) | _HTTPS_KEYS)
     listen = _hostport(s.string("listen", "127.0.0.1:9100"), s.where("listen"))
     tls, allow_plaintext = _tls(s, listen, base, "/metrics, /healthz and /readyz")
     return HttpConfig(listen=listen, tls=tls, allow_plaintext=allow_plaintext)
@@ -609,7 +613,7 @@ def _state_url(value: str, where: str, base: Path | None) -> str:
 
 
 def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningConfig:
-    s = _Section("provisioning", data, (_fields(ProvisioningConfig) - {"tls"}) | TLS_KEYS)
+    s = _Section("provisioning", data, (_fields(ProvisioningConfig) - {"tls"}) | _HTTPS_KEYS)
     d = ProvisioningConfig()
     tokens = s.get("tokens", {})
     if not isinstance(tokens, Mapping) or not all(

@@ -158,8 +158,8 @@ def test_certificate_problems_name_the_key(
             f'{cert}tls_key_file = "{missing}"\n',
             rf"^\[{section}\] tls_key_file: {missing} does not exist",
         ),
-        (key, rf"^\[{section}\] tls_cert_file: required with tls_key_file"),
-        (cert, rf"^\[{section}\] tls_key_file: required with tls_cert_file"),
+        (key, rf"^\[{section}\] tls_cert_file: required when tls_key_file is set"),
+        (cert, rf"^\[{section}\] tls_key_file: required when tls_cert_file is set"),
         (
             f'tls_client_ca_file = "{server.cert}"\n',
             rf"^\[{section}\] tls_client_ca_file: client certificates need HTTPS",
