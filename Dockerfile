@@ -1,8 +1,10 @@
 # e911-sip: the SIP edge and provisioning API in one image.
 #   docker build -t e911-sip .
 #   docker run --rm -p 5070:5070/udp -p 5070:5070/tcp -p 9100:9100 -p 9200:9200 \
-#       -v e911-state:/var/lib/e911-sip -e E911_SIP__SIP__ADVERTISE=203.0.113.10 ... e911-sip
-# config/e911-sip.container.toml lists the environment a deployment sets.
+#       -v e911-state:/var/lib/e911-sip -v /srv/e911-sip/tls:/etc/e911-sip/tls:ro \
+#       -e E911_SIP__SIP__ADVERTISE=203.0.113.10 ... e911-sip
+# config/e911-sip.container.toml lists the environment a deployment sets and the TLS files
+# mounted at /etc/e911-sip/tls/: the provisioning API and /metrics are served over HTTPS.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -16,10 +18,19 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config /etc/e911-sip
 USER e911
-# SIP (UDP and TCP), metrics/health, provisioning API.
+# SIP (UDP and TCP), metrics/health (HTTPS), provisioning API (HTTPS).
 EXPOSE 5070/udp 5070/tcp 9100/tcp 9200/tcp
-HEALTHCHECK --interval=10s --timeout=2s --start-period=5s \
-    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9100/healthz', timeout=2)" || exit 1
+# The check talks to the process it runs beside, over loopback, so it does not verify the
+# server's certificate (issued for the public name, not 127.0.0.1). It presents
+# /etc/e911-sip/tls/healthcheck.crt when that is mounted, for [http] with client certificates.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
+    CMD python -c "import os, ssl, urllib.request; \
+tls = '/etc/e911-sip/tls/'; \
+context = ssl.create_default_context(); \
+context.check_hostname = False; \
+context.verify_mode = ssl.CERT_NONE; \
+os.path.exists(tls + 'healthcheck.crt') and context.load_cert_chain(tls + 'healthcheck.crt', tls + 'healthcheck.key'); \
+urllib.request.urlopen('https://127.0.0.1:9100/healthz', timeout=2, context=context)" || exit 1
 # SIGTERM drains: in-flight transactions finish and emergency dialogs keep their route.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["e911-sip"]

@@ -23,7 +23,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from e911_sip import logs
-from e911_sip.config import Config, ConfigError, UntrustedAction
+from e911_sip.config import (
+    Config,
+    ConfigError,
+    TlsConfig,
+    UntrustedAction,
+    server_tls_context,
+)
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
 from e911_sip.opshttp import build_ops_app
@@ -191,16 +197,31 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
 
 
 @contextlib.asynccontextmanager
-async def serve_http(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
-    """Serve an aiohttp application for the duration of the block."""
+async def serve_http(
+    app: web.Application, host: str, port: int, *, tls: TlsConfig | None, section: str
+) -> AsyncIterator[None]:
+    """Serve an aiohttp application for the duration of the block, over HTTPS when ``tls``
+    is set (the context is built here from the files, so a start reads them afresh).
+
+    Raises:
+        ConfigError: a TLS file of ``[section]`` cannot be used.
+        OSError: the address cannot be bound.
+    """
+    context = server_tls_context(tls, section) if tls is not None else None
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=context)
         await site.start()
         yield
     finally:
         await runner.cleanup()
+
+
+def http_url(host: str, port: int, tls: TlsConfig | None) -> str:
+    """The base URL of a listener, for the log."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls is not None else 'http'}://{shown}:{port}"
 
 
 def build_state(config: Config) -> StateStore:
@@ -353,11 +374,25 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     report = await service.resync(who="startup")
                     log.info("line records rebuilt from provisioning state", extra=report.to_dict())
                 tokens = {token: name for name, token in config.provisioning.tokens.items()}
-                phost, pport = config.provisioning.listen
+                prov = config.provisioning
+                phost, pport = prov.listen
                 await stack.enter_async_context(
-                    serve_http(build_provisioning_app(service, tokens=tokens), phost, pport)
+                    serve_http(
+                        build_provisioning_app(service, tokens=tokens),
+                        phost,
+                        pport,
+                        tls=prov.tls,
+                        section="provisioning",
+                    )
                 )
-                log.info("provisioning API listening", extra={"listen": f"{phost}:{pport}"})
+                log.info(
+                    "provisioning API listening",
+                    extra={
+                        "listen": http_url(phost, pport, prov.tls),
+                        "client_certificates": prov.tls is not None
+                        and prov.tls.client_ca_file is not None,
+                    },
+                )
 
             def readiness() -> tuple[bool, dict[str, object]]:
                 if running is not None:
@@ -367,14 +402,20 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
 
             host, port = config.http.listen
             await stack.enter_async_context(
-                serve_http(build_ops_app(metrics=metrics, readiness=readiness), host, port)
+                serve_http(
+                    build_ops_app(metrics=metrics, readiness=readiness),
+                    host,
+                    port,
+                    tls=config.http.tls,
+                    section="http",
+                )
             )
             tune_gc()
             log.info(
                 "e911-sip running",
                 extra={
                     "role": role.value,
-                    "http": f"{host}:{port}",
+                    "http": http_url(host, port, config.http.tls),
                     "store": "memory" if isinstance(store, MemoryStore) else "redis",
                     "config": str(config.source) if config.source else "built-in defaults",
                 },

@@ -122,7 +122,13 @@ def _check_config(path: Path) -> int:
     print(f"  emergency trunks: {', '.join(config.emergency.trunks)}")
     print(f"  default trunks:   {', '.join(config.default.trunks) or '(none)'}")
     print(f"  store:            {config.store.url}")
-    print(f"  http:             {config.http.listen[0]}:{config.http.listen[1]}")
+    for name, listen, tls in (
+        ("http", config.http.listen, config.http.tls),
+        ("provisioning", config.provisioning.listen, config.provisioning.tls),
+    ):
+        mutual = tls is not None and tls.client_ca_file is not None
+        suffix = " (client certificates required)" if mutual else ""
+        print(f"  {name + ':':<18}{app.http_url(*listen, tls)}{suffix}")
     return 0
 
 

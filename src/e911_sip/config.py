@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,11 +126,37 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """HTTPS for one HTTP listener: the PEM files its server TLS context is built from.
+
+    Read from the keys ``tls_cert_file``, ``tls_key_file`` and ``tls_client_ca_file`` of the
+    listener's section; :func:`server_tls_context` turns it into an ``ssl.SSLContext``.
+    """
+
+    cert_file: Path
+    """The certificate the server presents, then any intermediates (PEM)."""
+    key_file: Path
+    """The certificate's private key (PEM, not encrypted)."""
+    client_ca_file: Path | None = None
+    """CA certificates (PEM); when set, a client must present a certificate one of them
+    signed (mutual TLS)."""
+
+
+_HTTPS_KEYS = frozenset({"tls_cert_file", "tls_key_file", "tls_client_ca_file", "allow_plaintext"})
+"""The keys every HTTP listener's section takes for HTTPS or plain HTTP (see :func:`_tls`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HttpConfig:
     """[http]: metrics and health endpoints."""
 
     listen: tuple[str, int] = ("127.0.0.1", 9100)
     """``HOST:PORT`` for /metrics, /healthz and /readyz."""
+    tls: TlsConfig | None = None
+    """HTTPS (keys ``tls_cert_file``, ``tls_key_file``, ``tls_client_ca_file``); None: plain
+    HTTP, allowed on a loopback address or with ``allow_plaintext``."""
+    allow_plaintext: bool = False
+    """Serve plain HTTP on a non-loopback address (otherwise a configuration error)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +183,12 @@ class ProvisioningConfig:
 
     listen: tuple[str, int] = ("127.0.0.1", 9200)
     """``HOST:PORT`` of the provisioning REST API."""
+    tls: TlsConfig | None = None
+    """HTTPS (keys ``tls_cert_file``, ``tls_key_file``, ``tls_client_ca_file``); None: plain
+    HTTP, allowed on a loopback address or with ``allow_plaintext``."""
+    allow_plaintext: bool = False
+    """Serve plain HTTP, bearer tokens and addresses included, on a non-loopback address
+    (otherwise a configuration error)."""
     tokens: Mapping[str, str] = field(default_factory=dict)
     """Bearer tokens as ``name = "token"``; the name is recorded in the audit trail."""
     state_url: str = "memory://"
@@ -447,10 +480,133 @@ def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:
     )
 
 
-def _http(data: Mapping[str, Any]) -> HttpConfig:
-    s = _Section("http", data, _fields(HttpConfig))
-    text = s.string("listen", "127.0.0.1:9100")
-    return HttpConfig(listen=_hostport(text, s.where("listen")))
+class _EncryptedKey(Exception):
+    """OpenSSL asked for the private key's password."""
+
+
+def _refuse_password() -> bytes:
+    raise _EncryptedKey
+
+
+def server_tls_context(tls: TlsConfig, section: str) -> ssl.SSLContext:
+    """The server TLS context of the listener in ``[section]``: TLS 1.2 or later, and client
+    certificates required when ``tls.client_ca_file`` is set.
+
+    The files are read now; a certificate replaced on disk is used from the next start.
+
+    Raises:
+        ConfigError: a file cannot be read or does not hold what its key says, naming the key.
+    """
+    cert_key, key_key, ca_key = (
+        f"[{section}] {key}" for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    )
+    cert_pem = _read_pem(tls.cert_file, cert_key)
+    _read_pem(tls.key_file, key_key)
+    # load_cert_chain says only "PEM lib" for a bad certificate and for a bad key alike;
+    # parsing the certificate on its own first tells the operator which file to fix.
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=cert_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{cert_key}: {tls.cert_file} holds no PEM certificate ({exc})") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # Without a password callback OpenSSL would prompt on the terminal for an encrypted
+        # key; the callback refuses instead.
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_password)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"{key_key}: {tls.key_file} is encrypted; give an unencrypted key "
+            "(readable only by the service user)"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{key_key}: {tls.key_file} is not a PEM private key of the certificate in "
+            f"{tls.cert_file} ({exc})"
+        ) from None
+    if tls.client_ca_file is not None:
+        _read_pem(tls.client_ca_file, ca_key)
+        try:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"{ca_key}: {tls.client_ca_file} holds no PEM CA certificate ({exc})"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _read_pem(path: Path, where: str) -> str:
+    try:
+        return path.read_text(encoding="ascii")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not a PEM file") from None
+
+
+def _file(s: _Section, key: str, base: Path | None) -> Path | None:
+    text = s.optional_string(key)
+    if text is None:
+        return None
+    path = Path(text)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.is_file():
+        raise ConfigError(f"{s.where(key)}: {path} does not exist")
+    return path
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls(
+    s: _Section, listen: tuple[str, int], base: Path | None, exposed: str
+) -> tuple[TlsConfig | None, bool]:
+    """HTTPS settings and ``allow_plaintext`` of the listener in ``s``, checked together.
+
+    Plain HTTP on an address other hosts can reach is refused unless ``allow_plaintext`` says
+    so: ``exposed`` names what would cross the network readable by anyone on the path.
+    """
+    cert = _file(s, "tls_cert_file", base)
+    key = _file(s, "tls_key_file", base)
+    client_ca = _file(s, "tls_client_ca_file", base)
+    allow_plaintext = s.boolean("allow_plaintext", False)
+    if cert is None and key is not None:
+        raise ConfigError(f"{s.where('tls_cert_file')}: required when tls_key_file is set")
+    if cert is not None and key is None:
+        raise ConfigError(f"{s.where('tls_key_file')}: required when tls_cert_file is set")
+    if cert is None and client_ca is not None:
+        raise ConfigError(
+            f"{s.where('tls_client_ca_file')}: client certificates need HTTPS; "
+            "set tls_cert_file and tls_key_file too"
+        )
+    if cert is None or key is None:
+        host, port = listen
+        if not _is_loopback(host) and not allow_plaintext:
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ConfigError(
+                f"{s.where('listen')}: {shown} is reachable from other hosts and would serve "
+                f"{exposed} in plain HTTP; set {s.where('tls_cert_file')} and tls_key_file "
+                f"for HTTPS, or set {s.where('allow_plaintext')} = true to accept plain HTTP"
+            )
+        return None, allow_plaintext
+    tls = TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+    server_tls_context(tls, s.name)
+    return tls, allow_plaintext
+
+
+def _http(data: Mapping[str, Any], base: Path | None) -> HttpConfig:
+    s = _Section("http", data, (_fields(HttpConfig) - {"tls"}) | _HTTPS_KEYS)
+    listen = _hostport(s.string("listen", "127.0.0.1:9100"), s.where("listen"))
+    tls, allow_plaintext = _tls(s, listen, base, "/metrics, /healthz and /readyz")
+    return HttpConfig(listen=listen, tls=tls, allow_plaintext=allow_plaintext)
 
 
 def _log(data: Mapping[str, Any]) -> LogConfig:
@@ -486,7 +642,7 @@ def _state_url(value: str, where: str, base: Path | None) -> str:
 
 
 def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningConfig:
-    s = _Section("provisioning", data, _fields(ProvisioningConfig))
+    s = _Section("provisioning", data, (_fields(ProvisioningConfig) - {"tls"}) | _HTTPS_KEYS)
     d = ProvisioningConfig()
     tokens = s.get("tokens", {})
     if not isinstance(tokens, Mapping) or not all(
@@ -498,8 +654,12 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
             raise ConfigError(
                 f"[provisioning] tokens: the token of {name!r} is shorter than 16 characters"
             )
+    listen = _hostport(s.string("listen", "127.0.0.1:9200"), s.where("listen"))
+    tls, allow_plaintext = _tls(s, listen, base, "bearer tokens and addresses")
     return ProvisioningConfig(
-        listen=_hostport(s.string("listen", "127.0.0.1:9200"), s.where("listen")),
+        listen=listen,
+        tls=tls,
+        allow_plaintext=allow_plaintext,
         tokens=dict(tokens),
         state_url=_state_url(s.string("state_url", d.state_url), s.where("state_url"), base),
         audit_url=_state_url(s.string("audit_url", d.audit_url), s.where("audit_url"), base),
@@ -621,7 +781,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         emergency=_emergency(tables["emergency"]),
         default=_default(tables["default"]),
         store=_store(tables["store"], base),
-        http=_http(tables["http"]),
+        http=_http(tables["http"], base),
         log=_log(tables["log"]),
         shutdown=_shutdown(tables["shutdown"]),
         provisioning=_provisioning(tables["provisioning"], base),

@@ -68,14 +68,15 @@ def sipp(tmp_path: Path) -> Iterator[Sipp]:
 
 @pytest.fixture
 def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
-    """``edge_factory(config, timeout=15.0)`` starts an edge and returns it once ready.
+    """``edge_factory(config, timeout=15.0, **options)`` starts an edge and returns it once
+    ready; ``options`` are EdgeProcess's (``command``, ``env``, ``ssl_context``).
 
     Every edge started through it is stopped after the test, even if the test failed.
     """
     started: list[EdgeProcess] = []
 
-    def start(config: dict[str, Any], *, timeout: float = 15.0) -> EdgeProcess:
-        edge = EdgeProcess(tmp_path, config)
+    def start(config: dict[str, Any], *, timeout: float = 15.0, **options: Any) -> EdgeProcess:
+        edge = EdgeProcess(tmp_path, config, **options)
         started.append(edge)
         edge.start(timeout=timeout)
         return edge

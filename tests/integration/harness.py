@@ -23,6 +23,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1118,12 +1119,15 @@ class EdgeProcess:
         *,
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``command`` replaces the default command line; ``{config}`` in it is the TOML path.
 
         ``env`` adds to the inherited environment; ``src/`` is put on PYTHONPATH so the
-        package under test is imported even when it is not installed.
+        package under test is imported even when it is not installed. ``ssl_context``: the
+        ``[http]`` listener serves HTTPS, and ``http_get`` (readiness included) uses it.
         """
+        self.ssl_context = ssl_context
         workdir.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="edge-", dir=workdir))
         self.config = config
@@ -1232,7 +1236,13 @@ class EdgeProcess:
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """``GET path`` on the edge's HTTP listener: (status, body)."""
-        conn = http.client.HTTPConnection(self.http_host, self.http_port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if self.ssl_context is None:
+            conn = http.client.HTTPConnection(self.http_host, self.http_port, timeout=timeout)
+        else:
+            conn = http.client.HTTPSConnection(
+                self.http_host, self.http_port, timeout=timeout, context=self.ssl_context
+            )
         try:
             conn.request("GET", path)
             response = conn.getresponse()

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, load
 from e911_sip.policy.enrich import ExistingGeolocation
+from tests.certs import issue
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,10 +126,16 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_container_config_and_its_environment() -> None:
+def test_container_config_and_its_environment(tmp_path: Path) -> None:
+    # The image reads its certificate from /etc/e911-sip/tls/; here a test-made one stands in.
+    server = issue(trustme.CA(), tmp_path, "server")
     config = load(
         ROOT / "config" / "e911-sip.container.toml",
         {
+            "E911_SIP__HTTP__TLS_CERT_FILE": str(server.cert),
+            "E911_SIP__HTTP__TLS_KEY_FILE": str(server.key),
+            "E911_SIP__PROVISIONING__TLS_CERT_FILE": str(server.cert),
+            "E911_SIP__PROVISIONING__TLS_KEY_FILE": str(server.key),
             "E911_SIP__SIP__ADVERTISE": "203.0.113.10",
             "E911_SIP__STORE__URL": "redis://10.0.0.7:6379/0",
             "E911_SIP__PROVISIONING__TOKENS": '{ portaswitch = "0123456789abcdef0123" }',
