@@ -8,7 +8,7 @@ import pytest
 import trustme
 
 from e911_sip.cli import main
-from e911_sip.config import ConfigError, ListenAddress, load
+from e911_sip.config import ConfigError, ListenAddress, UntrustedAction, load
 from e911_sip.policy.enrich import ExistingGeolocation
 from tests.certs import issue
 
@@ -139,9 +139,11 @@ def test_container_config_and_its_environment(tmp_path: Path) -> None:
             "E911_SIP__SIP__ADVERTISE": "203.0.113.10",
             "E911_SIP__STORE__URL": "redis://10.0.0.7:6379/0",
             "E911_SIP__PROVISIONING__TOKENS": '{ portaswitch = "0123456789abcdef0123" }',
+            "E911_SIP__SECURITY__TRUSTED_SOURCES": '["10.20.0.0/24", "2001:db8:20::/64"]',
         },
     )
     assert config.sip.advertise == "203.0.113.10"
+    assert [str(n) for n in config.security.trusted_sources] == ["10.20.0.0/24", "2001:db8:20::/64"]
     assert config.provisioning.tokens == {"portaswitch": "0123456789abcdef0123"}
     assert config.provisioning.state_url == "file:///var/lib/e911-sip/provisioning.json"
 
@@ -173,3 +175,26 @@ def test_bandwidth_section_is_the_clients_options(tmp_path: Path) -> None:
         load(write(tmp_path, "[bandwidth]\nmax_attempts = 0\n"), {})
     with pytest.raises(ConfigError, match=r"\[bandwidth\] acount_id: unknown key"):
         load(write(tmp_path, '[bandwidth]\nacount_id = "1"\n'), {})
+
+
+def test_security_defaults_trust_only_loopback() -> None:
+    config = load(None, {})
+    assert [str(n) for n in config.security.trusted_sources] == ["127.0.0.1/32", "::1/128"]
+    assert config.security.untrusted is UntrustedAction.DROP
+    assert config.emergency.existing_geolocation is ExistingGeolocation.REMOVE
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('trusted_sources = ["10.0.0.300/32"]', "[security] trusted_sources: '10.0.0.300/32'"),
+        ('trusted_sources = ["10.0.0.1/24"]', "[security] trusted_sources: '10.0.0.1/24'"),
+        ("trusted_sources = []", "[security] trusted_sources: at least one network"),
+        ('untrusted = "ignore"', "[security] untrusted: expected drop or reject"),
+        ("max_trunk_dialogs = 0", "[security] max_trunk_dialogs: must be at least 1"),
+    ],
+)
+def test_security_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(write(tmp_path, f"[security]\n{text}\n"), {})
+    assert str(error.value).startswith(message)
