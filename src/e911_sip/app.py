@@ -113,6 +113,8 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
         timers=TimerSettings(t1=config.sip.t1, t2=config.sip.t2, t4=config.sip.t4),
         max_message_size=config.sip.max_message_size,
         max_headers=config.sip.max_headers,
+        emergency_probe=config.emergency.probe,
+        default_probe=config.default.probe,
     )
 
 

@@ -469,6 +469,14 @@ class ProxyCore:
         """The trunks' health, to read (``status``, ``is_up``); the core alone updates it."""
         return self._health
 
+    @property
+    def trunks_by_route(self) -> dict[str, tuple[str, ...]]:
+        """The configured trunks of each route (``emergency``, ``default``), in order."""
+        return {
+            Route.EMERGENCY.value: self._options.emergency_trunks,
+            Route.DEFAULT.value: self._options.default_trunks,
+        }
+
     def receive(self, data: bytes, source: Peer, now: float) -> None:
         """Process one datagram or one framed stream message from ``source``."""
         try:
