@@ -182,6 +182,7 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
         for transport in transports:
             await transport.close()
         raise
+    edge.start()
     return RunningEdge(edge, transports)
 
 

@@ -145,13 +145,16 @@ class Edge:
             for trunk in trunks:
                 self._trunk_routes.setdefault(trunk, []).append(route)
                 metrics.trunk_up.labels(trunk, route).set(1)
-        # The core may have work due at once (the first trunk probes).
-        self._arm_timer()
 
     # -- wiring --------------------------------------------------------------------------
     def add_transport(self, name: str, transport: Sender) -> None:
         """Register the transport that sends messages for ``name`` (udp, tcp)."""
         self._transports[name] = transport
+
+    def start(self) -> None:
+        """Begin the core's own work (the first trunk probes are due at once); call it once
+        every transport is added, so that nothing goes out before a transport can carry it."""
+        self._pump()
 
     @property
     def listeners_bound(self) -> bool:

@@ -46,6 +46,7 @@ def build() -> tuple[Edge, RecordingTransport, Metrics]:
     )
     transport = RecordingTransport(sink=edge)
     edge.add_transport("udp", transport)
+    edge.start()
     return edge, transport, metrics
 
 
