@@ -126,6 +126,8 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
         ),
         max_trunk_dialogs=config.security.max_trunk_dialogs,
         trunk_dialog_max_age=config.security.trunk_dialog_max_age,
+        emergency_probe=config.emergency.probe,
+        default_probe=config.default.probe,
     )
 
 
@@ -193,6 +195,7 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
         for transport in transports:
             await transport.close()
         raise
+    edge.start()
     return RunningEdge(edge, transports)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from e911_sip.policy.enrich import ExistingGeolocation
 from e911_sip.provisioning.bandwidth import BandwidthOptions
+from e911_sip.proxy.trunks import ProbeOptions
 from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
@@ -101,6 +102,9 @@ class EmergencyConfig:
     """Seconds a cached record stays usable."""
     store_cooldown: float = 1.0
     """Seconds the store is skipped after a failed lookup."""
+    probe: ProbeOptions = field(default_factory=lambda: ProbeOptions(interval=10.0))
+    """OPTIONS probing of the trunks: ``probe_interval`` (0 turns it off),
+    ``probe_timeout``, ``probe_failures``, ``probe_successes``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +113,8 @@ class DefaultRouteConfig:
 
     trunks: tuple[str, ...] = ("sip:127.0.0.1:5090",)
     """SIP URIs tried in order."""
+    probe: ProbeOptions = field(default_factory=lambda: ProbeOptions(interval=10.0))
+    """OPTIONS probing of these trunks; the same four ``probe_*`` keys as [emergency]."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -412,8 +418,11 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
     )
 
 
+_PROBE_KEYS = {"probe_interval", "probe_timeout", "probe_failures", "probe_successes"}
+
+
 def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
-    s = _Section("emergency", data, _fields(EmergencyConfig))
+    s = _Section("emergency", data, _fields(EmergencyConfig) - {"probe"} | _PROBE_KEYS)
     d = EmergencyConfig()
     numbers = s.strings("numbers", d.numbers)
     if not numbers or not all(n.isdigit() for n in numbers):
@@ -446,14 +455,34 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         cache_size=s.integer("cache_size", d.cache_size),
         cache_max_age=s.number("cache_max_age", d.cache_max_age),
         store_cooldown=s.number("store_cooldown", d.store_cooldown),
+        probe=_probe(s, d.probe),
     )
 
 
 def _default(data: Mapping[str, Any]) -> DefaultRouteConfig:
-    s = _Section("default", data, _fields(DefaultRouteConfig))
+    s = _Section("default", data, _fields(DefaultRouteConfig) - {"probe"} | _PROBE_KEYS)
     d = DefaultRouteConfig()
     trunks = tuple(_trunk(t, s.where("trunks")) for t in s.strings("trunks", d.trunks))
-    return DefaultRouteConfig(trunks=trunks)
+    return DefaultRouteConfig(trunks=trunks, probe=_probe(s, d.probe))
+
+
+def _probe(s: _Section, d: ProbeOptions) -> ProbeOptions:
+    """The ``probe_*`` keys of a route section."""
+    interval = s.number("probe_interval", d.interval)
+    if 0 < interval < 0.1:
+        raise ConfigError(f"{s.where('probe_interval')}: 0 (off) or at least 0.1, got {interval}")
+    timeout = s.number("probe_timeout", d.timeout, minimum=0.05)
+    if interval and timeout > interval:
+        raise ConfigError(
+            f"{s.where('probe_timeout')}: must not exceed probe_interval ({interval}), "
+            f"got {timeout}"
+        )
+    return ProbeOptions(
+        interval=interval,
+        timeout=timeout,
+        failures=s.integer("probe_failures", d.failures, minimum=1),
+        successes=s.integer("probe_successes", d.successes, minimum=1),
+    )
 
 
 def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:

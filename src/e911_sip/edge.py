@@ -18,6 +18,11 @@ request instead, and the core itself forwards the original if no answer comes wi
 fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
 the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
 
+Trunk health is the core's (OPTIONS probes, :mod:`e911_sip.proxy.trunks`); the edge reports
+it: a log line when a trunk goes down (WARNING) or comes back (INFO), the
+``e911_sip_trunk_up`` gauge, probe counters, and each trunk's state in ``/readyz``. A down
+trunk does not make the edge unready: it is still tried, last.
+
 Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
 flight and no emergency dialog that passed through here is still up (its BYE must still be
 routed through our Record-Route), bounded by the configured grace periods.
@@ -45,6 +50,8 @@ from e911_sip.proxy.core import (
     Failover,
     ProxyCore,
     RequestRouted,
+    TrunkProbed,
+    TrunkStateChanged,
 )
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore
@@ -133,11 +140,21 @@ class Edge:
         self.store_ok = True
         metrics.transactions.set_function(lambda: core.transactions_in_flight)
         metrics.contexts.set_function(lambda: core.contexts_in_flight)
+        self._trunk_routes: dict[str, list[str]] = {}
+        for route, trunks in core.trunks_by_route.items():
+            for trunk in trunks:
+                self._trunk_routes.setdefault(trunk, []).append(route)
+                metrics.trunk_up.labels(trunk, route).set(1)
 
     # -- wiring --------------------------------------------------------------------------
     def add_transport(self, name: str, transport: Sender) -> None:
         """Register the transport that sends messages for ``name`` (udp, tcp)."""
         self._transports[name] = transport
+
+    def start(self) -> None:
+        """Begin the core's own work (the first trunk probes are due at once); call it once
+        every transport is added, so that nothing goes out before a transport can carry it."""
+        self._pump()
 
     @property
     def listeners_bound(self) -> bool:
@@ -266,12 +283,46 @@ class Edge:
             )
         elif isinstance(event, CallCompleted):
             self._on_completed(event)
+        elif isinstance(event, TrunkProbed):
+            metrics.trunk_probes.labels(event.trunk, event.result).inc()
+        elif isinstance(event, TrunkStateChanged):
+            self._on_trunk_state(event)
         elif isinstance(event, Discarded):
             metrics.discarded.labels(event.reason).inc()
             log.info(
                 "message discarded",
                 extra={"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
             )
+
+    def _on_trunk_state(self, event: TrunkStateChanged) -> None:
+        routes = self._trunk_routes.get(event.trunk, [])
+        for route in routes:
+            self._metrics.trunk_up.labels(event.trunk, route).set(1 if event.up else 0)
+        extra = {"trunk": event.trunk, "routes": routes, "reason": event.reason}
+        if event.up:
+            log.info("trunk is up again; tried in its configured place", extra=extra)
+        else:
+            log.warning("trunk is down; tried last until it answers", extra=extra)
+
+    def trunk_states(self) -> dict[str, dict[str, dict[str, object]]]:
+        """Each route's trunks, in configured order, with their state for ``/readyz``."""
+        health = self._core.trunk_health
+        now = self._loop.time()
+        out: dict[str, dict[str, dict[str, object]]] = {}
+        for route, trunks in self._core.trunks_by_route.items():
+            states: dict[str, dict[str, object]] = {}
+            for trunk in trunks:
+                status = health.status(trunk)
+                state: dict[str, object] = {
+                    "state": ("up" if status.up else "down") if status.probed else "not_probed"
+                }
+                if status.since is not None:
+                    state["for_seconds"] = round(now - status.since, 1)
+                if status.last_reason is not None:
+                    state["last_result"] = status.last_reason
+                states[trunk] = state
+            out[route] = states
+        return out
 
     def _on_completed(self, event: CallCompleted) -> None:
         if event.method == "BYE":
@@ -409,10 +460,21 @@ class Edge:
         """(ready, details) for ``/readyz``: listeners bound; the store up or degraded."""
         store = "ok" if self.store_ok and not self._lookup.degraded else "degraded"
         ready = self.listeners_bound and not self.draining
+        trunks = self.trunk_states()
+        # Down trunks never make the edge unready: every trunk is still tried, and an edge
+        # taken out of service would lose the calls a wrong probe result would not.
+        emergency = [t["state"] for t in trunks.get("emergency", {}).values()]
+        down = emergency.count("down")
+        if emergency and down == len(emergency):
+            emergency_state = "all_down"
+        else:
+            emergency_state = "degraded" if down else "ok"
         return ready, {
             "status": "ready" if ready else ("draining" if self.draining else "not_ready"),
             "listeners": "bound" if self.listeners_bound else "not_bound",
             "store": store,
+            "emergency_trunks": emergency_state,
+            "trunks": trunks,
             "transactions": self._core.transactions_in_flight,
             "emergency_dialogs": self.emergency_dialogs,
         }

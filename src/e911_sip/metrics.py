@@ -125,6 +125,19 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.trunk_up = Gauge(
+            "e911_sip_trunk_up",
+            "1 while a trunk is tried in its configured place, 0 while OPTIONS probes (or "
+            "calls) have it down and tried last; unprobed trunks stay 1.",
+            ["trunk", "route"],
+            registry=r,
+        )
+        self.trunk_probes = Counter(
+            "e911_sip_trunk_probes_total",
+            "OPTIONS probes of trunks by result: ok, timeout, transport or the failing status.",
+            ["trunk", "result"],
+            registry=r,
+        )
         self.store_up = Gauge(
             "e911_sip_store_up",
             "1 when the location store answered its last health check, else 0.",

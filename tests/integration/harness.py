@@ -76,6 +76,7 @@ SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uas_603": {},
     "uas_ring_then_487": {},
     "uas_load": {},
+    "uas_probed": {"expected_ruser": "911"},
 }
 """Every ``-key`` each scenario in sipp_scenarios/ uses, with its documented default."""
 
@@ -1077,8 +1078,11 @@ def edge_config(
             "numbers": ["911", "933"],
             "trunks": list(emergency_trunks),
             "geolocation_base_url": GEOLOCATION_BASE_URL,
+            # Probes would reach the silent peers and SIPp trunks of every test; the tests
+            # of probing turn them on.
+            "probe_interval": 0,
         },
-        "default": {"trunks": list(default_trunks)},
+        "default": {"trunks": list(default_trunks), "probe_interval": 0},
         "store": store,
         "http": {"listen": f"{LOOPBACK}:{http_port}"},
     }

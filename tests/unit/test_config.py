@@ -184,6 +184,29 @@ def test_security_defaults_trust_only_loopback() -> None:
     assert config.emergency.existing_geolocation is ExistingGeolocation.REMOVE
 
 
+def test_probe_keys_per_route(tmp_path: Path) -> None:
+    defaults = load(None, {})
+    assert defaults.emergency.probe.interval == 10.0
+    assert defaults.emergency.probe.failures == 2
+    assert defaults.default.probe.interval == 10.0
+    path = write(
+        tmp_path,
+        """
+[emergency]
+probe_interval = 5
+probe_timeout = 1.5
+probe_failures = 3
+probe_successes = 2
+[default]
+probe_interval = 0
+""",
+    )
+    config = load(path, {"E911_SIP__EMERGENCY__PROBE_TIMEOUT": "0.5"})
+    probe = config.emergency.probe
+    assert (probe.interval, probe.timeout, probe.failures, probe.successes) == (5.0, 0.5, 3, 2)
+    assert not config.default.probe.enabled
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -198,3 +221,21 @@ def test_security_errors_name_the_key(tmp_path: Path, text: str, message: str) -
     with pytest.raises(ConfigError) as error:
         load(write(tmp_path, f"[security]\n{text}\n"), {})
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[emergency]\nprobe_interval = 0.01", r"\[emergency\] probe_interval: 0 \(off\)"),
+        ("[default]\nprobe_interval = -1", r"\[default\] probe_interval: must be at least 0"),
+        (
+            "[emergency]\nprobe_interval = 1\nprobe_timeout = 2",
+            r"\[emergency\] probe_timeout: must not exceed probe_interval",
+        ),
+        ("[default]\nprobe_failures = 0", r"\[default\] probe_failures: must be at least 1"),
+        ("[emergency]\nprobe_succeses = 1", r"\[emergency\] probe_succeses: unknown key"),
+    ],
+)
+def test_probe_key_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), {})

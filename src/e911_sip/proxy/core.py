@@ -32,6 +32,11 @@ injected time (the aioquic pattern).
   branch that has not is cancelled as soon as one arrives. ACK for a non-2xx is absorbed by
   the server transaction (hop-by-hop); ACK for a 2xx, like any request without a context,
   is forwarded statelessly with a branch derived from the incoming one (§16.11).
+- Trunk health (:mod:`e911_sip.proxy.trunks`): each probed trunk gets an OPTIONS every probe
+  interval, as a client non-INVITE transaction abandoned at its own shorter probe timeout.
+  Probe results and call outcomes (transport error, timeout, no provisional; any response)
+  move a trunk down or up, reported as :class:`TrunkStateChanged`; a new call's trunks are
+  tried up ones first, down ones last, none skipped.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
@@ -59,6 +64,7 @@ from e911_sip.proxy.routing import (
     pop_own_routes,
     stamp_received,
 )
+from e911_sip.proxy.trunks import ProbeOptions, TrunkHealth, build_probe
 from e911_sip.proxy.trust import (
     IDENTITY_HEADERS,
     LOOPBACK_SOURCES,
@@ -151,6 +157,11 @@ class ProxyOptions:
     """Dialogs a trunk answered that it may send in-dialog requests in (bounded table)."""
     trunk_dialog_max_age: float = 14_400.0
     """Seconds without a message after which such a dialog is forgotten."""
+    emergency_probe: ProbeOptions = field(default_factory=ProbeOptions)
+    """OPTIONS probing of the emergency trunks (off unless its interval is set)."""
+    default_probe: ProbeOptions = field(default_factory=ProbeOptions)
+    """OPTIONS probing of the default trunks; a trunk on both lists is probed as an
+    emergency trunk."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -233,6 +244,27 @@ class Discarded:
     source: Peer
 
 
+@dataclass(slots=True)
+class TrunkProbed:
+    """An OPTIONS probe of a trunk has its result."""
+
+    trunk: str
+    ok: bool
+    result: str
+    """``ok``, ``timeout``, ``transport`` or the failing status code."""
+
+
+@dataclass(slots=True)
+class TrunkStateChanged:
+    """A trunk went down (tried last from now on) or came back up."""
+
+    trunk: str
+    up: bool
+    reason: str
+    """The outcome that decided it: ``ok``, ``timeout``, ``transport``, ``no_provisional``
+    or a status code."""
+
+
 Event = (
     RequestRouted
     | EmergencyCall
@@ -241,6 +273,8 @@ Event = (
     | Failover
     | CallCompleted
     | Discarded
+    | TrunkProbed
+    | TrunkStateChanged
 )
 
 
@@ -356,13 +390,33 @@ class _ServerEntry:
 
 
 class _ClientEntry:
-    __slots__ = ("txn", "branch", "peer")
+    __slots__ = ("txn", "branch", "peer", "probe")
 
-    def __init__(self, txn: ClientTransaction, branch: _Branch | None, peer: Peer) -> None:
+    def __init__(
+        self,
+        txn: ClientTransaction,
+        branch: _Branch | None,
+        peer: Peer,
+        probe: _Probe | None = None,
+    ) -> None:
         self.txn = txn
         self.branch = branch
-        """The branch whose responses matter; None for a CANCEL we sent."""
+        """The branch whose responses matter; None for a CANCEL or a probe we sent."""
         self.peer = peer
+        self.probe = probe
+        """Set for an OPTIONS probe of a trunk: its result goes to the trunk health."""
+
+
+class _Probe:
+    """One OPTIONS probe in flight: its trunk, its transaction and its own deadline."""
+
+    __slots__ = ("trunk", "key", "deadline", "done", "__weakref__")
+
+    def __init__(self, trunk: str, key: tuple[str, str], deadline: float) -> None:
+        self.trunk = trunk
+        self.key = key
+        self.deadline = deadline
+        self.done = False
 
 
 def _is_failover_status(status: int) -> bool:
@@ -411,6 +465,11 @@ class ProxyCore:
             trunk: parse_uri(trunk)
             for trunk in (*options.emergency_trunks, *options.default_trunks)
         }
+        probes = {trunk: options.default_probe for trunk in options.default_trunks}
+        probes.update((trunk, options.emergency_probe) for trunk in options.emergency_trunks)
+        self._health = TrunkHealth(probes)
+        self._probe_timer_at: float | None = None
+        self._arm_probe_timer()
 
     # -- the sans-IO surface -------------------------------------------------------------
     def data_to_send(self) -> list[Outgoing]:
@@ -439,6 +498,19 @@ class ProxyCore:
     def contexts_in_flight(self) -> int:
         """Requests being proxied (response contexts)."""
         return len(self._contexts)
+
+    @property
+    def trunk_health(self) -> TrunkHealth:
+        """The trunks' health, to read (``status``, ``is_up``); the core alone updates it."""
+        return self._health
+
+    @property
+    def trunks_by_route(self) -> dict[str, tuple[str, ...]]:
+        """The configured trunks of each route (``emergency``, ``default``), in order."""
+        return {
+            Route.EMERGENCY.value: self._options.emergency_trunks,
+            Route.DEFAULT.value: self._options.default_trunks,
+        }
 
     def receive(self, data: bytes, source: Peer, now: float) -> None:
         """Process one datagram or one framed stream message from ``source``."""
@@ -497,6 +569,10 @@ class ProxyCore:
                     continue
             if isinstance(target, _Branch):
                 self._branch_timer(target, now)
+            elif target is self._health:
+                self._probe_timer(now)
+            elif isinstance(target, _Probe):
+                self._probe_deadline(target, now)
             elif isinstance(target, _Context):
                 self._fail_open_timer(target, now)
             elif isinstance(target, ClientInviteTransaction | ClientNonInviteTransaction):
@@ -592,7 +668,7 @@ class ProxyCore:
                 if method in DIALOG_CREATING
                 else forwarded
             )
-            context.trunks = list(self._options.default_trunks)
+            context.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
                 self._reply(context, make_response(request, 503, to_tag=self._tokens.token()), now)
@@ -681,7 +757,7 @@ class ProxyCore:
                     forwarded = forwarded.remove(name)
         context.route = Route.EMERGENCY
         context.emergency_number = number
-        context.trunks = list(self._options.emergency_trunks)
+        context.trunks = self._health.order(self._options.emergency_trunks)
         context.template = forwarded
         context.awaiting_owner = True
         context.fail_open_deadline = now + self._options.fail_open_after
@@ -872,6 +948,8 @@ class ProxyCore:
         status = response.status
         if status > 100 and status < 300 and not branch.dialog_noted:
             self._note_trunk_dialog(branch, response, now)
+        if not branch.got_provisional and not branch.done:
+            self._call_outcome(branch, True, "ok" if status < 300 else str(status), now)
         if status < 200:
             branch.got_provisional = True
             branch.provisional_deadline = None
@@ -929,6 +1007,8 @@ class ProxyCore:
         """A branch ended with no final response: it counts as a 408 (§16.7 step 1, §16.8)."""
         if branch.done:
             return
+        if not branch.got_provisional and not branch.abandoned:
+            self._call_outcome(branch, False, reason, now)
         branch.done = True
         branch.provisional_deadline = None
         branch.timer_c_deadline = None
@@ -1048,6 +1128,7 @@ class ProxyCore:
             branch.provisional_deadline = None
             context = branch.context
             if not branch.got_provisional and self._can_fail_over(context):
+                self._call_outcome(branch, False, "no_provisional", now)
                 branch.abandoned = True
                 self._fail_over(context, branch, "no_provisional", now)
             return
@@ -1057,6 +1138,9 @@ class ProxyCore:
             self._cancel_branch(branch, now)  # §16.8: Timer C fired after a provisional
 
     def _run_client(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
+        if entry.probe is not None:
+            self._run_probe(entry, entry.probe, effects, now)
+            return
         txn = entry.txn
         branch = entry.branch
         for effect in effects:
@@ -1106,3 +1190,98 @@ class ProxyCore:
         due = txn.get_timer()
         if due is not None:
             self._push_timer(due, txn)
+
+    # -- trunk probes --------------------------------------------------------------------
+    def _arm_probe_timer(self) -> None:
+        due = self._health.next_probe()
+        if due is None:
+            return
+        armed = self._probe_timer_at
+        if armed is None or due < armed:
+            self._probe_timer_at = due
+            self._push_timer(due, self._health)
+
+    def _probe_timer(self, now: float) -> None:
+        self._probe_timer_at = None
+        for trunk in self._health.due(now):
+            self._send_probe(trunk, now)
+        self._arm_probe_timer()
+
+    def _send_probe(self, trunk: str, now: float) -> None:
+        uri = self._trunk_uris[trunk]
+        peer = peer_for_uri(uri)
+        local = self._by_transport.get(peer.transport)
+        if local is None:
+            local = self._locals[0]
+            peer = Peer(local.transport, peer.host, peer.port)
+        branch = self._branches.new()
+        request = build_probe(
+            uri,
+            local,
+            branch=branch,
+            tag=self._tokens.token(),
+            user_agent=self._options.server_header,
+        )
+        txn = ClientNonInviteTransaction(
+            request, reliable=peer.reliable, timers=self._options.timers
+        )
+        probe = _Probe(trunk, txn.key, now + self._health.probe_timeout(trunk))
+        entry = _ClientEntry(txn, None, peer, probe)
+        self._client[txn.key] = entry
+        self._push_timer(probe.deadline, weakref.ref(probe))
+        self._run_probe(entry, probe, txn.start(now), now)
+
+    def _run_probe(
+        self, entry: _ClientEntry, probe: _Probe, effects: Iterable[object], now: float
+    ) -> None:
+        txn = entry.txn
+        for effect in effects:
+            if isinstance(effect, Transmit):
+                self._outbox.append(Outgoing(effect.message.to_bytes(), entry.peer, txn.key[0]))
+            elif isinstance(effect, PassUp):
+                message = effect.message
+                if isinstance(message, Response) and message.status >= 200:
+                    status = message.status
+                    if self._health.is_failure_status(probe.trunk, status):
+                        self._probe_result(probe, False, str(status), now)
+                    else:
+                        self._probe_result(probe, True, "ok", now)
+            elif isinstance(effect, Timeout):
+                self._probe_result(probe, False, "timeout", now)
+            elif isinstance(effect, TransportFailure):
+                self._probe_result(probe, False, "transport", now)
+            elif isinstance(effect, Terminated):
+                if self._client.get(txn.key) is entry:
+                    del self._client[txn.key]
+                self._probe_result(probe, False, "timeout", now)
+        due = txn.get_timer()
+        if due is not None:
+            self._push_timer(due, txn)
+
+    def _probe_deadline(self, probe: _Probe, now: float) -> None:
+        if probe.done or probe.deadline > now:
+            return
+        # The probe timeout is shorter than Timer F: the transaction is abandoned, and a late
+        # response finds no transaction (it is dropped as a stray of ours).
+        entry = self._client.get(probe.key)
+        if entry is not None and entry.probe is probe:
+            del self._client[probe.key]
+        self._probe_result(probe, False, "timeout", now)
+
+    def _probe_result(self, probe: _Probe, ok: bool, result: str, now: float) -> None:
+        if probe.done:
+            return
+        probe.done = True
+        self._events.append(TrunkProbed(probe.trunk, ok, result))
+        change = self._health.record(probe.trunk, ok, result, now, probe=True)
+        if change is not None:
+            self._events.append(TrunkStateChanged(change.trunk, change.up, change.reason))
+        self._arm_probe_timer()
+
+    def _call_outcome(self, branch: _Branch, ok: bool, reason: str, now: float) -> None:
+        """A call's first outcome on a configured trunk counts toward that trunk's health."""
+        if branch.context.route not in (Route.EMERGENCY, Route.DEFAULT):
+            return
+        change = self._health.record(branch.trunk, ok, reason, now, probe=False)
+        if change is not None:
+            self._events.append(TrunkStateChanged(change.trunk, change.up, change.reason))
