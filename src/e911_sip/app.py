@@ -12,9 +12,11 @@ import contextlib
 import functools
 import gc
 import logging
+import resource
 import secrets
 import signal
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from e911_sip import logs
-from e911_sip.config import Config, ConfigError
+from e911_sip.config import Config, ConfigError, TlsConfig
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
 from e911_sip.opshttp import build_ops_app
@@ -47,6 +49,7 @@ from e911_sip.store.base import LineRecordWriter, LocationStore
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits, loopback_only
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpTransport
 
@@ -116,6 +119,72 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
     )
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard one; returns the soft limit now in force.
+
+    Every connection, outbound trunk connection and HTTP client holds a descriptor; at the
+    common default of 1024 a modest connection flood made accept() fail and reset the
+    softswitch's connection and /metrics along with it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", extra={"error": str(exc)})
+    return soft
+
+
+def stream_limits(config: Config) -> StreamLimits:
+    """The stream connection bounds from ``[tcp]``."""
+    tcp = config.tcp
+    return StreamLimits(
+        max_connections=tcp.max_connections,
+        max_connections_per_ip=tcp.max_connections_per_ip,
+        trusted_reserve=tcp.trusted_reserve,
+        idle_timeout=tcp.idle_timeout,
+        header_timeout=tcp.header_timeout,
+        max_buffer=tcp.max_buffer,
+        max_write_buffer=tcp.max_write_buffer,
+        max_outbound=tcp.max_outbound,
+        max_queued=tcp.max_queued,
+    )
+
+
+def tls_contexts(tls: TlsConfig) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The (server, client) contexts for TLS listeners and TLS trunks.
+
+    Both present our certificate (mutual TLS between proxies, RFC 3261 §26.3.2.2) and
+    verify the peer against ``ca_file``; the client side also checks the trunk's name or IP.
+
+    Raises:
+        ConfigError: a certificate, key or CA file cannot be loaded.
+    """
+    minimum = ssl.TLSVersion.TLSv1_3 if tls.minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    server.verify_mode = ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_OPTIONAL
+    for context in (server, client):
+        context.minimum_version = minimum
+        try:
+            if tls.certificate is not None:
+                context.load_cert_chain(tls.certificate, tls.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[tls] certificate: cannot load it with its key: {exc}") from exc
+        try:
+            if tls.ca_file is not None:
+                context.load_verify_locations(cafile=tls.ca_file)
+            else:
+                context.load_default_certs(
+                    ssl.Purpose.SERVER_AUTH if context is client else ssl.Purpose.CLIENT_AUTH
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[tls] ca_file: cannot load it: {exc}") from exc
+    return server, client
+
+
 @dataclass(slots=True)
 class RunningEdge:
     """An edge and its transports, for the lifecycle to drain and close."""
@@ -124,11 +193,21 @@ class RunningEdge:
     transports: list[UdpTransport | TcpTransport]
 
 
-async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> RunningEdge:
+async def start_edge(
+    config: Config,
+    store: LocationStore,
+    metrics: Metrics,
+    *,
+    is_trusted: Callable[[str], bool] = loopback_only,
+) -> RunningEdge:
     """Bind the SIP listeners and return the running edge.
+
+    ``is_trusted`` tells a softswitch address from anyone else's: trusted sources are never
+    refused a stream connection because outsiders filled the table.
 
     Raises:
         OSError: a listener could not be bound.
+        ConfigError: the TLS certificate, key or CA file cannot be loaded.
     """
     local = local_addresses(config)
     core = ProxyCore(options=proxy_options(config, local), branch_seed=secrets.token_hex(4))
@@ -158,6 +237,15 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
         ),
     )
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    if any(a.transport == "tls" for a in config.sip.listen):
+        server_ssl, client_ssl = tls_contexts(config.tls)
+    table = ConnectionTable(
+        stream_limits(config),
+        is_trusted=is_trusted,
+        on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
+    )
     transports: list[UdpTransport | TcpTransport] = []
     try:
         for address in config.sip.listen:
@@ -165,13 +253,26 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
             if address.transport == "udp":
                 transport = UdpTransport(edge, host=address.host, port=address.port)
             else:
+                tls = address.transport == "tls"
                 transport = TcpTransport(
                     edge,
                     host=address.host,
                     port=address.port,
                     connect_timeout=config.sip.tcp_connect_timeout,
                     max_message_size=config.sip.max_message_size,
+                    table=table,
+                    server_ssl=server_ssl if tls else None,
+                    client_ssl=client_ssl if tls else None,
+                    server_name=config.tls.server_name if tls else None,
                 )
+                for reason in CLOSE_REASONS:
+                    metrics.stream_closed.labels(address.transport, reason)
+                for direction in ("inbound", "outbound"):
+                    metrics.stream_connections.labels(address.transport, direction).set_function(
+                        functools.partial(
+                            table.count, address.transport, inbound=direction == "inbound"
+                        )
+                    )
             await transport.start()
             transports.append(transport)
             edge.add_transport(address.transport, transport)
@@ -322,6 +423,13 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
 
+    nofile = raise_nofile_limit()
+    log.info("open-file limit", extra={"nofile": nofile})
+    if role in (Role.EDGE, Role.ALL) and nofile < config.tcp.max_connections + 256:
+        log.warning(
+            "open-file limit is close to [tcp] max_connections; connections beyond it fail",
+            extra={"nofile": nofile, "max_connections": config.tcp.max_connections},
+        )
     metrics = Metrics()
     store = build_store(config)
     running: RunningEdge | None = None
