@@ -425,10 +425,13 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
 
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
-    if role in (Role.EDGE, Role.ALL) and nofile < config.tcp.max_connections + 256:
+    # Stream connections both ways, plus headroom for the store, HTTP and the log.
+    wanted = config.tcp.max_connections + config.tcp.max_outbound + 256
+    if role in (Role.EDGE, Role.ALL) and nofile < wanted:
         log.warning(
-            "open-file limit is close to [tcp] max_connections; connections beyond it fail",
-            extra={"nofile": nofile, "max_connections": config.tcp.max_connections},
+            "open-file limit is below what [tcp] max_connections and max_outbound need; "
+            "lower them or raise the hard limit",
+            extra={"nofile": nofile, "wanted": wanted},
         )
     metrics = Metrics()
     store = build_store(config)

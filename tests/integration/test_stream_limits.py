@@ -7,6 +7,7 @@ waited for with a bounded timeout, never assumed after a sleep. 127.0.0.9 plays 
 
 from __future__ import annotations
 
+import resource
 import socket
 import ssl
 import time
@@ -122,11 +123,16 @@ def test_per_ip_cap_refuses_an_outsider_while_the_softswitch_still_connects(
     assert closed_by_edge(extra)
     assert closed(edge, "refused_per_ip") == 1
     assert all(still_open(sock) for sock in held)
+    assert closed(edge, "refused_per_ip") == 1
     softswitch = connect(edge.sip_port)
     sockets.append(softswitch)
     replies = sip_exchange(softswitch, options(edge.sip_port, "tcp", call_id="cap-1"))
     assert replies and replies[-1].startswith(b"SIP/2.0 200 ")
     assert all(still_open(sock) for sock in held)
+    # The process raised its open-file limit at start and said so.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        assert f'"msg":"open-file limit","nofile":{hard}' in edge.log_text()
 
 
 def test_header_deadline_and_idle_timeout_close_slow_connections(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import pytest
 
+from e911_sip.app import raise_nofile_limit
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, load
 from e911_sip.policy.enrich import ExistingGeolocation
@@ -208,3 +210,16 @@ def test_verified_tls_clients_need_a_ca_file(tmp_path: Path) -> None:
         load(write(tmp_path, text), {})
     config = load(write(tmp_path, text + "verify_client = false\n"), {})
     assert config.tls.verify_client is False
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raised = raise_nofile_limit()
+        now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == now
+        assert now == hard or hard == resource.RLIM_INFINITY and now > lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -311,3 +311,39 @@ async def test_tls_client_without_a_certificate_is_refused(rig_factory: RigFacto
                 raise ConnectionError("closed")
     await until(lambda: rig.closes.count(why.TLS_HANDSHAKE) == 1)
     assert rig.sink.messages == []
+
+
+async def test_idle_outbound_connections_are_closed_and_give_back_their_slot(
+    rig_factory: RigFactory,
+) -> None:
+    trunk = await rig_factory()
+    edge = await rig_factory(StreamLimits(idle_timeout=300.0, max_outbound=1))
+    peer = Peer("tcp", "127.0.0.1", trunk.transport.port)
+    edge.transport.send(OPTIONS, peer, "x1")
+    await until(lambda: len(trunk.sink.messages) == 1)
+    assert edge.table.outbound == 1
+    edge.transport.send(OPTIONS, peer, "x2")  # reuses the open connection
+    await until(lambda: len(trunk.sink.messages) == 2)
+    edge.table.sweep(edge.transport.loop.time() + 301)
+    await until(lambda: edge.table.outbound == 0 and edge.transport.connections == 0)
+    assert edge.closes.seen == [("tcp", why.IDLE)]
+    edge.transport.send(OPTIONS, peer, "x3")  # the slot is free again: a new connection
+    await until(lambda: len(trunk.sink.messages) == 3)
+    assert edge.sink.failures == []
+
+
+async def test_a_peer_that_does_not_read_is_cut_off(rig_factory: RigFactory) -> None:
+    rig = await rig_factory(StreamLimits(max_write_buffer=4096))
+    reader, writer = await rig.connect(OUTSIDER)
+    writer.write(OPTIONS)
+    await until(lambda: len(rig.sink.messages) == 1)
+    source = rig.sink.messages[0][1]
+    # Stop reading on the client side so the edge's writes pile up in its buffer.
+    writer.transport.pause_reading()
+    big = b"SIP/2.0 200 OK\r\nX-Pad: " + b"a" * 65536 + b"\r\nContent-Length: 0\r\n\r\n"
+    for _ in range(512):  # up to 32 MB: more than the kernel's socket buffers hold
+        rig.transport.send(big, source, None)
+        if rig.closes.seen:
+            break
+    assert rig.closes.seen == [("tcp", why.WRITE_BUFFER)]
+    await until(lambda: rig.table.inbound == 0)
