@@ -119,31 +119,61 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
     )
 
 
-def raise_nofile_limit() -> int:
-    """Raise the soft open-file limit to the hard one; returns the soft limit now in force.
+def raise_nofile_limit() -> int | None:
+    """Raise the soft open-file limit to the hard one; returns the soft limit now in force
+    (None: unlimited).
 
     Every connection, outbound trunk connection and HTTP client holds a descriptor; at the
     common default of 1024 a modest connection flood made accept() fail and reset the
     softswitch's connection and /metrics along with it.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    if soft != resource.RLIM_INFINITY and soft != hard:
+        # An unlimited hard limit still stops at the kernel's nr_open (1048576 by default).
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit", extra={"error": str(exc)})
-    return soft
+    return open_file_limit()
 
 
-def stream_limits(config: Config) -> StreamLimits:
-    """The stream connection bounds from ``[tcp]``."""
+def open_file_limit() -> int | None:
+    """The soft open-file limit in force; None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+FD_HEADROOM = 256
+"""Descriptors kept free of stream connections: the store, HTTP clients, listeners, logs."""
+
+
+def stream_limits(config: Config, nofile: int | None = None) -> StreamLimits:
+    """The stream connection bounds from ``[tcp]``, fitted under the open-file limit.
+
+    When ``nofile`` cannot hold ``max_connections`` and ``max_outbound`` plus
+    :data:`FD_HEADROOM`, the inbound cap (and its trusted reserve, to a quarter) is lowered:
+    a table that outgrows the descriptors makes accept() fail for everyone, the softswitch and
+    ``/metrics`` included, where a cap refuses outsiders only.
+    """
     tcp = config.tcp
+    max_connections = tcp.max_connections
+    reserve = tcp.trusted_reserve
+    if nofile is not None and nofile - tcp.max_outbound - FD_HEADROOM < max_connections:
+        max_connections = max(8, nofile - tcp.max_outbound - FD_HEADROOM)
+        reserve = min(reserve, max_connections // 4)
+        log.warning(
+            "open-file limit too low for [tcp] max_connections: lowered",
+            extra={
+                "nofile": nofile,
+                "max_connections": max_connections,
+                "trusted_reserve": reserve,
+            },
+        )
     return StreamLimits(
-        max_connections=tcp.max_connections,
+        max_connections=max_connections,
         max_connections_per_ip=tcp.max_connections_per_ip,
-        trusted_reserve=tcp.trusted_reserve,
+        trusted_reserve=reserve,
         idle_timeout=tcp.idle_timeout,
         header_timeout=tcp.header_timeout,
         max_buffer=tcp.max_buffer,
@@ -242,7 +272,7 @@ async def start_edge(
     if any(a.transport == "tls" for a in config.sip.listen):
         server_ssl, client_ssl = tls_contexts(config.tls)
     table = ConnectionTable(
-        stream_limits(config),
+        stream_limits(config, open_file_limit()),
         is_trusted=is_trusted,
         on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
     )
@@ -425,14 +455,6 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
 
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
-    # Stream connections both ways, plus headroom for the store, HTTP and the log.
-    wanted = config.tcp.max_connections + config.tcp.max_outbound + 256
-    if role in (Role.EDGE, Role.ALL) and nofile < wanted:
-        log.warning(
-            "open-file limit is below what [tcp] max_connections and max_outbound need; "
-            "lower them or raise the hard limit",
-            extra={"nofile": nofile, "wanted": wanted},
-        )
     metrics = Metrics()
     store = build_store(config)
     running: RunningEdge | None = None

@@ -8,6 +8,7 @@ waited for with a bounded timeout, never assumed after a sleep. 127.0.0.9 plays 
 from __future__ import annotations
 
 import resource
+import shutil
 import socket
 import ssl
 import time
@@ -166,6 +167,33 @@ def test_buffer_cap_closes_a_connection_that_never_ends_its_header(
     assert closed_by_edge(sock)
     assert closed(edge, "buffer") == 1
     assert edge.http_get("/readyz")[0] == 200
+
+
+def test_low_open_file_limit_still_serves_the_softswitch_and_metrics(
+    tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "prlimit (util-linux) is needed to start the edge with nofile 400"
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(free_port("udp"))],
+        default_trunks=[trunk_uri(free_port("udp"))],
+    )
+    command = [prlimit, "--nofile=400:400", *EdgeProcess.default_command()]
+    with EdgeProcess(tmp_path, config, command=command) as edge:
+        # 400 descriptors: the table is fitted to 80 connections, 20 of them for trusted sources.
+        for n in range(100):
+            sockets.append(connect(edge.sip_port, f"127.0.0.{10 + n // 20}"))
+        wait_metric(edge, "e911_sip_stream_connections_closed_total", 40, transport="tcp")
+        assert closed(edge, "refused_untrusted_full") == 40
+        for n in range(3):
+            softswitch = connect(edge.sip_port)
+            sockets.append(softswitch)
+            replies = sip_exchange(softswitch, options(edge.sip_port, "tcp", call_id=f"fd-{n}"))
+            assert replies and replies[-1].startswith(b"SIP/2.0 200 ")
+        assert edge.http_get("/metrics")[0] == 200
+        assert "open-file limit too low for [tcp] max_connections: lowered" in edge.log_text()
 
 
 # ------------------------------------------------------------------------------ TLS

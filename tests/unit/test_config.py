@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from e911_sip.app import raise_nofile_limit
+from e911_sip.app import raise_nofile_limit, stream_limits
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, load
 from e911_sip.policy.enrich import ExistingGeolocation
@@ -214,12 +214,21 @@ def test_verified_tls_clients_need_a_ca_file(tmp_path: Path) -> None:
 
 def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    lowered = min(soft, 256)
+    lowered = 256
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
     try:
         raised = raise_nofile_limit()
         now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        assert raised == now
-        assert now == hard or hard == resource.RLIM_INFINITY and now > lowered
+        assert raised == now and now > lowered
+        assert now == hard or hard == resource.RLIM_INFINITY
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_stream_limits_fit_under_a_low_open_file_limit() -> None:
+    config = load(None, {})
+    assert stream_limits(config, None).max_connections == 1024
+    assert stream_limits(config, 100_000).max_connections == 1024
+    fitted = stream_limits(config, 512)
+    assert fitted.max_connections == 512 - 64 - 256
+    assert fitted.trusted_reserve == fitted.max_connections // 4
