@@ -347,3 +347,20 @@ async def test_a_peer_that_does_not_read_is_cut_off(rig_factory: RigFactory) -> 
             break
     assert rig.closes.seen == [("tcp", why.WRITE_BUFFER)]
     await until(lambda: rig.table.inbound == 0)
+
+
+async def test_tls_trunk_verified_by_a_configured_server_name(rig_factory: RigFactory) -> None:
+    ca = trustme.CA()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("trunk.example.net").configure_cert(server)  # no IP SAN
+    _, client = _tls_pair(ca)
+    trunk = await rig_factory(server_ssl=server)
+    by_ip = await rig_factory(client_ssl=client)
+    by_name = await rig_factory(client_ssl=client, server_name="trunk.example.net")
+    peer = Peer("tls", "127.0.0.1", trunk.transport.port)
+    by_ip.transport.send(OPTIONS, peer, "ip")
+    await until(lambda: len(by_ip.sink.failures) == 1)
+    assert "IP address mismatch" in by_ip.sink.failures[0][2]
+    by_name.transport.send(OPTIONS, peer, "name")
+    await until(lambda: len(trunk.sink.messages) == 1)
+    assert by_name.sink.failures == []
