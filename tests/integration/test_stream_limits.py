@@ -139,7 +139,7 @@ def test_per_ip_cap_refuses_an_outsider_while_the_softswitch_still_connects(
 def test_header_deadline_and_idle_timeout_close_slow_connections(
     edge_factory: EdgeFactory, sockets: list[socket.socket]
 ) -> None:
-    edge = start_edge(edge_factory, tcp={"header_timeout": 1.0, "idle_timeout": 2.0})
+    edge = start_edge(edge_factory, tcp={"header_timeout": 2.0, "idle_timeout": 3.0})
     slowloris = connect(edge.sip_port, OUTSIDER)
     sockets.append(slowloris)
     slowloris.sendall(b"INVITE sip:911@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.9")
