@@ -13,7 +13,9 @@ import functools
 import gc
 import logging
 import os
+import resource
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +28,7 @@ from e911_sip import logs
 from e911_sip.config import (
     Config,
     ConfigError,
+    HttpsConfig,
     TlsConfig,
     UntrustedAction,
     server_tls_context,
@@ -53,6 +56,7 @@ from e911_sip.store.base import LineRecordWriter, LocationStore
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpTransport
 
@@ -131,6 +135,102 @@ def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptio
     )
 
 
+def raise_nofile_limit() -> int | None:
+    """Raise the soft open-file limit to the hard one; returns the soft limit now in force
+    (None: unlimited).
+
+    Every connection, outbound trunk connection and HTTP client holds a descriptor; at the
+    common default of 1024 a modest connection flood made accept() fail and reset the
+    softswitch's connection and /metrics along with it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft != hard:
+        # An unlimited hard limit still stops at the kernel's nr_open (1048576 by default).
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", extra={"error": str(exc)})
+    return open_file_limit()
+
+
+def open_file_limit() -> int | None:
+    """The soft open-file limit in force; None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+FD_HEADROOM = 256
+"""Descriptors kept free of stream connections: the store, HTTP clients, listeners, logs."""
+
+
+def stream_limits(config: Config, nofile: int | None = None) -> StreamLimits:
+    """The stream connection bounds from ``[tcp]``, fitted under the open-file limit.
+
+    When ``nofile`` cannot hold ``max_connections`` and ``max_outbound`` plus
+    :data:`FD_HEADROOM`, the inbound cap (and its trusted reserve, to a quarter) is lowered:
+    a table that outgrows the descriptors makes accept() fail for everyone, the softswitch and
+    ``/metrics`` included, where a cap refuses outsiders only.
+    """
+    tcp = config.tcp
+    max_connections = tcp.max_connections
+    reserve = tcp.trusted_reserve
+    if nofile is not None and nofile - tcp.max_outbound - FD_HEADROOM < max_connections:
+        max_connections = max(8, nofile - tcp.max_outbound - FD_HEADROOM)
+        reserve = min(reserve, max_connections // 4)
+        log.warning(
+            "open-file limit too low for [tcp] max_connections: lowered",
+            extra={
+                "nofile": nofile,
+                "max_connections": max_connections,
+                "trusted_reserve": reserve,
+            },
+        )
+    return StreamLimits(
+        max_connections=max_connections,
+        max_connections_per_ip=tcp.max_connections_per_ip,
+        trusted_reserve=reserve,
+        idle_timeout=tcp.idle_timeout,
+        header_timeout=tcp.header_timeout,
+        max_buffer=tcp.max_buffer,
+        max_write_buffer=tcp.max_write_buffer,
+        max_outbound=tcp.max_outbound,
+        max_queued=tcp.max_queued,
+    )
+
+
+def tls_contexts(tls: TlsConfig) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The (server, client) contexts for TLS listeners and TLS trunks.
+
+    Both present our certificate (mutual TLS between proxies, RFC 3261 §26.3.2.2) and
+    verify the peer against ``ca_file``; the client side also checks the trunk's name or IP.
+
+    Raises:
+        ConfigError: a certificate, key or CA file cannot be loaded.
+    """
+    minimum = ssl.TLSVersion.TLSv1_3 if tls.minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    server.verify_mode = ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_OPTIONAL
+    for context in (server, client):
+        context.minimum_version = minimum
+        try:
+            if tls.certificate is not None:
+                context.load_cert_chain(tls.certificate, tls.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[tls] certificate: cannot load it with its key: {exc}") from exc
+        try:
+            if tls.ca_file is not None:
+                context.load_verify_locations(cafile=tls.ca_file)
+            else:
+                context.load_default_certs(
+                    ssl.Purpose.SERVER_AUTH if context is client else ssl.Purpose.CLIENT_AUTH
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[tls] ca_file: cannot load it: {exc}") from exc
+    return server, client
+
+
 @dataclass(slots=True)
 class RunningEdge:
     """An edge and its transports, for the lifecycle to drain and close."""
@@ -139,11 +239,19 @@ class RunningEdge:
     transports: list[UdpTransport | TcpTransport]
 
 
-async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> RunningEdge:
+async def start_edge(
+    config: Config,
+    store: LocationStore,
+    metrics: Metrics,
+) -> RunningEdge:
     """Bind the SIP listeners and return the running edge.
+
+    The stream connection table asks the core's trust policy whether a source is the
+    softswitch: trusted sources are never refused a connection because outsiders filled it.
 
     Raises:
         OSError: a listener could not be bound.
+        ConfigError: the TLS certificate, key or CA file cannot be loaded.
     """
     local = local_addresses(config)
     core = ProxyCore(options=proxy_options(config, local), entropy=os.urandom)
@@ -173,6 +281,15 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
         ),
     )
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    if any(a.transport == "tls" for a in config.sip.listen):
+        server_ssl, client_ssl = tls_contexts(config.tls)
+    table = ConnectionTable(
+        stream_limits(config, open_file_limit()),
+        is_trusted=core.trust.is_trusted,
+        on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
+    )
     transports: list[UdpTransport | TcpTransport] = []
     try:
         for address in config.sip.listen:
@@ -180,13 +297,26 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
             if address.transport == "udp":
                 transport = UdpTransport(edge, host=address.host, port=address.port)
             else:
+                tls = address.transport == "tls"
                 transport = TcpTransport(
                     edge,
                     host=address.host,
                     port=address.port,
                     connect_timeout=config.sip.tcp_connect_timeout,
                     max_message_size=config.sip.max_message_size,
+                    table=table,
+                    server_ssl=server_ssl if tls else None,
+                    client_ssl=client_ssl if tls else None,
+                    server_name=config.tls.server_name if tls else None,
                 )
+                for reason in CLOSE_REASONS:
+                    metrics.stream_closed.labels(address.transport, reason)
+                for direction in ("inbound", "outbound"):
+                    metrics.stream_connections.labels(address.transport, direction).set_function(
+                        functools.partial(
+                            table.count, address.transport, inbound=direction == "inbound"
+                        )
+                    )
             await transport.start()
             transports.append(transport)
             edge.add_transport(address.transport, transport)
@@ -201,7 +331,7 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
 
 @contextlib.asynccontextmanager
 async def serve_http(
-    app: web.Application, host: str, port: int, *, tls: TlsConfig | None, section: str
+    app: web.Application, host: str, port: int, *, tls: HttpsConfig | None, section: str
 ) -> AsyncIterator[None]:
     """Serve an aiohttp application for the duration of the block, over HTTPS when ``tls``
     is set (the context is built here from the files, so a start reads them afresh).
@@ -221,7 +351,7 @@ async def serve_http(
         await runner.cleanup()
 
 
-def http_url(host: str, port: int, tls: TlsConfig | None) -> str:
+def http_url(host: str, port: int, tls: HttpsConfig | None) -> str:
     """The base URL of a listener, for the log."""
     shown = f"[{host}]" if ":" in host else host
     return f"{'https' if tls is not None else 'http'}://{shown}:{port}"
@@ -353,6 +483,8 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
 
+    nofile = raise_nofile_limit()
+    log.info("open-file limit", extra={"nofile": nofile})
     metrics = Metrics()
     store = build_store(config)
     running: RunningEdge | None = None

@@ -26,7 +26,7 @@ from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
 
 ENV_PREFIX = "E911_SIP__"
-TRANSPORTS = ("udp", "tcp")
+TRANSPORTS = ("udp", "tcp", "tls")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class SipConfig:
         ListenAddress("udp", "127.0.0.1", 5070),
         ListenAddress("tcp", "127.0.0.1", 5070),
     )
-    """Where SIP is received, as ``udp:HOST:PORT`` / ``tcp:HOST:PORT``."""
+    """Where SIP is received, as ``udp:HOST:PORT`` / ``tcp:HOST:PORT`` / ``tls:HOST:PORT``."""
     advertise: str | None = None
     """Address written in Via and Record-Route; required when listening on 0.0.0.0."""
     max_message_size: int = 65535
@@ -71,6 +71,58 @@ class SipConfig:
     """RFC 3261 Timer C for proxied INVITEs, seconds; must exceed 180."""
     tcp_connect_timeout: float = 2.0
     """Seconds to open an outbound TCP connection before it counts as a transport error."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConfig:
+    """[tcp]: bounds on stream (TCP and TLS) connections, shared by every stream listener.
+
+    The defaults keep a connection flood within about 200 MB (1024 connections holding at
+    most 64 KB unframed and 128 KB unsent each) and well under the open-file limit.
+    """
+
+    max_connections: int = 1024
+    """Inbound connections at most, all sources together."""
+    max_connections_per_ip: int = 32
+    """Inbound connections at most from one untrusted source address."""
+    trusted_reserve: int = 128
+    """Slots of ``max_connections`` only trusted sources (the softswitch) may take."""
+    idle_timeout: float = 300.0
+    """Seconds without a complete message in or out before a connection is closed; keep it
+    above [sip] timer_c so a connection waiting for a final response stays open."""
+    header_timeout: float = 10.0
+    """Seconds a message may take to arrive once its first byte did (and a new inbound
+    connection, TLS handshake included, to deliver its first message)."""
+    max_buffer: int = 65535
+    """Unframed bytes one connection may hold before it is closed."""
+    max_write_buffer: int = 131072
+    """Bytes queued for a peer that does not read before its connection is closed."""
+    max_outbound: int = 64
+    """Outbound connections (open or opening) at most."""
+    max_queued: int = 256
+    """Messages waiting for one outbound connection to open; more fail over at once."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """[tls]: certificates for ``tls:`` listeners and ``;transport=tls`` trunks."""
+
+    certificate: Path | None = None
+    """PEM certificate chain this edge presents (required for a tls listener)."""
+    private_key: Path | None = None
+    """PEM private key of ``certificate``."""
+    ca_file: Path | None = None
+    """PEM CA certificates peers are verified against; unset trusts the system CAs for
+    trunks and is an error while ``verify_client`` is true."""
+    verify_client: bool = True
+    """Inbound TLS requires a client certificate that verifies against ``ca_file`` (mutual
+    TLS between the softswitch and the edge, RFC 3261 §26.3.2.2); false accepts clients
+    without one (a certificate that is presented is still verified)."""
+    minimum_version: str = "1.2"
+    """Oldest TLS version accepted: ``1.2`` or ``1.3``."""
+    server_name: str | None = None
+    """Name TLS trunks' certificates must carry; unset verifies each trunk's IP address
+    against its certificate's IP SANs."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +184,7 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TlsConfig:
+class HttpsConfig:
     """HTTPS for one HTTP listener: the PEM files its server TLS context is built from.
 
     Read from the keys ``tls_cert_file``, ``tls_key_file`` and ``tls_client_ca_file`` of the
@@ -158,7 +210,7 @@ class HttpConfig:
 
     listen: tuple[str, int] = ("127.0.0.1", 9100)
     """``HOST:PORT`` for /metrics, /healthz and /readyz."""
-    tls: TlsConfig | None = None
+    tls: HttpsConfig | None = None
     """HTTPS (keys ``tls_cert_file``, ``tls_key_file``, ``tls_client_ca_file``); None: plain
     HTTP, allowed on a loopback address or with ``allow_plaintext``."""
     allow_plaintext: bool = False
@@ -189,7 +241,7 @@ class ProvisioningConfig:
 
     listen: tuple[str, int] = ("127.0.0.1", 9200)
     """``HOST:PORT`` of the provisioning REST API."""
-    tls: TlsConfig | None = None
+    tls: HttpsConfig | None = None
     """HTTPS (keys ``tls_cert_file``, ``tls_key_file``, ``tls_client_ca_file``); None: plain
     HTTP, allowed on a loopback address or with ``allow_plaintext``."""
     allow_plaintext: bool = False
@@ -266,6 +318,8 @@ class Config:
     """The whole configuration."""
 
     sip: SipConfig = field(default_factory=SipConfig)
+    tcp: TcpConfig = field(default_factory=TcpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     emergency: EmergencyConfig = field(default_factory=EmergencyConfig)
     default: DefaultRouteConfig = field(default_factory=DefaultRouteConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -381,7 +435,7 @@ def _trunk(text: str, where: str) -> str:
         # could stall a 911 call; trunks are configured by address.
         raise ConfigError(f"{where}: {text!r} must name an IP address, not a host name") from None
     if uri.transport not in TRANSPORTS:
-        raise ConfigError(f"{where}: {text!r}: transport must be udp or tcp")
+        raise ConfigError(f"{where}: {text!r}: transport must be udp, tcp or tls")
     return text
 
 
@@ -419,6 +473,73 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
 
 
 _PROBE_KEYS = {"probe_interval", "probe_timeout", "probe_failures", "probe_successes"}
+
+
+def _tcp(data: Mapping[str, Any]) -> TcpConfig:
+    s = _Section("tcp", data, _fields(TcpConfig))
+    d = TcpConfig()
+    max_connections = s.integer("max_connections", d.max_connections, minimum=1)
+    reserve = s.integer("trusted_reserve", d.trusted_reserve)
+    if reserve >= max_connections:
+        raise ConfigError(
+            f"[tcp] trusted_reserve: must be below max_connections ({max_connections}), "
+            f"got {reserve}"
+        )
+    return TcpConfig(
+        max_connections=max_connections,
+        max_connections_per_ip=s.integer(
+            "max_connections_per_ip", d.max_connections_per_ip, minimum=1
+        ),
+        trusted_reserve=reserve,
+        idle_timeout=s.number("idle_timeout", d.idle_timeout, minimum=0.1),
+        header_timeout=s.number("header_timeout", d.header_timeout, minimum=0.1),
+        max_buffer=s.integer("max_buffer", d.max_buffer, minimum=1024),
+        max_write_buffer=s.integer("max_write_buffer", d.max_write_buffer, minimum=1024),
+        max_outbound=s.integer("max_outbound", d.max_outbound, minimum=1),
+        max_queued=s.integer("max_queued", d.max_queued, minimum=1),
+    )
+
+
+def _tls(data: Mapping[str, Any], base: Path | None) -> TlsConfig:
+    s = _Section("tls", data, _fields(TlsConfig))
+    d = TlsConfig()
+    certificate = _file(s, "certificate", base)
+    private_key = _file(s, "private_key", base)
+    if (certificate is None) != (private_key is None):
+        raise ConfigError("[tls] private_key: certificate and private_key go together")
+    version = s.string("minimum_version", d.minimum_version)
+    if version not in ("1.2", "1.3"):
+        raise ConfigError(f'[tls] minimum_version: expected "1.2" or "1.3", got {version!r}')
+    return TlsConfig(
+        certificate=certificate,
+        private_key=private_key,
+        ca_file=_file(s, "ca_file", base),
+        verify_client=s.boolean("verify_client", d.verify_client),
+        minimum_version=version,
+        server_name=s.optional_string("server_name"),
+    )
+
+
+def _check_tls(config: Config) -> None:
+    """A TLS listener or trunk needs the [tls] settings it uses."""
+    tls = config.tls
+    listens = any(a.transport == "tls" for a in config.sip.listen)
+    trunks = [
+        t
+        for t in (*config.emergency.trunks, *config.default.trunks)
+        if parse_uri(t).transport == "tls"
+    ]
+    if trunks and not listens:
+        raise ConfigError(
+            f"[sip] listen: trunk {trunks[0]!r} uses TLS; add a tls:HOST:PORT listener "
+            "(its Via and Record-Route name it)"
+        )
+    if listens and tls.certificate is None:
+        raise ConfigError("[tls] certificate: required for a tls listener")
+    if listens and tls.verify_client and tls.ca_file is None:
+        raise ConfigError(
+            "[tls] ca_file: required to verify client certificates (or set verify_client = false)"
+        )
 
 
 def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
@@ -517,7 +638,7 @@ def _refuse_password() -> bytes:
     raise _EncryptedKey
 
 
-def server_tls_context(tls: TlsConfig, section: str) -> ssl.SSLContext:
+def server_tls_context(tls: HttpsConfig, section: str) -> ssl.SSLContext:
     """The server TLS context of the listener in ``[section]``: TLS 1.2 or later, and client
     certificates required when ``tls.client_ca_file`` is set.
 
@@ -595,9 +716,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _tls(
+def _https(
     s: _Section, listen: tuple[str, int], base: Path | None, exposed: str
-) -> tuple[TlsConfig | None, bool]:
+) -> tuple[HttpsConfig | None, bool]:
     """HTTPS settings and ``allow_plaintext`` of the listener in ``s``, checked together.
 
     Plain HTTP on an address other hosts can reach is refused unless ``allow_plaintext`` says
@@ -626,7 +747,7 @@ def _tls(
                 f"for HTTPS, or set {s.where('allow_plaintext')} = true to accept plain HTTP"
             )
         return None, allow_plaintext
-    tls = TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+    tls = HttpsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
     server_tls_context(tls, s.name)
     return tls, allow_plaintext
 
@@ -634,7 +755,7 @@ def _tls(
 def _http(data: Mapping[str, Any], base: Path | None) -> HttpConfig:
     s = _Section("http", data, (_fields(HttpConfig) - {"tls"}) | _HTTPS_KEYS)
     listen = _hostport(s.string("listen", "127.0.0.1:9100"), s.where("listen"))
-    tls, allow_plaintext = _tls(s, listen, base, "/metrics, /healthz and /readyz")
+    tls, allow_plaintext = _https(s, listen, base, "/metrics, /healthz and /readyz")
     return HttpConfig(listen=listen, tls=tls, allow_plaintext=allow_plaintext)
 
 
@@ -684,7 +805,7 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
                 f"[provisioning] tokens: the token of {name!r} is shorter than 16 characters"
             )
     listen = _hostport(s.string("listen", "127.0.0.1:9200"), s.where("listen"))
-    tls, allow_plaintext = _tls(s, listen, base, "bearer tokens and addresses")
+    tls, allow_plaintext = _https(s, listen, base, "bearer tokens and addresses")
     return ProvisioningConfig(
         listen=listen,
         tls=tls,
@@ -755,6 +876,8 @@ def _security(data: Mapping[str, Any]) -> SecurityConfig:
 
 _SECTIONS = (
     "sip",
+    "tcp",
+    "tls",
     "emergency",
     "default",
     "store",
@@ -805,8 +928,10 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         if not isinstance(table, Mapping):
             raise ConfigError(f"[{name}]: expected a table, got {table!r}")
         tables[name] = table
-    return Config(
+    config = Config(
         sip=_sip(tables["sip"]),
+        tcp=_tcp(tables["tcp"]),
+        tls=_tls(tables["tls"], base),
         emergency=_emergency(tables["emergency"]),
         default=_default(tables["default"]),
         store=_store(tables["store"], base),
@@ -817,6 +942,8 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         bandwidth=_bandwidth(tables["bandwidth"]),
         security=_security(tables["security"]),
     )
+    _check_tls(config)
+    return config
 
 
 def load(path: Path | None, environ: Mapping[str, str]) -> Config:

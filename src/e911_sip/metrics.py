@@ -138,6 +138,21 @@ class Metrics:
             ["trunk", "result"],
             registry=r,
         )
+        self.stream_closed = Counter(
+            "e911_sip_stream_connections_closed_total",
+            "Stream (TCP/TLS) connections refused or closed by a limit, and outbound messages "
+            "refused by one, by transport and reason (refused_full, refused_untrusted_full, "
+            "refused_per_ip, idle, header_timeout, tls_handshake, buffer, write_buffer, "
+            "framing, outbound_limit, queue_full, connect_failed).",
+            ["transport", "reason"],
+            registry=r,
+        )
+        self.stream_connections = Gauge(
+            "e911_sip_stream_connections",
+            "Open stream (TCP/TLS) connections by transport and direction (inbound, outbound).",
+            ["transport", "direction"],
+            registry=r,
+        )
         self.store_up = Gauge(
             "e911_sip_store_up",
             "1 when the location store answered its last health check, else 0.",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import pytest
 import trustme
 
+from e911_sip.app import raise_nofile_limit, stream_limits
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, UntrustedAction, load
 from e911_sip.policy.enrich import ExistingGeolocation
@@ -103,6 +105,16 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[http]\nlisten = "9100"\n', r"\[http\] listen: expected HOST:PORT"),
         ('[provisioning]\ntokens = { ops = "short" }\n', r"shorter than 16"),
         ("not toml = = 1\n", r"not valid TOML"),
+        ("[tcp]\nmax_connections = 10\ntrusted_reserve = 10\n", r"\[tcp\] trusted_reserve"),
+        ("[tcp]\nheader_timeout = 0\n", r"\[tcp\] header_timeout: must be at least"),
+        (
+            '[emergency]\ntrunks = ["sip:192.0.2.1:5061;transport=tls"]\n',
+            r"\[sip\] listen: trunk .* uses TLS",
+        ),
+        ('[sip]\nlisten = ["tls:127.0.0.1:5061"]\n', r"\[tls\] certificate: required"),
+        ('[tls]\ncertificate = "missing.pem"\n', r"\[tls\] certificate: .* does not exist"),
+        ('[tls]\nminimum_version = "1.0"\n', r"\[tls\] minimum_version"),
+        ('[emergency]\ntrunks = ["sip:192.0.2.1;transport=sctp"]\n', r"udp, tcp or tls"),
     ],
 )
 def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -239,3 +251,58 @@ def test_security_errors_name_the_key(tmp_path: Path, text: str, message: str) -
 def test_probe_key_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, text), {})
+
+
+def test_tls_listener_and_trunks(tmp_path: Path) -> None:
+    for name in ("edge.pem", "edge.key", "ca.pem"):
+        (tmp_path / name).write_text("placeholder")
+    path = write(
+        tmp_path,
+        '[sip]\nlisten = ["udp:127.0.0.1:5070", "tls:127.0.0.1:5071"]\n'
+        '[emergency]\ntrunks = ["sip:192.0.2.1:5061;transport=tls", "sip:192.0.2.2"]\n'
+        '[tls]\ncertificate = "edge.pem"\nprivate_key = "edge.key"\nca_file = "ca.pem"\n'
+        "[tcp]\nmax_connections_per_ip = 4\nidle_timeout = 200\n",
+    )
+    config = load(path, {})
+    assert config.sip.listen[1] == ListenAddress("tls", "127.0.0.1", 5071)
+    assert config.tls.certificate == tmp_path / "edge.pem"
+    assert config.tls.verify_client is True
+    assert config.tls.minimum_version == "1.2"
+    assert config.tcp.max_connections_per_ip == 4
+    assert config.tcp.idle_timeout == 200.0
+    assert config.tcp.max_connections == 1024
+
+
+def test_verified_tls_clients_need_a_ca_file(tmp_path: Path) -> None:
+    for name in ("edge.pem", "edge.key"):
+        (tmp_path / name).write_text("placeholder")
+    text = (
+        '[sip]\nlisten = ["tls:127.0.0.1:5071"]\n'
+        '[tls]\ncertificate = "edge.pem"\nprivate_key = "edge.key"\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[tls\] ca_file: required"):
+        load(write(tmp_path, text), {})
+    config = load(write(tmp_path, text + "verify_client = false\n"), {})
+    assert config.tls.verify_client is False
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = 256
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raised = raise_nofile_limit()
+        now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == now and now > lowered
+        assert now == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_stream_limits_fit_under_a_low_open_file_limit() -> None:
+    config = load(None, {})
+    assert stream_limits(config, None).max_connections == 1024
+    assert stream_limits(config, 100_000).max_connections == 1024
+    fitted = stream_limits(config, 512)
+    assert fitted.max_connections == 512 - 64 - 256
+    assert fitted.trusted_reserve == fitted.max_connections // 4

@@ -490,6 +490,11 @@ class ProxyCore:
         return self._timers[0][0] if self._timers else None
 
     @property
+    def trust(self) -> TrustPolicy:
+        """Who is the softswitch, a trunk or an outsider (shared with the transports)."""
+        return self._trust
+
+    @property
     def transactions_in_flight(self) -> int:
         """Server plus client transactions that have not terminated."""
         return len(self._server) + len(self._client)
