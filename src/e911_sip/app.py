@@ -54,6 +54,7 @@ from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
 from e911_sip.store.base import LineRecordWriter, LocationStore
 from e911_sip.store.memory import MemoryStore
+from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
@@ -87,8 +88,11 @@ def check_role(config: Config, role: Role) -> None:
         raise ConfigError("[provisioning] tokens: --role provisioning needs at least one token")
 
 
-def build_store(config: Config) -> MemoryStore | RedisStore:
-    """The location store the config names."""
+def build_store(
+    config: Config, *, mirror: bool = True
+) -> MemoryStore | RedisStore | MirroredRedisStore:
+    """The location store the config names; ``mirror=False`` for processes that only write
+    (provisioning alone, resync), which have no use for a copy in memory."""
     if config.store.url.startswith("memory://"):
         if config.store.seed_file is not None:
             try:
@@ -96,10 +100,17 @@ def build_store(config: Config) -> MemoryStore | RedisStore:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"[store] seed_file: {exc}") from exc
         return MemoryStore()
-    return RedisStore(
+    direct = RedisStore(
         url=config.store.url,
         key_prefix=config.store.key_prefix,
         socket_timeout=config.store.socket_timeout,
+    )
+    if not (mirror and config.store.mirror):
+        return direct
+    return MirroredRedisStore(
+        url=config.store.url,
+        direct=direct,
+        options=MirrorOptions(key_prefix=config.store.key_prefix),
     )
 
 
@@ -486,7 +497,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
     metrics = Metrics()
-    store = build_store(config)
+    store = build_store(config, mirror=role is not Role.PROVISIONING)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
     try:
@@ -551,12 +562,22 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 extra={
                     "role": role.value,
                     "http": http_url(host, port, config.http.tls),
-                    "store": "memory" if isinstance(store, MemoryStore) else "redis",
+                    "store": (
+                        "memory"
+                        if isinstance(store, MemoryStore)
+                        else "redis, mirrored in memory"
+                        if isinstance(store, MirroredRedisStore)
+                        else "redis"
+                    ),
                     "config": str(config.source) if config.source else "built-in defaults",
                 },
             )
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(keep_gc_young(watch_stop))
+                if isinstance(store, MirroredRedisStore):
+                    # Keeps following Redis through the drain: answered 911 dialogs and
+                    # late calls still read current records.
+                    tasks.create_task(store.run(watch_stop))
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
                 await stop.wait()
@@ -577,7 +598,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
 
 async def resync(config: Config) -> tuple[int, dict[str, object]]:
     """Rebuild every line record from provisioning state; (exit code, report)."""
-    store = build_store(config)
+    store = build_store(config, mirror=False)
     try:
         async with provisioning_service(config, store, None) as service:
             report = await service.resync(who="cli")

@@ -180,6 +180,10 @@ class StoreConfig:
     key_prefix: str = "e911:line:"
     """Prefix of the per-line hash keys in Redis."""
     socket_timeout: float = 1.0
+    mirror: bool = True
+    """With ``redis://``: hold every line record in memory, kept current from Redis (a lookup
+    is a dictionary read; Redis being slow or down costs calls nothing). False looks each
+    emergency caller up in Redis, bounded by ``[emergency] lookup_timeout``."""
     """Redis socket timeout, seconds (lookups are bounded separately)."""
 
 
@@ -627,6 +631,7 @@ def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:
         seed_file=seed_path,
         key_prefix=s.string("key_prefix", d.key_prefix),
         socket_timeout=s.number("socket_timeout", d.socket_timeout, minimum=0.001),
+        mirror=s.boolean("mirror", d.mirror),
     )
 
 

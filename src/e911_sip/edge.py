@@ -54,7 +54,7 @@ from e911_sip.proxy.core import (
     TrunkStateChanged,
 )
 from e911_sip.sip.peer import Peer
-from e911_sip.store.base import LocationStore
+from e911_sip.store.base import LocationStore, MirroredLocationStore
 from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
 
 log = logging.getLogger("e911_sip.edge")
@@ -138,6 +138,11 @@ class Edge:
         self._now_received = 0.0
         self.draining = False
         self.store_ok = True
+        if isinstance(store, MirroredLocationStore):
+            mirrored = store
+            metrics.location_records.set_function(lambda: mirrored.state().records)
+            metrics.location_sync_age.set_function(lambda: mirrored.state().age)
+            metrics.location_updates.set_function(lambda: mirrored.state().updates)
         metrics.transactions.set_function(lambda: core.transactions_in_flight)
         metrics.contexts.set_function(lambda: core.contexts_in_flight)
         self._trunk_routes: dict[str, list[str]] = {}
@@ -460,6 +465,19 @@ class Edge:
         """(ready, details) for ``/readyz``: listeners bound; the store up or degraded."""
         store = "ok" if self.store_ok and not self._lookup.degraded else "degraded"
         ready = self.listeners_bound and not self.draining
+        locations: dict[str, object] | None = None
+        if isinstance(self._store, MirroredLocationStore):
+            sync = self._store.state()
+            # Not ready until the records are in memory: a load balancer should not send
+            # calls that would each wait on a direct lookup. Calls that come anyway are
+            # served, with that bounded lookup.
+            ready = ready and sync.loaded
+            locations = {
+                "loaded": sync.loaded,
+                "in_sync": sync.in_sync,
+                "records": sync.records,
+                "sync_age_seconds": round(sync.age, 3) if sync.loaded else None,
+            }
         trunks = self.trunk_states()
         # Down trunks never make the edge unready: every trunk is still tried, and an edge
         # taken out of service would lose the calls a wrong probe result would not.
@@ -473,6 +491,7 @@ class Edge:
             "status": "ready" if ready else ("draining" if self.draining else "not_ready"),
             "listeners": "bound" if self.listeners_bound else "not_bound",
             "store": store,
+            **({"locations": locations} if locations is not None else {}),
             "emergency_trunks": emergency_state,
             "trunks": trunks,
             "transactions": self._core.transactions_in_flight,

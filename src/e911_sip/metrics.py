@@ -6,6 +6,8 @@ collide and ``/metrics`` shows only this product's series plus the process colle
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -17,6 +19,8 @@ from prometheus_client import (
 from prometheus_client import (
     PlatformCollector as _PlatformCollector,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,6 +56,24 @@ EMERGENCY_OUTCOMES = (
     "failover",
     "failed",
 )
+
+
+class _FunctionCounter(Collector):
+    """A counter whose value is read from its owner when scraped (like
+    ``Gauge.set_function``), for counts kept by a layer that must not import this one."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._function: Callable[[], float] = lambda: 0.0
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self._function = function
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation)
+        family.add_metric([], self._function())
+        yield family
 
 
 class Metrics:
@@ -153,6 +175,23 @@ class Metrics:
             ["transport", "direction"],
             registry=r,
         )
+        self.location_records = Gauge(
+            "e911_sip_location_records",
+            "Line records held in memory by the Redis mirror (0 with memory:// or without "
+            "the mirror).",
+            registry=r,
+        )
+        self.location_sync_age = Gauge(
+            "e911_sip_location_sync_age_seconds",
+            "Seconds since the in-memory records were last known to match Redis: 0 while the "
+            "mirror follows Redis, growing while Redis is unreachable, +Inf before the first load.",
+            registry=r,
+        )
+        self.location_updates = _FunctionCounter(
+            "e911_sip_location_updates",
+            "Line records re-read into memory after a change in Redis.",
+        )
+        r.register(self.location_updates)
         self.store_up = Gauge(
             "e911_sip_store_up",
             "1 when the location store answered its last health check, else 0.",

@@ -215,12 +215,39 @@ def test_every_trunk_failing_is_counted_and_logged_critical(
     assert '"level":"CRITICAL"' in edge.log_text()
 
 
-def test_911_call_while_redis_is_stopped(
+def test_911_call_while_redis_is_stopped_is_enriched_from_memory(
     edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
 ) -> None:
     provision(redis_server, DEFAULT_CALLER, DEFAULT_ENDPOINT)
     trunk = free_port("udp")
     edge = start_edge(edge_factory, trunks=[trunk_uri(trunk)], store_url=redis_server.url)
+    status, body = edge.http_get("/readyz")
+    assert status == 200 and '"loaded": true' in body and '"records": 1' in body
+    redis_server.stop()
+    uas = sipp.uas("uas_emergency.xml", port=trunk)
+    caller = sipp.uac("uac_911.xml", edge.sip_target)
+    assert caller.ok, caller.summary()
+    assert uas.wait().ok
+    assert outcome(edge, "enriched") == 1
+    deadline = time.monotonic() + 10
+    while not edge.metric("e911_sip_location_sync_age_seconds"):
+        assert time.monotonic() < deadline, "the sync age never moved"
+        time.sleep(0.05)
+    status, body = edge.http_get("/readyz")
+    assert status == 200 and '"in_sync": false' in body
+
+
+def test_911_call_while_redis_is_stopped_without_the_mirror(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    provision(redis_server, DEFAULT_CALLER, DEFAULT_ENDPOINT)
+    trunk = free_port("udp")
+    edge = start_edge(
+        edge_factory,
+        trunks=[trunk_uri(trunk)],
+        store_url=redis_server.url,
+        store={"mirror": False},
+    )
     redis_server.stop()
     uas = sipp.uas("uas_no_location.xml", port=trunk)
     caller = sipp.uac("uac_911.xml", edge.sip_target)
@@ -231,12 +258,17 @@ def test_911_call_while_redis_is_stopped(
     assert status == 200 and '"store": "degraded"' in body
 
 
-def test_cached_location_is_used_while_redis_is_down(
+def test_cached_location_is_used_while_redis_is_down_without_the_mirror(
     edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
 ) -> None:
     provision(redis_server, DEFAULT_CALLER, DEFAULT_ENDPOINT)
     trunk = free_port("udp")
-    edge = start_edge(edge_factory, trunks=[trunk_uri(trunk)], store_url=redis_server.url)
+    edge = start_edge(
+        edge_factory,
+        trunks=[trunk_uri(trunk)],
+        store_url=redis_server.url,
+        store={"mirror": False},
+    )
     first = sipp.uas("uas_emergency.xml", port=trunk)
     assert sipp.uac("uac_911.xml", edge.sip_target).ok
     assert first.wait().ok
@@ -246,6 +278,24 @@ def test_cached_location_is_used_while_redis_is_down(
     assert caller.ok, caller.summary()
     assert second.wait().ok
     assert outcome(edge, "cached") == 1
+
+
+def test_an_operator_change_in_redis_reaches_the_next_call(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    provision(redis_server, DEFAULT_CALLER, "5555555/before")
+    trunk = free_port("udp")
+    edge = start_edge(edge_factory, trunks=[trunk_uri(trunk)], store_url=redis_server.url)
+    # redis-cli HSET, as far as Redis can tell: nothing tells the edge but Redis itself.
+    redis_server.client().hset(f"e911:line:{DEFAULT_CALLER}", "provider_endpoint", "5555555/after")
+    deadline = time.monotonic() + 10
+    while not edge.metric("e911_sip_location_updates_total"):
+        assert time.monotonic() < deadline, "the change never reached the edge"
+        time.sleep(0.02)
+    uas = sipp.uas("uas_emergency.xml", port=trunk, keys={"expected_endpoint": "5555555/after"})
+    caller = sipp.uac("uac_911.xml", edge.sip_target)
+    assert caller.ok, caller.summary()
+    assert uas.wait().ok
 
 
 def test_enriched_call_over_tcp(

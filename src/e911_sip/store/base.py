@@ -23,6 +23,11 @@ class StoreError(Exception):
     """The store could not answer (down, slow, refused). Raised instead of client errors."""
 
 
+class StoreNotReady(Exception):
+    """An in-memory store has not finished its first load: ask :meth:`LocationStore.lookup`
+    instead of :meth:`ImmediateLocationStore.lookup_now`. Not a failure of the store."""
+
+
 class InvalidRecord(StoreError):
     """A record that breaks the schema; the edge treats the line as unprovisioned."""
 
@@ -97,7 +102,38 @@ class ImmediateLocationStore(LocationStore, Protocol):
     emergency INVITE in the same turn of the event loop that received it."""
 
     def lookup_now(self, line: str) -> LocationRecord | None:
-        """As :meth:`LocationStore.lookup`, synchronously."""
+        """As :meth:`LocationStore.lookup`, synchronously.
+
+        Raises:
+            StoreNotReady: it cannot answer from memory yet; the caller awaits ``lookup``.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """How an in-memory copy of the records stands against their source (``/readyz``)."""
+
+    loaded: bool
+    """A full load has completed at least once: lookups are answered from memory."""
+    in_sync: bool
+    """The copy follows the source right now."""
+    records: int
+    age: float
+    """Seconds since the copy was last known to match the source (0 while in sync; infinite
+    before the first load)."""
+    loads: int
+    """Full loads completed."""
+    updates: int = 0
+    """Records re-read after a change in the source."""
+
+
+@runtime_checkable
+class MirroredLocationStore(ImmediateLocationStore, Protocol):
+    """An immediate store that holds a copy of another and keeps it current."""
+
+    def state(self) -> SyncState:
+        """Where the copy stands."""
         ...
 
 

@@ -21,6 +21,7 @@ from e911_sip.store.base import (
     LocationRecord,
     LocationStore,
     StoreError,
+    StoreNotReady,
 )
 
 
@@ -111,6 +112,8 @@ class ResilientLookup:
             return self._fallback(line, self.last_error or "store unavailable", 0.0)
         try:
             record = immediate(line)
+        except StoreNotReady:
+            return None
         except StoreError as exc:
             return self._failed(line, exc, start)
         return self._found(line, record, start)
