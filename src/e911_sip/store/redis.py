@@ -1,32 +1,36 @@
-"""Redis location store (``redis.asyncio`` with the hiredis parser).
+"""Redis location store.
 
 Every redis-py exception is turned into :class:`StoreError` here, so callers never see a
 third-party exception (the httpcore ``map_exceptions`` habit). redis-py's own retries are
 switched off: the edge bounds each lookup with its own timeout and falls back, and a retry
 inside the client would only spend that budget.
 
-Lookups are pipelined: the lookups that arrive while the loop is busy are sent together as
-one batch of HGETALLs on one connection, so a burst of calls costs a few round trips and not
-one pool checkout each (see docs/decisions.md). At most ``pool_size`` batches are in flight;
-a lookup that finds every connection busy waits for one within its own bound. Replies are
-read as bytes and decoded here, record by record: a value that is not UTF-8, or a key that
-is not a hash, fails that line's lookup as :class:`InvalidRecord` and leaves the connection
-and every other lookup alone.
+Lookups do not go through redis-py. They are pipelined on ``pool_size`` connections of our
+own (an asyncio protocol with the hiredis reply parser): each lookup is written at once on
+the connection with the fewest replies outstanding, and replies are matched in order, so a
+burst of calls shares a few connections and costs no pool checkout and no extra turn of the
+event loop per lookup (see docs/decisions.md). A lookup that finds no connection able to take
+it (all opening, or ``MAX_IN_FLIGHT`` outstanding on each) waits for one within its own bound.
+Replies are bytes, decoded here record by record: a value that is not UTF-8, or a key that is
+not a hash, fails that line's lookup as :class:`InvalidRecord` and leaves the connection and
+every other lookup alone. Health checks, writes and scans use a redis-py client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from e911_sip.store.base import (
     DEFAULT_KEY_PREFIX,
@@ -38,8 +42,8 @@ from e911_sip.store.base import (
     StoreUnreachable,
 )
 
-MAX_BATCH = 256
-"""Lookups sent in one pipeline at most: bounds the reply one connection reads at once."""
+MAX_IN_FLIGHT = 256
+"""Lookups outstanding on one connection at most; beyond that a lookup waits for room."""
 
 _ADMIN_CONNECTIONS = 4
 """Connections for health checks, writes and scans, apart from the lookup connections."""
@@ -74,15 +78,144 @@ def connect(
 
 
 class _Pending:
-    """One lookup waiting for its batch."""
+    """One lookup waiting for its reply."""
 
-    __slots__ = ("key", "future", "sent", "timer")
+    __slots__ = ("command", "future", "sent", "timer")
 
-    def __init__(self, key: str, future: asyncio.Future[Any]) -> None:
-        self.key = key
+    def __init__(self, command: bytes, future: asyncio.Future[Any]) -> None:
+        self.command = command
         self.future = future
         self.sent = False
         self.timer: asyncio.TimerHandle | None = None
+
+
+class _Address:
+    """Where and how the lookup connections connect, read from the store URL."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        self.unix_path: str | None = None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "unix":
+            self.unix_path = parts.path
+            db = query.get("db", ["0"])[0]
+        else:
+            db = parts.path.lstrip("/") or query.get("db", ["0"])[0]
+            if parts.scheme == "rediss":
+                self.tls = ssl.create_default_context()
+        self.db = int(db or 0)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+
+    def setup(self) -> list[bytes]:
+        """The commands a new connection sends before its first lookup."""
+        commands: list[bytes] = []
+        if self.password is not None:
+            auth = ("AUTH", self.username, self.password) if self.username else None
+            commands.append(_pack(*(auth or ("AUTH", self.password))))
+        if self.db:
+            commands.append(_pack("SELECT", str(self.db)))
+        return commands
+
+
+def _pack(*args: str | None) -> bytes:
+    """A command in RESP (an array of bulk strings); None arguments are left out."""
+    items = [a.encode() for a in args if a is not None]
+    out = [b"*%d\r\n" % len(items)]
+    for item in items:
+        out += (b"$%d\r\n" % len(item), item, b"\r\n")
+    return b"".join(out)
+
+
+class _Connection(asyncio.Protocol):
+    """One lookup connection: commands written as they come, replies matched in order.
+
+    Not redis-py: its asyncio client spends several turns of the event loop per command (a
+    task per socket-timeout wait on Python 3.11, a zero timeout per pool checkout), and in a
+    burst every turn of the loop is long. Here a lookup is written at once and its reply
+    resolves it in the turn that reads it.
+    """
+
+    def __init__(self, owner: RedisStore, *, silence: float) -> None:
+        self._owner = owner
+        self._silence = silence
+        self._reader = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.ready = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, command: bytes, future: asyncio.Future[Any]) -> None:
+        assert self._transport is not None
+        self._transport.write(command)
+        self.waiting.append(future)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._last_data = loop.time()
+            self._timer = loop.call_at(self._last_data + self._silence, self._check_silence)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        self._last_data = asyncio.get_running_loop().time()
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(f"redis protocol error: {exc}")
+                return
+            if reply is False:
+                break
+            if not self.waiting:
+                self.abort("redis sent a reply nobody asked for")
+                return
+            future = self.waiting.popleft()
+            if not future.done():  # else timed out or cancelled: the reply is dropped
+                future.set_result(reply)
+        self._owner._drained()
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if self.closed or not self.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_data + self._silence
+        if loop.time() >= due:
+            self.abort(f"redis sent nothing for {self._silence:g} s")
+        else:
+            self._timer = loop.call_at(due, self._check_silence)
+
+    def abort(self, reason: str) -> None:
+        """Close at once and fail what is still waiting on this connection."""
+        if self._transport is not None:
+            self._transport.abort()
+        self._lost(reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(f"redis connection lost: {exc or 'closed by the server'}")
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        incident = object()
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(StoreUnreachable(reason, incident=incident))
+        self._owner._lost(self)
+        self.ready = False
 
 
 class RedisStore:
@@ -98,35 +231,26 @@ class RedisStore:
         pool_size: int = 8,
         pool_timeout: float | None = None,
     ) -> None:
-        """``pool_size`` connections carry lookups; a lookup waits for a free one up to
-        ``pool_timeout`` seconds (None: its whole bound)."""
+        """``pool_size`` connections carry lookups; a lookup waits for a connection that
+        can take it up to ``pool_timeout`` seconds (None: its whole bound)."""
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self._prefix = key_prefix
+        self._address = _Address(url)
+        self._socket_timeout = socket_timeout
         self._pool_size = pool_size
         self._pool_timeout = pool_timeout
-        # Bytes, not text: a value that is not UTF-8 must fail its own record, not the
-        # parser mid-reply (which would leave the rest of the reply on the connection).
-        self._pool: ConnectionPool = ConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            decode_responses=False,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._slots: list[_Connection | None] = [None] * pool_size
+        self._connecting: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: deque[_Pending] = deque()
+        self._closed = False
         self._client = connect(
             url,
             socket_timeout=socket_timeout,
             max_connections=_ADMIN_CONNECTIONS,
             decode_responses=False,
         )
-        self._queue: deque[_Pending] = deque()
-        self._busy = 0
-        self._kick_scheduled = False
-        self._batches: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     def key(self, line: str) -> str:
         """The hash key of a 10-digit line."""
@@ -142,12 +266,14 @@ class RedisStore:
         if self._closed:
             raise StoreError("redis store closed")
         loop = asyncio.get_running_loop()
-        entry = _Pending(self.key(line), loop.create_future())
-        self._queue.append(entry)
-        if not self._kick_scheduled:
-            # Lookups started in this turn of the loop join the same batch.
-            self._kick_scheduled = True
-            loop.call_soon(self._kick)
+        entry = _Pending(_pack("HGETALL", self.key(line)), loop.create_future())
+        connection = self._pick()
+        if connection is not None and not self._live_queue():
+            connection.send(entry.command, entry.future)
+            entry.sent = True
+        else:
+            self._queue.append(entry)
+            self._connect_missing()
         if timeout is not None:
             wait = timeout if self._pool_timeout is None else min(self._pool_timeout, timeout)
             entry.timer = loop.call_later(wait, self._expire, entry, timeout - wait)
@@ -156,14 +282,57 @@ class RedisStore:
         finally:
             if entry.timer is not None:
                 entry.timer.cancel()
+        if isinstance(reply, hiredis.ReplyError):
+            raise _reply_error(str(reply))
         return _record(reply)
+
+    def _pick(self) -> _Connection | None:
+        """The ready connection with the fewest replies outstanding, if one can take more."""
+        best: _Connection | None = None
+        for connection in self._slots:
+            if (
+                connection is not None
+                and connection.ready
+                and len(connection.waiting) < MAX_IN_FLIGHT
+                and (best is None or len(connection.waiting) < len(best.waiting))
+            ):
+                best = connection
+        return best
+
+    def _drained(self) -> None:
+        """A connection has room (replies came in, or it opened): send what waited."""
+        queue = self._queue
+        while queue:
+            target = self._pick()
+            if target is None:
+                return
+            entry = queue.popleft()
+            if not entry.future.done():  # not expired or cancelled while queued
+                target.send(entry.command, entry.future)
+                entry.sent = True
+
+    def _lost(self, connection: _Connection) -> None:
+        if not connection.ready:
+            return  # never opened: _connect reports it
+        for i, slot in enumerate(self._slots):
+            if slot is connection:
+                self._slots[i] = None
+        if self._live_queue() and not self._closed:
+            self._connect_missing()
+
+    def _live_queue(self) -> bool:
+        """True when a queued lookup still waits (expired ones are dropped here)."""
+        queue = self._queue
+        while queue and queue[0].future.done():
+            queue.popleft()
+        return bool(queue)
 
     def _expire(self, entry: _Pending, remaining: float) -> None:
         if entry.future.done():
             return
         if not entry.sent:
             entry.future.set_exception(
-                PoolExhausted("every redis connection stayed busy while the lookup could wait")
+                PoolExhausted("no redis connection could take the lookup while it could wait")
             )
         elif remaining > 0:
             loop = asyncio.get_running_loop()
@@ -171,81 +340,106 @@ class RedisStore:
         else:
             entry.future.set_exception(StoreTimeout("redis did not answer the lookup in time"))
 
-    def _kick(self) -> None:
-        """Send what is queued, one batch per idle connection."""
-        self._kick_scheduled = False
-        queue = self._queue
-        while queue and self._busy < self._pool_size:
-            share = -(-len(queue) // (self._pool_size - self._busy))
-            share = min(MAX_BATCH, share)
-            batch: list[_Pending] = []
-            while queue and len(batch) < share:
-                entry = queue.popleft()
-                if not entry.future.done():  # not expired or cancelled while queued
-                    entry.sent = True
-                    batch.append(entry)
-            if batch:
-                self._busy += 1
-                task = asyncio.get_running_loop().create_task(self._run(batch))
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
-
-    async def _run(self, batch: list[_Pending]) -> None:
-        try:
-            await self._send(batch)
-        finally:
-            self._busy -= 1
-            if self._queue and not self._kick_scheduled and not self._closed:
-                self._kick()
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        incident = object()
-        try:
-            connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:
-            _fail(
-                batch,
-                StoreUnreachable(f"redis connect failed: {exc}", incident=incident, connect=True),
-            )
+    def _connect_missing(self) -> None:
+        """Open the lookup connections that are not open or opening."""
+        if self._closed:
             return
+        loop = asyncio.get_running_loop()
+        for i, slot in enumerate(self._slots):
+            if slot is None and i not in self._connecting:
+                self._connecting.add(i)
+                task = loop.create_task(self._connect(i))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, slot: int) -> None:
+        loop = asyncio.get_running_loop()
+        address = self._address
+        connection = _Connection(self, silence=self._socket_timeout)
+        replies: list[asyncio.Future[Any]] = []
         try:
-            commands: list[tuple[Any, ...]] = [("HGETALL", entry.key) for entry in batch]
-            await connection.send_packed_command(connection.pack_commands(commands))
-            for entry in batch:
-                try:
-                    reply = await connection.read_response()
-                except ResponseError as exc:
-                    # An error reply is read whole: the connection is still in step.
-                    _resolve(entry, exception=_response_error(exc))
+            async with asyncio.timeout(self._socket_timeout):
+                if address.unix_path is not None:
+                    await loop.create_unix_connection(lambda: connection, address.unix_path)
                 else:
-                    _resolve(entry, result=reply)
-        except RedisTimeoutError as exc:
-            _fail(batch, StoreTimeout(f"redis lookup timed out: {exc}", incident=incident))
-        except (RedisError, OSError) as exc:
-            # redis-py has disconnected the connection; the next batch opens a new one.
-            _fail(batch, StoreUnreachable(f"redis lookup failed: {exc}", incident=incident))
+                    await loop.create_connection(
+                        lambda: connection,
+                        address.host,
+                        address.port,
+                        ssl=address.tls,
+                    )
+                setup = address.setup()
+                replies += [loop.create_future() for _ in setup]
+                for command, reply in zip(setup, replies, strict=True):
+                    connection.send(command, reply)
+                for reply in replies:
+                    answer = await reply
+                    if isinstance(answer, hiredis.ReplyError):
+                        raise StoreUnreachable(f"redis refused the connection setup: {answer}")
+        except (OSError, TimeoutError, StoreError) as exc:
+            connection.abort("setup failed")
+            _discard(replies)
+            self._connecting.discard(slot)
+            self._connect_failed(exc)
+            return
+        except BaseException:
+            connection.abort("connect cancelled")
+            _discard(replies)
+            raise
         finally:
-            await self._pool.release(connection)
+            self._connecting.discard(slot)
+        if self._closed:
+            connection.abort("redis store closed")
+            return
+        connection.ready = True
+        self._slots[slot] = connection
+        self._drained()
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """No connection could be opened: fail the queued lookups unless another connection
+        is open or still opening."""
+        self._drained()
+        if any(c is not None for c in self._slots) or self._connecting:
+            return
+        reason = str(exc) or type(exc).__name__
+        failure = StoreUnreachable(
+            f"redis connect failed: {reason}", incident=object(), connect=True
+        )
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(
+                    StoreUnreachable(str(failure), incident=failure.incident, connect=True)
+                )
 
     async def ping(self) -> bool:
+        """True when Redis answers PING. Also opens lookup connections that are missing, so
+        that a burst finds them open instead of paying for the handshakes."""
         try:
-            return bool(await self._client.ping())
+            ok = bool(await self._client.ping())
         except (RedisError, OSError):
             return False
+        if ok:
+            self._connect_missing()
+        return ok
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._batches):
+        for task in list(self._tasks):
             task.cancel()
-        for task in list(self._batches):
+        for task in list(self._tasks):
             try:
                 await task
             except asyncio.CancelledError:
                 pass
-        _fail(self._queue, StoreError("redis store closed"))
-        self._queue.clear()
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(StoreError("redis store closed"))
+        for connection in self._slots:
+            if connection is not None:
+                connection.abort("redis store closed")
         try:
-            await self._pool.disconnect()
             await self._client.aclose()
         except (RedisError, OSError):
             pass
@@ -320,36 +514,17 @@ def _record(reply: object) -> LocationRecord | None:
     return LocationRecord.from_fields(fields)
 
 
-def _response_error(exc: ResponseError) -> StoreError:
-    """A per-command error reply: WRONGTYPE is the key's problem, anything else the store's."""
-    text = str(exc)
+def _discard(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel what is pending and mark failures seen: nobody will await these."""
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
+
+
+def _reply_error(text: str) -> StoreError:
+    """An error reply to a lookup: WRONGTYPE is the key's problem, anything else the store's."""
     if text.startswith("WRONGTYPE"):
         return InvalidRecord(f"line key is not a hash: {text}")
     return StoreError(f"redis refused the lookup: {text}")
-
-
-def _resolve(
-    entry: _Pending, *, result: object = None, exception: BaseException | None = None
-) -> None:
-    if entry.future.done():
-        return  # expired or cancelled while the batch was out
-    if exception is not None:
-        entry.future.set_exception(exception)
-    else:
-        entry.future.set_result(result)
-
-
-def _fail(entries: Iterable[_Pending], exception: StoreError) -> None:
-    for entry in entries:
-        if not entry.future.done():
-            # One exception object per lookup (a shared one would collect every
-            # awaiter's traceback); the incident tells the breaker they are one event.
-            entry.future.set_exception(_copy(exception))
-
-
-def _copy(exception: StoreError) -> StoreError:
-    if isinstance(exception, StoreUnreachable):
-        return StoreUnreachable(
-            str(exception), incident=exception.incident, connect=exception.connect
-        )
-    return type(exception)(str(exception), incident=exception.incident)
