@@ -105,7 +105,8 @@ class EmergencyConfig:
     store_connect_failures: int = 1
     """Failed connection attempts in a row (refused, unreachable) that open the breaker."""
     store_trial_lookups: int = 3
-    """Successful trial lookups in a row that close the half-open breaker."""
+    """Successes in a row (trial lookups or good health checks) that close the half-open
+    breaker."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

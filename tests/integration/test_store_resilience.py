@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -230,6 +231,42 @@ async def test_connections_killed_by_the_server_are_reopened_without_opening_the
         assert lookup.state is BreakerState.CLOSED
     finally:
         await store.close()
+
+
+def test_edge_reports_the_breaker_while_redis_is_down_and_closes_it_when_back(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    provision_many(redis_server, 1)
+    trunk = free_port("udp")
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+    )
+    edge = edge_factory(config)
+    redis_server.stop()
+    uas = sipp.uas("uas_no_location.xml", port=trunk, keys={"expected_callback": line(0)})
+    caller = sipp.uac("uac_911.xml", edge.sip_target, keys={"caller": line(0)})
+    assert caller.ok, caller.summary()
+    assert uas.wait().ok
+    assert edge.metric("e911_sip_emergency_calls_total", outcome="store_error") == 1
+    # Either the call's own lookup was refused, or a failed health check had opened the
+    # breaker first and the lookup was skipped.
+    refused = edge.metric("e911_sip_store_lookup_failures_total", kind="connection") or 0
+    assert refused + (edge.metric("e911_sip_store_lookups_skipped_total") or 0) == 1
+    assert edge.metric("e911_sip_store_breaker_state", state="open") == 1
+    status, body = edge.http_get("/readyz")
+    assert status == 200 and '"store": "degraded"' in body
+    redis_server.start()
+    deadline = time.monotonic() + 20.0
+    while '"store": "ok"' not in edge.http_get("/readyz")[1]:
+        assert time.monotonic() < deadline, "the breaker never closed after Redis came back"
+        time.sleep(0.1)
+    assert edge.metric("e911_sip_store_breaker_state", state="closed") == 1
+    assert edge.metric("e911_sip_store_breaker_transitions_total", state="closed") == 1
+    assert edge.metric("e911_sip_store_up") == 1
 
 
 def _burst_scenario(tmp_path: Path) -> Path:

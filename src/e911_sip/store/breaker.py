@@ -13,7 +13,8 @@ answering:
 While open the store is skipped (the caller uses its cache, then no location). After
 ``open_for`` seconds, or as soon as a health check succeeds, the breaker is half-open: one
 trial lookup at a time goes to the store while the others are still skipped;
-``trial_lookups`` successes in a row close it, one failure opens it again.
+``trial_lookups`` successes in a row (trial lookups or good health checks) close it, one
+failed trial opens it again.
 
 Pure code: time is passed in as ``now`` (any monotonic clock).
 """
@@ -62,7 +63,8 @@ class BreakerOptions:
     open_for: float = 1.0
     """Seconds the store is skipped once the breaker opens, before trial lookups."""
     trial_lookups: int = 3
-    """Successful trial lookups in a row that close the half-open breaker."""
+    """Successes in a row (trial lookups or good health checks) that close the half-open
+    breaker."""
 
 
 _BUCKETS = 10
@@ -165,7 +167,8 @@ class CircuitBreaker:
 
     def health(self, now: float, ok: bool) -> None:
         """A health check result: a failure opens the breaker; a success lets trial
-        lookups start at once instead of after ``open_for``."""
+        lookups start at once instead of after ``open_for`` and counts as one successful
+        trial."""
         if not ok:
             if self._state is not BreakerState.OPEN:
                 self._trial_in_flight = False
@@ -176,6 +179,13 @@ class CircuitBreaker:
         if self.state(now) is BreakerState.OPEN:
             self._open_until = now
             self.state(now)
+        if self._state is not BreakerState.HALF_OPEN:
+            return
+        # Half-open, a good health check counts as a successful trial, so that the breaker
+        # closes within a few checks even when no call comes to try the store.
+        self._trial_successes += 1
+        if self._trial_successes >= self._options.trial_lookups:
+            self._close()
 
     def _count(self, now: float, *, failed: bool) -> tuple[int, int]:
         """Add one lookup to the window; return the window's (lookups, failures)."""

@@ -250,15 +250,45 @@ async def test_a_failed_trial_opens_it_again() -> None:
 async def test_health_check_opens_it_and_a_good_one_starts_trials_at_once() -> None:
     store = FlakyStore()
     clock = Clock()
-    lookup = resilient(store, clock, open_for=30.0, trial_lookups=1)
+    lookup = resilient(store, clock, open_for=30.0, trial_lookups=2)
     lookup.health(True)
     assert lookup.state is BreakerState.CLOSED
     lookup.health(False)
     assert lookup.state is BreakerState.OPEN
+    lookup.health(False)  # still down: stays open
+    assert lookup.state is BreakerState.OPEN
     lookup.reset_cooldown()  # the health check's older name: the same as health(True)
     assert lookup.state is BreakerState.HALF_OPEN
     assert (await lookup.lookup(LINE)).source is LookupSource.STORE
-    assert lookup.state is BreakerState.CLOSED
+    assert lookup.state is BreakerState.CLOSED  # one good check and one good trial
+
+
+async def test_good_health_checks_close_it_without_any_call() -> None:
+    store = FlakyStore()
+    clock = Clock()
+    lookup = resilient(store, clock, open_for=30.0, trial_lookups=3)
+    store.fail_with = StoreUnreachable("refused", connect=True)
+    await lookup.lookup(LINE)
+    assert lookup.state is BreakerState.OPEN
+    for _ in range(2):
+        clock.now += 1
+        lookup.health(True)
+        assert lookup.state is BreakerState.HALF_OPEN
+    clock.now += 1
+    lookup.health(True)
+    assert lookup.state is BreakerState.CLOSED and not lookup.degraded
+
+
+async def test_good_health_checks_while_closed_keep_the_window() -> None:
+    store = FlakyStore()
+    clock = Clock()
+    lookup = resilient(store, clock, min_lookups=4, trial_lookups=1)
+    store.fail_with = StoreTimeout("slow")
+    for _ in range(3):
+        await lookup.lookup(LINE)
+        lookup.health(True)  # a fast PING says nothing about slow lookups
+    await lookup.lookup(LINE)
+    assert lookup.state is BreakerState.OPEN
 
 
 async def test_invalid_records_are_the_lines_problem_not_the_stores() -> None:
