@@ -28,7 +28,7 @@ class StoreError(Exception):
     def __init__(self, message: str, *, incident: object | None = None) -> None:
         super().__init__(message)
         self.incident = incident
-        """Shared by every lookup that one event failed (a batch on a dropped connection),
+        """Shared by every lookup that one event failed (all on a dropped connection),
         so the circuit breaker counts the event once; None when the failure is this
         lookup's own."""
 
