@@ -53,6 +53,7 @@ from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
 from e911_sip.store.base import LineRecordWriter, LocationStore
+from e911_sip.store.breaker import BreakerOptions
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
@@ -104,6 +105,8 @@ def build_store(
         url=config.store.url,
         key_prefix=config.store.key_prefix,
         socket_timeout=config.store.socket_timeout,
+        pool_size=config.store.pool_size,
+        pool_timeout=config.store.pool_timeout,
     )
     if not (mirror and config.store.mirror):
         return direct
@@ -267,14 +270,25 @@ async def start_edge(
     local = local_addresses(config)
     core = ProxyCore(options=proxy_options(config, local), entropy=os.urandom)
     emergency = config.emergency
+    failures = metrics.store_lookup_failures
     lookup = ResilientLookup(
         store,
         options=LookupOptions(
             timeout=emergency.lookup_timeout,
             cache_size=emergency.cache_size,
             cache_max_age=emergency.cache_max_age,
-            cooldown=emergency.store_cooldown,
+            breaker=BreakerOptions(
+                failure_ratio=emergency.store_failure_ratio,
+                window=emergency.store_failure_window,
+                min_lookups=emergency.store_min_lookups,
+                connect_failures=emergency.store_connect_failures,
+                open_for=emergency.store_cooldown,
+                trial_lookups=emergency.store_trial_lookups,
+            ),
         ),
+        on_failure=lambda kind: failures.labels(kind).inc(),
+        on_breaker=lambda state: metrics.set_store_breaker(state.value),
+        on_skip=metrics.store_lookups_skipped.inc,
     )
     edge = Edge(
         core=core,

@@ -153,7 +153,18 @@ class EmergencyConfig:
     cache_max_age: float = 86_400.0
     """Seconds a cached record stays usable."""
     store_cooldown: float = 1.0
-    """Seconds the store is skipped after a failed lookup."""
+    """Seconds the store is skipped once the circuit breaker opens, before trial lookups."""
+    store_failure_ratio: float = 0.5
+    """Share of failed lookups within ``store_failure_window`` that opens the breaker."""
+    store_failure_window: float = 10.0
+    """Seconds of lookups the failure share is taken over."""
+    store_min_lookups: int = 20
+    """Lookups the window must hold before its failure share can open the breaker."""
+    store_connect_failures: int = 1
+    """Failed connection attempts in a row (refused, unreachable) that open the breaker."""
+    store_trial_lookups: int = 3
+    """Successes in a row (trial lookups or good health checks) that close the half-open
+    breaker."""
     probe: ProbeOptions = field(default_factory=lambda: ProbeOptions(interval=10.0))
     """OPTIONS probing of the trunks: ``probe_interval`` (0 turns it off),
     ``probe_timeout``, ``probe_failures``, ``probe_successes``."""
@@ -185,6 +196,11 @@ class StoreConfig:
     is a dictionary read; Redis being slow or down costs calls nothing). False looks each
     emergency caller up in Redis, bounded by ``[emergency] lookup_timeout``."""
     """Redis socket timeout, seconds (lookups are bounded separately)."""
+    pool_size: int = 8
+    """Redis connections carrying lookups (each carries a pipelined batch at a time)."""
+    pool_timeout: float | None = None
+    """Seconds a lookup may wait for a free connection; unset: its whole bound
+    (``[emergency] lookup_timeout``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -568,6 +584,12 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         raise ConfigError(
             f"[emergency] existing_geolocation: expected one of {choices}, got {policy!r}"
         ) from None
+    failure_ratio = s.number("store_failure_ratio", d.store_failure_ratio)
+    if not 0.0 < failure_ratio <= 1.0:
+        raise ConfigError(
+            f"[emergency] store_failure_ratio: expected a share above 0 and at most 1, "
+            f"got {failure_ratio}"
+        )
     return EmergencyConfig(
         numbers=numbers,
         trunks=trunks,
@@ -581,6 +603,13 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         cache_max_age=s.number("cache_max_age", d.cache_max_age),
         store_cooldown=s.number("store_cooldown", d.store_cooldown),
         probe=_probe(s, d.probe),
+        store_failure_ratio=failure_ratio,
+        store_failure_window=s.number("store_failure_window", d.store_failure_window, minimum=0.01),
+        store_min_lookups=s.integer("store_min_lookups", d.store_min_lookups, minimum=1),
+        store_connect_failures=s.integer(
+            "store_connect_failures", d.store_connect_failures, minimum=1
+        ),
+        store_trial_lookups=s.integer("store_trial_lookups", d.store_trial_lookups, minimum=1),
     )
 
 
@@ -632,6 +661,12 @@ def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:
         key_prefix=s.string("key_prefix", d.key_prefix),
         socket_timeout=s.number("socket_timeout", d.socket_timeout, minimum=0.001),
         mirror=s.boolean("mirror", d.mirror),
+        pool_size=s.integer("pool_size", d.pool_size, minimum=1),
+        pool_timeout=(
+            None
+            if s.get("pool_timeout", None) is None
+            else s.number("pool_timeout", 0.0, minimum=0.001)
+        ),
     )
 
 

@@ -448,9 +448,11 @@ class Edge:
         """Ping the store every interval; keep ``store_ok`` and ``e911_sip_store_up`` true."""
         while not stop.is_set():
             ok = await self._store.ping()
+            # A failed check opens the lookup's circuit breaker; a good one lets an open
+            # breaker try the store at once.
+            self._lookup.health(ok)
             if ok and not self.store_ok:
                 log.info("location store reachable again")
-                self._lookup.reset_cooldown()
             elif not ok and self.store_ok:
                 log.error("location store unreachable; emergency calls use the cache or none")
             self.store_ok = ok
@@ -462,7 +464,9 @@ class Edge:
                 pass
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """(ready, details) for ``/readyz``: listeners bound; the store up or degraded."""
+        """(ready, details) for ``/readyz``: listeners bound; the store ``ok``, or
+        ``degraded`` while its health check fails or the lookup's circuit breaker is not
+        closed (the edge stays ready: calls go out with cached or no location)."""
         store = "ok" if self.store_ok and not self._lookup.degraded else "degraded"
         ready = self.listeners_bound and not self.draining
         locations: dict[str, object] | None = None

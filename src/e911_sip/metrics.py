@@ -57,6 +57,10 @@ EMERGENCY_OUTCOMES = (
     "failed",
 )
 
+STORE_FAILURE_KINDS = ("timeout", "connection", "pool_wait", "invalid_record", "error")
+
+STORE_BREAKER_STATES = ("closed", "open", "half_open")
+
 
 class _FunctionCounter(Collector):
     """A counter whose value is read from its owner when scraped (like
@@ -192,6 +196,37 @@ class Metrics:
             "Line records re-read into memory after a change in Redis.",
         )
         r.register(self.location_updates)
+        self.store_lookup_failures = Counter(
+            "e911_sip_store_lookup_failures_total",
+            "Location store lookups that failed, by kind: timeout, connection, pool_wait "
+            "(every connection stayed busy), invalid_record (that line's record is unusable) "
+            "and error (the store refused the command).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in STORE_FAILURE_KINDS:
+            self.store_lookup_failures.labels(kind)
+        self.store_lookups_skipped = Counter(
+            "e911_sip_store_lookups_skipped_total",
+            "Lookups not sent to the location store because its circuit breaker was open.",
+            registry=r,
+        )
+        self.store_breaker = Gauge(
+            "e911_sip_store_breaker_state",
+            "1 for the location store circuit breaker's current state (closed, open, "
+            "half_open), 0 for the others.",
+            ["state"],
+            registry=r,
+        )
+        self.store_breaker_transitions = Counter(
+            "e911_sip_store_breaker_transitions_total",
+            "Location store circuit breaker state changes, by the state entered.",
+            ["state"],
+            registry=r,
+        )
+        for state in STORE_BREAKER_STATES:
+            self.store_breaker_transitions.labels(state)
+        self.set_store_breaker("closed", count=False)
         self.store_up = Gauge(
             "e911_sip_store_up",
             "1 when the location store answered its last health check, else 0.",
@@ -209,6 +244,13 @@ class Metrics:
             ["operation", "result"],
             registry=r,
         )
+
+    def set_store_breaker(self, state: str, *, count: bool = True) -> None:
+        """Show ``state`` as the breaker's current state and count the change."""
+        for name in STORE_BREAKER_STATES:
+            self.store_breaker.labels(name).set(1 if name == state else 0)
+        if count:
+            self.store_breaker_transitions.labels(state).inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

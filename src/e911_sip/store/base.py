@@ -22,6 +22,42 @@ _LINE = re.compile(r"[0-9]{10}")
 class StoreError(Exception):
     """The store could not answer (down, slow, refused). Raised instead of client errors."""
 
+    kind = "error"
+    """The failure's label on ``e911_sip_store_lookup_failures_total``."""
+
+    def __init__(self, message: str, *, incident: object | None = None) -> None:
+        super().__init__(message)
+        self.incident = incident
+        """Shared by every lookup that one event failed (all on a dropped connection),
+        so the circuit breaker counts the event once; None when the failure is this
+        lookup's own."""
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer within the lookup bound."""
+
+    kind = "timeout"
+
+
+class StoreUnreachable(StoreError):
+    """A connection to the store could not be opened, or broke while a lookup waited."""
+
+    kind = "connection"
+
+    def __init__(
+        self, message: str, *, incident: object | None = None, connect: bool = False
+    ) -> None:
+        super().__init__(message, incident=incident)
+        self.connect = connect
+        """True when no connection could be opened at all (refused, unreachable): strong
+        evidence that the store is down, unlike a timeout or one dropped connection."""
+
+
+class PoolExhausted(StoreError):
+    """Every store connection stayed busy for as long as the lookup could wait."""
+
+    kind = "pool_wait"
+
 
 class StoreNotReady(Exception):
     """An in-memory store has not finished its first load: ask :meth:`LocationStore.lookup`
@@ -29,7 +65,10 @@ class StoreNotReady(Exception):
 
 
 class InvalidRecord(StoreError):
-    """A record that breaks the schema; the edge treats the line as unprovisioned."""
+    """A record that breaks the schema, holds bytes that are not UTF-8, or is not a hash:
+    that line's problem, never the store's. The edge treats the line as unprovisioned."""
+
+    kind = "invalid_record"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +132,22 @@ class LocationStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class DeadlineLocationStore(LocationStore, Protocol):
+    """A store that bounds a lookup itself and says where the time went (waiting for a
+    connection, or waiting for the answer)."""
+
+    async def lookup_within(self, line: str, timeout: float) -> LocationRecord | None:
+        """As :meth:`LocationStore.lookup`, answered or failed within ``timeout`` seconds.
+
+        Raises:
+            PoolExhausted: no connection became free in time.
+            StoreTimeout: the answer did not come in time.
+            StoreError: the store could not answer.
+        """
         ...
 
 

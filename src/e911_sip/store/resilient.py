@@ -2,8 +2,10 @@
 
 The emergency path may not wait on a store that is slow or down. Each lookup is bounded by a
 timeout; a failed or timed-out lookup falls back to a cache of records seen recently, and
-then to "no location" (the call still goes out). After a failure the store is left alone for
-a short cool-down, so a dead Redis costs one timeout, not one per call.
+then to "no location" (the call still goes out). One failure is that call's alone: whether
+the store as a whole is down is decided by a circuit breaker (:mod:`e911_sip.store.breaker`)
+from the evidence of many lookups and the health check. While it is open the store is
+skipped, so a dead Redis costs a few lookups, not one timeout per call.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from e911_sip.store.base import (
+    DeadlineLocationStore,
     ImmediateLocationStore,
     InvalidRecord,
     LocationRecord,
     LocationStore,
     StoreError,
     StoreNotReady,
+    StoreTimeout,
+    StoreUnreachable,
 )
+from e911_sip.store.breaker import Admission, BreakerOptions, BreakerState, CircuitBreaker
 
 
 class LookupSource(StrEnum):
@@ -48,6 +54,9 @@ class LookupResult:
     """Why the store was not used, when it was not."""
     seconds: float = 0.0
     """Time spent waiting on the store."""
+    failure: str | None = None
+    """The kind of store failure behind a fallback (timeout, connection, pool_wait, error,
+    invalid_record); None when the store answered or was skipped."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,12 +69,12 @@ class LookupOptions:
     """Lines whose last record is kept for use while the store is unavailable."""
     cache_max_age: float = 86_400.0
     """Seconds a cached record stays usable."""
-    cooldown: float = 1.0
-    """Seconds the store is skipped after a failure."""
+    breaker: BreakerOptions = field(default_factory=BreakerOptions)
+    """When the store counts as down and is skipped."""
 
 
 class ResilientLookup:
-    """Wraps a LocationStore with a timeout, a recent-records cache and a cool-down."""
+    """Wraps a LocationStore with a timeout, a recent-records cache and a circuit breaker."""
 
     def __init__(
         self,
@@ -73,68 +82,129 @@ class ResilientLookup:
         *,
         options: LookupOptions,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
+        on_breaker: Callable[[BreakerState], None] | None = None,
+        on_skip: Callable[[], None] | None = None,
     ) -> None:
+        """``on_failure`` is called with the kind of every failed lookup, ``on_breaker``
+        with every breaker state change, ``on_skip`` for every lookup the open breaker
+        kept from the store (all three for metrics)."""
         self._store = store
         self._immediate = store.lookup_now if isinstance(store, ImmediateLocationStore) else None
+        self._within = store.lookup_within if isinstance(store, DeadlineLocationStore) else None
         self._options = options
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, LocationRecord]] = OrderedDict()
-        self._skip_until = 0.0
+        self._breaker = CircuitBreaker(options.breaker, on_change=self._breaker_changed)
+        self._on_failure = on_failure
+        self._on_breaker = on_breaker
+        self._on_skip = on_skip
         self.last_error: str | None = None
 
     @property
+    def state(self) -> BreakerState:
+        """The circuit breaker's state now."""
+        return self._breaker.state(self._clock())
+
+    @property
     def degraded(self) -> bool:
-        """True while the store is in its cool-down after a failure."""
-        return self._clock() < self._skip_until
+        """True while the breaker keeps lookups from the store (open or half-open)."""
+        return self.state is not BreakerState.CLOSED
 
     async def lookup(self, line: str) -> LookupResult:
         """The record for ``line``. Never raises and never waits longer than the timeout."""
         start = self._clock()
-        if start < self._skip_until:
-            return self._fallback(line, self.last_error or "store unavailable", 0.0)
+        admission = self._breaker.admit(start)
+        if admission is Admission.SKIP:
+            return self._skipped(line)
+        trial = admission is Admission.TRIAL
+        timeout = self._options.timeout
         try:
-            async with asyncio.timeout(self._options.timeout):
-                record = await self._store.lookup(line)
+            if self._within is not None:
+                # The store bounds itself and says whether the time went on waiting for a
+                # connection or for the answer; the outer bound only catches a store bug.
+                async with asyncio.timeout(timeout * 2):
+                    record = await self._within(line, timeout)
+            else:
+                async with asyncio.timeout(timeout):
+                    record = await self._store.lookup(line)
         except (StoreError, TimeoutError) as exc:
-            return self._failed(line, exc, start)
-        return self._found(line, record, start)
+            return self._failed(line, exc, start, trial)
+        except BaseException:
+            self._breaker.abandoned(trial=trial)
+            raise
+        return self._found(line, record, start, trial)
 
     def lookup_now(self, line: str) -> LookupResult | None:
         """The answer at once when the store can give it without waiting, else None.
 
-        An in-memory store answers here; a Redis store needs :meth:`lookup`.
+        An in-memory store answers here (the Redis mirror once loaded); a Redis store needs
+        :meth:`lookup`. The breaker is not asked: it keeps calls from waiting on a failing
+        remote store, and an answer from memory waits on nothing, so the records held are
+        used whatever state Redis is in.
         """
         immediate = self._immediate
         if immediate is None:
             return None
         start = self._clock()
-        if start < self._skip_until:
-            return self._fallback(line, self.last_error or "store unavailable", 0.0)
         try:
             record = immediate(line)
         except StoreNotReady:
             return None
         except StoreError as exc:
-            return self._failed(line, exc, start)
-        return self._found(line, record, start)
+            return self._failed(line, exc, start, False)
+        return self._found(line, record, start, False)
 
-    def _found(self, line: str, record: LocationRecord | None, start: float) -> LookupResult:
+    def _found(
+        self, line: str, record: LocationRecord | None, start: float, trial: bool
+    ) -> LookupResult:
         now = self._clock()
+        self._breaker.succeeded(now, trial=trial)
         if record is None:
             self._cache.pop(line, None)
         else:
             self._remember(line, record, now)
         return LookupResult(record, LookupSource.STORE, None, now - start)
 
-    def _failed(self, line: str, exc: Exception, start: float) -> LookupResult:
+    def _failed(self, line: str, exc: Exception, start: float, trial: bool) -> LookupResult:
         now = self._clock()
+        seconds = now - start
         if isinstance(exc, InvalidRecord):
+            # The store answered; the record is what is wrong, for this line only.
+            self._breaker.succeeded(now, trial=trial)
             self._cache.pop(line, None)
-            return LookupResult(None, LookupSource.INVALID, str(exc), now - start)
-        reason = str(exc) or f"lookup exceeded {self._options.timeout * 1000:.0f} ms"
+            self._count_failure(exc.kind)
+            return LookupResult(None, LookupSource.INVALID, str(exc), seconds, failure=exc.kind)
+        if isinstance(exc, StoreError):
+            kind = exc.kind
+            reason = str(exc)
+        else:
+            kind = StoreTimeout.kind
+            reason = f"lookup exceeded {self._options.timeout * 1000:.0f} ms"
+        self._count_failure(kind)
         self.last_error = reason
-        self._skip_until = now + self._options.cooldown
-        return self._fallback(line, reason, now - start)
+        self._breaker.failed(
+            now,
+            reason,
+            trial=trial,
+            connect=isinstance(exc, StoreUnreachable) and exc.connect,
+            incident=exc.incident if isinstance(exc, StoreError) else None,
+        )
+        return self._fallback(line, reason, seconds, kind)
+
+    def _skipped(self, line: str) -> LookupResult:
+        if self._on_skip is not None:
+            self._on_skip()
+        reason = f"store skipped: {self._breaker.reason or 'circuit breaker open'}"
+        return self._fallback(line, reason, 0.0, None)
+
+    def _count_failure(self, kind: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(kind)
+
+    def _breaker_changed(self, state: BreakerState) -> None:
+        if self._on_breaker is not None:
+            self._on_breaker(state)
 
     def _remember(self, line: str, record: LocationRecord, now: float) -> None:
         cache = self._cache
@@ -143,12 +213,19 @@ class ResilientLookup:
         while len(cache) > self._options.cache_size:
             cache.popitem(last=False)
 
-    def _fallback(self, line: str, reason: str, seconds: float) -> LookupResult:
+    def _fallback(
+        self, line: str, reason: str, seconds: float, failure: str | None
+    ) -> LookupResult:
         entry = self._cache.get(line)
         if entry is not None and self._clock() - entry[0] <= self._options.cache_max_age:
-            return LookupResult(entry[1], LookupSource.CACHE, reason, seconds)
-        return LookupResult(None, LookupSource.NONE, reason, seconds)
+            return LookupResult(entry[1], LookupSource.CACHE, reason, seconds, failure)
+        return LookupResult(None, LookupSource.NONE, reason, seconds, failure)
+
+    def health(self, ok: bool) -> None:
+        """A health check result: a failed one opens the breaker; a successful one lets
+        trial lookups start at once."""
+        self._breaker.health(self._clock(), ok)
 
     def reset_cooldown(self) -> None:
         """Try the store again on the next lookup (after a successful health check)."""
-        self._skip_until = 0.0
+        self.health(True)
