@@ -28,9 +28,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.integration.harness import RedisServer  # noqa: E402
+
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions  # noqa: E402
 from e911_sip.store.redis import RedisStore  # noqa: E402
-from tests.integration.harness import RedisServer  # noqa: E402
 
 
 def rss_bytes() -> int:
