@@ -40,6 +40,7 @@ from e911_sip.provisioning.state import (
     RedisStateStore,
     StateStore,
 )
+from e911_sip.proxy.admission import LoadSignal, classify
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
@@ -48,7 +49,7 @@ from e911_sip.store.memory import MemoryStore
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.transport.stream import TcpTransport
-from e911_sip.transport.udp import UdpTransport
+from e911_sip.transport.udp import UdpOptions, UdpTransport
 
 log = logging.getLogger("e911_sip.app")
 
@@ -99,12 +100,20 @@ def local_addresses(config: Config) -> tuple[LocalAddress, ...]:
     return tuple(LocalAddress(a.transport, advertise or a.host, a.port) for a in config.sip.listen)
 
 
-def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptions:
-    """The proxy core's options from the config."""
+def proxy_options(
+    config: Config, local: tuple[LocalAddress, ...], load: LoadSignal | None = None
+) -> ProxyOptions:
+    """The proxy core's options from the config; ``load`` tells it when to shed."""
     numbers = frozenset(config.emergency.numbers)
+    overload = config.overload
     return ProxyOptions(
         local=local,
         emergency_classifier=functools.partial(emergency_number, numbers=numbers),
+        max_transactions=overload.max_transactions,
+        shed_transactions=overload.shed_transactions,
+        max_contexts=overload.max_contexts,
+        overload=load.shed_reason if load is not None else lambda: None,
+        retry_after=overload.retry_after,
         emergency_trunks=config.emergency.trunks,
         default_trunks=config.default.trunks,
         provisional_timeout=config.emergency.provisional_timeout,
@@ -131,7 +140,27 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
         OSError: a listener could not be bound.
     """
     local = local_addresses(config)
-    core = ProxyCore(options=proxy_options(config, local), branch_seed=secrets.token_hex(4))
+    overload = config.overload
+    load = LoadSignal(max_lag=overload.max_lag, max_queue=overload.max_queue)
+    core = ProxyCore(options=proxy_options(config, local, load), branch_seed=secrets.token_hex(4))
+    for name, value in (
+        ("max_lag_seconds", overload.max_lag),
+        ("max_queue", overload.max_queue),
+        ("queue_limit", overload.queue_limit),
+        ("shed_transactions", overload.shed_transactions),
+        ("max_transactions", overload.max_transactions),
+        ("max_contexts", overload.max_contexts),
+    ):
+        metrics.overload_limit.labels(name).set(value)
+    numbers = frozenset(config.emergency.numbers)
+    udp_options = UdpOptions(
+        classify=functools.partial(
+            classify, emergency=functools.partial(emergency_number, numbers=numbers)
+        ),
+        queue_limit=overload.queue_limit,
+        batch=overload.batch,
+        max_datagram=config.sip.max_message_size,
+    )
     emergency = config.emergency
     lookup = ResilientLookup(
         store,
@@ -156,14 +185,23 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
             ),
             drain_timeout=config.shutdown.drain_timeout,
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
+            lag_interval=overload.lag_interval,
         ),
+        load=load,
     )
     transports: list[UdpTransport | TcpTransport] = []
     try:
         for address in config.sip.listen:
             transport: UdpTransport | TcpTransport
             if address.transport == "udp":
-                transport = UdpTransport(edge, host=address.host, port=address.port)
+                transport = UdpTransport(
+                    edge,
+                    host=address.host,
+                    port=address.port,
+                    options=udp_options,
+                    load=load,
+                    on_drop=edge.datagram_dropped,
+                )
             else:
                 transport = TcpTransport(
                     edge,
@@ -376,6 +414,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 tasks.create_task(keep_gc_young(watch_stop))
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
+                    tasks.create_task(running.edge.monitor_load(watch_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)

@@ -32,19 +32,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
+from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.proxy.core import (
     CallCompleted,
     Discarded,
     EmergencyCall,
     EmergencyForwarded,
     Event,
+    Evicted,
     FailOpen,
     Failover,
     ProxyCore,
     RequestRouted,
+    Shed,
 )
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore
@@ -93,6 +97,10 @@ class EdgeOptions:
     """Seconds a shutdown waits for emergency dialogs that are still up."""
     emergency_dialog_max_age: float = 14400.0
     """Seconds after which an emergency dialog with no BYE seen is no longer waited for."""
+    lag_interval: float = 0.05
+    """Seconds between the event-loop lag measurements that feed overload control."""
+    log_interval: float = 10.0
+    """Seconds over which per-message log lines (discarded, shed) are summarised."""
 
 
 class Edge:
@@ -107,6 +115,7 @@ class Edge:
         metrics: Metrics,
         options: EdgeOptions,
         clock: Callable[[], float] = time.perf_counter,
+        load: LoadSignal | None = None,
     ) -> None:
         self._core = core
         self._store = store
@@ -133,6 +142,32 @@ class Edge:
         self.store_ok = True
         metrics.transactions.set_function(lambda: core.transactions_in_flight)
         metrics.contexts.set_function(lambda: core.contexts_in_flight)
+        self.load = load or LoadSignal(max_lag=float("inf"), max_queue=2**62)
+        metrics.loop_lag.set_function(lambda: self.load.lag)
+        metrics.queue_depth.set_function(lambda: self.load.queue_depth)
+        self._shed_counters: dict[str, Any] = {}
+        self._dropped = {p: metrics.queue_dropped.labels(p.name.lower()) for p in Priority}
+        self._queue_full = metrics.shed.labels("queue_full")
+        # A peer can make each of these happen once per message: a flood gets a counted
+        # summary, not a line per datagram.
+        interval = options.log_interval
+        self._discard_log = RateLimitedLog(
+            log, "message discarded", noun="messages discarded", interval=interval
+        )
+        self._shed_log = RateLimitedLog(
+            log,
+            "overloaded: request refused with 503",
+            noun="requests refused with 503",
+            interval=interval,
+            level=logging.WARNING,
+        )
+        self._delivery_log = RateLimitedLog(
+            log,
+            "delivery failed",
+            noun="deliveries failed",
+            interval=interval,
+            level=logging.WARNING,
+        )
 
     # -- wiring --------------------------------------------------------------------------
     def add_transport(self, name: str, transport: Sender) -> None:
@@ -165,7 +200,7 @@ class Edge:
     def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
         """A transport could not send; the core treats it as a transport error (§8.1.3.1)."""
         self._metrics.delivery_failures.labels(peer.transport).inc()
-        log.warning("delivery failed", extra={"peer": str(peer), "error": reason})
+        self._delivery_log.hit(peer.transport, {"peer": str(peer), "error": reason})
         if branch is not None:
             self._core.transport_error(branch, self._loop.time())
             self._pump()
@@ -261,11 +296,27 @@ class Edge:
             )
         elif isinstance(event, CallCompleted):
             self._on_completed(event)
+        elif isinstance(event, Shed):
+            counter = self._shed_counters.get(event.reason)
+            if counter is None:
+                counter = self._shed_counters[event.reason] = metrics.shed.labels(event.reason)
+            counter.inc()
+            self._shed_log.hit(
+                event.reason,
+                {"reason": event.reason, "method": event.method, "peer": str(event.source)},
+            )
+        elif isinstance(event, Evicted):
+            metrics.evicted.labels("transactions").inc(event.transactions)
+            metrics.evicted.labels("contexts").inc(event.contexts)
+            log.warning(
+                "evicted non-emergency state to admit an emergency call or a BYE",
+                extra={"transactions": event.transactions, "contexts": event.contexts},
+            )
         elif isinstance(event, Discarded):
             metrics.discarded.labels(event.reason).inc()
-            log.info(
-                "message discarded",
-                extra={"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
+            self._discard_log.hit(
+                event.reason,
+                {"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
             )
 
     def _on_completed(self, event: CallCompleted) -> None:
@@ -381,6 +432,34 @@ class Edge:
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.
         self._settled.append(event.call)
+
+    # -- overload ------------------------------------------------------------------------
+    def datagram_dropped(self, priority: Priority) -> None:
+        """A transport dropped a datagram unread: its receive queue was full."""
+        self._dropped[priority].inc()
+        self._queue_full.inc()
+        self._discard_log.hit("queue_full", {"reason": "queue_full", "priority": priority.name})
+
+    async def monitor_load(self, stop: asyncio.Event) -> None:
+        """Measure event-loop lag into the load signal every ``lag_interval``; write the
+        summaries of rate-limited log lines."""
+        loop = self._loop
+        interval = self._options.lag_interval
+        flush_every = max(1, int(1.0 / interval))
+        ticks = 0
+        while not stop.is_set():
+            expected = loop.time() + interval
+            try:
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            self.load.lag = max(0.0, loop.time() - expected)
+            ticks += 1
+            if ticks % flush_every == 0:
+                self._discard_log.flush()
+                self._shed_log.flush()
+                self._delivery_log.flush()
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

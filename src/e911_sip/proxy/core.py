@@ -32,6 +32,12 @@ injected time (the aioquic pattern).
   branch that has not is cancelled as soon as one arrives. ACK for a non-2xx is absorbed by
   the server transaction (hop-by-hop); ACK for a 2xx, like any request without a context,
   is forwarded statelessly with a branch derived from the incoming one (§16.11).
+- Overload (:mod:`e911_sip.proxy.admission`): the server, client and context tables are
+  bounded. A request that would create a server transaction while a table is at its bound,
+  or a new non-emergency one while the owner's load signal or the transaction count says
+  shed, gets a stateless 503 with Retry-After: no transaction, no retransmission cycle.
+  An emergency INVITE (and a BYE, which ends a call) is never refused: it evicts the oldest
+  non-emergency state instead. The ACK of such a 503 ends here.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
@@ -131,6 +137,19 @@ class ProxyOptions:
     """Largest number of header fields accepted."""
     server_header: str | None = "e911-sip"
     """Server header on responses we generate ourselves; None writes none."""
+    max_transactions: int = 150_000
+    """Server plus client transactions kept at most. At the bound, a new request gets a
+    stateless 503, except an emergency INVITE or a BYE, which evict the oldest
+    non-emergency state instead."""
+    shed_transactions: int = 100_000
+    """Transactions above which new non-emergency initial requests get a stateless 503."""
+    max_contexts: int = 50_000
+    """Requests being proxied (response contexts) kept at most; at the bound, as above."""
+    overload: Callable[[], str | None] = lambda: None
+    """Why new non-emergency work must be refused now (``lag``, ``queue``), or None: the
+    owner's :class:`~e911_sip.proxy.admission.LoadSignal`, in production."""
+    retry_after: int = 5
+    """Seconds in the Retry-After of a 503 sent when shedding load."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -203,6 +222,24 @@ class CallCompleted:
 
 
 @dataclass(slots=True)
+class Shed:
+    """A request was refused with a stateless 503 by overload control; nothing was kept."""
+
+    reason: str
+    """``transactions_full``, ``contexts_full``, ``transactions``, or the owner's reason."""
+    method: str
+    source: Peer
+
+
+@dataclass(slots=True)
+class Evicted:
+    """Non-emergency state was dropped to make room for an emergency INVITE or a BYE."""
+
+    transactions: int
+    contexts: int
+
+
+@dataclass(slots=True)
 class Discarded:
     """A message was dropped or answered with an error by the proxy itself."""
 
@@ -218,6 +255,8 @@ Event = (
     | FailOpen
     | Failover
     | CallCompleted
+    | Shed
+    | Evicted
     | Discarded
 )
 
@@ -498,11 +537,17 @@ class ProxyCore:
             self._run_server(server, server.txn.receive(request, now), now)
             return
         if method == "ACK":
+            if request.to_tag == self._to_tag:
+                # The ACK of a final response made here with no transaction left to absorb
+                # it (a 503 when shedding load): nothing downstream is waiting for it.
+                return
             # ACK for a 2xx is its own transaction and goes end to end (§16.11 / §13.2.2.4).
             self._forward_stateless(request, source)
             return
         if method == "CANCEL":
             self._on_cancel(request, source, key, now)
+            return
+        if self._refused(request, source):
             return
 
         reliable = source.reliable
@@ -575,6 +620,122 @@ class ProxyCore:
         context.template = forwarded
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
+
+    # -- admission (overload control) ----------------------------------------------------
+    def _refused(self, request: Request, source: Peer) -> bool:
+        """Refuse, with a stateless 503, a request that would add state the edge cannot
+        afford; make room instead when it is an emergency INVITE or a BYE."""
+        options = self._options
+        method = request.method
+        initial = request.to_tag is None
+        transactions = len(self._server) + len(self._client)
+        full = transactions >= options.max_transactions
+        contexts_full = len(self._contexts) >= options.max_contexts
+        if method == "BYE" or (
+            initial
+            and method == "INVITE"
+            and options.emergency_classifier(request.request_uri) is not None
+        ):
+            if full or contexts_full:
+                self._make_room()
+            return False
+        reason: str | None
+        if full:
+            reason = "transactions_full"
+        elif contexts_full:
+            reason = "contexts_full"
+        elif not initial or (method == "OPTIONS" and self._addressed_to_us(request)):
+            # In-dialog requests finish calls already admitted; OPTIONS to us is the
+            # softswitch asking whether it can send 911 calls here, which it can.
+            return False
+        elif transactions >= options.shed_transactions:
+            reason = "transactions"
+        else:
+            reason = options.overload()
+            if reason is None:
+                return False
+        self._events.append(Shed(reason, method, source))
+        self._send_stateless_reply(self._unavailable(request), source)
+        return True
+
+    def _unavailable(self, request: Request) -> Response:
+        retry = (("Retry-After", str(self._options.retry_after)),)
+        return make_response(request, 503, to_tag=self._to_tag, extra=retry)
+
+    def _make_room(self) -> None:
+        """Evict the oldest non-emergency state until a new call fits under the bounds."""
+        options = self._options
+        contexts = self._contexts
+        dropped_transactions = 0
+        dropped_contexts = 0
+        while len(contexts) >= options.max_contexts:
+            victim = next((c for c in contexts.values() if c.route is not Route.EMERGENCY), None)
+            if victim is None:
+                break
+            dropped_transactions += self._evict_context(victim)
+            dropped_contexts += 1
+        # Room for the server transaction, one branch, and a CANCEL or a failover.
+        target = options.max_transactions - 4
+        while len(self._server) + len(self._client) > target:
+            context: _Context | None = None
+            key = next(
+                (
+                    k
+                    for k, e in self._server.items()
+                    if e.context is None or e.context.route is not Route.EMERGENCY
+                ),
+                None,
+            )
+            if key is not None:
+                context = self._server.pop(key).context
+            else:
+                oldest_client = next(
+                    (
+                        k
+                        for k, e in self._client.items()
+                        if e.branch is None or e.branch.context.route is not Route.EMERGENCY
+                    ),
+                    None,
+                )
+                if oldest_client is None:
+                    break  # everything left is emergency state: the call goes over the bound
+                branch = self._client.pop(oldest_client).branch
+                context = branch.context if branch is not None else None
+            dropped_transactions += 1
+            if context is not None and contexts.get(context.id) is context:
+                dropped_transactions += self._evict_context(context)
+                dropped_contexts += 1
+        if dropped_transactions or dropped_contexts:
+            self._events.append(Evicted(dropped_transactions, dropped_contexts))
+
+    def _evict_context(self, context: _Context) -> int:
+        """Forget a non-emergency request being proxied: the caller gets a stateless 503 if
+        it has no final response yet, a ringing trunk a CANCEL. Returns transactions dropped."""
+        dropped = 0
+        self._contexts.pop(context.id, None)
+        server = self._server.get(context.server.key)
+        if server is not None and server.txn is context.server:
+            del self._server[context.server.key]
+            dropped += 1
+        if not context.final_sent:
+            context.final_sent = True
+            self._send_stateless_reply(self._unavailable(context.request), context.source)
+        for branch in context.branches:
+            txn = branch.txn
+            entry = self._client.get(txn.key)
+            if entry is not None and entry.txn is txn:
+                del self._client[txn.key]
+                dropped += 1
+            if (
+                isinstance(txn, ClientInviteTransaction)
+                and branch.got_provisional
+                and not branch.done
+                and not branch.cancelled
+            ):
+                self._outbox.append(Outgoing(build_cancel(txn.request).to_bytes(), branch.peer))
+            branch.done = True
+        context.branches = []
+        return dropped
 
     def _addressed_to_us(self, request: Request) -> bool:
         uri = request.request_uri
