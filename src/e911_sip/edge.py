@@ -161,6 +161,13 @@ class Edge:
             interval=interval,
             level=logging.WARNING,
         )
+        self._evict_log = RateLimitedLog(
+            log,
+            "evicted non-emergency state to admit an emergency call or a BYE",
+            noun="evictions",
+            interval=interval,
+            level=logging.WARNING,
+        )
         self._delivery_log = RateLimitedLog(
             log,
             "delivery failed",
@@ -308,9 +315,9 @@ class Edge:
         elif isinstance(event, Evicted):
             metrics.evicted.labels("transactions").inc(event.transactions)
             metrics.evicted.labels("contexts").inc(event.contexts)
-            log.warning(
-                "evicted non-emergency state to admit an emergency call or a BYE",
-                extra={"transactions": event.transactions, "contexts": event.contexts},
+            self._evict_log.hit(
+                "evicted",
+                {"transactions": event.transactions, "contexts": event.contexts},
             )
         elif isinstance(event, Discarded):
             metrics.discarded.labels(event.reason).inc()
@@ -460,6 +467,7 @@ class Edge:
                 self._discard_log.flush()
                 self._shed_log.flush()
                 self._delivery_log.flush()
+                self._evict_log.flush()
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

@@ -141,9 +141,9 @@ class Metrics:
         )
         self.overload_limit = Gauge(
             "e911_sip_overload_limit",
-            "Configured overload thresholds and bounds ([overload]), by name: max_lag_seconds, "
+            "Configured overload thresholds and bounds ([overload]), by limit: max_lag_seconds, "
             "max_queue, queue_limit, shed_transactions, max_transactions, max_contexts.",
-            ["name"],
+            ["limit"],
             registry=r,
         )
         self.loop_lag = Gauge(
