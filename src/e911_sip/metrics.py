@@ -148,7 +148,8 @@ class Metrics:
         )
         self.loop_lag = Gauge(
             "e911_sip_event_loop_lag_seconds",
-            "How late the event loop's last periodic tick ran.",
+            "How late the event loop's periodic tick ran: the lower of the last two, so a "
+            "single stall does not count.",
             registry=r,
         )
         self.queue_depth = Gauge(
