@@ -125,6 +125,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1600.0, help="flood INVITEs per second")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of flood")
+    parser.add_argument(
+        "--malformed", action="store_true", help="flood with INVITEs the edge answers 400"
+    )
     parser.add_argument("--probe-rate", type=float, default=10.0, help="911 calls per second")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an [overload] key"
@@ -166,7 +169,10 @@ def main() -> int:
         try:
             rss_before = rss_kib(pid)
             cpu_before = cpu_seconds(pid)
-            with Sampler(edge) as sampler, UdpFlood(("127.0.0.1", edge.sip_port)) as flood:
+            with (
+                Sampler(edge) as sampler,
+                UdpFlood(("127.0.0.1", edge.sip_port), malformed=args.malformed) as flood,
+            ):
                 sender = threading.Thread(
                     target=flood.send, args=(flood_count,), kwargs={"rate": args.rate}
                 )
@@ -202,6 +208,7 @@ def main() -> int:
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.platform()}",
         "python": platform.python_version(),
         "flood": {
+            "malformed": args.malformed,
             "rate": args.rate,
             "duration": args.duration,
             "sent": flood_count,

@@ -18,6 +18,13 @@ request instead, and the core itself forwards the original if no answer comes wi
 fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
 the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
 
+Overload (``docs/operations.md``): the UDP adapter serves emergency INVITEs first and
+publishes its queue depth on a :class:`~e911_sip.proxy.admission.LoadSignal`;
+:meth:`Edge.monitor_load` adds the event loop's lag, and the core reads the signal to refuse
+new non-emergency requests with a stateless 503. What a peer can trigger once per message
+(discarded, refused, delivery failures) is logged through a rate limiter: a flood writes a
+counted summary every ten seconds, not a line per datagram.
+
 Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
 flight and no emergency dialog that passed through here is still up (its BYE must still be
 routed through our Record-Route), bounded by the configured grace periods.

@@ -23,11 +23,15 @@ _SDP = (
 class UdpFlood:
     """``with UdpFlood(("127.0.0.1", port)) as flood: flood.send(3000, rate=1000)``."""
 
-    def __init__(self, target: tuple[str, int], *, first_number: int = 2125500000) -> None:
+    def __init__(
+        self, target: tuple[str, int], *, first_number: int = 2125500000, malformed: bool = False
+    ) -> None:
+        """``malformed`` sends INVITEs with a broken CSeq instead (each answered 400)."""
         if not ipaddress.ip_address(target[0]).is_loopback:
             raise ValueError(f"a flood goes to loopback only, not {target[0]}")
         self.target = target
         self.first_number = first_number
+        self.malformed = malformed
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self.sock.bind(("127.0.0.1", 0))
@@ -53,7 +57,7 @@ class UdpFlood:
             f"From: <sip:3215550000@127.0.0.1>;tag=flood{n}\r\n"
             f"To: <sip:{number}@{host}>\r\n"
             f"Call-ID: flood-{self.port}-{n}@127.0.0.1\r\n"
-            "CSeq: 1 INVITE\r\n"
+            f"CSeq: {'x' if self.malformed else '1'} INVITE\r\n"
             f"Contact: <sip:3215550000@127.0.0.1:{self.port}>\r\n"
             "Content-Type: application/sdp\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
