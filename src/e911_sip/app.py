@@ -125,6 +125,11 @@ def proxy_options(
     )
 
 
+def watch_send_backlog(metrics: Metrics, transport: UdpTransport) -> None:
+    """Publish the UDP listener's send backlog as a gauge."""
+    metrics.send_backlog.set_function(lambda: transport.send_backlog)
+
+
 @dataclass(slots=True)
 class RunningEdge:
     """An edge and its transports, for the lifecycle to drain and close."""
@@ -150,6 +155,7 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
         ("shed_transactions", overload.shed_transactions),
         ("max_transactions", overload.max_transactions),
         ("max_contexts", overload.max_contexts),
+        ("send_backlog", UdpOptions().send_backlog),
     ):
         metrics.overload_limit.labels(name).set(value)
     numbers = frozenset(config.emergency.numbers)
@@ -211,6 +217,8 @@ async def start_edge(config: Config, store: LocationStore, metrics: Metrics) -> 
                     max_message_size=config.sip.max_message_size,
                 )
             await transport.start()
+            if isinstance(transport, UdpTransport):
+                watch_send_backlog(metrics, transport)
             transports.append(transport)
             edge.add_transport(address.transport, transport)
             log.info("sip listener bound", extra={"listen": str(address)})

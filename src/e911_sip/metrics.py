@@ -142,7 +142,8 @@ class Metrics:
         self.overload_limit = Gauge(
             "e911_sip_overload_limit",
             "Configured overload thresholds and bounds ([overload]), by limit: max_lag_seconds, "
-            "max_queue, queue_limit, shed_transactions, max_transactions, max_contexts.",
+            "max_queue, queue_limit, shed_transactions, max_transactions, max_contexts, "
+            "send_backlog.",
             ["limit"],
             registry=r,
         )
@@ -155,6 +156,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "e911_sip_receive_queue_depth",
             "Datagrams read and waiting to be processed.",
+            registry=r,
+        )
+        self.send_backlog = Gauge(
+            "e911_sip_udp_send_backlog",
+            "Datagrams waiting for room in the kernel's UDP send buffer.",
             registry=r,
         )
         self.delivery_failures = Counter(

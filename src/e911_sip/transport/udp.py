@@ -34,7 +34,6 @@ from e911_sip.transport.base import MessageSink
 log = logging.getLogger("e911_sip.transport")
 
 _PRIORITIES = tuple(Priority)
-_SEND_BACKLOG = 10_000
 
 
 def _all_new(_data: bytes) -> Priority:
@@ -56,6 +55,8 @@ class UdpOptions:
     """Datagrams read per readiness callback at most."""
     max_datagram: int = 65535
     """Receive buffer per datagram, in bytes (larger ones are cut and fail to parse)."""
+    send_backlog: int = 10_000
+    """Datagrams held while the kernel's send buffer is full, at most; beyond, a send fails."""
 
 
 class UdpTransport:
@@ -116,6 +117,11 @@ class UdpTransport:
     def queue_depth(self) -> int:
         """Datagrams read and waiting to be processed."""
         return self._depth
+
+    @property
+    def send_backlog(self) -> int:
+        """Datagrams waiting for room in the kernel's send buffer."""
+        return len(self._backlog)
 
     # -- receiving ---------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -199,7 +205,7 @@ class UdpTransport:
 
     def _queue_send(self, data: bytes, peer: Peer, branch: str | None) -> None:
         """Hold a datagram the kernel could not take yet; sent in order when it can."""
-        if len(self._backlog) >= _SEND_BACKLOG:
+        if len(self._backlog) >= self.options.send_backlog:
             self.sink.delivery_failed(branch, peer, "udp send buffer full")
             return
         if not self._backlog and self._sock is not None and self._loop is not None:

@@ -195,3 +195,51 @@ async def test_send_reaches_the_peer_and_a_closed_socket_reports_failure(
     assert not transport.bound
     transport.send(b"again", peer, "z9hG4bKy")
     assert sink.failed == [("z9hG4bKy", peer, "udp socket closed")]
+
+
+class _FullOnce:
+    """A socket whose send buffer is full for the first ``full`` sends."""
+
+    def __init__(self, sock: socket.socket, full: int) -> None:
+        self._sock = sock
+        self.full = full
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        if self.full:
+            self.full -= 1
+            raise BlockingIOError
+        return self._sock.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+async def test_a_full_send_buffer_holds_datagrams_in_order_within_the_backlog_bound(
+    client: socket.socket,
+) -> None:
+    sink = Recorder()
+    transport = await start(sink, send_backlog=2)
+    real = transport._sock
+    assert real is not None
+    transport._sock = _FullOnce(real, full=1)  # type: ignore[assignment]
+    host, port = client.getsockname()
+    peer = Peer("udp", host, port)
+    try:
+        transport.send(b"one", peer, "b1")  # the kernel refuses: held
+        transport.send(b"two", peer, "b2")  # behind it, in order
+        transport.send(b"three", peer, "b3")  # over the bound: a delivery failure
+        assert transport.send_backlog == 2
+        assert sink.failed == [("b3", peer, "udp send buffer full")]
+        await until_empty(transport)  # sent once the socket is writable
+        client.settimeout(5)
+        received = [client.recvfrom(100)[0] for _ in range(2)]
+        assert received == [b"one", b"two"]
+    finally:
+        transport._sock = real
+        await transport.close()
+
+
+async def until_empty(transport: UdpTransport) -> None:
+    async with asyncio.timeout(5):
+        while transport.send_backlog:
+            await asyncio.sleep(0.001)
