@@ -537,7 +537,8 @@ class ProxyCore:
             self._run_server(server, server.txn.receive(request, now), now)
             return
         if method == "ACK":
-            if request.to_tag == self._to_tag:
+            to = request.get("to")
+            if to is not None and self._to_tag in to and request.to_tag == self._to_tag:
                 # The ACK of a final response made here with no transaction left to absorb
                 # it (a 503 when shedding load): nothing downstream is waiting for it.
                 return
@@ -626,24 +627,31 @@ class ProxyCore:
         """Refuse, with a stateless 503, a request that would add state the edge cannot
         afford; make room instead when it is an emergency INVITE or a BYE."""
         options = self._options
+        transactions = len(self._server) + len(self._client)
+        load: str | None = None
+        if transactions >= options.max_transactions:
+            bound: str | None = "transactions_full"
+        elif len(self._contexts) >= options.max_contexts:
+            bound = "contexts_full"
+        else:
+            bound = None
+            if transactions < options.shed_transactions:
+                load = options.overload()
+                if load is None:
+                    return False  # the common case: nothing to decide
         method = request.method
         initial = request.to_tag is None
-        transactions = len(self._server) + len(self._client)
-        full = transactions >= options.max_transactions
-        contexts_full = len(self._contexts) >= options.max_contexts
         if method == "BYE" or (
             initial
             and method == "INVITE"
             and options.emergency_classifier(request.request_uri) is not None
         ):
-            if full or contexts_full:
+            if bound is not None:
                 self._make_room()
             return False
         reason: str | None
-        if full:
-            reason = "transactions_full"
-        elif contexts_full:
-            reason = "contexts_full"
+        if bound is not None:
+            reason = bound
         elif not initial or (method == "OPTIONS" and self._addressed_to_us(request)):
             # In-dialog requests finish calls already admitted; OPTIONS to us is the
             # softswitch asking whether it can send 911 calls here, which it can.
@@ -651,10 +659,8 @@ class ProxyCore:
         elif transactions >= options.shed_transactions:
             reason = "transactions"
         else:
-            reason = options.overload()
-            if reason is None:
-                return False
-        self._events.append(Shed(reason, method, source))
+            reason = load
+        self._events.append(Shed(reason or "load", method, source))
         self._send_stateless_reply(self._unavailable(request), source)
         return True
 
