@@ -49,6 +49,7 @@ from e911_sip.provisioning.state import (
     RedisStateStore,
     StateStore,
 )
+from e911_sip.proxy.admission import LoadSignal, classify
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
@@ -60,7 +61,7 @@ from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
-from e911_sip.transport.udp import UdpTransport
+from e911_sip.transport.udp import UdpOptions, UdpTransport
 
 log = logging.getLogger("e911_sip.app")
 
@@ -123,12 +124,20 @@ def local_addresses(config: Config) -> tuple[LocalAddress, ...]:
     return tuple(LocalAddress(a.transport, advertise or a.host, a.port) for a in config.sip.listen)
 
 
-def proxy_options(config: Config, local: tuple[LocalAddress, ...]) -> ProxyOptions:
-    """The proxy core's options from the config."""
+def proxy_options(
+    config: Config, local: tuple[LocalAddress, ...], load: LoadSignal | None = None
+) -> ProxyOptions:
+    """The proxy core's options from the config; ``load`` tells it when to shed."""
     numbers = frozenset(config.emergency.numbers)
+    overload = config.overload
     return ProxyOptions(
         local=local,
         emergency_classifier=functools.partial(emergency_number, numbers=numbers),
+        max_transactions=overload.max_transactions,
+        shed_transactions=overload.shed_transactions,
+        max_contexts=overload.max_contexts,
+        overload=load.shed_reason if load is not None else lambda: None,
+        retry_after=overload.retry_after,
         emergency_trunks=config.emergency.trunks,
         default_trunks=config.default.trunks,
         provisional_timeout=config.emergency.provisional_timeout,
@@ -245,6 +254,11 @@ def tls_contexts(tls: TlsConfig) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+def watch_send_backlog(metrics: Metrics, transport: UdpTransport) -> None:
+    """Publish the UDP listener's send backlog as a gauge."""
+    metrics.send_backlog.set_function(lambda: transport.send_backlog)
+
+
 @dataclass(slots=True)
 class RunningEdge:
     """An edge and its transports, for the lifecycle to drain and close."""
@@ -268,7 +282,28 @@ async def start_edge(
         ConfigError: the TLS certificate, key or CA file cannot be loaded.
     """
     local = local_addresses(config)
-    core = ProxyCore(options=proxy_options(config, local), entropy=os.urandom)
+    overload = config.overload
+    load = LoadSignal(max_lag=overload.max_lag, max_queue=overload.max_queue)
+    core = ProxyCore(options=proxy_options(config, local, load), entropy=os.urandom)
+    for name, value in (
+        ("max_lag_seconds", overload.max_lag),
+        ("max_queue", overload.max_queue),
+        ("queue_limit", overload.queue_limit),
+        ("shed_transactions", overload.shed_transactions),
+        ("max_transactions", overload.max_transactions),
+        ("max_contexts", overload.max_contexts),
+        ("send_backlog", UdpOptions().send_backlog),
+    ):
+        metrics.overload_limit.labels(name).set(value)
+    numbers = frozenset(config.emergency.numbers)
+    udp_options = UdpOptions(
+        classify=functools.partial(
+            classify, emergency=functools.partial(emergency_number, numbers=numbers)
+        ),
+        queue_limit=overload.queue_limit,
+        batch=overload.batch,
+        max_datagram=config.sip.max_message_size,
+    )
     emergency = config.emergency
     failures = metrics.store_lookup_failures
     lookup = ResilientLookup(
@@ -304,7 +339,9 @@ async def start_edge(
             ),
             drain_timeout=config.shutdown.drain_timeout,
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
+            lag_interval=overload.lag_interval,
         ),
+        load=load,
     )
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
@@ -320,7 +357,14 @@ async def start_edge(
         for address in config.sip.listen:
             transport: UdpTransport | TcpTransport
             if address.transport == "udp":
-                transport = UdpTransport(edge, host=address.host, port=address.port)
+                transport = UdpTransport(
+                    edge,
+                    host=address.host,
+                    port=address.port,
+                    options=udp_options,
+                    load=load,
+                    on_drop=edge.datagram_dropped,
+                )
             else:
                 tls = address.transport == "tls"
                 transport = TcpTransport(
@@ -343,6 +387,8 @@ async def start_edge(
                         )
                     )
             await transport.start()
+            if isinstance(transport, UdpTransport):
+                watch_send_backlog(metrics, transport)
             transports.append(transport)
             edge.add_transport(address.transport, transport)
             log.info("sip listener bound", extra={"listen": str(address)})
@@ -594,6 +640,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     tasks.create_task(store.run(watch_stop))
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
+                    tasks.create_task(running.edge.monitor_load(watch_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)

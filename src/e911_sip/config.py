@@ -279,6 +279,31 @@ class ProvisioningConfig:
     """Redis stream holding the audit trail."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OverloadConfig:
+    """[overload]: admission control. Emergency INVITEs are never refused by any of it."""
+
+    max_lag: float = 0.1
+    """Seconds of event-loop lag above which new non-emergency requests get 503."""
+    max_queue: int = 500
+    """Datagrams waiting to be processed above which new non-emergency requests get 503."""
+    queue_limit: int = 10_000
+    """Datagrams waiting at most; beyond, the least urgent are dropped unread."""
+    batch: int = 32
+    """Datagrams processed per turn of the event loop (emergency INVITEs first)."""
+    lag_interval: float = 0.05
+    """Seconds between event-loop lag measurements."""
+    shed_transactions: int = 100_000
+    """Open transactions above which new non-emergency initial requests get 503."""
+    max_transactions: int = 150_000
+    """Open transactions at most (about 4 KB each): at the bound every new request but an
+    emergency INVITE or a BYE gets 503, and those evict the oldest non-emergency state."""
+    max_contexts: int = 50_000
+    """Requests being proxied at most; at the bound, as for ``max_transactions``."""
+    retry_after: int = 5
+    """Seconds in the Retry-After header of those 503 responses."""
+
+
 def _emulator_client() -> BandwidthOptions:
     return BandwidthOptions(
         account_id="5555555",
@@ -349,6 +374,7 @@ class Config:
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
     source: Path | None = None
     """The file this came from, None for the built-in defaults."""
 
@@ -818,6 +844,35 @@ def _shutdown(data: Mapping[str, Any]) -> ShutdownConfig:
     )
 
 
+def _overload(data: Mapping[str, Any]) -> OverloadConfig:
+    s = _Section("overload", data, _fields(OverloadConfig))
+    d = OverloadConfig()
+    queue_limit = s.integer("queue_limit", d.queue_limit, minimum=16)
+    max_queue = s.integer("max_queue", d.max_queue, minimum=1)
+    if max_queue >= queue_limit:
+        raise ConfigError(
+            f"[overload] max_queue: must be below queue_limit ({queue_limit}), got {max_queue}"
+        )
+    max_transactions = s.integer("max_transactions", d.max_transactions, minimum=16)
+    shed_transactions = s.integer("shed_transactions", d.shed_transactions, minimum=1)
+    if shed_transactions > max_transactions:
+        raise ConfigError(
+            f"[overload] shed_transactions: must not exceed max_transactions "
+            f"({max_transactions}), got {shed_transactions}"
+        )
+    return OverloadConfig(
+        max_lag=s.number("max_lag", d.max_lag, minimum=0.001),
+        max_queue=max_queue,
+        queue_limit=queue_limit,
+        batch=s.integer("batch", d.batch, minimum=1),
+        lag_interval=s.number("lag_interval", d.lag_interval, minimum=0.001),
+        shed_transactions=shed_transactions,
+        max_transactions=max_transactions,
+        max_contexts=s.integer("max_contexts", d.max_contexts, minimum=16),
+        retry_after=s.integer("retry_after", d.retry_after, minimum=1),
+    )
+
+
 def _state_url(value: str, where: str, base: Path | None) -> str:
     if value.startswith("file://"):
         path = Path(value[len("file://") :])
@@ -927,6 +982,7 @@ _SECTIONS = (
     "provisioning",
     "bandwidth",
     "security",
+    "overload",
 )
 
 
@@ -981,6 +1037,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         provisioning=_provisioning(tables["provisioning"], base),
         bandwidth=_bandwidth(tables["bandwidth"]),
         security=_security(tables["security"]),
+        overload=_overload(tables["overload"]),
     )
     _check_tls(config)
     return config

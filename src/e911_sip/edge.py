@@ -22,6 +22,12 @@ Trunk health is the core's (OPTIONS probes, :mod:`e911_sip.proxy.trunks`); the e
 it: a log line when a trunk goes down (WARNING) or comes back (INFO), the
 ``e911_sip_trunk_up`` gauge, probe counters, and each trunk's state in ``/readyz``. A down
 trunk does not make the edge unready: it is still tried, last.
+Overload (``docs/operations.md``): the UDP adapter serves emergency INVITEs first and
+publishes its queue depth on a :class:`~e911_sip.proxy.admission.LoadSignal`;
+:meth:`Edge.monitor_load` adds the event loop's lag, and the core reads the signal to refuse
+new non-emergency requests with a stateless 503. What a peer can trigger once per message
+(discarded, refused, delivery failures) is logged through a rate limiter: a flood writes a
+counted summary every ten seconds, not a line per datagram.
 
 Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
 flight and no emergency dialog that passed through here is still up (its BYE must still be
@@ -37,19 +43,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
+from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.proxy.core import (
     CallCompleted,
     Discarded,
     EmergencyCall,
     EmergencyForwarded,
     Event,
+    Evicted,
     FailOpen,
     Failover,
     ProxyCore,
     RequestRouted,
+    Shed,
     TrunkProbed,
     TrunkStateChanged,
 )
@@ -100,6 +110,10 @@ class EdgeOptions:
     """Seconds a shutdown waits for emergency dialogs that are still up."""
     emergency_dialog_max_age: float = 14400.0
     """Seconds after which an emergency dialog with no BYE seen is no longer waited for."""
+    lag_interval: float = 0.05
+    """Seconds between the event-loop lag measurements that feed overload control."""
+    log_interval: float = 10.0
+    """Seconds over which per-message log lines (discarded, shed) are summarised."""
 
 
 class Edge:
@@ -114,6 +128,7 @@ class Edge:
         metrics: Metrics,
         options: EdgeOptions,
         clock: Callable[[], float] = time.perf_counter,
+        load: LoadSignal | None = None,
     ) -> None:
         self._core = core
         self._store = store
@@ -150,6 +165,39 @@ class Edge:
             for trunk in trunks:
                 self._trunk_routes.setdefault(trunk, []).append(route)
                 metrics.trunk_up.labels(trunk, route).set(1)
+        self.load = load or LoadSignal(max_lag=float("inf"), max_queue=2**62)
+        metrics.loop_lag.set_function(lambda: self.load.lag)
+        metrics.queue_depth.set_function(lambda: self.load.queue_depth)
+        self._shed_counters: dict[str, Any] = {}
+        self._dropped = {p: metrics.queue_dropped.labels(p.name.lower()) for p in Priority}
+        self._queue_full = metrics.shed.labels("queue_full")
+        # A peer can make each of these happen once per message: a flood gets a counted
+        # summary, not a line per datagram.
+        interval = options.log_interval
+        self._discard_log = RateLimitedLog(
+            log, "message discarded", noun="messages discarded", interval=interval
+        )
+        self._shed_log = RateLimitedLog(
+            log,
+            "overloaded: request refused with 503",
+            noun="requests refused with 503",
+            interval=interval,
+            level=logging.WARNING,
+        )
+        self._evict_log = RateLimitedLog(
+            log,
+            "evicted non-emergency state to admit an emergency call or a BYE",
+            noun="evictions",
+            interval=interval,
+            level=logging.WARNING,
+        )
+        self._delivery_log = RateLimitedLog(
+            log,
+            "delivery failed",
+            noun="deliveries failed",
+            interval=interval,
+            level=logging.WARNING,
+        )
 
     # -- wiring --------------------------------------------------------------------------
     def add_transport(self, name: str, transport: Sender) -> None:
@@ -187,7 +235,7 @@ class Edge:
     def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
         """A transport could not send; the core treats it as a transport error (§8.1.3.1)."""
         self._metrics.delivery_failures.labels(peer.transport).inc()
-        log.warning("delivery failed", extra={"peer": str(peer), "error": reason})
+        self._delivery_log.hit(peer.transport, {"peer": str(peer), "error": reason})
         if branch is not None:
             self._core.transport_error(branch, self._loop.time())
             self._pump()
@@ -292,11 +340,27 @@ class Edge:
             metrics.trunk_probes.labels(event.trunk, event.result).inc()
         elif isinstance(event, TrunkStateChanged):
             self._on_trunk_state(event)
+        elif isinstance(event, Shed):
+            counter = self._shed_counters.get(event.reason)
+            if counter is None:
+                counter = self._shed_counters[event.reason] = metrics.shed.labels(event.reason)
+            counter.inc()
+            self._shed_log.hit(
+                event.reason,
+                {"reason": event.reason, "method": event.method, "peer": str(event.source)},
+            )
+        elif isinstance(event, Evicted):
+            metrics.evicted.labels("transactions").inc(event.transactions)
+            metrics.evicted.labels("contexts").inc(event.contexts)
+            self._evict_log.hit(
+                "evicted",
+                {"transactions": event.transactions, "contexts": event.contexts},
+            )
         elif isinstance(event, Discarded):
             metrics.discarded.labels(event.reason).inc()
-            log.info(
-                "message discarded",
-                extra={"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
+            self._discard_log.hit(
+                event.reason,
+                {"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
             )
 
     def _on_trunk_state(self, event: TrunkStateChanged) -> None:
@@ -442,6 +506,40 @@ class Edge:
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.
         self._settled.append(event.call)
+
+    # -- overload ------------------------------------------------------------------------
+    def datagram_dropped(self, priority: Priority) -> None:
+        """A transport dropped a datagram unread: its receive queue was full."""
+        self._dropped[priority].inc()
+        self._queue_full.inc()
+        self._discard_log.hit("queue_full", {"reason": "queue_full", "priority": priority.name})
+
+    async def monitor_load(self, stop: asyncio.Event) -> None:
+        """Measure event-loop lag into the load signal every ``lag_interval`` (sustained
+        over two measurements); write the summaries of rate-limited log lines."""
+        loop = self._loop
+        interval = self._options.lag_interval
+        flush_every = max(1, int(1.0 / interval))
+        ticks = 0
+        previous = 0.0
+        while not stop.is_set():
+            expected = loop.time() + interval
+            try:
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            lag = max(0.0, loop.time() - expected)
+            # The lower of two measurements in a row: one stall (a collection, a neighbour
+            # on the host taking the CPU) does not shed calls; a loop that stays behind does.
+            self.load.lag = min(lag, previous)
+            previous = lag
+            ticks += 1
+            if ticks % flush_every == 0:
+                self._discard_log.flush()
+                self._shed_log.flush()
+                self._delivery_log.flush()
+                self._evict_log.flush()
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

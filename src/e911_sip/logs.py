@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -59,3 +60,67 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is one line per scrape; keep it at WARNING.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """One log line per event until ``burst`` in a window, then a counted summary.
+
+    For anything a peer can make happen once per message (a discarded datagram, a shed
+    request): a flood then writes ``burst`` lines and one summary per ``interval``, such as
+    ``12000 messages discarded in the last 10 s: malformed → 11950, stray_response → 50``,
+    instead of a line per datagram. The summary is written by the first event after the
+    window ends, or by :meth:`flush`, which the owner calls periodically.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        *,
+        noun: str,
+        interval: float = 10.0,
+        burst: int = 5,
+        level: int = logging.INFO,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._noun = noun
+        self._interval = interval
+        self._burst = burst
+        self._level = level
+        self._clock = clock
+        self._start = clock()
+        self._logged = 0
+        self._counts: dict[str, int] = {}
+
+    def hit(self, reason: str, extra: Mapping[str, object] | None = None) -> None:
+        """One event: logged in full while the window's burst lasts, else counted."""
+        now = self._clock()
+        if now - self._start >= self._interval:
+            self.flush(now)
+        counts = self._counts
+        counts[reason] = counts.get(reason, 0) + 1
+        if self._logged < self._burst:
+            self._logged += 1
+            self._logger.log(self._level, self._message, extra=extra)
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the summary of the window if events went unlogged in it; start a new one."""
+        if now is None:
+            now = self._clock()
+        if now - self._start < self._interval:
+            return
+        counts = self._counts
+        total = sum(counts.values())
+        if total > self._logged:
+            by_reason = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+            detail = ", ".join(f"{reason} → {count}" for reason, count in by_reason)
+            self._logger.log(
+                self._level,
+                f"{total} {self._noun} in the last {now - self._start:.0f} s: {detail}",
+                extra={"counts": dict(by_reason), "logged": self._logged},
+            )
+        self._start = now
+        self._logged = 0
+        self._counts = {}

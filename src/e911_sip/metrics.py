@@ -145,6 +145,50 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.shed = Counter(
+            "e911_sip_shed_total",
+            "Requests refused with a stateless 503 by overload control, by reason: "
+            "transactions_full, contexts_full, transactions, lag, queue; and queue_full, a "
+            "datagram dropped unread from the full receive queue.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_dropped = Counter(
+            "e911_sip_receive_queue_dropped_total",
+            "Datagrams dropped because the receive queue was full, by the class they had.",
+            ["priority"],
+            registry=r,
+        )
+        self.evicted = Counter(
+            "e911_sip_evicted_total",
+            "Non-emergency state evicted to admit an emergency INVITE or a BYE, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.overload_limit = Gauge(
+            "e911_sip_overload_limit",
+            "Configured overload thresholds and bounds ([overload]), by limit: max_lag_seconds, "
+            "max_queue, queue_limit, shed_transactions, max_transactions, max_contexts, "
+            "send_backlog.",
+            ["limit"],
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "e911_sip_event_loop_lag_seconds",
+            "How late the event loop's periodic tick ran: the lower of the last two, so a "
+            "single stall does not count.",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "e911_sip_receive_queue_depth",
+            "Datagrams read and waiting to be processed.",
+            registry=r,
+        )
+        self.send_backlog = Gauge(
+            "e911_sip_udp_send_backlog",
+            "Datagrams waiting for room in the kernel's UDP send buffer.",
+            registry=r,
+        )
         self.delivery_failures = Counter(
             "e911_sip_delivery_failures_total",
             "Messages a transport could not deliver, by transport.",

@@ -306,3 +306,35 @@ def test_stream_limits_fit_under_a_low_open_file_limit() -> None:
     fitted = stream_limits(config, 512)
     assert fitted.max_connections == 512 - 64 - 256
     assert fitted.trusted_reserve == fitted.max_connections // 4
+
+
+def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
+    defaults = load(None, {}).overload
+    assert defaults.max_transactions == 150_000 and defaults.retry_after == 5
+    config = load(
+        write(
+            tmp_path,
+            "[overload]\nmax_lag = 0.02\nmax_transactions = 500\nshed_transactions = 400\n",
+        ),
+        {"E911_SIP__OVERLOAD__MAX_QUEUE": "50"},
+    )
+    assert config.overload.max_lag == 0.02
+    assert config.overload.max_transactions == 500
+    assert config.overload.shed_transactions == 400
+    assert config.overload.max_queue == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_lag = 'x'", "[overload] max_lag: expected a number"),
+        ("max_queue = 20000", "[overload] max_queue: must be below queue_limit"),
+        ("shed_transactions = 200000", "[overload] shed_transactions: must not exceed"),
+        ("retry_after = 0", "[overload] retry_after: must be at least 1"),
+        ("max_transaction = 5", "[overload] max_transaction: unknown key"),
+    ],
+)
+def test_overload_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, f"[overload]\n{text}\n"), {})
+    assert message in str(info.value)

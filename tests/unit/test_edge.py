@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions
+from e911_sip.proxy.admission import LoadSignal
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, parse
@@ -272,3 +274,83 @@ async def test_a_bug_in_the_core_is_counted_and_the_edge_keeps_serving(
     assert any(r.exc_info for r in caplog.records)
     edge.message_received(invite(), SOFTSWITCH)  # the caller's retransmission gets through
     await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+
+
+async def test_a_malformed_flood_is_counted_and_logged_as_a_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    edge, transport, metrics = build(MemoryStore())
+    with caplog.at_level(logging.INFO, logger="e911_sip.edge"):
+        for n in range(2000):
+            edge.message_received(b"NOT SIP %d\r\n\r\n" % n, SOFTSWITCH)
+    discarded = metrics.registry.get_sample_value(
+        "e911_sip_messages_discarded_total", {"reason": "malformed"}
+    )
+    assert discarded == 2000
+    lines = [r for r in caplog.records if r.name == "e911_sip.edge"]
+    assert 0 < len(lines) <= 5
+    assert all(r.getMessage() == "message discarded" for r in lines)
+
+
+async def test_shed_requests_and_evictions_are_counted() -> None:
+    store = MemoryStore({"3215551234": RECORD})
+    options = ProxyOptions(
+        local=(LocalAddress("udp", "192.0.2.1", 5070),),
+        emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
+        emergency_trunks=("sip:198.51.100.1:5060",),
+        default_trunks=("sip:203.0.113.5:5060",),
+        max_transactions=16,
+        shed_transactions=16,
+        trusted_sources=(ipaddress.ip_network("192.0.2.0/24"),),
+    )
+    metrics = Metrics()
+    edge = Edge(
+        core=ProxyCore(options=options, entropy=random.Random(1).randbytes),
+        store=store,
+        lookup=ResilientLookup(store, options=LookupOptions()),
+        metrics=metrics,
+        options=EdgeOptions(enrich=EnrichOptions(geolocation_base_url=BASE)),
+    )
+    transport = RecordingTransport(sink=edge)
+    edge.add_transport("udp", transport)
+    plain = invite().replace(b"INVITE sip:911@", b"INVITE sip:3215550000@")
+    for n in range(12):
+        edge.message_received(
+            plain.replace(b"Call-ID: ", b"Call-ID: flood%d-" % n).replace(
+                b"branch=z9hG4bK", b"branch=z9hG4bKflood%d" % n
+            ),
+            SOFTSWITCH,
+        )
+    shed = metrics.registry.get_sample_value("e911_sip_shed_total", {"reason": "transactions_full"})
+    assert shed == 4
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    evicted = metrics.registry.get_sample_value("e911_sip_evicted_total", {"table": "contexts"})
+    assert evicted is not None and evicted >= 1
+
+
+async def test_load_monitor_measures_lag_into_the_load_signal() -> None:
+    store = MemoryStore()
+    metrics = Metrics()
+    edge = Edge(
+        core=ProxyCore(
+            options=ProxyOptions(local=(LocalAddress("udp", "192.0.2.1", 5070),)),
+            entropy=random.Random(1).randbytes,
+        ),
+        store=store,
+        lookup=ResilientLookup(store, options=LookupOptions()),
+        metrics=metrics,
+        options=EdgeOptions(lag_interval=0.2),
+        load=LoadSignal(max_lag=0.1, max_queue=10),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(edge.monitor_load(stop))
+    async with asyncio.timeout(20):
+        while edge.load.lag <= 0.1:
+            # Hold the loop longer than the interval, again and again: every tick is late.
+            time.sleep(0.3)
+            await asyncio.sleep(0)
+    assert edge.load.shed_reason() == "lag"
+    assert metrics.registry.get_sample_value("e911_sip_event_loop_lag_seconds") == edge.load.lag
+    stop.set()
+    await task

@@ -37,6 +37,12 @@ injected time (the aioquic pattern).
   Probe results and call outcomes (transport error, timeout, no provisional; any response)
   move a trunk down or up, reported as :class:`TrunkStateChanged`; a new call's trunks are
   tried up ones first, down ones last, none skipped.
+- Overload (:mod:`e911_sip.proxy.admission`): the server, client and context tables are
+  bounded. A request that would create a server transaction while a table is at its bound,
+  or a new non-emergency one while the owner's load signal or the transaction count says
+  shed, gets a stateless 503 with Retry-After: no transaction, no retransmission cycle.
+  An emergency INVITE (and a BYE, which ends a call) is never refused: it evicts the oldest
+  non-emergency state instead. The ACK of such a 503 ends here.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
@@ -162,6 +168,19 @@ class ProxyOptions:
     default_probe: ProbeOptions = field(default_factory=ProbeOptions)
     """OPTIONS probing of the default trunks; a trunk on both lists is probed as an
     emergency trunk."""
+    max_transactions: int = 150_000
+    """Server plus client transactions kept at most. At the bound, a new request gets a
+    stateless 503, except an emergency INVITE or a BYE, which evict the oldest
+    non-emergency state instead."""
+    shed_transactions: int = 100_000
+    """Transactions above which new non-emergency initial requests get a stateless 503."""
+    max_contexts: int = 50_000
+    """Requests being proxied (response contexts) kept at most; at the bound, as above."""
+    overload: Callable[[], str | None] = lambda: None
+    """Why new non-emergency work must be refused now (``lag``, ``queue``), or None: the
+    owner's :class:`~e911_sip.proxy.admission.LoadSignal`, in production."""
+    retry_after: int = 5
+    """Seconds in the Retry-After of a 503 sent when shedding load."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -236,6 +255,24 @@ class CallCompleted:
 
 
 @dataclass(slots=True)
+class Shed:
+    """A request was refused with a stateless 503 by overload control; nothing was kept."""
+
+    reason: str
+    """``transactions_full``, ``contexts_full``, ``transactions``, or the owner's reason."""
+    method: str
+    source: Peer
+
+
+@dataclass(slots=True)
+class Evicted:
+    """Non-emergency state was dropped to make room for an emergency INVITE or a BYE."""
+
+    transactions: int
+    contexts: int
+
+
+@dataclass(slots=True)
 class Discarded:
     """A message was dropped or answered with an error by the proxy itself."""
 
@@ -272,6 +309,8 @@ Event = (
     | FailOpen
     | Failover
     | CallCompleted
+    | Shed
+    | Evicted
     | Discarded
     | TrunkProbed
     | TrunkStateChanged
@@ -528,7 +567,7 @@ class ProxyCore:
             )
         except ParseFailure as exc:
             self._events.append(Discarded("malformed", str(exc), source))
-            reply = error_response(exc, to_tag=self._tokens.token())
+            reply = error_response(exc, to_tag=self._branches.tag())
             if reply is not None:
                 self._send_stateless_reply(reply, source)
             return
@@ -545,7 +584,7 @@ class ProxyCore:
             self._events.append(Discarded("malformed", str(exc), source))
             if isinstance(message, Request) and message.method != "ACK":
                 status = exc.status_code if isinstance(exc, RemoteSipError) else 400
-                reply = make_response(message, status, to_tag=self._tokens.token())
+                reply = make_response(message, status, to_tag=self._branches.tag())
                 self._send_stateless_reply(reply, source)
 
     def transport_error(self, branch: str, now: float) -> None:
@@ -619,11 +658,17 @@ class ProxyCore:
             self._run_server(server, server.txn.receive(request, now), now)
             return
         if method == "ACK":
+            if self._branches.is_local_tag(request.to_tag):
+                # The ACK of a final response made here with no transaction left to absorb
+                # it (a 503 when shedding load): nothing downstream is waiting for it.
+                return
             # ACK for a 2xx is its own transaction and goes end to end (§16.11 / §13.2.2.4).
             self._forward_stateless(request, source)
             return
         if method == "CANCEL":
             self._on_cancel(request, source, key, now)
+            return
+        if self._refused(request, source):
             return
 
         reliable = source.reliable
@@ -648,7 +693,7 @@ class ProxyCore:
                 self._answer_options(context, now)
                 return
             self._events.append(RequestRouted(method, Route.REJECTED))
-            self._reply(context, make_response(request, 483, to_tag=self._tokens.token()), now)
+            self._reply(context, make_response(request, 483, to_tag=self._branches.tag()), now)
             return
         forwarded = pop_own_routes(forwarded, self._locals)
         has_route = forwarded.has("route")
@@ -676,14 +721,14 @@ class ProxyCore:
             context.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
-                self._reply(context, make_response(request, 503, to_tag=self._tokens.token()), now)
+                self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
             return
 
         target = next_hop(forwarded)
         if not has_route and is_local_uri(target, self._locals):
             # In-dialog request for us, not through us: no dialog of ours to match.
             self._events.append(RequestRouted(method, Route.REJECTED))
-            self._reply(context, make_response(request, 481, to_tag=self._tokens.token()), now)
+            self._reply(context, make_response(request, 481, to_tag=self._branches.tag()), now)
             return
         if initial:
             # An initial request with a preloaded route set follows it (RFC 3261 §16.6),
@@ -733,8 +778,129 @@ class ProxyCore:
         retransmissions, and the reply goes only to the address it came from."""
         self._events.append(Discarded(reason, request.method, source))
         if self._options.reject_untrusted and request.method != "ACK":
-            reply = make_response(request, 403, to_tag=self._tokens.token())
+            reply = make_response(request, 403, to_tag=self._branches.tag())
             self._outbox.append(Outgoing(reply.to_bytes(), source))
+
+    # -- admission (overload control) ----------------------------------------------------
+    def _refused(self, request: Request, source: Peer) -> bool:
+        """Refuse, with a stateless 503, a request that would add state the edge cannot
+        afford; make room instead when it is an emergency INVITE or a BYE."""
+        options = self._options
+        transactions = len(self._server) + len(self._client)
+        load: str | None = None
+        if transactions >= options.max_transactions:
+            bound: str | None = "transactions_full"
+        elif len(self._contexts) >= options.max_contexts:
+            bound = "contexts_full"
+        else:
+            bound = None
+            if transactions < options.shed_transactions:
+                load = options.overload()
+                if load is None:
+                    return False  # the common case: nothing to decide
+        method = request.method
+        initial = request.to_tag is None
+        if method == "BYE" or (
+            initial
+            and method == "INVITE"
+            and options.emergency_classifier(request.request_uri) is not None
+        ):
+            if bound is not None:
+                self._make_room()
+            return False
+        reason: str | None
+        if bound is not None:
+            reason = bound
+        elif not initial or (method == "OPTIONS" and self._addressed_to_us(request)):
+            # In-dialog requests finish calls already admitted; OPTIONS to us is the
+            # softswitch asking whether it can send 911 calls here, which it can.
+            return False
+        elif transactions >= options.shed_transactions:
+            reason = "transactions"
+        else:
+            reason = load
+        self._events.append(Shed(reason or "load", method, source))
+        self._send_stateless_reply(self._unavailable(request), source)
+        return True
+
+    def _unavailable(self, request: Request) -> Response:
+        retry = (("Retry-After", str(self._options.retry_after)),)
+        return make_response(request, 503, to_tag=self._branches.tag(), extra=retry)
+
+    def _make_room(self) -> None:
+        """Evict the oldest non-emergency state until a new call fits under the bounds."""
+        options = self._options
+        contexts = self._contexts
+        dropped_transactions = 0
+        dropped_contexts = 0
+        while len(contexts) >= options.max_contexts:
+            victim = next((c for c in contexts.values() if c.route is not Route.EMERGENCY), None)
+            if victim is None:
+                break
+            dropped_transactions += self._evict_context(victim)
+            dropped_contexts += 1
+        # Room for the server transaction, one branch, and a CANCEL or a failover.
+        target = options.max_transactions - 4
+        while len(self._server) + len(self._client) > target:
+            context: _Context | None = None
+            key = next(
+                (
+                    k
+                    for k, e in self._server.items()
+                    if e.context is None or e.context.route is not Route.EMERGENCY
+                ),
+                None,
+            )
+            if key is not None:
+                context = self._server.pop(key).context
+            else:
+                oldest_client = next(
+                    (
+                        k
+                        for k, e in self._client.items()
+                        if e.branch is None or e.branch.context.route is not Route.EMERGENCY
+                    ),
+                    None,
+                )
+                if oldest_client is None:
+                    break  # everything left is emergency state: the call goes over the bound
+                branch = self._client.pop(oldest_client).branch
+                context = branch.context if branch is not None else None
+            dropped_transactions += 1
+            if context is not None and contexts.get(context.id) is context:
+                dropped_transactions += self._evict_context(context)
+                dropped_contexts += 1
+        if dropped_transactions or dropped_contexts:
+            self._events.append(Evicted(dropped_transactions, dropped_contexts))
+
+    def _evict_context(self, context: _Context) -> int:
+        """Forget a non-emergency request being proxied: the caller gets a stateless 503 if
+        it has no final response yet, a ringing trunk a CANCEL. Returns transactions dropped."""
+        dropped = 0
+        self._contexts.pop(context.id, None)
+        server = self._server.get(context.server.key)
+        if server is not None and server.txn is context.server:
+            del self._server[context.server.key]
+            dropped += 1
+        if not context.final_sent:
+            context.final_sent = True
+            self._send_stateless_reply(self._unavailable(context.request), context.source)
+        for branch in context.branches:
+            txn = branch.txn
+            entry = self._client.get(txn.key)
+            if entry is not None and entry.txn is txn:
+                del self._client[txn.key]
+                dropped += 1
+            if (
+                isinstance(txn, ClientInviteTransaction)
+                and branch.got_provisional
+                and not branch.done
+                and not branch.cancelled
+            ):
+                self._outbox.append(Outgoing(build_cancel(txn.request).to_bytes(), branch.peer))
+            branch.done = True
+        context.branches = []
+        return dropped
 
     def _addressed_to_us(self, request: Request) -> bool:
         uri = request.request_uri
@@ -745,7 +911,7 @@ class ProxyCore:
         extra = [("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS")]
         if self._options.server_header:
             extra.append(("Server", self._options.server_header))
-        reply = make_response(context.request, 200, to_tag=self._tokens.token(), extra=extra)
+        reply = make_response(context.request, 200, to_tag=self._branches.tag(), extra=extra)
         self._reply(context, reply, now)
 
     def _begin_emergency(
@@ -791,7 +957,7 @@ class ProxyCore:
             # No emergency trunk configured: the config check refuses that, but answer
             # rather than leave a caller waiting if it ever happens.
             self._reply(
-                context, make_response(context.request, 503, to_tag=self._tokens.token()), now
+                context, make_response(context.request, 503, to_tag=self._branches.tag()), now
             )
 
     def _next_trunk(self, context: _Context, now: float) -> bool:
@@ -865,7 +1031,7 @@ class ProxyCore:
         )
         entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
         self._server[key] = entry
-        ok = make_response(request, 200, to_tag=self._tokens.token())
+        ok = make_response(request, 200, to_tag=self._branches.tag())
         self._run_server(entry, txn.send_response(ok, now), now)
         self._events.append(RequestRouted("CANCEL", Route.IN_DIALOG))
         if context.final_sent or context.cancelled:
@@ -874,7 +1040,7 @@ class ProxyCore:
         if context.awaiting_owner or all(b.done or b.abandoned for b in context.branches):
             context.awaiting_owner = False
             self._final(
-                context, make_response(context.request, 487, to_tag=self._tokens.token()), now
+                context, make_response(context.request, 487, to_tag=self._branches.tag()), now
             )
             return
         for branch in context.branches:
@@ -1021,7 +1187,7 @@ class ProxyCore:
         if branch.abandoned:
             self._maybe_finish(context, now)
             return
-        context.responses.append(make_response(context.request, 408, to_tag=self._tokens.token()))
+        context.responses.append(make_response(context.request, 408, to_tag=self._branches.tag()))
         if self._can_fail_over(context):
             self._fail_over(context, branch, reason, now)
             return
@@ -1051,13 +1217,13 @@ class ProxyCore:
         if any(not b.done and not b.abandoned for b in context.branches):
             return
         if context.cancelled:
-            best = make_response(context.request, 487, to_tag=self._tokens.token())
+            best = make_response(context.request, 487, to_tag=self._branches.tag())
         elif context.responses:
             best = min(context.responses, key=_response_rank)
             if best.status == 503:
-                best = make_response(context.request, 500, to_tag=self._tokens.token())
+                best = make_response(context.request, 500, to_tag=self._branches.tag())
         else:
-            best = make_response(context.request, 408, to_tag=self._tokens.token())
+            best = make_response(context.request, 408, to_tag=self._branches.tag())
         self._final(context, best, now)
 
     def _final(self, context: _Context, response: Response, now: float) -> None:

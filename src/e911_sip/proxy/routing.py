@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -82,7 +83,8 @@ class Tokens:
 
 class BranchFactory:
     """``z9hG4bK`` branches (RFC 3261 §8.1.1.7): random per client transaction, and keyed
-    digests of the incoming branch for requests forwarded without a transaction."""
+    digests of the incoming branch for requests forwarded without a transaction; and the To
+    tags of the responses the proxy makes itself."""
 
     __slots__ = ("_tokens", "_key")
 
@@ -93,6 +95,26 @@ class BranchFactory:
     def new(self) -> str:
         """A branch never handed out before, that no peer can predict."""
         return f"{MAGIC_COOKIE}{self._tokens.token()}"
+
+    def tag(self) -> str:
+        """A To tag for a response made here (RFC 3261 §19.3): 48 random bits and a 48-bit
+        keyed digest of them, so :meth:`is_local_tag` recognises it later without keeping any
+        state, and nobody without the per-process key can make one."""
+        nonce = self._tokens.raw(6)
+        digest = hashlib.blake2s(nonce, digest_size=6, key=self._key).digest()
+        return base64.urlsafe_b64encode(nonce + digest).decode("ascii")
+
+    def is_local_tag(self, tag: str | None) -> bool:
+        """True when ``tag`` came from :meth:`tag` of this factory (an ACK for a final
+        response we made with no transaction to absorb it, a 503 when shedding load)."""
+        if tag is None or len(tag) != 16:
+            return False
+        try:
+            raw = base64.urlsafe_b64decode(tag.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return False
+        expected = hashlib.blake2s(raw[:6], digest_size=6, key=self._key).digest()
+        return hmac.compare_digest(raw[6:], expected)
 
     def stateless(self, request: Request) -> str:
         """The branch for a request forwarded without a transaction (ACK for 2xx, stray CANCEL).

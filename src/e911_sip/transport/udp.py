@@ -1,38 +1,93 @@
-"""UDP transport: one datagram is one message (RFC 3261 §18.1.1, §18.2.1)."""
+"""UDP transport: one datagram is one message (RFC 3261 §18.1.1, §18.2.1).
+
+Reading is separated from processing so that a flood cannot push a 911 call out of the
+kernel's receive buffer. When the socket is readable, every datagram waiting (up to
+``read_burst``) is read, sorted by :func:`~e911_sip.proxy.admission.classify` (a few byte
+comparisons; an INVITE's Request-URI is parsed) into one queue per
+:class:`~e911_sip.proxy.admission.Priority`, and the loop moves on. A drain callback then
+hands at most ``batch`` queued datagrams per loop turn to the sink, emergency INVITEs first,
+then responses and requests that finish admitted calls, then new work. Reading costs a few
+microseconds a datagram and processing a few hundred, so the edge keeps reading (and sees
+every 911 INVITE) long after it can no longer serve everything it reads.
+
+The queues together hold at most ``queue_limit`` datagrams. When they are full, the oldest
+datagram of the least urgent class that is not more urgent than the newcomer is dropped, or
+the newcomer when every queued datagram outranks it: new non-emergency requests go first,
+an emergency INVITE last. A dropped UDP request is retransmitted by its sender (§17.1.1.2).
+Their depth is published on the :class:`~e911_sip.proxy.admission.LoadSignal`, which the
+core reads to shed new non-emergency requests with a 503 before the limit is reached.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.sip.peer import Peer
 from e911_sip.transport.base import MessageSink
 
 log = logging.getLogger("e911_sip.transport")
 
+_PRIORITIES = tuple(Priority)
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: UdpTransport) -> None:
-        self._owner = owner
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._owner.sink.message_received(data, Peer("udp", str(addr[0]), int(addr[1])))
+def _all_new(_data: bytes) -> Priority:
+    return Priority.NEW
 
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error on an unconnected socket names no destination; the transaction's own
-        # timers (and the provisional timeout) deal with the silent peer.
-        log.debug("udp error received", extra={"error": str(exc)})
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpOptions:
+    """How the UDP adapter reads, queues and orders datagrams."""
+
+    classify: Callable[[bytes], Priority] = _all_new
+    """The priority of a raw datagram: ``admission.classify`` bound to the emergency policy,
+    in production. The default treats everything alike (arrival order)."""
+    queue_limit: int = 10_000
+    """Datagrams read but not yet processed, at most."""
+    batch: int = 32
+    """Datagrams processed per turn of the event loop before it reads and runs timers again."""
+    read_burst: int = 256
+    """Datagrams read per readiness callback at most."""
+    max_datagram: int = 65535
+    """Receive buffer per datagram, in bytes (larger ones are cut and fail to parse)."""
+    send_backlog: int = 10_000
+    """Datagrams held while the kernel's send buffer is full, at most; beyond, a send fails."""
 
 
 class UdpTransport:
-    """A bound UDP socket that sends to any peer."""
+    """A bound UDP socket that sends to any peer and serves what it reads by priority."""
 
-    def __init__(self, sink: MessageSink, *, host: str, port: int) -> None:
+    def __init__(
+        self,
+        sink: MessageSink,
+        *,
+        host: str,
+        port: int,
+        options: UdpOptions | None = None,
+        load: LoadSignal | None = None,
+        on_drop: Callable[[Priority], None] | None = None,
+    ) -> None:
+        """``load`` receives the queue depth; ``on_drop`` hears of each datagram dropped
+        because the queues were full."""
         self.sink = sink
         self.host = host
         self.port = port
-        self._transport: asyncio.DatagramTransport | None = None
+        self.options = options or UdpOptions()
+        self.load = load or LoadSignal(max_lag=float("inf"), max_queue=self.options.queue_limit)
+        self._on_drop = on_drop
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: tuple[deque[tuple[bytes, tuple[str, int]]], ...] = tuple(
+            deque() for _ in _PRIORITIES
+        )
+        self._depth = 0
+        self._drain_handle: asyncio.Handle | None = None
+        self._backlog: deque[tuple[bytes, Peer, str | None]] = deque()
 
     async def start(self) -> None:
         """Bind the socket. Raises OSError when the address is taken."""
@@ -43,32 +98,151 @@ class UdpTransport:
             # A large receive buffer rides out bursts while the loop is busy elsewhere.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            sock.setblocking(False)
             sock.bind((self.host, self.port))
         except OSError:
             sock.close()
             raise
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
-        self._transport = transport
+        self._sock = sock
+        self._loop = loop
         self.port = int(sock.getsockname()[1])
+        loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
     def bound(self) -> bool:
         """True while the socket is open."""
-        return self._transport is not None and not self._transport.is_closing()
+        return self._sock is not None
 
+    @property
+    def queue_depth(self) -> int:
+        """Datagrams read and waiting to be processed."""
+        return self._depth
+
+    @property
+    def send_backlog(self) -> int:
+        """Datagrams waiting for room in the kernel's send buffer."""
+        return len(self._backlog)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        classify = self.options.classify
+        limit = self.options.queue_limit
+        size = self.options.max_datagram
+        queues = self._queues
+        for _ in range(self.options.read_burst):
+            try:
+                data, addr = sock.recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # An ICMP error reported on the unconnected socket names no destination; the
+                # transaction's own timers deal with the silent peer.
+                log.debug("udp error received", extra={"error": str(exc)})
+                continue
+            priority = classify(data)
+            if self._depth >= limit and not self._make_room(priority):
+                self._dropped(priority)
+                continue
+            queues[priority].append((data, (str(addr[0]), int(addr[1]))))
+            self._depth += 1
+        self.load.queue_depth = self._depth
+        if self._depth and self._drain_handle is None and self._loop is not None:
+            self._drain_handle = self._loop.call_soon(self._drain)
+
+    def _make_room(self, priority: Priority) -> bool:
+        """Drop the oldest queued datagram that is not more urgent than ``priority``."""
+        for candidate in reversed(_PRIORITIES):
+            if candidate < priority:
+                return False
+            queue = self._queues[candidate]
+            if queue:
+                queue.popleft()
+                self._depth -= 1
+                self._dropped(candidate)
+                return True
+        return False
+
+    def _dropped(self, priority: Priority) -> None:
+        if self._on_drop is not None:
+            self._on_drop(priority)
+
+    def _drain(self) -> None:
+        self._drain_handle = None
+        budget = self.options.batch
+        sink = self.sink
+        load = self.load
+        for queue in self._queues:
+            while queue and budget:
+                data, (host, port) = queue.popleft()
+                budget -= 1
+                self._depth -= 1
+                load.queue_depth = self._depth
+                sink.message_received(data, Peer("udp", host, port))
+            if not budget:
+                break
+        if self._depth and self._drain_handle is None and self._loop is not None:
+            self._drain_handle = self._loop.call_soon(self._drain)
+
+    # -- sending -----------------------------------------------------------------------------
     def send(self, data: bytes, peer: Peer, branch: str | None) -> None:
         """Send one datagram; a local send error is reported to the sink."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        sock = self._sock
+        if sock is None:
             self.sink.delivery_failed(branch, peer, "udp socket closed")
             return
+        if self._backlog:
+            self._queue_send(data, peer, branch)
+            return
         try:
-            transport.sendto(data, (peer.host, peer.port))
+            sock.sendto(data, (peer.host, peer.port))
+        except (BlockingIOError, InterruptedError):
+            self._queue_send(data, peer, branch)
         except OSError as exc:
             self.sink.delivery_failed(branch, peer, str(exc))
 
+    def _queue_send(self, data: bytes, peer: Peer, branch: str | None) -> None:
+        """Hold a datagram the kernel could not take yet; sent in order when it can."""
+        if len(self._backlog) >= self.options.send_backlog:
+            self.sink.delivery_failed(branch, peer, "udp send buffer full")
+            return
+        if not self._backlog and self._sock is not None and self._loop is not None:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        self._backlog.append((data, peer, branch))
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        backlog = self._backlog
+        while backlog and sock is not None:
+            data, peer, branch = backlog[0]
+            try:
+                sock.sendto(data, (peer.host, peer.port))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                backlog.popleft()
+                self.sink.delivery_failed(branch, peer, str(exc))
+                continue
+            backlog.popleft()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
+
     async def close(self) -> None:
-        """Close the socket."""
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        """Close the socket; whatever is still queued is dropped."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
+        for queue in self._queues:
+            queue.clear()
+        self._depth = 0
+        self._backlog.clear()
+        sock.close()

@@ -140,3 +140,16 @@ def test_max_forwards_with_non_ascii_digits_is_malformed() -> None:
     # "²".isdigit() is True but int() refuses it: a peer must not be able to crash the core.
     with pytest.raises(MalformedMessage):
         decrement_max_forwards(request("Max-Forwards: \u00b270"))
+
+
+def test_local_tags_are_recognised_without_state_and_not_forgeable() -> None:
+    branches = BranchFactory(Tokens(os.urandom))
+    tags = {branches.tag() for _ in range(500)}
+    assert len(tags) == 500
+    assert all(branches.is_local_tag(t) for t in tags)
+    other = BranchFactory(Tokens(os.urandom))
+    assert not any(other.is_local_tag(t) for t in tags)
+    tag = next(iter(tags))
+    assert not branches.is_local_tag(tag[:-1] + ("A" if tag[-1] != "A" else "B"))
+    for junk in (None, "", "x" * 16, "uas-tag", "!!!!!!!!!!!!!!!!", "é" * 16):
+        assert not branches.is_local_tag(junk)

@@ -1,0 +1,245 @@
+"""The UDP adapter's receive queue on real loopback sockets: order, bounds, load signal.
+
+Datagrams are sent before the loop gets a turn, so the adapter finds them all waiting in
+the kernel at once, as it does when it is behind; nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from e911_sip.policy.emergency import emergency_number
+from e911_sip.proxy.admission import LoadSignal, Priority, classify
+from e911_sip.sip.peer import Peer
+from e911_sip.transport.udp import UdpOptions, UdpTransport
+
+POLICY = functools.partial(emergency_number, numbers=frozenset({"911", "933"}))
+dropped: list[Priority] = []
+"""What the adapter under test reported dropped; cleared by the tests that read it."""
+
+
+def request(ruri: str, n: int, *, to_tag: str = "") -> bytes:
+    return (
+        f"INVITE {ruri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK{n}\r\n"
+        "From: <sip:1@127.0.0.1>;tag=a\r\n"
+        f"To: <{ruri}>{to_tag}\r\n"
+        f"Call-ID: {n}\r\n"
+        "CSeq: 1 INVITE\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def response(n: int) -> bytes:
+    return f"SIP/2.0 180 Ringing\r\nCall-ID: r{n}\r\n\r\n".encode()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.failed: list[tuple[str | None, Peer, str]] = []
+        self.done = asyncio.Event()
+        self.expected = 0
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        assert source.transport == "udp" and source.host == "127.0.0.1"
+        self.received.append(data)
+        if len(self.received) >= self.expected:
+            self.done.set()
+
+    def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
+        self.failed.append((branch, peer, reason))
+
+
+@pytest.fixture
+def client() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+async def start(sink: Recorder, **options: object) -> UdpTransport:
+    opts = UdpOptions(classify=functools.partial(classify, emergency=POLICY), **options)  # type: ignore[arg-type]
+    transport = UdpTransport(
+        sink,
+        host="127.0.0.1",
+        port=0,
+        options=opts,
+        load=LoadSignal(max_lag=1.0, max_queue=1),
+        on_drop=dropped.append,
+    )
+    await transport.start()
+    return transport
+
+
+async def test_emergency_invites_are_served_before_a_backlog_of_new_calls(
+    client: socket.socket,
+) -> None:
+    sink = Recorder()
+    transport = await start(sink, batch=4)
+    try:
+        target = ("127.0.0.1", transport.port)
+        flood = [request("sip:3215550000@127.0.0.1", n) for n in range(40)]
+        for data in flood[:20]:
+            client.sendto(data, target)
+        client.sendto(response(1), target)
+        client.sendto(request("sip:911@127.0.0.1;user=phone", 911), target)
+        for data in flood[20:]:
+            client.sendto(data, target)
+        client.sendto(request("urn:service:sos", 112), target)
+        sink.expected = 43
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        assert sink.received[0] == request("sip:911@127.0.0.1;user=phone", 911)
+        assert sink.received[1] == request("urn:service:sos", 112)
+        assert sink.received[2] == response(1)
+        assert sink.received[3:] == flood  # the rest in arrival order
+        assert transport.queue_depth == 0
+        assert transport.load.queue_depth == 0
+    finally:
+        await transport.close()
+
+
+async def test_a_full_queue_drops_new_calls_first_and_never_an_emergency_invite(
+    client: socket.socket,
+) -> None:
+    dropped.clear()
+    sink = Recorder()
+    transport = await start(sink, queue_limit=16, batch=64)
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(30):
+            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+        for n in range(5):
+            client.sendto(response(n), target)
+        emergencies = [request("tel:911", 900 + n) for n in range(3)]
+        for data in emergencies:
+            client.sendto(data, target)
+        sink.expected = 16
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        assert sink.received[:3] == emergencies
+        assert sink.received[3:8] == [response(n) for n in range(5)]
+        # The newest 8 new calls survived; the oldest were dropped to make room.
+        assert sink.received[8:] == [request("sip:3215550000@127.0.0.1", n) for n in range(22, 30)]
+        assert dropped == [Priority.NEW] * 22
+    finally:
+        await transport.close()
+
+
+async def test_an_emergency_invite_evicts_queued_responses_when_nothing_less_urgent_is_left(
+    client: socket.socket,
+) -> None:
+    dropped.clear()
+    sink = Recorder()
+    transport = await start(sink, queue_limit=16, batch=64)
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(16):
+            client.sendto(response(n), target)
+        client.sendto(request("sip:3215550000@127.0.0.1", 1), target)  # no room: dropped
+        client.sendto(request("sip:933@127.0.0.1", 933), target)
+        sink.expected = 16
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        assert sink.received[0] == request("sip:933@127.0.0.1", 933)
+        assert sink.received[1:] == [response(n) for n in range(1, 16)]
+        assert dropped == [Priority.NEW, Priority.ONGOING]
+    finally:
+        await transport.close()
+
+
+async def test_queue_depth_is_published_while_datagrams_wait(client: socket.socket) -> None:
+    depths: list[int] = []
+    sink = Recorder()
+    transport = await start(sink, batch=5)
+    original = sink.message_received
+
+    def record(data: bytes, source: Peer) -> None:
+        depths.append(transport.load.queue_depth)
+        original(data, source)
+
+    sink.message_received = record  # type: ignore[method-assign]
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(20):
+            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+        sink.expected = 20
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        assert depths == list(range(19, -1, -1))
+        assert transport.load.shed_reason() in (None, "queue")
+    finally:
+        await transport.close()
+
+
+async def test_send_reaches_the_peer_and_a_closed_socket_reports_failure(
+    client: socket.socket,
+) -> None:
+    sink = Recorder()
+    transport = await start(sink)
+    host, port = client.getsockname()
+    peer = Peer("udp", host, port)
+    transport.send(b"hello", peer, "z9hG4bKx")
+    client.settimeout(5)
+    assert client.recvfrom(100)[0] == b"hello"
+    await transport.close()
+    assert not transport.bound
+    transport.send(b"again", peer, "z9hG4bKy")
+    assert sink.failed == [("z9hG4bKy", peer, "udp socket closed")]
+
+
+class _FullOnce:
+    """A socket whose send buffer is full for the first ``full`` sends."""
+
+    def __init__(self, sock: socket.socket, full: int) -> None:
+        self._sock = sock
+        self.full = full
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        if self.full:
+            self.full -= 1
+            raise BlockingIOError
+        return self._sock.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+async def test_a_full_send_buffer_holds_datagrams_in_order_within_the_backlog_bound(
+    client: socket.socket,
+) -> None:
+    sink = Recorder()
+    transport = await start(sink, send_backlog=2)
+    real = transport._sock
+    assert real is not None
+    transport._sock = _FullOnce(real, full=1)  # type: ignore[assignment]
+    host, port = client.getsockname()
+    peer = Peer("udp", host, port)
+    try:
+        transport.send(b"one", peer, "b1")  # the kernel refuses: held
+        transport.send(b"two", peer, "b2")  # behind it, in order
+        transport.send(b"three", peer, "b3")  # over the bound: a delivery failure
+        assert transport.send_backlog == 2
+        assert sink.failed == [("b3", peer, "udp send buffer full")]
+        await until_empty(transport)  # sent once the socket is writable
+        client.settimeout(5)
+        received = [client.recvfrom(100)[0] for _ in range(2)]
+        assert received == [b"one", b"two"]
+    finally:
+        transport._sock = real
+        await transport.close()
+
+
+async def until_empty(transport: UdpTransport) -> None:
+    async with asyncio.timeout(5):
+        while transport.send_backlog:
+            await asyncio.sleep(0.001)
