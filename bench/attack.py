@@ -181,6 +181,9 @@ class EdgeFigures:
     udp_errors: dict[str, int] = field(default_factory=dict)
     """Host-wide UDP error counters over the scenario (RcvbufErrors: datagrams the kernel
     dropped because a socket's receive buffer was full, the edge's or a SIPp's)."""
+    socket_drops: int | None = None
+    """Datagrams the kernel dropped at the edge's own UDP SIP socket (its receive buffer
+    full), from /proc/net/udp."""
     cpu_mean_pct: float | None = None
     cpu_peak_pct: float | None = None
     running_at_end: bool = True
@@ -524,6 +527,16 @@ def udp_socket(host: str) -> socket.socket:
     return sock
 
 
+def udp_socket_drops(port: int) -> int | None:
+    """The kernel's drop counter of the IPv4 UDP socket bound to ``port`` (None: not found)."""
+    with contextlib.suppress(OSError):
+        for row in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            fields = row.split()
+            if len(fields) > 12 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[-1])
+    return None
+
+
 def drain_socket(sock: socket.socket, limit: int = 100_000) -> int:
     """Datagrams waiting on a non-blocking socket, read and counted (bounded)."""
     count = 0
@@ -639,6 +652,7 @@ class Stage:
         self.probe_trunks: list[SippProcess] = []
         self._started = time.monotonic()
         self._udp_before: dict[str, int] | None = None
+        self._drops_before: int | None = None
 
     # -- processes
 
@@ -724,6 +738,7 @@ class Stage:
         self.cpu = CpuSampler({"edge": self.edge.pid}, interval=1.0, max_s=max_s)
         self.cpu.start()
         self._udp_before = udp_counters()
+        self._drops_before = udp_socket_drops(self.edge.sip_port)
 
     def attack(self, name: str, rate: float, duration: float, send: Callable[[int], None]) -> Paced:
         thread = Paced(name, rate, duration, send)
@@ -792,6 +807,9 @@ class Stage:
                 except (OSError, HarnessError) as exc:
                     figures.metrics_error = str(exc)[:300]
             figures.log_problems = log_problems(self.edge.log_text())
+            drops = udp_socket_drops(self.edge.sip_port) if self.edge.running else None
+            if drops is not None and self._drops_before is not None:
+                figures.socket_drops = drops - self._drops_before
         if self._udp_before is not None:
             after = udp_counters()
             figures.udp_errors = {
@@ -1546,6 +1564,10 @@ def render(env: Environment, options: Options, results: Sequence[ScenarioResult]
         out.append(f"- emergency final responses: {_counts(e.results)}")
         out.append(f"- failovers (route/reason): {_counts(e.failovers)}")
         out.append(f"- requests (method/route): {_counts(e.requests)}")
+        if e.socket_drops is not None:
+            out.append(
+                f"- datagrams dropped at the edge's UDP socket (buffer full): {e.socket_drops}"
+            )
         udp = {k: v for k, v in e.udp_errors.items() if v}
         if udp:
             out.append(
