@@ -142,6 +142,8 @@ class ProbeResult:
     transport: str
     placed: int
     """Calls the caller SIPp created."""
+    answered: int
+    """Calls whose INVITE got its 200 back at the caller (from SIPp's message counts)."""
     completed: int
     """Calls the caller completed (INVITE answered 200, ACK, BYE answered 200)."""
     failed: int
@@ -586,6 +588,21 @@ def error_kinds(result: SippResult, limit: int = 3) -> list[str]:
     return [f"{n}x {text}" for text, n in kinds.most_common(limit)]
 
 
+_SCREEN_200 = re.compile(r"^\s*200 <-+\s+(\d+)", re.MULTILINE)
+
+
+def answered(result: SippResult) -> int:
+    """200s to the INVITE the caller received: the first '200 <---' row of the last message
+    table SIPp drew on its screen (the second is the 200 to the BYE)."""
+    try:
+        screen = result.files["screen"].read_text(errors="replace")
+    except (KeyError, OSError):
+        return 0
+    tables = screen.split("Messages  Retrans")
+    found = _SCREEN_200.findall(tables[-1]) if len(tables) > 1 else []
+    return int(found[0]) if found else 0
+
+
 def failure_causes(result: SippResult) -> dict[str, int]:
     causes: dict[str, int] = {}
     for column, value in result.stats.items():
@@ -760,6 +777,7 @@ class Stage:
                 ProbeResult(
                     transport="tcp" if uac.transport.startswith("t") else "udp",
                     placed=int(float(result.stats.get("TotalCallCreated", "0") or 0)),
+                    answered=answered(result),
                     completed=result.successful,
                     failed=result.failed,
                     reached_trunk=len(mine),
@@ -1547,13 +1565,14 @@ def render(env: Environment, options: Options, results: Sequence[ScenarioResult]
         if len(r.probes) > 1 or any(p.enriched_other or p.failed for p in r.probes):
             out += [
                 "| probes | placed | reached trunk | enriched own | other line's | none "
-                "| completed | failed |",
-                "|---|---|---|---|---|---|---|---|",
+                "| answered (200) | completed | failed |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for p in r.probes:
                 out.append(
                     f"| {p.transport} | {p.placed} | {p.reached_trunk} | {p.enriched_own} "
-                    f"| {p.enriched_other} | {p.unenriched} | {p.completed} | {p.failed} |"
+                    f"| {p.enriched_other} | {p.unenriched} | {p.answered} | {p.completed} "
+                    f"| {p.failed} |"
                 )
             out.append("")
         for line in r.details():
