@@ -768,7 +768,7 @@ class Stage:
     def finish_probes(self, uacs: Sequence[tuple[SippProcess, set[str]]]) -> None:
         """Wait for the probe callers, let the trunk see the last BYEs, count both ends."""
         results = [(uac.wait(timeout=_uac_bound(uac)), lines) for uac, lines in uacs]
-        seen = self._trunk_calls()
+        seen = self.trunk_calls()
         for (result, lines), (uac, _) in zip(results, uacs, strict=True):
             mine = {cid: entry for cid, entry in seen.items() if entry[0] in lines}
             own = sum(1 for caller, geo, second in mine.values() if geo == caller and not second)
@@ -789,7 +789,7 @@ class Stage:
                 )
             )
 
-    def _trunk_calls(self) -> dict[str, tuple[str, str, str]]:
+    def trunk_calls(self) -> dict[str, tuple[str, str, str]]:
         """Call-ID -> (caller, geolocation line number, second Geolocation) from the trunks'
         action logs, once every trunk has finished the calls it received (bounded)."""
 
@@ -1226,7 +1226,7 @@ def scenario_relay(bench: AttackBench, stage: Stage, result: RelayResult) -> Non
     result.default_trunk_received = default.count
     result.answers_to_attacker = drain_socket(sock)
     attacker_calls = {
-        cid for cid, (caller, _g, _s) in stage._trunk_calls().items() if caller == claimed
+        cid for cid, (caller, _g, _s) in stage.trunk_calls().items() if caller == claimed
     }
     result.emergency_trunk_received = len(attacker_calls)
 
@@ -1249,6 +1249,8 @@ def scenario_halfopen(bench: AttackBench, stage: Stage, result: HalfOpenResult) 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, max(soft, options.half_open + 512))
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    # Restored afterwards, so that processes of later scenarios start with the usual limit.
+    stage.closers.append(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
     result.nofile_limit = wanted
     result.wanted = options.half_open
     conns: list[socket.socket] = []
