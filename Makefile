@@ -15,7 +15,7 @@ bench-compare:
 	python bench/run_load.py --target both $(ARGS)
 
 # Fault and attack bench (bench/attack.py), run by hand: floods, forged responses, relay
-# attempts, half-open TCP, a 911 burst, Redis faults, a blackholed trunk, SIGTERM; ~10 min.
+# attempts, half-open TCP, a 911 burst, Redis faults, a blackholed trunk, SIGTERM; about 7 min.
 # Example: make attack ARGS="--only forged relay --duration 10"
 attack:
 	python bench/attack.py $(ARGS)

@@ -34,7 +34,7 @@ of /metrics that matter (discards by reason, failovers, emergency outcomes):
 9. ``sigterm``: SIGTERM to the edge while 911 and ordinary dialogs are up; the drain must
    let them complete (the BYE of an answered 911 dialog still routes through the edge).
 
-    python bench/attack.py                       # everything, ~10 minutes
+    python bench/attack.py                       # everything, about 7 minutes
     python bench/attack.py --only forged relay --duration 10
     make attack ARGS="--flood-rate 1200"
 
