@@ -1,4 +1,4 @@
-.PHONY: bench bench-quick bench-compare
+.PHONY: bench bench-quick bench-compare attack
 
 # Load benchmark, run by hand (not part of the tests); see bench/README.md.
 # Extra options: make bench ARGS="--only emergency --store redis"
@@ -13,3 +13,9 @@ bench-quick:
 # Example: make bench-compare ARGS="--quick --max-rate 3200"
 bench-compare:
 	python bench/run_load.py --target both $(ARGS)
+
+# Fault and attack bench (bench/attack.py), run by hand: floods, forged responses, relay
+# attempts, half-open TCP, a 911 burst, Redis faults, a blackholed trunk, SIGTERM; about 7 min.
+# Example: make attack ARGS="--only forged relay --duration 10"
+attack:
+	python bench/attack.py $(ARGS)

@@ -57,6 +57,7 @@ SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uac_911_device_location": dict(_UAC_KEYS),
     "uac_sos": dict(_UAC_KEYS),
     "uac_load": dict(_UAC_KEYS),
+    "uac_911_probe": {"hold_ms": DEFAULT_HOLD_MS},
     "uac_cancel": {"caller": DEFAULT_CALLER},
     "uac_911_rejected": {"caller": DEFAULT_CALLER, "expected_status": "503"},
     "uac_911_enriched": {**_UAC_KEYS, "endpoint": DEFAULT_ENDPOINT, "callback": DEFAULT_CALLER},
@@ -77,6 +78,7 @@ SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uas_ring_then_487": {},
     "uas_load": {},
     "uas_probed": {"expected_ruser": "911"},
+    "uas_emergency_probe": {},
 }
 """Every ``-key`` each scenario in sipp_scenarios/ uses, with its documented default."""
 
