@@ -16,6 +16,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -313,29 +314,56 @@ def rule_state(prometheus: PrometheusServer, name: str) -> dict[str, Any]:
     pytest.fail(f"Prometheus has no rule {name}")
 
 
-def test_prometheus_scrapes_the_edge_over_https_and_fires_store_down(
+def test_prometheus_scrapes_both_roles_over_https_and_fires_store_down(
     tmp_path: Path,
     edge_factory: EdgeFactory,
     redis_server: RedisServer,
     prometheus_factory: Callable[[dict[str, Any]], PrometheusServer],
 ) -> None:
+    """The stack as compose.yaml runs it, on loopback: an edge and a provisioning process
+    sharing Redis, scraped by the shipped jobs with the shipped rules."""
     certs = make_certs(tmp_path / "tls")
-    edge = edge_factory(
-        edge_config(
-            sip_port=free_port_pair(),
-            http_port=free_port("tcp"),
-            emergency_trunks=[trunk_uri(free_port("udp"))],
-            default_trunks=[trunk_uri(free_port("udp"))],
-            store_url=redis_server.url,
-            http={"tls_cert_file": str(certs.cert), "tls_key_file": str(certs.key)},
-        ),
-        ssl_context=ssl.create_default_context(cafile=str(certs.ca)),
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    https = {"tls_cert_file": str(certs.cert), "tls_key_file": str(certs.key)}
+
+    def start(role: str, **tables: Any) -> EdgeProcess:
+        return edge_factory(
+            edge_config(
+                sip_port=free_port_pair(),
+                http_port=free_port("tcp"),
+                emergency_trunks=[trunk_uri(free_port("udp"))],
+                default_trunks=[trunk_uri(free_port("udp"))],
+                store_url=redis_server.url,
+                http=https,
+                **tables,
+            ),
+            command=[sys.executable, "-m", "e911_sip", "serve", "--role", role]
+            + ["--config", "{config}"],
+            ssl_context=context,
+        )
+
+    edge = start("edge")
+    provisioning = start(
+        "provisioning",
+        provisioning={
+            "listen": f"{LOOPBACK}:{free_port('tcp')}",
+            "tokens": {"monitoring": "monitoring-token-0123456789"},
+        },
     )
-    # The shipped edge job, pointed at this edge and this CA file.
+    # Without an edge in it, the provisioning process exports the edge's gauges unset: the
+    # shipped job must keep them out of Prometheus (see deploy/prometheus/prometheus.yml).
+    assert provisioning.metric("e911_sip_store_up") == 0
+    # The shipped jobs, pointed at these processes and this CA file.
     shipped = load_yaml(PROMETHEUS_CONFIG)
-    job = next(j for j in shipped["scrape_configs"] if j["job_name"] == "e911-sip")
-    job["tls_config"]["ca_file"] = str(certs.ca)
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{edge.http_port}"]}]
+    addresses = {
+        "edge:9100": f"{LOOPBACK}:{edge.http_port}",
+        "provisioning:9100": f"{LOOPBACK}:{provisioning.http_port}",
+    }
+    jobs = [j for j in shipped["scrape_configs"] if j["job_name"].startswith("e911-sip")]
+    for job in jobs:
+        job["tls_config"]["ca_file"] = str(certs.ca)
+        for static in job["static_configs"]:
+            static["targets"] = [addresses[target] for target in static["targets"]]
     prometheus = prometheus_factory(
         {
             "global": {
@@ -344,10 +372,22 @@ def test_prometheus_scrapes_the_edge_over_https_and_fires_store_down(
                 "evaluation_interval": "1s",
             },
             "rule_files": [str(fast_rules(tmp_path / "rules.yml"))],
-            "scrape_configs": [job],
+            "scrape_configs": jobs,
         }
     )
-    instance = f"127.0.0.1:{edge.http_port}"
+    instance = addresses["edge:9100"]
+
+    def query(promql: str) -> list[Any]:
+        result: list[Any] = prometheus.api("/api/v1/query", query=promql)["result"]
+        return result
+
+    # Both scraped over HTTPS, verified against the CA make-certs.sh wrote.
+    wait_for(
+        lambda: query('process_resident_memory_bytes{job="e911-sip-provisioning"}'),
+        "a scrape of the provisioning process",
+        60,
+    )
+    assert query('{job="e911-sip-provisioning", __name__=~"e911_sip_(store|location)_.*"}') == []
 
     def store_up() -> list[Any]:
         result: list[Any] = prometheus.api(
