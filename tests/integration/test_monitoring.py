@@ -389,21 +389,18 @@ def test_prometheus_scrapes_both_roles_over_https_and_fires_store_down(
     )
     assert query('{job="e911-sip-provisioning", __name__=~"e911_sip_(store|location)_.*"}') == []
 
-    def store_up() -> list[Any]:
-        result: list[Any] = prometheus.api(
-            "/api/v1/query", query=f'e911_sip_store_up{{job="e911-sip", instance="{instance}"}}'
-        )["result"]
-        return result
-
-    # Scraped over HTTPS, verified against the CA make-certs.sh wrote.
-    (sample,) = wait_for(store_up, "a scrape of e911_sip_store_up", 60)
+    (sample,) = wait_for(
+        lambda: query(f'e911_sip_store_up{{job="e911-sip", instance="{instance}"}}'),
+        "a scrape of the edge's e911_sip_store_up",
+        60,
+    )
     assert sample["value"][1] == "1"
     seen_up = time.time()
     # Every dashboard query is valid PromQL that Prometheus evaluates.
-    for query in (q for d in dashboards().values() for q in dashboard_queries(d)):
-        promql = grafana_to_promql(query)
-        assert "$" not in promql, query
-        prometheus.api("/api/v1/query", query=promql)
+    for text in (q for d in dashboards().values() for q in dashboard_queries(d)):
+        promql = grafana_to_promql(text)
+        assert "$" not in promql, text
+        query(promql)
 
     # Inactive while the store answers: evaluated after the sample above, with no error.
     def evaluated_inactive() -> dict[str, Any] | None:
