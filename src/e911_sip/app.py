@@ -504,6 +504,19 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
     )
 
 
+async def watch_store_health(
+    store: LocationStore, metrics: Metrics, stop: asyncio.Event, interval: float = 1.0
+) -> None:
+    """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone)."""
+    while not stop.is_set():
+        metrics.store_up.set(1 if await store.ping() else 0)
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
+
+
 GC_FREEZE_INTERVAL = 0.5
 """Seconds between moves of surviving objects out of the collector's reach."""
 
@@ -641,6 +654,10 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
                     tasks.create_task(running.edge.monitor_load(watch_stop))
+                else:
+                    # Provisioning alone writes the same store: its health is this process's
+                    # too, and e911_sip_store_up must not read 0 because no edge sets it.
+                    tasks.create_task(watch_store_health(store, metrics, watch_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)
