@@ -558,6 +558,17 @@ class ProxyCore:
 
     def receive(self, data: bytes, source: Peer, now: float) -> None:
         """Process one datagram or one framed stream message from ``source``."""
+        if (
+            not self._options.reject_untrusted
+            and not data.startswith(b"SIP/2.0 ")
+            and self._trust.classify(source.host) is Trust.OUTSIDER
+        ):
+            # A request from outside the trust domain is dropped whatever it says, so it is
+            # not parsed at all: a flood of them costs a dictionary read each. (Responses
+            # are parsed: a trusted request may have gone anywhere, and its answer comes
+            # from there; only one from that exact address matches.)
+            self._events.append(Discarded("untrusted_source", "", source))
+            return
         try:
             message = parse(
                 data,

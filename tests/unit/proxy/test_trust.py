@@ -281,3 +281,17 @@ def test_trunk_dialogs_age_out_and_end() -> None:
     assert not table.allows("b", "t", 301.0)
     table.add("c", "t", 1000.0, emergency=False)
     assert len(table) == 1  # "a" expired on the way
+
+
+def test_an_outsider_is_not_even_parsed_but_a_response_from_anywhere_is_matched() -> None:
+    h = make_core(trusted=TRUSTED)
+    for junk in (b"\x00\xff garbage", b"INVITE sip:911@x SIP/2.0\r\nContent-Length: 9" * 3):
+        assert h.feed(junk, OUTSIDER) == []
+    assert reasons(h) == ["untrusted_source", "untrusted_source"]
+    # The same garbage from the softswitch is parsed, and answered where it can be.
+    out = h.feed(invite().replace(b"CSeq: 1 INVITE", b"CSeq: one INVITE"))
+    assert [o.data[:12] for o in out] == [b"SIP/2.0 400 "]
+    # A response from an outsider still reaches matching: it is dropped there, by address.
+    _, raw = start_emergency(h)
+    assert h.feed(response_to(raw, 503, "Forged"), OUTSIDER) == []
+    assert reasons(h)[-1] == "response_source"
