@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
@@ -114,8 +115,10 @@ class Edge:
         metrics: Metrics,
         options: EdgeOptions,
         clock: Callable[[], float] = time.perf_counter,
+        recorder: CallRecorder | None = None,
     ) -> None:
         self._core = core
+        self._recorder = recorder
         self._store = store
         self._lookup = lookup
         self._metrics = metrics
@@ -240,6 +243,9 @@ class Edge:
     # -- events --------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
         metrics = self._metrics
+        if self._recorder is not None:
+            # The per-call record (RAY BAUM's Act); memory only, never raises.
+            self._recorder.on_event(event)
         if isinstance(event, RequestRouted):
             key = (event.method, event.route.value)
             counter = self._request_counters.get(key)
@@ -383,6 +389,8 @@ class Edge:
     ) -> None:
         """Enrich with what the lookup found and hand the request back to the core."""
         request = event.request
+        provider_endpoint: str | None = None
+        callback: str | None = None
         extra: dict[str, object] = {
             "call_id": event.call_id,
             "number": event.number,
@@ -391,8 +399,6 @@ class Edge:
         try:
             if failed:
                 raise RuntimeError("the caller or the location could not be read")
-            provider_endpoint: str | None = None
-            callback: str | None = None
             if line is None:
                 outcome = "no_caller"
             else:
@@ -428,6 +434,14 @@ class Edge:
             enriched = False
         self._outcomes[outcome].inc()
         extra["outcome"] = outcome
+        if self._recorder is not None:
+            self._recorder.on_enrichment(
+                event.call_id,
+                outcome=outcome,
+                caller=line,
+                callback=(callback or line) if enriched else None,
+                provider_endpoint=provider_endpoint if enriched else None,
+            )
         self._call_info[event.call] = extra
         if outcome == "cached":
             log.warning("location store unavailable; used a cached location", extra=extra)
