@@ -42,6 +42,8 @@ class RecorderOptions:
     """Records per write."""
     expire_interval: float = 5.0
     """Seconds between checks for calls past ``book.max_age``."""
+    retry_min: float = 0.5
+    """First pause after a failed write; it doubles while the sink fails."""
     retry_max: float = 30.0
     """Longest pause between attempts while the sink fails."""
     stop_timeout: float = 5.0
@@ -162,7 +164,7 @@ class CallRecorder:
                     if self._queue:
                         continue
                 else:
-                    pause = min(max(pause * 2, 0.5), options.retry_max)
+                    pause = min(max(pause * 2, options.retry_min), options.retry_max)
             # While the sink fails, new records do not hurry the next attempt.
             waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
             if pause == 0.0:

@@ -377,6 +377,8 @@ class KeeperOptions:
     """Longest pause between attempts while the store or the source fails."""
     stop_timeout: float = 5.0
     """Seconds a stopping keeper goes on storing what is still waiting."""
+    read_block: float = 1.0
+    """Seconds one read waits for records (and so the longest a stop waits for it)."""
 
 
 class CallRecordKeeper:
@@ -410,7 +412,7 @@ class CallRecordKeeper:
                 next_prune = self._wall() + options.prune_interval
                 await self._prune()
             try:
-                ok = await self._step(block=1.0) is not False
+                ok = await self._step(block=options.read_block) is not False
             except Exception:
                 log.exception("call record keeping failed; retrying")
                 ok = False
@@ -447,7 +449,7 @@ class CallRecordKeeper:
         records = delivery.records
         if self._resolve is not None:
             for record in records:
-                if record.level is None:
+                if record.level is None and record.provider_endpoint is not None:
                     try:
                         record.level = await self._resolve(record)
                     except Exception:
