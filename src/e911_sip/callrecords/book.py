@@ -263,6 +263,11 @@ class CallRecordBook:
     def in_progress(self) -> int:
         return len(self._calls)
 
+    @property
+    def has_finished(self) -> bool:
+        """True when :meth:`finished` has records to give."""
+        return bool(self._finished)
+
     def finished(self) -> list[CallRecord]:
         """The records finished since the last call, oldest first (and forget them)."""
         out, self._finished = self._finished, []

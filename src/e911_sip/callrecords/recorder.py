@@ -21,9 +21,19 @@ from dataclasses import dataclass, field
 from e911_sip.callrecords.book import BookOptions, CallRecord, CallRecordBook
 from e911_sip.callrecords.stream import RecordSink, TransferError
 from e911_sip.metrics import Metrics
-from e911_sip.proxy.core import Event
+from e911_sip.proxy.core import (
+    CallCompleted,
+    EmergencyCall,
+    EmergencyForwarded,
+    Event,
+    FailOpen,
+    Failover,
+)
 
 log = logging.getLogger("e911_sip.callrecords")
+
+# Every other event (most of them, on a busy edge) is passed over without reading the clock.
+_RECORDED = frozenset({EmergencyCall, EmergencyForwarded, Failover, FailOpen, CallCompleted})
 
 RECORD_RESULTS = ("written", "queue_full", "write_failed", "lost_at_stop", "internal_error")
 """Labels of ``e911_sip_call_records_total``: ``write_failed`` counts failed attempts
@@ -99,6 +109,8 @@ class CallRecorder:
     # -- called from the edge's pump: memory only, never raises -----------------------------
     def on_event(self, event: Event) -> None:
         """Apply one core event."""
+        if type(event) not in _RECORDED:
+            return
         try:
             self._book.event(event, self._wall())
             self._collect()
@@ -131,9 +143,9 @@ class CallRecorder:
         log.exception("call record bookkeeping failed; the call is not affected")
 
     def _collect(self) -> None:
-        finished = self._book.finished()
-        if not finished:
+        if not self._book.has_finished:
             return
+        finished = self._book.finished()
         for record in finished:
             self._ends.labels(record.end or "unknown").inc()
             if len(self._queue) >= self._options.queue_size:
