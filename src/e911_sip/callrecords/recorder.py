@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from e911_sip.callrecords.book import BookOptions, CallRecord, CallRecordBook
-from e911_sip.callrecords.stream import RecordSink, TransferError
+from e911_sip.callrecords.stream import RecordSink
 from e911_sip.metrics import Metrics
 from e911_sip.proxy.core import (
     CallCompleted,
@@ -168,8 +168,7 @@ class CallRecorder:
         pause = 0.0  # above zero while the sink fails
         while not stop.is_set():
             self._wake.clear()
-            self._book.expire(self._wall())
-            self._collect()
+            self._guarded(lambda: self._book.expire(self._wall()))
             if self._queue:
                 if await self._write_batch():
                     pause = 0.0
@@ -190,8 +189,7 @@ class CallRecorder:
             finally:
                 for waiter in waits:
                     waiter.cancel()
-        self._book.flush("shutdown")
-        self._collect()
+        self._guarded(self._book.flush)
         try:
             async with asyncio.timeout(options.stop_timeout):
                 while self._queue:
@@ -208,6 +206,14 @@ class CallRecorder:
             self._queue.clear()
         await self._sink.close()
 
+    def _guarded(self, step: Callable[[], None]) -> None:
+        # A bug in the bookkeeping must not end this task: the edge's TaskGroup would stop.
+        try:
+            step()
+            self._collect()
+        except Exception:
+            self._internal_error()
+
     async def _write_batch(self) -> bool:
         """Write the oldest batch; True when it was written (or nothing was waiting)."""
         if not self._queue:
@@ -215,7 +221,7 @@ class CallRecorder:
         batch = [self._queue[i] for i in range(min(self._options.batch_size, len(self._queue)))]
         try:
             await self._sink.write(batch)
-        except (TransferError, OSError) as exc:
+        except Exception as exc:  # TransferError, or a bug in a sink: retried either way
             self._results["write_failed"].inc()
             self._log.warning(
                 "write_failed",

@@ -430,6 +430,8 @@ class CallRecordKeeper:
                     pass
         except TimeoutError:
             pass
+        except Exception:
+            log.exception("call records left unstored at stop (the stream keeps them)")
 
     async def _step(self, *, block: float) -> bool | None:
         """Read, store and acknowledge one batch: True when stored, None when nothing came,
@@ -477,6 +479,10 @@ class CallRecordKeeper:
             pruned = await self._store.prune(self._wall() - self._options.retention)
         except CallStoreError as exc:
             log.error("call records past retention not pruned", extra={"error": str(exc)})
+            return
+        except Exception:
+            # Never ends the keeper (its TaskGroup would stop the process); tried next hour.
+            log.exception("pruning call records failed")
             return
         if pruned:
             self._results.labels("pruned").inc(pruned)
