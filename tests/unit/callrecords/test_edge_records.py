@@ -7,7 +7,9 @@ import functools
 import ipaddress
 import random
 
-from e911_sip.callrecords.book import CallRecord
+import pytest
+
+from e911_sip.callrecords.book import CallRecord, CallRecordBook
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.callrecords.stream import LocalHandoff
 from e911_sip.edge import Edge, EdgeOptions
@@ -89,3 +91,20 @@ async def test_store_down_records_the_reason_and_no_endpoint() -> None:
     assert record.provider_endpoint is None
     # The line still goes out as the callback number in P-Asserted-Identity.
     assert record.caller == record.callback == "3215551234"
+
+
+async def test_a_bug_in_the_recorder_does_not_touch_the_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    edge, transport, recorder, _ = build(MemoryStore({"3215551234": RECORD}))
+    monkeypatch.setattr(CallRecordBook, "event", broken)
+    monkeypatch.setattr(CallRecordBook, "enrichment", broken)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert invites_to(transport, "198.51.100.1")[0].has("geolocation")
+    assert recorder.queued == 0
+    failed = [r for r in caplog.records if "bookkeeping failed" in r.getMessage()]
+    assert failed and all(r.exc_info for r in failed)
