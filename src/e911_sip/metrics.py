@@ -269,6 +269,12 @@ class Metrics:
             "Finished call records waiting to be written (bounded).",
             registry=r,
         )
+        self.call_records_backlog = Gauge(
+            "e911_sip_call_records_backlog",
+            "Call records waiting for provisioning to store them (the stream's length, "
+            "bounded by [records] stream_maxlen).",
+            registry=r,
+        )
         self.call_records_stored = Counter(
             "e911_sip_call_records_stored_total",
             "Call records read by provisioning, by result: stored, store_error (retried), "

@@ -76,6 +76,14 @@ class RecordSource(Protocol):
         """
         ...
 
+    async def backlog(self) -> int:
+        """Records waiting to be read (the stream's length: bounded by its ``MAXLEN``).
+
+        Raises:
+            TransferError: the source could not be asked.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -123,6 +131,9 @@ class LocalHandoff:
         batch = [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
         # Not acknowledged means not stored: a failed store puts the batch back in front.
         return _LocalDelivery(self, batch)
+
+    async def backlog(self) -> int:
+        return len(self._queue)
 
     def _requeue(self, records: list[CallRecord]) -> None:
         self._queue.extendleft(reversed(records))
@@ -268,6 +279,12 @@ class RedisStreamSource:
         )
         # Replies are decoded text: [[stream, [(id, fields), ...]]] (fields None once deleted).
         return list(reply[0][1]) if reply else []
+
+    async def backlog(self) -> int:
+        try:
+            return int(await self._client.xlen(self._stream))
+        except (RedisError, OSError) as exc:
+            raise TransferError(f"XLEN of {self._stream} failed: {exc}") from exc
 
     def redeliver(self) -> None:
         """Read this consumer's unacknowledged entries again before new ones."""

@@ -377,6 +377,8 @@ class KeeperOptions:
     """Longest pause between attempts while the store or the source fails."""
     stop_timeout: float = 5.0
     """Seconds a stopping keeper goes on storing what is still waiting."""
+    backlog_interval: float = 10.0
+    """Seconds between readings of the source's backlog."""
     read_block: float = 1.0
     """Seconds one read waits for records (and so the longest a stop waits for it)."""
 
@@ -400,17 +402,21 @@ class CallRecordKeeper:
         self._resolve = resolve_level
         self._wall = wall_clock
         self._results = metrics.call_records_stored
+        self._backlog = metrics.call_records_backlog
         self.stored = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep records until ``stop``."""
         options = self._options
-        next_prune = self._wall()
+        next_prune = next_backlog = self._wall()
         pause = 0.0
         while not stop.is_set():
             if self._wall() >= next_prune:
                 next_prune = self._wall() + options.prune_interval
                 await self._prune()
+            if self._wall() >= next_backlog:
+                next_backlog = self._wall() + options.backlog_interval
+                await self._measure_backlog()
             try:
                 ok = await self._step(block=options.read_block) is not False
             except Exception:
@@ -473,6 +479,12 @@ class CallRecordKeeper:
             # Stored already: a redelivery only stores them again.
             log.warning("stored call records not acknowledged", extra={"error": str(exc)})
         return True
+
+    async def _measure_backlog(self) -> None:
+        try:
+            self._backlog.set(await self._source.backlog())
+        except TransferError:
+            pass  # the read that follows reports the source's trouble
 
     async def _prune(self) -> None:
         try:

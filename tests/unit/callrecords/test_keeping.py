@@ -273,3 +273,26 @@ async def test_store_queries_by_time_caller_and_cursor(call_store: CallStore) ->
     remaining = await call_store.query(CallQuery())
     assert [r.call_id for r in remaining] == [f"call-{n}" for n in range(4, 10)]
     assert await call_store.prune(T0 + 4) == 0
+
+
+async def test_keeper_reports_the_backlog() -> None:
+    metrics = Metrics()
+    handoff = LocalHandoff()
+    store = MemoryCallStore()
+    store.available = False  # nothing leaves the handoff while the store is down
+    await handoff.write([record(1), record(2)])
+    stop = asyncio.Event()
+    keeper = CallRecordKeeper(
+        source=handoff,
+        store=store,
+        metrics=metrics,
+        options=dataclasses.replace(QUICK, backlog_interval=0.01, retry_max=0.02),
+    )
+    task = asyncio.create_task(keeper.run(stop))
+
+    async def measured() -> bool:
+        return counter(metrics, "e911_sip_call_records_backlog") == 2
+
+    await eventually(measured)
+    stop.set()
+    await task
