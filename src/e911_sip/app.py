@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -16,7 +17,7 @@ import os
 import resource
 import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +26,15 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from e911_sip import logs
+from e911_sip.callrecords.book import BookOptions, CallRecord
+from e911_sip.callrecords.recorder import CallRecorder, RecorderOptions
+from e911_sip.callrecords.stream import (
+    LocalHandoff,
+    RecordSink,
+    RecordSource,
+    RedisStreamSink,
+    RedisStreamSource,
+)
 from e911_sip.config import (
     Config,
     ConfigError,
@@ -41,6 +51,14 @@ from e911_sip.policy.enrich import EnrichOptions, ExistingGeolocation
 from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.audit import AuditLog, JsonlAuditLog, MemoryAuditLog, RedisAuditLog
 from e911_sip.provisioning.bandwidth import BandwidthClient
+from e911_sip.provisioning.calls import (
+    CallQuery,
+    CallRecordKeeper,
+    CallStore,
+    KeeperOptions,
+    build_call_store,
+    level_resolver,
+)
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import (
@@ -271,6 +289,7 @@ async def start_edge(
     config: Config,
     store: LocationStore,
     metrics: Metrics,
+    recorder: CallRecorder | None = None,
 ) -> RunningEdge:
     """Bind the SIP listeners and return the running edge.
 
@@ -342,6 +361,7 @@ async def start_edge(
             lag_interval=overload.lag_interval,
         ),
         load=load,
+        recorder=recorder,
     )
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
@@ -446,6 +466,54 @@ def build_audit(config: Config) -> AuditLog:
     if url.startswith("memory://"):
         return MemoryAuditLog()
     return RedisAuditLog(url=url, stream=config.provisioning.audit_stream)
+
+
+def record_sink(config: Config, handoff: LocalHandoff | None) -> RecordSink | None:
+    """Where an edge writes call records: the in-process handoff of the embedded box, or the
+    Redis stream on ``[store] url``; None when nothing would keep them."""
+    if not config.records.enabled:
+        return None
+    if config.store.url.startswith("memory://"):
+        return handoff
+    return RedisStreamSink(
+        url=config.store.url,
+        stream=config.records.stream,
+        maxlen=config.records.stream_maxlen,
+        timeout=max(config.store.socket_timeout, 1.0),
+    )
+
+
+def record_source(config: Config, handoff: LocalHandoff | None) -> RecordSource | None:
+    """Where provisioning reads call records (see :func:`record_sink`)."""
+    if not config.records.enabled:
+        return None
+    if config.store.url.startswith("memory://"):
+        return handoff
+    return RedisStreamSource(
+        url=config.store.url,
+        stream=config.records.stream,
+        group=config.records.group,
+        consumer=config.records.consumer,
+        timeout=max(config.store.socket_timeout, 2.0),
+    )
+
+
+def build_recorder(config: Config, sink: RecordSink, metrics: Metrics) -> CallRecorder:
+    """The edge's call recorder with the ``[records]`` bounds."""
+    records = config.records
+    return CallRecorder(
+        sink=sink,
+        metrics=metrics,
+        options=RecorderOptions(
+            book=BookOptions(max_calls=records.max_in_progress, max_age=records.max_age),
+            queue_size=records.queue_size,
+        ),
+    )
+
+
+def build_calls(config: Config) -> CallStore:
+    """The durable call record store ``[records] store_url`` names."""
+    return build_call_store(config.records.store_url, key_prefix=config.records.key_prefix)
 
 
 @contextlib.asynccontextmanager
@@ -573,14 +641,33 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     store = build_store(config, mirror=role is not Role.PROVISIONING)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
+    keeper_stop = asyncio.Event()
+    recorder: CallRecorder | None = None
+    keeper: CallRecordKeeper | None = None
+    calls: CallStore | None = None
+    source: RecordSource | None = None
+    provisioning = role in (Role.PROVISIONING, Role.ALL)
+    if provisioning and not config.provisioning.tokens:
+        log.warning("provisioning API not started: [provisioning] tokens is empty")
+        provisioning = False
+    # The embedded box hands records over in-process, to its own provisioning side.
+    handoff = (
+        LocalHandoff(max_records=config.records.queue_size)
+        if provisioning and role is Role.ALL
+        else None
+    )
     try:
         async with contextlib.AsyncExitStack() as stack:
             if role in (Role.EDGE, Role.ALL):
-                running = await start_edge(config, store, metrics)
-            provisioning = role in (Role.PROVISIONING, Role.ALL)
-            if provisioning and not config.provisioning.tokens:
-                log.warning("provisioning API not started: [provisioning] tokens is empty")
-                provisioning = False
+                sink = record_sink(config, handoff)
+                if sink is not None:
+                    recorder = build_recorder(config, sink, metrics)
+                elif config.records.enabled:
+                    log.warning(
+                        "emergency call records not kept: the memory:// store has no "
+                        "provisioning in this process to hand them to"
+                    )
+                running = await start_edge(config, store, metrics, recorder)
             if provisioning:
                 if config.bandwidth.run_emulator:
                     await start_emulator(config, stack)
@@ -592,12 +679,22 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     # records of every provisioned line before the first call can need one.
                     report = await service.resync(who="startup")
                     log.info("line records rebuilt from provisioning state", extra=report.to_dict())
+                source = record_source(config, handoff)
+                if source is not None:
+                    calls = build_calls(config)
+                    keeper = CallRecordKeeper(
+                        source=source,
+                        store=calls,
+                        metrics=metrics,
+                        options=KeeperOptions(retention=config.records.retention_days * 86_400.0),
+                        resolve_level=level_resolver(service),
+                    )
                 tokens = {token: name for name, token in config.provisioning.tokens.items()}
                 prov = config.provisioning
                 phost, pport = prov.listen
                 await stack.enter_async_context(
                     serve_http(
-                        build_provisioning_app(service, tokens=tokens),
+                        build_provisioning_app(service, tokens=tokens, calls=calls),
                         phost,
                         pport,
                         tls=prov.tls,
@@ -658,11 +755,22 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     # Provisioning alone writes the same store: its health is this process's
                     # too, and e911_sip_store_up must not read 0 because no edge sets it.
                     tasks.create_task(watch_store_health(store, metrics, watch_stop))
+                writing = tasks.create_task(recorder.run(watch_stop)) if recorder else None
+                if keeper is not None:
+                    tasks.create_task(keeper.run(keeper_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)
                 watch_stop.set()
+                if writing is not None:
+                    # The records the edge finishes as it stops go to the keeper first.
+                    await writing
+                keeper_stop.set()
     finally:
+        if source is not None:
+            await source.close()
+        if calls is not None:
+            await calls.close()
         if running is not None:
             running.edge.close()
             for transport in running.transports:
@@ -683,3 +791,31 @@ async def resync(config: Config) -> tuple[int, dict[str, object]]:
     finally:
         await store.close()
     return (0 if report.ok else 1), report.to_dict()
+
+
+async def export_calls(config: Config, query: CallQuery, each: Callable[[CallRecord], None]) -> int:
+    """Page through the durable call records that match ``query``, oldest first, handing
+    each to ``each``; how many.
+
+    Raises:
+        ConfigError: ``[records] store_url`` is memory:// (nothing outlives the process).
+        CallStoreError: the store could not be read.
+    """
+    if config.records.store_url.startswith("memory://"):
+        raise ConfigError(
+            "[records] store_url: memory:// keeps records only inside the running process; "
+            "export from file:// or redis://, or read GET /v1/calls"
+        )
+    calls = build_calls(config)
+    count = 0
+    try:
+        while True:
+            page = await calls.query(query)
+            for record in page:
+                each(record)
+            count += len(page)
+            if len(page) < query.limit:
+                return count
+            query = dataclasses.replace(query, after=page[-1].id)
+    finally:
+        await calls.close()

@@ -1,9 +1,10 @@
-"""Command line: ``e911-sip serve | check-config | resync | bandwidth-emulator``."""
+"""Command line: ``e911-sip serve | check-config | resync | calls export | bandwidth-emulator``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from e911_sip import app, logs
+from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
 from e911_sip.config import ConfigError, load
+from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 
 
@@ -45,6 +48,46 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ISO 8601 or epoch seconds, got {text!r}"
+        ) from None
+
+
+def _export_calls(args: argparse.Namespace) -> int:
+    config = load(args.config, os.environ)
+    query = CallQuery(since=args.since, until=args.until, caller=args.caller, limit=MAX_PAGE)
+    out = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        write: Callable[[CallRecord], None]
+        if args.format == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+
+            def write(record: CallRecord) -> None:
+                writer.writerow(record.csv_row())
+
+        else:
+
+            def write(record: CallRecord) -> None:
+                out.write(json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True))
+                out.write("\n")
+
+        try:
+            count = _run(app.export_calls(config, query, write))
+        except CallStoreError as exc:
+            print(f"e911-sip: call records could not be read: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        if args.output:
+            out.close()
+    print(f"e911-sip: exported {count} call records", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e911-sip",
@@ -66,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         help="rebuild every line record from provisioning state; report lines without an endpoint",
     )
     resync.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+
+    calls = sub.add_parser("calls", help="emergency call records")
+    calls_sub = calls.add_subparsers(dest="calls_command", required=True)
+    export = calls_sub.add_parser(
+        "export", help="write the call records of a period as CSV or JSON lines"
+    )
+    export.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+    export.add_argument(
+        "--since", type=_time, required=True, help="ISO 8601 (UTC unless a zone is given)"
+    )
+    export.add_argument("--until", type=_time, help="ISO 8601, exclusive (default: now)")
+    export.add_argument("--caller", help="only this 10-digit calling line")
+    export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    export.add_argument("--output", type=Path, help="file to write (default: standard output)")
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
@@ -140,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.config)
         if args.command == "bandwidth-emulator":
             return _bandwidth_emulator(args)
+        if args.command == "calls":
+            return _export_calls(args)
         if args.command == "resync":
             config = load(args.config, os.environ)
             logs.configure(config.log.level)

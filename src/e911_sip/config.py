@@ -304,6 +304,40 @@ class OverloadConfig:
     """Seconds in the Retry-After header of those 503 responses."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordsConfig:
+    """[records]: one record per emergency call (RAY BAUM's Act), kept by provisioning."""
+
+    enabled: bool = True
+    """Build and keep call records."""
+    store_url: str = "memory://"
+    """Where provisioning keeps them: ``memory://``, ``file:///path/calls.jsonl`` or
+    ``redis://...``."""
+    key_prefix: str = "e911:calls:"
+    """Prefix of the call record keys in Redis."""
+    retention_days: float = 1826.0
+    """Days a record is kept after its call (default five years)."""
+    stream: str = "e911:calls"
+    """Redis stream (on ``[store] url``) from the edges to provisioning; unused by the
+    embedded box (``memory://`` store), which hands records over in-process."""
+    stream_maxlen: int = 100_000
+    """Approximate bound of that stream while provisioning does not consume it."""
+    group: str = "provisioning"
+    """Consumer group provisioning reads the stream with."""
+    consumer: str = "provisioning"
+    """Consumer name within the group (keep it stable: unacknowledged records are read
+    again by the same name after a restart)."""
+    max_in_progress: int = 10_000
+    """Emergency calls with a record in progress at an edge; beyond it the oldest is
+    finished early (``end`` = ``capacity``)."""
+    max_age: float = 14_400.0
+    """Seconds after its INVITE at which a call with no BYE seen is recorded as it is
+    (``end`` = ``max_age``)."""
+    queue_size: int = 10_000
+    """Finished records an edge holds while they cannot be written; beyond it they are
+    dropped and counted."""
+
+
 def _emulator_client() -> BandwidthOptions:
     return BandwidthOptions(
         account_id="5555555",
@@ -375,6 +409,7 @@ class Config:
     bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
     source: Path | None = None
     """The file this came from, None for the built-in defaults."""
 
@@ -913,6 +948,24 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
     )
 
 
+def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:
+    s = _Section("records", data, _fields(RecordsConfig))
+    d = RecordsConfig()
+    return RecordsConfig(
+        enabled=s.boolean("enabled", d.enabled),
+        store_url=_state_url(s.string("store_url", d.store_url), s.where("store_url"), base),
+        key_prefix=s.string("key_prefix", d.key_prefix),
+        retention_days=s.number("retention_days", d.retention_days, minimum=1.0),
+        stream=s.string("stream", d.stream),
+        stream_maxlen=s.integer("stream_maxlen", d.stream_maxlen, minimum=1000),
+        group=s.string("group", d.group),
+        consumer=s.string("consumer", d.consumer),
+        max_in_progress=s.integer("max_in_progress", d.max_in_progress, minimum=1),
+        max_age=s.number("max_age", d.max_age, minimum=1.0),
+        queue_size=s.integer("queue_size", d.queue_size, minimum=1),
+    )
+
+
 def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
     s = _Section("bandwidth", data, _fields(BandwidthOptions) | {"run_emulator"})
     d = BandwidthConfig()
@@ -983,6 +1036,7 @@ _SECTIONS = (
     "bandwidth",
     "security",
     "overload",
+    "records",
 )
 
 
@@ -1038,6 +1092,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         bandwidth=_bandwidth(tables["bandwidth"]),
         security=_security(tables["security"]),
         overload=_overload(tables["overload"]),
+        records=_records(tables["records"], base),
     )
     _check_tls(config)
     return config

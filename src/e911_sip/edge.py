@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
 from e911_sip.policy.emergency import caller_line
@@ -129,8 +130,10 @@ class Edge:
         options: EdgeOptions,
         clock: Callable[[], float] = time.perf_counter,
         load: LoadSignal | None = None,
+        recorder: CallRecorder | None = None,
     ) -> None:
         self._core = core
+        self._recorder = recorder
         self._store = store
         self._lookup = lookup
         self._metrics = metrics
@@ -288,6 +291,9 @@ class Edge:
     # -- events --------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
         metrics = self._metrics
+        if self._recorder is not None:
+            # The per-call record (RAY BAUM's Act); memory only, never raises.
+            self._recorder.on_event(event)
         if isinstance(event, RequestRouted):
             key = (event.method, event.route.value)
             counter = self._request_counters.get(key)
@@ -447,6 +453,8 @@ class Edge:
     ) -> None:
         """Enrich with what the lookup found and hand the request back to the core."""
         request = event.request
+        provider_endpoint: str | None = None
+        callback: str | None = None
         extra: dict[str, object] = {
             "call_id": event.call_id,
             "number": event.number,
@@ -455,8 +463,6 @@ class Edge:
         try:
             if failed:
                 raise RuntimeError("the caller or the location could not be read")
-            provider_endpoint: str | None = None
-            callback: str | None = None
             if line is None:
                 outcome = "no_caller"
             else:
@@ -492,6 +498,14 @@ class Edge:
             enriched = False
         self._outcomes[outcome].inc()
         extra["outcome"] = outcome
+        if self._recorder is not None:
+            self._recorder.on_enrichment(
+                event.call_id,
+                outcome=outcome,
+                caller=line,
+                callback=(callback or line) if enriched else None,
+                provider_endpoint=provider_endpoint if enriched else None,
+            )
         self._call_info[event.call] = extra
         if outcome == "cached":
             log.warning("location store unavailable; used a cached location", extra=extra)

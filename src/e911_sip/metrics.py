@@ -289,6 +289,44 @@ class Metrics:
             registry=r,
         )
 
+        self.call_records = Counter(
+            "e911_sip_call_records_total",
+            "Emergency call records at the edge by result: written (handed on), queue_full "
+            "and lost_at_stop (dropped), write_failed (attempts, retried), internal_error.",
+            ["result"],
+            registry=r,
+        )
+        self.call_records_finished = Counter(
+            "e911_sip_call_records_finished_total",
+            "Emergency call records finished at the edge, by why (bye, failed, cancelled, "
+            "max_age, capacity, shutdown, replaced).",
+            ["end"],
+            registry=r,
+        )
+        self.call_records_in_progress = Gauge(
+            "e911_sip_call_records_in_progress",
+            "Emergency calls with a record in progress at the edge (bounded).",
+            registry=r,
+        )
+        self.call_records_queued = Gauge(
+            "e911_sip_call_records_queued",
+            "Finished call records waiting to be written (bounded).",
+            registry=r,
+        )
+        self.call_records_backlog = Gauge(
+            "e911_sip_call_records_backlog",
+            "Call records waiting for provisioning to store them (the stream's length, "
+            "bounded by [records] stream_maxlen).",
+            registry=r,
+        )
+        self.call_records_stored = Counter(
+            "e911_sip_call_records_stored_total",
+            "Call records read by provisioning, by result: stored, store_error (retried), "
+            "invalid (skipped), pruned (past retention).",
+            ["result"],
+            registry=r,
+        )
+
     def set_store_breaker(self, state: str, *, count: bool = True) -> None:
         """Show ``state`` as the breaker's current state and count the change."""
         for name in STORE_BREAKER_STATES:

@@ -6,7 +6,8 @@ Resources (all under ``/v1``, all behind ``Authorization: Bearer <token>``):
 - ``/customers/{customer_id}/sites/{site_id}``: a customer site (middle level);
 - ``/accounts/{number}``: a line keyed by its 10-digit number, optionally on a site and with
   its own address (highest level);
-- ``/audit``: the trail of line location changes; ``/resync``: rebuild the line records.
+- ``/audit``: the trail of line location changes; ``/resync``: rebuild the line records;
+- ``/calls``: one record per emergency call (location, trunks, times), paged by a cursor.
 
 Entities are created with PUT on their URL (ids are the CSP's own: a PUT can be retried
 safely after a timeout) and changed with PATCH (JSON merge patch: a field left out stays, a
@@ -31,7 +32,9 @@ from typing import Any
 
 from aiohttp import web
 
+from e911_sip.callrecords.book import END_REASONS, parse_time
 from e911_sip.provisioning import cascade
+from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStore, CallStoreError
 from e911_sip.provisioning.model import (
     Account,
     Address,
@@ -352,8 +355,15 @@ class _Auth:
 
 
 class _Handlers:
-    def __init__(self, service: ProvisioningService, auth: _Auth, document: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        service: ProvisioningService,
+        auth: _Auth,
+        document: dict[str, Any],
+        calls: CallStore | None = None,
+    ) -> None:
         self._service = service
+        self._calls = calls
         self._auth = auth
         self._document = document
         self._country = service.options.default_country
@@ -467,9 +477,54 @@ class _Handlers:
         entries = await self._service.audit_trail(line=line, limit=int(raw_limit))
         return web.json_response({"entries": [e.to_dict() for e in entries]})
 
+    async def calls(self, request: web.Request) -> web.StreamResponse:
+        query = call_query(request.query)
+        if self._calls is None:
+            raise ServiceError(503, "unavailable", "call records are not kept ([records] enabled)")
+        try:
+            records = await self._calls.query(query)
+        except CallStoreError as exc:
+            _LOG.error("call records could not be read: %s", exc)
+            raise ServiceError(503, "unavailable", "the call record store is unavailable") from exc
+        full = len(records) == query.limit
+        return web.json_response(
+            {
+                "calls": [r.to_dict() for r in records],
+                "next_cursor": records[-1].id if full and records else None,
+            }
+        )
+
     async def resync(self, request: web.Request) -> web.StreamResponse:
         report = await self._service.resync(who=self._auth.who(request))
         return web.json_response(report.to_dict())
+
+
+def call_query(params: Mapping[str, str]) -> CallQuery:
+    """``since``, ``until`` (ISO 8601 or epoch seconds), ``caller``, ``cursor`` and ``limit``
+    of ``GET /v1/calls``. Raises ServiceError 422."""
+    times: dict[str, float | None] = {}
+    for key in ("since", "until"):
+        raw = params.get(key)
+        try:
+            times[key] = parse_time(raw) if raw else None
+        except ValueError:
+            raise _invalid(f"{key} must be ISO 8601 or epoch seconds", field=key) from None
+    caller = params.get("caller") or None
+    if caller is not None and not re.fullmatch(r"\d{10}", caller):
+        raise _invalid("caller must be a 10-digit number", field="caller")
+    raw_limit = params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise _invalid(f"limit must be an integer from 1 to {MAX_PAGE}", field="limit")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not re.fullmatch(r"\d{13}-[0-9a-f]{12}", cursor):
+        raise _invalid("cursor must be a next_cursor this API returned", field="cursor")
+    return CallQuery(
+        since=times["since"],
+        until=times["until"],
+        caller=caller,
+        after=cursor,
+        limit=int(raw_limit),
+    )
 
 
 def _saved(view: dict[str, Any], created: bool, location: str) -> web.Response:
@@ -657,6 +712,19 @@ ROUTES: tuple[Route, ...] = (
         errors=(401, 422, 503),
     ),
     Route(
+        "GET",
+        "/v1/calls",
+        "calls",
+        "Read the records of emergency calls",
+        200,
+        "CallList",
+        errors=(401, 422, 503),
+        description="One record per emergency call, oldest first: the caller, callback and "
+        "number dialled, the provider_endpoint sent (and its cascade level) or the reason "
+        "none was, every trunk tried with its result, the final status and the times of the "
+        "INVITE, the answer and the BYE. Pass next_cursor as cursor for the next page.",
+    ),
+    Route(
         "POST",
         "/v1/resync",
         "resync",
@@ -813,6 +881,55 @@ def _schemas() -> dict[str, Any]:
             }
         ),
         "AuditList": obj({"entries": {"type": "array", "items": {"$ref": ref + "AuditEntry"}}}),
+        "CallRecord": obj(
+            {
+                "id": s,
+                "call_id": s,
+                "caller": nullable_number,
+                "callback": nullable_number,
+                "number": {"type": "string", "enum": ["911", "933"]},
+                "provider_endpoint": ns,
+                "level": {
+                    "type": ["string", "null"],
+                    "enum": ["account", "site", "customer", None],
+                },
+                "outcome": {
+                    "type": ["string", "null"],
+                    "description": "enriched, no_location, store_error, cached, invalid_record, "
+                    "no_caller, enrich_error or fail_open",
+                },
+                "trunks": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "trunk": s,
+                            "attempt": {"type": "integer"},
+                            "enriched": {"type": "boolean"},
+                            "result": {
+                                **ns,
+                                "description": "final status, or the failover reason "
+                                "(a status code, timeout, no_provisional, transport)",
+                            },
+                        }
+                    ),
+                },
+                "status": {"type": ["integer", "null"]},
+                "end": {
+                    "type": "string",
+                    "enum": list(END_REASONS),
+                },
+                "invite_at": {"type": "string", "format": "date-time"},
+                "answered_at": {"type": ["string", "null"], "format": "date-time"},
+                "bye_at": {"type": ["string", "null"], "format": "date-time"},
+            },
+            ["id", "call_id", "number", "trunks", "end", "invite_at"],
+        ),
+        "CallList": obj(
+            {
+                "calls": {"type": "array", "items": {"$ref": ref + "CallRecord"}},
+                "next_cursor": ns,
+            }
+        ),
         "ResyncReport": obj(
             {
                 "ok": {"type": "boolean"},
@@ -909,6 +1026,23 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
                     },
                 },
             ]
+        if route.handler == "calls":
+            params += [
+                {"name": "since", "in": "query", "schema": {"type": "string"}},
+                {"name": "until", "in": "query", "schema": {"type": "string"}},
+                {"name": "caller", "in": "query", "schema": _PARAMETERS["number"]},
+                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_PAGE,
+                        "default": 100,
+                    },
+                },
+            ]
         if params:
             operation["parameters"] = params
         if route.body is not None:
@@ -953,7 +1087,7 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
 
 
 def build_provisioning_app(
-    service: ProvisioningService, *, tokens: Mapping[str, str]
+    service: ProvisioningService, *, tokens: Mapping[str, str], calls: CallStore | None = None
 ) -> web.Application:
     """The provisioning API as an aiohttp application.
 
@@ -964,7 +1098,7 @@ def build_provisioning_app(
         ValueError: a token is empty or has no name.
     """
     auth = _Auth(tokens)
-    handlers = _Handlers(service, auth, openapi_document())
+    handlers = _Handlers(service, auth, openapi_document(), calls)
     app = web.Application(middlewares=[_errors, auth.middleware])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))

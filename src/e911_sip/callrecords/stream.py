@@ -1,0 +1,311 @@
+"""How finished call records travel from the edge to provisioning, off the call path.
+
+- :class:`RedisStreamSink` / :class:`RedisStreamSource`: a Redis stream (``XADD`` with an
+  approximate ``MAXLEN`` as a safety bound; read with a consumer group and acknowledged only
+  once provisioning has stored the records durably, so a crash in between redelivers them,
+  and storing one record twice is harmless: its id is derived from the call).
+- :class:`LocalHandoff`: the embedded single box (``memory://`` store), where the edge and
+  provisioning share one process: a bounded in-memory queue.
+
+Every redis-py exception becomes :class:`TransferError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError, ResponseError
+
+from e911_sip.callrecords.book import CallRecord, RecordError
+from e911_sip.store.redis import connect
+
+DEFAULT_STREAM = "e911:calls"
+DEFAULT_GROUP = "provisioning"
+
+
+class TransferError(Exception):
+    """Records could not be handed on, or read."""
+
+
+class RecordSink(Protocol):
+    """Where the edge hands finished records."""
+
+    async def write(self, records: Sequence[CallRecord]) -> None:
+        """Hand ``records`` on, all of them or (raising) possibly some.
+
+        Raises:
+            TransferError: they were not (all) handed on.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Delivery(Protocol):
+    """A batch read by provisioning, to be acknowledged once stored."""
+
+    records: list[CallRecord]
+    invalid: int
+    """Entries that were not call records (acknowledged and skipped)."""
+
+    async def ack(self) -> None:
+        """The records are stored: never deliver them again.
+
+        Raises:
+            TransferError: not acknowledged (they come again: storing twice is harmless).
+        """
+        ...
+
+    def release(self) -> None:
+        """The records were not stored: deliver them again."""
+        ...
+
+
+class RecordSource(Protocol):
+    """Where provisioning reads finished records."""
+
+    async def read(self, *, count: int, block: float) -> Delivery | None:
+        """The next batch, waiting up to ``block`` seconds; None when nothing came.
+
+        Raises:
+            TransferError: the source could not be read.
+        """
+        ...
+
+    async def backlog(self) -> int:
+        """Records waiting to be read (the stream's length: bounded by its ``MAXLEN``).
+
+        Raises:
+            TransferError: the source could not be asked.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+def encode(record: CallRecord) -> str:
+    return json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def decode(text: str) -> CallRecord:
+    """Raises RecordError."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RecordError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecordError("not a JSON object")
+    return CallRecord.from_dict(data)
+
+
+# -- in one process ----------------------------------------------------------------------------
+
+
+class LocalHandoff:
+    """A bounded queue between the edge and provisioning in one process. Implements both
+    RecordSink and RecordSource."""
+
+    def __init__(self, *, max_records: int = 10_000) -> None:
+        self._queue: deque[CallRecord] = deque()
+        self._max = max_records
+        self._ready = asyncio.Event()
+
+    async def write(self, records: Sequence[CallRecord]) -> None:
+        if len(self._queue) + len(records) > self._max:
+            raise TransferError(f"in-process record queue full ({self._max})")
+        self._queue.extend(records)
+        self._ready.set()
+
+    async def read(self, *, count: int, block: float) -> Delivery | None:
+        if not self._queue:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(block):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        batch = [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
+        # Not acknowledged means not stored: a failed store puts the batch back in front.
+        return _LocalDelivery(self, batch)
+
+    async def backlog(self) -> int:
+        return len(self._queue)
+
+    def _requeue(self, records: list[CallRecord]) -> None:
+        self._queue.extendleft(reversed(records))
+        self._ready.set()
+
+    async def close(self) -> None:
+        return None
+
+
+class _LocalDelivery:
+    def __init__(self, owner: LocalHandoff, records: list[CallRecord]) -> None:
+        self.records = records
+        self.invalid = 0
+        self._owner = owner
+        self._acked = False
+
+    async def ack(self) -> None:
+        self._acked = True
+
+    def release(self) -> None:
+        """Give the batch back (it was not stored)."""
+        if not self._acked:
+            self._owner._requeue(self.records)
+
+
+# -- through Redis ------------------------------------------------------------------------------
+
+
+class RedisStreamSink:
+    """XADD each record's JSON to a stream. Implements RecordSink."""
+
+    def __init__(
+        self, *, url: str, stream: str = DEFAULT_STREAM, maxlen: int = 1_000_000, timeout: float
+    ) -> None:
+        self._stream = stream
+        self._maxlen = maxlen
+        self._client = connect(url, socket_timeout=timeout, max_connections=2)
+
+    async def write(self, records: Sequence[CallRecord]) -> None:
+        if not records:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for record in records:
+                    pipe.xadd(
+                        self._stream,
+                        {"record": encode(record)},
+                        maxlen=self._maxlen,
+                        approximate=True,
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise TransferError(f"XADD to {self._stream} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError):
+            pass
+
+
+class _StreamDelivery:
+    def __init__(
+        self, source: RedisStreamSource, ids: list[str], records: list[CallRecord], invalid: int
+    ) -> None:
+        self.records = records
+        self.invalid = invalid
+        self._source = source
+        self._ids = ids
+
+    async def ack(self) -> None:
+        await self._source.ack(self._ids)
+
+    def release(self) -> None:
+        self._source.redeliver()
+
+
+class RedisStreamSource:
+    """Read a stream with a consumer group. Implements RecordSource.
+
+    Entries delivered to this consumer and never acknowledged (the process stopped before
+    storing them) are read again first, then new ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        stream: str = DEFAULT_STREAM,
+        group: str = DEFAULT_GROUP,
+        consumer: str,
+        timeout: float = 5.0,
+    ) -> None:
+        self._stream = stream
+        self._group = group
+        self._consumer = consumer
+        self._timeout = timeout
+        self._client = connect(url, socket_timeout=timeout, max_connections=2)
+        self._group_ready = False
+        self._pending = True
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._client.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def read(self, *, count: int, block: float) -> Delivery | None:
+        # The block must end well before the socket timeout, or a quiet stream reads as an
+        # error.
+        block_ms = max(1, int(min(block, self._timeout / 2) * 1000))
+        try:
+            await self._ensure_group()
+            entries = await self._read_entries("0", count, None) if self._pending else []
+            if not entries:
+                self._pending = False
+                entries = await self._read_entries(">", count, block_ms)
+        except (RedisError, OSError) as exc:
+            self._group_ready = False
+            raise TransferError(f"XREADGROUP on {self._stream} failed: {exc}") from exc
+        if not entries:
+            return None
+        ids: list[str] = []
+        records: list[CallRecord] = []
+        invalid = 0
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            try:
+                records.append(decode((fields or {}).get("record", "")))
+            except RecordError:
+                invalid += 1
+        return _StreamDelivery(self, ids, records, invalid)
+
+    async def _read_entries(
+        self, start: str, count: int, block_ms: int | None
+    ) -> list[tuple[str, dict[str, str] | None]]:
+        reply: Any = await self._client.xreadgroup(
+            self._group, self._consumer, {self._stream: start}, count=count, block=block_ms
+        )
+        # Replies are decoded text: [[stream, [(id, fields), ...]]] (fields None once deleted).
+        return list(reply[0][1]) if reply else []
+
+    async def backlog(self) -> int:
+        try:
+            return int(await self._client.xlen(self._stream))
+        except (RedisError, OSError) as exc:
+            raise TransferError(f"XLEN of {self._stream} failed: {exc}") from exc
+
+    def redeliver(self) -> None:
+        """Read this consumer's unacknowledged entries again before new ones."""
+        self._pending = True
+
+    async def ack(self, ids: list[str]) -> None:
+        """Acknowledge and delete ``ids``: they are stored, the stream need not keep them.
+
+        Raises:
+            TransferError: not acknowledged (they are read again later: harmless).
+        """
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xack(self._stream, self._group, *ids)
+                pipe.xdel(self._stream, *ids)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise TransferError(f"XACK on {self._stream} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError):
+            pass
