@@ -15,8 +15,9 @@ import logging
 import os
 import resource
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,12 +30,25 @@ from e911_sip.config import (
     Config,
     ConfigError,
     HttpsConfig,
+    StartTls,
     TlsConfig,
     UntrustedAction,
     server_tls_context,
 )
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
+from e911_sip.notify.channels import (
+    Channel,
+    EmailChannel,
+    EmailOptions,
+    SmsChannel,
+    SmsOptions,
+    WebhookChannel,
+    WebhookOptions,
+)
+from e911_sip.notify.dispatch import Notifier, NotifierOptions, Publisher
+from e911_sip.notify.event import CallEvent, Resolution, Targets
+from e911_sip.notify.queue import FileQueue, Queue, QueueError, RedisStreamQueue
 from e911_sip.opshttp import build_ops_app
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions, ExistingGeolocation
@@ -42,6 +56,7 @@ from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.audit import AuditLog, JsonlAuditLog, MemoryAuditLog, RedisAuditLog
 from e911_sip.provisioning.bandwidth import BandwidthClient
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+from e911_sip.provisioning.messaging import BandwidthMessageSender
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import (
     FileStateStore,
@@ -257,6 +272,8 @@ async def start_edge(
     config: Config,
     store: LocationStore,
     metrics: Metrics,
+    *,
+    notify: Publisher | None = None,
 ) -> RunningEdge:
     """Bind the SIP listeners and return the running edge.
 
@@ -305,6 +322,7 @@ async def start_edge(
             drain_timeout=config.shutdown.drain_timeout,
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
         ),
+        notify=notify.publish if notify is not None else None,
     )
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
@@ -458,6 +476,162 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
     )
 
 
+@dataclass(slots=True)
+class NotifyParts:
+    """The notification queues, and the edge's publisher when this process runs an edge."""
+
+    events: Queue
+    deliveries: Queue
+    publisher: Publisher | None
+
+    async def close(self) -> None:
+        await self.events.close()
+        await self.deliveries.close()
+
+
+def build_notify(
+    config: Config, *, edge: bool, on_dropped: Callable[[], None] = lambda: None
+) -> NotifyParts | None:
+    """The ``[notify]`` queues: Redis streams next to the line records, else journal files
+    (``queue_file``) or memory. None when notifications are disabled."""
+    n = config.notify
+    if not n.enabled:
+        return None
+    if config.store.url.startswith("memory://"):
+        if n.queue_file is None:
+            log.warning("[notify] queue_file is unset: queued notifications are lost on a restart")
+            events: Queue = FileQueue(None)
+            deliveries: Queue = FileQueue(None)
+        else:
+            try:
+                n.queue_file.parent.mkdir(parents=True, exist_ok=True)
+                events = FileQueue(n.queue_file)
+                deliveries = FileQueue(n.queue_file.with_name(n.queue_file.name + ".deliveries"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"[notify] queue_file: {exc}") from exc
+    else:
+        consumer = n.consumer or socket.gethostname()
+        events = RedisStreamQueue.from_url(
+            config.store.url,
+            stream=f"{n.key_prefix}events",
+            dead_list=f"{n.key_prefix}dead",
+            consumer=consumer,
+        )
+        deliveries = RedisStreamQueue.from_url(
+            config.store.url,
+            stream=f"{n.key_prefix}deliveries",
+            dead_list=f"{n.key_prefix}dead",
+            consumer=consumer,
+        )
+    publisher = None
+    if edge:
+        publisher = Publisher(events, numbers=frozenset(n.numbers), on_dropped=on_dropped)
+    return NotifyParts(events=events, deliveries=deliveries, publisher=publisher)
+
+
+def notify_channels(config: Config) -> dict[str, Channel]:
+    """The channels ``[notify]`` configures: webhooks always (contacts may name them),
+    email with ``smtp_url``, SMS with ``sms_from`` (through Bandwidth's Messaging API)."""
+    n = config.notify
+    channels: dict[str, Channel] = {
+        "webhook": WebhookChannel(
+            WebhookOptions(
+                secret=n.webhook_secret.encode() if n.webhook_secret else None,
+                timeout=n.webhook_timeout,
+            )
+        )
+    }
+    if n.smtp_url is not None:
+        starttls = {StartTls.AUTO: None, StartTls.ALWAYS: True, StartTls.NEVER: False}
+        try:
+            channels["email"] = EmailChannel(
+                EmailOptions(
+                    smtp_url=n.smtp_url,
+                    sender=n.email_from,
+                    username=n.smtp_username,
+                    password=n.smtp_password,
+                    starttls=starttls[n.smtp_starttls],
+                    timeout=n.smtp_timeout,
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[notify] smtp_url: {exc}") from exc
+    if n.sms_from is not None:
+        sender = BandwidthMessageSender(
+            BandwidthClient(config.bandwidth.client),
+            sender=n.sms_from,
+            application_id=n.sms_application_id,
+            owns_client=True,
+        )
+        channels["sms"] = SmsChannel(sender, SmsOptions(rate=n.sms_rate))
+    return channels
+
+
+async def run_notifier(
+    config: Config,
+    parts: NotifyParts,
+    metrics: Metrics,
+    service: ProvisioningService | None,
+    stop: asyncio.Event,
+) -> None:
+    """Deliver notifications until ``stop``; targets unreachable at start are retried, not
+    errors."""
+    n = config.notify
+
+    async def resolve(event: CallEvent) -> Resolution:
+        if service is None:
+            return Resolution()
+        return await service.notification_context(event.caller)
+
+    channels = notify_channels(config)
+    notifier = Notifier(
+        events=parts.events,
+        deliveries=parts.deliveries,
+        channels=channels,
+        resolve=resolve,
+        options=NotifierOptions(
+            fallback=Targets(webhooks=n.webhook_urls, emails=n.emails, sms=n.sms),
+            max_attempts=n.max_attempts,
+            retry_for=n.retry_for,
+            backoff_base=n.backoff_base,
+            backoff_cap=n.backoff_cap,
+        ),
+        on_outcome=lambda channel, outcome: metrics.notifications.labels(channel, outcome).inc(),
+        on_latency=lambda channel, seconds: metrics.notification_seconds.labels(channel).observe(
+            seconds
+        ),
+    )
+    log.info(
+        "notifier running",
+        extra={"channels": sorted(channels), "numbers": list(n.numbers)},
+    )
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(notifier.run(stop))
+            tasks.create_task(watch_notify_queues(parts, metrics, stop))
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+async def watch_notify_queues(
+    parts: NotifyParts, metrics: Metrics, stop: asyncio.Event, interval: float = 5.0
+) -> None:
+    """Keep the queue-depth and dead-letter gauges current."""
+    while not stop.is_set():
+        try:
+            metrics.notification_queue.labels("events").set(await parts.events.depth())
+            metrics.notification_queue.labels("deliveries").set(await parts.deliveries.depth())
+            metrics.notification_dead_letters.set(len(await parts.deliveries.dead_letters()))
+        except QueueError:
+            pass
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
+
+
 GC_FREEZE_INTERVAL = 0.5
 """Seconds between moves of surviving objects out of the collector's reach."""
 
@@ -514,10 +688,17 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     store = build_store(config, mirror=role is not Role.PROVISIONING)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
+    notify = build_notify(
+        config,
+        edge=role in (Role.EDGE, Role.ALL),
+        on_dropped=metrics.notification_events_dropped.inc,
+    )
+    service: ProvisioningService | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             if role in (Role.EDGE, Role.ALL):
-                running = await start_edge(config, store, metrics)
+                publisher = notify.publisher if notify is not None else None
+                running = await start_edge(config, store, metrics, notify=publisher)
             provisioning = role in (Role.PROVISIONING, Role.ALL)
             if provisioning and not config.provisioning.tokens:
                 log.warning("provisioning API not started: [provisioning] tokens is empty")
@@ -594,6 +775,15 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     tasks.create_task(store.run(watch_stop))
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
+                if notify is not None:
+                    if notify.publisher is not None:
+                        tasks.create_task(notify.publisher.run(watch_stop))
+                    # The notifier runs where provisioning state is; an edge alone on
+                    # memory:// has no other process to read its queue.
+                    if role is not Role.EDGE or isinstance(store, MemoryStore):
+                        tasks.create_task(
+                            run_notifier(config, notify, metrics, service, watch_stop)
+                        )
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)
@@ -604,6 +794,8 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             for transport in running.transports:
                 await transport.close()
         await store.close()
+        if notify is not None:
+            await notify.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("e911-sip stopped")

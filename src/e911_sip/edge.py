@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
+from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
 from e911_sip.proxy.core import (
@@ -114,8 +115,10 @@ class Edge:
         metrics: Metrics,
         options: EdgeOptions,
         clock: Callable[[], float] = time.perf_counter,
+        notify: Callable[[CallEvent], None] | None = None,
     ) -> None:
         self._core = core
+        self._notify = notify
         self._store = store
         self._lookup = lookup
         self._metrics = metrics
@@ -427,6 +430,8 @@ class Edge:
             to_send = request
             enriched = False
         self._outcomes[outcome].inc()
+        if self._notify is not None:
+            self._notify_call(event, line, result, outcome)
         extra["outcome"] = outcome
         self._call_info[event.call] = extra
         if outcome == "cached":
@@ -442,6 +447,26 @@ class Edge:
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.
         self._settled.append(event.call)
+
+    def _notify_call(
+        self, event: EmergencyCall, line: str | None, result: LookupResult | None, outcome: str
+    ) -> None:
+        """Kari's Law: hand the call to the notifier (it only appends to a list in memory)."""
+        assert self._notify is not None
+        record = result.record if result is not None else None
+        try:
+            self._notify(
+                CallEvent.now(
+                    call_id=event.call_id,
+                    caller=line,
+                    callback=record.callback if record is not None else None,
+                    dialed=event.number,
+                    provider_endpoint=record.provider_endpoint if record is not None else None,
+                    outcome=outcome,
+                )
+            )
+        except Exception:
+            log.exception("could not queue the notification", extra={"call_id": event.call_id})
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

@@ -35,6 +35,7 @@ from e911_sip.provisioning import cascade
 from e911_sip.provisioning.model import (
     Account,
     Address,
+    Contacts,
     CustomerState,
     Entity,
     ModelError,
@@ -78,6 +79,7 @@ def _location_view(entity: Entity) -> dict[str, Any]:
         ),
         "provider_endpoint": entity.endpoint.provider_endpoint if entity.endpoint else None,
         "endpoint_phone_number": entity.endpoint.phone_number if entity.endpoint else None,
+        "contacts": entity.contacts.to_dict() if entity.contacts is not None else None,
     }
 
 
@@ -124,6 +126,12 @@ def effective_view(state: CustomerState, account: Account) -> dict[str, Any]:
     }
 
 
+def effective_contacts_view(state: CustomerState, account: Account) -> dict[str, Any]:
+    """Who is told of the account's emergency calls, and from which level."""
+    level, contacts = cascade.effective_contacts(state, account)
+    return {**contacts.to_dict(), "level": level.value if level is not None else None}
+
+
 def account_view(state: CustomerState, account: Account) -> dict[str, Any]:
     """The JSON form of an account."""
     return {
@@ -134,6 +142,7 @@ def account_view(state: CustomerState, account: Account) -> dict[str, Any]:
         "callback_number": account.callback_number,
         **_location_view(account),
         "effective": effective_view(state, account),
+        "effective_contacts": effective_contacts_view(state, account),
         "created_at": account.created_at,
         "updated_at": account.updated_at,
     }
@@ -200,7 +209,18 @@ def _address(body: Mapping[str, Any], default_country: str) -> Address | None | 
         raise _invalid(str(exc), field=exc.field) from exc
 
 
-_COMMON_KEYS = {"name", "callback_number", "address"}
+def _contacts(body: Mapping[str, Any]) -> Contacts | None | Unset:
+    if "contacts" not in body:
+        return UNSET
+    if body["contacts"] is None:
+        return None
+    try:
+        return Contacts.from_dict(body["contacts"])
+    except ModelError as exc:
+        raise _invalid(str(exc), field=exc.field) from exc
+
+
+_COMMON_KEYS = {"name", "callback_number", "address", "contacts"}
 
 
 def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) -> CustomerFields:
@@ -210,6 +230,7 @@ def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) 
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -222,6 +243,7 @@ def site_fields(
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -237,6 +259,7 @@ def account_fields(body: Mapping[str, Any], *, number: str, country: str) -> Acc
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -692,6 +715,7 @@ def _schemas() -> dict[str, Any]:
             "description": "{bw_account_id}/{endpoint_id} of this entity's own endpoint",
         },
         "endpoint_phone_number": ns,
+        "contacts": {"oneOf": [{"$ref": ref + "Contacts"}, {"type": "null"}]},
         "created_at": s,
         "updated_at": s,
     }
@@ -704,8 +728,20 @@ def _schemas() -> dict[str, Any]:
             "record when it differs from the line.",
         },
         "address": {"oneOf": [{"$ref": ref + "Address"}, {"type": "null"}]},
+        "contacts": {
+            "oneOf": [{"$ref": ref + "Contacts"}, {"type": "null"}],
+            "description": "Kari's Law notification targets of this level; null inherits "
+            "(account → site → customer → [notify] fallback).",
+        },
     }
     return {
+        "Contacts": obj(
+            {
+                "emails": {"type": "array", "items": s},
+                "sms": {"type": "array", "items": s},
+                "webhooks": {"type": "array", "items": s},
+            }
+        ),
         "Address": obj(
             {
                 "line1": {**s, "example": "900 Main Campus Drive"},

@@ -1,0 +1,165 @@
+"""Kari's Law notifications through the real edge process and a real redis-server.
+
+A SIPp caller dials 911 through the edge; the edge queues the call in a Redis stream and the
+notifier in the same process (role ``all``) posts the signed webhook to a receiver started
+here. The Redis queue's restart behaviour is checked against redis-server directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from e911_sip.notify.queue import RedisStreamQueue
+from tests.integration.harness import (
+    DEFAULT_CALLER,
+    DEFAULT_ENDPOINT,
+    EdgeProcess,
+    RedisServer,
+    Sipp,
+    edge_config,
+    free_port,
+    trunk_uri,
+)
+
+SECRET = "integration-webhook-secret"
+
+
+class WebhookReceiver:
+    """A threaded HTTP server on loopback that queues every POST it receives."""
+
+    def __init__(self) -> None:
+        self.posts: queue.Queue[tuple[float, dict[str, str], bytes]] = queue.Queue()
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                posts.put((time.time(), dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/kari"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as rec:
+        yield rec
+
+
+def test_a_911_call_through_the_edge_posts_the_signed_webhook(
+    edge_factory: Callable[..., EdgeProcess],
+    sipp: Sipp,
+    redis_server: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    redis_server.client().hset(
+        f"e911:line:{DEFAULT_CALLER}",
+        mapping={"provider_endpoint": DEFAULT_ENDPOINT, "updated_at": "2026-11-01T12:00:00Z"},
+    )
+    trunk = free_port("udp")
+    uas = sipp.uas("uas_emergency.xml", port=trunk)
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+        notify={
+            "webhook_urls": [receiver.url, "http://127.0.0.1:9/unreachable-at-start"],
+            "webhook_secret": SECRET,
+            "backoff_base": 30.0,
+        },
+    )
+    edge = edge_factory(config)
+    started = time.time()
+    caller = sipp.uac("uac_911.xml", edge.sip_target)
+    assert caller.ok, caller.summary()
+    assert uas.wait().ok
+    arrived, headers, raw = receiver.posts.get(timeout=20)
+    body = json.loads(raw)
+    assert body["event"] == "emergency_call"
+    assert body["caller"] == DEFAULT_CALLER and body["callback"] == DEFAULT_CALLER
+    assert body["dialed"] == "911"
+    assert body["provider_endpoint"] == DEFAULT_ENDPOINT
+    assert body["outcome"] == "enriched"
+    # No provisioning API in this process: the level and address are unknown here.
+    assert body["level"] is None and body["address"] is None
+    assert body["call_id"] and body["time"].endswith("Z")
+    expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-E911-Signature"], expected)
+    assert len(headers["X-E911-Delivery-Id"]) == 32
+    # Reported, not asserted: the first notification's delay from the call's start.
+    print(f"webhook arrived {arrived - started:.3f}s after the caller started")
+
+    def delivered() -> float:
+        return (
+            edge.metric("e911_sip_notifications_total", channel="webhook", outcome="delivered")
+            or 0.0
+        )
+
+    deadline = time.monotonic() + 10
+    while delivered() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert delivered() == 1
+    assert edge.metric("e911_sip_notification_latency_seconds_count", channel="webhook") == 1
+    # The unreachable target did not stop the process; it is being retried.
+    assert (
+        edge.metric("e911_sip_notifications_total", channel="webhook", outcome="retried") or 0
+    ) >= 1
+
+
+async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finish(
+    redis_server: RedisServer,
+) -> None:
+    def open_queue() -> RedisStreamQueue:
+        return RedisStreamQueue.from_url(
+            redis_server.url, stream="t:deliveries", dead_list="t:dead", consumer="box1"
+        )
+
+    first = open_queue()
+    for n in range(5):
+        await first.put({"n": n})
+    taken = await first.take(0.5)
+    assert [item["n"] for _, item in taken] == [0, 1, 2, 3, 4]
+    await first.done(taken[0][0])
+    await first.dead(taken[1][0], taken[1][1], "http 410")
+    await first.close()  # a restart with three taken and unfinished
+
+    second = open_queue()
+    again = await second.take(0.5)
+    assert [item["n"] for _, item in again] == [2, 3, 4]
+    assert await second.take(0.1) == []  # nothing new, nothing handed out twice
+    await second.put({"n": 5})
+    fresh = await second.take(1.0)
+    assert [item["n"] for _, item in fresh] == [5]
+    for entry, _ in again + fresh:
+        await second.done(entry)
+    assert await second.depth() == 0
+    assert await second.dead_letters() == [{"item": {"n": 1}, "reason": "http 410"}]
+    await second.close()
