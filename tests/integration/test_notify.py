@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,13 @@ from tests.integration.harness import (
     edge_config,
     free_port,
     trunk_uri,
+)
+from tests.integration.test_end_to_end import (
+    CUSTOMER_ADDRESS,
+    api,
+    call_and_check,
+    provisioning_tables,
+    serve,
 )
 
 SECRET = "integration-webhook-secret"
@@ -132,6 +140,79 @@ def test_a_911_call_through_the_edge_posts_the_signed_webhook(
     assert (
         edge.metric("e911_sip_notifications_total", channel="webhook", outcome="retried") or 0
     ) >= 1
+
+
+@pytest.fixture
+def processes() -> Iterator[list[EdgeProcess]]:
+    started: list[EdgeProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def test_split_roles_notify_the_provisioned_contacts_with_the_address(
+    tmp_path: Path,
+    processes: list[EdgeProcess],
+    sipp: Sipp,
+    redis_server: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    """The edge (its own process) queues the call in Redis; the provisioning process resolves
+    the customer-level contacts and the standardised address and posts the webhook."""
+    api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
+    line = "3215551234"
+    provisioning_config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+        **provisioning_tables(
+            api_port, emulator_port, state_url=redis_server.url, audit_url=redis_server.url
+        ),
+    )
+    serve(tmp_path, processes, provisioning_config, "provisioning")
+    edge = serve(
+        tmp_path,
+        processes,
+        edge_config(
+            sip_port=free_port("both"),
+            http_port=free_port("tcp"),
+            emergency_trunks=[trunk_uri(trunk)],
+            default_trunks=[trunk_uri(free_port("udp"))],
+            store_url=redis_server.url,
+        ),
+        "edge",
+    )
+    status, body = api(
+        api_port,
+        "PUT",
+        "/v1/customers/helpdesk365",
+        {
+            "name": "Helpdesk 365",
+            "address": CUSTOMER_ADDRESS,
+            "contacts": {"webhooks": [receiver.url]},
+        },
+    )
+    assert status == 201, body
+    status, account = api(api_port, "PUT", f"/v1/accounts/{line}", {"customer_id": "helpdesk365"})
+    assert status == 201, account
+    assert account["effective_contacts"] == {
+        "emails": [],
+        "sms": [],
+        "webhooks": [receiver.url],
+        "level": "customer",
+    }
+    endpoint = account["effective"]["provider_endpoint"]
+    call_and_check(sipp, edge, trunk, line, endpoint)
+    _, _, raw = receiver.posts.get(timeout=20)
+    body = json.loads(raw)
+    assert body["caller"] == line and body["provider_endpoint"] == endpoint
+    assert body["level"] == "customer"
+    assert body["address"] == "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
+    assert body["name"] == f"Helpdesk 365 / {line}"
 
 
 async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finish(

@@ -19,6 +19,7 @@ from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP
@@ -417,7 +418,7 @@ async def test_sms_through_the_emulator_survives_a_429_storm(tmp_path: Path) -> 
         await running.halt()
         await sms.close()
         async with (
-            __import__("aiohttp").ClientSession() as session,
+            aiohttp.ClientSession() as session,
             session.get(f"{base}/_emulator/state") as response,
         ):
             state = await response.json()
