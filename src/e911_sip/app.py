@@ -15,7 +15,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -510,7 +509,7 @@ def build_notify(
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"[notify] queue_file: {exc}") from exc
     else:
-        consumer = n.consumer or socket.gethostname()
+        consumer = n.consumer or "notifier"
         events = RedisStreamQueue.from_url(
             config.store.url,
             stream=f"{n.key_prefix}events",
@@ -606,9 +605,7 @@ async def run_notifier(
         extra={"channels": sorted(channels), "numbers": list(n.numbers)},
     )
     try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(notifier.run(stop))
-            tasks.create_task(watch_notify_queues(parts, metrics, stop))
+        await notifier.run(stop)
     finally:
         for channel in channels.values():
             await channel.close()
@@ -776,6 +773,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 if running is not None:
                     tasks.create_task(running.edge.watch_store(watch_stop))
                 if notify is not None:
+                    tasks.create_task(watch_notify_queues(notify, metrics, watch_stop))
                     if notify.publisher is not None:
                         tasks.create_task(notify.publisher.run(watch_stop))
                     # The notifier runs where provisioning state is; an edge alone on

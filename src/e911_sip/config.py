@@ -386,8 +386,10 @@ class NotifyConfig:
     memory only, lost on restart)."""
     key_prefix: str = "e911:notify:"
     """Prefix of the notification streams and dead-letter list in Redis."""
-    consumer: str = ""
-    """Consumer name in the Redis consumer group (default: the host name)."""
+    consumer: str = "notifier"
+    """This notifier's name in the Redis consumer group. It must survive restarts (what a
+    consumer took and did not finish is re-read under the same name) and differ between
+    notifiers that run at the same time."""
     max_attempts: int = 10
     """Attempts per delivery before it goes to the dead-letter list."""
     retry_for: float = 3600.0

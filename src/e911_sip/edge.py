@@ -454,6 +454,7 @@ class Edge:
         """Kari's Law: hand the call to the notifier (it only appends to a list in memory)."""
         assert self._notify is not None
         record = result.record if result is not None else None
+        started = self._received_at.get(event.call)
         try:
             self._notify(
                 CallEvent.now(
@@ -463,6 +464,7 @@ class Edge:
                     dialed=event.number,
                     provider_endpoint=record.provider_endpoint if record is not None else None,
                     outcome=outcome,
+                    age=self._clock() - started if started is not None else 0.0,
                 )
             )
         except Exception:

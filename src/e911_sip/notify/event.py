@@ -60,8 +60,9 @@ class CallEvent:
         dialed: str,
         provider_endpoint: str | None,
         outcome: str,
+        age: float = 0.0,
     ) -> CallEvent:
-        """An event stamped with the wall clock now."""
+        """An event for an INVITE that arrived ``age`` seconds ago, by the wall clock."""
         return cls(
             call_id=call_id,
             caller=caller,
@@ -69,7 +70,7 @@ class CallEvent:
             dialed=dialed,
             provider_endpoint=provider_endpoint,
             outcome=outcome,
-            received_at=time.time(),
+            received_at=time.time() - max(0.0, age),
         )
 
     def to_dict(self) -> dict[str, Any]:
