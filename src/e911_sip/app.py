@@ -542,6 +542,12 @@ def notify_channels(config: Config) -> dict[str, Channel]:
     }
     if n.smtp_url is not None:
         starttls = {StartTls.AUTO: None, StartTls.ALWAYS: True, StartTls.NEVER: False}
+        context: ssl.SSLContext | None = None
+        if n.smtp_ca_file is not None:
+            try:
+                context = ssl.create_default_context(cafile=str(n.smtp_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[notify] smtp_ca_file: cannot load it: {exc}") from exc
         try:
             channels["email"] = EmailChannel(
                 EmailOptions(
@@ -551,6 +557,7 @@ def notify_channels(config: Config) -> dict[str, Channel]:
                     password=n.smtp_password,
                     starttls=starttls[n.smtp_starttls],
                     timeout=n.smtp_timeout,
+                    tls_context=context,
                 )
             )
         except ValueError as exc:

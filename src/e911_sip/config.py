@@ -373,6 +373,8 @@ class NotifyConfig:
     """``auto``, ``always`` or ``never`` STARTTLS on ``smtp://``."""
     smtp_timeout: float = 10.0
     """Seconds one SMTP session may take."""
+    smtp_ca_file: Path | None = None
+    """PEM CA certificates that sign the SMTP server's certificate (default: the system's)."""
     email_from: str = "e911-sip@localhost"
     """From address of notification emails."""
     sms_from: str | None = None
@@ -1029,6 +1031,7 @@ def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
         smtp_password=s.optional_string("smtp_password"),
         smtp_starttls=mode,
         smtp_timeout=s.number("smtp_timeout", d.smtp_timeout),
+        smtp_ca_file=_file(s, "smtp_ca_file", base),
         email_from=s.string("email_from", d.email_from),
         sms_from=s.optional_string("sms_from"),
         sms_application_id=s.string("sms_application_id", d.sms_application_id),

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -148,6 +149,8 @@ class EmailOptions:
     """Seconds one SMTP session may take."""
     validate_certs: bool = True
     """Verify the server's certificate for STARTTLS and smtps://."""
+    tls_context: ssl.SSLContext | None = None
+    """Trust and TLS settings for STARTTLS and smtps:// (None: the system's CA store)."""
 
 
 class EmailChannel:
@@ -191,6 +194,7 @@ class EmailChannel:
                 password=self._password,
                 timeout=options.timeout,
                 validate_certs=options.validate_certs,
+                tls_context=options.tls_context,
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             raise DeliveryFailed(f"recipient refused: {exc}", permanent=True) from None

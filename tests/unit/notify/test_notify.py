@@ -12,7 +12,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -21,8 +23,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 from bandwidth.models import MessageRequest
 
 from e911_sip.notify.channels import (
@@ -438,3 +441,78 @@ async def test_sms_through_the_emulator_survives_a_429_storm(tmp_path: Path) -> 
         assert request.application_id == "app-e911" and request.var_from == "+19195550100"
         assert "EMERGENCY: 911 call from 1321551234" in m["text"]
     assert await queue.depth() == 0
+
+
+class Credentials:
+    """An aiosmtpd authenticator that accepts one user and records who logged in."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user.encode(), password.encode()
+        self.logins: list[bytes] = []
+
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = data.login == self.user and data.password == self.password
+        if ok:
+            self.logins.append(data.login)
+        return AuthResult(success=ok)
+
+
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+async def test_email_over_tls_with_credentials(tmp_path: Path, scheme: str) -> None:
+    """STARTTLS (required by the server before AUTH) on smtp://, TLS from the first byte on
+    smtps://; the server's certificate is verified against the test CA."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    mailbox = Mailbox()
+    credentials = Credentials("frontdesk", "pw-from-env")
+    implicit = scheme == "smtps"
+
+    def protocol() -> SMTP:
+        with warnings.catch_warnings():
+            # aiosmtpd cannot see TLS it did not start itself (smtps://), so it is told not
+            # to insist on it there, and warns that it was told.
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            return SMTP(
+                mailbox,
+                hostname="mail.test",
+                tls_context=None if implicit else server_context,
+                require_starttls=not implicit,
+                authenticator=credentials,
+                auth_required=True,
+                auth_require_tls=not implicit,
+            )
+
+    server = await asyncio.get_running_loop().create_server(
+        protocol, "127.0.0.1", 0, ssl=server_context if implicit else None
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        email = EmailChannel(
+            EmailOptions(
+                smtp_url=f"{scheme}://127.0.0.1:{port}",
+                sender="e911@example.net",
+                username="frontdesk",
+                password="pw-from-env",
+                starttls=None if implicit else True,
+                tls_context=client_context,
+            )
+        )
+        events, queue = fq(tmp_path / "events"), fq(tmp_path / "deliveries")
+        running = start(
+            events, queue, {"email": email}, fallback=Targets(emails=("desk@example.com",))
+        )
+        await events.put(call(7).to_dict())
+        await until(lambda: ("email", "delivered") in running.outcomes)
+        await running.halt()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert credentials.logins == [b"frontdesk"]
+    ((_, recipients, content),) = mailbox.messages
+    assert recipients == ["desk@example.com"]
+    assert message_from_bytes(content)["Subject"] == "Emergency 911 call from 1321551234"
