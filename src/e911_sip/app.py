@@ -626,7 +626,7 @@ async def watch_notify_queues(
         try:
             metrics.notification_queue.labels("events").set(await parts.events.depth())
             metrics.notification_queue.labels("deliveries").set(await parts.deliveries.depth())
-            metrics.notification_dead_letters.set(len(await parts.deliveries.dead_letters()))
+            metrics.notification_dead_letters.set(await parts.deliveries.dead_count())
         except QueueError:
             pass
         try:

@@ -430,8 +430,6 @@ class Edge:
             to_send = request
             enriched = False
         self._outcomes[outcome].inc()
-        if self._notify is not None:
-            self._notify_call(event, line, result, outcome)
         extra["outcome"] = outcome
         self._call_info[event.call] = extra
         if outcome == "cached":
@@ -443,6 +441,8 @@ class Edge:
                 extra=extra,
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        if self._notify is not None:
+            self._notify_call(event, line, result, outcome)
         # The INVITE going out consumes the timing and log fields (EmergencyForwarded, in
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.

@@ -64,6 +64,18 @@ def sign(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+def render_sms(body: Mapping[str, Any]) -> str:
+    """The text message: what the front desk needs first (where, who to call back), the
+    rest after, since a single segment is cut at 160 characters."""
+    where = body.get("address") or "no provisioned address"
+    test = " TEST" if body.get("dialed") == "933" else ""
+    name = f" {body['name']}" if body.get("name") else ""
+    return (
+        f"{body.get('dialed')}{test} CALL from {body.get('caller') or 'unknown line'}: {where}. "
+        f"Callback {body.get('callback') or 'unknown'}. {body.get('time')}{name}"
+    )
+
+
 def render_text(body: Mapping[str, Any]) -> str:
     """The human-readable notification (email body and SMS text)."""
     number = "test call to 933" if body.get("dialed") == "933" else f"{body.get('dialed')} call"
@@ -254,7 +266,7 @@ class SmsChannel:
         self._next = max(self._next, self._clock() + seconds)
 
     async def send(self, delivery: Delivery) -> None:
-        text = render_text(delivery.body)[: self._options.max_length]
+        text = render_sms(delivery.body)[: self._options.max_length]
         async with self._lock:
             wait = self._next - self._clock()
             if wait > 0:

@@ -133,6 +133,8 @@ class NotifierOptions:
     """Deliveries held in memory at once (the rest wait in the queue)."""
     poll_interval: float = 1.0
     """Seconds one blocking read of a queue waits."""
+    resolve_timeout: float = 5.0
+    """Seconds provisioning may take to name a line's contacts before the fallback is used."""
 
 
 Resolver = Callable[[CallEvent], Awaitable[Resolution]]
@@ -226,7 +228,8 @@ class Notifier:
             await self._retrying(lambda: self._events.done(entry))
             return
         try:
-            resolution = await self._resolve(event)
+            async with asyncio.timeout(self._options.resolve_timeout):
+                resolution = await self._resolve(event)
         except Exception:
             # Provisioning cannot say who to tell: tell the fallback targets now rather
             # than nobody, without the address.

@@ -57,6 +57,10 @@ class Queue(Protocol):
         """The dead-letter list, oldest first."""
         ...
 
+    async def dead_count(self) -> int:
+        """Entries in the dead-letter list."""
+        ...
+
     async def close(self) -> None:
         """Release connections and files."""
         ...
@@ -111,7 +115,11 @@ class FileQueue:
             dead_text = self._dead_path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             dead_text = ""
-        self._dead = [json.loads(line) for line in dead_text.splitlines() if line.strip()]
+        for line in dead_text.splitlines():
+            try:
+                self._dead.append(json.loads(line))
+            except ValueError:
+                log.warning("skipped a torn dead-letter line", extra={"path": str(path)})
         self._lines = len(self._items)
         self._rewrite()
         if self._ready:
@@ -190,6 +198,9 @@ class FileQueue:
 
     async def dead_letters(self) -> list[dict[str, Any]]:
         return list(self._dead)
+
+    async def dead_count(self) -> int:
+        return len(self._dead)
 
     async def close(self) -> None:
         if self._file is not None:
@@ -322,6 +333,12 @@ class RedisStreamQueue:
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
         return [json.loads(r) for r in raw]
+
+    async def dead_count(self) -> int:
+        try:
+            return int(await self._redis.llen(self._dead_list))
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()
