@@ -38,6 +38,7 @@ from tests.integration.test_end_to_end import (
     provisioning_tables,
     serve,
 )
+from tests.unit.notify.test_notify import restart_mid_queue, serving_receiver
 
 SECRET = "integration-webhook-secret"
 
@@ -244,3 +245,22 @@ async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finis
     assert await second.depth() == 0
     assert await second.dead_letters() == [{"item": {"n": 1}, "reason": "http 410"}]
     await second.close()
+
+
+async def test_a_notifier_restart_on_redis_streams_loses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The same restart as with journal files, on Redis streams and their consumer group."""
+
+    def open_queues() -> tuple[RedisStreamQueue, RedisStreamQueue]:
+        return (
+            RedisStreamQueue.from_url(
+                redis_server.url, stream="n:events", dead_list="n:dead", consumer="box1"
+            ),
+            RedisStreamQueue.from_url(
+                redis_server.url, stream="n:deliveries", dead_list="n:dead", consumer="box1"
+            ),
+        )
+
+    async with serving_receiver() as receiver:
+        await restart_mid_queue(receiver, open_queues)

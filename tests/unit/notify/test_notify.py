@@ -9,6 +9,7 @@ asserts a timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -38,7 +39,7 @@ from e911_sip.notify.channels import (
 )
 from e911_sip.notify.dispatch import Notifier, NotifierOptions, Publisher
 from e911_sip.notify.event import CallEvent, Resolution, Targets, deliveries
-from e911_sip.notify.queue import FileQueue
+from e911_sip.notify.queue import FileQueue, Queue
 from e911_sip.provisioning.bandwidth import BandwidthClient, BandwidthOptions
 from e911_sip.provisioning.emulator import EmulatorOptions, build_emulator_app
 from e911_sip.provisioning.messaging import BandwidthMessageSender
@@ -112,8 +113,9 @@ class Receiver:
                 await self.arrived.wait()
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@contextlib.asynccontextmanager
+async def serving_receiver() -> AsyncIterator[Receiver]:
+    """A :class:`Receiver` listening on a free loopback port."""
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
@@ -127,6 +129,12 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield rec
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serving_receiver() as rec:
+        yield rec
 
 
 async def resolved(event: CallEvent) -> Resolution:
@@ -148,8 +156,8 @@ class Running:
 
 
 def start(
-    events: FileQueue,
-    queue: FileQueue,
+    events: Queue,
+    queue: Queue,
     channels: dict[str, Any],
     *,
     fallback: Targets,
@@ -282,12 +290,19 @@ async def test_an_unreachable_target_is_retried_then_dead_lettered(tmp_path: Pat
 async def test_a_restart_mid_queue_loses_nothing_and_repeats_only_the_interrupted_one(
     receiver: Receiver, tmp_path: Path
 ) -> None:
+    await restart_mid_queue(
+        receiver, lambda: (fq(tmp_path / "events"), fq(tmp_path / "deliveries"))
+    )
+
+
+async def restart_mid_queue(
+    receiver: Receiver, open_queues: Callable[[], tuple[Queue, Queue]]
+) -> None:
     """Ten calls queued; the receiver hangs on the fourth POST and the notifier stops. A new
-    notifier on the same journal delivers the rest; the only POST sent twice is the one that
+    notifier on the same queues delivers the rest; the only POST sent twice is the one that
     was in flight, and it carries the same idempotency key both times."""
     receiver.hang_on = 3
-    events_path, queue_path = tmp_path / "events", tmp_path / "deliveries"
-    events, queue = fq(events_path), fq(queue_path)
+    events, queue = open_queues()
     for n in range(10):
         await events.put(call(n).to_dict())
     webhook = WebhookChannel(WebhookOptions())
@@ -303,11 +318,10 @@ async def test_a_restart_mid_queue_loses_nothing_and_repeats_only_the_interrupte
     await webhook.close()
     await events.close()
     await queue.close()
-    delivered_before = first.outcomes.count(("webhook", "delivered"))
-    assert delivered_before == 3
+    assert first.outcomes.count(("webhook", "delivered")) == 3
 
     receiver.hang_on = None
-    events, queue = fq(events_path), fq(queue_path)
+    events, queue = open_queues()
     assert await queue.depth() + await events.depth() > 0
     webhook = WebhookChannel(WebhookOptions())
     second = start(events, queue, {"webhook": webhook}, fallback=Targets(webhooks=(receiver.url,)))
@@ -326,6 +340,8 @@ async def test_a_restart_mid_queue_loses_nothing_and_repeats_only_the_interrupte
     assert repeated == {ids[3]}
     assert ids.count(ids[3]) == 2
     assert await queue.depth() == 0 and await events.depth() == 0
+    await events.close()
+    await queue.close()
 
 
 # -- email -------------------------------------------------------------------------------
