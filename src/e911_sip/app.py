@@ -597,6 +597,7 @@ async def run_notifier(
         resolve=resolve,
         options=NotifierOptions(
             fallback=Targets(webhooks=n.webhook_urls, emails=n.emails, sms=n.sms),
+            fallback_always=n.always,
             max_attempts=n.max_attempts,
             retry_for=n.retry_for,
             backoff_base=n.backoff_base,

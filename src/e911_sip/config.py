@@ -359,6 +359,9 @@ class NotifyConfig:
     """Fallback email addresses."""
     sms: tuple[str, ...] = ()
     """Fallback SMS numbers (10 digits or E.164)."""
+    always: bool = False
+    """Notify ``webhook_urls``, ``emails`` and ``sms`` of every call (a CSP's operations
+    centre), in addition to the line's own contacts; false: only lines without contacts."""
     webhook_secret: str | None = None
     """HMAC-SHA256 key for ``X-E911-Signature`` (set it in E911_SIP__NOTIFY__WEBHOOK_SECRET)."""
     webhook_timeout: float = 5.0
@@ -1015,6 +1018,11 @@ def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
         queue_path = Path(queue_file)
         if not queue_path.is_absolute() and base is not None:
             queue_path = base / queue_path
+    if s.optional_string("sms_from") is not None and not s.optional_string("sms_application_id"):
+        raise ConfigError(
+            "[notify] sms_application_id: required with sms_from (the Bandwidth messaging "
+            "application the sending number belongs to)"
+        )
     rate = s.number("sms_rate", d.sms_rate)
     if rate <= 0:
         raise ConfigError("[notify] sms_rate: must be more than 0")
@@ -1024,6 +1032,7 @@ def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
         webhook_urls=urls,
         emails=s.strings("emails", d.emails),
         sms=sms,
+        always=s.boolean("always", d.always),
         webhook_secret=s.optional_string("webhook_secret"),
         webhook_timeout=s.number("webhook_timeout", d.webhook_timeout),
         smtp_url=smtp_url,

@@ -121,6 +121,8 @@ class NotifierOptions:
 
     fallback: Targets = field(default_factory=Targets)
     """Targets for lines with no contacts at any level (and for unknown callers)."""
+    fallback_always: bool = False
+    """Send to ``fallback`` for every call as well, not only when the line has no contacts."""
     max_attempts: int = 10
     """Attempts per delivery before it is dead-lettered."""
     retry_for: float = 3600.0
@@ -235,7 +237,9 @@ class Notifier:
             # than nobody, without the address.
             log.exception("contacts could not be resolved", extra={"call_id": event.call_id})
             resolution = Resolution()
-        planned = deliveries(event, resolution, self._options.fallback)
+        planned = deliveries(
+            event, resolution, self._options.fallback, always=self._options.fallback_always
+        )
         if not planned:
             log.warning(
                 "emergency call with no notification target (configure [notify] or contacts)",

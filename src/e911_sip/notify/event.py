@@ -185,9 +185,19 @@ class Delivery:
         )
 
 
-def deliveries(event: CallEvent, resolution: Resolution, fallback: Targets) -> list[Delivery]:
-    """One delivery per target: the line's contacts, else the global fallback."""
+def deliveries(
+    event: CallEvent, resolution: Resolution, fallback: Targets, *, always: bool = False
+) -> list[Delivery]:
+    """One delivery per target: the line's contacts, else the global ``fallback`` (with
+    ``always``: the line's contacts and the global targets)."""
     targets = resolution.targets if not resolution.targets.empty else fallback
+    if always:
+        own = resolution.targets
+        targets = Targets(
+            webhooks=own.webhooks + fallback.webhooks,
+            emails=own.emails + fallback.emails,
+            sms=own.sms + fallback.sms,
+        )
     body = payload(event, resolution)
     out = []
     for channel, items in (

@@ -535,3 +535,21 @@ async def test_email_over_tls_with_credentials(tmp_path: Path, scheme: str) -> N
     ((_, recipients, content),) = mailbox.messages
     assert recipients == ["desk@example.com"]
     assert message_from_bytes(content)["Subject"] == "Emergency 911 call from 1321551234"
+
+
+def test_line_contacts_replace_the_global_targets_unless_always() -> None:
+    own = Resolution(targets=Targets(emails=("desk@example.com",)))
+    glob = Targets(webhooks=("https://noc.example.net/e911",), emails=("desk@example.com",))
+    assert [(d.channel, d.target) for d in deliveries(call(8), own, glob)] == [
+        ("email", "desk@example.com")
+    ]
+    assert [(d.channel, d.target) for d in deliveries(call(8), Resolution(), glob)] == [
+        ("webhook", "https://noc.example.net/e911"),
+        ("email", "desk@example.com"),
+    ]
+    both = deliveries(call(8), own, glob, always=True)
+    assert [(d.channel, d.target) for d in both] == [
+        ("webhook", "https://noc.example.net/e911"),
+        ("email", "desk@example.com"),
+    ]
+    assert len({d.delivery_id for d in both}) == 2

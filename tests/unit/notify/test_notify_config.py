@@ -54,6 +54,7 @@ def test_secrets_come_from_the_environment(tmp_path: Path) -> None:
         ('smtp_starttls = "maybe"', r"\[notify\] smtp_starttls: expected auto, always or never"),
         ("sms_rate = 0", r"\[notify\] sms_rate: must be more than 0"),
         ('sms = ["front desk"]', r"\[notify\] sms: expected a phone number"),
+        ('sms_from = "+19195550100"', r"\[notify\] sms_application_id: required with sms_from"),
         ("max_attempts = 0", r"\[notify\] max_attempts: must be at least 1"),
         ("pager = true", r"\[notify\] pager: unknown key"),
     ],
@@ -68,6 +69,7 @@ async def test_unreachable_targets_build_without_error(tmp_path: Path) -> None:
         tmp_path,
         '[notify]\nwebhook_urls = ["http://192.0.2.1:9/never"]\n'
         'smtp_url = "smtp://192.0.2.1:2525"\nsms_from = "+19195550100"\n'
+        'sms_application_id = "app"\n'
         f'queue_file = "{tmp_path / "queue"}"\n',
     )
     config = load(path, {})
