@@ -830,6 +830,21 @@ def _schemas() -> dict[str, Any]:
                 "callback_number": nullable_number,
                 **location,
                 "effective": {"$ref": ref + "Effective"},
+                "effective_contacts": {
+                    **obj(
+                        {
+                            "emails": {"type": "array", "items": s},
+                            "sms": {"type": "array", "items": s},
+                            "webhooks": {"type": "array", "items": s},
+                            "level": {
+                                "type": ["string", "null"],
+                                "enum": ["account", "site", "customer", None],
+                            },
+                        }
+                    ),
+                    "description": "Who is told of this line's 911 calls (Kari's Law) and "
+                    "the level the list comes from; null level: the [notify] targets.",
+                },
             }
         ),
         "CustomerList": obj({"customers": {"type": "array", "items": {"$ref": ref + "Customer"}}}),
