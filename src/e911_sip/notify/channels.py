@@ -140,6 +140,8 @@ class WebhookChannel:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            # Closed transports release their sockets on the loop's next turn.
+            await asyncio.sleep(0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,8 @@ client's OAuth2 token handling and its back-off with jitter on 429 and 5xx, and 
 
 from __future__ import annotations
 
+import asyncio
+
 from e911_sip.notify.channels import DeliveryFailed
 from e911_sip.provisioning.bandwidth import (
     AuthenticationFailed,
@@ -61,3 +63,5 @@ class BandwidthMessageSender:
     async def close(self) -> None:
         if self._owns_client:
             await self._client.close()
+            # Closed transports release their sockets on the loop's next turn.
+            await asyncio.sleep(0)
