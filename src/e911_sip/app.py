@@ -39,12 +39,25 @@ from e911_sip.config import (
     Config,
     ConfigError,
     HttpsConfig,
+    StartTls,
     TlsConfig,
     UntrustedAction,
     server_tls_context,
 )
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
+from e911_sip.notify.channels import (
+    Channel,
+    EmailChannel,
+    EmailOptions,
+    SmsChannel,
+    SmsOptions,
+    WebhookChannel,
+    WebhookOptions,
+)
+from e911_sip.notify.dispatch import Notifier, NotifierOptions, Publisher
+from e911_sip.notify.event import CallEvent, Resolution, Targets
+from e911_sip.notify.queue import FileQueue, Queue, QueueError, RedisStreamQueue
 from e911_sip.opshttp import build_ops_app
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions, ExistingGeolocation
@@ -60,6 +73,7 @@ from e911_sip.provisioning.calls import (
     level_resolver,
 )
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+from e911_sip.provisioning.messaging import BandwidthMessageSender
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import (
     FileStateStore,
@@ -289,7 +303,9 @@ async def start_edge(
     config: Config,
     store: LocationStore,
     metrics: Metrics,
+    *,
     recorder: CallRecorder | None = None,
+    notify: Publisher | None = None,
 ) -> RunningEdge:
     """Bind the SIP listeners and return the running edge.
 
@@ -362,6 +378,7 @@ async def start_edge(
         ),
         load=load,
         recorder=recorder,
+        notify=notify.publish if notify is not None else None,
     )
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
@@ -578,6 +595,163 @@ async def watch_store_health(
     """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone)."""
     while not stop.is_set():
         metrics.store_up.set(1 if await store.ping() else 0)
+
+
+@dataclass(slots=True)
+class NotifyParts:
+    """The notification queues, and the edge's publisher when this process runs an edge."""
+
+    events: Queue
+    deliveries: Queue
+    publisher: Publisher | None
+
+    async def close(self) -> None:
+        await self.events.close()
+        await self.deliveries.close()
+
+
+def build_notify(
+    config: Config, *, edge: bool, on_dropped: Callable[[], None] = lambda: None
+) -> NotifyParts | None:
+    """The ``[notify]`` queues: Redis streams next to the line records, else journal files
+    (``queue_file``) or memory. None when notifications are disabled."""
+    n = config.notify
+    if not n.enabled:
+        return None
+    if config.store.url.startswith("memory://"):
+        if n.queue_file is None:
+            log.warning("[notify] queue_file is unset: queued notifications are lost on a restart")
+            events: Queue = FileQueue(None)
+            deliveries: Queue = FileQueue(None)
+        else:
+            try:
+                n.queue_file.parent.mkdir(parents=True, exist_ok=True)
+                events = FileQueue(n.queue_file)
+                deliveries = FileQueue(n.queue_file.with_name(n.queue_file.name + ".deliveries"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"[notify] queue_file: {exc}") from exc
+    else:
+        consumer = n.consumer or "notifier"
+        events = RedisStreamQueue.from_url(
+            config.store.url,
+            stream=f"{n.key_prefix}events",
+            dead_list=f"{n.key_prefix}dead",
+            consumer=consumer,
+        )
+        deliveries = RedisStreamQueue.from_url(
+            config.store.url,
+            stream=f"{n.key_prefix}deliveries",
+            dead_list=f"{n.key_prefix}dead",
+            consumer=consumer,
+        )
+    publisher = None
+    if edge:
+        publisher = Publisher(events, numbers=frozenset(n.numbers), on_dropped=on_dropped)
+    return NotifyParts(events=events, deliveries=deliveries, publisher=publisher)
+
+
+def notify_channels(config: Config) -> dict[str, Channel]:
+    """The channels ``[notify]`` configures: webhooks always (contacts may name them),
+    email with ``smtp_url``, SMS with ``sms_from`` (through Bandwidth's Messaging API)."""
+    n = config.notify
+    channels: dict[str, Channel] = {
+        "webhook": WebhookChannel(
+            WebhookOptions(
+                secret=n.webhook_secret.encode() if n.webhook_secret else None,
+                timeout=n.webhook_timeout,
+            )
+        )
+    }
+    if n.smtp_url is not None:
+        starttls = {StartTls.AUTO: None, StartTls.ALWAYS: True, StartTls.NEVER: False}
+        context: ssl.SSLContext | None = None
+        if n.smtp_ca_file is not None:
+            try:
+                context = ssl.create_default_context(cafile=str(n.smtp_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[notify] smtp_ca_file: cannot load it: {exc}") from exc
+        try:
+            channels["email"] = EmailChannel(
+                EmailOptions(
+                    smtp_url=n.smtp_url,
+                    sender=n.email_from,
+                    username=n.smtp_username,
+                    password=n.smtp_password,
+                    starttls=starttls[n.smtp_starttls],
+                    timeout=n.smtp_timeout,
+                    tls_context=context,
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[notify] smtp_url: {exc}") from exc
+    if n.sms_from is not None:
+        sender = BandwidthMessageSender(
+            BandwidthClient(config.bandwidth.client),
+            sender=n.sms_from,
+            application_id=n.sms_application_id,
+            owns_client=True,
+        )
+        channels["sms"] = SmsChannel(sender, SmsOptions(rate=n.sms_rate))
+    return channels
+
+
+async def run_notifier(
+    config: Config,
+    parts: NotifyParts,
+    metrics: Metrics,
+    service: ProvisioningService | None,
+    stop: asyncio.Event,
+) -> None:
+    """Deliver notifications until ``stop``; targets unreachable at start are retried, not
+    errors."""
+    n = config.notify
+
+    async def resolve(event: CallEvent) -> Resolution:
+        if service is None:
+            return Resolution()
+        return await service.notification_context(event.caller)
+
+    channels = notify_channels(config)
+    notifier = Notifier(
+        events=parts.events,
+        deliveries=parts.deliveries,
+        channels=channels,
+        resolve=resolve,
+        options=NotifierOptions(
+            fallback=Targets(webhooks=n.webhook_urls, emails=n.emails, sms=n.sms),
+            fallback_always=n.always,
+            max_attempts=n.max_attempts,
+            retry_for=n.retry_for,
+            backoff_base=n.backoff_base,
+            backoff_cap=n.backoff_cap,
+        ),
+        on_outcome=lambda channel, outcome: metrics.notifications.labels(channel, outcome).inc(),
+        on_latency=lambda channel, seconds: metrics.notification_seconds.labels(channel).observe(
+            seconds
+        ),
+    )
+    log.info(
+        "notifier running",
+        extra={"channels": sorted(channels), "numbers": list(n.numbers)},
+    )
+    try:
+        await notifier.run(stop)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+async def watch_notify_queues(
+    parts: NotifyParts, metrics: Metrics, stop: asyncio.Event, interval: float = 5.0
+) -> None:
+    """Keep the queue-depth and dead-letter gauges current."""
+    while not stop.is_set():
+        try:
+            metrics.notification_queue.labels("events").set(await parts.events.depth())
+            metrics.notification_queue.labels("deliveries").set(await parts.deliveries.depth())
+            metrics.notification_dead_letters.set(await parts.deliveries.dead_count())
+        except QueueError:
+            pass
         try:
             async with asyncio.timeout(interval):
                 await stop.wait()
@@ -646,6 +820,12 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     keeper: CallRecordKeeper | None = None
     calls: CallStore | None = None
     source: RecordSource | None = None
+    service: ProvisioningService | None = None
+    notify = build_notify(
+        config,
+        edge=role in (Role.EDGE, Role.ALL),
+        on_dropped=metrics.notification_events_dropped.inc,
+    )
     provisioning = role in (Role.PROVISIONING, Role.ALL)
     if provisioning and not config.provisioning.tokens:
         log.warning("provisioning API not started: [provisioning] tokens is empty")
@@ -667,7 +847,10 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                         "emergency call records not kept: the memory:// store has no "
                         "provisioning in this process to hand them to"
                     )
-                running = await start_edge(config, store, metrics, recorder)
+                publisher = notify.publisher if notify is not None else None
+                running = await start_edge(
+                    config, store, metrics, recorder=recorder, notify=publisher
+                )
             if provisioning:
                 if config.bandwidth.run_emulator:
                     await start_emulator(config, stack)
@@ -755,6 +938,16 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     # Provisioning alone writes the same store: its health is this process's
                     # too, and e911_sip_store_up must not read 0 because no edge sets it.
                     tasks.create_task(watch_store_health(store, metrics, watch_stop))
+                if notify is not None:
+                    tasks.create_task(watch_notify_queues(notify, metrics, watch_stop))
+                    if notify.publisher is not None:
+                        tasks.create_task(notify.publisher.run(watch_stop))
+                    # The notifier runs where provisioning state is; an edge alone on
+                    # memory:// has no other process to read its queue.
+                    if role is not Role.EDGE or isinstance(store, MemoryStore):
+                        tasks.create_task(
+                            run_notifier(config, notify, metrics, service, watch_stop)
+                        )
                 writing = tasks.create_task(recorder.run(watch_stop)) if recorder else None
                 if keeper is not None:
                     tasks.create_task(keeper.run(keeper_stop))
@@ -776,6 +969,8 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             for transport in running.transports:
                 await transport.close()
         await store.close()
+        if notify is not None:
+            await notify.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("e911-sip stopped")

@@ -345,6 +345,7 @@ def _emulator_client() -> BandwidthOptions:
         client_secret="emulator-secret",
         api_base="http://127.0.0.1:9300/api/v2",
         token_url="http://127.0.0.1:9300/api/v1/oauth2/token",
+        messaging_base="http://127.0.0.1:9300/api/v2",
     )
 
 
@@ -392,6 +393,77 @@ class SecurityConfig:
     """Seconds without a message after which such a dialog is forgotten."""
 
 
+class StartTls(StrEnum):
+    """STARTTLS on ``smtp://``."""
+
+    AUTO = "auto"
+    """Use it when the server offers it."""
+    ALWAYS = "always"
+    """Refuse to send without it."""
+    NEVER = "never"
+    """Plain SMTP (a relay on loopback)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifyConfig:
+    """[notify]: Kari's Law notifications (webhook, email, SMS) for emergency calls."""
+
+    enabled: bool = True
+    """Queue a notification for every emergency call whose number is in ``numbers``."""
+    numbers: tuple[str, ...] = ("911",)
+    """Dialled numbers that notify (``933`` test calls do not unless listed)."""
+    webhook_urls: tuple[str, ...] = ()
+    """Fallback webhook targets for lines with no contacts (and unknown callers)."""
+    emails: tuple[str, ...] = ()
+    """Fallback email addresses."""
+    sms: tuple[str, ...] = ()
+    """Fallback SMS numbers (10 digits or E.164)."""
+    always: bool = False
+    """Notify ``webhook_urls``, ``emails`` and ``sms`` of every call (a CSP's operations
+    centre), in addition to the line's own contacts; false: only lines without contacts."""
+    webhook_secret: str | None = None
+    """HMAC-SHA256 key for ``X-E911-Signature`` (set it in E911_SIP__NOTIFY__WEBHOOK_SECRET)."""
+    webhook_timeout: float = 5.0
+    """Seconds one webhook POST may take."""
+    smtp_url: str | None = None
+    """``smtp://host[:port]`` or ``smtps://host[:port]``; unset: no email channel."""
+    smtp_username: str | None = None
+    """SMTP AUTH user (E911_SIP__NOTIFY__SMTP_USERNAME)."""
+    smtp_password: str | None = None
+    """SMTP AUTH password (E911_SIP__NOTIFY__SMTP_PASSWORD); never logged."""
+    smtp_starttls: StartTls = StartTls.AUTO
+    """``auto``, ``always`` or ``never`` STARTTLS on ``smtp://``."""
+    smtp_timeout: float = 10.0
+    """Seconds one SMTP session may take."""
+    smtp_ca_file: Path | None = None
+    """PEM CA certificates that sign the SMTP server's certificate (default: the system's)."""
+    email_from: str = "e911-sip@localhost"
+    """From address of notification emails."""
+    sms_from: str | None = None
+    """Sending number (E.164) at Bandwidth; unset: no SMS channel."""
+    sms_application_id: str = ""
+    """Bandwidth messaging application id."""
+    sms_rate: float = 1.0
+    """Messages a second: the Bandwidth account's dequeue rate (default 1 MPS)."""
+    queue_file: Path | None = None
+    """Journal of the notification queue when the store is ``memory://`` (unset: held in
+    memory only, lost on restart)."""
+    key_prefix: str = "e911:notify:"
+    """Prefix of the notification streams and dead-letter list in Redis."""
+    consumer: str = "notifier"
+    """This notifier's name in the Redis consumer group. It must survive restarts (what a
+    consumer took and did not finish is re-read under the same name) and differ between
+    notifiers that run at the same time."""
+    max_attempts: int = 10
+    """Attempts per delivery before it goes to the dead-letter list."""
+    retry_for: float = 3600.0
+    """Seconds after the call after which a failing delivery goes to the dead-letter list."""
+    backoff_base: float = 1.0
+    """First retry back-off, seconds (doubling, full jitter)."""
+    backoff_cap: float = 60.0
+    """Longest retry back-off, seconds."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration."""
@@ -410,6 +482,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: Path | None = None
     """The file this came from, None for the built-in defaults."""
 
@@ -1022,6 +1095,74 @@ def _security(data: Mapping[str, Any]) -> SecurityConfig:
     )
 
 
+def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
+    s = _Section("notify", data, _fields(NotifyConfig))
+    d = NotifyConfig()
+    numbers = s.strings("numbers", d.numbers)
+    for number in numbers:
+        if not number.isdigit():
+            raise ConfigError(f"[notify] numbers: expected dialled digits, got {number!r}")
+    urls = s.strings("webhook_urls", d.webhook_urls)
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"[notify] webhook_urls: expected http(s)://..., got {url!r}")
+    sms = s.strings("sms", d.sms)
+    for number in sms:
+        if not number.lstrip("+").isdigit():
+            raise ConfigError(f"[notify] sms: expected a phone number, got {number!r}")
+    smtp_url = s.optional_string("smtp_url")
+    if smtp_url is not None and not smtp_url.startswith(("smtp://", "smtps://")):
+        raise ConfigError(f"[notify] smtp_url: expected smtp:// or smtps://, got {smtp_url!r}")
+    starttls = s.string("smtp_starttls", d.smtp_starttls.value)
+    try:
+        mode = StartTls(starttls)
+    except ValueError:
+        raise ConfigError(
+            f"[notify] smtp_starttls: expected auto, always or never, got {starttls!r}"
+        ) from None
+    queue_file = s.optional_string("queue_file")
+    queue_path: Path | None = None
+    if queue_file is not None:
+        queue_path = Path(queue_file)
+        if not queue_path.is_absolute() and base is not None:
+            queue_path = base / queue_path
+    if s.optional_string("sms_from") is not None and not s.optional_string("sms_application_id"):
+        raise ConfigError(
+            "[notify] sms_application_id: required with sms_from (the Bandwidth messaging "
+            "application the sending number belongs to)"
+        )
+    rate = s.number("sms_rate", d.sms_rate)
+    if rate <= 0:
+        raise ConfigError("[notify] sms_rate: must be more than 0")
+    return NotifyConfig(
+        enabled=s.boolean("enabled", d.enabled),
+        numbers=numbers,
+        webhook_urls=urls,
+        emails=s.strings("emails", d.emails),
+        sms=sms,
+        always=s.boolean("always", d.always),
+        webhook_secret=s.optional_string("webhook_secret"),
+        webhook_timeout=s.number("webhook_timeout", d.webhook_timeout),
+        smtp_url=smtp_url,
+        smtp_username=s.optional_string("smtp_username"),
+        smtp_password=s.optional_string("smtp_password"),
+        smtp_starttls=mode,
+        smtp_timeout=s.number("smtp_timeout", d.smtp_timeout),
+        smtp_ca_file=_file(s, "smtp_ca_file", base),
+        email_from=s.string("email_from", d.email_from),
+        sms_from=s.optional_string("sms_from"),
+        sms_application_id=s.string("sms_application_id", d.sms_application_id),
+        sms_rate=rate,
+        queue_file=queue_path,
+        key_prefix=s.string("key_prefix", d.key_prefix),
+        consumer=s.string("consumer", d.consumer),
+        max_attempts=s.integer("max_attempts", d.max_attempts, minimum=1),
+        retry_for=s.number("retry_for", d.retry_for),
+        backoff_base=s.number("backoff_base", d.backoff_base),
+        backoff_cap=s.number("backoff_cap", d.backoff_cap),
+    )
+
+
 _SECTIONS = (
     "sip",
     "tcp",
@@ -1037,6 +1178,7 @@ _SECTIONS = (
     "security",
     "overload",
     "records",
+    "notify",
 )
 
 
@@ -1093,6 +1235,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         security=_security(tables["security"]),
         overload=_overload(tables["overload"]),
         records=_records(tables["records"], base),
+        notify=_notify(tables["notify"], base),
     )
     _check_tls(config)
     return config

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
+from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
 from e911_sip.proxy.admission import LoadSignal, Priority
@@ -131,9 +132,11 @@ class Edge:
         clock: Callable[[], float] = time.perf_counter,
         load: LoadSignal | None = None,
         recorder: CallRecorder | None = None,
+        notify: Callable[[CallEvent], None] | None = None,
     ) -> None:
         self._core = core
         self._recorder = recorder
+        self._notify = notify
         self._store = store
         self._lookup = lookup
         self._metrics = metrics
@@ -516,6 +519,8 @@ class Edge:
                 extra=extra,
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        if self._notify is not None:
+            self._notify_call(event, line, result, outcome)
         # The INVITE going out consumes the timing and log fields (EmergencyForwarded, in
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.
@@ -554,6 +559,28 @@ class Edge:
                 self._shed_log.flush()
                 self._delivery_log.flush()
                 self._evict_log.flush()
+
+    def _notify_call(
+        self, event: EmergencyCall, line: str | None, result: LookupResult | None, outcome: str
+    ) -> None:
+        """Kari's Law: hand the call to the notifier (it only appends to a list in memory)."""
+        assert self._notify is not None
+        record = result.record if result is not None else None
+        started = self._received_at.get(event.call)
+        try:
+            self._notify(
+                CallEvent.now(
+                    call_id=event.call_id,
+                    caller=line,
+                    callback=record.callback if record is not None else None,
+                    dialed=event.number,
+                    provider_endpoint=record.provider_endpoint if record is not None else None,
+                    outcome=outcome,
+                    age=self._clock() - started if started is not None else 0.0,
+                )
+            )
+        except Exception:
+            log.exception("could not queue the notification", extra={"call_id": event.call_id})
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:

@@ -61,6 +61,12 @@ STORE_FAILURE_KINDS = ("timeout", "connection", "pool_wait", "invalid_record", "
 
 STORE_BREAKER_STATES = ("closed", "open", "half_open")
 
+NOTIFY_CHANNELS = ("webhook", "email", "sms")
+NOTIFY_OUTCOMES = ("delivered", "retried", "dead")
+
+# From a webhook on loopback (milliseconds) to SMS paced at 1 message a second behind others.
+_NOTIFY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
 
 class _FunctionCounter(Collector):
     """A counter whose value is read from its owner when scraped (like
@@ -324,6 +330,43 @@ class Metrics:
             "Call records read by provisioning, by result: stored, store_error (retried), "
             "invalid (skipped), pruned (past retention).",
             ["result"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "e911_sip_notifications_total",
+            "Kari's Law notification attempts by channel (webhook, email, sms) and outcome: "
+            "delivered, retried (an attempt failed; another follows) and dead (given up, in "
+            "the dead-letter list).",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.notification_seconds = Histogram(
+            "e911_sip_notification_latency_seconds",
+            "Time from the emergency INVITE to a notification's delivery, by channel.",
+            ["channel"],
+            buckets=_NOTIFY_BUCKETS,
+            registry=r,
+        )
+        for channel in NOTIFY_CHANNELS:
+            self.notification_seconds.labels(channel)
+            for outcome in NOTIFY_OUTCOMES:
+                self.notifications.labels(channel, outcome)
+        self.notification_queue = Gauge(
+            "e911_sip_notification_queue_depth",
+            "Notification items stored and not finished, by queue (events, deliveries), as "
+            "last read (every few seconds).",
+            ["queue"],
+            registry=r,
+        )
+        self.notification_dead_letters = Gauge(
+            "e911_sip_notification_dead_letters",
+            "Notifications in the dead-letter list (never delivered).",
+            registry=r,
+        )
+        self.notification_events_dropped = Counter(
+            "e911_sip_notification_events_dropped_total",
+            "Emergency call events the edge could not queue for notification (the queue was "
+            "unreachable and the in-memory backlog full).",
             registry=r,
         )
 

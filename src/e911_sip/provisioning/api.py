@@ -38,6 +38,7 @@ from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStore, CallStor
 from e911_sip.provisioning.model import (
     Account,
     Address,
+    Contacts,
     CustomerState,
     Entity,
     ModelError,
@@ -81,6 +82,7 @@ def _location_view(entity: Entity) -> dict[str, Any]:
         ),
         "provider_endpoint": entity.endpoint.provider_endpoint if entity.endpoint else None,
         "endpoint_phone_number": entity.endpoint.phone_number if entity.endpoint else None,
+        "contacts": entity.contacts.to_dict() if entity.contacts is not None else None,
     }
 
 
@@ -127,6 +129,12 @@ def effective_view(state: CustomerState, account: Account) -> dict[str, Any]:
     }
 
 
+def effective_contacts_view(state: CustomerState, account: Account) -> dict[str, Any]:
+    """Who is told of the account's emergency calls, and from which level."""
+    level, contacts = cascade.effective_contacts(state, account)
+    return {**contacts.to_dict(), "level": level.value if level is not None else None}
+
+
 def account_view(state: CustomerState, account: Account) -> dict[str, Any]:
     """The JSON form of an account."""
     return {
@@ -137,6 +145,7 @@ def account_view(state: CustomerState, account: Account) -> dict[str, Any]:
         "callback_number": account.callback_number,
         **_location_view(account),
         "effective": effective_view(state, account),
+        "effective_contacts": effective_contacts_view(state, account),
         "created_at": account.created_at,
         "updated_at": account.updated_at,
     }
@@ -203,7 +212,18 @@ def _address(body: Mapping[str, Any], default_country: str) -> Address | None | 
         raise _invalid(str(exc), field=exc.field) from exc
 
 
-_COMMON_KEYS = {"name", "callback_number", "address"}
+def _contacts(body: Mapping[str, Any]) -> Contacts | None | Unset:
+    if "contacts" not in body:
+        return UNSET
+    if body["contacts"] is None:
+        return None
+    try:
+        return Contacts.from_dict(body["contacts"])
+    except ModelError as exc:
+        raise _invalid(str(exc), field=exc.field) from exc
+
+
+_COMMON_KEYS = {"name", "callback_number", "address", "contacts"}
 
 
 def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) -> CustomerFields:
@@ -213,6 +233,7 @@ def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) 
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -225,6 +246,7 @@ def site_fields(
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -240,6 +262,7 @@ def account_fields(body: Mapping[str, Any], *, number: str, country: str) -> Acc
         name=_text(body, "name"),
         callback_number=_nullable(body, "callback_number"),
         address=_address(body, country),
+        contacts=_contacts(body),
     )
 
 
@@ -760,6 +783,7 @@ def _schemas() -> dict[str, Any]:
             "description": "{bw_account_id}/{endpoint_id} of this entity's own endpoint",
         },
         "endpoint_phone_number": ns,
+        "contacts": {"oneOf": [{"$ref": ref + "Contacts"}, {"type": "null"}]},
         "created_at": s,
         "updated_at": s,
     }
@@ -772,8 +796,20 @@ def _schemas() -> dict[str, Any]:
             "record when it differs from the line.",
         },
         "address": {"oneOf": [{"$ref": ref + "Address"}, {"type": "null"}]},
+        "contacts": {
+            "oneOf": [{"$ref": ref + "Contacts"}, {"type": "null"}],
+            "description": "Kari's Law notification targets of this level; null inherits "
+            "(account → site → customer → [notify] fallback).",
+        },
     }
     return {
+        "Contacts": obj(
+            {
+                "emails": {"type": "array", "items": s},
+                "sms": {"type": "array", "items": s},
+                "webhooks": {"type": "array", "items": s},
+            }
+        ),
         "Address": obj(
             {
                 "line1": {**s, "example": "900 Main Campus Drive"},
@@ -862,6 +898,21 @@ def _schemas() -> dict[str, Any]:
                 "callback_number": nullable_number,
                 **location,
                 "effective": {"$ref": ref + "Effective"},
+                "effective_contacts": {
+                    **obj(
+                        {
+                            "emails": {"type": "array", "items": s},
+                            "sms": {"type": "array", "items": s},
+                            "webhooks": {"type": "array", "items": s},
+                            "level": {
+                                "type": ["string", "null"],
+                                "enum": ["account", "site", "customer", None],
+                            },
+                        }
+                    ),
+                    "description": "Who is told of this line's 911 calls (Kari's Law) and "
+                    "the level the list comes from; null level: the [notify] targets.",
+                },
             }
         ),
         "CustomerList": obj({"customers": {"type": "array", "items": {"$ref": ref + "Customer"}}}),

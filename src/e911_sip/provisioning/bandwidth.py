@@ -99,6 +99,8 @@ class BandwidthOptions:
     """Refresh the OAuth2 token this long before it expires (at most half its lifetime)."""
     page_size: int = 100
     """``limit`` used when listing endpoints page by page."""
+    messaging_base: str = "https://messaging.bandwidth.com/api/v2"
+    """Messaging API root; texts go to ``{messaging_base}/users/{account_id}/messages``."""
     accept_unvalidated: bool = False
     """Accept an address Bandwidth returns as UNVALIDATED. Off: such an address is refused,
     because an unvalidated address may not route a 911 call to the right PSAP."""
@@ -620,6 +622,43 @@ class BandwidthClient:
             )
         return endpoint
 
+    # -- messaging --------------------------------------------------------------------
+
+    async def send_message(
+        self,
+        *,
+        to: str,
+        sender: str,
+        text: str,
+        application_id: str,
+        tag: str = "",
+        priority: str = "high",
+    ) -> str:
+        """Send one SMS through the Messaging API v2; returns Bandwidth's message id.
+
+        A 429 (``max-message-queue-size-exceeded``: the account's 900-second queue is full)
+        is retried with the same back-off and jitter as every other call; when the budget
+        runs out it raises :class:`RateLimited`. Other failures raise the usual
+        :class:`BandwidthError` subclasses.
+        """
+        account = _segment(self._options.account_id)
+        url = f"{self._options.messaging_base}/users/{account}/messages"
+        body: dict[str, Any] = {
+            "applicationId": application_id,
+            "to": [_e164(to)],
+            "from": _e164(sender),
+            "text": text,
+            "priority": priority,
+        }
+        if tag:
+            body["tag"] = tag
+        reply = await self._authorized("POST messages", "POST", url, json_body=body)
+        if reply.status == 400:
+            raise _error_from_reply(BandwidthError, reply, "Bandwidth refused the message")
+        if reply.status != 202:
+            raise _unexpected(reply, "POST messages")
+        return _text(_object(reply.body, "message"), "id")
+
     # -- transport --------------------------------------------------------------------
 
     async def _call(
@@ -637,7 +676,20 @@ class BandwidthClient:
         account = _segment(self._options.account_id)
         url = f"{self._options.api_base}/accounts/{account}/emergency{path}"
         query = {"region": self._options.region, **(params or {})}
-        what = f"{method} {path}"
+        return await self._authorized(
+            f"{method} {path}", method, url, json_body=json_body, params=query
+        )
+
+    async def _authorized(
+        self,
+        what: str,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> _Reply:
+        """Bearer token, retries, and the single refresh after a 401."""
         refreshed = False
         while True:
             token = await self._access_token()
@@ -647,7 +699,7 @@ class BandwidthClient:
                 url,
                 headers={"Authorization": f"Bearer {token}"},
                 json_body=json_body,
-                params=query,
+                params=params,
             )
             if reply.status == 401 and not refreshed:
                 _LOG.info("%s answered 401; fetching a new token and retrying once", what)

@@ -45,6 +45,7 @@ from e911_sip.provisioning.model import (
     Account,
     Address,
     AuditEntry,
+    Contacts,
     Customer,
     CustomerState,
     EndpointRef,
@@ -179,6 +180,21 @@ def effective(state: CustomerState, account: Account) -> Effective:
     endpoint = entity.endpoint.provider_endpoint if entity.endpoint is not None else None
     address = entity.standardized.one_line if entity.standardized is not None else ""
     return Effective(entity.ref, endpoint, address)
+
+
+def effective_contacts(state: CustomerState, account: Account) -> tuple[Level | None, Contacts]:
+    """The Kari's Law contacts of ``account`` and the level they come from: its own, its
+    site's, its customer's (the first level that has a list, even an empty one); none
+    anywhere gives ``(None, Contacts())`` and the global ``[notify]`` fallback applies."""
+    if account.contacts is not None:
+        return Level.ACCOUNT, account.contacts
+    if account.site_id is not None:
+        site = state.sites.get(account.site_id)
+        if site is not None and site.contacts is not None:
+            return Level.SITE, site.contacts
+    if state.customer.contacts is not None:
+        return Level.CUSTOMER, state.customer.contacts
+    return None, Contacts()
 
 
 def users(state: CustomerState, ref: EntityRef) -> list[str]:

@@ -6,6 +6,12 @@ and JSON shapes as the real service (as Bandwidth's public API reference describ
 real HTTP, so the client, the provisioning service and the end-to-end tests all run against
 the behaviour they will meet in production:
 
+* ``POST /api/v2/users/{accountId}/messages`` (Messaging API v2): texts are accepted (202)
+  into an account-wide queue drained at ``messaging_rate`` messages a second that holds
+  ``messaging_queue_seconds`` worth (900 s at 1 MPS by default, as Bandwidth's defaults);
+  a message that does not fit answers 429 with Bandwidth's body,
+  ``{"type": "max-message-queue-size-exceeded", "description": ...}``. Accepted messages
+  are listed in ``GET /_emulator/state`` under ``messages``.
 * ``POST /api/v1/oauth2/token``: client credentials with HTTP Basic; bearer tokens that
   expire after ``token_ttl`` seconds.
 * ``/api/v2/accounts/{accountId}/emergency/...``: addresses (validated and standardised by
@@ -123,7 +129,9 @@ _STATUS_TYPES = {
 
 _ENDPOINT_ID = re.compile(r"[A-Za-z0-9]{10,30}")
 _E164 = re.compile(r"\+[1-9]\d{1,14}")
-_ACCOUNT_PATH = re.compile(r"/api/v2/accounts/([^/]+)(?:/|$)")
+_ACCOUNT_PATH = re.compile(r"/api/v2/(?:accounts|users)/([^/]+)(?:/|$)")
+_MESSAGING_PATH = re.compile(r"/api/v2/users/")
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
 _MAX_ENDPOINTS_PER_ORDER = 100
 _REQUEST_LOG_SIZE = 10_000
 
@@ -154,6 +162,10 @@ class EmulatorOptions:
     """``limit`` when a list request gives none."""
     max_page_size: int = 1000
     """Largest ``limit`` accepted."""
+    messaging_rate: float = 1.0
+    """Account-wide outbound dequeue rate of the Messaging API, messages a second."""
+    messaging_queue_seconds: float = 900.0
+    """The account's message queue holds this many seconds' worth at ``messaging_rate``."""
 
 
 class _ApiError(Exception):
@@ -295,6 +307,10 @@ class _Emulator:
         self.faults: list[_Fault] = []
         self.requests: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
         self.tokens_issued = 0
+        self.messages: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
+        self.message_queue = 0.0
+        self.message_queue_at = clock()
+        self.messages_refused = 0
 
     def reset(self) -> None:
         self.addresses.clear()
@@ -303,6 +319,9 @@ class _Emulator:
         self.faults.clear()
         self.requests.clear()
         self.tokens_issued = 0
+        self.messages.clear()
+        self.message_queue = 0.0
+        self.messages_refused = 0
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -404,12 +423,93 @@ class _Emulator:
                 status,
                 f"account {account} does not exist or is not accessible with these credentials",
             )
+        if _MESSAGING_PATH.match(request.path):
+            return
         if self.options.require_region and request.query.get("region") not in ("NA", "ROW"):
             raise _ApiError(
                 400,
                 "query parameter region is required and must be NA or ROW",
                 field="region",
             )
+
+    # -- messaging --------------------------------------------------------------------
+
+    async def create_message(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        problems: list[dict[str, str]] = []
+        if not isinstance(body, dict):
+            body = {}
+            problems.append({"fieldName": "body", "description": "must be a JSON object"})
+        to = body.get("to")
+        if isinstance(to, str):
+            to = [to]
+        if (
+            not isinstance(to, list)
+            or not to
+            or not all(isinstance(n, str) and _E164.fullmatch(n) for n in to)
+        ):
+            problems.append({"fieldName": "to", "description": "E.164 numbers are required"})
+        sender = body.get("from")
+        if not isinstance(sender, str) or not _E164.fullmatch(sender):
+            problems.append({"fieldName": "from", "description": "an E.164 number is required"})
+        if not isinstance(body.get("applicationId"), str) or not body["applicationId"]:
+            problems.append({"fieldName": "applicationId", "description": "is required"})
+        text = body.get("text")
+        if not isinstance(text, str) or not text:
+            problems.append({"fieldName": "text", "description": "is required"})
+        if problems:
+            return web.json_response(
+                {
+                    "type": "request-validation",
+                    "description": "Your request could not be accepted",
+                    "fieldErrors": problems,
+                },
+                status=400,
+            )
+        assert isinstance(to, list) and isinstance(text, str)
+        segments = max(1, -(-len(text) // 160)) * len(to)
+        rate = self.options.messaging_rate
+        capacity = rate * self.options.messaging_queue_seconds
+        now = self.clock()
+        self.message_queue = max(0.0, self.message_queue - (now - self.message_queue_at) * rate)
+        self.message_queue_at = now
+        if self.message_queue + segments > capacity:
+            self.messages_refused += 1
+            per_minute = rate * 60
+            return web.json_response(
+                {
+                    "type": "max-message-queue-size-exceeded",
+                    "description": (
+                        "The SMS queue for your account is full and cannot accept more "
+                        "messages right now. Your allowed rate is "
+                        f"{per_minute:g} messages per minute. The capacity of this queue is "
+                        f"{capacity:g} messages "
+                        f"({self.options.messaging_queue_seconds / 60:g} minutes). Reduce "
+                        "your message sending rate, or contact support to increase your "
+                        "allowed rate."
+                    ),
+                },
+                status=429,
+            )
+        self.message_queue += segments
+        message = {
+            "id": f"{int(time.time() * 1000)}{secrets.token_hex(8)}",
+            "owner": sender,
+            "applicationId": body["applicationId"],
+            "time": _now(),
+            "segmentCount": segments // len(to),
+            "direction": "out",
+            "to": to,
+            "from": sender,
+            "text": text,
+            **({"tag": body["tag"]} if isinstance(body.get("tag"), str) else {}),
+            **({"priority": body["priority"]} if "priority" in body else {}),
+        }
+        self.messages.append(message)
+        return web.json_response(message, status=202)
 
     # -- OAuth2 -----------------------------------------------------------------------
 
@@ -778,6 +878,8 @@ class _Emulator:
                 "tokensIssued": self.tokens_issued,
                 "tokensValid": sum(1 for t in self.tokens.values() if t > now),
                 "requests": list(self.requests),
+                "messages": list(self.messages),
+                "messagesRefused": self.messages_refused,
             }
         )
 
@@ -949,6 +1051,7 @@ def build_emulator_app(
     router.add_get(f"{base}/orders/{{order_id}}", emulator.get_order)
     router.add_get(f"{base}/orders/{{order_id}}/details", emulator.order_details)
     router.add_get(f"{base}/orders/{{order_id}}/history", emulator.order_history)
+    router.add_post("/api/v2/users/{account_id}/messages", emulator.create_message)
     router.add_post("/_emulator/faults", emulator.add_faults)
     router.add_get("/_emulator/faults", emulator.list_faults)
     router.add_delete("/_emulator/faults", emulator.clear_faults)

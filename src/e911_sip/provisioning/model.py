@@ -274,6 +274,64 @@ class EndpointRef:
             raise ModelError(f"endpoint: {exc}") from exc
 
 
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_PHONE = re.compile(r"\+?\d{10,15}")
+MAX_CONTACTS = 20
+"""Targets per kind at one level (a front desk and security, not a mailing list)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Contacts:
+    """Who is told of an emergency call (Kari's Law, 47 CFR 9.16): a level's own list.
+
+    A level with contacts (even empty lists) overrides the levels below it, as an address
+    does: account → site → customer.
+    """
+
+    emails: tuple[str, ...] = ()
+    """Email addresses."""
+    sms: tuple[str, ...] = ()
+    """Phone numbers for text messages, 10 digits or E.164."""
+    webhooks: tuple[str, ...] = ()
+    """HTTP(S) URLs that receive a signed JSON POST."""
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """The stored and API form."""
+        return {"emails": list(self.emails), "sms": list(self.sms), "webhooks": list(self.webhooks)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Contacts:
+        """Parse and check. Raises ModelError naming the field at fault."""
+        d = _object(data, "contacts")
+        unknown = sorted(set(d) - {"emails", "sms", "webhooks"})
+        if unknown:
+            raise ModelError(
+                f"contacts.{unknown[0]}: unknown field", field=f"contacts.{unknown[0]}"
+            )
+        out: dict[str, tuple[str, ...]] = {}
+        for name, pattern in (
+            ("emails", _EMAIL),
+            ("sms", _PHONE),
+            ("webhooks", re.compile(r"https?://\S+")),
+        ):
+            items = d.get(name) or []
+            where = f"contacts.{name}"
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ModelError(f"{where} must be a list of strings", field=where)
+            if len(items) > MAX_CONTACTS:
+                raise ModelError(f"{where}: at most {MAX_CONTACTS} entries", field=where)
+            for item in items:
+                if len(item) > 2048 or not pattern.fullmatch(item):
+                    raise ModelError(f"{where}: {item!r} is not valid", field=where)
+            out[name] = tuple(dict.fromkeys(items))
+        return cls(**out)
+
+
+def _contacts_from(d: Mapping[str, Any]) -> Contacts | None:
+    raw = d.get("contacts")
+    return Contacts.from_dict(raw) if raw is not None else None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Customer:
     """A (sub)customer: the lowest level of the cascade."""
@@ -287,6 +345,8 @@ class Customer:
     endpoint: EndpointRef | None = None
     created_at: str = ""
     updated_at: str = ""
+    contacts: Contacts | None = None
+    """Kari's Law notification targets; None: inherit from the level below."""
 
     @property
     def ref(self) -> EntityRef:
@@ -305,6 +365,7 @@ class Customer:
             **_location_dict(self.address, self.standardized, self.endpoint),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            **({"contacts": self.contacts.to_dict()} if self.contacts is not None else {}),
         }
 
     @classmethod
@@ -321,6 +382,7 @@ class Customer:
             endpoint=endpoint,
             created_at=_str(d, "created_at", ""),
             updated_at=_str(d, "updated_at", ""),
+            contacts=_contacts_from(d),
         )
 
 
@@ -338,6 +400,8 @@ class Site:
     endpoint: EndpointRef | None = None
     created_at: str = ""
     updated_at: str = ""
+    contacts: Contacts | None = None
+    """Kari's Law notification targets; None: inherit from the level below."""
 
     @property
     def ref(self) -> EntityRef:
@@ -357,6 +421,7 @@ class Site:
             **_location_dict(self.address, self.standardized, self.endpoint),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            **({"contacts": self.contacts.to_dict()} if self.contacts is not None else {}),
         }
 
     @classmethod
@@ -374,6 +439,7 @@ class Site:
             endpoint=endpoint,
             created_at=_str(d, "created_at", ""),
             updated_at=_str(d, "updated_at", ""),
+            contacts=_contacts_from(d),
         )
 
 
@@ -392,6 +458,8 @@ class Account:
     endpoint: EndpointRef | None = None
     created_at: str = ""
     updated_at: str = ""
+    contacts: Contacts | None = None
+    """Kari's Law notification targets; None: inherit from the level below."""
 
     @property
     def ref(self) -> EntityRef:
@@ -412,6 +480,7 @@ class Account:
             **_location_dict(self.address, self.standardized, self.endpoint),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            **({"contacts": self.contacts.to_dict()} if self.contacts is not None else {}),
         }
 
     @classmethod
@@ -435,6 +504,7 @@ class Account:
             endpoint=endpoint,
             created_at=_str(d, "created_at", ""),
             updated_at=_str(d, "updated_at", ""),
+            contacts=_contacts_from(d),
         )
 
 

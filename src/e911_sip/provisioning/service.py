@@ -41,6 +41,7 @@ from enum import Enum
 from typing import Any, Protocol, TypeVar
 
 from e911_sip.metrics import Metrics
+from e911_sip.notify.event import Resolution, Targets
 from e911_sip.provisioning import cascade
 from e911_sip.provisioning.audit import AuditError, AuditLog
 from e911_sip.provisioning.bandwidth import (
@@ -59,6 +60,7 @@ from e911_sip.provisioning.model import (
     Account,
     Address,
     AuditEntry,
+    Contacts,
     Customer,
     CustomerState,
     EndpointRef,
@@ -139,6 +141,7 @@ class CustomerFields:
     name: str | Unset = UNSET
     callback_number: str | None | Unset = UNSET
     address: Address | None | Unset = UNSET
+    contacts: Contacts | None | Unset = UNSET
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +151,7 @@ class SiteFields:
     name: str | Unset = UNSET
     callback_number: str | None | Unset = UNSET
     address: Address | None | Unset = UNSET
+    contacts: Contacts | None | Unset = UNSET
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +163,7 @@ class AccountFields:
     name: str | Unset = UNSET
     callback_number: str | None | Unset = UNSET
     address: Address | None | Unset = UNSET
+    contacts: Contacts | None | Unset = UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +554,31 @@ class ProvisioningService:
         if state is None or account is None:
             raise _not_found(f"account {number} does not exist")
         return state, account
+
+    async def notification_context(self, number: str | None) -> Resolution:
+        """Kari's Law: who is told of an emergency call from ``number`` (the effective
+        contacts), and the line's level and standardised address. An unknown line gets an
+        empty resolution (the ``[notify]`` fallback targets apply)."""
+        if number is None:
+            return Resolution()
+        try:
+            state, account = await self.get_account(number)
+        except ServiceError as exc:
+            if exc.status in (404, 422):
+                return Resolution()
+            raise
+        _level, contacts = cascade.effective_contacts(state, account)
+        eff = cascade.effective(state, account)
+        names = [state.customer.display_name]
+        if account.site_id is not None and account.site_id in state.sites:
+            names.append(state.sites[account.site_id].display_name)
+        names.append(account.display_name)
+        return Resolution(
+            targets=Targets(webhooks=contacts.webhooks, emails=contacts.emails, sms=contacts.sms),
+            level=eff.level.value if eff.level is not None else None,
+            address=eff.address or None,
+            name=" / ".join(names),
+        )
 
     async def put_account(self, number: str, fields: AccountFields, *, who: str) -> Saved:
         """Create or replace an account (a line). ``customer_id`` is required to create one;
@@ -1127,7 +1157,8 @@ class ProvisioningService:
     def _apply_common(self, entity: _C, fields: CustomerFields | SiteFields, replace: bool) -> _C:
         name = _pick(fields.name, entity.name, "", replace)
         callback = _pick(fields.callback_number, entity.callback_number, None, replace)
-        new = dataclasses.replace(entity, name=name, callback_number=callback)
+        contacts = _pick(fields.contacts, entity.contacts, None, replace)
+        new = dataclasses.replace(entity, name=name, callback_number=callback, contacts=contacts)
         address = _pick(fields.address, entity.address, None, replace)
         return cascade.with_address(new, address)
 
@@ -1137,6 +1168,7 @@ class ProvisioningService:
             name=_pick(fields.name, account.name, "", replace),
             callback_number=_pick(fields.callback_number, account.callback_number, None, replace),
             site_id=_pick(fields.site_id, account.site_id, None, replace),
+            contacts=_pick(fields.contacts, account.contacts, None, replace),
         )
         address = _pick(fields.address, account.address, None, replace)
         return cascade.with_address(new, address)

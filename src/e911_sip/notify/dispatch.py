@@ -1,0 +1,328 @@
+"""From the edge's call event to delivered notifications, off the call path.
+
+Two stages, each a durable queue (:mod:`e911_sip.notify.queue`):
+
+1. The edge calls :meth:`Publisher.publish` (synchronous, never waits, bounded): the event
+   goes to an in-memory list that a task writes to the *events* queue.
+2. The :class:`Notifier`, where provisioning state is, takes each event, asks provisioning
+   for the line's contacts, level and address, queues one delivery per target in the
+   *deliveries* queue and only then marks the event done. Each delivery is attempted at once
+   and retried with exponential back-off and full jitter (honouring a ``Retry-After``) until
+   it succeeds, fails permanently, or runs out of attempts or time; then it moves to the
+   dead-letter list, logged at ERROR and counted (an alert fires on it).
+
+A crash between two steps repeats a step, never skips one: an event may yield its deliveries
+twice, a delivery may be sent twice. Every delivery carries the same idempotency key each
+time (webhook ``X-E911-Delivery-Id``, email ``Message-ID``, SMS ``tag``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from e911_sip.notify.channels import Channel, DeliveryFailed
+from e911_sip.notify.event import CallEvent, Delivery, Resolution, Targets, deliveries
+from e911_sip.notify.queue import Queue, QueueError
+
+log = logging.getLogger("e911_sip.notify")
+
+OUTCOMES = ("delivered", "retried", "dead")
+"""Outcomes counted per channel: accepted by the far end, one failed attempt that will be
+retried, given up (in the dead-letter list)."""
+
+
+class Publisher:
+    """The edge's side: hands events to the events queue without ever waiting on it."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        numbers: frozenset[str] = frozenset({"911"}),
+        max_pending: int = 10_000,
+        on_dropped: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._queue = queue
+        self._numbers = numbers
+        self._pending: collections.deque[CallEvent] = collections.deque()
+        self._max_pending = max_pending
+        self._on_dropped = on_dropped
+        self._wake = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Events not yet in the queue."""
+        return len(self._pending)
+
+    def publish(self, event: CallEvent) -> None:
+        """Queue ``event`` for notification if its number notifies. Never raises."""
+        if event.dialed not in self._numbers:
+            return
+        if len(self._pending) >= self._max_pending:
+            self._on_dropped()
+            log.error(
+                "notification event dropped: the queue is unreachable and the backlog is full",
+                extra={"call_id": event.call_id},
+            )
+            return
+        self._pending.append(event)
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event, *, flush_timeout: float = 2.0) -> None:
+        """Write events to the queue until ``stop``, then for up to ``flush_timeout``."""
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                await self._flush()
+                if self._pending:
+                    # The queue failed: try again shortly, or at once on a new event.
+                    await asyncio.wait([stopper], timeout=0.5)
+                    continue
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait([stopper, waker], return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    while self._pending:
+                        await self._flush()
+                        if self._pending:
+                            await asyncio.sleep(0.1)
+            except TimeoutError:
+                log.error(
+                    "notification events not queued at shutdown",
+                    extra={"events": len(self._pending)},
+                )
+        finally:
+            stopper.cancel()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            event = self._pending[0]
+            try:
+                await self._queue.put(event.to_dict())
+            except QueueError as exc:
+                log.warning("notification queue unavailable", extra={"error": str(exc)})
+                return
+            self._pending.popleft()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifierOptions:
+    """How deliveries are retried."""
+
+    fallback: Targets = field(default_factory=Targets)
+    """Targets for lines with no contacts at any level (and for unknown callers)."""
+    fallback_always: bool = False
+    """Send to ``fallback`` for every call as well, not only when the line has no contacts."""
+    max_attempts: int = 10
+    """Attempts per delivery before it is dead-lettered."""
+    retry_for: float = 3600.0
+    """Seconds after the call after which a failing delivery is dead-lettered."""
+    backoff_base: float = 1.0
+    """Back-off before retry n is ``min(backoff_cap, backoff_base * 2**(n-1)) * rand()``."""
+    backoff_cap: float = 60.0
+    """Upper bound of one back-off, before jitter."""
+    max_in_flight: int = 1000
+    """Deliveries held in memory at once (the rest wait in the queue)."""
+    poll_interval: float = 1.0
+    """Seconds one blocking read of a queue waits."""
+    resolve_timeout: float = 5.0
+    """Seconds provisioning may take to name a line's contacts before the fallback is used."""
+
+
+Resolver = Callable[[CallEvent], Awaitable[Resolution]]
+"""Provisioning's answer for a call's line."""
+
+
+class Notifier:
+    """The provisioning side: events → deliveries → channels, with retries and dead letters."""
+
+    def __init__(
+        self,
+        *,
+        events: Queue,
+        deliveries: Queue,
+        channels: Mapping[str, Channel],
+        resolve: Resolver,
+        options: NotifierOptions,
+        on_outcome: Callable[[str, str], None] = lambda channel, outcome: None,
+        on_latency: Callable[[str, float], None] = lambda channel, seconds: None,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._events = events
+        self._deliveries = deliveries
+        self._channels = dict(channels)
+        self._resolve = resolve
+        self._options = options
+        self._on_outcome = on_outcome
+        self._on_latency = on_latency
+        self._rand = rand
+        self._clock = clock
+        self._slots = asyncio.Semaphore(options.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work both queues until ``stop``; attempts in progress are abandoned, not lost
+        (they stay in the queue and are taken again at the next start)."""
+        loop = asyncio.get_running_loop()
+        pumps = [
+            loop.create_task(self._pump(stop, self._events, self._expand)),
+            loop.create_task(self._pump(stop, self._deliveries, self._start_delivery)),
+        ]
+        stopper = loop.create_task(stop.wait())
+        try:
+            await asyncio.wait([*pumps, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # A pump may be waiting for a free slot or inside a queue write: cancelling it
+            # loses nothing, since every item is still in its queue until marked done.
+            stopper.cancel()
+            for pump in pumps:
+                pump.cancel()
+            results = await asyncio.gather(*pumps, return_exceptions=True)
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    async def _pump(
+        self,
+        stop: asyncio.Event,
+        queue: Queue,
+        handle: Callable[[str, dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                batch = await queue.take(self._options.poll_interval)
+                failures = 0
+            except QueueError as exc:
+                failures += 1
+                if failures == 1:
+                    log.error("notification queue unavailable", extra={"error": str(exc)})
+                try:
+                    async with asyncio.timeout(min(5.0, 0.2 * 2**failures)):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+                continue
+            for entry, item in batch:
+                await handle(entry, item)
+
+    async def _expand(self, entry: str, item: dict[str, Any]) -> None:
+        """One event → its deliveries in the deliveries queue → the event done."""
+        try:
+            event = CallEvent.from_dict(item)
+        except (KeyError, TypeError, ValueError):
+            log.error("unreadable notification event dropped", extra={"entry": entry})
+            await self._retrying(lambda: self._events.done(entry))
+            return
+        try:
+            async with asyncio.timeout(self._options.resolve_timeout):
+                resolution = await self._resolve(event)
+        except Exception:
+            # Provisioning cannot say who to tell: tell the fallback targets now rather
+            # than nobody, without the address.
+            log.exception("contacts could not be resolved", extra={"call_id": event.call_id})
+            resolution = Resolution()
+        planned = deliveries(
+            event, resolution, self._options.fallback, always=self._options.fallback_always
+        )
+        if not planned:
+            log.warning(
+                "emergency call with no notification target (configure [notify] or contacts)",
+                extra={"call_id": event.call_id, "caller": event.caller},
+            )
+        for delivery in planned:
+            await self._retrying(functools.partial(self._deliveries.put, delivery.to_dict()))
+        await self._retrying(lambda: self._events.done(entry))
+
+    async def _start_delivery(self, entry: str, item: dict[str, Any]) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._deliver(entry, item))
+        self._tasks.add(task)
+        task.add_done_callback(self._delivery_finished)
+
+    def _delivery_finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _deliver(self, entry: str, item: dict[str, Any]) -> None:
+        options = self._options
+        try:
+            delivery = Delivery.from_dict(item)
+        except (KeyError, TypeError, ValueError):
+            await self._retrying(lambda: self._deliveries.dead(entry, item, "unreadable"))
+            return
+        channel = self._channels.get(delivery.channel)
+        extra: dict[str, object] = {
+            "call_id": delivery.body.get("call_id"),
+            "channel": delivery.channel,
+            "delivery_id": delivery.delivery_id,
+        }
+        attempt = 0
+        while True:
+            attempt += 1
+            if channel is None:
+                reason, permanent, retry_after = "channel not configured", True, None
+            else:
+                try:
+                    await channel.send(delivery)
+                except DeliveryFailed as exc:
+                    reason, permanent, retry_after = exc.reason, exc.permanent, exc.retry_after
+                except Exception as exc:
+                    log.exception("notification channel failed", extra=extra)
+                    reason, permanent, retry_after = type(exc).__name__, False, None
+                else:
+                    latency = self._clock() - delivery.received_at
+                    await self._retrying(lambda: self._deliveries.done(entry))
+                    self._on_outcome(delivery.channel, "delivered")
+                    self._on_latency(delivery.channel, latency)
+                    log.info(
+                        "notification delivered",
+                        extra={**extra, "attempt": attempt, "latency_ms": round(latency * 1e3)},
+                    )
+                    return
+            backoff = min(options.backoff_cap, options.backoff_base * 2 ** (attempt - 1))
+            delay = retry_after if retry_after is not None else backoff * self._rand()
+            age = self._clock() - delivery.received_at
+            if permanent or attempt >= options.max_attempts or age + delay > options.retry_for:
+                await self._retrying(functools.partial(self._deliveries.dead, entry, item, reason))
+                self._on_outcome(delivery.channel, "dead")
+                log.error(
+                    "notification given up: moved to the dead-letter list",
+                    extra={**extra, "attempts": attempt, "reason": reason, "target": "<hidden>"},
+                )
+                return
+            self._on_outcome(delivery.channel, "retried")
+            log.warning(
+                "notification attempt failed; retrying",
+                extra={**extra, "attempt": attempt, "reason": reason, "delay": round(delay, 3)},
+            )
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _retrying(operation: Callable[[], Awaitable[None]]) -> None:
+        """Queue bookkeeping must happen: retry it until it does (or the task is cancelled;
+        then the item is taken again at the next start)."""
+        delay = 0.1
+        while True:
+            try:
+                await operation()
+                return
+            except QueueError as exc:
+                log.warning("notification queue write failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)

@@ -1,0 +1,344 @@
+"""Durable queues for notifications: a Redis stream, or a journal file for the embedded mode.
+
+Every notification is written here before anything tries to deliver it, and removed only
+when it was delivered or moved to the dead-letter list. A consumer that restarts receives
+again what it had taken and not finished (Redis: the consumer group's pending entries; file:
+the journal's entries without a ``done`` line), so a restart loses nothing. What it may do
+is deliver twice one notification that was sent just before the restart and not yet marked
+done; every delivery therefore carries an idempotency key (:mod:`e911_sip.notify.event`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger("e911_sip.notify")
+
+
+class QueueError(Exception):
+    """The queue's backing store failed (Redis unreachable, the file cannot be written)."""
+
+
+class Queue(Protocol):
+    """A durable FIFO with explicit completion."""
+
+    async def put(self, item: Mapping[str, Any]) -> None:
+        """Store ``item`` durably. Raises QueueError."""
+        ...
+
+    async def take(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        """Items not yet taken (after a restart: first those taken and never finished),
+        waiting up to ``timeout`` seconds for one. Raises QueueError."""
+        ...
+
+    async def done(self, entry: str) -> None:
+        """Remove a taken item for good. Raises QueueError."""
+        ...
+
+    async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
+        """Move a taken item to the dead-letter list. Raises QueueError."""
+        ...
+
+    async def depth(self) -> int:
+        """Items stored and not finished."""
+        ...
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """The dead-letter list, oldest first."""
+        ...
+
+    async def dead_count(self) -> int:
+        """Entries in the dead-letter list."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+class FileQueue:
+    """An in-process queue journaled to a file (or to nothing: ``path=None``).
+
+    The journal is JSON lines: ``{"put": id, "item": ...}``, ``{"done": id}`` and
+    ``{"dead": id, "item": ..., "reason": ...}``, each flushed and fsynced before the call
+    returns. Opening replays it; once it holds ``compact_after`` lines it is rewritten with
+    only the live items. Dead letters go to ``<path>.dead`` (JSON lines).
+    """
+
+    def __init__(self, path: Path | None, *, compact_after: int = 10_000) -> None:
+        self._path = path
+        self._compact_after = compact_after
+        self._items: dict[str, dict[str, Any]] = {}
+        self._ready: list[str] = []
+        self._dead: list[dict[str, Any]] = []
+        self._lines = 0
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._file: Any = None
+        if path is not None:
+            self._replay(path)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _replay(self, path: Path) -> None:
+        last = 0
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                # A torn last line from a crash mid-write: that item was never acknowledged.
+                log.warning("skipped a torn notification journal line", extra={"path": str(path)})
+                continue
+            if "put" in record:
+                self._items[record["put"]] = record["item"]
+                last = max(last, int(record["put"]))
+            elif "done" in record:
+                self._items.pop(record["done"], None)
+            elif "dead" in record:
+                self._items.pop(record["dead"], None)
+        self._ids = itertools.count(last + 1)
+        self._ready = list(self._items)
+        try:
+            dead_text = self._dead_path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            dead_text = ""
+        for line in dead_text.splitlines():
+            try:
+                self._dead.append(json.loads(line))
+            except ValueError:
+                log.warning("skipped a torn dead-letter line", extra={"path": str(path)})
+        self._lines = len(self._items)
+        self._rewrite()
+        if self._ready:
+            self._wake.set()
+
+    @staticmethod
+    def _dead_path(path: Path) -> Path:
+        return path.with_name(path.name + ".dead")
+
+    def _rewrite(self) -> None:
+        assert self._path is not None
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for entry, item in self._items.items():
+                out.write(json.dumps({"put": entry, "item": item}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._path)
+        self._lines = len(self._items)
+
+    def _append(self, record: Mapping[str, Any], file: Any = None) -> None:
+        target = file if file is not None else self._file
+        if target is None:
+            return
+        try:
+            target.write(json.dumps(record) + "\n")
+            target.flush()
+            os.fsync(target.fileno())
+        except (OSError, ValueError) as exc:
+            raise QueueError(f"cannot write the notification journal: {exc}") from exc
+        if file is None:
+            self._lines += 1
+
+    def _maybe_compact(self) -> None:
+        if self._file is not None and self._lines >= self._compact_after:
+            self._file.close()
+            self._rewrite()
+            self._file = open(self._path, "a", encoding="utf-8")  # type: ignore[arg-type]  # noqa: SIM115
+
+    async def put(self, item: Mapping[str, Any]) -> None:
+        entry = str(next(self._ids))
+        self._append({"put": entry, "item": dict(item)})
+        self._items[entry] = dict(item)
+        self._ready.append(entry)
+        self._wake.set()
+
+    async def take(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        if not self._ready:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                return []
+        ready, self._ready = self._ready, []
+        return [(entry, self._items[entry]) for entry in ready if entry in self._items]
+
+    async def done(self, entry: str) -> None:
+        if self._items.pop(entry, None) is None:
+            return
+        self._append({"done": entry})
+        self._maybe_compact()
+
+    async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
+        record = {"item": dict(item), "reason": reason}
+        if self._path is not None:
+            with open(self._dead_path(self._path), "a", encoding="utf-8") as dead:
+                self._append(record, dead)
+        self._dead.append(record)
+        if self._items.pop(entry, None) is not None:
+            self._append({"dead": entry})
+            self._maybe_compact()
+
+    async def depth(self) -> int:
+        return len(self._items)
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        return list(self._dead)
+
+    async def dead_count(self) -> int:
+        return len(self._dead)
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class RedisStreamQueue:
+    """A Redis stream read through a consumer group; dead letters in a Redis list.
+
+    ``put`` is ``XADD``; ``take`` first returns this consumer's pending entries (taken before
+    a restart and never acknowledged), then new ones (``XREADGROUP ... >``); ``done`` is
+    ``XACK`` plus ``XDEL``; ``dead`` pushes to the list and acknowledges, in one
+    ``MULTI``.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        stream: str,
+        dead_list: str,
+        group: str = "notifier",
+        consumer: str = "notifier",
+    ) -> None:
+        self._redis = client
+        self._stream = stream
+        self._dead_list = dead_list
+        self._group = group
+        self._consumer = consumer
+        self._group_ready = False
+        self._backlog_from: str | None = "0"
+        """Where the next read of our own pending entries starts; None once they are read."""
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisStreamQueue:
+        """A queue on its own connection pool to ``url``."""
+        client = aioredis.Redis.from_url(url, socket_timeout=5.0, decode_responses=True)
+        return cls(client, **kwargs)
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise QueueError(f"cannot create the consumer group: {exc}") from exc
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+        self._group_ready = True
+
+    async def put(self, item: Mapping[str, Any]) -> None:
+        try:
+            await self._redis.xadd(self._stream, {"item": json.dumps(dict(item))})
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def take(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        await self._ensure_group()
+        while self._backlog_from is not None:
+            # Our pending entries (taken before a restart), oldest first, each once.
+            out, last = await self._read(self._backlog_from, None)
+            if last is None:
+                self._backlog_from = None
+                break
+            self._backlog_from = last
+            if out:
+                return out
+        out, _ = await self._read(">", max(1, int(timeout * 1000)))
+        return out
+
+    async def _read(
+        self, start: str, block: int | None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """(items, id of the last entry read) from ``XREADGROUP ... start``."""
+        reply: Any
+        try:
+            reply = await self._redis.xreadgroup(
+                self._group, self._consumer, {self._stream: start}, count=100, block=block
+            )
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+        out: list[tuple[str, dict[str, Any]]] = []
+        last: str | None = None
+        for _stream, entries in reply or []:
+            for entry, fields in entries:
+                last = entry
+                raw = fields.get("item") if fields else None
+                if raw is None:
+                    # Deleted after it was read (XDEL of a pending entry): nothing to do.
+                    await self.done(entry)
+                    continue
+                try:
+                    out.append((entry, json.loads(raw)))
+                except ValueError:
+                    log.error("dropped an unreadable notification entry", extra={"entry": entry})
+                    await self.done(entry)
+        return out, last
+
+    async def done(self, entry: str) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self._stream, self._group, entry)
+                pipe.xdel(self._stream, entry)
+                await pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
+        record = json.dumps({"item": dict(item), "reason": reason})
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(self._dead_list, record)
+                pipe.xack(self._stream, self._group, entry)
+                pipe.xdel(self._stream, entry)
+                await pipe.execute()
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def depth(self) -> int:
+        try:
+            return int(await self._redis.xlen(self._stream))
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        try:
+            raw = await self._redis.lrange(self._dead_list, 0, -1)
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+        return [json.loads(r) for r in raw]
+
+    async def dead_count(self) -> int:
+        try:
+            return int(await self._redis.llen(self._dead_list))
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,266 @@
+"""Kari's Law notifications through the real edge process and a real redis-server.
+
+A SIPp caller dials 911 through the edge; the edge queues the call in a Redis stream and the
+notifier in the same process (role ``all``) posts the signed webhook to a receiver started
+here. The Redis queue's restart behaviour is checked against redis-server directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e911_sip.notify.queue import RedisStreamQueue
+from tests.integration.harness import (
+    DEFAULT_CALLER,
+    DEFAULT_ENDPOINT,
+    EdgeProcess,
+    RedisServer,
+    Sipp,
+    edge_config,
+    free_port,
+    trunk_uri,
+)
+from tests.integration.test_end_to_end import (
+    CUSTOMER_ADDRESS,
+    api,
+    call_and_check,
+    provisioning_tables,
+    serve,
+)
+from tests.unit.notify.test_notify import restart_mid_queue, serving_receiver
+
+SECRET = "integration-webhook-secret"
+
+
+class WebhookReceiver:
+    """A threaded HTTP server on loopback that queues every POST it receives."""
+
+    def __init__(self) -> None:
+        self.posts: queue.Queue[tuple[float, dict[str, str], bytes]] = queue.Queue()
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                posts.put((time.time(), dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/kari"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as rec:
+        yield rec
+
+
+def test_a_911_call_through_the_edge_posts_the_signed_webhook(
+    edge_factory: Callable[..., EdgeProcess],
+    sipp: Sipp,
+    redis_server: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    redis_server.client().hset(
+        f"e911:line:{DEFAULT_CALLER}",
+        mapping={"provider_endpoint": DEFAULT_ENDPOINT, "updated_at": "2026-11-01T12:00:00Z"},
+    )
+    trunk = free_port("udp")
+    uas = sipp.uas("uas_emergency.xml", port=trunk)
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+        notify={
+            "webhook_urls": [receiver.url, "http://127.0.0.1:9/unreachable-at-start"],
+            "webhook_secret": SECRET,
+            "backoff_base": 30.0,
+        },
+    )
+    edge = edge_factory(config)
+    started = time.time()
+    caller = sipp.uac("uac_911.xml", edge.sip_target)
+    assert caller.ok, caller.summary()
+    assert uas.wait().ok
+    arrived, headers, raw = receiver.posts.get(timeout=20)
+    body = json.loads(raw)
+    assert body["event"] == "emergency_call"
+    assert body["caller"] == DEFAULT_CALLER and body["callback"] == DEFAULT_CALLER
+    assert body["dialed"] == "911"
+    assert body["provider_endpoint"] == DEFAULT_ENDPOINT
+    assert body["outcome"] == "enriched"
+    # No provisioning API in this process: the level and address are unknown here.
+    assert body["level"] is None and body["address"] is None
+    assert body["call_id"] and body["time"].endswith("Z")
+    expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-E911-Signature"], expected)
+    assert len(headers["X-E911-Delivery-Id"]) == 32
+    # Reported, not asserted: the first notification's delay from the call's start.
+    print(f"webhook arrived {arrived - started:.3f}s after the caller started")
+
+    def delivered() -> float:
+        return (
+            edge.metric("e911_sip_notifications_total", channel="webhook", outcome="delivered")
+            or 0.0
+        )
+
+    deadline = time.monotonic() + 10
+    while delivered() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert delivered() == 1
+    assert edge.metric("e911_sip_notification_latency_seconds_count", channel="webhook") == 1
+    # The unreachable target did not stop the process; it is being retried.
+    assert (
+        edge.metric("e911_sip_notifications_total", channel="webhook", outcome="retried") or 0
+    ) >= 1
+
+
+@pytest.fixture
+def processes() -> Iterator[list[EdgeProcess]]:
+    started: list[EdgeProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def test_split_roles_notify_the_provisioned_contacts_with_the_address(
+    tmp_path: Path,
+    processes: list[EdgeProcess],
+    sipp: Sipp,
+    redis_server: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    """The edge (its own process) queues the call in Redis; the provisioning process resolves
+    the customer-level contacts and the standardised address and posts the webhook."""
+    api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
+    line = "3215551234"
+    provisioning_config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+        **provisioning_tables(
+            api_port, emulator_port, state_url=redis_server.url, audit_url=redis_server.url
+        ),
+    )
+    serve(tmp_path, processes, provisioning_config, "provisioning")
+    edge = serve(
+        tmp_path,
+        processes,
+        edge_config(
+            sip_port=free_port("both"),
+            http_port=free_port("tcp"),
+            emergency_trunks=[trunk_uri(trunk)],
+            default_trunks=[trunk_uri(free_port("udp"))],
+            store_url=redis_server.url,
+        ),
+        "edge",
+    )
+    status, body = api(
+        api_port,
+        "PUT",
+        "/v1/customers/helpdesk365",
+        {
+            "name": "Helpdesk 365",
+            "address": CUSTOMER_ADDRESS,
+            "contacts": {"webhooks": [receiver.url]},
+        },
+    )
+    assert status == 201, body
+    status, account = api(api_port, "PUT", f"/v1/accounts/{line}", {"customer_id": "helpdesk365"})
+    assert status == 201, account
+    assert account["effective_contacts"] == {
+        "emails": [],
+        "sms": [],
+        "webhooks": [receiver.url],
+        "level": "customer",
+    }
+    endpoint = account["effective"]["provider_endpoint"]
+    call_and_check(sipp, edge, trunk, line, endpoint)
+    _, _, raw = receiver.posts.get(timeout=20)
+    body = json.loads(raw)
+    assert body["caller"] == line and body["provider_endpoint"] == endpoint
+    assert body["level"] == "customer"
+    assert body["address"] == "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
+    assert body["name"] == f"Helpdesk 365 / {line}"
+
+
+async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finish(
+    redis_server: RedisServer,
+) -> None:
+    def open_queue() -> RedisStreamQueue:
+        return RedisStreamQueue.from_url(
+            redis_server.url, stream="t:deliveries", dead_list="t:dead", consumer="box1"
+        )
+
+    first = open_queue()
+    for n in range(5):
+        await first.put({"n": n})
+    taken = await first.take(0.5)
+    assert [item["n"] for _, item in taken] == [0, 1, 2, 3, 4]
+    await first.done(taken[0][0])
+    await first.dead(taken[1][0], taken[1][1], "http 410")
+    await first.close()  # a restart with three taken and unfinished
+
+    second = open_queue()
+    again = await second.take(0.5)
+    assert [item["n"] for _, item in again] == [2, 3, 4]
+    assert await second.take(0.1) == []  # nothing new, nothing handed out twice
+    await second.put({"n": 5})
+    fresh = await second.take(1.0)
+    assert [item["n"] for _, item in fresh] == [5]
+    for entry, _ in again + fresh:
+        await second.done(entry)
+    assert await second.depth() == 0
+    assert await second.dead_letters() == [{"item": {"n": 1}, "reason": "http 410"}]
+    await second.close()
+
+
+async def test_a_notifier_restart_on_redis_streams_loses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The same restart as with journal files, on Redis streams and their consumer group."""
+
+    def open_queues() -> tuple[RedisStreamQueue, RedisStreamQueue]:
+        return (
+            RedisStreamQueue.from_url(
+                redis_server.url, stream="n:events", dead_list="n:dead", consumer="box1"
+            ),
+            RedisStreamQueue.from_url(
+                redis_server.url, stream="n:deliveries", dead_list="n:dead", consumer="box1"
+            ),
+        )
+
+    async with serving_receiver() as receiver:
+        await restart_mid_queue(receiver, open_queues)
