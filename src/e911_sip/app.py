@@ -170,7 +170,7 @@ def proxy_options(
         max_contexts=overload.max_contexts,
         overload=load.shed_reason if load is not None else lambda: None,
         retry_after=overload.retry_after,
-        emergency_trunks=config.emergency.trunks,
+        emergency_trunks=(*config.emergency.trunks, *config.emergency.fallback_trunks()),
         default_trunks=config.default.trunks,
         provisional_timeout=config.emergency.provisional_timeout,
         fail_open_after=config.emergency.fail_open_after,

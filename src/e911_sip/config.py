@@ -168,6 +168,27 @@ class EmergencyConfig:
     probe: ProbeOptions = field(default_factory=lambda: ProbeOptions(interval=10.0))
     """OPTIONS probing of the trunks: ``probe_interval`` (0 turns it off),
     ``probe_timeout``, ``probe_failures``, ``probe_successes``."""
+    tls_fallback: str = "udp"
+    """RFC 6881: if TLS to an emergency trunk fails, retry without TLS. Each ``;transport=tls``
+    trunk gets a twin on the same host over ``udp`` or ``tcp`` at ``tls_fallback_port``,
+    tried after every configured trunk; ``none`` adds none."""
+    tls_fallback_port: int = 5060
+    """Port of those twins."""
+
+    def fallback_trunks(self) -> tuple[str, ...]:
+        """The non-TLS twins of the TLS trunks, in the trunks' order (none when off)."""
+        if self.tls_fallback == "none":
+            return ()
+        suffix = ";transport=tcp" if self.tls_fallback == "tcp" else ""
+        out: list[str] = []
+        for trunk in self.trunks:
+            uri = parse_uri(trunk)
+            if uri.transport == "tls":
+                host = f"[{uri.host}]" if ":" in uri.host else uri.host
+                twin = f"sip:{host}:{self.tls_fallback_port}{suffix}"
+                if twin not in self.trunks and twin not in out:
+                    out.append(twin)
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -688,6 +709,14 @@ def _check_tls(config: Config) -> None:
             f"[sip] listen: trunk {trunks[0]!r} uses TLS; add a tls:HOST:PORT listener "
             "(its Via and Record-Route name it)"
         )
+    fallback = config.emergency.fallback_trunks()
+    if fallback and not any(
+        a.transport == config.emergency.tls_fallback for a in config.sip.listen
+    ):
+        raise ConfigError(
+            f"[emergency] tls_fallback: {config.emergency.tls_fallback} needs a "
+            f"{config.emergency.tls_fallback}:HOST:PORT listener in [sip] listen (or set none)"
+        )
     if listens and tls.certificate is None:
         raise ConfigError("[tls] certificate: required for a tls listener")
     if listens and tls.verify_client and tls.ca_file is None:
@@ -718,6 +747,12 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         raise ConfigError(
             f"[emergency] existing_geolocation: expected one of {choices}, got {policy!r}"
         ) from None
+    fallback = s.string("tls_fallback", d.tls_fallback)
+    if fallback not in ("udp", "tcp", "none"):
+        raise ConfigError(f"[emergency] tls_fallback: expected udp, tcp or none, got {fallback!r}")
+    port = s.integer("tls_fallback_port", d.tls_fallback_port, minimum=1)
+    if port > 65535:
+        raise ConfigError(f"[emergency] tls_fallback_port: expected a port number, got {port}")
     failure_ratio = s.number("store_failure_ratio", d.store_failure_ratio)
     if not 0.0 < failure_ratio <= 1.0:
         raise ConfigError(
@@ -744,6 +779,8 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
             "store_connect_failures", d.store_connect_failures, minimum=1
         ),
         store_trial_lookups=s.integer("store_trial_lookups", d.store_trial_lookups, minimum=1),
+        tls_fallback=fallback,
+        tls_fallback_port=port,
     )
 
 

@@ -21,6 +21,7 @@ import trustme
 
 from tests.integration.harness import (
     EdgeProcess,
+    SilentUdpPeer,
     edge_config,
     free_port,
     trunk_uri,
@@ -288,6 +289,27 @@ def test_911_over_tls_end_to_end_with_failover_from_an_unverifiable_trunk(
         assert edge.metric("e911_sip_delivery_failures_total", transport="tls") == 1
         assert edge.metric("e911_sip_emergency_calls_total", outcome="failover") == 1
         assert edge.metric("e911_sip_emergency_results_total", status_class="2xx") == 1
+
+
+def test_a_911_call_whose_tls_fails_everywhere_is_retried_without_tls(
+    edge_factory: EdgeFactory, pki: Pki
+) -> None:
+    # RFC 6881: if TLS fails, retry without TLS. The only trunk's certificate does not
+    # verify; its plain twin on the same host ([emergency] tls_fallback) gets the call.
+    stranger = trustme.CA()
+    with TlsTrunk(pki.server(stranger)) as impostor, SilentUdpPeer() as twin:
+        edge, tls_port = start_tls_edge(
+            edge_factory, pki, [impostor.uri], emergency={"tls_fallback_port": twin.port}
+        )
+        raw = connect(tls_port)
+        with pki.client().wrap_socket(raw, server_hostname=LOOPBACK) as stream:
+            stream.sendall(invite(tls_port, "tls", call_id="tls-fallback-1"))
+            assert twin.wait_for(1), "the call never reached the trunk without TLS"
+        relayed = twin.received[0][0]
+        assert relayed.startswith(f"INVITE sip:911@127.0.0.1:{twin.port} SIP/2.0".encode())
+        assert header_lines(relayed, "via")[0].startswith("SIP/2.0/UDP ")
+        assert impostor.received == []
+        assert closed(edge, "tls_handshake", transport="tls") == 1
 
 
 def test_tls_client_without_a_certificate_is_refused(

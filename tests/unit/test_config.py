@@ -338,3 +338,22 @@ def test_overload_errors_name_the_key(tmp_path: Path, text: str, message: str) -
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, f"[overload]\n{text}\n"), {})
     assert message in str(info.value)
+
+
+def test_tls_trunks_get_a_plain_twin_tried_last(tmp_path: Path) -> None:
+    for name in ("edge.pem", "edge.key", "ca.pem"):
+        (tmp_path / name).write_text("placeholder")
+    text = (
+        '[sip]\nlisten = ["udp:127.0.0.1:5070", "tls:127.0.0.1:5071"]\n'
+        '[emergency]\ntrunks = ["sip:192.0.2.1:5061;transport=tls", '
+        '"sip:192.0.2.2:5061;transport=tls", "sip:192.0.2.3"]\n'
+        '[tls]\ncertificate = "edge.pem"\nprivate_key = "edge.key"\nca_file = "ca.pem"\n'
+    )
+    config = load(write(tmp_path, text), {})
+    assert config.emergency.fallback_trunks() == ("sip:192.0.2.1:5060", "sip:192.0.2.2:5060")
+    with pytest.raises(ConfigError, match=r"\[emergency\] tls_fallback: tcp needs a tcp:HOST"):
+        load(write(tmp_path, text), {"E911_SIP__EMERGENCY__TLS_FALLBACK": "tcp"})
+    off = load(write(tmp_path, text), {"E911_SIP__EMERGENCY__TLS_FALLBACK": "none"})
+    assert off.emergency.fallback_trunks() == ()
+    plain = load(None, {})
+    assert plain.emergency.fallback_trunks() == ()
