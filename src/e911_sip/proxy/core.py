@@ -709,6 +709,13 @@ class ProxyCore:
         forwarded = pop_own_routes(forwarded, self._locals)
         has_route = forwarded.has("route")
         initial = request.to_tag is None
+        if initial and forwarded.has("priority"):
+            priority = forwarded.get("priority") or ""
+            if priority.strip().lower() == "psap-callback":
+                # RFC 7090 §6: honoured only on calls from a PSAP, and none comes through
+                # here (callbacks reach the CSP from its carrier, not from its softswitch):
+                # on anything we relay the marking could only jump a queue it has no right to.
+                forwarded = forwarded.remove("priority")
 
         if initial and method == "INVITE":
             number = self._options.emergency_classifier(request.request_uri)

@@ -295,3 +295,19 @@ def test_an_outsider_is_not_even_parsed_but_a_response_from_anywhere_is_matched(
     _, raw = start_emergency(h)
     assert h.feed(response_to(raw, 503, "Forged"), OUTSIDER) == []
     assert reasons(h)[-1] == "response_source"
+
+
+def test_a_psap_callback_marking_is_not_relayed() -> None:
+    h = make_core()
+    out = h.feed(invite(ruri="sip:2125550100@192.0.2.1:5070", extra="Priority: psap-callback\r\n"))
+    sent = only(DEFAULT, out)
+    assert not sent.has("priority")
+    out = h.feed(
+        invite(
+            ruri="sip:2125550101@192.0.2.1:5070",
+            branch="z9hG4bKu2",
+            call_id="c2",
+            extra="Priority: urgent\r\n",
+        )
+    )
+    assert only(DEFAULT, out).get("priority") == "urgent"
