@@ -1171,6 +1171,21 @@ class ProxyCore:
             self._maybe_finish(context, now)
             return
         context.responses.append(response.pop_top_via())
+        if (
+            status == 424
+            and context.route is Route.EMERGENCY
+            and context.template.has("geolocation")
+            and not context.cancelled
+            and not context.final_sent
+        ):
+            # RFC 6442 §4.3: the trunk could not use the location we inserted. The call must
+            # still go through: the same trunk again, this time without our location (RFC 6881
+            # §6.5 prefers a call without location to no call), and no 424 goes upstream.
+            context.template = context.template.remove("geolocation").remove("geolocation-routing")
+            context.enriched = False
+            context.trunks.insert(0, branch.trunk)
+            self._fail_over(context, branch, "424", now)
+            return
         if self._can_fail_over(context) and _is_failover_status(status):
             self._fail_over(context, branch, str(status), now)
             return
@@ -1238,7 +1253,9 @@ class ProxyCore:
             best = make_response(context.request, 487, to_tag=self._branches.tag())
         elif context.responses:
             best = min(context.responses, key=_response_rank)
-            if best.status == 503:
+            if best.status == 503 or (best.status == 424 and context.route is Route.EMERGENCY):
+                # §16.7 step 6 for 503; a 424 about a location the edge inserted is the edge's
+                # own failure, not the caller's (RFC 6442 §4.3).
                 best = make_response(context.request, 500, to_tag=self._branches.tag())
         else:
             best = make_response(context.request, 408, to_tag=self._branches.tag())

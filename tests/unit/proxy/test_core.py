@@ -639,3 +639,32 @@ def test_transport_error_on_an_in_dialog_request_answers_408() -> None:
     h.core.transport_error(sent.vias[0].branch or "", h.now)
     final = only(SOFTSWITCH, h.collect())
     assert isinstance(final, Response) and (final.status, final.cseq[1]) == (408, "BYE")
+
+
+def test_a_424_retries_the_same_trunk_without_our_location_and_never_goes_upstream() -> None:
+    h = make_core()
+    h.feed(invite())
+    call = h.emergency()
+    enriched = (
+        call.request.replace("Priority", "emergency")
+        .append("Geolocation", "<https://emergency.bandwidth.com/locations/5555555/e1>")
+        .append("Geolocation-Routing", "no")
+    )
+    h.core.forward_emergency(call.call, enriched, h.now)
+    out = h.collect()
+    first = only(TRUNK1, out)
+    assert first.has("geolocation")
+    raw = [o.data for o in out if o.peer.host == TRUNK1.host][0]
+    out = h.feed(response_to(raw, 424, "Bad Location Information"), TRUNK1)
+    again = [m for m in to(TRUNK1, out) if isinstance(m, Request) and m.method == "INVITE"]
+    assert len(again) == 1
+    assert not again[0].has("geolocation") and not again[0].has("geolocation-routing")
+    assert again[0].get("priority") == "emergency"
+    upstream = [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status >= 300]
+    assert upstream == []
+    assert [e.reason for e in h.event(Failover)] == ["424"]  # type: ignore[union-attr]
+    # Refused again, now without any location: the caller gets 500, never a 424.
+    raw = [o.data for o in out if o.peer.host == TRUNK1.host and o.data.startswith(b"INVITE")][0]
+    out = h.feed(response_to(raw, 424, "Bad Location Information"), TRUNK1)
+    final = [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status >= 300]
+    assert [m.status for m in final] == [500]  # type: ignore[union-attr]
