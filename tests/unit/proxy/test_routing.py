@@ -44,7 +44,8 @@ def test_max_forwards_is_decremented_or_added() -> None:
     with pytest.raises(TooManyHops):
         decrement_max_forwards(request("Max-Forwards: 0"))
     with pytest.raises(MalformedMessage):
-        decrement_max_forwards(request("Max-Forwards: many"))
+        # parse() refuses this already; a request built in code is still checked here.
+        decrement_max_forwards(request().append("Max-Forwards", "many"))
 
 
 def test_max_forwards_keeps_the_header_spelling() -> None:
