@@ -110,4 +110,4 @@ def test_loose_routing_pops_only_our_entries() -> None:
 def test_max_forwards_with_non_ascii_digits_is_malformed() -> None:
     # "²".isdigit() is True but int() refuses it: a peer must not be able to crash the core.
     with pytest.raises(MalformedMessage):
-        decrement_max_forwards(request("Max-Forwards: \u00b270"))
+        decrement_max_forwards(request().append("Max-Forwards", "\u00b270"))
