@@ -523,9 +523,10 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
 
 
 _COLON = operator.methodcaller("partition", ":")
-_NAME = operator.itemgetter(0)
-_SPELLINGS: dict[str, str] = {}
-"""Header names exactly as received -> key; filled as names are seen, up to a bound."""
+_NAME = operator.itemgetter(0, 1)
+_SPELLINGS: dict[tuple[str, str], str] = {}
+"""(header name exactly as received, ":") -> key; filled as names are seen, up to a bound.
+The colon is part of the key so that a line without one (a bare "Call-ID") never matches."""
 _MAX_SPELLINGS = 4096
 
 
@@ -566,7 +567,7 @@ def _slow_key(line: str) -> str:
         key = name
     if len(_SPELLINGS) < _MAX_SPELLINGS:
         # Bounded: a peer inventing names cannot grow it without limit.
-        _SPELLINGS[spelt] = key
+        _SPELLINGS[(spelt, ":")] = key
     return key
 
 
@@ -608,12 +609,17 @@ def parse(
         raise MalformedMessage("no blank line after the header block")
     text = data[start:end].decode("latin-1")
     first, sep, head = text.partition("\r\n")
+    start_error: MalformedMessage | None = None
+    crlfs = text.count("\r\n")
+    if text.count("\r") != crlfs or text.count("\n") != crlfs:
+        # A CR or LF on its own ends a line for some parsers and not for others; relayed,
+        # it could smuggle a header past them (RFC 3261 §7: lines end with CRLF).
+        start_error = MalformedMessage("bare CR or LF in the header block")
     method: str | None = None
     status = 0
     reason = ""
     uri = ""
     version = SIP_VERSION
-    start_error: MalformedMessage | None = None
     if first.startswith("SIP/"):
         version, _, rest = first.partition(" ")
         code, _, reason = rest.partition(" ")
@@ -682,9 +688,9 @@ def parse(
             message._keys = keys
             message._ruri = parse_uri(uri)
             if message.cseq[1] != method:
-                raise MalformedMessage(f"CSeq method {message.cseq[1]} does not match {method}")
-            _check_name_addr(_value_of(lines[keys.index("from")]))
-            _check_name_addr(_value_of(lines[keys.index("to")]))
+                raise MalformedMessage(
+                    f"CSeq method {message.cseq[1][:40]} does not match {method[:40]}"
+                )
             # Read now, not when the request is forwarded: a request is refused before the
             # proxy keeps any state for it.
             _ = message.max_forwards
@@ -693,6 +699,11 @@ def parse(
             message._lines = lines
             message._keys = keys
             _ = message.cseq
+        # Responses too: a response is relayed, and an ACK or CANCEL is built from its From,
+        # To and Call-ID, which must therefore be readable.
+        _check_name_addr(_value_of(lines[keys.index("from")]))
+        _check_name_addr(_value_of(lines[keys.index("to")]))
+        _ = message.call_id
         _ = message.top_via
         return message
     except RemoteSipError as exc:
@@ -803,4 +814,19 @@ def error_response(error: ParseFailure, *, to_tag: str | None = None) -> Respons
         return None
     if not vias:
         return None
-    return response_from_headers(error.headers, error.status_code, error.reason, to_tag=to_tag)
+    for h in error.headers:
+        if h.key in _COPIED and ("\r" in h.raw or "\n" in h.raw):
+            if "\r" in h.raw.replace("\r\n", "") or "\n" in h.raw.replace("\r\n", ""):
+                return None  # never echo a bare CR or LF
+    reply = response_from_headers(error.headers, error.status_code, error.reason, to_tag=to_tag)
+    try:
+        parse(reply.to_bytes())
+    except ParseFailure as again:
+        # The reply echoes the fields it must copy, so it may carry the very fault it
+        # answers (RFC 4475 §3.1.2.7 answers a CSeq above 2**31 with 400 all the same);
+        # any other fault would make it a reply nothing upstream can match.
+        if str(again) != str(error):
+            return None
+    except RemoteSipError:
+        return None
+    return reply

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from e911_sip.sip.errors import UnsupportedUriScheme
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 from e911_sip.sip.uri import Uri, Via
 
@@ -33,7 +34,13 @@ class Peer(NamedTuple):
 
 
 def peer_for_uri(uri: Uri) -> Peer:
-    """The next-hop address of a SIP URI (RFC 3263 without DNS: host, port, transport)."""
+    """The next-hop address of a SIP URI (RFC 3263 without DNS: host, port, transport).
+
+    Raises:
+        UnsupportedUriScheme: a tel or urn URI, which names no host to send to.
+    """
+    if uri.scheme not in ("sip", "sips"):
+        raise UnsupportedUriScheme(f"no host to send to in a {uri.scheme} URI")
     transport = uri.transport
     if transport not in DEFAULT_PORTS:
         transport = "udp"

@@ -204,12 +204,17 @@ def _find_outside_quotes(text: str, char: str) -> int:
 
 
 def split_values(text: str) -> list[str]:
-    """Split a comma-separated header value, honouring quotes and ``<...>``."""
+    """Split a comma-separated header value, honouring quotes and ``<...>``.
+
+    Empty elements are skipped, but the list is never empty: a value of nothing but commas
+    gives one empty string, so the first value always exists (and fails to parse as a Via
+    or a Route) instead of an IndexError escaping whoever reads it.
+    """
     if "," not in text:
         return [text.strip()]
     if '"' not in text and "<" not in text:
         # Via and most list headers: no quoting, so a plain split is exact.
-        return [part for part in (p.strip() for p in text.split(",")) if part]
+        return [part for part in (p.strip() for p in text.split(",")) if part] or [""]
     out: list[str] = []
     depth = 0
     quoted = False
@@ -238,7 +243,7 @@ def split_values(text: str) -> list[str]:
     part = text[start:].strip()
     if part:
         out.append(part)
-    return out
+    return out or [""]
 
 
 class Via(NamedTuple):
