@@ -70,7 +70,7 @@ from e911_sip.sip.message import (
     make_response,
     parse,
 )
-from e911_sip.sip.peer import Peer, peer_for_uri, response_peer
+from e911_sip.sip.peer import DEFAULT_PORTS, Peer, peer_for_uri, response_peer
 from e911_sip.sip.transaction import (
     ClientInviteTransaction,
     ClientNonInviteTransaction,
@@ -799,9 +799,10 @@ class ProxyCore:
             return
         via = upstream.top_via
         transport = via.transport.lower()
-        self._outbox.append(
-            Outgoing(upstream.to_bytes(), response_peer(via, Peer(transport, via.host, 0)))
-        )
+        # The Via's sent-by stands in for the source: with port 0, a bare ``rport`` (which
+        # only a broken Via carries here: ours fill it in) sent the response to port 0.
+        sent_by = Peer(transport, via.host, via.port or DEFAULT_PORTS.get(transport, 5060))
+        self._outbox.append(Outgoing(upstream.to_bytes(), response_peer(via, sent_by)))
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
         context = branch.context

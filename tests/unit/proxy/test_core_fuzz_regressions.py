@@ -127,3 +127,23 @@ def test_cancel_never_answered_does_not_keep_the_call_for_ever() -> None:
     finals = [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status >= 200]
     assert finals and {m.status for m in finals} == {408}  # retransmitted by Timer G
     assert_drained(h)
+
+
+def test_stray_2xx_with_a_bare_rport_below_our_via_goes_to_the_sent_by_port() -> None:
+    # A 2xx retransmission after our transaction ended is relayed statelessly; a Via below
+    # ours with an unfilled rport sent it to port 0.
+    h = make_core()
+    _, raw = start_emergency(h)
+    sent = parse(raw)
+    assert isinstance(sent, Request)
+    ours = [hd.raw for hd in sent.headers if hd.key == "via"][0]
+    late = (
+        "SIP/2.0 200 OK\r\n"
+        f"{ours}\r\n"
+        "Via: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKold;rport\r\n"
+        "From: <sip:3215551234@192.0.2.10>;tag=uac-tag\r\n"
+        "To: <sip:911@192.0.2.1:5070>;tag=uas\r\n"
+        "Call-ID: other@192.0.2.10\r\nCSeq: 3 INVITE\r\nContent-Length: 0\r\n\r\n"
+    ).replace(sent.top_via.branch or "", (sent.top_via.branch or "") + "0")
+    out = h.feed(late.encode(), TRUNK1)
+    assert [o.peer for o in out] == [SOFTSWITCH]
