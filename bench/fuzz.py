@@ -1190,18 +1190,22 @@ def fuzz(args: argparse.Namespace) -> int:
             )
 
     work = chunks(args.count, args.chunk, args.seed, not args.no_minimize)
-    if args.jobs <= 1:
-        for item in work:
-            absorb(run_chunk(item))
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-    else:
-        with multiprocessing.Pool(args.jobs, initializer=_init_worker) as pool:
-            for result in pool.imap(run_chunk, work):
-                absorb(result)
+    try:
+        if args.jobs <= 1:
+            for item in work:
+                absorb(run_chunk(item))
                 if deadline is not None and time.monotonic() >= deadline:
-                    pool.terminate()
                     break
+        else:
+            with multiprocessing.Pool(args.jobs, initializer=_init_worker) as pool:
+                for result in pool.imap(run_chunk, work):
+                    absorb(result)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        pool.terminate()
+                        break
+    except KeyboardInterrupt:
+        # The summary still counts every work unit that completed.
+        print("fuzz: interrupted", flush=True)
     elapsed = time.monotonic() - began
     summary = {
         "seed": args.seed,
@@ -1217,7 +1221,7 @@ def fuzz(args: argparse.Namespace) -> int:
     }
     print("summary: " + json.dumps(summary, indent=1), flush=True)
     if done < args.count:
-        print(f"fuzz: stopped by --duration after {done} of {args.count} inputs", flush=True)
+        print(f"fuzz: stopped after {done} of {args.count} inputs", flush=True)
     return 1 if unique else 0
 
 
