@@ -25,13 +25,18 @@ def is_digits(text: str) -> bool:
 
 
 def bounded_uint(text: str, maximum: int) -> int | None:
-    """The value of ``text`` when it is ASCII digits worth at most ``maximum``, else None."""
+    """The value of ``text`` when it is ASCII digits worth at most ``maximum``, else None.
+
+    ``maximum`` must be below 10**19 (every field's limit is).
+    """
     if not (text.isascii() and text.isdigit()):
         return None
-    significant = text.lstrip("0")
-    if len(significant) > len(str(maximum)):
-        return None
-    value = int(significant) if significant else 0
+    if len(text) > 9:
+        # Leading zeros are allowed, so the digits that count are those after them.
+        text = text.lstrip("0") or "0"
+        if len(text) > 19:
+            return None
+    value = int(text)
     return value if value <= maximum else None
 
 
