@@ -1,4 +1,4 @@
-.PHONY: bench bench-quick bench-compare attack
+.PHONY: bench bench-quick bench-compare attack fuzz
 
 # Load benchmark, run by hand (not part of the tests); see bench/README.md.
 # Extra options: make bench ARGS="--only emergency --store redis"
@@ -19,3 +19,10 @@ bench-compare:
 # Example: make attack ARGS="--only forged relay --duration 10"
 attack:
 	python bench/attack.py $(ARGS)
+
+# Fuzz bench for the parser, the stream framer and the proxy core, run by hand (not in CI):
+# 1,000,000 inputs by default, reproducers in fuzz-crashes/. See bench/fuzz.py and
+# docs/reliability.md. Examples: make fuzz ARGS="--count 100000 --seed 7 --jobs 2"
+#   make fuzz ARGS="--atheris -- -runs=200000"   (coverage-guided; pip install -e '.[fuzz]')
+fuzz:
+	python bench/fuzz.py $(ARGS)

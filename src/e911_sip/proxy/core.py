@@ -107,7 +107,7 @@ from e911_sip.sip.transaction import (
     client_key,
     server_key,
 )
-from e911_sip.sip.uri import Uri, parse_uri
+from e911_sip.sip.uri import Uri, parse_uri, parse_via
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -500,6 +500,8 @@ class ProxyCore:
         self._events: deque[Event] = deque()
         self._timers: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
+        self._created: _Context | None = None
+        """The context the message being received created, for answering it on an error."""
         self._trunk_uris = {
             trunk: parse_uri(trunk)
             for trunk in (*options.emergency_trunks, *options.default_trunks)
@@ -596,7 +598,21 @@ class ProxyCore:
             if isinstance(message, Request) and message.method != "ACK":
                 status = exc.status_code if isinstance(exc, RemoteSipError) else 400
                 reply = make_response(message, status, to_tag=self._branches.tag())
-                self._send_stateless_reply(reply, source)
+                context = self._created
+                if (
+                    context is not None
+                    and not context.final_sent
+                    and not context.branches
+                    and not context.awaiting_owner
+                ):
+                    # The request already has a server transaction: answer through it, or
+                    # the transaction and its context would wait for a final response
+                    # that never comes.
+                    self._reply(context, reply, now)
+                else:
+                    self._send_stateless_reply(reply, source)
+        finally:
+            self._created = None
 
     def transport_error(self, branch: str, now: float) -> None:
         """The transport could not deliver a message of the client transaction ``branch``."""
@@ -691,6 +707,7 @@ class ProxyCore:
             txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers)
         inbound = self._by_transport.get(source.transport, self._locals[0])
         context = _Context(next(self._ids), txn, source, request, inbound)
+        self._created = context
         entry = _ServerEntry(txn, context, response_peer(request.top_via, source))
         self._server[key] = entry
         self._contexts[context.id] = context
@@ -1078,6 +1095,8 @@ class ProxyCore:
         entry = _ClientEntry(txn, None, branch.peer)
         self._client[txn.key] = entry
         self._run_client(entry, txn.start(now), now)
+        branch.timer_c_deadline = now + self._options.timers.timer_b
+        self._push_timer(branch.timer_c_deadline, weakref.ref(branch))
 
     def _forward_stateless(self, request: Request, source: Peer) -> None:
         """Forward without a transaction: ACK for 2xx, CANCEL without a context (§16.11)."""
@@ -1130,6 +1149,13 @@ class ProxyCore:
             # not known here; trunks are configured by IP, so the emergency path is checked.
             self._events.append(Discarded("response_source", str(response.status), source))
             return
+        if entry.branch is not None:
+            vias = response.values("via")
+            if len(vias) < 2:
+                # §16.7 step 3: with our Via popped nothing would be left to route it upstream.
+                self._events.append(Discarded("malformed", "response with only our Via", source))
+                return
+            parse_via(vias[1])  # raises MalformedMessage: upstream could not match it either
         self._run_client(entry, entry.txn.receive(response, now), now)
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
@@ -1341,7 +1367,16 @@ class ProxyCore:
         deadline = branch.timer_c_deadline
         if deadline is not None and deadline <= now:
             branch.timer_c_deadline = None
-            self._cancel_branch(branch, now)  # §16.8: Timer C fired after a provisional
+            if not branch.cancelled:
+                self._cancel_branch(branch, now)  # §16.8: Timer C fired after a provisional
+                return
+            # §9.1: no final response 64*T1 after the CANCEL: the INVITE transaction is
+            # given up, or it and its context would wait for ever on a silent trunk.
+            entry = self._client.get(branch.txn.key)
+            if entry is not None and entry.txn is branch.txn:
+                del self._client[branch.txn.key]
+            self._branch_failed(branch, "timeout", now)
+            self._maybe_forget(branch.context)
 
     def _run_client(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
         if entry.probe is not None:

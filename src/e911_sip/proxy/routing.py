@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from e911_sip.sip.errors import MalformedMessage, SipError, TooManyHops
+from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Request
 from e911_sip.sip.peer import DEFAULT_PORTS, Peer
 from e911_sip.sip.uri import Uri, Via, parse_name_addr, parse_uri, split_values
@@ -137,12 +137,9 @@ def decrement_max_forwards(request: Request) -> Request:
         TooManyHops: it was already 0 (the caller answers 483, §16.3 step 3).
         MalformedMessage: it is not a number.
     """
-    value = request.get("max-forwards")
-    if value is None:
+    hops = request.max_forwards
+    if hops is None:
         return request.append("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
-    if not (value.isascii() and value.isdigit()):
-        raise MalformedMessage(f"bad Max-Forwards {value!r}")
-    hops = int(value)
     if hops <= 0:
         raise TooManyHops("Max-Forwards reached 0")
     return request.replace_at("max-forwards", str(min(hops - 1, 255)))

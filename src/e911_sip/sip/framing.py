@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from e911_sip.sip.errors import MalformedMessage, MessageTooLarge
 from e911_sip.sip.message import DEFAULT_MAX_SIZE
+from e911_sip.sip.numbers import MAX_CONTENT_LENGTH, bounded_uint
 
 _CONTENT_LENGTH = re.compile(rb"\r\n(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*(?=\r\n)", re.I)
 
@@ -39,9 +40,11 @@ class StreamFramer:
         """Add received bytes and return every message they complete.
 
         Raises:
-            MalformedMessage: a header block without a usable Content-Length; the stream
-                cannot be re-synchronised and the connection should be closed.
-            MessageTooLarge: a message longer than the limit.
+            MalformedMessage: a header block without a usable Content-Length (none, or
+                several that disagree); the stream cannot be re-synchronised and the
+                connection should be closed.
+            MessageTooLarge: a message longer than the limit, or a Content-Length of more
+                digits than any length the limit allows; the connection should be closed.
         """
         buf = self._buffer
         buf += data
@@ -62,10 +65,20 @@ class StreamFramer:
                 if len(buf) > self._max_size:
                     raise MessageTooLarge("header block exceeds the message size limit")
                 break
-            m = _CONTENT_LENGTH.search(buf, 0, end + 2)
-            if m is None:
+            if end + 4 > self._max_size:
+                raise MessageTooLarge("header block exceeds the message size limit")
+            # Every Content-Length is read: framing by one of several disagreeing values
+            # would cut the following messages at the wrong place.
+            found = {m.group(1) for m in _CONTENT_LENGTH.finditer(buf, 0, end + 2)}
+            if not found:
                 raise MalformedMessage("stream message without Content-Length")
-            total = end + 4 + int(m.group(1))
+            lengths = {bounded_uint(text.decode("ascii"), MAX_CONTENT_LENGTH) for text in found}
+            if len(lengths) > 1:
+                raise MalformedMessage("conflicting Content-Length headers")
+            length = lengths.pop()
+            if length is None:
+                raise MessageTooLarge("Content-Length beyond any message size limit")
+            total = end + 4 + length
             if total > self._max_size:
                 raise MessageTooLarge(f"message of {total} bytes exceeds the size limit")
             if len(buf) < total:

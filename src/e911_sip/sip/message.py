@@ -23,11 +23,14 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
+from e911_sip.sip.numbers import MAX_CONTENT_LENGTH, MAX_CSEQ, bounded_uint, is_digits, wire_uint
 from e911_sip.sip.uri import NameAddr, Uri, Via, parse_name_addr, parse_uri, parse_via, split_values
 
 SIP_VERSION = "SIP/2.0"
 DEFAULT_MAX_SIZE = 65535
 DEFAULT_MAX_HEADERS = 256
+MAX_FORWARDS_READ = 2**32 - 1
+"""The largest Max-Forwards read; the proxy lowers anything above 255 to 254 anyway."""
 
 # RFC 3261 §7.3.3 and the registry of compact forms; "y" is Identity (RFC 8224).
 COMPACT_FORMS = {
@@ -104,7 +107,7 @@ _KNOWN = {
 _KNOWN.update(COMPACT_FORMS)
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
-_CSEQ_RE = re.compile(r"(\d{1,10})\s+([A-Za-z0-9.!%*_+`'~-]+)", re.ASCII)
+_CSEQ_RE = re.compile(r"(\d+)\s+([A-Za-z0-9.!%*_+`'~-]+)", re.ASCII)
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 
 
@@ -221,6 +224,18 @@ class Message:
         if self._cseq is None:
             self._cseq = _parse_cseq(self.get("cseq"))
         return self._cseq
+
+    @property
+    def max_forwards(self) -> int | None:
+        """Max-Forwards, None when absent (RFC 3261 §20.22).
+
+        Raises:
+            MalformedMessage: not a number, or one of more than ten digits.
+        """
+        value = self.get("max-forwards")
+        if value is None:
+            return None
+        return wire_uint(value, "Max-Forwards", MAX_FORWARDS_READ)
 
     def from_addr(self) -> NameAddr:
         """The From value, parsed."""
@@ -436,11 +451,6 @@ def _after_vias(keys: list[str]) -> int:
     return index
 
 
-def _digits(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _check_name_addr(value: str) -> None:
     """Enough of RFC 3261 §20.10 to refuse what cannot be a From or To; the full parse waits
     until a value is actually read."""
@@ -460,10 +470,10 @@ def _parse_cseq(value: str | None) -> tuple[int, str]:
         raise MalformedMessage("message has no CSeq")
     m = _CSEQ_RE.fullmatch(value)
     if m is None:
-        raise MalformedMessage(f"bad CSeq {value!r}")
-    number = int(m.group(1))
-    if number >= 2**31:
-        raise MalformedMessage(f"CSeq number out of range in {value!r}")
+        raise MalformedMessage(f"bad CSeq {value[:80]!r}")
+    number = bounded_uint(m.group(1), MAX_CSEQ)
+    if number is None:
+        raise MalformedMessage(f"CSeq number out of range in {value[:80]!r}")
     return number, m.group(2)
 
 
@@ -513,9 +523,10 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
 
 
 _COLON = operator.methodcaller("partition", ":")
-_NAME = operator.itemgetter(0)
-_SPELLINGS: dict[str, str] = {}
-"""Header names exactly as received -> key; filled as names are seen, up to a bound."""
+_NAME = operator.itemgetter(0, 1)
+_SPELLINGS: dict[tuple[str, str], str] = {}
+"""(header name exactly as received, ":") -> key; filled as names are seen, up to a bound.
+The colon is part of the key so that a line without one (a bare "Call-ID") never matches."""
 _MAX_SPELLINGS = 4096
 
 
@@ -552,11 +563,11 @@ def _slow_key(line: str) -> str:
     key = _KNOWN.get(name)
     if key is None:
         if _TOKEN_RE.fullmatch(name) is None:
-            raise MalformedMessage(f"bad header name {spelt!r}")
+            raise MalformedMessage(f"bad header name {spelt[:40]!r}")
         key = name
     if len(_SPELLINGS) < _MAX_SPELLINGS:
         # Bounded: a peer inventing names cannot grow it without limit.
-        _SPELLINGS[spelt] = key
+        _SPELLINGS[(spelt, ":")] = key
     return key
 
 
@@ -573,34 +584,48 @@ def parse(
     (RFC 3261 §18.3); a stream framer has already cut the message to its exact length.
 
     Raises:
-        MessageTooLarge: over ``max_size`` bytes or ``max_headers`` header fields.
+        MessageTooLarge: over ``max_size`` bytes with no header block within the limit.
         MalformedMessage: the start line cannot be read (nothing to answer with).
-        ParseFailure: the header block was read but the message is invalid; it carries the
-            headers so that a request can still be answered.
+        ParseFailure: the header block was read but the message is invalid (over
+            ``max_size`` bytes or ``max_headers`` fields included); it carries the headers so
+            that a request can still be answered.
     """
+    size_error: MessageTooLarge | None = None
     if len(data) > max_size:
-        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+        # Only the first max_size bytes are read: when they hold the whole header block
+        # the request can still be answered 513 (RFC 3261 §21.5.14).
+        size_error = MessageTooLarge(
+            f"message of {len(data)} bytes exceeds the limit of {max_size}"
+        )
+        data = data[:max_size]
     start = 0
     # RFC 3261 §7.5: ignore CRLFs before the start line.
     while data.startswith(b"\r\n", start):
         start += 2
     end = data.find(b"\r\n\r\n", start)
     if end < 0:
+        if size_error is not None:
+            raise size_error
         raise MalformedMessage("no blank line after the header block")
     text = data[start:end].decode("latin-1")
     first, sep, head = text.partition("\r\n")
+    start_error: MalformedMessage | None = None
+    crlfs = text.count("\r\n")
+    if text.count("\r") != crlfs or text.count("\n") != crlfs:
+        # A CR or LF on its own ends a line for some parsers and not for others; relayed,
+        # it could smuggle a header past them (RFC 3261 §7: lines end with CRLF).
+        start_error = MalformedMessage("bare CR or LF in the header block")
     method: str | None = None
     status = 0
     reason = ""
     uri = ""
     version = SIP_VERSION
-    start_error: MalformedMessage | None = None
     if first.startswith("SIP/"):
         version, _, rest = first.partition(" ")
         code, _, reason = rest.partition(" ")
         if version != SIP_VERSION:
-            raise VersionNotSupported(f"unsupported version {version!r}")
-        if len(code) != 3 or not _digits(code) or code[0] == "0":
+            raise VersionNotSupported(f"unsupported version {version[:40]!r}")
+        if len(code) != 3 or not is_digits(code) or code[0] == "0":
             raise MalformedMessage(f"bad status line {first[:80]!r}")
         status = int(code)
     else:
@@ -627,18 +652,24 @@ def parse(
                 raise
         if start_error is not None:
             raise start_error
+        if size_error is not None:
+            raise size_error
         if len(keys) > max_headers:
             raise MessageTooLarge(f"{len(keys)} header fields exceed the limit of {max_headers}")
         body = data[end + 4 :]
         if "content-length" in keys:
             length_text = _value_of(lines[keys.index("content-length")])
             if keys.count("content-length") > 1:
-                others = {_value_of(lines[i]) for i, k in enumerate(keys) if k == "content-length"}
+                others = {
+                    bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
+                    for i, k in enumerate(keys)
+                    if k == "content-length"
+                }
                 if len(others) > 1:
                     raise MalformedMessage("conflicting Content-Length headers")
-            if not _digits(length_text):
-                raise MalformedMessage(f"bad Content-Length {length_text!r}")
-            length = int(length_text)
+            length = bounded_uint(length_text, MAX_CONTENT_LENGTH)
+            if length is None:
+                raise MalformedMessage(f"bad Content-Length {length_text[:40]!r}")
             if length > len(body):
                 raise MalformedMessage(
                     f"Content-Length {length} exceeds the {len(body)} bytes received"
@@ -651,20 +682,28 @@ def parse(
         message: Request | Response
         if method is not None:
             if version != SIP_VERSION:
-                raise VersionNotSupported(f"unsupported version {version!r}")
+                raise VersionNotSupported(f"unsupported version {version[:40]!r}")
             message = Request(method, uri, (), body)
             message._lines = lines
             message._keys = keys
             message._ruri = parse_uri(uri)
             if message.cseq[1] != method:
-                raise MalformedMessage(f"CSeq method {message.cseq[1]} does not match {method}")
-            _check_name_addr(_value_of(lines[keys.index("from")]))
-            _check_name_addr(_value_of(lines[keys.index("to")]))
+                raise MalformedMessage(
+                    f"CSeq method {message.cseq[1][:40]} does not match {method[:40]}"
+                )
+            # Read now, not when the request is forwarded: a request is refused before the
+            # proxy keeps any state for it.
+            _ = message.max_forwards
         else:
             message = Response(status, reason, (), body)
             message._lines = lines
             message._keys = keys
             _ = message.cseq
+        # Responses too: a response is relayed, and an ACK or CANCEL is built from its From,
+        # To and Call-ID, which must therefore be readable.
+        _check_name_addr(_value_of(lines[keys.index("from")]))
+        _check_name_addr(_value_of(lines[keys.index("to")]))
+        _ = message.call_id
         _ = message.top_via
         return message
     except RemoteSipError as exc:
@@ -776,4 +815,19 @@ def error_response(error: ParseFailure, *, to_tag: str | None = None) -> Respons
         return None
     if not vias:
         return None
-    return response_from_headers(error.headers, error.status_code, error.reason, to_tag=to_tag)
+    for h in error.headers:
+        if h.key in _COPIED and ("\r" in h.raw or "\n" in h.raw):
+            if "\r" in h.raw.replace("\r\n", "") or "\n" in h.raw.replace("\r\n", ""):
+                return None  # never echo a bare CR or LF
+    reply = response_from_headers(error.headers, error.status_code, error.reason, to_tag=to_tag)
+    try:
+        parse(reply.to_bytes())
+    except ParseFailure as again:
+        # The reply echoes the fields it must copy, so it may carry the very fault it
+        # answers (RFC 4475 §3.1.2.7 answers a CSeq above 2**31 with 400 all the same);
+        # any other fault would make it a reply nothing upstream can match.
+        if str(again) != str(error):
+            return None
+    except RemoteSipError:
+        return None
+    return reply

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from e911_sip.sip.errors import UnsupportedUriScheme
+from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 from e911_sip.sip.uri import Uri, Via
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
@@ -32,7 +34,13 @@ class Peer(NamedTuple):
 
 
 def peer_for_uri(uri: Uri) -> Peer:
-    """The next-hop address of a SIP URI (RFC 3263 without DNS: host, port, transport)."""
+    """The next-hop address of a SIP URI (RFC 3263 without DNS: host, port, transport).
+
+    Raises:
+        UnsupportedUriScheme: a tel or urn URI, which names no host to send to.
+    """
+    if uri.scheme not in ("sip", "sips"):
+        raise UnsupportedUriScheme(f"no host to send to in a {uri.scheme} URI")
     transport = uri.transport
     if transport not in DEFAULT_PORTS:
         transport = "udp"
@@ -55,6 +63,8 @@ def response_peer(via: Via, source: Peer) -> Peer:
         # to parse).
         return Peer(source.transport, source.host, source.port)
     host = via.param("received") or via.host
-    if rport and rport.isascii() and rport.isdigit():
-        return Peer(source.transport, host, int(rport))
+    # A port outside 1-65535 cannot be sent to: such an rport is ignored (RFC 3581 §4).
+    port = bounded_uint(rport, MAX_PORT) if rport else None
+    if port:
+        return Peer(source.transport, host, port)
     return Peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))

@@ -13,6 +13,7 @@ import re
 from typing import NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
+from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
@@ -73,29 +74,26 @@ def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise MalformedMessage(f"unterminated IPv6 reference in URI {raw!r}")
+            raise MalformedMessage(f"unterminated IPv6 reference in URI {raw[:80]!r}")
         host = text[1:end]
         rest = text[end + 1 :]
         if not rest:
             return host, None
         if not rest.startswith(":"):
-            raise MalformedMessage(f"bad host in URI {raw!r}")
+            raise MalformedMessage(f"bad host in URI {raw[:80]!r}")
         port_text = rest[1:]
     else:
         host, sep, port_text = text.partition(":")
         if not sep:
             port_text = ""
     if not host:
-        raise MalformedMessage(f"URI has no host: {raw!r}")
+        raise MalformedMessage(f"URI has no host: {raw[:80]!r}")
     if not port_text:
         return host, None
-    if (
-        not (port_text.isascii() and port_text.isdigit())
-        or len(port_text) > 5
-        or int(port_text) > 65535
-    ):
-        raise MalformedMessage(f"bad port in URI {raw!r}")
-    return host, int(port_text)
+    port = bounded_uint(port_text, MAX_PORT)
+    if port is None:
+        raise MalformedMessage(f"bad port in URI {raw[:80]!r}")
+    return host, port
 
 
 def parse_uri(text: str) -> Uri:
@@ -108,20 +106,20 @@ def parse_uri(text: str) -> Uri:
     raw = text
     scheme, sep, rest = text.partition(":")
     if not sep or not scheme:
-        raise MalformedMessage(f"not a URI: {raw!r}")
+        raise MalformedMessage(f"not a URI: {raw[:80]!r}")
     scheme = scheme.lower()
     if scheme not in ROUTABLE_SCHEMES:
         if not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
-            raise MalformedMessage(f"not a URI: {raw!r}")
-        raise UnsupportedUriScheme(f"unsupported URI scheme {scheme!r}")
+            raise MalformedMessage(f"not a URI: {raw[:80]!r}")
+        raise UnsupportedUriScheme(f"unsupported URI scheme {scheme[:40]!r}")
     if scheme == "tel":
         number, _, ptext = rest.partition(";")
         if not number:
-            raise MalformedMessage(f"tel URI without a number: {raw!r}")
+            raise MalformedMessage(f"tel URI without a number: {raw[:80]!r}")
         return Uri(scheme, number, "", None, _split_params(ptext), raw)
     if scheme == "urn":
         if not rest or " " in rest:
-            raise MalformedMessage(f"bad urn: {raw!r}")
+            raise MalformedMessage(f"bad urn: {raw[:80]!r}")
         return Uri(scheme, None, rest.lower(), None, (), raw)
     # sip / sips: [user[:password]@]hostport[;params][?headers]. A user part may hold ';',
     # '?' and '/' (RFC 3261 §25.1 user-unreserved) but never a bare '@', which the header
@@ -132,13 +130,13 @@ def parse_uri(text: str) -> Uri:
         rest = rest[at + 1 :]
         user = userinfo.partition(":")[0]
         if not user:
-            raise MalformedMessage(f"empty user in URI {raw!r}")
+            raise MalformedMessage(f"empty user in URI {raw[:80]!r}")
     else:
         user = None
     rest = rest.partition("?")[0]
     hostport, _, ptext = rest.partition(";")
     if " " in hostport or "\t" in hostport:
-        raise MalformedMessage(f"whitespace inside URI {raw!r}")
+        raise MalformedMessage(f"whitespace inside URI {raw[:80]!r}")
     host, port = _split_hostport(hostport, raw)
     return Uri(scheme, user, host.lower(), port, _split_params(ptext), raw)
 
@@ -169,12 +167,12 @@ def parse_name_addr(text: str) -> NameAddr:
     if lt >= 0:
         gt = text.find(">", lt)
         if gt < 0:
-            raise MalformedMessage(f"unterminated '<' in {raw!r}")
+            raise MalformedMessage(f"unterminated '<' in {raw[:80]!r}")
         display = text[:lt].strip()
         uri = text[lt + 1 : gt].strip()
         ptext = text[gt + 1 :].strip()
         if ptext and not ptext.startswith(";"):
-            raise MalformedMessage(f"unexpected text after URI in {raw!r}")
+            raise MalformedMessage(f"unexpected text after URI in {raw[:80]!r}")
         params = _split_params(ptext[1:])
     else:
         # addr-spec form: parameters after the URI belong to the header, not the URI.
@@ -183,7 +181,7 @@ def parse_name_addr(text: str) -> NameAddr:
         display = ""
         params = _split_params(ptext)
     if not uri:
-        raise MalformedMessage(f"empty URI in {raw!r}")
+        raise MalformedMessage(f"empty URI in {raw[:80]!r}")
     return NameAddr(display, uri, params, raw)
 
 
@@ -206,12 +204,17 @@ def _find_outside_quotes(text: str, char: str) -> int:
 
 
 def split_values(text: str) -> list[str]:
-    """Split a comma-separated header value, honouring quotes and ``<...>``."""
+    """Split a comma-separated header value, honouring quotes and ``<...>``.
+
+    Empty elements are skipped, but the list is never empty: a value of nothing but commas
+    gives one empty string, so the first value always exists (and fails to parse as a Via
+    or a Route) instead of an IndexError escaping whoever reads it.
+    """
     if "," not in text:
         return [text.strip()]
     if '"' not in text and "<" not in text:
         # Via and most list headers: no quoting, so a plain split is exact.
-        return [part for part in (p.strip() for p in text.split(",")) if part]
+        return [part for part in (p.strip() for p in text.split(",")) if part] or [""]
     out: list[str] = []
     depth = 0
     quoted = False
@@ -240,7 +243,7 @@ def split_values(text: str) -> list[str]:
     part = text[start:].strip()
     if part:
         out.append(part)
-    return out
+    return out or [""]
 
 
 class Via(NamedTuple):
@@ -273,7 +276,7 @@ class Via(NamedTuple):
 
 _VIA_RE = re.compile(
     r"\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9.!%*_+`'~-]+)\s+"
-    r"(\[[^\]]*\]|[^\s:;\[\]]+)(?:\s*:\s*(\d{1,5}))?\s*(;.*)?\s*$",
+    r"(\[[^\]]*\]|[^\s:;\[\]]+)(?:\s*:\s*(\d+))?\s*(;.*)?\s*$",
     re.S | re.I | re.ASCII,
 )
 
@@ -282,12 +285,12 @@ def parse_via(text: str) -> Via:
     """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25)."""
     m = _VIA_RE.match(text)
     if m is None:
-        raise MalformedMessage(f"bad Via {text!r}")
+        raise MalformedMessage(f"bad Via {text[:80]!r}")
     transport, host, port_text, ptext = m.groups()
     if host.startswith("["):
         host = host[1:-1]
-    port = int(port_text) if port_text else None
-    if port is not None and port > 65535:
-        raise MalformedMessage(f"bad port in Via {text!r}")
+    port = bounded_uint(port_text, MAX_PORT) if port_text else None
+    if port_text and port is None:
+        raise MalformedMessage(f"bad port in Via {text[:80]!r}")
     params = _split_params(ptext[1:] if ptext else "")
     return Via(transport.upper(), host.lower(), port, params, text)

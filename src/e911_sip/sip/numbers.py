@@ -1,0 +1,52 @@
+"""Numbers read from the wire, bounded before they are converted.
+
+Every number a peer writes (Content-Length, CSeq, Max-Forwards, ports, rport, status codes)
+goes through here. ``int()`` on a string of more than 4,300 digits raises ``ValueError``
+(CPython's guard against quadratic conversion), and ``str.isdigit()`` accepts digits such as
+'²' that ``int()`` refuses; either would escape the parser as something other than a
+:class:`~e911_sip.sip.errors.SipError`. The digit count is checked first, after leading zeros,
+which RFC 3261's ``1*DIGIT`` allows in any number.
+"""
+
+from __future__ import annotations
+
+from e911_sip.sip.errors import MalformedMessage
+
+MAX_PORT = 65535
+MAX_CSEQ = 2**31 - 1
+"""RFC 3261 §8.1.1.5: a CSeq number is below 2**31."""
+MAX_CONTENT_LENGTH = 2**32 - 1
+"""Far above any message limit; a larger value is refused as malformed, not as too large."""
+
+
+def is_digits(text: str) -> bool:
+    """ASCII digits only, at least one."""
+    return text.isascii() and text.isdigit()
+
+
+def bounded_uint(text: str, maximum: int) -> int | None:
+    """The value of ``text`` when it is ASCII digits worth at most ``maximum``, else None.
+
+    ``maximum`` must be below 10**19 (every field's limit is).
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > 9:
+        # Leading zeros are allowed, so the digits that count are those after them.
+        text = text.lstrip("0") or "0"
+        if len(text) > 19:
+            return None
+    value = int(text)
+    return value if value <= maximum else None
+
+
+def wire_uint(text: str, what: str, maximum: int) -> int:
+    """The value of ``text``, a decimal number of at most ``maximum``.
+
+    Raises:
+        MalformedMessage: not ASCII digits, or above ``maximum`` (``what`` names the field).
+    """
+    value = bounded_uint(text, maximum)
+    if value is None:
+        raise MalformedMessage(f"bad {what} {text[:40]!r}")
+    return value
