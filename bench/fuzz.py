@@ -44,6 +44,7 @@ import argparse
 import base64
 import functools
 import hashlib
+import ipaddress
 import json
 import multiprocessing
 import os
@@ -784,8 +785,12 @@ class CoreRun:
             default_trunks=("sip:203.0.113.5:5060",),
             provisional_timeout=2.0,
             fail_open_after=0.5,
+            # The softswitch's network; STRANGER stays outside it, so the trust checks are
+            # fuzzed too.
+            trusted_sources=(ipaddress.ip_network("192.0.2.0/24"),),
         )
-        self.core = ProxyCore(options=options, branch_seed="fz")
+        # Deterministic randomness: input i of seed s replays exactly.
+        self.core = ProxyCore(options=options, entropy=random.Random(0).randbytes)
 
     def step(self, step: Step) -> list[Outgoing]:
         out = self.advance(step.advance)

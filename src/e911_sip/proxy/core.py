@@ -1221,11 +1221,15 @@ class ProxyCore:
         """A trunk answered a dialog-creating request: it may now send in that dialog."""
         branch.dialog_noted = True
         request = branch.txn.request
-        if (
-            request.method in DIALOG_CREATING
-            and self._trust.classify(branch.peer.host) is Trust.TRUNK
-            and response.to_tag is not None
-        ):
+        if request.method not in DIALOG_CREATING:
+            return
+        if self._trust.classify(branch.peer.host) is not Trust.TRUNK:
+            return
+        try:
+            tag = response.to_tag
+        except SipError:
+            return  # an unreadable To: no dialog the trunk could send in (found by fuzzing)
+        if tag is not None:
             self._trunk_dialogs.add(
                 request.call_id,
                 branch.peer.host,
@@ -1383,6 +1387,17 @@ class ProxyCore:
             self._run_probe(entry, entry.probe, effects, now)
             return
         txn = entry.txn
+        try:
+            self._client_effects(entry, effects, now)
+        finally:
+            # Whatever handling an effect raised, the transaction keeps its timer: one
+            # without a timer would never end.
+            due = txn.get_timer()
+            if due is not None:
+                self._push_timer(due, txn)
+
+    def _client_effects(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
+        txn = entry.txn
         branch = entry.branch
         for effect in effects:
             if isinstance(effect, Transmit):
@@ -1402,11 +1417,17 @@ class ProxyCore:
                 if branch is not None:
                     self._branch_failed(branch, "timeout", now)
                     self._maybe_forget(branch.context)
-        due = txn.get_timer()
-        if due is not None:
-            self._push_timer(due, txn)
 
     def _run_server(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
+        txn = entry.txn
+        try:
+            self._server_effects(entry, effects, now)
+        finally:
+            due = txn.get_timer()  # as for client transactions: never lose the timer
+            if due is not None:
+                self._push_timer(due, txn)
+
+    def _server_effects(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
         txn = entry.txn
         for effect in effects:
             if isinstance(effect, Transmit):
@@ -1428,9 +1449,6 @@ class ProxyCore:
                         self._cancel_branch(branch, now)
                 if context is not None:
                     self._maybe_forget(context)
-        due = txn.get_timer()
-        if due is not None:
-            self._push_timer(due, txn)
 
     # -- trunk probes --------------------------------------------------------------------
     def _arm_probe_timer(self) -> None:

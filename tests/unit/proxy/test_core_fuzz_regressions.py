@@ -148,3 +148,20 @@ def test_a_stray_2xx_with_our_branch_prefix_and_a_bare_rport_is_not_relayed() ->
     out = h.feed(late.encode(), TRUNK1)
     assert out == []
     assert [e.reason for e in h.event(Discarded)][-1] == "stray_response"  # type: ignore[union-attr]
+
+
+def test_a_trunk_provisional_with_an_unreadable_to_leaves_no_state() -> None:
+    # Found by the fuzz bench once trunks' dialogs were tracked: reading the To tag of a
+    # 180 raised, and the client transaction lost its timer with the exception.
+    h = make_core()
+    out = h.feed(invite(ruri="sip:5551234@192.0.2.1:5070"))
+    raw = [o.data for o in out if o.peer.host == DEFAULT.host][0]
+    branch = parse(raw).vias[0].branch
+    assert branch is not None
+    bad = (
+        f"SIP/2.0 180\r\nVia:SIP/2.0/UDP 192.0.2.1:5070;branch={branch}\r\n"
+        "Via:SIP/2.0/UDP 1\r\nFrom:<>\r\nT:<>tag\r\nCall-ID:0\r\nCSeq:1 INVITE\r\n\r\n"
+    ).encode()
+    h.feed(bad, DEFAULT)
+    h.advance(3600.0)
+    assert h.core.transactions_in_flight == 0 and h.core.contexts_in_flight == 0
