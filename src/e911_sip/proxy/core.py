@@ -1302,7 +1302,11 @@ class ProxyCore:
 
     def _completed(self, context: _Context, status: int, trunk: str | None) -> None:
         request = context.request
-        if (status >= 300 and request.to_tag is None) or (status < 300 and request.method == "BYE"):
+        try:
+            initial = request.to_tag is None
+        except SipError:
+            initial = False  # an unreadable To: answered 400, and no dialog came of it
+        if (status >= 300 and initial) or (status < 300 and request.method == "BYE"):
             # The dialog never came up, or it is over: the trunk may send nothing more in it.
             self._trunk_dialogs.end(request.call_id)
         # Initial requests are reported; so is BYE, which ends a dialog the owner may track.

@@ -165,3 +165,16 @@ def test_a_trunk_provisional_with_an_unreadable_to_leaves_no_state() -> None:
     h.feed(bad, DEFAULT)
     h.advance(3600.0)
     assert h.core.transactions_in_flight == 0 and h.core.contexts_in_flight == 0
+
+
+def test_a_request_with_an_unreadable_to_is_answered_400_without_raising() -> None:
+    # Found by the fuzz bench: ending the request's context read its To tag again, inside
+    # the handler of the error that tag had raised.
+    h = make_core()
+    out = h.feed(
+        b"INVITE sip:a@192.0.2.1:5070 SIP/2.0\r\nT:<>tag\r\nf:<sip:x@192.0.2.10>;tag=1\r\n"
+        b"Call-ID:0\r\ncseq:1 INVITE\r\nV:SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKx\r\n\r\n"
+    )
+    assert [o.data[:12] for o in out if o.data.startswith(b"SIP/2.0 4")] == [b"SIP/2.0 400 "]
+    h.advance(3600.0)
+    assert h.core.transactions_in_flight == 0 and h.core.contexts_in_flight == 0
