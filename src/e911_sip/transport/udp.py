@@ -21,6 +21,7 @@ core reads to shed new non-emergency requests with a 503 before the limit is rea
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections import deque
@@ -34,6 +35,14 @@ from e911_sip.transport.base import MessageSink
 log = logging.getLogger("e911_sip.transport")
 
 _PRIORITIES = tuple(Priority)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _all_new(_data: bytes) -> Priority:
@@ -88,6 +97,8 @@ class UdpTransport:
         self._depth = 0
         self._drain_handle: asyncio.Handle | None = None
         self._backlog: deque[tuple[bytes, Peer, str | None]] = deque()
+        self._literal: dict[str, bool] = {}
+        """Hosts already checked for being an IP address (bounded)."""
 
     async def start(self) -> None:
         """Bind the socket. Raises OSError when the address is taken."""
@@ -192,6 +203,17 @@ class UdpTransport:
         sock = self._sock
         if sock is None:
             self.sink.delivery_failed(branch, peer, "udp socket closed")
+            return
+        literal = self._literal.get(peer.host)
+        if literal is None:
+            literal = _is_ip_literal(peer.host)
+            if len(self._literal) < 4096:
+                self._literal[peer.host] = literal
+        if not literal:
+            # sendto() would resolve a host name synchronously and stall the event loop,
+            # every call included; names (a Via or Contact that carries one) are not
+            # resolved on the message path, so the proxy fails over as for any send error.
+            self.sink.delivery_failed(branch, peer, "a host name, not an IP address")
             return
         if self._backlog:
             self._queue_send(data, peer, branch)

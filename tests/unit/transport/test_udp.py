@@ -243,3 +243,17 @@ async def until_empty(transport: UdpTransport) -> None:
     async with asyncio.timeout(5):
         while transport.send_backlog:
             await asyncio.sleep(0.001)
+
+
+async def test_a_host_name_is_never_resolved_on_the_message_path() -> None:
+    sink = Recorder()
+    transport = UdpTransport(sink, host="127.0.0.1", port=0)
+    await transport.start()
+    try:
+        transport.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n", Peer("udp", "pbx.example.com", 5060), "b1")
+        transport.send(b"OPTIONS sip:x SIP/2.0\r\n\r\n", Peer("udp", "127.0.0.1", 9), "b2")
+    finally:
+        await transport.close()
+    assert [(b, p.host, r) for b, p, r in sink.failed] == [
+        ("b1", "pbx.example.com", "a host name, not an IP address")
+    ]
