@@ -98,6 +98,17 @@ class MemoryAuditLog:
         return None
 
 
+def append_durably(path: Path, text: str) -> None:
+    """Append whole lines to ``path`` and fsync them before returning (the JSON-lines files
+    of the embedded box: audit trail, call records)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One write of whole lines in append mode: concurrent readers see whole entries.
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class JsonlAuditLog:
     """Audit entries as JSON lines in one file, appended and fsynced. Implements AuditLog."""
 
@@ -110,12 +121,7 @@ class JsonlAuditLog:
         return self._path
 
     def _append(self, text: str) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        # One write of whole lines in append mode: concurrent readers see whole entries.
-        with self._path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self._path, text)
 
     def _read(self) -> list[str]:
         try:

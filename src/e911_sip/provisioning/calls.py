@@ -36,6 +36,7 @@ from e911_sip.callrecords.book import CallRecord, RecordError, time_key
 from e911_sip.callrecords.stream import RecordSource, TransferError, decode, encode
 from e911_sip.metrics import Metrics
 from e911_sip.provisioning import cascade
+from e911_sip.provisioning.audit import append_durably
 from e911_sip.provisioning.service import ProvisioningService, ServiceError
 from e911_sip.store.redis import connect
 
@@ -155,11 +156,7 @@ class JsonlCallStore:
         return self._path
 
     def _append(self, text: str) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self._path, text)
 
     def _load(self) -> dict[str, CallRecord]:
         records: dict[str, CallRecord] = {}

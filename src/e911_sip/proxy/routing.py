@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Request
 from e911_sip.sip.peer import DEFAULT_PORTS, Peer
-from e911_sip.sip.uri import Uri, Via, parse_name_addr, parse_uri, split_values
+from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, split_values
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_MAX_FORWARDS = 70
@@ -232,11 +232,3 @@ def next_hop(request: Request) -> Uri:
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
     return request.request_uri
-
-
-def own_via(via: Via, locals_: Iterable[LocalAddress]) -> bool:
-    """True when ``via`` was written by us (a response's top Via, §16.7 step 3)."""
-    for local in locals_:
-        if via.host == local.host and (via.port or 5060) == local.port:
-            return True
-    return False

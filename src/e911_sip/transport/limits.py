@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from e911_sip.proxy.trust import TrustPolicy
+
 log = logging.getLogger("e911_sip.transport")
 
 REFUSED_FULL = "refused_full"
@@ -56,13 +58,6 @@ CLOSE_REASONS = (
     CONNECT_FAILED,
 )
 """Every reason :class:`ConnectionTable` reports, for pre-creating metric series."""
-
-LOOPBACK_TRUSTED = frozenset({"127.0.0.1", "::1"})
-
-
-def loopback_only(host: str) -> bool:
-    """The default trust check: the softswitch is on this host (127.0.0.1 or ::1)."""
-    return host in LOOPBACK_TRUSTED
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,11 +128,12 @@ class ConnectionTable:
         self,
         limits: StreamLimits | None = None,
         *,
-        is_trusted: Callable[[str], bool] = loopback_only,
+        is_trusted: Callable[[str], bool] | None = None,
         on_close: Callable[[str, str], None] | None = None,
     ) -> None:
         self.limits = limits or StreamLimits()
-        self.is_trusted = is_trusted
+        # Without a policy of the owner's, the product's default trust domain (loopback).
+        self.is_trusted = is_trusted or TrustPolicy().is_trusted
         self._on_close = on_close
         self._conns: set[Closable] = set()
         self._inbound = 0
