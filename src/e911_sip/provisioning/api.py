@@ -13,10 +13,12 @@ Entities are created with PUT on their URL (ids are the CSP's own: a PUT can be 
 safely after a timeout) and changed with PATCH (JSON merge patch: a field left out stays, a
 ``null`` clears it). ``/healthz`` and ``/openapi.json`` are public.
 
-The OpenAPI document is generated from the same route table that registers the handlers,
-so the two cannot drift apart; it is hand-written rather than produced by an aiohttp plugin
-because the route set is small and those plugins pull in schema libraries this product
-does not otherwise need.
+Each handler carries its own OpenAPI fragment: the :func:`operation` decorator registers its
+method, path, schemas and statuses, the app serves exactly the registered operations and the
+document is assembled from the same registry, so the two cannot drift apart. A new route is a
+decorated ``_Handlers`` method and nothing else. The document is built here rather than by an
+aiohttp plugin because the route set is small and those plugins pull in schema libraries this
+product does not otherwise need.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -59,8 +61,6 @@ _LOG = logging.getLogger("e911_sip.provisioning.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
-"""Paths served without a token."""
 MAX_AUDIT_LIMIT = 10_000
 
 
@@ -374,6 +374,118 @@ class _Auth:
         return name
 
 
+# --- operations: each handler registers its route and its OpenAPI fragment -------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One operation: what registers the handler and what documents it."""
+
+    method: str
+    """HTTP method, upper case."""
+    path: str
+    """aiohttp path pattern; its ``{name}`` parts must be keys of ``PATH_PARAMETERS``."""
+    handler: str
+    """Name of the ``_Handlers`` method that serves it (also the ``operationId``)."""
+    summary: str
+    """One line for the OpenAPI document."""
+    ok: int = 200
+    """Status of success."""
+    response: str | None = None
+    """Component schema of the success body; None: no body."""
+    body: str | None = None
+    """Component schema of the request body; None: the operation takes none."""
+    errors: tuple[int, ...] = (401, 404, 422, 503)
+    """Error statuses it can answer (each documented with the ``Error`` schema)."""
+    public: bool = False
+    """Served without a bearer token."""
+    description: str = ""
+    """Longer text for the OpenAPI document."""
+    query: tuple[dict[str, Any], ...] = ()
+    """OpenAPI query parameter objects."""
+
+
+_REGISTRY: dict[tuple[str, str], Route] = {}
+"""Every operation by (method, path), in the order the handlers are defined."""
+
+_H = TypeVar("_H", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def operation(
+    method: str,
+    path: str,
+    *,
+    summary: str,
+    ok: int = 200,
+    response: str | None = None,
+    body: str | None = None,
+    errors: tuple[int, ...] = (401, 404, 422, 503),
+    public: bool = False,
+    description: str = "",
+    query: tuple[dict[str, Any], ...] = (),
+) -> Callable[[_H], _H]:
+    """Register the decorated ``_Handlers`` method as ``method path`` with its OpenAPI
+    fragment. The app serves exactly the registered operations and the document describes
+    exactly them, so a handler cannot be served undocumented, nor documented unserved."""
+
+    def register(handler: _H) -> _H:
+        key = (method.upper(), path)
+        if key in _REGISTRY:
+            raise ValueError(f"{method} {path} is registered twice")
+        _REGISTRY[key] = Route(
+            method=key[0],
+            path=path,
+            handler=handler.__name__,
+            summary=summary,
+            ok=ok,
+            response=response,
+            body=body,
+            errors=errors,
+            public=public,
+            description=description,
+            query=query,
+        )
+        return handler
+
+    return register
+
+
+def routes() -> tuple[Route, ...]:
+    """Every registered operation."""
+    return tuple(_REGISTRY.values())
+
+
+_CHANGE_ERRORS = (400, 401, 404, 409, 422, 502, 503)
+
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "customer_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+    "site_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+    "number": {"type": "string", "pattern": r"^\d{10}$"},
+}
+"""The schema of every ``{name}`` a registered path may hold."""
+
+
+def _limit(maximum: int) -> dict[str, Any]:
+    return {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": maximum, "default": 100},
+    }
+
+
+_AUDIT_QUERY = (
+    {"name": "line", "in": "query", "schema": PATH_PARAMETERS["number"]},
+    _limit(MAX_AUDIT_LIMIT),
+)
+_CALLS_QUERY = (
+    {"name": "since", "in": "query", "schema": {"type": "string"}},
+    {"name": "until", "in": "query", "schema": {"type": "string"}},
+    {"name": "caller", "in": "query", "schema": PATH_PARAMETERS["number"]},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    _limit(MAX_PAGE),
+)
+
+
 # --- handlers --------------------------------------------------------------------------------
 
 
@@ -391,37 +503,80 @@ class _Handlers:
         self._document = document
         self._country = service.options.default_country
 
+    @operation(
+        "GET",
+        "/healthz",
+        summary="Health of the provisioning service",
+        response="Health",
+        errors=(503,),
+        public=True,
+    )
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         ok = await self._service.healthy()
         return web.json_response(
             {"status": "ok" if ok else "unavailable", "state": ok}, status=200 if ok else 503
         )
 
+    @operation("GET", "/openapi.json", summary="This document", errors=(), public=True)
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self._document)
 
     # customers
 
+    @operation(
+        "GET", "/v1/customers", summary="List customers", response="CustomerList", errors=(401, 503)
+    )
     async def list_customers(self, request: web.Request) -> web.StreamResponse:
         states = await self._service.list_customers()
         return web.json_response({"customers": [customer_view(s) for s in states]})
 
+    @operation("GET", "/v1/customers/{customer_id}", summary="Get a customer", response="Customer")
     async def get_customer(self, request: web.Request) -> web.StreamResponse:
         state = await self._service.get_customer(request.match_info["customer_id"])
         return web.json_response(customer_view(state))
 
+    @operation(
+        "PUT",
+        "/v1/customers/{customer_id}",
+        summary="Create or replace a customer",
+        response="Customer",
+        body="CustomerInput",
+        errors=_CHANGE_ERRORS,
+        description="201 when created. An address is validated and standardised by "
+        "Bandwidth and gets the customer-level emergency endpoint (use case 1.1); an "
+        "address Bandwidth rejects is refused with 422 and nothing changes (1.2). Fields "
+        "left out are reset (PUT replaces); use PATCH to change some.",
+    )
     async def put_customer(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["customer_id"]
         fields = customer_fields(await _json_body(request), customer_id=cid, country=self._country)
         saved = await self._service.put_customer(cid, fields, who=self._auth.who(request))
         return _saved(customer_view(saved.state), saved.created, f"/v1/customers/{cid}")
 
+    @operation(
+        "PATCH",
+        "/v1/customers/{customer_id}",
+        summary="Change a customer",
+        response="Customer",
+        body="CustomerInput",
+        errors=_CHANGE_ERRORS,
+        description="JSON merge patch: fields left out stay, null clears. Clearing the "
+        "address deletes the customer's endpoint at Bandwidth; its lines fall back.",
+    )
     async def patch_customer(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["customer_id"]
         fields = customer_fields(await _json_body(request), customer_id=cid, country=self._country)
         state = await self._service.patch_customer(cid, fields, who=self._auth.who(request))
         return web.json_response(customer_view(state))
 
+    @operation(
+        "DELETE",
+        "/v1/customers/{customer_id}",
+        summary="Delete a customer",
+        ok=204,
+        errors=_CHANGE_ERRORS,
+        description="Refused with 409 while the customer has sites or accounts.",
+    )
     async def delete_customer(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["customer_id"]
         await self._service.delete_customer(cid, who=self._auth.who(request))
@@ -429,17 +584,37 @@ class _Handlers:
 
     # sites
 
+    @operation(
+        "GET",
+        "/v1/customers/{customer_id}/sites",
+        summary="List a customer's sites",
+        response="SiteList",
+    )
     async def list_sites(self, request: web.Request) -> web.StreamResponse:
         state = await self._service.get_customer(request.match_info["customer_id"])
         sites = [site_view(state, state.sites[k]) for k in sorted(state.sites)]
         return web.json_response({"sites": sites})
 
+    @operation(
+        "GET", "/v1/customers/{customer_id}/sites/{site_id}", summary="Get a site", response="Site"
+    )
     async def get_site(self, request: web.Request) -> web.StreamResponse:
         state, site = await self._service.get_site(
             request.match_info["customer_id"], request.match_info["site_id"]
         )
         return web.json_response(site_view(state, site))
 
+    @operation(
+        "PUT",
+        "/v1/customers/{customer_id}/sites/{site_id}",
+        summary="Create or replace a site",
+        response="Site",
+        body="SiteInput",
+        errors=_CHANGE_ERRORS,
+        description="201 when created. A site's address is stored as entered and validated "
+        "by Bandwidth when the first account is assigned to the site (use cases 1.3, 1.4); "
+        "once the site has an endpoint, an address change is validated at once.",
+    )
     async def put_site(self, request: web.Request) -> web.StreamResponse:
         cid, sid = request.match_info["customer_id"], request.match_info["site_id"]
         body = await _json_body(request)
@@ -448,6 +623,14 @@ class _Handlers:
         view = site_view(saved.state, saved.state.sites[sid])
         return _saved(view, saved.created, f"/v1/customers/{cid}/sites/{sid}")
 
+    @operation(
+        "PATCH",
+        "/v1/customers/{customer_id}/sites/{site_id}",
+        summary="Change a site",
+        response="Site",
+        body="SiteInput",
+        errors=_CHANGE_ERRORS,
+    )
     async def patch_site(self, request: web.Request) -> web.StreamResponse:
         cid, sid = request.match_info["customer_id"], request.match_info["site_id"]
         body = await _json_body(request)
@@ -455,6 +638,15 @@ class _Handlers:
         state = await self._service.patch_site(cid, sid, fields, who=self._auth.who(request))
         return web.json_response(site_view(state, state.sites[sid]))
 
+    @operation(
+        "DELETE",
+        "/v1/customers/{customer_id}/sites/{site_id}",
+        summary="Delete a site",
+        ok=204,
+        errors=_CHANGE_ERRORS,
+        description="Deletes the site's endpoint at Bandwidth (1.5). Refused with 409 "
+        "while accounts are assigned to the site.",
+    )
     async def delete_site(self, request: web.Request) -> web.StreamResponse:
         cid, sid = request.match_info["customer_id"], request.match_info["site_id"]
         await self._service.delete_site(cid, sid, who=self._auth.who(request))
@@ -462,15 +654,33 @@ class _Handlers:
 
     # accounts
 
+    @operation(
+        "GET",
+        "/v1/customers/{customer_id}/accounts",
+        summary="List a customer's accounts",
+        response="AccountList",
+    )
     async def list_accounts(self, request: web.Request) -> web.StreamResponse:
         state = await self._service.get_customer(request.match_info["customer_id"])
         accounts = [account_view(state, state.accounts[k]) for k in sorted(state.accounts)]
         return web.json_response({"accounts": accounts})
 
+    @operation("GET", "/v1/accounts/{number}", summary="Get an account (line)", response="Account")
     async def get_account(self, request: web.Request) -> web.StreamResponse:
         state, account = await self._service.get_account(request.match_info["number"])
         return web.json_response(account_view(state, account))
 
+    @operation(
+        "PUT",
+        "/v1/accounts/{number}",
+        summary="Create or replace an account",
+        response="Account",
+        body="AccountInput",
+        errors=_CHANGE_ERRORS,
+        description="201 when created; customer_id is required to create. Assigning a site "
+        "(site_id) provisions the site's endpoint if it has none; Bandwidth rejecting the "
+        "site's address refuses the change with 422 and the account stays where it was.",
+    )
     async def put_account(self, request: web.Request) -> web.StreamResponse:
         number = request.match_info["number"]
         fields = account_fields(await _json_body(request), number=number, country=self._country)
@@ -478,12 +688,31 @@ class _Handlers:
         view = account_view(saved.state, saved.state.accounts[number])
         return _saved(view, saved.created, f"/v1/accounts/{number}")
 
+    @operation(
+        "PATCH",
+        "/v1/accounts/{number}",
+        summary="Change an account: own address, site assignment, name, callback",
+        response="Account",
+        body="AccountInput",
+        errors=_CHANGE_ERRORS,
+        description="site_id null unassigns (the line falls back to the customer's "
+        "endpoint, 1.5); an own address gets an account-level endpoint (1.7).",
+    )
     async def patch_account(self, request: web.Request) -> web.StreamResponse:
         number = request.match_info["number"]
         fields = account_fields(await _json_body(request), number=number, country=self._country)
         state = await self._service.patch_account(number, fields, who=self._auth.who(request))
         return web.json_response(account_view(state, state.accounts[number]))
 
+    @operation(
+        "DELETE",
+        "/v1/accounts/{number}",
+        summary="Terminate an account",
+        ok=204,
+        errors=_CHANGE_ERRORS,
+        description="Removes the line record and deletes the account's own endpoint at "
+        "Bandwidth (1.8); customer and site endpoints stay.",
+    )
     async def delete_account(self, request: web.Request) -> web.StreamResponse:
         await self._service.terminate_account(
             request.match_info["number"], who=self._auth.who(request)
@@ -492,6 +721,14 @@ class _Handlers:
 
     # audit and resync
 
+    @operation(
+        "GET",
+        "/v1/audit",
+        summary="Read the audit trail of line location changes",
+        response="AuditList",
+        errors=(401, 422, 503),
+        query=_AUDIT_QUERY,
+    )
     async def audit(self, request: web.Request) -> web.StreamResponse:
         line = request.query.get("line")
         raw_limit = request.query.get("limit", "100")
@@ -500,6 +737,18 @@ class _Handlers:
         entries = await self._service.audit_trail(line=line, limit=int(raw_limit))
         return web.json_response({"entries": [e.to_dict() for e in entries]})
 
+    @operation(
+        "GET",
+        "/v1/calls",
+        summary="Read the records of emergency calls",
+        response="CallList",
+        errors=(401, 422, 503),
+        description="One record per emergency call, oldest first: the caller, callback and "
+        "number dialled, the provider_endpoint sent (and its cascade level) or the reason "
+        "none was, every trunk tried with its result, the final status and the times of the "
+        "INVITE, the answer and the BYE. Pass next_cursor as cursor for the next page.",
+        query=_CALLS_QUERY,
+    )
     async def calls(self, request: web.Request) -> web.StreamResponse:
         query = call_query(request.query)
         if self._calls is None:
@@ -517,9 +766,20 @@ class _Handlers:
             }
         )
 
+    @operation(
+        "POST",
+        "/v1/resync",
+        summary="Rebuild every line record from provisioning state",
+        response="ResyncReport",
+        errors=(401, 503),
+    )
     async def resync(self, request: web.Request) -> web.StreamResponse:
         report = await self._service.resync(who=self._auth.who(request))
         return web.json_response(report.to_dict())
+
+
+PUBLIC_PATHS = frozenset(route.path for route in routes() if route.public)
+"""Paths served without a token."""
 
 
 def call_query(params: Mapping[str, str]) -> CallQuery:
@@ -556,207 +816,7 @@ def _saved(view: dict[str, Any], created: bool, location: str) -> web.Response:
     return web.json_response(view)
 
 
-# --- routes and the OpenAPI document -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One operation: what registers the handler and what documents it."""
-
-    method: str
-    path: str
-    handler: str
-    summary: str
-    ok: int
-    response: str | None
-    body: str | None = None
-    errors: tuple[int, ...] = (401, 404, 422, 503)
-    public: bool = False
-    description: str = ""
-
-
-_CHANGE_ERRORS = (400, 401, 404, 409, 422, 502, 503)
-
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET",
-        "/healthz",
-        "healthz",
-        "Health of the provisioning service",
-        200,
-        "Health",
-        errors=(503,),
-        public=True,
-    ),
-    Route("GET", "/openapi.json", "openapi", "This document", 200, None, errors=(), public=True),
-    Route(
-        "GET",
-        "/v1/customers",
-        "list_customers",
-        "List customers",
-        200,
-        "CustomerList",
-        errors=(401, 503),
-    ),
-    Route("GET", "/v1/customers/{customer_id}", "get_customer", "Get a customer", 200, "Customer"),
-    Route(
-        "PUT",
-        "/v1/customers/{customer_id}",
-        "put_customer",
-        "Create or replace a customer",
-        200,
-        "Customer",
-        body="CustomerInput",
-        errors=_CHANGE_ERRORS,
-        description="201 when created. An address is validated and standardised by "
-        "Bandwidth and gets the customer-level emergency endpoint (use case 1.1); an "
-        "address Bandwidth rejects is refused with 422 and nothing changes (1.2). Fields "
-        "left out are reset (PUT replaces); use PATCH to change some.",
-    ),
-    Route(
-        "PATCH",
-        "/v1/customers/{customer_id}",
-        "patch_customer",
-        "Change a customer",
-        200,
-        "Customer",
-        body="CustomerInput",
-        errors=_CHANGE_ERRORS,
-        description="JSON merge patch: fields left out stay, null clears. Clearing the "
-        "address deletes the customer's endpoint at Bandwidth; its lines fall back.",
-    ),
-    Route(
-        "DELETE",
-        "/v1/customers/{customer_id}",
-        "delete_customer",
-        "Delete a customer",
-        204,
-        None,
-        errors=_CHANGE_ERRORS,
-        description="Refused with 409 while the customer has sites or accounts.",
-    ),
-    Route(
-        "GET",
-        "/v1/customers/{customer_id}/sites",
-        "list_sites",
-        "List a customer's sites",
-        200,
-        "SiteList",
-    ),
-    Route(
-        "GET", "/v1/customers/{customer_id}/sites/{site_id}", "get_site", "Get a site", 200, "Site"
-    ),
-    Route(
-        "PUT",
-        "/v1/customers/{customer_id}/sites/{site_id}",
-        "put_site",
-        "Create or replace a site",
-        200,
-        "Site",
-        body="SiteInput",
-        errors=_CHANGE_ERRORS,
-        description="201 when created. A site's address is stored as entered and validated "
-        "by Bandwidth when the first account is assigned to the site (use cases 1.3, 1.4); "
-        "once the site has an endpoint, an address change is validated at once.",
-    ),
-    Route(
-        "PATCH",
-        "/v1/customers/{customer_id}/sites/{site_id}",
-        "patch_site",
-        "Change a site",
-        200,
-        "Site",
-        body="SiteInput",
-        errors=_CHANGE_ERRORS,
-    ),
-    Route(
-        "DELETE",
-        "/v1/customers/{customer_id}/sites/{site_id}",
-        "delete_site",
-        "Delete a site",
-        204,
-        None,
-        errors=_CHANGE_ERRORS,
-        description="Deletes the site's endpoint at Bandwidth (1.5). Refused with 409 "
-        "while accounts are assigned to the site.",
-    ),
-    Route(
-        "GET",
-        "/v1/customers/{customer_id}/accounts",
-        "list_accounts",
-        "List a customer's accounts",
-        200,
-        "AccountList",
-    ),
-    Route("GET", "/v1/accounts/{number}", "get_account", "Get an account (line)", 200, "Account"),
-    Route(
-        "PUT",
-        "/v1/accounts/{number}",
-        "put_account",
-        "Create or replace an account",
-        200,
-        "Account",
-        body="AccountInput",
-        errors=_CHANGE_ERRORS,
-        description="201 when created; customer_id is required to create. Assigning a site "
-        "(site_id) provisions the site's endpoint if it has none; Bandwidth rejecting the "
-        "site's address refuses the change with 422 and the account stays where it was.",
-    ),
-    Route(
-        "PATCH",
-        "/v1/accounts/{number}",
-        "patch_account",
-        "Change an account: own address, site assignment, name, callback",
-        200,
-        "Account",
-        body="AccountInput",
-        errors=_CHANGE_ERRORS,
-        description="site_id null unassigns (the line falls back to the customer's "
-        "endpoint, 1.5); an own address gets an account-level endpoint (1.7).",
-    ),
-    Route(
-        "DELETE",
-        "/v1/accounts/{number}",
-        "delete_account",
-        "Terminate an account",
-        204,
-        None,
-        errors=_CHANGE_ERRORS,
-        description="Removes the line record and deletes the account's own endpoint at "
-        "Bandwidth (1.8); customer and site endpoints stay.",
-    ),
-    Route(
-        "GET",
-        "/v1/audit",
-        "audit",
-        "Read the audit trail of line location changes",
-        200,
-        "AuditList",
-        errors=(401, 422, 503),
-    ),
-    Route(
-        "GET",
-        "/v1/calls",
-        "calls",
-        "Read the records of emergency calls",
-        200,
-        "CallList",
-        errors=(401, 422, 503),
-        description="One record per emergency call, oldest first: the caller, callback and "
-        "number dialled, the provider_endpoint sent (and its cascade level) or the reason "
-        "none was, every trunk tried with its result, the final status and the times of the "
-        "INVITE, the answer and the BYE. Pass next_cursor as cursor for the next page.",
-    ),
-    Route(
-        "POST",
-        "/v1/resync",
-        "resync",
-        "Rebuild every line record from provisioning state",
-        200,
-        "ResyncReport",
-        errors=(401, 503),
-    ),
-)
+# --- the OpenAPI document ----------------------------------------------------------------------
 
 
 def _schemas() -> dict[str, Any]:
@@ -1031,11 +1091,6 @@ def _schemas() -> dict[str, Any]:
     }
 
 
-_PARAMETERS = {
-    "customer_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-    "site_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-    "number": {"type": "string", "pattern": r"^\d{10}$"},
-}
 _ERROR_TEXT = {
     400: "The body is not a JSON object",
     401: "Missing or invalid bearer token; nothing changed",
@@ -1048,56 +1103,26 @@ _ERROR_TEXT = {
 }
 
 
-def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the provisioning API."""
+def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the provisioning API (default: every registered operation)."""
     paths: dict[str, Any] = {}
-    for route in routes:
-        operation: dict[str, Any] = {
+    for route in routes() if operations is None else operations:
+        op: dict[str, Any] = {
             "operationId": route.handler,
             "summary": route.summary,
             "responses": {},
         }
         if route.description:
-            operation["description"] = route.description
+            op["description"] = route.description
         params = [
-            {"name": name, "in": "path", "required": True, "schema": _PARAMETERS[name]}
+            {"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name]}
             for name in re.findall(r"{(\w+)}", route.path)
         ]
-        if route.handler == "audit":
-            params += [
-                {"name": "line", "in": "query", "schema": _PARAMETERS["number"]},
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": MAX_AUDIT_LIMIT,
-                        "default": 100,
-                    },
-                },
-            ]
-        if route.handler == "calls":
-            params += [
-                {"name": "since", "in": "query", "schema": {"type": "string"}},
-                {"name": "until", "in": "query", "schema": {"type": "string"}},
-                {"name": "caller", "in": "query", "schema": _PARAMETERS["number"]},
-                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": MAX_PAGE,
-                        "default": 100,
-                    },
-                },
-            ]
+        params += route.query
         if params:
-            operation["parameters"] = params
+            op["parameters"] = params
         if route.body is not None:
-            operation["requestBody"] = {
+            op["requestBody"] = {
                 "required": True,
                 "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}
@@ -1108,17 +1133,17 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
             ok["content"] = {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{route.response}"}}
             }
-        operation["responses"][str(route.ok)] = ok
+        op["responses"][str(route.ok)] = ok
         if route.method == "PUT":
-            operation["responses"]["201"] = {**ok, "description": "Created"}
+            op["responses"]["201"] = {**ok, "description": "Created"}
         for status in route.errors:
-            operation["responses"][str(status)] = {
+            op["responses"][str(status)] = {
                 "description": _ERROR_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             }
         if route.public:
-            operation["security"] = []
-        paths.setdefault(route.path, {})[route.method.lower()] = operation
+            op["security"] = []
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1151,6 +1176,6 @@ def build_provisioning_app(
     auth = _Auth(tokens)
     handlers = _Handlers(service, auth, openapi_document(), calls)
     app = web.Application(middlewares=[_errors, auth.middleware])
-    for route in ROUTES:
+    for route in routes():
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,7 +13,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
-from e911_sip.provisioning.api import PUBLIC_PATHS, ROUTES, build_provisioning_app
+from e911_sip.provisioning.api import (
+    PUBLIC_PATHS,
+    _Handlers,
+    build_provisioning_app,
+    operation,
+    routes,
+)
 from e911_sip.provisioning.model import CustomerState
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import MemoryStateStore
@@ -412,7 +419,7 @@ async def test_openapi_documents_exactly_the_routes_served(api: Api) -> None:
         for route in api.server.app.router.routes()
         if route.resource is not None
     }
-    assert documented == served == {(r.method, r.path) for r in ROUTES}
+    assert documented == served == {(r.method, r.path) for r in routes()}
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             params = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
@@ -423,3 +430,25 @@ async def test_openapi_documents_exactly_the_routes_served(api: Api) -> None:
                     assert ref in doc["components"]["schemas"]
             assert ("security" in op and op["security"] == []) == (path in PUBLIC_PATHS)
     assert doc["security"] == [{"bearer": []}]
+
+
+def test_every_handler_is_a_registered_operation_and_vice_versa() -> None:
+    handlers = {
+        name
+        for name, value in vars(_Handlers).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(value)
+    }
+    registered = [r.handler for r in routes()]
+    assert sorted(registered) == sorted(handlers)
+    assert len(set(registered)) == len(registered)
+
+
+def test_an_operation_cannot_be_registered_twice() -> None:
+    route = routes()[0]
+
+    async def again(request: Any) -> Any:
+        raise AssertionError("never served")
+
+    with pytest.raises(ValueError, match="registered twice"):
+        operation(route.method, route.path, summary="duplicate")(again)
+    assert routes()[0] == route
