@@ -35,12 +35,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from e911_sip.callrecords.book import END_REASONS, parse_time
+from e911_sip.policy.emergency import normalize_nanp
 from e911_sip.provisioning import cascade
 from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStore, CallStoreError
 from e911_sip.provisioning.model import (
     Account,
     Address,
     Contacts,
+    Customer,
     CustomerState,
     Entity,
     ModelError,
@@ -158,6 +160,43 @@ def _invalid(message: str, *, field: str | None = None) -> ServiceError:
     return ServiceError(422, "invalid_request", message, field=field)
 
 
+def line_number(value: str) -> str:
+    """A line number as the 10 digits it is stored under: ``+13215551234``, ``13215551234``
+    and ``3215551234`` are one line, as they are to the edge. A value that is none of these
+    is returned as given, for the check that refuses it to quote it."""
+    return normalize_nanp(value) or value
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``target`` with the JSON merge patch ``patch`` applied (RFC 7386 §2): a member set to
+    null is removed, an object merges into an object member by member, anything else
+    replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _input_document(entity: Entity, **ids: str | None) -> dict[str, Any]:
+    """An entity as the PUT body that would create it as it is (no null members): the
+    target a PATCH's merge patch applies to."""
+    doc: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
+    if entity.name:
+        doc["name"] = entity.name
+    if entity.callback_number is not None:
+        doc["callback_number"] = entity.callback_number
+    if entity.address is not None:
+        doc["address"] = entity.address.to_dict()
+    if entity.contacts is not None:
+        doc["contacts"] = entity.contacts.to_dict()
+    return doc
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
@@ -201,6 +240,11 @@ def _nullable(body: Mapping[str, Any], key: str) -> str | None | Unset:
     return value
 
 
+def _number(body: Mapping[str, Any], key: str) -> str | None | Unset:
+    value = _nullable(body, key)
+    return line_number(value) if isinstance(value, str) else value
+
+
 def _address(body: Mapping[str, Any], default_country: str) -> Address | None | Unset:
     if "address" not in body:
         return UNSET
@@ -227,11 +271,11 @@ _COMMON_KEYS = {"name", "callback_number", "address", "contacts"}
 
 
 def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) -> CustomerFields:
-    """Parse a customer PUT/PATCH body. Raises ServiceError 422."""
+    """Parse a customer PUT body (or a merged PATCH). Raises ServiceError 422."""
     _check_keys(body, _COMMON_KEYS, {"customer_id": customer_id})
     return CustomerFields(
         name=_text(body, "name"),
-        callback_number=_nullable(body, "callback_number"),
+        callback_number=_number(body, "callback_number"),
         address=_address(body, country),
         contacts=_contacts(body),
     )
@@ -240,18 +284,20 @@ def customer_fields(body: Mapping[str, Any], *, customer_id: str, country: str) 
 def site_fields(
     body: Mapping[str, Any], *, customer_id: str, site_id: str, country: str
 ) -> SiteFields:
-    """Parse a site PUT/PATCH body. Raises ServiceError 422."""
+    """Parse a site PUT body (or a merged PATCH). Raises ServiceError 422."""
     _check_keys(body, _COMMON_KEYS, {"customer_id": customer_id, "site_id": site_id})
     return SiteFields(
         name=_text(body, "name"),
-        callback_number=_nullable(body, "callback_number"),
+        callback_number=_number(body, "callback_number"),
         address=_address(body, country),
         contacts=_contacts(body),
     )
 
 
 def account_fields(body: Mapping[str, Any], *, number: str, country: str) -> AccountFields:
-    """Parse an account PUT/PATCH body. Raises ServiceError 422."""
+    """Parse an account PUT body (or a merged PATCH). Raises ServiceError 422."""
+    if isinstance(body.get("number"), str):
+        body = {**body, "number": line_number(body["number"])}
     _check_keys(body, _COMMON_KEYS | {"customer_id", "site_id"}, {"number": number})
     customer_id = _nullable(body, "customer_id")
     if customer_id is None:
@@ -260,7 +306,7 @@ def account_fields(body: Mapping[str, Any], *, number: str, country: str) -> Acc
         customer_id=customer_id,
         site_id=_nullable(body, "site_id"),
         name=_text(body, "name"),
-        callback_number=_nullable(body, "callback_number"),
+        callback_number=_number(body, "callback_number"),
         address=_address(body, country),
         contacts=_contacts(body),
     )
@@ -323,6 +369,22 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "internal", "internal error; see the service log")
 
 
+@web.middleware
+async def _media_type(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """415 for a body of a type the operation does not take (before anything reads it)."""
+    resource = request.match_info.route.resource
+    route = _REGISTRY.get((request.method, resource.canonical)) if resource is not None else None
+    if route is not None and route.media_types and request.content_type not in route.media_types:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"{request.method} {route.path} takes Content-Type "
+            f"{' or '.join(route.media_types)}, not {request.content_type}",
+            field="Content-Type",
+        )
+    return await handler(request)
+
+
 class _Auth:
     """Bearer tokens → caller names, compared in constant time."""
 
@@ -349,6 +411,11 @@ class _Auth:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        unmatched = request.match_info.http_exception
+        if unmatched is not None:
+            # No route: a 404 (or 405) says nothing a token protects, and a 401 would send a
+            # client with a typo in its URL to check its token.
+            raise unmatched
         if request.path in PUBLIC_PATHS:
             return await handler(request)
         if self.caller(request) is None:
@@ -404,6 +471,20 @@ class Route:
     query: tuple[dict[str, Any], ...] = ()
     """OpenAPI query parameter objects."""
 
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        """The request body types accepted (first: the one to use); none without a body.
+
+        PATCH takes a JSON merge patch (RFC 7386), also accepted as plain JSON since many
+        clients cannot set the type."""
+        if self.body is None:
+            return ()
+        if self.method == "PATCH":
+            return (MERGE_PATCH, "application/json")
+        return ("application/json",)
+
+
+MERGE_PATCH = "application/merge-patch+json"
 
 _REGISTRY: dict[tuple[str, str], Route] = {}
 """Every operation by (method, path), in the order the handlers are defined."""
@@ -456,6 +537,12 @@ def routes() -> tuple[Route, ...]:
 
 
 _CHANGE_ERRORS = (400, 401, 404, 409, 422, 502, 503)
+_MERGE_TEXT = (
+    "JSON merge patch (RFC 7386, Content-Type application/merge-patch+json; "
+    "application/json is accepted too): members left out stay, null removes one, and an "
+    'object such as address merges member by member ({"address": {"line2": "Apt 4"}} '
+    "changes only line2). The result is then checked as a PUT of it would be."
+)
 
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "customer_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
@@ -560,13 +647,18 @@ class _Handlers:
         response="Customer",
         body="CustomerInput",
         errors=_CHANGE_ERRORS,
-        description="JSON merge patch: fields left out stay, null clears. Clearing the "
-        "address deletes the customer's endpoint at Bandwidth; its lines fall back.",
+        description=_MERGE_TEXT + " Clearing the address deletes the customer's endpoint "
+        "at Bandwidth; its lines fall back.",
     )
     async def patch_customer(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["customer_id"]
-        fields = customer_fields(await _json_body(request), customer_id=cid, country=self._country)
-        state = await self._service.patch_customer(cid, fields, who=self._auth.who(request))
+        patch = await _json_body(request)
+
+        def merged(current: Customer) -> CustomerFields:
+            doc = merge_patch(_input_document(current), patch)
+            return customer_fields(doc, customer_id=cid, country=self._country)
+
+        state = await self._service.patch_customer(cid, merged, who=self._auth.who(request))
         return web.json_response(customer_view(state))
 
     @operation(
@@ -630,12 +722,17 @@ class _Handlers:
         response="Site",
         body="SiteInput",
         errors=_CHANGE_ERRORS,
+        description=_MERGE_TEXT,
     )
     async def patch_site(self, request: web.Request) -> web.StreamResponse:
         cid, sid = request.match_info["customer_id"], request.match_info["site_id"]
-        body = await _json_body(request)
-        fields = site_fields(body, customer_id=cid, site_id=sid, country=self._country)
-        state = await self._service.patch_site(cid, sid, fields, who=self._auth.who(request))
+        patch = await _json_body(request)
+
+        def merged(current: Site) -> SiteFields:
+            doc = merge_patch(_input_document(current), patch)
+            return site_fields(doc, customer_id=cid, site_id=sid, country=self._country)
+
+        state = await self._service.patch_site(cid, sid, merged, who=self._auth.who(request))
         return web.json_response(site_view(state, state.sites[sid]))
 
     @operation(
@@ -667,7 +764,8 @@ class _Handlers:
 
     @operation("GET", "/v1/accounts/{number}", summary="Get an account (line)", response="Account")
     async def get_account(self, request: web.Request) -> web.StreamResponse:
-        state, account = await self._service.get_account(request.match_info["number"])
+        number = line_number(request.match_info["number"])
+        state, account = await self._service.get_account(number)
         return web.json_response(account_view(state, account))
 
     @operation(
@@ -682,7 +780,7 @@ class _Handlers:
         "site's address refuses the change with 422 and the account stays where it was.",
     )
     async def put_account(self, request: web.Request) -> web.StreamResponse:
-        number = request.match_info["number"]
+        number = line_number(request.match_info["number"])
         fields = account_fields(await _json_body(request), number=number, country=self._country)
         saved = await self._service.put_account(number, fields, who=self._auth.who(request))
         view = account_view(saved.state, saved.state.accounts[number])
@@ -695,13 +793,21 @@ class _Handlers:
         response="Account",
         body="AccountInput",
         errors=_CHANGE_ERRORS,
-        description="site_id null unassigns (the line falls back to the customer's "
-        "endpoint, 1.5); an own address gets an account-level endpoint (1.7).",
+        description=_MERGE_TEXT + " site_id null unassigns (the line falls back to the "
+        "customer's endpoint, 1.5); an own address gets an account-level endpoint (1.7).",
     )
     async def patch_account(self, request: web.Request) -> web.StreamResponse:
-        number = request.match_info["number"]
-        fields = account_fields(await _json_body(request), number=number, country=self._country)
-        state = await self._service.patch_account(number, fields, who=self._auth.who(request))
+        number = line_number(request.match_info["number"])
+        patch = await _json_body(request)
+
+        def merged(current: Account) -> AccountFields:
+            target = _input_document(
+                current, customer_id=current.customer_id, site_id=current.site_id
+            )
+            doc = merge_patch(target, patch)
+            return account_fields(doc, number=number, country=self._country)
+
+        state = await self._service.patch_account(number, merged, who=self._auth.who(request))
         return web.json_response(account_view(state, state.accounts[number]))
 
     @operation(
@@ -714,9 +820,8 @@ class _Handlers:
         "Bandwidth (1.8); customer and site endpoints stay.",
     )
     async def delete_account(self, request: web.Request) -> web.StreamResponse:
-        await self._service.terminate_account(
-            request.match_info["number"], who=self._auth.who(request)
-        )
+        number = line_number(request.match_info["number"])
+        await self._service.terminate_account(number, who=self._auth.who(request))
         return web.Response(status=204)
 
     # audit and resync
@@ -731,6 +836,8 @@ class _Handlers:
     )
     async def audit(self, request: web.Request) -> web.StreamResponse:
         line = request.query.get("line")
+        if line is not None:
+            line = line_number(line)
         raw_limit = request.query.get("limit", "100")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_AUDIT_LIMIT:
             raise _invalid(f"limit must be an integer from 1 to {MAX_AUDIT_LIMIT}", field="limit")
@@ -793,6 +900,8 @@ def call_query(params: Mapping[str, str]) -> CallQuery:
         except ValueError:
             raise _invalid(f"{key} must be ISO 8601 or epoch seconds", field=key) from None
     caller = params.get("caller") or None
+    if caller is not None:
+        caller = line_number(caller)
     if caller is not None and not re.fullmatch(r"\d{10}", caller):
         raise _invalid("caller must be a 10-digit number", field="caller")
     raw_limit = params.get("limit", "100")
@@ -1093,6 +1202,7 @@ def _schemas() -> dict[str, Any]:
 
 _ERROR_TEXT = {
     400: "The body is not a JSON object",
+    415: "The body's Content-Type is not one the operation takes; nothing changed",
     401: "Missing or invalid bearer token; nothing changed",
     404: "No such entity",
     409: "Conflicts with the current state (e.g. a site that still has accounts)",
@@ -1122,11 +1232,10 @@ def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, A
         if params:
             op["parameters"] = params
         if route.body is not None:
+            schema = {"$ref": f"#/components/schemas/{route.body}"}
             op["requestBody"] = {
                 "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}
-                },
+                "content": {media: {"schema": schema} for media in route.media_types},
             }
         ok: dict[str, Any] = {"description": "OK" if route.ok != 204 else "Done"}
         if route.response is not None:
@@ -1136,7 +1245,8 @@ def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, A
         op["responses"][str(route.ok)] = ok
         if route.method == "PUT":
             op["responses"]["201"] = {**ok, "description": "Created"}
-        for status in route.errors:
+        errors = sorted({*route.errors, 415}) if route.media_types else route.errors
+        for status in errors:
             op["responses"][str(status)] = {
                 "description": _ERROR_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -1175,7 +1285,7 @@ def build_provisioning_app(
     """
     auth = _Auth(tokens)
     handlers = _Handlers(service, auth, openapi_document(), calls)
-    app = web.Application(middlewares=[_errors, auth.middleware])
+    app = web.Application(middlewares=[_errors, auth.middleware, _media_type])
     for route in routes():
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
     return app

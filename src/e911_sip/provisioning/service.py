@@ -133,6 +133,21 @@ class Unset(Enum):
 
 UNSET = Unset.UNSET
 
+_E = TypeVar("_E")
+_F = TypeVar("_F")
+
+Merge = Callable[[_E], _F]
+"""A merge patch bound to its request: the entity as stored → the complete fields of the
+result, to apply as a PUT would (RFC 7386; the API builds it from the request body)."""
+
+
+def _resolve(fields: _F | Callable[[_E], _F], current: _E) -> tuple[_F, bool]:
+    """The fields a PATCH applies to ``current`` and whether they replace (a merge patch)
+    or only set what they give."""
+    if callable(fields):
+        return fields(current), True
+    return fields, False
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CustomerFields:
@@ -414,16 +429,25 @@ class ProvisioningService:
         return Saved(state, created)
 
     async def patch_customer(
-        self, customer_id: str, fields: CustomerFields, *, who: str
+        self,
+        customer_id: str,
+        fields: CustomerFields | Merge[Customer, CustomerFields],
+        *,
+        who: str,
     ) -> CustomerState:
-        """Change the given customer fields (``address=None`` clears the address)."""
+        """Change the given customer fields (``address=None`` clears the address), or apply a
+        merge patch to the customer as stored (checked like a PUT, under the customer's lock).
+        """
         _check(check_entity_id, customer_id, what="customer_id")
-        self._check_common(fields.callback_number)
+        if not callable(fields):
+            self._check_common(fields.callback_number)
 
         def edit(old: CustomerState | None, now: str) -> CustomerState:
             if old is None:
                 raise _not_found(f"customer {customer_id} does not exist")
-            new = self._apply_common(old.customer, fields, replace=False)
+            given, replace = _resolve(fields, old.customer)
+            self._check_common(given.callback_number)
+            new = self._apply_common(old.customer, given, replace=replace)
             return dataclasses.replace(old, customer=cascade.touch(old.customer, new, now=now))
 
         state = await self._change(
@@ -495,12 +519,18 @@ class ProvisioningService:
         return Saved(state, created)
 
     async def patch_site(
-        self, customer_id: str, site_id: str, fields: SiteFields, *, who: str
+        self,
+        customer_id: str,
+        site_id: str,
+        fields: SiteFields | Merge[Site, SiteFields],
+        *,
+        who: str,
     ) -> CustomerState:
-        """Change the given site fields."""
+        """Change the given site fields, or apply a merge patch to the site as stored."""
         _check(check_entity_id, customer_id, what="customer_id")
         _check(check_entity_id, site_id, what="site_id")
-        self._check_common(fields.callback_number)
+        if not callable(fields):
+            self._check_common(fields.callback_number)
 
         def edit(old: CustomerState | None, now: str) -> CustomerState:
             if old is None:
@@ -508,7 +538,9 @@ class ProvisioningService:
             before = old.sites.get(site_id)
             if before is None:
                 raise _not_found(f"customer {customer_id} has no site {site_id}")
-            new = cascade.touch(before, self._apply_common(before, fields, replace=False), now=now)
+            given, replace = _resolve(fields, before)
+            self._check_common(given.callback_number)
+            new = cascade.touch(before, self._apply_common(before, given, replace), now=now)
             return dataclasses.replace(old, sites={**old.sites, site_id: new})
 
         state = await self._change(
@@ -627,26 +659,35 @@ class ProvisioningService:
         assert state is not None
         return Saved(state, created)
 
-    async def patch_account(self, number: str, fields: AccountFields, *, who: str) -> CustomerState:
+    async def patch_account(
+        self, number: str, fields: AccountFields | Merge[Account, AccountFields], *, who: str
+    ) -> CustomerState:
         """Change the given account fields: own address, site assignment (``site_id``; None
-        unassigns), name, callback number."""
+        unassigns), name, callback number; or apply a merge patch to the account as stored."""
         _check(check_number, number, what="number")
-        self._check_account_fields(fields)
         customer_id = await self._account_owner(number)
-        if not isinstance(fields.customer_id, Unset) and fields.customer_id != customer_id:
-            raise ServiceError(
-                409,
-                "customer_change",
-                f"account {number} belongs to customer {customer_id}; an account cannot move "
-                "to another customer (terminate it and create it there)",
-                field="customer_id",
-            )
+
+        def check(given: AccountFields) -> None:
+            self._check_account_fields(given)
+            if not isinstance(given.customer_id, Unset) and given.customer_id != customer_id:
+                raise ServiceError(
+                    409,
+                    "customer_change",
+                    f"account {number} belongs to customer {customer_id}; an account cannot "
+                    "move to another customer (terminate it and create it there)",
+                    field="customer_id",
+                )
+
+        if not callable(fields):
+            check(fields)
 
         def edit(old: CustomerState | None, now: str) -> CustomerState:
             before = old.accounts.get(number) if old is not None else None
             if old is None or before is None:
                 raise _not_found(f"account {number} does not exist")
-            new = cascade.touch(before, self._apply_account(before, fields, False), now=now)
+            given, replace = _resolve(fields, before)
+            check(given)
+            new = cascade.touch(before, self._apply_account(before, given, replace), now=now)
             return dataclasses.replace(old, accounts={**old.accounts, number: new})
 
         state = await self._change(

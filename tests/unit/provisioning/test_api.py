@@ -17,6 +17,7 @@ from e911_sip.provisioning.api import (
     PUBLIC_PATHS,
     _Handlers,
     build_provisioning_app,
+    merge_patch,
     operation,
     routes,
 )
@@ -145,6 +146,18 @@ async def test_requests_without_a_valid_token_are_401_and_change_nothing(
     assert (await api.world.bw.state())["requests"] == []
 
 
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
+async def test_an_unknown_path_is_404_with_or_without_a_token(
+    api: Api, headers: dict[str, str]
+) -> None:
+    for path in ("/v1/nowhere", "/v2/customers", "/v1/customers/hd365/nothing"):
+        status, body, response_headers = await api.call("GET", path, headers=headers)
+        assert status == 404 and body["error"]["code"] == "not_found", path
+        assert "WWW-Authenticate" not in response_headers
+    status, body, response_headers = await api.call("POST", "/v1/customers", headers=headers)
+    assert status == 405 and "GET" in response_headers["Allow"]
+
+
 @pytest.mark.parametrize("path", ["/v1/customers", "/v1/audit", "/v1/accounts/1321551234"])
 async def test_reads_are_protected_too(api: Api, path: str) -> None:
     status, _, _ = await api.call("GET", path, headers={})
@@ -166,7 +179,9 @@ def test_tokens_must_be_usable() -> None:
 
 async def test_the_token_name_is_the_audit_who(api: Api) -> None:
     await helpdesk(api)
-    status, _, _ = await api.call("PATCH", "/v1/customers/hd365", {"address": CARY}, headers=OPS)
+    # A merge patch: line2 must be removed explicitly, or Suite 500 would stay.
+    cary = {**CARY, "line2": None}
+    status, _, _ = await api.call("PATCH", "/v1/customers/hd365", {"address": cary}, headers=OPS)
     assert status == 200
     status, body, _ = await api.call("GET", f"/v1/audit?line={LINE}")
     assert status == 200
@@ -174,6 +189,174 @@ async def test_the_token_name_is_the_audit_who(api: Api) -> None:
         ("self-care-portal", RALEIGH_STD),
         ("noc-operator", CARY_STD),
     ]
+
+
+# --- PATCH is a JSON merge patch (RFC 7386) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "result"),
+    [  # RFC 7386 Appendix A
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        (["a", "b"], ["c", "d"], ["c", "d"]),
+        ({"a": "b"}, ["c"], ["c"]),
+        ({"a": "foo"}, None, None),
+        ({"a": "foo"}, "bar", "bar"),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_merge_patch_follows_rfc_7386(target: Any, patch: Any, result: Any) -> None:
+    assert merge_patch(target, patch) == result
+
+
+async def test_patch_of_a_nested_address_changes_only_the_members_given(api: Api) -> None:
+    await helpdesk(api)
+    await api.call("PATCH", "/v1/customers/hd365", {"callback_number": "9195550100"})
+    status, body, _ = await api.call(
+        "PATCH",
+        "/v1/customers/hd365",
+        data=b'{"address": {"line2": "Suite 600"}}',
+        headers={**PORTAL, "Content-Type": "application/merge-patch+json"},
+    )
+    assert status == 200, body
+    assert body["address"] == {**RALEIGH, "line2": "Suite 600"}
+    assert body["name"] == "Helpdesk 365" and body["callback_number"] == "9195550100"
+    assert body["standardized_address"]["one_line"].startswith("900 MAIN CAMPUS DR, STE 600,")
+    # null removes a member: the callback goes, the rest stays
+    status, body, _ = await api.call("PATCH", "/v1/customers/hd365", {"callback_number": None})
+    assert status == 200
+    assert body["callback_number"] is None and body["name"] == "Helpdesk 365"
+    assert body["address"]["line2"] == "Suite 600"
+
+
+async def test_patch_merges_sites_and_accounts_too(api: Api) -> None:
+    await helpdesk(api)
+    await api.call("PUT", "/v1/customers/hd365/sites/cary", {"name": "Cary", "address": CARY})
+    status, body, _ = await api.call(
+        "PATCH", "/v1/customers/hd365/sites/cary", {"address": {"line2": "Floor 2"}}
+    )
+    assert status == 200 and body["address"] == {**CARY, "line2": "Floor 2", "country": "US"}
+    assert body["name"] == "Cary"
+    await api.call(
+        "PATCH",
+        f"/v1/accounts/{LINE}",
+        {"site_id": "cary", "contacts": {"emails": ["desk@example.com"]}},
+    )
+    status, body, _ = await api.call(
+        "PATCH", f"/v1/accounts/{LINE}", {"contacts": {"sms": ["9195550100"]}}
+    )
+    assert status == 200
+    assert body["contacts"] == {
+        "emails": ["desk@example.com"],
+        "sms": ["9195550100"],
+        "webhooks": [],
+    }
+    assert body["site_id"] == "cary" and body["name"] == "ext 1000"
+
+
+async def test_patched_result_is_checked_as_a_put_and_nothing_changes(api: Api) -> None:
+    await api.call("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365"})
+    status, body, _ = await api.call(
+        "PATCH", "/v1/customers/hd365", {"address": {"line2": "Apt 4"}}
+    )
+    # The customer has no address to merge into: the result lacks line1, as a PUT would.
+    assert status == 422 and body["error"]["field"] == "address.line1"
+    await helpdesk_line(api)
+    status, body, _ = await api.call("PATCH", f"/v1/accounts/{LINE}", {"customer_id": "other"})
+    assert status == 409 and body["error"]["code"] == "customer_change"
+    status, body, _ = await api.call("PATCH", "/v1/customers/hd365", {"bogus": 1})
+    assert status == 422 and body["error"]["field"] == "bogus"
+    _, customer, _ = await api.call("GET", "/v1/customers/hd365")
+    assert customer["address"] is None and customer["name"] == "Helpdesk 365"
+
+
+async def helpdesk_line(api: Api) -> None:
+    status, _, _ = await api.call("PUT", f"/v1/accounts/{LINE}", {"customer_id": "hd365"})
+    assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type"),
+    [
+        ("PATCH", "/v1/customers/hd365", "text/plain"),
+        ("PATCH", "/v1/customers/hd365", None),
+        ("PUT", "/v1/customers/hd365", "application/merge-patch+json"),
+        ("PUT", "/v1/customers/hd365", "application/x-www-form-urlencoded"),
+        ("PUT", f"/v1/accounts/{LINE}", "text/plain"),
+    ],
+)
+async def test_a_body_of_the_wrong_type_is_415_and_changes_nothing(
+    api: Api, method: str, path: str, content_type: str | None
+) -> None:
+    await api.call("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365"})
+    headers = dict(PORTAL)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    body = b'{"name": "changed", "customer_id": "hd365"}'
+    async with api.session.request(method, api.url(path), data=body, headers=headers) as got:
+        assert got.status == 415
+        error = (await got.json())["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "application/json" in error["message"]
+    _, customer, _ = await api.call("GET", "/v1/customers/hd365")
+    assert customer["name"] == "Helpdesk 365" and customer["accounts"] == []
+
+
+async def test_openapi_documents_the_media_types_each_body_takes(api: Api) -> None:
+    _, doc, _ = await api.call("GET", "/openapi.json", headers={})
+    patch = doc["paths"]["/v1/customers/{customer_id}"]["patch"]
+    assert list(patch["requestBody"]["content"]) == [
+        "application/merge-patch+json",
+        "application/json",
+    ]
+    assert "415" in patch["responses"]
+    put = doc["paths"]["/v1/accounts/{number}"]["put"]
+    assert list(put["requestBody"]["content"]) == ["application/json"]
+    assert "415" not in doc["paths"]["/v1/accounts/{number}"]["delete"]["responses"]
+
+
+# --- line numbers in any of the edge's forms ---------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["+13215559876", "13215559876", "3215559876"])
+async def test_a_line_number_is_one_line_in_every_form(api: Api, form: str) -> None:
+    await api.call("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365", "address": RALEIGH})
+    status, body, headers = await api.call(
+        "PUT",
+        f"/v1/accounts/{form}",
+        {"customer_id": "hd365", "number": form, "callback_number": "+19195550100"},
+    )
+    assert status == 201, body
+    assert body["number"] == "3215559876" and headers["Location"] == "/v1/accounts/3215559876"
+    assert body["callback_number"] == "9195550100"
+    for other in ("+13215559876", "13215559876", "3215559876"):
+        status, body, _ = await api.call("GET", f"/v1/accounts/{other}")
+        assert status == 200 and body["number"] == "3215559876"
+    status, body, _ = await api.call("PATCH", f"/v1/accounts/{form}", {"name": "ext 9"})
+    assert status == 200 and body["name"] == "ext 9"
+    status, body, _ = await api.call("GET", f"/v1/audit?line={form}")
+    assert status == 200 and [e["line"] for e in body["entries"]] == ["3215559876"]
+    status, _, _ = await api.call("DELETE", f"/v1/accounts/{form}")
+    assert status == 204
+    status, _, _ = await api.call("GET", "/v1/accounts/3215559876")
+    assert status == 404
+
+
+async def test_a_number_that_is_no_line_is_still_refused(api: Api) -> None:
+    await api.call("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365"})
+    for bad in ("+23215559876", "23215559876", "321555987"):
+        status, body, _ = await api.call("PUT", f"/v1/accounts/{bad}", {"customer_id": "hd365"})
+        assert status == 422 and body["error"]["field"] == "number", bad
+        assert bad.lstrip("+") in body["error"]["message"]
 
 
 # --- customers, sites, accounts ---------------------------------------------------------------
@@ -332,7 +515,8 @@ async def test_bad_requests_get_json_errors(
 
 
 async def test_body_that_is_not_json_is_400(api: Api) -> None:
-    status, body, _ = await api.call("PUT", "/v1/customers/hd365", data=b"{nope")
+    headers = {**PORTAL, "Content-Type": "application/json"}
+    status, body, _ = await api.call("PUT", "/v1/customers/hd365", data=b"{nope", headers=headers)
     assert status == 400 and body["error"]["code"] == "invalid_json"
 
 
