@@ -378,7 +378,13 @@ async def test_use_case_1_8_terminated_line_loses_its_endpoint(system: System) -
     assert set(before) == {CUSTOMER_EP, CARRY_EP, ACCOUNT_EP}
     await system.ok("DELETE", f"/v1/accounts/{LINE}", status=204)
     after = await system.endpoints()
-    assert after == {k: v for k, v in before.items() if k != ACCOUNT_EP}
+    assert set(after) == {CUSTOMER_EP, CARRY_EP}
+    assert after[CARRY_EP] == before[CARRY_EP]
+    # The customer's endpoint stays, at the same address, but no longer carries the
+    # terminated number: no line uses it, so it carries the customer's remaining line.
+    assert after[CUSTOMER_EP]["addressId"] == before[CUSTOMER_EP]["addressId"]
+    assert before[CUSTOMER_EP]["phoneNumber"] == f"+1{LINE}"
+    assert after[CUSTOMER_EP]["phoneNumber"] == f"+1{OTHER_LINE}"
     assert system.redis.exists(f"e911:line:{LINE}") == 0
     assert system.line(OTHER_LINE)["provider_endpoint"] == pe(CARRY_EP)
     customer = await system.ok("GET", "/v1/customers/hd365")
@@ -393,6 +399,40 @@ async def test_use_case_1_8_terminated_line_loses_its_endpoint(system: System) -
         "",
     )
     assert system.redis.get(f"e911:prov:owner:{LINE}") is None
+
+
+async def test_a_terminated_line_number_leaves_its_shared_endpoint(system: System) -> None:
+    """The site endpoint carried the lowest line; after that line is terminated it carries the
+    lowest-numbered line still using it, at Bandwidth too, and the other lines' records are
+    not disturbed."""
+    await system.ok("PUT", "/v1/customers/hd365", {"name": "Helpdesk 365"}, status=201)
+    await system.ok(
+        "PUT", "/v1/customers/hd365/sites/carryoffice", {"address": CARRY_OFFICE}, status=201
+    )
+    lines = ["3215550001", "3215550007", "3215550003"]
+    for number in lines:
+        body = {"customer_id": "hd365", "site_id": "carryoffice"}
+        await system.ok("PUT", f"/v1/accounts/{number}", body, status=201)
+    site = await system.ok("GET", "/v1/customers/hd365/sites/carryoffice")
+    assert site["endpoint_phone_number"] == "3215550001"
+    assert (await system.endpoints())[CARRY_EP]["phoneNumber"] == "+13215550001"
+    address_id = (await system.endpoints())[CARRY_EP]["addressId"]
+
+    await system.ok("DELETE", "/v1/accounts/3215550001", status=204)
+
+    site = await system.ok("GET", "/v1/customers/hd365/sites/carryoffice")
+    assert site["endpoint_phone_number"] == "3215550003"
+    assert site["provider_endpoint"] == pe(CARRY_EP)
+    endpoint = (await system.endpoints())[CARRY_EP]
+    assert (endpoint["phoneNumber"], endpoint["addressId"]) == ("+13215550003", address_id)
+    for number in ("3215550003", "3215550007"):
+        assert system.line(number)["provider_endpoint"] == pe(CARRY_EP)
+    assert system.redis.exists("e911:line:3215550001") == 0
+    stored = json.loads(system.redis.get("e911:prov:customer:hd365"))  # type: ignore[arg-type]
+    assert stored["sites"]["carryoffice"]["endpoint"]["phone_number"] == "3215550003"
+    # A resync finds nothing to repair.
+    report = await system.ok("POST", "/v1/resync")
+    assert report["written"] == [] and report["orphan_endpoints"] == [] and report["ok"]
 
 
 # --- durability and recovery with the real server ---------------------------------------------

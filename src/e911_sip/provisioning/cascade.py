@@ -22,7 +22,8 @@ When an endpoint is needed (decisions the seed leaves open or implies):
 - an account with its own address always has one (1.7);
 - a customer with an address has one as soon as it has a number to carry: its
   ``callback_number``, else the lowest line that uses it (1.1). With neither, the address is
-  only validated, and the endpoint follows when the first line arrives;
+  only validated, and the endpoint follows when the first line arrives. A terminated line's
+  number is not left on an endpoint (see :func:`endpoint_number`);
 - a site gets one only when a line first uses it (1.3, 1.4: the seed validates a site's
   address when an account is assigned, not when the site is created);
 - an endpoint, once created, lives as long as its entity has an address. Lines leaving it
@@ -235,18 +236,23 @@ def endpoint_number(state: CustomerState, entity: Entity) -> str | None:
     """The number an endpoint for ``entity`` carries at Bandwidth.
 
     An account's endpoint carries the account's number. A customer or site endpoint carries
-    the entity's ``callback_number`` when set; else the number it already carries (lines
-    coming and going do not renumber it); else the lowest-numbered line that uses it
-    (Bandwidth endpoints hold exactly one phone number); else None.
+    the entity's ``callback_number`` when set; else the lowest-numbered line that uses it
+    (Bandwidth endpoints hold exactly one phone number). Once it carries a line, it keeps it
+    while that line is still one of the customer's, even one that moved to another endpoint:
+    renumbering deletes and recreates the endpoint at Bandwidth, so lines joining or moving
+    do not renumber it. A terminated line's number is not kept: the endpoint then carries
+    the lowest-numbered line still using it, else the customer's lowest-numbered line, else
+    (the customer has no line left) the number it carries. None: no number to carry yet.
     """
     if isinstance(entity, Account):
         return entity.number
     if entity.callback_number:
         return entity.callback_number
-    if entity.endpoint is not None:
-        return entity.endpoint.phone_number
-    lines = users(state, entity.ref)
-    return lines[0] if lines else None
+    carried = entity.endpoint.phone_number if entity.endpoint is not None else None
+    if carried is not None and carried in state.accounts:
+        return carried
+    lines = users(state, entity.ref) or sorted(state.accounts)
+    return lines[0] if lines else carried
 
 
 # --- edits --------------------------------------------------------------------------------

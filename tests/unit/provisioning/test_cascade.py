@@ -177,6 +177,37 @@ def test_endpoint_number_rules() -> None:
     assert cascade.endpoint_number(make(customer), customer) is None
 
 
+def test_a_terminated_line_is_not_left_on_a_shared_endpoint() -> None:
+    site = Site(customer_id="hd365", site_id="cary", address=CARY, standardized=std("a-site"))
+    site = dataclasses.replace(site, endpoint=ep("siteep0000", "3215550001", "a-site"))
+    on_site = [
+        Account(number=n, customer_id="hd365", site_id="cary")
+        for n in ("3215550001", "3215550007", "3215550003")
+    ]
+    elsewhere = Account(number="3215550002", customer_id="hd365")
+    state = make(sites=[site], accounts=[*on_site, elsewhere])
+    assert cascade.endpoint_number(state, site) == "3215550001"  # carried while it is a line
+    terminated = make(sites=[site], accounts=[*on_site[1:], elsewhere])
+    # the lowest-numbered line still using the endpoint, not the customer's lowest line
+    assert cascade.endpoint_number(terminated, site) == "3215550003"
+    (step,) = cascade.plan(terminated).steps
+    assert (step.kind, step.ref, step.phone_number) == (
+        StepKind.REPOINT,
+        site.ref,
+        "3215550003",
+    )
+    assert step.address_id == "a-site"  # the same address: only the number changes
+    # nobody uses it any more: the customer's lowest line, else the number it carries
+    unused = make(sites=[site], accounts=[elsewhere])
+    assert cascade.endpoint_number(unused, site) == "3215550002"
+    assert cascade.endpoint_number(make(sites=[site]), site) == "3215550001"
+    # a line that only moved elsewhere is still the customer's: no renumbering
+    moved = dataclasses.replace(on_site[0], site_id=None)
+    assert cascade.endpoint_number(make(sites=[site], accounts=[moved, *on_site[1:]]), site) == (
+        "3215550001"
+    )
+
+
 # --- edits ------------------------------------------------------------------------------------
 
 
