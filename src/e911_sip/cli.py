@@ -13,9 +13,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from e911_sip import app, logs
+from e911_sip import __version__, app, logs
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
-from e911_sip.config import ConfigError, load
+from e911_sip.config import Config, ConfigError, load
+from e911_sip.provisioning import remote
 from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 
@@ -39,6 +40,74 @@ def _run_pair(
 ) -> tuple[int, dict[str, object]]:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(coro)
+
+
+def service_url(config: Config) -> str:
+    """Where this host reaches the provisioning API ``config`` serves."""
+    host, port = config.provisioning.listen
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return app.http_url(host, port, config.provisioning.tls)
+
+
+def _resync(args: argparse.Namespace) -> int:
+    """Ask the running service to resync; without one, resync shared stores directly, or
+    refuse when the records live only inside a service process (``memory://``)."""
+    config = load(args.config, os.environ)
+    logs.configure(config.log.level)
+    tokens = config.provisioning.tokens
+    url = args.url or service_url(config)
+    if tokens:
+        name = args.token_name or next(iter(tokens))
+        if name not in tokens:
+            raise ConfigError(
+                f"[provisioning] tokens: no token named {name!r} (--token-name); "
+                f"known: {', '.join(sorted(tokens))}"
+            )
+        prov_tls = config.provisioning.tls
+        tls = remote.pinned_context(prov_tls.cert_file) if prov_tls and not args.url else None
+
+        async def ask() -> dict[str, Any]:
+            return await remote.post(url, "/v1/resync", token=tokens[name], tls=tls)
+
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                report = runner.run(ask())
+        except remote.Unreachable as exc:
+            why = str(exc)
+        except remote.RemoteError as exc:
+            print(f"e911-sip: resync failed: {exc}", file=sys.stderr)
+            return 1
+        else:
+            print(json.dumps(report, indent=2))
+            return 0 if report.get("ok") else 1
+    else:
+        why = "[provisioning] tokens is empty, so no provisioning API is served"
+    in_memory = [
+        key
+        for key, value in (
+            ("[store] url", config.store.url),
+            ("[provisioning] state_url", config.provisioning.state_url),
+            ("[provisioning] audit_url", config.provisioning.audit_url),
+        )
+        if value.startswith("memory://")
+    ]
+    if in_memory:
+        print(
+            f"e911-sip: resync refused: {why}, and {' and '.join(in_memory)} "
+            f"{'is' if len(in_memory) == 1 else 'are'} memory://, which only a running "
+            "service holds; a resync here would change nothing the edge reads. Start "
+            "`e911-sip serve` with this configuration and run resync again, or name the "
+            "service with --url.",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"e911-sip: {why}; resyncing the shared stores directly", file=sys.stderr)
+    code, direct = _run_pair(app.resync(config))
+    print(json.dumps(direct, indent=2))
+    return code
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -93,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="e911-sip",
         description="SIP edge that attaches the caller's dispatchable location to 911 calls.",
     )
+    parser.add_argument("--version", action="version", version=f"e911-sip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the edge and/or the provisioning API")
@@ -106,9 +176,18 @@ def _parser() -> argparse.ArgumentParser:
 
     resync = sub.add_parser(
         "resync",
-        help="rebuild every line record from provisioning state; report lines without an endpoint",
+        help="have the running provisioning service rebuild every line record from its state "
+        "(POST /v1/resync); report lines without an endpoint",
     )
     resync.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+    resync.add_argument(
+        "--url", help="the provisioning API (default: [provisioning] listen of the config)"
+    )
+    resync.add_argument(
+        "--token-name",
+        help="which [provisioning] tokens entry to use (default: the first); it is the "
+        "audit trail's 'who'",
+    )
 
     calls = sub.add_parser("calls", help="emergency call records")
     calls_sub = calls.add_subparsers(dest="calls_command", required=True)
@@ -200,11 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "calls":
             return _export_calls(args)
         if args.command == "resync":
-            config = load(args.config, os.environ)
-            logs.configure(config.log.level)
-            code, report = _run_pair(app.resync(config))
-            print(json.dumps(report, indent=2))
-            return code
+            return _resync(args)
         if args.command == "serve":
             config = load(args.config, os.environ)
             return _run(app.run(config, role=app.Role(args.role)))

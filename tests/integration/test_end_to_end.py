@@ -89,6 +89,15 @@ def serve(
     return process
 
 
+def resync_command(config_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "e911_sip", "resync", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def provision_customer_and_line(api_port: int, line: str) -> str:
     """Use case 1.1 then an account on the customer; returns the line's provider_endpoint."""
     status, customer = api(
@@ -144,9 +153,22 @@ def test_embedded_single_box(tmp_path: Path, processes: list[EdgeProcess], sipp:
         e["new_provider_endpoint"] == endpoint and e["who"] == "integration" for e in entries
     )
 
+    # `e911-sip resync` acts on the running service, whose in-memory records are complete:
+    # nothing to write (a resync in a store of the command's own would "write" the line).
+    config_path = write_toml(config, tmp_path / "resync.toml")
+    result = resync_command(config_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["written"] == []
+
     # The in-memory line store starts empty again after a restart; the records of provisioned
     # lines are rebuilt from the state file before calls are taken.
     edge.stop()
+    # With the service down, resync refuses instead of repairing a throwaway copy.
+    audit_before = (tmp_path / "audit.jsonl").read_bytes()
+    result = resync_command(config_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "memory://" in result.stderr and f"127.0.0.1:{api_port}" in result.stderr
+    assert (tmp_path / "audit.jsonl").read_bytes() == audit_before
     restarted = serve(tmp_path, processes, config, "all")
     call_and_check(sipp, restarted, trunk, "1321551234", endpoint)
 
@@ -185,13 +207,26 @@ def test_split_roles_with_redis_between_them(
     # rebuilt from provisioning state by `e911-sip resync`.
     redis_server.client().delete("e911:line:3215551234")
     config_path = write_toml(provisioning_config, tmp_path / "resync.toml")
-    result = subprocess.run(
-        [sys.executable, "-m", "e911_sip", "resync", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = resync_command(config_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "3215551234" in report["written"]
+    assert redis_server.client().hget("e911:line:3215551234", "provider_endpoint") == endpoint
+    # The running service did it: the repair is audited under the token's name.
+    status, audit = api(api_port, "GET", "/v1/audit?line=3215551234")
+    assert (audit["entries"][-1]["action"], audit["entries"][-1]["who"]) == (
+        "resync",
+        "integration",
+    )
+
+    # With the provisioning service stopped, the stores are shared (Redis), so the command
+    # repairs them itself and says so. (The emulator stopped with the service: the report
+    # says Bandwidth could not be checked, hence exit 1.)
+    processes[0].stop()
+    redis_server.client().delete("e911:line:3215551234")
+    result = resync_command(config_path)
+    assert result.returncode == 1, result.stderr
+    assert "resyncing the shared stores directly" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] == ["3215551234"] and report["provider_checked"] is False
     assert redis_server.client().hget("e911:line:3215551234", "provider_endpoint") == endpoint

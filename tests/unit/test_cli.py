@@ -1,0 +1,151 @@
+"""The command line: ``--version`` and ``resync`` acting on the running service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from e911_sip import __version__
+from e911_sip.cli import main, service_url
+from e911_sip.config import load
+from e911_sip.provisioning.api import build_provisioning_app
+from e911_sip.provisioning.audit import MemoryAuditLog
+from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
+from e911_sip.provisioning.state import MemoryStateStore
+from e911_sip.store.memory import MemoryStore
+
+TOKEN = "cli-test-token-0123456789"
+
+
+class NoProvider:
+    """Resync of an empty state with the provider check off never reaches Bandwidth."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"Bandwidth was called ({name})")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def write_config(tmp_path: Path, port: int, tokens: str = f'{{ ops = "{TOKEN}" }}') -> Path:
+    path = tmp_path / "e911.toml"
+    path.write_text(
+        f"""
+[provisioning]
+listen = "127.0.0.1:{port}"
+tokens = {tokens}
+state_url = "file://{tmp_path / "state.json"}"
+audit_url = "file://{tmp_path / "audit.jsonl"}"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def running_api() -> Iterator[int]:
+    """A provisioning API on a loopback port, served from a thread of its own."""
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+    port: list[int] = []
+    service = ProvisioningService(
+        provider=NoProvider(),  # type: ignore[arg-type]
+        lines=MemoryStore(),
+        state=MemoryStateStore(),
+        audit=MemoryAuditLog(),
+        options=ServiceOptions(resync_checks_provider=False),
+    )
+
+    async def serve() -> None:
+        runner = web.AppRunner(build_provisioning_app(service, tokens={TOKEN: "ops"}))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port.append(runner.addresses[0][1])
+        stop.append(asyncio.Event())
+        started.set()
+        try:
+            await stop[0].wait()
+        finally:
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert started.wait(10)
+        yield port[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        loop.close()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"e911-sip {__version__}"
+
+
+def test_resync_asks_the_running_service(
+    tmp_path: Path, running_api: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["resync", "--config", str(write_config(tmp_path, running_api))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["customers"] == 0
+    assert report["provider_checked"] is False  # the service's own options, not the CLI's
+    assert not (tmp_path / "audit.jsonl").exists()
+
+
+def test_resync_reports_a_refused_token(
+    tmp_path: Path, running_api: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, running_api, tokens='{ ops = "not-the-token-0123456" }')
+    assert main(["resync", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "answered 401" in err and "not-the-token" not in err
+
+
+def test_resync_refuses_when_the_records_live_only_in_a_service_that_is_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = closed_port()
+    assert main(["resync", "--config", str(write_config(tmp_path, port))]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"nothing answers at http://127.0.0.1:{port}" in captured.err
+    assert "[store] url is memory://" in captured.err
+    assert not (tmp_path / "audit.jsonl").exists() and not (tmp_path / "state.json").exists()
+
+
+def test_resync_without_tokens_cannot_reach_a_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["resync", "--config", str(write_config(tmp_path, closed_port(), "{}"))]) == 2
+    assert "tokens is empty" in capsys.readouterr().err
+
+
+def test_resync_names_an_unknown_token_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, closed_port())
+    assert main(["resync", "--config", str(config), "--token-name", "nobody"]) == 2
+    assert "no token named 'nobody'" in capsys.readouterr().err
+
+
+def test_service_url_reaches_a_wildcard_listener_on_loopback(tmp_path: Path) -> None:
+    path = tmp_path / "e911.toml"
+    path.write_text('[provisioning]\nlisten = "0.0.0.0:9200"\nallow_plaintext = true\n')
+    assert service_url(load(path, {})) == "http://127.0.0.1:9200"
