@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -1297,4 +1298,25 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Config:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         base = path.resolve().parent
     data = apply_environment(data, environ)
-    return dataclasses.replace(from_mapping(data, base=base), source=path)
+    try:
+        config = from_mapping(data, base=base)
+    except ConfigError as exc:
+        raise _naming_the_variable(exc, environ) from exc
+    return dataclasses.replace(config, source=path)
+
+
+_ERROR_KEY = re.compile(r"\[(\w+)\] (\w+)")
+
+
+def _naming_the_variable(exc: ConfigError, environ: Mapping[str, str]) -> ConfigError:
+    """``exc`` naming the environment variable too when its ``[section] key`` came from one,
+    since that is where the operator must look (the file may not even have the key)."""
+    message = str(exc)
+    found = _ERROR_KEY.match(message)
+    if found is None:
+        return exc
+    wanted = f"{ENV_PREFIX}{found.group(1)}__{found.group(2)}".upper()
+    names = [name for name in environ if name.upper() == wanted]
+    if not names:
+        return exc
+    return ConfigError(f"{message} (set by environment variable {names[0]})")

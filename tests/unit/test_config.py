@@ -122,6 +122,28 @@ def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, message:
         load(write(tmp_path, text), {})
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "key"),
+    [
+        ("E911_SIP__EMERGENCY__LOOKUP_TIMEOUT", "fast", "[emergency] lookup_timeout"),
+        ("E911_SIP__STORE__URL", "mysql://x", "[store] url"),
+        ("E911_SIP__PROVISIONING__TOKENS", '{ ops = "short" }', "[provisioning] tokens"),
+    ],
+)
+def test_an_override_error_names_the_key_and_the_variable(name: str, value: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, {name: value})
+    message = str(caught.value)
+    assert message.startswith(key) and message.endswith(f"(set by environment variable {name})")
+
+
+def test_a_file_error_names_no_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "[emergency]\nlookup_timeout = 'fast'\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, {"E911_SIP__STORE__URL": "memory://"})
+    assert "environment" not in str(caught.value)
+
+
 def test_bad_environment_name() -> None:
     with pytest.raises(ConfigError, match="E911_SIP__SECTION__KEY"):
         load(None, {"E911_SIP__STOREURL": "x"})
