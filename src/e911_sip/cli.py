@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from e911_sip import __version__, app, logs
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
@@ -251,20 +252,44 @@ def _bandwidth_emulator(args: argparse.Namespace) -> int:
     return _run(serve())
 
 
+def redacted(url: str) -> str:
+    """``url`` without the password of its user part (``redis://:***@host``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def _check_config(path: Path) -> int:
     config = load(path, os.environ)
+    prov, bw = config.provisioning, config.bandwidth.client
+
+    def row(label: str, value: str) -> None:
+        print(f"  {label + ':':<24}{value}")
+
     print(f"{path}: OK")
-    print(f"  sip listen:       {', '.join(str(a) for a in config.sip.listen)}")
-    print(f"  emergency trunks: {', '.join(config.emergency.trunks)}")
-    print(f"  default trunks:   {', '.join(config.default.trunks) or '(none)'}")
-    print(f"  store:            {config.store.url}")
+    row("sip listen", ", ".join(str(a) for a in config.sip.listen))
+    row("emergency trunks", ", ".join(config.emergency.trunks))
+    row("default trunks", ", ".join(config.default.trunks) or "(none)")
+    row("store", redacted(config.store.url))
     for name, listen, tls in (
         ("http", config.http.listen, config.http.tls),
-        ("provisioning", config.provisioning.listen, config.provisioning.tls),
+        ("provisioning", prov.listen, prov.tls),
     ):
         mutual = tls is not None and tls.client_ca_file is not None
         suffix = " (client certificates required)" if mutual else ""
-        print(f"  {name + ':':<18}{app.http_url(*listen, tls)}{suffix}")
+        row(name, f"{app.http_url(*listen, tls)}{suffix}")
+    # Token names only: the tokens themselves are secrets.
+    row("provisioning tokens", ", ".join(prov.tokens) or "(none: the API is not served)")
+    row("provisioning state", redacted(prov.state_url))
+    row("audit trail", redacted(prov.audit_url))
+    emulator = " (bundled emulator, in-process)" if config.bandwidth.run_emulator else ""
+    row("bandwidth account", f"{bw.account_id} at {bw.api_base}{emulator}")
+    secret = "set" if bw.client_secret else "NOT SET"
+    row("bandwidth credentials", f"client {bw.client_id}, secret {secret}, via {bw.token_url}")
+    row("bandwidth messaging", bw.messaging_base)
     return 0
 
 

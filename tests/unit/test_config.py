@@ -160,6 +160,48 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_check_config_summarises_provisioning_and_bandwidth_without_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(
+        tmp_path,
+        """
+[store]
+url = "redis://:store-password@10.0.0.5:6379/0"
+[provisioning]
+tokens = { portal = "portal-token-0123456789", noc = "noc-token-0123456789" }
+state_url = "redis://admin:state-password@10.0.0.6:6379/1"
+audit_url = "file:///var/lib/e911-sip/audit.jsonl"
+[bandwidth]
+account_id = "9900001"
+client_id = "csp-client"
+api_base = "https://api.bandwidth.com/api/v2"
+token_url = "https://api.bandwidth.com/api/v1/oauth2/token"
+""",
+    )
+    env = {"E911_SIP__BANDWIDTH__CLIENT_SECRET": "bw-secret-value"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    rows = dict(
+        (label.strip(), value.strip())
+        for label, _, value in (line.partition(": ") for line in out.splitlines()[1:])
+    )
+    assert rows["store"] == "redis://:***@10.0.0.5:6379/0"
+    assert rows["provisioning tokens"] == "portal, noc"
+    assert rows["provisioning state"] == "redis://admin:***@10.0.0.6:6379/1"
+    assert rows["audit trail"] == "file:///var/lib/e911-sip/audit.jsonl"
+    assert rows["bandwidth account"] == "9900001 at https://api.bandwidth.com/api/v2"
+    assert rows["bandwidth credentials"] == (
+        "client csp-client, secret set, via https://api.bandwidth.com/api/v1/oauth2/token"
+    )
+    assert "bandwidth messaging" in rows
+    for secret in ("token-0123456789", "password", "bw-secret-value", "emulator-secret"):
+        assert secret not in out
+
+
 def test_container_config_and_its_environment(tmp_path: Path) -> None:
     # The image reads its certificate from /etc/e911-sip/tls/; here a test-made one stands in.
     server = issue(trustme.CA(), tmp_path, "server")
