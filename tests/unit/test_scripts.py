@@ -1,8 +1,11 @@
-"""scripts/run keeps (or makes) the editable install that scripts/check relies on."""
+"""The repository's scripts and walk-through: scripts/run keeps (or makes) the editable install
+that scripts/check relies on; SIPp's logs stay out of the tree."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -61,3 +64,25 @@ def test_no_script_installs_a_copy() -> None:
         for line in text.splitlines():
             if "pip install" in line and not line.lstrip().startswith(("#", "echo")):
                 assert " -e " in line, (script, line)
+
+
+def test_sipp_logs_are_ignored_and_the_walk_through_writes_none_here() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for name in (
+        "uas_emergency_4242_messages.log",
+        "uac_911_4243_errors.log",
+        "uac_911_4243_screen.log",
+        "uac_911_4243_.csv",
+    ):
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^sipp .*?(?<!\\)$", readme, flags=re.M | re.S)
+    assert commands
+    for command in commands:
+        if "-trace_msg" in command:
+            assert '-message_file "$LOGS/' in command, command
+    assert "LOGS=$(mktemp -d)" in readme
