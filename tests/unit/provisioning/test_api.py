@@ -378,6 +378,21 @@ async def test_customer_put_creates_then_replaces(api: Api) -> None:
     assert body["provider_endpoint"] is None  # no line and no callback: validated only
 
 
+async def test_a_customer_gets_its_endpoint_when_it_has_a_number_to_carry(api: Api) -> None:
+    # As the README's use case 1.1 and docs/provisioning.md say.
+    _, body, _ = await api.call("PUT", "/v1/customers/hd365", {"address": RALEIGH})
+    assert body["address_status"] == "validated" and body["provider_endpoint"] is None
+    await api.call("PUT", f"/v1/accounts/{LINE}", {"customer_id": "hd365"})
+    _, body, _ = await api.call("GET", "/v1/customers/hd365")
+    assert body["provider_endpoint"] == f"{ACCOUNT}/{CUSTOMER_EP}"
+    assert body["endpoint_phone_number"] == LINE
+    _, body, _ = await api.call(
+        "PUT", "/v1/customers/other", {"address": RALEIGH, "callback_number": "9195550100"}
+    )
+    assert body["provider_endpoint"] is not None and body["accounts"] == []
+    assert body["endpoint_phone_number"] == "9195550100"
+
+
 async def test_customer_address_is_validated_standardised_and_provisioned(api: Api) -> None:
     await helpdesk(api)
     status, body, _ = await api.call("GET", "/v1/customers/hd365")
