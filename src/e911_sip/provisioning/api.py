@@ -547,7 +547,11 @@ _MERGE_TEXT = (
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "customer_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
     "site_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-    "number": {"type": "string", "pattern": r"^\d{10}$"},
+    "number": {
+        "type": "string",
+        "pattern": r"^(\+?1)?\d{10}$",
+        "description": "A line: 10 digits, or +1 or 1 and the 10 digits (stored as 10)",
+    },
 }
 """The schema of every ``{name}`` a registered path may hold."""
 
@@ -933,6 +937,7 @@ def _schemas() -> dict[str, Any]:
     ns = {"type": ["string", "null"]}
     number = {"type": "string", "pattern": r"^\d{10}$"}
     nullable_number = {"type": ["string", "null"], "pattern": r"^\d{10}$"}
+    number_input = {"type": ["string", "null"], "pattern": r"^(\+?1)?\d{10}$"}
     ref = "#/components/schemas/"
 
     def obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -959,8 +964,9 @@ def _schemas() -> dict[str, Any]:
     common_input = {
         "name": s,
         "callback_number": {
-            **nullable_number,
-            "description": "Customer/site: the number their shared endpoint carries at "
+            **number_input,
+            "description": "10 digits, or +1 or 1 and the 10 digits (stored as 10). "
+            "Customer/site: the number their shared endpoint carries at "
             "Bandwidth (else the lowest line using it). Account: a callback for the line's "
             "record when it differs from the line.",
         },

@@ -322,6 +322,11 @@ async def test_openapi_documents_the_media_types_each_body_takes(api: Api) -> No
     put = doc["paths"]["/v1/accounts/{number}"]["put"]
     assert list(put["requestBody"]["content"]) == ["application/json"]
     assert "415" not in doc["paths"]["/v1/accounts/{number}"]["delete"]["responses"]
+    # the documented number forms are the accepted ones
+    (param,) = put["parameters"]
+    for form in ("+13215559876", "13215559876", "3215559876"):
+        assert re.fullmatch(param["schema"]["pattern"].strip("^$"), form)
+    assert not re.fullmatch(param["schema"]["pattern"].strip("^$"), "+23215559876")
 
 
 # --- line numbers in any of the edge's forms ---------------------------------------------------
