@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 from collections.abc import AsyncIterator
@@ -261,6 +262,25 @@ async def test_patch_merges_sites_and_accounts_too(api: Api) -> None:
         "webhooks": [],
     }
     assert body["site_id"] == "cary" and body["name"] == "ext 1000"
+
+
+async def test_concurrent_patches_to_one_object_both_take_effect(api: Api) -> None:
+    await helpdesk(api)
+    patches = [
+        {"contacts": {"emails": ["desk@example.com"]}},
+        {"contacts": {"sms": ["9195550100"]}},
+        {"contacts": {"webhooks": ["https://hooks.example.com/e911"]}},
+        {"name": "Helpdesk 365 East"},
+    ]
+    results = await asyncio.gather(*(api.call("PATCH", "/v1/customers/hd365", p) for p in patches))
+    assert [status for status, _, _ in results] == [200] * len(patches)
+    _, body, _ = await api.call("GET", "/v1/customers/hd365")
+    assert body["contacts"] == {
+        "emails": ["desk@example.com"],
+        "sms": ["9195550100"],
+        "webhooks": ["https://hooks.example.com/e911"],
+    }
+    assert body["name"] == "Helpdesk 365 East" and body["address"] == RALEIGH
 
 
 async def test_patched_result_is_checked_as_a_put_and_nothing_changes(api: Api) -> None:
