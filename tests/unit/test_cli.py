@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 
 from e911_sip import __version__
@@ -21,6 +24,7 @@ from e911_sip.provisioning.audit import MemoryAuditLog
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import MemoryStateStore
 from e911_sip.store.memory import MemoryStore
+from tests.certs import issue
 
 TOKEN = "cli-test-token-0123456789"
 
@@ -53,8 +57,8 @@ audit_url = "file://{tmp_path / "audit.jsonl"}"
     return path
 
 
-@pytest.fixture
-def running_api() -> Iterator[int]:
+@contextlib.contextmanager
+def serve_api(tls: ssl.SSLContext | None = None) -> Iterator[int]:
     """A provisioning API on a loopback port, served from a thread of its own."""
     started = threading.Event()
     stop: list[asyncio.Event] = []
@@ -70,7 +74,7 @@ def running_api() -> Iterator[int]:
     async def serve() -> None:
         runner = web.AppRunner(build_provisioning_app(service, tokens={TOKEN: "ops"}))
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
         await site.start()
         port.append(runner.addresses[0][1])
         stop.append(asyncio.Event())
@@ -87,9 +91,16 @@ def running_api() -> Iterator[int]:
         assert started.wait(10)
         yield port[0]
     finally:
-        loop.call_soon_threadsafe(stop[0].set)
+        if stop:
+            loop.call_soon_threadsafe(stop[0].set)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def running_api() -> Iterator[int]:
+    with serve_api() as port:
+        yield port
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,3 +160,18 @@ def test_service_url_reaches_a_wildcard_listener_on_loopback(tmp_path: Path) -> 
     path = tmp_path / "e911.toml"
     path.write_text('[provisioning]\nlisten = "0.0.0.0:9200"\nallow_plaintext = true\n')
     assert service_url(load(path, {})) == "http://127.0.0.1:9200"
+
+
+def test_resync_reaches_an_https_service_by_its_configured_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = issue(trustme.CA(), tmp_path / "tls", "server", "provisioning.example.net")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.cert, server.key)
+    with serve_api(context) as port:
+        config = write_config(tmp_path, port)
+        with config.open("a") as out:
+            out.write(f'tls_cert_file = "{server.cert}"\ntls_key_file = "{server.key}"\n')
+        # The certificate names another host; the configured file is what is trusted.
+        assert main(["resync", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True

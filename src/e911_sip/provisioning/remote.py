@@ -28,10 +28,11 @@ class Unreachable(RemoteError):
 
 
 def pinned_context(cert_file: Path) -> ssl.SSLContext:
-    """A client TLS context that trusts exactly the certificate the local service presents.
+    """A client TLS context that trusts the certificate file the local service presents (the
+    leaf and any chain in it).
 
     The command line reaches the listener by its address, which the certificate need not
-    name, so the host name is not checked; the certificate itself is the trust anchor.
+    name, so the host name is not checked; the configured certificate is the trust anchor.
     """
     context = ssl.create_default_context(cafile=str(cert_file))
     context.check_hostname = False
