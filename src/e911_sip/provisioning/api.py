@@ -470,15 +470,19 @@ class Route:
     """Longer text for the OpenAPI document."""
     query: tuple[dict[str, Any], ...] = ()
     """OpenAPI query parameter objects."""
+    accepts: tuple[str, ...] | None = None
+    """Request body media types, when not the default (see :attr:`media_types`)."""
 
     @property
     def media_types(self) -> tuple[str, ...]:
         """The request body types accepted (first: the one to use); none without a body.
 
-        PATCH takes a JSON merge patch (RFC 7386), also accepted as plain JSON since many
-        clients cannot set the type."""
+        By default JSON; PATCH takes a JSON merge patch (RFC 7386), also accepted as plain
+        JSON since many clients cannot set the type."""
         if self.body is None:
             return ()
+        if self.accepts is not None:
+            return self.accepts
         if self.method == "PATCH":
             return (MERGE_PATCH, "application/json")
         return ("application/json",)
@@ -504,6 +508,7 @@ def operation(
     public: bool = False,
     description: str = "",
     query: tuple[dict[str, Any], ...] = (),
+    accepts: tuple[str, ...] | None = None,
 ) -> Callable[[_H], _H]:
     """Register the decorated ``_Handlers`` method as ``method path`` with its OpenAPI
     fragment. The app serves exactly the registered operations and the document describes
@@ -525,6 +530,7 @@ def operation(
             public=public,
             description=description,
             query=query,
+            accepts=accepts,
         )
         return handler
 

@@ -16,9 +16,11 @@ from multidict import CIMultiDictProxy
 
 from e911_sip.provisioning.api import (
     PUBLIC_PATHS,
+    Route,
     _Handlers,
     build_provisioning_app,
     merge_patch,
+    openapi_document,
     operation,
     routes,
 )
@@ -676,3 +678,18 @@ def test_an_operation_cannot_be_registered_twice() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         operation(route.method, route.path, summary="duplicate")(again)
     assert routes()[0] == route
+
+
+def test_an_operation_may_take_another_body_type() -> None:
+    route = Route(
+        method="POST",
+        path="/v1/things",
+        handler="things",
+        summary="Take a CSV",
+        body="Things",
+        accepts=("text/csv",),
+    )
+    assert route.media_types == ("text/csv",)
+    operation_ = openapi_document((route,))["paths"]["/v1/things"]["post"]
+    assert list(operation_["requestBody"]["content"]) == ["text/csv"]
+    assert "415" in operation_["responses"]
