@@ -15,6 +15,10 @@ streetName / streetSuffix / postdirectional parts, and reports every failure as 
 data that cannot ship with the product; the table holds the addresses the use cases and
 tests rely on. The 3-digit ZIP prefix table follows the USPS prefix allocation, coarsely:
 unassigned prefixes inside a state's range count as that state's.
+
+:class:`StandardizedAddress` here is the emulator's, on Bandwidth's side of the wire, and is
+deliberately not the product's ``model.StandardizedAddress``: a test double that shared our
+types would share our assumptions and could not catch a mismatch with Bandwidth's shapes.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from e911_sip.notify.event import Resolution, Targets
 from e911_sip.provisioning import cascade
 from e911_sip.provisioning.audit import AuditError, AuditLog
 from e911_sip.provisioning.bandwidth import (
-    AddressInput,
     AddressRejected,
     AuthenticationFailed,
     BandwidthError,
@@ -53,7 +52,6 @@ from e911_sip.provisioning.bandwidth import (
     OrderFailed,
     ProviderUnavailable,
     RateLimited,
-    StandardAddress,
     make_endpoint_id,
 )
 from e911_sip.provisioning.model import (
@@ -92,8 +90,8 @@ class EmergencyProvider(Protocol):
     def account_id(self) -> str: ...
 
     async def create_address(
-        self, address: AddressInput, *, description: str
-    ) -> StandardAddress: ...
+        self, address: Address, *, description: str
+    ) -> StandardizedAddress: ...
 
     async def delete_address(self, address_id: str) -> None: ...
 
@@ -980,22 +978,10 @@ class ProvisioningService:
         if step.address_id is not None and entity.standardized is not None:
             standardized = entity.standardized
         else:
-            address = step.address
-            bw_address = await self._bw(
+            standardized = await self._bw(
                 "create_address",
-                self._provider.create_address(
-                    AddressInput(
-                        line1=address.line1,
-                        line2=address.line2,
-                        city=address.city,
-                        state=address.state,
-                        postal_code=address.postal_code,
-                        country=address.country,
-                    ),
-                    description=str(step.ref),
-                ),
+                self._provider.create_address(step.address, description=str(step.ref)),
             )
-            standardized = _standardized(bw_address)
             address_id = standardized.address_id
 
             async def drop_address() -> None:
@@ -1208,24 +1194,6 @@ def _not_found(message: str) -> ServiceError:
 def _raise_refusal(refusal: cascade.Refusal | None) -> None:
     if refusal is not None:
         raise ServiceError(refusal.status, refusal.code, refusal.message)
-
-
-def _standardized(address: StandardAddress) -> StandardizedAddress:
-    return StandardizedAddress(
-        address_id=address.address_id,
-        validation_status=address.validation_status,
-        one_line=address.one_line(),
-        house_number=address.house_number,
-        predirectional=address.predirectional,
-        street_name=address.street_name,
-        street_suffix=address.street_suffix,
-        postdirectional=address.postdirectional,
-        address_line2=address.address_line2,
-        city=address.city,
-        state=address.state,
-        postal_code=address.postal_code,
-        country=address.country,
-    )
 
 
 def _detail(exc: BandwidthError) -> BandwidthDetail:
