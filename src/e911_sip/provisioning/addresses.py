@@ -284,9 +284,9 @@ def standardize(
     elif state_code is not None and state_code not in zip_states(zip_match.group(1)):
         problems.append(AddressProblem("postalCode", f"ZIP {zip_text} is not in {state_code}"))
 
-    if problems:
+    # zip_match and state_code are None only when a problem says why.
+    if problems or zip_match is None or state_code is None:
         raise InvalidAddress(problems)
-    assert zip_match is not None and state_code is not None
 
     zip5, plus4 = zip_match.group(1), zip_match.group(2)
     street_line = " ".join(
