@@ -54,6 +54,7 @@ from e911_sip.provisioning.bandwidth import (
     RateLimited,
     make_endpoint_id,
 )
+from e911_sip.provisioning.cascade import LineProblem
 from e911_sip.provisioning.model import (
     Account,
     Address,
@@ -72,7 +73,7 @@ from e911_sip.provisioning.model import (
     check_number,
 )
 from e911_sip.provisioning.state import NumberInUse, StateConflict, StateError, StateStore
-from e911_sip.store.base import LineRecordWriter, LocationRecord, StoreError
+from e911_sip.store.base import LineRecordWriter, StoreError
 
 _LOG = logging.getLogger("e911_sip.provisioning")
 
@@ -210,25 +211,6 @@ class ServiceError(Exception):
         self.bandwidth = bandwidth
         self.retry_after = retry_after
         self.field = field
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LineProblem:
-    """A line that has no valid endpoint, and why."""
-
-    line: str
-    customer_id: str
-    reason: str
-    """``no_address``, ``not_provisioned`` or ``missing_at_provider``."""
-    provider_endpoint: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "line": self.line,
-            "customer_id": self.customer_id,
-            "reason": self.reason,
-            "provider_endpoint": self.provider_endpoint,
-        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -734,106 +716,40 @@ class ProvisioningService:
             stored = await self._lines.all_lines()
         except StoreError as exc:
             raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-
-        records: dict[str, LocationRecord] = {}
-        removals: set[str] = set()
-        problems: list[LineProblem] = []
-        audit: list[AuditEntry] = []
-        owned: set[str] = set()
-        for state in states:
-            for number, want in cascade.desired_records(state, now=now).items():
-                owned.add(number)
-                have = stored.get(number)
-                eff = cascade.effective(state, state.accounts[number])
-                missing = eff.missing
-                if missing is not None:
-                    problems.append(
-                        LineProblem(
-                            line=number, customer_id=state.customer_id, reason=missing.value
-                        )
-                    )
-                elif provider_ids is not None and want is not None:
-                    endpoint_id = want.provider_endpoint.split("/", 1)[1]
-                    if endpoint_id not in provider_ids:
-                        problems.append(
-                            LineProblem(
-                                line=number,
-                                customer_id=state.customer_id,
-                                reason="missing_at_provider",
-                                provider_endpoint=want.provider_endpoint,
-                            )
-                        )
-                if want is None:
-                    if have is None:
-                        continue
-                    removals.add(number)
-                elif have is None or (have.provider_endpoint, have.callback) != (
-                    want.provider_endpoint,
-                    want.callback,
-                ):
-                    records[number] = want
-                else:
-                    continue
-                audit.append(
-                    AuditEntry(
-                        at=now,
-                        who=who,
-                        action="resync",
-                        entity=str(state.accounts[number].ref),
-                        line=number,
-                        old_provider_endpoint=have.provider_endpoint if have else None,
-                        new_provider_endpoint=want.provider_endpoint if want else None,
-                        source=str(eff.source) if want is not None else None,
-                        address=eff.address if want is not None else "",
-                    )
-                )
-        orphan_lines = sorted(set(stored) - owned)
-        if self._options.resync_prunes_orphan_lines:
-            for number in orphan_lines:
-                removals.add(number)
-                audit.append(
-                    AuditEntry(
-                        at=now,
-                        who=who,
-                        action="resync",
-                        entity=f"line:{number}",
-                        line=number,
-                        old_provider_endpoint=stored[number].provider_endpoint,
-                        new_provider_endpoint=None,
-                        source=None,
-                        address="",
-                    )
-                )
-        if records or removals:
+        plan = cascade.reconcile(
+            states,
+            stored,
+            provider_ids,
+            now=now,
+            who=who,
+            prune_orphan_lines=self._options.resync_prunes_orphan_lines,
+        )
+        if plan.records or plan.removals:
             try:
-                await self._lines.put_records(records, frozenset(removals))
+                await self._lines.put_records(plan.records, plan.removals)
             except StoreError as exc:
                 raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-        if audit:
+        if plan.audit:
             try:
-                await self._audit.append(audit)
+                await self._audit.append(plan.audit)
             except AuditError as exc:
                 # The records are right now; only the trail of the repair is missing.
                 _LOG.error(
                     "resync could not write its audit entries: %s",
                     exc,
-                    extra={"audit": [e.to_dict() for e in audit]},
+                    extra={"audit": [e.to_dict() for e in plan.audit]},
                 )
                 errors.append(f"audit: {exc}")
-        orphan_endpoints: tuple[str, ...] = ()
-        if provider_ids is not None:
-            referenced = cascade.referenced_endpoints(states)
-            orphan_endpoints = tuple(sorted(provider_ids - set(referenced)))
         report = ResyncReport(
             customers=len(states),
-            lines=len(owned),
-            written=tuple(sorted(records)),
-            removed=tuple(sorted(removals)),
-            orphan_lines=tuple(orphan_lines),
-            without_endpoint=tuple(problems),
+            lines=plan.lines,
+            written=tuple(sorted(plan.records)),
+            removed=tuple(sorted(plan.removals)),
+            orphan_lines=plan.orphan_lines,
+            without_endpoint=plan.without_endpoint,
             provider_checked=provider_ids is not None,
             provider_error=provider_error,
-            orphan_endpoints=orphan_endpoints,
+            orphan_endpoints=plan.orphan_endpoints,
             errors=tuple(errors),
         )
         _LOG.info(
