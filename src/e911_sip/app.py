@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from e911_sip import logs
-from e911_sip.callrecords.book import BookOptions, CallRecord
-from e911_sip.callrecords.recorder import CallRecorder, RecorderOptions
+from e911_sip.callrecords.book import CallRecord
+from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.callrecords.stream import (
     LocalHandoff,
     RecordSink,
@@ -55,8 +55,8 @@ from e911_sip.notify.channels import (
     WebhookChannel,
     WebhookOptions,
 )
-from e911_sip.notify.dispatch import Notifier, NotifierOptions, Publisher
-from e911_sip.notify.event import CallEvent, Resolution, Targets
+from e911_sip.notify.dispatch import Notifier, Publisher
+from e911_sip.notify.event import CallEvent, Resolution
 from e911_sip.notify.queue import FileQueue, Queue, QueueError, RedisStreamQueue
 from e911_sip.opshttp import build_ops_app
 from e911_sip.policy.emergency import emergency_number
@@ -86,7 +86,6 @@ from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
 from e911_sip.store.base import LineRecordWriter, LocationStore
-from e911_sip.store.breaker import BreakerOptions
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
@@ -241,17 +240,7 @@ def stream_limits(config: Config, nofile: int | None = None) -> StreamLimits:
                 "trusted_reserve": reserve,
             },
         )
-    return StreamLimits(
-        max_connections=max_connections,
-        max_connections_per_ip=tcp.max_connections_per_ip,
-        trusted_reserve=reserve,
-        idle_timeout=tcp.idle_timeout,
-        header_timeout=tcp.header_timeout,
-        max_buffer=tcp.max_buffer,
-        max_write_buffer=tcp.max_write_buffer,
-        max_outbound=tcp.max_outbound,
-        max_queued=tcp.max_queued,
-    )
+    return dataclasses.replace(tcp, max_connections=max_connections, trusted_reserve=reserve)
 
 
 def tls_contexts(tls: TlsConfig) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -347,14 +336,7 @@ async def start_edge(
             timeout=emergency.lookup_timeout,
             cache_size=emergency.cache_size,
             cache_max_age=emergency.cache_max_age,
-            breaker=BreakerOptions(
-                failure_ratio=emergency.store_failure_ratio,
-                window=emergency.store_failure_window,
-                min_lookups=emergency.store_min_lookups,
-                connect_failures=emergency.store_connect_failures,
-                open_for=emergency.store_cooldown,
-                trial_lookups=emergency.store_trial_lookups,
-            ),
+            breaker=emergency.breaker,
         ),
         on_failure=lambda kind: failures.labels(kind).inc(),
         on_breaker=lambda state: metrics.set_store_breaker(state.value),
@@ -521,10 +503,7 @@ def build_recorder(config: Config, sink: RecordSink, metrics: Metrics) -> CallRe
     return CallRecorder(
         sink=sink,
         metrics=metrics,
-        options=RecorderOptions(
-            book=BookOptions(max_calls=records.max_in_progress, max_age=records.max_age),
-            queue_size=records.queue_size,
-        ),
+        options=records.recorder,
     )
 
 
@@ -717,14 +696,7 @@ async def run_notifier(
         deliveries=parts.deliveries,
         channels=channels,
         resolve=resolve,
-        options=NotifierOptions(
-            fallback=Targets(webhooks=n.webhook_urls, emails=n.emails, sms=n.sms),
-            fallback_always=n.always,
-            max_attempts=n.max_attempts,
-            retry_for=n.retry_for,
-            backoff_base=n.backoff_base,
-            backoff_cap=n.backoff_cap,
-        ),
+        options=n.delivery,
         on_outcome=lambda channel, outcome: metrics.notifications.labels(channel, outcome).inc(),
         on_latency=lambda channel, seconds: metrics.notification_seconds.labels(channel).observe(
             seconds
@@ -832,7 +804,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
         provisioning = False
     # The embedded box hands records over in-process, to its own provisioning side.
     handoff = (
-        LocalHandoff(max_records=config.records.queue_size)
+        LocalHandoff(max_records=config.records.recorder.queue_size)
         if provisioning and role is Role.ALL
         else None
     )

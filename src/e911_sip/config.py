@@ -17,17 +17,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from e911_sip.callrecords.recorder import RecorderOptions
+from e911_sip.notify.dispatch import NotifierOptions
+from e911_sip.notify.event import Targets
 from e911_sip.policy.enrich import ExistingGeolocation
 from e911_sip.provisioning.bandwidth import BandwidthOptions
 from e911_sip.proxy.trunks import ProbeOptions
 from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
+from e911_sip.store.breaker import BreakerOptions
+from e911_sip.transport.limits import StreamLimits
 
 ENV_PREFIX = "E911_SIP__"
 TRANSPORTS = ("udp", "tcp", "tls")
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_O = TypeVar("_O", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -72,36 +82,6 @@ class SipConfig:
     """RFC 3261 Timer C for proxied INVITEs, seconds; must exceed 180."""
     tcp_connect_timeout: float = 2.0
     """Seconds to open an outbound TCP connection before it counts as a transport error."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TcpConfig:
-    """[tcp]: bounds on stream (TCP and TLS) connections, shared by every stream listener.
-
-    The defaults keep a connection flood within about 200 MB (1024 connections holding at
-    most 64 KB unframed and 128 KB unsent each) and well under the open-file limit.
-    """
-
-    max_connections: int = 1024
-    """Inbound connections at most, all sources together."""
-    max_connections_per_ip: int = 32
-    """Inbound connections at most from one untrusted source address."""
-    trusted_reserve: int = 128
-    """Slots of ``max_connections`` only trusted sources (the softswitch) may take."""
-    idle_timeout: float = 300.0
-    """Seconds without a complete message in or out before a connection is closed; keep it
-    above [sip] timer_c so a connection waiting for a final response stays open."""
-    header_timeout: float = 10.0
-    """Seconds a message may take to arrive once its first byte did (and a new inbound
-    connection, TLS handshake included, to deliver its first message)."""
-    max_buffer: int = 65535
-    """Unframed bytes one connection may hold before it is closed."""
-    max_write_buffer: int = 131072
-    """Bytes queued for a peer that does not read before its connection is closed."""
-    max_outbound: int = 64
-    """Outbound connections (open or opening) at most."""
-    max_queued: int = 256
-    """Messages waiting for one outbound connection to open; more fail over at once."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,19 +133,10 @@ class EmergencyConfig:
     """Lines whose last record is kept for use while the store is down."""
     cache_max_age: float = 86_400.0
     """Seconds a cached record stays usable."""
-    store_cooldown: float = 1.0
-    """Seconds the store is skipped once the circuit breaker opens, before trial lookups."""
-    store_failure_ratio: float = 0.5
-    """Share of failed lookups within ``store_failure_window`` that opens the breaker."""
-    store_failure_window: float = 10.0
-    """Seconds of lookups the failure share is taken over."""
-    store_min_lookups: int = 20
-    """Lookups the window must hold before its failure share can open the breaker."""
-    store_connect_failures: int = 1
-    """Failed connection attempts in a row (refused, unreachable) that open the breaker."""
-    store_trial_lookups: int = 3
-    """Successes in a row (trial lookups or good health checks) that close the half-open
-    breaker."""
+    breaker: BreakerOptions = field(default_factory=BreakerOptions)
+    """The store's circuit breaker, from the keys ``store_cooldown`` (``open_for``),
+    ``store_failure_ratio``, ``store_failure_window``, ``store_min_lookups``,
+    ``store_connect_failures`` and ``store_trial_lookups``."""
     probe: ProbeOptions = field(default_factory=lambda: ProbeOptions(interval=10.0))
     """OPTIONS probing of the trunks: ``probe_interval`` (0 turns it off),
     ``probe_timeout``, ``probe_failures``, ``probe_successes``."""
@@ -349,15 +320,12 @@ class RecordsConfig:
     consumer: str = "provisioning"
     """Consumer name within the group (keep it stable: unacknowledged records are read
     again by the same name after a restart)."""
-    max_in_progress: int = 10_000
-    """Emergency calls with a record in progress at an edge; beyond it the oldest is
-    finished early (``end`` = ``capacity``)."""
-    max_age: float = 14_400.0
-    """Seconds after its INVITE at which a call with no BYE seen is recorded as it is
-    (``end`` = ``max_age``)."""
-    queue_size: int = 10_000
-    """Finished records an edge holds while they cannot be written; beyond it they are
-    dropped and counted."""
+    recorder: RecorderOptions = field(default_factory=RecorderOptions)
+    """The edge's call recorder, from the keys ``max_in_progress`` (``book.max_calls``:
+    emergency calls with a record in progress; beyond it the oldest is finished early,
+    ``end`` = ``capacity``), ``max_age`` (``book.max_age``: seconds after its INVITE at which
+    a call with no BYE seen is recorded as it is) and ``queue_size`` (finished records an
+    edge holds while they cannot be written; beyond it they are dropped and counted)."""
 
 
 def _emulator_client() -> BandwidthOptions:
@@ -434,15 +402,12 @@ class NotifyConfig:
     """Queue a notification for every emergency call whose number is in ``numbers``."""
     numbers: tuple[str, ...] = ("911",)
     """Dialled numbers that notify (``933`` test calls do not unless listed)."""
-    webhook_urls: tuple[str, ...] = ()
-    """Fallback webhook targets for lines with no contacts (and unknown callers)."""
-    emails: tuple[str, ...] = ()
-    """Fallback email addresses."""
-    sms: tuple[str, ...] = ()
-    """Fallback SMS numbers (10 digits or E.164)."""
-    always: bool = False
-    """Notify ``webhook_urls``, ``emails`` and ``sms`` of every call (a CSP's operations
-    centre), in addition to the line's own contacts; false: only lines without contacts."""
+    delivery: NotifierOptions = field(default_factory=NotifierOptions)
+    """The notifier's fallback targets and retries, from the keys ``webhook_urls``,
+    ``emails`` and ``sms`` (``fallback``: for lines with no contacts, and unknown callers),
+    ``always`` (``fallback_always``: notify them of every call, a CSP's operations centre,
+    in addition to the line's own contacts), ``max_attempts``, ``retry_for``,
+    ``backoff_base`` and ``backoff_cap``."""
     webhook_secret: str | None = None
     """HMAC-SHA256 key for ``X-E911-Signature`` (set it in E911_SIP__NOTIFY__WEBHOOK_SECRET)."""
     webhook_timeout: float = 5.0
@@ -476,14 +441,6 @@ class NotifyConfig:
     """This notifier's name in the Redis consumer group. It must survive restarts (what a
     consumer took and did not finish is re-read under the same name) and differ between
     notifiers that run at the same time."""
-    max_attempts: int = 10
-    """Attempts per delivery before it goes to the dead-letter list."""
-    retry_for: float = 3600.0
-    """Seconds after the call after which a failing delivery goes to the dead-letter list."""
-    backoff_base: float = 1.0
-    """First retry back-off, seconds (doubling, full jitter)."""
-    backoff_cap: float = 60.0
-    """Longest retry back-off, seconds."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -491,7 +448,9 @@ class Config:
     """The whole configuration."""
 
     sip: SipConfig = field(default_factory=SipConfig)
-    tcp: TcpConfig = field(default_factory=TcpConfig)
+    tcp: StreamLimits = field(default_factory=StreamLimits)
+    """[tcp]: bounds on stream (TCP and TLS) connections, shared by every stream listener;
+    every field but ``log_interval`` is a key."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     emergency: EmergencyConfig = field(default_factory=EmergencyConfig)
     default: DefaultRouteConfig = field(default_factory=DefaultRouteConfig)
@@ -577,6 +536,45 @@ def _fields(cls: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _own_keys(cls: Any, *, but: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Each field of ``cls`` (in declaration order, so errors come in a stable order) as the
+    key of its own name."""
+    return {f.name: f.name for f in dataclasses.fields(cls) if f.name not in but}
+
+
+def _options(
+    s: _Section,
+    default: _O,
+    *,
+    keys: Mapping[str, str],
+    minimums: Mapping[str, float] | None = None,
+    int_minimum: int = 0,
+) -> _O:
+    """``default`` (a layer's frozen options dataclass) with the fields ``keys`` names read
+    from the section, each as its default's type (bool, int, float or str).
+
+    ``keys`` maps a field to its key (most keep the field's name); ``minimums`` bounds
+    numbers, ``int_minimum`` any integer it does not name. Errors name ``[section] key``.
+    """
+    values: dict[str, Any] = {}
+    for name, key in keys.items():
+        current = getattr(default, name)
+        minimum = (minimums or {}).get(name)
+        if isinstance(current, bool):
+            values[name] = s.boolean(key, current)
+        elif isinstance(current, int):
+            values[name] = s.integer(
+                key, current, minimum=int_minimum if minimum is None else int(minimum)
+            )
+        elif isinstance(current, float):
+            values[name] = s.number(key, current, minimum=0.0 if minimum is None else minimum)
+        elif isinstance(current, str):
+            values[name] = s.string(key, current)
+        else:
+            raise TypeError(f"{s.where(key)}: no reader for a {type(current).__name__}")
+    return dataclasses.replace(default, **values)
+
+
 def _hostport(text: str, where: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -651,29 +649,28 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
 _PROBE_KEYS = {"probe_interval", "probe_timeout", "probe_failures", "probe_successes"}
 
 
-def _tcp(data: Mapping[str, Any]) -> TcpConfig:
-    s = _Section("tcp", data, _fields(TcpConfig))
-    d = TcpConfig()
-    max_connections = s.integer("max_connections", d.max_connections, minimum=1)
-    reserve = s.integer("trusted_reserve", d.trusted_reserve)
-    if reserve >= max_connections:
+_TCP_KEYS = _own_keys(StreamLimits, but=frozenset({"log_interval"}))
+_TCP_MINIMUMS: Mapping[str, float] = {
+    "max_connections": 1,
+    "max_connections_per_ip": 1,
+    "idle_timeout": 0.1,
+    "header_timeout": 0.1,
+    "max_buffer": 1024,
+    "max_write_buffer": 1024,
+    "max_outbound": 1,
+    "max_queued": 1,
+}
+
+
+def _tcp(data: Mapping[str, Any]) -> StreamLimits:
+    s = _Section("tcp", data, set(_TCP_KEYS))
+    limits = _options(s, StreamLimits(), keys=_TCP_KEYS, minimums=_TCP_MINIMUMS)
+    if limits.trusted_reserve >= limits.max_connections:
         raise ConfigError(
-            f"[tcp] trusted_reserve: must be below max_connections ({max_connections}), "
-            f"got {reserve}"
+            f"[tcp] trusted_reserve: must be below max_connections ({limits.max_connections}), "
+            f"got {limits.trusted_reserve}"
         )
-    return TcpConfig(
-        max_connections=max_connections,
-        max_connections_per_ip=s.integer(
-            "max_connections_per_ip", d.max_connections_per_ip, minimum=1
-        ),
-        trusted_reserve=reserve,
-        idle_timeout=s.number("idle_timeout", d.idle_timeout, minimum=0.1),
-        header_timeout=s.number("header_timeout", d.header_timeout, minimum=0.1),
-        max_buffer=s.integer("max_buffer", d.max_buffer, minimum=1024),
-        max_write_buffer=s.integer("max_write_buffer", d.max_write_buffer, minimum=1024),
-        max_outbound=s.integer("max_outbound", d.max_outbound, minimum=1),
-        max_queued=s.integer("max_queued", d.max_queued, minimum=1),
-    )
+    return limits
 
 
 def _tls(data: Mapping[str, Any], base: Path | None) -> TlsConfig:
@@ -726,8 +723,29 @@ def _check_tls(config: Config) -> None:
         )
 
 
+_BREAKER_KEYS: Mapping[str, str] = {
+    "failure_ratio": "store_failure_ratio",
+    "window": "store_failure_window",
+    "min_lookups": "store_min_lookups",
+    "connect_failures": "store_connect_failures",
+    "open_for": "store_cooldown",
+    "trial_lookups": "store_trial_lookups",
+}
+"""[emergency] key of each BreakerOptions field."""
+_BREAKER_MINIMUMS: Mapping[str, float] = {
+    "window": 0.01,
+    "min_lookups": 1,
+    "connect_failures": 1,
+    "trial_lookups": 1,
+}
+
+
 def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
-    s = _Section("emergency", data, _fields(EmergencyConfig) - {"probe"} | _PROBE_KEYS)
+    s = _Section(
+        "emergency",
+        data,
+        _fields(EmergencyConfig) - {"probe", "breaker"} | _PROBE_KEYS | set(_BREAKER_KEYS.values()),
+    )
     d = EmergencyConfig()
     numbers = s.strings("numbers", d.numbers)
     if not numbers or not all(n.isdigit() for n in numbers):
@@ -754,11 +772,11 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
     port = s.integer("tls_fallback_port", d.tls_fallback_port, minimum=1)
     if port > 65535:
         raise ConfigError(f"[emergency] tls_fallback_port: expected a port number, got {port}")
-    failure_ratio = s.number("store_failure_ratio", d.store_failure_ratio)
-    if not 0.0 < failure_ratio <= 1.0:
+    breaker = _options(s, d.breaker, keys=_BREAKER_KEYS, minimums=_BREAKER_MINIMUMS)
+    if not 0.0 < breaker.failure_ratio <= 1.0:
         raise ConfigError(
             f"[emergency] store_failure_ratio: expected a share above 0 and at most 1, "
-            f"got {failure_ratio}"
+            f"got {breaker.failure_ratio}"
         )
     return EmergencyConfig(
         numbers=numbers,
@@ -771,15 +789,8 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         fail_open_after=s.number("fail_open_after", d.fail_open_after, minimum=0.01),
         cache_size=s.integer("cache_size", d.cache_size),
         cache_max_age=s.number("cache_max_age", d.cache_max_age),
-        store_cooldown=s.number("store_cooldown", d.store_cooldown),
+        breaker=breaker,
         probe=_probe(s, d.probe),
-        store_failure_ratio=failure_ratio,
-        store_failure_window=s.number("store_failure_window", d.store_failure_window, minimum=0.01),
-        store_min_lookups=s.integer("store_min_lookups", d.store_min_lookups, minimum=1),
-        store_connect_failures=s.integer(
-            "store_connect_failures", d.store_connect_failures, minimum=1
-        ),
-        store_trial_lookups=s.integer("store_trial_lookups", d.store_trial_lookups, minimum=1),
         tls_fallback=fallback,
         tls_fallback_port=port,
     )
@@ -1059,9 +1070,25 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
     )
 
 
+_RECORDER_KEYS = ("max_in_progress", "max_age", "queue_size")
+"""[records] keys of the recorder's options (see RecordsConfig.recorder)."""
+
+
 def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:
-    s = _Section("records", data, _fields(RecordsConfig))
+    s = _Section("records", data, _fields(RecordsConfig) - {"recorder"} | set(_RECORDER_KEYS))
     d = RecordsConfig()
+    book = _options(
+        s,
+        d.recorder.book,
+        keys={"max_calls": "max_in_progress", "max_age": "max_age"},
+        minimums={"max_calls": 1, "max_age": 1.0},
+    )
+    recorder = _options(
+        s,
+        dataclasses.replace(d.recorder, book=book),
+        keys={"queue_size": "queue_size"},
+        minimums={"queue_size": 1},
+    )
     return RecordsConfig(
         enabled=s.boolean("enabled", d.enabled),
         store_url=_state_url(s.string("store_url", d.store_url), s.where("store_url"), base),
@@ -1071,33 +1098,20 @@ def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:
         stream_maxlen=s.integer("stream_maxlen", d.stream_maxlen, minimum=1000),
         group=s.string("group", d.group),
         consumer=s.string("consumer", d.consumer),
-        max_in_progress=s.integer("max_in_progress", d.max_in_progress, minimum=1),
-        max_age=s.number("max_age", d.max_age, minimum=1.0),
-        queue_size=s.integer("queue_size", d.queue_size, minimum=1),
+        recorder=recorder,
     )
 
 
 def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
     s = _Section("bandwidth", data, _fields(BandwidthOptions) | {"run_emulator"})
     d = BandwidthConfig()
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(BandwidthOptions):
-        default = getattr(d.client, f.name)
-        if isinstance(default, bool):
-            values[f.name] = s.boolean(f.name, default)
-        elif isinstance(default, int):
-            values[f.name] = s.integer(f.name, default, minimum=1)
-        elif isinstance(default, float):
-            values[f.name] = s.number(f.name, default)
-        else:
-            values[f.name] = s.string(f.name, default)
-    if not values["account_id"].isalnum():
+    client = _options(s, d.client, keys=_own_keys(BandwidthOptions), int_minimum=1)
+    if not client.account_id.isalnum():
         raise ConfigError(
-            f"[bandwidth] account_id: expected letters and digits, got {values['account_id']!r}"
+            f"[bandwidth] account_id: expected letters and digits, got {client.account_id!r}"
         )
-    values["api_base"] = values["api_base"].rstrip("/")
     return BandwidthConfig(
-        client=BandwidthOptions(**values),
+        client=dataclasses.replace(client, api_base=client.api_base.rstrip("/")),
         run_emulator=s.boolean("run_emulator", d.run_emulator),
     )
 
@@ -1133,18 +1147,31 @@ def _security(data: Mapping[str, Any]) -> SecurityConfig:
     )
 
 
+_DELIVERY_KEYS = {
+    "webhook_urls",
+    "emails",
+    "sms",
+    "always",
+    "max_attempts",
+    "retry_for",
+    "backoff_base",
+    "backoff_cap",
+}
+"""[notify] keys of the notifier's options (see NotifyConfig.delivery)."""
+
+
 def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
-    s = _Section("notify", data, _fields(NotifyConfig))
+    s = _Section("notify", data, _fields(NotifyConfig) - {"delivery"} | _DELIVERY_KEYS)
     d = NotifyConfig()
     numbers = s.strings("numbers", d.numbers)
     for number in numbers:
         if not number.isdigit():
             raise ConfigError(f"[notify] numbers: expected dialled digits, got {number!r}")
-    urls = s.strings("webhook_urls", d.webhook_urls)
+    urls = s.strings("webhook_urls", d.delivery.fallback.webhooks)
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"[notify] webhook_urls: expected http(s)://..., got {url!r}")
-    sms = s.strings("sms", d.sms)
+    sms = s.strings("sms", d.delivery.fallback.sms)
     for number in sms:
         if not number.lstrip("+").isdigit():
             raise ConfigError(f"[notify] sms: expected a phone number, got {number!r}")
@@ -1172,13 +1199,27 @@ def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
     rate = s.number("sms_rate", d.sms_rate)
     if rate <= 0:
         raise ConfigError("[notify] sms_rate: must be more than 0")
+    delivery = _options(
+        s,
+        dataclasses.replace(
+            d.delivery,
+            fallback=Targets(
+                webhooks=urls, emails=s.strings("emails", d.delivery.fallback.emails), sms=sms
+            ),
+        ),
+        keys={
+            "fallback_always": "always",
+            "max_attempts": "max_attempts",
+            "retry_for": "retry_for",
+            "backoff_base": "backoff_base",
+            "backoff_cap": "backoff_cap",
+        },
+        minimums={"max_attempts": 1},
+    )
     return NotifyConfig(
         enabled=s.boolean("enabled", d.enabled),
         numbers=numbers,
-        webhook_urls=urls,
-        emails=s.strings("emails", d.emails),
-        sms=sms,
-        always=s.boolean("always", d.always),
+        delivery=delivery,
         webhook_secret=s.optional_string("webhook_secret"),
         webhook_timeout=s.number("webhook_timeout", d.webhook_timeout),
         smtp_url=smtp_url,
@@ -1194,10 +1235,6 @@ def _notify(data: Mapping[str, Any], base: Path | None) -> NotifyConfig:
         queue_file=queue_path,
         key_prefix=s.string("key_prefix", d.key_prefix),
         consumer=s.string("consumer", d.consumer),
-        max_attempts=s.integer("max_attempts", d.max_attempts, minimum=1),
-        retry_for=s.number("retry_for", d.retry_for),
-        backoff_base=s.number("backoff_base", d.backoff_base),
-        backoff_cap=s.number("backoff_cap", d.backoff_cap),
     )
 
 

@@ -468,8 +468,9 @@ class Edge:
                 raise RuntimeError("the caller or the location could not be read")
             if line is None:
                 outcome = "no_caller"
+            elif result is None:
+                raise RuntimeError("the lookup of a known caller gave no result")
             else:
-                assert result is not None
                 self._lookup_seconds[result.source].observe(result.seconds)
                 if result.record is not None:
                     provider_endpoint = result.record.provider_endpoint
@@ -520,7 +521,7 @@ class Edge:
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
         if self._notify is not None:
-            self._notify_call(event, line, result, outcome)
+            self._notify_call(self._notify, event, line, result, outcome)
         # The INVITE going out consumes the timing and log fields (EmergencyForwarded, in
         # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
         # clears them when it is done.
@@ -561,14 +562,18 @@ class Edge:
                 self._evict_log.flush()
 
     def _notify_call(
-        self, event: EmergencyCall, line: str | None, result: LookupResult | None, outcome: str
+        self,
+        notify: Callable[[CallEvent], None],
+        event: EmergencyCall,
+        line: str | None,
+        result: LookupResult | None,
+        outcome: str,
     ) -> None:
         """Kari's Law: hand the call to the notifier (it only appends to a list in memory)."""
-        assert self._notify is not None
         record = result.record if result is not None else None
         started = self._received_at.get(event.call)
         try:
-            self._notify(
+            notify(
                 CallEvent.now(
                     call_id=event.call_id,
                     caller=line,

@@ -121,7 +121,7 @@ class FileQueue:
             except ValueError:
                 log.warning("skipped a torn dead-letter line", extra={"path": str(path)})
         self._lines = len(self._items)
-        self._rewrite()
+        self._rewrite(path)
         if self._ready:
             self._wake.set()
 
@@ -129,15 +129,14 @@ class FileQueue:
     def _dead_path(path: Path) -> Path:
         return path.with_name(path.name + ".dead")
 
-    def _rewrite(self) -> None:
-        assert self._path is not None
-        tmp = self._path.with_name(self._path.name + ".tmp")
+    def _rewrite(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as out:
             for entry, item in self._items.items():
                 out.write(json.dumps({"put": entry, "item": item}) + "\n")
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, self._path)
+        os.replace(tmp, path)
         self._lines = len(self._items)
 
     def _append(self, record: Mapping[str, Any], file: Any = None) -> None:
@@ -154,10 +153,11 @@ class FileQueue:
             self._lines += 1
 
     def _maybe_compact(self) -> None:
-        if self._file is not None and self._lines >= self._compact_after:
+        path = self._path
+        if self._file is not None and path is not None and self._lines >= self._compact_after:
             self._file.close()
-            self._rewrite()
-            self._file = open(self._path, "a", encoding="utf-8")  # type: ignore[arg-type]  # noqa: SIM115
+            self._rewrite(path)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     async def put(self, item: Mapping[str, Any]) -> None:
         entry = str(next(self._ids))

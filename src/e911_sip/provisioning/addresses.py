@@ -15,6 +15,10 @@ streetName / streetSuffix / postdirectional parts, and reports every failure as 
 data that cannot ship with the product; the table holds the addresses the use cases and
 tests rely on. The 3-digit ZIP prefix table follows the USPS prefix allocation, coarsely:
 unassigned prefixes inside a state's range count as that state's.
+
+:class:`StandardizedAddress` here is the emulator's, on Bandwidth's side of the wire, and is
+deliberately not the product's ``model.StandardizedAddress``: a test double that shared our
+types would share our assumptions and could not catch a mismatch with Bandwidth's shapes.
 """
 
 from __future__ import annotations
@@ -280,9 +284,9 @@ def standardize(
     elif state_code is not None and state_code not in zip_states(zip_match.group(1)):
         problems.append(AddressProblem("postalCode", f"ZIP {zip_text} is not in {state_code}"))
 
-    if problems:
+    # zip_match and state_code are None only when a problem says why.
+    if problems or zip_match is None or state_code is None:
         raise InvalidAddress(problems)
-    assert zip_match is not None and state_code is not None
 
     zip5, plus4 = zip_match.group(1), zip_match.group(2)
     street_line = " ".join(

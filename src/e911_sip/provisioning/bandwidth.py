@@ -34,15 +34,16 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
+from e911_sip.provisioning.model import Address, StandardizedAddress
+
 __all__ = [
-    "AddressInput",
     "AddressRejected",
     "AuthenticationFailed",
     "BandwidthClient",
@@ -53,7 +54,6 @@ __all__ = [
     "OrderFailed",
     "ProviderUnavailable",
     "RateLimited",
-    "StandardAddress",
     "make_endpoint_id",
 ]
 
@@ -104,98 +104,6 @@ class BandwidthOptions:
     accept_unvalidated: bool = False
     """Accept an address Bandwidth returns as UNVALIDATED. Off: such an address is refused,
     because an unvalidated address may not route a 911 call to the right PSAP."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AddressInput:
-    """An address as the customer entered it."""
-
-    line1: str
-    """House number and street."""
-    line2: str = ""
-    """Unit, suite, floor..., at most 60 characters."""
-    city: str
-    """City name."""
-    state: str
-    """Two-letter state code (full names are accepted by Bandwidth's standardisation)."""
-    postal_code: str
-    """5-digit ZIP or ZIP+4."""
-    country: str = "US"
-    """Country code; only US addresses are dispatchable through the NA region."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StandardAddress:
-    """An address as Bandwidth validated and standardised it."""
-
-    address_id: str
-    """Bandwidth's address id, referenced by endpoints."""
-    validation_status: str
-    """VALID, INVALID or UNVALIDATED."""
-    house_number: str
-    """``900``."""
-    predirectional: str
-    """``N``, ``SW``, ... or empty."""
-    street_name: str
-    """``MAIN CAMPUS``."""
-    street_suffix: str
-    """``DR``."""
-    postdirectional: str
-    """Directional after the suffix, or empty."""
-    address_line2: str
-    """``STE 500``, or empty."""
-    city: str
-    """``RALEIGH``."""
-    state: str
-    """``NC``."""
-    postal_code: str
-    """``27606-5177``."""
-    country: str
-    """``US``."""
-
-    @property
-    def street_line(self) -> str:
-        """House number and street: ``900 MAIN CAMPUS DR``."""
-        parts = (
-            self.house_number,
-            self.predirectional,
-            self.street_name,
-            self.street_suffix,
-            self.postdirectional,
-        )
-        return " ".join(p for p in parts if p)
-
-    def one_line(self) -> str:
-        """``900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US``."""
-        parts = [self.street_line]
-        if self.address_line2:
-            parts.append(self.address_line2)
-        parts += [self.city, f"{self.state} {self.postal_code}".strip()]
-        if self.country:
-            parts.append(self.country)
-        return ", ".join(p for p in parts if p)
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON-friendly form, keyed by field name; :meth:`from_dict` reads it back."""
-        return {k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, str]) -> StandardAddress:
-        """Rebuild from :meth:`to_dict` output. Raises KeyError if a field is missing."""
-        return cls(
-            address_id=data["address_id"],
-            validation_status=data["validation_status"],
-            house_number=data["house_number"],
-            predirectional=data["predirectional"],
-            street_name=data["street_name"],
-            street_suffix=data["street_suffix"],
-            postdirectional=data["postdirectional"],
-            address_line2=data["address_line2"],
-            city=data["city"],
-            state=data["state"],
-            postal_code=data["postal_code"],
-            country=data["country"],
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -380,7 +288,7 @@ class BandwidthClient:
 
     # -- addresses --------------------------------------------------------------------
 
-    async def create_address(self, address: AddressInput, *, description: str) -> StandardAddress:
+    async def create_address(self, address: Address, *, description: str) -> StandardizedAddress:
         """Create and validate an address; return it as Bandwidth standardised it.
 
         Raises:
@@ -407,7 +315,7 @@ class BandwidthClient:
             _LOG.info(
                 "address %s created: %s",
                 standard.address_id,
-                standard.one_line(),
+                standard.one_line,
             )
             return standard
         # An address that failed validation is of no use to anyone; leaving it would only
@@ -424,7 +332,7 @@ class BandwidthClient:
             )
         else:
             text = (
-                f"the address {standard.one_line()} could not be validated "
+                f"the address {standard.one_line} could not be validated "
                 f"(status {standard.validation_status or 'missing'}); check it and try again"
             )
         raise AddressRejected(text, status=reply.status, type="address-validation")
@@ -981,24 +889,45 @@ def _int_or_none(value: Any) -> int | None:
     return None
 
 
-def _parse_address(body: Any, *, default_country: str) -> StandardAddress:
+def _parse_address(body: Any, *, default_country: str) -> StandardizedAddress:
+    """Bandwidth's address object (camelCase, parts only) → the model's standardised address."""
     data = _object(body, "address")
     address_id = _text(data, "id")
     if not address_id:
         raise _malformed("address without an id")
-    return StandardAddress(
+    street_line = " ".join(
+        p
+        for p in (
+            _text(data, "houseNumber"),
+            _text(data, "predirectional"),
+            _text(data, "streetName"),
+            _text(data, "streetSuffix"),
+            _text(data, "postdirectional"),
+        )
+        if p
+    )
+    line2 = _text(data, "addressLine2")
+    city = _text(data, "city")
+    state = _text(data, "state")
+    postal_code = _text(data, "postalCode")
+    country = _text(data, "country") or default_country
+    one_line = ", ".join(
+        p for p in (street_line, line2, city, f"{state} {postal_code}".strip(), country) if p
+    )
+    return StandardizedAddress(
         address_id=address_id,
         validation_status=_text(data, "validationStatus"),
+        one_line=one_line,
         house_number=_text(data, "houseNumber"),
         predirectional=_text(data, "predirectional"),
         street_name=_text(data, "streetName"),
         street_suffix=_text(data, "streetSuffix"),
         postdirectional=_text(data, "postdirectional"),
-        address_line2=_text(data, "addressLine2"),
-        city=_text(data, "city"),
-        state=_text(data, "state"),
-        postal_code=_text(data, "postalCode"),
-        country=_text(data, "country") or default_country,
+        address_line2=line2,
+        city=city,
+        state=state,
+        postal_code=postal_code,
+        country=country,
     )
 
 

@@ -17,6 +17,11 @@ A change is worked out in four pure steps, with the service doing the I/O in bet
    addresses nothing uses any more, and the audit entries for every line whose effective
    location moved.
 
+``resync`` is one more pure step: :func:`reconcile` compares every customer's state with
+the line records the store holds (and, when listed, the endpoints Bandwidth holds) and
+returns the writes, deletions and audit entries that make the records right, with what it
+found wrong; the service only reads the inputs and carries the result out.
+
 When an endpoint is needed (decisions the seed leaves open or implies):
 
 - an account with its own address always has one (1.7);
@@ -37,7 +42,7 @@ Geolocation URL, so there is no moment in which a line points at a deleted endpo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
@@ -155,6 +160,45 @@ class LineChanges:
     records: Mapping[str, LocationRecord]
     deletions: frozenset[str]
     audit: tuple[AuditEntry, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LineProblem:
+    """A line that has no valid endpoint, and why."""
+
+    line: str
+    customer_id: str
+    reason: str
+    """``no_address``, ``not_provisioned`` or ``missing_at_provider``."""
+    provider_endpoint: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "line": self.line,
+            "customer_id": self.customer_id,
+            "reason": self.reason,
+            "provider_endpoint": self.provider_endpoint,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconciliation:
+    """What makes the stored line records match the state (:func:`reconcile`)."""
+
+    records: Mapping[str, LocationRecord]
+    """Line records to write: missing, or saying something else than the state."""
+    removals: frozenset[str]
+    """Line records to delete: the line has no endpoint, or (pruning) no account holds it."""
+    audit: tuple[AuditEntry, ...]
+    """One ``resync`` entry per record written or deleted."""
+    lines: int
+    """Lines the states hold."""
+    orphan_lines: tuple[str, ...]
+    """Stored line records no account holds, in order."""
+    without_endpoint: tuple[LineProblem, ...]
+    """Lines with no valid endpoint (none at all, or one Bandwidth does not hold)."""
+    orphan_endpoints: tuple[str, ...]
+    """Endpoint ids Bandwidth holds that no entity references (empty when not listed)."""
 
 
 # --- the cascade ------------------------------------------------------------------------
@@ -516,3 +560,100 @@ def referenced_endpoints(states: Iterable[CustomerState]) -> dict[str, EntityRef
             if entity.endpoint is not None:
                 out[entity.endpoint.endpoint_id] = entity.ref
     return out
+
+
+# --- resync -------------------------------------------------------------------------------
+
+
+def reconcile(
+    states: Sequence[CustomerState],
+    stored: Mapping[str, LocationRecord],
+    provider_ids: Set[str] | None,
+    *,
+    now: str,
+    who: str,
+    prune_orphan_lines: bool,
+) -> Reconciliation:
+    """The writes and deletions that bring the line records ``stored`` in line with ``states``.
+
+    A record that already says the right thing (endpoint and callback) is left alone. A
+    stored record no account holds is reported, and deleted when ``prune_orphan_lines``.
+    ``provider_ids`` are the endpoint ids Bandwidth listed, or None when it was not asked:
+    then no line is reported missing there and no endpoint as orphaned.
+    """
+    records: dict[str, LocationRecord] = {}
+    removals: set[str] = set()
+    problems: list[LineProblem] = []
+    audit: list[AuditEntry] = []
+    owned: set[str] = set()
+    for state in states:
+        for number, want in desired_records(state, now=now).items():
+            owned.add(number)
+            have = stored.get(number)
+            eff = effective(state, state.accounts[number])
+            missing = eff.missing
+            if missing is not None:
+                problems.append(
+                    LineProblem(line=number, customer_id=state.customer_id, reason=missing.value)
+                )
+            elif provider_ids is not None and want is not None:
+                endpoint_id = want.provider_endpoint.split("/", 1)[1]
+                if endpoint_id not in provider_ids:
+                    problems.append(
+                        LineProblem(
+                            line=number,
+                            customer_id=state.customer_id,
+                            reason="missing_at_provider",
+                            provider_endpoint=want.provider_endpoint,
+                        )
+                    )
+            if want is None:
+                if have is None:
+                    continue
+                removals.add(number)
+            elif have is None or _content(have) != _content(want):
+                records[number] = want
+            else:
+                continue
+            audit.append(
+                AuditEntry(
+                    at=now,
+                    who=who,
+                    action="resync",
+                    entity=str(state.accounts[number].ref),
+                    line=number,
+                    old_provider_endpoint=have.provider_endpoint if have else None,
+                    new_provider_endpoint=want.provider_endpoint if want else None,
+                    source=str(eff.source) if want is not None else None,
+                    address=eff.address if want is not None else "",
+                )
+            )
+    orphan_lines = sorted(set(stored) - owned)
+    if prune_orphan_lines:
+        for number in orphan_lines:
+            removals.add(number)
+            audit.append(
+                AuditEntry(
+                    at=now,
+                    who=who,
+                    action="resync",
+                    entity=f"line:{number}",
+                    line=number,
+                    old_provider_endpoint=stored[number].provider_endpoint,
+                    new_provider_endpoint=None,
+                    source=None,
+                    address="",
+                )
+            )
+    orphan_endpoints: tuple[str, ...] = ()
+    if provider_ids is not None:
+        orphan_endpoints = tuple(sorted(set(provider_ids) - set(referenced_endpoints(states))))
+    return Reconciliation(
+        records=records,
+        removals=frozenset(removals),
+        audit=tuple(audit),
+        lines=len(owned),
+        orphan_lines=tuple(orphan_lines),
+        without_endpoint=tuple(problems),
+        orphan_endpoints=orphan_endpoints,
+    )

@@ -460,7 +460,8 @@ class _Emulator:
         text = body.get("text")
         if not isinstance(text, str) or not text:
             problems.append({"fieldName": "text", "description": "is required"})
-        if problems:
+        # ``to`` and ``text`` have their types whenever no problem was found.
+        if problems or not isinstance(to, list) or not isinstance(text, str):
             return web.json_response(
                 {
                     "type": "request-validation",
@@ -469,7 +470,6 @@ class _Emulator:
                 },
                 status=400,
             )
-        assert isinstance(to, list) and isinstance(text, str)
         segments = max(1, -(-len(text) // 160)) * len(to)
         rate = self.options.messaging_rate
         capacity = rate * self.options.messaging_queue_seconds
@@ -720,10 +720,9 @@ class _Emulator:
         address_id = body.get("addressId")
         if not isinstance(address_id, str) or not address_id:
             problems.append(("addressId", "addressId is required"))
-        if problems:
+        if problems or not isinstance(address_id, str):
             (first_field, first), *rest = problems
             raise _ApiError(400, first, field=first_field, more=rest)
-        assert isinstance(address_id, str)
         error = self._address_error(address_id, self._take_order_fault(request))
         if error is not None:
             result = {"id": endpoint["id"], "status": "ERROR", **error}

@@ -115,7 +115,11 @@ class EntityRef:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Address:
-    """A civic address as the customer entered it (before Bandwidth standardises it)."""
+    """A civic address as the customer entered it (before Bandwidth standardises it).
+
+    The one type for it on our side: the API parses it, the cascade carries it and the
+    Bandwidth client sends it (mapping it to Bandwidth's field names there).
+    """
 
     line1: str
     """House number and street, e.g. ``900 Main Campus Drive``."""
@@ -195,7 +199,11 @@ class Address:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StandardizedAddress:
-    """The address as Bandwidth validated and standardised it (upper-case USPS form)."""
+    """The address as Bandwidth validated and standardised it (upper-case USPS form).
+
+    The one type for it on our side: the Bandwidth client builds it from the wire form,
+    the cascade and the API read it, the state backends store it.
+    """
 
     address_id: str
     """Bandwidth's id of the address object."""
@@ -204,15 +212,37 @@ class StandardizedAddress:
     one_line: str
     """``900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US``."""
     house_number: str = ""
+    """``900``."""
     predirectional: str = ""
+    """``N``, ``SW``, ... or empty."""
     street_name: str = ""
+    """``MAIN CAMPUS``."""
     street_suffix: str = ""
+    """``DR``, or empty."""
     postdirectional: str = ""
+    """Directional after the suffix, or empty."""
     address_line2: str = ""
+    """``STE 500``, or empty."""
     city: str = ""
+    """``RALEIGH``."""
     state: str = ""
+    """``NC``."""
     postal_code: str = ""
+    """``27606-5177``."""
     country: str = "US"
+    """``US``."""
+
+    @property
+    def street_line(self) -> str:
+        """House number and street: ``900 MAIN CAMPUS DR``."""
+        parts = (
+            self.house_number,
+            self.predirectional,
+            self.street_name,
+            self.street_suffix,
+            self.postdirectional,
+        )
+        return " ".join(p for p in parts if p)
 
     def to_dict(self) -> dict[str, str]:
         """The JSON form (API and storage)."""

@@ -45,7 +45,6 @@ from e911_sip.notify.event import Resolution, Targets
 from e911_sip.provisioning import cascade
 from e911_sip.provisioning.audit import AuditError, AuditLog
 from e911_sip.provisioning.bandwidth import (
-    AddressInput,
     AddressRejected,
     AuthenticationFailed,
     BandwidthError,
@@ -53,9 +52,9 @@ from e911_sip.provisioning.bandwidth import (
     OrderFailed,
     ProviderUnavailable,
     RateLimited,
-    StandardAddress,
     make_endpoint_id,
 )
+from e911_sip.provisioning.cascade import LineProblem
 from e911_sip.provisioning.model import (
     Account,
     Address,
@@ -74,7 +73,7 @@ from e911_sip.provisioning.model import (
     check_number,
 )
 from e911_sip.provisioning.state import NumberInUse, StateConflict, StateError, StateStore
-from e911_sip.store.base import LineRecordWriter, LocationRecord, StoreError
+from e911_sip.store.base import LineRecordWriter, StoreError
 
 _LOG = logging.getLogger("e911_sip.provisioning")
 
@@ -92,8 +91,8 @@ class EmergencyProvider(Protocol):
     def account_id(self) -> str: ...
 
     async def create_address(
-        self, address: AddressInput, *, description: str
-    ) -> StandardAddress: ...
+        self, address: Address, *, description: str
+    ) -> StandardizedAddress: ...
 
     async def delete_address(self, address_id: str) -> None: ...
 
@@ -227,25 +226,6 @@ class ServiceError(Exception):
         self.bandwidth = bandwidth
         self.retry_after = retry_after
         self.field = field
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LineProblem:
-    """A line that has no valid endpoint, and why."""
-
-    line: str
-    customer_id: str
-    reason: str
-    """``no_address``, ``not_provisioned`` or ``missing_at_provider``."""
-    provider_endpoint: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "line": self.line,
-            "customer_id": self.customer_id,
-            "reason": self.reason,
-            "provider_endpoint": self.provider_endpoint,
-        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -418,14 +398,13 @@ class ProvisioningService:
                 return CustomerState(customer=new)
             return dataclasses.replace(old, customer=new)
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="put_customer",
             entity=EntityRef.customer(customer_id),
         )
-        assert state is not None
         return Saved(state, created)
 
     async def patch_customer(
@@ -450,14 +429,13 @@ class ProvisioningService:
             new = self._apply_common(old.customer, given, replace=replace)
             return dataclasses.replace(old, customer=cascade.touch(old.customer, new, now=now))
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="patch_customer",
             entity=EntityRef.customer(customer_id),
         )
-        assert state is not None
         return state
 
     async def delete_customer(self, customer_id: str, *, who: str) -> None:
@@ -508,14 +486,13 @@ class ProvisioningService:
             new = cascade.touch(before, self._apply_common(current, fields, replace=True), now=now)
             return dataclasses.replace(old, sites={**old.sites, site_id: new})
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="put_site",
             entity=EntityRef.site(customer_id, site_id),
         )
-        assert state is not None
         return Saved(state, created)
 
     async def patch_site(
@@ -543,14 +520,13 @@ class ProvisioningService:
             new = cascade.touch(before, self._apply_common(before, given, replace), now=now)
             return dataclasses.replace(old, sites={**old.sites, site_id: new})
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="patch_site",
             entity=EntityRef.site(customer_id, site_id),
         )
-        assert state is not None
         return state
 
     async def delete_site(self, customer_id: str, site_id: str, *, who: str) -> None:
@@ -649,14 +625,13 @@ class ProvisioningService:
             new = cascade.touch(before, self._apply_account(current, fields, True), now=now)
             return dataclasses.replace(old, accounts={**old.accounts, number: new})
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="put_account",
             entity=EntityRef.account(customer_id, number),
         )
-        assert state is not None
         return Saved(state, created)
 
     async def patch_account(
@@ -690,14 +665,13 @@ class ProvisioningService:
             new = cascade.touch(before, self._apply_account(before, given, replace), now=now)
             return dataclasses.replace(old, accounts={**old.accounts, number: new})
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="patch_account",
             entity=EntityRef.account(customer_id, number),
         )
-        assert state is not None
         return state
 
     async def terminate_account(self, number: str, *, who: str) -> CustomerState:
@@ -712,14 +686,13 @@ class ProvisioningService:
             accounts = {k: v for k, v in old.accounts.items() if k != number}
             return dataclasses.replace(old, accounts=accounts)
 
-        state = await self._change(
+        state = await self._change_kept(
             customer_id,
             edit,
             who=who,
             action="terminate_account",
             entity=EntityRef.account(customer_id, number),
         )
-        assert state is not None
         return state
 
     # -- audit and health --------------------------------------------------------------------
@@ -784,106 +757,40 @@ class ProvisioningService:
             stored = await self._lines.all_lines()
         except StoreError as exc:
             raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-
-        records: dict[str, LocationRecord] = {}
-        removals: set[str] = set()
-        problems: list[LineProblem] = []
-        audit: list[AuditEntry] = []
-        owned: set[str] = set()
-        for state in states:
-            for number, want in cascade.desired_records(state, now=now).items():
-                owned.add(number)
-                have = stored.get(number)
-                eff = cascade.effective(state, state.accounts[number])
-                missing = eff.missing
-                if missing is not None:
-                    problems.append(
-                        LineProblem(
-                            line=number, customer_id=state.customer_id, reason=missing.value
-                        )
-                    )
-                elif provider_ids is not None and want is not None:
-                    endpoint_id = want.provider_endpoint.split("/", 1)[1]
-                    if endpoint_id not in provider_ids:
-                        problems.append(
-                            LineProblem(
-                                line=number,
-                                customer_id=state.customer_id,
-                                reason="missing_at_provider",
-                                provider_endpoint=want.provider_endpoint,
-                            )
-                        )
-                if want is None:
-                    if have is None:
-                        continue
-                    removals.add(number)
-                elif have is None or (have.provider_endpoint, have.callback) != (
-                    want.provider_endpoint,
-                    want.callback,
-                ):
-                    records[number] = want
-                else:
-                    continue
-                audit.append(
-                    AuditEntry(
-                        at=now,
-                        who=who,
-                        action="resync",
-                        entity=str(state.accounts[number].ref),
-                        line=number,
-                        old_provider_endpoint=have.provider_endpoint if have else None,
-                        new_provider_endpoint=want.provider_endpoint if want else None,
-                        source=str(eff.source) if want is not None else None,
-                        address=eff.address if want is not None else "",
-                    )
-                )
-        orphan_lines = sorted(set(stored) - owned)
-        if self._options.resync_prunes_orphan_lines:
-            for number in orphan_lines:
-                removals.add(number)
-                audit.append(
-                    AuditEntry(
-                        at=now,
-                        who=who,
-                        action="resync",
-                        entity=f"line:{number}",
-                        line=number,
-                        old_provider_endpoint=stored[number].provider_endpoint,
-                        new_provider_endpoint=None,
-                        source=None,
-                        address="",
-                    )
-                )
-        if records or removals:
+        plan = cascade.reconcile(
+            states,
+            stored,
+            provider_ids,
+            now=now,
+            who=who,
+            prune_orphan_lines=self._options.resync_prunes_orphan_lines,
+        )
+        if plan.records or plan.removals:
             try:
-                await self._lines.put_records(records, frozenset(removals))
+                await self._lines.put_records(plan.records, plan.removals)
             except StoreError as exc:
                 raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-        if audit:
+        if plan.audit:
             try:
-                await self._audit.append(audit)
+                await self._audit.append(plan.audit)
             except AuditError as exc:
                 # The records are right now; only the trail of the repair is missing.
                 _LOG.error(
                     "resync could not write its audit entries: %s",
                     exc,
-                    extra={"audit": [e.to_dict() for e in audit]},
+                    extra={"audit": [e.to_dict() for e in plan.audit]},
                 )
                 errors.append(f"audit: {exc}")
-        orphan_endpoints: tuple[str, ...] = ()
-        if provider_ids is not None:
-            referenced = cascade.referenced_endpoints(states)
-            orphan_endpoints = tuple(sorted(provider_ids - set(referenced)))
         report = ResyncReport(
             customers=len(states),
-            lines=len(owned),
-            written=tuple(sorted(records)),
-            removed=tuple(sorted(removals)),
-            orphan_lines=tuple(orphan_lines),
-            without_endpoint=tuple(problems),
+            lines=plan.lines,
+            written=tuple(sorted(plan.records)),
+            removed=tuple(sorted(plan.removals)),
+            orphan_lines=plan.orphan_lines,
+            without_endpoint=plan.without_endpoint,
             provider_checked=provider_ids is not None,
             provider_error=provider_error,
-            orphan_endpoints=orphan_endpoints,
+            orphan_endpoints=plan.orphan_endpoints,
             errors=tuple(errors),
         )
         _LOG.info(
@@ -917,6 +824,15 @@ class ProvisioningService:
             if self._metrics is not None:
                 self._metrics.provisioning_operations.labels(action, result).inc()
 
+    async def _change_kept(
+        self, customer_id: str, edit: Edit, *, who: str, action: str, entity: EntityRef
+    ) -> CustomerState:
+        """:meth:`_change` for an edit that keeps the customer: the state it saved."""
+        state = await self._change(customer_id, edit, who=who, action=action, entity=entity)
+        if state is None:
+            raise _internal(f"{action} of {entity} removed the customer")
+        return state
+
     async def _change_locked(
         self, customer_id: str, edit: Edit, *, who: str, action: str, entity: EntityRef
     ) -> CustomerState | None:
@@ -943,7 +859,8 @@ class ProvisioningService:
             audit=changes.audit,
         )
         if final is None:
-            assert old is not None
+            if old is None:
+                raise _internal(f"{action} of {entity} deleted a customer that does not exist")
             # A customer is removed only when it has no lines, so no record points at its
             # endpoint: Bandwidth's copy can go before the state does.
             await self._clean_up(outbox)
@@ -1000,9 +917,8 @@ class ProvisioningService:
                     _LOG.warning("could not undo %s at Bandwidth: %s", what, exc.description)
 
         for step in steps:
-            assert proposed is not None
-            entity = proposed.entity(step.ref)
-            assert entity is not None
+            if proposed is None or (entity := proposed.entity(step.ref)) is None:
+                raise _internal(f"the plan names {step.ref}, which the change does not hold")
             try:
                 outcome = await self._run_step(proposed, entity, step, undo_actions)
             except BandwidthError as exc:
@@ -1021,22 +937,10 @@ class ProvisioningService:
         if step.address_id is not None and entity.standardized is not None:
             standardized = entity.standardized
         else:
-            address = step.address
-            bw_address = await self._bw(
+            standardized = await self._bw(
                 "create_address",
-                self._provider.create_address(
-                    AddressInput(
-                        line1=address.line1,
-                        line2=address.line2,
-                        city=address.city,
-                        state=address.state,
-                        postal_code=address.postal_code,
-                        country=address.country,
-                    ),
-                    description=str(step.ref),
-                ),
+                self._provider.create_address(step.address, description=str(step.ref)),
             )
-            standardized = _standardized(bw_address)
             address_id = standardized.address_id
 
             async def drop_address() -> None:
@@ -1045,7 +949,8 @@ class ProvisioningService:
             undo_actions.append((f"address {address_id}", drop_address))
         if step.kind is cascade.StepKind.VALIDATE:
             return cascade.Outcome(standardized=standardized)
-        assert step.phone_number is not None
+        if step.phone_number is None:
+            raise _internal(f"the plan gives {step.ref} an endpoint without a number")
         endpoint_id = make_endpoint_id(step.ref.level.value, step.ref.endpoint_key)
         endpoint = await self._bw(
             "provision_endpoint",
@@ -1242,6 +1147,11 @@ def _check(check: Callable[..., str], value: str, *, what: str) -> None:
         raise ServiceError(422, "invalid_request", str(exc), field=exc.field) from exc
 
 
+def _internal(message: str) -> ServiceError:
+    """A broken rule of the service's own: a 500 that names it (never stripped by -O)."""
+    return ServiceError(500, "internal_error", message)
+
+
 def _not_found(message: str) -> ServiceError:
     return ServiceError(404, "not_found", message)
 
@@ -1249,24 +1159,6 @@ def _not_found(message: str) -> ServiceError:
 def _raise_refusal(refusal: cascade.Refusal | None) -> None:
     if refusal is not None:
         raise ServiceError(refusal.status, refusal.code, refusal.message)
-
-
-def _standardized(address: StandardAddress) -> StandardizedAddress:
-    return StandardizedAddress(
-        address_id=address.address_id,
-        validation_status=address.validation_status,
-        one_line=address.one_line(),
-        house_number=address.house_number,
-        predirectional=address.predirectional,
-        street_name=address.street_name,
-        street_suffix=address.street_suffix,
-        postdirectional=address.postdirectional,
-        address_line2=address.address_line2,
-        city=address.city,
-        state=address.state,
-        postal_code=address.postal_code,
-        country=address.country,
-    )
 
 
 def _detail(exc: BandwidthError) -> BandwidthDetail:

@@ -282,7 +282,11 @@ class MirroredRedisStore:
             retry=Retry(NoBackoff(), 0),
         )
         connection = pool.make_connection()  # type: ignore[no-untyped-call]
-        assert isinstance(connection, Connection)
+        if not isinstance(connection, Connection):
+            raise StoreError(
+                f"the location mirror needs a TCP or TLS connection to Redis, "
+                f"not a {type(connection).__name__}"
+            )
         await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_command("CLIENT", "ID")
         client_id = await connection.read_response()

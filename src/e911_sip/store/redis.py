@@ -155,7 +155,8 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes, future: asyncio.Future[Any]) -> None:
-        assert self._transport is not None
+        if self._transport is None:
+            raise StoreUnreachable("redis connection used before it opened")
         self._transport.write(command)
         self.waiting.append(future)
         if self._timer is None:

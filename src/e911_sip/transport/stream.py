@@ -143,15 +143,15 @@ class _Connection(asyncio.Protocol):
         server_name = None
         if not self.inbound and self.outbound_key is not None:
             server_name = owner.server_name or self.outbound_key[0]
-        self.tls = _Tls(context, server_side=self.inbound, server_name=server_name)
+        tls = self.tls = _Tls(context, server_side=self.inbound, server_name=server_name)
         if not self.inbound:
-            self._tls_feed(b"")  # the ClientHello
+            self._tls_feed(tls, b"")  # the ClientHello
 
     def data_received(self, data: bytes) -> None:
         if self.close_reason is not None:
             return
         if self.tls is not None:
-            data = self._tls_feed(data)
+            data = self._tls_feed(self.tls, data)
             if not data:
                 return
         try:
@@ -197,10 +197,8 @@ class _Connection(asyncio.Protocol):
         self.tls = None
 
     # -- TLS -----------------------------------------------------------------------------
-    def _tls_feed(self, data: bytes) -> bytes:
+    def _tls_feed(self, tls: _Tls, data: bytes) -> bytes:
         """Hand received TLS records to the SSLObject; returns the plaintext they carried."""
-        tls = self.tls
-        assert tls is not None
         if data:
             tls.incoming.write(data)
         try:

@@ -24,9 +24,9 @@ def test_records_section_and_relative_file_url(tmp_path: Path) -> None:
     )
     records = load(path, {}).records
     assert records.store_url == f"file://{tmp_path / 'calls.jsonl'}"
-    assert records.retention_days == 2000.0 and records.max_in_progress == 5
+    assert records.retention_days == 2000.0 and records.recorder.book.max_calls == 5
     env = load(path, {"E911_SIP__RECORDS__QUEUE_SIZE": "7"}).records
-    assert env.queue_size == 7
+    assert env.recorder.queue_size == 7
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_notify_911_only_with_no_targets() -> None:
     notify = load(None, {}).notify
     assert notify.enabled and notify.numbers == ("911",)
-    assert notify.webhook_urls == () and notify.smtp_url is None and notify.sms_from is None
+    assert notify.delivery.fallback.empty and notify.smtp_url is None and notify.sms_from is None
     assert notify.sms_rate == 1.0 and notify.smtp_starttls is StartTls.AUTO
 
 

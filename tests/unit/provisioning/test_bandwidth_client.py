@@ -22,7 +22,6 @@ import pytest
 from aiohttp import web
 
 from e911_sip.provisioning.bandwidth import (
-    AddressInput,
     AddressRejected,
     AuthenticationFailed,
     BandwidthClient,
@@ -33,7 +32,6 @@ from e911_sip.provisioning.bandwidth import (
     OrderFailed,
     ProviderUnavailable,
     RateLimited,
-    StandardAddress,
     make_endpoint_id,
 )
 from e911_sip.provisioning.emulator import (
@@ -41,17 +39,18 @@ from e911_sip.provisioning.emulator import (
     EmulatorOptions,
     build_emulator_app,
 )
+from e911_sip.provisioning.model import Address, StandardizedAddress
 
 ACCOUNT = "5555555"
-RALEIGH = AddressInput(
+RALEIGH = Address(
     line1="900 Main Campus Drive",
     line2="Suite 500",
     city="Raleigh",
     state="NC",
     postal_code="27606",
 )
-CARY = AddressInput(line1="600 Chatham Street", city="Cary", state="NC", postal_code="27513")
-NOWHERE = AddressInput(line1="1 Nowhere Street", city="Cary", state="NC", postal_code="27513")
+CARY = Address(line1="600 Chatham Street", city="Cary", state="NC", postal_code="27513")
+NOWHERE = Address(line1="1 Nowhere Street", city="Cary", state="NC", postal_code="27513")
 CUSTOMER = make_endpoint_id("customer", "helpdesk-365")
 PHONE = "+13215551234"
 ENDPOINT_PREFIX = f"/api/v2/accounts/{ACCOUNT}/emergency/endpoints/"
@@ -161,7 +160,7 @@ async def test_use_case_1_1_valid_address_comes_back_standardised(env: Env) -> N
     client = env.client()
     address = await client.create_address(RALEIGH, description="Helpdesk 365")
     assert address.validation_status == "VALID"
-    assert address.one_line() == "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
+    assert address.one_line == "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
     assert (address.street_name, address.street_suffix, address.address_line2) == (
         "MAIN CAMPUS",
         "DR",
@@ -173,7 +172,7 @@ async def test_use_case_1_1_valid_address_comes_back_standardised(env: Env) -> N
 
 async def test_use_case_1_3_site_address(env: Env) -> None:
     address = await env.client().create_address(CARY, description="CarryOffice")
-    assert address.one_line() == "600 CHATHAM ST, CARY, NC 27513, US"
+    assert address.one_line == "600 CHATHAM ST, CARY, NC 27513, US"
 
 
 async def test_use_case_1_2_invalid_address_is_rejected_with_the_reason(env: Env) -> None:
@@ -190,7 +189,7 @@ async def test_use_case_1_2_invalid_address_is_rejected_with_the_reason(env: Env
 
 
 async def test_malformed_address_400_becomes_address_rejected(env: Env) -> None:
-    bad = AddressInput(line1="600 Chatham St", city="Cary", state="NC", postal_code="99999")
+    bad = Address(line1="600 Chatham St", city="Cary", state="NC", postal_code="99999")
     with pytest.raises(AddressRejected) as caught:
         await env.client().create_address(bad, description="x")
     error = caught.value
@@ -200,7 +199,7 @@ async def test_malformed_address_400_becomes_address_rejected(env: Env) -> None:
 
 
 async def test_every_problem_of_a_400_is_in_the_description(env: Env) -> None:
-    bad = AddressInput(line1="600 Chatham St", city="Cary", state="ZZ", postal_code="123")
+    bad = Address(line1="600 Chatham St", city="Cary", state="ZZ", postal_code="123")
     with pytest.raises(AddressRejected) as caught:
         await env.client().create_address(bad, description="x")
     assert caught.value.description == (
@@ -652,9 +651,10 @@ async def test_malformed_endpoint_ids_never_reach_a_url(env: Env) -> None:
 
 
 def test_standard_address_round_trips_through_a_dict() -> None:
-    address = StandardAddress(
+    address = StandardizedAddress(
         address_id="a1",
         validation_status="VALID",
+        one_line="900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US",
         house_number="900",
         predirectional="",
         street_name="MAIN CAMPUS",
@@ -668,8 +668,8 @@ def test_standard_address_round_trips_through_a_dict() -> None:
     )
     data = address.to_dict()
     assert data["street_name"] == "MAIN CAMPUS"
-    assert StandardAddress.from_dict(data) == address
-    assert address.one_line() == "900 MAIN CAMPUS DR, STE 500, RALEIGH, NC 27606-5177, US"
+    assert StandardizedAddress.from_dict(data) == address
+    assert address.street_line == "900 MAIN CAMPUS DR"
 
 
 def test_endpoint_provider_endpoint() -> None:

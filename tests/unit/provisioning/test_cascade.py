@@ -672,3 +672,145 @@ def test_address_defaults_country_and_collapses_spaces() -> None:
         default_country="us",
     )
     assert address == CARY
+
+
+# --- resync: reconcile the stored line records with the state ---------------------------------
+
+LINE_OK = "1321551234"
+LINE_STALE = "1321551235"
+LINE_NEW = "1321551236"
+LINE_CALLBACK = "1321551237"
+LINE_BARE = "1321551240"
+STRAY = "1888888888"
+
+
+def _resync_world() -> tuple[CustomerState, CustomerState, dict[str, LocationRecord]]:
+    """Two customers: one provisioned with four lines, one whose two lines have no endpoint."""
+    provisioned = make(
+        PROVISIONED_CUSTOMER,
+        accounts=[
+            Account(number=LINE_OK, customer_id="hd365"),
+            Account(number=LINE_STALE, customer_id="hd365"),
+            Account(number=LINE_NEW, customer_id="hd365"),
+            Account(number=LINE_CALLBACK, customer_id="hd365", callback_number="9195550100"),
+        ],
+    )
+    bare = CustomerState(
+        customer=Customer(customer_id="bare"),
+        accounts={
+            LINE_BARE: Account(number=LINE_BARE, customer_id="bare"),
+            "1321551241": Account(number="1321551241", customer_id="bare"),
+        },
+    )
+    stored = {
+        LINE_OK: LocationRecord("5555555/custep0000", None, "2024-01-01T00:00:00Z"),
+        LINE_STALE: LocationRecord("5555555/oldep00000", None, "2024-01-01T00:00:00Z"),
+        LINE_CALLBACK: LocationRecord("5555555/custep0000", None, "2024-01-01T00:00:00Z"),
+        LINE_BARE: LocationRecord("5555555/goneep0000", None, "2024-01-01T00:00:00Z"),
+        STRAY: LocationRecord("5555555/strayep000", None, "2024-01-01T00:00:00Z"),
+    }
+    return provisioned, bare, stored
+
+
+def test_reconcile_writes_only_what_differs_and_removes_lines_without_endpoint() -> None:
+    provisioned, bare, stored = _resync_world()
+    plan = cascade.reconcile(
+        [provisioned, bare], stored, None, now=NOW, who="ops", prune_orphan_lines=False
+    )
+    # Right already: left alone. Missing, wrong endpoint or wrong callback: written.
+    assert plan.records == {
+        LINE_STALE: LocationRecord("5555555/custep0000", None, NOW),
+        LINE_NEW: LocationRecord("5555555/custep0000", None, NOW),
+        LINE_CALLBACK: LocationRecord("5555555/custep0000", "9195550100", NOW),
+    }
+    # A line with no endpoint loses its record; one with no record has nothing to remove.
+    assert plan.removals == frozenset({LINE_BARE})
+    assert plan.lines == 6
+    assert [(p.line, p.customer_id, p.reason) for p in plan.without_endpoint] == [
+        (LINE_BARE, "bare", "no_address"),
+        ("1321551241", "bare", "no_address"),
+    ]
+    # Not pruning: the stray record is reported and kept.
+    assert plan.orphan_lines == (STRAY,)
+    assert STRAY not in plan.removals
+    # Bandwidth was not asked: nothing is judged against it.
+    assert plan.orphan_endpoints == ()
+    assert [(e.line, e.old_provider_endpoint, e.new_provider_endpoint) for e in plan.audit] == [
+        (LINE_STALE, "5555555/oldep00000", "5555555/custep0000"),
+        (LINE_NEW, None, "5555555/custep0000"),
+        (LINE_CALLBACK, "5555555/custep0000", "5555555/custep0000"),
+        (LINE_BARE, "5555555/goneep0000", None),
+    ]
+    stale = plan.audit[0]
+    assert (stale.at, stale.who, stale.action, stale.entity) == (
+        NOW,
+        "ops",
+        "resync",
+        f"account:{LINE_STALE}",
+    )
+    assert (stale.source, stale.address) == (
+        "customer:hd365",
+        "900 MAIN CAMPUS DR, RALEIGH, NC 27606, US",
+    )
+    removed = plan.audit[3]
+    assert (removed.source, removed.address) == (None, "")
+
+
+def test_reconcile_prunes_orphan_lines_with_an_audit_entry() -> None:
+    provisioned, bare, stored = _resync_world()
+    plan = cascade.reconcile(
+        [provisioned, bare], stored, None, now=NOW, who="ops", prune_orphan_lines=True
+    )
+    assert plan.orphan_lines == (STRAY,)
+    assert plan.removals == frozenset({LINE_BARE, STRAY})
+    last = plan.audit[-1]
+    assert (last.entity, last.line, last.old_provider_endpoint, last.new_provider_endpoint) == (
+        f"line:{STRAY}",
+        STRAY,
+        "5555555/strayep000",
+        None,
+    )
+
+
+def test_reconcile_checks_endpoints_bandwidth_listed() -> None:
+    site_line = Account(number=LINE_NEW, customer_id="hd365", site_id="cary")
+    state = make(
+        PROVISIONED_CUSTOMER,
+        [PROVISIONED_SITE],
+        [Account(number=LINE_OK, customer_id="hd365"), site_line],
+    )
+    stored = {
+        LINE_OK: LocationRecord("5555555/custep0000", None, NOW),
+        LINE_NEW: LocationRecord("5555555/siteep0000", None, NOW),
+    }
+    # The site's endpoint is gone at Bandwidth; another nothing references is there.
+    listed = {"custep0000", "strayendpoint1"}
+    plan = cascade.reconcile([state], stored, listed, now=NOW, who="ops", prune_orphan_lines=True)
+    assert plan.without_endpoint == (
+        cascade.LineProblem(
+            line=LINE_NEW,
+            customer_id="hd365",
+            reason="missing_at_provider",
+            provider_endpoint="5555555/siteep0000",
+        ),
+    )
+    assert plan.orphan_endpoints == ("strayendpoint1",)
+    # What Bandwidth lacks is reported, not repaired by rewriting records.
+    assert plan.records == {} and plan.removals == frozenset() and plan.audit == ()
+
+
+def test_reconcile_of_matching_records_is_empty() -> None:
+    state = make(PROVISIONED_CUSTOMER, accounts=[Account(number=LINE_OK, customer_id="hd365")])
+    stored = {LINE_OK: LocationRecord("5555555/custep0000", None, "2020-01-01T00:00:00Z")}
+    plan = cascade.reconcile(
+        [state], stored, {"custep0000"}, now=NOW, who="ops", prune_orphan_lines=True
+    )
+    assert plan == cascade.Reconciliation(
+        records={},
+        removals=frozenset(),
+        audit=(),
+        lines=1,
+        orphan_lines=(),
+        without_endpoint=(),
+        orphan_endpoints=(),
+    )

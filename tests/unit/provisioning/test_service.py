@@ -26,7 +26,6 @@ from aiohttp import web
 from e911_sip.metrics import Metrics
 from e911_sip.provisioning.audit import JsonlAuditLog, MemoryAuditLog
 from e911_sip.provisioning.bandwidth import (
-    AddressInput,
     BandwidthClient,
     BandwidthOptions,
     make_endpoint_id,
@@ -235,7 +234,7 @@ class PausingProvider:
     def account_id(self) -> str:
         return self._client.account_id
 
-    async def create_address(self, address: AddressInput, *, description: str) -> Any:
+    async def create_address(self, address: Address, *, description: str) -> Any:
         return await self._client.create_address(address, description=description)
 
     async def delete_address(self, address_id: str) -> None:
@@ -858,7 +857,7 @@ async def test_resync_checks_endpoints_at_bandwidth(world: World) -> None:
     await helpdesk(world)
     await world.bw.client.delete_endpoint(CUSTOMER_EP)  # gone behind our back
     stray = await world.bw.client.create_address(
-        AddressInput(line1="600 Chatham St", city="Cary", state="NC", postal_code="27513"),
+        Address(line1="600 Chatham St", city="Cary", state="NC", postal_code="27513"),
         description="elsewhere",
     )
     await world.bw.client.provision_endpoint(

@@ -16,11 +16,11 @@ def config(**sections: dict[str, Any]) -> Any:
 def test_defaults() -> None:
     loaded = config()
     assert (loaded.store.pool_size, loaded.store.pool_timeout) == (8, None)
-    emergency = loaded.emergency
-    assert emergency.store_cooldown == 1.0
-    assert (emergency.store_failure_ratio, emergency.store_failure_window) == (0.5, 10.0)
-    assert (emergency.store_min_lookups, emergency.store_connect_failures) == (20, 1)
-    assert emergency.store_trial_lookups == 3
+    breaker = loaded.emergency.breaker
+    assert breaker.open_for == 1.0
+    assert (breaker.failure_ratio, breaker.window) == (0.5, 10.0)
+    assert (breaker.min_lookups, breaker.connect_failures) == (20, 1)
+    assert breaker.trial_lookups == 3
 
 
 def test_keys_are_read() -> None:
@@ -36,11 +36,11 @@ def test_keys_are_read() -> None:
         },
     )
     assert (loaded.store.pool_size, loaded.store.pool_timeout) == (4, 0.02)
-    emergency = loaded.emergency
-    assert emergency.store_cooldown == 2.5
-    assert (emergency.store_failure_ratio, emergency.store_failure_window) == (0.25, 30.0)
-    assert (emergency.store_min_lookups, emergency.store_connect_failures) == (50, 2)
-    assert emergency.store_trial_lookups == 5
+    breaker = loaded.emergency.breaker
+    assert breaker.open_for == 2.5
+    assert (breaker.failure_ratio, breaker.window) == (0.25, 30.0)
+    assert (breaker.min_lookups, breaker.connect_failures) == (50, 2)
+    assert breaker.trial_lookups == 5
 
 
 @pytest.mark.parametrize(
