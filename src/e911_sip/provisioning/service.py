@@ -893,16 +893,18 @@ class ProvisioningService:
         steps = cascade.plan(proposed).steps if proposed is not None else ()
         outcomes, undo = await self._provision(proposed, steps)
         final = cascade.settle(proposed, outcomes) if proposed is not None else None
-        changes = cascade.line_changes(old, final, now=now, who=who, action=action, entity=entity)
-        outbox = Outbox(
-            records=changes.records,
-            deletions=changes.deletions,
-            endpoint_deletions=cascade.released_endpoints(old, final),
-            address_deletions=cascade.released_addresses(old, final),
-            audit=changes.audit,
-        )
         if final is None:
             assert old is not None
+            changes = cascade.line_changes(
+                old, None, now=now, who=who, action=action, entity=entity
+            )
+            outbox = Outbox(
+                records=changes.records,
+                deletions=changes.deletions,
+                endpoint_deletions=cascade.released_endpoints(old, None),
+                address_deletions=cascade.released_addresses(old, None),
+                audit=changes.audit,
+            )
             # A customer is removed only when it has no lines, so no record points at its
             # endpoint: Bandwidth's copy can go before the state does.
             await self._clean_up(outbox)
@@ -914,6 +916,32 @@ class ProvisioningService:
                 raise ServiceError(503, "state_unavailable", str(exc)) from exc
             _LOG.info("customer deleted", extra={"customer_id": customer_id, "who": who})
             return None
+        return await self._commit(
+            customer_id, old, final, undo, who=who, action=action, entity=entity, now=now
+        )
+
+    async def _commit(
+        self,
+        customer_id: str,
+        old: CustomerState | None,
+        final: CustomerState,
+        undo: Callable[[], Awaitable[None]],
+        *,
+        who: str,
+        action: str,
+        entity: EntityRef,
+        now: str,
+    ) -> CustomerState:
+        """Save ``final`` (steps 4-7 of the theory of operation) with the outbox that takes
+        ``old`` to it; ``undo`` reverses the Bandwidth steps if the save is refused."""
+        changes = cascade.line_changes(old, final, now=now, who=who, action=action, entity=entity)
+        outbox = Outbox(
+            records=changes.records,
+            deletions=changes.deletions,
+            endpoint_deletions=cascade.released_endpoints(old, final),
+            address_deletions=cascade.released_addresses(old, final),
+            audit=changes.audit,
+        )
         final = dataclasses.replace(
             final,
             version=(old.version if old is not None else 0) + 1,
