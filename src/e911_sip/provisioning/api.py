@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -1035,6 +1035,7 @@ _PARAMETERS = {
     "customer_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
     "site_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
     "number": {"type": "string", "pattern": r"^\d{10}$"},
+    "import_id": {"type": "string", "pattern": r"^[0-9a-f]{16}$"},
 }
 _ERROR_TEXT = {
     400: "The body is not a JSON object",
@@ -1046,6 +1047,152 @@ _ERROR_TEXT = {
     502: "Bandwidth refused this service's credentials or answered unexpectedly",
     503: "Bandwidth or a store is unavailable; see Retry-After",
 }
+
+
+# --- bulk import ------------------------------------------------------------------------------
+
+
+class ImportJobs(Protocol):
+    """What the API needs from the bulk importer (``imports.ImportRunner`` has this shape)."""
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    async def submit(self, data: bytes, *, content_type: str, who: str) -> dict[str, Any]: ...
+
+    async def status(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def list_jobs(self) -> list[dict[str, Any]]: ...
+
+
+_IMPORT_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class _ImportHandlers:
+    def __init__(self, jobs: ImportJobs, auth: _Auth) -> None:
+        self._jobs = jobs
+        self._auth = auth
+
+    async def create_import(self, request: web.Request) -> web.StreamResponse:
+        limit = self._jobs.max_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ServiceError(413, "file_too_large", f"the file is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        # Read past aiohttp's client_max_size (1 MiB), up to the import's own bound.
+        async for chunk in request.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, "file_too_large", f"the file is larger than {limit} bytes")
+            chunks.append(chunk)
+        view = await self._jobs.submit(
+            b"".join(chunks),
+            content_type=request.headers.get("Content-Type", ""),
+            who=self._auth.who(request),
+        )
+        location = f"/v1/imports/{view['id']}"
+        return web.json_response(
+            {**view, "status_url": location}, status=202, headers={"Location": location}
+        )
+
+    async def get_import(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["import_id"]
+        view = await self._jobs.status(job_id) if _IMPORT_ID.fullmatch(job_id) else None
+        if view is None:
+            raise ServiceError(404, "not_found", f"import {job_id} does not exist")
+        return web.json_response(view)
+
+    async def list_imports(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"imports": await self._jobs.list_jobs()})
+
+
+IMPORT_ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/imports",
+        "create_import",
+        "Import a file of customers, sites and accounts (asynchronous)",
+        202,
+        "ImportJob",
+        errors=(400, 401, 413, 422, 503),
+        description="The body is the file: CSV (Content-Type text/csv) or JSON lines "
+        "(application/x-ndjson), one entity a row, each row the PUT of that entity "
+        "(docs/provisioning.md). The file is checked and the job saved before the 202; "
+        "Location and status_url name the job. Rows already in effect change nothing, so "
+        "the same file can be imported again after a failure.",
+    ),
+    Route(
+        "GET",
+        "/v1/imports",
+        "list_imports",
+        "List import jobs",
+        200,
+        "ImportList",
+        errors=(401, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/imports/{import_id}",
+        "get_import",
+        "Progress of an import job; once completed, every failed row and why",
+        200,
+        "ImportJob",
+        errors=(401, 404, 503),
+    ),
+)
+
+_IMPORT_OPENAPI: dict[str, dict[str, Any]] = {
+    "create_import": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    },
+}
+
+
+def _import_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    job = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "who": {"type": "string"},
+            "state": {"type": "string", "enum": ["queued", "running", "completed"]},
+            "created_at": {"type": "string"},
+            "finished_at": {"type": "string"},
+            "total": count,
+            "done": count,
+            "failed": count,
+            "pending": count,
+            "status_url": {"type": "string"},
+            "failures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "line": {"type": "integer"},
+                        "entity": {"type": "string"},
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "required": ["id", "state", "total", "done", "failed", "pending"],
+    }
+    return {
+        "ImportJob": job,
+        "ImportList": {
+            "type": "object",
+            "properties": {
+                "imports": {"type": "array", "items": {"$ref": "#/components/schemas/ImportJob"}}
+            },
+        },
+    }
 
 
 def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
@@ -1096,7 +1243,9 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
             ]
         if params:
             operation["parameters"] = params
-        if route.body is not None:
+        if route.handler in _IMPORT_OPENAPI:
+            operation.update(_IMPORT_OPENAPI[route.handler])
+        elif route.body is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {
@@ -1130,7 +1279,7 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_import_schemas()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
@@ -1138,19 +1287,29 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
 
 
 def build_provisioning_app(
-    service: ProvisioningService, *, tokens: Mapping[str, str], calls: CallStore | None = None
+    service: ProvisioningService,
+    *,
+    tokens: Mapping[str, str],
+    calls: CallStore | None = None,
+    imports: ImportJobs | None = None,
 ) -> web.Application:
     """The provisioning API as an aiohttp application.
 
     ``tokens`` maps each accepted bearer token to a name; the name is recorded as "who" in
-    the audit trail. An empty mapping locks every protected path.
+    the audit trail. An empty mapping locks every protected path. ``imports`` serves
+    ``/v1/imports`` (bulk import jobs); without it those paths do not exist.
 
     Raises:
         ValueError: a token is empty or has no name.
     """
     auth = _Auth(tokens)
-    handlers = _Handlers(service, auth, openapi_document(), calls)
+    routes = ROUTES + (IMPORT_ROUTES if imports is not None else ())
+    handlers = _Handlers(service, auth, openapi_document(routes), calls)
     app = web.Application(middlewares=[_errors, auth.middleware])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))
+    if imports is not None:
+        import_handlers = _ImportHandlers(imports, auth)
+        for route in IMPORT_ROUTES:
+            app.router.add_route(route.method, route.path, getattr(import_handlers, route.handler))
     return app
