@@ -92,6 +92,8 @@ _PASSING = frozenset(
     }
 )
 """Error codes of failures that may pass: such rows are tried again."""
+_RESTART_DELAY = 5.0
+"""Seconds before a job that stopped on an unexpected error is resumed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -877,13 +879,21 @@ class ImportRunner:
         task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
 
     async def _run(self, job_id: str) -> None:
-        try:
-            await self._run_job(job_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The job stays unfinished in the store and resumes at the next start.
-            _LOG.exception("import %s stopped", job_id, extra={"job": job_id})
+        # A job that stops on an unexpected error (the job store unreachable, say) starts
+        # again from its first row without a result: re-applying rows is harmless, and a
+        # client following the job must not wait for a restart that may never come.
+        while True:
+            try:
+                await self._run_job(job_id)
+                return
+            except Exception:
+                _LOG.exception(
+                    "import %s stopped; resuming in %.0fs",
+                    job_id,
+                    _RESTART_DELAY,
+                    extra={"job": job_id},
+                )
+            await asyncio.sleep(_RESTART_DELAY)
 
     async def _run_job(self, job_id: str) -> None:
         info = await self._store.info(job_id)

@@ -13,6 +13,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from e911_sip.cli import _progress
+from e911_sip.config import ConfigError, load
+from e911_sip.provisioning import imports
 from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.bandwidth import make_endpoint_id
 from e911_sip.provisioning.imports import (
@@ -22,6 +25,7 @@ from e911_sip.provisioning.imports import (
     ImportRunner,
     JobInfo,
     JobState,
+    JobStoreError,
     MemoryJobStore,
     Row,
     RowResult,
@@ -344,3 +348,70 @@ async def test_openapi_documents_the_import_routes_when_served(client: Client) -
     assert "202" in post["responses"]
     assert doc["paths"]["/v1/imports/{import_id}"]["get"]["parameters"][0]["name"] == "import_id"
     assert "ImportJob" in doc["components"]["schemas"]
+
+
+class FlakyStore(MemoryJobStore):
+    """Refuses the first batch's results, as a Redis that drops for a moment would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals = 1
+
+    async def record(self, job_id: str, results: Any) -> None:
+        if self.refusals and results:
+            self.refusals -= 1
+            raise JobStoreError("redis: connection reset")
+        await super().record(job_id, results)
+
+
+async def test_a_job_that_stops_on_a_store_error_resumes_by_itself(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imports, "_RESTART_DELAY", 0.01)
+    store = FlakyStore()
+    runner = ImportRunner(service=world.service, store=store, options=ImportOptions())
+    try:
+        accepted = await runner.submit(
+            onboarding_csv(1, 4, 1).encode(), content_type="text/csv", who="t"
+        )
+        await runner.wait(accepted["id"])
+    finally:
+        await runner.close()
+    view = await runner.status(accepted["id"])
+    assert view is not None and store.refusals == 0
+    assert (view["state"], view["done"], view["failed"]) == ("completed", 6, 0)
+
+
+async def test_a_body_over_the_byte_bound_is_413(world: World) -> None:
+    runner = ImportRunner(
+        service=world.service, store=MemoryJobStore(), options=ImportOptions(import_max_bytes=64)
+    )
+    async for client in serve(runner, world):
+        status, body = await client.post(onboarding_csv(1, 4, 1))
+        assert (status, body["error"]["code"]) == (413, "file_too_large")
+        assert await runner.list_jobs() == []
+
+
+def test_the_import_keys_are_read_from_the_provisioning_section(tmp_path: Path) -> None:
+    path = tmp_path / "e911.toml"
+    path.write_text(
+        "[provisioning]\nimport_concurrency = 3\nimport_batch_size = 50\n"
+        "import_retry_delay = 0.5\nimport_retries = 0\n",
+        encoding="utf-8",
+    )
+    options = load(path, {}).provisioning.imports
+    assert (options.import_concurrency, options.import_batch_size) == (3, 50)
+    assert (options.import_retry_delay, options.import_retries) == (0.5, 0)
+    assert options.import_keep_jobs == ImportOptions().import_keep_jobs
+    path.write_text("[provisioning]\nimport_concurrency = 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[provisioning\] import_concurrency"):
+        load(path, {})
+
+
+def test_the_cli_draws_a_bar_on_a_terminal_and_plain_counts_elsewhere() -> None:
+    view = {"id": "ab" * 8, "state": "running", "total": 10, "done": 4, "failed": 1, "pending": 5}
+    bar = _progress(view, True)
+    assert bar.startswith("\r[###############...............] 5/10")
+    assert "failed 1" in bar
+    plain = _progress(view, False)
+    assert plain == f"import {'ab' * 8}: running 5/10 (done 4, failed 1, pending 5)"
