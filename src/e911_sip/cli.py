@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -109,6 +110,9 @@ def _add_import_parser(sub: Any) -> None:
     imp.add_argument("--format", choices=["csv", "jsonl"], help="default: from the content")
     imp.add_argument("--job", help="follow an import job already submitted, by id")
     imp.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    imp.add_argument("--cafile", type=Path, help="CA bundle that signed the API's certificate")
+    imp.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    imp.add_argument("--key", type=Path, help="client certificate's private key")
 
 
 def _import_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -137,7 +141,11 @@ def _progress(view: dict[str, Any], tty: bool) -> str:
 async def _run_import(args: argparse.Namespace, url: str, token: str) -> int:
     headers = {"Authorization": f"Bearer {token}"}
     tty = sys.stdout.isatty()
-    async with aiohttp.ClientSession(headers=headers) as session:
+    context = ssl.create_default_context(cafile=args.cafile)
+    if args.cert is not None:
+        context.load_cert_chain(args.cert, args.key)
+    connector = aiohttp.TCPConnector(ssl=context)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
         if args.job:
             status_url = f"/v1/imports/{args.job}"
         else:

@@ -3,17 +3,21 @@ Bandwidth emulator over real HTTP (fixtures of test_service)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from e911_sip.cli import _progress
+from e911_sip.cli import _progress, _run_import
 from e911_sip.config import ConfigError, load
 from e911_sip.provisioning import imports
 from e911_sip.provisioning.api import build_provisioning_app
@@ -32,6 +36,7 @@ from e911_sip.provisioning.imports import (
     parse_file,
     sniff_format,
 )
+from tests.certs import issue, write_ca
 from tests.unit.provisioning.test_service import World
 
 TOKEN = {"Authorization": "Bearer s3cret-import-token"}
@@ -415,3 +420,44 @@ def test_the_cli_draws_a_bar_on_a_terminal_and_plain_counts_elsewhere() -> None:
     assert "failed 1" in bar
     plain = _progress(view, False)
     assert plain == f"import {'ab' * 8}: running 5/10 (done 4, failed 1, pending 5)"
+
+
+async def test_the_cli_imports_over_mutual_tls(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = trustme.CA()
+    server_pem = issue(ca, tmp_path, "server")
+    client_pem = issue(ca, tmp_path, "client", "importer.example")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(server_pem.cert, server_pem.key)
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    ca.configure_trust(server_context)
+    runner = ImportRunner(service=world.service, store=MemoryJobStore(), options=ImportOptions())
+    app = build_provisioning_app(
+        world.service, tokens={"s3cret-import-token": "migration"}, imports=runner
+    )
+    web_runner = web.AppRunner(app)
+    await web_runner.setup()
+    site = web.TCPSite(web_runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = web_runner.addresses[0][1]
+    data = tmp_path / "lines.csv"
+    data.write_text(onboarding_csv(1, 4, 1), encoding="utf-8")
+    args = argparse.Namespace(
+        job=None,
+        file=data,
+        format=None,
+        interval=0.05,
+        cafile=write_ca(ca, tmp_path / "ca.pem"),
+        cert=client_pem.cert,
+        key=client_pem.key,
+    )
+    try:
+        code = await _run_import(args, f"https://127.0.0.1:{port}", "s3cret-import-token")
+    finally:
+        await runner.close()
+        await web_runner.cleanup()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "completed: 6 done, 0 failed of 6" in out
+    assert await world.record("1321500003") is not None
