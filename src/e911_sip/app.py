@@ -73,6 +73,13 @@ from e911_sip.provisioning.calls import (
     level_resolver,
 )
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+from e911_sip.provisioning.imports import (
+    FileJobStore,
+    ImportRunner,
+    JobStore,
+    MemoryJobStore,
+    RedisJobStore,
+)
 from e911_sip.provisioning.messaging import BandwidthMessageSender
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import (
@@ -455,6 +462,39 @@ def build_state(config: Config) -> StateStore:
     if url.startswith("memory://"):
         return MemoryStateStore()
     return RedisStateStore(url=url, key_prefix=config.provisioning.key_prefix)
+
+
+def build_job_store(config: Config) -> JobStore:
+    """Where bulk import jobs live: beside the provisioning state (``[provisioning]
+    state_url``), so a job survives a restart whenever the state does."""
+    url = config.provisioning.state_url
+    keep = config.provisioning.imports.import_keep_jobs
+    if url.startswith("file://"):
+        state = Path(url[len("file://") :])
+        return FileJobStore(state.parent / f"{state.stem}.imports", keep=keep)
+    if url.startswith("memory://"):
+        return MemoryJobStore(keep=keep)
+    return RedisJobStore(url=url, key_prefix=config.provisioning.key_prefix, keep=keep)
+
+
+async def start_imports(
+    config: Config,
+    service: ProvisioningService,
+    metrics: Metrics,
+    stack: contextlib.AsyncExitStack,
+) -> ImportRunner:
+    """The bulk importer, with every job a previous process left unfinished resumed; its
+    jobs stop (to resume at the next start) when ``stack`` closes."""
+    jobs = build_job_store(config)
+    stack.push_async_callback(jobs.close)
+    runner = ImportRunner(
+        service=service, store=jobs, options=config.provisioning.imports, metrics=metrics
+    )
+    stack.push_async_callback(runner.close)
+    resumed = await runner.resume()
+    if resumed:
+        log.info("unfinished import jobs resumed", extra={"jobs": resumed})
+    return runner
 
 
 def build_audit(config: Config) -> AuditLog:
@@ -844,12 +884,15 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                         options=KeeperOptions(retention=config.records.retention_days * 86_400.0),
                         resolve_level=level_resolver(service),
                     )
+                imports = await start_imports(config, service, metrics, stack)
                 tokens = {token: name for name, token in config.provisioning.tokens.items()}
                 prov = config.provisioning
                 phost, pport = prov.listen
                 await stack.enter_async_context(
                     serve_http(
-                        build_provisioning_app(service, tokens=tokens, calls=calls),
+                        build_provisioning_app(
+                            service, tokens=tokens, calls=calls, imports=imports
+                        ),
                         phost,
                         pport,
                         tls=prov.tls,

@@ -1,4 +1,5 @@
-"""Command line: ``e911-sip serve | check-config | resync | calls export | bandwidth-emulator``."""
+"""Command line: ``e911-sip serve | check-config | resync | import | calls export |
+bandwidth-emulator``."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import csv
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
 
 from e911_sip import __version__, app, logs
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
@@ -158,6 +162,118 @@ def _export_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- import: a file through the running provisioning API ------------------------------------
+
+
+def _add_import_parser(sub: Any) -> None:
+    imp = sub.add_parser(
+        "import",
+        help="import a CSV or JSON-lines file of customers, sites and accounts through the "
+        "running provisioning API, showing progress; exit 1 when rows failed",
+    )
+    imp.add_argument("file", type=Path, nargs="?", help="the file (omit with --job)")
+    imp.add_argument("--config", type=Path, help="TOML file: API address and a token from it")
+    imp.add_argument("--url", help="provisioning API base URL (default: from --config)")
+    imp.add_argument(
+        "--token", help="bearer token (default: $E911_SIP_TOKEN, else the first in --config)"
+    )
+    imp.add_argument("--format", choices=["csv", "jsonl"], help="default: from the content")
+    imp.add_argument("--job", help="follow an import job already submitted, by id")
+    imp.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    imp.add_argument("--cafile", type=Path, help="CA bundle that signed the API's certificate")
+    imp.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    imp.add_argument("--key", type=Path, help="client certificate's private key")
+
+
+def _import_target(args: argparse.Namespace) -> tuple[str, str]:
+    url, token = args.url, args.token or os.environ.get("E911_SIP_TOKEN")
+    if args.config is not None:
+        config = load(args.config, os.environ)
+        prov = config.provisioning
+        host = "127.0.0.1" if prov.listen[0] in ("0.0.0.0", "::") else prov.listen[0]
+        url = url or app.http_url(host, prov.listen[1], prov.tls)
+        token = token or next(iter(prov.tokens.values()), None)
+    if token is None:
+        raise ConfigError("import: give --token, $E911_SIP_TOKEN or a --config with tokens")
+    return (url or "http://127.0.0.1:9200").rstrip("/"), token
+
+
+def _progress(view: dict[str, Any], tty: bool) -> str:
+    total, done, failed = view["total"], view["done"], view["failed"]
+    counts = f"{done + failed}/{total} (done {done}, failed {failed}, pending {view['pending']})"
+    if not tty:
+        return f"import {view['id']}: {view['state']} {counts}"
+    width = 30
+    filled = width * (done + failed) // total if total else width
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {counts} "
+
+
+async def _run_import(args: argparse.Namespace, url: str, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}"}
+    tty = sys.stdout.isatty()
+    context = ssl.create_default_context(cafile=args.cafile)
+    if args.cert is not None:
+        context.load_cert_chain(args.cert, args.key)
+    connector = aiohttp.TCPConnector(ssl=context)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        if args.job:
+            status_url = f"/v1/imports/{args.job}"
+        else:
+            kind = {"csv": "text/csv", "jsonl": "application/x-ndjson"}.get(args.format or "", "")
+            data = args.file.read_bytes()
+            async with session.post(
+                f"{url}/v1/imports", data=data, headers={"Content-Type": kind} if kind else {}
+            ) as response:
+                body = await response.json(content_type=None)
+                if response.status != 202:
+                    error = (body or {}).get("error", {})
+                    print(
+                        f"e911-sip: import refused ({response.status} {error.get('code')}): "
+                        f"{error.get('message')}",
+                        file=sys.stderr,
+                    )
+                    return 2
+            status_url = body["status_url"]
+            print(f"import {body['id']}: {body['total']} rows accepted", file=sys.stderr)
+        last = ""
+        while True:
+            async with session.get(f"{url}{status_url}") as response:
+                view = await response.json(content_type=None)
+                if response.status != 200:
+                    print(f"e911-sip: {status_url}: HTTP {response.status}", file=sys.stderr)
+                    return 2
+            line = _progress(view, tty)
+            if line != last:
+                print(line, end="" if tty else "\n", flush=True)
+                last = line
+            if view["state"] == "completed":
+                break
+            await asyncio.sleep(args.interval)
+    if tty:
+        print()
+    print(
+        f"import {view['id']} completed: {view['done']} done, {view['failed']} failed "
+        f"of {view['total']}"
+    )
+    for failure in view.get("failures", []):
+        print(
+            f"  line {failure['line']}: {failure['entity'] or '-'}: {failure['code']}: "
+            f"{failure['message']}"
+        )
+    return 1 if view["failed"] else 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    if args.file is None and not args.job:
+        raise ConfigError("import: give a FILE or --job ID")
+    url, token = _import_target(args)
+    try:
+        return _run(_run_import(args, url, token))
+    except OSError as exc:
+        print(f"e911-sip: cannot reach the provisioning API at {url}: {exc}", file=sys.stderr)
+        return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e911-sip",
@@ -203,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--caller", help="only this 10-digit calling line")
     export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     export.add_argument("--output", type=Path, help="file to write (default: standard output)")
+
+    _add_import_parser(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
@@ -303,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bandwidth_emulator(args)
         if args.command == "calls":
             return _export_calls(args)
+        if args.command == "import":
+            return _import(args)
         if args.command == "resync":
             return _resync(args)
         if args.command == "serve":

@@ -24,6 +24,7 @@ from e911_sip.notify.dispatch import NotifierOptions
 from e911_sip.notify.event import Targets
 from e911_sip.policy.enrich import ExistingGeolocation
 from e911_sip.provisioning.bandwidth import BandwidthOptions
+from e911_sip.provisioning.imports import ImportOptions
 from e911_sip.proxy.trunks import ProbeOptions
 from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
@@ -270,6 +271,9 @@ class ProvisioningConfig:
     """Prefix of provisioning state keys in Redis."""
     audit_stream: str = "e911:audit"
     """Redis stream holding the audit trail."""
+    imports: ImportOptions = field(default_factory=ImportOptions)
+    """Bulk imports: every field of :class:`~e911_sip.provisioning.imports.ImportOptions`
+    (``import_concurrency``, ``import_batch_size``, ...) is a key of this section."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1044,7 +1048,11 @@ def _state_url(value: str, where: str, base: Path | None) -> str:
 
 
 def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningConfig:
-    s = _Section("provisioning", data, (_fields(ProvisioningConfig) - {"tls"}) | _HTTPS_KEYS)
+    s = _Section(
+        "provisioning",
+        data,
+        (_fields(ProvisioningConfig) - {"tls", "imports"}) | _HTTPS_KEYS | _fields(ImportOptions),
+    )
     d = ProvisioningConfig()
     tokens = s.get("tokens", {})
     if not isinstance(tokens, Mapping) or not all(
@@ -1067,6 +1075,13 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
         audit_url=_state_url(s.string("audit_url", d.audit_url), s.where("audit_url"), base),
         key_prefix=s.string("key_prefix", d.key_prefix),
         audit_stream=s.string("audit_stream", d.audit_stream),
+        imports=_options(
+            s,
+            d.imports,
+            keys={f.name: f.name for f in dataclasses.fields(ImportOptions)},
+            minimums={"import_retries": 0},
+            int_minimum=1,
+        ),
     )
 
 

@@ -294,6 +294,12 @@ class Metrics:
             ["operation", "result"],
             registry=r,
         )
+        self.import_rows = Counter(
+            "e911_sip_import_rows_total",
+            "Rows of bulk import files by result (done, failed).",
+            ["result"],
+            registry=r,
+        )
 
         self.call_records = Counter(
             "e911_sip_call_records_total",

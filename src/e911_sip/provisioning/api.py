@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -543,6 +543,15 @@ def routes() -> tuple[Route, ...]:
 
 
 _CHANGE_ERRORS = (400, 401, 404, 409, 422, 502, 503)
+IMPORT_MEDIA_TYPES = (
+    "text/csv",
+    "application/csv",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/octet-stream",
+)
+"""What a bulk import file may be sent as (octet-stream: told apart by its first character)."""
 _MERGE_TEXT = (
     "JSON merge patch (RFC 7386, Content-Type application/merge-patch+json; "
     "application/json is accepted too): members left out stay, null removes one, and an "
@@ -558,6 +567,7 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
         "pattern": r"^(\+?1)?\d{10}$",
         "description": "A line: 10 digits, or +1 or 1 and the 10 digits (stored as 10)",
     },
+    "import_id": {"type": "string", "pattern": r"^[0-9a-f]{16}$"},
 }
 """The schema of every ``{name}`` a registered path may hold."""
 
@@ -593,9 +603,11 @@ class _Handlers:
         auth: _Auth,
         document: dict[str, Any],
         calls: CallStore | None = None,
+        imports: ImportJobs | None = None,
     ) -> None:
         self._service = service
         self._calls = calls
+        self._imports = imports
         self._auth = auth
         self._document = document
         self._country = service.options.default_country
@@ -893,6 +905,76 @@ class _Handlers:
     async def resync(self, request: web.Request) -> web.StreamResponse:
         report = await self._service.resync(who=self._auth.who(request))
         return web.json_response(report.to_dict())
+
+    # -- bulk import ------------------------------------------------------------------------
+    def _jobs(self) -> ImportJobs:
+        if self._imports is None:
+            raise ServiceError(404, "not_found", "bulk import is not enabled in this service")
+        return self._imports
+
+    @operation(
+        "POST",
+        "/v1/imports",
+        summary="Import a file of customers, sites and accounts (asynchronous)",
+        ok=202,
+        response="ImportJob",
+        body="ImportFile",
+        accepts=IMPORT_MEDIA_TYPES,
+        errors=(400, 401, 404, 413, 422, 503),
+        description="The body is the file: CSV (Content-Type text/csv) or JSON lines "
+        "(application/x-ndjson), one entity a row, each row the PUT of that entity "
+        "(docs/provisioning.md); application/octet-stream is told apart by its first "
+        "character. The file is checked and the job saved before the 202; Location and "
+        "status_url name the job. Rows already in effect change nothing, so the same file "
+        "can be imported again after a failure.",
+    )
+    async def create_import(self, request: web.Request) -> web.StreamResponse:
+        jobs = self._jobs()
+        limit = jobs.max_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ServiceError(413, "file_too_large", f"the file is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        # Read past aiohttp's client_max_size (1 MiB), up to the import's own bound.
+        async for chunk in request.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, "file_too_large", f"the file is larger than {limit} bytes")
+            chunks.append(chunk)
+        view = await jobs.submit(
+            b"".join(chunks),
+            content_type=request.headers.get("Content-Type", ""),
+            who=self._auth.who(request),
+        )
+        location = f"/v1/imports/{view['id']}"
+        return web.json_response(
+            {**view, "status_url": location}, status=202, headers={"Location": location}
+        )
+
+    @operation(
+        "GET",
+        "/v1/imports",
+        summary="List import jobs",
+        response="ImportList",
+        errors=(401, 404, 503),
+    )
+    async def list_imports(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"imports": await self._jobs().list_jobs()})
+
+    @operation(
+        "GET",
+        "/v1/imports/{import_id}",
+        summary="Progress of an import job; once completed, every failed row and why",
+        response="ImportJob",
+        errors=(401, 404, 503),
+    )
+    async def get_import(self, request: web.Request) -> web.StreamResponse:
+        jobs = self._jobs()
+        job_id = request.match_info["import_id"]
+        view = await jobs.status(job_id) if _IMPORT_ID.fullmatch(job_id) else None
+        if view is None:
+            raise ServiceError(404, "not_found", f"import {job_id} does not exist")
+        return web.json_response(view)
 
 
 PUBLIC_PATHS = frozenset(route.path for route in routes() if route.public)
@@ -1225,6 +1307,67 @@ _ERROR_TEXT = {
 }
 
 
+# --- bulk import ------------------------------------------------------------------------------
+
+
+class ImportJobs(Protocol):
+    """What the API needs from the bulk importer (``imports.ImportRunner`` has this shape)."""
+
+    @property
+    def max_bytes(self) -> int: ...
+
+    async def submit(self, data: bytes, *, content_type: str, who: str) -> dict[str, Any]: ...
+
+    async def status(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def list_jobs(self) -> list[dict[str, Any]]: ...
+
+
+_IMPORT_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _import_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    job = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "who": {"type": "string"},
+            "state": {"type": "string", "enum": ["queued", "running", "completed"]},
+            "created_at": {"type": "string"},
+            "finished_at": {"type": "string"},
+            "total": count,
+            "done": count,
+            "failed": count,
+            "pending": count,
+            "status_url": {"type": "string"},
+            "failures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "line": {"type": "integer"},
+                        "entity": {"type": "string"},
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "required": ["id", "state", "total", "done", "failed", "pending"],
+    }
+    return {
+        "ImportFile": {"type": "string", "description": "The file: CSV or JSON lines"},
+        "ImportJob": job,
+        "ImportList": {
+            "type": "object",
+            "properties": {
+                "imports": {"type": "array", "items": {"$ref": "#/components/schemas/ImportJob"}}
+            },
+        },
+    }
+
+
 def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the provisioning API (default: every registered operation)."""
     paths: dict[str, Any] = {}
@@ -1277,7 +1420,7 @@ def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, A
         },
         "paths": paths,
         "components": {
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_import_schemas()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
@@ -1285,18 +1428,23 @@ def openapi_document(operations: tuple[Route, ...] | None = None) -> dict[str, A
 
 
 def build_provisioning_app(
-    service: ProvisioningService, *, tokens: Mapping[str, str], calls: CallStore | None = None
+    service: ProvisioningService,
+    *,
+    tokens: Mapping[str, str],
+    calls: CallStore | None = None,
+    imports: ImportJobs | None = None,
 ) -> web.Application:
     """The provisioning API as an aiohttp application.
 
     ``tokens`` maps each accepted bearer token to a name; the name is recorded as "who" in
-    the audit trail. An empty mapping locks every protected path.
+    the audit trail. An empty mapping locks every protected path. ``imports`` serves
+    ``/v1/imports`` (bulk import jobs); without it those paths answer 404.
 
     Raises:
         ValueError: a token is empty or has no name.
     """
     auth = _Auth(tokens)
-    handlers = _Handlers(service, auth, openapi_document(), calls)
+    handlers = _Handlers(service, auth, openapi_document(), calls, imports)
     app = web.Application(middlewares=[_errors, auth.middleware, _media_type])
     for route in routes():
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))

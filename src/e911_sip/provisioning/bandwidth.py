@@ -9,7 +9,9 @@ the parts of the API that make a naive client unsafe:
   before it expires; a 401 drops it, fetches one more and retries once.
 * Back-off and retry (Bandwidth's own guidance): 429, 5xx, timeouts and connection errors
   are retried with exponential back-off and full jitter, honouring ``Retry-After``, within
-  ``max_attempts`` and ``max_retry_time``. Other 4xx are final.
+  ``max_attempts`` and ``max_retry_time``. Other 4xx are final. A 429 is about the
+  account, not the request: while one caller waits out its back-off, every other call
+  through this client waits too (one shared gate) instead of adding to the storm.
 * Endpoint writes are asynchronous orders (202). The client polls the order, reads its
   details (per-endpoint failures appear only there) and waits a bounded time.
 * Endpoint ids are chosen by us (:func:`make_endpoint_id`), so provisioning is idempotent:
@@ -262,6 +264,8 @@ class BandwidthClient:
         self._token: _Token | None = None
         self._token_lock = asyncio.Lock()
         self._closed = False
+        self._hold_until = 0.0
+        """Clock time before which no request is sent: the back-off of the last 429."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -683,10 +687,14 @@ class BandwidthClient:
         options = self._options
         start = self._clock()
         attempt = 0
+        # The hold this caller set and waited out itself; only a later one holds it again.
+        own_hold = float("-inf")
         while True:
             attempt += 1
             retry_after: float | None = None
             cause: BaseException | None = None
+            if self._hold_until > own_hold:
+                await self._wait_for_gate()
             try:
                 reply = await self._send(
                     method, url, headers=headers, json_body=json_body, form=form, params=params
@@ -723,6 +731,9 @@ class BandwidthClient:
             else:
                 backoff = min(options.backoff_cap, options.backoff_base * 2 ** (attempt - 1))
                 delay = backoff * self._rand()
+            if isinstance(error, RateLimited):
+                own_hold = self._clock() + delay
+                self._hold_until = max(self._hold_until, own_hold)
             elapsed = self._clock() - start
             if attempt >= options.max_attempts or elapsed + delay > options.max_retry_time:
                 _LOG.warning(
@@ -741,6 +752,13 @@ class BandwidthClient:
                 delay,
             )
             await self._sleep(delay)
+
+    async def _wait_for_gate(self) -> None:
+        """Wait out the back-off another call's 429 asked for (one sleep: a caller that meets
+        a newer 429 afterwards waits for that one itself)."""
+        wait = self._hold_until - self._clock()
+        if wait > 0:
+            await self._sleep(wait)
 
     async def _send(
         self,

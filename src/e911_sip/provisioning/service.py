@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -65,6 +65,7 @@ from e911_sip.provisioning.model import (
     EndpointRef,
     Entity,
     EntityRef,
+    Level,
     ModelError,
     Outbox,
     Site,
@@ -268,6 +269,18 @@ class ResyncReport:
             "orphan_endpoints": list(self.orphan_endpoints),
             "errors": list(self.errors),
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    """Entities of one customer to create or replace (PUT semantics) in one change: what a
+    bulk import applies at a time."""
+
+    customer_id: str
+    customer: CustomerFields | None = None
+    """The customer's own fields; None: the customer must already exist and is kept."""
+    sites: Mapping[str, SiteFields] = dataclasses.field(default_factory=dict)
+    accounts: Mapping[str, AccountFields] = dataclasses.field(default_factory=dict)
 
 
 # --- concurrency helpers -----------------------------------------------------------------
@@ -695,6 +708,276 @@ class ProvisioningService:
         )
         return state
 
+    # -- bulk import ---------------------------------------------------------------------------
+
+    async def apply_batch(
+        self,
+        batch: Batch,
+        *,
+        who: str,
+        limit: AbstractAsyncContextManager[object] | None = None,
+    ) -> dict[EntityRef, ServiceError]:
+        """Create or replace the batch's entities in one change; the entities that failed,
+        and why (the others are in effect when this returns).
+
+        Unlike a single PUT, one entity's failure does not refuse the rest: an entity
+        Bandwidth refuses keeps its stored form (or is not created), and so do the batch's
+        accounts whose location would have come from it. Bandwidth steps run concurrently,
+        each inside ``limit`` (the importer's bound on requests in flight). Lines that
+        inherit an address need no Bandwidth request at all, and all line records of the
+        batch are written in one atomic ``put_records``.
+
+        Raises:
+            ServiceError: the whole batch failed (state or line store unavailable, a
+                concurrent change); nothing of it was saved, or the outbox finishes it.
+        """
+        cid = batch.customer_id
+        _check(check_entity_id, cid, what="customer_id")
+        failed: dict[EntityRef, ServiceError] = {}
+        accounts: dict[str, AccountFields] = {}
+        for number, fields in batch.accounts.items():
+            ref = EntityRef.account(cid, number)
+            try:
+                _check(check_number, number, what="number")
+                self._check_account_fields(fields)
+                owner = await self._guard_state(self._state.owner(number))
+            except ServiceError as exc:
+                failed[ref] = exc
+                continue
+            if owner is not None and owner != cid:
+                failed[ref] = ServiceError(
+                    409,
+                    "number_in_use",
+                    f"number {number} belongs to customer {owner}; terminate it there first",
+                )
+                continue
+            accounts[number] = fields
+        batch = dataclasses.replace(batch, accounts=accounts)
+        result = "ok"
+        try:
+            async with self._gate.shared(), self._locked(cid):
+                await self._apply_batch_locked(batch, failed, who=who, limit=limit)
+        except ServiceError as exc:
+            result = exc.code
+            raise
+        except BaseException:
+            result = "error"
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.provisioning_operations.labels("import", result).inc()
+        return failed
+
+    async def _apply_batch_locked(
+        self,
+        batch: Batch,
+        failed: dict[EntityRef, ServiceError],
+        *,
+        who: str,
+        limit: AbstractAsyncContextManager[object] | None,
+    ) -> None:
+        cid = batch.customer_id
+        old = await self._guard_state(self._state.get(cid))
+        if old is not None and old.outbox is not None:
+            old = await self._flush(old)
+        if old is None and batch.customer is None:
+            missing = ServiceError(
+                422, "unknown_customer", f"customer {cid} does not exist", field="customer_id"
+            )
+            for sid in batch.sites:
+                failed[EntityRef.site(cid, sid)] = missing
+            for number in batch.accounts:
+                failed[EntityRef.account(cid, number)] = missing
+            return
+        now = _iso(self._clock())
+        proposed = self._batch_proposal(old, batch, failed, now)
+        if old is not None and proposed == old:
+            return
+        done: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+        async def undo() -> None:
+            await _undo(done)
+
+        # Each round runs every step the plan still needs; a failure reverts its entity and
+        # the batch's lines that depend on it, and the next plan works on what is left.
+        # Reverted entities are back in their stored (consistent) form, so this ends.
+        for _round in range(5):
+            steps = cascade.plan(proposed).steps
+            if not steps:
+                break
+            results = await asyncio.gather(
+                *(self._isolated_step(proposed, step, limit) for step in steps)
+            )
+            outcomes: dict[EntityRef, cascade.Outcome] = {}
+            errors: dict[EntityRef, ServiceError] = {}
+            for step, (outcome, actions, error) in zip(steps, results, strict=True):
+                if error is not None:
+                    errors[step.ref] = error
+                elif outcome is None:
+                    errors[step.ref] = _internal(f"step {step.ref} ended with no outcome")
+                else:
+                    outcomes[step.ref] = outcome
+                    done.extend(actions)
+            proposed = cascade.settle(proposed, outcomes)
+            if not errors:
+                break
+            reverted = self._revert_failed(old, proposed, batch, errors, failed)
+            if reverted is None:
+                await undo()
+                return
+            proposed = reverted
+        else:
+            await undo()
+            raise ServiceError(
+                503, "import_incomplete", f"customer {cid}: Bandwidth steps kept failing; retry"
+            )
+        if old is not None and proposed == old:
+            await undo()
+            return
+        await self._commit(
+            cid,
+            old,
+            proposed,
+            undo,
+            who=who,
+            action="import",
+            entity=EntityRef.customer(cid),
+            now=now,
+        )
+
+    def _batch_proposal(
+        self,
+        old: CustomerState | None,
+        batch: Batch,
+        failed: dict[EntityRef, ServiceError],
+        now: str,
+    ) -> CustomerState:
+        cid = batch.customer_id
+        customer = old.customer if old is not None else Customer(customer_id=cid)
+        if batch.customer is not None:
+            new = self._apply_common(customer, batch.customer, replace=True)
+            customer = cascade.touch(old.customer if old is not None else None, new, now=now)
+        sites: dict[str, Site] = dict(old.sites) if old is not None else {}
+        for sid, site_fields in batch.sites.items():
+            site_before = sites.get(sid)
+            site = site_before or Site(customer_id=cid, site_id=sid)
+            sites[sid] = cascade.touch(
+                site_before, self._apply_common(site, site_fields, replace=True), now=now
+            )
+        accounts: dict[str, Account] = dict(old.accounts) if old is not None else {}
+        for number, account_fields in batch.accounts.items():
+            before = accounts.get(number)
+            current = before or Account(number=number, customer_id=cid)
+            new_account = cascade.touch(
+                before, self._apply_account(current, account_fields, True), now=now
+            )
+            if new_account.site_id is not None and new_account.site_id not in sites:
+                failed[new_account.ref] = ServiceError(
+                    422,
+                    "unknown_site",
+                    f"customer {cid} has no site {new_account.site_id!r}",
+                    field="site_id",
+                )
+                continue
+            accounts[number] = new_account
+        if old is None:
+            return CustomerState(customer=customer, sites=sites, accounts=accounts)
+        return dataclasses.replace(old, customer=customer, sites=sites, accounts=accounts)
+
+    def _revert_failed(
+        self,
+        old: CustomerState | None,
+        proposed: CustomerState,
+        batch: Batch,
+        errors: Mapping[EntityRef, ServiceError],
+        failed: dict[EntityRef, ServiceError],
+    ) -> CustomerState | None:
+        """``proposed`` with each failed entity back in its stored form (or gone, if new),
+        and with it the batch's accounts that depend on it; None when the customer itself
+        cannot be created (nothing of the batch can be)."""
+        cid = batch.customer_id
+        customer = proposed.customer
+        sites = dict(proposed.sites)
+        accounts = dict(proposed.accounts)
+        dropped_sites: set[str] = set()
+
+        def revert_account(number: str, error: ServiceError) -> None:
+            failed[EntityRef.account(cid, number)] = error
+            before = old.accounts.get(number) if old is not None else None
+            if before is None:
+                accounts.pop(number, None)
+            else:
+                accounts[number] = before
+
+        for ref, error in errors.items():
+            if ref.level is Level.CUSTOMER and old is None:
+                failed[ref] = error
+                because = _because(error, ref)
+                for sid in batch.sites:
+                    failed[EntityRef.site(cid, sid)] = because
+                for number in batch.accounts:
+                    failed.setdefault(EntityRef.account(cid, number), because)
+                return None
+            because = _because(error, ref)
+            for number in batch.accounts:
+                account = accounts.get(number)
+                if account is None or account.ref == ref:
+                    continue
+                source = cascade.effective_entity(proposed, account)
+                if source is not None and source.ref == ref:
+                    revert_account(number, because)
+            if ref.level is Level.CUSTOMER:
+                if old is None:
+                    raise _internal(f"a batch failed on customer {ref} it did not start from")
+                failed[ref] = error
+                customer = old.customer
+            elif ref.level is Level.SITE:
+                if ref.key in batch.sites:
+                    failed[ref] = error
+                before_site = old.sites.get(ref.key) if old is not None else None
+                if before_site is None:
+                    sites.pop(ref.key, None)
+                    dropped_sites.add(ref.key)
+                else:
+                    sites[ref.key] = before_site
+            else:
+                revert_account(ref.key, error)
+        for number in batch.accounts:
+            account = accounts.get(number)
+            if account is not None and account.site_id in dropped_sites:
+                revert_account(
+                    number,
+                    _because(
+                        errors[EntityRef.site(cid, account.site_id)],
+                        EntityRef.site(cid, account.site_id),
+                    ),
+                )
+        return dataclasses.replace(proposed, customer=customer, sites=sites, accounts=accounts)
+
+    async def _isolated_step(
+        self,
+        state: CustomerState,
+        step: cascade.Step,
+        limit: AbstractAsyncContextManager[object] | None,
+    ) -> tuple[
+        cascade.Outcome | None,
+        list[tuple[str, Callable[[], Awaitable[None]]]],
+        ServiceError | None,
+    ]:
+        """One step of a batch: its outcome and undo actions, or the error (its own partial
+        work already undone)."""
+        entity = state.entity(step.ref)
+        if entity is None:
+            return None, [], _internal(f"step {step.ref} names no entity of the batch")
+        actions: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        try:
+            async with limit if limit is not None else nullcontext():
+                outcome = await self._run_step(state, entity, step, actions)
+        except BandwidthError as exc:
+            await _undo(actions)
+            return None, [], _bandwidth_error(exc, step.ref)
+        return outcome, actions, None
+
     # -- audit and health --------------------------------------------------------------------
 
     async def audit_trail(self, *, line: str | None = None, limit: int = 100) -> list[AuditEntry]:
@@ -850,17 +1133,19 @@ class ProvisioningService:
         steps = cascade.plan(proposed).steps if proposed is not None else ()
         outcomes, undo = await self._provision(proposed, steps)
         final = cascade.settle(proposed, outcomes) if proposed is not None else None
-        changes = cascade.line_changes(old, final, now=now, who=who, action=action, entity=entity)
-        outbox = Outbox(
-            records=changes.records,
-            deletions=changes.deletions,
-            endpoint_deletions=cascade.released_endpoints(old, final),
-            address_deletions=cascade.released_addresses(old, final),
-            audit=changes.audit,
-        )
         if final is None:
             if old is None:
                 raise _internal(f"{action} of {entity} deleted a customer that does not exist")
+            changes = cascade.line_changes(
+                old, None, now=now, who=who, action=action, entity=entity
+            )
+            outbox = Outbox(
+                records=changes.records,
+                deletions=changes.deletions,
+                endpoint_deletions=cascade.released_endpoints(old, None),
+                address_deletions=cascade.released_addresses(old, None),
+                audit=changes.audit,
+            )
             # A customer is removed only when it has no lines, so no record points at its
             # endpoint: Bandwidth's copy can go before the state does.
             await self._clean_up(outbox)
@@ -872,6 +1157,32 @@ class ProvisioningService:
                 raise ServiceError(503, "state_unavailable", str(exc)) from exc
             _LOG.info("customer deleted", extra={"customer_id": customer_id, "who": who})
             return None
+        return await self._commit(
+            customer_id, old, final, undo, who=who, action=action, entity=entity, now=now
+        )
+
+    async def _commit(
+        self,
+        customer_id: str,
+        old: CustomerState | None,
+        final: CustomerState,
+        undo: Callable[[], Awaitable[None]],
+        *,
+        who: str,
+        action: str,
+        entity: EntityRef,
+        now: str,
+    ) -> CustomerState:
+        """Save ``final`` (steps 4-7 of the theory of operation) with the outbox that takes
+        ``old`` to it; ``undo`` reverses the Bandwidth steps if the save is refused."""
+        changes = cascade.line_changes(old, final, now=now, who=who, action=action, entity=entity)
+        outbox = Outbox(
+            records=changes.records,
+            deletions=changes.deletions,
+            endpoint_deletions=cascade.released_endpoints(old, final),
+            address_deletions=cascade.released_addresses(old, final),
+            audit=changes.audit,
+        )
         final = dataclasses.replace(
             final,
             version=(old.version if old is not None else 0) + 1,
@@ -1134,6 +1445,26 @@ class ProvisioningService:
 # --- module helpers -------------------------------------------------------------------------
 
 
+async def _undo(actions: list[tuple[str, Callable[[], Awaitable[None]]]]) -> None:
+    for what, action in reversed(actions):
+        try:
+            await action()
+        except BandwidthError as exc:
+            _LOG.warning("could not undo %s at Bandwidth: %s", what, exc.description)
+
+
+def _because(error: ServiceError, ref: EntityRef) -> ServiceError:
+    """``error`` as the reason a line that takes its location from ``ref`` failed too."""
+    return ServiceError(
+        error.status,
+        error.code,
+        f"{ref}: {error.message}",
+        bandwidth=error.bandwidth,
+        retry_after=error.retry_after,
+        field=error.field,
+    )
+
+
 def _pick(value: Any, current: Any, default: Any, replace: bool) -> Any:
     if isinstance(value, Unset):
         return default if replace else current
@@ -1222,6 +1553,7 @@ __all__ = [
     "UNSET",
     "AccountFields",
     "BandwidthDetail",
+    "Batch",
     "CustomerFields",
     "EmergencyProvider",
     "LineProblem",

@@ -491,6 +491,56 @@ async def test_429_honours_retry_after(env: Env) -> None:
     assert env.time.sleeps == [7.0, 7.0]
 
 
+class HeldTime(FakeTime):
+    """Sleeps are recorded and then wait for ``release``, so a test can look at what other
+    callers do while one of them backs off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await self.release.wait()
+        self.now = max(self.now, seconds)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_429_holds_every_caller_of_the_client(env: Env) -> None:
+    """One call's 429 and Retry-After gate the others: they wait instead of sending."""
+    held = HeldTime()
+    env.time = held
+    client = env.client()
+    await client.list_endpoints()  # the token, so only the calls under test remain
+    await env.fault(status=429, retry_after=5, count=1, path_prefix=ENDPOINT_PREFIX)
+    first = asyncio.create_task(client.get_endpoint(CUSTOMER))
+    await _until(lambda: held.sleeps == [5.0])
+    second = asyncio.create_task(client.list_endpoints())
+    await _until(lambda: len(held.sleeps) == 2)
+    # The second caller waits out the same five seconds and has sent nothing yet.
+    assert held.sleeps == [5.0, 5.0]
+    assert len(await env.requests("GET", "/endpoints")) == 1
+    held.release.set()
+    assert await first is None
+    assert await second == []
+    assert len(await env.requests("GET", "/endpoints/.*")) == 2
+    assert len(await env.requests("GET", "/endpoints")) == 2
+
+
+async def test_without_a_429_callers_are_not_held(env: Env) -> None:
+    await env.fault(status=500, count=1)
+    client = env.client(backoff_base=0.5)
+    results = await asyncio.gather(client.list_endpoints(), client.list_endpoints())
+    assert results == [[], []]
+    # Only the caller that met the 500 backed off; a 5xx does not gate the others.
+    assert env.time.sleeps == [0.25]
+
+
 async def test_5xx_is_retried_with_exponential_backoff_and_jitter(env: Env) -> None:
     await env.fault(status=500, count=2)
     env.time.rand_value = 0.5
