@@ -9,6 +9,9 @@ a fixed rate for a bounded time on 127.0.0.1, and reports:
   the first and the last call, divided by the calls SIPp completed. Each run has a fresh edge;
   the median of ``--runs`` is printed. The host is shared: compare figures taken minutes
   apart, alternating, never against an old report.
+- **the garbage collector**: a ``sitecustomize`` put on the edge's path (bench only, nothing
+  in the product) times every collection through ``gc.callbacks`` and writes, at exit, the
+  collections per generation, their total and their longest pause.
 - **where it goes** (``--profile``): one more run with py-spy sampling the edge (``py-spy
   record --format raw``), then the top functions by own samples and by inclusive samples.
   py-spy stops the process for each sample, so that run's µs/call is not counted.
@@ -38,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -63,6 +67,36 @@ SERVICES = {"emergency": "911", "passthrough": "2125550100"}
 HOLD_MS = 100
 MAX_DURATION = 30.0
 SIPP_MARGIN = 20.0
+
+# Imported by the edge at start-up (``sitecustomize`` on its PYTHONPATH): every collection
+# timed, the figures written when the process exits.
+GC_PROBE = """
+import atexit, gc, json, os, time
+
+_out = os.environ["EDGE_PROFILE_GC_FILE"]
+_stats = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "max_pause": 0.0,
+          "collected": 0}
+_started = [0.0]
+
+def _probe(phase, info):
+    if phase == "start":
+        _started[0] = time.perf_counter()
+        return
+    pause = time.perf_counter() - _started[0]
+    generation = info["generation"]
+    _stats["collections"][generation] += 1
+    _stats["seconds"][generation] += pause
+    _stats["collected"] += info["collected"]
+    if pause > _stats["max_pause"]:
+        _stats["max_pause"] = pause
+
+gc.callbacks.append(_probe)
+
+@atexit.register
+def _write():
+    with open(_out, "w") as f:
+        json.dump(_stats, f)
+"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,6 +140,7 @@ class Run:
     edge_cpu: float
     wall: float
     host_busy_pct: float
+    gc: dict[str, Any] | None = None
 
     @property
     def us_per_call(self) -> float:
@@ -172,7 +207,15 @@ class Bench:
                 name: sipp.uas("uas_load", port=port, calls=calls, timeout=timeout + SIPP_MARGIN)
                 for name, port in zip(("emergency", "passthrough"), ports, strict=True)
             }
-            edge = EdgeProcess(rundir, self.config(ports[0], ports[1]))
+            probe = rundir / "gcprobe"
+            probe.mkdir()
+            (probe / "sitecustomize.py").write_text(GC_PROBE)
+            gc_file = rundir / "gc.json"
+            env = {
+                "PYTHONPATH": f"{probe}{os.pathsep}{REPO_ROOT / 'src'}",
+                "EDGE_PROFILE_GC_FILE": str(gc_file),
+            }
+            edge = EdgeProcess(rundir, self.config(ports[0], ports[1]), env=env)
             edge.start()
             assert edge.pid is not None
             if profile:
@@ -232,6 +275,7 @@ class Bench:
             edge_cpu=cpu1 - cpu0,
             wall=wall,
             host_busy_pct=share,
+            gc=json.loads(gc_file.read_text()) if gc_file.exists() else None,
         )
         return run, raw if profile else None
 
@@ -300,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run.us_per_call:.0f} µs/call; host busy {run.host_busy_pct:.0f} %",
                 flush=True,
             )
+            if run.gc is not None:
+                gc_stats = run.gc
+                print(
+                    f"    gc (whole process life): collections by generation "
+                    f"{gc_stats['collections']}, {sum(gc_stats['seconds']):.3f} s in all "
+                    f"{[round(x, 3) for x in gc_stats['seconds']]}, longest pause "
+                    f"{1000 * gc_stats['max_pause']:.1f} ms, {gc_stats['collected']} "
+                    "objects collected",
+                    flush=True,
+                )
         if figures:
             print(
                 f"edge CPU per call, median of {len(figures)}: {statistics.median(figures):.0f} µs"
