@@ -21,6 +21,10 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+# One encoder for every line: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON."""
 
@@ -46,7 +50,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return _encode(out)
 
 
 def configure(level: str = "INFO") -> None:
