@@ -109,7 +109,9 @@ class _Call:
         "started",
     )
 
-    def __init__(self, call_id: str, number: str, received_at: float, started: float) -> None:
+    def __init__(
+        self, call_id: str, number: str | None, received_at: float, started: float
+    ) -> None:
         self.call_id = call_id
         self.number = number
         self.caller: str | None = None
@@ -399,7 +401,7 @@ class Edge:
         call = self._calls.get(event.call_id)
         if call is None:
             # Forgotten by the age bound; the line still names the call.
-            call = _Call(event.call_id, "", self._clock(), self._loop.time())
+            call = _Call(event.call_id, None, self._clock(), self._loop.time())
         elif call.received_at is not None:
             self._metrics.enrich_seconds.observe(self._clock() - call.received_at)
             call.received_at = None
