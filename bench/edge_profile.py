@@ -11,7 +11,7 @@ a fixed rate for a bounded time on 127.0.0.1, and reports:
   apart, alternating, never against an old report.
 - **the garbage collector**: a ``sitecustomize`` put on the edge's path (bench only, nothing
   in the product) times every collection through ``gc.callbacks`` and writes, at exit, the
-  collections per generation, their total and their longest pause.
+  collections per generation, their total (wall and CPU) and their longest pause.
 - **where it goes** (``--profile``): one more run with py-spy sampling the edge (``py-spy
   record --format raw``), then the top functions by own samples and by inclusive samples.
   py-spy stops the process for each sample, so that run's µs/call is not counted.
@@ -78,14 +78,16 @@ import atexit, gc, json, os, time
 
 _out = os.environ["EDGE_PROFILE_GC_FILE"]
 _stats = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "max_pause": 0.0,
-          "collected": 0}
-_started = [0.0]
+          "cpu_seconds": 0.0, "collected": 0}
+_started = [0.0, 0.0]
 
 def _probe(phase, info):
     if phase == "start":
         _started[0] = time.perf_counter()
+        _started[1] = time.thread_time()
         return
     pause = time.perf_counter() - _started[0]
+    _stats["cpu_seconds"] += time.thread_time() - _started[1]
     generation = info["generation"]
     _stats["collections"][generation] += 1
     _stats["seconds"][generation] += pause
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"    gc (whole process life): collections by generation "
                     f"{gc_stats['collections']}, {sum(gc_stats['seconds']):.3f} s in all "
-                    f"{[round(x, 3) for x in gc_stats['seconds']]}, longest pause "
+                    f"{[round(x, 3) for x in gc_stats['seconds']]} "
+                    f"({gc_stats['cpu_seconds']:.3f} s CPU), longest pause "
                     f"{1000 * gc_stats['max_pause']:.1f} ms, {gc_stats['collected']} "
                     "objects collected",
                     flush=True,

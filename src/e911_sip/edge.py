@@ -29,9 +29,16 @@ new non-emergency requests with a stateless 503. What a peer can trigger once pe
 (discarded, refused, delivery failures) is logged through a rate limiter: a flood writes a
 counted summary every ten seconds, not a line per datagram.
 
-Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
-flight and no emergency dialog that passed through here is still up (its BYE must still be
-routed through our Record-Route), bounded by the configured grace periods.
+Every log line about an emergency call carries the same fields (call_id, caller, number,
+outcome, enriched, trunk, attempt) from one record per call (``_Call``), kept from the
+core's ``EmergencyCall`` to the final response's ``CallCompleted``: one per emergency
+context the core holds (only the softswitch can start one), and an age bound forgets one
+whose final response was never reported.
+
+Shutdown drains: readiness turns false, traffic keeps flowing while an emergency call needs
+this process (a lookup running, an INVITE with no final response, an answered dialog whose
+BYE must still be routed through our Record-Route), bounded by the configured grace periods;
+other transactions are not waited for.
 """
 
 from __future__ import annotations
