@@ -104,11 +104,11 @@ def _write():
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid``, in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid``, in seconds."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def host_busy() -> tuple[int, int]:
@@ -143,6 +143,8 @@ class Run:
     failed: int
     retransmissions: int
     edge_cpu: float
+    edge_system: float
+    """The part of ``edge_cpu`` spent in the kernel (sendto and recvfrom, mostly)."""
     wall: float
     host_busy_pct: float
     gc: dict[str, Any] | None = None
@@ -150,6 +152,10 @@ class Run:
     @property
     def us_per_call(self) -> float:
         return 1e6 * self.edge_cpu / max(1, self.successful)
+
+    @property
+    def system_us_per_call(self) -> float:
+        return 1e6 * self.edge_system / max(1, self.successful)
 
 
 class Bench:
@@ -284,7 +290,8 @@ class Bench:
             successful=result.successful,
             failed=result.failed,
             retransmissions=result.retransmissions,
-            edge_cpu=cpu1 - cpu0,
+            edge_cpu=sum(cpu1) - sum(cpu0),
+            edge_system=cpu1[1] - cpu0[1],
             wall=wall,
             host_busy_pct=share,
             gc=json.loads(gc_file.read_text()) if gc_file.exists() else None,
@@ -353,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  run: {run.successful}/{run.calls} calls ok, {run.failed} failed, "
                 f"{run.retransmissions} retransmissions; edge {run.edge_cpu:.2f} s CPU = "
-                f"{run.us_per_call:.0f} µs/call; host busy {run.host_busy_pct:.0f} %",
+                f"{run.us_per_call:.0f} µs/call ({run.system_us_per_call:.0f} in the kernel); "
+                f"host busy {run.host_busy_pct:.0f} %",
                 flush=True,
             )
             if run.gc is not None:
