@@ -78,7 +78,7 @@ import atexit, gc, json, os, time
 
 _out = os.environ["EDGE_PROFILE_GC_FILE"]
 _stats = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "max_pause": 0.0,
-          "cpu_seconds": 0.0, "collected": 0}
+          "cpu_seconds": 0.0, "max_cpu_pause": 0.0, "collected": 0}
 _started = [0.0, 0.0]
 
 def _probe(phase, info):
@@ -87,7 +87,10 @@ def _probe(phase, info):
         _started[1] = time.thread_time()
         return
     pause = time.perf_counter() - _started[0]
-    _stats["cpu_seconds"] += time.thread_time() - _started[1]
+    cpu = time.thread_time() - _started[1]
+    _stats["cpu_seconds"] += cpu
+    if cpu > _stats["max_cpu_pause"]:
+        _stats["max_cpu_pause"] = cpu
     generation = info["generation"]
     _stats["collections"][generation] += 1
     _stats["seconds"][generation] += pause
@@ -371,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{gc_stats['collections']}, {sum(gc_stats['seconds']):.3f} s in all "
                     f"{[round(x, 3) for x in gc_stats['seconds']]} "
                     f"({gc_stats['cpu_seconds']:.3f} s CPU), longest pause "
-                    f"{1000 * gc_stats['max_pause']:.1f} ms, {gc_stats['collected']} "
+                    f"{1000 * gc_stats['max_pause']:.1f} ms "
+                    f"({1000 * gc_stats['max_cpu_pause']:.1f} ms CPU), {gc_stats['collected']} "
                     "objects collected",
                     flush=True,
                 )
