@@ -244,7 +244,8 @@ class ShutdownConfig:
     """[shutdown]: draining on SIGTERM."""
 
     drain_timeout: float = 30.0
-    """Seconds to wait for transactions in flight."""
+    """Seconds to wait for emergency calls being set up (lookups, INVITEs with no final
+    response yet)."""
     emergency_drain_timeout: float = 7200.0
     """Seconds to keep routing for emergency dialogs that are still up."""
 

@@ -29,9 +29,16 @@ new non-emergency requests with a stateless 503. What a peer can trigger once pe
 (discarded, refused, delivery failures) is logged through a rate limiter: a flood writes a
 counted summary every ten seconds, not a line per datagram.
 
-Shutdown drains: readiness turns false, traffic keeps flowing until no transaction is in
-flight and no emergency dialog that passed through here is still up (its BYE must still be
-routed through our Record-Route), bounded by the configured grace periods.
+Every log line about an emergency call carries the same fields (call_id, caller, number,
+outcome, enriched, trunk, attempt) from one record per call (``_Call``), kept from the
+core's ``EmergencyCall`` to the final response's ``CallCompleted``: one per emergency
+context the core holds (only the softswitch can start one), and an age bound forgets one
+whose final response was never reported.
+
+Shutdown drains: readiness turns false, traffic keeps flowing while an emergency call needs
+this process (a lookup running, an INVITE with no final response, an answered dialog whose
+BYE must still be routed through our Record-Route), bounded by the configured grace periods;
+other transactions are not waited for.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any, Protocol
 
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.logs import RateLimitedLog
-from e911_sip.metrics import EMERGENCY_OUTCOMES, Metrics
+from e911_sip.metrics import EMERGENCY_OUTCOMES, Children, Metrics
 from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import caller_line
 from e911_sip.policy.enrich import EnrichOptions, enrich
@@ -84,6 +91,64 @@ _OUTCOME_BY_SOURCE = {
     LookupSource.INVALID: "invalid_record",
 }
 
+_LOCATED = frozenset({"enriched", "cached"})
+"""Outcomes with which the call carries a location the edge added."""
+
+_CALL_MAX_AGE = 900.0
+"""Seconds after which an emergency call with no final response seen is forgotten: Timer C
+(three minutes, RFC 3261 §16.6 step 11) per trunk tried, with room to spare. Only a lost
+event leaves one that long."""
+
+
+class _Call:
+    """One emergency call from its INVITE to its final response: the fields every log line
+    about it carries (:meth:`fields`), and when it arrived."""
+
+    __slots__ = (
+        "call_id",
+        "number",
+        "caller",
+        "outcome",
+        "enriched",
+        "trunk",
+        "attempt",
+        "received_at",
+        "started",
+    )
+
+    def __init__(
+        self, call_id: str, number: str | None, received_at: float, started: float
+    ) -> None:
+        self.call_id = call_id
+        self.number = number
+        self.caller: str | None = None
+        self.outcome: str | None = None
+        """The enrichment outcome once known (``enriched``, ``no_location``, ...)."""
+        self.enriched = False
+        """True when the INVITE carries a location the edge added (outcome enriched or
+        cached and the edge's request went, not the original at the fail-open deadline)."""
+        self.trunk: str | None = None
+        self.attempt = 0
+        self.received_at: float | None = received_at
+        """Clock time the INVITE was received, until the first one leaves (enrich latency)."""
+        self.started = started
+        """Loop time the INVITE arrived (drain and the age bound)."""
+
+    def fields(self, **more: object) -> dict[str, object]:
+        """The call's log fields, the same keys on every line, plus ``more``."""
+        out: dict[str, object] = {
+            "call_id": self.call_id,
+            "caller": self.caller,
+            "number": self.number,
+            "outcome": self.outcome,
+            "enriched": self.enriched,
+            "trunk": self.trunk,
+            "attempt": self.attempt,
+        }
+        if more:
+            out.update(more)
+        return out
+
 
 class Sender(Protocol):
     """A transport as the edge sees it."""
@@ -116,6 +181,8 @@ class EdgeOptions:
     """Seconds between the event-loop lag measurements that feed overload control."""
     log_interval: float = 10.0
     """Seconds over which per-message log lines (discarded, shed) are summarised."""
+    drain_log_interval: float = 5.0
+    """Seconds between the log lines a drain writes about what it still waits for."""
 
 
 class Edge:
@@ -147,13 +214,35 @@ class Edge:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._received_at: dict[int, float] = {}
-        self._call_info: dict[int, dict[str, object]] = {}
-        self._settled: list[int] = []
+        self._calls: dict[str, _Call] = {}
+        """Emergency calls whose final response has not gone upstream, by Call-ID."""
         self._request_counters: dict[tuple[str, str], Any] = {}
         self._outcomes = {name: metrics.emergency_calls.labels(name) for name in EMERGENCY_OUTCOMES}
         self._lookup_seconds = {
             source: metrics.store_lookup_seconds.labels(source.value) for source in LookupSource
+        }
+        # Labelled children bound once: ``.labels()`` per message costs a lock and a key.
+        self._discarded = Children(metrics.discarded)
+        self._delivery_failures = Children(metrics.delivery_failures)
+        self._failovers = Children(metrics.failovers)
+        self._probes = Children(metrics.trunk_probes)
+        self._trunk_up = Children(metrics.trunk_up)
+        self._results = Children(metrics.emergency_results)
+        self._evicted = {
+            kind: metrics.evicted.labels(kind) for kind in ("transactions", "contexts")
+        }
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            RequestRouted: self._on_routed,
+            EmergencyCall: self._on_emergency_call,
+            EmergencyForwarded: self._on_forwarded,
+            Failover: self._on_failover,
+            FailOpen: self._on_fail_open,
+            CallCompleted: self._on_completed,
+            TrunkProbed: self._on_probed,
+            TrunkStateChanged: self._on_trunk_state,
+            Shed: self._on_shed,
+            Evicted: self._on_evicted,
+            Discarded: self._on_discarded,
         }
         self._emergency_dialogs: dict[str, float] = {}
         self._now_received = 0.0
@@ -170,7 +259,7 @@ class Edge:
         for route, trunks in core.trunks_by_route.items():
             for trunk in trunks:
                 self._trunk_routes.setdefault(trunk, []).append(route)
-                metrics.trunk_up.labels(trunk, route).set(1)
+                self._trunk_up(trunk, route).set(1)
         self.load = load or LoadSignal(max_lag=float("inf"), max_queue=2**62)
         metrics.loop_lag.set_function(lambda: self.load.lag)
         metrics.queue_depth.set_function(lambda: self.load.queue_depth)
@@ -234,14 +323,14 @@ class Edge:
         except Exception:
             # The core answers or drops whatever a peer sends; reaching here is a bug. Keep
             # serving, and make it loud: the message is lost.
-            self._metrics.discarded.labels("internal_error").inc()
+            self._discarded("internal_error").inc()
             log.exception("internal error handling a message", extra={"peer": str(source)})
         self._pump()
 
     def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
         """A transport could not send; the core treats it as a transport error (§8.1.3.1)."""
-        self._metrics.delivery_failures.labels(peer.transport).inc()
-        self._delivery_log.hit(peer.transport, {"peer": str(peer), "error": reason})
+        self._delivery_failures(peer.transport).inc()
+        self._delivery_log.hit(peer.transport, lambda: {"peer": str(peer), "error": reason})
         if branch is not None:
             self._core.transport_error(branch, self._loop.time())
             self._pump()
@@ -263,11 +352,6 @@ class Edge:
             while event is not None:
                 self._on_event(event)
                 event = core.next_event()
-        if self._settled:
-            for call in self._settled:
-                self._received_at.pop(call, None)
-                self._call_info.pop(call, None)
-            self._settled.clear()
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -287,95 +371,117 @@ class Edge:
         try:
             self._core.handle_timer(self._loop.time())
         except Exception:
-            self._metrics.discarded.labels("internal_error").inc()
+            self._discarded("internal_error").inc()
             log.exception("internal error running timers")
         self._pump()
 
     # -- events --------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
-        metrics = self._metrics
         if self._recorder is not None:
             # The per-call record (RAY BAUM's Act); memory only, never raises.
             self._recorder.on_event(event)
-        if isinstance(event, RequestRouted):
-            key = (event.method, event.route.value)
-            counter = self._request_counters.get(key)
-            if counter is None:
-                method = event.method if event.method in _KNOWN_METHODS else "other"
-                counter = metrics.requests.labels(method, event.route.value)
-                if len(self._request_counters) < 256:
-                    self._request_counters[key] = counter
-            counter.inc()
-        elif isinstance(event, EmergencyCall):
-            self._received_at[event.call] = self._now_received
-            if event.removed_geolocation:
-                log.info(
-                    "removed a Geolocation the edge did not write",
-                    extra={"call_id": event.call_id, "removed": list(event.removed_geolocation)},
-                )
-            self._begin_emergency(event)
-        elif isinstance(event, EmergencyForwarded):
-            started = self._received_at.pop(event.call, None)
-            if started is not None:
-                metrics.enrich_seconds.observe(self._clock() - started)
-            # One line per trunk attempt: where each emergency call was routed, and with
-            # what, is part of the RAY BAUM's Act trail.
-            extra = self._call_info.pop(event.call, None) or {"call_id": event.call_id}
-            extra.update(trunk=event.trunk, attempt=event.attempt, enriched=event.enriched)
-            log.info("emergency call forwarded", extra=extra)
-        elif isinstance(event, Failover):
-            route = "emergency" if event.emergency else "default"
-            metrics.failovers.labels(route, event.trunk, event.reason).inc()
-            if event.emergency:
-                self._outcomes["failover"].inc()
-            log.warning(
-                "trunk failed, trying the next one",
-                extra={
-                    "call_id": event.call_id,
-                    "route": route,
-                    "trunk": event.trunk,
-                    "reason": event.reason,
-                },
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def _on_routed(self, event: RequestRouted) -> None:
+        key = (event.method, event.route.value)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            method = event.method if event.method in _KNOWN_METHODS else "other"
+            counter = self._metrics.requests.labels(method, event.route.value)
+            if len(self._request_counters) < 256:
+                self._request_counters[key] = counter
+        counter.inc()
+
+    def _on_emergency_call(self, event: EmergencyCall) -> None:
+        call = _Call(event.call_id, event.number, self._now_received, self._loop.time())
+        self._calls[event.call_id] = call
+        if event.removed_geolocation and log.isEnabledFor(logging.INFO):
+            log.info(
+                "removed a Geolocation the edge did not write",
+                extra=call.fields(removed=list(event.removed_geolocation)),
             )
-        elif isinstance(event, FailOpen):
-            self._outcomes["fail_open"].inc()
-            log.error(
-                "emergency INVITE forwarded without enrichment: lookup did not finish in time",
-                extra={"call_id": event.call_id},
-            )
-        elif isinstance(event, CallCompleted):
-            self._on_completed(event)
-        elif isinstance(event, TrunkProbed):
-            metrics.trunk_probes.labels(event.trunk, event.result).inc()
-        elif isinstance(event, TrunkStateChanged):
-            self._on_trunk_state(event)
-        elif isinstance(event, Shed):
-            counter = self._shed_counters.get(event.reason)
-            if counter is None:
-                counter = self._shed_counters[event.reason] = metrics.shed.labels(event.reason)
-            counter.inc()
-            self._shed_log.hit(
-                event.reason,
-                {"reason": event.reason, "method": event.method, "peer": str(event.source)},
-            )
-        elif isinstance(event, Evicted):
-            metrics.evicted.labels("transactions").inc(event.transactions)
-            metrics.evicted.labels("contexts").inc(event.contexts)
-            self._evict_log.hit(
-                "evicted",
-                {"transactions": event.transactions, "contexts": event.contexts},
-            )
-        elif isinstance(event, Discarded):
-            metrics.discarded.labels(event.reason).inc()
-            self._discard_log.hit(
-                event.reason,
-                {"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
-            )
+        self._begin_emergency(event, call)
+
+    def _on_forwarded(self, event: EmergencyForwarded) -> None:
+        call = self._calls.get(event.call_id)
+        if call is None:
+            # Forgotten by the age bound; the line still names the call.
+            call = _Call(event.call_id, None, self._clock(), self._loop.time())
+        elif call.received_at is not None:
+            self._metrics.enrich_seconds.observe(self._clock() - call.received_at)
+            call.received_at = None
+        call.trunk = event.trunk
+        call.attempt = event.attempt
+        call.enriched = event.enriched and call.outcome in _LOCATED
+        # One line per trunk attempt: where each emergency call was routed, and with
+        # what, is part of the RAY BAUM's Act trail.
+        if log.isEnabledFor(logging.INFO):
+            log.info("emergency call forwarded", extra=call.fields())
+
+    def _on_failover(self, event: Failover) -> None:
+        route = "emergency" if event.emergency else "default"
+        self._failovers(route, event.trunk, event.reason).inc()
+        call = self._calls.get(event.call_id) if event.emergency else None
+        if event.emergency:
+            self._outcomes["failover"].inc()
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        if call is not None:
+            extra = call.fields(route=route, trunk=event.trunk, reason=event.reason)
+        else:
+            extra = {
+                "call_id": event.call_id,
+                "route": route,
+                "trunk": event.trunk,
+                "reason": event.reason,
+            }
+        log.warning("trunk failed, trying the next one", extra=extra)
+
+    def _on_fail_open(self, event: FailOpen) -> None:
+        self._outcomes["fail_open"].inc()
+        call = self._calls.get(event.call_id)
+        if call is not None:
+            # The original INVITE went: whatever the lookup finds later does not reach it.
+            call.outcome = "fail_open"
+        log.error(
+            "emergency INVITE forwarded without enrichment: lookup did not finish in time",
+            extra=call.fields() if call is not None else {"call_id": event.call_id},
+        )
+
+    def _on_probed(self, event: TrunkProbed) -> None:
+        self._probes(event.trunk, event.result).inc()
+
+    def _on_shed(self, event: Shed) -> None:
+        counter = self._shed_counters.get(event.reason)
+        if counter is None:
+            counter = self._shed_counters[event.reason] = self._metrics.shed.labels(event.reason)
+        counter.inc()
+        self._shed_log.hit(
+            event.reason,
+            lambda: {"reason": event.reason, "method": event.method, "peer": str(event.source)},
+        )
+
+    def _on_evicted(self, event: Evicted) -> None:
+        self._evicted["transactions"].inc(event.transactions)
+        self._evicted["contexts"].inc(event.contexts)
+        self._evict_log.hit(
+            "evicted",
+            lambda: {"transactions": event.transactions, "contexts": event.contexts},
+        )
+
+    def _on_discarded(self, event: Discarded) -> None:
+        self._discarded(event.reason).inc()
+        self._discard_log.hit(
+            event.reason,
+            lambda: {"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
+        )
 
     def _on_trunk_state(self, event: TrunkStateChanged) -> None:
         routes = self._trunk_routes.get(event.trunk, [])
         for route in routes:
-            self._metrics.trunk_up.labels(event.trunk, route).set(1 if event.up else 0)
+            self._trunk_up(event.trunk, route).set(1 if event.up else 0)
         extra = {"trunk": event.trunk, "routes": routes, "reason": event.reason}
         if event.up:
             log.info("trunk is up again; tried in its configured place", extra=extra)
@@ -408,61 +514,62 @@ class Edge:
             return
         if not event.emergency:
             return
-        self._metrics.emergency_results.labels(f"{event.status // 100}xx").inc()
+        call = self._calls.pop(event.call_id, None)
+        self._results(f"{event.status // 100}xx").inc()
         if 200 <= event.status < 300:
             self._emergency_dialogs[event.call_id] = self._loop.time()
         elif event.status != 487:
             # 487 is the caller hanging up; anything else means no trunk took the call.
             self._outcomes["failed"].inc()
-            log.critical(
-                "emergency call failed on every trunk",
-                extra={"call_id": event.call_id, "status": event.status, "trunk": event.trunk},
+            extra = (
+                call.fields(status=event.status, trunk=event.trunk)
+                if call is not None
+                else {"call_id": event.call_id, "status": event.status, "trunk": event.trunk}
             )
+            log.critical("emergency call failed on every trunk", extra=extra)
 
-    def _begin_emergency(self, event: EmergencyCall) -> None:
+    def _begin_emergency(self, event: EmergencyCall, call: _Call) -> None:
         """Look the caller up and enrich: at once when the store answers without waiting
         (in memory), else in a task so that the loop keeps serving while Redis answers."""
         try:
             line = caller_line(event.request)
+            call.caller = line
             result = self._lookup.lookup_now(line) if line is not None else None
         except Exception:
-            log.exception("reading the caller failed", extra={"call_id": event.call_id})
-            self._finish_emergency(event, None, None, failed=True)
+            log.exception("reading the caller failed", extra=call.fields())
+            self._finish_emergency(event, call, None, failed=True)
             return
         if line is None or result is not None:
-            self._finish_emergency(event, line, result)
+            self._finish_emergency(event, call, result)
             return
-        task = self._loop.create_task(self._lookup_then_finish(event, line))
+        task = self._loop.create_task(self._lookup_then_finish(event, call, line))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _lookup_then_finish(self, event: EmergencyCall, line: str) -> None:
+    async def _lookup_then_finish(self, event: EmergencyCall, call: _Call, line: str) -> None:
         try:
             result: LookupResult | None = await self._lookup.lookup(line)
             failed = False
         except Exception:
-            log.exception("location lookup failed", extra={"call_id": event.call_id})
+            log.exception("location lookup failed", extra=call.fields())
             result, failed = None, True
-        self._finish_emergency(event, line, result, failed=failed)
+        self._finish_emergency(event, call, result, failed=failed)
         self._pump()
 
     def _finish_emergency(
         self,
         event: EmergencyCall,
-        line: str | None,
+        call: _Call,
         result: LookupResult | None,
         *,
         failed: bool = False,
     ) -> None:
         """Enrich with what the lookup found and hand the request back to the core."""
         request = event.request
+        line = call.caller
         provider_endpoint: str | None = None
         callback: str | None = None
-        extra: dict[str, object] = {
-            "call_id": event.call_id,
-            "number": event.number,
-            "caller": line,
-        }
+        store_error: str | None = None
         try:
             if failed:
                 raise RuntimeError("the caller or the location could not be read")
@@ -479,7 +586,7 @@ class Edge:
                     outcome = "enriched" if result.record is not None else "no_location"
                 else:
                     outcome = _OUTCOME_BY_SOURCE[result.source]
-                    extra["store_error"] = result.error
+                    store_error = result.error
             enrichment = enrich(
                 request,
                 line=line,
@@ -490,18 +597,20 @@ class Edge:
             if enrichment.removed_geolocation:
                 log.info(
                     "replaced the Geolocation that came with the call",
-                    extra={**extra, "removed": list(enrichment.removed_geolocation)},
+                    extra=call.fields(removed=list(enrichment.removed_geolocation)),
                 )
             to_send = enrichment.request
             enriched = True
         except Exception:
             # Whatever broke, the call goes out as it came (the first rule of the product).
-            log.exception("enrichment failed; forwarding the original INVITE", extra=extra)
+            log.exception("enrichment failed; forwarding the original INVITE", extra=call.fields())
             outcome = "enrich_error"
             to_send = request
             enriched = False
         self._outcomes[outcome].inc()
-        extra["outcome"] = outcome
+        if call.outcome is None:
+            # After a fail-open the original went: the call's outcome stays ``fail_open``.
+            call.outcome = outcome
         if self._recorder is not None:
             self._recorder.on_enrichment(
                 event.call_id,
@@ -510,29 +619,29 @@ class Edge:
                 callback=(callback or line) if enriched else None,
                 provider_endpoint=provider_endpoint if enriched else None,
             )
-        self._call_info[event.call] = extra
         if outcome == "cached":
-            log.warning("location store unavailable; used a cached location", extra=extra)
+            log.warning(
+                "location store unavailable; used a cached location",
+                extra=call.fields(store_error=store_error),
+            )
         elif outcome not in ("enriched", "enrich_error"):
             # "enriched" is logged once, with the trunk, when it is forwarded.
             log.warning(
                 "emergency call without location; Bandwidth's call center will answer it",
-                extra=extra,
+                extra=call.fields(store_error=store_error) if store_error else call.fields(),
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
         if self._notify is not None:
-            self._notify_call(self._notify, event, line, result, outcome)
-        # The INVITE going out consumes the timing and log fields (EmergencyForwarded, in
-        # this pump); a call cancelled or failed open meanwhile leaves them, so the pump
-        # clears them when it is done.
-        self._settled.append(event.call)
+            self._notify_call(self._notify, event, call, result, outcome)
 
     # -- overload ------------------------------------------------------------------------
     def datagram_dropped(self, priority: Priority) -> None:
         """A transport dropped a datagram unread: its receive queue was full."""
         self._dropped[priority].inc()
         self._queue_full.inc()
-        self._discard_log.hit("queue_full", {"reason": "queue_full", "priority": priority.name})
+        self._discard_log.hit(
+            "queue_full", lambda: {"reason": "queue_full", "priority": priority.name}
+        )
 
     async def monitor_load(self, stop: asyncio.Event) -> None:
         """Measure event-loop lag into the load signal every ``lag_interval`` (sustained
@@ -556,6 +665,7 @@ class Edge:
             previous = lag
             ticks += 1
             if ticks % flush_every == 0:
+                self._prune(loop.time())
                 self._discard_log.flush()
                 self._shed_log.flush()
                 self._delivery_log.flush()
@@ -565,18 +675,18 @@ class Edge:
         self,
         notify: Callable[[CallEvent], None],
         event: EmergencyCall,
-        line: str | None,
+        call: _Call,
         result: LookupResult | None,
         outcome: str,
     ) -> None:
         """Kari's Law: hand the call to the notifier (it only appends to a list in memory)."""
         record = result.record if result is not None else None
-        started = self._received_at.get(event.call)
+        started = call.received_at
         try:
             notify(
                 CallEvent.now(
                     call_id=event.call_id,
-                    caller=line,
+                    caller=call.caller,
                     callback=record.callback if record is not None else None,
                     dialed=event.number,
                     provider_endpoint=record.provider_endpoint if record is not None else None,
@@ -585,7 +695,7 @@ class Edge:
                 )
             )
         except Exception:
-            log.exception("could not queue the notification", extra={"call_id": event.call_id})
+            log.exception("could not queue the notification", extra=call.fields())
 
     # -- health and lifecycle ------------------------------------------------------------
     async def watch_store(self, stop: asyncio.Event) -> None:
@@ -646,33 +756,90 @@ class Edge:
             "emergency_dialogs": self.emergency_dialogs,
         }
 
+    def waiting_for(self) -> dict[str, int]:
+        """What a drain waits for, by kind: emergency lookups running, emergency INVITEs
+        with no final response yet, answered emergency dialogs with no BYE yet."""
+        return {
+            "lookups": len(self._tasks),
+            "emergency_calls": len(self._calls),
+            "emergency_dialogs": len(self._emergency_dialogs),
+        }
+
     async def drain(self, force: asyncio.Event) -> None:
-        """Wait until nothing is in flight, within the grace periods, or until ``force``."""
+        """Serve until nothing needs this process, within the grace periods, or ``force``.
+
+        Only emergency calls hold a drain: a lookup running, an INVITE with no final
+        response yet (``drain_timeout``), an answered dialog whose BYE must still be routed
+        through our Record-Route (``emergency_drain_timeout``). Other transactions are not
+        waited for: a client transaction to a trunk that never answers lives 32 s (Timer B),
+        and the caller's own timers and retransmissions cover a request cut short. What is
+        still waited for is logged every ``drain_log_interval``.
+        """
         self.draining = True
         loop = self._loop
-        start = loop.time()
+        options = self._options
+        start = last_log = loop.time()
+        reason = "forced"
+        first = True
         while not force.is_set():
             now = loop.time()
-            self._prune_dialogs(now)
-            busy = self._core.contexts_in_flight > 0 or bool(self._tasks)
-            if self._emergency_dialogs:
-                if now - start >= self._options.emergency_drain_timeout:
-                    break
-            elif not busy or now - start >= self._options.drain_timeout:
+            self._prune(now)
+            waiting = self.waiting_for()
+            elapsed = now - start
+            setting_up = waiting["lookups"] or waiting["emergency_calls"]
+            if waiting["emergency_dialogs"] and elapsed >= options.emergency_drain_timeout:
+                reason = "emergency_drain_timeout"
                 break
+            if not waiting["emergency_dialogs"]:
+                if not setting_up:
+                    reason = "idle"
+                    break
+                if elapsed >= options.drain_timeout:
+                    reason = "drain_timeout"
+                    break
+            if first or now - last_log >= options.drain_log_interval:
+                first = False
+                last_log = now
+                log.info(
+                    "draining: waiting for emergency calls",
+                    extra={
+                        **waiting,
+                        "not_waited_for": self._not_waited_for(),
+                        "seconds": round(elapsed, 1),
+                    },
+                )
             try:
-                async with asyncio.timeout(0.25):
+                async with asyncio.timeout(0.1):
                     await force.wait()
             except TimeoutError:
                 pass
         for task in list(self._tasks):
             task.cancel()
+        log.info(
+            "drain finished",
+            extra={
+                "reason": reason,
+                "seconds": round(loop.time() - start, 1),
+                **self.waiting_for(),
+                "not_waited_for": self._not_waited_for(),
+            },
+        )
 
-    def _prune_dialogs(self, now: float) -> None:
+    def _not_waited_for(self) -> dict[str, int]:
+        return {
+            "transactions": self._core.transactions_in_flight,
+            "contexts": max(0, self._core.contexts_in_flight - len(self._calls)),
+        }
+
+    def _prune(self, now: float) -> None:
+        """Forget dialogs and calls older than their bounds (a lost BYE or event)."""
         limit = self._options.emergency_dialog_max_age
         for call_id, since in list(self._emergency_dialogs.items()):
             if now - since > limit:
                 del self._emergency_dialogs[call_id]
+        for call_id, call in list(self._calls.items()):
+            if now - call.started > _CALL_MAX_AGE:
+                del self._calls[call_id]
 
     def close(self) -> None:
         """Stop the timer."""

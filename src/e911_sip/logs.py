@@ -21,6 +21,10 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+# One encoder for every line: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON."""
 
@@ -46,11 +50,19 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return _encode(out)
 
 
 def configure(level: str = "INFO") -> None:
-    """Send every log record of the process to stderr as JSON lines."""
+    """Send every log record of the process to stderr as JSON lines.
+
+    A record does not look up the caller's source file, thread or process (the JSON has no
+    field for them): ``findCaller`` walks the stack on every line otherwise.
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -94,8 +106,16 @@ class RateLimitedLog:
         self._logged = 0
         self._counts: dict[str, int] = {}
 
-    def hit(self, reason: str, extra: Mapping[str, object] | None = None) -> None:
-        """One event: logged in full while the window's burst lasts, else counted."""
+    def hit(
+        self,
+        reason: str,
+        extra: Mapping[str, object] | Callable[[], Mapping[str, object]] | None = None,
+    ) -> None:
+        """One event: logged in full while the window's burst lasts, else counted.
+
+        ``extra`` may be a function that builds the fields: it is called only for a line
+        that is written, so a flood past the burst formats nothing.
+        """
         now = self._clock()
         if now - self._start >= self._interval:
             self.flush(now)
@@ -103,6 +123,10 @@ class RateLimitedLog:
         counts[reason] = counts.get(reason, 0) + 1
         if self._logged < self._burst:
             self._logged += 1
+            if not self._logger.isEnabledFor(self._level):
+                return
+            if callable(extra):
+                extra = extra()
             self._logger.log(self._level, self._message, extra=extra)
 
     def flush(self, now: float | None = None) -> None:

@@ -7,6 +7,7 @@ collide and ``/metrics`` shows only this product's series plus the process colle
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -66,6 +67,32 @@ NOTIFY_OUTCOMES = ("delivered", "retried", "dead")
 
 # From a webhook on loopback (milliseconds) to SMS paced at 1 message a second behind others.
 _NOTIFY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+
+class Children:
+    """The children of one labelled metric, each bound once.
+
+    ``metric.labels(...)`` validates the values, builds a key and takes the metric's lock on
+    every call; the message path asks for the same few children over and over, so it keeps
+    them in a dict. At most ``limit`` are kept (label values a peer can influence, such as a
+    trunk's failure reason, stay bounded); beyond that ``labels`` is called each time.
+    """
+
+    __slots__ = ("_metric", "_bound", "_limit")
+
+    def __init__(self, metric: Any, *, limit: int = 256) -> None:
+        self._metric = metric
+        self._bound: dict[tuple[str, ...], Any] = {}
+        self._limit = limit
+
+    def __call__(self, *values: str) -> Any:
+        """The child for ``values``, in the metric's label order."""
+        child = self._bound.get(values)
+        if child is None:
+            child = self._metric.labels(*values)
+            if len(self._bound) < self._limit:
+                self._bound[values] = child
+        return child
 
 
 class _FunctionCounter(Collector):

@@ -21,7 +21,7 @@ from e911_sip.policy.enrich import EnrichOptions
 from e911_sip.proxy.admission import LoadSignal
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
-from e911_sip.sip.message import Request, parse
+from e911_sip.sip.message import Request, make_response, parse
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationRecord, LocationStore
 from e911_sip.store.memory import MemoryStore
@@ -354,3 +354,105 @@ async def test_load_monitor_measures_lag_into_the_load_signal() -> None:
     assert metrics.registry.get_sample_value("e911_sip_event_loop_lag_seconds") == edge.load.lag
     stop.set()
     await task
+
+
+CALL_FIELDS = ("call_id", "caller", "number", "outcome", "enriched", "trunk", "attempt")
+
+
+def call_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "call_id" in r.__dict__]
+
+
+@pytest.mark.parametrize(
+    ("records", "expected_outcome", "enriched"),
+    [({"3215551234": RECORD}, "enriched", True), ({}, "no_location", False)],
+)
+async def test_every_line_about_a_call_carries_the_same_call_fields(
+    caplog: pytest.LogCaptureFixture,
+    records: dict[str, LocationRecord],
+    expected_outcome: str,
+    enriched: bool,
+) -> None:
+    edge, transport, _ = build(MemoryStore(records), provisional_timeout=0.05)
+    with caplog.at_level(logging.INFO, logger="e911_sip.edge"):
+        edge.message_received(invite(), SOFTSWITCH)
+        await until(lambda: bool(invites_to(transport, "198.51.100.2")))
+    lines = call_lines(caplog)
+    assert lines
+    for record in lines:
+        fields = record.__dict__
+        assert all(name in fields for name in CALL_FIELDS), record.getMessage()
+        assert fields["caller"] == "3215551234" and fields["number"] == "911"
+        assert fields["outcome"] == expected_outcome
+    forwarded = [r.__dict__ for r in lines if r.getMessage() == "emergency call forwarded"]
+    assert [(f["trunk"], f["attempt"], f["enriched"]) for f in forwarded] == [
+        ("sip:198.51.100.1:5060", 1, enriched),
+        ("sip:198.51.100.2:5060", 2, enriched),
+    ]
+    edge.close()
+
+
+async def test_drain_does_not_wait_for_a_non_emergency_transaction(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    edge, transport, _ = build(MemoryStore())
+    request = invite().replace(b"sip:911@", b"sip:2125550100@").replace(b"<sip:911@", b"<sip:2125")
+    edge.message_received(request, SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "203.0.113.5")))
+    assert edge.readiness()[1]["transactions"] >= 2
+    with caplog.at_level(logging.INFO, logger="e911_sip.edge"):
+        await asyncio.wait_for(edge.drain(asyncio.Event()), 5)
+    finished = [r.__dict__ for r in caplog.records if r.getMessage() == "drain finished"]
+    assert finished[0]["reason"] == "idle"
+    assert finished[0]["not_waited_for"]["contexts"] == 1
+    edge.close()
+
+
+async def test_drain_logs_what_it_waits_for_until_the_emergency_call_is_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Slow:
+        """Answers when the test says so, as a Redis that is slow."""
+
+        def __init__(self) -> None:
+            self.go = asyncio.Event()
+
+        async def lookup(self, line: str) -> LocationRecord | None:
+            await self.go.wait()
+            return RECORD
+
+        async def ping(self) -> bool:
+            return True
+
+        async def close(self) -> None:
+            return None
+
+    store = Slow()
+    edge, transport, _ = build(store, lookup_timeout=30.0)
+    # A short log interval, so the test sees the drain's line at once.
+    edge._options = EdgeOptions(
+        enrich=EnrichOptions(geolocation_base_url=BASE), drain_log_interval=0.01
+    )
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: edge.waiting_for()["lookups"] == 1)
+    with caplog.at_level(logging.INFO, logger="e911_sip.edge"):
+        drain = asyncio.create_task(edge.drain(asyncio.Event()))
+
+        def waiting() -> list[dict[str, object]]:
+            return [
+                r.__dict__
+                for r in caplog.records
+                if r.getMessage() == "draining: waiting for emergency calls"
+            ]
+
+        await until(lambda: bool(waiting()))
+        assert waiting()[0]["lookups"] == 1 and waiting()[0]["emergency_calls"] == 1
+        store.go.set()
+        await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+        await until(lambda: edge.waiting_for()["lookups"] == 0)
+        assert not drain.done()  # no final response yet
+        sent = invites_to(transport, "198.51.100.1")[0]
+        busy = make_response(sent, 486, to_tag="trunk1")
+        edge.message_received(busy.to_bytes(), Peer("udp", "198.51.100.1", 5060))
+        await asyncio.wait_for(drain, 5)
+    edge.close()

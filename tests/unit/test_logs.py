@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -111,3 +112,17 @@ def test_the_first_event_after_a_window_writes_its_summary() -> None:
         "5 messages discarded in the last 12 s: malformed → 5",
         "message discarded",
     ]
+
+
+def test_fields_built_by_a_function_are_built_only_for_lines_written() -> None:
+    log, clock, capture = limited()
+    built: list[int] = []
+
+    def fields(n: int) -> dict[str, object]:
+        built.append(n)
+        return {"peer": f"p{n}"}
+
+    for n in range(100):
+        log.hit("malformed", functools.partial(fields, n))
+    assert built == [0, 1, 2]
+    assert [r.__dict__["peer"] for r in capture.records] == ["p0", "p1", "p2"]

@@ -58,6 +58,7 @@ class _Connection(asyncio.Protocol):
         "framer",
         "transport",
         "remote",
+        "peer",
         "outbound_key",
         "tls",
         "ready",
@@ -74,6 +75,8 @@ class _Connection(asyncio.Protocol):
         self.framer = StreamFramer(max_size=owner.max_message_size)
         self.transport: asyncio.Transport | None = None
         self.remote: tuple[str, int] = ("", 0)
+        self.peer = Peer(owner.name, "", 0, self.id)
+        """What messages from this connection came from; one for all of them."""
         self.outbound_key = outbound_key
         self.tls: _Tls | None = None
         self.ready: asyncio.Future[None] = owner.loop.create_future()
@@ -121,6 +124,7 @@ class _Connection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.remote = (str(peername[0]), int(peername[1]))
         owner = self.owner
+        self.peer = Peer(owner.name, self.remote[0], self.remote[1], self.id)
         if self.inbound:
             refused = owner.table.admit(self.remote[0])
             if refused is not None:
@@ -175,7 +179,7 @@ class _Connection(asyncio.Protocol):
         if frames.pong:
             self.write(b"\r\n")
         sink = owner.sink
-        peer = Peer(owner.name, self.remote[0], self.remote[1], self.id)
+        peer = self.peer
         for message in frames.messages:
             sink.message_received(message, peer)
 

@@ -35,6 +35,7 @@ from e911_sip.transport.base import MessageSink
 log = logging.getLogger("e911_sip.transport")
 
 _PRIORITIES = tuple(Priority)
+_PEER_CACHE = 4096
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -94,6 +95,9 @@ class UdpTransport:
         self._queues: tuple[deque[tuple[bytes, tuple[str, int]]], ...] = tuple(
             deque() for _ in _PRIORITIES
         )
+        self._peers: dict[tuple[str, int], Peer] = {}
+        """The Peer of each recent source address: the softswitch and the trunks send most
+        datagrams, and one Peer each serves them all (bounded: cleared when full)."""
         self._depth = 0
         self._drain_handle: asyncio.Handle | None = None
         self._backlog: deque[tuple[bytes, Peer, str | None]] = deque()
@@ -157,7 +161,7 @@ class UdpTransport:
             if self._depth >= limit and not self._make_room(priority):
                 self._dropped(priority)
                 continue
-            queues[priority].append((data, (str(addr[0]), int(addr[1]))))
+            queues[priority].append((data, addr))
             self._depth += 1
         self.load.queue_depth = self._depth
         if self._depth and self._drain_handle is None and self._loop is not None:
@@ -185,13 +189,20 @@ class UdpTransport:
         budget = self.options.batch
         sink = self.sink
         load = self.load
+        peers = self._peers
         for queue in self._queues:
             while queue and budget:
-                data, (host, port) = queue.popleft()
+                data, addr = queue.popleft()
                 budget -= 1
                 self._depth -= 1
                 load.queue_depth = self._depth
-                sink.message_received(data, Peer("udp", host, port))
+                peer = peers.get(addr)
+                if peer is None:
+                    if len(peers) >= _PEER_CACHE:
+                        peers.clear()
+                    # An IPv6 source address is (host, port, flowinfo, scope_id).
+                    peer = peers[addr] = Peer("udp", addr[0], addr[1])
+                sink.message_received(data, peer)
             if not budget:
                 break
         if self._depth and self._drain_handle is None and self._loop is not None:
