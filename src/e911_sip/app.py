@@ -72,6 +72,13 @@ from e911_sip.provisioning.calls import (
     build_call_store,
     level_resolver,
 )
+from e911_sip.provisioning.coverage_monitor import (
+    CoverageMonitor,
+    CoverageOptions,
+    NotifyingStateStore,
+    OrderTracker,
+    TrackedProvider,
+)
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 from e911_sip.provisioning.messaging import BandwidthMessageSender
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
@@ -535,15 +542,24 @@ def build_calls(config: Config) -> CallStore:
 
 @contextlib.asynccontextmanager
 async def provisioning_service(
-    config: Config, lines: LineRecordWriter, metrics: Metrics | None
+    config: Config,
+    lines: LineRecordWriter,
+    metrics: Metrics | None,
+    *,
+    orders: OrderTracker | None = None,
 ) -> AsyncIterator[ProvisioningService]:
-    """A provisioning service with its Bandwidth client and backends, closed on exit."""
-    state = build_state(config)
+    """A provisioning service with its Bandwidth client and backends, closed on exit.
+
+    With ``orders``, endpoint orders and saves are reported to it (coverage figures).
+    """
+    state: StateStore = build_state(config)
     audit = build_audit(config)
+    if orders is not None:
+        state = NotifyingStateStore(state, on_write=orders.changed)
     try:
         async with BandwidthClient(config.bandwidth.client) as client:
             yield ProvisioningService(
-                provider=client,
+                provider=client if orders is None else TrackedProvider(client, orders),
                 lines=lines,
                 state=state,
                 audit=audit,
@@ -554,6 +570,26 @@ async def provisioning_service(
     finally:
         await state.close()
         await audit.close()
+
+
+def build_coverage(
+    config: Config,
+    service: ProvisioningService,
+    lines: LineRecordWriter,
+    orders: OrderTracker,
+    metrics: Metrics,
+) -> CoverageMonitor:
+    """The coverage figures of ``GET /v1/coverage`` and the ``e911_sip_coverage_*`` gauges."""
+    return CoverageMonitor(
+        customers=service.list_customers,
+        lines=lines,
+        tracker=orders,
+        options=CoverageOptions(
+            interval=config.provisioning.coverage_interval,
+            alert_below=config.provisioning.coverage_alert_below,
+        ),
+        metrics=metrics,
+    )
 
 
 async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> None:
@@ -821,6 +857,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     calls: CallStore | None = None
     source: RecordSource | None = None
     service: ProvisioningService | None = None
+    coverage: CoverageMonitor | None = None
     notify = build_notify(
         config,
         edge=role in (Role.EDGE, Role.ALL),
@@ -854,9 +891,14 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             if provisioning:
                 if config.bandwidth.run_emulator:
                     await start_emulator(config, stack)
-                service = await stack.enter_async_context(
-                    provisioning_service(config, store, metrics)
+                orders = OrderTracker(
+                    max_failed=CoverageOptions().max_failed_orders,
+                    on_forgotten=metrics.coverage_orders_forgotten.inc,
                 )
+                service = await stack.enter_async_context(
+                    provisioning_service(config, store, metrics, orders=orders)
+                )
+                coverage = build_coverage(config, service, store, orders, metrics)
                 if isinstance(store, MemoryStore):
                     # An in-memory line store starts empty (or from its seed file): rebuild the
                     # records of every provisioned line before the first call can need one.
@@ -877,7 +919,9 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 phost, pport = prov.listen
                 await stack.enter_async_context(
                     serve_http(
-                        build_provisioning_app(service, tokens=tokens, calls=calls),
+                        build_provisioning_app(
+                            service, tokens=tokens, calls=calls, coverage=coverage
+                        ),
                         phost,
                         pport,
                         tls=prov.tls,
@@ -951,6 +995,8 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 writing = tasks.create_task(recorder.run(watch_stop)) if recorder else None
                 if keeper is not None:
                     tasks.create_task(keeper.run(keeper_stop))
+                if coverage is not None:
+                    tasks.create_task(coverage.run(watch_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)

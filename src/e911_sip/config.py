@@ -298,6 +298,12 @@ class ProvisioningConfig:
     """Prefix of provisioning state keys in Redis."""
     audit_stream: str = "e911:audit"
     """Redis stream holding the audit trail."""
+    coverage_alert_below: float = 0.99
+    """Share of lines with a location (0 to 1) below which ``E911CoverageLow`` fires;
+    exported as ``e911_sip_coverage_alert_below``. 0 turns the alert off."""
+    coverage_interval: float = 60.0
+    """Seconds between recomputations of the coverage gauges when nothing is written
+    (writes recompute them within two seconds)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1055,7 +1061,16 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
         audit_url=_state_url(s.string("audit_url", d.audit_url), s.where("audit_url"), base),
         key_prefix=s.string("key_prefix", d.key_prefix),
         audit_stream=s.string("audit_stream", d.audit_stream),
+        coverage_alert_below=_share(s, "coverage_alert_below", d.coverage_alert_below),
+        coverage_interval=s.number("coverage_interval", d.coverage_interval, minimum=1.0),
     )
+
+
+def _share(s: _Section, key: str, default: float) -> float:
+    value = s.number(key, default)
+    if value > 1.0:
+        raise ConfigError(f"{s.where(key)}: a share from 0 to 1, got {value}")
+    return value
 
 
 def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:
