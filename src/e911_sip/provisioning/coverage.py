@@ -339,3 +339,50 @@ def _would_use(state: CustomerState, ref: EntityRef) -> int:
 
 def _phone(state: CustomerState, entity: Entity) -> str:
     return cascade.endpoint_number(state, entity) or ""
+
+
+def summary(view: Mapping[str, Any]) -> str:
+    """A readable summary of ``GET /v1/coverage``'s answer (what ``e911-sip coverage``
+    prints)."""
+    lines: int = view["lines"]
+    share: float = view["share"]
+    out = [
+        f"Lines:            {lines}",
+        f"With a location:  {view['covered']} ({share:.2%})",
+    ]
+    out += [f"  {level + ' level:':<16}{n}" for level, n in view["by_level"].items()]
+    uncovered = view["uncovered"]
+    out.append(f"Without one:      {uncovered['total']}")
+    out += [f"  {reason + ':':<16}{n}" for reason, n in view["uncovered_by_reason"].items() if n]
+    below = view.get("alert_below")
+    if below is not None and share < below:
+        out.append(f"BELOW the alert threshold of {below:.2%}")
+    endpoints = view["endpoints"]
+    out.append(
+        f"Endpoints at Bandwidth: {endpoints['pending_total']} pending, "
+        f"{endpoints['failed_total']} failed"
+    )
+    for problem in [*endpoints["failed"], *endpoints["pending"]]:
+        out.append(
+            f"  {problem['status']:<8}{problem['endpoint_id']}  "
+            f"{problem['entity'] or '(no entity)'}  +1{problem['phone_number']}  "
+            f"{problem['lines']} line(s)  {problem['reason']}"
+            + (f"  order {problem['order_id']}" if problem.get("order_id") else "")
+        )
+    if view.get("orphan_records"):
+        out.append(f"Line records no account holds: {view['orphan_records']} (resync prunes them)")
+    shown = uncovered["lines"]
+    if shown:
+        first = uncovered["offset"] + 1
+        out.append(
+            f"Lines without a location ({first}-{first + len(shown) - 1} of {uncovered['total']}):"
+        )
+        for entry in shown:
+            detail = [entry["source"] or ""]
+            if entry["reason"] == LineState.RECORD_MISMATCH.value:
+                detail.append(f"record names {entry['record_endpoint']}")
+            if entry["order"]:
+                detail.append(f"order {entry['order']}")
+            row = f"  {entry['line']}  {entry['customer_id']:<20} {entry['reason']:<16} "
+            out.append((row + "  ".join(d for d in detail if d)).rstrip())
+    return "\n".join(out) + "\n"

@@ -13,6 +13,7 @@ from e911_sip.provisioning.coverage import (
     OrderStatus,
     compute,
     endpoint_id_of,
+    summary,
 )
 from e911_sip.provisioning.model import (
     Account,
@@ -263,3 +264,18 @@ def test_the_uncovered_list_pages_but_counts_stay_exact() -> None:
     ]
     assert first["share"] == 0.0
     assert first["uncovered_by_reason"]["no_address"] == 25
+
+
+def test_the_summary_names_the_figures_and_the_uncovered_lines() -> None:
+    bare = state(customer("acme", address=False), [], [line("acme", "3035550009")])
+    covered = three_levels()
+    records = records_for(bare, covered)
+    records["2025550004"] = LocationRecord("5555555/elsewhere")
+    view = compute([covered, bare], records).to_dict(limit=10) | {"alert_below": 0.99}
+    text = summary(view)
+    assert "Lines:            5" in text
+    assert "With a location:  3 (60.00%)" in text
+    assert "BELOW the alert threshold of 99.00%" in text
+    assert "  3035550009  acme                 no_address" in text
+    assert "record names 5555555/elsewhere" in text
+    assert "2025550001" not in text
