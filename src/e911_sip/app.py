@@ -547,15 +547,15 @@ async def provisioning_service(
     metrics: Metrics | None,
     *,
     orders: OrderTracker | None = None,
+    state: StateStore | None = None,
 ) -> AsyncIterator[ProvisioningService]:
     """A provisioning service with its Bandwidth client and backends, closed on exit.
 
-    With ``orders``, endpoint orders and saves are reported to it (coverage figures).
+    With ``orders``, endpoint orders are reported to it (coverage figures). ``state``
+    replaces the store ``[provisioning] state_url`` names (it is closed on exit all the same).
     """
-    state: StateStore = build_state(config)
+    state = state if state is not None else build_state(config)
     audit = build_audit(config)
-    if orders is not None:
-        state = NotifyingStateStore(state, on_write=orders.changed)
     try:
         async with BandwidthClient(config.bandwidth.client) as client:
             yield ProvisioningService(
@@ -574,14 +574,14 @@ async def provisioning_service(
 
 def build_coverage(
     config: Config,
-    service: ProvisioningService,
+    state: NotifyingStateStore,
     lines: LineRecordWriter,
     orders: OrderTracker,
     metrics: Metrics,
 ) -> CoverageMonitor:
     """The coverage figures of ``GET /v1/coverage`` and the ``e911_sip_coverage_*`` gauges."""
     return CoverageMonitor(
-        customers=service.list_customers,
+        customers=state.all_customers,
         lines=lines,
         tracker=orders,
         options=CoverageOptions(
@@ -895,10 +895,12 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     max_failed=CoverageOptions().max_failed_orders,
                     on_forgotten=metrics.coverage_orders_forgotten.inc,
                 )
+                # Every save asks for fresh coverage figures.
+                state = NotifyingStateStore(build_state(config), on_write=orders.changed)
                 service = await stack.enter_async_context(
-                    provisioning_service(config, store, metrics, orders=orders)
+                    provisioning_service(config, store, metrics, orders=orders, state=state)
                 )
-                coverage = build_coverage(config, service, store, orders, metrics)
+                coverage = build_coverage(config, state, store, orders, metrics)
                 if isinstance(store, MemoryStore):
                     # An in-memory line store starts empty (or from its seed file): rebuild the
                     # records of every provisioned line before the first call can need one.

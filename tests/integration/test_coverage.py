@@ -263,3 +263,17 @@ def test_coverage_through_the_api_the_cli_and_the_gauges(
     body = p.ok("GET", "/v1/coverage")
     assert (body["covered"], body["uncovered"]["total"]) == (5, 2)
     assert metric_value(p.process.metrics(), "e911_sip_coverage_lines", state="customer") == 3
+
+
+async def test_redis_state_reads_every_customer_in_batches(redis_server: RedisServer) -> None:
+    from e911_sip.provisioning.model import Customer, CustomerState
+    from e911_sip.provisioning.state import RedisStateStore
+
+    store = RedisStateStore(url=redis_server.url, key_prefix="t:")
+    try:
+        for cid in ("e", "a", "d", "b", "c"):
+            await store.put(CustomerState(customer=Customer(customer_id=cid), version=1))
+        got = await store.all_customers(batch=2)
+        assert [s.customer_id for s in got] == ["a", "b", "c", "d", "e"]
+    finally:
+        await store.close()

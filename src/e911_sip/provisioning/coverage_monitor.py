@@ -15,7 +15,8 @@ This module supplies its inputs and publishes its result:
 - :class:`CoverageMonitor` computes the figures on demand (``GET /v1/coverage``) and in
   the background: every ``interval`` seconds, and after writes, at most once every
   ``min_gap`` seconds however many writes come (a bulk import costs one pass a gap, not one
-  per line).
+  per line), and never more than a tenth of the time (a pass of ``d`` seconds is followed
+  by at least ``9 d`` of rest).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
 
 from e911_sip.metrics import Metrics
 from e911_sip.provisioning.bandwidth import (
@@ -46,7 +48,7 @@ from e911_sip.provisioning.coverage import (
 )
 from e911_sip.provisioning.model import CustomerState
 from e911_sip.provisioning.service import EmergencyProvider, ServiceError
-from e911_sip.provisioning.state import StateStore
+from e911_sip.provisioning.state import StateError, StateStore
 from e911_sip.store.base import LineRecordWriter, StoreError
 
 _LOG = logging.getLogger("e911_sip.provisioning.coverage")
@@ -181,6 +183,13 @@ class TrackedProvider:
         return await self._provider.list_endpoints(address_id=address_id)
 
 
+@runtime_checkable
+class BulkStateReader(Protocol):
+    """A state store that reads every customer at once."""
+
+    async def all_customers(self) -> list[CustomerState]: ...
+
+
 class NotifyingStateStore:
     """A StateStore that calls ``on_write`` after each save or delete that succeeded."""
 
@@ -201,6 +210,17 @@ class NotifyingStateStore:
 
     async def customer_ids(self) -> list[str]:
         return await self._store.customer_ids()
+
+    async def all_customers(self) -> list[CustomerState]:
+        """Every customer, in id order: in bulk where the store can (Redis: MGET)."""
+        if isinstance(self._store, BulkStateReader):
+            return await self._store.all_customers()
+        out = []
+        for cid in await self._store.customer_ids():
+            state = await self._store.get(cid)
+            if state is not None:
+                out.append(state)
+        return out
 
     async def owner(self, number: str) -> str | None:
         return await self._store.owner(number)
@@ -257,6 +277,9 @@ class CoverageMonitor:
             raise ServiceError(
                 503, "store_unavailable", f"line records could not be read: {exc}"
             ) from exc
+        except StateError as exc:
+            self._count("error")
+            raise ServiceError(503, "state_unavailable", str(exc)) from exc
         except ServiceError:
             self._count("error")
             raise
@@ -290,9 +313,13 @@ class CoverageMonitor:
             self._metrics.coverage_refreshes.labels(result).inc()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Recompute every ``interval`` seconds and after writes until ``stop`` is set."""
+        """Recompute every ``interval`` seconds and after writes until ``stop`` is set.
+
+        However large the state, the background work stays under a tenth of the time: after
+        a pass that took ``d`` seconds the next one waits at least ``9 d``.
+        """
         while not stop.is_set():
-            last = self._clock()
+            started = self._clock()
             self._dirty.clear()
             try:
                 await self.current()
@@ -301,8 +328,10 @@ class CoverageMonitor:
             except Exception:
                 _LOG.exception("coverage computation failed")
                 self._count("error")
-            await _first(stop.wait(), self._dirty.wait(), timeout=self._options.interval)
-            wait = last + self._options.min_gap - self._clock()
+            took = self._clock() - started
+            rest = max(self._options.min_gap, 9 * took)
+            await _first(stop.wait(), self._dirty.wait(), timeout=max(self._options.interval, rest))
+            wait = started + took + rest - self._clock()
             if wait > 0 and not stop.is_set():
                 await _first(stop.wait(), timeout=wait)
 

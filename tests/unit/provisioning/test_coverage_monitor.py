@@ -252,3 +252,30 @@ async def test_without_a_monitor_coverage_is_503(bw: Bw) -> None:
             assert response.status == 503
     finally:
         await server.close()
+
+
+async def test_all_customers_reads_every_store_in_bulk_or_one_by_one() -> None:
+    from e911_sip.provisioning.model import Customer, CustomerState
+
+    memory = MemoryStateStore()
+    for cid in ("b", "a", "c"):
+        await memory.put(CustomerState(customer=Customer(customer_id=cid), version=1))
+    writes: list[None] = []
+    wrapped = NotifyingStateStore(memory, on_write=lambda: writes.append(None))
+    assert [s.customer_id for s in await wrapped.all_customers()] == ["a", "b", "c"]
+
+    class OneByOne:
+        """A store with only the StateStore protocol (no bulk read)."""
+
+        get = memory.get
+        put = memory.put
+        delete = memory.delete
+        customer_ids = memory.customer_ids
+        owner = memory.owner
+        ping = memory.ping
+        close = memory.close
+
+    plain = NotifyingStateStore(OneByOne(), on_write=lambda: writes.append(None))  # type: ignore[arg-type]
+    assert [s.customer_id for s in await plain.all_customers()] == ["a", "b", "c"]
+    await wrapped.put(CustomerState(customer=Customer(customer_id="d"), version=1))
+    assert len(writes) == 1
