@@ -107,14 +107,18 @@ class OrderTracker:
         self._running[endpoint_id] = (attempt, count + 1)
         self.changed()
 
-    def finished(self, endpoint_id: str, error: BandwidthError | None) -> None:
+    def finished(
+        self, endpoint_id: str, error: BandwidthError | None, *, known: bool = True
+    ) -> None:
+        """The order ended: succeeded (``error`` None), failed, or ``known=False`` when its
+        outcome is not known (the request was cancelled)."""
         attempt, count = self._running.pop(endpoint_id)
         if count > 1:
             self._running[endpoint_id] = (attempt, count - 1)
-        if error is None:
+        if known:
+            # Re-inserted, so the newest failure is the last to be forgotten.
             self._failed.pop(endpoint_id, None)
-        else:
-            self._failed.pop(endpoint_id, None)
+        if known and error is not None:
             self._failed[endpoint_id] = OrderAttempt(
                 endpoint_id=endpoint_id,
                 phone_number=attempt.phone_number,
@@ -161,19 +165,22 @@ class TrackedProvider:
         self, *, endpoint_id: str, phone_number: str, name: str, address_id: str
     ) -> Endpoint:
         self._tracker.started(endpoint_id, phone_number)
-        error: BandwidthError | None = None
         try:
-            return await self._provider.provision_endpoint(
+            endpoint = await self._provider.provision_endpoint(
                 endpoint_id=endpoint_id,
                 phone_number=phone_number,
                 name=name,
                 address_id=address_id,
             )
         except BandwidthError as exc:
-            error = exc
+            self._tracker.finished(endpoint_id, exc)
             raise
-        finally:
-            self._tracker.finished(endpoint_id, error)
+        except BaseException:
+            # Cancelled or a bug: the order's outcome is unknown, so an earlier failure stays.
+            self._tracker.finished(endpoint_id, None, known=False)
+            raise
+        self._tracker.finished(endpoint_id, None)
+        return endpoint
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         await self._provider.delete_endpoint(endpoint_id)

@@ -279,3 +279,22 @@ async def test_all_customers_reads_every_store_in_bulk_or_one_by_one() -> None:
     assert [s.customer_id for s in await plain.all_customers()] == ["a", "b", "c"]
     await wrapped.put(CustomerState(customer=Customer(customer_id="d"), version=1))
     assert len(writes) == 1
+
+
+async def test_a_cancelled_order_leaves_an_earlier_failure_in_place(bw: Bw) -> None:
+    provider = PausingProvider(bw.client)
+    rig = make_rig(bw, provider)
+    eid = endpoint_id_of(EntityRef.customer("hd365"))
+    rig.tracker.started(eid, LINE)
+    rig.tracker.finished(eid, ProviderUnavailable("down", type="order-timeout"))
+    await bare_line(rig)
+    change = asyncio.create_task(
+        rig.service.patch_customer("hd365", CustomerFields(address=RALEIGH), who="t")
+    )
+    await asyncio.wait_for(provider.entered.wait(), 10)
+    assert [a.status for a in rig.tracker.attempts()] == [OrderStatus.PENDING]
+    change.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await change
+    [attempt] = rig.tracker.attempts()
+    assert (attempt.status, attempt.error) == (OrderStatus.FAILED, "order-timeout: down")
