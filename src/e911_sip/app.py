@@ -72,6 +72,13 @@ from e911_sip.provisioning.calls import (
     build_call_store,
     level_resolver,
 )
+from e911_sip.provisioning.coverage_monitor import (
+    CoverageMonitor,
+    CoverageOptions,
+    NotifyingStateStore,
+    OrderTracker,
+    TrackedProvider,
+)
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 from e911_sip.provisioning.imports import (
     FileJobStore,
@@ -554,15 +561,24 @@ def build_calls(config: Config) -> CallStore:
 
 @contextlib.asynccontextmanager
 async def provisioning_service(
-    config: Config, lines: LineRecordWriter, metrics: Metrics | None
+    config: Config,
+    lines: LineRecordWriter,
+    metrics: Metrics | None,
+    *,
+    orders: OrderTracker | None = None,
+    state: StateStore | None = None,
 ) -> AsyncIterator[ProvisioningService]:
-    """A provisioning service with its Bandwidth client and backends, closed on exit."""
-    state = build_state(config)
+    """A provisioning service with its Bandwidth client and backends, closed on exit.
+
+    With ``orders``, endpoint orders are reported to it (coverage figures). ``state``
+    replaces the store ``[provisioning] state_url`` names (it is closed on exit all the same).
+    """
+    state = state if state is not None else build_state(config)
     audit = build_audit(config)
     try:
         async with BandwidthClient(config.bandwidth.client) as client:
             yield ProvisioningService(
-                provider=client,
+                provider=client if orders is None else TrackedProvider(client, orders),
                 lines=lines,
                 state=state,
                 audit=audit,
@@ -573,6 +589,26 @@ async def provisioning_service(
     finally:
         await state.close()
         await audit.close()
+
+
+def build_coverage(
+    config: Config,
+    state: NotifyingStateStore,
+    lines: LineRecordWriter,
+    orders: OrderTracker,
+    metrics: Metrics,
+) -> CoverageMonitor:
+    """The coverage figures of ``GET /v1/coverage`` and the ``e911_sip_coverage_*`` gauges."""
+    return CoverageMonitor(
+        customers=state.all_customers,
+        lines=lines,
+        tracker=orders,
+        options=CoverageOptions(
+            interval=config.provisioning.coverage_interval,
+            alert_below=config.provisioning.coverage_alert_below,
+        ),
+        metrics=metrics,
+    )
 
 
 async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> None:
@@ -847,6 +883,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     calls: CallStore | None = None
     source: RecordSource | None = None
     service: ProvisioningService | None = None
+    coverage: CoverageMonitor | None = None
     notify = build_notify(
         config,
         edge=role in (Role.EDGE, Role.ALL),
@@ -880,9 +917,16 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             if provisioning:
                 if config.bandwidth.run_emulator:
                     await start_emulator(config, stack)
-                service = await stack.enter_async_context(
-                    provisioning_service(config, store, metrics)
+                orders = OrderTracker(
+                    max_failed=CoverageOptions().max_failed_orders,
+                    on_forgotten=metrics.coverage_orders_forgotten.inc,
                 )
+                # Every save asks for fresh coverage figures.
+                state = NotifyingStateStore(build_state(config), on_write=orders.changed)
+                service = await stack.enter_async_context(
+                    provisioning_service(config, store, metrics, orders=orders, state=state)
+                )
+                coverage = build_coverage(config, state, store, orders, metrics)
                 if isinstance(store, MemoryStore):
                     # An in-memory line store starts empty (or from its seed file): rebuild the
                     # records of every provisioned line before the first call can need one.
@@ -905,7 +949,11 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 await stack.enter_async_context(
                     serve_http(
                         build_provisioning_app(
-                            service, tokens=tokens, calls=calls, imports=imports
+                            service,
+                            tokens=tokens,
+                            calls=calls,
+                            imports=imports,
+                            coverage=coverage,
                         ),
                         phost,
                         pport,
@@ -980,6 +1028,8 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 writing = tasks.create_task(recorder.run(watch_stop)) if recorder else None
                 if keeper is not None:
                     tasks.create_task(keeper.run(keeper_stop))
+                if coverage is not None:
+                    tasks.create_task(coverage.run(watch_stop))
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)

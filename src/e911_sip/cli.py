@@ -1,4 +1,4 @@
-"""Command line: ``e911-sip serve | check-config | resync | import | calls export |
+"""Command line: ``e911-sip serve | check-config | resync | import | calls export | coverage |
 bandwidth-emulator``."""
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import os
 import signal
 import ssl
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
 from e911_sip.config import Config, ConfigError, load
 from e911_sip.provisioning import remote
 from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
+from e911_sip.provisioning.coverage import summary as coverage_summary
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
 
 
@@ -274,6 +278,114 @@ def _import(args: argparse.Namespace) -> int:
         return 2
 
 
+# --- coverage: asks the running provisioning service -------------------------------------
+
+API_URL_ENV = "E911_SIP_API_URL"
+API_TOKEN_ENV = "E911_SIP_API_TOKEN"
+API_CA_FILE_ENV = "E911_SIP_API_CA_FILE"
+
+
+class _ApiError(Exception):
+    """The provisioning API could not be reached or refused the request."""
+
+
+def _api_base(config: Config, given: str | None) -> str:
+    """``--url``, else ``E911_SIP_API_URL``, else ``[provisioning] listen`` (a wildcard
+    address is reached on loopback)."""
+    if given:
+        return given.rstrip("/")
+    host, port = config.provisioning.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return app.http_url(host, port, config.provisioning.tls)
+
+
+def _api_token(config: Config, given: str | None, name: str | None) -> str:
+    """``--token``, else ``E911_SIP_API_TOKEN``, else the ``[provisioning] tokens`` entry
+    called ``--token-name`` (default: the first)."""
+    if given:
+        return given
+    tokens = config.provisioning.tokens
+    if name is not None:
+        if name not in tokens:
+            raise ConfigError(f"[provisioning] tokens: no token named {name!r}")
+        return tokens[name]
+    if not tokens:
+        raise ConfigError(f"[provisioning] tokens: empty; give --token or set {API_TOKEN_ENV}")
+    return next(iter(tokens.values()))
+
+
+def _api_get(url: str, token: str, *, ca_file: str | None, timeout: float) -> Any:
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise _ApiError(f"{url}: {exc.code} {message}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _ApiError(f"{url}: {exc}") from None
+
+
+def _coverage(args: argparse.Namespace) -> int:
+    config = load(args.config, os.environ)
+    base = _api_base(config, args.url or os.environ.get(API_URL_ENV))
+    token = _api_token(config, args.token or os.environ.get(API_TOKEN_ENV), args.token_name)
+    query = urllib.parse.urlencode({"limit": args.limit, "offset": args.offset})
+    try:
+        view = _api_get(
+            f"{base}/v1/coverage?{query}",
+            token,
+            ca_file=args.ca_file or os.environ.get(API_CA_FILE_ENV),
+            timeout=args.timeout,
+        )
+    except _ApiError as exc:
+        print(f"e911-sip: coverage could not be read: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(coverage_summary(view))
+    if args.fail_below is not None and view["share"] < args.fail_below:
+        return 3
+    return 0
+
+
+def _coverage_parser(sub: Any) -> None:
+    coverage = sub.add_parser(
+        "coverage",
+        help="how many lines would reach the PSAP with a location (asks the running service)",
+    )
+    coverage.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+    coverage.add_argument(
+        "--url", help=f"provisioning API base URL (default: ${API_URL_ENV}, else [provisioning])"
+    )
+    coverage.add_argument(
+        "--token", help=f"bearer token (default: ${API_TOKEN_ENV}, else [provisioning] tokens)"
+    )
+    coverage.add_argument("--token-name", help="which [provisioning] tokens entry to use")
+    coverage.add_argument(
+        "--ca-file", help=f"CA certificates to trust for HTTPS (default: ${API_CA_FILE_ENV})"
+    )
+    coverage.add_argument(
+        "--limit", type=int, default=100, help="lines without a location to list (1-1000)"
+    )
+    coverage.add_argument("--offset", type=int, default=0, help="skip that many of them")
+    coverage.add_argument("--json", action="store_true", help="print the API's JSON")
+    coverage.add_argument(
+        "--fail-below",
+        type=float,
+        metavar="SHARE",
+        help="exit 3 when the share covered is below SHARE (0 to 1)",
+    )
+    coverage.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e911-sip",
@@ -321,6 +433,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, help="file to write (default: standard output)")
 
     _add_import_parser(sub)
+    _coverage_parser(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
@@ -423,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export_calls(args)
         if args.command == "import":
             return _import(args)
+        if args.command == "coverage":
+            return _coverage(args)
         if args.command == "resync":
             return _resync(args)
         if args.command == "serve":

@@ -275,6 +275,12 @@ class ProvisioningConfig:
     imports: ImportOptions = field(default_factory=ImportOptions)
     """Bulk imports: every field of :class:`~e911_sip.provisioning.imports.ImportOptions`
     (``import_concurrency``, ``import_batch_size``, ...) is a key of this section."""
+    coverage_alert_below: float = 0.99
+    """Share of lines with a location (0 to 1) below which ``E911CoverageLow`` fires;
+    exported as ``e911_sip_coverage_alert_below``. 0 turns the alert off."""
+    coverage_interval: float = 60.0
+    """Seconds between recomputations of the coverage gauges when nothing is written
+    (writes recompute them within two seconds)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1083,11 +1089,20 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
             minimums={"import_retries": 0},
             int_minimum=1,
         ),
+        coverage_alert_below=_share(s, "coverage_alert_below", d.coverage_alert_below),
+        coverage_interval=s.number("coverage_interval", d.coverage_interval, minimum=1.0),
     )
 
 
 _RECORDER_KEYS = ("max_in_progress", "max_age", "queue_size")
 """[records] keys of the recorder's options (see RecordsConfig.recorder)."""
+
+
+def _share(s: _Section, key: str, default: float) -> float:
+    value = s.number(key, default)
+    if value > 1.0:
+        raise ConfigError(f"{s.where(key)}: a share from 0 to 1, got {value}")
+    return value
 
 
 def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:

@@ -64,6 +64,16 @@ STORE_BREAKER_STATES = ("closed", "open", "half_open")
 
 NOTIFY_CHANNELS = ("webhook", "email", "sms")
 NOTIFY_OUTCOMES = ("delivered", "retried", "dead")
+COVERAGE_STATES = (
+    "account",
+    "site",
+    "customer",
+    "no_address",
+    "not_provisioned",
+    "record_missing",
+    "record_mismatch",
+)
+"""The ``state`` labels of ``e911_sip_coverage_lines`` (provisioning.coverage.LineState)."""
 
 # From a webhook on loopback (milliseconds) to SMS paced at 1 message a second behind others.
 _NOTIFY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
@@ -400,6 +410,56 @@ class Metrics:
             "e911_sip_notification_events_dropped_total",
             "Emergency call events the edge could not queue for notification (the queue was "
             "unreachable and the in-memory backlog full).",
+            registry=r,
+        )
+
+        self._coverage(r)
+
+    def _coverage(self, r: CollectorRegistry) -> None:
+        """Location coverage, set by the provisioning role (see provisioning/coverage.py)."""
+        self.coverage_lines = Gauge(
+            "e911_sip_coverage_lines",
+            "Provisioned lines by coverage state: account, site, customer (covered at that "
+            "level) or no_address, not_provisioned, record_missing, record_mismatch (a 911 "
+            "call would reach the PSAP without a location).",
+            ["state"],
+            registry=r,
+        )
+        for state in COVERAGE_STATES:
+            self.coverage_lines.labels(state)
+        self.coverage_share = Gauge(
+            "e911_sip_coverage_share",
+            "Share of provisioned lines covered (1 with no lines; 0 until first computed).",
+            registry=r,
+        )
+        self.coverage_endpoints_pending = Gauge(
+            "e911_sip_coverage_endpoints_pending",
+            "Endpoints whose Bandwidth order is running, or that an entity with lines lacks.",
+            registry=r,
+        )
+        self.coverage_endpoints_failed = Gauge(
+            "e911_sip_coverage_endpoints_failed",
+            "Endpoints whose last Bandwidth order failed (as seen by this process).",
+            registry=r,
+        )
+        self.coverage_alert_below = Gauge(
+            "e911_sip_coverage_alert_below",
+            "[provisioning] coverage_alert_below: E911CoverageLow fires below this share "
+            "(0 until coverage is first computed, so nothing fires before).",
+            registry=r,
+        )
+        self.coverage_refreshes = Counter(
+            "e911_sip_coverage_refreshes_total",
+            "Coverage computations by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.coverage_refreshes.labels(result)
+        self.coverage_orders_forgotten = Counter(
+            "e911_sip_coverage_orders_forgotten_total",
+            "Failed endpoint orders dropped from memory at the bound "
+            "(CoverageOptions.max_failed_orders).",
             registry=r,
         )
 

@@ -245,6 +245,12 @@ def test_the_dashboard_covers_what_the_edge_measures() -> None:
         "e911_sip_stream_connections_closed_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
+        "e911_sip_coverage_share",
+        "e911_sip_coverage_lines",
+        "e911_sip_coverage_endpoints_failed",
+        "e911_sip_notifications_total",
+        "e911_sip_notification_latency_seconds_bucket",
+        "e911_sip_notification_dead_letters",
     ):
         assert metric in text, metric
 

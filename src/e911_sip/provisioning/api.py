@@ -7,7 +7,8 @@ Resources (all under ``/v1``, all behind ``Authorization: Bearer <token>``):
 - ``/accounts/{number}``: a line keyed by its 10-digit number, optionally on a site and with
   its own address (highest level);
 - ``/audit``: the trail of line location changes; ``/resync``: rebuild the line records;
-- ``/calls``: one record per emergency call (location, trunks, times), paged by a cursor.
+- ``/calls``: one record per emergency call (location, trunks, times), paged by a cursor;
+- ``/coverage``: how many lines would reach the PSAP with a location, and which would not.
 
 Entities are created with PUT on their URL (ids are the CSP's own: a PUT can be retried
 safely after a timeout) and changed with PATCH (JSON merge patch: a field left out stays, a
@@ -38,6 +39,8 @@ from e911_sip.callrecords.book import END_REASONS, parse_time
 from e911_sip.policy.emergency import normalize_nanp
 from e911_sip.provisioning import cascade
 from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStore, CallStoreError
+from e911_sip.provisioning.coverage import COVERED_STATES, UNCOVERED_STATES, OrderStatus
+from e911_sip.provisioning.coverage_monitor import CoverageMonitor
 from e911_sip.provisioning.model import (
     Account,
     Address,
@@ -592,6 +595,18 @@ _CALLS_QUERY = (
     _limit(MAX_PAGE),
 )
 
+MAX_COVERAGE_LIMIT = 1000
+"""The most uncovered lines one coverage page lists."""
+
+_COVERAGE_QUERY = (
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_COVERAGE_LIMIT, "default": 100},
+    },
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+)
+
 
 # --- handlers --------------------------------------------------------------------------------
 
@@ -604,10 +619,12 @@ class _Handlers:
         document: dict[str, Any],
         calls: CallStore | None = None,
         imports: ImportJobs | None = None,
+        coverage: CoverageMonitor | None = None,
     ) -> None:
         self._service = service
         self._calls = calls
         self._imports = imports
+        self._coverage = coverage
         self._auth = auth
         self._document = document
         self._country = service.options.default_country
@@ -896,6 +913,30 @@ class _Handlers:
         )
 
     @operation(
+        "GET",
+        "/v1/coverage",
+        summary="How many lines would reach the PSAP with a location",
+        response="Coverage",
+        errors=(401, 422, 503),
+        description="Computed now from the provisioning state and the edge's line records "
+        "(e911:line:*): a line is covered only when the state gives it an endpoint and its "
+        "record names that endpoint. Counts are exact; the list of uncovered lines is paged "
+        "with limit and offset (by number), the endpoint lists are cut to limit.",
+        query=_COVERAGE_QUERY,
+    )
+    async def coverage(self, request: web.Request) -> web.StreamResponse:
+        limit, offset = coverage_page(request.query)
+        if self._coverage is None:
+            raise ServiceError(503, "unavailable", "coverage is not computed in this process")
+        figures = await self._coverage.current()
+        return web.json_response(
+            {
+                **figures.to_dict(limit=limit, offset=offset),
+                "alert_below": self._coverage.options.alert_below,
+            }
+        )
+
+    @operation(
         "POST",
         "/v1/resync",
         summary="Rebuild every line record from provisioning state",
@@ -1009,6 +1050,103 @@ def call_query(params: Mapping[str, str]) -> CallQuery:
         after=cursor,
         limit=int(raw_limit),
     )
+
+
+# --- coverage ------------------------------------------------------------------------------
+
+
+def coverage_page(params: Mapping[str, str]) -> tuple[int, int]:
+    """``limit`` (1 to 1000, default 100) and ``offset`` (default 0) of ``GET /v1/coverage``.
+
+    Raises ServiceError 422."""
+    raw_limit = params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_COVERAGE_LIMIT:
+        raise _invalid(f"limit must be an integer from 1 to {MAX_COVERAGE_LIMIT}", field="limit")
+    raw_offset = params.get("offset", "0")
+    if not raw_offset.isdigit():
+        raise _invalid("offset must be a non-negative integer", field="offset")
+    return int(raw_limit), int(raw_offset)
+
+
+def _coverage_schemas(ref: str) -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    ns = {"type": ["string", "null"]}
+    endpoint = {
+        "type": "object",
+        "properties": {
+            "endpoint_id": {"type": "string"},
+            "status": {"type": "string", "enum": [s.value for s in OrderStatus]},
+            "entity": ns,
+            "phone_number": {"type": "string"},
+            "lines": count,
+            "reason": {
+                "type": "string",
+                "description": "order_in_progress, not_provisioned, or Bandwidth's error",
+            },
+            "order_id": ns,
+            "at": ns,
+        },
+    }
+    return {
+        "CoverageEndpoint": endpoint,
+        "Coverage": {
+            "type": "object",
+            "properties": {
+                "lines": count,
+                "covered": count,
+                "share": {"type": "number", "minimum": 0, "maximum": 1},
+                "alert_below": {"type": "number"},
+                "by_level": {
+                    "type": "object",
+                    "properties": {s.value: count for s in COVERED_STATES},
+                },
+                "uncovered_by_reason": {
+                    "type": "object",
+                    "properties": {s.value: count for s in UNCOVERED_STATES},
+                },
+                "uncovered": {
+                    "type": "object",
+                    "properties": {
+                        "total": count,
+                        "offset": count,
+                        "limit": count,
+                        "lines": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "line": {"type": "string", "pattern": r"^\d{10}$"},
+                                    "customer_id": {"type": "string"},
+                                    "reason": {
+                                        "type": "string",
+                                        "enum": [s.value for s in UNCOVERED_STATES],
+                                    },
+                                    "source": ns,
+                                    "provider_endpoint": ns,
+                                    "record_endpoint": ns,
+                                    "order": {
+                                        "type": ["string", "null"],
+                                        "enum": [*(s.value for s in OrderStatus), None],
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+                "endpoints": {
+                    "type": "object",
+                    "properties": {
+                        "pending_total": count,
+                        "failed_total": count,
+                        "pending": {"type": "array", "items": {"$ref": ref + "CoverageEndpoint"}},
+                        "failed": {"type": "array", "items": {"$ref": ref + "CoverageEndpoint"}},
+                    },
+                },
+                "orphan_records": count,
+            },
+            "required": ["lines", "covered", "share", "by_level", "uncovered", "endpoints"],
+        },
+    }
 
 
 def _saved(view: dict[str, Any], created: bool, location: str) -> web.Response:
@@ -1264,6 +1402,7 @@ def _schemas() -> dict[str, Any]:
                 "errors": {"type": "array", "items": s},
             }
         ),
+        **_coverage_schemas(ref),
         "Health": obj({"status": s, "state": {"type": "boolean"}}),
         "Error": obj(
             {
@@ -1433,6 +1572,7 @@ def build_provisioning_app(
     tokens: Mapping[str, str],
     calls: CallStore | None = None,
     imports: ImportJobs | None = None,
+    coverage: CoverageMonitor | None = None,
 ) -> web.Application:
     """The provisioning API as an aiohttp application.
 
@@ -1444,7 +1584,7 @@ def build_provisioning_app(
         ValueError: a token is empty or has no name.
     """
     auth = _Auth(tokens)
-    handlers = _Handlers(service, auth, openapi_document(), calls, imports)
+    handlers = _Handlers(service, auth, openapi_document(), calls, imports, coverage)
     app = web.Application(middlewares=[_errors, auth.middleware, _media_type])
     for route in routes():
         app.router.add_route(route.method, route.path, getattr(handlers, route.handler))

@@ -184,6 +184,11 @@ class MemoryStateStore:
         self._check_up()
         return sorted(self._docs)
 
+    async def all_customers(self) -> list[CustomerState]:
+        """Every stored customer, in id order (one read, for figures over all of them)."""
+        self._check_up()
+        return [decode(self._docs[cid], where=f"memory:{cid}") for cid in sorted(self._docs)]
+
     async def owner(self, number: str) -> str | None:
         self._check_up()
         return self._owners.get(number)
@@ -311,6 +316,11 @@ class FileStateStore(MemoryStateStore):
             await self._ensure_loaded()
             return await super().customer_ids()
 
+    async def all_customers(self) -> list[CustomerState]:
+        async with self._io:
+            await self._ensure_loaded()
+            return await super().all_customers()
+
     async def owner(self, number: str) -> str | None:
         async with self._io:
             await self._ensure_loaded()
@@ -427,6 +437,20 @@ class RedisStateStore:
         except (RedisError, OSError) as exc:
             raise StateError(f"redis read of {self.customers_key} failed: {exc}") from exc
         return sorted(str(m) for m in members)
+
+    async def all_customers(self, *, batch: int = 500) -> list[CustomerState]:
+        """Every stored customer, in id order: MGET ``batch`` documents a round trip, so
+        10,000 customers cost 20 round trips instead of 10,000."""
+        ids = await self.customer_ids()
+        out: list[CustomerState] = []
+        for start in range(0, len(ids), batch):
+            keys = [self.customer_key(cid) for cid in ids[start : start + batch]]
+            try:
+                texts = await self._client.mget(keys)
+            except (RedisError, OSError) as exc:
+                raise StateError(f"redis read of {len(keys)} customers failed: {exc}") from exc
+            out += [decode(t, where=k) for k, t in zip(keys, texts, strict=True) if t is not None]
+        return out
 
     async def owner(self, number: str) -> str | None:
         try:
