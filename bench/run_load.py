@@ -2,29 +2,45 @@
 
 The proxy is the edge, or Kamailio 5.6 running ``bench/reference/kamailio.cfg`` (the same job:
 record-route, stateful relay, a Redis HGET per 911 call, the same four headers), or both
-alternately (``--target edge|kamailio|both``). What it measures, each with a fresh proxy
-process (so one measurement cannot warm up or poison the next):
+alternately (``--target edge|kamailio|both``). The edge runs on its location store of choice
+(``--store redis|memory|both``): ``edge-redis`` is ``redis://`` with the default ``[store]
+mirror = true`` (every record in memory, loaded from the redis-server Kamailio reads),
+``edge-memory`` is ``memory://`` seeded from a JSON file with the same records.
+
+Every call comes from its own provisioned line (``bench/callers.py``): ``--lines`` (10,000)
+distinct lines ``e911:line:N`` with ``provider_endpoint 777777/probeN``, taken in turn from a
+SIPp injection file, the caller written as ``+1N``, ``1N`` or ``N`` in From and in
+P-Asserted-Identity (all nine combinations), so a proxy must normalise all three to the
+10-digit key. The emergency trunk (``bench/scenarios/uas_load_lines.xml``) checks that each
+INVITE carries its own caller's Geolocation and callback; one that does not is a mismatch.
+
+What it measures, each with a fresh proxy process (so one measurement cannot warm up or
+poison the next):
 
 1. **Maximum sustained call rate**, for emergency calls (``911``, enriched from the location
-   store) and for non-emergency pass-through (``2125550100``, sent to the default trunk).
-   The call rate is stepped up (doubling from ``--start-rate``, at most ``--max-rate``); each
-   step places ``rate * duration`` calls of ``sipp_scenarios/uac_load.xml`` (INVITE, 100,
-   180, 200, ACK, 100 ms hold, BYE, 200). A step passes when, on SIPp's ``-trace_stat``
-   counters, every call succeeded with 0 failed calls and 0 retransmissions on the caller
-   *and* the trunk side, the calls were completed on time (not held back by the concurrency
-   limit or a backlog), and the proxy's own counters agree: the edge's ``/metrics`` shows no
-   failover, fail-open or failed call and, for 911, one enriched call per call placed;
-   Kamailio's statistics (read with ``kamcmd``) show one enriched call per 911 call and no
-   failed lookup. Between the last pass and the first failure, at most three bisection steps
-   refine the figure.
-2. **Latency added by the proxy, on the wire.** tcpdump captures, on ``lo``, only INVITEs (a
-   BPF test on the first payload bytes) sent to the proxy by the caller and to the trunk by
-   the proxy. Pairing them by Call-ID gives in->out per call with kernel timestamps, which is
-   the figure comparable between the edge and Kamailio (SIPp's own response times come in
-   4 ms ticks). For the edge, its own ``e911_sip_emergency_enrich_seconds`` histogram is read
-   alongside (count and p50/p99 interpolated inside its buckets): it starts later (after the
-   datagram has been read and parsed) and stops earlier (before the send), so it is below the
-   wire figure; far below means datagrams wait in the socket buffer (the event loop is behind).
+   store) and for non-emergency pass-through (``2125550100``, sent to the default trunk; the
+   edge's store makes no difference to it, so only the first store is measured). The call
+   rate doubles from ``--start-rate`` (Kamailio: ``--kamailio-start-rate``), at most
+   ``--max-rate``; each step places ``rate * duration`` calls (``--duration``, 30 s) of
+   ``bench/scenarios/uac_load_lines.xml`` (INVITE, 100, 180, 200, ACK, 100 ms hold, BYE,
+   200). A step passes when, on SIPp's ``-trace_stat`` counters, every call succeeded with 0
+   failed calls and 0 retransmissions on the caller *and* the trunk side and 0 mismatches,
+   the calls were completed on time (not held back by the concurrency limit or a backlog),
+   and the proxy's own counters agree: the edge's ``/metrics`` shows no failover, fail-open
+   or failed call and, for 911, one enriched call per call placed; Kamailio's statistics
+   (read with ``kamcmd``) show one enriched call per 911 call and no failed lookup. Between
+   the last pass and the first failure, two bisection steps refine the figure; then a long
+   run (``--confirm-duration``, 60 s) at the best rate confirms it (if it fails, one more at
+   the next passing rate below). The quoted maximum is the confirmed rate.
+2. **Latency added by the proxy, on the wire**, at ``--rates`` (200 calls/s). tcpdump
+   captures, on ``lo``, only INVITEs (a BPF test on the first payload bytes) sent to the
+   proxy by the caller and to the trunk by the proxy. Pairing them by Call-ID gives in->out
+   per call with kernel timestamps, which is the figure comparable between the edge and
+   Kamailio (SIPp's own response times come in 4 ms ticks). For the edge, its own
+   ``e911_sip_emergency_enrich_seconds`` histogram is read alongside (count and p50/p99
+   interpolated inside its buckets): it starts later (after the datagram has been read and
+   parsed) and stops earlier (before the send), so it is below the wire figure; far below
+   means datagrams wait in the socket buffer (the event loop is behind).
 3. **CPU**, from ``/proc/<pid>/stat`` (utime + stime) of the proxy (for Kamailio, the sum of
    all its processes: main, UDP worker, timers, control socket), of every SIPp process, of
    tcpdump and redis-server when they run, as % of one core averaged over the run and the
@@ -32,17 +48,24 @@ process (so one measurement cannot warm up or poison the next):
    every other process on the host (a shared machine has neighbours). On a 2-core box
    the SIPp processes take about a core at high rates: when the host is near 100 % busy, a
    failed step is a limit of the box, not of the proxy. "us/call" is the proxy's CPU time
-   divided by calls completed.
+   divided by calls completed; the report lists the edge's at its maximum, at each latency
+   point and in the soak.
+4. **Soak** (``--soak``, instead of the above): the edge alone, 911 calls at ``--soak-rate``
+   (default half the edge's confirmed 911 maximum in the newest report of
+   ``bench/results/``) for ``--soak-duration`` (600 s), its RSS read from
+   ``/proc/<pid>/status`` every ``--rss-interval`` (10 s): a table, and flat or not (the
+   first minute's peak against the last minute's).
 
 How to read it: the machine's speed varies 2-3x over time, so an absolute calls/s figure
-means little on its own. With ``--target both`` every measurement is taken for the edge and
-then for Kamailio before the next one starts, so a change in the host's speed hits both, and
-the report ends with the ratios edge / Kamailio. The report also records load average, host
+means little on its own. With ``--target both`` every measurement is taken for each proxy in
+turn before the next one starts, so a change in the host's speed hits all of them, and the
+report ends with the ratios edge / Kamailio. The report also records load average, host
 busy/steal and a small fixed CPU probe ("speed probe", lower is faster) before and after.
 
-    python bench/run_load.py                 # the edge: 30 s steps, 20 s latency points
+    python bench/run_load.py                 # the edge on both stores: about 20 minutes
+    python bench/run_load.py --target both   # and Kamailio, alternating: about 25 minutes
     python bench/run_load.py --quick         # smoke run, 5 s steps
-    python bench/run_load.py --target both --quick --max-rate 3200
+    python bench/run_load.py --soak          # 600 s at half the edge's 911 maximum
     python bench/run_load.py --only emergency --skip-latency --start-rate 500
 
 Results: a markdown report on stdout and in ``bench/results/<timestamp>.md``, the raw
@@ -1716,6 +1739,12 @@ def render(report: Report) -> str:
     return "\n".join(out)
 
 
+def _interval(samples: Sequence[RssSample]) -> str:
+    if len(samples) < 2:
+        return "-"
+    return f"{samples[1].t_s - samples[0].t_s:g}"
+
+
 def _compared_edge(targets: set[str]) -> str | None:
     """The edge compared with Kamailio: on the Redis store (the one Kamailio reads) if it was
     measured, else on the memory store."""
@@ -1782,39 +1811,58 @@ def _edge_cpu_row(run: RunResult, what: str) -> str:
     )
 
 
-# The soak judges growth from the first to the last minute: beyond this share, and this much
-# memory, the RSS is not flat.
+# The soak judges growth from the first to the last minute: beyond this share of the first
+# minute's peak, and this much memory, the RSS is not flat.
 SOAK_FLAT_FRACTION = 0.05
 SOAK_FLAT_MIN_KIB = 4096
 SOAK_WINDOW_S = 60.0
 
 
-def soak_verdict(samples: Sequence[RssSample], duration: float) -> tuple[str, float, float]:
-    """("flat" | "growing" | "shrinking" | why not judged, first-minute mean KiB, last-minute
-    mean KiB). The first minute is the samples up to 60 s, the last those from the last
-    minute of the calls (duration - 60 s on)."""
-    first = [s.rss_kib for s in samples if s.t_s <= SOAK_WINDOW_S]
+@dataclass
+class SoakVerdict:
+    verdict: str
+    """``flat``, ``growing``, ``shrinking``, or why it was not judged."""
+    first_peak_kib: int = 0
+    last_peak_kib: int = 0
+    kib_per_1000_calls: float | None = None
+    """Growth from the first minute's peak to the last one's, per 1,000 calls between."""
+
+
+def soak_verdict(samples: Sequence[RssSample], duration: float, rate: int) -> SoakVerdict:
+    """First minute (samples after the start, up to 60 s) against the last minute of the calls.
+
+    Peaks rather than means: the edge's transaction tables fill during the first half minute
+    or so (an ended transaction is kept for its 32 s timers) and then stay level, so the first
+    minute's peak is the steady state, and memory that is never returned shows as a later
+    peak above it.
+    """
+    first = [s.rss_kib for s in samples if 0 < s.t_s <= SOAK_WINDOW_S]
     last = [s.rss_kib for s in samples if duration - SOAK_WINDOW_S <= s.t_s <= duration + 1]
     if not first or not last:
-        return "not judged: no samples in the first or the last minute", 0.0, 0.0
-    first_mean = sum(first) / len(first)
-    last_mean = sum(last) / len(last)
+        return SoakVerdict("not judged: no samples in the first or the last minute")
+    result = SoakVerdict("flat", max(first), max(last))
     if duration < 2 * SOAK_WINDOW_S:
-        return (
-            "not judged: a soak under 2 minutes has no separate first and last minute",
-            (first_mean),
-            last_mean,
-        )
-    allowed = max(SOAK_FLAT_MIN_KIB, SOAK_FLAT_FRACTION * first_mean)
-    if last_mean - first_mean > allowed:
-        return "growing", first_mean, last_mean
-    if first_mean - last_mean > allowed:
-        return "shrinking", first_mean, last_mean
-    return "flat", first_mean, last_mean
+        result.verdict = "not judged: a soak under 2 minutes has no separate first and last minute"
+        return result
+    growth = result.last_peak_kib - result.first_peak_kib
+    calls_between = rate * (duration - SOAK_WINDOW_S)
+    if calls_between > 0:
+        result.kib_per_1000_calls = round(growth / calls_between * 1000, 2)
+    allowed = max(SOAK_FLAT_MIN_KIB, SOAK_FLAT_FRACTION * result.first_peak_kib)
+    if growth > allowed:
+        result.verdict = "growing"
+    elif -growth > allowed:
+        result.verdict = "shrinking"
+    return result
 
 
 def _soak_section(run: RunResult) -> list[str]:
-    verdict, first, last = soak_verdict(run.rss, run.duration_s)
+    judged = soak_verdict(run.rss, run.duration_s, run.rate)
+    per_calls = (
+        ""
+        if judged.kib_per_1000_calls is None
+        else f", {judged.kib_per_1000_calls:g} KiB per 1,000 calls between them"
+    )
     out = [
         "## Soak",
         "",
@@ -1824,9 +1872,11 @@ def _soak_section(run: RunResult) -> list[str]:
         + f"; {run.trunk.mismatches} mismatches; edge CPU {_cpu(run, run.target)} % of one core, "
         f"{_fmt(run.cpu_us_per_call, 0)} us/call.",
         "",
-        f"RSS of the edge (VmRSS from /proc/<pid>/status): first minute mean {first / 1024:.1f} "
-        f"MiB, last minute mean {last / 1024:.1f} MiB: **{verdict}** (flat: within "
-        f"{SOAK_FLAT_FRACTION:.0%} or {SOAK_FLAT_MIN_KIB // 1024} MiB, whichever is larger).",
+        f"RSS of the edge (VmRSS from /proc/<pid>/status, every "
+        f"{_interval(run.rss)} s): peak of the first minute {judged.first_peak_kib / 1024:.1f} "
+        f"MiB, of the last minute {judged.last_peak_kib / 1024:.1f} MiB{per_calls}: "
+        f"**{judged.verdict}** (flat: within {SOAK_FLAT_FRACTION:.0%} or "
+        f"{SOAK_FLAT_MIN_KIB // 1024} MiB, whichever is larger; t = 0 is before the first call).",
         "",
         "| t s | RSS MiB |",
         "|---|---|",
@@ -2183,13 +2233,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--soak-duration and --rss-interval must be positive")
     if args.soak and args.target == KAMAILIO:
         parser.error("--soak measures the edge: use --target edge")
+    # The soak measures the edge alone, on one store (Redis unless --store memory).
+    store = ("memory" if args.store == "memory" else "redis") if args.soak else args.store
     return Options(
         duration=duration,
         latency_duration=latency_duration,
         rates=rates,
         start_rate=args.start_rate,
         max_rate=args.max_rate,
-        store=args.store,
+        store=store,
         quick=args.quick,
         only=args.only,
         skip_max=args.skip_max,
