@@ -144,6 +144,11 @@ HOLD_MS = 100
 SERVICES = {"emergency": "911", "passthrough": "2125550100"}
 KINDS = tuple(SERVICES)
 EDGE_STORES = ("redis", "memory")
+# The process each store is deployed as (compose.yaml, README): with Redis, the edge runs on
+# its own (``--role edge``: per 911 call it adds a call record and a notification event to
+# Redis streams, which the provisioning process consumes elsewhere); memory:// is the
+# embedded box, one process that also keeps the records and runs the notifier.
+EDGE_ROLES = {"redis": "edge", "memory": "all"}
 KAMAILIO = "kamailio"
 
 # SIPp's default socket buffer (64 KiB) overflows on loopback as soon as SIPp is descheduled
@@ -1183,15 +1188,26 @@ class LoadBench:
                     extra=sipp_extra,
                 )
             if target.startswith("edge-"):
+                store = target.removeprefix("edge-")
                 edge = EdgeProcess(
                     rundir,
                     self._edge_config(
-                        target.removeprefix("edge-"),
+                        store,
                         sip_port=free_port_pair(),
                         http_port=free_port("tcp"),
                         emergency_port=emergency_port,
                         default_port=default_port,
                     ),
+                    command=[
+                        sys.executable,
+                        "-m",
+                        "e911_sip",
+                        "serve",
+                        "--role",
+                        EDGE_ROLES[store],
+                        "--config",
+                        "{config}",
+                    ],
                 )
                 edge.start()
                 proxy_port, proxy_target = edge.sip_port, edge.sip_target
@@ -2295,9 +2311,10 @@ def _store_text(options: Options) -> str:
         "P-Asserted-Identity"
     )
     stores = {
-        "redis": "edge-redis: redis:// with [store] mirror = true (records loaded from the "
-        "private redis-server into memory)",
-        "memory": "edge-memory: memory:// seeded from a JSON file ([store] seed_file)",
+        "redis": "edge-redis: serve --role edge, redis:// with [store] mirror = true (records "
+        "loaded from the private redis-server into memory)",
+        "memory": "edge-memory: serve --role all (the embedded box), memory:// seeded from a "
+        "JSON file ([store] seed_file)",
     }
     parts = [lines]
     if any(t.startswith("edge-") for t in options.targets):
