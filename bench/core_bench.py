@@ -5,12 +5,16 @@ times, and reports microseconds of CPU per call. It isolates the Python work fro
 (sendto/recvfrom), so a change to the parser or the core can be judged on its own.
 
     python bench/core_bench.py [--calls N] [--warmup N] [--profile]
+    python bench/core_bench.py --callgrind [--callgrind-calls 200,400]
 
-On a shared machine CPU time varies; instruction counts do not. For a repeatable figure run it
-under callgrind twice and divide the difference by the difference in calls:
-
-    valgrind --tool=callgrind python bench/core_bench.py --warmup 0 --calls 200
-    valgrind --tool=callgrind python bench/core_bench.py --warmup 0 --calls 400
+On a shared machine CPU time varies; instruction counts do not. ``--callgrind`` runs this
+script twice under ``valgrind --tool=callgrind`` (``--warmup 0``, 200 and then 400 calls by
+default, ``PYTHONHASHSEED=0``) and prints the instructions per call from the difference of the
+two totals divided by the difference in calls: interpreter start-up, imports and the first
+call's one-off costs are in both runs and cancel out. Both call counts are multiples of
+``TIMER_EVERY``, so the difference includes the timer sweeps that retire the transactions,
+as a running edge's would. Needs valgrind (``apt-get install valgrind``); it takes a minute
+or two (valgrind runs Python about 50 times slower).
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import functools
 import os
 import pstats
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from e911_sip.app import tune_gc
 from e911_sip.policy.emergency import caller_line, emergency_number
@@ -97,6 +106,11 @@ def in_dialog(method: str, n: int, cseq: int) -> bytes:
     ).encode()
 
 
+# Every this many calls the core's timers run, 64 s of simulated time later: each transaction
+# of the calls so far has ended by then and is retired.
+TIMER_EVERY = 100
+
+
 def run(calls: int) -> float:
     options = ProxyOptions(
         local=(LocalAddress("udp", "127.0.0.1", 5070),),
@@ -134,10 +148,59 @@ def run(calls: int) -> float:
         while core.next_event() is not None:
             pass
         now += 0.001
-        if n % 1000 == 999:
+        if n % TIMER_EVERY == TIMER_EVERY - 1:
             core.handle_timer(now + 64)
     elapsed = time.process_time() - start
     return elapsed / calls * 1e6
+
+
+_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
+
+
+def callgrind_instructions(calls: int, workdir: Path) -> tuple[int, float]:
+    """(instructions executed, wall seconds) of this script with ``calls`` calls under
+    callgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    out = workdir / f"callgrind.out.{calls}"
+    command = [
+        valgrind,
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--warmup",
+        "0",
+        "--calls",
+        str(calls),
+    ]
+    # A fixed hash seed: dict and set layouts, hence the instructions, repeat from run to run.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"callgrind run with {calls} calls failed:\n{done.stderr[-3000:]}")
+    match = _TOTAL.search(out.read_text())
+    if match is None:
+        raise SystemExit(f"no instruction total in {out}")
+    return int(match.group(1)), wall
+
+
+def run_callgrind(counts: list[int]) -> None:
+    """Instructions per call from two callgrind runs with different numbers of calls."""
+    low, high = counts
+    with tempfile.TemporaryDirectory(prefix="core-bench-callgrind-") as tmp:
+        totals = {}
+        for calls in (low, high):
+            totals[calls], wall = callgrind_instructions(calls, Path(tmp))
+            print(f"{calls} calls: {totals[calls]:,} instructions ({wall:.0f} s under callgrind)")
+    per_call = (totals[high] - totals[low]) / (high - low)
+    print(
+        f"{per_call:,.0f} instructions per emergency call (core + enrichment, no I/O; "
+        f"difference of the {high}- and {low}-call runs)"
+    )
 
 
 def main() -> None:
@@ -146,7 +209,28 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instructions per call from two runs under valgrind's callgrind",
+    )
+    parser.add_argument(
+        "--callgrind-calls",
+        default="200,400",
+        help=f"the two call counts of --callgrind, multiples of {TIMER_EVERY} (default 200,400)",
+    )
     args = parser.parse_args()
+    if args.callgrind:
+        try:
+            counts = sorted(int(part) for part in args.callgrind_calls.split(","))
+        except ValueError:
+            parser.error("--callgrind-calls: two integers separated by a comma")
+        if len(counts) != 2 or counts[0] <= 0 or counts[0] == counts[1]:
+            parser.error("--callgrind-calls: two different positive call counts")
+        if any(count % TIMER_EVERY for count in counts):
+            parser.error(f"--callgrind-calls: multiples of {TIMER_EVERY}")
+        run_callgrind(counts)
+        return
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -2,29 +2,45 @@
 
 The proxy is the edge, or Kamailio 5.6 running ``bench/reference/kamailio.cfg`` (the same job:
 record-route, stateful relay, a Redis HGET per 911 call, the same four headers), or both
-alternately (``--target edge|kamailio|both``). What it measures, each with a fresh proxy
-process (so one measurement cannot warm up or poison the next):
+alternately (``--target edge|kamailio|both``). The edge runs on its location store of choice
+(``--store redis|memory|both``): ``edge-redis`` is ``redis://`` with the default ``[store]
+mirror = true`` (every record in memory, loaded from the redis-server Kamailio reads),
+``edge-memory`` is ``memory://`` seeded from a JSON file with the same records.
+
+Every call comes from its own provisioned line (``bench/callers.py``): ``--lines`` (10,000)
+distinct lines ``e911:line:N`` with ``provider_endpoint 777777/probeN``, taken in turn from a
+SIPp injection file, the caller written as ``+1N``, ``1N`` or ``N`` in From and in
+P-Asserted-Identity (all nine combinations), so a proxy must normalise all three to the
+10-digit key. The emergency trunk (``bench/scenarios/uas_load_lines.xml``) checks that each
+INVITE carries its own caller's Geolocation and callback; one that does not is a mismatch.
+
+What it measures, each with a fresh proxy process (so one measurement cannot warm up or
+poison the next):
 
 1. **Maximum sustained call rate**, for emergency calls (``911``, enriched from the location
-   store) and for non-emergency pass-through (``2125550100``, sent to the default trunk).
-   The call rate is stepped up (doubling from ``--start-rate``, at most ``--max-rate``); each
-   step places ``rate * duration`` calls of ``sipp_scenarios/uac_load.xml`` (INVITE, 100,
-   180, 200, ACK, 100 ms hold, BYE, 200). A step passes when, on SIPp's ``-trace_stat``
-   counters, every call succeeded with 0 failed calls and 0 retransmissions on the caller
-   *and* the trunk side, the calls were completed on time (not held back by the concurrency
-   limit or a backlog), and the proxy's own counters agree: the edge's ``/metrics`` shows no
-   failover, fail-open or failed call and, for 911, one enriched call per call placed;
-   Kamailio's statistics (read with ``kamcmd``) show one enriched call per 911 call and no
-   failed lookup. Between the last pass and the first failure, at most three bisection steps
-   refine the figure.
-2. **Latency added by the proxy, on the wire.** tcpdump captures, on ``lo``, only INVITEs (a
-   BPF test on the first payload bytes) sent to the proxy by the caller and to the trunk by
-   the proxy. Pairing them by Call-ID gives in->out per call with kernel timestamps, which is
-   the figure comparable between the edge and Kamailio (SIPp's own response times come in
-   4 ms ticks). For the edge, its own ``e911_sip_emergency_enrich_seconds`` histogram is read
-   alongside (count and p50/p99 interpolated inside its buckets): it starts later (after the
-   datagram has been read and parsed) and stops earlier (before the send), so it is below the
-   wire figure; far below means datagrams wait in the socket buffer (the event loop is behind).
+   store) and for non-emergency pass-through (``2125550100``, sent to the default trunk; the
+   edge's store makes no difference to it, so only the first store is measured). The call
+   rate doubles from ``--start-rate`` (Kamailio: ``--kamailio-start-rate``), at most
+   ``--max-rate``; each step places ``rate * duration`` calls (``--duration``, 30 s) of
+   ``bench/scenarios/uac_load_lines.xml`` (INVITE, 100, 180, 200, ACK, 100 ms hold, BYE,
+   200). A step passes when, on SIPp's ``-trace_stat`` counters, every call succeeded with 0
+   failed calls and 0 retransmissions on the caller *and* the trunk side and 0 mismatches,
+   the calls were completed on time (not held back by the concurrency limit or a backlog),
+   and the proxy's own counters agree: the edge's ``/metrics`` shows no failover, fail-open
+   or failed call and, for 911, one enriched call per call placed; Kamailio's statistics
+   (read with ``kamcmd``) show one enriched call per 911 call and no failed lookup. Between
+   the last pass and the first failure, two bisection steps refine the figure; then a long
+   run (``--confirm-duration``, 60 s) at the best rate confirms it (if it fails, one more at
+   the next passing rate below). The quoted maximum is the confirmed rate.
+2. **Latency added by the proxy, on the wire**, at ``--rates`` (200 calls/s). tcpdump
+   captures, on ``lo``, only INVITEs (a BPF test on the first payload bytes) sent to the
+   proxy by the caller and to the trunk by the proxy. Pairing them by Call-ID gives in->out
+   per call with kernel timestamps, which is the figure comparable between the edge and
+   Kamailio (SIPp's own response times come in 4 ms ticks). For the edge, its own
+   ``e911_sip_emergency_enrich_seconds`` histogram is read alongside (count and p50/p99
+   interpolated inside its buckets): it starts later (after the datagram has been read and
+   parsed) and stops earlier (before the send), so it is below the wire figure; far below
+   means datagrams wait in the socket buffer (the event loop is behind).
 3. **CPU**, from ``/proc/<pid>/stat`` (utime + stime) of the proxy (for Kamailio, the sum of
    all its processes: main, UDP worker, timers, control socket), of every SIPp process, of
    tcpdump and redis-server when they run, as % of one core averaged over the run and the
@@ -32,17 +48,24 @@ process (so one measurement cannot warm up or poison the next):
    every other process on the host (a shared machine has neighbours). On a 2-core box
    the SIPp processes take about a core at high rates: when the host is near 100 % busy, a
    failed step is a limit of the box, not of the proxy. "us/call" is the proxy's CPU time
-   divided by calls completed.
+   divided by calls completed; the report lists the edge's at its maximum, at each latency
+   point and in the soak.
+4. **Soak** (``--soak``, instead of the above): the edge alone, 911 calls at ``--soak-rate``
+   (default half the edge's confirmed 911 maximum in the newest report of
+   ``bench/results/``) for ``--soak-duration`` (600 s), its RSS read from
+   ``/proc/<pid>/status`` every ``--rss-interval`` (10 s): a table, and flat or not (the
+   first minute's peak against the last minute's).
 
 How to read it: the machine's speed varies 2-3x over time, so an absolute calls/s figure
-means little on its own. With ``--target both`` every measurement is taken for the edge and
-then for Kamailio before the next one starts, so a change in the host's speed hits both, and
-the report ends with the ratios edge / Kamailio. The report also records load average, host
+means little on its own. With ``--target both`` every measurement is taken for each proxy in
+turn before the next one starts, so a change in the host's speed hits all of them, and the
+report ends with the ratios edge / Kamailio. The report also records load average, host
 busy/steal and a small fixed CPU probe ("speed probe", lower is faster) before and after.
 
-    python bench/run_load.py                 # the edge: 30 s steps, 20 s latency points
+    python bench/run_load.py                 # the edge on both stores: about 15 minutes
+    python bench/run_load.py --target both   # and Kamailio, alternating: about 25 minutes
     python bench/run_load.py --quick         # smoke run, 5 s steps
-    python bench/run_load.py --target both --quick --max-rate 3200
+    python bench/run_load.py --soak          # 600 s at half the edge's 911 maximum
     python bench/run_load.py --only emergency --skip-latency --start-rate 500
 
 Results: a markdown report on stdout and in ``bench/results/<timestamp>.md``, the raw
@@ -85,6 +108,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.callers import (  # noqa: E402
+    CALLER_SCENARIO,
+    DEFAULT_LINES,
+    EMERGENCY_TRUNK_SCENARIO,
+    ENDPOINT_ACCOUNT,
+    FIRST_LINE,
+    MISMATCH_COLUMNS,
+    injection_file,
+    line_numbers,
+    provision,
+    seed_records,
+)
 from bench.reference import kamailio as reference  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
     LOOPBACK,
@@ -104,13 +139,17 @@ from tests.integration.harness import (  # noqa: E402
 )
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-
-CALLER = "3215551234"
-PROVIDER_ENDPOINT = "5555555/e911abc123def456"
+DEFAULT_TRUNK_SCENARIO = "uas_load"
 HOLD_MS = 100
 SERVICES = {"emergency": "911", "passthrough": "2125550100"}
 KINDS = tuple(SERVICES)
-TARGETS = ("edge", "kamailio")
+EDGE_STORES = ("redis", "memory")
+# The process each store is deployed as (compose.yaml, README): with Redis, the edge runs on
+# its own (``--role edge``: per 911 call it adds a call record and a notification event to
+# Redis streams, which the provisioning process consumes elsewhere); memory:// is the
+# embedded box, one process that also keeps the records and runs the notifier.
+EDGE_ROLES = {"redis": "edge", "memory": "all"}
+KAMAILIO = "kamailio"
 
 # SIPp's default socket buffer (64 KiB) overflows on loopback as soon as SIPp is descheduled
 # for a few ms at a few thousand messages per second; the drops then show up as
@@ -122,12 +161,23 @@ SIPP_BUFFER = 4 * 1024 * 1024
 CONCURRENCY_FACTOR = 0.5
 MIN_CONCURRENCY = 100
 MAX_RAMP_STEPS = 12
-BISECT_STEPS = 3
+# Two bisection steps after the ramp: the interval between the last pass and the first failure
+# shrinks to a quarter, and a full comparison run stays within about 25 minutes
+# (bench/README.md).
+BISECT_STEPS = 2
+# A best rate that fails its long run gets one more, at the next passing rate below.
+CONFIRM_ATTEMPTS = 2
 # A step must finish placing its calls within this much more than ``duration`` + hold.
 LATE_SLACK_FRACTION = 0.05
 LATE_SLACK_MIN_S = 1.0
 # Bounds on every wait; the SIPp processes carry their own -timeout as well.
-SIPP_TIMEOUT_MARGIN_S = 30.0
+# The caller's -timeout is this much beyond the time a step may take to pass: a step still
+# running then has failed already, and waiting longer for its stuck calls would only add to
+# the run's wall time (each failing step of a search would cost half a minute more).
+SIPP_TIMEOUT_MARGIN_S = 5.0
+# The trunks start before the proxy and end when the caller has (TRUNK_DRAIN_S), so a long
+# bound of their own costs nothing and covers a slow proxy start.
+TRUNK_TIMEOUT_MARGIN_S = 60.0
 TRUNK_DRAIN_S = 5.0
 PAUSE_BETWEEN_RUNS_S = 1.0
 CAPTURE_READY_S = 10.0
@@ -181,6 +231,11 @@ class SippSummary:
     dead_call: int
     errors: list[str]
     rundir: str
+    received: int = 0
+    """Calls this SIPp took in (``IncomingCall(C)``); for a trunk, INVITEs it checked."""
+    mismatches: int = 0
+    """Calls failed by a check of the scenario (the emergency trunk's: an INVITE without its
+    own caller's location or callback)."""
 
 
 @dataclass
@@ -248,11 +303,20 @@ class WireLatency:
 
 
 @dataclass
+class RssSample:
+    """The proxy's resident set size at one moment of a run."""
+
+    t_s: float
+    """Seconds since the caller started."""
+    rss_kib: int
+
+
+@dataclass
 class RunResult:
-    """One measurement: one proxy (the edge or Kamailio), one caller, one rate."""
+    """One measurement: one proxy (the edge on one store, or Kamailio), one caller, one rate."""
 
     target: str
-    """``edge`` or ``kamailio``."""
+    """``edge-redis``, ``edge-memory`` or ``kamailio``."""
     kind: str
     purpose: str
     rate: int
@@ -280,11 +344,13 @@ class RunResult:
     udp_errors: dict[str, int]
     wire: WireLatency | None
     workdir: str
+    rss: list[RssSample] = field(default_factory=list)
+    """The edge's RSS every ``--rss-interval`` seconds (soak runs only)."""
 
 
 @dataclass
 class MaxSearch:
-    """The ramp and bisection for one proxy and one kind of call."""
+    """The ramp and bisection for one proxy and one kind of call, then its confirmation."""
 
     target: str
     kind: str
@@ -292,6 +358,10 @@ class MaxSearch:
     first_fail: int | None
     capped: bool
     steps: list[RunResult] = field(default_factory=list)
+    confirm: list[RunResult] = field(default_factory=list)
+    """The long runs at the best rate (and, if that failed, at the next passing rate below)."""
+    confirmed_rate: int | None = None
+    """The rate a long run sustained; None when none did or none was run."""
 
 
 @dataclass
@@ -325,6 +395,7 @@ class Report:
     options: dict[str, Any]
     max_searches: list[MaxSearch] = field(default_factory=list)
     latency: list[RunResult] = field(default_factory=list)
+    soak: RunResult | None = None
 
 
 # ------------------------------------------------------------------------ host probes
@@ -518,6 +589,54 @@ class CpuSampler:
         return usage
 
 
+def proc_rss_kib(pid: int) -> int | None:
+    """VmRSS of a process from /proc/<pid>/status, in KiB; None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Reads one process's RSS every ``interval`` seconds in a background thread."""
+
+    def __init__(self, pid: int, *, interval: float, max_s: float, started: float) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._started = started
+        self._max_samples = max(2, int(max_s / interval) + 2)
+        self._samples: list[RssSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        kib = proc_rss_kib(self._pid)
+        if kib is not None:
+            t_s = round(time.monotonic() - self._started, 1)
+            self._samples.append(RssSample(t_s=t_s, rss_kib=kib))
+
+    def _run(self) -> None:
+        # Bounded by the stop event and by a sample count derived from the run's limit; each
+        # sample is due at a multiple of the interval from the start, so they do not drift.
+        for n in range(1, self._max_samples):
+            due = self._started + n * self._interval
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                return
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> list[RssSample]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return list(self._samples)
+
+
 # ------------------------------------------------------------------------------- SIPp
 
 
@@ -591,6 +710,8 @@ def summarize_sipp(role: str, result: SippResult) -> SippSummary:
         dead_call=_stat(result.stats, "DeadCallMsgs(C)"),
         errors=_error_kinds(result.error_log),
         rundir=str(rundir),
+        received=_stat(result.stats, "IncomingCall(C)"),
+        mismatches=sum(_stat(result.stats, column) for column in MISMATCH_COLUMNS),
     )
 
 
@@ -916,25 +1037,54 @@ class Options:
     start_rate: int
     max_rate: int
     store: str
-    """Location store of the edge; Kamailio always reads the private redis-server."""
+    """The edge's location store: ``redis``, ``memory`` or ``both`` (two edge proxies).
+    Kamailio always reads the private redis-server."""
     quick: bool
     only: str | None
     skip_max: bool
     skip_latency: bool
     keep_pcap: bool
     target: str = "edge"
+    lines: int = DEFAULT_LINES
+    """Distinct provisioned lines the calls come from."""
+    kamailio_start_rate: int = 800
+    """First rate step of Kamailio's searches."""
+    confirm_duration: float = 60.0
+    """Seconds of the run that confirms each search's best rate (0: none)."""
+    soak: bool = False
+    soak_duration: float = 600.0
+    soak_rate: int | None = None
+    rss_interval: float = 10.0
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return (self.only,) if self.only else KINDS
 
     @property
+    def edge_stores(self) -> tuple[str, ...]:
+        return EDGE_STORES if self.store == "both" else (self.store,)
+
+    @property
     def targets(self) -> tuple[str, ...]:
-        return TARGETS if self.target == "both" else (self.target,)
+        """Every proxy measured: ``edge-<store>`` for each edge store, then ``kamailio``."""
+        proxies: list[str] = []
+        if self.target in ("edge", "both"):
+            proxies += [f"edge-{store}" for store in self.edge_stores]
+        if self.target in (KAMAILIO, "both"):
+            proxies.append(KAMAILIO)
+        return tuple(proxies)
+
+    def targets_for(self, kind: str) -> tuple[str, ...]:
+        """The proxies measured with ``kind``: a pass-through call is never looked up, so the
+        edge's store makes no difference to it and only the first store is measured."""
+        if kind == "emergency":
+            return self.targets
+        first_edge = next((t for t in self.targets if t.startswith("edge-")), None)
+        return tuple(t for t in self.targets if t == first_edge or t == KAMAILIO)
 
     @property
     def needs_redis(self) -> bool:
-        return self.store == "redis" or "kamailio" in self.targets
+        return "redis" in self.edge_stores or KAMAILIO in self.targets
 
 
 class LoadBench:
@@ -946,19 +1096,26 @@ class LoadBench:
         self._runs = 0
         self.redis: RedisServer | None = None
         self.seed_file = workdir / "locations.json"
+        self.callers_file = workdir / "callers.csv"
+        self.lines = line_numbers(options.lines)
 
     def __enter__(self) -> LoadBench:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # One redis-server for the whole session: the edge (with --store redis) and Kamailio
-        # read the same record from the same server.
+        self.callers_file.write_text(injection_file(self.lines))
+        # One redis-server for the whole session: the edge on the Redis store and Kamailio
+        # read the same records from the same server.
         if self.options.needs_redis:
             self.redis = RedisServer(self.workdir)
             self.redis.start()
-            self.redis.client().hset(f"e911:line:{CALLER}", "provider_endpoint", PROVIDER_ENDPOINT)
-        if self.options.store == "memory":
-            self.seed_file.write_text(
-                json.dumps({CALLER: {"provider_endpoint": PROVIDER_ENDPOINT}}, indent=2) + "\n"
-            )
+            try:
+                provision(self.redis.client(), self.lines)
+            except RuntimeError as exc:
+                raise HarnessError(str(exc)) from exc
+        if "memory" in self.options.edge_stores:
+            # The memory store's documented seed: a JSON object of line -> record
+            # ([store] seed_file), holding the same records as Redis.
+            records = seed_records(self.lines)
+            self.seed_file.write_text(json.dumps(records, indent=0, sort_keys=True) + "\n")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -966,9 +1123,19 @@ class LoadBench:
             self.redis.stop()
 
     def _edge_config(
-        self, *, sip_port: int, http_port: int, emergency_port: int, default_port: int
+        self,
+        store: str,
+        *,
+        sip_port: int,
+        http_port: int,
+        emergency_port: int,
+        default_port: int,
     ) -> dict[str, Any]:
-        if self.options.store == "redis" and self.redis is not None:
+        if store == "redis":
+            if self.redis is None:
+                raise HarnessError("the edge's Redis store needs the private redis-server")
+            # [store] mirror is left at its default (true): every record in memory, loaded
+            # from Redis before the edge reports ready.
             return edge_config(
                 sip_port=sip_port,
                 http_port=http_port,
@@ -992,7 +1159,7 @@ class LoadBench:
         capture_wanted = purpose == "latency"
         calls = max(1, round(rate * duration))
         limit = max(MIN_CONCURRENCY, math.ceil(rate * CONCURRENCY_FACTOR))
-        sipp_timeout = duration + HOLD_MS / 1000 + SIPP_TIMEOUT_MARGIN_S
+        sipp_timeout = allowed_s(duration) + SIPP_TIMEOUT_MARGIN_S
         sipp_extra = ["-buff_size", str(SIPP_BUFFER)]
         sipp = BenchSipp(rundir)
         edge: EdgeProcess | None = None
@@ -1009,23 +1176,38 @@ class LoadBench:
                 default_port = free_port("udp")
             # Both trunks run in every measurement, as in production; only one gets calls.
             trunks: dict[str, SippProcess] = {}
-            for name, port in (("emergency", emergency_port), ("passthrough", default_port)):
+            for name, port, scenario in (
+                ("emergency", emergency_port, str(EMERGENCY_TRUNK_SCENARIO)),
+                ("passthrough", default_port, DEFAULT_TRUNK_SCENARIO),
+            ):
                 trunks[name] = sipp.uas(
-                    "uas_load",
+                    scenario,
                     port=port,
                     calls=calls,
-                    timeout=sipp_timeout + SIPP_TIMEOUT_MARGIN_S,
+                    timeout=sipp_timeout + TRUNK_TIMEOUT_MARGIN_S,
                     extra=sipp_extra,
                 )
-            if target == "edge":
+            if target.startswith("edge-"):
+                store = target.removeprefix("edge-")
                 edge = EdgeProcess(
                     rundir,
                     self._edge_config(
+                        store,
                         sip_port=free_port_pair(),
                         http_port=free_port("tcp"),
                         emergency_port=emergency_port,
                         default_port=default_port,
                     ),
+                    command=[
+                        sys.executable,
+                        "-m",
+                        "e911_sip",
+                        "serve",
+                        "--role",
+                        EDGE_ROLES[store],
+                        "--config",
+                        "{config}",
+                    ],
                 )
                 edge.start()
                 proxy_port, proxy_target = edge.sip_port, edge.sip_target
@@ -1064,15 +1246,15 @@ class LoadBench:
             host_before = _host_ticks()
             started = time.monotonic()
             uac = sipp.start_uac(
-                "uac_load",
+                str(CALLER_SCENARIO),
                 proxy_target,
                 service=SERVICES[kind],
                 port=uac_port,
-                keys={"caller": CALLER, "hold_ms": str(HOLD_MS)},
+                keys={"hold_ms": str(HOLD_MS)},
                 calls=calls,
                 rate=rate,
                 timeout=sipp_timeout,
-                extra=["-l", str(limit), *sipp_extra],
+                extra=["-inf", str(self.callers_file), "-l", str(limit), *sipp_extra],
             )
             pids: dict[str, int | list[int]] = {target: proxy_pids, "sipp caller": uac.pid}
             pids["sipp emergency trunk"] = trunks["emergency"].pid
@@ -1083,11 +1265,21 @@ class LoadBench:
                 pids["redis-server"] = self.redis.pid
             sampler = CpuSampler(pids, max_s=sipp_timeout + 20.0)
             sampler.start()
+            rss: RssSampler | None = None
+            if purpose == "soak" and edge is not None:
+                rss = RssSampler(
+                    _pid(edge.pid),
+                    interval=self.options.rss_interval,
+                    max_s=sipp_timeout + 20.0,
+                    started=started,
+                )
+                rss.start()
             try:
                 uac_result = uac.wait(timeout=sipp_timeout + 15.0)
             finally:
                 wall = time.monotonic() - started
                 cpu = sampler.stop()
+                rss_samples = rss.stop() if rss is not None else []
             host = _host_cpu(host_before, _host_ticks())
             # What the rest of the box did meanwhile: on a shared host, other work competing
             # for the two cores explains a failure the proxy's own figures cannot.
@@ -1158,6 +1350,7 @@ class LoadBench:
             udp_errors={k: udp_after.get(k, 0) - v for k, v in udp_before.items()},
             wire=wire,
             workdir=str(rundir),
+            rss=rss_samples,
         )
         verdict = "pass" if result.passed else "FAIL: " + "; ".join(reasons)
         print(f"   {verdict}", flush=True)
@@ -1187,9 +1380,14 @@ class LoadBench:
             reasons.append(
                 f"retransmissions caller {uac.retransmissions} / trunk {trunk.retransmissions}"
             )
-        if trunk.failed:
-            reasons.append(f"{trunk.failed} failed calls at the trunk")
-        allowed = duration + HOLD_MS / 1000 + max(LATE_SLACK_MIN_S, LATE_SLACK_FRACTION * duration)
+        if trunk.mismatches:
+            reasons.append(
+                f"{trunk.mismatches} mismatches: INVITEs without their own caller's location "
+                "and callback at the trunk"
+            )
+        if trunk.failed > trunk.mismatches:
+            reasons.append(f"{trunk.failed - trunk.mismatches} failed calls at the trunk")
+        allowed = allowed_s(duration)
         if wall > allowed:
             reasons.append(f"calls took {wall:.1f} s to complete (allowed {allowed:.1f} s)")
         return reasons
@@ -1225,6 +1423,11 @@ class LoadBench:
             if kind == "emergency" and kamailio.enriched < calls:
                 reasons.append(f"{kamailio.enriched:g}/{calls} calls enriched")
         return reasons
+
+
+def allowed_s(duration: float) -> float:
+    """The longest a step of ``duration`` seconds may take to complete its calls and pass."""
+    return duration + HOLD_MS / 1000 + max(LATE_SLACK_MIN_S, LATE_SLACK_FRACTION * duration)
 
 
 class RateSearch:
@@ -1284,19 +1487,21 @@ class RateSearch:
 
 
 def run_max_searches(bench: LoadBench, report: Report) -> None:
-    """The max-rate search of every proxy, kind by kind, the proxies' steps alternating.
+    """The max-rate search of every proxy, kind by kind, the proxies' steps alternating; then
+    each search's best rate confirmed by a long run, the proxies again alternating.
 
     Fills the report as it goes, so an interrupted search still reports its steps.
     """
     opts = bench.options
     for kind in opts.kinds:
         searches: list[RateSearch] = []
-        for target in opts.targets:
+        for target in opts.targets_for(kind):
             result = MaxSearch(
                 target=target, kind=kind, best_rate=None, first_fail=None, capped=False
             )
             report.max_searches.append(result)
-            searches.append(RateSearch(result, start_rate=opts.start_rate, max_rate=opts.max_rate))
+            start = opts.kamailio_start_rate if target == KAMAILIO else opts.start_rate
+            searches.append(RateSearch(result, start_rate=start, max_rate=opts.max_rate))
         for _ in range(MAX_RAMP_STEPS + BISECT_STEPS):
             pending = [search for search in searches if search.next_rate is not None]
             if not pending:
@@ -1306,6 +1511,30 @@ def run_max_searches(bench: LoadBench, report: Report) -> None:
                 if rate is not None:
                     step = bench.run(search.result.target, kind, rate, opts.duration, purpose="max")
                     search.record(step)
+        if opts.confirm_duration > 0:
+            confirm_best_rates(bench, [search.result for search in searches])
+
+
+def confirm_best_rates(bench: LoadBench, searches: Sequence[MaxSearch]) -> None:
+    """Holds each search's best rate for ``--confirm-duration``; when that fails, the next
+    passing step rate below it gets one more long run. At most two long runs per search."""
+    for attempt in range(CONFIRM_ATTEMPTS):
+        for search in searches:
+            if search.confirmed_rate is not None or len(search.confirm) != attempt:
+                continue
+            passing = sorted({step.rate for step in search.steps if step.passed}, reverse=True)
+            if attempt >= len(passing):
+                continue
+            run = bench.run(
+                search.target,
+                search.kind,
+                passing[attempt],
+                bench.options.confirm_duration,
+                purpose="confirm",
+            )
+            search.confirm.append(run)
+            if run.passed:
+                search.confirmed_rate = run.rate
 
 
 def run_latency_points(bench: LoadBench, report: Report) -> None:
@@ -1315,9 +1544,17 @@ def run_latency_points(bench: LoadBench, report: Report) -> None:
     # host's speed.
     for rate in opts.rates:
         for kind in opts.kinds:
-            for target in opts.targets:
+            for target in opts.targets_for(kind):
                 run = bench.run(target, kind, rate, opts.latency_duration, purpose="latency")
                 report.latency.append(run)
+
+
+def run_soak(bench: LoadBench, report: Report, rate: int) -> None:
+    """The edge (first store) placing 911 calls at ``rate`` for ``--soak-duration``, its RSS
+    read every ``--rss-interval`` seconds."""
+    opts = bench.options
+    target = f"edge-{opts.edge_stores[0]}"
+    report.soak = bench.run(target, "emergency", rate, opts.soak_duration, purpose="soak")
 
 
 def _round_rate(value: float, gap: int) -> int:
@@ -1401,24 +1638,34 @@ def render(report: Report) -> str:
             "all SIPp processes together; other = every other process on the host.",
             "",
         ]
+        confirm_s = report.options.get("confirm_duration") or 0
+        step_s = report.options.get("duration") or 0
         out += [
-            "| proxy | kind | max sustained calls/s | first failing calls/s |",
-            "|---|---|---|---|",
+            f"| proxy | kind | best {step_s:g} s step, calls/s | first failing calls/s "
+            f"| confirmed ({confirm_s:g} s run), calls/s |",
+            "|---|---|---|---|---|",
         ]
         for search in report.max_searches:
             fail = "-" if search.first_fail is None else str(search.first_fail)
             out.append(
-                f"| {search.target} | {search.kind} | {_best(search, env.interrupted)} | {fail} |"
+                f"| {search.target} | {search.kind} | {_best(search, env.interrupted)} | {fail} "
+                f"| {_confirmed(search)} |"
             )
         out.append("")
         out += [
-            "| proxy | kind | target calls/s | calls | completed | failed "
-            "| retrans caller/trunk | late s | proxy CPU % | proxy us/call | SIPp CPU % "
-            "| other CPU % | UDP rcvbuf errors | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "Mismatches: 911 INVITEs the emergency trunk found without their own caller's "
+            "location (Geolocation 777777/probe<line>) or callback (P-Asserted-Identity "
+            "<line>), the line taken from the mixed-format From user; a step passes only with "
+            "0. Runs marked confirm are the long runs at the best rate.",
+            "",
+            "| proxy | kind | run | target calls/s | calls | completed | failed "
+            "| retrans caller/trunk | mismatches | late s | proxy CPU % | proxy us/call "
+            "| SIPp CPU % | other CPU % | UDP rcvbuf errors | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         steps = sorted(
-            (s for m in report.max_searches for s in m.steps), key=lambda s: _run_number(s)
+            (s for m in report.max_searches for s in [*m.steps, *m.confirm]),
+            key=lambda s: _run_number(s),
         )
         for step in steps:
             out.append(_step_row(step))
@@ -1469,7 +1716,10 @@ def render(report: Report) -> str:
         out += _failure_notes([r for r in report.latency if not r.passed])
 
     runs = sorted(
-        [s for m in report.max_searches for s in m.steps] + report.latency, key=_run_number
+        [s for m in report.max_searches for s in [*m.steps, *m.confirm]]
+        + report.latency
+        + ([report.soak] if report.soak is not None else []),
+        key=_run_number,
     )
     names = sorted({u.name for r in runs for u in r.cpu}, key=_cpu_order)
     if runs:
@@ -1495,11 +1745,162 @@ def render(report: Report) -> str:
             )
         out.append("")
 
-    if {r.target for r in runs} >= set(TARGETS) or {m.target for m in report.max_searches} >= set(
-        TARGETS
-    ):
+    if report.soak is not None:
+        out += _soak_section(report.soak)
+    out += _edge_cpu_section(report)
+    if _compared_edge({r.target for r in runs}) is not None and KAMAILIO in {
+        r.target for r in runs
+    }:
         out += _comparison(report)
     return "\n".join(out)
+
+
+def _interval(samples: Sequence[RssSample]) -> str:
+    if len(samples) < 2:
+        return "-"
+    return f"{samples[1].t_s - samples[0].t_s:g}"
+
+
+def _compared_edge(targets: set[str]) -> str | None:
+    """The edge compared with Kamailio: on the Redis store (the one Kamailio reads) if it was
+    measured, else on the memory store."""
+    for store in EDGE_STORES:
+        if f"edge-{store}" in targets:
+            return f"edge-{store}"
+    return None
+
+
+def _confirmed(search: MaxSearch) -> str:
+    if not search.confirm:
+        return "not run"
+    if search.confirmed_rate is None:
+        tried = ", ".join(str(run.rate) for run in search.confirm)
+        return f"none (failed at {tried})"
+    if search.confirmed_rate != search.best_rate:
+        return f"{search.confirmed_rate} (failed at {search.confirm[0].rate})"
+    return str(search.confirmed_rate)
+
+
+def _max_figure(search: MaxSearch) -> int | None:
+    """The rate a search is quoted at: confirmed by its long run, else its best step."""
+    return search.confirmed_rate if search.confirm else search.best_rate
+
+
+def _edge_cpu_section(report: Report) -> list[str]:
+    """The edge's CPU per completed call at its maximum and at each latency point."""
+    rows: list[str] = []
+    for search in report.max_searches:
+        if not search.target.startswith("edge-"):
+            continue
+        for run in search.confirm:
+            rows.append(_edge_cpu_row(run, f"confirm run at {run.rate} calls/s"))
+        if not search.confirm:
+            best = next((s for s in search.steps if s.passed and s.rate == search.best_rate), None)
+            if best is not None:
+                rows.append(_edge_cpu_row(best, f"best step, {best.rate} calls/s"))
+    for run in report.latency:
+        if run.target.startswith("edge-"):
+            rows.append(_edge_cpu_row(run, f"latency point, {run.rate} calls/s"))
+    if report.soak is not None:
+        rows.append(_edge_cpu_row(report.soak, f"soak, {report.soak.rate} calls/s"))
+    if not rows:
+        return []
+    return [
+        "## The edge's CPU per call",
+        "",
+        "CPU time (utime + stime) of the edge process divided by the calls completed, in us; "
+        "% of one core in brackets. For comparison: the Kamailio reference spent about 150 us "
+        "per 911 call, plus about 28 us in Redis (performance anchor, bench/README.md).",
+        "",
+        "| proxy | kind | run | us/call | edge CPU % | result |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _edge_cpu_row(run: RunResult, what: str) -> str:
+    verdict = "pass" if run.passed else "FAIL"
+    return (
+        f"| {run.target} | {run.kind} | {what} | {_fmt(run.cpu_us_per_call, 0)} "
+        f"| {_cpu(run, run.target)} | {verdict} |"
+    )
+
+
+# The soak judges growth from the first to the last minute: beyond this share of the first
+# minute's peak, and this much memory, the RSS is not flat.
+SOAK_FLAT_FRACTION = 0.05
+SOAK_FLAT_MIN_KIB = 4096
+SOAK_WINDOW_S = 60.0
+
+
+@dataclass
+class SoakVerdict:
+    verdict: str
+    """``flat``, ``growing``, ``shrinking``, or why it was not judged."""
+    first_peak_kib: int = 0
+    last_peak_kib: int = 0
+    kib_per_1000_calls: float | None = None
+    """Growth from the first minute's peak to the last one's, per 1,000 calls between."""
+
+
+def soak_verdict(samples: Sequence[RssSample], duration: float, rate: int) -> SoakVerdict:
+    """First minute (samples after the start, up to 60 s) against the last minute of the calls.
+
+    Peaks rather than means: the edge's transaction tables fill during the first half minute
+    or so (an ended transaction is kept for its 32 s timers) and then stay level, so the first
+    minute's peak is the steady state, and memory that is never returned shows as a later
+    peak above it.
+    """
+    first = [s.rss_kib for s in samples if 0 < s.t_s <= SOAK_WINDOW_S]
+    last = [s.rss_kib for s in samples if duration - SOAK_WINDOW_S <= s.t_s <= duration + 1]
+    if not first or not last:
+        return SoakVerdict("not judged: no samples in the first or the last minute")
+    result = SoakVerdict("flat", max(first), max(last))
+    if duration < 2 * SOAK_WINDOW_S:
+        result.verdict = "not judged: a soak under 2 minutes has no separate first and last minute"
+        return result
+    growth = result.last_peak_kib - result.first_peak_kib
+    calls_between = rate * (duration - SOAK_WINDOW_S)
+    if calls_between > 0:
+        result.kib_per_1000_calls = round(growth / calls_between * 1000, 2)
+    allowed = max(SOAK_FLAT_MIN_KIB, SOAK_FLAT_FRACTION * result.first_peak_kib)
+    if growth > allowed:
+        result.verdict = "growing"
+    elif -growth > allowed:
+        result.verdict = "shrinking"
+    return result
+
+
+def _soak_section(run: RunResult) -> list[str]:
+    judged = soak_verdict(run.rss, run.duration_s, run.rate)
+    per_calls = (
+        ""
+        if judged.kib_per_1000_calls is None
+        else f", {judged.kib_per_1000_calls:g} KiB per 1,000 calls between them"
+    )
+    out = [
+        "## Soak",
+        "",
+        f"{run.target}, {run.kind} calls at {run.rate} calls/s for {run.duration_s:g} s "
+        f"({run.calls} calls from the provisioned lines in turn): "
+        + ("pass" if run.passed else "FAIL: " + "; ".join(run.reasons))
+        + f"; {run.trunk.mismatches} mismatches; edge CPU {_cpu(run, run.target)} % of one core, "
+        f"{_fmt(run.cpu_us_per_call, 0)} us/call.",
+        "",
+        f"RSS of the edge (VmRSS from /proc/<pid>/status, every "
+        f"{_interval(run.rss)} s): peak of the first minute {judged.first_peak_kib / 1024:.1f} "
+        f"MiB, of the last minute {judged.last_peak_kib / 1024:.1f} MiB{per_calls}: "
+        f"**{judged.verdict}** (flat: within {SOAK_FLAT_FRACTION:.0%} or "
+        f"{SOAK_FLAT_MIN_KIB // 1024} MiB, whichever is larger; t = 0 is before the first call).",
+        "",
+        "| t s | RSS MiB |",
+        "|---|---|",
+    ]
+    out += [f"| {sample.t_s:g} | {sample.rss_kib / 1024:.1f} |" for sample in run.rss]
+    out.append("")
+    out += _failure_notes([run])
+    return out
 
 
 def _run_number(run: RunResult) -> int:
@@ -1515,10 +1916,15 @@ def _ratio(edge: float | None, kamailio: float | None, digits: int = 2) -> str:
 
 
 def _max_ratio(edge: MaxSearch, kamailio: MaxSearch) -> str:
-    """edge / kamailio of the max sustained rates; a bound when a search hit --max-rate."""
-    if edge.best_rate is None or kamailio.best_rate is None:
-        return "-"
-    ratio = _ratio(edge.best_rate, kamailio.best_rate)
+    """edge / kamailio of the quoted maximum rates (confirmed ones when long runs were made);
+    a bound when a search hit --max-rate."""
+    edge_rate, kamailio_rate = _max_figure(edge), _max_figure(kamailio)
+    if edge_rate is None or kamailio_rate is None:
+        # A long run that failed leaves the 30 s steps: quoted, but marked as such.
+        if edge.best_rate is None or kamailio.best_rate is None:
+            return "-"
+        return f"{_ratio(edge.best_rate, kamailio.best_rate, 3)} (unconfirmed: best steps)"
+    ratio = _ratio(edge_rate, kamailio_rate, 3)
     if edge.capped and kamailio.capped:
         return f"{ratio} (both reached --max-rate)"
     if edge.capped:
@@ -1528,65 +1934,115 @@ def _max_ratio(edge: MaxSearch, kamailio: MaxSearch) -> str:
     return ratio
 
 
+def _max_cell(search: MaxSearch, interrupted: bool) -> str:
+    if not search.confirm:
+        return _best(search, interrupted)
+    if search.confirmed_rate is None:
+        best = "-" if search.best_rate is None else str(search.best_rate)
+        return f"none confirmed (best step {best})"
+    return str(search.confirmed_rate) + (" (--max-rate reached)" if search.capped else "")
+
+
 def _comparison(report: Report) -> list[str]:
     """Edge next to Kamailio: max rate, wire latency and CPU per call, with ratios."""
     out = ["## Edge vs Kamailio (measured alternately in this session)", ""]
     out += [
-        "Every measurement was taken for the edge and then for Kamailio before the next one, "
-        "so a change in the host's speed falls on both. Ratios are edge / Kamailio: above 1 "
-        "the edge sustains more calls/s, or takes more time or CPU per call.",
+        "Every measurement was taken for each proxy in turn before the next one, so a change in "
+        "the host's speed falls on all. Ratios are edge / Kamailio: above 1 the edge sustains "
+        "more calls/s, or takes more time or CPU per call. Maximum rates are the confirmed "
+        "ones (the long run) when long runs were made. edge-redis reads the same redis-server "
+        "as Kamailio (through its in-memory mirror); edge-memory is memory:// with the same "
+        "records.",
         "",
     ]
+    targets = {m.target for m in report.max_searches} | {r.target for r in report.latency}
+    compared = _compared_edge(targets) or "edge-redis"
     searches = {(m.target, m.kind): m for m in report.max_searches}
-    kinds = [k for k in KINDS if ("edge", k) in searches and ("kamailio", k) in searches]
+    interrupted = report.environment.interrupted
+    latency = _pairs(report.latency, compared)
+    headline: list[str] = []
+    for kind in KINDS:
+        edge, kamailio = searches.get((compared, kind)), searches.get((KAMAILIO, kind))
+        if edge is not None and kamailio is not None:
+            headline.append(
+                f"- {kind} maximum rate, {compared} / kamailio: **{_max_ratio(edge, kamailio)}** "
+                f"({_max_cell(edge, interrupted)} / {_max_cell(kamailio, interrupted)} calls/s)"
+            )
+    for (kind, rate), pair in latency.items():
+        if kind != "emergency":
+            continue
+        edge_wire, kamailio_wire = pair[compared].wire, pair[KAMAILIO].wire
+        headline.append(
+            f"- emergency INVITE in -> out at {rate} calls/s, {compared} / kamailio: p50 "
+            f"**{_ratio(_p(edge_wire, 50), _p(kamailio_wire, 50))}**, p99 "
+            f"**{_ratio(_p(edge_wire, 99), _p(kamailio_wire, 99))}** "
+            f"({_wire_cell(pair[compared])} vs {_wire_cell(pair[KAMAILIO])} ms)"
+        )
+    if headline:
+        out += [*headline, ""]
+
+    edges = [f"edge-{store}" for store in EDGE_STORES if f"edge-{store}" in targets]
+    kinds = [
+        k for k in KINDS if (KAMAILIO, k) in searches and any((e, k) in searches for e in edges)
+    ]
     if kinds:
         out += [
-            "| kind | edge max calls/s | kamailio max calls/s | edge / kamailio |",
-            "|---|---|---|---|",
+            "| kind | "
+            + " | ".join(f"{e} max calls/s" for e in edges)
+            + " | kamailio max calls/s | "
+            + " | ".join(f"{e} / kamailio" for e in edges)
+            + " |",
+            "|---|" + "---|" * (2 * len(edges) + 1),
         ]
         for kind in kinds:
-            edge, kamailio = searches[("edge", kind)], searches[("kamailio", kind)]
+            kamailio = searches[(KAMAILIO, kind)]
+            edge_searches = [searches.get((e, kind)) for e in edges]
             out.append(
-                f"| {kind} | {_best(edge, report.environment.interrupted)} "
-                f"| {_best(kamailio, report.environment.interrupted)} "
-                f"| {_max_ratio(edge, kamailio)} |"
+                f"| {kind} | "
+                + " | ".join("-" if m is None else _max_cell(m, interrupted) for m in edge_searches)
+                + f" | {_max_cell(kamailio, interrupted)} | "
+                + " | ".join("-" if m is None else _max_ratio(m, kamailio) for m in edge_searches)
+                + " |"
             )
         out.append("")
 
-    latency = _pairs(report.latency)
     if latency:
         out += [
-            "Latency on the wire, INVITE in -> INVITE out, ms (FAIL: the point missed the pass "
-            "criteria):",
+            f"Latency on the wire, INVITE in -> INVITE out, ms ({compared}; FAIL: the point "
+            "missed the pass criteria):",
             "",
             "| kind | calls/s | edge p50 / p99 | kamailio p50 / p99 | p50 ratio | p99 ratio |",
             "|---|---|---|---|---|---|",
         ]
         for (kind, rate), pair in latency.items():
-            edge_wire, kamailio_wire = pair["edge"].wire, pair["kamailio"].wire
+            edge_wire, kamailio_wire = pair[compared].wire, pair[KAMAILIO].wire
             out.append(
-                f"| {kind} | {rate} | {_wire_cell(pair['edge'])} | "
-                f"{_wire_cell(pair['kamailio'])} "
+                f"| {kind} | {rate} | {_wire_cell(pair[compared])} | "
+                f"{_wire_cell(pair[KAMAILIO])} "
                 f"| {_ratio(_p(edge_wire, 50), _p(kamailio_wire, 50))} "
                 f"| {_ratio(_p(edge_wire, 99), _p(kamailio_wire, 99))} |"
             )
         out.append("")
 
-    cpu_pairs = _pairs([s for m in report.max_searches for s in m.steps], purpose="max")
-    cpu_pairs.update(_pairs(report.latency, purpose="latency"))
+    cpu_pairs = _pairs([s for m in report.max_searches for s in m.steps], compared, purpose="max")
+    cpu_pairs.update(
+        _pairs([s for m in report.max_searches for s in m.confirm], compared, purpose="confirm")
+    )
+    cpu_pairs.update(_pairs(report.latency, compared, purpose="latency"))
     if cpu_pairs:
         out += [
-            "CPU per completed call, us (proxy: the edge process, or all Kamailio processes; "
-            "redis: the redis-server both read; FAIL: the run missed the pass criteria):",
+            f"CPU per completed call, us, at every rate both ran ({compared}: the edge "
+            "process; kamailio: all its processes; redis: the redis-server both read; FAIL: "
+            "the run missed the pass criteria):",
             "",
             "| run | kind | calls/s | edge us/call | kamailio us/call | edge / kamailio "
             "| redis us/call, edge run / kamailio run |",
             "|---|---|---|---|---|---|---|",
         ]
-        order = {"max": 0, "latency": 1}
-        for key in sorted(cpu_pairs, key=lambda k: (order.get(k[0], 2), KINDS.index(k[1]), k[2])):
+        order = {"max": 0, "confirm": 1, "latency": 2}
+        for key in sorted(cpu_pairs, key=lambda k: (order.get(k[0], 3), KINDS.index(k[1]), k[2])):
             purpose, kind, rate = key
-            edge_run, kamailio_run = cpu_pairs[key]["edge"], cpu_pairs[key]["kamailio"]
+            edge_run, kamailio_run = cpu_pairs[key][compared], cpu_pairs[key][KAMAILIO]
             out.append(
                 f"| {purpose} | {kind} | {rate} | {_cpu_cell(edge_run)} "
                 f"| {_cpu_cell(kamailio_run)} "
@@ -1599,14 +2055,14 @@ def _comparison(report: Report) -> list[str]:
 
 
 def _pairs(
-    runs: Sequence[RunResult], purpose: str | None = None
+    runs: Sequence[RunResult], edge: str, purpose: str | None = None
 ) -> dict[Any, dict[str, RunResult]]:
-    """Runs of both proxies at the same kind and rate (and purpose), keyed by those."""
+    """Runs of ``edge`` and Kamailio at the same kind and rate (and purpose), keyed by those."""
     by_key: dict[Any, dict[str, RunResult]] = {}
     for run in runs:
         key: Any = (run.kind, run.rate) if purpose is None else (purpose, run.kind, run.rate)
         by_key.setdefault(key, {})[run.target] = run
-    return {key: pair for key, pair in by_key.items() if set(pair) >= set(TARGETS)}
+    return {key: pair for key, pair in by_key.items() if {edge, KAMAILIO} <= set(pair)}
 
 
 def _p(wire: WireLatency | None, quantile: int) -> float | None:
@@ -1628,7 +2084,14 @@ def _cpu_cell(run: RunResult) -> str:
 
 
 def _cpu_order(name: str) -> tuple[int, str]:
-    order = ["edge", "kamailio", "sipp caller", "sipp emergency trunk", "sipp default trunk"]
+    order = [
+        "edge-redis",
+        "edge-memory",
+        KAMAILIO,
+        "sipp caller",
+        "sipp emergency trunk",
+        "sipp default trunk",
+    ]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -1636,9 +2099,11 @@ def _step_row(step: RunResult) -> str:
     retrans = f"{step.uac.retransmissions}/{step.trunk.retransmissions}"
     rcvbuf = step.udp_errors.get("RcvbufErrors", 0)
     result = "pass" if step.passed else "FAIL: " + "; ".join(step.reasons)
+    mismatches = str(step.trunk.mismatches) if step.kind == "emergency" else "-"
     return (
-        f"| {step.target} | {step.kind} | {step.rate} | {step.calls} | {step.uac.successful}"
-        f" | {step.uac.failed} | {retrans} | {step.late_s:.1f} | {_cpu(step, step.target)}"
+        f"| {step.target} | {step.kind} | {step.purpose} {step.duration_s:g} s | {step.rate}"
+        f" | {step.calls} | {step.uac.successful} | {step.uac.failed} | {retrans}"
+        f" | {mismatches} | {step.late_s:.1f} | {_cpu(step, step.target)}"
         f" | {_fmt(step.cpu_us_per_call, 0)} | {_sipp_cpu(step)}"
         f" | {step.host.others_pct:.0f} | {rcvbuf} | {result} |"
     )
@@ -1694,49 +2159,101 @@ def _failure_notes(runs: Sequence[RunResult]) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         description="Load benchmark of the edge (and of Kamailio as a reference): max sustained "
-        "rate, latency on the wire, CPU.",
+        "rate, latency on the wire, CPU, and a soak mode for the edge's memory.",
     )
     parser.add_argument("--duration", type=float, help="seconds per rate step (default 30)")
+    parser.add_argument(
+        "--confirm-duration",
+        type=float,
+        help="seconds of the run confirming each search's best rate (default 60; 0: none)",
+    )
     parser.add_argument(
         "--latency-duration", type=float, help="seconds per latency point (default 20)"
     )
     parser.add_argument(
         "--rates",
-        default="200,1000",
-        help="calls/s of the latency points, comma-separated (default 200,1000)",
+        default="200",
+        help="calls/s of the latency points, comma-separated (default 200)",
     )
-    parser.add_argument("--start-rate", type=int, default=100, help="first step, calls/s")
+    parser.add_argument(
+        "--start-rate", type=int, default=200, help="first step of the edge, calls/s (default 200)"
+    )
+    parser.add_argument(
+        "--kamailio-start-rate",
+        type=int,
+        default=800,
+        help="first step of Kamailio, calls/s (default 800)",
+    )
     parser.add_argument("--max-rate", type=int, default=12800, help="highest step, calls/s")
     parser.add_argument(
+        "--lines",
+        type=int,
+        default=DEFAULT_LINES,
+        help=f"distinct provisioned lines the calls come from (default {DEFAULT_LINES})",
+    )
+    parser.add_argument(
         "--store",
-        choices=("memory", "redis"),
-        help="the edge's location store (default: memory with --target edge, redis otherwise, "
-        "so that the edge and Kamailio both read Redis on every 911 call)",
+        choices=("redis", "memory", "both"),
+        default="both",
+        help="the edge's location store: redis (the mirror loaded from the redis-server "
+        "Kamailio reads), memory (memory:// seeded from a JSON file), or both as two proxies "
+        "(default both; pass-through calls use the first only)",
     )
     parser.add_argument(
         "--target",
-        choices=("edge", "kamailio", "both"),
+        choices=("edge", KAMAILIO, "both"),
         default="edge",
         help="the proxy to measure; both: the edge and Kamailio alternately (default edge)",
     )
-    parser.add_argument("--quick", action="store_true", help="5 s steps and points: smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="5 s steps and points, 10 s confirmations"
+    )
     parser.add_argument("--only", choices=KINDS, help="one kind of call only")
     parser.add_argument("--skip-max", action="store_true", help="no max-rate search")
     parser.add_argument("--skip-latency", action="store_true", help="no latency points")
     parser.add_argument("--keep-pcap", action="store_true", help="keep the latency captures")
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="instead of the searches: the edge alone at --soak-rate for --soak-duration, "
+        "its RSS read every --rss-interval seconds",
+    )
+    parser.add_argument(
+        "--soak-duration", type=float, default=600.0, help="seconds of the soak (default 600)"
+    )
+    parser.add_argument(
+        "--soak-rate",
+        type=int,
+        help="911 calls/s of the soak (default: half the edge's confirmed 911 maximum in the "
+        "newest report in bench/results/ that has one)",
+    )
+    parser.add_argument(
+        "--rss-interval", type=float, default=10.0, help="seconds between RSS reads (default 10)"
+    )
     args = parser.parse_args(argv)
     short = 5.0 if args.quick else None
     duration = args.duration or short or 30.0
     latency_duration = args.latency_duration or short or 20.0
+    confirm_duration = args.confirm_duration
+    if confirm_duration is None:
+        confirm_duration = 10.0 if args.quick else 60.0
     try:
         rates = [int(part) for part in args.rates.split(",") if part.strip()]
     except ValueError:
         parser.error(f"--rates: expected integers separated by commas, got {args.rates!r}")
-    if any(rate <= 0 for rate in rates) or args.start_rate <= 0 or args.max_rate <= 0:
-        parser.error("rates must be positive")
-    if duration <= 0 or latency_duration <= 0:
+    positive = (args.start_rate, args.kamailio_start_rate, args.max_rate, args.lines)
+    if any(rate <= 0 for rate in [*rates, *positive]):
+        parser.error("rates and --lines must be positive")
+    if args.soak_rate is not None and args.soak_rate <= 0:
+        parser.error("--soak-rate must be positive")
+    if duration <= 0 or latency_duration <= 0 or confirm_duration < 0:
         parser.error("durations must be positive")
-    store = args.store or ("memory" if args.target == "edge" else "redis")
+    if args.soak_duration <= 0 or args.rss_interval <= 0:
+        parser.error("--soak-duration and --rss-interval must be positive")
+    if args.soak and args.target == KAMAILIO:
+        parser.error("--soak measures the edge: use --target edge")
+    # The soak measures the edge alone, on one store (Redis unless --store memory).
+    store = ("memory" if args.store == "memory" else "redis") if args.soak else args.store
     return Options(
         duration=duration,
         latency_duration=latency_duration,
@@ -1749,7 +2266,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         skip_max=args.skip_max,
         skip_latency=args.skip_latency,
         keep_pcap=args.keep_pcap,
-        target=args.target,
+        # The soak measures the edge alone: Kamailio would only wait.
+        target="edge" if args.soak else args.target,
+        lines=args.lines,
+        kamailio_start_rate=args.kamailio_start_rate,
+        confirm_duration=confirm_duration,
+        soak=args.soak,
+        soak_duration=args.soak_duration,
+        soak_rate=args.soak_rate,
+        rss_interval=args.rss_interval,
     )
 
 
@@ -1769,7 +2294,7 @@ def environment(options: Options, argv: Sequence[str]) -> Environment:
             if options.needs_redis
             else None
         ),
-        kamailio=reference.version() if "kamailio" in options.targets else None,
+        kamailio=reference.version() if KAMAILIO in options.targets else None,
         git=_run_text(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
         targets=" and ".join(options.targets)
         + (", alternating" if len(options.targets) > 1 else ""),
@@ -1780,17 +2305,47 @@ def environment(options: Options, argv: Sequence[str]) -> Environment:
 
 
 def _store_text(options: Options) -> str:
-    edge = (
-        f"redis-server (HSET e911:line:{CALLER})"
-        if options.store == "redis"
-        else f"memory:// seeded with line {CALLER}"
+    lines = (
+        f"{options.lines} lines e911:line:{FIRST_LINE}..{FIRST_LINE + options.lines - 1}, "
+        f"provider_endpoint {ENDPOINT_ACCOUNT}/probeN; callers as +1N, 1N and N in From and "
+        "P-Asserted-Identity"
     )
-    parts = []
-    if "edge" in options.targets:
-        parts.append(edge if len(options.targets) == 1 else f"edge {edge}")
-    if "kamailio" in options.targets:
-        parts.append("kamailio ndb_redis HGET on the same redis-server per 911 call")
+    stores = {
+        "redis": "edge-redis: serve --role edge, redis:// with [store] mirror = true (records "
+        "loaded from the private redis-server into memory)",
+        "memory": "edge-memory: serve --role all (the embedded box), memory:// seeded from a "
+        "JSON file ([store] seed_file)",
+    }
+    parts = [lines]
+    if any(t.startswith("edge-") for t in options.targets):
+        parts += [stores[store] for store in options.edge_stores]
+    if KAMAILIO in options.targets:
+        parts.append("kamailio: ndb_redis HGET on the same redis-server per 911 call")
     return "; ".join(parts)
+
+
+def soak_rate_from_results(results: Path) -> tuple[int, str] | None:
+    """Half the edge's confirmed 911 maximum (Redis store first) from the newest report in
+    ``results`` that has one, with that report's name."""
+    for path in sorted(results.glob("*.json"), reverse=True):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            searches = data.get("max_searches") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        for store in EDGE_STORES:
+            for search in searches:
+                if not isinstance(search, dict):
+                    continue
+                rate = search.get("confirmed_rate")
+                if (
+                    search.get("target") == f"edge-{store}"
+                    and search.get("kind") == "emergency"
+                    and isinstance(rate, int)
+                    and rate > 0
+                ):
+                    return max(1, rate // 2), path.name
+    return None
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -1807,7 +2362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in ("sipp", "tcpdump"):
         if shutil.which(tool) is None:
             print(f"warning: {tool} is not installed", file=sys.stderr)
-    if "kamailio" in options.targets:
+    if options.soak and options.soak_rate is None:
+        found = soak_rate_from_results(RESULTS_DIR)
+        if found is None:
+            print(
+                "error: --soak needs --soak-rate (half the edge's 911 maximum); no report in "
+                f"{RESULTS_DIR} has a confirmed 911 maximum of the edge to take it from",
+                file=sys.stderr,
+            )
+            return 2
+        options.soak_rate, source = found
+        print(f"soak at {options.soak_rate} calls/s: half the edge's 911 maximum in {source}")
+    if KAMAILIO in options.targets:
         # Refuse before anything starts: a missing package would otherwise surface as a failed
         # step in the middle of the run.
         missing = [] if shutil.which("redis-server") else ["redis-server (apt-get install redis)"]
@@ -1837,10 +2403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         with LoadBench(options, workdir) as bench:
-            if not options.skip_max:
-                run_max_searches(bench, report)
-            if not options.skip_latency:
-                run_latency_points(bench, report)
+            if options.soak:
+                run_soak(bench, report, options.soak_rate or 1)
+            else:
+                if not options.skip_max:
+                    run_max_searches(bench, report)
+                if not options.skip_latency:
+                    run_latency_points(bench, report)
     except KeyboardInterrupt:
         report.environment.interrupted = True
         status = 130

@@ -42,6 +42,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.callers import (  # noqa: E402
+    CALLER_FORMS,
+    CALLER_SCENARIO,
+    EMERGENCY_TRUNK_SCENARIO,
+    MISMATCH_COLUMNS,
+    injection_file,
+    line_numbers,
+    provision,
+)
 from tests.integration.harness import (  # noqa: E402
     LOOPBACK,
     HarnessError,
@@ -436,6 +445,7 @@ def check(workdir: Path) -> bool:
                 if not passed:
                     print(caller.summary())
                     print(checked.summary())
+            ok = _check_caller_forms(sipp, kamailio, redis_server, emergency_port) and ok
             stats = kamailio.statistics()
             print(
                 "kamailio statistics: "
@@ -446,6 +456,40 @@ def check(workdir: Path) -> bool:
             kamailio.stop()
     print(f"logs: {workdir}")
     return ok
+
+
+def _check_caller_forms(
+    sipp: Sipp, kamailio: KamailioProcess, redis_server: RedisServer, trunk_port: int
+) -> bool:
+    """One 911 call per combination of caller forms (+1N, 1N, N in From and in
+    P-Asserted-Identity), each from its own line, to the load benchmark's emergency trunk:
+    each INVITE must carry its own line's location and callback."""
+    lines = line_numbers(len(CALLER_FORMS) ** 2)
+    provision(redis_server.client(), lines)
+    callers = sipp.workdir / "caller-forms.csv"
+    callers.write_text(injection_file(lines))
+    trunk = sipp.uas(str(EMERGENCY_TRUNK_SCENARIO), port=trunk_port, calls=len(lines))
+    caller = sipp.uac(
+        str(CALLER_SCENARIO),
+        kamailio.sip_target,
+        service="911",
+        keys={"hold_ms": "100"},
+        calls=len(lines),
+        rate=len(lines),
+        timeout=20.0,
+        extra=["-inf", str(callers)],
+    )
+    checked = trunk.wait(timeout=10.0)
+    mismatches = sum(int(float(checked.stats.get(c, "0") or 0)) for c in MISMATCH_COLUMNS)
+    passed = caller.ok and checked.ok and checked.successful == len(lines) and not mismatches
+    print(
+        f"{'pass' if passed else 'FAIL'}: 911 from {len(lines)} lines, callers as +1N, 1N and N "
+        f"in From and P-Asserted-Identity -> uas_load_lines ({mismatches} mismatches)"
+    )
+    if not passed:
+        print(caller.summary())
+        print(checked.summary())
+    return passed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
