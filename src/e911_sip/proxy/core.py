@@ -92,6 +92,7 @@ from e911_sip.sip.message import (
 )
 from e911_sip.sip.peer import Peer, peer_for_uri, response_peer
 from e911_sip.sip.transaction import (
+    MAGIC_COOKIE,
     ClientInviteTransaction,
     ClientNonInviteTransaction,
     PassUp,
@@ -106,7 +107,8 @@ from e911_sip.sip.transaction import (
     client_key,
     server_key,
 )
-from e911_sip.sip.uri import Uri, parse_uri, parse_via
+from e911_sip.sip.transaction import State as TransactionState
+from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -180,6 +182,11 @@ class ProxyOptions:
     owner's :class:`~e911_sip.proxy.admission.LoadSignal`, in production."""
     retry_after: int = 5
     """Seconds in the Retry-After of a 503 sent when shedding load."""
+    fast_paths: bool = True
+    """Take the short paths for the common messages: a retransmission its server transaction
+    absorbs, an in-dialog request whose top Route is the one we recorded, a response to one
+    of our branches. False sends every message through the general handling. Both give the
+    same result (the core's tests run each of them); the switch is there to prove it."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -520,6 +527,7 @@ class _Context:
         "fail_open_deadline",
         "enriched",
         "inbound",
+        "initial",
     )
 
     def __init__(
@@ -548,6 +556,8 @@ class _Context:
         self.fail_open_deadline: float | None = None
         self.enriched = False
         self.inbound = inbound
+        self.initial: bool | None = None
+        """No To tag (an initial request); None until read, or when the To is unreadable."""
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
@@ -637,6 +647,13 @@ class ProxyCore:
         self._ids = itertools.count(1)
         self._outbox: list[Outgoing] = []
         self._events: deque[Event] = deque()
+        self._fast = options.fast_paths
+        self._own_routes = frozenset(
+            value
+            for value in (local.record_route() for local in options.local)
+            if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
+        )
+        """Our Record-Route values exactly as written, each one that routing would find ours."""
         self._wheel = TimerWheel()
         # Bound once: a bound method made per timer armed would be an allocation each.
         self._on_branch_timer = self._branch_timer
@@ -796,8 +813,11 @@ class ProxyCore:
 
     # -- requests ------------------------------------------------------------------------
     def _on_request(self, request: Request, source: Peer, now: float) -> None:
+        trusted = self._trust.classify(source.host) is Trust.SOFTSWITCH
+        if trusted and self._fast and self._absorbed(request, now):
+            return
         request = stamp_received(request, source)
-        if self._trust.classify(source.host) is not Trust.SOFTSWITCH:
+        if not trusted:
             admitted = self._admit_untrusted(request, source, now)
             if admitted is None:
                 return
@@ -848,9 +868,10 @@ class ProxyCore:
             self._events.append(RequestRouted(method, Route.REJECTED))
             self._reply(context, make_response(request, 483, to_tag=self._branches.tag()), now)
             return
-        forwarded = pop_own_routes(forwarded, self._locals)
+        forwarded = self._pop_own_routes(forwarded)
         has_route = forwarded.has("route")
         initial = request.to_tag is None
+        context.initial = initial
         if initial and forwarded.has("priority"):
             priority = forwarded.get("priority") or ""
             if priority.strip().lower() == "psap-callback":
@@ -902,6 +923,38 @@ class ProxyCore:
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
 
+    def _absorbed(self, request: Request, now: float) -> bool:
+        """Fast path: a retransmission (or the ACK of a non-2xx final) that its server
+        transaction absorbs, handled without stamping or routing it.
+
+        The key is read from the request as received: received/rport change neither an
+        RFC 3261 branch nor the sent-by, only an RFC 2543 key (left to the general path).
+        An ACK that the transaction passes up (after a 2xx, RFC 6026 §7.1) is forwarded, so
+        it needs the stamped request: the general path too.
+        """
+        branch = request.top_via.branch
+        if branch is None or not branch.startswith(MAGIC_COOKIE):
+            return False
+        server = self._server.get(server_key(request))
+        if server is None:
+            return False
+        txn = server.txn
+        if request.method == "ACK" and txn.state is TransactionState.ACCEPTED:
+            return False
+        self._run_server(server, txn.receive(request, now), now)
+        return True
+
+    def _pop_own_routes(self, request: Request) -> Request:
+        """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
+        spelled exactly as we record it is recognised without parsing it."""
+        if self._fast:
+            routes = request.get("route")
+            if routes is None:
+                return request
+            if routes.split(",", 1)[0].strip() in self._own_routes:
+                request = request.pop_first_value("route")
+        return pop_own_routes(request, self._locals)
+
     def _admit_untrusted(self, request: Request, source: Peer, now: float) -> Request | None:
         """What may come from outside the trust domain (RFC 3325 §5), or None when refused.
 
@@ -916,7 +969,7 @@ class ProxyCore:
             if (
                 request.method == "OPTIONS"
                 and self._addressed_to_us(request)
-                and not pop_own_routes(request, self._locals).has("route")
+                and not self._pop_own_routes(request).has("route")
             ):
                 return request
             self._refuse(request, source, "untrusted_initial")
@@ -924,7 +977,7 @@ class ProxyCore:
         if not self._trunk_dialogs.allows(request.call_id, source.host, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
-        target = next_hop(pop_own_routes(request, self._locals))
+        target = next_hop(self._pop_own_routes(request))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1233,7 +1286,7 @@ class ProxyCore:
         except TooManyHops:
             self._events.append(Discarded("too_many_hops", request.method, source))
             return
-        forwarded = pop_own_routes(forwarded, self._locals)
+        forwarded = self._pop_own_routes(forwarded)
         if request.method == "CANCEL" and not forwarded.has("route"):
             # A CANCEL for a request we never saw: nothing downstream can match it either.
             self._events.append(Discarded("no_transaction", "CANCEL", source))
@@ -1284,7 +1337,17 @@ class ProxyCore:
                 self._events.append(Discarded("malformed", "response with only our Via", source))
                 return
             parse_via(vias[1])  # raises MalformedMessage: upstream could not match it either
-        self._run_client(entry, entry.txn.receive(response, now), now)
+        txn = entry.txn
+        effects = txn.receive(response, now)
+        branch = entry.branch
+        if self._fast and branch is not None and len(effects) == 1 and type(effects[0]) is PassUp:
+            # Fast path: a provisional or a 2xx for one of our branches, the common response.
+            try:
+                self._branch_response(branch, response, now)
+            finally:
+                self._arm_client(txn)
+            return
+        self._run_client(entry, effects, now)
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
         context = branch.context
@@ -1436,10 +1499,12 @@ class ProxyCore:
 
     def _completed(self, context: _Context, status: int, trunk: str | None) -> None:
         request = context.request
-        try:
-            initial = request.to_tag is None
-        except SipError:
-            initial = False  # an unreadable To: answered 400, and no dialog came of it
+        initial = context.initial
+        if initial is None:
+            try:
+                initial = request.to_tag is None
+            except SipError:
+                initial = False  # an unreadable To: answered 400, and no dialog came of it
         if (status >= 300 and initial) or (status < 300 and request.method == "BYE"):
             # The dialog never came up, or it is over: the trunk may send nothing more in it.
             self._trunk_dialogs.end(request.call_id)
@@ -1488,6 +1553,11 @@ class ProxyCore:
             # A 2xx after a non-2xx final (a trunk answering a cancelled call): nothing upstream
             # can take it any more.
             self._events.append(Discarded("late_response", str(response.status), context.source))
+            return
+        if self._fast and len(effects) == 1 and type(effects[0]) is Transmit:
+            # Fast path: the response goes out once, the usual case.
+            self._outbox.append(Outgoing(response.to_bytes(), entry.peer))
+            self._arm_server(entry.txn)
             return
         self._run_server(entry, effects, now)
 
