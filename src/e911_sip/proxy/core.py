@@ -847,9 +847,9 @@ class ProxyCore:
         timers = self._options.timers
         txn: ServerTransaction
         if method == "INVITE":
-            txn = ServerInviteTransaction(request, reliable=reliable, timers=timers)
+            txn = ServerInviteTransaction(request, reliable=reliable, timers=timers, key=key)
         else:
-            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers)
+            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers, key=key)
         inbound = self._by_transport.get(source.transport, self._locals[0])
         context = _Context(next(self._ids), txn, source, request, inbound)
         self._created = context
@@ -1213,13 +1213,18 @@ class ProxyCore:
             request = add_record_route(
                 request.pop_first_value("record-route"), context.inbound, local
             )
-        request = add_via(request, local, self._branches.new())
+        via_branch = self._branches.new()
+        request = add_via(request, local, via_branch)
         timers = self._options.timers
         txn: ClientTransaction
         if request.method == "INVITE":
-            txn = ClientInviteTransaction(request, reliable=peer.reliable, timers=timers)
+            txn = ClientInviteTransaction(
+                request, reliable=peer.reliable, timers=timers, branch=via_branch
+            )
         else:
-            txn = ClientNonInviteTransaction(request, reliable=peer.reliable, timers=timers)
+            txn = ClientNonInviteTransaction(
+                request, reliable=peer.reliable, timers=timers, branch=via_branch
+            )
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
         context.branches.append(branch)
         entry = _ClientEntry(txn, branch, peer)
@@ -1240,7 +1245,7 @@ class ProxyCore:
             self._forward_stateless(request, source)
             return
         txn = ServerNonInviteTransaction(
-            request, reliable=source.reliable, timers=self._options.timers
+            request, reliable=source.reliable, timers=self._options.timers, key=key
         )
         entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
         self._server[key] = entry
@@ -1271,7 +1276,10 @@ class ProxyCore:
     def _send_cancel(self, branch: _Branch, now: float) -> None:
         cancel = build_cancel(branch.txn.request)
         txn = ClientNonInviteTransaction(
-            cancel, reliable=branch.peer.reliable, timers=self._options.timers
+            cancel,
+            reliable=branch.peer.reliable,
+            timers=self._options.timers,
+            branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
         )
         entry = _ClientEntry(txn, None, branch.peer)
         self._client[txn.key] = entry
@@ -1736,7 +1744,7 @@ class ProxyCore:
             user_agent=self._options.server_header,
         )
         txn = ClientNonInviteTransaction(
-            request, reliable=peer.reliable, timers=self._options.timers
+            request, reliable=peer.reliable, timers=self._options.timers, branch=branch
         )
         probe = _Probe(trunk, txn.key, now + self._health.probe_timeout(trunk))
         entry = _ClientEntry(txn, None, peer, probe)
