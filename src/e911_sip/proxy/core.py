@@ -43,6 +43,11 @@ injected time (the aioquic pattern).
   shed, gets a stateless 503 with Retry-After: no transaction, no retransmission cycle.
   An emergency INVITE (and a BYE, which ends a call) is never refused: it evicts the oldest
   non-emergency state instead. The ACK of such a 503 ends here.
+- State and time: each branch and each response context is one explicit state, changed only
+  through ``BRANCH_TRANSITIONS`` and ``CONTEXT_TRANSITIONS``; every deadline (transactions,
+  Timer C, the provisional timeout, fail-open, probes) sits on one coarse timer wheel
+  (:mod:`e911_sip.proxy.wheel`, 1/64 s ticks, never early). The common messages take fast
+  paths (``ProxyOptions.fast_paths``) with the same result as the general handling.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
