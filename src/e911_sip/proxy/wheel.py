@@ -53,7 +53,9 @@ class TimerWheel:
         self._buckets: dict[int, dict[object, Fire]] = {}
         """Tick number -> the targets due at it, in the order they were scheduled."""
         self._ticks: list[int] = []
-        """Heap of tick numbers with a bucket (may hold ticks whose bucket has emptied)."""
+        """Heap of the tick numbers in ``_buckets``, one entry each. A bucket emptied by
+        cancelling stays until its tick passes, so re-arming into it pushes nothing: the heap
+        is bounded by the ticks within the longest timer, not by how often timers move."""
         self._armed: dict[object, int] = {}
         """Target -> the tick it waits for."""
 
@@ -94,9 +96,13 @@ class TimerWheel:
         """The earliest tick with something in it, as a time; None when nothing waits."""
         ticks = self._ticks
         buckets = self._buckets
-        while ticks and ticks[0] not in buckets:
+        while ticks:
+            tick = ticks[0]
+            if buckets[tick]:
+                return tick / self._scale
             heapq.heappop(ticks)
-        return ticks[0] / self._scale if ticks else None
+            del buckets[tick]
+        return None
 
     def pop_due(self, now: float) -> list[tuple[object, Fire]]:
         """Remove and return every (target, callback) whose tick is at or before ``now``,
@@ -107,7 +113,7 @@ class TimerWheel:
         scale = self._scale
         due: list[tuple[object, Fire]] = []
         while ticks and ticks[0] / scale <= now:
-            bucket = buckets.pop(heapq.heappop(ticks), None)
+            bucket = buckets.pop(heapq.heappop(ticks))
             if bucket:
                 for target in bucket:
                     del armed[target]
@@ -115,8 +121,4 @@ class TimerWheel:
         return due
 
     def _remove(self, target: object, tick: int) -> None:
-        bucket = self._buckets[tick]
-        del bucket[target]
-        if not bucket:
-            # The tick stays in the heap; next_deadline and pop_due skip it.
-            del self._buckets[tick]
+        del self._buckets[tick][target]

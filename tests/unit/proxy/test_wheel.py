@@ -88,3 +88,16 @@ def test_the_tick_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         TimerWheel(100)
     assert TimerWheel(32).next_deadline() is None
+
+
+def test_moving_timers_back_and_forth_does_not_grow_the_wheel() -> None:
+    wheel = TimerWheel()
+    a = Target("a")
+    for _ in range(1000):
+        wheel.schedule(a, 5.0, noop)
+        wheel.cancel(a)
+        wheel.schedule(a, 7.0, noop)
+    assert len(wheel._ticks) == 2 and len(wheel._buckets) == 2
+    assert wheel.next_deadline() == 7.0
+    wheel.cancel(a)
+    assert wheel.next_deadline() is None and not wheel._ticks and not wheel._buckets
