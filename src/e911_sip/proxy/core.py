@@ -102,6 +102,7 @@ from e911_sip.sip.transaction import (
     ClientNonInviteTransaction,
     PassUp,
     ServerInviteTransaction,
+    ServerKey,
     ServerNonInviteTransaction,
     Terminated,
     Timeout,
@@ -612,6 +613,19 @@ class _Probe:
         self.done = False
 
 
+def _rfc3261_key(request: Request) -> ServerKey | None:
+    """The server transaction key of a request with an RFC 3261 branch, else None.
+
+    Read from the request as received, it is also the key of the stamped request:
+    received/rport change neither the branch nor the sent-by, only an RFC 2543 key (which
+    includes the whole Via, so it is left to the general path).
+    """
+    branch = request.top_via.branch
+    if branch is None or not branch.startswith(MAGIC_COOKIE):
+        return None
+    return server_key(request)
+
+
 def _is_failover_status(status: int) -> bool:
     return status == 408 or status >= 500
 
@@ -819,8 +833,11 @@ class ProxyCore:
     # -- requests ------------------------------------------------------------------------
     def _on_request(self, request: Request, source: Peer, now: float) -> None:
         trusted = self._trust.classify(source.host) is Trust.SOFTSWITCH
-        if trusted and self._fast and self._absorbed(request, now):
-            return
+        key: ServerKey | None = None
+        if trusted and self._fast:
+            key = _rfc3261_key(request)
+            if key is not None and self._absorbed(key, request, now):
+                return
         request = stamp_received(request, source)
         if not trusted:
             admitted = self._admit_untrusted(request, source, now)
@@ -828,7 +845,8 @@ class ProxyCore:
                 return
             request = admitted
         method = request.method
-        key = server_key(request)
+        if key is None:
+            key = server_key(request)
         server = self._server.get(key)
         if server is not None:
             # A retransmission, or the ACK of a non-2xx: the transaction absorbs it.
@@ -928,19 +946,14 @@ class ProxyCore:
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
 
-    def _absorbed(self, request: Request, now: float) -> bool:
+    def _absorbed(self, key: ServerKey, request: Request, now: float) -> bool:
         """Fast path: a retransmission (or the ACK of a non-2xx final) that its server
         transaction absorbs, handled without stamping or routing it.
 
-        The key is read from the request as received: received/rport change neither an
-        RFC 3261 branch nor the sent-by, only an RFC 2543 key (left to the general path).
         An ACK that the transaction passes up (after a 2xx, RFC 6026 §7.1) is forwarded, so
-        it needs the stamped request: the general path too.
+        it needs the stamped request: it takes the general path.
         """
-        branch = request.top_via.branch
-        if branch is None or not branch.startswith(MAGIC_COOKIE):
-            return False
-        server = self._server.get(server_key(request))
+        server = self._server.get(key)
         if server is None:
             return False
         txn = server.txn
@@ -1535,13 +1548,15 @@ class ProxyCore:
 
     def _maybe_forget(self, context: _Context) -> None:
         # A context lives while one of its branches may still need a CANCEL or bring a 2xx.
-        if context.state is ContextState.FINISHED and all(
-            b.state is BranchState.DONE for b in context.branches
-        ):
-            self._contexts.pop(context.id, None)
-            # Branches point back at their context; dropping the forward list breaks the
-            # cycle so the context is freed by reference counting, not by a GC pass.
-            context.branches = []
+        if context.state is not ContextState.FINISHED:
+            return
+        for branch in context.branches:
+            if branch.state is not BranchState.DONE:
+                return
+        self._contexts.pop(context.id, None)
+        # Branches point back at their context; dropping the forward list breaks the cycle
+        # so the context is freed by reference counting, not by a GC pass.
+        context.branches = []
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""

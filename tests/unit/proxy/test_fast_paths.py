@@ -9,6 +9,7 @@ import pytest
 
 from e911_sip.proxy.core import ProxyCore
 from e911_sip.sip.message import Message, Request, Response
+from e911_sip.sip.transaction import ServerKey
 from tests.unit.proxy import paths
 from tests.unit.proxy.test_core import (
     DEFAULT,
@@ -101,8 +102,8 @@ def test_both_paths_send_the_same_bytes_and_report_the_same_events(
     absorbed: list[bool] = []
     general = ProxyCore._absorbed
 
-    def spy(core: ProxyCore, request: Request, now: float) -> bool:
-        result = general(core, request, now)
+    def spy(core: ProxyCore, key: ServerKey, request: Request, now: float) -> bool:
+        result = general(core, key, request, now)
         absorbed.append(result)
         return result
 
