@@ -584,7 +584,7 @@ class _ServerEntry:
 
 
 class _ClientEntry:
-    __slots__ = ("txn", "branch", "peer", "probe")
+    __slots__ = ("txn", "branch", "peer", "probe", "upstream_via")
 
     def __init__(
         self,
@@ -599,6 +599,9 @@ class _ClientEntry:
         self.peer = peer
         self.probe = probe
         """Set for an OPTIONS probe of a trunk: its result goes to the trunk health."""
+        self.upstream_via: str | None = None
+        """The Via below ours as we sent it, already parsed once: a response repeating it
+        needs no second check that it parses."""
 
 
 class _Probe:
@@ -1246,6 +1249,7 @@ class ProxyCore:
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
         context.branches.append(branch)
         entry = _ClientEntry(txn, branch, peer)
+        entry.upstream_via = context.request.top_via.raw
         self._client[txn.key] = entry
         if request.method == "INVITE" and trunk is not None and context.trunks:
             branch.provisional_deadline = now + self._options.provisional_timeout
@@ -1362,7 +1366,9 @@ class ProxyCore:
                 # §16.7 step 3: with our Via popped nothing would be left to route it upstream.
                 self._events.append(Discarded("malformed", "response with only our Via", source))
                 return
-            parse_via(vias[1])  # raises MalformedMessage: upstream could not match it either
+            second = vias[1]
+            if not (self._fast and second == entry.upstream_via):
+                parse_via(second)  # raises MalformedMessage: upstream could not match it either
         txn = entry.txn
         effects = txn.receive(response, now)
         branch = entry.branch
