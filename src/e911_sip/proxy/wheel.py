@@ -64,8 +64,13 @@ class TimerWheel:
 
     def schedule(self, target: T, deadline: float, fire: Callable[[T, float], None]) -> None:
         """Call ``fire(target, now)`` at the first tick at or after ``deadline``, instead of
-        whatever the target waited for before."""
-        tick = math.ceil(deadline * self._scale)
+        whatever the target waited for before. An infinite deadline never comes: the target
+        is only taken off the wheel."""
+        try:
+            tick = math.ceil(deadline * self._scale)
+        except OverflowError:
+            self.cancel(target)
+            return
         armed = self._armed
         old = armed.get(target)
         if old is not None:

@@ -101,3 +101,11 @@ def test_moving_timers_back_and_forth_does_not_grow_the_wheel() -> None:
     assert wheel.next_deadline() == 7.0
     wheel.cancel(a)
     assert wheel.next_deadline() is None and not wheel._ticks and not wheel._buckets
+
+
+def test_an_infinite_deadline_never_fires() -> None:
+    wheel = TimerWheel()
+    a = Target("a")
+    wheel.schedule(a, 1.0, noop)
+    wheel.schedule(a, float("inf"), noop)
+    assert wheel.next_deadline() is None and len(wheel) == 0
