@@ -43,19 +43,22 @@ injected time (the aioquic pattern).
   shed, gets a stateless 503 with Retry-After: no transaction, no retransmission cycle.
   An emergency INVITE (and a BYE, which ends a call) is never refused: it evicts the oldest
   non-emergency state instead. The ACK of such a 503 ends here.
+- State and time: each branch and each response context is one explicit state, changed only
+  through ``BRANCH_TRANSITIONS`` and ``CONTEXT_TRANSITIONS``; every deadline (transactions,
+  Timer C, the provisional timeout, fail-open, probes) sits on one coarse timer wheel
+  (:mod:`e911_sip.proxy.wheel`, 1/64 s ticks, never early). The common messages take fast
+  paths (``ProxyOptions.fast_paths``) with the same result as the general handling.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
@@ -80,6 +83,7 @@ from e911_sip.proxy.trust import (
     TrustPolicy,
     is_ip_address,
 )
+from e911_sip.proxy.wheel import TimerWheel
 from e911_sip.sip.errors import RemoteSipError, SipError, TooManyHops, TransactionStateError
 from e911_sip.sip.message import (
     DEFAULT_MAX_HEADERS,
@@ -93,10 +97,12 @@ from e911_sip.sip.message import (
 )
 from e911_sip.sip.peer import Peer, peer_for_uri, response_peer
 from e911_sip.sip.transaction import (
+    MAGIC_COOKIE,
     ClientInviteTransaction,
     ClientNonInviteTransaction,
     PassUp,
     ServerInviteTransaction,
+    ServerKey,
     ServerNonInviteTransaction,
     Terminated,
     Timeout,
@@ -107,7 +113,8 @@ from e911_sip.sip.transaction import (
     client_key,
     server_key,
 )
-from e911_sip.sip.uri import Uri, parse_uri, parse_via
+from e911_sip.sip.transaction import State as TransactionState
+from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -181,6 +188,11 @@ class ProxyOptions:
     owner's :class:`~e911_sip.proxy.admission.LoadSignal`, in production."""
     retry_after: int = 5
     """Seconds in the Retry-After of a 503 sent when shedding load."""
+    fast_paths: bool = True
+    """Take the short paths for the common messages: a retransmission its server transaction
+    absorbs, an in-dialog request whose top Route is the one we recorded, a response to one
+    of our branches. False sends every message through the general handling. Both give the
+    same result (the core's tests run each of them); the switch is there to prove it."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -328,6 +340,145 @@ class Outgoing:
 
 
 # -- per-request state -------------------------------------------------------------------
+# A branch and a response context are each one explicit state, changed only through the
+# tables below (h11's and sip/transaction.py's rule: reading one table answers "what can
+# happen now"). A pair missing from a table is an event that came too late to matter (a
+# second final response, a CANCEL after the answer) and is ignored: nothing a peer sends
+# may make the core raise.
+
+
+class BranchState(Enum):
+    """Where one attempt at one target stands (RFC 3261 §16.6–16.8, §9.1)."""
+
+    CALLING = "calling"
+    """The request is out; nothing heard yet (the provisional timeout runs)."""
+    CANCEL_PENDING = "cancel pending"
+    """The call was cancelled before this branch heard anything: the CANCEL waits for a
+    provisional response (§9.1)."""
+    ABANDONED = "abandoned"
+    """Silent past the provisional timeout: the next trunk was tried, this one is left
+    alive (a late 2xx is still forwarded) but no longer counts toward the best response."""
+    PROCEEDING = "proceeding"
+    """A provisional response came; Timer C runs (§16.8)."""
+    CANCELLING = "cancelling"
+    """The CANCEL went; its final response is awaited for at most 64*T1 (§9.1)."""
+    ABANDONED_CANCELLING = "abandoned cancelling"
+    """An abandoned branch woke up with a provisional and was cancelled at once."""
+    DONE = "done"
+    """A final response, a timeout or a transport error ended it."""
+
+    __hash__ = object.__hash__
+
+
+class BranchEvent(Enum):
+    """What can happen to a branch."""
+
+    PROVISIONAL = "1xx"
+    SUCCESS = "2xx"
+    FAILURE = "300-699"
+    FAILED = "timeout or transport error"
+    NO_PROVISIONAL = "provisional timeout"
+    CANCEL = "cancel"
+    TIMER_C = "Timer C"
+
+    __hash__ = object.__hash__
+
+
+class ContextState(Enum):
+    """Where a response context (RFC 3261 §16) stands."""
+
+    PROXYING = "proxying"
+    """Routed (or being routed); branches may be out; no final response went upstream."""
+    AWAITING_OWNER = "awaiting owner"
+    """An emergency INVITE waits for the owner's enriched request or the fail-open deadline."""
+    CANCELLED = "cancelled"
+    """A CANCEL came (§16.10): the branches are cancelled, their final responses awaited."""
+    FINISHED = "finished"
+    """The final response went upstream (or the server transaction ended without one)."""
+
+    __hash__ = object.__hash__
+
+
+class ContextEvent(Enum):
+    """What can happen to a response context."""
+
+    AWAIT_OWNER = "emergency call handed to the owner"
+    RESUME = "owner answered or fail-open"
+    CANCEL = "CANCEL"
+    FINAL = "final response sent"
+    SERVER_GONE = "server transaction ended"
+
+    __hash__ = object.__hash__
+
+
+_B = BranchState
+_BE = BranchEvent
+_C = ContextState
+_CE = ContextEvent
+
+BRANCH_TRANSITIONS: dict[tuple[BranchState, BranchEvent], BranchState] = {
+    (_B.CALLING, _BE.PROVISIONAL): _B.PROCEEDING,
+    (_B.CALLING, _BE.SUCCESS): _B.DONE,
+    (_B.CALLING, _BE.FAILURE): _B.DONE,
+    (_B.CALLING, _BE.FAILED): _B.DONE,
+    (_B.CALLING, _BE.NO_PROVISIONAL): _B.ABANDONED,
+    (_B.CALLING, _BE.CANCEL): _B.CANCEL_PENDING,
+    (_B.CANCEL_PENDING, _BE.PROVISIONAL): _B.CANCELLING,
+    (_B.CANCEL_PENDING, _BE.SUCCESS): _B.DONE,
+    (_B.CANCEL_PENDING, _BE.FAILURE): _B.DONE,
+    (_B.CANCEL_PENDING, _BE.FAILED): _B.DONE,
+    (_B.CANCEL_PENDING, _BE.NO_PROVISIONAL): _B.ABANDONED,
+    (_B.CANCEL_PENDING, _BE.CANCEL): _B.CANCEL_PENDING,
+    # An abandoned branch is cancelled on its first provisional anyway.
+    (_B.ABANDONED, _BE.PROVISIONAL): _B.ABANDONED_CANCELLING,
+    (_B.ABANDONED, _BE.SUCCESS): _B.DONE,
+    (_B.ABANDONED, _BE.FAILURE): _B.DONE,
+    (_B.ABANDONED, _BE.FAILED): _B.DONE,
+    (_B.ABANDONED, _BE.CANCEL): _B.ABANDONED,
+    # Each further provisional resets Timer C (§16.7 step 2).
+    (_B.PROCEEDING, _BE.PROVISIONAL): _B.PROCEEDING,
+    (_B.PROCEEDING, _BE.SUCCESS): _B.DONE,
+    (_B.PROCEEDING, _BE.FAILURE): _B.DONE,
+    (_B.PROCEEDING, _BE.FAILED): _B.DONE,
+    (_B.PROCEEDING, _BE.CANCEL): _B.CANCELLING,
+    (_B.PROCEEDING, _BE.TIMER_C): _B.CANCELLING,
+    (_B.CANCELLING, _BE.PROVISIONAL): _B.CANCELLING,
+    (_B.CANCELLING, _BE.SUCCESS): _B.DONE,
+    (_B.CANCELLING, _BE.FAILURE): _B.DONE,
+    (_B.CANCELLING, _BE.FAILED): _B.DONE,
+    (_B.CANCELLING, _BE.TIMER_C): _B.DONE,
+    (_B.ABANDONED_CANCELLING, _BE.PROVISIONAL): _B.ABANDONED_CANCELLING,
+    (_B.ABANDONED_CANCELLING, _BE.SUCCESS): _B.DONE,
+    (_B.ABANDONED_CANCELLING, _BE.FAILURE): _B.DONE,
+    (_B.ABANDONED_CANCELLING, _BE.FAILED): _B.DONE,
+    (_B.ABANDONED_CANCELLING, _BE.TIMER_C): _B.DONE,
+    # Every 2xx goes upstream (§16.7 step 5), retransmissions included (RFC 6026 §8.4).
+    (_B.DONE, _BE.SUCCESS): _B.DONE,
+}
+"""Every transition of a branch: (state, event) -> next state. Missing pairs are ignored."""
+
+CONTEXT_TRANSITIONS: dict[tuple[ContextState, ContextEvent], ContextState] = {
+    (_C.PROXYING, _CE.AWAIT_OWNER): _C.AWAITING_OWNER,
+    (_C.PROXYING, _CE.CANCEL): _C.CANCELLED,
+    (_C.PROXYING, _CE.FINAL): _C.FINISHED,
+    (_C.AWAITING_OWNER, _CE.RESUME): _C.PROXYING,
+    (_C.AWAITING_OWNER, _CE.CANCEL): _C.CANCELLED,
+    (_C.AWAITING_OWNER, _CE.FINAL): _C.FINISHED,
+    (_C.CANCELLED, _CE.FINAL): _C.FINISHED,
+    # Only a transport failure ends a server transaction before its final response.
+    (_C.PROXYING, _CE.SERVER_GONE): _C.FINISHED,
+    (_C.AWAITING_OWNER, _CE.SERVER_GONE): _C.FINISHED,
+    (_C.CANCELLED, _CE.SERVER_GONE): _C.FINISHED,
+}
+"""Every transition of a response context: (state, event) -> next state. Missing pairs are
+ignored (a CANCEL or a final response after the final response)."""
+
+_NO_PROVISIONAL_YET = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})
+_COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLING})
+"""Branches whose final response may still decide the context's (not abandoned, not done)."""
+_CANCEL_SENT = frozenset({_B.CANCELLING, _B.ABANDONED_CANCELLING})
+_OPEN = frozenset({_C.PROXYING, _C.AWAITING_OWNER})
+"""Contexts neither cancelled nor finished: provisionals go upstream, failover may happen."""
 
 
 class _Branch:
@@ -338,15 +489,10 @@ class _Branch:
         "txn",
         "peer",
         "trunk",
+        "state",
         "provisional_deadline",
         "timer_c_deadline",
-        "got_provisional",
-        "cancel_wanted",
-        "cancelled",
-        "abandoned",
-        "done",
         "dialog_noted",
-        "__weakref__",
     )
 
     def __init__(self, context: _Context, txn: ClientTransaction, peer: Peer, trunk: str) -> None:
@@ -354,14 +500,18 @@ class _Branch:
         self.txn = txn
         self.peer = peer
         self.trunk = trunk
+        self.state = BranchState.CALLING
         self.provisional_deadline: float | None = None
         self.timer_c_deadline: float | None = None
-        self.got_provisional = False
-        self.cancel_wanted = False
-        self.cancelled = False
-        self.abandoned = False
-        self.done = False
         self.dialog_noted = False
+        """The trunk dialog table has seen this branch's first answer."""
+
+    def step(self, event: BranchEvent) -> BranchState | None:
+        """Apply ``event``; the new state, or None when the event is ignored here."""
+        nxt = BRANCH_TRANSITIONS.get((self.state, event))
+        if nxt is not None:
+            self.state = nxt
+        return nxt
 
 
 class _Context:
@@ -379,13 +529,11 @@ class _Context:
         "attempt",
         "branches",
         "responses",
-        "final_sent",
-        "cancelled",
-        "awaiting_owner",
+        "state",
         "fail_open_deadline",
         "enriched",
         "inbound",
-        "__weakref__",
+        "initial",
     )
 
     def __init__(
@@ -410,12 +558,19 @@ class _Context:
         self.branches: list[_Branch] = []
         self.responses: list[Response] = []
         """Final responses collected so far, already fit to go upstream."""
-        self.final_sent = False
-        self.cancelled = False
-        self.awaiting_owner = False
+        self.state = ContextState.PROXYING
         self.fail_open_deadline: float | None = None
         self.enriched = False
         self.inbound = inbound
+        self.initial: bool | None = None
+        """No To tag (an initial request); None until read, or when the To is unreadable."""
+
+    def step(self, event: ContextEvent) -> ContextState | None:
+        """Apply ``event``; the new state, or None when the event is ignored here."""
+        nxt = CONTEXT_TRANSITIONS.get((self.state, event))
+        if nxt is not None:
+            self.state = nxt
+        return nxt
 
 
 class _ServerEntry:
@@ -429,7 +584,7 @@ class _ServerEntry:
 
 
 class _ClientEntry:
-    __slots__ = ("txn", "branch", "peer", "probe")
+    __slots__ = ("txn", "branch", "peer", "probe", "upstream_via")
 
     def __init__(
         self,
@@ -444,18 +599,34 @@ class _ClientEntry:
         self.peer = peer
         self.probe = probe
         """Set for an OPTIONS probe of a trunk: its result goes to the trunk health."""
+        self.upstream_via: str | None = None
+        """The Via below ours as we sent it, already parsed once: a response repeating it
+        needs no second check that it parses."""
 
 
 class _Probe:
     """One OPTIONS probe in flight: its trunk, its transaction and its own deadline."""
 
-    __slots__ = ("trunk", "key", "deadline", "done", "__weakref__")
+    __slots__ = ("trunk", "key", "deadline", "done")
 
     def __init__(self, trunk: str, key: tuple[str, str], deadline: float) -> None:
         self.trunk = trunk
         self.key = key
         self.deadline = deadline
         self.done = False
+
+
+def _rfc3261_key(request: Request) -> ServerKey | None:
+    """The server transaction key of a request with an RFC 3261 branch, else None.
+
+    Read from the request as received, it is also the key of the stamped request:
+    received/rport change neither the branch nor the sent-by, only an RFC 2543 key (which
+    includes the whole Via, so it is left to the general path).
+    """
+    branch = request.top_via.branch
+    if branch is None or not branch.startswith(MAGIC_COOKIE):
+        return None
+    return server_key(request)
 
 
 def _is_failover_status(status: int) -> bool:
@@ -498,8 +669,23 @@ class ProxyCore:
         self._ids = itertools.count(1)
         self._outbox: list[Outgoing] = []
         self._events: deque[Event] = deque()
-        self._timers: list[tuple[float, int, object]] = []
-        self._seq = itertools.count()
+        self._fast = options.fast_paths
+        self._own_routes = frozenset(
+            value
+            for value in (local.record_route() for local in options.local)
+            if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
+        )
+        """Our Record-Route values exactly as written, each one that routing would find ours."""
+        self._wheel = TimerWheel()
+        # Bound once: a bound method made per timer armed would be an allocation each.
+        self._on_branch_timer = self._branch_timer
+        self._on_client_timer = self._client_timer
+        self._on_server_timer = self._server_timer
+        self._on_probe_timer = self._probe_timer
+        self._on_probe_deadline = self._probe_deadline
+        self._on_fail_open = self._fail_open_timer
+        self._probe_slot = object()
+        """The wheel's key for the next round of trunk probes."""
         self._created: _Context | None = None
         """The context the message being received created, for answering it on an error."""
         self._trunk_uris = {
@@ -509,7 +695,6 @@ class ProxyCore:
         probes = {trunk: options.default_probe for trunk in options.default_trunks}
         probes.update((trunk, options.emergency_probe) for trunk in options.emergency_trunks)
         self._health = TrunkHealth(probes)
-        self._probe_timer_at: float | None = None
         self._arm_probe_timer()
 
     # -- the sans-IO surface -------------------------------------------------------------
@@ -524,11 +709,12 @@ class ProxyCore:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        """The earliest deadline at which :meth:`handle_timer` must run, or None.
+        """The earliest time at which :meth:`handle_timer` must run, or None.
 
-        It may name a deadline that has since been cancelled; running early is harmless.
+        Deadlines are kept on a timer wheel (:mod:`e911_sip.proxy.wheel`) of 1/64 s ticks:
+        this is the earliest tick with a timer in it, never before the timer's deadline.
         """
-        return self._timers[0][0] if self._timers else None
+        return self._wheel.next_deadline()
 
     @property
     def trust(self) -> TrustPolicy:
@@ -601,9 +787,8 @@ class ProxyCore:
                 context = self._created
                 if (
                     context is not None
-                    and not context.final_sent
+                    and context.state is ContextState.PROXYING
                     and not context.branches
-                    and not context.awaiting_owner
                 ):
                     # The request already has a server transaction: answer through it, or
                     # the transaction and its context would wait for a final response
@@ -631,31 +816,10 @@ class ProxyCore:
 
     def handle_timer(self, now: float) -> None:
         """Fire everything due at or before ``now``."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, target = heapq.heappop(timers)
-            if isinstance(target, weakref.ref):
-                target = target()
-                if target is None:
-                    continue
-            if isinstance(target, _Branch):
-                self._branch_timer(target, now)
-            elif target is self._health:
-                self._probe_timer(now)
-            elif isinstance(target, _Probe):
-                self._probe_deadline(target, now)
-            elif isinstance(target, _Context):
-                self._fail_open_timer(target, now)
-            elif isinstance(target, ClientInviteTransaction | ClientNonInviteTransaction):
-                due = target.get_timer()
-                entry = self._client.get(target.key)
-                if due is not None and due <= now and entry is not None and entry.txn is target:
-                    self._run_client(entry, target.handle_timer(now), now)
-            elif isinstance(target, ServerInviteTransaction | ServerNonInviteTransaction):
-                due = target.get_timer()
-                server = self._server.get(target.key)
-                if due is not None and due <= now and server is not None and server.txn is target:
-                    self._run_server(server, target.handle_timer(now), now)
+        wheel = self._wheel
+        while due := wheel.pop_due(now):
+            for target, fire in due:
+                fire(target, now)
 
     def forward_emergency(
         self, call: int, request: Request, now: float, *, enriched: bool = True
@@ -665,20 +829,27 @@ class ProxyCore:
         Late or repeated calls are ignored: the call already went out (fail-open) or ended.
         """
         context = self._contexts.get(call)
-        if context is None or not context.awaiting_owner:
+        if context is None or context.state is not ContextState.AWAITING_OWNER:
             return
         self._start_emergency(context, request, now, enriched=enriched)
 
     # -- requests ------------------------------------------------------------------------
     def _on_request(self, request: Request, source: Peer, now: float) -> None:
+        trusted = self._trust.classify(source.host) is Trust.SOFTSWITCH
+        key: ServerKey | None = None
+        if trusted and self._fast:
+            key = _rfc3261_key(request)
+            if key is not None and self._absorbed(key, request, now):
+                return
         request = stamp_received(request, source)
-        if self._trust.classify(source.host) is not Trust.SOFTSWITCH:
+        if not trusted:
             admitted = self._admit_untrusted(request, source, now)
             if admitted is None:
                 return
             request = admitted
         method = request.method
-        key = server_key(request)
+        if key is None:
+            key = server_key(request)
         server = self._server.get(key)
         if server is not None:
             # A retransmission, or the ACK of a non-2xx: the transaction absorbs it.
@@ -702,9 +873,9 @@ class ProxyCore:
         timers = self._options.timers
         txn: ServerTransaction
         if method == "INVITE":
-            txn = ServerInviteTransaction(request, reliable=reliable, timers=timers)
+            txn = ServerInviteTransaction(request, reliable=reliable, timers=timers, key=key)
         else:
-            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers)
+            txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers, key=key)
         inbound = self._by_transport.get(source.transport, self._locals[0])
         context = _Context(next(self._ids), txn, source, request, inbound)
         self._created = context
@@ -723,9 +894,10 @@ class ProxyCore:
             self._events.append(RequestRouted(method, Route.REJECTED))
             self._reply(context, make_response(request, 483, to_tag=self._branches.tag()), now)
             return
-        forwarded = pop_own_routes(forwarded, self._locals)
+        forwarded = self._pop_own_routes(forwarded)
         has_route = forwarded.has("route")
         initial = request.to_tag is None
+        context.initial = initial
         if initial and forwarded.has("priority"):
             priority = forwarded.get("priority") or ""
             if priority.strip().lower() == "psap-callback":
@@ -777,6 +949,33 @@ class ProxyCore:
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, forwarded, now, trunk=None)
 
+    def _absorbed(self, key: ServerKey, request: Request, now: float) -> bool:
+        """Fast path: a retransmission (or the ACK of a non-2xx final) that its server
+        transaction absorbs, handled without stamping or routing it.
+
+        An ACK that the transaction passes up (after a 2xx, RFC 6026 §7.1) is forwarded, so
+        it needs the stamped request: it takes the general path.
+        """
+        server = self._server.get(key)
+        if server is None:
+            return False
+        txn = server.txn
+        if request.method == "ACK" and txn.state is TransactionState.ACCEPTED:
+            return False
+        self._run_server(server, txn.receive(request, now), now)
+        return True
+
+    def _pop_own_routes(self, request: Request) -> Request:
+        """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
+        spelled exactly as we record it is recognised without parsing it."""
+        if self._fast:
+            routes = request.get("route")
+            if routes is None:
+                return request
+            if routes.split(",", 1)[0].strip() in self._own_routes:
+                request = request.pop_first_value("route")
+        return pop_own_routes(request, self._locals)
+
     def _admit_untrusted(self, request: Request, source: Peer, now: float) -> Request | None:
         """What may come from outside the trust domain (RFC 3325 §5), or None when refused.
 
@@ -791,7 +990,7 @@ class ProxyCore:
             if (
                 request.method == "OPTIONS"
                 and self._addressed_to_us(request)
-                and not pop_own_routes(request, self._locals).has("route")
+                and not self._pop_own_routes(request).has("route")
             ):
                 return request
             self._refuse(request, source, "untrusted_initial")
@@ -799,7 +998,7 @@ class ProxyCore:
         if not self._trunk_dialogs.allows(request.call_id, source.host, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
-        target = next_hop(pop_own_routes(request, self._locals))
+        target = next_hop(self._pop_own_routes(request))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -917,8 +1116,8 @@ class ProxyCore:
         if server is not None and server.txn is context.server:
             del self._server[context.server.key]
             dropped += 1
-        if not context.final_sent:
-            context.final_sent = True
+        self._wheel.cancel(context)
+        if context.step(ContextEvent.FINAL) is not None:
             self._send_stateless_reply(self._unavailable(context.request), context.source)
         for branch in context.branches:
             txn = branch.txn
@@ -926,14 +1125,10 @@ class ProxyCore:
             if entry is not None and entry.txn is txn:
                 del self._client[txn.key]
                 dropped += 1
-            if (
-                isinstance(txn, ClientInviteTransaction)
-                and branch.got_provisional
-                and not branch.done
-                and not branch.cancelled
-            ):
+            if isinstance(txn, ClientInviteTransaction) and branch.state is BranchState.PROCEEDING:
                 self._outbox.append(Outgoing(build_cancel(txn.request).to_bytes(), branch.peer))
-            branch.done = True
+            branch.state = BranchState.DONE
+            self._wheel.cancel(branch)
         context.branches = []
         return dropped
 
@@ -965,9 +1160,9 @@ class ProxyCore:
         context.emergency_number = number
         context.trunks = self._health.order(self._options.emergency_trunks)
         context.template = forwarded
-        context.awaiting_owner = True
+        context.step(ContextEvent.AWAIT_OWNER)
         context.fail_open_deadline = now + self._options.fail_open_after
-        self._push_timer(context.fail_open_deadline, weakref.ref(context))
+        self._wheel.schedule(context, context.fail_open_deadline, self._on_fail_open)
         self._events.append(RequestRouted("INVITE", Route.EMERGENCY))
         self._events.append(
             EmergencyCall(context.id, forwarded, number, forwarded.call_id, removed)
@@ -975,17 +1170,21 @@ class ProxyCore:
 
     def _fail_open_timer(self, context: _Context, now: float) -> None:
         deadline = context.fail_open_deadline
-        if context.awaiting_owner and deadline is not None and deadline <= now:
+        if (
+            context.state is ContextState.AWAITING_OWNER
+            and deadline is not None
+            and deadline <= now
+        ):
             self._events.append(FailOpen(context.id, context.request.call_id))
             self._start_emergency(context, context.template, now, enriched=False)
 
     def _start_emergency(
         self, context: _Context, request: Request, now: float, *, enriched: bool
     ) -> None:
-        context.awaiting_owner = False
         context.fail_open_deadline = None
+        self._wheel.cancel(context)
         context.enriched = enriched
-        if context.cancelled or context.final_sent:
+        if context.step(ContextEvent.RESUME) is None:
             return
         context.template = add_record_route(request, context.inbound, context.inbound)
         if not self._next_trunk(context, now):
@@ -1035,20 +1234,26 @@ class ProxyCore:
             request = add_record_route(
                 request.pop_first_value("record-route"), context.inbound, local
             )
-        request = add_via(request, local, self._branches.new())
+        via_branch = self._branches.new()
+        request = add_via(request, local, via_branch)
         timers = self._options.timers
         txn: ClientTransaction
         if request.method == "INVITE":
-            txn = ClientInviteTransaction(request, reliable=peer.reliable, timers=timers)
+            txn = ClientInviteTransaction(
+                request, reliable=peer.reliable, timers=timers, branch=via_branch
+            )
         else:
-            txn = ClientNonInviteTransaction(request, reliable=peer.reliable, timers=timers)
+            txn = ClientNonInviteTransaction(
+                request, reliable=peer.reliable, timers=timers, branch=via_branch
+            )
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
         context.branches.append(branch)
         entry = _ClientEntry(txn, branch, peer)
+        entry.upstream_via = context.request.top_via.raw
         self._client[txn.key] = entry
         if request.method == "INVITE" and trunk is not None and context.trunks:
             branch.provisional_deadline = now + self._options.provisional_timeout
-            self._push_timer(branch.provisional_deadline, weakref.ref(branch))
+            self._arm_branch(branch)
         self._run_client(entry, txn.start(now), now)
 
     def _on_cancel(
@@ -1062,18 +1267,20 @@ class ProxyCore:
             self._forward_stateless(request, source)
             return
         txn = ServerNonInviteTransaction(
-            request, reliable=source.reliable, timers=self._options.timers
+            request, reliable=source.reliable, timers=self._options.timers, key=key
         )
         entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
         self._server[key] = entry
         ok = make_response(request, 200, to_tag=self._branches.tag())
         self._run_server(entry, txn.send_response(ok, now), now)
         self._events.append(RequestRouted("CANCEL", Route.IN_DIALOG))
-        if context.final_sent or context.cancelled:
+        was = context.state
+        if context.step(ContextEvent.CANCEL) is None:
             return
-        context.cancelled = True
-        if context.awaiting_owner or all(b.done or b.abandoned for b in context.branches):
-            context.awaiting_owner = False
+        if was is ContextState.AWAITING_OWNER or not any(
+            b.state in _COUNTING for b in context.branches
+        ):
+            self._wheel.cancel(context)
             self._final(
                 context, make_response(context.request, 487, to_tag=self._branches.tag()), now
             )
@@ -1082,21 +1289,25 @@ class ProxyCore:
             self._cancel_branch(branch, now)
 
     def _cancel_branch(self, branch: _Branch, now: float) -> None:
-        if branch.cancelled or branch.done or not isinstance(branch.txn, ClientInviteTransaction):
+        if not isinstance(branch.txn, ClientInviteTransaction):
             return
-        if not branch.got_provisional:
-            branch.cancel_wanted = True  # §9.1: CANCEL waits for a provisional response
-            return
-        branch.cancelled = True
+        if branch.step(BranchEvent.CANCEL) is not BranchState.CANCELLING:
+            return  # §9.1: without a provisional the CANCEL waits for one; else it went
+        self._send_cancel(branch, now)
+
+    def _send_cancel(self, branch: _Branch, now: float) -> None:
         cancel = build_cancel(branch.txn.request)
         txn = ClientNonInviteTransaction(
-            cancel, reliable=branch.peer.reliable, timers=self._options.timers
+            cancel,
+            reliable=branch.peer.reliable,
+            timers=self._options.timers,
+            branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
         )
         entry = _ClientEntry(txn, None, branch.peer)
         self._client[txn.key] = entry
         self._run_client(entry, txn.start(now), now)
         branch.timer_c_deadline = now + self._options.timers.timer_b
-        self._push_timer(branch.timer_c_deadline, weakref.ref(branch))
+        self._arm_branch(branch)
 
     def _forward_stateless(self, request: Request, source: Peer) -> None:
         """Forward without a transaction: ACK for 2xx, CANCEL without a context (§16.11)."""
@@ -1105,7 +1316,7 @@ class ProxyCore:
         except TooManyHops:
             self._events.append(Discarded("too_many_hops", request.method, source))
             return
-        forwarded = pop_own_routes(forwarded, self._locals)
+        forwarded = self._pop_own_routes(forwarded)
         if request.method == "CANCEL" and not forwarded.has("route"):
             # A CANCEL for a request we never saw: nothing downstream can match it either.
             self._events.append(Discarded("no_transaction", "CANCEL", source))
@@ -1155,37 +1366,51 @@ class ProxyCore:
                 # §16.7 step 3: with our Via popped nothing would be left to route it upstream.
                 self._events.append(Discarded("malformed", "response with only our Via", source))
                 return
-            parse_via(vias[1])  # raises MalformedMessage: upstream could not match it either
-        self._run_client(entry, entry.txn.receive(response, now), now)
+            second = vias[1]
+            if not (self._fast and second == entry.upstream_via):
+                parse_via(second)  # raises MalformedMessage: upstream could not match it either
+        txn = entry.txn
+        effects = txn.receive(response, now)
+        branch = entry.branch
+        if self._fast and branch is not None and len(effects) == 1 and type(effects[0]) is PassUp:
+            # Fast path: a provisional or a 2xx for one of our branches, the common response.
+            try:
+                self._branch_response(branch, response, now)
+            finally:
+                self._arm_client(txn)
+            return
+        self._run_client(entry, effects, now)
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
         context = branch.context
         status = response.status
         if status > 100 and status < 300 and not branch.dialog_noted:
             self._note_trunk_dialog(branch, response, now)
-        if not branch.got_provisional and not branch.done:
+        was = branch.state
+        if was in _NO_PROVISIONAL_YET:
             self._call_outcome(branch, True, "ok" if status < 300 else str(status), now)
         if status < 200:
-            branch.got_provisional = True
+            nxt = branch.step(BranchEvent.PROVISIONAL)
+            if nxt is None or was is BranchState.ABANDONED_CANCELLING:
+                return
             branch.provisional_deadline = None
-            if branch.cancel_wanted or branch.abandoned:
-                branch.cancel_wanted = False
-                self._cancel_branch(branch, now)
+            if nxt is not was and nxt in _CANCEL_SENT:
+                # A CANCEL waited for this provisional (§9.1), or the branch was abandoned.
+                self._send_cancel(branch, now)
                 return
             branch.timer_c_deadline = now + self._options.timer_c
-            # Weakly held: a finished branch must not stay alive until its Timer C (3 min)
-            # comes round in the heap.
-            self._push_timer(branch.timer_c_deadline, weakref.ref(branch))
-            if status != 100 and not context.final_sent and not context.cancelled:
+            self._arm_branch(branch)
+            if status != 100 and context.state in _OPEN:
                 self._reply(context, response.pop_top_via(), now)
+            return
+        if branch.step(BranchEvent.SUCCESS if status < 300 else BranchEvent.FAILURE) is None:
             return
         branch.provisional_deadline = None
         branch.timer_c_deadline = None
-        branch.done = True
+        self._wheel.cancel(branch)
         if status < 300:
             # Every 2xx goes upstream (§16.7 step 5), even a late one from an abandoned trunk.
-            if not context.final_sent:
-                context.final_sent = True
+            if context.step(ContextEvent.FINAL) is not None:
                 self._completed(context, status, branch.trunk)
             self._server_send(context, response.pop_top_via(), now)
             for other in context.branches:
@@ -1193,7 +1418,7 @@ class ProxyCore:
                     self._cancel_branch(other, now)
             self._maybe_forget(context)
             return
-        if branch.abandoned:
+        if was is BranchState.ABANDONED or was is BranchState.ABANDONED_CANCELLING:
             self._maybe_finish(context, now)
             return
         context.responses.append(response.pop_top_via())
@@ -1201,8 +1426,7 @@ class ProxyCore:
             status == 424
             and context.route is Route.EMERGENCY
             and context.template.has("geolocation")
-            and not context.cancelled
-            and not context.final_sent
+            and context.state in _OPEN
         ):
             # RFC 6442 §4.3: the trunk could not use the location we inserted. The call must
             # still go through: the same trunk again, this time without our location (RFC 6881
@@ -1237,17 +1461,24 @@ class ProxyCore:
                 emergency=branch.context.route is Route.EMERGENCY,
             )
 
-    def _branch_failed(self, branch: _Branch, reason: str, now: float) -> None:
+    def _branch_failed(
+        self,
+        branch: _Branch,
+        reason: str,
+        now: float,
+        event: BranchEvent = BranchEvent.FAILED,
+    ) -> None:
         """A branch ended with no final response: it counts as a 408 (§16.7 step 1, §16.8)."""
-        if branch.done:
+        was = branch.state
+        if branch.step(event) is not BranchState.DONE:
             return
-        if not branch.got_provisional and not branch.abandoned:
+        if was is BranchState.CALLING or was is BranchState.CANCEL_PENDING:
             self._call_outcome(branch, False, reason, now)
-        branch.done = True
         branch.provisional_deadline = None
         branch.timer_c_deadline = None
+        self._wheel.cancel(branch)
         context = branch.context
-        if branch.abandoned:
+        if was is BranchState.ABANDONED or was is BranchState.ABANDONED_CANCELLING:
             self._maybe_finish(context, now)
             return
         context.responses.append(make_response(context.request, 408, to_tag=self._branches.tag()))
@@ -1260,8 +1491,7 @@ class ProxyCore:
         return (
             context.route in (Route.EMERGENCY, Route.DEFAULT)
             and bool(context.trunks)
-            and not context.cancelled
-            and not context.final_sent
+            and context.state in _OPEN
         )
 
     def _fail_over(self, context: _Context, branch: _Branch, reason: str, now: float) -> None:
@@ -1274,12 +1504,12 @@ class ProxyCore:
 
     def _maybe_finish(self, context: _Context, now: float) -> None:
         """Send the best final response once no branch can produce a better one."""
-        if context.final_sent:
+        if context.state is ContextState.FINISHED:
             self._maybe_forget(context)
             return
-        if any(not b.done and not b.abandoned for b in context.branches):
+        if any(b.state in _COUNTING for b in context.branches):
             return
-        if context.cancelled:
+        if context.state is ContextState.CANCELLED:
             best = make_response(context.request, 487, to_tag=self._branches.tag())
         elif context.responses:
             best = min(context.responses, key=_response_rank)
@@ -1292,9 +1522,8 @@ class ProxyCore:
         self._final(context, best, now)
 
     def _final(self, context: _Context, response: Response, now: float) -> None:
-        if context.final_sent:
+        if context.step(ContextEvent.FINAL) is None:
             return
-        context.final_sent = True
         trunk = context.branches[-1].trunk if context.branches else None
         self._completed(context, response.status, trunk)
         self._server_send(context, response, now)
@@ -1302,10 +1531,12 @@ class ProxyCore:
 
     def _completed(self, context: _Context, status: int, trunk: str | None) -> None:
         request = context.request
-        try:
-            initial = request.to_tag is None
-        except SipError:
-            initial = False  # an unreadable To: answered 400, and no dialog came of it
+        initial = context.initial
+        if initial is None:
+            try:
+                initial = request.to_tag is None
+            except SipError:
+                initial = False  # an unreadable To: answered 400, and no dialog came of it
         if (status >= 300 and initial) or (status < 300 and request.method == "BYE"):
             # The dialog never came up, or it is over: the trunk may send nothing more in it.
             self._trunk_dialogs.end(request.call_id)
@@ -1323,18 +1554,21 @@ class ProxyCore:
 
     def _maybe_forget(self, context: _Context) -> None:
         # A context lives while one of its branches may still need a CANCEL or bring a 2xx.
-        if context.final_sent and all(b.done for b in context.branches):
-            self._contexts.pop(context.id, None)
-            # Branches point back at their context; dropping the forward list breaks the
-            # cycle so the context is freed by reference counting, not by a GC pass.
-            context.branches = []
+        if context.state is not ContextState.FINISHED:
+            return
+        for branch in context.branches:
+            if branch.state is not BranchState.DONE:
+                return
+        self._contexts.pop(context.id, None)
+        # Branches point back at their context; dropping the forward list breaks the cycle
+        # so the context is freed by reference counting, not by a GC pass.
+        context.branches = []
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
         if response.status >= 200:
-            if context.final_sent:
+            if context.step(ContextEvent.FINAL) is None:
                 return
-            context.final_sent = True
             self._completed(context, response.status, None)
         self._server_send(context, response, now)
         self._maybe_forget(context)
@@ -1354,37 +1588,84 @@ class ProxyCore:
             # can take it any more.
             self._events.append(Discarded("late_response", str(response.status), context.source))
             return
+        if self._fast and len(effects) == 1 and type(effects[0]) is Transmit:
+            # Fast path: the response goes out once, the usual case.
+            self._outbox.append(Outgoing(response.to_bytes(), entry.peer))
+            self._arm_server(entry.txn)
+            return
         self._run_server(entry, effects, now)
 
     # -- timers and transaction effects --------------------------------------------------
-    def _push_timer(self, deadline: float, target: object) -> None:
-        heapq.heappush(self._timers, (deadline, next(self._seq), target))
+    def _arm_branch(self, branch: _Branch) -> None:
+        """Put the branch on the wheel for the earlier of its two deadlines, if any."""
+        deadline = branch.provisional_deadline
+        timer_c = branch.timer_c_deadline
+        if deadline is None or (timer_c is not None and timer_c < deadline):
+            deadline = timer_c
+        if deadline is None:
+            self._wheel.cancel(branch)
+        else:
+            self._wheel.schedule(branch, deadline, self._on_branch_timer)
 
     def _branch_timer(self, branch: _Branch, now: float) -> None:
-        if branch.done:
+        state = branch.state
+        if state is BranchState.DONE:
             return
         deadline = branch.provisional_deadline
         if deadline is not None and deadline <= now:
             branch.provisional_deadline = None
             context = branch.context
-            if not branch.got_provisional and self._can_fail_over(context):
+            if state in _NO_PROVISIONAL_YET and self._can_fail_over(context):
                 self._call_outcome(branch, False, "no_provisional", now)
-                branch.abandoned = True
+                branch.step(BranchEvent.NO_PROVISIONAL)
                 self._fail_over(context, branch, "no_provisional", now)
+        else:
+            deadline = branch.timer_c_deadline
+            if deadline is not None and deadline <= now:
+                branch.timer_c_deadline = None
+                if state in _CANCEL_SENT:
+                    # §9.1: no final response 64*T1 after the CANCEL: the INVITE transaction
+                    # is given up, or it and its context would wait for ever on a silent
+                    # trunk.
+                    txn = branch.txn
+                    entry = self._client.get(txn.key)
+                    if entry is not None and entry.txn is txn:
+                        del self._client[txn.key]
+                    self._wheel.cancel(txn)
+                    self._branch_failed(branch, "timeout", now, BranchEvent.TIMER_C)
+                    self._maybe_forget(branch.context)
+                    return
+                if isinstance(branch.txn, ClientInviteTransaction):
+                    # §16.8: Timer C fired after a provisional: the branch is cancelled.
+                    if branch.step(BranchEvent.TIMER_C) is BranchState.CANCELLING:
+                        self._send_cancel(branch, now)
+                        return
+        if branch.state is not BranchState.DONE:
+            self._arm_branch(branch)
+
+    def _client_timer(self, txn: ClientTransaction, now: float) -> None:
+        entry = self._client.get(txn.key)
+        if entry is None or entry.txn is not txn:
             return
-        deadline = branch.timer_c_deadline
-        if deadline is not None and deadline <= now:
-            branch.timer_c_deadline = None
-            if not branch.cancelled:
-                self._cancel_branch(branch, now)  # §16.8: Timer C fired after a provisional
-                return
-            # §9.1: no final response 64*T1 after the CANCEL: the INVITE transaction is
-            # given up, or it and its context would wait for ever on a silent trunk.
-            entry = self._client.get(branch.txn.key)
-            if entry is not None and entry.txn is branch.txn:
-                del self._client[branch.txn.key]
-            self._branch_failed(branch, "timeout", now)
-            self._maybe_forget(branch.context)
+        due = txn.get_timer()
+        if due is None:
+            return
+        if due > now:
+            self._wheel.schedule(txn, due, self._on_client_timer)
+            return
+        self._run_client(entry, txn.handle_timer(now), now)
+
+    def _server_timer(self, txn: ServerTransaction, now: float) -> None:
+        entry = self._server.get(txn.key)
+        if entry is None or entry.txn is not txn:
+            return
+        due = txn.get_timer()
+        if due is None:
+            return
+        if due > now:
+            self._wheel.schedule(txn, due, self._on_server_timer)
+            return
+        self._run_server(entry, txn.handle_timer(now), now)
 
     def _run_client(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
         if entry.probe is not None:
@@ -1396,9 +1677,21 @@ class ProxyCore:
         finally:
             # Whatever handling an effect raised, the transaction keeps its timer: one
             # without a timer would never end.
-            due = txn.get_timer()
-            if due is not None:
-                self._push_timer(due, txn)
+            self._arm_client(txn)
+
+    def _arm_client(self, txn: ClientTransaction) -> None:
+        due = txn.get_timer()
+        if due is None:
+            self._wheel.cancel(txn)
+        else:
+            self._wheel.schedule(txn, due, self._on_client_timer)
+
+    def _arm_server(self, txn: ServerTransaction) -> None:
+        due = txn.get_timer()
+        if due is None:
+            self._wheel.cancel(txn)
+        else:
+            self._wheel.schedule(txn, due, self._on_server_timer)
 
     def _client_effects(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
         txn = entry.txn
@@ -1427,9 +1720,7 @@ class ProxyCore:
         try:
             self._server_effects(entry, effects, now)
         finally:
-            due = txn.get_timer()  # as for client transactions: never lose the timer
-            if due is not None:
-                self._push_timer(due, txn)
+            self._arm_server(txn)  # as for client transactions: never lose the timer
 
     def _server_effects(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
         txn = entry.txn
@@ -1445,10 +1736,8 @@ class ProxyCore:
                 if self._server.get(txn.key) is entry:
                     del self._server[txn.key]
                 context = entry.context
-                if context is not None and not context.final_sent:
+                if context is not None and context.step(ContextEvent.SERVER_GONE) is not None:
                     # Only a transport failure ends a server transaction before its final.
-                    context.final_sent = True
-                    context.cancelled = True
                     for branch in context.branches:
                         self._cancel_branch(branch, now)
                 if context is not None:
@@ -1457,15 +1746,10 @@ class ProxyCore:
     # -- trunk probes --------------------------------------------------------------------
     def _arm_probe_timer(self) -> None:
         due = self._health.next_probe()
-        if due is None:
-            return
-        armed = self._probe_timer_at
-        if armed is None or due < armed:
-            self._probe_timer_at = due
-            self._push_timer(due, self._health)
+        if due is not None:
+            self._wheel.schedule(self._probe_slot, due, self._on_probe_timer)
 
-    def _probe_timer(self, now: float) -> None:
-        self._probe_timer_at = None
+    def _probe_timer(self, _slot: object, now: float) -> None:
         for trunk in self._health.due(now):
             self._send_probe(trunk, now)
         self._arm_probe_timer()
@@ -1486,12 +1770,12 @@ class ProxyCore:
             user_agent=self._options.server_header,
         )
         txn = ClientNonInviteTransaction(
-            request, reliable=peer.reliable, timers=self._options.timers
+            request, reliable=peer.reliable, timers=self._options.timers, branch=branch
         )
         probe = _Probe(trunk, txn.key, now + self._health.probe_timeout(trunk))
         entry = _ClientEntry(txn, None, peer, probe)
         self._client[txn.key] = entry
-        self._push_timer(probe.deadline, weakref.ref(probe))
+        self._wheel.schedule(probe, probe.deadline, self._on_probe_deadline)
         self._run_probe(entry, probe, txn.start(now), now)
 
     def _run_probe(
@@ -1517,9 +1801,7 @@ class ProxyCore:
                 if self._client.get(txn.key) is entry:
                     del self._client[txn.key]
                 self._probe_result(probe, False, "timeout", now)
-        due = txn.get_timer()
-        if due is not None:
-            self._push_timer(due, txn)
+        self._arm_client(txn)
 
     def _probe_deadline(self, probe: _Probe, now: float) -> None:
         if probe.done or probe.deadline > now:
@@ -1535,6 +1817,7 @@ class ProxyCore:
         if probe.done:
             return
         probe.done = True
+        self._wheel.cancel(probe)
         self._events.append(TrunkProbed(probe.trunk, ok, result))
         change = self._health.record(probe.trunk, ok, result, now, probe=True)
         if change is not None:

@@ -540,10 +540,16 @@ class _ClientTransaction(_Transaction):
     key: tuple[str, str]
 
     def __init__(
-        self, request: Request, state: State, reliable: bool, timers: TimerSettings
+        self,
+        request: Request,
+        state: State,
+        reliable: bool,
+        timers: TimerSettings,
+        branch: str | None,
     ) -> None:
         super().__init__(request, state, reliable, timers)
-        branch = request.top_via.branch
+        if branch is None:
+            branch = request.top_via.branch
         if not branch:
             raise ValueError(
                 "a client transaction's request needs a Via branch (RFC 3261 §8.1.1.7)"
@@ -582,11 +588,18 @@ class ClientInviteTransaction(_ClientTransaction):
     _table = _table_for(Kind.CLIENT_INVITE)
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        branch: str | None = None,
     ) -> None:
+        """``branch``, when given, is the request's top Via branch, known to the caller that
+        wrote it (it saves parsing that Via again)."""
         if request.method != "INVITE":
             raise ValueError(f"an INVITE client transaction cannot carry {request.method}")
-        super().__init__(request, State.CALLING, reliable, timers)
+        super().__init__(request, State.CALLING, reliable, timers, branch)
         self._ack: Transmit | None = None
 
     def start(self, now: float) -> list[Effect]:
@@ -662,11 +675,18 @@ class ClientNonInviteTransaction(_ClientTransaction):
     _table = _table_for(Kind.CLIENT_NON_INVITE)
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        branch: str | None = None,
     ) -> None:
+        """``branch``, when given, is the request's top Via branch, known to the caller that
+        wrote it (it saves parsing that Via again)."""
         if request.method in ("INVITE", "ACK"):
             raise ValueError(f"a non-INVITE client transaction cannot carry {request.method}")
-        super().__init__(request, State.TRYING, reliable, timers)
+        super().__init__(request, State.TRYING, reliable, timers, branch)
 
     def start(self, now: float) -> list[Effect]:
         """Send the request: ``[Transmit(request)]``; arms Timer E (unreliable only) and F.
@@ -733,10 +753,15 @@ class _ServerTransaction(_Transaction):
     last_response: Response | None
 
     def __init__(
-        self, request: Request, state: State, reliable: bool, timers: TimerSettings
+        self,
+        request: Request,
+        state: State,
+        reliable: bool,
+        timers: TimerSettings,
+        key: ServerKey | None,
     ) -> None:
         super().__init__(request, state, reliable, timers)
-        self.key = server_key(request)
+        self.key = server_key(request) if key is None else key
         self.last_response = None
         self._last_sent: Transmit | None = None
 
@@ -768,11 +793,17 @@ class ServerInviteTransaction(_ServerTransaction):
     _table = _table_for(Kind.SERVER_INVITE)
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: ServerKey | None = None,
     ) -> None:
+        """``key``, when given, is ``server_key(request)``, already computed by the caller."""
         if request.method != "INVITE":
             raise ValueError(f"an INVITE server transaction cannot carry {request.method}")
-        super().__init__(request, State.PROCEEDING, reliable, timers)
+        super().__init__(request, State.PROCEEDING, reliable, timers, key)
 
     def receive(self, request: Request, now: float) -> list[Effect]:
         """A retransmitted INVITE or an ACK matched to this transaction by ``server_key``."""
@@ -850,11 +881,17 @@ class ServerNonInviteTransaction(_ServerTransaction):
     _table = _table_for(Kind.SERVER_NON_INVITE)
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: ServerKey | None = None,
     ) -> None:
+        """``key``, when given, is ``server_key(request)``, already computed by the caller."""
         if request.method in ("INVITE", "ACK"):
             raise ValueError(f"a non-INVITE server transaction cannot carry {request.method}")
-        super().__init__(request, State.TRYING, reliable, timers)
+        super().__init__(request, State.TRYING, reliable, timers, key)
 
     def receive(self, request: Request, now: float) -> list[Effect]:
         """A retransmission of the request matched to this transaction by ``server_key``."""

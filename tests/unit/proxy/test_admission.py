@@ -26,6 +26,7 @@ from e911_sip.sip.errors import SipError
 from e911_sip.sip.message import Request, Response, parse
 from e911_sip.sip.peer import Peer
 from e911_sip.sip.uri import parse_uri
+from tests.unit.proxy import paths
 from tests.unit.proxy.test_core import (
     DEFAULT,
     EDGE_TCP,
@@ -38,6 +39,8 @@ from tests.unit.proxy.test_core import (
     response_to,
     to,
 )
+
+pytestmark = pytest.mark.usefixtures("core_paths")
 
 NUMBERS = frozenset({"911", "933"})
 POLICY = functools.partial(emergency_number, numbers=NUMBERS)
@@ -52,6 +55,7 @@ def make_core(
     overload: Callable[[], str | None] = lambda: None,
 ) -> Harness:
     options = ProxyOptions(
+        fast_paths=paths.FAST,
         local=(EDGE_UDP, EDGE_TCP),
         emergency_classifier=POLICY,
         emergency_trunks=("sip:198.51.100.1:5060", "sip:198.51.100.2:5060"),

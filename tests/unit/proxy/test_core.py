@@ -31,6 +31,9 @@ from e911_sip.proxy.core import (
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, Response, parse
 from e911_sip.sip.peer import Peer
+from tests.unit.proxy import paths
+
+pytestmark = pytest.mark.usefixtures("core_paths")
 
 EDGE_UDP = LocalAddress("udp", "192.0.2.1", 5070)
 EDGE_TCP = LocalAddress("tcp", "192.0.2.1", 5070)
@@ -131,6 +134,7 @@ def make_core(
     **extra: Any,
 ) -> Harness:
     options = ProxyOptions(
+        fast_paths=paths.FAST,
         local=local,
         emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911", "933"})),
         emergency_trunks=emergency_trunks,

@@ -6,6 +6,8 @@ on, no transaction or response context left behind.
 
 from __future__ import annotations
 
+import pytest
+
 from e911_sip.proxy.core import Discarded
 from e911_sip.sip.message import Request, Response, parse
 from tests.unit.proxy.test_core import (
@@ -20,6 +22,8 @@ from tests.unit.proxy.test_core import (
     start_emergency,
     to,
 )
+
+pytestmark = pytest.mark.usefixtures("core_paths")
 
 
 def in_dialog(*, ruri: str = "sip:911@198.51.100.1:5060", route: str | None, branch: str) -> bytes:

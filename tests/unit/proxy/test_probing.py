@@ -6,6 +6,8 @@ import functools
 import ipaddress
 import random
 
+import pytest
+
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.proxy.core import (
     Discarded,
@@ -19,6 +21,7 @@ from e911_sip.proxy.core import (
 from e911_sip.proxy.trunks import ProbeOptions
 from e911_sip.sip.message import Request, Response, parse
 from e911_sip.sip.peer import Peer
+from tests.unit.proxy import paths
 from tests.unit.proxy.test_core import (
     EDGE_TCP,
     EDGE_UDP,
@@ -31,6 +34,8 @@ from tests.unit.proxy.test_core import (
     to,
 )
 
+pytestmark = pytest.mark.usefixtures("core_paths")
+
 T1_URI, T2_URI = "sip:198.51.100.1:5060", "sip:198.51.100.2:5060"
 PROBE = ProbeOptions(interval=10.0, timeout=2.0, failures=2, successes=1)
 
@@ -42,6 +47,7 @@ def make_core(
     default_probe: ProbeOptions | None = None,
 ) -> Harness:
     options = ProxyOptions(
+        fast_paths=paths.FAST,
         local=(EDGE_UDP, EDGE_TCP),
         emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
         emergency_trunks=emergency_trunks,

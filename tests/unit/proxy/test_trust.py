@@ -23,6 +23,8 @@ from tests.unit.proxy.test_core import (
     to,
 )
 
+pytestmark = pytest.mark.usefixtures("core_paths")
+
 OUTSIDER = Peer("udp", "192.0.2.200", 5060)
 """An address outside the trust domain (the tests trust 192.0.2.0/25 only)."""
 TRUSTED = ("192.0.2.0/25",)
