@@ -127,15 +127,34 @@ def make_header(name: str, value: str) -> Header:
     return Header(_key_of(name), f"{name}: {value}", value)
 
 
+_UNREAD = "\x00unread"
+"""Marks a cached tag not read yet (compared by identity: no parsed string is this object)."""
+
+
 class Message:
     """Headers and body common to requests and responses. Immutable.
 
     Header fields are held as two parallel lists: the raw text of each field and its
     canonical key. Values are read from the raw text on demand, so a message that is only
-    relayed never pays for unfolding or stripping headers nobody looks at.
+    relayed never pays for unfolding or stripping headers nobody looks at. What is read is
+    cached on the message (top Via, Via list, CSeq, Call-ID, To and From tags,
+    Max-Forwards), and a changed copy keeps every cached value its change did not touch.
+    A parsed message keeps the bytes it arrived as: serialised unchanged, it writes them.
     """
 
-    __slots__ = ("_lines", "_keys", "body", "_wire", "_vias", "_top_via", "_cseq")
+    __slots__ = (
+        "_lines",
+        "_keys",
+        "body",
+        "_wire",
+        "_vias",
+        "_top_via",
+        "_cseq",
+        "_call_id",
+        "_to_tag",
+        "_from_tag",
+        "_mf",
+    )
 
     body: bytes
 
@@ -150,6 +169,10 @@ class Message:
         self._vias: list[Via] | None = None
         self._top_via: Via | None = None
         self._cseq: tuple[int, str] | None = None
+        self._call_id: str | None = None
+        self._to_tag: str | None = _UNREAD
+        self._from_tag: str | None = _UNREAD
+        self._mf: int | None = -1
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -203,19 +226,24 @@ class Message:
                 raise MalformedMessage("message has no Via")
             top = self._vias[0]
         else:
-            value = self.get("via")
-            if not value:
-                raise MalformedMessage("message has no Via")
-            top = parse_via(split_values(value)[0])
+            top = _top_via_of(self.get("via"))
         self._top_via = top
         return top
 
     @property
+    def top_via_branch(self) -> str | None:
+        """The topmost Via's branch parameter (the transaction key, RFC 3261 §17.2.3)."""
+        return self.top_via.branch
+
+    @property
     def call_id(self) -> str:
         """The Call-ID."""
-        value = self.get("call-id")
-        if not value:
-            raise MalformedMessage("message has no Call-ID")
+        value = self._call_id
+        if value is None:
+            value = self.get("call-id")
+            if not value:
+                raise MalformedMessage("message has no Call-ID")
+            self._call_id = value
         return value
 
     @property
@@ -226,16 +254,23 @@ class Message:
         return self._cseq
 
     @property
+    def cseq_method(self) -> str:
+        """The method of CSeq (the transaction's method for a response)."""
+        return self.cseq[1]
+
+    @property
     def max_forwards(self) -> int | None:
         """Max-Forwards, None when absent (RFC 3261 §20.22).
 
         Raises:
             MalformedMessage: not a number, or one of more than ten digits.
         """
-        value = self.get("max-forwards")
-        if value is None:
-            return None
-        return wire_uint(value, "Max-Forwards", MAX_FORWARDS_READ)
+        value = self._mf
+        if value is None or value >= 0:
+            return value
+        value = _max_forwards_of(self.get("max-forwards"))
+        self._mf = value
+        return value
 
     def from_addr(self) -> NameAddr:
         """The From value, parsed."""
@@ -244,15 +279,23 @@ class Message:
     @property
     def to_tag(self) -> str | None:
         """The To tag, None when absent."""
-        value = self.get("to")
-        if value is None or "tag" not in value.lower():
-            return None  # the common initial request: no need to parse the value
-        return parse_name_addr(value).param("tag")
+        tag = self._to_tag
+        if tag is _UNREAD:
+            value = self.get("to")
+            if value is None or "tag" not in value.lower():
+                tag = None  # the common initial request: no need to parse the value
+            else:
+                tag = parse_name_addr(value).param("tag")
+            self._to_tag = tag
+        return tag
 
     @property
     def from_tag(self) -> str | None:
         """The From tag, None when absent."""
-        return self.from_addr().param("tag")
+        tag = self._from_tag
+        if tag is _UNREAD:
+            tag = self._from_tag = self.from_addr().param("tag")
+        return tag
 
     # -- changing (each returns a new message) -------------------------------------------
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
@@ -263,10 +306,23 @@ class Message:
         clone._keys = keys
         clone.body = self.body
         clone._wire = None
-        keep_via = changed != "via" and changed != "*"
-        clone._vias = self._vias if keep_via else None
-        clone._top_via = self._top_via if keep_via else None
-        clone._cseq = self._cseq if changed != "cseq" and changed != "*" else None
+        if changed == "*":
+            clone._vias = None
+            clone._top_via = None
+            clone._cseq = None
+            clone._call_id = None
+            clone._to_tag = _UNREAD
+            clone._from_tag = _UNREAD
+            clone._mf = -1
+        else:
+            via = changed == "via"
+            clone._vias = None if via else self._vias
+            clone._top_via = None if via else self._top_via
+            clone._cseq = None if changed == "cseq" else self._cseq
+            clone._call_id = None if changed == "call-id" else self._call_id
+            clone._to_tag = _UNREAD if changed == "to" else self._to_tag
+            clone._from_tag = _UNREAD if changed == "from" else self._from_tag
+            clone._mf = -1 if changed == "max-forwards" else self._mf
         self._copy_start_line(clone)
         return clone
 
@@ -345,7 +401,11 @@ class Message:
         else:
             del lines[index]
             del keys[index]
-        return self._copy(lines, keys, key)
+        clone = self._copy(lines, keys, key)
+        if key == "via" and self._vias:
+            # The Vias read before stay parsed: the popped one was the first of them.
+            clone._vias = self._vias[1:]
+        return clone
 
     def pop_top_via(self) -> Self:
         """Without the topmost Via value (RFC 3261 §16.7 step 3)."""
@@ -367,6 +427,22 @@ class Message:
             )
             self._wire = text.encode("latin-1") + self.body
         return self._wire
+
+
+def _top_via_of(value: str | None) -> Via:
+    if not value:
+        raise MalformedMessage("message has no Via")
+    if "," not in value:
+        return parse_via(value.strip())
+    return parse_via(split_values(value)[0])
+
+
+def _max_forwards_of(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if len(value) < 4 and value.isdigit() and value.isascii():
+        return int(value)  # the common case: what wire_uint would return, sooner
+    return wire_uint(value, "Max-Forwards", MAX_FORWARDS_READ)
 
 
 def _value_of(line: str) -> str:
@@ -463,6 +539,24 @@ def _check_name_addr(value: str) -> None:
             raise MalformedMessage(f"unterminated '<' in {value[:80]!r}")
     elif ":" not in value:
         raise MalformedMessage(f"not a name-addr: {value[:80]!r}")
+
+
+def _content_length(lines: list[str], keys: list[str]) -> int:
+    text = _value_of(lines[keys.index("content-length")])
+    if keys.count("content-length") > 1:
+        others = {
+            bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
+            for i, k in enumerate(keys)
+            if k == "content-length"
+        }
+        if len(others) > 1:
+            raise MalformedMessage("conflicting Content-Length headers")
+    if len(text) < 6 and text.isdigit() and text.isascii():
+        return int(text)  # what bounded_uint would return, sooner
+    length = bounded_uint(text, MAX_CONTENT_LENGTH)
+    if length is None:
+        raise MalformedMessage(f"bad Content-Length {text[:40]!r}")
+    return length
 
 
 def _parse_cseq(value: str | None) -> tuple[int, str]:
@@ -657,54 +751,77 @@ def parse(
         if len(keys) > max_headers:
             raise MessageTooLarge(f"{len(keys)} header fields exceed the limit of {max_headers}")
         body = data[end + 4 :]
+        wire: bytes | None = None
         if "content-length" in keys:
-            length_text = _value_of(lines[keys.index("content-length")])
-            if keys.count("content-length") > 1:
-                others = {
-                    bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
-                    for i, k in enumerate(keys)
-                    if k == "content-length"
-                }
-                if len(others) > 1:
-                    raise MalformedMessage("conflicting Content-Length headers")
-            length = bounded_uint(length_text, MAX_CONTENT_LENGTH)
-            if length is None:
-                raise MalformedMessage(f"bad Content-Length {length_text[:40]!r}")
-            if length > len(body):
+            length = _content_length(lines, keys)
+            received = len(body)
+            if length > received:
                 raise MalformedMessage(
-                    f"Content-Length {length} exceeds the {len(body)} bytes received"
+                    f"Content-Length {length} exceeds the {received} bytes received"
                 )
-            if datagram and length < len(body):
+            if datagram and length < received:
                 body = body[:length]
-        for key in _REQUIRED:
-            if key not in keys:
-                raise MalformedMessage(f"missing mandatory header {key}")
+            # Unchanged, the message serialises as the very bytes it came in (leading CRLFs
+            # and a datagram's bytes past Content-Length left out, as a rebuild would).
+            wire = (
+                data if start == 0 and len(body) == received else data[start : end + 4 + len(body)]
+            )
+        try:
+            via_at = keys.index("via")
+            from_at = keys.index("from")
+            to_at = keys.index("to")
+            call_id_at = keys.index("call-id")
+            cseq_at = keys.index("cseq")
+        except ValueError:
+            for key in _REQUIRED:
+                if key not in keys:
+                    raise MalformedMessage(f"missing mandatory header {key}") from None
+            raise
         message: Request | Response
         if method is not None:
             if version != SIP_VERSION:
                 raise VersionNotSupported(f"unsupported version {version[:40]!r}")
-            message = Request(method, uri, (), body)
-            message._lines = lines
-            message._keys = keys
-            message._ruri = parse_uri(uri)
-            if message.cseq[1] != method:
-                raise MalformedMessage(
-                    f"CSeq method {message.cseq[1][:40]} does not match {method[:40]}"
-                )
+            ruri = parse_uri(uri)
+            cseq = _parse_cseq(_value_of(lines[cseq_at]))
+            if cseq[1] != method:
+                raise MalformedMessage(f"CSeq method {cseq[1][:40]} does not match {method[:40]}")
             # Read now, not when the request is forwarded: a request is refused before the
             # proxy keeps any state for it.
-            _ = message.max_forwards
+            mf = (
+                _max_forwards_of(_value_of(lines[keys.index("max-forwards")]))
+                if "max-forwards" in keys
+                else None
+            )
+            request = object.__new__(Request)
+            request.method = method
+            request.uri = uri
+            request._ruri = ruri
+            message = request
         else:
-            message = Response(status, reason, (), body)
-            message._lines = lines
-            message._keys = keys
-            _ = message.cseq
+            cseq = _parse_cseq(_value_of(lines[cseq_at]))
+            mf = -1
+            response = object.__new__(Response)
+            response.status = status
+            response.reason = reason
+            message = response
         # Responses too: a response is relayed, and an ACK or CANCEL is built from its From,
         # To and Call-ID, which must therefore be readable.
-        _check_name_addr(_value_of(lines[keys.index("from")]))
-        _check_name_addr(_value_of(lines[keys.index("to")]))
-        _ = message.call_id
-        _ = message.top_via
+        _check_name_addr(_value_of(lines[from_at]))
+        _check_name_addr(_value_of(lines[to_at]))
+        call_id = _value_of(lines[call_id_at])
+        if not call_id:
+            raise MalformedMessage("message has no Call-ID")
+        message._top_via = _top_via_of(_value_of(lines[via_at]))
+        message._lines = lines
+        message._keys = keys
+        message.body = body
+        message._wire = wire
+        message._vias = None
+        message._cseq = cseq
+        message._call_id = call_id
+        message._to_tag = _UNREAD
+        message._from_tag = _UNREAD
+        message._mf = mf
         return message
     except RemoteSipError as exc:
         headers = tuple(Header(k, lines[i], _value_of(lines[i])) for i, k in enumerate(keys))
