@@ -327,7 +327,9 @@ def parse_via(text: str) -> Via:
                 if not colon:
                     return Via(transport, host.lower(), None, _split_params(ptext), text)
                 if port_text.isdigit() and port_text.isascii():
-                    port = bounded_uint(port_text, MAX_PORT)
+                    port = (
+                        int(port_text) if len(port_text) < 5 else bounded_uint(port_text, MAX_PORT)
+                    )
                     if port is not None:
                         return Via(transport, host.lower(), port, _split_params(ptext), text)
     m = _VIA_RE.match(text)
