@@ -5,7 +5,11 @@
 ``parse`` is timed alone on an INVITE (with SDP), a 200 OK with SDP, an ACK and a BYE as
 core_bench.py writes them; ``parse+read`` also reads what the proxy core reads of every
 message (top Via and its branch, Call-ID, CSeq, To and From tags, Max-Forwards) and
-serialises it after a change (a Via pushed, then popped).
+serialises it after a change (a Via pushed, or the top one popped).
+
+``--opcodes`` counts the Python bytecode instructions each takes instead (``sys.settrace``
+with opcode events): not CPU time, but repeatable on a shared machine, where the timings
+are not.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,25 +48,53 @@ def parse_only(data: bytes, rounds: int) -> float:
     return (time.process_time() - start) / rounds * 1e6
 
 
+def read_and_relay(data: bytes) -> None:
+    m = parse(data)
+    _ = m.top_via.branch, m.call_id, m.cseq, m.to_tag, m.from_tag
+    if isinstance(m, Request):
+        _ = m.max_forwards
+        out = m.prepend("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKbench")
+    else:
+        out = m.pop_top_via()
+    out.to_bytes()
+
+
 def parse_and_read(data: bytes, rounds: int) -> float:
     start = time.process_time()
     for _ in range(rounds):
-        m = parse(data)
-        _ = m.top_via.branch, m.call_id, m.cseq, m.to_tag, m.from_tag
-        if isinstance(m, Request):
-            _ = m.max_forwards
-            out = m.prepend("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKbench")
-        else:
-            out = m.pop_top_via()
-        out.to_bytes()
+        read_and_relay(data)
     return (time.process_time() - start) / rounds * 1e6
+
+
+def opcodes(work: Callable[[], object]) -> int:
+    count = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return tracer
+
+    work()
+    sys.settrace(tracer)
+    work()
+    sys.settrace(None)
+    return count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2000, help="parses per batch")
     parser.add_argument("--batches", type=int, default=15, help="the fastest batch counts")
+    parser.add_argument("--opcodes", action="store_true", help="count opcodes, not time")
     args = parser.parse_args()
+    if args.opcodes:
+        for name, data in samples().items():
+            only = opcodes(lambda data=data: parse(data))
+            read = opcodes(lambda data=data: read_and_relay(data))
+            print(f"{name:12} parse {only:5} opcodes   parse+read+relay {read:5} opcodes")
+        return
     for name, data in samples().items():
         parse_only(data, 1000)
         # The minimum over short batches: on a shared machine the slower ones were waiting.

@@ -2,12 +2,36 @@
 
 Written here rather than taken from a library (see docs/decisions.md): a proxy must forward
 every header it did not change byte-for-byte, in its order, and must do so thousands of times
-a second. A header is therefore kept as the exact text it arrived as (``raw``, folds and all)
-beside an unfolded ``value`` for reading; serialising an untouched header writes ``raw`` back.
-The wire text is decoded as latin-1, a one-to-one map of bytes to code points, so any octet
-(UTF-8 display names included) survives the round trip.
+a second. The libraries on PyPI build an object per header and per parameter and write the
+message out again from those objects; that both costs most of a relay's CPU and risks
+changing bytes nobody meant to change.
 
-Messages are immutable. Every change returns a new message that shares the untouched headers.
+What a parse does, and what it leaves:
+
+- Eagerly, for every message: the start line, where each header line ends and its name
+  (the lookup key, compact forms expanded), and the checks a decision depends on or that
+  decide how a broken request is answered: every line ended by CRLF, Content-Length, the
+  mandatory headers, CSeq (and its method against the request's), Max-Forwards, the
+  Request-URI, From and To readable as name-addrs, a non-empty Call-ID, the top Via. Those
+  values are kept on the message, so reading them again costs an attribute load.
+- Lazily, on first access and cached: the To and From tags, the whole Via list. Any other
+  header's value is cut from its line only when asked for; nobody splits, decodes or
+  rebuilds a line that no decision reads.
+
+The header block is decoded once as latin-1, a one-to-one map of bytes to code points, so
+any octet (UTF-8 display names included) survives the round trip. Each header is kept as
+the exact text it arrived as, folds and all. A parsed message keeps the bytes it came in:
+written out unchanged it is those bytes; a changed copy writes every line it did not change
+as the received text and only the changed ones anew.
+
+Most messages are written plainly (no folds, header names already seen, one short
+Content-Length, valid values), and ``_parse_plain`` takes those in a few C-level passes. It
+decides nothing on its own: anything it cannot vouch for goes to ``_parse_careful``, which
+makes every check in the order that decides the status of the reply, so the two agree on
+every message (tests/unit/sip/test_lazy.py compares them on mutated input).
+
+Messages are immutable. Every change returns a new message that shares the untouched headers
+and keeps what was read from them.
 """
 
 from __future__ import annotations
@@ -190,8 +214,12 @@ class Message:
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
+        keys = self._keys
+        count = keys.count(key)
+        if count < 2:
+            return [_value_of(self._lines[keys.index(key)])] if count else []
         lines = self._lines
-        return [_value_of(lines[i]) for i, k in enumerate(self._keys) if k == key]
+        return [_value_of(lines[i]) for i, k in enumerate(keys) if k == key]
 
     def values(self, key: str) -> list[str]:
         """Every comma-separated value of headers named ``key`` (Via, Route, ...), in order."""
@@ -306,7 +334,15 @@ class Message:
         clone._keys = keys
         clone.body = self.body
         clone._wire = None
-        if changed == "*":
+        if changed not in _CACHED:
+            clone._vias = self._vias
+            clone._top_via = self._top_via
+            clone._cseq = self._cseq
+            clone._call_id = self._call_id
+            clone._to_tag = self._to_tag
+            clone._from_tag = self._from_tag
+            clone._mf = self._mf
+        elif changed == "*":
             clone._vias = None
             clone._top_via = None
             clone._cseq = None
@@ -429,6 +465,10 @@ class Message:
         return self._wire
 
 
+_CACHED = frozenset(("*", "via", "cseq", "call-id", "to", "from", "max-forwards"))
+"""Changes that invalidate something cached on a message (``*``: anything may have)."""
+
+
 def _top_via_of(value: str | None) -> Via:
     if not value:
         raise MalformedMessage("message has no Via")
@@ -520,11 +560,7 @@ class Response(Message):
 
 
 def _after_vias(keys: list[str]) -> int:
-    index = 0
-    for i, key in enumerate(keys):
-        if key == "via":
-            index = i + 1
-    return index
+    return len(keys) - keys[::-1].index("via") if "via" in keys else 0
 
 
 def _check_name_addr(value: str) -> None:
