@@ -8,8 +8,9 @@ written out whole.
 
 Two short cuts keep the common case cheap without changing any answer: a Via written as
 nearly all are (``SIP/2.0/UDP host:port;params``, no LWS) is cut with string methods before
-the full expression is tried, and parsed URIs are kept in a small bounded cache, since
-Request-URIs, trunk URIs and Route values repeat from call to call.
+the full expression is tried, and parsed URIs and Vias are kept in small bounded caches,
+since Request-URIs, trunk URIs and Route values repeat from call to call, and a request's
+Vias come back in each of its responses.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ _URI_CACHE: dict[str, Uri] = {}
 call to call; a URI is an immutable value, so the parse of one can serve them all."""
 _URI_CACHE_SIZE = 1024
 _URI_CACHE_LENGTH = 256
-"""Longer URIs are not kept, so the cache holds at most about 256 KiB of text."""
+"""Longer URIs (and Via values) are not kept, so each cache holds at most about 1 MiB of
+text."""
 
 
 def parse_uri(text: str) -> Uri:
@@ -314,10 +316,31 @@ _VIA_PROTOCOLS = {f"SIP/2.0/{t}": t for t in ("UDP", "TCP", "TLS", "SCTP", "TLS-
 """The sent-protocol as nearly every Via spells it: no LWS, upper case."""
 
 
+_VIA_CACHE: dict[str, Via] = {}
+"""Recently parsed Via values by their text. A call's Vias come back in every response to
+each of its requests (and the proxy reads the one below its own), so most parses are of a
+text seen moments before."""
+_VIA_CACHE_SIZE = 4096
+
+
 def parse_via(text: str) -> Via:
     """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25).
 
-    A Via written as nearly all are (``SIP/2.0/UDP``, one space, no LWS after it, no IPv6
+    Raises:
+        MalformedMessage: not a Via, or a port out of range.
+    """
+    via = _VIA_CACHE.get(text)
+    if via is None:
+        via = _parse_via(text)
+        if len(text) <= _URI_CACHE_LENGTH:
+            if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
+                _VIA_CACHE.clear()  # bounded, as the URI cache is
+            _VIA_CACHE[text] = via
+    return via
+
+
+def _parse_via(text: str) -> Via:
+    """A Via written as nearly all are (``SIP/2.0/UDP``, one space, no LWS after it, no IPv6
     reference) is cut with string methods; anything else, and anything the short cut cannot
     vouch for, goes through the full expression, so both give the same answer.
     """

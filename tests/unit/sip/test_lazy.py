@@ -187,6 +187,11 @@ def test_popping_a_via_keeps_the_parsed_rest() -> None:
         _ = popped.pop_top_via().top_via
 
 
+def _via_uncached(text: str) -> Via:
+    uri_module._VIA_CACHE.clear()
+    return parse_via(text)
+
+
 def _via_by_expression(text: str) -> Via:
     m = uri_module._VIA_RE.match(text)
     if m is None:
@@ -242,11 +247,24 @@ def test_via_short_cut_agrees_with_the_expression(pieces: list[str]) -> None:
             expected: object = _via_by_expression(candidate)
         except MalformedMessage:
             expected = MalformedMessage
-        try:
-            got: object = parse_via(candidate)
-        except MalformedMessage:
-            got = MalformedMessage
-        assert got == expected, candidate
+        for read in (_via_uncached, parse_via):  # parsed, then from the cache
+            try:
+                got: object = read(candidate)
+            except MalformedMessage:
+                got = MalformedMessage
+            assert got == expected, candidate
+
+
+def test_via_cache_is_bounded_and_keeps_no_long_via() -> None:
+    for i in range(uri_module._VIA_CACHE_SIZE + 10):
+        assert parse_via(f"SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{i}").branch == f"z9hG4bK{i}"
+    assert len(uri_module._VIA_CACHE) <= uri_module._VIA_CACHE_SIZE
+    long = "SIP/2.0/UDP 192.0.2.1;branch=" + "b" * 300
+    assert parse_via(long).branch == "b" * 300
+    assert long not in uri_module._VIA_CACHE
+    for _ in range(2):
+        with pytest.raises(MalformedMessage):
+            parse_via("SIP/2.0/UDP 192.0.2.1:99999")  # an error is not cached as a value
 
 
 def test_uri_cache_is_bounded_and_keeps_no_long_uri() -> None:
