@@ -2,12 +2,36 @@
 
 Written here rather than taken from a library (see docs/decisions.md): a proxy must forward
 every header it did not change byte-for-byte, in its order, and must do so thousands of times
-a second. A header is therefore kept as the exact text it arrived as (``raw``, folds and all)
-beside an unfolded ``value`` for reading; serialising an untouched header writes ``raw`` back.
-The wire text is decoded as latin-1, a one-to-one map of bytes to code points, so any octet
-(UTF-8 display names included) survives the round trip.
+a second. The libraries on PyPI build an object per header and per parameter and write the
+message out again from those objects; that both costs most of a relay's CPU and risks
+changing bytes nobody meant to change.
 
-Messages are immutable. Every change returns a new message that shares the untouched headers.
+What a parse does, and what it leaves:
+
+- Eagerly, for every message: the start line, where each header line ends and its name
+  (the lookup key, compact forms expanded), and the checks a decision depends on or that
+  decide how a broken request is answered: every line ended by CRLF, Content-Length, the
+  mandatory headers, CSeq (and its method against the request's), Max-Forwards, the
+  Request-URI, From and To readable as name-addrs, a non-empty Call-ID, the top Via. Those
+  values are kept on the message, so reading them again costs an attribute load.
+- Lazily, on first access and cached: the To and From tags, the whole Via list. Any other
+  header's value is cut from its line only when asked for; nobody splits, decodes or
+  rebuilds a line that no decision reads.
+
+The header block is decoded once as latin-1, a one-to-one map of bytes to code points, so
+any octet (UTF-8 display names included) survives the round trip. Each header is kept as
+the exact text it arrived as, folds and all. A parsed message keeps the bytes it came in:
+written out unchanged it is those bytes; a changed copy writes every line it did not change
+as the received text and only the changed ones anew.
+
+Most messages are written plainly (no folds, header names already seen, one short
+Content-Length, valid values), and ``_parse_plain`` takes those in a few C-level passes. It
+decides nothing on its own: anything it cannot vouch for goes to ``_parse_careful``, which
+makes every check in the order that decides the status of the reply, so the two agree on
+every message (tests/unit/sip/test_lazy.py compares them on mutated input).
+
+Messages are immutable. Every change returns a new message that shares the untouched headers
+and keeps what was read from them.
 """
 
 from __future__ import annotations
@@ -127,15 +151,34 @@ def make_header(name: str, value: str) -> Header:
     return Header(_key_of(name), f"{name}: {value}", value)
 
 
+_UNREAD = "\x00unread"
+"""Marks a cached tag not read yet (compared by identity: no parsed string is this object)."""
+
+
 class Message:
     """Headers and body common to requests and responses. Immutable.
 
     Header fields are held as two parallel lists: the raw text of each field and its
     canonical key. Values are read from the raw text on demand, so a message that is only
-    relayed never pays for unfolding or stripping headers nobody looks at.
+    relayed never pays for unfolding or stripping headers nobody looks at. What is read is
+    cached on the message (top Via, Via list, CSeq, Call-ID, To and From tags,
+    Max-Forwards), and a changed copy keeps every cached value its change did not touch.
+    A parsed message keeps the bytes it arrived as: serialised unchanged, it writes them.
     """
 
-    __slots__ = ("_lines", "_keys", "body", "_wire", "_vias", "_top_via", "_cseq")
+    __slots__ = (
+        "_lines",
+        "_keys",
+        "body",
+        "_wire",
+        "_vias",
+        "_top_via",
+        "_cseq",
+        "_call_id",
+        "_to_tag",
+        "_from_tag",
+        "_mf",
+    )
 
     body: bytes
 
@@ -150,6 +193,10 @@ class Message:
         self._vias: list[Via] | None = None
         self._top_via: Via | None = None
         self._cseq: tuple[int, str] | None = None
+        self._call_id: str | None = None
+        self._to_tag: str | None = _UNREAD
+        self._from_tag: str | None = _UNREAD
+        self._mf: int | None = -1
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -167,8 +214,12 @@ class Message:
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
+        keys = self._keys
+        count = keys.count(key)
+        if count < 2:
+            return [_value_of(self._lines[keys.index(key)])] if count else []
         lines = self._lines
-        return [_value_of(lines[i]) for i, k in enumerate(self._keys) if k == key]
+        return [_value_of(lines[i]) for i, k in enumerate(keys) if k == key]
 
     def values(self, key: str) -> list[str]:
         """Every comma-separated value of headers named ``key`` (Via, Route, ...), in order."""
@@ -203,19 +254,24 @@ class Message:
                 raise MalformedMessage("message has no Via")
             top = self._vias[0]
         else:
-            value = self.get("via")
-            if not value:
-                raise MalformedMessage("message has no Via")
-            top = parse_via(split_values(value)[0])
+            top = _top_via_of(self.get("via"))
         self._top_via = top
         return top
 
     @property
+    def top_via_branch(self) -> str | None:
+        """The topmost Via's branch parameter (the transaction key, RFC 3261 §17.2.3)."""
+        return self.top_via.branch
+
+    @property
     def call_id(self) -> str:
         """The Call-ID."""
-        value = self.get("call-id")
-        if not value:
-            raise MalformedMessage("message has no Call-ID")
+        value = self._call_id
+        if value is None:
+            value = self.get("call-id")
+            if not value:
+                raise MalformedMessage("message has no Call-ID")
+            self._call_id = value
         return value
 
     @property
@@ -226,16 +282,23 @@ class Message:
         return self._cseq
 
     @property
+    def cseq_method(self) -> str:
+        """The method of CSeq (the transaction's method for a response)."""
+        return self.cseq[1]
+
+    @property
     def max_forwards(self) -> int | None:
         """Max-Forwards, None when absent (RFC 3261 §20.22).
 
         Raises:
             MalformedMessage: not a number, or one of more than ten digits.
         """
-        value = self.get("max-forwards")
-        if value is None:
-            return None
-        return wire_uint(value, "Max-Forwards", MAX_FORWARDS_READ)
+        value = self._mf
+        if value is None or value >= 0:
+            return value
+        value = _max_forwards_of(self.get("max-forwards"))
+        self._mf = value
+        return value
 
     def from_addr(self) -> NameAddr:
         """The From value, parsed."""
@@ -244,15 +307,23 @@ class Message:
     @property
     def to_tag(self) -> str | None:
         """The To tag, None when absent."""
-        value = self.get("to")
-        if value is None or "tag" not in value.lower():
-            return None  # the common initial request: no need to parse the value
-        return parse_name_addr(value).param("tag")
+        tag = self._to_tag
+        if tag is _UNREAD:
+            value = self.get("to")
+            if value is None or "tag" not in value.lower():
+                tag = None  # the common initial request: no need to parse the value
+            else:
+                tag = parse_name_addr(value).param("tag")
+            self._to_tag = tag
+        return tag
 
     @property
     def from_tag(self) -> str | None:
         """The From tag, None when absent."""
-        return self.from_addr().param("tag")
+        tag = self._from_tag
+        if tag is _UNREAD:
+            tag = self._from_tag = self.from_addr().param("tag")
+        return tag
 
     # -- changing (each returns a new message) -------------------------------------------
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
@@ -263,10 +334,31 @@ class Message:
         clone._keys = keys
         clone.body = self.body
         clone._wire = None
-        keep_via = changed != "via" and changed != "*"
-        clone._vias = self._vias if keep_via else None
-        clone._top_via = self._top_via if keep_via else None
-        clone._cseq = self._cseq if changed != "cseq" and changed != "*" else None
+        if changed not in _CACHED:
+            clone._vias = self._vias
+            clone._top_via = self._top_via
+            clone._cseq = self._cseq
+            clone._call_id = self._call_id
+            clone._to_tag = self._to_tag
+            clone._from_tag = self._from_tag
+            clone._mf = self._mf
+        elif changed == "*":
+            clone._vias = None
+            clone._top_via = None
+            clone._cseq = None
+            clone._call_id = None
+            clone._to_tag = _UNREAD
+            clone._from_tag = _UNREAD
+            clone._mf = -1
+        else:
+            via = changed == "via"
+            clone._vias = None if via else self._vias
+            clone._top_via = None if via else self._top_via
+            clone._cseq = None if changed == "cseq" else self._cseq
+            clone._call_id = None if changed == "call-id" else self._call_id
+            clone._to_tag = _UNREAD if changed == "to" else self._to_tag
+            clone._from_tag = _UNREAD if changed == "from" else self._from_tag
+            clone._mf = -1 if changed == "max-forwards" else self._mf
         self._copy_start_line(clone)
         return clone
 
@@ -345,7 +437,11 @@ class Message:
         else:
             del lines[index]
             del keys[index]
-        return self._copy(lines, keys, key)
+        clone = self._copy(lines, keys, key)
+        if key == "via" and self._vias:
+            # The Vias read before stay parsed: the popped one was the first of them.
+            clone._vias = self._vias[1:]
+        return clone
 
     def pop_top_via(self) -> Self:
         """Without the topmost Via value (RFC 3261 §16.7 step 3)."""
@@ -367,6 +463,26 @@ class Message:
             )
             self._wire = text.encode("latin-1") + self.body
         return self._wire
+
+
+_CACHED = frozenset(("*", "via", "cseq", "call-id", "to", "from", "max-forwards"))
+"""Changes that invalidate something cached on a message (``*``: anything may have)."""
+
+
+def _top_via_of(value: str | None) -> Via:
+    if not value:
+        raise MalformedMessage("message has no Via")
+    if "," not in value:
+        return parse_via(value.strip())
+    return parse_via(split_values(value)[0])
+
+
+def _max_forwards_of(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if len(value) < 4 and value.isdigit() and value.isascii():
+        return int(value)  # the common case: what wire_uint would return, sooner
+    return wire_uint(value, "Max-Forwards", MAX_FORWARDS_READ)
 
 
 def _value_of(line: str) -> str:
@@ -444,11 +560,7 @@ class Response(Message):
 
 
 def _after_vias(keys: list[str]) -> int:
-    index = 0
-    for i, key in enumerate(keys):
-        if key == "via":
-            index = i + 1
-    return index
+    return len(keys) - keys[::-1].index("via") if "via" in keys else 0
 
 
 def _check_name_addr(value: str) -> None:
@@ -463,6 +575,24 @@ def _check_name_addr(value: str) -> None:
             raise MalformedMessage(f"unterminated '<' in {value[:80]!r}")
     elif ":" not in value:
         raise MalformedMessage(f"not a name-addr: {value[:80]!r}")
+
+
+def _content_length(lines: list[str], keys: list[str]) -> int:
+    text = _value_of(lines[keys.index("content-length")])
+    if keys.count("content-length") > 1:
+        others = {
+            bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
+            for i, k in enumerate(keys)
+            if k == "content-length"
+        }
+        if len(others) > 1:
+            raise MalformedMessage("conflicting Content-Length headers")
+    if len(text) < 6 and text.isdigit() and text.isascii():
+        return int(text)  # what bounded_uint would return, sooner
+    length = bounded_uint(text, MAX_CONTENT_LENGTH)
+    if length is None:
+        raise MalformedMessage(f"bad Content-Length {text[:40]!r}")
+    return length
 
 
 def _parse_cseq(value: str | None) -> tuple[int, str]:
@@ -590,6 +720,120 @@ def parse(
             ``max_size`` bytes or ``max_headers`` fields included); it carries the headers so
             that a request can still be answered.
     """
+    if len(data) <= max_size:
+        message = _parse_plain(data, max_headers, datagram)
+        if message is not None:
+            return message
+    return _parse_careful(data, max_size, max_headers, datagram)
+
+
+_METHODS = frozenset(
+    ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO")
+    + ("SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH")
+)
+"""Methods the plain path takes without the token check (all are tokens)."""
+
+
+def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Response | None:
+    """The message as ``_parse_careful`` would return it, when it is written plainly; else
+    None, and ``_parse_careful`` reads it again and says what is wrong.
+
+    Plainly means: no CRLF before the start line, every line ended by CRLF, no folded
+    header, every header name spelt as one seen before, one Content-Length of at most five
+    digits that the body does not fall short of, a known method, and the values read here
+    (CSeq, Max-Forwards, From, To, Call-ID, top Via, Request-URI) all valid. Nothing is
+    judged here that ``_parse_careful`` does not judge the same way, so a message takes
+    this path only when the careful one would have accepted it as the same value.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end <= 0:
+        return None
+    text = data[:end].decode("latin-1")
+    crlfs = text.count("\r\n")
+    if text.count("\r") != crlfs or text.count("\n") != crlfs:
+        return None
+    first, _, head = text.partition("\r\n")
+    lines = head.split("\r\n")
+    # A folded line, an empty one or a name not seen before has no spelling in the cache.
+    keys = list(map(_SPELLINGS.get, map(_NAME, map(_COLON, lines))))
+    if None in keys or len(keys) > max_headers or keys.count("content-length") != 1:
+        return None
+    line = lines[keys.index("content-length")]
+    value = line[line.find(":") + 1 :].strip()
+    if len(value) > 5 or not value.isdigit() or not value.isascii():
+        return None
+    length = int(value)
+    body = data[end + 4 :]
+    wire = data
+    if length != len(body):
+        if length > len(body):
+            return None
+        if datagram:
+            body = body[:length]
+            wire = data[: end + 4 + length]
+    known: list[str] = keys  # type: ignore[assignment]  # no None, checked above
+    try:
+        line = lines[known.index("cseq")]
+        match = _CSEQ_RE.fullmatch(line[line.find(":") + 1 :].strip())
+        if match is None or len(match.group(1)) > 9:
+            return None
+        cseq = (int(match.group(1)), match.group(2))
+        line = lines[known.index("call-id")]
+        call_id = line[line.find(":") + 1 :].strip()
+        if not call_id:
+            return None
+        line = lines[known.index("from")]
+        _check_name_addr(line[line.find(":") + 1 :].strip())
+        line = lines[known.index("to")]
+        _check_name_addr(line[line.find(":") + 1 :].strip())
+        line = lines[known.index("via")]
+        top_via = _top_via_of(line[line.find(":") + 1 :].strip())
+        message: Request | Response
+        if first.startswith("SIP/2.0 "):
+            code, _, reason = first[8:].partition(" ")
+            if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
+                return None
+            response = object.__new__(Response)
+            response.status = int(code)
+            response.reason = reason
+            response._mf = -1
+            message = response
+        else:
+            parts = first.split(" ")
+            if len(parts) != 3:
+                return None
+            method, uri, version = parts
+            if method not in _METHODS or version != SIP_VERSION or cseq[1] != method or not uri:
+                return None
+            request = object.__new__(Request)
+            request.method = method
+            request.uri = uri
+            request._ruri = parse_uri(uri)
+            if "max-forwards" in known:
+                line = lines[known.index("max-forwards")]
+                request._mf = _max_forwards_of(line[line.find(":") + 1 :].strip())
+            else:
+                request._mf = None
+            message = request
+    except (ValueError, RemoteSipError):
+        return None  # a mandatory header missing, or a value the careful path will name
+    message._lines = lines
+    message._keys = known
+    message.body = body
+    message._wire = wire
+    message._vias = None
+    message._top_via = top_via
+    message._cseq = cseq
+    message._call_id = call_id
+    message._to_tag = _UNREAD
+    message._from_tag = _UNREAD
+    return message
+
+
+def _parse_careful(
+    data: bytes, max_size: int, max_headers: int, datagram: bool
+) -> Request | Response:
+    """Every check, in the order that decides which fault a message is answered with."""
     size_error: MessageTooLarge | None = None
     if len(data) > max_size:
         # Only the first max_size bytes are read: when they hold the whole header block
@@ -657,54 +901,77 @@ def parse(
         if len(keys) > max_headers:
             raise MessageTooLarge(f"{len(keys)} header fields exceed the limit of {max_headers}")
         body = data[end + 4 :]
+        wire: bytes | None = None
         if "content-length" in keys:
-            length_text = _value_of(lines[keys.index("content-length")])
-            if keys.count("content-length") > 1:
-                others = {
-                    bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
-                    for i, k in enumerate(keys)
-                    if k == "content-length"
-                }
-                if len(others) > 1:
-                    raise MalformedMessage("conflicting Content-Length headers")
-            length = bounded_uint(length_text, MAX_CONTENT_LENGTH)
-            if length is None:
-                raise MalformedMessage(f"bad Content-Length {length_text[:40]!r}")
-            if length > len(body):
+            length = _content_length(lines, keys)
+            received = len(body)
+            if length > received:
                 raise MalformedMessage(
-                    f"Content-Length {length} exceeds the {len(body)} bytes received"
+                    f"Content-Length {length} exceeds the {received} bytes received"
                 )
-            if datagram and length < len(body):
+            if datagram and length < received:
                 body = body[:length]
-        for key in _REQUIRED:
-            if key not in keys:
-                raise MalformedMessage(f"missing mandatory header {key}")
+            # Unchanged, the message serialises as the very bytes it came in (leading CRLFs
+            # and a datagram's bytes past Content-Length left out, as a rebuild would).
+            wire = (
+                data if start == 0 and len(body) == received else data[start : end + 4 + len(body)]
+            )
+        try:
+            via_at = keys.index("via")
+            from_at = keys.index("from")
+            to_at = keys.index("to")
+            call_id_at = keys.index("call-id")
+            cseq_at = keys.index("cseq")
+        except ValueError:
+            for key in _REQUIRED:
+                if key not in keys:
+                    raise MalformedMessage(f"missing mandatory header {key}") from None
+            raise
         message: Request | Response
         if method is not None:
             if version != SIP_VERSION:
                 raise VersionNotSupported(f"unsupported version {version[:40]!r}")
-            message = Request(method, uri, (), body)
-            message._lines = lines
-            message._keys = keys
-            message._ruri = parse_uri(uri)
-            if message.cseq[1] != method:
-                raise MalformedMessage(
-                    f"CSeq method {message.cseq[1][:40]} does not match {method[:40]}"
-                )
+            ruri = parse_uri(uri)
+            cseq = _parse_cseq(_value_of(lines[cseq_at]))
+            if cseq[1] != method:
+                raise MalformedMessage(f"CSeq method {cseq[1][:40]} does not match {method[:40]}")
             # Read now, not when the request is forwarded: a request is refused before the
             # proxy keeps any state for it.
-            _ = message.max_forwards
+            mf = (
+                _max_forwards_of(_value_of(lines[keys.index("max-forwards")]))
+                if "max-forwards" in keys
+                else None
+            )
+            request = object.__new__(Request)
+            request.method = method
+            request.uri = uri
+            request._ruri = ruri
+            message = request
         else:
-            message = Response(status, reason, (), body)
-            message._lines = lines
-            message._keys = keys
-            _ = message.cseq
+            cseq = _parse_cseq(_value_of(lines[cseq_at]))
+            mf = -1
+            response = object.__new__(Response)
+            response.status = status
+            response.reason = reason
+            message = response
         # Responses too: a response is relayed, and an ACK or CANCEL is built from its From,
         # To and Call-ID, which must therefore be readable.
-        _check_name_addr(_value_of(lines[keys.index("from")]))
-        _check_name_addr(_value_of(lines[keys.index("to")]))
-        _ = message.call_id
-        _ = message.top_via
+        _check_name_addr(_value_of(lines[from_at]))
+        _check_name_addr(_value_of(lines[to_at]))
+        call_id = _value_of(lines[call_id_at])
+        if not call_id:
+            raise MalformedMessage("message has no Call-ID")
+        message._top_via = _top_via_of(_value_of(lines[via_at]))
+        message._lines = lines
+        message._keys = keys
+        message.body = body
+        message._wire = wire
+        message._vias = None
+        message._cseq = cseq
+        message._call_id = call_id
+        message._to_tag = _UNREAD
+        message._from_tag = _UNREAD
+        message._mf = mf
         return message
     except RemoteSipError as exc:
         headers = tuple(Header(k, lines[i], _value_of(lines[i])) for i, k in enumerate(keys))

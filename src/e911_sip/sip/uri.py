@@ -5,10 +5,17 @@ Written here rather than taken from a library: the SIP parsers on PyPI either re
 what it did not change exactly as it came. These helpers read a value and never re-encode it;
 the few values the proxy does change (its own Via, Record-Route, a rewritten Request-URI) are
 written out whole.
+
+Two short cuts keep the common case cheap without changing any answer: a Via written as
+nearly all are (``SIP/2.0/UDP host:port;params``, no LWS) is cut with string methods before
+the full expression is tried, and parsed URIs and Vias are kept in small bounded caches,
+since Request-URIs, trunk URIs and Route values repeat from call to call, and a request's
+Vias come back in each of its responses.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import NamedTuple
 
@@ -61,13 +68,16 @@ class Uri(NamedTuple):
 def _split_params(text: str) -> Params:
     if not text:
         return ()
-    out: list[tuple[str, str | None]] = []
-    for part in text.split(";"):
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        out.append((name.strip().lower(), value.strip() if sep else None))
-    return tuple(out)
+    return tuple(
+        [
+            (name.strip().lower(), value.strip() if sep else None)
+            for name, sep, value in map(_EQUALS, text.split(";"))
+            if name or sep
+        ]
+    )
+
+
+_EQUALS = operator.methodcaller("partition", "=")
 
 
 def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
@@ -96,6 +106,15 @@ def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
     return host, port
 
 
+_URI_CACHE: dict[str, Uri] = {}
+"""Recently parsed URIs by their text. Request-URIs, trunk URIs and Route values repeat from
+call to call; a URI is an immutable value, so the parse of one can serve them all."""
+_URI_CACHE_SIZE = 1024
+_URI_CACHE_LENGTH = 256
+"""Longer URIs (and Via values) are not kept, so each cache holds at most about 1 MiB of
+text."""
+
+
 def parse_uri(text: str) -> Uri:
     """Parse a sip, sips, tel or urn URI.
 
@@ -103,6 +122,18 @@ def parse_uri(text: str) -> Uri:
         UnsupportedUriScheme: any other scheme (the caller answers 416).
         MalformedMessage: the URI is not well formed.
     """
+    uri = _URI_CACHE.get(text)
+    if uri is None:
+        uri = _parse_uri(text)
+        if len(text) <= _URI_CACHE_LENGTH:
+            if len(_URI_CACHE) >= _URI_CACHE_SIZE:
+                # Bounded: a peer sending ever new URIs only ever costs a clear now and then.
+                _URI_CACHE.clear()
+            _URI_CACHE[text] = uri
+    return uri
+
+
+def _parse_uri(text: str) -> Uri:
     raw = text
     scheme, sep, rest = text.partition(":")
     if not sep or not scheme:
@@ -214,7 +245,7 @@ def split_values(text: str) -> list[str]:
         return [text.strip()]
     if '"' not in text and "<" not in text:
         # Via and most list headers: no quoting, so a plain split is exact.
-        return [part for part in (p.strip() for p in text.split(",")) if part] or [""]
+        return [part for part in map(str.strip, text.split(",")) if part] or [""]
     out: list[str] = []
     depth = 0
     quoted = False
@@ -281,8 +312,54 @@ _VIA_RE = re.compile(
 )
 
 
+_VIA_PROTOCOLS = {f"SIP/2.0/{t}": t for t in ("UDP", "TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS")}
+"""The sent-protocol as nearly every Via spells it: no LWS, upper case."""
+
+
+_VIA_CACHE: dict[str, Via] = {}
+"""Recently parsed Via values by their text. A call's Vias come back in every response to
+each of its requests (and the proxy reads the one below its own), so most parses are of a
+text seen moments before."""
+_VIA_CACHE_SIZE = 4096
+
+
 def parse_via(text: str) -> Via:
-    """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25)."""
+    """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25).
+
+    Raises:
+        MalformedMessage: not a Via, or a port out of range.
+    """
+    via = _VIA_CACHE.get(text)
+    if via is None:
+        via = _parse_via(text)
+        if len(text) <= _URI_CACHE_LENGTH:
+            if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
+                _VIA_CACHE.clear()  # bounded, as the URI cache is
+            _VIA_CACHE[text] = via
+    return via
+
+
+def _parse_via(text: str) -> Via:
+    """A Via written as nearly all are (``SIP/2.0/UDP``, one space, no LWS after it, no IPv6
+    reference) is cut with string methods; anything else, and anything the short cut cannot
+    vouch for, goes through the full expression, so both give the same answer.
+    """
+    protocol, _, rest = text.partition(" ")
+    transport = _VIA_PROTOCOLS.get(protocol)
+    if transport is not None:
+        # No whitespace of any kind left (isprintable() is False for every space but ' ').
+        if rest.isprintable() and " " not in rest:
+            hostport, _, ptext = rest.partition(";")
+            host, colon, port_text = hostport.partition(":")
+            if host and "[" not in hostport and "]" not in hostport:
+                if not colon:
+                    return Via(transport, host.lower(), None, _split_params(ptext), text)
+                if port_text.isdigit() and port_text.isascii():
+                    port = (
+                        int(port_text) if len(port_text) < 5 else bounded_uint(port_text, MAX_PORT)
+                    )
+                    if port is not None:
+                        return Via(transport, host.lower(), port, _split_params(ptext), text)
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")

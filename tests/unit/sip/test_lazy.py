@@ -1,0 +1,280 @@
+"""The lean parser: the plain path agrees with the careful one, cached values stay right
+through changes, and an unchanged message is written back as the bytes it came in."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from e911_sip.sip import uri as uri_module
+from e911_sip.sip.errors import MalformedMessage, RemoteSipError
+from e911_sip.sip.message import Request, Response, _parse_careful, _parse_plain, parse
+from e911_sip.sip.numbers import MAX_PORT, bounded_uint
+from e911_sip.sip.uri import Via, parse_uri, parse_via
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+VALID = [p.read_bytes() for p in sorted((DATA / "valid").glob("*.sip"))]
+CORPUS = VALID + [p.read_bytes() for p in sorted((DATA / "invalid").glob("*.sip"))]
+ACK = (
+    b"ACK sip:127.0.0.1:5080 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-7-ack\r\n"
+    b"Route: <sip:127.0.0.1:5070;lr>\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"From: <sip:3215551234@127.0.0.1>;tag=7SIPpTag00\r\n"
+    b"To: <sip:911@127.0.0.1:5070>;tag=uas1\r\n"
+    b"Call-ID: 7-bench@127.0.0.1\r\n"
+    b"CSeq: 102 ACK\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+OK = (
+    b"SIP/2.0 200 OK\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKe1, "
+    b"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-7-inv\r\n"
+    b"From: <sip:3215551234@127.0.0.1>;tag=7SIPpTag00\r\n"
+    b"To: <sip:911@127.0.0.1:5070>;tag=uas1\r\n"
+    b"Call-ID: 7-bench@127.0.0.1\r\n"
+    b"CSeq: 102 INVITE\r\n"
+    b"Content-Type: application/sdp\r\n"
+    b"Content-Length: 4\r\n\r\nv=0\n"
+)
+
+
+def _outcome(read: object) -> object:
+    """What a parse gives, as a comparable value: every observable part, or the error."""
+    try:
+        message = read() if callable(read) else read
+    except RemoteSipError as exc:
+        return ("error", type(exc).__name__, str(exc), exc.status_code)
+    assert isinstance(message, Request | Response)
+    start = (
+        (message.method, message.uri, message.request_uri, message.max_forwards)
+        if isinstance(message, Request)
+        else (message.status, message.reason)
+    )
+    return (
+        type(message).__name__,
+        start,
+        message.headers,
+        message.body,
+        message.to_bytes(),
+        message.top_via,
+        message.cseq,
+        message.call_id,
+    )
+
+
+def _mutants(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    pieces = [
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b" ",
+        b"\t",
+        b":",
+        b";",
+        b",",
+        b"<",
+        b">",
+        b'"',
+        b"0",
+        b"9" * 12,
+        b"\xb2",
+        b"\xa0",
+        b"Via: SIP/2.0/UDP h;branch=z9hG4bKm\r\n",
+        b"Content-Length: 1\r\n",
+        b"l: 0\r\n",
+        b"X-New-Header: v\r\n",
+        b"SIP/2.0/TCP [::1]:5060",
+    ]
+    out: list[bytes] = []
+    for _ in range(count):
+        data = bytearray(rng.choice([*VALID, ACK, OK]))
+        for _ in range(rng.choice((1, 1, 1, 2, 3))):
+            at = rng.randrange(len(data) + 1)
+            roll = rng.random()
+            if roll < 0.4:
+                data[at:at] = rng.choice(pieces)
+            elif roll < 0.7:
+                del data[at : at + rng.randrange(1, 8)]
+            else:
+                data[at : at + 1] = bytes([rng.randrange(256)])
+        out.append(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("datagram", [True, False])
+def test_plain_path_gives_what_the_careful_path_gives(datagram: bool) -> None:
+    taken = 0
+    for data in [*CORPUS, ACK, OK, *_mutants(11, 1500)]:
+        careful = _outcome(lambda data=data: _parse_careful(data, 65535, 256, datagram))
+        plain = _parse_plain(data, 256, datagram)
+        if plain is None:
+            continue  # the careful path decides; parse() takes it
+        taken += 1
+        assert _outcome(plain) == careful, data
+        assert _outcome(lambda data=data: parse(data, datagram=datagram)) == careful
+    assert taken > 250  # the comparison is not vacuous
+
+
+def test_plain_path_takes_the_common_messages() -> None:
+    for data in (ACK, OK):
+        parse(data)  # its header names are known from now on
+        assert _parse_plain(data, 256, True) is not None
+
+
+def test_plain_path_leaves_limits_to_the_careful_path() -> None:
+    parse(ACK)
+    assert _parse_plain(ACK, 3, True) is None
+    assert _parse_plain(b"\r\n" + ACK, 256, True) is None
+    with pytest.raises(RemoteSipError):
+        parse(ACK, max_headers=3)
+    assert parse(b"\r\n" + ACK).to_bytes() == ACK
+
+
+def test_unchanged_message_is_written_as_received() -> None:
+    assert parse(OK).to_bytes() == OK
+    assert parse(OK + b"trailing").to_bytes() == OK  # a datagram is cut to Content-Length
+    assert parse(OK + b"trailing", datagram=False).to_bytes() == OK + b"trailing"
+    assert parse(b"\r\n\r\n" + ACK).to_bytes() == ACK
+
+
+def test_cached_values_follow_changes_to_their_header() -> None:
+    request = parse(ACK)
+    assert isinstance(request, Request)
+    assert (request.call_id, request.cseq, request.max_forwards) == (
+        "7-bench@127.0.0.1",
+        (102, "ACK"),
+        70,
+    )
+    assert (request.to_tag, request.from_tag) == ("uas1", "7SIPpTag00")
+    assert request.top_via_branch == "z9hG4bK-uac-7-ack"
+    assert request.cseq_method == "ACK"
+
+    other = request.replace("Call-ID", "other@x").replace("Max-Forwards", "5")
+    assert (other.call_id, other.max_forwards) == ("other@x", 5)
+    other = other.replace("To", "<sip:911@x>;tag=t2").replace("From", "<sip:a@x>;tag=f2")
+    assert (other.to_tag, other.from_tag) == ("t2", "f2")
+    other = other.replace_at("cseq", "103 ACK")
+    assert other.cseq == (103, "ACK")
+    pushed = other.prepend("Via", "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKtop")
+    assert pushed.top_via_branch == "z9hG4bKtop"
+    assert pushed.pop_top_via().top_via_branch == "z9hG4bK-uac-7-ack"
+    # Headers nobody changed keep what was read of them.
+    assert pushed.call_id == "other@x" and pushed.to_tag == "t2"
+    # The original is untouched.
+    assert (request.call_id, request.to_tag, request.max_forwards) == (
+        "7-bench@127.0.0.1",
+        "uas1",
+        70,
+    )
+
+    removed = request.remove("to")
+    assert removed.to_tag is None
+
+
+def test_popping_a_via_keeps_the_parsed_rest() -> None:
+    response = parse(OK)
+    assert [v.branch for v in response.vias] == ["z9hG4bKe1", "z9hG4bK-uac-7-inv"]
+    popped = response.pop_top_via()
+    assert [v.branch for v in popped.vias] == ["z9hG4bK-uac-7-inv"]
+    assert popped.top_via.branch == "z9hG4bK-uac-7-inv"
+    with pytest.raises(MalformedMessage, match="no Via"):
+        _ = popped.pop_top_via().top_via
+
+
+def _via_uncached(text: str) -> Via:
+    uri_module._VIA_CACHE.clear()
+    return parse_via(text)
+
+
+def _via_by_expression(text: str) -> Via:
+    m = uri_module._VIA_RE.match(text)
+    if m is None:
+        raise MalformedMessage("bad Via")
+    transport, host, port_text, ptext = m.groups()
+    if host.startswith("["):
+        host = host[1:-1]
+    port = bounded_uint(port_text, MAX_PORT) if port_text else None
+    if port_text and port is None:
+        raise MalformedMessage("bad port")
+    params = uri_module._split_params(ptext[1:] if ptext else "")
+    return Via(transport.upper(), host.lower(), port, params, text)
+
+
+VIA_PIECES = st.sampled_from(
+    [
+        "SIP/2.0/UDP ",
+        "SIP/2.0/TLS ",
+        "sip/2.0/udp ",
+        "SIP / 2.0 / TCP ",
+        "host.example",
+        "192.0.2.1",
+        "[2001:db8::1]",
+        "[",
+        "]",
+        ":",
+        "5060",
+        "065535",
+        "65536",
+        "9" * 30,
+        ";branch=z9hG4bKa",
+        ";rport",
+        ";received=192.0.2.9",
+        "=",
+        " ",
+        "\t",
+        "\r\n ",
+        "\xa0",
+        "\x1c",
+        "\xb2",
+        ",",
+        "x",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(VIA_PIECES, min_size=1, max_size=8))
+def test_via_short_cut_agrees_with_the_expression(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    for candidate in (text, "SIP/2.0/UDP " + text):
+        try:
+            expected: object = _via_by_expression(candidate)
+        except MalformedMessage:
+            expected = MalformedMessage
+        for read in (_via_uncached, parse_via):  # parsed, then from the cache
+            try:
+                got: object = read(candidate)
+            except MalformedMessage:
+                got = MalformedMessage
+            assert got == expected, candidate
+
+
+def test_via_cache_is_bounded_and_keeps_no_long_via() -> None:
+    for i in range(uri_module._VIA_CACHE_SIZE + 10):
+        assert parse_via(f"SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{i}").branch == f"z9hG4bK{i}"
+    assert len(uri_module._VIA_CACHE) <= uri_module._VIA_CACHE_SIZE
+    long = "SIP/2.0/UDP 192.0.2.1;branch=" + "b" * 300
+    assert parse_via(long).branch == "b" * 300
+    assert long not in uri_module._VIA_CACHE
+    for _ in range(2):
+        with pytest.raises(MalformedMessage):
+            parse_via("SIP/2.0/UDP 192.0.2.1:99999")  # an error is not cached as a value
+
+
+def test_uri_cache_is_bounded_and_keeps_no_long_uri() -> None:
+    for i in range(uri_module._URI_CACHE_SIZE + 10):
+        parse_uri(f"sip:{i}@192.0.2.1")
+    assert len(uri_module._URI_CACHE) <= uri_module._URI_CACHE_SIZE
+    long = "sip:" + "a" * 300 + "@192.0.2.1"
+    assert parse_uri(long).user == "a" * 300
+    assert long not in uri_module._URI_CACHE
+    with pytest.raises(MalformedMessage):
+        parse_uri("sip:@x")
+    with pytest.raises(MalformedMessage):
+        parse_uri("sip:@x")  # an error is not cached as a value
