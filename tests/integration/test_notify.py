@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from e911_sip.notify.queue import RedisStreamQueue
+from e911_sip.notify.queue import QueueError, RedisStreamQueue
 from tests.integration.harness import (
     DEFAULT_CALLER,
     DEFAULT_ENDPOINT,
@@ -245,6 +245,33 @@ async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finis
     assert await second.depth() == 0
     assert await second.dead_letters() == [{"item": {"n": 1}, "reason": "http 410"}]
     await second.close()
+
+
+async def test_the_redis_queue_stores_a_batch_in_order_and_all_or_nothing(
+    redis_server: RedisServer,
+) -> None:
+    queue = RedisStreamQueue.from_url(
+        redis_server.url, stream="b:events", dead_list="b:dead", consumer="box1"
+    )
+    await queue.put_many([{"n": n} for n in range(300)])
+    assert await queue.depth() == 300
+    seen: list[int] = []
+    while len(seen) < 300:
+        taken = await queue.take(0.5)
+        assert taken, "the queue handed out fewer items than were put"
+        seen += [item["n"] for _, item in taken]
+    assert seen == list(range(300))
+    # A batch the server refuses as a whole leaves nothing behind: the key holds a string,
+    # so every XADD inside the MULTI fails and none is applied.
+    redis_server.client().set("b:wrongtype", "x")
+    wrong = RedisStreamQueue.from_url(
+        redis_server.url, stream="b:wrongtype", dead_list="b:dead2", consumer="box1"
+    )
+    with pytest.raises(QueueError):
+        await wrong.put_many([{"n": 1}, {"n": 2}])
+    assert redis_server.client().get("b:wrongtype") in (b"x", "x")
+    await wrong.close()
+    await queue.close()
 
 
 async def test_a_notifier_restart_on_redis_streams_loses_nothing(

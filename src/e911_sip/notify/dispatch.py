@@ -48,12 +48,14 @@ class Publisher:
         *,
         numbers: frozenset[str] = frozenset({"911"}),
         max_pending: int = 10_000,
+        batch: int = 256,
         on_dropped: Callable[[], None] = lambda: None,
     ) -> None:
         self._queue = queue
         self._numbers = numbers
         self._pending: collections.deque[CallEvent] = collections.deque()
         self._max_pending = max_pending
+        self._batch = max(1, batch)
         self._on_dropped = on_dropped
         self._wake = asyncio.Event()
 
@@ -69,7 +71,8 @@ class Publisher:
         if len(self._pending) >= self._max_pending:
             self._on_dropped()
             log.error(
-                "notification event dropped: the queue is unreachable and the backlog is full",
+                "notification event dropped: the backlog is full (the queue is unreachable or "
+                "not keeping up)",
                 extra={"call_id": event.call_id},
             )
             return
@@ -105,14 +108,18 @@ class Publisher:
             stopper.cancel()
 
     async def _flush(self) -> None:
+        # Events go in batches: one XADD round trip per event cannot keep up with a burst
+        # while the message path has the CPU, and the backlog would overflow.
         while self._pending:
-            event = self._pending[0]
+            count = min(len(self._pending), self._batch)
+            batch = [self._pending[i].to_dict() for i in range(count)]
             try:
-                await self._queue.put(event.to_dict())
+                await self._queue.put_many(batch)
             except QueueError as exc:
                 log.warning("notification queue unavailable", extra={"error": str(exc)})
                 return
-            self._pending.popleft()
+            for _ in range(count):
+                self._pending.popleft()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ import json
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from pathlib import Path
@@ -39,7 +39,7 @@ from e911_sip.notify.channels import (
 )
 from e911_sip.notify.dispatch import Notifier, NotifierOptions, Publisher
 from e911_sip.notify.event import CallEvent, Resolution, Targets, deliveries
-from e911_sip.notify.queue import FileQueue, Queue
+from e911_sip.notify.queue import FileQueue, Queue, QueueError
 from e911_sip.provisioning.bandwidth import BandwidthClient, BandwidthOptions
 from e911_sip.provisioning.emulator import EmulatorOptions, build_emulator_app
 from e911_sip.provisioning.messaging import BandwidthMessageSender
@@ -562,3 +562,66 @@ def test_line_contacts_replace_the_global_targets_unless_always() -> None:
         ("email", "desk@example.com"),
     ]
     assert len({d.delivery_id for d in both}) == 2
+
+
+# -- publishing in batches -----------------------------------------------------------------
+
+
+class CountingQueue(FileQueue):
+    """An unjournaled queue that counts its writes and can be told to fail them."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.writes: list[int] = []
+        self.failing = False
+        self.refusals = 0
+
+    async def put_many(self, items: Sequence[Mapping[str, Any]]) -> None:
+        if self.failing:
+            self.refusals += 1
+            raise QueueError("refused")
+        self.writes.append(len(items))
+        await super().put_many(items)
+
+
+async def test_a_burst_of_events_is_queued_in_a_few_writes_in_order() -> None:
+    queue = CountingQueue()
+    publisher = Publisher(queue, numbers=frozenset({"911"}), batch=256)
+    for n in range(600):
+        publisher.publish(call(n))
+    stop = asyncio.Event()
+    running = asyncio.create_task(publisher.run(stop))
+    await until(lambda: publisher.pending == 0)
+    stop.set()
+    await running
+    assert queue.writes == [256, 256, 88]
+    taken = await queue.take(0.1)
+    assert [item["call_id"] for _, item in taken] == [f"call-{n}@softswitch" for n in range(600)]
+
+
+async def test_a_failed_batch_stays_pending_and_is_queued_once_when_the_queue_returns() -> None:
+    queue = CountingQueue()
+    queue.failing = True
+    publisher = Publisher(queue, numbers=frozenset({"911"}), batch=4)
+    for n in range(6):
+        publisher.publish(call(n))
+    stop = asyncio.Event()
+    running = asyncio.create_task(publisher.run(stop))
+    await until(lambda: queue.refusals >= 1)
+    assert publisher.pending == 6
+    queue.failing = False
+    await until(lambda: publisher.pending == 0)
+    stop.set()
+    await running
+    taken = await queue.take(0.1)
+    assert [item["call_id"] for _, item in taken] == [f"call-{n}@softswitch" for n in range(6)]
+    assert queue.writes == [4, 2]
+
+
+async def test_a_journaled_batch_survives_a_restart(tmp_path: Path) -> None:
+    first = FileQueue(tmp_path / "events")
+    await first.put_many([{"n": n} for n in range(3)])
+    await first.close()
+    second = fq(tmp_path / "events")
+    taken = await second.take(0.1)
+    assert [item["n"] for _, item in taken] == [0, 1, 2]
