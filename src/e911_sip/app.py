@@ -665,8 +665,27 @@ class NotifyParts:
         await self.deliveries.close()
 
 
+def notification_dropped(metrics: Metrics) -> Callable[[CallEvent], None]:
+    """What the edge does with a notification event its full backlog cannot take: count it,
+    and log it through a rate limiter (a line per event while a burst lasts, then a summary)."""
+    counter = metrics.notification_events_dropped
+    dropped_log = logs.RateLimitedLog(
+        log,
+        "notification event dropped: the backlog is full (the queue is unreachable or not "
+        "keeping up)",
+        noun="notification events dropped",
+        level=logging.ERROR,
+    )
+
+    def dropped(event: CallEvent) -> None:
+        counter.inc()
+        dropped_log.hit("backlog_full", lambda: {"call_id": event.call_id})
+
+    return dropped
+
+
 def build_notify(
-    config: Config, *, edge: bool, on_dropped: Callable[[], None] = lambda: None
+    config: Config, *, edge: bool, on_dropped: Callable[[CallEvent], None] = lambda event: None
 ) -> NotifyParts | None:
     """The ``[notify]`` queues: Redis streams next to the line records, else journal files
     (``queue_file``) or memory. None when notifications are disabled."""
@@ -887,7 +906,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     notify = build_notify(
         config,
         edge=role in (Role.EDGE, Role.ALL),
-        on_dropped=metrics.notification_events_dropped.inc,
+        on_dropped=notification_dropped(metrics),
     )
     provisioning = role in (Role.PROVISIONING, Role.ALL)
     if provisioning and not config.provisioning.tokens:

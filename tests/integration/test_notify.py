@@ -247,7 +247,7 @@ async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finis
     await second.close()
 
 
-async def test_the_redis_queue_stores_a_batch_in_order_and_all_or_nothing(
+async def test_the_redis_queue_stores_a_batch_in_order_and_reports_a_refused_one(
     redis_server: RedisServer,
 ) -> None:
     queue = RedisStreamQueue.from_url(
@@ -261,8 +261,8 @@ async def test_the_redis_queue_stores_a_batch_in_order_and_all_or_nothing(
         assert taken, "the queue handed out fewer items than were put"
         seen += [item["n"] for _, item in taken]
     assert seen == list(range(300))
-    # A batch the server refuses as a whole leaves nothing behind: the key holds a string,
-    # so every XADD inside the MULTI fails and none is applied.
+    # A batch Redis refuses (the key holds a string: every XADD fails with WRONGTYPE) is
+    # reported as a QueueError, which makes the publisher keep it and try again.
     redis_server.client().set("b:wrongtype", "x")
     wrong = RedisStreamQueue.from_url(
         redis_server.url, stream="b:wrongtype", dead_list="b:dead2", consumer="box1"

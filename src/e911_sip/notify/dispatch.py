@@ -49,7 +49,7 @@ class Publisher:
         numbers: frozenset[str] = frozenset({"911"}),
         max_pending: int = 10_000,
         batch: int = 256,
-        on_dropped: Callable[[], None] = lambda: None,
+        on_dropped: Callable[[CallEvent], None] = lambda event: None,
     ) -> None:
         self._queue = queue
         self._numbers = numbers
@@ -69,12 +69,9 @@ class Publisher:
         if event.dialed not in self._numbers:
             return
         if len(self._pending) >= self._max_pending:
-            self._on_dropped()
-            log.error(
-                "notification event dropped: the backlog is full (the queue is unreachable or "
-                "not keeping up)",
-                extra={"call_id": event.call_id},
-            )
+            # The owner counts and logs it (rate-limited: a burst that fills the backlog must
+            # not also write a line per event).
+            self._on_dropped(event)
             return
         self._pending.append(event)
         self._wake.set()

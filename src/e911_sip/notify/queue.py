@@ -37,8 +37,12 @@ class Queue(Protocol):
         ...
 
     async def put_many(self, items: Sequence[Mapping[str, Any]]) -> None:
-        """Store every one of ``items`` durably, in order, or none of them (one round trip,
-        one journal write). Raises QueueError."""
+        """Store ``items`` durably, in order, in one round trip (one journal write).
+
+        Raises QueueError; the caller then keeps the batch and sends it again. An error
+        before the batch reached the store applied none of it; Redis applies a MULTI it
+        received as a whole, so only a reply lost after EXEC can make a retry store events
+        twice (the notifier's deliveries carry idempotency keys)."""
         ...
 
     async def take(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
@@ -278,7 +282,8 @@ class RedisStreamQueue:
             if len(items) == 1:
                 await self._redis.xadd(self._stream, {"item": json.dumps(dict(items[0]))})
                 return
-            # MULTI/EXEC: all or none, so a retry after an error cannot queue an event twice.
+            # MULTI/EXEC: the batch is applied together, never interleaved with another
+            # writer's, and a connection lost before EXEC applies none of it.
             async with self._redis.pipeline(transaction=True) as pipe:
                 for item in items:
                     pipe.xadd(self._stream, {"item": json.dumps(dict(item))})

@@ -29,6 +29,8 @@ from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult
 from bandwidth.models import MessageRequest
 
+from e911_sip.app import notification_dropped
+from e911_sip.metrics import Metrics
 from e911_sip.notify.channels import (
     EmailChannel,
     EmailOptions,
@@ -625,3 +627,31 @@ async def test_a_journaled_batch_survives_a_restart(tmp_path: Path) -> None:
     second = fq(tmp_path / "events")
     taken = await second.take(0.1)
     assert [item["n"] for _, item in taken] == [0, 1, 2]
+
+
+async def test_a_full_backlog_hands_each_dropped_event_to_the_owner() -> None:
+    dropped: list[str] = []
+    publisher = Publisher(
+        CountingQueue(),
+        numbers=frozenset({"911"}),
+        max_pending=2,
+        on_dropped=lambda event: dropped.append(event.call_id),
+    )
+    for n in range(5):
+        publisher.publish(call(n))
+    assert publisher.pending == 2
+    assert dropped == [f"call-{n}@softswitch" for n in (2, 3, 4)]
+
+
+def test_the_edge_counts_every_dropped_event_and_logs_a_burst_of_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    dropped = notification_dropped(metrics)
+    with caplog.at_level("ERROR", logger="e911_sip.app"):
+        for n in range(50):
+            dropped(call(n))
+    assert metrics.notification_events_dropped._value.get() == 50
+    lines = [r for r in caplog.records if "notification event dropped" in r.getMessage()]
+    assert 1 <= len(lines) <= 5
+    assert lines[0].call_id == "call-0@softswitch"
