@@ -370,6 +370,8 @@ async def start_edge(
             ),
             drain_timeout=config.shutdown.drain_timeout,
             emergency_drain_timeout=config.shutdown.emergency_drain_timeout,
+            dialog_drain_timeout=config.shutdown.dialog_drain_timeout,
+            min_drain_time=config.shutdown.min_drain_time,
             lag_interval=overload.lag_interval,
         ),
         load=load,

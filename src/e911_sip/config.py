@@ -248,6 +248,12 @@ class ShutdownConfig:
     response yet)."""
     emergency_drain_timeout: float = 7200.0
     """Seconds to keep routing for emergency dialogs that are still up."""
+    min_drain_time: float = 0.0
+    """Seconds a drain lasts at least, answering OPTIONS 503, even with no call to wait for:
+    at least the softswitch's keepalive interval when several hosts share the traffic."""
+    dialog_drain_timeout: float = 600.0
+    """Seconds to keep routing for other answered calls that are still up (0: not waited
+    for, their BYE is lost with the process)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1009,6 +1015,8 @@ def _shutdown(data: Mapping[str, Any]) -> ShutdownConfig:
     return ShutdownConfig(
         drain_timeout=s.number("drain_timeout", d.drain_timeout),
         emergency_drain_timeout=s.number("emergency_drain_timeout", d.emergency_drain_timeout),
+        dialog_drain_timeout=s.number("dialog_drain_timeout", d.dialog_drain_timeout),
+        min_drain_time=s.number("min_drain_time", d.min_drain_time),
     )
 
 

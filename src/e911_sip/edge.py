@@ -35,10 +35,12 @@ core's ``EmergencyCall`` to the final response's ``CallCompleted``: one per emer
 context the core holds (only the softswitch can start one), and an age bound forgets one
 whose final response was never reported.
 
-Shutdown drains: readiness turns false, traffic keeps flowing while an emergency call needs
-this process (a lookup running, an INVITE with no final response, an answered dialog whose
-BYE must still be routed through our Record-Route), bounded by the configured grace periods;
-other transactions are not waited for.
+Shutdown drains: readiness turns false and OPTIONS addressed to us is answered 503, so the
+softswitch moves new calls to another host; traffic keeps flowing (a call that still comes is
+served) while a call needs this process: an emergency lookup running, an emergency INVITE
+with no final response, an answered dialog (emergency or not) whose BYE must still be routed
+through our Record-Route. Each kind is bounded by its own grace period; other transactions
+are not waited for.
 """
 
 from __future__ import annotations
@@ -177,6 +179,16 @@ class EdgeOptions:
     """Seconds a shutdown waits for emergency dialogs that are still up."""
     emergency_dialog_max_age: float = 14400.0
     """Seconds after which an emergency dialog with no BYE seen is no longer waited for."""
+    min_drain_time: float = 0.0
+    """Seconds a shutdown keeps serving (and answering OPTIONS 503) even with nothing to
+    wait for, so the softswitch's keepalive sees the 503 before the listener goes."""
+    dialog_drain_timeout: float = 600.0
+    """Seconds a shutdown waits for other (non-emergency) answered dialogs; 0: not waited
+    for."""
+    dialog_max_age: float = 14400.0
+    """Seconds after which a non-emergency dialog with no BYE seen is no longer waited for."""
+    max_dialogs: int = 200_000
+    """Non-emergency dialogs remembered for a drain; past it the oldest is forgotten."""
     lag_interval: float = 0.05
     """Seconds between the event-loop lag measurements that feed overload control."""
     log_interval: float = 10.0
@@ -245,6 +257,14 @@ class Edge:
             Discarded: self._on_discarded,
         }
         self._emergency_dialogs: dict[str, float] = {}
+        self._dialogs: dict[str, float] = {}
+        """Answered non-emergency calls whose BYE has not been seen, by Call-ID, oldest
+        first (loop time answered): a drain keeps routing their BYE."""
+        self._dialogs_forgotten = {
+            reason: metrics.dialogs_forgotten.labels(reason) for reason in ("max_age", "capacity")
+        }
+        metrics.dialogs.labels("emergency").set_function(lambda: len(self._emergency_dialogs))
+        metrics.dialogs.labels("other").set_function(lambda: len(self._dialogs))
         self._now_received = 0.0
         self.draining = False
         self.store_ok = True
@@ -511,8 +531,11 @@ class Edge:
     def _on_completed(self, event: CallCompleted) -> None:
         if event.method == "BYE":
             self._emergency_dialogs.pop(event.call_id, None)
+            self._dialogs.pop(event.call_id, None)
             return
         if not event.emergency:
+            if event.method == "INVITE" and 200 <= event.status < 300:
+                self._add_dialog(event.call_id)
             return
         call = self._calls.pop(event.call_id, None)
         self._results(f"{event.status // 100}xx").inc()
@@ -758,26 +781,49 @@ class Edge:
 
     def waiting_for(self) -> dict[str, int]:
         """What a drain waits for, by kind: emergency lookups running, emergency INVITEs
-        with no final response yet, answered emergency dialogs with no BYE yet."""
+        with no final response yet, answered emergency dialogs with no BYE yet, other
+        answered dialogs with no BYE yet."""
         return {
             "lookups": len(self._tasks),
             "emergency_calls": len(self._calls),
             "emergency_dialogs": len(self._emergency_dialogs),
+            "dialogs": len(self._dialogs),
         }
+
+    def _add_dialog(self, call_id: str) -> None:
+        dialogs = self._dialogs
+        # Re-inserted at the end: the table stays ordered by age, so pruning stops at the
+        # first young entry.
+        dialogs.pop(call_id, None)
+        if len(dialogs) >= self._options.max_dialogs:
+            del dialogs[next(iter(dialogs))]
+            self._dialogs_forgotten["capacity"].inc()
+        dialogs[call_id] = self._loop.time()
 
     async def drain(self, force: asyncio.Event) -> None:
         """Serve until nothing needs this process, within the grace periods, or ``force``.
 
-        Only emergency calls hold a drain: a lookup running, an INVITE with no final
-        response yet (``drain_timeout``), an answered dialog whose BYE must still be routed
-        through our Record-Route (``emergency_drain_timeout``). Other transactions are not
+        From the start OPTIONS addressed to us is answered 503 (the core's ``draining``), so
+        the softswitch sends new calls to another host; a call that still comes here is
+        served as usual, a 911 call above all. A drain lasts at least ``min_drain_time``, for
+        the softswitch to see that 503. What holds it, each kind within its own
+        grace period counted from the start: emergency lookups running and emergency
+        INVITEs with no final response yet (``drain_timeout``), answered emergency dialogs
+        whose BYE must still be routed through our Record-Route (``emergency_drain_timeout``),
+        other answered dialogs (``dialog_drain_timeout``). Other transactions are not
         waited for: a client transaction to a trunk that never answers lives 32 s (Timer B),
         and the caller's own timers and retransmissions cover a request cut short. What is
         still waited for is logged every ``drain_log_interval``.
         """
         self.draining = True
+        self._core.draining = True
         loop = self._loop
         options = self._options
+        bounds = {
+            "drain_timeout": options.drain_timeout,
+            "emergency_drain_timeout": options.emergency_drain_timeout,
+            "dialog_drain_timeout": options.dialog_drain_timeout,
+        }
         start = last_log = loop.time()
         reason = "forced"
         first = True
@@ -786,22 +832,28 @@ class Edge:
             self._prune(now)
             waiting = self.waiting_for()
             elapsed = now - start
-            setting_up = waiting["lookups"] or waiting["emergency_calls"]
-            if waiting["emergency_dialogs"] and elapsed >= options.emergency_drain_timeout:
-                reason = "emergency_drain_timeout"
-                break
-            if not waiting["emergency_dialogs"]:
-                if not setting_up:
+            held = [
+                name
+                for name, count in (
+                    ("drain_timeout", waiting["lookups"] + waiting["emergency_calls"]),
+                    ("emergency_drain_timeout", waiting["emergency_dialogs"]),
+                    ("dialog_drain_timeout", waiting["dialogs"]),
+                )
+                if count
+            ]
+            if elapsed >= options.min_drain_time:
+                if not held:
                     reason = "idle"
                     break
-                if elapsed >= options.drain_timeout:
-                    reason = "drain_timeout"
+                if all(elapsed >= bounds[name] for name in held):
+                    # Named for the longest grace period that ran out with a call waiting.
+                    reason = max(held, key=bounds.__getitem__)
                     break
             if first or now - last_log >= options.drain_log_interval:
                 first = False
                 last_log = now
                 log.info(
-                    "draining: waiting for emergency calls",
+                    "draining: waiting for calls",
                     extra={
                         **waiting,
                         "not_waited_for": self._not_waited_for(),
@@ -837,6 +889,14 @@ class Edge:
         for call_id, since in list(self._emergency_dialogs.items()):
             if now - since > limit:
                 del self._emergency_dialogs[call_id]
+        dialogs = self._dialogs
+        oldest = now - self._options.dialog_max_age
+        while dialogs:
+            call_id = next(iter(dialogs))
+            if dialogs[call_id] >= oldest:
+                break
+            del dialogs[call_id]
+            self._dialogs_forgotten["max_age"].inc()
         for call_id, call in list(self._calls.items()):
             if now - call.started > _CALL_MAX_AGE:
                 del self._calls[call_id]

@@ -182,6 +182,20 @@ class Metrics:
             "Requests being proxied (response contexts).",
             registry=r,
         )
+        self.dialogs = Gauge(
+            "e911_sip_dialogs",
+            "Calls answered through this edge whose BYE has not been seen, by kind "
+            "(emergency, other): what a drain keeps routing for.",
+            ["kind"],
+            registry=r,
+        )
+        self.dialogs_forgotten = Counter(
+            "e911_sip_dialogs_forgotten_total",
+            "Answered non-emergency calls no longer waited for by a drain, by reason: "
+            "max_age (no BYE seen), capacity (the table's bound).",
+            ["reason"],
+            registry=r,
+        )
         self.discarded = Counter(
             "e911_sip_messages_discarded_total",
             "Messages dropped or answered with an error by the edge itself, by reason.",

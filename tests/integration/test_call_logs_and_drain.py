@@ -198,9 +198,7 @@ def test_sigterm_waits_for_a_911_call_being_set_up_and_says_so(
 
             def waiting() -> list[dict[str, Any]]:
                 return [
-                    line
-                    for line in lines(edge)
-                    if line["msg"] == "draining: waiting for emergency calls"
+                    line for line in lines(edge) if line["msg"] == "draining: waiting for calls"
                 ]
 
             wait_for(lambda: bool(waiting()), "the drain to say what it waits for")

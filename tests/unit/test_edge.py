@@ -442,7 +442,7 @@ async def test_drain_logs_what_it_waits_for_until_the_emergency_call_is_answered
             return [
                 r.__dict__
                 for r in caplog.records
-                if r.getMessage() == "draining: waiting for emergency calls"
+                if r.getMessage() == "draining: waiting for calls"
             ]
 
         await until(lambda: bool(waiting()))

@@ -13,7 +13,8 @@ injected time (the aioquic pattern).
   retransmissions). Max-Forwards 0 is answered 483. Our Route entries are popped (§16.4);
   an in-dialog request follows the remaining Route or its Request-URI; an initial one is
   classified: an emergency INVITE (RFC 6881 §5) goes to the emergency trunks, anything else
-  to the default trunks. OPTIONS addressed to us is answered 200 here (softswitch keepalive).
+  to the default trunks. OPTIONS addressed to us is answered 200 here (softswitch keepalive),
+  503 while the owner drains the process (``draining``).
 - Emergency INVITEs are handed to the owner as an :class:`EmergencyCall` event so that the
   location lookup and enrichment, which need I/O, happen outside. The owner calls
   :meth:`ProxyCore.forward_emergency` with the request to send. If it does not do so by the
@@ -644,6 +645,11 @@ def _response_rank(response: Response) -> tuple[int, int]:
 class ProxyCore:
     """The stateful proxy. One instance serves every transport of one edge process."""
 
+    draining: bool = False
+    """Set by the owner while the process drains: OPTIONS addressed to us is answered 503
+    with Retry-After, so the softswitch's keepalive takes this host out of its route list;
+    every call that still comes is served as usual."""
+
     def __init__(self, *, options: ProxyOptions, entropy: Callable[[int], bytes]) -> None:
         """``entropy(n)`` returns ``n`` unpredictable bytes (``os.urandom`` in the product): the
         core reads no randomness of its own, so tests can make it deterministic."""
@@ -1138,6 +1144,9 @@ class ProxyCore:
 
     def _answer_options(self, context: _Context, now: float) -> None:
         self._events.append(RequestRouted("OPTIONS", Route.LOCAL))
+        if self.draining:
+            self._reply(context, self._unavailable(context.request), now)
+            return
         extra = [("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS")]
         if self._options.server_header:
             extra.append(("Server", self._options.server_header))
