@@ -11,6 +11,8 @@ import configparser
 import ipaddress
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +232,27 @@ def test_lab_services_load_the_host_config_with_their_environment(
         assert config.sip.advertise == address(service)
         # Compose's stop timeout outlasts the drain, as the unit's TimeoutStopSec does.
         assert _stop_seconds(service["stop_grace_period"]) > config.shutdown.emergency_drain_timeout
+
+
+def test_systemd_analyze_verify_finds_nothing_to_report(tmp_path: Path) -> None:
+    """systemd's own parser, where the machine has it: a misspelt key or value is only a
+    warning to systemd (the unit still loads, without it), so any output is a failure."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed; the configparser checks above still ran")
+    stub = tmp_path / "e911-sip"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    units = []
+    for name in ("e911-sip-edge.service", "e911-sip-provisioning.service"):
+        text = (HOSTS / name).read_text(encoding="utf-8")
+        assert "/opt/e911-sip/bin/e911-sip " in text
+        # verify checks that ExecStart's program exists: a stub stands in for the install.
+        (tmp_path / name).write_text(text.replace("/opt/e911-sip/bin/e911-sip", str(stub)))
+        units.append(str(tmp_path / name))
+    result = subprocess.run(
+        [analyze, "verify", *units], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )
