@@ -49,9 +49,13 @@ class Publisher:
         numbers: frozenset[str] = frozenset({"911"}),
         max_pending: int = 10_000,
         batch: int = 256,
+        linger: float = 0.01,
         on_dropped: Callable[[CallEvent], None] = lambda event: None,
     ) -> None:
+        """``linger``: seconds a write waits after its first event for others to join it, so
+        that under load one round trip carries many events (0: write at once)."""
         self._queue = queue
+        self._linger = linger
         self._numbers = numbers
         self._pending: collections.deque[CallEvent] = collections.deque()
         self._max_pending = max_pending
@@ -81,6 +85,8 @@ class Publisher:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                if self._linger > 0 and 0 < len(self._pending) < self._batch:
+                    await asyncio.wait([stopper], timeout=self._linger)
                 await self._flush()
                 if self._pending:
                     # The queue failed: try again shortly, or at once on a new event.

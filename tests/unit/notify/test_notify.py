@@ -655,3 +655,18 @@ def test_the_edge_counts_every_dropped_event_and_logs_a_burst_of_them(
     lines = [r for r in caplog.records if "notification event dropped" in r.getMessage()]
     assert 1 <= len(lines) <= 5
     assert lines[0].call_id == "call-0@softswitch"
+
+
+async def test_events_of_the_next_moments_join_the_first_one_in_one_write() -> None:
+    queue = CountingQueue()
+    publisher = Publisher(queue, numbers=frozenset({"911"}), linger=30.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(publisher.run(stop))
+    publisher.publish(call(1))
+    for _ in range(5):
+        await asyncio.sleep(0)  # the publisher is lingering: nothing written alone
+    assert queue.writes == []
+    publisher.publish(call(2))
+    stop.set()  # a stop ends the wait at once and writes what is pending
+    await running
+    assert queue.writes == [2]
