@@ -55,7 +55,7 @@ from e911_sip.notify.channels import (
     WebhookChannel,
     WebhookOptions,
 )
-from e911_sip.notify.dispatch import Notifier, Publisher
+from e911_sip.notify.dispatch import NO_TARGET, Notifier, Publisher
 from e911_sip.notify.event import CallEvent, Resolution
 from e911_sip.notify.queue import FileQueue, Queue, QueueError, RedisStreamQueue
 from e911_sip.opshttp import build_ops_app
@@ -686,6 +686,23 @@ def notification_dropped(metrics: Metrics) -> Callable[[CallEvent], None]:
     return dropped
 
 
+def notification_without_target(metrics: Metrics) -> Callable[[CallEvent], None]:
+    """What the notifier does with a call that has nobody to notify: count it
+    (``e911_sip_notifications_total{channel="none",outcome="no_target"}``) and log it, a line
+    per call while a burst lasts and then a summary: a box with no targets configured takes
+    every 911 call this way, and a WARNING line each would cost more than the call."""
+    counter = metrics.notifications.labels("none", "no_target")
+    no_target_log = logs.RateLimitedLog(
+        log, NO_TARGET, noun="emergency calls with no notification target", level=logging.WARNING
+    )
+
+    def no_target(event: CallEvent) -> None:
+        counter.inc()
+        no_target_log.hit("no_target", lambda: {"call_id": event.call_id, "caller": event.caller})
+
+    return no_target
+
+
 def build_notify(
     config: Config, *, edge: bool, on_dropped: Callable[[CallEvent], None] = lambda event: None
 ) -> NotifyParts | None:
@@ -798,6 +815,7 @@ async def run_notifier(
         on_latency=lambda channel, seconds: metrics.notification_seconds.labels(channel).observe(
             seconds
         ),
+        on_no_target=notification_without_target(metrics),
     )
     log.info(
         "notifier running",

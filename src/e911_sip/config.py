@@ -1102,7 +1102,7 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
     )
 
 
-_RECORDER_KEYS = ("max_in_progress", "max_age", "queue_size")
+_RECORDER_KEYS = ("max_in_progress", "max_age", "queue_size", "linger")
 """[records] keys of the recorder's options (see RecordsConfig.recorder)."""
 
 
@@ -1125,7 +1125,7 @@ def _records(data: Mapping[str, Any], base: Path | None) -> RecordsConfig:
     recorder = _options(
         s,
         dataclasses.replace(d.recorder, book=book),
-        keys={"queue_size": "queue_size"},
+        keys={"queue_size": "queue_size", "linger": "linger"},
         minimums={"queue_size": 1},
     )
     return RecordsConfig(

@@ -393,7 +393,8 @@ class Metrics:
             "e911_sip_notifications_total",
             "Kari's Law notification attempts by channel (webhook, email, sms) and outcome: "
             "delivered, retried (an attempt failed; another follows) and dead (given up, in "
-            "the dead-letter list).",
+            "the dead-letter list); channel none, outcome no_target: a call with nobody to "
+            "notify (no contacts and no [notify] fallback).",
             ["channel", "outcome"],
             registry=r,
         )
@@ -408,6 +409,7 @@ class Metrics:
             self.notification_seconds.labels(channel)
             for outcome in NOTIFY_OUTCOMES:
                 self.notifications.labels(channel, outcome)
+        self.notifications.labels("none", "no_target")
         self.notification_queue = Gauge(
             "e911_sip_notification_queue_depth",
             "Notification items stored and not finished, by queue (events, deliveries), as "

@@ -49,9 +49,13 @@ class Publisher:
         numbers: frozenset[str] = frozenset({"911"}),
         max_pending: int = 10_000,
         batch: int = 256,
+        linger: float = 0.01,
         on_dropped: Callable[[CallEvent], None] = lambda event: None,
     ) -> None:
+        """``linger``: seconds a write waits after its first event for others to join it, so
+        that under load one round trip carries many events (0: write at once)."""
         self._queue = queue
+        self._linger = linger
         self._numbers = numbers
         self._pending: collections.deque[CallEvent] = collections.deque()
         self._max_pending = max_pending
@@ -81,6 +85,8 @@ class Publisher:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                if self._linger > 0 and 0 < len(self._pending) < self._batch:
+                    await asyncio.wait([stopper], timeout=self._linger)
                 await self._flush()
                 if self._pending:
                     # The queue failed: try again shortly, or at once on a new event.
@@ -143,6 +149,13 @@ class NotifierOptions:
     """Seconds provisioning may take to name a line's contacts before the fallback is used."""
 
 
+NO_TARGET = "emergency call with no notification target (configure [notify] or contacts)"
+
+
+def _warn_no_target(event: CallEvent) -> None:
+    log.warning(NO_TARGET, extra={"call_id": event.call_id, "caller": event.caller})
+
+
 Resolver = Callable[[CallEvent], Awaitable[Resolution]]
 """Provisioning's answer for a call's line."""
 
@@ -160,10 +173,14 @@ class Notifier:
         options: NotifierOptions,
         on_outcome: Callable[[str, str], None] = lambda channel, outcome: None,
         on_latency: Callable[[str, float], None] = lambda channel, seconds: None,
+        on_no_target: Callable[[CallEvent], None] | None = None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_no_target``: told of each call that had nobody to notify (the owner counts
+        it and logs it through a rate limiter); by default a WARNING line per call."""
         self._events = events
+        self._on_no_target = on_no_target or _warn_no_target
         self._deliveries = deliveries
         self._channels = dict(channels)
         self._resolve = resolve
@@ -245,10 +262,7 @@ class Notifier:
             event, resolution, self._options.fallback, always=self._options.fallback_always
         )
         if not planned:
-            log.warning(
-                "emergency call with no notification target (configure [notify] or contacts)",
-                extra={"call_id": event.call_id, "caller": event.caller},
-            )
+            self._on_no_target(event)
         for delivery in planned:
             await self._retrying(functools.partial(self._deliveries.put, delivery.to_dict()))
         await self._retrying(lambda: self._events.done(entry))

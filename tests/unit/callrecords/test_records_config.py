@@ -27,6 +27,8 @@ def test_records_section_and_relative_file_url(tmp_path: Path) -> None:
     assert records.retention_days == 2000.0 and records.recorder.book.max_calls == 5
     env = load(path, {"E911_SIP__RECORDS__QUEUE_SIZE": "7"}).records
     assert env.recorder.queue_size == 7
+    assert env.recorder.linger == 0.05  # the default: a write waits 50 ms for company
+    assert load(path, {"E911_SIP__RECORDS__LINGER": "0"}).records.recorder.linger == 0.0
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,7 @@ def test_records_section_and_relative_file_url(tmp_path: Path) -> None:
         ('store_url = "ftp://x"', "[records] store_url"),
         ("retention_days = 0", "[records] retention_days"),
         ("max_in_progress = 0", "[records] max_in_progress"),
+        ("linger = -1", "[records] linger"),
         ("colour = 1", "[records] colour: unknown key"),
     ],
 )

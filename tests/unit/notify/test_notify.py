@@ -29,7 +29,7 @@ from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult
 from bandwidth.models import MessageRequest
 
-from e911_sip.app import notification_dropped
+from e911_sip.app import notification_dropped, notification_without_target
 from e911_sip.metrics import Metrics
 from e911_sip.notify.channels import (
     EmailChannel,
@@ -654,4 +654,52 @@ def test_the_edge_counts_every_dropped_event_and_logs_a_burst_of_them(
     assert metrics.notification_events_dropped._value.get() == 50
     lines = [r for r in caplog.records if "notification event dropped" in r.getMessage()]
     assert 1 <= len(lines) <= 5
+    assert lines[0].call_id == "call-0@softswitch"
+
+
+async def test_events_of_the_next_moments_join_the_first_one_in_one_write() -> None:
+    queue = CountingQueue()
+    publisher = Publisher(queue, numbers=frozenset({"911"}), linger=30.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(publisher.run(stop))
+    publisher.publish(call(1))
+    for _ in range(5):
+        await asyncio.sleep(0)  # the publisher is lingering: nothing written alone
+    assert queue.writes == []
+    publisher.publish(call(2))
+    stop.set()  # a stop ends the wait at once and writes what is pending
+    await running
+    assert queue.writes == [2]
+
+
+async def test_calls_with_nobody_to_notify_are_counted_and_logged_through_a_limiter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    events, queue = fq(tmp_path / "events"), fq(tmp_path / "deliveries")
+    notifier = Notifier(
+        events=events,
+        deliveries=queue,
+        channels={},
+        resolve=lambda event: asyncio.sleep(0, Resolution()),
+        options=NotifierOptions(poll_interval=0.05),
+        on_no_target=notification_without_target(metrics),
+    )
+    counter = metrics.notifications.labels("none", "no_target")
+    for n in range(40):
+        await events.put(call(n).to_dict())
+    stop = asyncio.Event()
+    with caplog.at_level("WARNING", logger="e911_sip.app"):
+        running = asyncio.create_task(notifier.run(stop))
+        await until(lambda: counter._value.get() == 40)
+
+        async def events_done() -> bool:
+            return await events.depth() == 0
+
+        await until(events_done)
+        stop.set()
+        await running
+    assert await events.depth() == 0 and await queue.depth() == 0
+    lines = [r for r in caplog.records if "no notification target" in r.getMessage()]
+    assert 1 <= len(lines) <= 5  # a burst, not a line per call
     assert lines[0].call_id == "call-0@softswitch"
