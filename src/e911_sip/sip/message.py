@@ -36,7 +36,6 @@ and keeps what was read from them.
 
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Iterable
 from typing import NamedTuple, Self, cast
@@ -486,7 +485,7 @@ def _max_forwards_of(value: str | None) -> int | None:
 
 
 def _value_of(line: str) -> str:
-    value = line[line.find(":") + 1 :]
+    value = line.partition(":")[2]
     if "\n" in value:
         value = " ".join(part.strip() for part in value.split("\r\n"))
     return value.strip()
@@ -633,9 +632,7 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     lines = head.split("\r\n")
     if "\r\n " in head or "\r\n\t" in head or "" in lines:
         lines = _unfold(lines)
-    # Header names as spelt on the wire map to their keys through a cache, so the common
-    # case is three C-level passes (partition, first item, dict lookup) with no Python loop.
-    keys: list[str | None] = list(map(_SPELLINGS.get, map(_NAME, map(_COLON, lines))))
+    keys: list[str | None] = _cached_keys(lines)
     if None in keys:
         bad: MalformedMessage | None = None
         for i, key in enumerate(keys):
@@ -652,12 +649,19 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     return lines, cast(list[str], keys)
 
 
-_COLON = operator.methodcaller("partition", ":")
-_NAME = operator.itemgetter(0, 1)
-_SPELLINGS: dict[tuple[str, str], str] = {}
-"""(header name exactly as received, ":") -> key; filled as names are seen, up to a bound.
-The colon is part of the key so that a line without one (a bare "Call-ID") never matches."""
+_SPELLINGS: dict[str, str] = {}
+"""Header name exactly as received, with its colon -> key; filled as names are seen, up to a
+bound. The colon is part of the key so that a line without one (a bare "Call-ID") never
+matches: its slice is empty."""
 _MAX_SPELLINGS = 4096
+
+
+def _cached_keys(lines: list[str]) -> list[str | None]:
+    """Each line's key through the spelling cache; None for a line whose name (and colon) is
+    not in it. Slicing up to the colon copies only the name, where ``partition`` would copy
+    every value too: this is the parser's largest single step."""
+    spelt = _SPELLINGS.get
+    return [spelt(line[: line.find(":") + 1]) for line in lines]
 
 
 _BAD = "\x00bad"
@@ -697,7 +701,7 @@ def _slow_key(line: str) -> str:
         key = name
     if len(_SPELLINGS) < _MAX_SPELLINGS:
         # Bounded: a peer inventing names cannot grow it without limit.
-        _SPELLINGS[(spelt, ":")] = key
+        _SPELLINGS[spelt + ":"] = key
     return key
 
 
@@ -749,17 +753,19 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     if end <= 0:
         return None
     text = data[:end].decode("latin-1")
-    crlfs = text.count("\r\n")
-    if text.count("\r") != crlfs or text.count("\n") != crlfs:
-        return None
-    first, _, head = text.partition("\r\n")
+    first, sep, head = text.partition("\r\n")
     lines = head.split("\r\n")
+    # Every CR and every LF is part of one of the CRLFs just cut at (one after the start
+    # line, one between each two header lines): no bare CR or LF anywhere.
+    crlfs = len(lines)
+    if not sep or text.count("\r") != crlfs or text.count("\n") != crlfs:
+        return None
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
-    keys = list(map(_SPELLINGS.get, map(_NAME, map(_COLON, lines))))
+    keys = _cached_keys(lines)
     if None in keys or len(keys) > max_headers or keys.count("content-length") != 1:
         return None
     line = lines[keys.index("content-length")]
-    value = line[line.find(":") + 1 :].strip()
+    value = line.partition(":")[2].strip()
     if len(value) > 5 or not value.isdigit() or not value.isascii():
         return None
     length = int(value)
@@ -773,21 +779,30 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             wire = data[: end + 4 + length]
     known: list[str] = keys  # type: ignore[assignment]  # no None, checked above
     try:
-        line = lines[known.index("cseq")]
-        match = _CSEQ_RE.fullmatch(line[line.find(":") + 1 :].strip())
-        if match is None or len(match.group(1)) > 9:
+        # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
+        # it (anything else, extra spaces included, is left to the careful path).
+        number, space, cseq_method = (
+            lines[known.index("cseq")].partition(":")[2].strip().partition(" ")
+        )
+        if (
+            not space
+            or cseq_method not in _METHODS
+            or len(number) > 9
+            or not number.isdigit()
+            or not number.isascii()
+        ):
             return None
-        cseq = (int(match.group(1)), match.group(2))
+        cseq = (int(number), cseq_method)
         line = lines[known.index("call-id")]
-        call_id = line[line.find(":") + 1 :].strip()
+        call_id = line.partition(":")[2].strip()
         if not call_id:
             return None
         line = lines[known.index("from")]
-        _check_name_addr(line[line.find(":") + 1 :].strip())
+        _check_name_addr(line.partition(":")[2].strip())
         line = lines[known.index("to")]
-        _check_name_addr(line[line.find(":") + 1 :].strip())
+        _check_name_addr(line.partition(":")[2].strip())
         line = lines[known.index("via")]
-        top_via = _top_via_of(line[line.find(":") + 1 :].strip())
+        top_via = _top_via_of(line.partition(":")[2].strip())
         message: Request | Response
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")
@@ -811,7 +826,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request._ruri = parse_uri(uri)
             if "max-forwards" in known:
                 line = lines[known.index("max-forwards")]
-                request._mf = _max_forwards_of(line[line.find(":") + 1 :].strip())
+                request._mf = _max_forwards_of(line.partition(":")[2].strip())
             else:
                 request._mf = None
             message = request
