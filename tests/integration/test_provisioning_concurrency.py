@@ -14,8 +14,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,13 +39,18 @@ from tests.integration.harness import (
     trunk_uri,
 )
 from tests.integration.test_import import (
+    TOKEN,
     Emulator,
+    assert_every_line_recorded,
     child_env,
     emulator,
+    expected_endpoints,
     http,
+    onboarding_file,
     processes,
     provisioning_config,
     start_provisioning,
+    wait_for,
 )
 
 __all__ = ["emulator", "processes"]  # fixtures, used by name
@@ -281,6 +289,66 @@ def test_concurrent_updates_through_two_processes_all_land_and_order_each_addres
 
 def _own(line1: str) -> dict[str, Any]:
     return {"address": address(f"{line1} Street")}
+
+
+def test_an_import_runs_in_one_process_and_the_other_takes_it_over_when_it_dies(
+    tmp_path: Path,
+    processes: list[Any],
+    redis_server: RedisServer,
+    emulator: Emulator,
+) -> None:
+    first_port, second_port = free_port("tcp"), free_port("tcp")
+    config = provisioning_config(redis_server.url, first_port, emulator)
+    config["notify"] = {"consumer": "notifier-1"}
+    first = start_provisioning(tmp_path, processes, config)
+    second = start_provisioning(tmp_path, processes, second_config(config, second_port))
+    path = tmp_path / "lines.csv"
+    onboarding_file(path, customers=4, lines=50, own=3)
+    # Slow Bandwidth so that the kill lands with work done and work pending.
+    emulator.fault({"delay": 0.3, "count": 1000, "path_prefix": "/api/v2/", "method": "POST"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{first_port}/v1/imports",
+        method="POST",
+        data=path.read_bytes(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 202
+        job = json.loads(response.read())["id"]
+    status_url = f"http://127.0.0.1:{second_port}/v1/imports/{job}"
+
+    def watched() -> bool:
+        return "is run by another provisioning process" in second.log_text()
+
+    # The second process finds the job and leaves it to the first, which holds its lease.
+    wait_for(watched, 60, "the second process to find the job held by the first")
+    assert redis_server.client().get(f"e911:prov:lease:import:{job}") is not None
+
+    def some_done() -> bool:
+        _, view = http(status_url)
+        return bool(view["done"] > 0)
+
+    wait_for(some_done, 60, "the first rows to be done")
+    _, before = http(status_url)
+    assert before["pending"] > 0, before
+    assert first.pid is not None
+    os.kill(first.pid, signal.SIGKILL)
+    wait_for(lambda: not first.running, 10, "the killed process to exit")
+    emulator.clear_faults()
+
+    # Without any restart, the second process takes the job over once the lease expires.
+    def completed() -> bool:
+        _, view = http(status_url)
+        return bool(view["state"] == "completed")
+
+    wait_for(completed, 180, "the job to complete in the second process")
+    _, view = http(status_url)
+    assert (view["done"], view["failed"]) == (208, 0), view
+    assert "taken over" in second.log_text()
+    assert second.metric("e911_sip_provisioning_leases_total", kind="import_job", outcome="busy")
+    endpoints = [e["id"] for e in emulator.state()["endpoints"]]
+    assert sorted(endpoints) == sorted(expected_endpoints(4, 50, 3))
+    assert_every_line_recorded(redis_server, 4, 50)
 
 
 # --- the data schema ----------------------------------------------------------------------------

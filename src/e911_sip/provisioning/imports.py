@@ -104,6 +104,8 @@ _PASSING = frozenset(
         "line_store_unavailable",
         "audit_unavailable",
         "concurrent_change",
+        "customer_busy",
+        "lease_lost",
         "import_incomplete",
     }
 )
