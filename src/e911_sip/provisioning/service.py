@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,7 +91,7 @@ from e911_sip.provisioning.state import (
     StateError,
     StateStore,
 )
-from e911_sip.store.base import LineRecordWriter, StoreError
+from e911_sip.store.base import LineRecordWriter, LocationRecord, StoreError
 
 _LOG = logging.getLogger("e911_sip.provisioning")
 
@@ -1022,9 +1022,11 @@ class ProvisioningService:
         """Rebuild every line record from entity state; report lines with no valid endpoint.
 
         Pending outboxes are finished first. Records that already say the right thing are
-        left alone; the others are rewritten (and audited as ``resync``) in one atomic
-        write. With ``resync_checks_provider``, endpoints are listed at Bandwidth to find
-        lines whose endpoint is gone there and endpoints nothing references.
+        left alone; the others are rewritten (and audited as ``resync``), one atomic write
+        per customer under its lease, skipping a customer another process changed since
+        it was read (that change writes its own records). With ``resync_checks_provider``,
+        endpoints are listed at Bandwidth to find lines whose endpoint is gone there and
+        endpoints nothing references.
 
         Raises:
             ServiceError: the state or line store could not be read or written.
@@ -1071,27 +1073,30 @@ class ProvisioningService:
             who=who,
             prune_orphan_lines=self._options.resync_prunes_orphan_lines,
         )
-        if plan.records or plan.removals:
+        written, removed, skipped = await self._repair(states, plan)
+        audit = tuple(e for e in plan.audit if e.line in written or e.line in removed)
+        if skipped:
+            _LOG.info(
+                "resync left %d customer(s) to the change that was saving them meanwhile",
+                len(skipped),
+                extra={"customers": skipped},
+            )
+        if audit:
             try:
-                await self._lines.put_records(plan.records, plan.removals)
-            except StoreError as exc:
-                raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-        if plan.audit:
-            try:
-                await self._audit.append(plan.audit)
+                await self._audit.append(audit)
             except AuditError as exc:
                 # The records are right now; only the trail of the repair is missing.
                 _LOG.error(
                     "resync could not write its audit entries: %s",
                     exc,
-                    extra={"audit": [e.to_dict() for e in plan.audit]},
+                    extra={"audit": [e.to_dict() for e in audit]},
                 )
                 errors.append(f"audit: {exc}")
         report = ResyncReport(
             customers=len(states),
             lines=plan.lines,
-            written=tuple(sorted(plan.records)),
-            removed=tuple(sorted(plan.removals)),
+            written=tuple(sorted(written)),
+            removed=tuple(sorted(removed)),
             orphan_lines=plan.orphan_lines,
             without_endpoint=plan.without_endpoint,
             provider_checked=provider_ids is not None,
@@ -1108,6 +1113,51 @@ class ProvisioningService:
             len(report.without_endpoint),
         )
         return report
+
+    async def _repair(
+        self, states: Sequence[CustomerState], plan: cascade.Reconciliation
+    ) -> tuple[set[str], set[str], list[str]]:
+        """Carry out ``plan``'s writes and deletions: each customer's under its lease, and
+        only if the customer is still at the version the plan was made from (a change in
+        another process that saved meanwhile writes its own records, which a stale repair
+        must not overwrite); then the deletions of lines no account holds, each only if no
+        customer claimed the number meanwhile. The lines written, the lines removed, and
+        the customers left to a change.
+        """
+        by_line = {number: state for state in states for number in state.accounts}
+        groups: dict[str, tuple[dict[str, LocationRecord], set[str]]] = {}
+        orphans: set[str] = set()
+        for number, record in plan.records.items():
+            groups.setdefault(by_line[number].customer_id, ({}, set()))[0][number] = record
+        for number in plan.removals:
+            if number in by_line:
+                groups.setdefault(by_line[number].customer_id, ({}, set()))[1].add(number)
+            else:
+                orphans.add(number)
+        versions = {state.customer_id: state.version for state in states}
+        written: set[str] = set()
+        removed: set[str] = set()
+        skipped: list[str] = []
+        try:
+            for cid, (records, deletions) in sorted(groups.items()):
+                async with self._holding(cid):
+                    now = await self._guard_state(self._state.get(cid))
+                    if now is None or now.version != versions[cid]:
+                        skipped.append(cid)
+                        continue
+                    await self._lines.put_records(records, frozenset(deletions))
+                written |= records.keys()
+                removed |= deletions
+            claimed = set()
+            for number in orphans:
+                if await self._guard_state(self._state.owner(number)) is not None:
+                    claimed.add(number)
+            if orphans - claimed:
+                await self._lines.put_records({}, frozenset(orphans - claimed))
+                removed |= orphans - claimed
+        except StoreError as exc:
+            raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
+        return written, removed, skipped
 
     # -- the change pipeline -------------------------------------------------------------------
 

@@ -26,7 +26,13 @@ from e911_sip.provisioning.service import (
     ServiceError,
     ServiceOptions,
 )
-from e911_sip.provisioning.state import CustomerBusy, MemoryStateStore, StateConflict
+from e911_sip.provisioning.state import (
+    CustomerBusy,
+    MemoryStateStore,
+    StateConflict,
+    StateError,
+)
+from e911_sip.store.base import LocationRecord
 from e911_sip.store.memory import MemoryStore
 from tests.unit.provisioning.test_service import (
     CARY,
@@ -226,3 +232,58 @@ async def test_a_save_refused_as_stale_undoes_its_bandwidth_steps(leased: Leased
     assert set(await leased.bw.addresses()) == addresses_before
     state = await leased.state.get("hd365")
     assert state is not None and "1321551299" not in state.accounts
+
+
+async def test_resync_leaves_a_customer_changed_meanwhile_to_that_change(leased: Leased) -> None:
+    await customer_with_line(leased)
+    # The line's record is lost; resync would rewrite it from the state it reads.
+    await leased.lines.put_records({}, frozenset({LINE}))
+    store = leased.state
+    leases = 0
+    fresh = LocationRecord("5555555/fresh0000000", None, "x")
+    original = store.lease
+
+    @asynccontextmanager
+    async def lease_then_race(customer_id: str) -> AsyncIterator[Held]:
+        nonlocal leases
+        leases += 1
+        if leases == 2:
+            # Between resync's read and its repair, another process saves the customer
+            # and writes the line's record itself.
+            stored = await MemoryStateStore.get(store, customer_id)
+            assert stored is not None
+            await MemoryStateStore.put(
+                store, dataclasses.replace(stored, version=stored.version + 1)
+            )
+            await leased.lines.put_records({LINE: fresh}, frozenset())
+        async with original(customer_id) as held:
+            yield held
+
+    store.lease = lease_then_race  # type: ignore[method-assign]
+    report = await leased.service.resync()
+    assert leases == 2
+    assert report.written == () and report.errors == ()
+    assert await leased.lines.lookup(LINE) == fresh
+
+
+async def test_resync_keeps_the_records_of_a_customer_it_could_not_read(leased: Leased) -> None:
+    await customer_with_line(leased)
+    record = await leased.lines.lookup(LINE)
+    assert record is not None
+    store = leased.state
+    original = store.get
+    calls = 0
+
+    async def first_read_fails(customer_id: str) -> CustomerState | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StateError("redis read timed out")
+        return await original(customer_id)
+
+    store.get = first_read_fails  # type: ignore[method-assign]
+    report = await leased.service.resync()
+    assert report.errors and "hd365" in report.errors[0]
+    # Its line looked like nobody's, but the number is still held: not pruned.
+    assert report.removed == ()
+    assert await leased.lines.lookup(LINE) == record
