@@ -102,7 +102,8 @@ class Lease:
         """Seconds spent waiting for another holder (0.0: free at the first try)."""
         self._ttl = ttl
         self._clock = clock
-        self._valid_until = clock() + ttl
+        # Valid only from a confirmed write on: ``ttl`` counted from when it was sent.
+        self._valid_until = float("-inf")
         self._taken = False
 
     @property
