@@ -1073,7 +1073,7 @@ class ProvisioningService:
             who=who,
             prune_orphan_lines=self._options.resync_prunes_orphan_lines,
         )
-        written, removed, skipped = await self._repair(states, plan)
+        written, removed, skipped = await self._repair(states, plan, errors)
         audit = tuple(e for e in plan.audit if e.line in written or e.line in removed)
         if skipped:
             _LOG.info(
@@ -1115,14 +1115,15 @@ class ProvisioningService:
         return report
 
     async def _repair(
-        self, states: Sequence[CustomerState], plan: cascade.Reconciliation
+        self, states: Sequence[CustomerState], plan: cascade.Reconciliation, errors: list[str]
     ) -> tuple[set[str], set[str], list[str]]:
         """Carry out ``plan``'s writes and deletions: each customer's under its lease, and
         only if the customer is still at the version the plan was made from (a change in
         another process that saved meanwhile writes its own records, which a stale repair
         must not overwrite); then the deletions of lines no account holds, each only if no
         customer claimed the number meanwhile. The lines written, the lines removed, and
-        the customers left to a change.
+        the customers left to a change; a customer that could not be held or read is added
+        to ``errors``.
         """
         by_line = {number: state for state in states for number in state.accounts}
         groups: dict[str, tuple[dict[str, LocationRecord], set[str]]] = {}
@@ -1140,12 +1141,16 @@ class ProvisioningService:
         skipped: list[str] = []
         try:
             for cid, (records, deletions) in sorted(groups.items()):
-                async with self._holding(cid):
-                    now = await self._guard_state(self._state.get(cid))
-                    if now is None or now.version != versions[cid]:
-                        skipped.append(cid)
-                        continue
-                    await self._lines.put_records(records, frozenset(deletions))
+                try:
+                    async with self._holding(cid):
+                        now = await self._guard_state(self._state.get(cid))
+                        if now is None or now.version != versions[cid]:
+                            skipped.append(cid)
+                            continue
+                        await self._lines.put_records(records, frozenset(deletions))
+                except ServiceError as exc:
+                    errors.append(f"customer {cid}: {exc.message}")
+                    continue
                 written |= records.keys()
                 removed |= deletions
             claimed = set()
