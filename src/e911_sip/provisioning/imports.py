@@ -944,6 +944,10 @@ class ImportRunner:
                 await self._resume_unknown()
             except JobStoreError as exc:
                 _LOG.warning("could not look for unfinished import jobs: %s", exc)
+            except Exception:
+                # The scan must outlive any one failure: it is how a job whose process
+                # died finds a new one.
+                _LOG.exception("looking for unfinished import jobs failed")
 
     async def wait(self, job_id: str) -> None:
         """Until the job's task in this process ends (tests and the CLI's embedded use)."""
