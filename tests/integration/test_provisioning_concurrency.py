@@ -304,8 +304,9 @@ def test_an_import_runs_in_one_process_and_the_other_takes_it_over_when_it_dies(
     second = start_provisioning(tmp_path, processes, second_config(config, second_port))
     path = tmp_path / "lines.csv"
     onboarding_file(path, customers=4, lines=50, own=3)
-    # Slow Bandwidth so that the kill lands with work done and work pending.
-    emulator.fault({"delay": 0.3, "count": 1000, "path_prefix": "/api/v2/", "method": "POST"})
+    # Slow Bandwidth (40 orders, 4 at a time: 10 s at least) so that the second process's
+    # first look (every 5 s) and the kill both land with work done and work pending.
+    emulator.fault({"delay": 1.0, "count": 1000, "path_prefix": "/api/v2/", "method": "POST"})
     request = urllib.request.Request(
         f"http://127.0.0.1:{first_port}/v1/imports",
         method="POST",
