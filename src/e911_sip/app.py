@@ -99,7 +99,8 @@ from e911_sip.proxy.admission import LoadSignal, classify
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.transaction import TimerSettings
-from e911_sip.store.base import LineRecordWriter, LocationStore
+from e911_sip.store import schema
+from e911_sip.store.base import LineRecordWriter, LocationStore, StoreError
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
@@ -133,6 +134,76 @@ def check_role(config: Config, role: Role) -> None:
         )
     if role is Role.PROVISIONING and not config.provisioning.tokens:
         raise ConfigError("[provisioning] tokens: --role provisioning needs at least one token")
+
+
+def _redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def schema_urls(config: Config, *, provisioning: bool) -> list[tuple[str, str]]:
+    """``([section] key, url)`` of each Redis database whose data layout a process uses: the
+    line records' (every role), and with ``provisioning`` the state's when it is another
+    database."""
+    urls = [("[store] url", config.store.url)] if _redis(config.store.url) else []
+    state = config.provisioning.state_url
+    if provisioning and _redis(state) and state != config.store.url:
+        urls.append(("[provisioning] state_url", state))
+    return urls
+
+
+async def schema_status(
+    config: Config, *, writer: bool, provisioning: bool | None = None
+) -> list[tuple[str, str, schema.SchemaCheck | str]]:
+    """For each of :func:`schema_urls` (``provisioning`` defaults to ``writer``): what the
+    schema check concluded, or why Redis could not be asked. A ``writer`` (provisioning)
+    also records this release's version there.
+
+    Raises:
+        SchemaRefused: one database holds a layout this release must not use.
+    """
+    out: list[tuple[str, str, schema.SchemaCheck | str]] = []
+    timeout = max(config.store.socket_timeout, 1.0)
+    wanted = writer if provisioning is None else provisioning
+    for where, url in schema_urls(config, provisioning=wanted):
+        try:
+            verdict = await schema.check(url, writer=writer, socket_timeout=timeout)
+        except schema.SchemaRefused as exc:
+            raise schema.SchemaRefused(f"{where}: {exc}") from exc
+        except StoreError as exc:
+            out.append((where, url, str(exc)))
+        else:
+            out.append((where, url, verdict))
+    return out
+
+
+async def check_schema(config: Config, *, writer: bool) -> None:
+    """Refuse to start on data of another schema major (docs/operations.md, Upgrading).
+
+    Redis being unreachable is not a reason to stay down: the edge must route 911 calls
+    without it, so the check is skipped with a warning.
+
+    Raises:
+        ConfigError: the data's layout must not be used by this release.
+    """
+    try:
+        found = await schema_status(config, writer=writer)
+    except schema.SchemaRefused as exc:
+        log.error("refusing to start: %s", exc, extra={"schema": str(schema.CURRENT)})
+        raise ConfigError(str(exc)) from exc
+    for where, _url, verdict in found:
+        if isinstance(verdict, str):
+            log.warning("data schema not checked: %s", verdict, extra={"where": where})
+            continue
+        log.info(
+            "data schema: %s",
+            verdict.message,
+            extra={
+                "where": where,
+                "stored": verdict.stored,
+                "release": str(verdict.current),
+                "written": str(verdict.write) if writer and verdict.write else None,
+            },
+        )
 
 
 def build_store(
@@ -895,6 +966,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code."""
     logs.configure(config.log.level)
     check_role(config, role)
+    await check_schema(config, writer=role is not Role.EDGE and bool(config.provisioning.tokens))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     force = asyncio.Event()
@@ -1097,6 +1169,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
 
 async def resync(config: Config) -> tuple[int, dict[str, object]]:
     """Rebuild every line record from provisioning state; (exit code, report)."""
+    await check_schema(config, writer=True)
     store = build_store(config, mirror=False)
     try:
         async with provisioning_service(config, store, None) as service:

@@ -28,6 +28,8 @@ from e911_sip.provisioning import remote
 from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
 from e911_sip.provisioning.coverage import summary as coverage_summary
 from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+from e911_sip.store.schema import CURRENT as SCHEMA_CURRENT
+from e911_sip.store.schema import SchemaRefused
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -521,7 +523,29 @@ def _check_config(path: Path) -> int:
     secret = "set" if bw.client_secret else "NOT SET"
     row("bandwidth credentials", f"client {bw.client_id}, secret {secret}, via {bw.token_url}")
     row("bandwidth messaging", bw.messaging_base)
-    return 0
+    return _check_schema(config, row)
+
+
+def _check_schema(config: Config, row: Callable[[str, str], None]) -> int:
+    """Show the data schema of each Redis database the configuration names (it is only
+    read here); 1 when one would be refused at start."""
+
+    async def read() -> int:
+        found = await app.schema_status(config, writer=False, provisioning=True)
+        if not found:
+            row("data schema", f"{SCHEMA_CURRENT} written by this release (no Redis configured)")
+        for where, url, verdict in found:
+            if isinstance(verdict, str):
+                row("data schema", f"{where} {redacted(url)}: not read ({verdict})")
+            else:
+                row("data schema", f"{where} {redacted(url)}: {verdict.message}")
+        return 0
+
+    try:
+        return _run(read())
+    except SchemaRefused as exc:
+        row("data schema", f"REFUSED: {exc}")
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -339,6 +339,24 @@ class Metrics:
             ["operation", "result"],
             registry=r,
         )
+        self.provisioning_leases = Counter(
+            "e911_sip_provisioning_leases_total",
+            "Leases a provisioning process took in Redis, by kind (customer, import_job) and "
+            "outcome: free (at the first try), waited (another process held it first), busy "
+            "(held elsewhere for the whole wait: the change was refused), lost (expired or "
+            "taken while held).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        for kind in ("customer", "import_job"):
+            for outcome in ("free", "waited", "busy", "lost"):
+                self.provisioning_leases.labels(kind, outcome)
+        self.provisioning_lease_wait = Histogram(
+            "e911_sip_provisioning_lease_wait_seconds",
+            "Seconds a change waited for a customer's lease another provisioning process held.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0),
+            registry=r,
+        )
         self.bandwidth_requests = Counter(
             "e911_sip_bandwidth_requests_total",
             "Requests to the Bandwidth API by operation and result.",

@@ -40,6 +40,7 @@ from e911_sip.provisioning.coverage import (
     OrderStatus,
     compute,
 )
+from e911_sip.provisioning.lease import Held
 from e911_sip.provisioning.model import Address, CustomerState, StandardizedAddress
 from e911_sip.provisioning.service import EmergencyProvider, ServiceError
 from e911_sip.provisioning.state import StateError, StateStore
@@ -208,6 +209,9 @@ class NotifyingStateStore:
     async def delete(self, customer_id: str, *, version: int) -> None:
         await self._store.delete(customer_id, version=version)
         self._on_write()
+
+    def lease(self, customer_id: str) -> contextlib.AbstractAsyncContextManager[Held]:
+        return self._store.lease(customer_id)
 
     async def customer_ids(self) -> list[str]:
         return await self._store.customer_ids()

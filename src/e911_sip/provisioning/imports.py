@@ -22,11 +22,19 @@ A job is state in the provisioning store (memory, a directory beside the state f
 Redis), so a restart resumes every unfinished job at its first pending row. Re-running
 rows that took effect before a crash is harmless: endpoint ids are a pure function of the
 entity, and a row whose entity already says what the row says changes nothing.
+
+Several provisioning processes may share one Redis. A job runs only in the process that
+holds its lease (``{key_prefix}lease:import:{id}``, see :mod:`.lease`); every other process
+that knows the job (it resumed it at start) looks again every ``watch_interval`` seconds and
+takes the job over once the lease is free and the job unfinished, so a job whose process
+died goes on within the lease's time to live. A runner that finds its lease lost stops the
+job before the next batch and goes back to watching.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import io
@@ -35,7 +43,7 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -46,6 +54,14 @@ from redis.exceptions import RedisError
 
 from e911_sip.metrics import Metrics
 from e911_sip.provisioning.api import account_fields, customer_fields, site_fields
+from e911_sip.provisioning.lease import (
+    Held,
+    LeaseBusy,
+    LeaseError,
+    LeaseOptions,
+    LocalLease,
+    RedisLeases,
+)
 from e911_sip.provisioning.model import EntityRef, ModelError, check_entity_id, check_number
 from e911_sip.provisioning.service import (
     AccountFields,
@@ -88,12 +104,16 @@ _PASSING = frozenset(
         "line_store_unavailable",
         "audit_unavailable",
         "concurrent_change",
+        "customer_busy",
+        "lease_lost",
         "import_incomplete",
     }
 )
 """Error codes of failures that may pass: such rows are tried again."""
 _RESTART_DELAY = 5.0
 """Seconds before a job that stopped on an unexpected error is resumed."""
+WATCH_INTERVAL = 5.0
+"""Seconds between two looks at a job another process runs (is it finished, or free?)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,6 +447,15 @@ class JobStore(Protocol):
         """Every kept job, oldest first."""
         ...
 
+    def lease(self, job_id: str) -> contextlib.AbstractAsyncContextManager[Held | None]:
+        """The job's lease while the block runs, or None when another process holds it
+        (never waits).
+
+        Raises (on entering):
+            JobStoreError: the store could not be asked.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -481,6 +510,11 @@ class MemoryJobStore:
 
     async def job_ids(self) -> list[str]:
         return list(self._info)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, job_id: str) -> AsyncIterator[Held | None]:
+        """Always free: one process owns this store, and its runner starts a job once."""
+        yield LocalLease()
 
     async def close(self) -> None:
         return None
@@ -629,15 +663,42 @@ class RedisJobStore:
     ``{prefix}import:{id}`` is a hash (the summary; ``done``/``failed`` counted with
     HINCRBY in the same MULTI as the results), ``{prefix}import:{id}:rows`` the rows as
     one JSON string, ``{prefix}import:{id}:results`` a hash of line → result, and
-    ``{prefix}imports`` a sorted set of job ids by creation time.
+    ``{prefix}imports`` a sorted set of job ids by creation time;
+    ``{prefix}lease:import:{id}`` the lease of the process running the job.
     """
 
     def __init__(
-        self, *, url: str, key_prefix: str, keep: int = 100, socket_timeout: float = 5.0
+        self,
+        *,
+        url: str,
+        key_prefix: str,
+        keep: int = 100,
+        socket_timeout: float = 5.0,
+        leases: LeaseOptions | None = None,
     ) -> None:
         self._client = connect(url, socket_timeout=socket_timeout)
         self._prefix = key_prefix
         self._keep = keep
+        self._leases = RedisLeases(
+            self._client, prefix=key_prefix, options=leases or LeaseOptions()
+        )
+
+    def lease_key(self, job_id: str) -> str:
+        """Key of the lease of the process that runs the job."""
+        return self._leases.key(f"import:{job_id}")
+
+    @contextlib.asynccontextmanager
+    async def lease(self, job_id: str) -> AsyncIterator[Held | None]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                held: Held | None = await stack.enter_async_context(
+                    self._leases.hold(f"import:{job_id}", wait=0.0)
+                )
+            except LeaseBusy:
+                held = None
+            except LeaseError as exc:
+                raise JobStoreError(f"redis: cannot take the import job's lease: {exc}") from exc
+            yield held
 
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{self._prefix}import:{job_id}{part}"
@@ -753,6 +814,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class _LeaseLost(Exception):
+    """The runner's lease on a job turned out lost: another process may run it now."""
+
+
 class ImportRunner:
     """Accepts import files, runs their jobs, answers for their progress.
 
@@ -767,11 +832,14 @@ class ImportRunner:
         store: JobStore,
         options: ImportOptions,
         metrics: Metrics | None = None,
+        watch_interval: float = WATCH_INTERVAL,
     ) -> None:
         self._service = service
         self._store = store
         self._options = options
         self._metrics = metrics
+        self._watch_interval = watch_interval
+        self._scanner: asyncio.Task[None] | None = None
         self._limit = asyncio.Semaphore(options.import_concurrency)
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -849,15 +917,37 @@ class ImportRunner:
         return out
 
     async def resume(self) -> int:
-        """Start every job a previous process left unfinished; how many."""
+        """Start every job a previous process left unfinished; how many. From then on,
+        every ``watch_interval`` seconds, also the unfinished jobs another process
+        submitted since (each runs only where its lease is, see the module docstring)."""
+        started = await self._resume_unknown()
+        if self._scanner is None:
+            self._scanner = asyncio.create_task(self._scan(), name="import-scan")
+        return started
+
+    async def _resume_unknown(self) -> int:
         started = 0
         for job_id in await self._store.job_ids():
+            if job_id in self._tasks:
+                continue
             info = await self._store.info(job_id)
             if info is not None and info.state is not JobState.COMPLETED:
                 _LOG.info("resuming import %s: %d rows pending", job_id, info.pending)
                 self._start(job_id)
                 started += 1
         return started
+
+    async def _scan(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self._resume_unknown()
+            except JobStoreError as exc:
+                _LOG.warning("could not look for unfinished import jobs: %s", exc)
+            except Exception:
+                # The scan must outlive any one failure: it is how a job whose process
+                # died finds a new one.
+                _LOG.exception("looking for unfinished import jobs failed")
 
     async def wait(self, job_id: str) -> None:
         """Until the job's task in this process ends (tests and the CLI's embedded use)."""
@@ -868,6 +958,9 @@ class ImportRunner:
     async def close(self) -> None:
         """Stop the jobs in flight; their unfinished rows resume at the next start."""
         tasks = list(self._tasks.values())
+        if self._scanner is not None:
+            tasks.append(self._scanner)
+            self._scanner = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -883,10 +976,39 @@ class ImportRunner:
         # A job that stops on an unexpected error (the job store unreachable, say) starts
         # again from its first row without a result: re-applying rows is harmless, and a
         # client following the job must not wait for a restart that may never come.
+        watching = False
         while True:
+            delay = _RESTART_DELAY
             try:
-                await self._run_job(job_id)
-                return
+                async with self._store.lease(job_id) as lease:
+                    if lease is not None:
+                        self._count_lease("free")
+                        if watching:
+                            _LOG.info("import %s taken over", job_id, extra={"job": job_id})
+                        await self._run_job(job_id, lease)
+                        return
+                    # Another process runs it: look again later, in case that one dies.
+                    info = await self._store.info(job_id)
+                    if info is None or info.state is JobState.COMPLETED:
+                        return
+                    if not watching:
+                        self._count_lease("busy")
+                        _LOG.info(
+                            "import %s is run by another provisioning process; watching it",
+                            job_id,
+                            extra={"job": job_id},
+                        )
+                    watching = True
+                    delay = self._watch_interval
+            except _LeaseLost:
+                self._count_lease("lost")
+                _LOG.warning(
+                    "import %s: lease lost to another process; watching it",
+                    job_id,
+                    extra={"job": job_id},
+                )
+                watching = True
+                delay = self._watch_interval
             except Exception:
                 _LOG.exception(
                     "import %s stopped; resuming in %.0fs",
@@ -894,11 +1016,15 @@ class ImportRunner:
                     _RESTART_DELAY,
                     extra={"job": job_id},
                 )
-            await asyncio.sleep(_RESTART_DELAY)
+            await asyncio.sleep(delay)
 
-    async def _run_job(self, job_id: str) -> None:
+    def _count_lease(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.provisioning_leases.labels("import_job", outcome).inc()
+
+    async def _run_job(self, job_id: str, lease: Held) -> None:
         info = await self._store.info(job_id)
-        if info is None:
+        if info is None or info.state is JobState.COMPLETED:
             return
         await self._store.set_state(job_id, JobState.RUNNING)
         info = dataclasses.replace(info, state=JobState.RUNNING)
@@ -914,11 +1040,18 @@ class ImportRunner:
         async def one_customer(rows: list[Row]) -> None:
             async with customers:
                 for batch_rows in self._batches(rows):
+                    if lease.lost:
+                        raise _LeaseLost(job_id)
                     await self._apply(job_id, batch_rows, who)
 
-        async with asyncio.TaskGroup() as group:
-            for rows in by_customer.values():
-                group.create_task(one_customer(rows))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for rows in by_customer.values():
+                    group.create_task(one_customer(rows))
+        except* _LeaseLost as lost:
+            raise _LeaseLost(job_id) from lost
+        if lease.lost:
+            raise _LeaseLost(job_id)
         await self._store.set_state(job_id, JobState.COMPLETED, _now())
         final = await self._store.info(job_id)
         _LOG.info(

@@ -2,7 +2,16 @@
 
 Theory of operation. Every change acts on one customer and runs under that customer's
 lock, so two changes to one customer never interleave (changes to different customers run
-in parallel). A change goes through these steps, in this order, for crash safety:
+in parallel). The lock is two-fold: an in-process lock, then the state store's lease on the
+customer (a Redis key with a token and a time to live, see :mod:`.lease`), so that a change
+in another provisioning process on the same Redis waits too (up to ``LeaseOptions.wait``,
+then 503 ``customer_busy``). A lease rather than a retry loop because Bandwidth is called
+inside a change: a change that lost an optimistic race would have ordered its address for
+nothing, and its retry would order it again. The version check of each save stays as the
+fence against a holder that lost its lease (a stall longer than its time to live): such a
+change stops before Bandwidth or before its save, undoes what it did there, and answers 503
+``lease_lost`` (or 409 ``concurrent_change`` if the save itself was refused).
+A change goes through these steps, in this order, for crash safety:
 
 1. load the customer; if the previous change left an *outbox* (side effects not known to
    be done), finish it first;
@@ -31,9 +40,10 @@ the request reuses it (same id) and ``resync`` lists it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +65,7 @@ from e911_sip.provisioning.bandwidth import (
     make_endpoint_id,
 )
 from e911_sip.provisioning.cascade import LineProblem
+from e911_sip.provisioning.lease import Held
 from e911_sip.provisioning.model import (
     Account,
     Address,
@@ -73,8 +84,14 @@ from e911_sip.provisioning.model import (
     check_entity_id,
     check_number,
 )
-from e911_sip.provisioning.state import NumberInUse, StateConflict, StateError, StateStore
-from e911_sip.store.base import LineRecordWriter, StoreError
+from e911_sip.provisioning.state import (
+    CustomerBusy,
+    NumberInUse,
+    StateConflict,
+    StateError,
+    StateStore,
+)
+from e911_sip.store.base import LineRecordWriter, LocationRecord, StoreError
 
 _LOG = logging.getLogger("e911_sip.provisioning")
 
@@ -370,6 +387,7 @@ class ProvisioningService:
         self._clock = clock
         self._metrics = metrics
         self._locks: dict[str, _LockEntry] = {}
+        self._held: dict[str, Held] = {}
         self._gate = _Gate()
 
     @property
@@ -755,7 +773,7 @@ class ProvisioningService:
         batch = dataclasses.replace(batch, accounts=accounts)
         result = "ok"
         try:
-            async with self._gate.shared(), self._locked(cid):
+            async with self._gate.shared(), self._holding(cid):
                 await self._apply_batch_locked(batch, failed, who=who, limit=limit)
         except ServiceError as exc:
             result = exc.code
@@ -805,6 +823,11 @@ class ProvisioningService:
             steps = cascade.plan(proposed).steps
             if not steps:
                 break
+            try:
+                self._check_lease(cid)
+            except ServiceError:
+                await undo()
+                raise
             results = await asyncio.gather(
                 *(self._isolated_step(proposed, step, limit) for step in steps)
             )
@@ -999,9 +1022,11 @@ class ProvisioningService:
         """Rebuild every line record from entity state; report lines with no valid endpoint.
 
         Pending outboxes are finished first. Records that already say the right thing are
-        left alone; the others are rewritten (and audited as ``resync``) in one atomic
-        write. With ``resync_checks_provider``, endpoints are listed at Bandwidth to find
-        lines whose endpoint is gone there and endpoints nothing references.
+        left alone; the others are rewritten (and audited as ``resync``), one atomic write
+        per customer under its lease, skipping a customer another process changed since
+        it was read (that change writes its own records). With ``resync_checks_provider``,
+        endpoints are listed at Bandwidth to find lines whose endpoint is gone there and
+        endpoints nothing references.
 
         Raises:
             ServiceError: the state or line store could not be read or written.
@@ -1027,7 +1052,7 @@ class ProvisioningService:
         states: list[CustomerState] = []
         for cid in await self._guard_state(self._state.customer_ids()):
             try:
-                async with self._locked(cid):
+                async with self._holding(cid):
                     state = await self._guard_state(self._state.get(cid))
                     if state is not None and state.outbox is not None:
                         state = await self._flush(state)
@@ -1048,27 +1073,30 @@ class ProvisioningService:
             who=who,
             prune_orphan_lines=self._options.resync_prunes_orphan_lines,
         )
-        if plan.records or plan.removals:
+        written, removed, skipped = await self._repair(states, plan, errors)
+        audit = tuple(e for e in plan.audit if e.line in written or e.line in removed)
+        if skipped:
+            _LOG.info(
+                "resync left %d customer(s) to the change that was saving them meanwhile",
+                len(skipped),
+                extra={"customers": skipped},
+            )
+        if audit:
             try:
-                await self._lines.put_records(plan.records, plan.removals)
-            except StoreError as exc:
-                raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
-        if plan.audit:
-            try:
-                await self._audit.append(plan.audit)
+                await self._audit.append(audit)
             except AuditError as exc:
                 # The records are right now; only the trail of the repair is missing.
                 _LOG.error(
                     "resync could not write its audit entries: %s",
                     exc,
-                    extra={"audit": [e.to_dict() for e in plan.audit]},
+                    extra={"audit": [e.to_dict() for e in audit]},
                 )
                 errors.append(f"audit: {exc}")
         report = ResyncReport(
             customers=len(states),
             lines=plan.lines,
-            written=tuple(sorted(plan.records)),
-            removed=tuple(sorted(plan.removals)),
+            written=tuple(sorted(written)),
+            removed=tuple(sorted(removed)),
             orphan_lines=plan.orphan_lines,
             without_endpoint=plan.without_endpoint,
             provider_checked=provider_ids is not None,
@@ -1086,6 +1114,56 @@ class ProvisioningService:
         )
         return report
 
+    async def _repair(
+        self, states: Sequence[CustomerState], plan: cascade.Reconciliation, errors: list[str]
+    ) -> tuple[set[str], set[str], list[str]]:
+        """Carry out ``plan``'s writes and deletions: each customer's under its lease, and
+        only if the customer is still at the version the plan was made from (a change in
+        another process that saved meanwhile writes its own records, which a stale repair
+        must not overwrite); then the deletions of lines no account holds, each only if no
+        customer claimed the number meanwhile. The lines written, the lines removed, and
+        the customers left to a change; a customer that could not be held or read is added
+        to ``errors``.
+        """
+        by_line = {number: state for state in states for number in state.accounts}
+        groups: dict[str, tuple[dict[str, LocationRecord], set[str]]] = {}
+        orphans: set[str] = set()
+        for number, record in plan.records.items():
+            groups.setdefault(by_line[number].customer_id, ({}, set()))[0][number] = record
+        for number in plan.removals:
+            if number in by_line:
+                groups.setdefault(by_line[number].customer_id, ({}, set()))[1].add(number)
+            else:
+                orphans.add(number)
+        versions = {state.customer_id: state.version for state in states}
+        written: set[str] = set()
+        removed: set[str] = set()
+        skipped: list[str] = []
+        try:
+            for cid, (records, deletions) in sorted(groups.items()):
+                try:
+                    async with self._holding(cid):
+                        now = await self._guard_state(self._state.get(cid))
+                        if now is None or now.version != versions[cid]:
+                            skipped.append(cid)
+                            continue
+                        await self._lines.put_records(records, frozenset(deletions))
+                except ServiceError as exc:
+                    errors.append(f"customer {cid}: {exc.message}")
+                    continue
+                written |= records.keys()
+                removed |= deletions
+            claimed = set()
+            for number in orphans:
+                if await self._guard_state(self._state.owner(number)) is not None:
+                    claimed.add(number)
+            if orphans - claimed:
+                await self._lines.put_records({}, frozenset(orphans - claimed))
+                removed |= orphans - claimed
+        except StoreError as exc:
+            raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
+        return written, removed, skipped
+
     # -- the change pipeline -------------------------------------------------------------------
 
     async def _change(
@@ -1093,7 +1171,7 @@ class ProvisioningService:
     ) -> CustomerState | None:
         result = "ok"
         try:
-            async with self._gate.shared(), self._locked(customer_id):
+            async with self._gate.shared(), self._holding(customer_id):
                 return await self._change_locked(
                     customer_id, edit, who=who, action=action, entity=entity
                 )
@@ -1131,6 +1209,7 @@ class ProvisioningService:
         if proposed is not None:
             _raise_refusal(cascade.check(proposed))
         steps = cascade.plan(proposed).steps if proposed is not None else ()
+        self._check_lease(customer_id)
         outcomes, undo = await self._provision(proposed, steps)
         final = cascade.settle(proposed, outcomes) if proposed is not None else None
         if final is None:
@@ -1148,6 +1227,7 @@ class ProvisioningService:
             )
             # A customer is removed only when it has no lines, so no record points at its
             # endpoint: Bandwidth's copy can go before the state does.
+            self._check_lease(customer_id)
             await self._clean_up(outbox)
             try:
                 await self._state.delete(customer_id, version=old.version)
@@ -1189,11 +1269,19 @@ class ProvisioningService:
             outbox=None if outbox.empty else outbox,
         )
         try:
+            self._check_lease(customer_id)
+        except ServiceError:
+            await undo()
+            raise
+        try:
             await self._state.put(final)
         except NumberInUse as exc:
             await undo()
             raise ServiceError(409, "number_in_use", str(exc)) from exc
         except StateConflict as exc:
+            # Another writer saved first (only when a lease was lost): what this change did
+            # at Bandwidth belongs to no saved state, so it goes.
+            await undo()
             raise ServiceError(409, "concurrent_change", f"{exc}; retry") from exc
         except StateError as exc:
             raise ServiceError(503, "state_unavailable", str(exc)) from exc
@@ -1402,6 +1490,46 @@ class ProvisioningService:
             entry.users -= 1
             if entry.users == 0:
                 del self._locks[customer_id]
+
+    @asynccontextmanager
+    async def _holding(self, customer_id: str) -> AsyncIterator[None]:
+        """The customer's lock in this process, then its lease in the state store."""
+        async with self._locked(customer_id), contextlib.AsyncExitStack() as stack:
+            try:
+                held = await stack.enter_async_context(self._state.lease(customer_id))
+            except CustomerBusy as exc:
+                self._count_lease("busy", exc.waited)
+                raise ServiceError(503, "customer_busy", str(exc), retry_after=1.0) from exc
+            except StateError as exc:
+                raise ServiceError(503, "state_unavailable", str(exc)) from exc
+            self._count_lease("waited" if held.contended else "free", held.waited)
+            self._held[customer_id] = held
+            try:
+                yield
+            finally:
+                del self._held[customer_id]
+                if held.lost:
+                    self._count_lease("lost", None)
+
+    def _count_lease(self, outcome: str, waited: float | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.provisioning_leases.labels("customer", outcome).inc()
+        if waited is not None and outcome != "free":
+            self._metrics.provisioning_lease_wait.observe(waited)
+
+    def _check_lease(self, customer_id: str) -> None:
+        """Raise unless this process still holds the customer's lease: a change that lost
+        it must not go on to Bandwidth or to its save."""
+        held = self._held.get(customer_id)
+        if held is not None and held.lost:
+            raise ServiceError(
+                503,
+                "lease_lost",
+                f"customer {customer_id}: this process lost its lease on the customer "
+                "(stalled longer than its time to live); nothing was changed, retry",
+                retry_after=1.0,
+            )
 
     def _endpoint_name(self, state: CustomerState, entity: Entity) -> str:
         customer = state.customer.display_name

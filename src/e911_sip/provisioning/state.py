@@ -16,21 +16,38 @@ Backends:
 - :class:`RedisStateStore`: production. ``WATCH`` + ``MULTI``/``EXEC`` give the version check
   and the number claims in one transaction; durability is the server's (enable AOF).
 
+Several provisioning processes may share one Redis. A change holds the customer's
+:meth:`StateStore.lease` from before it reads the customer until after its outbox is carried
+out, so changes to one customer from any process run one after another, and Bandwidth is
+never asked twice for the same address by two processes racing (see
+:mod:`e911_sip.provisioning.lease`); the version check stays as the fence against a holder
+that lost its lease. The memory and file backends are single-process by nature: their lease
+is a no-op, and the service's in-process lock is what serialises.
+
 Every redis-py and file-system exception becomes :class:`StateError` here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError, WatchError
 
+from e911_sip.provisioning.lease import (
+    Held,
+    LeaseBusy,
+    LeaseError,
+    LeaseOptions,
+    LocalLease,
+    RedisLeases,
+)
 from e911_sip.provisioning.model import CustomerState, ModelError
 from e911_sip.store.redis import connect
 
@@ -43,6 +60,18 @@ class StateError(Exception):
 
 class StateConflict(StateError):
     """The customer changed since it was read (another writer saved first)."""
+
+
+class CustomerBusy(StateError):
+    """Another process kept the customer's lease for longer than a change waits."""
+
+    def __init__(self, customer_id: str, waited: float) -> None:
+        super().__init__(
+            f"customer {customer_id} is being changed by another provisioning process "
+            f"(waited {waited:.1f}s); retry"
+        )
+        self.customer_id = customer_id
+        self.waited = waited
 
 
 class NumberInUse(StateConflict):
@@ -84,6 +113,15 @@ class StateStore(Protocol):
         Raises:
             StateConflict: the stored version differs.
             StateError: nothing was removed.
+        """
+        ...
+
+    def lease(self, customer_id: str) -> contextlib.AbstractAsyncContextManager[Held]:
+        """Hold the customer against changes from other processes while the block runs.
+
+        Raises (on entering):
+            CustomerBusy: another process kept it for the whole wait.
+            StateError: the store could not be asked.
         """
         ...
 
@@ -167,6 +205,12 @@ class MemoryStateStore:
     async def delete(self, customer_id: str, *, version: int) -> None:
         self._check_up()
         self._apply_delete(customer_id, version)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, customer_id: str) -> AsyncIterator[Held]:
+        """No-op: one process owns this store, and the service serialises its changes."""
+        self._check_up()
+        yield LocalLease()
 
     def _apply_delete(self, customer_id: str, version: int) -> None:
         stored = self._stored(customer_id)
@@ -342,7 +386,9 @@ class RedisStateStore:
 
     - ``{prefix}customer:{customer_id}``: string, the customer aggregate as JSON;
     - ``{prefix}customers``: set of customer ids;
-    - ``{prefix}owner:{number}``: string, the customer id that holds a 10-digit line.
+    - ``{prefix}owner:{number}``: string, the customer id that holds a 10-digit line;
+    - ``{prefix}lease:customer:{customer_id}``: string, the token of the process changing
+      the customer, with a time to live (schema 1.1).
     """
 
     def __init__(
@@ -351,10 +397,29 @@ class RedisStateStore:
         url: str,
         key_prefix: str = DEFAULT_STATE_PREFIX,
         socket_timeout: float = 5.0,
+        leases: LeaseOptions | None = None,
     ) -> None:
         self._prefix = key_prefix
         # No client retries: the service retries whole operations instead.
         self._client = connect(url, socket_timeout=socket_timeout)
+        self._leases = RedisLeases(
+            self._client, prefix=key_prefix, options=leases or LeaseOptions()
+        )
+
+    def lease_key(self, customer_id: str) -> str:
+        """Key of the lease a change to the customer holds."""
+        return self._leases.key(f"customer:{customer_id}")
+
+    @contextlib.asynccontextmanager
+    async def lease(self, customer_id: str) -> AsyncIterator[Held]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                held = await stack.enter_async_context(self._leases.hold(f"customer:{customer_id}"))
+            except LeaseBusy as exc:
+                raise CustomerBusy(customer_id, exc.waited) from exc
+            except LeaseError as exc:
+                raise StateError(str(exc)) from exc
+            yield held
 
     def customer_key(self, customer_id: str) -> str:
         """Key of one customer's document."""
