@@ -1438,11 +1438,13 @@ _ERROR_TEXT = {
     415: "The body's Content-Type is not one the operation takes; nothing changed",
     401: "Missing or invalid bearer token; nothing changed",
     404: "No such entity",
-    409: "Conflicts with the current state (e.g. a site that still has accounts)",
+    409: "Conflicts with the current state (e.g. a site that still has accounts), or "
+    "concurrent_change: another process saved the customer first; retry",
     422: "Invalid request, or Bandwidth rejected the address (error.bandwidth says why); "
     "nothing changed",
     502: "Bandwidth refused this service's credentials or answered unexpectedly",
-    503: "Bandwidth or a store is unavailable; see Retry-After",
+    503: "Bandwidth or a store is unavailable, or the customer is being changed by another "
+    "provisioning process (customer_busy, lease_lost); see Retry-After",
 }
 
 
