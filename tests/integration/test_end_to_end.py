@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -117,6 +118,16 @@ def provision_customer_and_line(api_port: int, line: str) -> str:
     return str(endpoint)
 
 
+def edge_holds_records(edge: EdgeProcess, count: int, timeout: float = 15.0) -> bool:
+    """Wait until the edge's in-memory mirror holds ``count`` line records (its gauge)."""
+    deadline = time.monotonic() + timeout
+    while (edge.metric("e911_sip_location_records") or 0) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def call_and_check(sipp: Sipp, edge: EdgeProcess, trunk: int, line: str, endpoint: str) -> None:
     uas = sipp.uas(
         "uas_emergency.xml",
@@ -201,6 +212,9 @@ def test_split_roles_with_redis_between_them(
     endpoint = provision_customer_and_line(api_port, "3215551234")
     record = redis_server.client().hgetall("e911:line:3215551234")
     assert record["provider_endpoint"] == endpoint
+    # The edge learns of the record from Redis (within a second, usually milliseconds): the
+    # call waits until it holds it, or a loaded host could place it first.
+    assert edge_holds_records(edge, 1), "the edge never loaded the new line record"
     call_and_check(sipp, edge, trunk, "3215551234", endpoint)
 
     # A lost line record (a crash between Bandwidth and Redis, an operator's mistake) is
