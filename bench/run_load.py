@@ -54,7 +54,10 @@ poison the next):
    (default half the edge's confirmed 911 maximum in the newest report of
    ``bench/results/``) for ``--soak-duration`` (600 s), its RSS read from
    ``/proc/<pid>/status`` every ``--rss-interval`` (10 s): a table, and flat or not (the
-   first minute's peak against the last minute's).
+   first minute's peak against the last minute's). ``--heap-probe`` adds, from inside the
+   edge (a bench-only ``sitecustomize`` on its path), where the bytes are at each interval:
+   glibc's heap in use and free (``mallinfo2``), its mmapped chunks, and Python's allocated
+   blocks; heap that is free but not returned is fragmentation, not a container that grows.
 
 How to read it: the machine's speed varies 2-3x over time, so an absolute calls/s figure
 means little on its own. With ``--target both`` every measurement is taken for each proxy in
@@ -312,6 +315,24 @@ class RssSample:
 
 
 @dataclass
+class HeapSample:
+    """The edge's allocators at one moment of a soak, read inside the process (``--heap-probe``)."""
+
+    t_s: float
+    """Seconds since the caller started."""
+    rss_kib: int
+    glibc_used_kib: int
+    """Bytes in chunks malloc has handed out (``mallinfo2().uordblks``)."""
+    glibc_free_kib: int
+    """Bytes malloc holds free in its heaps (``fordblks``): resident if ever touched, and
+    not given back while live chunks sit above them."""
+    glibc_mmap_kib: int
+    """Large chunks malloc mapped on their own (``hblkhd``)."""
+    python_blocks: int
+    """``sys.getallocatedblocks()``: Python's small-object blocks in use."""
+
+
+@dataclass
 class RunResult:
     """One measurement: one proxy (the edge on one store, or Kamailio), one caller, one rate."""
 
@@ -346,6 +367,8 @@ class RunResult:
     workdir: str
     rss: list[RssSample] = field(default_factory=list)
     """The edge's RSS every ``--rss-interval`` seconds (soak runs only)."""
+    heap: list[HeapSample] = field(default_factory=list)
+    """The edge's allocators every ``--rss-interval`` seconds (soak with ``--heap-probe``)."""
 
 
 @dataclass
@@ -635,6 +658,78 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return list(self._samples)
+
+
+# Imported by the edge at start-up (``sitecustomize`` on its PYTHONPATH, soak with
+# ``--heap-probe`` only; nothing in the product): every interval, one JSON line with the
+# RSS, glibc's mallinfo2() and Python's block count, read in a daemon thread of the edge.
+HEAP_PROBE = """
+import ctypes, json, os, sys, threading, time
+
+class _Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+def _rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+def _run(path, interval):
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Info
+    except (OSError, AttributeError):
+        return  # not glibc >= 2.33: no probe
+    started = time.monotonic()
+    with open(path, "a") as out:
+        for n in range(1_000_000):
+            info = libc.mallinfo2()
+            out.write(json.dumps({
+                "time": time.time(), "rss_kib": _rss_kib(),
+                "glibc_used_kib": info.uordblks // 1024,
+                "glibc_free_kib": info.fordblks // 1024,
+                "glibc_mmap_kib": info.hblkhd // 1024,
+                "python_blocks": sys.getallocatedblocks(),
+            }) + "\\n")
+            out.flush()
+            time.sleep(max(0.0, started + (n + 1) * interval - time.monotonic()))
+
+_path = os.environ.get("E911_BENCH_HEAP_FILE")
+if _path:
+    threading.Thread(
+        target=_run, args=(_path, float(os.environ["E911_BENCH_HEAP_INTERVAL"])),
+        name="bench-heap-probe", daemon=True,
+    ).start()
+"""
+
+
+def read_heap_samples(path: Path, started_wall: float) -> list[HeapSample]:
+    """The lines ``HEAP_PROBE`` wrote, timed from ``started_wall`` (the caller's start)."""
+    samples: list[HeapSample] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return samples
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            samples.append(
+                HeapSample(
+                    t_s=round(float(data["time"]) - started_wall, 1),
+                    rss_kib=int(data["rss_kib"]),
+                    glibc_used_kib=int(data["glibc_used_kib"]),
+                    glibc_free_kib=int(data["glibc_free_kib"]),
+                    glibc_mmap_kib=int(data["glibc_mmap_kib"]),
+                    python_blocks=int(data["python_blocks"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the edge's exit
+    return samples
 
 
 # ------------------------------------------------------------------------------- SIPp
@@ -1055,6 +1150,8 @@ class Options:
     soak_duration: float = 600.0
     soak_rate: int | None = None
     rss_interval: float = 10.0
+    heap_probe: bool = False
+    """Soak only: the edge reports its allocators from inside (``HEAP_PROBE``)."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -1165,6 +1262,8 @@ class LoadBench:
         edge: EdgeProcess | None = None
         kamailio: reference.KamailioProcess | None = None
         capture: InviteCapture | None = None
+        heap_file = rundir / "heap.jsonl" if purpose == "soak" and self.options.heap_probe else None
+        probe_env: dict[str, str] = {}
         print(
             f"-- {target} {purpose} {kind} {rate} calls/s x {duration:g} s ({calls} calls)",
             flush=True,
@@ -1189,6 +1288,15 @@ class LoadBench:
                 )
             if target.startswith("edge-"):
                 store = target.removeprefix("edge-")
+                if heap_file is not None:
+                    probe = rundir / "heapprobe"
+                    probe.mkdir()
+                    (probe / "sitecustomize.py").write_text(HEAP_PROBE, encoding="utf-8")
+                    probe_env = {
+                        "PYTHONPATH": f"{probe}{os.pathsep}{REPO_ROOT / 'src'}",
+                        "E911_BENCH_HEAP_FILE": str(heap_file),
+                        "E911_BENCH_HEAP_INTERVAL": str(self.options.rss_interval),
+                    }
                 edge = EdgeProcess(
                     rundir,
                     self._edge_config(
@@ -1208,6 +1316,7 @@ class LoadBench:
                         "--config",
                         "{config}",
                     ],
+                    env=probe_env,
                 )
                 edge.start()
                 proxy_port, proxy_target = edge.sip_port, edge.sip_target
@@ -1245,6 +1354,7 @@ class LoadBench:
             udp_before = udp_counters()
             host_before = _host_ticks()
             started = time.monotonic()
+            started_wall = time.time()
             uac = sipp.start_uac(
                 str(CALLER_SCENARIO),
                 proxy_target,
@@ -1351,6 +1461,7 @@ class LoadBench:
             wire=wire,
             workdir=str(rundir),
             rss=rss_samples,
+            heap=read_heap_samples(heap_file, started_wall) if heap_file is not None else [],
         )
         verdict = "pass" if result.passed else "FAIL: " + "; ".join(reasons)
         print(f"   {verdict}", flush=True)
@@ -1899,7 +2010,30 @@ def _soak_section(run: RunResult) -> list[str]:
     ]
     out += [f"| {sample.t_s:g} | {sample.rss_kib / 1024:.1f} |" for sample in run.rss]
     out.append("")
+    out += _heap_table(run.heap)
     out += _failure_notes([run])
+    return out
+
+
+def _heap_table(samples: Sequence[HeapSample]) -> list[str]:
+    """Where the RSS is (``--heap-probe``): what glibc handed out, what it keeps free, what
+    Python's small-object allocator holds."""
+    if not samples:
+        return []
+    out = [
+        "Inside the edge (`--heap-probe`): glibc's `mallinfo2()` (in use: chunks handed out; "
+        "free: held in its heaps, not returned to the system) and Python's allocated blocks.",
+        "",
+        "| t s | RSS MiB | glibc in use MiB | glibc free MiB | glibc mmapped MiB | Python blocks |",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {s.t_s:g} | {s.rss_kib / 1024:.1f} | {s.glibc_used_kib / 1024:.1f} "
+        f"| {s.glibc_free_kib / 1024:.1f} | {s.glibc_mmap_kib / 1024:.1f} "
+        f"| {s.python_blocks:,} |"
+        for s in samples
+    ]
+    out.append("")
     return out
 
 
@@ -2230,6 +2364,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--rss-interval", type=float, default=10.0, help="seconds between RSS reads (default 10)"
     )
+    parser.add_argument(
+        "--heap-probe",
+        action="store_true",
+        help="soak only: the edge also reports glibc's heap in use and free and Python's "
+        "blocks from inside, every --rss-interval (where the RSS is)",
+    )
     args = parser.parse_args(argv)
     short = 5.0 if args.quick else None
     duration = args.duration or short or 30.0
@@ -2252,6 +2392,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--soak-duration and --rss-interval must be positive")
     if args.soak and args.target == KAMAILIO:
         parser.error("--soak measures the edge: use --target edge")
+    if args.heap_probe and not args.soak:
+        parser.error("--heap-probe is a --soak option")
     # The soak measures the edge alone, on one store (Redis unless --store memory).
     store = ("memory" if args.store == "memory" else "redis") if args.soak else args.store
     return Options(
@@ -2275,6 +2417,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         soak_duration=args.soak_duration,
         soak_rate=args.soak_rate,
         rss_interval=args.rss_interval,
+        heap_probe=args.heap_probe,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -257,3 +258,39 @@ async def test_a_host_name_is_never_resolved_on_the_message_path() -> None:
     assert [(b, p.host, r) for b, p, r in sink.failed] == [
         ("b1", "pbx.example.com", "a host name, not an IP address")
     ]
+
+
+async def test_each_datagram_costs_its_own_size_not_the_receive_buffer(
+    client: socket.socket,
+) -> None:
+    """Every datagram used to be read into a fresh ``max_datagram`` allocation and shrunk in
+    place; glibc's heap fragmented around the messages kept for seconds, and RSS grew with
+    the call count. Now one buffer (made when the transport is) serves every read and each
+    message is an exact-size copy: reading 20 datagrams holds little more than their bytes,
+    never a buffer's worth (a large buffer here makes the difference plain)."""
+    sink = Recorder()
+    transport = await start(sink, batch=64, max_datagram=256 * 1024)
+    messages = [request(f"sip:32155500{n:02d}@127.0.0.1", n) + b"x" * (7 * n) for n in range(20)]
+    try:
+        target = ("127.0.0.1", transport.port)
+        tracemalloc.start()
+        try:
+            for data in messages:
+                client.sendto(data, target)
+            sink.expected = len(messages)
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            async with asyncio.timeout(10):
+                await sink.done.wait()
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        # The messages (5.4 kB), their queue entries, the loop's own bookkeeping: about
+        # 22 kB, against 256 kB and more when each read allocated the whole buffer.
+        assert sum(len(m) for m in messages) < 8 * 1024
+        assert peak < 64 * 1024
+        # Copies, not views of the shared buffer: a later read overwrites nothing delivered.
+        assert sink.received == messages
+        assert all(type(data) is bytes for data in sink.received)
+    finally:
+        await transport.close()
