@@ -47,7 +47,9 @@ def test_workers_default_and_auto() -> None:
         ({**UDP, "workers": 2}, {"url": "memory://"}, "[sip] workers: more than one worker needs"),
     ],
 )
-def test_workers_errors_name_the_key(sip: dict[str, object], store: dict[str, str], words: str) -> None:
+def test_workers_errors_name_the_key(
+    sip: dict[str, object], store: dict[str, str], words: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         from_mapping({"sip": sip, "store": store})
     assert words in str(caught.value)

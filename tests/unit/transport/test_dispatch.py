@@ -24,7 +24,9 @@ from e911_sip.transport.dispatch import (
 
 
 def message(*headers: str, body: str = "") -> bytes:
-    return ("INVITE sip:911@x SIP/2.0\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n" + body).encode()
+    return (
+        "INVITE sip:911@x SIP/2.0\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n" + body
+    ).encode()
 
 
 # -- find_call_id ------------------------------------------------------------------------------
@@ -165,7 +167,9 @@ async def test_datagrams_reach_the_worker_owning_their_call_id_and_replies_leave
     dispatcher.start()
     try:
         for c in call_ids:
-            peer.sendto(b"OPTIONS sip:x SIP/2.0\r\nCall-ID: " + c + b"\r\n\r\n", shared.getsockname())
+            peer.sendto(
+                b"OPTIONS sip:x SIP/2.0\r\nCall-ID: " + c + b"\r\n\r\n", shared.getsockname()
+            )
         peer.sendto(b"no call id here", shared.getsockname())
         sinks[0].expected += 1  # whichever worker gets the odd one, the total is right
         async with asyncio.timeout(10):
