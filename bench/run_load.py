@@ -589,6 +589,15 @@ class CpuSampler:
         return usage
 
 
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children (the edge's workers when it supervises some)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(part) for part in text.split()]
+
+
 def proc_rss_kib(pid: int) -> int | None:
     """VmRSS of a process from /proc/<pid>/status, in KiB; None when it is gone."""
     try:
@@ -1055,6 +1064,9 @@ class Options:
     soak_duration: float = 600.0
     soak_rate: int | None = None
     rss_interval: float = 10.0
+    workers: int = 1
+    """``[sip] workers`` of the edge: above 1, a supervisor and that many worker processes
+    (UDP only, the Redis store)."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -1136,12 +1148,16 @@ class LoadBench:
                 raise HarnessError("the edge's Redis store needs the private redis-server")
             # [store] mirror is left at its default (true): every record in memory, loaded
             # from Redis before the edge reports ready.
+            workers = self.options.workers
             return edge_config(
                 sip_port=sip_port,
                 http_port=http_port,
                 emergency_trunks=[trunk_uri(emergency_port)],
                 default_trunks=[trunk_uri(default_port)],
                 store_url=self.redis.url,
+                # Several workers serve UDP listeners only.
+                transports=("udp",) if workers > 1 else ("udp", "tcp"),
+                sip={"workers": workers},
             )
         return edge_config(
             sip_port=sip_port,
@@ -1209,9 +1225,10 @@ class LoadBench:
                         "{config}",
                     ],
                 )
-                edge.start()
+                edge.start(timeout=15.0 * self.options.workers)
                 proxy_port, proxy_target = edge.sip_port, edge.sip_target
-                proxy_pids = [_pid(edge.pid)]
+                # With workers, the supervisor and every worker.
+                proxy_pids = [_pid(edge.pid), *child_pids(_pid(edge.pid))]
                 # Only what the proxy logs under load counts; its start-up lines are not news.
                 log_offset = len(edge.log_text())
             else:
@@ -2230,7 +2247,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--rss-interval", type=float, default=10.0, help="seconds between RSS reads (default 10)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="[sip] workers of the edge (default 1); above 1 needs --store redis",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and args.store != "redis":
+        parser.error("--workers above 1 needs --store redis (workers share the Redis store)")
     short = 5.0 if args.quick else None
     duration = args.duration or short or 30.0
     latency_duration = args.latency_duration or short or 20.0
@@ -2275,6 +2302,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         soak_duration=args.soak_duration,
         soak_rate=args.soak_rate,
         rss_interval=args.rss_interval,
+        workers=args.workers,
     )
 
 

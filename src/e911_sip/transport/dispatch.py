@@ -20,10 +20,10 @@ does and sends from the shared socket, inherited from the supervisor and never r
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import socket
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,16 +56,16 @@ def find_call_id(data: bytes) -> bytes | None:
     §7.3.1, §20.8). The common spelling is found with one ``bytes.find``.
     """
     end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
-    at = head.find(b"\nCall-ID:")
+    limit = len(data) if end < 0 else end + 2
+    at = data.find(b"\nCall-ID:", 0, limit)
     if at >= 0:
         start = at + 9
     else:
-        start = _find_slow(head)
+        start = _find_slow(data[:limit])
         if start < 0:
             return None
-    stop = head.find(b"\n", start)
-    value = (head[start:] if stop < 0 else head[start:stop]).strip()
+    stop = data.find(b"\n", start, limit)
+    value = (data[start:limit] if stop < 0 else data[start:stop]).strip()
     return value or None
 
 
@@ -98,22 +98,23 @@ _SLOT_SEEDS = tuple(_mix((slot + 1) * 0x9E3779B97F4A7C15 & _MASK) for slot in ra
 
 
 def call_key(call_id: bytes) -> int:
-    """A 64-bit digest of a Call-ID, the same in every process and every run."""
-    return int.from_bytes(hashlib.blake2b(call_id, digest_size=8).digest(), "big")
+    """A 64-bit key for a Call-ID (its CRC-32, spread by a multiplication), the same in
+    every process and every run."""
+    return (zlib.crc32(call_id) * 0x9E3779B97F4A7C15) & _MASK
 
 
 def pick(call_id: bytes, live: Sequence[int]) -> int:
     """The worker slot among ``live`` (non-empty) that owns ``call_id``.
 
     Rendezvous (highest random weight) hashing: each slot's weight for the key is a hash of
-    both, and the highest wins. Removing a slot moves only the keys it won; adding it back
-    takes back exactly those.
+    both (one xor and one multiplication), and the highest wins. Removing a slot moves only
+    the keys it won; adding it back takes back exactly those.
     """
-    key = call_key(call_id)
+    key = (zlib.crc32(call_id) * 0x9E3779B97F4A7C15) & _MASK
     best = live[0]
     top = -1
     for slot in live:
-        weight = _mix(key ^ _SLOT_SEEDS[slot])
+        weight = ((key ^ _SLOT_SEEDS[slot]) * 0xBF58476D1CE4E5B9) & _MASK
         if weight > top:
             top = weight
             best = slot
