@@ -328,13 +328,16 @@ class Supervisor:
         return ready, {"status": status, "workers": workers, "live": list(self.live)}
 
     async def _read_worker(self, slot: _Slot) -> dict[str, Family]:
+        """The worker's families, or its last-read counters when it does not answer; empty
+        when it exited meanwhile (its counters are in the retired totals then)."""
         control = slot.control
         text = await control.metrics(self.options.scrape_timeout) if control else None
+        if control is None or slot.control is not control:
+            return {}
         if text is None:
             return dict(slot.counted)
         parsed = parse_exposition(text)
-        if slot.control is control:
-            slot.counted = additive_part(parsed)
+        slot.counted = additive_part(parsed)
         return parsed
 
     async def render(self, own: Metrics | None = None) -> bytes:
@@ -343,6 +346,7 @@ class Supervisor:
         if own is not None:
             parts.append(parse_exposition(own.render()))
         parts += await asyncio.gather(*(self._read_worker(s) for s in self._slots))
+        # Read after the workers: one that exited while being read is counted here once.
         parts.append(self._retired)
         return render_families(merge_families(parts))
 
