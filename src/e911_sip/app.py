@@ -709,9 +709,15 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
 async def watch_store_health(
     store: LocationStore, metrics: Metrics, stop: asyncio.Event, interval: float = 1.0
 ) -> None:
-    """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone)."""
+    """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone, or
+    the supervisor of several workers): one PING every ``interval``."""
     while not stop.is_set():
         metrics.store_up.set(1 if await store.ping() else 0)
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
 
 
 @dataclass(slots=True)

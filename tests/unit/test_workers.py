@@ -136,3 +136,34 @@ async def test_control_channel_carries_readiness_and_metrics_and_sees_the_end() 
     finally:
         worker.cancel()
         reading.cancel()
+
+
+async def test_store_health_without_an_edge_pings_once_per_interval() -> None:
+    """The supervisor (like provisioning alone) checks the store on a timer, not in a loop."""
+    from e911_sip.app import watch_store_health
+
+    pings = 0
+    first = asyncio.Event()
+
+    class Store:
+        async def ping(self) -> bool:
+            nonlocal pings
+            pings += 1
+            first.set()
+            await asyncio.sleep(0)
+            return True
+
+    stop = asyncio.Event()
+    metrics = Metrics()
+    task = asyncio.get_running_loop().create_task(
+        watch_store_health(Store(), metrics, stop, interval=3600)  # type: ignore[arg-type]
+    )
+    async with asyncio.timeout(10):
+        await first.wait()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert pings == 1
+    assert metric_value(metrics.render().decode(), "e911_sip_store_up") == 1
+    stop.set()
+    async with asyncio.timeout(10):
+        await task
