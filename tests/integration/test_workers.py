@@ -19,11 +19,13 @@ from e911_sip.transport.dispatch import pick
 from tests.integration.harness import (
     DEFAULT_CALLER,
     DEFAULT_ENDPOINT,
+    LOOPBACK,
     EdgeProcess,
     RedisServer,
     Sipp,
     edge_config,
     free_port,
+    port_bound_by,
     trunk_uri,
 )
 
@@ -90,7 +92,23 @@ def test_calls_spread_over_both_workers_every_911_enriched_and_metrics_merged(
     assert set(expected) == {0, 1}
     trunk = free_port("udp")
     uas = sipp.uas("uas_emergency.xml", port=trunk, calls=calls, timeout=120)
-    edge = start_workers(edge_factory, redis_server, trunk)
+    api_port = free_port("tcp")
+    edge = start_workers(
+        edge_factory,
+        redis_server,
+        trunk,
+        provisioning={
+            "listen": f"{LOOPBACK}:{api_port}",
+            "tokens": {"noc": "workers-test-token-0123456789"},
+            "state_url": redis_server.url,
+            "audit_url": redis_server.url,
+        },
+    )
+    # --role all (the harness's default): provisioning runs once, in the supervisor.
+    assert edge.pid is not None and port_bound_by(edge.pid, "tcp", api_port)
+    for worker in workers(edge):
+        assert not port_bound_by(worker["pid"], "tcp", api_port)
+        assert not port_bound_by(worker["pid"], "tcp", edge.http_port)
     caller = sipp.uac(
         "uac_911.xml",
         edge.sip_target,
