@@ -504,6 +504,8 @@ def _check_config(path: Path) -> int:
 
     print(f"{path}: OK")
     row("sip listen", ", ".join(str(a) for a in config.sip.listen))
+    workers = config.sip.workers
+    row("edge workers", "1 (in the serve process)" if workers == 1 else f"{workers}, supervised")
     row("emergency trunks", ", ".join(config.emergency.trunks))
     row("default trunks", ", ".join(config.default.trunks) or "(none)")
     row("store", redacted(config.store.url))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,23 @@ async def test_store_health_without_an_edge_pings_once_per_interval() -> None:
     stop.set()
     async with asyncio.timeout(10):
         await task
+
+
+def test_check_config_says_how_many_workers_and_refuses_tcp_with_several(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from e911_sip.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[sip]\nlisten = ["udp:127.0.0.1:5070"]\nworkers = 2\n'
+        '[store]\nurl = "redis://127.0.0.1:6379/0"\n'
+    )
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert "edge workers:           2, supervised" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sip]\nworkers = 2\n[store]\nurl = "redis://127.0.0.1:6379/0"\n')
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "[sip] workers: more than one worker serves UDP listeners only" in (
+        capsys.readouterr().err
+    )
