@@ -107,7 +107,7 @@ from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.transport.control import serve_worker_side
-from e911_sip.transport.dispatch import WorkerUdpTransport
+from e911_sip.transport.dispatch import ClaimingSink, WorkerStreamTransport, WorkerUdpTransport
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpOptions, UdpTransport
@@ -135,19 +135,39 @@ class WorkerSetup:
     """The AF_UNIX datagram socket the dispatcher hands this worker its datagrams on."""
     control_fd: int
     """The AF_UNIX stream socket of the control channel (readiness, metrics)."""
+    listeners: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The supervisor's listening sockets this worker serves, by transport (tcp, tls):
+    worker 0's; the others open outbound stream connections only."""
 
     @classmethod
     def parse(cls, text: str) -> WorkerSetup:
-        """``SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD``.
+        """``SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD`` followed by ``:TRANSPORT=FD`` for each
+        stream listener this worker serves.
 
         Raises:
-            ValueError: not four non-negative integers.
+            ValueError: not in that form.
         """
         parts = text.split(":")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"--worker: expected SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD, got {text!r}")
-        slot, udp_fd, channel_fd, control_fd = (int(p) for p in parts)
-        return cls(slot=slot, udp_fd=udp_fd, channel_fd=channel_fd, control_fd=control_fd)
+        numbers, extra = parts[:4], parts[4:]
+        listeners: dict[str, int] = {}
+        for item in extra:
+            name, sep, fd = item.partition("=")
+            if not sep or name not in ("tcp", "tls") or not fd.isdigit():
+                break
+            listeners[name] = int(fd)
+        else:
+            if len(numbers) == 4 and all(p.isdigit() for p in numbers):
+                slot, udp_fd, channel_fd, control_fd = (int(p) for p in numbers)
+                return cls(
+                    slot=slot,
+                    udp_fd=udp_fd,
+                    channel_fd=channel_fd,
+                    control_fd=control_fd,
+                    listeners=listeners,
+                )
+        raise ValueError(
+            f"--worker: expected SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD[:tcp=FD][:tls=FD], got {text!r}"
+        )
 
 
 class Supervision(Protocol):
@@ -439,14 +459,15 @@ async def start_edge(
         on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
     )
     transports: list[UdpTransport | TcpTransport] = []
+    channel = socket.socket(fileno=worker.channel_fd) if worker is not None else None
     try:
         for address in config.sip.listen:
             transport: UdpTransport | TcpTransport
-            if address.transport == "udp" and worker is not None:
+            if address.transport == "udp" and channel is not None and worker is not None:
                 transport = WorkerUdpTransport(
                     edge,
                     shared_fd=worker.udp_fd,
-                    channel=socket.socket(fileno=worker.channel_fd),
+                    channel=channel,
                     options=udp_options,
                     load=load,
                     on_drop=edge.datagram_dropped,
@@ -462,17 +483,33 @@ async def start_edge(
                 )
             else:
                 tls = address.transport == "tls"
-                transport = TcpTransport(
-                    edge,
-                    host=address.host,
-                    port=address.port,
-                    connect_timeout=config.sip.tcp_connect_timeout,
-                    max_message_size=config.sip.max_message_size,
-                    table=table,
-                    server_ssl=server_ssl if tls else None,
-                    client_ssl=client_ssl if tls else None,
-                    server_name=config.tls.server_name if tls else None,
-                )
+                if worker is not None and channel is not None:
+                    # Worker 0 serves the supervisor's listening socket; the others open
+                    # outbound connections only. Both claim what their streams carry.
+                    transport = WorkerStreamTransport(
+                        ClaimingSink(edge, channel),
+                        listen_fd=worker.listeners.get(address.transport),
+                        host=address.host,
+                        port=address.port,
+                        connect_timeout=config.sip.tcp_connect_timeout,
+                        max_message_size=config.sip.max_message_size,
+                        table=table,
+                        server_ssl=server_ssl if tls else None,
+                        client_ssl=client_ssl if tls else None,
+                        server_name=config.tls.server_name if tls else None,
+                    )
+                else:
+                    transport = TcpTransport(
+                        edge,
+                        host=address.host,
+                        port=address.port,
+                        connect_timeout=config.sip.tcp_connect_timeout,
+                        max_message_size=config.sip.max_message_size,
+                        table=table,
+                        server_ssl=server_ssl if tls else None,
+                        client_ssl=client_ssl if tls else None,
+                        server_name=config.tls.server_name if tls else None,
+                    )
                 for reason in CLOSE_REASONS:
                     metrics.stream_closed.labels(address.transport, reason)
                 for direction in ("inbound", "outbound"):

@@ -87,7 +87,7 @@ class SipConfig:
     workers: int = 1
     """Edge worker processes behind the one UDP address (``"auto"`` in the file: one per
     CPU). 1 runs the edge in the ``serve`` process itself; more start a supervisor that
-    hands each datagram to a worker by its Call-ID (UDP listeners only)."""
+    hands each UDP datagram to a worker by its Call-ID (TCP and TLS are served by worker 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -647,12 +647,10 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
             "(set the IP peers should send to)"
         )
     workers = _workers(s)
-    if workers > 1 and any(a.transport != "udp" for a in listen):
+    if workers > 1 and not any(a.transport == "udp" for a in listen):
         raise ConfigError(
-            "[sip] workers: more than one worker serves UDP listeners only (a TCP or TLS "
-            "connection lives in one process, but the trunk's answers to what it carried "
-            "would reach whichever worker owns the Call-ID); remove the tcp/tls listeners "
-            "from [sip] listen or set workers = 1"
+            "[sip] workers: more than one worker needs a udp listener in [sip] listen (the "
+            "supervisor hands its datagrams to the workers; tcp and tls are served by worker 0)"
         )
     timer_c = s.number("timer_c", d.timer_c)
     if timer_c <= 180:

@@ -628,6 +628,13 @@ class SupervisorMetrics:
             "Datagrams the dispatcher handed to each worker slot.",
         )
         r.register(self.dispatched)
+        self.dispatch_claims = Gauge(
+            "e911_sip_dispatch_claims",
+            "Call-IDs claimed by the worker whose TCP/TLS stream carried them, remembered by "
+            "the dispatcher so their UDP messages go to that worker (at most 65,536, the "
+            "oldest forgotten first).",
+            registry=r,
+        )
         self.dispatch_dropped = Counter(
             "e911_sip_dispatch_dropped",
             "Datagrams the dispatcher dropped, by reason: no_worker (none live), worker_busy "

@@ -42,6 +42,9 @@ from e911_sip.transport.dispatch import DROP_REASONS, Dispatcher, channel_pair
 
 log = logging.getLogger("e911_sip.supervisor")
 
+STREAM_BACKLOG = 1024
+"""Connections the kernel queues on a stream listener, also while worker 0 restarts."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SupervisorOptions:
@@ -90,6 +93,9 @@ class Supervisor:
             _Slot(index=i, backoff=self.options.restart_backoff) for i in range(config.sip.workers)
         ]
         self._sock: socket.socket | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        """Stream listening sockets, served by worker 0: connections wait in their backlog
+        while it restarts."""
         self._dispatcher: Dispatcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -113,7 +119,7 @@ class Supervisor:
         Raises:
             OSError: the address cannot be bound.
         """
-        (address,) = [a for a in self.config.sip.listen if a.transport == "udp"]
+        address = next(a for a in self.config.sip.listen if a.transport == "udp")
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -125,14 +131,33 @@ class Supervisor:
             sock.close()
             raise
         self._sock = sock
+        for stream in self.config.sip.listen:
+            if stream.transport == "udp":
+                continue
+            family = socket.AF_INET6 if ":" in stream.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((stream.host, stream.port))
+                listener.listen(STREAM_BACKLOG)
+                listener.setblocking(False)
+            except OSError:
+                listener.close()
+                for other in self._listeners.values():
+                    other.close()
+                sock.close()
+                raise
+            self._listeners[stream.transport] = listener
         dropped = self.metrics.dispatch_dropped
         self._dispatcher = Dispatcher(
             sock,
             max_datagram=self.config.sip.max_message_size,
             on_drop=lambda reason: dropped.labels(reason).inc(),
+            claims=bool(self._listeners),
         )
         dispatcher = self._dispatcher
         self.metrics.dispatched.set_function(lambda: dict(dispatcher.dispatched))
+        self.metrics.dispatch_claims.set_function(lambda: dispatcher.claims)
         dispatcher.start()
         loop = asyncio.get_running_loop()
         for slot in self._slots:
@@ -194,13 +219,18 @@ class Supervisor:
         ours, theirs = channel_pair()
         control_ours, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = (self._sock.fileno(), theirs.fileno(), control_theirs.fileno())
+        spec = [str(n) for n in (slot.index, *fds)]
+        listeners = self._listeners if slot.index == 0 else {}
+        spec += [f"{name}={listener.fileno()}" for name, listener in listeners.items()]
         command = [sys.executable, "-m", "e911_sip", "serve", "--role", "edge"]
         if self.config.source is not None:
             command += ["--config", str(self.config.source.resolve())]
-        command += ["--worker", ":".join(str(n) for n in (slot.index, *fds))]
+        command += ["--worker", ":".join(spec)]
         try:
             process = await asyncio.create_subprocess_exec(
-                *command, pass_fds=fds, stdin=asyncio.subprocess.DEVNULL
+                *command,
+                pass_fds=(*fds, *(listener.fileno() for listener in listeners.values())),
+                stdin=asyncio.subprocess.DEVNULL,
             )
         except OSError:
             ours.close()
@@ -296,6 +326,9 @@ class Supervisor:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        for listener in self._listeners.values():
+            listener.close()
+        self._listeners.clear()
 
     # -- what /readyz and /metrics show ----------------------------------------------------
     def _slot_ready(self, slot: _Slot) -> bool:

@@ -43,15 +43,20 @@ def provision(redis_server: RedisServer) -> None:
 
 
 def start_workers(
-    edge_factory: EdgeFactory, redis_server: RedisServer, trunk: int, **overrides: Any
+    edge_factory: EdgeFactory,
+    redis_server: RedisServer,
+    trunk: int,
+    *,
+    transports: tuple[str, ...] = ("udp",),
+    **overrides: Any,
 ) -> EdgeProcess:
     config = edge_config(
-        sip_port=free_port("udp"),
+        sip_port=free_port("both"),
         http_port=free_port("tcp"),
         emergency_trunks=[trunk_uri(trunk)],
         default_trunks=[trunk_uri(trunk)],
         store_url=redis_server.url,
-        transports=("udp",),
+        transports=transports,
         sip={"workers": 2},
         **overrides,
     )
@@ -137,6 +142,38 @@ def test_calls_spread_over_both_workers_every_911_enriched_and_metrics_merged(
     # Each worker's log lines name it.
     logged = {json.loads(line).get("worker") for line in edge.log_text().splitlines() if line}
     assert {0, 1} <= logged
+
+
+def test_calls_over_tcp_to_a_udp_trunk_are_served_by_the_worker_holding_the_connection(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    """Worker 0 serves the TCP listener and claims the Call-IDs its connections carry, so
+    the trunk's UDP responses reach it even for Call-IDs the hash gives to worker 1."""
+    calls = 30
+    provision(redis_server)
+    assert 1 in owners("tcp", calls)
+    trunk = free_port("udp")
+    uas = sipp.uas("uas_emergency.xml", port=trunk, calls=calls + 1, timeout=120)
+    edge = start_workers(edge_factory, redis_server, trunk, transports=("udp", "tcp"))
+    assert edge.pid is not None and port_bound_by(edge.pid, "tcp", edge.sip_port)
+    caller = sipp.uac(
+        "uac_911.xml",
+        edge.sip_target,
+        transport="t1",
+        calls=calls,
+        rate=20,
+        timeout=90,
+        extra=["-cid_str", "tcp-%u"],
+    )
+    assert caller.ok, caller.summary()
+    # A UDP call alongside still goes by the hash.
+    udp_call = sipp.uac("uac_911.xml", edge.sip_target, extra=["-cid_str", "udp-%u"])
+    assert udp_call.ok, udp_call.summary()
+    trunk_result = uas.wait(timeout=60)
+    assert trunk_result.ok, trunk_result.summary()
+    assert edge.metric("e911_sip_emergency_calls_total", outcome="enriched") == calls + 1
+    assert (edge.metric("e911_sip_dispatch_claims") or 0) >= calls
+    assert edge.metric("e911_sip_dispatch_dropped_total") == 0
 
 
 def _aborted_call_ids(path: Path) -> set[bytes]:

@@ -44,7 +44,11 @@ def test_workers_default_and_auto() -> None:
         ({**UDP, "workers": 0}, REDIS, "[sip] workers: must be 1 to 256"),
         ({**UDP, "workers": "many"}, REDIS, '[sip] workers: expected a number or "auto"'),
         ({**UDP, "workers": True}, REDIS, '[sip] workers: expected a number or "auto"'),
-        ({"workers": 2}, REDIS, "[sip] workers: more than one worker serves UDP listeners only"),
+        (
+            {"listen": ["tcp:127.0.0.1:5070"], "workers": 2},
+            REDIS,
+            "[sip] workers: more than one worker needs a udp listener",
+        ),
         ({**UDP, "workers": 2}, {"url": "memory://"}, "[sip] workers: more than one worker needs"),
     ],
 )
@@ -58,7 +62,8 @@ def test_workers_errors_name_the_key(
 
 def test_worker_argument() -> None:
     assert WorkerSetup.parse("1:3:4:5") == WorkerSetup(slot=1, udp_fd=3, channel_fd=4, control_fd=5)
-    for bad in ("1:2:3", "a:b:c:d", "1:2:3:-4"):
+    assert WorkerSetup.parse("0:3:4:5:tcp=6:tls=7").listeners == {"tcp": 6, "tls": 7}
+    for bad in ("1:2:3", "a:b:c:d", "1:2:3:-4", "0:3:4:5:udp=6", "0:3:4:5:tcp=x", "0:3:4:5:6"):
         with pytest.raises(ValueError, match="--worker"):
             WorkerSetup.parse(bad)
 
@@ -170,21 +175,19 @@ async def test_store_health_without_an_edge_pings_once_per_interval() -> None:
         await task
 
 
-def test_check_config_says_how_many_workers_and_refuses_tcp_with_several(
+def test_check_config_says_how_many_workers_and_needs_udp_with_several(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from e911_sip.cli import main
 
     good = tmp_path / "good.toml"
-    good.write_text(
-        '[sip]\nlisten = ["udp:127.0.0.1:5070"]\nworkers = 2\n'
-        '[store]\nurl = "redis://127.0.0.1:6379/0"\n'
-    )
+    good.write_text('[sip]\nworkers = 2\n[store]\nurl = "redis://127.0.0.1:6379/0"\n')
     assert main(["check-config", "--config", str(good)]) == 0
     assert "edge workers:           2, supervised" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
-    bad.write_text('[sip]\nworkers = 2\n[store]\nurl = "redis://127.0.0.1:6379/0"\n')
-    assert main(["check-config", "--config", str(bad)]) == 2
-    assert "[sip] workers: more than one worker serves UDP listeners only" in (
-        capsys.readouterr().err
+    bad.write_text(
+        '[sip]\nlisten = ["tls:127.0.0.1:5061"]\nworkers = 2\n'
+        '[store]\nurl = "redis://127.0.0.1:6379/0"\n'
     )
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "[sip] workers: more than one worker needs a udp listener" in (capsys.readouterr().err)

@@ -15,20 +15,35 @@ The datagram travels to its worker over an AF_UNIX datagram socketpair behind a 
 :data:`HEADER_SIZE`-byte header holding the source address. The worker reads it with
 :class:`WorkerUdpTransport`, which queues and orders it exactly as :class:`UdpTransport`
 does and sends from the shared socket, inherited from the supervisor and never read.
+
+TCP and TLS: a connection lives in one process, so the stream listeners are served by
+worker 0 alone (:class:`WorkerStreamTransport`; the supervisor holds the listening sockets,
+so connections wait in the backlog while worker 0 restarts), and the other workers open
+outbound connections only. What a stream brings must not be answered on UDP by another
+worker (a trunk's UDP responses to an INVITE that came over TCP), so a worker *claims* the
+Call-ID of every message it receives on a stream (:class:`ClaimingSink`): one datagram
+``C<Call-ID>`` on its channel, sent before the message is processed, hence before anything
+it causes is sent. The dispatcher reads the claims before each batch of UDP datagrams, so a
+response can never overtake the claim, and sends a claimed Call-ID to its claimer while that
+worker is live (a bounded table, oldest forgotten first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from e911_sip.proxy.admission import LoadSignal, Priority
+from e911_sip.sip.peer import Peer
 from e911_sip.transport.base import MessageSink
+from e911_sip.transport.stream import TcpTransport, _Connection
 from e911_sip.transport.udp import UdpOptions, UdpTransport
 
 log = logging.getLogger("e911_sip.transport")
@@ -167,13 +182,18 @@ class Dispatcher:
         max_datagram: int = 65535,
         read_burst: int = 256,
         on_drop: Callable[[str], None] | None = None,
+        claims: bool = False,
+        max_claims: int = 65536,
     ) -> None:
         """``sock`` is bound and non-blocking; ``on_drop`` hears each datagram dropped, by
-        a reason of :data:`DROP_REASONS`."""
+        a reason of :data:`DROP_REASONS`. ``claims``: workers serve streams and claim their
+        Call-IDs; at most ``max_claims`` are remembered."""
         self.sock = sock
         self.max_datagram = max_datagram
         self.read_burst = read_burst
         self._on_drop = on_drop
+        self._claims: OrderedDict[bytes, int] | None = OrderedDict() if claims else None
+        self.max_claims = max_claims
         self._channels: dict[int, socket.socket] = {}
         self._live: tuple[int, ...] = ()
         self._headers: dict[tuple[Any, ...], bytes] = {}
@@ -192,11 +212,44 @@ class Dispatcher:
         self._channels[slot] = channel
         self.dispatched.setdefault(slot, 0)
         self._live = tuple(sorted(self._channels))
+        if self._claims is not None:
+            asyncio.get_running_loop().add_reader(channel.fileno(), self.read_claims)
 
     def detach(self, slot: int) -> None:
         """Stop sending to ``slot``: its Call-IDs go to the slots that rank next for them."""
-        self._channels.pop(slot, None)
+        channel = self._channels.pop(slot, None)
         self._live = tuple(sorted(self._channels))
+        if channel is not None and self._claims is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(channel.fileno())
+
+    @property
+    def claims(self) -> int:
+        """Call-IDs claimed by the worker serving their stream, remembered now."""
+        return len(self._claims) if self._claims is not None else 0
+
+    def read_claims(self) -> None:
+        """Take in every claim the workers have sent."""
+        claims = self._claims
+        if claims is None:
+            return
+        for slot, channel in self._channels.items():
+            while True:
+                try:
+                    data = channel.recv(1024)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                if not data:
+                    break
+                if data[:1] != b"C":
+                    continue
+                call_id = data[1:]
+                claims[call_id] = slot
+                claims.move_to_end(call_id)
+                if len(claims) > self.max_claims:
+                    claims.popitem(last=False)
 
     def start(self) -> None:
         """Start reading the shared socket."""
@@ -214,6 +267,8 @@ class Dispatcher:
         sock = self.sock
         size = self.max_datagram
         headers = self._headers
+        if self._claims is not None:
+            self.read_claims()
         for _ in range(self.read_burst):
             try:
                 data, addr = sock.recvfrom(size)
@@ -236,7 +291,10 @@ class Dispatcher:
         if not live:
             self._dropped("no_worker")
             return
-        if call_id is None:
+        claimed = self._claims.get(call_id) if self._claims and call_id is not None else None
+        if claimed is not None and claimed in self._channels:
+            slot = claimed
+        elif call_id is None:
             self._next = (self._next + 1) % len(live)
             slot = live[self._next]
         elif len(live) == 1:
@@ -327,3 +385,65 @@ class WorkerUdpTransport(UdpTransport):
             self._loop.remove_reader(self._channel.fileno())
         await super().close()
         self._channel.close()
+
+
+CLAIM_MEMORY = 4096
+"""Call-IDs a worker remembers having claimed, so a call's later messages send nothing."""
+
+
+class ClaimingSink:
+    """Between a worker's stream transport and its edge: claims each message's Call-ID at
+    the dispatcher before the edge sees the message."""
+
+    def __init__(self, sink: MessageSink, channel: socket.socket) -> None:
+        self.sink = sink
+        self.channel = channel
+        self._claimed: OrderedDict[bytes, None] = OrderedDict()
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        """Claim, then hand the message on."""
+        call_id = find_call_id(data)
+        if call_id is not None and call_id not in self._claimed:
+            try:
+                self.channel.send(b"C" + call_id)
+            except OSError as exc:
+                # The supervisor is gone or its end is full: the message is still served;
+                # only a reply arriving over UDP might reach another worker.
+                log.debug("claim not sent", extra={"error": str(exc)})
+            else:
+                self._claimed[call_id] = None
+                if len(self._claimed) > CLAIM_MEMORY:
+                    self._claimed.popitem(last=False)
+        self.sink.message_received(data, source)
+
+    def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
+        """Passed on unchanged."""
+        self.sink.delivery_failed(branch, peer, reason)
+
+
+class WorkerStreamTransport(TcpTransport):
+    """A worker's TCP or TLS transport: serves the supervisor's listening socket
+    (``listen_fd``) in the worker that has it, and opens outbound connections only in the
+    others."""
+
+    def __init__(self, sink: MessageSink, *, listen_fd: int | None, **options: Any) -> None:
+        super().__init__(sink, **options)
+        self._listen_fd = listen_fd
+
+    async def start(self) -> None:
+        """Serve the inherited listening socket, if this worker has it."""
+        if self._listen_fd is not None:
+            sock = socket.socket(fileno=self._listen_fd)
+            self._server = await self.loop.create_server(
+                lambda: _Connection(self, outbound_key=None), sock=sock
+            )
+            self.host, self.port = sock.getsockname()[:2]
+        self.table.start()
+        self._started = True
+
+    @property
+    def bound(self) -> bool:
+        """True while the listener is open; always, for an outbound-only transport."""
+        if self._listen_fd is None:
+            return self._started
+        return self._server is not None and self._server.is_serving()

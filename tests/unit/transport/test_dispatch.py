@@ -12,6 +12,7 @@ import pytest
 from e911_sip.sip.peer import Peer
 from e911_sip.transport.dispatch import (
     HEADER_SIZE,
+    ClaimingSink,
     Dispatcher,
     WorkerUdpTransport,
     call_key,
@@ -77,6 +78,8 @@ def test_empty_and_garbage() -> None:
 
 
 KEYS = [f"{n}-4242@10.0.0.1".encode() for n in range(4000)]
+BOTH = (0, 1)
+PEER = Peer("tcp", "127.0.0.1", 5060)
 
 
 def test_pick_is_deterministic_and_spreads_keys() -> None:
@@ -232,3 +235,60 @@ def _recv(sock: socket.socket) -> bytes | None:
         return sock.recv(100)
     except BlockingIOError:
         return None
+
+
+# -- claims: TCP/TLS calls ---------------------------------------------------------------------
+
+
+async def test_a_claimed_call_id_goes_to_its_claimer_while_it_lives() -> None:
+    shared = udp_socket()
+    shared.setblocking(False)
+    dispatcher = Dispatcher(shared, claims=True, max_claims=2)
+    ends = {slot: channel_pair() for slot in (0, 1)}
+    for slot, (ours, theirs) in ends.items():
+        theirs.setblocking(False)
+        dispatcher.attach(slot, ours)
+    mine = next(c for c in KEYS if pick(c, BOTH) == 0)
+    others = [c for c in KEYS if pick(c, BOTH) == 0 and c != mine][:2]
+    try:
+        # Worker 1 serves the stream that carried ``mine``; the hash says worker 0.
+        sink = Sink(expected=1)
+        ClaimingSink(sink, ends[1][1]).message_received(b"INVITE x\r\nCall-ID: " + mine, PEER)
+        ClaimingSink(sink, ends[1][1]).message_received(b"ACK x\r\nCall-ID: " + mine, PEER)
+        assert len(sink.received) == 2
+        dispatcher.read_claims()
+        assert dispatcher.claims == 1
+        dispatcher.forward(b"response", mine)
+        assert _recv(ends[1][1]) == b"response"
+        assert _recv(ends[0][1]) is None
+        # The table is bounded: the oldest claim is forgotten first.
+        for other in others:
+            ends[1][1].send(b"C" + other)
+        dispatcher.read_claims()
+        assert dispatcher.claims == 2
+        dispatcher.forward(b"again", mine)
+        assert _recv(ends[0][1]) == b"again"
+        # A claim by a worker that is gone counts for nothing.
+        dispatcher.detach(1)
+        dispatcher.forward(b"moved", others[-1])
+        assert _recv(ends[0][1]) == b"moved"
+    finally:
+        dispatcher.detach(0)
+        for ours, theirs in ends.values():
+            ours.close()
+            theirs.close()
+        shared.close()
+
+
+def test_claiming_sink_claims_each_call_id_once() -> None:
+    ours, theirs = channel_pair()
+    sink = Sink(expected=3)
+    claiming = ClaimingSink(sink, theirs)
+    ours.setblocking(False)
+    for data in (b"INVITE x\r\nCall-ID: a\r\n\r\n", b"ACK x\r\ni: a\r\n\r\n", b"no id"):
+        claiming.message_received(data, PEER)
+    assert [d for d, _ in sink.received][2] == b"no id"
+    assert _recv(ours) == b"Ca"
+    assert _recv(ours) is None
+    ours.close()
+    theirs.close()
