@@ -1,7 +1,8 @@
 """The supervisor: ``serve`` with ``[sip] workers`` above 1.
 
 It binds the shared UDP socket and runs the :class:`~e911_sip.transport.dispatch.Dispatcher`
-on it, starts one edge worker process per slot (``python -m e911_sip serve --role edge
+on it (and binds the TCP/TLS listening sockets, which worker 0 serves), starts one edge
+worker process per slot (``python -m e911_sip serve --role edge
 --worker ...``, inheriting the shared socket to send from, its datagram channel and its
 control channel), and starts again, after a backoff, a worker that exits unasked; the others
 are not touched. It serves ``/metrics`` (its own series, merged with every worker's),
