@@ -12,7 +12,10 @@ Every datagram is a message of a different call (core_bench.py's INVITE with SDP
   (the channel to a worker; drained between batches, outside the timing);
 - ``on_readable``: the whole path from the shared UDP socket: ``recvfrom`` on loopback, the
   source header (cached per address), ``find_call_id``, ``pick``, ``send``. Datagrams are
-  sent into the socket before each batch, so the dispatcher finds them all waiting.
+  sent into the socket before each batch, so the dispatcher finds them all waiting;
+- ``on_readable with claims``: the same with a TCP/TLS listener configured: the claims of
+  every worker are read first (one ``recv`` per worker per batch) and each Call-ID is looked
+  up in the claims table (a quarter of them claimed).
 
 The worker's side (``recv`` from the channel and the header decoded, cached) replaces the
 ``recvfrom`` a single edge makes, so the dispatcher's figure is the added cost per datagram
@@ -136,6 +139,30 @@ def main(argv: list[str] | None = None) -> int:
             shared.recvfrom(65535)
         return time.perf_counter() - start
 
+    claiming = Dispatcher(shared, read_burst=BATCH, on_drop=lambda reason: None, claims=True)
+    claim_ends = []
+    for slot in live:
+        ours, theirs = channel_pair()
+        theirs.setblocking(False)
+        claiming._channels[slot] = ours  # attached without the event loop's reader
+        claiming._live = tuple(sorted(claiming._channels))
+        claiming.dispatched[slot] = 0
+        claim_ends.append((ours, theirs))
+    for call_id in call_ids[::4]:
+        claim_ends[0][1].send(b"C" + call_id)
+    claiming.read_claims()
+
+    def time_readable_claims() -> float:
+        for data in plain:
+            client.sendto(data, target)
+        start = time.perf_counter()
+        claiming.on_readable()
+        elapsed = time.perf_counter() - start
+        got = sum(drain(theirs) for _, theirs in claim_ends)
+        if got != BATCH:
+            raise SystemExit(f"{got} of {BATCH} datagrams reached the workers")
+        return elapsed
+
     rows = [
         ("find_call_id (Call-ID:)", best_of(args.rounds, lambda: time_find(plain))),
         ("find_call_id (compact i:)", best_of(args.rounds, lambda: time_find(compact))),
@@ -143,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         ("forward (find + pick + header + send)", best_of(args.rounds, time_forward)),
         ("recvfrom alone (for comparison)", best_of(args.rounds, time_recv_only)),
         ("on_readable (recvfrom + forward)", best_of(args.rounds, time_readable)),
+        ("on_readable with claims", best_of(args.rounds, time_readable_claims)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, micros in rows:
         print(f"{name:<{width}}  {micros:6.2f} us/datagram")
-    for ours, theirs in workers:
+    for ours, theirs in workers + claim_ends:
         ours.close()
         theirs.close()
     shared.close()
