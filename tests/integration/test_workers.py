@@ -176,6 +176,32 @@ def test_calls_over_tcp_to_a_udp_trunk_are_served_by_the_worker_holding_the_conn
     assert edge.metric("e911_sip_dispatch_dropped_total") == 0
 
 
+def test_the_tcp_listener_outlives_a_restart_of_worker_0(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    """The supervisor holds the listening socket: after worker 0 is killed and started
+    again, a new TCP connection reaches the new worker 0."""
+    provision(redis_server)
+    trunk = free_port("udp")
+    uas = sipp.uas("uas_emergency.xml", port=trunk, calls=2, timeout=180)
+    edge = start_workers(edge_factory, redis_server, trunk, transports=("udp", "tcp"))
+    first = sipp.uac("uac_911.xml", edge.sip_target, transport="t1", extra=["-cid_str", "a-%u"])
+    assert first.ok, first.summary()
+    before = {w["worker"]: w["pid"] for w in workers(edge)}
+    os.kill(before[0], signal.SIGKILL)
+
+    def restarted() -> bool:
+        now = {w["worker"]: w for w in workers(edge)}
+        return now[0]["pid"] not in (None, before[0]) and now[0]["ready"]
+
+    wait_until("worker 0 is restarted", restarted, START_TIMEOUT)
+    assert edge.pid is not None and port_bound_by(edge.pid, "tcp", edge.sip_port)
+    second = sipp.uac("uac_911.xml", edge.sip_target, transport="t1", extra=["-cid_str", "b-%u"])
+    assert second.ok, second.summary()
+    assert uas.wait(timeout=60).ok
+    assert edge.metric("e911_sip_worker_restarts_total", worker="0") == 1
+
+
 def _aborted_call_ids(path: Path) -> set[bytes]:
     if not path.exists():
         return set()
