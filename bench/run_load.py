@@ -612,6 +612,15 @@ class CpuSampler:
         return usage
 
 
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children (the edge's workers when it supervises some)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(part) for part in text.split()]
+
+
 def proc_rss_kib(pid: int) -> int | None:
     """VmRSS of a process from /proc/<pid>/status, in KiB; None when it is gone."""
     try:
@@ -1152,6 +1161,9 @@ class Options:
     rss_interval: float = 10.0
     heap_probe: bool = False
     """Soak only: the edge reports its allocators from inside (``HEAP_PROBE``)."""
+    workers: int = 1
+    """``[sip] workers`` of the edge: above 1, a supervisor and that many worker processes
+    (UDP only, the Redis store)."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -1233,12 +1245,16 @@ class LoadBench:
                 raise HarnessError("the edge's Redis store needs the private redis-server")
             # [store] mirror is left at its default (true): every record in memory, loaded
             # from Redis before the edge reports ready.
+            workers = self.options.workers
             return edge_config(
                 sip_port=sip_port,
                 http_port=http_port,
                 emergency_trunks=[trunk_uri(emergency_port)],
                 default_trunks=[trunk_uri(default_port)],
                 store_url=self.redis.url,
+                # Several workers serve UDP listeners only.
+                transports=("udp",) if workers > 1 else ("udp", "tcp"),
+                sip={"workers": workers},
             )
         return edge_config(
             sip_port=sip_port,
@@ -1318,9 +1334,10 @@ class LoadBench:
                     ],
                     env=probe_env,
                 )
-                edge.start()
+                edge.start(timeout=15.0 * self.options.workers)
                 proxy_port, proxy_target = edge.sip_port, edge.sip_target
-                proxy_pids = [_pid(edge.pid)]
+                # With workers, the supervisor and every worker.
+                proxy_pids = [_pid(edge.pid), *child_pids(_pid(edge.pid))]
                 # Only what the proxy logs under load counts; its start-up lines are not news.
                 log_offset = len(edge.log_text())
             else:
@@ -2370,7 +2387,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="soak only: the edge also reports glibc's heap in use and free and Python's "
         "blocks from inside, every --rss-interval (where the RSS is)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="[sip] workers of the edge (default 1); above 1 needs --store redis",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and args.store != "redis":
+        parser.error("--workers above 1 needs --store redis (workers share the Redis store)")
     short = 5.0 if args.quick else None
     duration = args.duration or short or 30.0
     latency_duration = args.latency_duration or short or 20.0
@@ -2418,6 +2445,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         soak_rate=args.soak_rate,
         rss_interval=args.rss_interval,
         heap_probe=args.heap_probe,
+        workers=args.workers,
     )
 
 

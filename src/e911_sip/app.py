@@ -16,11 +16,13 @@ import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -105,6 +107,8 @@ from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.transport.control import serve_worker_side
+from e911_sip.transport.dispatch import ClaimingSink, WorkerStreamTransport, WorkerUdpTransport
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpOptions, UdpTransport
@@ -118,6 +122,73 @@ class Role(StrEnum):
     EDGE = "edge"
     PROVISIONING = "provisioning"
     ALL = "all"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSetup:
+    """What an edge worker inherits from its supervisor (``serve --worker``)."""
+
+    slot: int
+    """The worker's slot number: it owns the Call-IDs the dispatcher hashes to it."""
+    udp_fd: int
+    """The shared UDP socket, bound by the supervisor: sent on, never read."""
+    channel_fd: int
+    """The AF_UNIX datagram socket the dispatcher hands this worker its datagrams on."""
+    control_fd: int
+    """The AF_UNIX stream socket of the control channel (readiness, metrics)."""
+    listeners: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The supervisor's listening sockets this worker serves, by transport (tcp, tls):
+    worker 0's; the others open outbound stream connections only."""
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerSetup:
+        """``SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD`` followed by ``:TRANSPORT=FD`` for each
+        stream listener this worker serves.
+
+        Raises:
+            ValueError: not in that form.
+        """
+        parts = text.split(":")
+        numbers, extra = parts[:4], parts[4:]
+        listeners: dict[str, int] = {}
+        for item in extra:
+            name, sep, fd = item.partition("=")
+            if not sep or name not in ("tcp", "tls") or not fd.isdigit():
+                break
+            listeners[name] = int(fd)
+        else:
+            if len(numbers) == 4 and all(p.isdigit() for p in numbers):
+                slot, udp_fd, channel_fd, control_fd = (int(p) for p in numbers)
+                return cls(
+                    slot=slot,
+                    udp_fd=udp_fd,
+                    channel_fd=channel_fd,
+                    control_fd=control_fd,
+                    listeners=listeners,
+                )
+        raise ValueError(
+            f"--worker: expected SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD[:tcp=FD][:tls=FD], got {text!r}"
+        )
+
+
+class Supervision(Protocol):
+    """A process that runs the edge in worker processes (see ``supervisor.py``)."""
+
+    async def start(self) -> None:
+        """Bind the shared listener and start the workers."""
+        ...
+
+    def ops_app(self, metrics: Metrics | None) -> web.Application:
+        """The operations endpoints over every worker and ``metrics`` of this process."""
+        ...
+
+    async def drain(self, force: asyncio.Event) -> None:
+        """Have every worker drain, and wait for them."""
+        ...
+
+    async def close(self) -> None:
+        """Stop everything still running."""
+        ...
 
 
 def check_role(config: Config, role: Role) -> None:
@@ -380,8 +451,10 @@ async def start_edge(
     *,
     recorder: CallRecorder | None = None,
     notify: Publisher | None = None,
+    worker: WorkerSetup | None = None,
 ) -> RunningEdge:
-    """Bind the SIP listeners and return the running edge.
+    """Bind the SIP listeners and return the running edge; a ``worker`` receives its UDP
+    datagrams from the supervisor's dispatcher and sends from the shared socket.
 
     The stream connection table asks the core's trust policy whether a source is the
     softswitch: trusted sources are never refused a connection because outsiders filled it.
@@ -459,10 +532,20 @@ async def start_edge(
         on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
     )
     transports: list[UdpTransport | TcpTransport] = []
+    channel = socket.socket(fileno=worker.channel_fd) if worker is not None else None
     try:
         for address in config.sip.listen:
             transport: UdpTransport | TcpTransport
-            if address.transport == "udp":
+            if address.transport == "udp" and channel is not None and worker is not None:
+                transport = WorkerUdpTransport(
+                    edge,
+                    shared_fd=worker.udp_fd,
+                    channel=channel,
+                    options=udp_options,
+                    load=load,
+                    on_drop=edge.datagram_dropped,
+                )
+            elif address.transport == "udp":
                 transport = UdpTransport(
                     edge,
                     host=address.host,
@@ -473,17 +556,33 @@ async def start_edge(
                 )
             else:
                 tls = address.transport == "tls"
-                transport = TcpTransport(
-                    edge,
-                    host=address.host,
-                    port=address.port,
-                    connect_timeout=config.sip.tcp_connect_timeout,
-                    max_message_size=config.sip.max_message_size,
-                    table=table,
-                    server_ssl=server_ssl if tls else None,
-                    client_ssl=client_ssl if tls else None,
-                    server_name=config.tls.server_name if tls else None,
-                )
+                if worker is not None and channel is not None:
+                    # Worker 0 serves the supervisor's listening socket; the others open
+                    # outbound connections only. Both claim what their streams carry.
+                    transport = WorkerStreamTransport(
+                        ClaimingSink(edge, channel),
+                        listen_fd=worker.listeners.get(address.transport),
+                        host=address.host,
+                        port=address.port,
+                        connect_timeout=config.sip.tcp_connect_timeout,
+                        max_message_size=config.sip.max_message_size,
+                        table=table,
+                        server_ssl=server_ssl if tls else None,
+                        client_ssl=client_ssl if tls else None,
+                        server_name=config.tls.server_name if tls else None,
+                    )
+                else:
+                    transport = TcpTransport(
+                        edge,
+                        host=address.host,
+                        port=address.port,
+                        connect_timeout=config.sip.tcp_connect_timeout,
+                        max_message_size=config.sip.max_message_size,
+                        table=table,
+                        server_ssl=server_ssl if tls else None,
+                        client_ssl=client_ssl if tls else None,
+                        server_name=config.tls.server_name if tls else None,
+                    )
                 for reason in CLOSE_REASONS:
                     metrics.stream_closed.labels(address.transport, reason)
                 for direction in ("inbound", "outbound"):
@@ -720,9 +819,15 @@ async def start_emulator(config: Config, stack: contextlib.AsyncExitStack) -> No
 async def watch_store_health(
     store: LocationStore, metrics: Metrics, stop: asyncio.Event, interval: float = 1.0
 ) -> None:
-    """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone)."""
+    """Keep ``e911_sip_store_up`` true in a process without an edge (provisioning alone, or
+    the supervisor of several workers): one PING every ``interval``."""
     while not stop.is_set():
         metrics.store_up.set(1 if await store.ping() else 0)
+        try:
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        except TimeoutError:
+            pass
 
 
 @dataclass(slots=True)
@@ -962,14 +1067,51 @@ async def keep_gc_young(stop: asyncio.Event, interval: float = GC_FREEZE_INTERVA
             pass
 
 
-async def run(config: Config, *, role: Role = Role.ALL) -> int:
-    """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code."""
+class _WorkerTag(logging.Filter):
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.slot
+        return True
+
+
+def tag_worker_logs(slot: int) -> None:
+    """Every line a worker logs names its slot: the workers share the supervisor's stderr."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(slot))
+
+
+def supervisor_lost(stop: asyncio.Event) -> None:
+    """A worker's supervisor is gone: no datagram will reach it again, so it drains."""
+    if not stop.is_set():
+        log.error("supervisor lost: draining")
+        stop.set()
+
+
+async def run(
+    config: Config,
+    *,
+    role: Role = Role.ALL,
+    worker: WorkerSetup | None = None,
+    supervision: Supervision | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; a second signal skips the drain. Returns the exit code.
+
+    ``worker``: this process is one edge worker of a supervisor (no HTTP listener; its
+    readiness and metrics go over the control channel). ``supervision``: this process is the
+    supervisor; the edge runs in its workers, and provisioning (``--role all``) here.
+    """
     logs.configure(config.log.level)
+    if worker is not None:
+        tag_worker_logs(worker.slot)
     check_role(config, role)
     await check_schema(config, writer=role is not Role.EDGE and bool(config.provisioning.tokens))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     force = asyncio.Event()
+    edge_here = role in (Role.EDGE, Role.ALL) and supervision is None
 
     def on_signal(name: str) -> None:
         if stop.is_set():
@@ -979,13 +1121,18 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
             log.info("signal received: draining", extra={"signal": name})
             stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A worker shares the terminal's process group: Ctrl-C reaches it too, and the
+    # supervisor's forwarded SIGTERM would then count as a second signal and cut the drain.
+    signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
+    if worker is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig.name)
 
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
     metrics = Metrics()
-    store = build_store(config, mirror=role is not Role.PROVISIONING)
+    store = build_store(config, mirror=edge_here)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
     keeper_stop = asyncio.Event()
@@ -997,10 +1144,10 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     coverage: CoverageMonitor | None = None
     notify = build_notify(
         config,
-        edge=role in (Role.EDGE, Role.ALL),
+        edge=edge_here,
         on_dropped=notification_dropped(metrics),
     )
-    provisioning = role in (Role.PROVISIONING, Role.ALL)
+    provisioning = role in (Role.PROVISIONING, Role.ALL) and worker is None
     if provisioning and not config.provisioning.tokens:
         log.warning("provisioning API not started: [provisioning] tokens is empty")
         provisioning = False
@@ -1010,9 +1157,10 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
         if provisioning and role is Role.ALL
         else None
     )
+    link: asyncio.Task[None] | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if role in (Role.EDGE, Role.ALL):
+            if edge_here:
                 sink = record_sink(config, handoff)
                 if sink is not None:
                     recorder = build_recorder(config, sink, metrics)
@@ -1023,7 +1171,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                     )
                 publisher = notify.publisher if notify is not None else None
                 running = await start_edge(
-                    config, store, metrics, recorder=recorder, notify=publisher
+                    config, store, metrics, recorder=recorder, notify=publisher, worker=worker
                 )
             if provisioning:
                 if config.bandwidth.run_emulator:
@@ -1088,20 +1236,36 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 return (not draining, {"status": "draining" if draining else "ready"})
 
             host, port = config.http.listen
-            await stack.enter_async_context(
-                serve_http(
-                    build_ops_app(metrics=metrics, readiness=readiness),
-                    host,
-                    port,
-                    tls=config.http.tls,
-                    section="http",
+            if supervision is not None:
+                stack.push_async_callback(supervision.close)
+                await supervision.start()
+            if worker is not None:
+                link = loop.create_task(
+                    serve_worker_side(
+                        socket.socket(fileno=worker.control_fd),
+                        render=metrics.render,
+                        readiness=readiness,
+                        on_lost=functools.partial(supervisor_lost, stop),
+                    )
                 )
-            )
+            else:
+                await stack.enter_async_context(
+                    serve_http(
+                        supervision.ops_app(metrics)
+                        if supervision is not None
+                        else build_ops_app(metrics=metrics, readiness=readiness),
+                        host,
+                        port,
+                        tls=config.http.tls,
+                        section="http",
+                    )
+                )
             tune_gc()
             log.info(
                 "e911-sip running",
                 extra={
                     "role": role.value,
+                    "workers": config.sip.workers,
                     "http": http_url(host, port, config.http.tls),
                     "store": (
                         "memory"
@@ -1144,12 +1308,18 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
                 await stop.wait()
                 if running is not None:
                     await running.edge.drain(force)
+                if supervision is not None:
+                    await supervision.drain(force)
                 watch_stop.set()
                 if writing is not None:
                     # The records the edge finishes as it stops go to the keeper first.
                     await writing
                 keeper_stop.set()
     finally:
+        if link is not None:
+            link.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link
         if source is not None:
             await source.close()
         if calls is not None:
@@ -1161,7 +1331,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
         await store.close()
         if notify is not None:
             await notify.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
     log.info("e911-sip stopped")
     return 0

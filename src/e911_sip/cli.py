@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from e911_sip import __version__, app, logs
+from e911_sip import __version__, app, logs, supervisor
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
 from e911_sip.config import Config, ConfigError, load
 from e911_sip.provisioning import remote
@@ -404,6 +404,8 @@ def _parser() -> argparse.ArgumentParser:
         default=app.Role.ALL.value,
         help="edge, provisioning, or all in one process (default: all)",
     )
+    # Set by the supervisor when it starts a worker ([sip] workers above 1), never by hand.
+    serve.add_argument("--worker", type=app.WorkerSetup.parse, help=argparse.SUPPRESS)
 
     resync = sub.add_parser(
         "resync",
@@ -504,6 +506,8 @@ def _check_config(path: Path) -> int:
 
     print(f"{path}: OK")
     row("sip listen", ", ".join(str(a) for a in config.sip.listen))
+    workers = config.sip.workers
+    row("edge workers", "1 (in the serve process)" if workers == 1 else f"{workers}, supervised")
     row("emergency trunks", ", ".join(config.emergency.trunks))
     row("default trunks", ", ".join(config.default.trunks) or "(none)")
     row("store", redacted(config.store.url))
@@ -566,7 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _resync(args)
         if args.command == "serve":
             config = load(args.config, os.environ)
-            return _run(app.run(config, role=app.Role(args.role)))
+            role = app.Role(args.role)
+            if args.worker is not None:
+                return _run(app.run(config, role=app.Role.EDGE, worker=args.worker))
+            if config.sip.workers > 1 and role is not app.Role.PROVISIONING:
+                return _run(supervisor.serve(config, role=role))
+            return _run(app.run(config, role=role))
     except ConfigError as exc:
         print(f"e911-sip: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import ssl
 import tomllib
@@ -83,6 +84,10 @@ class SipConfig:
     """RFC 3261 Timer C for proxied INVITEs, seconds; must exceed 180."""
     tcp_connect_timeout: float = 2.0
     """Seconds to open an outbound TCP connection before it counts as a transport error."""
+    workers: int = 1
+    """Edge worker processes behind the one UDP address (``"auto"`` in the file: one per
+    CPU). 1 runs the edge in the ``serve`` process itself; more start a supervisor that
+    hands each UDP datagram to a worker by its Call-ID (TCP and TLS are served by worker 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -647,6 +652,12 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
             "[sip] advertise: required when listening on a wildcard address "
             "(set the IP peers should send to)"
         )
+    workers = _workers(s)
+    if workers > 1 and not any(a.transport == "udp" for a in listen):
+        raise ConfigError(
+            "[sip] workers: more than one worker needs a udp listener in [sip] listen (the "
+            "supervisor hands its datagrams to the workers; tcp and tls are served by worker 0)"
+        )
     timer_c = s.number("timer_c", d.timer_c)
     if timer_c <= 180:
         raise ConfigError(f"[sip] timer_c: must exceed 180 s (RFC 3261 §16.6), got {timer_c}")
@@ -660,7 +671,29 @@ def _sip(data: Mapping[str, Any]) -> SipConfig:
         t4=s.number("t4", d.t4, minimum=0.001),
         timer_c=timer_c,
         tcp_connect_timeout=s.number("tcp_connect_timeout", d.tcp_connect_timeout, minimum=0.01),
+        workers=workers,
     )
+
+
+MAX_WORKERS = 256
+"""More edge workers than this is a typo, not a host."""
+
+
+def _workers(s: _Section) -> int:
+    """``[sip] workers``: a count, or ``"auto"`` for one per CPU the host reports."""
+    value = s.get("workers", 1)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+        if not text.isdigit():
+            raise ConfigError(f'[sip] workers: expected a number or "auto", got {value!r}')
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f'[sip] workers: expected a number or "auto", got {value!r}')
+    if not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"[sip] workers: must be 1 to {MAX_WORKERS}, got {value}")
+    return value
 
 
 _PROBE_KEYS = {"probe_interval", "probe_timeout", "probe_failures", "probe_successes"}
@@ -1352,6 +1385,11 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         notify=_notify(tables["notify"], base),
     )
     _check_tls(config)
+    if config.sip.workers > 1 and config.store.url.startswith("memory://"):
+        raise ConfigError(
+            "[sip] workers: more than one worker needs a shared location store: set "
+            "[store] url to redis:// (each worker's memory:// store would be its own)"
+        )
     return config
 
 

@@ -7,6 +7,7 @@ collide and ``/metrics`` shows only this product's series plus the process colle
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -21,6 +22,7 @@ from prometheus_client import (
     PlatformCollector as _PlatformCollector,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -503,6 +505,177 @@ class Metrics:
             self.store_breaker.labels(name).set(1 if name == state else 0)
         if count:
             self.store_breaker_transitions.labels(state).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+# -- several workers: one /metrics over all of them ---------------------------------------------
+
+GAUGES_MAX = frozenset(
+    {
+        "e911_sip_overload_limit",
+        "e911_sip_event_loop_lag_seconds",
+        "e911_sip_location_records",
+        "e911_sip_location_sync_age_seconds",
+        "e911_sip_store_breaker_state",
+        "e911_sip_coverage_lines",
+        "e911_sip_coverage_share",
+        "e911_sip_coverage_endpoints_pending",
+        "e911_sip_coverage_endpoints_failed",
+        "e911_sip_coverage_alert_below",
+        "e911_sip_call_records_backlog",
+        "e911_sip_notification_queue_depth",
+        "e911_sip_notification_dead_letters",
+        "process_max_fds",
+        "python_info",
+    }
+)
+"""Gauges every worker reports the same thing for (a configured limit, a copy of shared
+state, the worst case): the merged value is the highest. Other gauges count something each
+worker holds (transactions, queued datagrams, memory) and are summed."""
+
+GAUGES_MIN = frozenset({"e911_sip_store_up", "e911_sip_trunk_up", "process_start_time_seconds"})
+"""Gauges where one worker's 0 must show: the merged value is the lowest."""
+
+_ADDITIVE = frozenset({"counter", "histogram", "summary"})
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(slots=True)
+class Family:
+    """One metric family parsed from Prometheus text: its type, help and samples."""
+
+    type: str
+    documentation: str
+    samples: dict[SampleKey, float]
+
+
+def parse_exposition(text: bytes) -> dict[str, Family]:
+    """The families of a Prometheus text exposition (``_created`` series left out: a sum
+    over processes has no single creation time)."""
+    families: dict[str, Family] = {}
+    for parsed in text_string_to_metric_families(text.decode("utf-8", "replace")):
+        if parsed.name.endswith("_created"):
+            continue
+        samples: dict[SampleKey, float] = {}
+        for sample in parsed.samples:
+            if sample.name.endswith("_created"):
+                continue
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        families[parsed.name] = Family(parsed.type, parsed.documentation, samples)
+    return families
+
+
+def additive_part(families: dict[str, Family]) -> dict[str, Family]:
+    """Only the counters, histograms and summaries: what a dead worker leaves behind."""
+    return {name: f for name, f in families.items() if f.type in _ADDITIVE}
+
+
+def merge_families(parts: Iterable[dict[str, Family]]) -> dict[str, Family]:
+    """One set of families from several processes' (see :data:`GAUGES_MAX`,
+    :data:`GAUGES_MIN`; everything else is summed)."""
+    merged: dict[str, Family] = {}
+    for part in parts:
+        for name, family in part.items():
+            into = merged.get(name)
+            if into is None:
+                merged[name] = Family(family.type, family.documentation, dict(family.samples))
+                continue
+            combine: Callable[[float, float], float]
+            if family.type == "gauge" and name in GAUGES_MAX:
+                combine = max
+            elif family.type == "gauge" and name in GAUGES_MIN:
+                combine = min
+            else:
+                combine = _add
+            for key, value in family.samples.items():
+                have = into.samples.get(key)
+                into.samples[key] = value if have is None else combine(have, value)
+    return merged
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+class _Families(Collector):
+    def __init__(self, families: dict[str, Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        for name, family in self._families.items():
+            metric = Metric(name, family.documentation, family.type)
+            for (sample, labels), value in family.samples.items():
+                metric.add_sample(sample, dict(labels), value)
+            yield metric
+
+
+def render_families(families: dict[str, Family]) -> bytes:
+    """Prometheus text of ``families``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
+
+
+class _PerWorkerCounter(Collector):
+    """A counter per worker slot read from the dispatcher's own tallies when scraped: the
+    dispatcher counts in a plain dict, the cheapest thing per datagram."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._function: Callable[[], dict[int, int]] = dict
+
+    def set_function(self, function: Callable[[], dict[int, int]]) -> None:
+        self._function = function
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=["worker"])
+        for slot, count in sorted(self._function().items()):
+            family.add_metric([str(slot)], count)
+        yield family
+
+
+class SupervisorMetrics:
+    """The supervisor's own series, beside the merged ones of its workers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.worker_restarts = Counter(
+            "e911_sip_worker_restarts",
+            "Edge workers started again after they exited unasked, by worker slot.",
+            ["worker"],
+            registry=r,
+        )
+        self.workers = Gauge(
+            "e911_sip_workers",
+            "Edge workers by state: configured, live (receiving datagrams), ready.",
+            ["state"],
+            registry=r,
+        )
+        self.dispatched = _PerWorkerCounter(
+            "e911_sip_worker_datagrams",
+            "Datagrams the dispatcher handed to each worker slot.",
+        )
+        r.register(self.dispatched)
+        self.dispatch_claims = Gauge(
+            "e911_sip_dispatch_claims",
+            "Call-IDs claimed by the worker whose TCP/TLS stream carried them, remembered by "
+            "the dispatcher so their UDP messages go to that worker (at most 65,536, the "
+            "oldest forgotten first).",
+            registry=r,
+        )
+        self.dispatch_dropped = Counter(
+            "e911_sip_dispatch_dropped",
+            "Datagrams the dispatcher dropped, by reason: no_worker (none live), worker_busy "
+            "(its channel full), worker_gone (its end closed).",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
