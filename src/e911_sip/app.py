@@ -102,8 +102,9 @@ from e911_sip.sip.transaction import TimerSettings
 from e911_sip.store.base import LineRecordWriter, LocationStore
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
-from e911_sip.store.redis import RedisStore
+from e911_sip.store.redis import RedisStore, connect
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.store.sentinel import master_changes
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpOptions, UdpTransport
@@ -706,14 +707,16 @@ def build_notify(
                 raise ConfigError(f"[notify] queue_file: {exc}") from exc
     else:
         consumer = n.consumer or "notifier"
-        events = RedisStreamQueue.from_url(
-            config.store.url,
+        # Through store.redis.connect, not RedisStreamQueue.from_url: that is where every
+        # Redis URL form (redis+sentinel:// too) is understood.
+        events = RedisStreamQueue(
+            connect(config.store.url, socket_timeout=5.0),
             stream=f"{n.key_prefix}events",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
         )
-        deliveries = RedisStreamQueue.from_url(
-            config.store.url,
+        deliveries = RedisStreamQueue(
+            connect(config.store.url, socket_timeout=5.0),
             stream=f"{n.key_prefix}deliveries",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
@@ -893,6 +896,7 @@ async def run(config: Config, *, role: Role = Role.ALL) -> int:
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
     metrics = Metrics()
+    metrics.store_master_changes.set_function(lambda: float(master_changes()))
     store = build_store(config, mirror=role is not Role.PROVISIONING)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()
