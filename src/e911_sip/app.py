@@ -708,15 +708,17 @@ def build_notify(
     else:
         consumer = n.consumer or "notifier"
         # Through store.redis.connect, not RedisStreamQueue.from_url: that is where every
-        # Redis URL form (redis+sentinel:// too) is understood.
+        # Redis URL form (redis+sentinel:// too) is understood. No replica acknowledgements:
+        # the publisher retries a failed batch, and a batch the master applied but no replica
+        # confirmed would be queued (and notified) twice.
         events = RedisStreamQueue(
-            connect(config.store.url, socket_timeout=5.0),
+            connect(config.store.url, socket_timeout=5.0, replica_acks=False),
             stream=f"{n.key_prefix}events",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
         )
         deliveries = RedisStreamQueue(
-            connect(config.store.url, socket_timeout=5.0),
+            connect(config.store.url, socket_timeout=5.0, replica_acks=False),
             stream=f"{n.key_prefix}deliveries",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,

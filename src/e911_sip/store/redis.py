@@ -62,6 +62,7 @@ def connect(
     socket_timeout: float,
     max_connections: int = 64,
     decode_responses: bool = True,
+    replica_acks: bool = True,
 ) -> aioredis.Redis:
     """A ``redis.asyncio`` client as every part of the product uses it, for any Redis URL
     (``redis+sentinel://`` included: see :mod:`e911_sip.store.sentinel`).
@@ -71,6 +72,9 @@ def connect(
     bounds lookups itself); no periodic health check on the hot path. When every
     connection is busy a command waits for one, up to ``socket_timeout``, instead of failing
     at once.
+
+    ``replica_acks=False``: no ``WAIT`` after a transaction even when the URL asks for
+    ``min_replicas_ack`` (for writers that retry a failed batch, which would store it again).
     """
     pool = connection_pool(
         url,
@@ -83,7 +87,7 @@ def connect(
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return client_from_pool(url, pool)
+    return client_from_pool(url, pool, replica_acks=replica_acks)
 
 
 class _Pending:

@@ -360,9 +360,12 @@ class AckedRedis(aioredis.Redis):
         return pipe
 
 
-def client_from_pool(url: str, pool: ConnectionPool) -> aioredis.Redis:
-    """A client owning ``pool``; one that waits for replicas when the URL asks for it."""
-    if is_sentinel_url(url):
+def client_from_pool(
+    url: str, pool: ConnectionPool, *, replica_acks: bool = True
+) -> aioredis.Redis:
+    """A client owning ``pool``; one that waits for replicas when the URL asks for it and
+    ``replica_acks`` allows."""
+    if replica_acks and is_sentinel_url(url):
         target = parse_sentinel_url(url)
         if target.min_replicas_ack > 0:
             client = cast(AckedRedis, AckedRedis.from_pool(pool))
