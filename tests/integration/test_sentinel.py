@@ -489,6 +489,9 @@ def test_911_calls_keep_their_location_through_a_failover(
     assert caller_result.ok, caller_result.summary()
     trunk_result = uas.wait(timeout=BOUND)
     assert trunk_result.ok, trunk_result.summary()
+    # ... and each was counted once, enriched: none cached, none without a location.
+    assert edge.metric("e911_sip_emergency_calls_total", outcome="enriched") == calls
+    assert edge.metric("e911_sip_emergency_calls_total") == calls
 
     on_new = new_master.client()
     missing = [
