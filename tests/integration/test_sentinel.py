@@ -344,6 +344,57 @@ async def test_store_mirror_and_writes_follow_a_failover(cluster: SentinelCluste
         await direct.close()
 
 
+async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
+    cluster: SentinelCluster,
+) -> None:
+    # SENTINEL FAILOVER: the old master stays up and becomes a replica (read-only, and still
+    # answering lookups with what it has), so nothing breaks by itself the way a crash does.
+    url = cluster.url()
+    direct = RedisStore(url=url, pool_size=2)
+    mirror = MirroredRedisStore(
+        url=url, direct=RedisStore(url=url, pool_size=2), options=MirrorOptions()
+    )
+    stop = asyncio.Event()
+    follower = asyncio.create_task(mirror.run(stop))
+    changes_before = master_changes()
+    try:
+        await direct.put_records({line(1): record(1)})
+        assert await direct.lookup(line(1)) == record(1)
+        await until(lambda: mirror.state().in_sync, "mirror in sync")
+        old_port = cluster.master_port()
+        with cluster.sentinels[0].client() as client:
+            assert client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        new_master = await asyncio.to_thread(cluster.wait_for_new_master, old_port)
+        old = cluster.server(old_port)
+        await asyncio.to_thread(
+            cluster.wait_for,
+            lambda: cluster.client(old).info("replication").get("role") == "slave",
+            "the old master demoted",
+        )
+
+        deadline = time.monotonic() + BOUND
+        while True:
+            try:
+                await direct.put_records({line(1): record(2)})
+                break
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        assert new_master.client().hget(f"e911:line:{line(1)}", "provider_endpoint") == (
+            "555555/sentinel00002"
+        )
+        await until(lambda: mirror.lookup_now(line(1)) == record(2), "the write mirrored")
+        assert await direct.ping()
+        assert master_changes() > changes_before
+        assert await direct.lookup(line(1)) == record(2)
+    finally:
+        stop.set()
+        await follower
+        await mirror.close()
+        await direct.close()
+
+
 async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelCluster) -> None:
     # Three replicas asked, two exist: the write is applied but never acknowledged.
     client = connect(cluster.url(min_replicas_ack="3", replica_ack_timeout="0.2"), socket_timeout=2)

@@ -3,12 +3,13 @@ malformed one refused by config.py naming its section and key."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from e911_sip.config import ConfigError, from_mapping
-from e911_sip.store.redis import _Address
+from e911_sip.store.redis import RedisStore, _Address, _Connection
 from e911_sip.store.sentinel import (
     SentinelUrl,
     check_redis_url,
@@ -160,3 +161,47 @@ def test_a_master_switch_is_counted_once_per_process() -> None:
     assert note_master(target, ("10.0.0.1", 6379)) is False  # another client, same master
     assert note_master(target, ("10.0.0.2", 6379)) is True
     assert note_master(target, ("10.0.0.2", 6379)) is False
+
+
+class _Transport:
+    """Enough of an asyncio transport for a lookup connection that is never really opened."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_connections_to_an_old_master_are_retired_once_they_have_answered() -> None:
+    store = RedisStore(url="redis+sentinel://127.0.0.1:1/e911", pool_size=3)
+    connections = []
+    transports = []
+    for address in (("10.0.0.1", 6379), ("10.0.0.1", 6379), ("10.0.0.2", 6379)):
+        connection = _Connection(store, silence=60.0)
+        transport = _Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.ready = True
+        connection.address = address
+        connections.append(connection)
+        transports.append(transport)
+    store._slots = list(connections)
+    idle, busy, current = connections
+    reply = asyncio.get_running_loop().create_future()
+    busy.send(b"*1\r\n$4\r\nPING\r\n", reply)
+
+    store._retire(("10.0.0.2", 6379))
+
+    assert transports[0].aborted and store._slots[0] is None  # idle: closed at once
+    assert busy.retired and not transports[1].aborted  # busy: finishes what it carries
+    assert store._pick() is current  # and takes nothing new
+    busy.data_received(b"+PONG\r\n")
+    assert reply.result() == b"PONG"
+    assert transports[1].aborted and store._slots[1] is None
+    assert not transports[2].aborted and store._slots[2] is current
+    store._closed = True
+    await store._client.aclose()
