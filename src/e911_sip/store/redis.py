@@ -491,11 +491,14 @@ class RedisStore:
         Behind Sentinel it first asks the sentinels for the master: a switch is noticed here
         (every health check) even when no connection to the old master broke, and the
         connections to the old master are closed once they have answered what they carry."""
-        try:
-            if self._address.sentinel is not None:
+        if self._address.sentinel is not None:
+            try:
                 self._retire(await self._master())
+            except StoreError:
+                pass  # no sentinel answered: the master may still, and PING tells
+        try:
             ok = bool(await self._client.ping())
-        except (RedisError, OSError, StoreError):
+        except (RedisError, OSError):
             return False
         if ok:
             self._connect_missing()
