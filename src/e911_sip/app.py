@@ -105,8 +105,9 @@ from e911_sip.store import schema
 from e911_sip.store.base import LineRecordWriter, LocationStore, StoreError
 from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
-from e911_sip.store.redis import RedisStore
+from e911_sip.store.redis import RedisStore, connect
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.store.sentinel import master_changes
 from e911_sip.transport.control import serve_worker_side
 from e911_sip.transport.dispatch import ClaimingSink, WorkerStreamTransport, WorkerUdpTransport
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
@@ -901,14 +902,18 @@ def build_notify(
                 raise ConfigError(f"[notify] queue_file: {exc}") from exc
     else:
         consumer = n.consumer or "notifier"
-        events = RedisStreamQueue.from_url(
-            config.store.url,
+        # Through store.redis.connect, not RedisStreamQueue.from_url: that is where every
+        # Redis URL form (redis+sentinel:// too) is understood. No replica acknowledgements:
+        # the publisher retries a failed batch, and a batch the master applied but no replica
+        # confirmed would be queued (and notified) twice.
+        events = RedisStreamQueue(
+            connect(config.store.url, socket_timeout=5.0, replica_acks=False),
             stream=f"{n.key_prefix}events",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
         )
-        deliveries = RedisStreamQueue.from_url(
-            config.store.url,
+        deliveries = RedisStreamQueue(
+            connect(config.store.url, socket_timeout=5.0, replica_acks=False),
             stream=f"{n.key_prefix}deliveries",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
@@ -1132,6 +1137,7 @@ async def run(
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
     metrics = Metrics()
+    metrics.store_master_changes.set_function(lambda: float(master_changes()))
     store = build_store(config, mirror=edge_here)
     running: RunningEdge | None = None
     watch_stop = asyncio.Event()

@@ -31,6 +31,7 @@ from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.uri import parse_uri
 from e911_sip.store.breaker import BreakerOptions
+from e911_sip.store.sentinel import check_redis_url
 from e911_sip.transport.limits import StreamLimits
 
 ENV_PREFIX = "E911_SIP__"
@@ -184,7 +185,9 @@ class StoreConfig:
     """[store]: the location store the edge reads."""
 
     url: str = "memory://"
-    """``memory://`` (embedded, optionally seeded) or ``redis://host:port/db``."""
+    """``memory://`` (embedded, optionally seeded), ``redis://host:port/db`` (``rediss://``,
+    ``unix://``) or ``redis+sentinel://h1:p1,h2:p2,h3:p3/SERVICE[/DB]`` (the master Redis
+    Sentinel names; see docs/operations.md, "Redis Sentinel")."""
     seed_file: Path | None = None
     """JSON file of line records loaded into the memory store at start."""
     key_prefix: str = "e911:line:"
@@ -876,8 +879,11 @@ def _store(data: Mapping[str, Any], base: Path | None) -> StoreConfig:
     s = _Section("store", data, _fields(StoreConfig))
     d = StoreConfig()
     url = s.string("url", d.url)
-    if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
-        raise ConfigError(f"[store] url: expected memory:// or redis://HOST:PORT/DB, got {url!r}")
+    if not url.startswith("memory://"):
+        try:
+            check_redis_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"[store] url: expected memory:// or a Redis URL: {exc}") from None
     seed = s.optional_string("seed_file")
     seed_path: Path | None = None
     if seed is not None:
@@ -1088,10 +1094,14 @@ def _state_url(value: str, where: str, base: Path | None) -> str:
         if not path.is_absolute() and base is not None:
             path = base / path
         return f"file://{path}"
-    if not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
+    if value.startswith("memory://"):
+        return value
+    try:
+        check_redis_url(value)
+    except ValueError as exc:
         raise ConfigError(
-            f"{where}: expected memory://, file:///PATH or redis://..., got {value!r}"
-        )
+            f"{where}: expected memory://, file:///PATH or a Redis URL: {exc}"
+        ) from None
     return value
 
 

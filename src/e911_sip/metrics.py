@@ -335,6 +335,12 @@ class Metrics:
             "1 when the location store answered its last health check, else 0.",
             registry=r,
         )
+        self.store_master_changes = _FunctionCounter(
+            "e911_sip_store_master_changes",
+            "Redis master switches this process was told of by the sentinels "
+            "(redis+sentinel:// only; once per switch, whichever client saw it first).",
+        )
+        r.register(self.store_master_changes)
         self.provisioning_operations = Counter(
             "e911_sip_provisioning_operations_total",
             "Provisioning API operations by operation and result.",

@@ -256,7 +256,9 @@ class RedisStreamQueue:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStreamQueue:
-        """A queue on its own connection pool to ``url``."""
+        """A queue on its own connection pool to ``url`` (``redis://``, ``rediss://`` or
+        ``unix://``; the product builds its queues on ``store.redis.connect``, which also
+        takes ``redis+sentinel://``)."""
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, decode_responses=True)
         return cls(client, **kwargs)
 

@@ -56,6 +56,7 @@ from e911_sip.store.base import (
     SyncState,
 )
 from e911_sip.store.redis import RedisStore
+from e911_sip.store.sentinel import connection_pool, is_sentinel_url
 
 log = logging.getLogger("e911_sip.store.mirror")
 
@@ -147,14 +148,26 @@ class MirroredRedisStore:
         self._options = options
         self._clock = clock
         self._records: dict[int, str] = {}
-        self._reader: aioredis.Redis = aioredis.Redis.from_url(
+        self._reader: aioredis.Redis = aioredis.Redis.from_pool(
+            connection_pool(
+                url,
+                decode_responses=False,
+                socket_timeout=options.socket_timeout,
+                socket_connect_timeout=options.socket_timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+        )
+        # One pool for every tracking connection of the mirror's life: behind Sentinel it
+        # holds the sentinel clients that find the master for each new session.
+        self._tracking_pool = connection_pool(
             url,
-            decode_responses=False,
-            socket_timeout=options.socket_timeout,
+            protocol=2,
+            socket_timeout=None,
             socket_connect_timeout=options.socket_timeout,
             retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
         )
+        self._sentinel = is_sentinel_url(url)
         self._loaded = False
         self._in_sync = False
         self._synced_at: float | None = None
@@ -189,6 +202,10 @@ class MirroredRedisStore:
     async def close(self) -> None:
         try:
             await self._reader.aclose()
+        except (RedisError, OSError):
+            pass
+        try:
+            await self._tracking_pool.aclose()
         except (RedisError, OSError):
             pass
         await self._direct.close()
@@ -274,20 +291,37 @@ class MirroredRedisStore:
             await tracking.disconnect()
 
     async def _connect_tracking(self) -> Connection:
-        pool = aioredis.ConnectionPool.from_url(
-            self._url,
-            protocol=2,
-            socket_timeout=None,
-            socket_connect_timeout=self._options.socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        connection = pool.make_connection()  # type: ignore[no-untyped-call]
+        connection = self._tracking_pool.make_connection()  # type: ignore[no-untyped-call]
         if not isinstance(connection, Connection):
             raise StoreError(
                 f"the location mirror needs a TCP or TLS connection to Redis, "
                 f"not a {type(connection).__name__}"
             )
-        await connection.connect()  # type: ignore[no-untyped-call]
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            if self._sentinel:
+                # The sentinels may still name a master that has just been demoted:
+                # invalidations are only sent for writes made on the master itself.
+                await connection.send_command("ROLE")
+                role = await connection.read_response()
+                if not (isinstance(role, list) and role and role[0] == b"master"):
+                    raise StoreError(
+                        f"the instance the sentinels named is not the master: {role!r:.40}"
+                    )
+                # A session begins on every new master: the full load that follows is the
+                # resync after a failover.
+                log.info(
+                    "location mirror following the redis master",
+                    extra={"master": f"{connection.host}:{connection.port}"},
+                )
+            await self._handshake(connection)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        return connection
+
+    async def _handshake(self, connection: Connection) -> None:
+        """Tracking on, redirected to this connection, then the invalidation channel."""
         await connection.send_command("CLIENT", "ID")
         client_id = await connection.read_response()
         await connection.send_command(
@@ -296,7 +330,6 @@ class MirroredRedisStore:
         await connection.read_response()
         await connection.send_command("SUBSCRIBE", _INVALIDATE_CHANNEL)
         await connection.read_response()
-        return connection
 
     async def _read_invalidations(self, connection: Connection, last_reply: list[float]) -> None:
         while True:

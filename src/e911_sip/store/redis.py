@@ -27,7 +27,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -40,6 +39,14 @@ from e911_sip.store.base import (
     StoreError,
     StoreTimeout,
     StoreUnreachable,
+)
+from e911_sip.store.sentinel import (
+    SentinelPool,
+    SentinelUrl,
+    client_from_pool,
+    connection_pool,
+    is_sentinel_url,
+    parse_sentinel_url,
 )
 
 MAX_IN_FLIGHT = 256
@@ -55,17 +62,23 @@ def connect(
     socket_timeout: float,
     max_connections: int = 64,
     decode_responses: bool = True,
+    replica_acks: bool = True,
 ) -> aioredis.Redis:
-    """A ``redis.asyncio`` client as every part of the product uses it.
+    """A ``redis.asyncio`` client as every part of the product uses it, for any Redis URL
+    (``redis+sentinel://`` included: see :mod:`e911_sip.store.sentinel`).
 
     Replies decoded as text unless ``decode_responses`` is False; no client-side retries (a
     retried EXEC could apply a change twice from the caller's point of view, and the edge
     bounds lookups itself); no periodic health check on the hot path. When every
     connection is busy a command waits for one, up to ``socket_timeout``, instead of failing
     at once.
+
+    ``replica_acks=False``: no ``WAIT`` after a transaction even when the URL asks for
+    ``min_replicas_ack`` (for writers that retry a failed batch, which would store it again).
     """
-    pool = BlockingConnectionPool.from_url(
+    pool = connection_pool(
         url,
+        blocking=True,
         max_connections=max_connections,
         timeout=socket_timeout,
         decode_responses=decode_responses,
@@ -74,7 +87,7 @@ def connect(
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return aioredis.Redis.from_pool(pool)
+    return client_from_pool(url, pool, replica_acks=replica_acks)
 
 
 class _Pending:
@@ -90,15 +103,27 @@ class _Pending:
 
 
 class _Address:
-    """Where and how the lookup connections connect, read from the store URL."""
+    """Where and how the lookup connections connect, read from the store URL.
+
+    With ``redis+sentinel://``, ``host``/``port`` are the master's as the sentinels last named
+    it (:meth:`RedisStore._master`), and ``setup`` ends with ``ROLE`` so a connection opened
+    to an instance that is no longer the master is refused before it carries a lookup."""
 
     def __init__(self, url: str) -> None:
+        self.unix_path: str | None = None
+        self.tls: ssl.SSLContext | None = None
+        self.sentinel: SentinelUrl | None = None
+        if is_sentinel_url(url):
+            self.sentinel = parse_sentinel_url(url)
+            self.host, self.port = "", 0
+            self.db = self.sentinel.db
+            self.username = self.sentinel.username
+            self.password = self.sentinel.password
+            return
         parts = urlsplit(url)
         query = parse_qs(parts.query)
-        self.unix_path: str | None = None
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
-        self.tls: ssl.SSLContext | None = None
         if parts.scheme == "unix":
             self.unix_path = parts.path
             db = query.get("db", ["0"])[0]
@@ -118,6 +143,8 @@ class _Address:
             commands.append(_pack(*(auth or ("AUTH", self.password))))
         if self.db:
             commands.append(_pack("SELECT", str(self.db)))
+        if self.sentinel is not None:
+            commands.append(_pack("ROLE"))
         return commands
 
 
@@ -149,6 +176,11 @@ class _Connection(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.ready = False
         self.closed = False
+        self.address: tuple[str, int] | None = None
+        """The master it was opened to (Sentinel only)."""
+        self.retired = False
+        """Opened to a master that is no longer one: takes no new lookups, closes once the
+        ones it carries are answered."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -181,6 +213,9 @@ class _Connection(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # else timed out or cancelled: the reply is dropped
                 future.set_result(reply)
+        if self.retired and not self.waiting:
+            self.abort("redis master moved")
+            return
         self._owner._drained()
 
     def _check_silence(self) -> None:
@@ -294,6 +329,7 @@ class RedisStore:
             if (
                 connection is not None
                 and connection.ready
+                and not connection.retired
                 and len(connection.waiting) < MAX_IN_FLIGHT
                 and (best is None or len(connection.waiting) < len(best.waiting))
             ):
@@ -360,13 +396,17 @@ class RedisStore:
         replies: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self._socket_timeout):
+                host, port = address.host, address.port
+                if address.sentinel is not None:
+                    host, port = await self._master()
+                    connection.address = (host, port)
                 if address.unix_path is not None:
                     await loop.create_unix_connection(lambda: connection, address.unix_path)
                 else:
                     await loop.create_connection(
                         lambda: connection,
-                        address.host,
-                        address.port,
+                        host,
+                        port,
                         ssl=address.tls,
                     )
                 setup = address.setup()
@@ -377,6 +417,12 @@ class RedisStore:
                     answer = await reply
                     if isinstance(answer, hiredis.ReplyError):
                         raise StoreUnreachable(f"redis refused the connection setup: {answer}")
+                if address.sentinel is not None:
+                    role = replies[-1].result()
+                    if not (isinstance(role, list) and role and role[0] == b"master"):
+                        raise StoreUnreachable(
+                            f"redis at {host}:{port} is not the master (ROLE {role!r:.40})"
+                        )
         except (OSError, TimeoutError, StoreError) as exc:
             connection.abort("setup failed")
             _discard(replies)
@@ -413,9 +459,43 @@ class RedisStore:
                     StoreUnreachable(str(failure), incident=failure.incident, connect=True)
                 )
 
+    async def _master(self) -> tuple[str, int]:
+        """The master's address as the sentinels name it now.
+
+        Raises:
+            StoreUnreachable: no sentinel answered, or none names a master that is up.
+        """
+        pool = self._client.connection_pool
+        if not isinstance(pool, SentinelPool):
+            raise StoreError("the redis store has no sentinels to ask")
+        try:
+            return await pool.get_master_address()
+        except (RedisError, OSError) as exc:
+            raise StoreUnreachable(
+                f"no redis master from the sentinels: {exc}", connect=True
+            ) from exc
+
+    def _retire(self, master: tuple[str, int]) -> None:
+        """Stop using lookup connections opened to another master than ``master``."""
+        for connection in self._slots:
+            if connection is None or connection.address in (None, master):
+                continue
+            connection.retired = True
+            if not connection.waiting:
+                connection.abort("redis master moved")
+
     async def ping(self) -> bool:
         """True when Redis answers PING. Also opens lookup connections that are missing, so
-        that a burst finds them open instead of paying for the handshakes."""
+        that a burst finds them open instead of paying for the handshakes.
+
+        Behind Sentinel it first asks the sentinels for the master: a switch is noticed here
+        (every health check) even when no connection to the old master broke, and the
+        connections to the old master are closed once they have answered what they carry."""
+        if self._address.sentinel is not None:
+            try:
+                self._retire(await self._master())
+            except StoreError:
+                pass  # no sentinel answered: the master may still, and PING tells
         try:
             ok = bool(await self._client.ping())
         except (RedisError, OSError):

@@ -1,0 +1,375 @@
+"""Redis URLs, and Redis behind Sentinel: one parser and one pool for every Redis user.
+
+Every Redis connection the product makes starts from a URL: ``redis://``, ``rediss://``,
+``unix://`` or, for a master watched by Redis Sentinel,
+
+    redis+sentinel://[user:password@]host1:port1,host2:port2,host3:port3/SERVICE[/DB]
+        [?sentinel_password=...&min_replicas_ack=N&replica_ack_timeout=SECONDS]
+
+``user:password`` authenticate to the master (the data node); ``sentinel_password`` to the
+sentinels (Redis 6 ``requirepass`` on a sentinel). A sentinel's port defaults to 26379.
+
+With the Sentinel form, a connection asks the sentinels for the current master of SERVICE
+each time it opens (``SENTINEL MASTERS``, a master in subjective or objective down state is
+not taken), so a connection lost with the old master reconnects to the new one without a
+restart. A connection still open to a demoted master sees ``READONLY`` on its next write and
+is dropped by redis-py (``SentinelManagedConnection``), and the store's health check asks the
+sentinels every interval, so a switch is noticed even while no connection breaks. A switch is
+logged once per process and counted (:func:`master_changes`, exported as
+``e911_sip_store_master_changes_total``).
+
+``min_replicas_ack``: every MULTI/EXEC a client from :func:`connection_pool` runs is followed,
+on the same connection, by ``WAIT N ms``; fewer replicas than N confirming within
+``replica_ack_timeout`` fails the write with :class:`ReplicationLag` (it is applied on the
+master all the same: WAIT cannot undo it). docs/decisions.md says why and what it costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("e911_sip.store.sentinel")
+
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+_PLAIN_SCHEMES = ("redis", "rediss", "unix")
+_SENTINEL_QUERY = frozenset({"sentinel_password", "min_replicas_ack", "replica_ack_timeout"})
+
+
+class ReplicationLag(RedisError):
+    """A write was applied on the master, but fewer replicas than asked confirmed it in time.
+
+    A RedisError, so every caller that maps Redis failures to its own error maps this one
+    too: the write is reported as failed and may be retried (every product write is a whole
+    replacement or carries an id, so a retry applies it once more, not twice over)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    """(host, port) of each sentinel, in the order given."""
+    service: str
+    """The master's name in the sentinels' configuration (``sentinel monitor NAME ...``)."""
+    db: int = 0
+    """Database number on the master."""
+    username: str | None = None
+    """ACL user on the master (and its replicas)."""
+    password: str | None = None
+    """Password on the master."""
+    sentinel_password: str | None = None
+    """Password on the sentinels (``requirepass`` in sentinel.conf)."""
+    min_replicas_ack: int = 0
+    """Replicas that must confirm each MULTI/EXEC (``WAIT``); 0: none asked."""
+    replica_ack_timeout: float = 0.5
+    """Seconds ``WAIT`` may block for those confirmations."""
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for the ``redis+sentinel://`` form."""
+    return url.startswith(f"{SENTINEL_SCHEME}://")
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError, saying what is wrong, unless ``url`` is a Redis URL the product can
+    connect to (``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``)."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return
+    scheme = url.partition("://")[0]
+    if scheme not in _PLAIN_SCHEMES or "://" not in url:
+        raise ValueError(
+            "expected redis://HOST:PORT/DB, rediss://, unix:///PATH or "
+            f"redis+sentinel://HOST:PORT,.../SERVICE, got {url!r}"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {url!r}") from None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The parts of a ``redis+sentinel://`` URL.
+
+    Raises:
+        ValueError: the URL is malformed; the message says how, and never holds a password.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        raise ValueError(f"expected {SENTINEL_SCHEME}://HOST:PORT,.../SERVICE")
+    rest, _, query_text = rest.partition("?")
+    rest, _, fragment = rest.partition("#")
+    if fragment:
+        raise ValueError("a sentinel URL has no #fragment")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts, userinfo = netloc, ""
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if not colon:
+            # redis:// reads a lone userinfo as the password (AUTH password); so do we.
+            username, password = None, unquote(user)
+    sentinels = tuple(_host_port(part) for part in hosts.split(","))
+    segments = path.split("/") if slash else []
+    if not segments or not segments[0]:
+        raise ValueError("the sentinel URL names no service: .../SERVICE after the hosts")
+    if len(segments) > 2:
+        raise ValueError("expected .../SERVICE or .../SERVICE/DB after the hosts")
+    service = unquote(segments[0])
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise ValueError(f"database must be a number, got {segments[1]!r}")
+        db = int(segments[1])
+    query = parse_qs(query_text, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(query) - _SENTINEL_QUERY)
+    if unknown:
+        raise ValueError(
+            f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(_SENTINEL_QUERY))})"
+        )
+    acks = _single(query, "min_replicas_ack")
+    timeout = _single(query, "replica_ack_timeout")
+    min_replicas_ack = 0
+    if acks is not None:
+        if not acks.isdigit():
+            raise ValueError(f"min_replicas_ack must be a whole number >= 0, got {acks!r}")
+        min_replicas_ack = int(acks)
+    replica_ack_timeout = 0.5
+    if timeout is not None:
+        try:
+            replica_ack_timeout = float(timeout)
+        except ValueError:
+            replica_ack_timeout = math.nan
+        if not (0.001 <= replica_ack_timeout <= 60.0):
+            raise ValueError(
+                f"replica_ack_timeout must be seconds between 0.001 and 60, got {timeout!r}"
+            )
+    return SentinelUrl(
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        sentinel_password=_single(query, "sentinel_password"),
+        min_replicas_ack=min_replicas_ack,
+        replica_ack_timeout=replica_ack_timeout,
+    )
+
+
+def _single(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise ValueError(f"parameter {name!r} is given {len(values)} times")
+    return values[0]
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` of one sentinel."""
+    if not text:
+        raise ValueError("empty sentinel address (expected HOST:PORT,HOST:PORT,...)")
+    if text.startswith("["):
+        host, bracket, after = text[1:].partition("]")
+        if not bracket or not host:
+            raise ValueError(f"unterminated IPv6 address in sentinel {text!r}")
+        if after and not after.startswith(":"):
+            raise ValueError(f"unexpected {after!r} after the IPv6 address {host!r}")
+        port_text = after[1:] if after else ""
+    else:
+        host, colon, port_text = text.partition(":")
+        if not host:
+            raise ValueError(f"sentinel {text!r} has no host")
+        if colon and not port_text:
+            raise ValueError(f"sentinel {text!r} has an empty port")
+        if ":" in port_text:
+            raise ValueError(f"sentinel {text!r}: put an IPv6 address in brackets")
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"sentinel {text!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
+# -- master switches --------------------------------------------------------------------------
+
+_masters: dict[tuple[tuple[tuple[str, int], ...], str], tuple[str, int]] = {}
+_changes = 0
+
+
+def note_master(target: SentinelUrl, address: tuple[str, int]) -> bool:
+    """Record the master the sentinels named for ``target``; True (and logged, counted) when
+    it differs from the last one any client of this process was given.
+
+    Per process, not per client: every Redis user of a process sees the same failover, and it
+    is counted once."""
+    global _changes
+    key = (target.sentinels, target.service)
+    address = (str(address[0]), int(address[1]))
+    previous = _masters.get(key)
+    _masters[key] = address
+    if previous is None or previous == address:
+        return False
+    _changes += 1
+    log.warning(
+        "redis master changed",
+        extra={
+            "service": target.service,
+            "old_master": f"{previous[0]}:{previous[1]}",
+            "new_master": f"{address[0]}:{address[1]}",
+        },
+    )
+    return True
+
+
+def master_changes() -> int:
+    """Master switches this process has seen (``e911_sip_store_master_changes_total``)."""
+    return _changes
+
+
+# -- redis-py pools ---------------------------------------------------------------------------
+
+
+def sentinel_manager(target: SentinelUrl, *, socket_timeout: float) -> Sentinel:
+    """A redis-py Sentinel client for ``target``'s sentinels: no retries (a sentinel that
+    does not answer is skipped for the next), each bounded by ``socket_timeout``."""
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+    }
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    return Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+
+
+class SentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool that notes each master it is given and closes its sentinel
+    clients with itself."""
+
+    def __init__(self, target: SentinelUrl, manager: Sentinel, **kwargs: Any) -> None:
+        self.target = target
+        self._discovering = asyncio.Lock()
+        super().__init__(target.service, manager, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def get_master_address(self) -> tuple[str, int]:
+        # One discovery at a time: redis-py's discover_master moves the sentinel that
+        # answered to the front of its list by index, and two at once can drop a sentinel
+        # client from the list (its open connection is then never closed).
+        async with self._discovering:
+            address = await super().get_master_address()  # type: ignore[no-untyped-call]
+        note_master(self.target, address)
+        return (str(address[0]), int(address[1]))
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            manager: Sentinel = self.sentinel_manager
+            await manager.aclose()
+
+
+class _BlockingSentinelPool(SentinelPool, BlockingConnectionPool):
+    """The Sentinel pool that waits for a free connection, like BlockingConnectionPool."""
+
+
+def connection_pool(
+    url: str, *, blocking: bool = False, **kwargs: Any
+) -> ConnectionPool | SentinelPool:
+    """A redis-py connection pool for any Redis URL; ``kwargs`` as for
+    ``ConnectionPool.from_url`` (and ``max_connections``/``timeout`` when ``blocking``).
+
+    For ``redis+sentinel://`` the pool's connections find the master through the sentinels
+    each time they open, and the pool owns (and closes) its sentinel clients.
+
+    Raises:
+        ValueError: a malformed URL.
+    """
+    if not is_sentinel_url(url):
+        cls = BlockingConnectionPool if blocking else ConnectionPool
+        return cls.from_url(url, **kwargs)
+    target = parse_sentinel_url(url)
+    timeout = kwargs.get("socket_connect_timeout") or kwargs.get("socket_timeout") or 1.0
+    manager = sentinel_manager(target, socket_timeout=float(timeout))
+    kwargs["db"] = target.db
+    if target.username is not None:
+        kwargs["username"] = target.username
+    if target.password is not None:
+        kwargs["password"] = target.password
+    cls_ = _BlockingSentinelPool if blocking else SentinelPool
+    return cls_(target, manager, **kwargs)
+
+
+class _AckedPipeline(Pipeline):
+    """A pipeline whose MULTI/EXEC is followed by ``WAIT`` on the same connection."""
+
+    replicas: int = 0
+    ack_timeout: float = 0.5
+
+    async def _execute_transaction(
+        self, connection: Any, commands: Any, raise_on_error: bool
+    ) -> list[Any]:
+        # redis-py's hook for MULTI/EXEC on a checked-out connection (5.x to 8.x): the WAIT
+        # must go on that connection, which counts only the writes it made itself.
+        result: list[Any] = await super()._execute_transaction(connection, commands, raise_on_error)
+        await connection.send_command("WAIT", self.replicas, int(self.ack_timeout * 1000))
+        extra = connection.socket_timeout or 1.0
+        acked = int(await connection.read_response(timeout=self.ack_timeout + extra))
+        if acked < self.replicas:
+            raise ReplicationLag(
+                f"applied on the master, but {acked} of the {self.replicas} replicas asked "
+                f"confirmed it within {self.ack_timeout:g} s"
+            )
+        return result
+
+
+class AckedRedis(aioredis.Redis):
+    """A client whose transactions (``pipeline(transaction=True)``) wait for replicas."""
+
+    replicas: int = 0
+    ack_timeout: float = 0.5
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        pipe = _AckedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.replicas = self.replicas
+        pipe.ack_timeout = self.ack_timeout
+        return pipe
+
+
+def client_from_pool(
+    url: str, pool: ConnectionPool, *, replica_acks: bool = True
+) -> aioredis.Redis:
+    """A client owning ``pool``; one that waits for replicas when the URL asks for it and
+    ``replica_acks`` allows."""
+    if replica_acks and is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        if target.min_replicas_ack > 0:
+            client = cast(AckedRedis, AckedRedis.from_pool(pool))
+            client.replicas = target.min_replicas_ack
+            client.ack_timeout = target.replica_ack_timeout
+            return client
+    return aioredis.Redis.from_pool(pool)
