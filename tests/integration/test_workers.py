@@ -243,7 +243,7 @@ def test_a_killed_worker_is_restarted_and_its_answered_calls_still_end(
         edge.sip_target,
         calls=load_calls,
         rate=20,
-        timeout=150,
+        timeout=90,
         extra=["-cid_str", "load-%u", "-trace_calldebug", "-calldebug_file", str(calldebug)],
     )
     wait_until(
@@ -267,9 +267,12 @@ def test_a_killed_worker_is_restarted_and_its_answered_calls_still_end(
     result = answered.wait(timeout=150)
     assert result.ok, result.summary()
     assert result.successful == long_calls
-    # Only the dead worker's calls may have failed.
+    # Only the dead worker's calls may have failed. A call whose INVITE had its 100 Trying
+    # from the dead worker and whose 200 then came back to the new one is neither: the
+    # caller no longer retransmits and the 200 matches no transaction (RFC 6026 §8.4
+    # drops it), so it waits for SIPp's own timeout. Either way, it was the dead worker's.
     loaded = load.wait(timeout=200)
-    assert loaded.successful + loaded.failed == load_calls, loaded.summary()
+    assert load_calls - loaded.successful <= owners("load", load_calls).count(1), loaded.summary()
     aborted = _aborted_call_ids(calldebug)
     assert len(aborted) >= loaded.failed or not loaded.failed
     assert {pick(c, BOTH) for c in aborted} <= {1}, aborted
