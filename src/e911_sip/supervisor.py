@@ -40,6 +40,7 @@ from e911_sip.metrics import (
 )
 from e911_sip.transport.control import SupervisorSide
 from e911_sip.transport.dispatch import DROP_REASONS, Dispatcher, channel_pair
+from e911_sip.transport.udp import bind_udp
 
 log = logging.getLogger("e911_sip.supervisor")
 
@@ -121,17 +122,7 @@ class Supervisor:
             OSError: the address cannot be bound.
         """
         address = next(a for a in self.config.sip.listen if a.transport == "udp")
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-            sock.setblocking(False)
-            sock.bind((address.host, address.port))
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
+        sock = self._sock = bind_udp(address.host, address.port)
         for stream in self.config.sip.listen:
             if stream.transport == "udp":
                 continue

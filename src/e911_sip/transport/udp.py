@@ -70,6 +70,26 @@ class UdpOptions:
     """Datagrams held while the kernel's send buffer is full, at most; beyond, a send fails."""
 
 
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port``, with 4 MiB kernel buffers: a large
+    receive buffer rides out bursts while the loop is busy elsewhere.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class UdpTransport:
     """A bound UDP socket that sends to any peer and serves what it reads by priority."""
 
@@ -114,17 +134,7 @@ class UdpTransport:
     async def start(self) -> None:
         """Bind the socket. Raises OSError when the address is taken."""
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            # A large receive buffer rides out bursts while the loop is busy elsewhere.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-            sock.setblocking(False)
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
+        sock = bind_udp(self.host, self.port)
         self._sock = sock
         self._loop = loop
         self.port = int(sock.getsockname()[1])
