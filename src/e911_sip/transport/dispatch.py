@@ -324,8 +324,8 @@ class Dispatcher:
 
 
 class _SharedSocket(socket.socket):
-    """The inherited shared UDP socket, sent on only; ``recvfrom`` reads the worker's channel
-    instead, so :class:`UdpTransport`'s reading, queueing and sending run unchanged."""
+    """The inherited shared UDP socket, sent on only; ``recvfrom_into`` reads the worker's
+    channel instead, so :class:`UdpTransport`'s reading, queueing and sending run unchanged."""
 
     def __init__(self, fileno: int, channel: socket.socket, on_eof: Callable[[], None]) -> None:
         super().__init__(fileno=fileno)
@@ -333,14 +333,6 @@ class _SharedSocket(socket.socket):
         self.on_eof = on_eof
         self.sources: dict[bytes, tuple[str, int]] = {}
         self._packet: memoryview | None = None
-
-    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
-        packet = self.channel.recv(bufsize + HEADER_SIZE)
-        if not packet:
-            # The supervisor closed its end: nothing more will come.
-            self.on_eof()
-            raise BlockingIOError
-        return packet[HEADER_SIZE:], self._source(packet[:HEADER_SIZE])
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
         """What :class:`UdpTransport` reads with: the channel's next datagram, its payload
@@ -351,6 +343,7 @@ class _SharedSocket(socket.socket):
         packet = self._packet
         received = self.channel.recv_into(packet)
         if not received:
+            # The supervisor closed its end: nothing more will come.
             self.on_eof()
             raise BlockingIOError
         size = received - HEADER_SIZE
