@@ -7,6 +7,7 @@ waited for with a bounded timeout, never assumed after a sleep. 127.0.0.9 plays 
 
 from __future__ import annotations
 
+import re
 import resource
 import shutil
 import socket
@@ -283,7 +284,10 @@ def test_911_over_tls_end_to_end_with_failover_from_an_unverifiable_trunk(
         assert relayed.startswith(b"INVITE sip:911@127.0.0.1:")
         assert header_lines(relayed, "via")[0].startswith(f"SIP/2.0/TLS 127.0.0.1:{tls_port};")
         record_route = header_lines(relayed, "record-route")
-        assert record_route[0] == f"<sip:127.0.0.1:{tls_port};transport=tls;lr>"
+        # Ours, over TLS, with the emergency dialog's stamp.
+        assert re.fullmatch(
+            rf"<sip:127\.0\.0\.1:{tls_port};transport=tls;lr;dlg=e[\w-]{{12}}>", record_route[0]
+        )
         assert impostor.received == []
         assert closed(edge, "tls_handshake", transport="tls") == 1
         assert edge.metric("e911_sip_delivery_failures_total", transport="tls") == 1
