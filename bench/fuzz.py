@@ -10,7 +10,8 @@ Every generated input goes through three targets:
 - the whole ``ProxyCore`` (receive, data_to_send, next_event, handle_timer, with injected
   time, built as tests/unit/proxy/test_core.py builds it), in one of three scenarios: the
   input arrives on its own (UDP, or TCP through the framer); a mutated response comes back
-  from a trunk to a request the core really sent; a mutated CANCEL, ACK or retransmission
+  from a trunk to a request the core really sent (a quarter of them a 2xx after its
+  transaction has gone, relayed statelessly when it is still ours); a mutated CANCEL, ACK or retransmission
   arrives for an INVITE in progress. Every message the core sends must parse again, and once
   time has run on by an hour no transaction or response context may be left.
 
@@ -907,10 +908,17 @@ def core_case(data: bytes, rng: random.Random, corpus: list[bytes]) -> tuple[str
         assert isinstance(request, Request)
         status = rng.choice((100, 180, 183, 200, 408, 486, 503, 603))
         base = response_to(request, status)
-        if rng.random() < 0.3:
+        advance = rng.random()
+        if rng.random() < 0.25:
+            # Late: the call was answered and the transaction is gone (Timer M) when the
+            # mutated 2xx comes, so it meets the stateless relay of a 2xx to our INVITE,
+            # as a worker without the dead worker's transaction does.
+            steps.append(Step(_peer_name(target.peer), response_to(request, 200), 0.1))
+            base, advance = response_to(request, 200), 40.0
+        elif rng.random() < 0.3:
             steps.append(Step(_peer_name(target.peer), response_to(request, 180), 0.1))
         steps.append(
-            Step(_peer_name(target.peer), mutate(rng, base, corpus), rng.random(), fuzzed=True)
+            Step(_peer_name(target.peer), mutate(rng, base, corpus), advance, fuzzed=True)
         )
         if rng.random() < 0.5:
             steps.append(Step(_peer_name(target.peer), response_to(request, 200), 0.1))

@@ -1486,6 +1486,8 @@ class ProxyCore:
         peer = response_peer(upstream, Peer(upstream.transport.lower(), source.host, source.port))
         if not self._trust.may_receive(peer.host) or peer.transport not in self._by_transport:
             return False
+        if any(peer.host == local.host and peer.port == local.port for local in self._locals):
+            return False  # to ourselves: a replayed stack of our own Vias, not a caller
         self._events.append(Recovered("late_2xx", False, source))
         self._outbox.append(Outgoing(response.pop_top_via().to_bytes(), peer))
         return True

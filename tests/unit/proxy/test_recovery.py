@@ -151,7 +151,8 @@ def test_late_2xx_retransmissions_are_relayed_after_the_transaction_is_gone() ->
 
 
 @pytest.mark.parametrize(
-    "case", ["other key", "outsider", "not a 2xx", "not an invite", "upstream outsider"]
+    "case",
+    ["other key", "outsider", "not a 2xx", "not an invite", "upstream outsider", "upstream us"],
 )
 def test_a_late_response_is_relayed_only_when_it_cannot_be_forged_or_misdirected(
     case: str,
@@ -164,6 +165,8 @@ def test_a_late_response_is_relayed_only_when_it_cannot_be_forged_or_misdirected
     source = OUTSIDER if case == "outsider" else TRUNK1
     if case == "not an invite":
         late = late.replace(b" INVITE\r\n", b" INFO\r\n")
+    elif case == "upstream us":
+        late = late.replace(b"Via: SIP/2.0/UDP 192.0.2.10:5060", b"Via: SIP/2.0/UDP 192.0.2.1:5070")
     elif case == "upstream outsider":
         late = late.replace(
             b"Via: SIP/2.0/UDP 192.0.2.10:5060", b"Via: SIP/2.0/UDP 192.0.2.200:5060"
