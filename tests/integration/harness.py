@@ -264,8 +264,19 @@ class _OutputFiles:
 class RedisServer:
     """A real redis-server on 127.0.0.1, in its own directory, started and stopped by PID."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        unix_socket: bool = False,
+    ) -> None:
+        """``unix_socket``: listen on a Unix socket too (:attr:`unix_url`), in a directory of
+        its own under the system's temp dir, where its path stays within the 107 bytes a
+        socket address may have."""
         self.binary = shutil.which("redis-server")
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="e911-redis-")) if unix_socket else None
         workdir.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-", dir=workdir))
         self._fixed_port = port is not None
@@ -280,6 +291,13 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """``unix:///PATH?db=0``; only with ``unix_socket=True``."""
+        if self.socket_dir is None:
+            raise HarnessError("this redis-server was started without a Unix socket")
+        return f"unix://{self.socket_dir / 'redis.sock'}?db=0"
 
     @property
     def pid(self) -> int | None:
@@ -302,6 +320,11 @@ class RedisServer:
                     'save ""',
                     f"appendonly {'yes' if self.appendonly else 'no'}",
                     "appendfsync always",
+                    *(
+                        [f'unixsocket "{self.socket_dir / "redis.sock"}"', "unixsocketperm 700"]
+                        if self.socket_dir is not None
+                        else []
+                    ),
                     "",
                 ]
             ),
@@ -361,6 +384,8 @@ class RedisServer:
         if self._proc is not None:
             _stop_process(self._proc, timeout)
         self._output.close()
+        if self.socket_dir is not None and not self.running:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL by PID: the store vanishes without a shutdown (an outage, not a restart)."""

@@ -163,3 +163,27 @@ async def test_a_restarted_redis_is_reloaded_whole(tmp_path: Path) -> None:
         await task
         await mirror.close()
         server.stop()
+
+
+async def test_loads_and_follows_over_a_unix_socket(tmp_path: Path) -> None:
+    # A Redis on the same host is often reached over its Unix socket; the mirror's tracking
+    # connection is then a Unix one (it was refused once, as not TCP or TLS).
+    server = RedisServer(tmp_path, unix_socket=True)
+    server.start()
+    try:
+        provision(server, 3)
+        url = server.unix_url
+        mirror = MirroredRedisStore(url=url, direct=RedisStore(url=url), options=FAST)
+        stop = asyncio.Event()
+        task = asyncio.create_task(mirror.run(stop))
+        try:
+            await until(lambda: mirror.state().records == 3, "loaded over the Unix socket")
+            server.client().hset("e911:line:3215599999", "provider_endpoint", "5555555/new")
+            await until(lambda: record(mirror, "3215599999") is not None, "a change followed")
+            assert record(mirror, "3215599999") == LocationRecord("5555555/new")
+        finally:
+            stop.set()
+            await task
+            await mirror.close()
+    finally:
+        server.stop()

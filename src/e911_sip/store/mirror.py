@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -290,12 +290,12 @@ class MirroredRedisStore:
         finally:
             await tracking.disconnect()
 
-    async def _connect_tracking(self) -> Connection:
+    async def _connect_tracking(self) -> AbstractConnection:
         connection = self._tracking_pool.make_connection()  # type: ignore[no-untyped-call]
-        if not isinstance(connection, Connection):
+        if not isinstance(connection, AbstractConnection):
             raise StoreError(
-                f"the location mirror needs a TCP or TLS connection to Redis, "
-                f"not a {type(connection).__name__}"
+                f"the location mirror needs a connection to Redis (TCP, TLS or a Unix "
+                f"socket), not a {type(connection).__name__}"
             )
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
@@ -310,17 +310,18 @@ class MirroredRedisStore:
                     )
                 # A session begins on every new master: the full load that follows is the
                 # resync after a failover.
-                log.info(
-                    "location mirror following the redis master",
-                    extra={"master": f"{connection.host}:{connection.port}"},
-                )
+                if isinstance(connection, Connection):  # always: sentinels name TCP masters
+                    log.info(
+                        "location mirror following the redis master",
+                        extra={"master": f"{connection.host}:{connection.port}"},
+                    )
             await self._handshake(connection)
         except BaseException:
             await connection.disconnect()
             raise
         return connection
 
-    async def _handshake(self, connection: Connection) -> None:
+    async def _handshake(self, connection: AbstractConnection) -> None:
         """Tracking on, redirected to this connection, then the invalidation channel."""
         await connection.send_command("CLIENT", "ID")
         client_id = await connection.read_response()
@@ -331,7 +332,7 @@ class MirroredRedisStore:
         await connection.send_command("SUBSCRIBE", _INVALIDATE_CHANNEL)
         await connection.read_response()
 
-    async def _read_invalidations(self, connection: Connection, last_reply: list[float]) -> None:
+    async def _read_invalidations(self, connection: AbstractConnection, last_reply: list[float]) -> None:
         while True:
             message = await connection.read_response()
             last_reply[0] = self._clock()
@@ -347,7 +348,7 @@ class MirroredRedisStore:
                 self._pending.update(payload)
             self._pending_event.set()
 
-    async def _keep_alive(self, connection: Connection, last_reply: list[float]) -> None:
+    async def _keep_alive(self, connection: AbstractConnection, last_reply: list[float]) -> None:
         while True:
             await asyncio.sleep(self._options.ping_interval)
             if self._clock() - last_reply[0] > self._options.dead_after:
