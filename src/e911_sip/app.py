@@ -665,7 +665,9 @@ def build_state(config: Config) -> StateStore:
         return FileStateStore(Path(url[len("file://") :]))
     if url.startswith("memory://"):
         return MemoryStateStore()
-    return RedisStateStore(url=url, key_prefix=config.provisioning.key_prefix)
+    return RedisStateStore(
+        url=url, key_prefix=config.provisioning.key_prefix, leases=config.provisioning.leases
+    )
 
 
 def build_job_store(config: Config) -> JobStore:
@@ -678,7 +680,12 @@ def build_job_store(config: Config) -> JobStore:
         return FileJobStore(state.parent / f"{state.stem}.imports", keep=keep)
     if url.startswith("memory://"):
         return MemoryJobStore(keep=keep)
-    return RedisJobStore(url=url, key_prefix=config.provisioning.key_prefix, keep=keep)
+    return RedisJobStore(
+        url=url,
+        key_prefix=config.provisioning.key_prefix,
+        keep=keep,
+        leases=config.provisioning.leases,
+    )
 
 
 async def start_imports(

@@ -26,6 +26,7 @@ from e911_sip.notify.event import Targets
 from e911_sip.policy.enrich import ExistingGeolocation
 from e911_sip.provisioning.bandwidth import BandwidthOptions
 from e911_sip.provisioning.imports import ImportOptions
+from e911_sip.provisioning.lease import LeaseOptions
 from e911_sip.proxy.trunks import ProbeOptions
 from e911_sip.proxy.trust import LOOPBACK_SOURCES, IPNetwork
 from e911_sip.sip.errors import SipError
@@ -295,6 +296,10 @@ class ProvisioningConfig:
     coverage_interval: float = 60.0
     """Seconds between recomputations of the coverage gauges when nothing is written
     (writes recompute them within two seconds)."""
+    leases: LeaseOptions = field(default_factory=LeaseOptions)
+    """Leases of customers and import jobs in Redis (keys ``lease_ttl``, ``lease_wait``):
+    how long one lives unrenewed, and how long a change waits for one another process
+    holds."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1115,7 +1120,10 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
     s = _Section(
         "provisioning",
         data,
-        (_fields(ProvisioningConfig) - {"tls", "imports"}) | _HTTPS_KEYS | _fields(ImportOptions),
+        (_fields(ProvisioningConfig) - {"tls", "imports", "leases"})
+        | _HTTPS_KEYS
+        | _fields(ImportOptions)
+        | set(_LEASE_KEYS.values()),
     )
     d = ProvisioningConfig()
     tokens = s.get("tokens", {})
@@ -1148,8 +1156,12 @@ def _provisioning(data: Mapping[str, Any], base: Path | None) -> ProvisioningCon
         ),
         coverage_alert_below=_share(s, "coverage_alert_below", d.coverage_alert_below),
         coverage_interval=s.number("coverage_interval", d.coverage_interval, minimum=1.0),
+        leases=_options(s, d.leases, keys=_LEASE_KEYS, minimums={"ttl": 1.0}),
     )
 
+
+_LEASE_KEYS = {"ttl": "lease_ttl", "wait": "lease_wait"}
+"""[provisioning] keys of the lease options (field -> key)."""
 
 _RECORDER_KEYS = ("max_in_progress", "max_age", "queue_size", "linger")
 """[records] keys of the recorder's options (see RecordsConfig.recorder)."""

@@ -293,6 +293,18 @@ def test_workers_share_the_supervisors_key_unless_a_file_gives_one(
     assert dialog_key(config, worker=False) == b"a key kept across restarts"
 
 
+def test_lease_keys_are_read_from_the_provisioning_section(tmp_path: Path) -> None:
+    defaults = load(None, {}).provisioning.leases
+    assert (defaults.ttl, defaults.wait) == (15.0, 60.0)
+    path = write(tmp_path, "[provisioning]\nlease_ttl = 5\nlease_wait = 20\n")
+    leases = load(path, {"E911_SIP__PROVISIONING__LEASE_WAIT": "30"}).provisioning.leases
+    assert (leases.ttl, leases.wait) == (5.0, 30.0)
+    with pytest.raises(ConfigError, match=r"\[provisioning\] lease_ttl: must be at least 1"):
+        load(write(tmp_path, "[provisioning]\nlease_ttl = 0.5\n"), {})
+    with pytest.raises(ConfigError, match=r"\[provisioning\] ttl: unknown key"):
+        load(write(tmp_path, "[provisioning]\nttl = 5\n"), {})
+
+
 def test_probe_keys_per_route(tmp_path: Path) -> None:
     defaults = load(None, {})
     assert defaults.emergency.probe.interval == 10.0

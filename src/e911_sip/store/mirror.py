@@ -332,7 +332,9 @@ class MirroredRedisStore:
         await connection.send_command("SUBSCRIBE", _INVALIDATE_CHANNEL)
         await connection.read_response()
 
-    async def _read_invalidations(self, connection: AbstractConnection, last_reply: list[float]) -> None:
+    async def _read_invalidations(
+        self, connection: AbstractConnection, last_reply: list[float]
+    ) -> None:
         while True:
             message = await connection.read_response()
             last_reply[0] = self._clock()
