@@ -502,6 +502,9 @@ _COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLI
 """Branches whose final response may still decide the context's (not abandoned, not done)."""
 _CANCEL_SENT = frozenset({_B.CANCELLING, _B.ABANDONED_CANCELLING})
 _OPEN = frozenset({_C.PROXYING, _C.AWAITING_OWNER})
+_REPORTED = frozenset({Route.EMERGENCY, Route.DEFAULT, Route.ROUTE_SET})
+"""Routes of the initial requests whose final response is reported (:class:`CallCompleted`):
+every call the owner may wait for in a drain, a preloaded route set's included."""
 """Contexts neither cancelled nor finished: provisionals go upstream, failover may happen."""
 
 
@@ -1652,7 +1655,7 @@ class ProxyCore:
             # The dialog never came up, or it is over: the trunk may send nothing more in it.
             self._trunk_dialogs.end(request.call_id)
         # Initial requests are reported; so is BYE, which ends a dialog the owner may track.
-        if context.route in (Route.EMERGENCY, Route.DEFAULT) or request.method == "BYE":
+        if context.route in _REPORTED or request.method == "BYE":
             self._events.append(
                 CallCompleted(
                     request.call_id,

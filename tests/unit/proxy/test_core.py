@@ -636,6 +636,11 @@ def test_initial_request_with_a_preloaded_route_follows_it_and_record_routes() -
     assert sent.values("route") == ["<sip:203.0.113.99:5060;lr>"]
     assert is_our_record_route(sent.get("record-route"), emergency=False)
     assert h.event(RequestRouted) == [RequestRouted("INVITE", Route.ROUTE_SET)]
+    # Its answer is reported, so a drain waits for the dialog's BYE as for any other call.
+    raw = [o.data for o in out if o.peer == Peer("udp", "203.0.113.99", 5060)][0]
+    h.feed(response_to(raw, 200, "OK"), Peer("udp", "203.0.113.99", 5060))
+    (completed,) = h.event(CallCompleted)
+    assert (completed.method, completed.emergency, completed.status) == ("INVITE", False, 200)
 
 
 def test_transport_error_on_an_in_dialog_request_answers_408() -> None:
