@@ -36,6 +36,9 @@ from types import TracebackType
 from typing import IO, Any
 
 import redis
+import trustme
+
+from tests.certs import issue, write_ca
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_DIR = REPO_ROOT / "sipp_scenarios"
@@ -271,10 +274,13 @@ class RedisServer:
         port: int | None = None,
         appendonly: bool = False,
         unix_socket: bool = False,
+        tls: bool = False,
     ) -> None:
         """``unix_socket``: listen on a Unix socket too (:attr:`unix_url`), in a directory of
         its own under the system's temp dir, where its path stays within the 107 bytes a
-        socket address may have."""
+        socket address may have. ``tls``: serve TLS only, with a certificate for 127.0.0.1
+        from a CA of its own (:attr:`ca_file`); :attr:`url` is then a ``rediss://`` URL
+        that trusts it."""
         self.binary = shutil.which("redis-server")
         self.socket_dir = Path(tempfile.mkdtemp(prefix="e911-redis-")) if unix_socket else None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -287,9 +293,18 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._output = _OutputFiles(self.dir / "stdout.log", self.dir / "stderr.log")
         self._clients: list[redis.Redis] = []
+        self.ca_file: Path | None = None
+        self._pems: tuple[Path, Path] | None = None
+        if tls:
+            ca = trustme.CA()
+            self.ca_file = write_ca(ca, self.dir / "ca.pem")
+            pair = issue(ca, self.dir, "redis", LOOPBACK)
+            self._pems = (pair.cert, pair.key)
 
     @property
     def url(self) -> str:
+        if self.ca_file is not None:
+            return f"rediss://{LOOPBACK}:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://{LOOPBACK}:{self.port}/0"
 
     @property
@@ -312,7 +327,18 @@ class RedisServer:
             "\n".join(
                 [
                     f"bind {LOOPBACK}",
-                    f"port {self.port}",
+                    *(
+                        [
+                            "port 0",
+                            f"tls-port {self.port}",
+                            f'tls-cert-file "{self._pems[0]}"',
+                            f'tls-key-file "{self._pems[1]}"',
+                            f'tls-ca-cert-file "{self.ca_file}"',
+                            "tls-auth-clients no",
+                        ]
+                        if self._pems is not None
+                        else [f"port {self.port}"]
+                    ),
                     "protected-mode yes",
                     "daemonize no",
                     f'dir "{self.dir}"',
@@ -370,7 +396,13 @@ class RedisServer:
 
     def _answers_ping(self) -> bool:
         try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
+            with contextlib.ExitStack() as stack:
+                sock = stack.enter_context(
+                    socket.create_connection((LOOPBACK, self.port), timeout=0.5)
+                )
+                if self.ca_file is not None:
+                    context = ssl.create_default_context(cafile=str(self.ca_file))
+                    sock = stack.enter_context(context.wrap_socket(sock, server_hostname=LOOPBACK))
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -403,6 +435,9 @@ class RedisServer:
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=5,
+            **(
+                {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file is not None else {}
+            ),
         )
         self._clients.append(client)
         return client

@@ -47,6 +47,7 @@ from e911_sip.store.sentinel import (
     connection_pool,
     is_sentinel_url,
     parse_sentinel_url,
+    tls_context,
 )
 
 MAX_IN_FLIGHT = 256
@@ -130,7 +131,7 @@ class _Address:
         else:
             db = parts.path.lstrip("/") or query.get("db", ["0"])[0]
             if parts.scheme == "rediss":
-                self.tls = ssl.create_default_context()
+                self.tls = tls_context(query)
         self.db = int(db or 0)
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None

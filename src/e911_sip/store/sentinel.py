@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -97,9 +99,49 @@ def check_redis_url(url: str) -> None:
             f"redis+sentinel://HOST:PORT,.../SERVICE, got {url!r}"
         )
     try:
-        urlsplit(url).port  # noqa: B018 - raises on a port that is not a number
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as exc:
         raise ValueError(f"{exc} in {url!r}") from None
+    if scheme == "rediss":
+        tls_context(parse_qs(parts.query))
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(query: Mapping[str, list[str]]) -> ssl.SSLContext:
+    """The client TLS context a ``rediss://`` URL asks for, with the query parameters
+    redis-py reads (so the lookup connections and every redis-py client agree):
+    ``ssl_ca_certs`` (a CA file; default: the system's), ``ssl_certfile`` and
+    ``ssl_keyfile`` (a client certificate, for ``tls-auth-clients yes``),
+    ``ssl_cert_reqs`` (``required``, the default, ``optional`` or ``none``) and
+    ``ssl_check_hostname`` (``true`` by default).
+
+    Raises:
+        ValueError: a value is not one of those, or a file cannot be read.
+    """
+
+    def one(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    reqs = (one("ssl_cert_reqs") or "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs: expected none, optional or required, got {reqs!r}")
+    check = (one("ssl_check_hostname") or "true").lower()
+    if check not in ("true", "false"):
+        raise ValueError(f"ssl_check_hostname: expected true or false, got {check!r}")
+    try:
+        context = ssl.create_default_context(cafile=one("ssl_ca_certs"))
+        certfile = one("ssl_certfile")
+        if certfile is not None:
+            context.load_cert_chain(certfile, one("ssl_keyfile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"the TLS files of the Redis URL: {exc}") from None
+    context.check_hostname = check == "true" and reqs != "none"
+    context.verify_mode = _CERT_REQS[reqs]
+    return context
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl:

@@ -4,9 +4,13 @@ malformed one refused by config.py naming its section and key."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
+import trustme
 
 from e911_sip.config import ConfigError, from_mapping
 from e911_sip.store.redis import RedisStore, _Address, _Connection
@@ -16,7 +20,9 @@ from e911_sip.store.sentinel import (
     is_sentinel_url,
     note_master,
     parse_sentinel_url,
+    tls_context,
 )
+from tests.certs import issue, write_ca
 
 
 def test_hosts_service_and_db() -> None:
@@ -205,3 +211,32 @@ async def test_connections_to_an_old_master_are_retired_once_they_have_answered(
     assert not transports[2].aborted and store._slots[2] is current
     store._closed = True
     await store._client.aclose()
+
+
+def test_a_tls_url_names_its_ca_client_certificate_and_checks(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_file = write_ca(ca, tmp_path / "ca.pem")
+    client = issue(ca, tmp_path, "client")
+    context = tls_context(
+        parse_qs(f"ssl_ca_certs={ca_file}&ssl_certfile={client.cert}&ssl_keyfile={client.key}")
+    )
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert len(context.get_ca_certs()) == 1  # the URL's CA, not the system's
+    relaxed = tls_context(parse_qs("ssl_cert_reqs=none"))
+    assert (relaxed.verify_mode, relaxed.check_hostname) == (ssl.CERT_NONE, False)
+    named = tls_context(parse_qs(f"ssl_ca_certs={ca_file}&ssl_check_hostname=false"))
+    assert (named.verify_mode, named.check_hostname) == (ssl.CERT_REQUIRED, False)
+    check_redis_url(f"rediss://10.0.0.5:6380/0?ssl_ca_certs={ca_file}")
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("ssl_cert_reqs=maybe", "ssl_cert_reqs: expected none, optional or required"),
+        ("ssl_check_hostname=yes", "ssl_check_hostname: expected true or false"),
+        ("ssl_ca_certs=/nonexistent/ca.pem", "the TLS files of the Redis URL"),
+    ],
+)
+def test_bad_tls_parameters_are_config_errors(query: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_redis_url(f"rediss://10.0.0.5:6380/0?{query}")
