@@ -133,6 +133,26 @@ async def test_a_bad_record_fails_its_own_line_only(redis_server: RedisServer) -
         await store.close()
 
 
+async def test_only_an_unchanged_record_is_deleted(redis_server: RedisServer) -> None:
+    # Provisioning's prune of orphan lines against a real server: the Lua check and the
+    # DEL are one step, so a record another host rewrote after the read stays.
+    store = RedisStore(url=redis_server.url, pool_size=1)
+    read = LocationRecord("555555/orphan", "3215550000", "2026-11-01T12:00:00Z")
+    try:
+        await store.put_records({n: read for n in ("3210000001", "3210000002", "3210000003")})
+        client = redis_server.client()
+        client.hset("e911:line:3210000002", "provider_endpoint", "555555/claimed")
+        client.hset("e911:line:3210000003", "extra", "a field the read did not see")
+        deleted = await store.delete_unchanged(
+            {n: read for n in ("3210000001", "3210000002", "3210000003", "3210000004")}
+        )
+        assert deleted == frozenset({"3210000001"})
+        assert set(await store.all_lines()) == {"3210000002", "3210000003"}
+        assert client.hget("e911:line:3210000002", "provider_endpoint") == "555555/claimed"
+    finally:
+        await store.close()
+
+
 async def test_stopped_redis_opens_the_breaker_and_a_restart_closes_it(
     redis_server: RedisServer,
 ) -> None:

@@ -1073,7 +1073,7 @@ class ProvisioningService:
             who=who,
             prune_orphan_lines=self._options.resync_prunes_orphan_lines,
         )
-        written, removed, skipped = await self._repair(states, plan, errors)
+        written, removed, skipped = await self._repair(states, plan, stored, errors)
         audit = tuple(e for e in plan.audit if e.line in written or e.line in removed)
         if skipped:
             _LOG.info(
@@ -1115,15 +1115,19 @@ class ProvisioningService:
         return report
 
     async def _repair(
-        self, states: Sequence[CustomerState], plan: cascade.Reconciliation, errors: list[str]
+        self,
+        states: Sequence[CustomerState],
+        plan: cascade.Reconciliation,
+        stored: Mapping[str, LocationRecord],
+        errors: list[str],
     ) -> tuple[set[str], set[str], list[str]]:
         """Carry out ``plan``'s writes and deletions: each customer's under its lease, and
         only if the customer is still at the version the plan was made from (a change in
         another process that saved meanwhile writes its own records, which a stale repair
         must not overwrite); then the deletions of lines no account holds, each only if no
-        customer claimed the number meanwhile. The lines written, the lines removed, and
-        the customers left to a change; a customer that could not be held or read is added
-        to ``errors``.
+        customer claimed the number meanwhile and its record is still the one read. The
+        lines written, the lines removed, and the customers left to a change; a customer
+        that could not be held or read is added to ``errors``.
         """
         by_line = {number: state for state in states for number in state.accounts}
         groups: dict[str, tuple[dict[str, LocationRecord], set[str]]] = {}
@@ -1158,8 +1162,12 @@ class ProvisioningService:
                 if await self._guard_state(self._state.owner(number)) is not None:
                     claimed.add(number)
             if orphans - claimed:
-                await self._lines.put_records({}, frozenset(orphans - claimed))
-                removed |= orphans - claimed
+                # A customer claiming a number saves its owner first and writes the record
+                # after: one that did so since the owner check changed the record, and the
+                # record it wrote stays.
+                removed |= await self._lines.delete_unchanged(
+                    {n: stored[n] for n in orphans - claimed if n in stored}
+                )
         except StoreError as exc:
             raise ServiceError(503, "line_store_unavailable", str(exc)) from exc
         return written, removed, skipped

@@ -210,3 +210,15 @@ class LineRecordWriter(Protocol):
     async def all_lines(self) -> dict[str, LocationRecord]:
         """Every stored line record (for resync and audits); invalid ones are skipped."""
         ...
+
+    async def delete_unchanged(self, records: Mapping[str, LocationRecord]) -> frozenset[str]:
+        """Delete each line whose stored record is still exactly the one given (as
+        :meth:`all_lines` read it), each as one atomic step; the lines deleted.
+
+        A line another process wrote since it was read keeps its new record: an orphan
+        pruned by one provisioning host must not take a record another host just wrote.
+
+        Raises:
+            StoreError: the store could not be reached (some lines may be deleted).
+        """
+        ...

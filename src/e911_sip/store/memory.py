@@ -68,3 +68,13 @@ class MemoryStore:
 
     async def all_lines(self) -> dict[str, LocationRecord]:
         return dict(self._records)
+
+    async def delete_unchanged(self, records: Mapping[str, LocationRecord]) -> frozenset[str]:
+        if not self.available:
+            raise StoreError("memory store marked unavailable")
+        deleted = frozenset(
+            line for line, record in records.items() if self._records.get(line) == record
+        )
+        for line in deleted:
+            del self._records[line]
+        return deleted

@@ -219,6 +219,9 @@ class MirroredRedisStore:
     async def all_lines(self) -> dict[str, LocationRecord]:
         return await self._direct.all_lines()
 
+    async def delete_unchanged(self, records: Mapping[str, LocationRecord]) -> frozenset[str]:
+        return await self._direct.delete_unchanged(records)
+
     # -- state ----------------------------------------------------------------------------
     def state(self) -> SyncState:
         """Loaded, in sync, how many records and how old the last sync is."""

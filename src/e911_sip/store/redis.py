@@ -543,6 +543,19 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis write failed: {exc}") from exc
 
+    async def delete_unchanged(self, records: Mapping[str, LocationRecord]) -> frozenset[str]:
+        lines = list(records)
+        try:
+            script = self._client.register_script(_DELETE_UNCHANGED)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for line in lines:
+                    fields = [part for pair in records[line].to_fields().items() for part in pair]
+                    await script(keys=[self.key(line)], args=fields, client=pipe)
+                results = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis delete failed: {exc}") from exc
+        return frozenset(line for line, deleted in zip(lines, results, strict=True) if deleted)
+
     async def all_lines(self) -> dict[str, LocationRecord]:
         out: dict[str, LocationRecord] = {}
         try:
@@ -570,6 +583,19 @@ class RedisStore:
             if record is not None:
                 out[line] = record
         return out
+
+
+_DELETE_UNCHANGED = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields ~= #ARGV then return 0 end
+local want = {}
+for i = 1, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+for i = 1, #fields, 2 do
+  if want[fields[i]] ~= fields[i + 1] then return 0 end
+end
+return redis.call('DEL', KEYS[1])
+"""
+"""Delete the hash at KEYS[1] only when its fields and values are exactly ARGV's pairs."""
 
 
 def _record(reply: object) -> LocationRecord | None:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -851,6 +851,53 @@ async def test_resync_keeps_orphan_lines_when_told(bw: Bw) -> None:
     report = await world.service.resync()
     assert report.orphan_lines == ("1888888888",) and report.removed == ()
     assert await world.record("1888888888") is not None
+
+
+class ClaimedMeanwhile(MemoryStore):
+    """A line store where another host claims ``number`` and writes its record between the
+    resync's owner check and its deletion of the orphan."""
+
+    def __init__(self, number: str, record: LocationRecord) -> None:
+        super().__init__()
+        self.claim = (number, record)
+
+    async def delete_unchanged(self, records: Mapping[str, LocationRecord]) -> frozenset[str]:
+        number, record = self.claim
+        await self.put_records({number: record})
+        return await super().delete_unchanged(records)
+
+
+async def test_resync_never_prunes_a_record_another_host_wrote_meanwhile(bw: Bw) -> None:
+    fresh = LocationRecord(f"{ACCOUNT}/fresh00000000", None, "2025-01-02T03:05:06Z")
+    world = make_world(bw)
+    world.lines = ClaimedMeanwhile("1888888888", fresh)
+    world.service = ProvisioningService(
+        provider=bw.client,
+        lines=world.lines,
+        state=world.state,
+        audit=world.audit,
+        options=ServiceOptions(),
+        clock=world.clock,
+    )
+    await world.lines.put_records(
+        {
+            "1888888888": LocationRecord(f"{ACCOUNT}/stray0000000", None, "x"),
+            "1777777777": LocationRecord(f"{ACCOUNT}/stray0000001", None, "x"),
+        }
+    )
+    report = await world.service.resync()
+    assert report.orphan_lines == ("1777777777", "1888888888")
+    assert report.removed == ("1777777777",)  # the other one changed after it was read
+    assert await world.record("1888888888") == fresh
+    assert await world.record("1777777777") is None
+
+
+async def test_memory_store_deletes_only_unchanged_records() -> None:
+    store = MemoryStore()
+    old, new = LocationRecord("1/a"), LocationRecord("1/b")
+    await store.put_records({"1": old, "2": old, "3": new})
+    assert await store.delete_unchanged({"1": old, "2": new, "4": old}) == frozenset({"1"})
+    assert await store.all_lines() == {"2": old, "3": new}
 
 
 async def test_resync_checks_endpoints_at_bandwidth(world: World) -> None:
