@@ -120,6 +120,8 @@ class _Address:
             self.db = self.sentinel.db
             self.username = self.sentinel.username
             self.password = self.sentinel.password
+            if self.sentinel.tls is not None:
+                self.tls = tls_context({name: [value] for name, value in self.sentinel.tls})
             return
         parts = urlsplit(url)
         query = parse_qs(parts.query)

@@ -39,16 +39,23 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 log = logging.getLogger("e911_sip.store.sentinel")
 
 SENTINEL_SCHEME = "redis+sentinel"
+TLS_SENTINEL_SCHEME = "rediss+sentinel"
+"""Sentinels, master and replicas all spoken to over TLS (the ``ssl_*`` parameters as for
+``rediss://``)."""
 DEFAULT_SENTINEL_PORT = 26379
 _PLAIN_SCHEMES = ("redis", "rediss", "unix")
 _SENTINEL_QUERY = frozenset({"sentinel_password", "min_replicas_ack", "replica_ack_timeout"})
+TLS_QUERY = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
+"""The TLS parameters of a Redis URL, as redis-py names them."""
 
 
 class ReplicationLag(RedisError):
@@ -79,11 +86,23 @@ class SentinelUrl:
     """Replicas that must confirm each MULTI/EXEC (``WAIT``); 0: none asked."""
     replica_ack_timeout: float = 0.5
     """Seconds ``WAIT`` may block for those confirmations."""
+    tls: tuple[tuple[str, str], ...] | None = None
+    """``rediss+sentinel://``: the URL's TLS parameters (:data:`TLS_QUERY`), for the
+    sentinels and the master alike; None: plain TCP."""
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py connection arguments for TLS (empty for plain TCP)."""
+        if self.tls is None:
+            return {}
+        out: dict[str, Any] = {"ssl": True}
+        for name, value in self.tls:
+            out[name] = value.lower() == "true" if name == "ssl_check_hostname" else value
+        return out
 
 
 def is_sentinel_url(url: str) -> bool:
-    """True for the ``redis+sentinel://`` form."""
-    return url.startswith(f"{SENTINEL_SCHEME}://")
+    """True for the ``redis+sentinel://`` and ``rediss+sentinel://`` forms."""
+    return url.startswith((f"{SENTINEL_SCHEME}://", f"{TLS_SENTINEL_SCHEME}://"))
 
 
 def check_redis_url(url: str) -> None:
@@ -151,8 +170,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         ValueError: the URL is malformed; the message says how, and never holds a password.
     """
     scheme, sep, rest = url.partition("://")
-    if scheme != SENTINEL_SCHEME or not sep:
+    if scheme not in (SENTINEL_SCHEME, TLS_SENTINEL_SCHEME) or not sep:
         raise ValueError(f"expected {SENTINEL_SCHEME}://HOST:PORT,.../SERVICE")
+    tls = scheme == TLS_SENTINEL_SCHEME
     rest, _, query_text = rest.partition("?")
     rest, _, fragment = rest.partition("#")
     if fragment:
@@ -183,11 +203,16 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
             raise ValueError(f"database must be a number, got {segments[1]!r}")
         db = int(segments[1])
     query = parse_qs(query_text, keep_blank_values=True, strict_parsing=False)
-    unknown = sorted(set(query) - _SENTINEL_QUERY)
+    known = _SENTINEL_QUERY | TLS_QUERY if tls else _SENTINEL_QUERY
+    unknown = sorted(set(query) - known)
     if unknown:
-        raise ValueError(
-            f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(_SENTINEL_QUERY))})"
+        raise ValueError(f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    tls_params: tuple[tuple[str, str], ...] | None = None
+    if tls:
+        tls_params = tuple(
+            (name, value) for name in sorted(TLS_QUERY) if (value := _single(query, name))
         )
+        tls_context({name: [value] for name, value in tls_params})  # raises on a bad one
     acks = _single(query, "min_replicas_ack")
     timeout = _single(query, "replica_ack_timeout")
     min_replicas_ack = 0
@@ -214,6 +239,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         sentinel_password=_single(query, "sentinel_password"),
         min_replicas_ack=min_replicas_ack,
         replica_ack_timeout=replica_ack_timeout,
+        tls=tls_params,
     )
 
 
@@ -302,6 +328,7 @@ def sentinel_manager(target: SentinelUrl, *, socket_timeout: float) -> Sentinel:
     }
     if target.sentinel_password is not None:
         sentinel_kwargs["password"] = target.sentinel_password
+    sentinel_kwargs.update(target.tls_kwargs())
     return Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels), sentinel_kwargs=sentinel_kwargs
     )
@@ -360,6 +387,10 @@ def connection_pool(
         kwargs["username"] = target.username
     if target.password is not None:
         kwargs["password"] = target.password
+    if target.tls is not None:
+        kwargs["connection_class"] = SentinelManagedSSLConnection
+        kwargs.update(target.tls_kwargs())
+        del kwargs["ssl"]  # the connection class is what makes it TLS
     cls_ = _BlockingSentinelPool if blocking else SentinelPool
     return cls_(target, manager, **kwargs)
 

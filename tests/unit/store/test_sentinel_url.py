@@ -94,6 +94,7 @@ def test_an_error_never_shows_the_password() -> None:
         "rediss://user:pw@redis.example:6380/1",
         "unix:///run/redis.sock?db=2",
         "redis+sentinel://a:1,b:2,c:3/e911",
+        "rediss+sentinel://a:1,b:2,c:3/e911?ssl_cert_reqs=none",
     ],
 )
 def test_every_supported_form_passes(url: str) -> None:
@@ -105,7 +106,8 @@ def test_every_supported_form_passes(url: str) -> None:
     [
         ("mysql://x", "expected redis://"),
         ("redis:/x", "expected redis://"),
-        ("rediss+sentinel://a:1/e911", "expected redis://"),
+        ("redis+sentinel://a:1/e911?ssl_ca_certs=/x", "unknown parameter 'ssl_ca_certs'"),
+        ("rediss+sentinel://a:1/e911?ssl_cert_reqs=maybe", "ssl_cert_reqs: expected"),
         ("redis://127.0.0.1:port/0", "Port could not be cast"),
     ],
 )
@@ -240,3 +242,23 @@ def test_a_tls_url_names_its_ca_client_certificate_and_checks(tmp_path: Path) ->
 def test_bad_tls_parameters_are_config_errors(query: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_redis_url(f"rediss://10.0.0.5:6380/0?{query}")
+
+
+def test_a_tls_sentinel_url_carries_its_tls_parameters_to_every_connection(
+    tmp_path: Path,
+) -> None:
+    ca_file = write_ca(trustme.CA(), tmp_path / "ca.pem")
+    url = f"rediss+sentinel://a:1,b:2/e911/1?ssl_ca_certs={ca_file}&ssl_check_hostname=false"
+    assert is_sentinel_url(url)
+    target = parse_sentinel_url(url)
+    assert (target.service, target.db) == ("e911", 1)
+    assert target.tls_kwargs() == {
+        "ssl": True,
+        "ssl_ca_certs": str(ca_file),
+        "ssl_check_hostname": False,
+    }
+    assert parse_sentinel_url("redis+sentinel://a:1/e911").tls_kwargs() == {}
+    # The edge's own lookup connections to the master speak TLS with the same trust.
+    address = _Address(url)
+    assert address.tls is not None and address.tls.check_hostname is False
+    assert len(address.tls.get_ca_certs()) == 1
