@@ -2,6 +2,7 @@
 # Certificates for the local stack in compose.yaml: a private CA, and one server certificate
 # the edge and the provisioning API both serve for /metrics and the provisioning API.
 #   deploy/make-certs.sh            write deploy/tls/{ca.crt,ca.key,server.crt,server.key}
+#                                   and, once, dialog.key (the edges' dialog key)
 #   deploy/make-certs.sh DIR        write them to DIR instead
 # The server certificate names every address the stack reaches it by: the compose service
 # names (Prometheus scrapes https://edge:9100), their fixed addresses, and localhost /
@@ -29,6 +30,10 @@ printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\nbasicConstraints=critica
     "$names" >"$extensions"
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
     -out server.crt -extfile "$extensions" 2>/dev/null
+if [ ! -s dialog.key ]; then
+    # The edges' dialog key ([security] dialog_key_file): made once, shared by every edge.
+    head -c 32 /dev/urandom | base64 >dialog.key
+fi
 chmod 0600 ca.key
-chmod 0644 ca.crt server.crt server.key
-echo "wrote $(pwd)/{ca.crt,ca.key,server.crt,server.key} for ${names}"
+chmod 0644 ca.crt server.crt server.key dialog.key
+echo "wrote $(pwd)/{ca.crt,ca.key,server.crt,server.key,dialog.key} for ${names}"

@@ -57,9 +57,13 @@ def unit(name: str) -> configparser.ConfigParser:
 
 
 def with_tls(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """``env`` plus test-made files standing in for /etc/e911-sip/tls/server.{crt,key}."""
+    """``env`` plus test-made files standing in for /etc/e911-sip/tls/server.{crt,key} and
+    dialog.key."""
     pair = issue(trustme.CA(), tmp_path, "server", "edge-a", "edge-b")
+    key = tmp_path / "dialog.key"
+    key.write_text("bWFkZSBmb3IgdGhlIHRlc3Qgb2YgdGhlIGhvc3RzIGNvbmZpZw==\n")
     env = dict(env)
+    env["E911_SIP__SECURITY__DIALOG_KEY_FILE"] = str(key)
     for section in ("HTTP", "PROVISIONING"):
         env[f"E911_SIP__{section}__TLS_CERT_FILE"] = str(pair.cert)
         env[f"E911_SIP__{section}__TLS_KEY_FILE"] = str(pair.key)
