@@ -200,13 +200,6 @@ class Bench:
         # Virtual time: timers fire when the bench moves the clock, the same on every run.
         loop.time = lambda: self.virtual  # type: ignore[method-assign]
         config = from_mapping(config_mapping())
-        # As app.run logs (the default level, INFO: a line per forwarded emergency call),
-        # into /dev/null rather than the terminal: formatting is counted, a tty's speed not.
-        logs.configure(config.log.level)
-        self.devnull = open(os.devnull, "w")  # noqa: SIM115
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(self.devnull)
         metrics = Metrics()
         store = MemoryStore({line: LocationRecord(PROVIDER_ENDPOINT, line) for line in self.lines})
         # The embedded box's in-process handoff; the bench's reader stands for the keeper.
@@ -215,10 +208,14 @@ class Bench:
         notify = app.build_notify(config, edge=True, on_dropped=app.notification_dropped(metrics))
         assert notify is not None and notify.publisher is not None
         self.notify = notify
+        real = app.UdpTransport  # type: ignore[attr-defined]
         app.UdpTransport = BenchUdpTransport  # type: ignore[attr-defined]
-        running = await app.start_edge(
-            config, store, metrics, recorder=recorder, notify=notify.publisher
-        )
+        try:
+            running = await app.start_edge(
+                config, store, metrics, recorder=recorder, notify=notify.publisher
+            )
+        finally:
+            app.UdpTransport = real  # type: ignore[attr-defined]
         self.edge = running.edge
         self.transport = BenchUdpTransport.instances[-1]
         self.socket = self.transport.fake
@@ -239,10 +236,13 @@ class Bench:
 
     async def _keep_records(self) -> None:
         while not self.stop.is_set():
-            delivery = await self.handoff.read(count=500, block=1.0)
-            if delivery is not None:
-                self.records += len(delivery.records)
-                await delivery.ack()
+            await self._take_records(1.0)
+
+    async def _take_records(self, block: float) -> None:
+        delivery = await self.handoff.read(count=500, block=block)
+        if delivery is not None:
+            self.records += len(delivery.records)
+            await delivery.ack()
 
     records = 0
 
@@ -254,10 +254,12 @@ class Bench:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        # What the recorder wrote as it stopped, after the reader's last turn.
+        while await self.handoff.backlog():
+            await self._take_records(0.0)
         self.edge.close()
         await self.transport.close()
         await self.notify.close()
-        self.devnull.close()
 
     async def _settle(self) -> None:
         """Run the loop until nothing is ready: every task woken by the last message (or the
@@ -310,7 +312,18 @@ class Bench:
         return (time.process_time() - start) / calls * 1e6
 
 
+def log_to_devnull() -> None:
+    """Log as app.run does (the default level, INFO: a line per forwarded emergency call),
+    into /dev/null rather than the terminal: formatting is counted, a tty's speed is not."""
+    logs.configure(from_mapping(config_mapping()).log.level)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (open until the process exits)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(devnull)
+
+
 async def measure(args: argparse.Namespace) -> None:
+    log_to_devnull()
     app.tune_gc()
     bench = Bench(args.lines)
     await bench.start()
