@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from e911_sip.callrecords.book import BookOptions, CallRecord, CallRecordBook
 from e911_sip.callrecords.stream import RecordSink
-from e911_sip.metrics import Metrics
+from e911_sip.metrics import Children, Metrics
 from e911_sip.proxy.core import (
     CallCompleted,
     EmergencyCall,
@@ -98,10 +98,12 @@ class CallRecorder:
         self._book = CallRecordBook(self._options.book)
         self._wall = wall_clock
         self._queue: deque[CallRecord] = deque()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+        """While :meth:`run` waits with nothing to write: resolved by the next finished
+        record, or by the stop."""
         self._log = _RateLimitedLog()
         self._results = {r: metrics.call_records.labels(r) for r in RECORD_RESULTS}
-        self._ends = metrics.call_records_finished
+        self._ends = Children(metrics.call_records_finished)
         book = self._book
         metrics.call_records_in_progress.set_function(lambda: book.in_progress)
         metrics.call_records_queued.set_function(lambda: len(self._queue))
@@ -151,7 +153,7 @@ class CallRecorder:
             return
         finished = self._book.finished()
         for record in finished:
-            self._ends.labels(record.end or "unknown").inc()
+            self._ends(record.end or "unknown").inc()
             if len(self._queue) >= self._options.queue_size:
                 self._results["queue_full"].inc()
                 self._log.warning(
@@ -162,41 +164,55 @@ class CallRecorder:
                 )
                 continue
             self._queue.append(record)
-        self._wake.set()
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     # -- the background writer ---------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Write records until ``stop``; then finish the calls in progress and write what is
         left, within ``stop_timeout``."""
         options = self._options
+        loop = asyncio.get_running_loop()
         pause = 0.0  # above zero while the sink fails
-        while not stop.is_set():
-            self._wake.clear()
-            self._guarded(lambda: self._book.expire(self._wall()))
-            if self._queue and pause == 0.0 and len(self._queue) < options.batch_size:
-                # The write's own cost (a pipeline, a round trip) is the same for one record
-                # as for a hundred: let the calls of the next few milliseconds join it.
-                await _linger(options.linger, stop)
-            if self._queue:
-                if await self._write_batch():
-                    pause = 0.0
-                    if self._queue:
-                        continue
-                else:
-                    pause = min(max(pause * 2, options.retry_min), options.retry_max)
-            # While the sink fails, new records do not hurry the next attempt.
-            waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
-            if pause == 0.0:
-                waits.append(asyncio.ensure_future(self._wake.wait()))
-            try:
-                await asyncio.wait(
-                    waits,
-                    timeout=pause or options.expire_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for waiter in waits:
-                    waiter.cancel()
+        stopper = asyncio.ensure_future(stop.wait())
+        waiter: asyncio.Future[None] | None = None
+        # One future per wait, resolved by a record, the stop or the timer: asyncio.wait on
+        # two Event.wait() tasks cost both tasks and their callbacks every few calls.
+        stopper.add_done_callback(lambda _: _resolve(waiter))
+        try:
+            while not stop.is_set():
+                self._wake = None
+                self._guarded(lambda: self._book.expire(self._wall()))
+                if self._queue and pause == 0.0 and len(self._queue) < options.batch_size:
+                    # The write's own cost (a pipeline, a round trip) is the same for one
+                    # record as for a hundred: let the calls of the next few milliseconds
+                    # join it.
+                    await _linger(options.linger, stop)
+                if self._queue:
+                    if await self._write_batch():
+                        pause = 0.0
+                        if self._queue:
+                            continue
+                    else:
+                        pause = min(max(pause * 2, options.retry_min), options.retry_max)
+                if stop.is_set():
+                    break
+                if pause == 0.0 and self._queue:
+                    continue
+                waiter = loop.create_future()
+                # While the sink fails, new records do not hurry the next attempt.
+                if pause == 0.0:
+                    self._wake = waiter
+                timer = loop.call_later(pause or options.expire_interval, _resolve, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    waiter = None
+        finally:
+            stopper.cancel()
+            self._wake = None
         self._guarded(self._book.flush)
         try:
             async with asyncio.timeout(options.stop_timeout):
@@ -242,6 +258,11 @@ class CallRecorder:
             self._queue.popleft()
         self._results["written"].inc(len(batch))
         return True
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def _linger(seconds: float, stop: asyncio.Event) -> None:

@@ -87,8 +87,12 @@ class RecordSource(Protocol):
     async def close(self) -> None: ...
 
 
+# One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def encode(record: CallRecord) -> str:
-    return json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True)
+    return _encode(record.to_dict())
 
 
 def decode(text: str) -> CallRecord:

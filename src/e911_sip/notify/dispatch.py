@@ -61,7 +61,10 @@ class Publisher:
         self._max_pending = max_pending
         self._batch = max(1, batch)
         self._on_dropped = on_dropped
-        self._wake = asyncio.Event()
+        self._idle: asyncio.Future[None] | None = None
+        """While :meth:`run` waits for work: resolved by the next event, or by the stop."""
+        self._pause: asyncio.Future[None] | None = None
+        """While :meth:`run` lingers or backs off: resolved by the stop only."""
 
     @property
     def pending(self) -> int:
@@ -78,24 +81,31 @@ class Publisher:
             self._on_dropped(event)
             return
         self._pending.append(event)
-        self._wake.set()
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     async def run(self, stop: asyncio.Event, *, flush_timeout: float = 2.0) -> None:
         """Write events to the queue until ``stop``, then for up to ``flush_timeout``."""
+        loop = asyncio.get_running_loop()
         stopper = asyncio.ensure_future(stop.wait())
+        # Every wait below is one future that an event or the stop resolves: waiting with
+        # asyncio.wait on Event.wait() tasks cost two tasks and a few callbacks per batch,
+        # and a busy edge writes a batch every few calls.
+        stopper.add_done_callback(self._stopped)
         try:
             while not stop.is_set():
                 if self._linger > 0 and 0 < len(self._pending) < self._batch:
-                    await asyncio.wait([stopper], timeout=self._linger)
+                    await self._sleep(loop, self._linger)
                 await self._flush()
                 if self._pending:
-                    # The queue failed: try again shortly, or at once on a new event.
-                    await asyncio.wait([stopper], timeout=0.5)
+                    # The queue failed: try again shortly.
+                    await self._sleep(loop, 0.5)
                     continue
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait([stopper, waker], return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
+                if stop.is_set():
+                    break
+                idle = self._idle = loop.create_future()
+                await idle
             try:
                 async with asyncio.timeout(flush_timeout):
                     while self._pending:
@@ -108,7 +118,23 @@ class Publisher:
                     extra={"events": len(self._pending)},
                 )
         finally:
+            stopper.remove_done_callback(self._stopped)
             stopper.cancel()
+            self._idle = self._pause = None
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """``seconds``, or until the stop."""
+        pause = self._pause = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
+    def _stopped(self, _stopper: object) -> None:
+        for waiter in (self._idle, self._pause):
+            _resolve(waiter)
 
     async def _flush(self) -> None:
         # Events go in batches: one XADD round trip per event cannot keep up with a burst
@@ -123,6 +149,11 @@ class Publisher:
                 return
             for _ in range(count):
                 self._pending.popleft()
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,7 +75,16 @@ class CallEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; :meth:`from_dict` reads it back."""
-        return asdict(self)
+        # Written out: ``dataclasses.asdict`` deep-copies every field, once per call event.
+        return {
+            "call_id": self.call_id,
+            "caller": self.caller,
+            "callback": self.callback,
+            "dialed": self.dialed,
+            "provider_endpoint": self.provider_endpoint,
+            "outcome": self.outcome,
+            "received_at": self.received_at,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CallEvent:

@@ -4,11 +4,12 @@ Reading is separated from processing so that a flood cannot push a 911 call out 
 kernel's receive buffer. When the socket is readable, every datagram waiting (up to
 ``read_burst``) is read, sorted by :func:`~e911_sip.proxy.admission.classify` (a few byte
 comparisons; an INVITE's Request-URI is parsed) into one queue per
-:class:`~e911_sip.proxy.admission.Priority`, and the loop moves on. A drain callback then
-hands at most ``batch`` queued datagrams per loop turn to the sink, emergency INVITEs first,
-then responses and requests that finish admitted calls, then new work. Reading costs a few
-microseconds a datagram and processing a few hundred, so the edge keeps reading (and sees
-every 911 INVITE) long after it can no longer serve everything it reads.
+:class:`~e911_sip.proxy.admission.Priority`; then at most ``batch`` queued datagrams are handed
+to the sink, emergency INVITEs first, then responses and requests that finish admitted calls,
+then new work, and what is left is drained ``batch`` at a time in later turns of the loop,
+with reads, timers and other callbacks in between. Reading costs a few microseconds a
+datagram and processing a few hundred, so the edge keeps reading (and sees every 911 INVITE)
+long after it can no longer serve everything it reads.
 
 The queues together hold at most ``queue_limit`` datagrams. When they are full, the oldest
 datagram of the least urgent class that is not more urgent than the newcomer is dropped, or
@@ -182,8 +183,12 @@ class UdpTransport:
             queues[priority].append((data, addr))
             self._depth += 1
         self.load.queue_depth = self._depth
-        if self._depth and self._drain_handle is None and self._loop is not None:
-            self._drain_handle = self._loop.call_soon(self._drain)
+        if self._depth and self._drain_handle is None:
+            # The first batch at once, now that everything waiting has been read and sorted:
+            # a callback for it would cost a turn of the loop (and an epoll_wait) per read,
+            # and would run the same datagrams in the same order. What is left waits for
+            # the next turn, as before.
+            self._drain()
 
     def _make_room(self, priority: Priority) -> bool:
         """Drop the oldest queued datagram that is not more urgent than ``priority``."""
