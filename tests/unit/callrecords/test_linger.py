@@ -48,6 +48,10 @@ def on_manual_clock(test: Callable[[ManualClockLoop], Awaitable[None]]) -> None:
     try:
         loop.run_until_complete(test(loop))
     finally:
+        # A failed assertion leaves the writer's task behind: end it before the loop closes.
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+            loop.run_until_complete(asyncio.wait([task]))
         loop.close()
 
 
@@ -67,104 +71,113 @@ class CountingHandoff(LocalHandoff):
         self.closed = True
 
 
-def recorder_on(
-    loop: ManualClockLoop, linger: float
-) -> tuple[CallRecorder, CountingHandoff, Metrics]:
-    metrics = Metrics()
-    handoff = CountingHandoff()
-    recorder = CallRecorder(
-        sink=handoff,
-        metrics=metrics,
-        options=RecorderOptions(linger=linger),
-        wall_clock=lambda: T0 + loop.now,
-    )
-    return recorder, handoff, metrics
+class Writer:
+    """A recorder on ``loop`` with ``linger``, writing to a CountingHandoff in a task."""
 
+    def __init__(self, loop: ManualClockLoop, linger: float) -> None:
+        self.metrics = Metrics()
+        self.handoff = CountingHandoff()
+        self.recorder = CallRecorder(
+            sink=self.handoff,
+            metrics=self.metrics,
+            options=RecorderOptions(linger=linger),
+            wall_clock=lambda: T0 + loop.now,
+        )
+        self.stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-async def handed_on(handoff: LocalHandoff) -> list[str]:
-    delivery = await handoff.read(count=100, block=0)
-    return [] if delivery is None else [r.call_id for r in delivery.records]
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.recorder.run(self.stop))
+        await settle()
+
+    async def stopped(self) -> None:
+        self.stop.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def writes(self) -> list[list[str]]:
+        return self.handoff.writes
+
+    def counted(self, result: str) -> float:
+        return counter(self.metrics, "e911_sip_call_records_total", result=result)
+
+    async def handed_on(self) -> list[str]:
+        """The Call-IDs waiting in the handoff, in order."""
+        delivery = await self.handoff.read(count=100, block=0)
+        return [] if delivery is None else [r.call_id for r in delivery.records]
 
 
 def test_records_arriving_within_the_linger_go_out_in_one_write() -> None:
     async def scenario(loop: ManualClockLoop) -> None:
-        recorder, handoff, metrics = recorder_on(loop, LINGER)
-        stop = asyncio.Event()
-        running = asyncio.create_task(recorder.run(stop))
+        writer = Writer(loop, LINGER)
+        await writer.start()
+        answered_and_hung_up(writer.recorder, "a")
         await settle()
-        answered_and_hung_up(recorder, "a")
-        await settle()
-        assert handoff.writes == []  # alone, it waits for company
+        assert writer.writes == []  # alone, it waits for company
         await loop.advance(LINGER - 1.0)
-        assert handoff.writes == []
-        answered_and_hung_up(recorder, "b")
-        answered_and_hung_up(recorder, "c")
+        assert writer.writes == []
+        answered_and_hung_up(writer.recorder, "b")
+        answered_and_hung_up(writer.recorder, "c")
         await settle()
-        assert handoff.writes == []
+        assert writer.writes == []
         await loop.advance(1.0)
-        assert handoff.writes == [["a", "b", "c"]]
-        assert counter(metrics, "e911_sip_call_records_total", result="written") == 3
-        assert recorder.queued == 0
-        stop.set()
-        await running
-        assert handoff.writes == [["a", "b", "c"]]
-        assert await handed_on(handoff) == ["a", "b", "c"]
+        assert writer.writes == [["a", "b", "c"]]
+        assert writer.counted("written") == 3
+        assert writer.recorder.queued == 0
+        await writer.stopped()
+        assert writer.writes == [["a", "b", "c"]]
+        assert await writer.handed_on() == ["a", "b", "c"]
 
     on_manual_clock(scenario)
 
 
 def test_without_a_linger_each_record_is_written_at_once() -> None:
     async def scenario(loop: ManualClockLoop) -> None:
-        recorder, handoff, metrics = recorder_on(loop, 0.0)
-        stop = asyncio.Event()
-        running = asyncio.create_task(recorder.run(stop))
+        writer = Writer(loop, 0.0)
+        await writer.start()
+        answered_and_hung_up(writer.recorder, "a")
         await settle()
-        answered_and_hung_up(recorder, "a")
+        assert writer.writes == [["a"]]  # the clock never moved
+        answered_and_hung_up(writer.recorder, "b")
         await settle()
-        assert handoff.writes == [["a"]]  # the clock never moved
-        answered_and_hung_up(recorder, "b")
-        await settle()
-        assert handoff.writes == [["a"], ["b"]]
-        assert counter(metrics, "e911_sip_call_records_total", result="written") == 2
+        assert writer.writes == [["a"], ["b"]]
+        assert writer.counted("written") == 2
         assert loop.now == 0.0
-        stop.set()
-        await running
-        assert await handed_on(handoff) == ["a", "b"]
+        await writer.stopped()
+        assert await writer.handed_on() == ["a", "b"]
 
     on_manual_clock(scenario)
 
 
 def test_a_stop_while_a_record_lingers_writes_it_and_the_calls_still_up() -> None:
     async def scenario(loop: ManualClockLoop) -> None:
-        recorder, handoff, metrics = recorder_on(loop, LINGER)
-        stop = asyncio.Event()
-        running = asyncio.create_task(recorder.run(stop))
+        writer = Writer(loop, LINGER)
+        await writer.start()
+        answered_and_hung_up(writer.recorder, "a")
+        writer.recorder.on_event(EmergencyCall(2, invite("b"), "911", "b"))  # still up
         await settle()
-        answered_and_hung_up(recorder, "a")
-        recorder.on_event(EmergencyCall(2, invite("b"), "911", "b"))  # still up
-        await settle()
-        assert handoff.writes == []
-        stop.set()
+        assert writer.writes == []
+        writer.stop.set()
         await loop.advance(LINGER)  # however long the linger still had to run
-        await running
-        assert handoff.writes == [["a"], ["b"]]
-        assert handoff.closed
-        assert counter(metrics, "e911_sip_call_records_total", result="written") == 2
-        assert counter(metrics, "e911_sip_call_records_total", result="lost_at_stop") == 0
-        assert await handed_on(handoff) == ["a", "b"]
+        await writer.stopped()
+        assert writer.writes == [["a"], ["b"]]
+        assert writer.handoff.closed
+        assert writer.counted("written") == 2
+        assert writer.counted("lost_at_stop") == 0
+        assert await writer.handed_on() == ["a", "b"]
 
     on_manual_clock(scenario)
 
 
 def test_records_queued_before_the_writer_runs_are_written_at_a_stop_without_lingering() -> None:
     async def scenario(loop: ManualClockLoop) -> None:
-        recorder, handoff, _ = recorder_on(loop, LINGER)
-        answered_and_hung_up(recorder, "a")
-        answered_and_hung_up(recorder, "b")
-        stop = asyncio.Event()
-        stop.set()
-        await recorder.run(stop)
-        assert handoff.writes == [["a", "b"]]
+        writer = Writer(loop, LINGER)
+        answered_and_hung_up(writer.recorder, "a")
+        answered_and_hung_up(writer.recorder, "b")
+        writer.stop.set()
+        await writer.recorder.run(writer.stop)
+        assert writer.writes == [["a", "b"]]
         assert loop.now == 0.0
 
     on_manual_clock(scenario)
