@@ -104,8 +104,8 @@ class EdgeStartError(HarnessError):
 # ---------------------------------------------------------------------------- ports
 
 
-def free_port(transport: str = "udp") -> int:
-    """A loopback port that is free right now for ``"udp"`` or ``"tcp"`` (``"both"``: both).
+def free_port(transport: str = "udp", *, host: str = LOOPBACK) -> int:
+    """A port on ``host`` that is free right now for ``"udp"`` or ``"tcp"`` (``"both"``: both).
 
     The kernel picks it from the ephemeral range, away from the fixed ports SIPp takes for
     itself (media 6000+, control 8888+). Another process could still take it before the
@@ -113,25 +113,25 @@ def free_port(transport: str = "udp") -> int:
     """
     kind = transport.lower()
     if kind == "both":
-        return free_port_pair()
+        return free_port_pair(host=host)
     if kind not in ("udp", "tcp"):
         raise ValueError(f"transport must be 'udp', 'tcp' or 'both', not {transport!r}")
     sock_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, sock_type) as sock:
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def free_port_pair() -> int:
-    """A loopback port free for both UDP and TCP (the edge listens on both)."""
+def free_port_pair(*, host: str = LOOPBACK) -> int:
+    """A port on ``host`` free for both UDP and TCP (the edge listens on both)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((LOOPBACK, 0))
+            tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind((LOOPBACK, port))
+                    udp.bind((host, port))
                 except OSError:
                     continue
                 return port
@@ -1126,9 +1126,11 @@ def edge_config(
     store_url: str = "memory://",
     seed_file: Path | None = None,
     transports: Iterable[str] = ("udp", "tcp"),
+    sip_host: str = LOOPBACK,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """The edge's configuration document for a test, every address on 127.0.0.1.
+    """The edge's configuration document for a test, every address on 127.0.0.1 (the SIP
+    listeners on ``sip_host``).
 
     Each keyword in ``overrides`` names a top-level table: a dict is merged into it
     (recursively), anything else replaces it, e.g. ``emergency={"numbers": ["911"]}``.
@@ -1137,7 +1139,7 @@ def edge_config(
     if seed_file is not None:
         store["seed_file"] = str(seed_file)
     config: dict[str, Any] = {
-        "sip": {"listen": [f"{t}:{LOOPBACK}:{sip_port}" for t in transports]},
+        "sip": {"listen": [f"{t}:{sip_host}:{sip_port}" for t in transports]},
         "emergency": {
             "numbers": ["911", "933"],
             "trunks": list(emergency_trunks),
@@ -1153,11 +1155,14 @@ def edge_config(
     return _merge(config, overrides)
 
 
-def edge_config_on_free_ports(*, trunk: int | None = None, **options: Any) -> dict[str, Any]:
+def edge_config_on_free_ports(
+    *, trunk: int | None = None, sip_host: str = LOOPBACK, **options: Any
+) -> dict[str, Any]:
     """``edge_config`` on free loopback ports: SIP, HTTP, one default trunk and one emergency
     trunk (UDP port ``trunk``, or a free one nobody answers on); ``options`` as there."""
     return edge_config(
-        sip_port=free_port("both"),
+        sip_port=free_port("both", host=sip_host),
+        sip_host=sip_host,
         http_port=free_port("tcp"),
         emergency_trunks=[trunk_uri(trunk if trunk is not None else free_port("udp"))],
         default_trunks=[trunk_uri(free_port("udp"))],
