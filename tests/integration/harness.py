@@ -1158,8 +1158,9 @@ def edge_config(
 def edge_config_on_free_ports(
     *, trunk: int | None = None, sip_host: str = LOOPBACK, **options: Any
 ) -> dict[str, Any]:
-    """``edge_config`` on free loopback ports: SIP, HTTP, one default trunk and one emergency
-    trunk (UDP port ``trunk``, or a free one nobody answers on); ``options`` as there."""
+    """``edge_config`` on free loopback ports: SIP (on ``sip_host``), HTTP, one default trunk
+    and one emergency trunk (UDP port ``trunk``, or a free one nobody answers on);
+    ``options`` as there."""
     return edge_config(
         sip_port=free_port("both", host=sip_host),
         sip_host=sip_host,
