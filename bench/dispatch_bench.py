@@ -15,7 +15,10 @@ Every datagram is a message of a different call (core_bench.py's INVITE with SDP
   sent into the socket before each batch, so the dispatcher finds them all waiting;
 - ``on_readable with claims``: the same with a TCP/TLS listener configured: the claims of
   every worker are read first (one ``recv`` per worker per batch) and each Call-ID is looked
-  up in the claims table (a quarter of them claimed).
+  up in the claims table (a quarter of them claimed);
+- ``on_readable, requests from outside``: the same datagrams from an address outside the
+  trust domain (127.0.0.9), dropped after the read and the per-address lookup: what a
+  flood from outside costs the host with workers.
 
 The worker's side (``recv`` from the channel and the header decoded, cached) replaces the
 ``recvfrom`` a single edge makes, so the dispatcher's figure is the added cost per datagram
@@ -163,6 +166,22 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{got} of {BATCH} datagrams reached the workers")
         return elapsed
 
+    guarded = Dispatcher(
+        shared,
+        read_burst=BATCH,
+        on_drop=lambda reason: None,
+        admit=lambda host: host == "127.0.0.1",
+    )
+    outsider = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    outsider.bind(("127.0.0.9", 0))
+
+    def time_readable_outsider() -> float:
+        for data in plain:
+            outsider.sendto(data, target)
+        start = time.perf_counter()
+        guarded.on_readable()
+        return time.perf_counter() - start
+
     rows = [
         ("find_call_id (Call-ID:)", best_of(args.rounds, lambda: time_find(plain))),
         ("find_call_id (compact i:)", best_of(args.rounds, lambda: time_find(compact))),
@@ -171,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ("recvfrom alone (for comparison)", best_of(args.rounds, time_recv_only)),
         ("on_readable (recvfrom + forward)", best_of(args.rounds, time_readable)),
         ("on_readable with claims", best_of(args.rounds, time_readable_claims)),
+        ("on_readable, requests from outside", best_of(args.rounds, time_readable_outsider)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, micros in rows:
@@ -180,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         theirs.close()
     shared.close()
     client.close()
+    outsider.close()
     return 0
 
 

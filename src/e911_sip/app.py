@@ -312,10 +312,32 @@ def local_addresses(config: Config) -> tuple[LocalAddress, ...]:
     return tuple(LocalAddress(a.transport, advertise or a.host, a.port) for a in config.sip.listen)
 
 
+DIALOG_KEY_ENV = "E911_SIP_DIALOG_KEY"
+"""Where a supervisor hands its workers the dialog key it made (hex), when the config names
+no key file: each worker then recognises the calls the others set up."""
+
+
+def dialog_key(config: Config, *, worker: bool) -> bytes | None:
+    """The key behind branches, tags and Record-Route stamps: the configured file's, else the
+    supervisor's for a worker, else None (the core makes one for this process)."""
+    if config.security.dialog_key is not None:
+        return config.security.dialog_key
+    if worker:
+        value = os.environ.get(DIALOG_KEY_ENV)
+        if value:
+            return bytes.fromhex(value)
+    return None
+
+
 def proxy_options(
-    config: Config, local: tuple[LocalAddress, ...], load: LoadSignal | None = None
+    config: Config,
+    local: tuple[LocalAddress, ...],
+    load: LoadSignal | None = None,
+    *,
+    key: bytes | None = None,
 ) -> ProxyOptions:
-    """The proxy core's options from the config; ``load`` tells it when to shed."""
+    """The proxy core's options from the config; ``load`` tells it when to shed, ``key`` is
+    :func:`dialog_key`'s."""
     numbers = frozenset(config.emergency.numbers)
     overload = config.overload
     return ProxyOptions(
@@ -341,6 +363,7 @@ def proxy_options(
         ),
         max_trunk_dialogs=config.security.max_trunk_dialogs,
         trunk_dialog_max_age=config.security.trunk_dialog_max_age,
+        dialog_key=key,
         emergency_probe=config.emergency.probe,
         default_probe=config.default.probe,
     )
@@ -467,7 +490,8 @@ async def start_edge(
     local = local_addresses(config)
     overload = config.overload
     load = LoadSignal(max_lag=overload.max_lag, max_queue=overload.max_queue)
-    core = ProxyCore(options=proxy_options(config, local, load), entropy=os.urandom)
+    key = dialog_key(config, worker=worker is not None)
+    core = ProxyCore(options=proxy_options(config, local, load, key=key), entropy=os.urandom)
     for name, value in (
         ("max_lag_seconds", overload.max_lag),
         ("max_queue", overload.max_queue),

@@ -406,6 +406,12 @@ class SecurityConfig:
     """Dialogs a trunk answered in which it may send requests (bounded table)."""
     trunk_dialog_max_age: float = 14_400.0
     """Seconds without a message after which such a dialog is forgotten."""
+    dialog_key_file: Path | None = None
+    """A file holding the secret behind our branches, tags and Record-Route stamps, so the
+    edge recognises its own calls after a restart (a trunk's BYE, a late 2xx). Unset: a
+    key per start, shared by that start's workers."""
+    dialog_key: bytes | None = field(default=None, repr=False)
+    """The secret read from ``dialog_key_file``."""
 
 
 class StartTls(StrEnum):
@@ -1198,8 +1204,12 @@ def _bandwidth(data: Mapping[str, Any]) -> BandwidthConfig:
     )
 
 
-def _security(data: Mapping[str, Any]) -> SecurityConfig:
-    s = _Section("security", data, _fields(SecurityConfig))
+MIN_DIALOG_KEY = 16
+"""Bytes a dialog key file must hold, at the least."""
+
+
+def _security(data: Mapping[str, Any], base: Path | None) -> SecurityConfig:
+    s = _Section("security", data, _fields(SecurityConfig) - {"dialog_key"})
     d = SecurityConfig()
     networks: list[IPNetwork] = []
     for text in s.strings("trusted_sources", tuple(str(n) for n in d.trusted_sources)):
@@ -1221,11 +1231,25 @@ def _security(data: Mapping[str, Any]) -> SecurityConfig:
         raise ConfigError(
             f"[security] untrusted: expected drop or reject, got {action!r}"
         ) from None
+    key_file = _file(s, "dialog_key_file", base)
+    key: bytes | None = None
+    if key_file is not None:
+        try:
+            key = key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{s.where('dialog_key_file')}: {key_file}: {exc.strerror}") from None
+        if len(key) < MIN_DIALOG_KEY:
+            raise ConfigError(
+                f"{s.where('dialog_key_file')}: {key_file} holds {len(key)} bytes; at least "
+                f"{MIN_DIALOG_KEY} are needed (make one with: head -c 32 /dev/urandom | base64)"
+            )
     return SecurityConfig(
         trusted_sources=tuple(networks),
         untrusted=untrusted,
         max_trunk_dialogs=s.integer("max_trunk_dialogs", d.max_trunk_dialogs, minimum=1),
         trunk_dialog_max_age=s.number("trunk_dialog_max_age", d.trunk_dialog_max_age, minimum=1.0),
+        dialog_key_file=key_file,
+        dialog_key=key,
     )
 
 
@@ -1389,7 +1413,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path | None = None) -> Config
         shutdown=_shutdown(tables["shutdown"]),
         provisioning=_provisioning(tables["provisioning"], base),
         bandwidth=_bandwidth(tables["bandwidth"]),
-        security=_security(tables["security"]),
+        security=_security(tables["security"], base),
         overload=_overload(tables["overload"]),
         records=_records(tables["records"], base),
         notify=_notify(tables["notify"], base),

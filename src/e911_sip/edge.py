@@ -69,6 +69,7 @@ from e911_sip.proxy.core import (
     FailOpen,
     Failover,
     ProxyCore,
+    Recovered,
     RequestRouted,
     Shed,
     TrunkProbed,
@@ -255,6 +256,7 @@ class Edge:
             Shed: self._on_shed,
             Evicted: self._on_evicted,
             Discarded: self._on_discarded,
+            Recovered: self._on_recovered,
         }
         self._emergency_dialogs: dict[str, float] = {}
         self._dialogs: dict[str, float] = {}
@@ -291,6 +293,17 @@ class Edge:
         interval = options.log_interval
         self._discard_log = RateLimitedLog(
             log, "message discarded", noun="messages discarded", interval=interval
+        )
+        self._recovered = {
+            kind: metrics.recovered.labels(kind) for kind in ("trunk_dialog", "late_2xx")
+        }
+        self._recover_log = RateLimitedLog(
+            log,
+            "routed a call this process did not set up (another worker's, or from before a "
+            "restart)",
+            noun="messages routed without state",
+            interval=interval,
+            level=logging.WARNING,
         )
         self._shed_log = RateLimitedLog(
             log,
@@ -496,6 +509,13 @@ class Edge:
         self._discard_log.hit(
             event.reason,
             lambda: {"reason": event.reason, "detail": event.detail, "peer": str(event.source)},
+        )
+
+    def _on_recovered(self, event: Recovered) -> None:
+        self._recovered[event.kind].inc()
+        self._recover_log.hit(
+            event.kind,
+            lambda: {"kind": event.kind, "emergency": event.emergency, "peer": str(event.source)},
         )
 
     def _on_trunk_state(self, event: TrunkStateChanged) -> None:

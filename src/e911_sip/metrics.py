@@ -204,6 +204,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.recovered = Counter(
+            "e911_sip_recovered_total",
+            "Messages routed on what they carry with no state of this process to match them "
+            "(a dead worker's or a restarted edge's call), by kind: trunk_dialog (a trunk's "
+            "request in a dialog stamped by us), late_2xx (a 2xx to an INVITE we sent, "
+            "relayed without a transaction).",
+            ["kind"],
+            registry=r,
+        )
         self.shed = Counter(
             "e911_sip_shed_total",
             "Requests refused with a stateless 503 by overload control, by reason: "
@@ -678,7 +687,14 @@ class SupervisorMetrics:
         self.dispatch_dropped = Counter(
             "e911_sip_dispatch_dropped",
             "Datagrams the dispatcher dropped, by reason: no_worker (none live), worker_busy "
-            "(its channel full), worker_gone (its end closed).",
+            "(its channel full), worker_gone (its end closed), untrusted_source (from outside "
+            "the trust domain, also counted in e911_sip_messages_discarded_total).",
+            ["reason"],
+            registry=r,
+        )
+        self.discarded = Counter(
+            "e911_sip_messages_discarded",
+            "Messages dropped or answered with an error by the edge itself, by reason.",
             ["reason"],
             registry=r,
         )

@@ -19,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from e911_sip import app
-from e911_sip.config import Config
+from e911_sip.config import Config, UntrustedAction
 from e911_sip.metrics import (
     CONTENT_TYPE,
     Family,
@@ -38,6 +41,8 @@ from e911_sip.metrics import (
     parse_exposition,
     render_families,
 )
+from e911_sip.proxy.trust import TrustPolicy
+from e911_sip.sip.uri import parse_uri
 from e911_sip.transport.control import SupervisorSide
 from e911_sip.transport.dispatch import DROP_REASONS, Dispatcher, channel_pair
 from e911_sip.transport.udp import bind_udp
@@ -101,6 +106,12 @@ class Supervisor:
         self._dispatcher: Dispatcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._env = dict(os.environ)
+        """The workers' environment: with no key file configured, a dialog key made for this
+        start, so a worker finishes the calls another one set up (a trunk's BYE, a late 2xx)
+        after that one dies. It stays in memory and in the workers' environment only."""
+        if config.security.dialog_key is None:
+            self._env[app.DIALOG_KEY_ENV] = secrets.token_bytes(32).hex()
         self._retired: dict[str, Family] = {}
         """Counters of workers that exited: /metrics keeps adding them, so totals never
         fall."""
@@ -113,6 +124,28 @@ class Supervisor:
         )
         for reason in DROP_REASONS:
             self.metrics.dispatch_dropped.labels(reason)
+
+    def _admit(self) -> Callable[[str], bool] | None:
+        """Whose requests the dispatcher forwards: with ``[security] untrusted = drop``, the
+        softswitch's and the trunks' only, as each worker would decide (a worker parses no
+        request from anyone else either); with ``reject`` everyone's, so a worker answers
+        403."""
+        security = self.config.security
+        if security.untrusted is not UntrustedAction.DROP:
+            return None
+        options = app.proxy_options(self.config, ())
+        policy = TrustPolicy(
+            trusted_sources=security.trusted_sources,
+            trunk_hosts=[
+                parse_uri(t).host for t in (*options.emergency_trunks, *options.default_trunks)
+            ],
+        )
+        return policy.may_receive
+
+    def _on_drop(self, reason: str) -> None:
+        self.metrics.dispatch_dropped.labels(reason).inc()
+        if reason == "untrusted_source":
+            self.metrics.discarded.labels(reason).inc()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,12 +173,12 @@ class Supervisor:
                 sock.close()
                 raise
             self._listeners[stream.transport] = listener
-        dropped = self.metrics.dispatch_dropped
         self._dispatcher = Dispatcher(
             sock,
             max_datagram=self.config.sip.max_message_size,
-            on_drop=lambda reason: dropped.labels(reason).inc(),
+            on_drop=self._on_drop,
             claims=bool(self._listeners),
+            admit=self._admit(),
         )
         dispatcher = self._dispatcher
         self.metrics.dispatched.set_function(lambda: dict(dispatcher.dispatched))
@@ -223,6 +256,7 @@ class Supervisor:
                 *command,
                 pass_fds=(*fds, *(listener.fileno() for listener in listeners.values())),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=self._env,
             )
         except OSError:
             ours.close()

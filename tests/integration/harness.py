@@ -71,6 +71,7 @@ SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uac_911_enriched": {**_UAC_KEYS, "endpoint": DEFAULT_ENDPOINT, "callback": DEFAULT_CALLER},
     "uac_911_unlocated": {**_UAC_KEYS, "callback": DEFAULT_CALLER},
     "uac_911_proxied": dict(_UAC_KEYS),
+    "uac_911_callee_hangs_up": {"caller": DEFAULT_CALLER},
     "uas_emergency": {
         "expected_ruser": "911",
         "expected_endpoint": DEFAULT_ENDPOINT,
@@ -85,6 +86,7 @@ SCENARIO_KEYS: dict[str, dict[str, str]] = {
     "uas_603": {},
     "uas_ring_then_487": {},
     "uas_load": {},
+    "uas_psap_hangs_up": {"ring_ms": DEFAULT_HOLD_MS, "hold_ms": DEFAULT_HOLD_MS},
     "uas_probed": {"expected_ruser": "911"},
     "uas_emergency_probe": {},
 }
@@ -699,6 +701,7 @@ class Sipp:
         timeout: float,
         extra: Sequence[str],
         uac_options: Sequence[str] = (),
+        host: str = LOOPBACK,
     ) -> tuple[list[str], Path, str]:
         if self.binary is None:
             raise HarnessError("sipp is not installed (apt-get install sip-tester)")
@@ -711,8 +714,8 @@ class Sipp:
         command = [self.binary]
         if remote is not None:
             command.append(remote)
-        command += ["-sf", str(path), "-t", transport, "-i", LOOPBACK, "-p", str(port)]
-        command += ["-bind_local", "-ci", LOOPBACK, "-mi", LOOPBACK, "-nostdin"]
+        command += ["-sf", str(path), "-t", transport, "-i", host, "-p", str(port)]
+        command += ["-bind_local", "-ci", host, "-mi", host, "-nostdin"]
         command += ["-m", str(calls), "-timeout", f"{max(1, math.ceil(timeout))}s"]
         command += ["-timeout_error"]
         command += ["-trace_stat", "-stf", str(rundir / "stats.csv")]
@@ -737,8 +740,11 @@ class Sipp:
         extra: Sequence[str] = (),
         timeout: float = 60.0,
         ready_timeout: float = 10.0,
+        host: str = LOOPBACK,
     ) -> SippProcess:
-        """Start a UAS on 127.0.0.1:``port`` in the background; returns once it is bound.
+        """Start a UAS on ``host`` (127.0.0.1; another loopback address puts it outside the
+        edge's trust domain, as a real trunk is) and ``port`` in the background; returns once
+        it is bound.
 
         It exits by itself after ``calls`` calls, or fails after ``timeout`` seconds
         (SIPp's -timeout with -timeout_error). OPTIONS and other out-of-dialog requests are
@@ -754,6 +760,7 @@ class Sipp:
             calls=calls,
             timeout=timeout,
             extra=["-aa", *extra],
+            host=host,
         )
         process = SippProcess(
             command=command, scenario=name, rundir=rundir, port=port, transport=transport

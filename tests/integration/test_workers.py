@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from tests.integration.harness import (
 
 EdgeFactory = Callable[..., EdgeProcess]
 BOTH = (0, 1)
+TRUNK_HOST = "127.0.0.3"
+"""A trunk outside the trust domain, which is 127.0.0.1 in these tests."""
 START_TIMEOUT = 120.0
 """Two workers import and load on a 2-core host shared with other test runs."""
 
@@ -48,13 +51,14 @@ def start_workers(
     trunk: int,
     *,
     transports: tuple[str, ...] = ("udp",),
+    trunk_host: str = LOOPBACK,
     **overrides: Any,
 ) -> EdgeProcess:
     config = edge_config(
         sip_port=free_port("both"),
         http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(trunk)],
-        default_trunks=[trunk_uri(trunk)],
+        emergency_trunks=[trunk_uri(trunk, host=trunk_host)],
+        default_trunks=[trunk_uri(trunk, host=trunk_host)],
         store_url=redis_server.url,
         transports=transports,
         sip={"workers": 2},
@@ -267,10 +271,10 @@ def test_a_killed_worker_is_restarted_and_its_answered_calls_still_end(
     result = answered.wait(timeout=150)
     assert result.ok, result.summary()
     assert result.successful == long_calls
-    # Only the dead worker's calls may have failed. A call whose INVITE had its 100 Trying
-    # from the dead worker and whose 200 then came back to the new one is neither: the
-    # caller no longer retransmits and the 200 matches no transaction (RFC 6026 §8.4
-    # drops it), so it waits for SIPp's own timeout. Either way, it was the dead worker's.
+    # Only the dead worker's calls may have failed: a 200 that came back to a worker
+    # without the transaction is relayed (late_2xx), but what the dead worker held when it
+    # died (a failure response it waited for, a BYE it had forwarded) comes back only if a
+    # retransmission brings it, within SIPp's patience.
     loaded = load.wait(timeout=200)
     assert load_calls - loaded.successful <= owners("load", load_calls).count(1), loaded.summary()
     aborted = _aborted_call_ids(calldebug)
@@ -318,3 +322,98 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_psap_answers_and_hangs_up_911_calls_a_killed_worker_set_up(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    # The 911 calls ring at the PSAP while the worker that forwarded them is killed. The
+    # trunk's 200 then reaches a worker with no transaction for it (the other one, or the
+    # dead one restarted), and later the PSAP hangs up with a BYE that worker never saw a
+    # dialog for. Both are recognised from what they carry, with the key every worker of
+    # the edge shares: the stamped Record-Route and our Via's branch.
+    provision(redis_server)
+    calls = 6
+    dead = owners("psap", calls).count(1)
+    assert 0 < dead < calls
+    trunk = free_port("udp")
+    # The trunk on its own loopback address: outside the trust domain (127.0.0.1), so its
+    # BYE is let in only for a dialog the edge knows it routed to a trunk.
+    uas = sipp.uas(
+        "uas_psap_hangs_up.xml",
+        port=trunk,
+        calls=calls,
+        keys={"ring_ms": "12000", "hold_ms": "3000"},
+        timeout=150,
+        host=TRUNK_HOST,
+    )
+    edge = start_workers(edge_factory, redis_server, trunk, trunk_host=TRUNK_HOST)
+    before = {w["worker"]: w["pid"] for w in workers(edge)}
+    call = sipp.start_uac(
+        "uac_911_callee_hangs_up.xml",
+        edge.sip_target,
+        calls=calls,
+        rate=20,
+        timeout=150,
+        extra=["-cid_str", "psap-%u"],
+    )
+    wait_until(
+        "every call rings at the PSAP",
+        lambda: (edge.metric("e911_sip_emergency_calls_total", outcome="enriched") or 0) >= calls,
+        60,
+    )
+    os.kill(before[1], signal.SIGKILL)
+
+    result = call.wait(timeout=180)
+    assert result.ok, result.summary()
+    assert result.successful == calls
+    assert uas.wait(timeout=60).ok
+
+    def recovered(kind: str) -> float:
+        return edge.metric("e911_sip_recovered_total", kind=kind) or 0
+
+    # Every call of the dead worker had its 200 relayed and its BYE let in from the stamp
+    # (retransmissions may add more); the other worker's calls needed neither.
+    wait_until("the recoveries are counted", lambda: recovered("trunk_dialog") >= dead, 30)
+    assert recovered("late_2xx") >= dead
+    assert (edge.metric("e911_sip_messages_discarded_total", reason="untrusted_dialog") or 0) == 0
+
+
+def test_requests_from_outside_the_trust_domain_stop_at_the_dispatcher(
+    edge_factory: EdgeFactory, sipp: Sipp, redis_server: RedisServer
+) -> None:
+    provision(redis_server)
+    trunk = free_port("udp")
+    uas = sipp.uas("uas_emergency.xml", port=trunk, calls=1, timeout=120)
+    edge = start_workers(edge_factory, redis_server, trunk)
+    flood = 300
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as outsider:
+        outsider.bind(("127.0.0.9", 0))
+        for n in range(flood):
+            outsider.sendto(
+                (
+                    f"INVITE sip:911@127.0.0.1:{edge.sip_port} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP 127.0.0.9:5060;branch=z9hG4bKx{n}\r\n"
+                    f"From: <sip:{DEFAULT_CALLER}@127.0.0.9>;tag=x\r\n"
+                    f"To: <sip:911@127.0.0.1>\r\nCall-ID: outsider-{n}\r\nCSeq: 1 INVITE\r\n"
+                    "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                ("127.0.0.1", edge.sip_port),
+            )
+    wait_until(
+        "the flood is counted",
+        lambda: (
+            (edge.metric("e911_sip_dispatch_dropped_total", reason="untrusted_source") or 0)
+            >= flood
+        ),
+        30,
+    )
+    # Counted where operators and the E911UntrustedTraffic alert look, and nothing reached
+    # a worker: no worker saw an INVITE yet.
+    discarded = edge.metric("e911_sip_messages_discarded_total", reason="untrusted_source")
+    assert discarded == flood
+    assert (edge.metric("e911_sip_requests_total", method="INVITE") or 0) == 0
+    # The softswitch's 911 call goes through as ever.
+    result = sipp.uac("uac_911.xml", edge.sip_target)
+    assert result.ok, result.summary()
+    assert uas.wait(timeout=60).ok

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from e911_sip.app import raise_nofile_limit, stream_limits
+from e911_sip.app import DIALOG_KEY_ENV, dialog_key, raise_nofile_limit, stream_limits
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, UntrustedAction, load
 from e911_sip.policy.enrich import ExistingGeolocation
@@ -258,6 +258,39 @@ def test_security_defaults_trust_only_loopback() -> None:
     assert [str(n) for n in config.security.trusted_sources] == ["127.0.0.1/32", "::1/128"]
     assert config.security.untrusted is UntrustedAction.DROP
     assert config.emergency.existing_geolocation is ExistingGeolocation.REMOVE
+
+
+def test_dialog_key_file_is_read_and_kept_out_of_reprs(tmp_path: Path) -> None:
+    assert load(None, {}).security.dialog_key is None
+    (tmp_path / "dialog.key").write_text("  c2VjcmV0IGtleSBmb3IgdGhlIGVkZ2Vz\n")
+    config = load(write(tmp_path, '[security]\ndialog_key_file = "dialog.key"\n'), {})
+    assert config.security.dialog_key_file == tmp_path / "dialog.key"
+    assert config.security.dialog_key == b"c2VjcmV0IGtleSBmb3IgdGhlIGVkZ2Vz"
+    assert "c2VjcmV0" not in repr(config)
+    # The key alone is not a config key: only the file is.
+    with pytest.raises(ConfigError, match=r"\[security\] dialog_key: unknown key"):
+        load(write(tmp_path, '[security]\ndialog_key = "x"\n'), {})
+
+
+def test_dialog_key_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[security\] dialog_key_file: .*does not exist"):
+        load(write(tmp_path, '[security]\ndialog_key_file = "missing.key"\n'), {})
+    (tmp_path / "short.key").write_text("too short\n")
+    with pytest.raises(ConfigError, match=r"holds 9 bytes; at least 16 are needed"):
+        load(write(tmp_path, '[security]\ndialog_key_file = "short.key"\n'), {})
+
+
+def test_workers_share_the_supervisors_key_unless_a_file_gives_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DIALOG_KEY_ENV, "00ff" * 16)
+    defaults = load(None, {})
+    assert dialog_key(defaults, worker=True) == bytes.fromhex("00ff" * 16)
+    assert dialog_key(defaults, worker=False) is None  # a single edge makes its own
+    (tmp_path / "dialog.key").write_text("a key kept across restarts\n")
+    config = load(write(tmp_path, '[security]\ndialog_key_file = "dialog.key"\n'), {})
+    assert dialog_key(config, worker=True) == b"a key kept across restarts"
+    assert dialog_key(config, worker=False) == b"a key kept across restarts"
 
 
 def test_probe_keys_per_route(tmp_path: Path) -> None:

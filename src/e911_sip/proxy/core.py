@@ -63,6 +63,7 @@ from enum import Enum, StrEnum
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
+    DIALOG_STAMP_PARAM,
     BranchFactory,
     LocalAddress,
     Tokens,
@@ -72,6 +73,7 @@ from e911_sip.proxy.routing import (
     is_local_uri,
     next_hop,
     pop_own_routes,
+    route_stamp,
     stamp_received,
 )
 from e911_sip.proxy.trunks import ProbeOptions, TrunkHealth, build_probe
@@ -115,7 +117,7 @@ from e911_sip.sip.transaction import (
     server_key,
 )
 from e911_sip.sip.transaction import State as TransactionState
-from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via
+from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via, split_values
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -169,6 +171,10 @@ class ProxyOptions:
     UA-provided location); False removes it, and its Geolocation-Routing, before enrichment."""
     max_trunk_dialogs: int = 100_000
     """Dialogs a trunk answered that it may send in-dialog requests in (bounded table)."""
+    dialog_key: bytes | None = None
+    """Secret behind our branches, tags and Record-Route stamps, shared by the processes
+    that must finish each other's calls (the workers of one edge; an edge and its restart).
+    None: a key made per process, so only this process recognises what it made."""
     trunk_dialog_max_age: float = 14_400.0
     """Seconds without a message after which such a dialog is forgotten."""
     emergency_probe: ProbeOptions = field(default_factory=ProbeOptions)
@@ -194,6 +200,10 @@ class ProxyOptions:
     absorbs, an in-dialog request whose top Route is the one we recorded, a response to one
     of our branches. False sends every message through the general handling. Both give the
     same result (the core's tests run each of them); the switch is there to prove it."""
+
+
+_STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
+"""Where a dialog stamp starts in a Route value written from our Record-Route."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -295,6 +305,18 @@ class Discarded:
 
 
 @dataclass(slots=True)
+class Recovered:
+    """A message was routed on what it carries, with no state of ours to match it (the
+    process that held it died or restarted): a trunk's request in a dialog whose Record-Route
+    stamp is ours (``trunk_dialog``), or a 2xx to an INVITE branch of ours (``late_2xx``)."""
+
+    kind: str
+    emergency: bool
+    """True for an emergency dialog (always False for ``late_2xx``: nothing says)."""
+    source: Peer
+
+
+@dataclass(slots=True)
 class TrunkProbed:
     """An OPTIONS probe of a trunk has its result."""
 
@@ -325,6 +347,7 @@ Event = (
     | Shed
     | Evicted
     | Discarded
+    | Recovered
     | TrunkProbed
     | TrunkStateChanged
 )
@@ -659,7 +682,7 @@ class ProxyCore:
         self._locals = options.local
         self._by_transport = {local.transport: local for local in options.local}
         self._tokens = Tokens(entropy)
-        self._branches = BranchFactory(self._tokens)
+        self._branches = BranchFactory(self._tokens, options.dialog_key)
         self._trust = TrustPolicy(
             trusted_sources=options.trusted_sources,
             trunk_hosts=[
@@ -927,7 +950,7 @@ class ProxyCore:
                 return
             context.route = Route.DEFAULT
             context.template = (
-                add_record_route(forwarded, inbound, inbound)
+                add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
                 if method in DIALOG_CREATING
                 else forwarded
             )
@@ -948,7 +971,9 @@ class ProxyCore:
             # and stays in the dialog it creates.
             context.route = Route.ROUTE_SET
             if method in DIALOG_CREATING:
-                forwarded = add_record_route(forwarded, inbound, inbound)
+                forwarded = add_record_route(
+                    forwarded, inbound, inbound, self._stamp(request, False)
+                )
         else:
             context.route = Route.IN_DIALOG
         context.template = forwarded
@@ -978,9 +1003,39 @@ class ProxyCore:
             routes = request.get("route")
             if routes is None:
                 return request
-            if routes.split(",", 1)[0].strip() in self._own_routes:
+            first = routes.split(",", 1)[0].strip()
+            stamp = first.find(_STAMP_MARK)
+            if stamp > 0:
+                first = first[:stamp] + ">"
+            if first in self._own_routes:
                 request = request.pop_first_value("route")
         return pop_own_routes(request, self._locals)
+
+    def _stamp(self, request: Request, emergency: bool) -> str:
+        """The stamp for the Record-Route of the dialog ``request`` creates."""
+        return self._branches.dialog_stamp(request.call_id, emergency=emergency)
+
+    def _restore_trunk_dialog(self, request: Request, source: Peer, now: float) -> bool:
+        """A trunk sends in a dialog the table does not hold: allowed when its top Route is
+        ours with the stamp we wrote for this Call-ID (another worker routed the call, or
+        this process before a restart), and then remembered again."""
+        routes = request.get("route")
+        if routes is None:
+            return False
+        first = split_values(routes)[0]
+        stamp = route_stamp(first)
+        if stamp is None:
+            return False
+        try:
+            ours = is_local_uri(parse_uri(parse_name_addr(first).uri), self._locals)
+        except SipError:
+            return False
+        emergency = self._branches.check_dialog_stamp(request.call_id, stamp) if ours else None
+        if emergency is None:
+            return False
+        self._trunk_dialogs.add(request.call_id, source.host, now, emergency=emergency)
+        self._events.append(Recovered("trunk_dialog", emergency, source))
+        return True
 
     def _admit_untrusted(self, request: Request, source: Peer, now: float) -> Request | None:
         """What may come from outside the trust domain (RFC 3325 §5), or None when refused.
@@ -1001,7 +1056,9 @@ class ProxyCore:
                 return request
             self._refuse(request, source, "untrusted_initial")
             return None
-        if not self._trunk_dialogs.allows(request.call_id, source.host, now):
+        if not self._trunk_dialogs.allows(
+            request.call_id, source.host, now
+        ) and not self._restore_trunk_dialog(request, source, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
         target = next_hop(self._pop_own_routes(request))
@@ -1195,7 +1252,9 @@ class ProxyCore:
         context.enriched = enriched
         if context.step(ContextEvent.RESUME) is None:
             return
-        context.template = add_record_route(request, context.inbound, context.inbound)
+        context.template = add_record_route(
+            request, context.inbound, context.inbound, self._stamp(request, True)
+        )
         if not self._next_trunk(context, now):
             # No emergency trunk configured: the config check refuses that, but answer
             # rather than leave a caller waiting if it ever happens.
@@ -1241,7 +1300,10 @@ class ProxyCore:
         ):
             # The two sides use different transports: a double Record-Route (RFC 5658).
             request = add_record_route(
-                request.pop_first_value("record-route"), context.inbound, local
+                request.pop_first_value("record-route"),
+                context.inbound,
+                local,
+                self._stamp(request, context.route is Route.EMERGENCY),
             )
         via_branch = self._branches.new()
         request = add_via(request, local, via_branch)
@@ -1353,9 +1415,8 @@ class ProxyCore:
     def _on_response(self, response: Response, source: Peer, now: float) -> None:
         entry = self._client.get(client_key(response))
         if entry is None:
-            # Includes 2xx retransmissions after Timer M: the client transaction passed every
-            # 2xx up while it could (RFC 6026 §8.4); later ones have nowhere to go.
-            self._events.append(Discarded("stray_response", str(response.status), source))
+            if not self._relay_late_2xx(response, source):
+                self._events.append(Discarded("stray_response", str(response.status), source))
             return
         peer = entry.peer
         if (source.host, source.port, source.transport) != (
@@ -1389,6 +1450,45 @@ class ProxyCore:
                 self._arm_client(txn)
             return
         self._run_client(entry, effects, now)
+
+    def _relay_late_2xx(self, response: Response, source: Peer) -> bool:
+        """Relay upstream, without a transaction, a 2xx to an INVITE that a branch of ours
+        sent and that no transaction here holds; True when it went.
+
+        The process that sent the INVITE died (a worker killed while a 911 call rang), or the
+        2xx is a retransmission after Timer M. The callee has answered: dropping the 2xx
+        would lose a call that is up, so it goes the way RFC 3261 §16.7 first asked of every
+        stray response. Only what cannot be forged or misdirected goes: from a trunk or the
+        softswitch, with our Via on top whose branch carries our key's digest, to a Via below
+        it that names the softswitch or a trunk by its stamped address. RFC 6026 dropped the
+        stateless relay for a proxy that holds its transactions; this is the one case where
+        it no longer does.
+        """
+        status = response.status
+        if status < 200 or status >= 300 or self._trust.classify(source.host) is Trust.OUTSIDER:
+            return False
+        try:
+            if response.cseq_method != "INVITE":
+                return False
+            vias = response.values("via")
+            if len(vias) < 2:
+                return False
+            ours = parse_via(vias[0])
+            upstream = parse_via(vias[1])
+        except SipError:
+            return False
+        if not self._branches.is_local_branch(ours.branch) or not any(
+            ours.host == local.host and ours.port == local.port for local in self._locals
+        ):
+            return False
+        if upstream.param("rport") == "":
+            return False  # not stamped by us on the way in: no address we vouched for
+        peer = response_peer(upstream, Peer(upstream.transport.lower(), source.host, source.port))
+        if not self._trust.may_receive(peer.host) or peer.transport not in self._by_transport:
+            return False
+        self._events.append(Recovered("late_2xx", False, source))
+        self._outbox.append(Outgoing(response.pop_top_via().to_bytes(), peer))
+        return True
 
     def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
         context = branch.context

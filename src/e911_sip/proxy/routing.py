@@ -21,6 +21,8 @@ from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, split_values
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_MAX_FORWARDS = 70
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+DIALOG_STAMP_PARAM = "dlg"
+"""The Record-Route URI parameter that carries a dialog's stamp."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +41,12 @@ class LocalAddress:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def record_route(self) -> str:
-        """Our Record-Route value for this transport, always loose (``;lr``)."""
+    def record_route(self, stamp: str | None = None) -> str:
+        """Our Record-Route value for this transport, always loose (``;lr``), with the
+        dialog's stamp (:meth:`BranchFactory.dialog_stamp`) when given."""
         transport = "" if self.transport == "udp" else f";transport={self.transport}"
-        return f"<sip:{self.hostport}{transport};lr>"
+        tail = "" if stamp is None else f";{DIALOG_STAMP_PARAM}={stamp}"
+        return f"<sip:{self.hostport}{transport};lr{tail}>"
 
 
 class Tokens:
@@ -83,51 +87,101 @@ class Tokens:
 
 class BranchFactory:
     """``z9hG4bK`` branches (RFC 3261 §8.1.1.7): random per client transaction, and keyed
-    digests of the incoming branch for requests forwarded without a transaction; and the To
-    tags of the responses the proxy makes itself."""
+    digests of the incoming branch for requests forwarded without a transaction; the To
+    tags of the responses the proxy makes itself; and the stamps in our Record-Route.
 
-    __slots__ = ("_tokens", "_key")
+    Everything it makes carries a digest keyed with ``key``, so the maker is recognised later
+    without any state: a response to a branch of ours (:meth:`is_local_branch`), an ACK to a
+    response of ours (:meth:`is_local_tag`), a trunk's request in a dialog we routed
+    (:meth:`dialog_stamp`). Processes given the same key recognise each other's: the workers
+    of one edge (a dead worker's calls are finished by the others), or an edge restarted
+    with its key from a file. Nobody without the key can make one.
+    """
 
-    def __init__(self, tokens: Tokens) -> None:
+    __slots__ = ("_tokens", "_keyed")
+
+    def __init__(self, tokens: Tokens, key: bytes | None = None) -> None:
         self._tokens = tokens
-        self._key = tokens.raw(32)
+        secret = tokens.raw(32) if key is None else hashlib.blake2s(key).digest()
+        # Keyed once per digest size and copied per use: setting a key up costs a block
+        # compression, about half of a short digest's time.
+        self._keyed = {size: hashlib.blake2s(digest_size=size, key=secret) for size in (6, 9, 12)}
+
+    def _digest(self, data: bytes, size: int) -> bytes:
+        keyed = self._keyed[size].copy()
+        keyed.update(data)
+        return keyed.digest()
 
     def new(self) -> str:
-        """A branch never handed out before, that no peer can predict."""
-        return f"{MAGIC_COOKIE}{self._tokens.token()}"
+        """A branch never handed out before, that no peer can predict: 96 random bits and a
+        48-bit keyed digest of them."""
+        nonce = self._tokens.raw(12)
+        token = base64.urlsafe_b64encode(nonce + self._digest(nonce, 6)).decode("ascii")
+        return f"{MAGIC_COOKIE}{token}"
+
+    def is_local_branch(self, branch: str | None) -> bool:
+        """True when ``branch`` came from :meth:`new` of a factory with our key."""
+        if branch is None or len(branch) != 31 or not branch.startswith(MAGIC_COOKIE):
+            return False
+        return self._verify(branch[7:], 12)
 
     def tag(self) -> str:
         """A To tag for a response made here (RFC 3261 §19.3): 48 random bits and a 48-bit
         keyed digest of them, so :meth:`is_local_tag` recognises it later without keeping any
-        state, and nobody without the per-process key can make one."""
+        state, and nobody without the key can make one."""
         nonce = self._tokens.raw(6)
-        digest = hashlib.blake2s(nonce, digest_size=6, key=self._key).digest()
-        return base64.urlsafe_b64encode(nonce + digest).decode("ascii")
+        return base64.urlsafe_b64encode(nonce + self._digest(nonce, 6)).decode("ascii")
 
     def is_local_tag(self, tag: str | None) -> bool:
-        """True when ``tag`` came from :meth:`tag` of this factory (an ACK for a final
-        response we made with no transaction to absorb it, a 503 when shedding load)."""
+        """True when ``tag`` came from :meth:`tag` of a factory with our key (an ACK for a
+        final response we made with no transaction to absorb it, a 503 when shedding load)."""
         if tag is None or len(tag) != 16:
             return False
+        return self._verify(tag, 6)
+
+    def _verify(self, token: str, size: int) -> bool:
         try:
-            raw = base64.urlsafe_b64decode(tag.encode("ascii"))
+            raw = base64.urlsafe_b64decode(token.encode("ascii"))
         except (ValueError, UnicodeEncodeError):
             return False
-        expected = hashlib.blake2s(raw[:6], digest_size=6, key=self._key).digest()
-        return hmac.compare_digest(raw[6:], expected)
+        if len(raw) != size + 6:
+            return False
+        return hmac.compare_digest(raw[size:], self._digest(raw[:size], 6))
 
     def stateless(self, request: Request) -> str:
         """The branch for a request forwarded without a transaction (ACK for 2xx, stray CANCEL).
 
         It is derived from the incoming top Via branch (RFC 3261 §16.11), so a retransmission
-        gets the same branch again; the digest is keyed with a per-process secret, so the
-        branch tells a peer nothing it could use to match or forge anything.
+        gets the same branch again; the digest is keyed, so the branch tells a peer nothing it
+        could use to match or forge anything.
         """
         top = request.top_via.branch or request.call_id
-        digest = hashlib.blake2s(
-            f"{top}|{request.method}".encode(), digest_size=12, key=self._key
-        ).digest()
+        digest = self._digest(f"{top}|{request.method}".encode(), 12)
         return f"{MAGIC_COOKIE}{base64.urlsafe_b64encode(digest).decode('ascii')}"
+
+    def dialog_stamp(self, call_id: str, *, emergency: bool) -> str:
+        """The value of our Record-Route's ``dlg`` parameter for the dialog ``call_id``.
+
+        The trunk's requests in the dialog carry it back in their Route: with it any process
+        holding the key knows the dialog went through us to a trunk, and whether it is an
+        emergency call, when the table of trunk dialogs does not (another worker's dialog, or
+        one from before a restart). 72 bits: a trunk cannot make one for a Call-ID it was
+        never sent.
+        """
+        kind = "e" if emergency else "o"
+        digest = self._digest(f"{kind}|{call_id}".encode(), 9)
+        return kind + base64.urlsafe_b64encode(digest).decode("ascii")
+
+    def check_dialog_stamp(self, call_id: str, stamp: str) -> bool | None:
+        """Whether ``stamp`` marks an emergency dialog (True) or another one (False), or None
+        when it is not :meth:`dialog_stamp` of ``call_id`` under our key."""
+        if len(stamp) != 13 or stamp[0] not in "eo":
+            return None
+        emergency = stamp[0] == "e"
+        expected = self.dialog_stamp(call_id, emergency=emergency)
+        if not hmac.compare_digest(stamp.encode("ascii", "replace"), expected.encode("ascii")):
+            return None
+        return emergency
 
 
 def decrement_max_forwards(request: Request) -> Request:
@@ -180,16 +234,30 @@ def add_via(request: Request, local: LocalAddress, branch: str) -> Request:
     )
 
 
-def add_record_route(request: Request, inbound: LocalAddress, outbound: LocalAddress) -> Request:
+def add_record_route(
+    request: Request, inbound: LocalAddress, outbound: LocalAddress, stamp: str | None = None
+) -> Request:
     """Record-Route so in-dialog requests come back through us (§16.6 step 4).
 
     When the two sides use different transports, two entries are written (RFC 5658 §3.2):
-    each side of the dialog then reaches us on its own transport.
+    each side of the dialog then reaches us on its own transport. Both carry ``stamp``.
     """
-    out = request.prepend("Record-Route", inbound.record_route())
+    out = request.prepend("Record-Route", inbound.record_route(stamp))
     if outbound != inbound:
-        out = out.prepend("Record-Route", outbound.record_route())
+        out = out.prepend("Record-Route", outbound.record_route(stamp))
     return out
+
+
+def route_stamp(route: str) -> str | None:
+    """The dialog stamp in one Route value written from our Record-Route, if any."""
+    start = route.find(f";{DIALOG_STAMP_PARAM}=")
+    if start < 0:
+        return None
+    start += len(DIALOG_STAMP_PARAM) + 2
+    end = start
+    while end < len(route) and route[end] not in ";>":
+        end += 1
+    return route[start:end]
 
 
 def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:

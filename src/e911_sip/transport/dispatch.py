@@ -168,8 +168,9 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 # -- the supervisor's side -------------------------------------------------------------------
 
 
-DROP_REASONS = ("no_worker", "worker_busy", "worker_gone")
-"""Why the dispatcher dropped a datagram: no live worker, its channel full, its end closed."""
+DROP_REASONS = ("no_worker", "worker_busy", "worker_gone", "untrusted_source")
+"""Why the dispatcher dropped a datagram: no live worker, its channel full, its end closed,
+or its source outside the trust domain (see ``admit``)."""
 
 
 class Dispatcher:
@@ -184,10 +185,14 @@ class Dispatcher:
         on_drop: Callable[[str], None] | None = None,
         claims: bool = False,
         max_claims: int = 65536,
+        admit: Callable[[str], bool] | None = None,
     ) -> None:
         """``sock`` is bound and non-blocking; ``on_drop`` hears each datagram dropped, by
         a reason of :data:`DROP_REASONS`. ``claims``: workers serve streams and claim their
-        Call-IDs; at most ``max_claims`` are remembered."""
+        Call-IDs; at most ``max_claims`` are remembered. ``admit(host)``: False drops the
+        requests that source sends before they cost a Call-ID search and a send to a worker
+        (the trust domain, when nothing from outside it is answered); its responses still go
+        (a response is matched by its branch, from wherever it comes). None forwards all."""
         self.sock = sock
         self.max_datagram = max_datagram
         self._view = memoryview(bytearray(max_datagram))
@@ -197,7 +202,9 @@ class Dispatcher:
         self.max_claims = max_claims
         self._channels: dict[int, socket.socket] = {}
         self._live: tuple[int, ...] = ()
-        self._headers: dict[tuple[Any, ...], bytes] = {}
+        self._headers: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
+        """The channel header of each recent source, and whether ``admit`` let it in."""
+        self._admit = admit
         self._next = 0
         self.dispatched: dict[int, int] = {}
         """Datagrams handed to each slot since start."""
@@ -279,12 +286,19 @@ class Dispatcher:
             except OSError as exc:
                 log.debug("udp error received", extra={"error": str(exc)})
                 continue
-            data = view[:size].tobytes()
-            header = headers.get(addr)
-            if header is None:
+            entry = headers.get(addr)
+            if entry is None:
                 if len(headers) >= _CACHE:
                     headers.clear()
-                header = headers[addr] = encode_source(addr)
+                admit = self._admit
+                entry = headers[addr] = (encode_source(addr), admit is None or admit(addr[0]))
+            header, admitted = entry
+            if not admitted and view[:4].tobytes() != b"SIP/":
+                # A request from outside: a flood of them costs this loop a read and a
+                # lookup each, and never reaches the workers serving the softswitch's calls.
+                self._dropped("untrusted_source")
+                continue
+            data = view[:size].tobytes()
             self.forward(header + data, find_call_id(data))
 
     def forward(self, packet: bytes, call_id: bytes | None) -> None:

@@ -16,6 +16,7 @@ from e911_sip.proxy.routing import (
     decrement_max_forwards,
     next_hop,
     pop_own_routes,
+    route_stamp,
     stamp_received,
 )
 from e911_sip.sip.errors import MalformedMessage, TooManyHops
@@ -92,7 +93,7 @@ def test_branches_carry_96_random_bits_and_nothing_shared() -> None:
     branches = BranchFactory(tokens)
     seen = [branches.new()[len("z9hG4bK") :] for _ in range(2000)]
     assert len(set(seen)) == len(seen)
-    assert all(len(b) == 16 for b in seen)
+    assert all(len(b) == 24 for b in seen)  # 96 random bits, then a 48-bit keyed digest
     assert len({b[:4] for b in seen}) > 1000
     assert all(c.isalnum() or c in "-_" for b in seen for c in b)
 
@@ -154,3 +155,50 @@ def test_local_tags_are_recognised_without_state_and_not_forgeable() -> None:
     assert not branches.is_local_tag(tag[:-1] + ("A" if tag[-1] != "A" else "B"))
     for junk in (None, "", "x" * 16, "uas-tag", "!!!!!!!!!!!!!!!!", "é" * 16):
         assert not branches.is_local_tag(junk)
+
+
+def test_branches_are_recognised_by_any_factory_with_the_same_key() -> None:
+    key = b"shared by the workers of one edge"
+    first = BranchFactory(Tokens(os.urandom), key)
+    second = BranchFactory(Tokens(os.urandom), key)
+    branches = [first.new() for _ in range(200)]
+    assert all(second.is_local_branch(b) and first.is_local_branch(b) for b in branches)
+    assert not any(BranchFactory(Tokens(os.urandom)).is_local_branch(b) for b in branches)
+    branch = branches[0]
+    assert not second.is_local_branch(branch[:-1] + ("A" if branch[-1] != "A" else "B"))
+    for junk in (None, "", "z9hG4bK", "z9hG4bKuac1", "z9hG4bK" + "x" * 24, "y" * 31):
+        assert not second.is_local_branch(junk)
+    # Tags and stateless branches are the same under one key, whoever makes them.
+    assert second.is_local_tag(first.tag())
+    assert first.stateless(request()) == second.stateless(request())
+
+
+def test_dialog_stamps_bind_the_call_id_and_the_kind() -> None:
+    key = b"shared by the workers of one edge"
+    factory = BranchFactory(Tokens(os.urandom), key)
+    stamp = factory.dialog_stamp("call-1@192.0.2.10", emergency=True)
+    other = factory.dialog_stamp("call-1@192.0.2.10", emergency=False)
+    assert stamp[0] == "e" and other[0] == "o" and len(stamp) == 13
+    assert all(c.isalnum() or c in "-_" for c in stamp)  # a SIP token: fits a URI parameter
+    again = BranchFactory(Tokens(os.urandom), key)
+    assert again.check_dialog_stamp("call-1@192.0.2.10", stamp) is True
+    assert again.check_dialog_stamp("call-1@192.0.2.10", other) is False
+    assert again.check_dialog_stamp("call-2@192.0.2.10", stamp) is None
+    assert again.check_dialog_stamp("call-1@192.0.2.10", "o" + stamp[1:]) is None
+    assert BranchFactory(Tokens(os.urandom)).check_dialog_stamp("call-1@192.0.2.10", stamp) is None
+    for junk in ("", "e", "x" * 13, "é" * 13, stamp + "A"):
+        assert again.check_dialog_stamp("call-1@192.0.2.10", junk) is None
+
+
+def test_record_route_carries_the_stamp_and_route_stamp_reads_it() -> None:
+    out = add_record_route(request(), UDP, TCP, "eABCDEFGHIJKL")
+    assert out.values("record-route") == [
+        "<sip:192.0.2.1:5070;transport=tcp;lr;dlg=eABCDEFGHIJKL>",
+        "<sip:192.0.2.1:5070;lr;dlg=eABCDEFGHIJKL>",
+    ]
+    assert route_stamp("<sip:192.0.2.1:5070;lr;dlg=eABCDEFGHIJKL>") == "eABCDEFGHIJKL"
+    assert route_stamp("<sip:192.0.2.1:5070;dlg=oX;lr>") == "oX"
+    assert route_stamp("<sip:192.0.2.1:5070;lr>") is None
+    # A stamped Route is still ours for loose routing.
+    stamped = request("Route: <sip:192.0.2.1:5070;lr;dlg=eABCDEFGHIJKL>, <sip:198.51.100.9;lr>")
+    assert pop_own_routes(stamped, (UDP, TCP)).values("route") == ["<sip:198.51.100.9;lr>"]

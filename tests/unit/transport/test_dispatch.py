@@ -230,6 +230,42 @@ async def test_a_detached_worker_receives_nothing_and_no_live_worker_drops() -> 
         s.close()
 
 
+async def test_requests_from_outside_the_trust_domain_never_reach_a_worker() -> None:
+    shared = udp_socket()
+    shared.setblocking(False)
+    drops: list[str] = []
+    dispatcher = Dispatcher(shared, on_drop=drops.append, admit=lambda host: host == "127.0.0.1")
+    ours, theirs = channel_pair()
+    theirs.setblocking(False)
+    dispatcher.attach(0, ours)
+    dispatcher.start()
+    softswitch = udp_socket()
+    outsider = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    outsider.bind(("127.0.0.9", 0))
+    request = b"INVITE sip:911@x SIP/2.0\r\nCall-ID: flood\r\n\r\n"
+    response = b"SIP/2.0 200 OK\r\nCall-ID: answered\r\n\r\n"
+    try:
+        for _ in range(50):
+            outsider.sendto(request, shared.getsockname())
+        outsider.sendto(response, shared.getsockname())  # matched by branch, from anywhere
+        softswitch.sendto(request.replace(b"flood", b"call"), shared.getsockname())
+        received: list[bytes] = []
+        async with asyncio.timeout(10):
+            while len(received) < 2 or len(drops) < 50:
+                data = _recv(theirs)
+                if data is None:
+                    await asyncio.sleep(0.01)
+                else:
+                    received.append(data[HEADER_SIZE:])
+        assert sorted(received) == sorted([response, request.replace(b"flood", b"call")])
+        assert drops == ["untrusted_source"] * 50
+        assert dispatcher.dispatched[0] == 2
+    finally:
+        dispatcher.stop()
+        for sock in (ours, theirs, shared, softswitch, outsider):
+            sock.close()
+
+
 def _recv(sock: socket.socket) -> bytes | None:
     try:
         return sock.recv(100)
