@@ -1,4 +1,4 @@
-"""Fixtures that start real processes: redis-server, SIPp and the edge.
+"""Fixtures that start real processes: redis-server, SIPp, the edge and the Bandwidth emulator.
 
 A missing redis-server or sipp fails the test with the package to install; it never skips,
 so a machine without them cannot pass the integration suite by accident.
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import (
+    BandwidthEmulator,
     EdgeProcess,
     RedisServer,
     SilentTcpPeer,
@@ -86,6 +87,29 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
     finally:
         for edge in reversed(started):
             edge.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[EdgeProcess]]:
+    """A list for the EdgeProcess objects a test starts itself (``harness.serve`` appends to
+    it); each is stopped after the test, in the order started."""
+    started: list[EdgeProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[BandwidthEmulator]:
+    """The Bandwidth emulator in a process of its own, stopped (by PID) after the test."""
+    running = BandwidthEmulator(tmp_path)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture

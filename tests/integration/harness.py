@@ -1,21 +1,27 @@
-"""Real processes for integration tests: redis-server, SIPp and the edge, all on 127.0.0.1.
+"""Real processes for integration tests: redis-server, SIPp, the edge (in any role) and the
+Bandwidth emulator, all on 127.0.0.1.
 
 Every process is started with ``subprocess.Popen``, remembered by PID and stopped by PID
 (SIGTERM, a bounded wait, then SIGKILL). Readiness is polled against the real thing with a
 deadline, never a fixed sleep: a PING for Redis, the listening socket owned by the SIPp
-process (read from /proc), ``GET /readyz`` for the edge. All files a process writes (its
-configuration, stdout/stderr, SIPp's statistics and message logs) go under the ``workdir``
-the caller passes, normally pytest's ``tmp_path``, which pytest keeps after a failure.
+process (read from /proc), ``GET /readyz`` for the edge, ``GET /_emulator/state`` for the
+emulator. All files a process writes (its configuration, stdout/stderr, SIPp's statistics
+and message logs) go under the ``workdir`` the caller passes, normally pytest's
+``tmp_path``, which pytest keeps after a failure.
 
 The SIPp scenarios live in ``sipp_scenarios/``; see its README for what each one sends or
 checks and which ``-key`` values it needs. ``SCENARIO_KEYS`` holds the documented defaults,
 which this module fills in for any key a test does not pass.
+
+For the provisioning side: ``provisioning_sections`` writes ``[provisioning]`` and
+``[bandwidth]``, ``serve`` starts a process in a role, ``api`` calls its REST API.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import math
 import os
 import re
@@ -29,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +109,8 @@ class EdgeStartError(HarnessError):
 # ---------------------------------------------------------------------------- ports
 
 
-def free_port(transport: str = "udp") -> int:
-    """A loopback port that is free right now for ``"udp"`` or ``"tcp"`` (``"both"``: both).
+def free_port(transport: str = "udp", *, host: str = LOOPBACK) -> int:
+    """A port on ``host`` that is free right now for ``"udp"`` or ``"tcp"`` (``"both"``: both).
 
     The kernel picks it from the ephemeral range, away from the fixed ports SIPp takes for
     itself (media 6000+, control 8888+). Another process could still take it before the
@@ -110,25 +118,25 @@ def free_port(transport: str = "udp") -> int:
     """
     kind = transport.lower()
     if kind == "both":
-        return free_port_pair()
+        return free_port_pair(host=host)
     if kind not in ("udp", "tcp"):
         raise ValueError(f"transport must be 'udp', 'tcp' or 'both', not {transport!r}")
     sock_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, sock_type) as sock:
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def free_port_pair() -> int:
-    """A loopback port free for both UDP and TCP (the edge listens on both)."""
+def free_port_pair(*, host: str = LOOPBACK) -> int:
+    """A port on ``host`` free for both UDP and TCP (the edge listens on both)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((LOOPBACK, 0))
+            tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind((LOOPBACK, port))
+                    udp.bind((host, port))
                 except OSError:
                     continue
                 return port
@@ -240,6 +248,50 @@ def _poll_until(
             proc.wait(timeout=min(interval, remaining))
 
 
+def wait_until(
+    condition: Callable[[], bool], what: str, *, timeout: float, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it is true; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with ``src/`` first on PYTHONPATH, so a child imports the
+    package under test even when it is not installed; ``extra`` added."""
+    env = dict(os.environ)
+    src = str(REPO_ROOT / "src")
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = src if not path else f"{src}{os.pathsep}{path}"
+    env.update(extra or {})
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line of ``e911-sip args`` run by this interpreter."""
+    return [sys.executable, "-m", "e911_sip", *args]
+
+
+def serve_command(role: str) -> list[str]:
+    """``e911-sip serve --role role`` for EdgeProcess (``{config}``: its TOML file)."""
+    return cli_command("serve", "--role", role, "--config", "{config}")
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``e911-sip args`` to its end (killed after ``timeout``); output captured as text."""
+    return subprocess.run(
+        cli_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        check=False,
+    )
+
+
 class _OutputFiles:
     """stdout/stderr files of one child process, closed once it has exited."""
 
@@ -265,7 +317,14 @@ class _OutputFiles:
 
 
 class RedisServer:
-    """A real redis-server on 127.0.0.1, in its own directory, started and stopped by PID."""
+    """A real redis-server on 127.0.0.1, in its own directory, started and stopped by PID.
+
+    A subclass may write another configuration (``_write_config``), add arguments
+    (``_command``) and name its directory and files after what it runs (``kind``).
+    """
+
+    kind = "redis"
+    """Prefix of the directory, and name of the ``.conf`` and ``.log`` files."""
 
     def __init__(
         self,
@@ -284,12 +343,12 @@ class RedisServer:
         self.binary = shutil.which("redis-server")
         self.socket_dir = Path(tempfile.mkdtemp(prefix="e911-redis-")) if unix_socket else None
         workdir.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="redis-", dir=workdir))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.kind}-", dir=workdir))
         self._fixed_port = port is not None
         self.port: int = port if port is not None else free_port("tcp")
         self.appendonly = appendonly
-        self.log_path = self.dir / "redis.log"
-        self.config_path = self.dir / "redis.conf"
+        self.log_path = self.dir / f"{self.kind}.log"
+        self.config_path = self.dir / f"{self.kind}.conf"
         self._proc: subprocess.Popen[bytes] | None = None
         self._output = _OutputFiles(self.dir / "stdout.log", self.dir / "stderr.log")
         self._clients: list[redis.Redis] = []
@@ -357,6 +416,9 @@ class RedisServer:
             encoding="utf-8",
         )
 
+    def _command(self, binary: str) -> list[str]:
+        return [binary, str(self.config_path)]
+
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and return once it answers PING; raise HarnessError otherwise.
 
@@ -372,7 +434,7 @@ class RedisServer:
             self._write_config()
             out, err = self._output.open()
             self._proc = subprocess.Popen(
-                [self.binary, str(self.config_path)],
+                self._command(self.binary),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -1131,9 +1193,11 @@ def edge_config(
     store_url: str = "memory://",
     seed_file: Path | None = None,
     transports: Iterable[str] = ("udp", "tcp"),
+    sip_host: str = LOOPBACK,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """The edge's configuration document for a test, every address on 127.0.0.1.
+    """The edge's configuration document for a test, every address on 127.0.0.1 (the SIP
+    listeners on ``sip_host``).
 
     Each keyword in ``overrides`` names a top-level table: a dict is merged into it
     (recursively), anything else replaces it, e.g. ``emergency={"numbers": ["911"]}``.
@@ -1142,7 +1206,7 @@ def edge_config(
     if seed_file is not None:
         store["seed_file"] = str(seed_file)
     config: dict[str, Any] = {
-        "sip": {"listen": [f"{t}:{LOOPBACK}:{sip_port}" for t in transports]},
+        "sip": {"listen": [f"{t}:{sip_host}:{sip_port}" for t in transports]},
         "emergency": {
             "numbers": ["911", "933"],
             "trunks": list(emergency_trunks),
@@ -1156,6 +1220,22 @@ def edge_config(
         "http": {"listen": f"{LOOPBACK}:{http_port}"},
     }
     return _merge(config, overrides)
+
+
+def edge_config_on_free_ports(
+    *, trunk: int | None = None, sip_host: str = LOOPBACK, **options: Any
+) -> dict[str, Any]:
+    """``edge_config`` on free loopback ports: SIP (on ``sip_host``), HTTP, one default trunk
+    and one emergency trunk (UDP port ``trunk``, or a free one nobody answers on);
+    ``options`` as there."""
+    return edge_config(
+        sip_port=free_port("both", host=sip_host),
+        sip_host=sip_host,
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk if trunk is not None else free_port("udp"))],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        **options,
+    )
 
 
 def _listen_port(address: str) -> int:
@@ -1214,18 +1294,13 @@ class EdgeProcess:
         self.http_port = int(port)
         template = list(command) if command is not None else self.default_command()
         self.command = [part.replace("{config}", str(self.config_path)) for part in template]
-        self.env = dict(os.environ)
-        self.env["PYTHONUNBUFFERED"] = "1"
-        src = str(REPO_ROOT / "src")
-        path = self.env.get("PYTHONPATH")
-        self.env["PYTHONPATH"] = src if not path else f"{src}{os.pathsep}{path}"
-        self.env.update(env or {})
+        self.env = child_env({"PYTHONUNBUFFERED": "1", **(env or {})})
         self._proc: subprocess.Popen[bytes] | None = None
         self._output = _OutputFiles(self.stdout_path, self.log_path)
 
     @staticmethod
     def default_command() -> list[str]:
-        return [sys.executable, "-m", "e911_sip", "serve", "--config", "{config}"]
+        return cli_command("serve", "--config", "{config}")
 
     @property
     def pid(self) -> int | None:
@@ -1293,6 +1368,13 @@ class EdgeProcess:
             _stop_process(self._proc, timeout)
         self._output.close()
 
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL by PID (a crash: no drain, no cleanup) and wait for the exit."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=timeout)
+        self._output.close()
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the edge's PID (e.g. SIGHUP to reload)."""
         if not self.running or self._proc is None:
@@ -1334,6 +1416,28 @@ class EdgeProcess:
         """One value from ``metrics()``; see ``metric_value``."""
         return metric_value(self.metrics(), name, **labels)
 
+    def wait_metric(
+        self,
+        name: str,
+        condition: Callable[[float], bool],
+        what: str,
+        *,
+        timeout: float = 30.0,
+        **labels: str,
+    ) -> float:
+        """Poll ``/metrics`` until ``name{labels}`` satisfies ``condition``; returns the value.
+
+        An absent series never satisfies it. AssertionError naming ``what`` after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name, **labels)
+            if value is not None and condition(value):
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {name} is {value} after {timeout} s")
+            time.sleep(0.05)
+
     def log_text(self) -> str:
         """Everything the edge wrote to stderr so far (its structured log)."""
         return _read(self.log_path)
@@ -1349,3 +1453,163 @@ class EdgeProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def serve(
+    workdir: Path,
+    processes: list[EdgeProcess],
+    config: dict[str, Any],
+    role: str,
+    *,
+    timeout: float = 30.0,
+) -> EdgeProcess:
+    """Start ``e911-sip serve --role role`` and return it once ready; it joins ``processes``
+    before it starts, so whoever stops those stops it even when the start failed."""
+    process = EdgeProcess(workdir, config, command=serve_command(role))
+    processes.append(process)
+    process.start(timeout=timeout)
+    return process
+
+
+def call_and_check(sipp: Sipp, edge: EdgeProcess, trunk: int, line: str, endpoint: str) -> None:
+    """One 911 call from ``line`` through ``edge``: the SIPp trunk on UDP ``trunk`` checks it
+    carries ``endpoint`` and ``line`` as the callback; caller and trunk must both succeed."""
+    uas = sipp.uas(
+        "uas_emergency.xml",
+        port=trunk,
+        keys={"expected_endpoint": endpoint, "expected_callback": line},
+    )
+    caller = sipp.uac("uac_911.xml", edge.sip_target, keys={"caller": line})
+    assert caller.ok, caller.summary()
+    trunk_result = uas.wait()
+    assert trunk_result.ok, trunk_result.summary()
+
+
+# ---------------------------------------------------------------------- provisioning
+
+API_TOKEN = "integration-token-0123456789"
+"""The bearer token ``api`` sends unless told otherwise."""
+
+EMBEDDED_EMULATOR = {"run_emulator": True, "max_retry_time": 5.0}
+"""``[bandwidth]`` keys that run the bundled Bandwidth emulator inside the process."""
+
+
+def json_request(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    *,
+    token: str | None = None,
+    data: bytes | None = None,
+    content_type: str = "application/json",
+    timeout: float = 30.0,
+) -> tuple[int, Any]:
+    """``method url`` with ``body`` as JSON (or the bytes ``data``): (status, decoded JSON).
+
+    An error status is returned, not raised; ``token`` goes as a bearer token.
+    """
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(url, method=method, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def api(
+    port: int, method: str, path: str, body: Any = None, *, token: str = API_TOKEN, **options: Any
+) -> tuple[int, Any]:
+    """A request to the provisioning API on 127.0.0.1:``port``; see ``json_request``."""
+    return json_request(f"http://{LOOPBACK}:{port}{path}", method, body, token=token, **options)
+
+
+def provisioning_sections(
+    api_port: int,
+    bandwidth_url: str,
+    *,
+    tokens: Mapping[str, str],
+    bandwidth: Mapping[str, Any] = EMBEDDED_EMULATOR,
+    **provisioning: Any,
+) -> dict[str, Any]:
+    """``[provisioning]`` and ``[bandwidth]`` for ``edge_config``: the API on
+    127.0.0.1:``api_port`` taking ``tokens`` (name: token) and ``provisioning``'s keys;
+    Bandwidth's API at ``bandwidth_url`` (``http://host:port``) with ``bandwidth``'s keys."""
+    return {
+        "provisioning": {
+            "listen": f"{LOOPBACK}:{api_port}",
+            "tokens": dict(tokens),
+            **provisioning,
+        },
+        "bandwidth": {
+            "api_base": f"{bandwidth_url}/api/v2",
+            "token_url": f"{bandwidth_url}/api/v1/oauth2/token",
+            **bandwidth,
+        },
+    }
+
+
+class BandwidthEmulator:
+    """``e911-sip bandwidth-emulator`` in its own process, so it outlives a provisioning
+    process that is killed; its ``/_emulator`` control API injects faults."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="emulator-", dir=workdir))
+        self.port = free_port("tcp")
+        self.base = f"http://{LOOPBACK}:{self.port}"
+        self.command = cli_command(
+            "bandwidth-emulator", "--listen", f"{LOOPBACK}:{self.port}", "--log-level", "WARNING"
+        )
+        self._output = _OutputFiles(self.dir / "stdout.log", self.dir / "stderr.log")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start it and return once ``/_emulator/state`` answers; HarnessError otherwise."""
+        out, err = self._output.open()
+        self._proc = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env()
+        )
+        if _poll_until(self._answers, self._proc, timeout=timeout, interval=0.05):
+            return
+        self.stop()
+        raise HarnessError(
+            f"the Bandwidth emulator did not answer within {timeout}s "
+            f"(exit {self._proc.returncode})\n{_tail(self._output.stderr_path)}"
+        )
+
+    def _answers(self) -> bool:
+        try:
+            self.state()
+        except OSError:
+            return False
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """Everything it holds and every request it answered (``GET /_emulator/state``)."""
+        status, state = json_request(f"{self.base}/_emulator/state", timeout=10)
+        if status != 200:
+            raise HarnessError(f"GET /_emulator/state answered {status}: {state}")
+        result: dict[str, Any] = state
+        return result
+
+    def fault(self, spec: dict[str, Any]) -> None:
+        """Inject a fault (see the emulator's module documentation for ``spec``)."""
+        status, answer = json_request(f"{self.base}/_emulator/faults", "POST", spec)
+        if status != 201:
+            raise HarnessError(f"POST /_emulator/faults answered {status}: {answer}")
+
+    def clear_faults(self) -> None:
+        request = urllib.request.Request(f"{self.base}/_emulator/faults", method="DELETE")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by PID, bounded wait, SIGKILL. Idempotent."""
+        if self._proc is not None:
+            _stop_process(self._proc, timeout)
+        self._output.close()

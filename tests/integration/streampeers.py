@@ -194,13 +194,13 @@ def in_dialog(method: str, cseq: int, invite: bytes, ok: bytes, *, call_id: str)
     ).encode()
 
 
-def options(target_port: int, transport: str, *, call_id: str) -> bytes:
-    """An OPTIONS addressed to the edge itself (answered by the edge)."""
+def options(target_port: int, transport: str, *, call_id: str, host: str = LOOPBACK) -> bytes:
+    """An OPTIONS addressed to the edge itself (answered by the edge) on ``host``."""
     return (
-        f"OPTIONS sip:{LOOPBACK}:{target_port};transport={transport} SIP/2.0\r\n"
+        f"OPTIONS sip:{host}:{target_port};transport={transport} SIP/2.0\r\n"
         f"Via: SIP/2.0/{transport.upper()} {LOOPBACK}:5999;branch=z9hG4bK{call_id}\r\n"
         "Max-Forwards: 70\r\n"
         f"From: <sip:portasip@{LOOPBACK}>;tag=o1\r\n"
-        f"To: <sip:{LOOPBACK}:{target_port}>\r\n"
+        f"To: <sip:{host}:{target_port}>\r\n"
         f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
     ).encode()

@@ -13,40 +13,24 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord
 from tests.integration.harness import (
     EdgeProcess,
     RedisServer,
     Sipp,
+    api,
     edge_config,
     free_port,
+    serve,
     trunk_uri,
     write_toml,
 )
-from tests.integration.test_end_to_end import (
-    api,
-    provision_customer_and_line,
-    provisioning_tables,
-    serve,
-)
+from tests.integration.test_end_to_end import provision_customer_and_line, provisioning_tables
 
 LINE = "1321551234"
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[EdgeProcess]]:
-    processes: list[EdgeProcess] = []
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            process.stop()
 
 
 def wait_for_calls(api_port: int, timeout: float = 20.0) -> list[dict[str, Any]]:
@@ -84,7 +68,7 @@ def export(config_path: Path, fmt: str) -> str:
 
 
 def test_failover_call_is_recorded_and_exported(
-    tmp_path: Path, started: list[EdgeProcess], sipp: Sipp, redis_server: RedisServer
+    tmp_path: Path, processes: list[EdgeProcess], sipp: Sipp, redis_server: RedisServer
 ) -> None:
     api_port, emulator_port = free_port("tcp"), free_port("tcp")
     first, second = free_port("udp"), free_port("udp")
@@ -100,7 +84,7 @@ def test_failover_call_is_recorded_and_exported(
             api_port, emulator_port, state_url=redis_server.url, audit_url=redis_server.url
         ),
     )
-    serve(tmp_path, started, provisioning_config, "provisioning")
+    serve(tmp_path, processes, provisioning_config, "provisioning")
     edge_only = edge_config(
         sip_port=free_port("both"),
         http_port=free_port("tcp"),
@@ -108,7 +92,7 @@ def test_failover_call_is_recorded_and_exported(
         default_trunks=[trunk_uri(free_port("udp"))],
         **shared,
     )
-    edge = serve(tmp_path, started, edge_only, "edge")
+    edge = serve(tmp_path, processes, edge_only, "edge")
     endpoint = provision_customer_and_line(api_port, LINE)
 
     failing = sipp.uas("uas_503.xml", port=first)

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.integration.harness import (
+    API_TOKEN,
     EdgeProcess,
     RedisServer,
     Sipp,
-    edge_config,
+    api,
+    call_and_check,
+    edge_config_on_free_ports,
     free_port,
-    trunk_uri,
+    provisioning_sections,
+    run_cli,
+    serve,
     write_toml,
 )
 
-TOKEN = "integration-token-0123456789"
 CUSTOMER_ADDRESS = {
     "line1": "900 Main Campus Drive",
     "line2": "Suite 500",
@@ -40,63 +37,16 @@ CUSTOMER_ADDRESS = {
 }
 
 
-def api(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
 def provisioning_tables(api_port: int, emulator_port: int, **state: str) -> dict[str, Any]:
-    return {
-        "provisioning": {
-            "listen": f"127.0.0.1:{api_port}",
-            "tokens": {"integration": TOKEN},
-            **state,
-        },
-        "bandwidth": {
-            "api_base": f"http://127.0.0.1:{emulator_port}/api/v2",
-            "token_url": f"http://127.0.0.1:{emulator_port}/api/v1/oauth2/token",
-            "run_emulator": True,
-            "max_retry_time": 5.0,
-        },
-    }
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[EdgeProcess]]:
-    started: list[EdgeProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-
-
-def serve(
-    tmp_path: Path, processes: list[EdgeProcess], config: dict[str, Any], role: str
-) -> EdgeProcess:
-    command = [sys.executable, "-m", "e911_sip", "serve", "--role", role, "--config", "{config}"]
-    process = EdgeProcess(tmp_path, config, command=command)
-    processes.append(process)
-    process.start(timeout=30)
-    return process
-
-
-def resync_command(config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "e911_sip", "resync", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """The API on ``api_port`` taking ``api``'s token as ``integration``; the emulator runs
+    in the process."""
+    return provisioning_sections(
+        api_port, f"http://127.0.0.1:{emulator_port}", tokens={"integration": API_TOKEN}, **state
     )
+
+
+def resync(config_path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("resync", "--config", str(config_path), timeout=120)
 
 
 def provision_customer_and_line(api_port: int, line: str) -> str:
@@ -118,35 +68,10 @@ def provision_customer_and_line(api_port: int, line: str) -> str:
     return str(endpoint)
 
 
-def edge_holds_records(edge: EdgeProcess, count: int, timeout: float = 15.0) -> bool:
-    """Wait until the edge's in-memory mirror holds ``count`` line records (its gauge)."""
-    deadline = time.monotonic() + timeout
-    while (edge.metric("e911_sip_location_records") or 0) < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def call_and_check(sipp: Sipp, edge: EdgeProcess, trunk: int, line: str, endpoint: str) -> None:
-    uas = sipp.uas(
-        "uas_emergency.xml",
-        port=trunk,
-        keys={"expected_endpoint": endpoint, "expected_callback": line},
-    )
-    caller = sipp.uac("uac_911.xml", edge.sip_target, keys={"caller": line})
-    assert caller.ok, caller.summary()
-    trunk_result = uas.wait()
-    assert trunk_result.ok, trunk_result.summary()
-
-
 def test_embedded_single_box(tmp_path: Path, processes: list[EdgeProcess], sipp: Sipp) -> None:
     api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
-    config = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(trunk)],
-        default_trunks=[trunk_uri(free_port("udp"))],
+    config = edge_config_on_free_ports(
+        trunk=trunk,
         **provisioning_tables(
             api_port,
             emulator_port,
@@ -167,7 +92,7 @@ def test_embedded_single_box(tmp_path: Path, processes: list[EdgeProcess], sipp:
     # `e911-sip resync` acts on the running service, whose in-memory records are complete:
     # nothing to write (a resync in a store of the command's own would "write" the line).
     config_path = write_toml(config, tmp_path / "resync.toml")
-    result = resync_command(config_path)
+    result = resync(config_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["written"] == []
 
@@ -176,7 +101,7 @@ def test_embedded_single_box(tmp_path: Path, processes: list[EdgeProcess], sipp:
     edge.stop()
     # With the service down, resync refuses instead of repairing a throwaway copy.
     audit_before = (tmp_path / "audit.jsonl").read_bytes()
-    result = resync_command(config_path)
+    result = resync(config_path)
     assert result.returncode == 2 and result.stdout == ""
     assert "memory://" in result.stderr and f"127.0.0.1:{api_port}" in result.stderr
     assert (tmp_path / "audit.jsonl").read_bytes() == audit_before
@@ -189,24 +114,15 @@ def test_split_roles_with_redis_between_them(
 ) -> None:
     api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
     shared = {"store_url": redis_server.url}
-    provisioning_config = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(trunk)],
-        default_trunks=[trunk_uri(free_port("udp"))],
+    provisioning_config = edge_config_on_free_ports(
+        trunk=trunk,
         **shared,
         **provisioning_tables(
             api_port, emulator_port, state_url=redis_server.url, audit_url=redis_server.url
         ),
     )
-    serve(tmp_path, processes, provisioning_config, "provisioning")
-    edge_only = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(trunk)],
-        default_trunks=[trunk_uri(free_port("udp"))],
-        **shared,
-    )
+    provisioning = serve(tmp_path, processes, provisioning_config, "provisioning")
+    edge_only = edge_config_on_free_ports(trunk=trunk, **shared)
     edge = serve(tmp_path, processes, edge_only, "edge")
 
     endpoint = provision_customer_and_line(api_port, "3215551234")
@@ -214,14 +130,16 @@ def test_split_roles_with_redis_between_them(
     assert record["provider_endpoint"] == endpoint
     # The edge learns of the record from Redis (within a second, usually milliseconds): the
     # call waits until it holds it, or a loaded host could place it first.
-    assert edge_holds_records(edge, 1), "the edge never loaded the new line record"
+    edge.wait_metric(
+        "e911_sip_location_records", lambda v: v >= 1, "the new line record", timeout=15.0
+    )
     call_and_check(sipp, edge, trunk, "3215551234", endpoint)
 
     # A lost line record (a crash between Bandwidth and Redis, an operator's mistake) is
     # rebuilt from provisioning state by `e911-sip resync`.
     redis_server.client().delete("e911:line:3215551234")
     config_path = write_toml(provisioning_config, tmp_path / "resync.toml")
-    result = resync_command(config_path)
+    result = resync(config_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "3215551234" in report["written"]
@@ -236,9 +154,9 @@ def test_split_roles_with_redis_between_them(
     # With the provisioning service stopped, the stores are shared (Redis), so the command
     # repairs them itself and says so. (The emulator stopped with the service: the report
     # says Bandwidth could not be checked, hence exit 1.)
-    processes[0].stop()
+    provisioning.stop()
     redis_server.client().delete("e911:line:3215551234")
-    result = resync_command(config_path)
+    result = resync(config_path)
     assert result.returncode == 1, result.stderr
     assert "resyncing the shared stores directly" in result.stderr
     report = json.loads(result.stdout)

@@ -5,182 +5,82 @@ middle of an import."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
+import functools
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from e911_sip.provisioning.bandwidth import make_endpoint_id
 from tests.integration.harness import (
-    REPO_ROOT,
+    BandwidthEmulator,
     EdgeProcess,
     RedisServer,
-    edge_config,
+    edge_config_on_free_ports,
     free_port,
-    trunk_uri,
+    provisioning_sections,
+    run_cli,
+    serve,
+    wait_until,
 )
+from tests.integration.harness import api as _api
 
 TOKEN = "integration-import-token"
 ACCOUNT = "5555555"
 
-
-def http(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+api = functools.partial(_api, token=TOKEN)
+"""``harness.api`` with the token these tests configure."""
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(REPO_ROOT / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-class Emulator:
-    """``e911-sip bandwidth-emulator`` in its own process, so it outlives a killed
-    provisioning process."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port("tcp")
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._log = (tmp_path / "emulator.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "e911_sip",
-                "bandwidth-emulator",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--log-level",
-                "WARNING",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            env=child_env(),
-        )
-        wait_for(self._answers, 20, "the emulator to listen")
-
-    def _answers(self) -> bool:
-        assert self.proc.poll() is None, "the emulator exited"
-        try:
-            return self.state() is not None
-        except OSError:
-            return False
-
-    def state(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.base}/_emulator/state", timeout=10) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
-
-    def fault(self, spec: dict[str, Any]) -> None:
-        status, _ = http(f"{self.base}/_emulator/faults", "POST", spec)
-        assert status == 201
-
-    def clear_faults(self) -> None:
-        request = urllib.request.Request(f"{self.base}/_emulator/faults", method="DELETE")
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    running = Emulator(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[EdgeProcess]]:
-    started: list[EdgeProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-
-
-def provisioning_config(redis_url: str, api_port: int, emulator: Emulator) -> dict[str, Any]:
-    return edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(free_port("udp"))],
-        default_trunks=[trunk_uri(free_port("udp"))],
+def provisioning_config(
+    redis_url: str, api_port: int, emulator: BandwidthEmulator
+) -> dict[str, Any]:
+    return edge_config_on_free_ports(
         store_url=redis_url,
-        provisioning={
-            "listen": f"127.0.0.1:{api_port}",
-            "tokens": {"migration": TOKEN},
-            "state_url": redis_url,
-            "audit_url": redis_url,
-            "import_concurrency": 4,
-            "import_batch_size": 25,
-            "import_retry_delay": 0.2,
-        },
-        bandwidth={
-            "api_base": f"{emulator.base}/api/v2",
-            "token_url": f"{emulator.base}/api/v1/oauth2/token",
-            "order_poll_interval": 0.05,
-            "max_retry_time": 10.0,
-        },
+        **provisioning_sections(
+            api_port,
+            emulator.base,
+            tokens={"migration": TOKEN},
+            bandwidth={"order_poll_interval": 0.05, "max_retry_time": 10.0},
+            state_url=redis_url,
+            audit_url=redis_url,
+            import_concurrency=4,
+            import_batch_size=25,
+            import_retry_delay=0.2,
+        ),
     )
 
 
-def start_provisioning(
-    tmp_path: Path, processes: list[EdgeProcess], config: dict[str, Any]
-) -> EdgeProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "e911_sip",
-        "serve",
-        "--role",
-        "provisioning",
-        "--config",
-        "{config}",
-    ]
-    process = EdgeProcess(tmp_path, config, command=command)
-    processes.append(process)
-    process.start(timeout=30)
-    return process
+def start_import(api_port: int, path: Path) -> dict[str, Any]:
+    """POST the CSV file at ``path`` to ``/v1/imports``; the job as accepted (202)."""
+    status, accepted = api(
+        api_port, "POST", "/v1/imports", data=path.read_bytes(), content_type="text/csv"
+    )
+    assert status == 202, accepted
+    job: dict[str, Any] = accepted
+    return job
+
+
+def kill_midway(process: EdgeProcess, api_port: int, status_path: str) -> None:
+    """SIGKILL ``process`` once the import job at ``status_path`` has rows done and rows
+    pending (checked), as seen through the API on ``api_port``."""
+    wait_until(
+        lambda: bool(api(api_port, "GET", status_path)[1]["done"] > 0),
+        "the first rows to be done",
+        timeout=60,
+    )
+    _, before = api(api_port, "GET", status_path)
+    assert before["pending"] > 0, before
+    process.kill()
+
+
+def wait_completed(api_port: int, status_path: str, timeout: float, what: str) -> None:
+    wait_until(
+        lambda: bool(api(api_port, "GET", status_path)[1]["state"] == "completed"),
+        what,
+        timeout=timeout,
+    )
+    _, view = api(api_port, "GET", status_path)
+    assert (view["done"], view["failed"]) == (208, 0), view
 
 
 def onboarding_file(path: Path, *, customers: int = 4, lines: int = 50, own: int = 3) -> int:
@@ -206,26 +106,18 @@ def onboarding_file(path: Path, *, customers: int = 4, lines: int = 50, own: int
     return customers * (2 + own)
 
 
-def run_cli(path: Path, api_port: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "e911_sip",
-            "import",
-            str(path),
-            "--url",
-            f"http://127.0.0.1:{api_port}",
-            "--token",
-            TOKEN,
-            "--interval",
-            "0.1",
-        ],
-        capture_output=True,
-        text=True,
+def import_file(path: Path, api_port: int) -> subprocess.CompletedProcess[str]:
+    """``e911-sip import`` of ``path`` through the API on ``api_port``."""
+    return run_cli(
+        "import",
+        str(path),
+        "--url",
+        f"http://127.0.0.1:{api_port}",
+        "--token",
+        TOKEN,
+        "--interval",
+        "0.1",
         timeout=240,
-        env=child_env(),
-        check=False,
     )
 
 
@@ -252,17 +144,16 @@ def test_the_cli_imports_200_lines_through_a_429_storm(
     tmp_path: Path,
     processes: list[EdgeProcess],
     redis_server: RedisServer,
-    emulator: Emulator,
+    emulator: BandwidthEmulator,
 ) -> None:
     api_port = free_port("tcp")
-    start_provisioning(
-        tmp_path, processes, provisioning_config(redis_server.url, api_port, emulator)
-    )
+    config = provisioning_config(redis_server.url, api_port, emulator)
+    serve(tmp_path, processes, config, "provisioning")
     path = tmp_path / "lines.csv"
     addresses = onboarding_file(path, customers=4, lines=50, own=3)
     assert addresses == 20
     emulator.fault({"status": 429, "retry_after": 0.2, "count": 30, "path_prefix": "/api/v2/"})
-    done = run_cli(path, api_port)
+    done = import_file(path, api_port)
     assert done.returncode == 0, done.stdout + done.stderr
     # Not a terminal: plain counts, one line per change, then the report.
     assert "completed: 208 done, 0 failed of 208" in done.stdout
@@ -277,51 +168,25 @@ def test_an_import_killed_midway_finishes_on_restart_without_duplicates(
     tmp_path: Path,
     processes: list[EdgeProcess],
     redis_server: RedisServer,
-    emulator: Emulator,
+    emulator: BandwidthEmulator,
 ) -> None:
     api_port = free_port("tcp")
     config = provisioning_config(redis_server.url, api_port, emulator)
-    first = start_provisioning(tmp_path, processes, config)
+    first = serve(tmp_path, processes, config, "provisioning")
     path = tmp_path / "lines.csv"
     onboarding_file(path, customers=4, lines=50, own=3)
     # Slow endpoint orders so the kill lands with work done and work pending.
     emulator.fault({"delay": 0.3, "count": 1000, "path_prefix": "/api/v2/", "method": "POST"})
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{api_port}/v1/imports",
-        method="POST",
-        data=path.read_bytes(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 202
-        accepted = json.loads(response.read())
-    status_url = f"http://127.0.0.1:{api_port}{accepted['status_url']}"
-
-    def some_done() -> bool:
-        _, view = http(status_url)
-        return bool(view["done"] > 0)
-
-    wait_for(some_done, 60, "the first rows to be done")
-    _, before = http(status_url)
-    assert before["pending"] > 0, before
-    assert first.pid is not None
-    os.kill(first.pid, signal.SIGKILL)
-    wait_for(lambda: not first.running, 10, "the killed process to exit")
+    status_path = start_import(api_port, path)["status_url"]
+    kill_midway(first, api_port, status_path)
     emulator.clear_faults()
 
     # The restarted process resumes the job; the same file imported again also completes.
-    start_provisioning(tmp_path, processes, config)
-    again = run_cli(path, api_port)
+    serve(tmp_path, processes, config, "provisioning")
+    again = import_file(path, api_port)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "208 done, 0 failed of 208" in again.stdout
-
-    def resumed() -> bool:
-        _, view = http(status_url)
-        return bool(view["state"] == "completed")
-
-    wait_for(resumed, 120, "the resumed job to complete")
-    _, view = http(status_url)
-    assert (view["done"], view["failed"]) == (208, 0), view
+    wait_completed(api_port, status_path, 120, "the resumed job to complete")
     endpoints = [e["id"] for e in emulator.state()["endpoints"]]
     # Exactly one endpoint per distinct address, however often a row was applied.
     assert sorted(endpoints) == sorted(expected_endpoints(4, 50, 3))

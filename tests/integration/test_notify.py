@@ -27,17 +27,14 @@ from tests.integration.harness import (
     EdgeProcess,
     RedisServer,
     Sipp,
-    edge_config,
-    free_port,
-    trunk_uri,
-)
-from tests.integration.test_end_to_end import (
-    CUSTOMER_ADDRESS,
     api,
     call_and_check,
-    provisioning_tables,
+    edge_config,
+    free_port,
     serve,
+    trunk_uri,
 )
+from tests.integration.test_end_to_end import CUSTOMER_ADDRESS, provisioning_tables
 from tests.unit.notify.test_notify import restart_mid_queue, serving_receiver
 
 SECRET = "integration-webhook-secret"
@@ -141,16 +138,6 @@ def test_a_911_call_through_the_edge_posts_the_signed_webhook(
     assert (
         edge.metric("e911_sip_notifications_total", channel="webhook", outcome="retried") or 0
     ) >= 1
-
-
-@pytest.fixture
-def processes() -> Iterator[list[EdgeProcess]]:
-    started: list[EdgeProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
 
 
 def test_split_roles_notify_the_provisioned_contacts_with_the_address(

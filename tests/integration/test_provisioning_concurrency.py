@@ -14,14 +14,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -31,29 +26,27 @@ from e911_sip.provisioning.model import CustomerState
 from e911_sip.store.redis import connect
 from e911_sip.store.schema import CURRENT, SCHEMA_KEY
 from tests.integration.harness import (
+    BandwidthEmulator,
     EdgeProcess,
     EdgeStartError,
     RedisServer,
-    edge_config,
+    edge_config_on_free_ports,
     free_port,
-    trunk_uri,
+    run_cli,
+    serve,
+    serve_command,
+    wait_until,
 )
 from tests.integration.test_import import (
-    TOKEN,
-    Emulator,
+    api,
     assert_every_line_recorded,
-    child_env,
-    emulator,
     expected_endpoints,
-    http,
+    kill_midway,
     onboarding_file,
-    processes,
     provisioning_config,
-    start_provisioning,
-    wait_for,
+    start_import,
+    wait_completed,
 )
-
-__all__ = ["emulator", "processes"]  # fixtures, used by name
 
 CID = "acme"
 L1, L2, L3, L4 = "9195551001", "9195551002", "9195551003", "9195551004"
@@ -118,10 +111,6 @@ async def test_a_lease_is_exclusive_renewed_and_released_only_by_its_holder(
 # --- two provisioning processes -------------------------------------------------------------
 
 
-def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    return http(f"http://127.0.0.1:{port}{path}", method, body)
-
-
 def second_config(first: dict[str, Any], api_port: int) -> dict[str, Any]:
     """The first process's configuration on other ports (same Redis, same emulator)."""
     config = json.loads(json.dumps(first))
@@ -132,11 +121,33 @@ def second_config(first: dict[str, Any], api_port: int) -> dict[str, Any]:
     return config
 
 
+class TwoProcesses(NamedTuple):
+    first: EdgeProcess
+    first_port: int
+    second: EdgeProcess
+    second_port: int
+
+
+def start_two(
+    tmp_path: Path,
+    processes: list[EdgeProcess],
+    redis_server: RedisServer,
+    emulator: BandwidthEmulator,
+) -> TwoProcesses:
+    """Two provisioning processes on one Redis and one emulator, each with its API port."""
+    first_port, second_port = free_port("tcp"), free_port("tcp")
+    config = provisioning_config(redis_server.url, first_port, emulator)
+    config["notify"] = {"consumer": "notifier-1"}
+    first = serve(tmp_path, processes, config, "provisioning")
+    second = serve(tmp_path, processes, second_config(config, second_port), "provisioning")
+    return TwoProcesses(first, first_port, second, second_port)
+
+
 def address(line1: str, city: str = "Cary", postal_code: str = "27513") -> dict[str, str]:
     return {"line1": line1, "city": city, "state": "NC", "postal_code": postal_code}
 
 
-def address_orders(emulator: Emulator) -> int:
+def address_orders(emulator: BandwidthEmulator) -> int:
     return sum(
         1
         for r in emulator.state()["requests"]
@@ -176,15 +187,11 @@ new account below."""
 
 def test_concurrent_updates_through_two_processes_all_land_and_order_each_address_once(
     tmp_path: Path,
-    processes: list[Any],
+    processes: list[EdgeProcess],
     redis_server: RedisServer,
-    emulator: Emulator,
+    emulator: BandwidthEmulator,
 ) -> None:
-    first_port, second_port = free_port("tcp"), free_port("tcp")
-    config = provisioning_config(redis_server.url, first_port, emulator)
-    config["notify"] = {"consumer": "notifier-1"}
-    first = start_provisioning(tmp_path, processes, config)
-    second = start_provisioning(tmp_path, processes, second_config(config, second_port))
+    first, first_port, second, second_port = start_two(tmp_path, processes, redis_server, emulator)
 
     # The customer with an address, a site with another, a line with its own, a line on the
     # site and one that inherits the customer's.
@@ -293,58 +300,31 @@ def _own(line1: str) -> dict[str, Any]:
 
 def test_an_import_runs_in_one_process_and_the_other_takes_it_over_when_it_dies(
     tmp_path: Path,
-    processes: list[Any],
+    processes: list[EdgeProcess],
     redis_server: RedisServer,
-    emulator: Emulator,
+    emulator: BandwidthEmulator,
 ) -> None:
-    first_port, second_port = free_port("tcp"), free_port("tcp")
-    config = provisioning_config(redis_server.url, first_port, emulator)
-    config["notify"] = {"consumer": "notifier-1"}
-    first = start_provisioning(tmp_path, processes, config)
-    second = start_provisioning(tmp_path, processes, second_config(config, second_port))
+    first, first_port, second, second_port = start_two(tmp_path, processes, redis_server, emulator)
     path = tmp_path / "lines.csv"
     onboarding_file(path, customers=4, lines=50, own=3)
     # Slow Bandwidth (40 orders, 4 at a time: 10 s at least) so that the second process's
     # first look (every 5 s) and the kill both land with work done and work pending.
     emulator.fault({"delay": 1.0, "count": 1000, "path_prefix": "/api/v2/", "method": "POST"})
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{first_port}/v1/imports",
-        method="POST",
-        data=path.read_bytes(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 202
-        job = json.loads(response.read())["id"]
-    status_url = f"http://127.0.0.1:{second_port}/v1/imports/{job}"
-
-    def watched() -> bool:
-        return "is run by another provisioning process" in second.log_text()
+    job = start_import(first_port, path)["id"]
+    status_path = f"/v1/imports/{job}"
 
     # The second process finds the job and leaves it to the first, which holds its lease.
-    wait_for(watched, 60, "the second process to find the job held by the first")
+    wait_until(
+        lambda: "is run by another provisioning process" in second.log_text(),
+        "the second process to find the job held by the first",
+        timeout=60,
+    )
     assert redis_server.client().get(f"e911:prov:lease:import:{job}") is not None
-
-    def some_done() -> bool:
-        _, view = http(status_url)
-        return bool(view["done"] > 0)
-
-    wait_for(some_done, 60, "the first rows to be done")
-    _, before = http(status_url)
-    assert before["pending"] > 0, before
-    assert first.pid is not None
-    os.kill(first.pid, signal.SIGKILL)
-    wait_for(lambda: not first.running, 10, "the killed process to exit")
+    kill_midway(first, second_port, status_path)
     emulator.clear_faults()
 
     # Without any restart, the second process takes the job over once the lease expires.
-    def completed() -> bool:
-        _, view = http(status_url)
-        return bool(view["state"] == "completed")
-
-    wait_for(completed, 180, "the job to complete in the second process")
-    _, view = http(status_url)
-    assert (view["done"], view["failed"]) == (208, 0), view
+    wait_completed(second_port, status_path, 180, "the job to complete in the second process")
     assert "taken over" in second.log_text()
     assert second.metric("e911_sip_provisioning_leases_total", kind="import_job", outcome="busy")
     endpoints = [e["id"] for e in emulator.state()["endpoints"]]
@@ -356,34 +336,18 @@ def test_an_import_runs_in_one_process_and_the_other_takes_it_over_when_it_dies(
 
 
 def edge_on(redis_server: RedisServer) -> dict[str, Any]:
-    return edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(free_port("udp"))],
-        default_trunks=[trunk_uri(free_port("udp"))],
-        store_url=redis_server.url,
-    )
-
-
-def edge_command() -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "e911_sip",
-        "serve",
-        "--role",
-        "edge",
-        "--config",
-        "{config}",
-    ]
+    return edge_config_on_free_ports(store_url=redis_server.url)
 
 
 def test_an_edge_refuses_a_newer_schema_major_and_runs_on_an_older_minor(
-    tmp_path: Path, redis_server: RedisServer, emulator: Emulator, processes: list[Any]
+    tmp_path: Path,
+    redis_server: RedisServer,
+    emulator: BandwidthEmulator,
+    processes: list[EdgeProcess],
 ) -> None:
     raw = redis_server.client()
     raw.set(SCHEMA_KEY, f"{CURRENT.major + 1}.0")
-    refused = EdgeProcess(tmp_path, edge_on(redis_server), command=edge_command())
+    refused = EdgeProcess(tmp_path, edge_on(redis_server), command=serve_command("edge"))
     processes.append(refused)
     with pytest.raises(EdgeStartError):
         refused.start(timeout=30)
@@ -395,47 +359,38 @@ def test_an_edge_refuses_a_newer_schema_major_and_runs_on_an_older_minor(
     assert raw.get(SCHEMA_KEY) == "2.0"  # left alone
 
     # check-config says the same, and exits 1.
-    done = subprocess.run(
-        [sys.executable, "-m", "e911_sip", "check-config", "--config", str(refused.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
+    done = run_cli("check-config", "--config", str(refused.config_path), timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "data schema:            REFUSED: [store] url: the data is schema 2.0" in done.stdout
 
     # An older minor of the same major: the edge runs and leaves the key as it is.
     older = f"{CURRENT.major}.{CURRENT.minor - 1}"
     raw.set(SCHEMA_KEY, older)
-    edge = EdgeProcess(tmp_path, edge_on(redis_server), command=edge_command())
-    processes.append(edge)
-    edge.start(timeout=30)
+    edge = serve(tmp_path, processes, edge_on(redis_server), "edge")
     assert raw.get(SCHEMA_KEY) == older
     assert "data schema" in edge.log_text()
 
     # Provisioning raises it to this release's minor; an absent key is written the same way.
     port = free_port("tcp")
-    start_provisioning(tmp_path, processes, provisioning_config(redis_server.url, port, emulator))
-    assert raw.get(SCHEMA_KEY) == str(CURRENT)
-    done = subprocess.run(
-        [sys.executable, "-m", "e911_sip", "check-config", "--config", str(edge.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
+    serve(
+        tmp_path, processes, provisioning_config(redis_server.url, port, emulator), "provisioning"
     )
+    assert raw.get(SCHEMA_KEY) == str(CURRENT)
+    done = run_cli("check-config", "--config", str(edge.config_path), timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"[store] url {redis_server.url}: schema {CURRENT}" in done.stdout
 
 
 def test_provisioning_writes_the_schema_where_there_is_none(
-    tmp_path: Path, redis_server: RedisServer, emulator: Emulator, processes: list[Any]
+    tmp_path: Path,
+    redis_server: RedisServer,
+    emulator: BandwidthEmulator,
+    processes: list[EdgeProcess],
 ) -> None:
     raw = redis_server.client()
     assert raw.get(SCHEMA_KEY) is None
     port = free_port("tcp")
-    start_provisioning(tmp_path, processes, provisioning_config(redis_server.url, port, emulator))
+    serve(
+        tmp_path, processes, provisioning_config(redis_server.url, port, emulator), "provisioning"
+    )
     assert raw.get(SCHEMA_KEY) == str(CURRENT)

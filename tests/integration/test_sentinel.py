@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -42,13 +35,15 @@ from tests.integration.harness import (
     HarnessError,
     RedisServer,
     Sipp,
-    _OutputFiles,
-    _poll_until,
-    _stop_process,
-    edge_config,
+    api,
+    call_and_check,
+    edge_config_on_free_ports,
     free_port,
-    trunk_uri,
+    serve_command,
 )
+from tests.integration.test_end_to_end import provisioning_tables
+
+T = TypeVar("T")
 
 SERVICE = "e911"
 BOUND = 30.0
@@ -68,22 +63,16 @@ class Replica(RedisServer):
             config.write(f"replicaof {LOOPBACK} {self.master_port}\n")
 
 
-class SentinelProcess:
+class SentinelProcess(RedisServer):
     """``redis-server sentinel.conf --sentinel`` in its own directory, stopped by PID."""
 
-    def __init__(self, workdir: Path, master_port: int) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise HarnessError("redis-server is not installed")
-        self.binary = binary
-        self.dir = Path(tempfile.mkdtemp(prefix="sentinel-", dir=workdir))
-        self.port = free_port("tcp")
-        self.master_port = master_port
-        self.config_path = self.dir / "sentinel.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output = _OutputFiles(self.dir / "stdout.log", self.dir / "stderr.log")
+    kind = "sentinel"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def __init__(self, workdir: Path, master_port: int) -> None:
+        super().__init__(workdir)
+        self.master_port = master_port
+
+    def _write_config(self) -> None:
         # Sentinel rewrites its file as it learns: it must be its own and writable.
         self.config_path.write_text(
             "\n".join(
@@ -92,7 +81,7 @@ class SentinelProcess:
                     f"port {self.port}",
                     "daemonize no",
                     f'dir "{self.dir}"',
-                    f'logfile "{self.dir / "sentinel.log"}"',
+                    f'logfile "{self.log_path}"',
                     f"sentinel monitor {SERVICE} {LOOPBACK} {self.master_port} 2",
                     f"sentinel down-after-milliseconds {SERVICE} 1000",
                     f"sentinel failover-timeout {SERVICE} 3000",
@@ -102,35 +91,18 @@ class SentinelProcess:
             ),
             encoding="utf-8",
         )
-        out, err = self._output.open()
-        self._proc = subprocess.Popen(
-            [self.binary, str(self.config_path), "--sentinel"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            cwd=self.dir,
-        )
-        if not _poll_until(self._answers, self._proc, timeout=timeout):
-            _stop_process(self._proc, 5.0)
-            raise HarnessError(f"sentinel on port {self.port} did not start")
 
-    def _answers(self) -> bool:
-        with contextlib.suppress(redis.RedisError, OSError):
-            return bool(self.client().ping())
-        return False
+    def _command(self, binary: str) -> list[str]:
+        return [*super()._command(binary), "--sentinel"]
 
     def client(self) -> redis.Redis:
+        """A client of its own (closed by the caller, not by ``stop()``)."""
         return redis.Redis(host=LOOPBACK, port=self.port, decode_responses=True, socket_timeout=2.0)
 
     def master(self) -> dict[str, Any]:
         with self.client() as client:
             state: dict[str, Any] = client.sentinel_master(SERVICE)
             return state
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            _stop_process(self._proc, 10.0)
-        self._output.close()
 
 
 class SentinelCluster:
@@ -227,8 +199,7 @@ class SentinelCluster:
                     return
             if time.monotonic() > deadline:
                 logs = "\n".join(
-                    (s.dir / "sentinel.log").read_text(errors="replace")[-1500:]
-                    for s in self.sentinels
+                    s.log_path.read_text(errors="replace")[-1500:] for s in self.sentinels
                 )
                 raise HarnessError(f"no {what} within {timeout} s\n{logs}")
             time.sleep(0.05)
@@ -260,6 +231,37 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = BOUND
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def store_and_mirror(url: str) -> AsyncIterator[tuple[RedisStore, MirroredRedisStore]]:
+    """The edge's two ways to the store on ``url``: direct lookups, and the mirror, which
+    follows the store in a task until the block ends."""
+    direct = RedisStore(url=url, pool_size=2)
+    mirror = MirroredRedisStore(
+        url=url, direct=RedisStore(url=url, pool_size=2), options=MirrorOptions()
+    )
+    stop = asyncio.Event()
+    follower = asyncio.create_task(mirror.run(stop))
+    try:
+        yield direct, mirror
+    finally:
+        stop.set()
+        await follower
+        await mirror.close()
+        await direct.close()
+
+
+async def retried(step: Callable[[], Awaitable[T]]) -> T:
+    """``step()``, tried again every 0.1 s while it raises StoreError, for at most BOUND."""
+    deadline = time.monotonic() + BOUND
+    while True:
+        try:
+            return await step()
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def record(i: int) -> LocationRecord:
     return LocationRecord(f"555555/sentinel{i:05d}", None)
 
@@ -270,14 +272,8 @@ def line(i: int) -> str:
 
 async def test_store_mirror_and_writes_follow_a_failover(cluster: SentinelCluster) -> None:
     url = cluster.url(min_replicas_ack="1", replica_ack_timeout="2")
-    direct = RedisStore(url=url, pool_size=2)
-    mirror = MirroredRedisStore(
-        url=url, direct=RedisStore(url=url, pool_size=2), options=MirrorOptions()
-    )
-    stop = asyncio.Event()
-    follower = asyncio.create_task(mirror.run(stop))
     changes_before = master_changes()
-    try:
+    async with store_and_mirror(url) as (direct, mirror):
         await direct.put_records({line(i): record(i) for i in range(50)})
         await until(lambda: mirror.state().in_sync, "mirror in sync")
         assert await direct.lookup(line(7)) == record(7)
@@ -313,35 +309,15 @@ async def test_store_mirror_and_writes_follow_a_failover(cluster: SentinelCluste
 
         # Lookups reconnect to the new master (bounded retries: the sentinels may take a
         # moment to stop naming the dead one in every answer).
-        deadline = time.monotonic() + BOUND
-        while True:
-            try:
-                assert await direct.lookup(line(acknowledged[-1])) == record(acknowledged[-1])
-                break
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        last = acknowledged[-1]
+        assert await retried(lambda: direct.lookup(line(last))) == record(last)
 
         # A write after the failover, on the new master, reaches the mirror.
-        deadline = time.monotonic() + BOUND
-        while True:
-            try:
-                await direct.put_records({line(3): record(9999)})
-                break
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        await retried(lambda: direct.put_records({line(3): record(9999)}))
         await until(lambda: mirror.lookup_now(line(3)) == record(9999), "the new write mirrored")
         assert on_new.hget(f"e911:line:{line(3)}", "provider_endpoint") == "555555/sentinel09999"
         assert master_changes() > changes_before
         assert await direct.ping()
-    finally:
-        stop.set()
-        await follower
-        await mirror.close()
-        await direct.close()
 
 
 async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
@@ -350,14 +326,8 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
     # SENTINEL FAILOVER: the old master stays up and becomes a replica (read-only, and still
     # answering lookups with what it has), so nothing breaks by itself the way a crash does.
     url = cluster.url()
-    direct = RedisStore(url=url, pool_size=2)
-    mirror = MirroredRedisStore(
-        url=url, direct=RedisStore(url=url, pool_size=2), options=MirrorOptions()
-    )
-    stop = asyncio.Event()
-    follower = asyncio.create_task(mirror.run(stop))
     changes_before = master_changes()
-    try:
+    async with store_and_mirror(url) as (direct, mirror):
         await direct.put_records({line(1): record(1)})
         assert await direct.lookup(line(1)) == record(1)
         await until(lambda: mirror.state().in_sync, "mirror in sync")
@@ -372,15 +342,7 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
             "the old master demoted",
         )
 
-        deadline = time.monotonic() + BOUND
-        while True:
-            try:
-                await direct.put_records({line(1): record(2)})
-                break
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        await retried(lambda: direct.put_records({line(1): record(2)}))
         assert new_master.client().hget(f"e911:line:{line(1)}", "provider_endpoint") == (
             "555555/sentinel00002"
         )
@@ -395,11 +357,6 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
             await asyncio.to_thread(sentinel.stop)
         assert await direct.ping()
         assert await direct.lookup(line(1)) == record(2)
-    finally:
-        stop.set()
-        await follower
-        await mirror.close()
-        await direct.close()
 
 
 async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelCluster) -> None:
@@ -417,7 +374,6 @@ async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelC
 
 # -- the edge ---------------------------------------------------------------------------------
 
-TOKEN = "sentinel-token-0123456789"
 ADDRESS_A = {
     "line1": "900 Main Campus Drive",
     "city": "Raleigh",
@@ -434,59 +390,17 @@ ADDRESS_B = {
 }
 
 
-def api(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def wait_metric(
-    edge: EdgeProcess, name: str, condition: Callable[[float], bool], what: str, **labels: str
-) -> float:
-    deadline = time.monotonic() + BOUND
-    while True:
-        value = edge.metric(name, **labels)
-        if value is not None and condition(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {name} is {value} after {BOUND} s")
-        time.sleep(0.05)
-
-
 def test_911_calls_keep_their_location_through_a_failover(
     tmp_path: Path, cluster: SentinelCluster, sipp: Sipp, edge_factory: Callable[..., EdgeProcess]
 ) -> None:
     url = cluster.url(min_replicas_ack="1", replica_ack_timeout="2")
     api_port, emulator_port, trunk = free_port("tcp"), free_port("tcp"), free_port("udp")
-    config = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(trunk)],
-        default_trunks=[trunk_uri(free_port("udp"))],
+    config = edge_config_on_free_ports(
+        trunk=trunk,
         store_url=url,
-        provisioning={
-            "listen": f"127.0.0.1:{api_port}",
-            "tokens": {"integration": TOKEN},
-            "state_url": url,
-            "audit_url": url,
-        },
-        bandwidth={
-            "api_base": f"http://127.0.0.1:{emulator_port}/api/v2",
-            "token_url": f"http://127.0.0.1:{emulator_port}/api/v1/oauth2/token",
-            "run_emulator": True,
-            "max_retry_time": 5.0,
-        },
+        **provisioning_tables(api_port, emulator_port, state_url=url, audit_url=url),
     )
-    command = [sys.executable, "-m", "e911_sip", "serve", "--role", "all", "--config", "{config}"]
-    edge = edge_factory(config, timeout=30, command=command)
+    edge = edge_factory(config, timeout=30, command=serve_command("all"))
 
     caller = "1321551234"
     status, body = api(
@@ -529,8 +443,7 @@ def test_911_calls_keep_their_location_through_a_failover(
     uac = sipp.start_uac(
         "uac_911.xml", edge.sip_target, keys={"caller": caller}, calls=calls, rate=10
     )
-    wait_metric(
-        edge,
+    edge.wait_metric(
         "e911_sip_emergency_calls_total",
         lambda v: v >= 10,
         "calls before the kill",
@@ -561,8 +474,8 @@ def test_911_calls_keep_their_location_through_a_failover(
     assert unknown == [], f"acknowledged accounts lost in the failover: {unknown}"
 
     # The edge noticed the switch and its mirror follows the new master again.
-    wait_metric(edge, "e911_sip_store_master_changes_total", lambda v: v >= 1, "master switch")
-    wait_metric(edge, "e911_sip_location_sync_age_seconds", lambda v: v == 0, "mirror in sync")
+    edge.wait_metric("e911_sip_store_master_changes_total", lambda v: v >= 1, "master switch")
+    edge.wait_metric("e911_sip_location_sync_age_seconds", lambda v: v == 0, "mirror in sync")
     updates = edge.metric("e911_sip_location_updates_total") or 0.0
 
     # A provisioning write after the failover reaches the edge: the caller gets an address
@@ -586,16 +499,8 @@ def test_911_calls_keep_their_location_through_a_failover(
     assert on_new.hget(f"e911:line:{caller}", "provider_endpoint") == endpoint_b
     # Counted as the re-read is sent; it is answered (one loopback round trip) long before
     # the SIPp processes below have started and sent the INVITE.
-    wait_metric(
-        edge, "e911_sip_location_updates_total", lambda v: v > updates, "the change mirrored"
+    edge.wait_metric(
+        "e911_sip_location_updates_total", lambda v: v > updates, "the change mirrored"
     )
-    uas = sipp.uas(
-        "uas_emergency.xml",
-        port=trunk,
-        keys={"expected_endpoint": endpoint_b, "expected_callback": caller},
-    )
-    after = sipp.uac("uac_911.xml", edge.sip_target, keys={"caller": caller})
-    assert after.ok, after.summary()
-    checked = uas.wait()
-    assert checked.ok, checked.summary()
+    call_and_check(sipp, edge, trunk, caller, endpoint_b)
     assert "redis master changed" in edge.log_text()

@@ -3,6 +3,12 @@
 Limits are configured small so each test opens a handful of loopback connections; closes are
 waited for with a bounded timeout, never assumed after a sleep. 127.0.0.9 plays an outsider
 (the edge trusts 127.0.0.1 and ::1 by default), 127.0.0.1 the softswitch.
+
+The edge listens for SIP on 127.0.0.2 (EDGE), not 127.0.0.1. Every other test process on the
+host dials 127.0.0.1, and some keep dialling a port whose server is gone (a Redis replica or
+Sentinel re-dialling a killed master sends a RESP PING and waits); an edge that took such a
+port on 127.0.0.1 closed that stranger at its header deadline and counted it with the test's
+own connections (``header_timeout`` once counted 2). On 127.0.0.2 only these tests reach it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tests.integration.harness import (
     EdgeProcess,
     SilentUdpPeer,
     edge_config,
+    edge_config_on_free_ports,
     free_port,
     trunk_uri,
 )
@@ -39,19 +46,12 @@ from tests.integration.streampeers import (
 
 EdgeFactory = Callable[..., EdgeProcess]
 OUTSIDER = "127.0.0.9"
+EDGE = "127.0.0.2"
+"""The address of the edge's SIP listeners: one no other process on the host dials."""
 
 
-def start_edge(
-    edge_factory: EdgeFactory, *, trunks: list[str] | None = None, **overrides: Any
-) -> EdgeProcess:
-    config = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=trunks or [trunk_uri(free_port("udp"))],
-        default_trunks=[trunk_uri(free_port("udp"))],
-        **overrides,
-    )
-    return edge_factory(config)
+def start_edge(edge_factory: EdgeFactory, **overrides: Any) -> EdgeProcess:
+    return edge_factory(edge_config_on_free_ports(sip_host=EDGE, **overrides))
 
 
 def wait_metric(
@@ -76,8 +76,8 @@ def closed(edge: EdgeProcess, reason: str, transport: str = "tcp") -> float:
 
 
 def connect(port: int, source: str = LOOPBACK) -> socket.socket:
-    sock = socket.create_connection((LOOPBACK, port), timeout=5.0, source_address=(source, 0))
-    return sock
+    """A connection from ``source`` to the edge's ``port`` on EDGE."""
+    return socket.create_connection((EDGE, port), timeout=5.0, source_address=(source, 0))
 
 
 def closed_by_edge(sock: socket.socket, timeout: float = 10.0) -> bool:
@@ -129,7 +129,7 @@ def test_per_ip_cap_refuses_an_outsider_while_the_softswitch_still_connects(
     assert closed(edge, "refused_per_ip") == 1
     softswitch = connect(edge.sip_port)
     sockets.append(softswitch)
-    replies = sip_exchange(softswitch, options(edge.sip_port, "tcp", call_id="cap-1"))
+    replies = sip_exchange(softswitch, options(edge.sip_port, "tcp", call_id="cap-1", host=EDGE))
     assert replies and replies[-1].startswith(b"SIP/2.0 200 ")
     assert all(still_open(sock) for sock in held)
     # The process raised its open-file limit at start and said so.
@@ -149,7 +149,7 @@ def test_header_deadline_and_idle_timeout_close_slow_connections(
     assert closed(edge, "header_timeout") == 1
     quiet = connect(edge.sip_port)
     sockets.append(quiet)
-    replies = sip_exchange(quiet, options(edge.sip_port, "tcp", call_id="idle-1"))
+    replies = sip_exchange(quiet, options(edge.sip_port, "tcp", call_id="idle-1", host=EDGE))
     assert replies[-1].startswith(b"SIP/2.0 200 ")
     assert closed_by_edge(quiet)
     assert closed(edge, "idle") == 1
@@ -176,12 +176,7 @@ def test_low_open_file_limit_still_serves_the_softswitch_and_metrics(
 ) -> None:
     prlimit = shutil.which("prlimit")
     assert prlimit is not None, "prlimit (util-linux) is needed to start the edge with nofile 400"
-    config = edge_config(
-        sip_port=free_port("both"),
-        http_port=free_port("tcp"),
-        emergency_trunks=[trunk_uri(free_port("udp"))],
-        default_trunks=[trunk_uri(free_port("udp"))],
-    )
+    config = edge_config_on_free_ports(sip_host=EDGE)
     command = [prlimit, "--nofile=400:400", *EdgeProcess.default_command()]
     with EdgeProcess(tmp_path, config, command=command) as edge:
         # 400 descriptors: the table is fitted to 80 connections, 20 of them for trusted sources.
@@ -192,7 +187,9 @@ def test_low_open_file_limit_still_serves_the_softswitch_and_metrics(
         for n in range(3):
             softswitch = connect(edge.sip_port)
             sockets.append(softswitch)
-            replies = sip_exchange(softswitch, options(edge.sip_port, "tcp", call_id=f"fd-{n}"))
+            replies = sip_exchange(
+                softswitch, options(edge.sip_port, "tcp", call_id=f"fd-{n}", host=EDGE)
+            )
             assert replies and replies[-1].startswith(b"SIP/2.0 200 ")
         assert edge.http_get("/metrics")[0] == 200
         assert "open-file limit too low for [tcp] max_connections: lowered" in edge.log_text()
@@ -209,7 +206,7 @@ class Pki:
         self.dir = directory
         self.ca_file = directory / "ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
-        edge = self.ca.issue_cert(LOOPBACK)
+        edge = self.ca.issue_cert(EDGE)
         self.certificate = directory / "edge.pem"
         self.private_key = directory / "edge.key"
         edge.private_key_pem.write_to_path(str(self.private_key))
@@ -248,14 +245,14 @@ def pki(tmp_path: Path) -> Pki:
 def start_tls_edge(
     edge_factory: EdgeFactory, pki: Pki, trunks: list[str], **overrides: Any
 ) -> tuple[EdgeProcess, int]:
-    udp = free_port("udp")
-    tls = free_port("tcp")
+    udp = free_port("udp", host=EDGE)
+    tls = free_port("tcp", host=EDGE)
     config = edge_config(
         sip_port=udp,
         http_port=free_port("tcp"),
         emergency_trunks=trunks,
         default_trunks=[trunk_uri(free_port("udp"))],
-        sip={"listen": [f"udp:{LOOPBACK}:{udp}", f"tls:{LOOPBACK}:{tls}"]},
+        sip={"listen": [f"udp:{EDGE}:{udp}", f"tls:{EDGE}:{tls}"]},
         tls=pki.edge_tls(),
         **overrides,
     )
@@ -269,7 +266,7 @@ def test_911_over_tls_end_to_end_with_failover_from_an_unverifiable_trunk(
     with TlsTrunk(pki.server(stranger)) as impostor, TlsTrunk(pki.server()) as trunk:
         edge, tls_port = start_tls_edge(edge_factory, pki, [impostor.uri, trunk.uri])
         raw = connect(tls_port)
-        with pki.client().wrap_socket(raw, server_hostname=LOOPBACK) as stream:
+        with pki.client().wrap_socket(raw, server_hostname=EDGE) as stream:
             request = invite(tls_port, "tls", call_id="tls-911-1")
             replies = sip_exchange(stream, request)
             ok = replies[-1]
@@ -282,11 +279,12 @@ def test_911_over_tls_end_to_end_with_failover_from_an_unverifiable_trunk(
         assert [m.split(b" ", 1)[0] for m in trunk.received] == [b"INVITE", b"ACK", b"BYE"]
         relayed = trunk.received[0]
         assert relayed.startswith(b"INVITE sip:911@127.0.0.1:")
-        assert header_lines(relayed, "via")[0].startswith(f"SIP/2.0/TLS 127.0.0.1:{tls_port};")
+        assert header_lines(relayed, "via")[0].startswith(f"SIP/2.0/TLS {EDGE}:{tls_port};")
         record_route = header_lines(relayed, "record-route")
         # Ours, over TLS, with the emergency dialog's stamp.
         assert re.fullmatch(
-            rf"<sip:127\.0\.0\.1:{tls_port};transport=tls;lr;dlg=e[\w-]{{12}}>", record_route[0]
+            rf"<sip:{re.escape(EDGE)}:{tls_port};transport=tls;lr;dlg=e[\w-]{{12}}>",
+            record_route[0],
         )
         assert impostor.received == []
         assert closed(edge, "tls_handshake", transport="tls") == 1
@@ -306,7 +304,7 @@ def test_a_911_call_whose_tls_fails_everywhere_is_retried_without_tls(
             edge_factory, pki, [impostor.uri], emergency={"tls_fallback_port": twin.port}
         )
         raw = connect(tls_port)
-        with pki.client().wrap_socket(raw, server_hostname=LOOPBACK) as stream:
+        with pki.client().wrap_socket(raw, server_hostname=EDGE) as stream:
             stream.sendall(invite(tls_port, "tls", call_id="tls-fallback-1"))
             assert twin.wait_for(1), "the call never reached the trunk without TLS"
         relayed = twin.received[0][0]
@@ -325,11 +323,13 @@ def test_tls_client_without_a_certificate_is_refused(
     bare = pki.client(with_certificate=False)
     with (
         pytest.raises((ssl.SSLError, ConnectionError)),
-        bare.wrap_socket(raw, server_hostname=LOOPBACK) as stream,
+        bare.wrap_socket(raw, server_hostname=EDGE) as stream,
     ):
         # With TLS 1.3 the client's side of the handshake ends first: the refusal (an alert,
         # or the close) comes with the first read.
-        replies = sip_exchange(stream, options(tls_port, "tls", call_id="nocert-1"), timeout=10)
+        replies = sip_exchange(
+            stream, options(tls_port, "tls", call_id="nocert-1", host=EDGE), timeout=10
+        )
         if not replies:
             raise ConnectionError("closed by the edge")
     assert wait_metric(
