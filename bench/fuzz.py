@@ -11,9 +11,10 @@ Every generated input goes through three targets:
   time, built as tests/unit/proxy/test_core.py builds it), in one of three scenarios: the
   input arrives on its own (UDP, or TCP through the framer); a mutated response comes back
   from a trunk to a request the core really sent (a quarter of them a 2xx after its
-  transaction has gone, relayed statelessly when it is still ours); a mutated CANCEL, ACK or retransmission
-  arrives for an INVITE in progress. Every message the core sends must parse again, and once
-  time has run on by an hour no transaction or response context may be left.
+  transaction has gone, relayed statelessly when it is still ours); a mutated CANCEL, ACK
+  or retransmission arrives for an INVITE in progress. Every message the core sends must
+  parse again, and once time has run on by an hour no transaction or response context may be
+  left.
 
 Inputs are mutations of the messages in tests/data/ and a few built here (byte flips,
 truncation, duplication, header splicing, huge numbers, non-UTF-8 bytes, CRLF games, compact
@@ -917,9 +918,7 @@ def core_case(data: bytes, rng: random.Random, corpus: list[bytes]) -> tuple[str
             base, advance = response_to(request, 200), 40.0
         elif rng.random() < 0.3:
             steps.append(Step(_peer_name(target.peer), response_to(request, 180), 0.1))
-        steps.append(
-            Step(_peer_name(target.peer), mutate(rng, base, corpus), advance, fuzzed=True)
-        )
+        steps.append(Step(_peer_name(target.peer), mutate(rng, base, corpus), advance, fuzzed=True))
         if rng.random() < 0.5:
             steps.append(Step(_peer_name(target.peer), response_to(request, 200), 0.1))
         return owner, steps
