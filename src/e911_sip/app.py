@@ -108,8 +108,13 @@ from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore, connect
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
 from e911_sip.store.sentinel import master_changes
-from e911_sip.transport.control import serve_worker_side
-from e911_sip.transport.dispatch import ClaimingSink, WorkerStreamTransport, WorkerUdpTransport
+from e911_sip.transport.control import Dialogs, serve_worker_side
+from e911_sip.transport.dispatch import (
+    ClaimingSink,
+    WorkerStreamTransport,
+    WorkerUdpTransport,
+    pick,
+)
 from e911_sip.transport.limits import CLOSE_REASONS, ConnectionTable, StreamLimits
 from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpOptions, UdpTransport
@@ -466,6 +471,20 @@ class RunningEdge:
 
     edge: Edge
     transports: list[UdpTransport | TcpTransport]
+    claims: list[ClaimingSink] = dataclasses.field(default_factory=list)
+    """A worker's stream sinks: the Call-IDs they claimed stay this worker's."""
+
+    def hand_over(self, slot: int, live: tuple[int, ...]) -> dict[int, Dialogs]:
+        """The answered calls whose messages now go to another live worker, taken out of
+        this one's edge (see :meth:`Edge.hand_over`)."""
+
+        def owner(call_id: str) -> int:
+            raw = call_id.encode("latin-1", "replace")
+            if any(sink.claimed(raw) for sink in self.claims):
+                return slot
+            return pick(raw, live) if live else slot
+
+        return self.edge.hand_over(owner, slot)
 
 
 async def start_edge(
@@ -557,6 +576,7 @@ async def start_edge(
         on_close=lambda name, reason: metrics.stream_closed.labels(name, reason).inc(),
     )
     transports: list[UdpTransport | TcpTransport] = []
+    claims: list[ClaimingSink] = []
     channel = socket.socket(fileno=worker.channel_fd) if worker is not None else None
     try:
         for address in config.sip.listen:
@@ -584,8 +604,10 @@ async def start_edge(
                 if worker is not None and channel is not None:
                     # Worker 0 serves the supervisor's listening socket; the others open
                     # outbound connections only. Both claim what their streams carry.
+                    sink = ClaimingSink(edge, channel)
+                    claims.append(sink)
                     transport = WorkerStreamTransport(
-                        ClaimingSink(edge, channel),
+                        sink,
                         listen_fd=worker.listeners.get(address.transport),
                         host=address.host,
                         port=address.port,
@@ -627,7 +649,7 @@ async def start_edge(
             await transport.close()
         raise
     edge.start()
-    return RunningEdge(edge, transports)
+    return RunningEdge(edge, transports, claims)
 
 
 @contextlib.asynccontextmanager
@@ -1283,6 +1305,12 @@ async def run(
                         render=metrics.render,
                         readiness=readiness,
                         on_lost=functools.partial(supervisor_lost, stop),
+                        on_live=(
+                            functools.partial(running.hand_over, worker.slot)
+                            if running is not None
+                            else None
+                        ),
+                        on_adopt=running.edge.adopt if running is not None else None,
                     )
                 )
             else:

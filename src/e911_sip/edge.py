@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -198,6 +198,10 @@ class EdgeOptions:
     """Seconds between the log lines a drain writes about what it still waits for."""
 
 
+_ENDED_MEMORY = 4096
+"""Call-IDs of ended calls remembered, so a late hand-over does not bring one back."""
+
+
 class Edge:
     """Feeds transports into the proxy core and carries out what it asks for."""
 
@@ -260,6 +264,8 @@ class Edge:
         }
         self._emergency_dialogs: dict[str, float] = {}
         self._dialogs: dict[str, float] = {}
+        self._ended: dict[str, None] = {}
+        """Call-IDs whose BYE was answered lately (a bounded memory, oldest first)."""
         """Answered non-emergency calls whose BYE has not been seen, by Call-ID, oldest
         first (loop time answered): a drain keeps routing their BYE."""
         self._dialogs_forgotten = {
@@ -513,6 +519,13 @@ class Edge:
 
     def _on_recovered(self, event: Recovered) -> None:
         self._recovered[event.kind].inc()
+        if event.method != "BYE" and event.call_id not in self._ended:
+            # A call up that this process did not set up: its BYE now comes here, so a
+            # drain waits for it like for its own.
+            if event.emergency:
+                self._emergency_dialogs.setdefault(event.call_id, self._loop.time())
+            elif event.call_id not in self._dialogs:
+                self._add_dialog(event.call_id)
         self._recover_log.hit(
             event.kind,
             lambda: {"kind": event.kind, "emergency": event.emergency, "peer": str(event.source)},
@@ -552,6 +565,11 @@ class Edge:
         if event.method == "BYE":
             self._emergency_dialogs.pop(event.call_id, None)
             self._dialogs.pop(event.call_id, None)
+            # A hand-over of this call may still be on its way from the worker that had it.
+            ended = self._ended
+            ended[event.call_id] = None
+            if len(ended) > _ENDED_MEMORY:
+                del ended[next(iter(ended))]
             return
         if not event.emergency:
             if event.method == "INVITE" and 200 <= event.status < 300:
@@ -809,6 +827,38 @@ class Edge:
             "emergency_dialogs": len(self._emergency_dialogs),
             "dialogs": len(self._dialogs),
         }
+
+    def hand_over(
+        self, owner: Callable[[str], int], me: int
+    ) -> dict[int, list[tuple[str, bool, float]]]:
+        """Take out the answered calls whose messages now reach another worker (``owner`` of
+        their Call-ID is not ``me``): by that worker, the (Call-ID, emergency, answered at)
+        of each. Its drain, not this one, must wait for their BYE, which it now receives."""
+        out: dict[int, list[tuple[str, bool, float]]] = {}
+        for table, emergency in ((self._emergency_dialogs, True), (self._dialogs, False)):
+            for call_id, since in list(table.items()):
+                slot = owner(call_id)
+                if slot != me:
+                    del table[call_id]
+                    out.setdefault(slot, []).append((call_id, emergency, since))
+        return out
+
+    def adopt(self, dialogs: Iterable[tuple[str, bool, float]]) -> None:
+        """Take in answered calls another worker handed over (:meth:`hand_over`)."""
+        others = dict(self._dialogs)
+        for call_id, emergency, since in dialogs:
+            if call_id in self._ended:
+                continue  # its BYE reached this worker before the hand-over did
+            if emergency:
+                self._emergency_dialogs.setdefault(call_id, since)
+            else:
+                others.setdefault(call_id, since)
+        # Oldest first again (pruning stops at the first young entry), then to the bound.
+        ordered = sorted(others.items(), key=lambda item: item[1])
+        excess = max(0, len(ordered) - self._options.max_dialogs)
+        if excess:
+            self._dialogs_forgotten["capacity"].inc(excess)
+        self._dialogs = dict(ordered[excess:])
 
     def _add_dialog(self, call_id: str) -> None:
         dialogs = self._dialogs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -43,7 +44,7 @@ from e911_sip.metrics import (
 )
 from e911_sip.proxy.trust import TrustPolicy
 from e911_sip.sip.uri import parse_uri
-from e911_sip.transport.control import SupervisorSide
+from e911_sip.transport.control import ADOPT, LIVE, Dialogs, SupervisorSide
 from e911_sip.transport.dispatch import DROP_REASONS, Dispatcher, channel_pair
 from e911_sip.transport.udp import bind_udp
 
@@ -141,6 +142,26 @@ class Supervisor:
             ],
         )
         return policy.may_receive
+
+    def _announce_live(self) -> None:
+        """Tell every worker the live slots, so each hands the answered calls whose
+        Call-IDs moved to the worker that now receives them (and their BYE)."""
+        if self._dispatcher is None:
+            return
+        payload = json.dumps(list(self._dispatcher.live)).encode()
+        for slot in self._slots:
+            if slot.control is not None:
+                slot.control.send(LIVE, payload)
+
+    def _adopt(self, slot: int, dialogs: Dialogs) -> None:
+        """Pass answered calls a worker handed over to worker ``slot``, if it is live (one
+        that is not gets them from the others when it is: they still hold them)."""
+        if not dialogs or slot not in self.live:
+            return
+        control = self._slots[slot].control
+        if control is not None:
+            control.send(ADOPT, json.dumps(dialogs).encode())
+        log.info("answered calls handed over", extra={"worker": slot, "dialogs": len(dialogs)})
 
     def _on_drop(self, reason: str) -> None:
         self.metrics.dispatch_dropped.labels(reason).inc()
@@ -266,6 +287,7 @@ class Supervisor:
             theirs.close()
             control_theirs.close()
         control = SupervisorSide(control_ours)
+        control.on_handover = self._adopt
         slot.process, slot.control = process, control
         loop = asyncio.get_running_loop()
         reading = loop.create_task(control.run())
@@ -286,6 +308,7 @@ class Supervisor:
                     "worker receiving",
                     extra={"worker": slot.index, "pid": process.pid, "live": self.live},
                 )
+                self._announce_live()
             elif not exited.done():
                 log.error(
                     "worker did not start in time: killing it",
@@ -296,6 +319,7 @@ class Supervisor:
             return await exited
         finally:
             self._dispatcher.detach(slot.index)
+            self._announce_live()
             ours.close()
             if not exited.done():
                 with contextlib.suppress(ProcessLookupError):

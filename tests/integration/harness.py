@@ -1336,6 +1336,9 @@ class EdgeProcess:
             stderr=err,
             cwd=self.dir,
             env=self.env,
+            # Its own process group: what is left of it at the end of a test (workers still
+            # draining when the supervisor was killed) is stopped with it.
+            start_new_session=True,
         )
         last: list[str] = ["no answer"]
 
@@ -1363,9 +1366,12 @@ class EdgeProcess:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM by PID, wait up to ``timeout``, SIGKILL. Idempotent; output stays in files."""
+        """SIGTERM by PID, wait up to ``timeout``, SIGKILL; then SIGKILL to whatever of its
+        process group is left (workers). Idempotent; output stays in files."""
         if self._proc is not None:
             _stop_process(self._proc, timeout)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         self._output.close()
 
     def kill(self, timeout: float = 10.0) -> None:

@@ -330,3 +330,48 @@ def test_shutdown_keys(tmp_path: Path) -> None:
     path.write_text("[shutdown]\nmin_drain_time = -1\n")
     with pytest.raises(ConfigError, match=r"\[shutdown\] min_drain_time"):
         load(path, {})
+
+
+async def test_answered_calls_are_handed_to_the_worker_that_now_gets_their_bye() -> None:
+    # A worker that held another slot's Call-IDs while that worker restarted hands their
+    # answered calls over once it is back: that worker's drain receives (and waits for)
+    # their BYE; this one would wait for a BYE it never sees.
+    edge, transport, metrics = build()
+    emergency, ordinary = call(edge, transport, "911"), call(edge, transport, "5551234")
+    mine = call(edge, transport, "5551234")
+    moved = {emergency: 1, ordinary: 1}
+    handed = edge.hand_over(lambda call_id: moved.get(call_id, 0), 0)
+    assert sorted((c, e) for c, e, _ in handed[1]) == sorted([(emergency, True), (ordinary, False)])
+    assert edge.emergency_dialogs == 0 and dialogs(metrics, "other") == 1
+    other, other_transport, other_metrics = build()
+    other.adopt(handed[1])
+    assert other.emergency_dialogs == 1 and dialogs(other_metrics, "other") == 1
+    # The adopter finishes them like its own: the BYE ends the dialog it waits for.
+    hang_up(other, other_transport, emergency, "911")
+    assert other.emergency_dialogs == 0
+    hang_up(edge, transport, mine, "5551234")
+    assert dialogs(metrics, "other") == 0
+
+
+async def test_a_handed_over_call_whose_bye_came_first_is_not_adopted() -> None:
+    edge, transport, _ = build()
+    call_id = call(edge, transport, "911")
+    handed = edge.hand_over(lambda _call_id: 1, 0)
+    other, other_transport, _ = build()
+    # Its BYE reaches the new owner before the hand-over does (a call it never saw set up:
+    # the softswitch's BYE is routed from its Route all the same).
+    hang_up(other, other_transport, call_id, "911")
+    other.adopt(handed[1])
+    assert other.emergency_dialogs == 0
+
+
+async def test_adopted_dialogs_keep_the_age_order_and_the_bound() -> None:
+    edge, _, metrics = build(max_dialogs=2)
+    edge.adopt([("c", False, 30.0), ("a", False, 10.0), ("b", False, 20.0)])
+    assert dialogs(metrics, "other") == 2
+    forgotten = metrics.registry.get_sample_value(
+        "e911_sip_dialogs_forgotten_total", {"reason": "capacity"}
+    )
+    assert forgotten == 1
+    handed = edge.hand_over(lambda _call_id: 1, 0)
+    assert [c for c, _, _ in handed[1]] == ["b", "c"]  # the oldest went to the bound

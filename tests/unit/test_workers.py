@@ -4,6 +4,8 @@ merged /metrics (a dead worker's counters stay in the totals)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import socket
 from pathlib import Path
@@ -19,7 +21,7 @@ from e911_sip.metrics import (
     parse_exposition,
     render_families,
 )
-from e911_sip.transport.control import SupervisorSide, serve_worker_side
+from e911_sip.transport.control import ADOPT, LIVE, SupervisorSide, serve_worker_side
 from tests.integration.harness import metric_value
 
 REDIS = {"url": "redis://127.0.0.1:6379/0"}
@@ -191,3 +193,56 @@ def test_check_config_says_how_many_workers_and_needs_udp_with_several(
     )
     assert main(["check-config", "--config", str(bad)]) == 2
     assert "[sip] workers: more than one worker needs a udp listener" in (capsys.readouterr().err)
+
+
+async def test_control_channel_hands_answered_calls_over_through_the_supervisor() -> None:
+    loop = asyncio.get_running_loop()
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    held = {0: [("a@x", True, 5.0), ("b@x", False, 6.0)], 1: []}
+    adopted: dict[int, list[tuple[str, bool, float]]] = {0: [], 1: []}
+    lives: list[tuple[int, ...]] = []
+    got = asyncio.Event()
+
+    def on_live(me: int, live: tuple[int, ...]) -> dict[int, list[tuple[str, bool, float]]]:
+        lives.append(live)
+        out = {1: held[me]} if me == 0 and held[me] else {}
+        held[me] = []
+        return out
+
+    def on_adopt(me: int, dialogs: list[tuple[str, bool, float]]) -> None:
+        adopted[me].extend(dialogs)
+        got.set()
+
+    workers = [
+        loop.create_task(
+            serve_worker_side(
+                theirs,
+                render=lambda: b"",
+                readiness=lambda: (True, {}),
+                on_lost=lambda: None,
+                check_interval=0.01,
+                on_live=functools.partial(on_live, n),
+                on_adopt=functools.partial(on_adopt, n),
+            )
+        )
+        for n, (_, theirs) in enumerate(pairs)
+    ]
+    sides = [SupervisorSide(ours) for ours, _ in pairs]
+    # What the supervisor does: a hand-over to slot N goes to worker N as an adoption.
+    for side in sides:
+        side.on_handover = lambda slot, dialogs: sides[slot].send(
+            ADOPT, json.dumps(dialogs).encode()
+        )
+    readers = [loop.create_task(side.run()) for side in sides]
+    try:
+        async with asyncio.timeout(10):
+            for side in sides:
+                await side.reported.wait()
+            for side in sides:
+                side.send(LIVE, b"[0, 1]")
+            await got.wait()
+        assert adopted == {0: [], 1: [("a@x", True, 5.0), ("b@x", False, 6.0)]}
+        assert lives == [(0, 1), (0, 1)]
+    finally:
+        for task in (*workers, *readers):
+            task.cancel()

@@ -312,8 +312,11 @@ class Recovered:
 
     kind: str
     emergency: bool
-    """True for an emergency dialog (always False for ``late_2xx``: nothing says)."""
+    """True for an emergency dialog, as the stamp of our Record-Route says."""
     source: Peer
+    call_id: str
+    method: str
+    """The trunk's request (``trunk_dialog``), or ``INVITE`` (``late_2xx``)."""
 
 
 @dataclass(slots=True)
@@ -1037,7 +1040,9 @@ class ProxyCore:
         if emergency is None:
             return False
         self._trunk_dialogs.add(request.call_id, source.host, now, emergency=emergency)
-        self._events.append(Recovered("trunk_dialog", emergency, source))
+        self._events.append(
+            Recovered("trunk_dialog", emergency, source, request.call_id, request.method)
+        )
         return True
 
     def _admit_untrusted(self, request: Request, source: Peer, now: float) -> Request | None:
@@ -1491,7 +1496,13 @@ class ProxyCore:
             return False
         if any(peer.host == local.host and peer.port == local.port for local in self._locals):
             return False  # to ourselves: a replayed stack of our own Vias, not a caller
-        self._events.append(Recovered("late_2xx", False, source))
+        emergency = False
+        for value in response.values("record-route"):
+            stamp = route_stamp(value)
+            if stamp is not None:
+                emergency = self._branches.check_dialog_stamp(response.call_id, stamp) is True
+                break
+        self._events.append(Recovered("late_2xx", emergency, source, response.call_id, "INVITE"))
         self._outbox.append(Outgoing(response.pop_top_via().to_bytes(), peer))
         return True
 

@@ -448,6 +448,11 @@ class ClaimingSink:
         """Passed on unchanged."""
         self.sink.delivery_failed(branch, peer, reason)
 
+    def claimed(self, call_id: bytes) -> bool:
+        """True while this sink remembers claiming ``call_id`` (its call came on a stream,
+        so the dispatcher sends its UDP messages here whatever the hash says)."""
+        return call_id in self._claimed
+
 
 class WorkerStreamTransport(TcpTransport):
     """A worker's TCP or TLS transport: serves the supervisor's listening socket

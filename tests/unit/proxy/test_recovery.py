@@ -29,6 +29,8 @@ from tests.unit.proxy.test_trust import OUTSIDER, TRUSTED, reasons
 pytestmark = pytest.mark.usefixtures("core_paths")
 
 KEY = b"the workers' shared dialog key, 32+ bytes"
+CALL = "call-1@192.0.2.10"
+"""The Call-ID of every call here (test_core's ``invite``)."""
 
 
 def core(key: bytes | None = KEY) -> Harness:
@@ -67,7 +69,7 @@ def test_the_trunk_hangs_up_a_call_another_worker_answered() -> None:
     sent = only(SOFTSWITCH, second.feed(trunk_bye(ok), TRUNK1))
     assert isinstance(sent, Request) and sent.method == "BYE"
     assert not sent.has("route")  # our entry popped; the softswitch is the target
-    assert second.event(Recovered) == [Recovered("trunk_dialog", True, TRUNK1)]
+    assert second.event(Recovered) == [Recovered("trunk_dialog", True, TRUNK1, CALL, "BYE")]
     assert reasons(second) == []
     # Remembered again: the next request in the dialog takes the table, not the stamp.
     again = trunk_bye(ok).replace(b"z9hG4bKpsapbye", b"z9hG4bKpsapbye2")
@@ -85,7 +87,7 @@ def test_a_non_emergency_dialog_is_restored_as_one() -> None:
     default_trunk = Peer("udp", "203.0.113.5", 5060)
     bye = trunk_bye(ok).replace(b"198.51.100.1:5060;branch", b"203.0.113.5:5060;branch")
     assert to(SOFTSWITCH, second.feed(bye, default_trunk))
-    assert second.event(Recovered) == [Recovered("trunk_dialog", False, default_trunk)]
+    assert second.event(Recovered) == [Recovered("trunk_dialog", False, default_trunk, CALL, "BYE")]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +126,8 @@ def test_a_2xx_to_an_invite_another_worker_sent_still_reaches_the_caller() -> No
     assert isinstance(relayed, Response) and relayed.status == 200
     assert [v.branch for v in relayed.vias] == ["z9hG4bKuac1"]  # our Via popped
     assert relayed.get("record-route") == parse(ok).get("record-route")
-    assert second.event(Recovered) == [Recovered("late_2xx", False, TRUNK1)]
+    # The stamp in the 2xx's Record-Route says it is an emergency call.
+    assert second.event(Recovered) == [Recovered("late_2xx", True, TRUNK1, CALL, "INVITE")]
     assert second.core.transactions_in_flight == 0  # nothing kept
     # The caller's ACK follows the Record-Route through us to the trunk's Contact.
     ack = (
@@ -147,7 +150,7 @@ def test_late_2xx_retransmissions_are_relayed_after_the_transaction_is_gone() ->
     h.advance(64.0)  # Timer M: the client transaction is gone
     assert h.core.transactions_in_flight == 0
     assert to(SOFTSWITCH, h.feed(ok, TRUNK1))
-    assert h.event(Recovered) == [Recovered("late_2xx", False, TRUNK1)]
+    assert h.event(Recovered) == [Recovered("late_2xx", True, TRUNK1, CALL, "INVITE")]
 
 
 @pytest.mark.parametrize(
