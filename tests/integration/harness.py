@@ -333,13 +333,13 @@ class RedisServer:
         port: int | None = None,
         appendonly: bool = False,
         unix_socket: bool = False,
-        tls: bool = False,
+        tls: bool | trustme.CA = False,
     ) -> None:
         """``unix_socket``: listen on a Unix socket too (:attr:`unix_url`), in a directory of
         its own under the system's temp dir, where its path stays within the 107 bytes a
-        socket address may have. ``tls``: serve TLS only, with a certificate for 127.0.0.1
-        from a CA of its own (:attr:`ca_file`); :attr:`url` is then a ``rediss://`` URL
-        that trusts it."""
+        socket address may have. ``tls``: serve TLS only (replication too), with a certificate
+        for 127.0.0.1 from a CA of its own, or from the CA given (:attr:`ca_file`);
+        :attr:`url` is then a ``rediss://`` URL that trusts it."""
         self.binary = shutil.which("redis-server")
         self.socket_dir = Path(tempfile.mkdtemp(prefix="e911-redis-")) if unix_socket else None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +355,7 @@ class RedisServer:
         self.ca_file: Path | None = None
         self._pems: tuple[Path, Path] | None = None
         if tls:
-            ca = trustme.CA()
+            ca = tls if isinstance(tls, trustme.CA) else trustme.CA()
             self.ca_file = write_ca(ca, self.dir / "ca.pem")
             pair = issue(ca, self.dir, "redis", LOOPBACK)
             self._pems = (pair.cert, pair.key)
@@ -394,6 +394,7 @@ class RedisServer:
                             f'tls-key-file "{self._pems[1]}"',
                             f'tls-ca-cert-file "{self.ca_file}"',
                             "tls-auth-clients no",
+                            "tls-replication yes",
                         ]
                         if self._pems is not None
                         else [f"port {self.port}"]

@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+import trustme
 
 from e911_sip.store.base import LocationRecord, StoreError
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore, connect
 from e911_sip.store.sentinel import ReplicationLag, master_changes
+from tests.certs import write_ca
 from tests.integration.conftest import require_tool
 from tests.integration.harness import (
     LOOPBACK,
@@ -53,8 +55,8 @@ BOUND = 30.0
 class Replica(RedisServer):
     """A redis-server that starts as a replica of ``master_port``."""
 
-    def __init__(self, workdir: Path, master_port: int) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, master_port: int, tls: trustme.CA | None = None) -> None:
+        super().__init__(workdir, tls=tls or False)
         self.master_port = master_port
 
     def _write_config(self) -> None:
@@ -68,17 +70,30 @@ class SentinelProcess(RedisServer):
 
     kind = "sentinel"
 
-    def __init__(self, workdir: Path, master_port: int) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, master_port: int, tls: trustme.CA | None = None) -> None:
+        super().__init__(workdir, tls=tls or False)
         self.master_port = master_port
 
     def _write_config(self) -> None:
         # Sentinel rewrites its file as it learns: it must be its own and writable.
+        if self._pems is not None:
+            # TLS to clients, and to the master and replicas it watches.
+            listen = [
+                "port 0",
+                f"tls-port {self.port}",
+                f'tls-cert-file "{self._pems[0]}"',
+                f'tls-key-file "{self._pems[1]}"',
+                f'tls-ca-cert-file "{self.ca_file}"',
+                "tls-auth-clients no",
+                "tls-replication yes",
+            ]
+        else:
+            listen = [f"port {self.port}"]
         self.config_path.write_text(
             "\n".join(
                 [
                     f"bind {LOOPBACK}",
-                    f"port {self.port}",
+                    *listen,
                     "daemonize no",
                     f'dir "{self.dir}"',
                     f'logfile "{self.log_path}"',
@@ -97,7 +112,12 @@ class SentinelProcess(RedisServer):
 
     def client(self) -> redis.Redis:
         """A client of its own (closed by the caller, not by ``stop()``)."""
-        return redis.Redis(host=LOOPBACK, port=self.port, decode_responses=True, socket_timeout=2.0)
+        tls: dict[str, Any] = (
+            {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file is not None else {}
+        )
+        return redis.Redis(
+            host=LOOPBACK, port=self.port, decode_responses=True, socket_timeout=2.0, **tls
+        )
 
     def master(self) -> dict[str, Any]:
         with self.client() as client:
@@ -108,9 +128,12 @@ class SentinelProcess(RedisServer):
 class SentinelCluster:
     """A master, two replicas of it and three sentinels watching it as ``e911``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.workdir = workdir
-        self.master = RedisServer(workdir / "master")
+        self.ca = trustme.CA() if tls else None
+        """With ``tls``, the CA of every server and sentinel, which serve TLS only."""
+        self.ca_file = write_ca(self.ca, workdir / "cluster-ca.pem") if self.ca else None
+        self.master = RedisServer(workdir / "master", tls=self.ca or False)
         self.replicas: list[Replica] = []
         self.sentinels: list[SentinelProcess] = []
         self._clients: dict[int, redis.Redis] = {}
@@ -123,10 +146,14 @@ class SentinelCluster:
 
     def start(self) -> None:
         self.master.start()
-        self.replicas = [Replica(self.workdir / f"replica{i}", self.master.port) for i in (1, 2)]
+        self.replicas = [
+            Replica(self.workdir / f"replica{i}", self.master.port, self.ca) for i in (1, 2)
+        ]
         for replica in self.replicas:
             replica.start()
-        self.sentinels = [SentinelProcess(self.workdir, self.master.port) for _ in range(3)]
+        self.sentinels = [
+            SentinelProcess(self.workdir, self.master.port, self.ca) for _ in range(3)
+        ]
         for sentinel in self.sentinels:
             sentinel.start()
         # A failover needs a majority of sentinels that know each other (hello messages
@@ -148,8 +175,12 @@ class SentinelCluster:
 
     def url(self, db: int = 0, **query: str) -> str:
         hosts = ",".join(f"{LOOPBACK}:{s.port}" for s in self.sentinels)
+        scheme = "redis+sentinel"
+        if self.ca_file is not None:
+            scheme = "rediss+sentinel"
+            query = {**query, "ssl_ca_certs": str(self.ca_file)}
         text = "&".join(f"{k}={v}" for k, v in query.items())
-        return f"redis+sentinel://{hosts}/{SERVICE}/{db}" + (f"?{text}" if text else "")
+        return f"{scheme}://{hosts}/{SERVICE}/{db}" + (f"?{text}" if text else "")
 
     def master_port(self) -> int:
         """The master's port as the first sentinel that answers names it."""
@@ -212,9 +243,11 @@ class SentinelCluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SentinelCluster]:
+    """The cluster; ``@pytest.mark.parametrize("cluster", [...], indirect=True)`` with True
+    makes it speak TLS only."""
     require_tool("redis-server")
-    cluster = SentinelCluster(tmp_path)
+    cluster = SentinelCluster(tmp_path, tls=bool(getattr(request, "param", False)))
     try:
         cluster.start()
         yield cluster
@@ -270,6 +303,7 @@ def line(i: int) -> str:
     return f"321{4000000 + i:07d}"
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["tcp", "tls"], indirect=True)
 async def test_store_mirror_and_writes_follow_a_failover(cluster: SentinelCluster) -> None:
     url = cluster.url(min_replicas_ack="1", replica_ack_timeout="2")
     changes_before = master_changes()
