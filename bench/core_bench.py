@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from e911_sip.app import tune_gc
@@ -157,9 +158,13 @@ def run(calls: int) -> float:
 _TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
 
 
-def callgrind_instructions(calls: int, workdir: Path) -> tuple[int, float]:
-    """(instructions executed, wall seconds) of this script with ``calls`` calls under
-    callgrind."""
+def callgrind_instructions(
+    calls: int, workdir: Path, *, script: Path | None = None, extra: Sequence[str] = ()
+) -> tuple[int, float]:
+    """(instructions executed, wall seconds) of ``script`` (this one by default, or another
+    bench with the same ``--warmup`` and ``--calls`` options, given ``extra`` arguments)
+    with ``calls`` calls under callgrind. The interpreter is ``sys.executable``, the binary
+    itself even when started through a pyenv shim (a script valgrind would follow)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
@@ -169,9 +174,10 @@ def callgrind_instructions(calls: int, workdir: Path) -> tuple[int, float]:
         "--tool=callgrind",
         f"--callgrind-out-file={out}",
         sys.executable,
-        str(Path(__file__).resolve()),
+        str((script or Path(__file__)).resolve()),
         "--warmup",
         "0",
+        *extra,
         "--calls",
         str(calls),
     ]
@@ -188,17 +194,26 @@ def callgrind_instructions(calls: int, workdir: Path) -> tuple[int, float]:
     return int(match.group(1)), wall
 
 
-def run_callgrind(counts: list[int]) -> None:
-    """Instructions per call from two callgrind runs with different numbers of calls."""
+def run_callgrind(
+    counts: list[int],
+    *,
+    script: Path | None = None,
+    extra: Sequence[str] = (),
+    what: str = "core + enrichment, no I/O",
+) -> None:
+    """Instructions per call from two callgrind runs with different numbers of calls (of
+    this bench, or of ``script`` with ``extra`` arguments, measuring ``what``)."""
     low, high = counts
-    with tempfile.TemporaryDirectory(prefix="core-bench-callgrind-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         totals = {}
         for calls in (low, high):
-            totals[calls], wall = callgrind_instructions(calls, Path(tmp))
+            totals[calls], wall = callgrind_instructions(
+                calls, Path(tmp), script=script, extra=extra
+            )
             print(f"{calls} calls: {totals[calls]:,} instructions ({wall:.0f} s under callgrind)")
     per_call = (totals[high] - totals[low]) / (high - low)
     print(
-        f"{per_call:,.0f} instructions per emergency call (core + enrichment, no I/O; "
+        f"{per_call:,.0f} instructions per emergency call ({what}; "
         f"difference of the {high}- and {low}-call runs)"
     )
 

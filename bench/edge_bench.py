@@ -33,22 +33,25 @@ import logging
 import os
 import pstats
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-from e911_sip import app, logs
-from e911_sip.callrecords.stream import LocalHandoff
-from e911_sip.config import from_mapping
-from e911_sip.metrics import Metrics
-from e911_sip.store.base import LocationRecord
-from e911_sip.store.memory import MemoryStore
-from e911_sip.transport.udp import UdpTransport
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.core_bench import answer, run_callgrind  # noqa: E402
+
+from e911_sip import app, logs  # noqa: E402
+from e911_sip.callrecords.stream import LocalHandoff  # noqa: E402
+from e911_sip.config import from_mapping  # noqa: E402
+from e911_sip.metrics import Metrics  # noqa: E402
+from e911_sip.store.base import LocationRecord  # noqa: E402
+from e911_sip.store.memory import MemoryStore  # noqa: E402
+from e911_sip.transport.udp import UdpTransport  # noqa: E402
 
 EDGE = ("127.0.0.1", 5070)
 UAC = ("127.0.0.1", 5060)
@@ -61,9 +64,6 @@ CALL_STEP = 0.005
 """Virtual seconds between two calls: 200 calls/s, ``bench/edge_profile.py``'s default rate,
 so the timed tasks (linger of the record and notification writers, load monitor) batch as
 they would there."""
-PYTHON = "/root/.pyenv/versions/3.11.7/bin/python"
-"""The interpreter itself, not the pyenv shim (a shell script valgrind would follow into
-bash)."""
 
 SDP = (
     b"v=0\r\no=- 659841 659841 IN IP4 127.0.0.1\r\ns=Talk\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -102,29 +102,6 @@ def in_dialog(method: str, n: int, line: str, cseq: int) -> bytes:
         f"CSeq: {cseq} {method}\r\n"
         "Content-Length: 0\r\n\r\n"
     ).encode()
-
-
-_HEADER = re.compile(rb"^(Via|From|To|Call-ID|CSeq|Record-Route): (.*)$", re.M)
-
-
-def answer(request: bytes, status: int, reason: str) -> bytes:
-    """The trunk's answer, Vias copied as SIPp's [last_Via:] does (one regex pass: the bench's
-    own work stays small next to the edge's)."""
-    head = request[: request.index(b"\r\n\r\n")]
-    vias: list[bytes] = []
-    lines = [f"SIP/2.0 {status} {reason}".encode()]
-    for name, value in _HEADER.findall(head):
-        value = value.rstrip(b"\r")
-        if name == b"Via":
-            vias.append(value)
-        elif name == b"To" and status != 100 and b";tag=" not in value:
-            lines.append(b"To: " + value + b";tag=uas1")
-        else:
-            lines.append(name + b": " + value)
-    lines.insert(1, b"Via: " + b", ".join(vias))
-    lines.append(b"Contact: <sip:127.0.0.1:5080>")
-    lines.append(b"Content-Length: 0")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 class FakeSocket:
@@ -354,53 +331,6 @@ async def measure(args: argparse.Namespace) -> None:
 _TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
 
 
-def callgrind_instructions(calls: int, lines: int, workdir: Path) -> tuple[int, float]:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
-    python = PYTHON if Path(PYTHON).exists() else sys.executable
-    out = workdir / f"callgrind.out.{calls}"
-    command = [
-        valgrind,
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        python,
-        str(Path(__file__).resolve()),
-        "--warmup",
-        "0",
-        "--quiet",
-        "--lines",
-        str(lines),
-        "--calls",
-        str(calls),
-    ]
-    # A fixed hash seed: dict and set layouts, hence the instructions, repeat run to run.
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    started = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    wall = time.monotonic() - started
-    if done.returncode != 0:
-        raise SystemExit(f"callgrind run with {calls} calls failed:\n{done.stderr[-3000:]}")
-    match = _TOTAL.search(out.read_text())
-    if match is None:
-        raise SystemExit(f"no instruction total in {out}")
-    return int(match.group(1)), wall
-
-
-def run_callgrind(counts: list[int], lines: int) -> None:
-    low, high = counts
-    with tempfile.TemporaryDirectory(prefix="edge-bench-callgrind-") as tmp:
-        totals = {}
-        for calls in (low, high):
-            totals[calls], wall = callgrind_instructions(calls, lines, Path(tmp))
-            print(f"{calls} calls: {totals[calls]:,} instructions ({wall:.0f} s under callgrind)")
-    per_call = (totals[high] - totals[low]) / (high - low)
-    print(
-        f"{per_call:,.0f} instructions per emergency call (edge process, no sockets; "
-        f"difference of the {high}- and {low}-call runs)"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=3000)
@@ -431,7 +361,12 @@ def main() -> None:
             parser.error("--callgrind-calls: two different positive call counts")
         if any(count % TIMER_EVERY for count in counts):
             parser.error(f"--callgrind-calls: multiples of {TIMER_EVERY}")
-        run_callgrind(counts, args.lines)
+        run_callgrind(
+            counts,
+            script=Path(__file__),
+            extra=["--quiet", "--lines", str(args.lines)],
+            what="edge process, no sockets",
+        )
         return
     asyncio.run(measure(args))
 
