@@ -218,12 +218,8 @@ def run_callgrind(
     )
 
 
-def main() -> None:
-    tune_gc()  # as the running edge does
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=5000)
-    parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--profile", action="store_true")
+def add_callgrind_options(parser: argparse.ArgumentParser) -> None:
+    """``--callgrind`` and ``--callgrind-calls``, as every bench measured this way has them."""
     parser.add_argument(
         "--callgrind",
         action="store_true",
@@ -234,16 +230,33 @@ def main() -> None:
         default="200,400",
         help=f"the two call counts of --callgrind, multiples of {TIMER_EVERY} (default 200,400)",
     )
+
+
+def callgrind_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int] | None:
+    """The two call counts ``--callgrind`` asks for, checked; None without ``--callgrind``."""
+    if not args.callgrind:
+        return None
+    try:
+        counts = sorted(int(part) for part in args.callgrind_calls.split(","))
+    except ValueError:
+        parser.error("--callgrind-calls: two integers separated by a comma")
+    if len(counts) != 2 or counts[0] <= 0 or counts[0] == counts[1]:
+        parser.error("--callgrind-calls: two different positive call counts")
+    if any(count % TIMER_EVERY for count in counts):
+        parser.error(f"--callgrind-calls: multiples of {TIMER_EVERY}")
+    return counts
+
+
+def main() -> None:
+    tune_gc()  # as the running edge does
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--profile", action="store_true")
+    add_callgrind_options(parser)
     args = parser.parse_args()
-    if args.callgrind:
-        try:
-            counts = sorted(int(part) for part in args.callgrind_calls.split(","))
-        except ValueError:
-            parser.error("--callgrind-calls: two integers separated by a comma")
-        if len(counts) != 2 or counts[0] <= 0 or counts[0] == counts[1]:
-            parser.error("--callgrind-calls: two different positive call counts")
-        if any(count % TIMER_EVERY for count in counts):
-            parser.error(f"--callgrind-calls: multiples of {TIMER_EVERY}")
+    counts = callgrind_counts(parser, args)
+    if counts is not None:
         run_callgrind(counts)
         return
     if args.profile:

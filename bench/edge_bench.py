@@ -32,7 +32,6 @@ import cProfile
 import logging
 import os
 import pstats
-import re
 import sys
 import time
 from collections import deque
@@ -43,7 +42,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.core_bench import answer, run_callgrind  # noqa: E402
+from bench.core_bench import (  # noqa: E402
+    add_callgrind_options,
+    answer,
+    callgrind_counts,
+    run_callgrind,
+)
 
 from e911_sip import app, logs  # noqa: E402
 from e911_sip.callrecords.stream import LocalHandoff  # noqa: E402
@@ -328,9 +332,6 @@ async def measure(args: argparse.Namespace) -> None:
         )
 
 
-_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=3000)
@@ -339,28 +340,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", help="with --profile: also write the pstats here")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--callgrind",
-        action="store_true",
-        help="instructions per call from two runs under valgrind's callgrind",
-    )
-    parser.add_argument(
-        "--callgrind-calls",
-        default="200,400",
-        help=f"the two call counts of --callgrind, multiples of {TIMER_EVERY} (default 200,400)",
-    )
+    add_callgrind_options(parser)
     args = parser.parse_args()
     if args.lines < 1:
         parser.error("--lines: at least 1")
-    if args.callgrind:
-        try:
-            counts = sorted(int(part) for part in args.callgrind_calls.split(","))
-        except ValueError:
-            parser.error("--callgrind-calls: two integers separated by a comma")
-        if len(counts) != 2 or counts[0] <= 0 or counts[0] == counts[1]:
-            parser.error("--callgrind-calls: two different positive call counts")
-        if any(count % TIMER_EVERY for count in counts):
-            parser.error(f"--callgrind-calls: multiples of {TIMER_EVERY}")
+    counts = callgrind_counts(parser, args)
+    if counts is not None:
         run_callgrind(
             counts,
             script=Path(__file__),

@@ -386,19 +386,7 @@ class RedisServer:
             "\n".join(
                 [
                     f"bind {LOOPBACK}",
-                    *(
-                        [
-                            "port 0",
-                            f"tls-port {self.port}",
-                            f'tls-cert-file "{self._pems[0]}"',
-                            f'tls-key-file "{self._pems[1]}"',
-                            f'tls-ca-cert-file "{self.ca_file}"',
-                            "tls-auth-clients no",
-                            "tls-replication yes",
-                        ]
-                        if self._pems is not None
-                        else [f"port {self.port}"]
-                    ),
+                    *self._listen_lines(),
                     "protected-mode yes",
                     "daemonize no",
                     f'dir "{self.dir}"',
@@ -416,6 +404,20 @@ class RedisServer:
             ),
             encoding="utf-8",
         )
+
+    def _listen_lines(self) -> list[str]:
+        """The configuration lines for the port: plain, or TLS only (replication too)."""
+        if self._pems is None:
+            return [f"port {self.port}"]
+        return [
+            "port 0",
+            f"tls-port {self.port}",
+            f'tls-cert-file "{self._pems[0]}"',
+            f'tls-key-file "{self._pems[1]}"',
+            f'tls-ca-cert-file "{self.ca_file}"',
+            "tls-auth-clients no",
+            "tls-replication yes",
+        ]
 
     def _command(self, binary: str) -> list[str]:
         return [binary, str(self.config_path)]

@@ -76,24 +76,12 @@ class SentinelProcess(RedisServer):
 
     def _write_config(self) -> None:
         # Sentinel rewrites its file as it learns: it must be its own and writable.
-        if self._pems is not None:
-            # TLS to clients, and to the master and replicas it watches.
-            listen = [
-                "port 0",
-                f"tls-port {self.port}",
-                f'tls-cert-file "{self._pems[0]}"',
-                f'tls-key-file "{self._pems[1]}"',
-                f'tls-ca-cert-file "{self.ca_file}"',
-                "tls-auth-clients no",
-                "tls-replication yes",
-            ]
-        else:
-            listen = [f"port {self.port}"]
+        # With TLS, to clients and to the master and replicas it watches.
         self.config_path.write_text(
             "\n".join(
                 [
                     f"bind {LOOPBACK}",
-                    *listen,
+                    *self._listen_lines(),
                     "daemonize no",
                     f'dir "{self.dir}"',
                     f'logfile "{self.log_path}"',
