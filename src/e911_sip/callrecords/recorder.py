@@ -12,6 +12,7 @@ and logged (rate-limited) with its Call-ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -266,6 +267,9 @@ def _resolve(waiter: asyncio.Future[None] | None) -> None:
 
 
 async def _linger(seconds: float, stop: asyncio.Event) -> None:
-    """Wait ``seconds`` unless stopping (what is queued is then written at once)."""
+    """Wait ``seconds``, or until ``stop`` (what is queued is then written at once): a
+    shutdown does not wait out a linger. Once per batch, so its waiter costs nothing."""
     if seconds > 0 and not stop.is_set():
-        await asyncio.sleep(seconds)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stop.wait()
