@@ -264,10 +264,10 @@ class Edge:
         }
         self._emergency_dialogs: dict[str, float] = {}
         self._dialogs: dict[str, float] = {}
-        self._ended: dict[str, None] = {}
-        """Call-IDs whose BYE was answered lately (a bounded memory, oldest first)."""
         """Answered non-emergency calls whose BYE has not been seen, by Call-ID, oldest
         first (loop time answered): a drain keeps routing their BYE."""
+        self._ended: dict[str, None] = {}
+        """Call-IDs whose BYE was answered lately (a bounded memory, oldest first)."""
         self._dialogs_forgotten = {
             reason: metrics.dialogs_forgotten.labels(reason) for reason in ("max_age", "capacity")
         }

@@ -63,7 +63,7 @@ from enum import Enum, StrEnum
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
-    DIALOG_STAMP_PARAM,
+    STAMP_MARK,
     BranchFactory,
     LocalAddress,
     Tokens,
@@ -200,10 +200,6 @@ class ProxyOptions:
     absorbs, an in-dialog request whose top Route is the one we recorded, a response to one
     of our branches. False sends every message through the general handling. Both give the
     same result (the core's tests run each of them); the switch is there to prove it."""
-
-
-_STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
-"""Where a dialog stamp starts in a Route value written from our Record-Route."""
 
 
 # -- events for the owner ----------------------------------------------------------------
@@ -505,10 +501,10 @@ _COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLI
 """Branches whose final response may still decide the context's (not abandoned, not done)."""
 _CANCEL_SENT = frozenset({_B.CANCELLING, _B.ABANDONED_CANCELLING})
 _OPEN = frozenset({_C.PROXYING, _C.AWAITING_OWNER})
+"""Contexts neither cancelled nor finished: provisionals go upstream, failover may happen."""
 _REPORTED = frozenset({Route.EMERGENCY, Route.DEFAULT, Route.ROUTE_SET})
 """Routes of the initial requests whose final response is reported (:class:`CallCompleted`):
 every call the owner may wait for in a drain, a preloaded route set's included."""
-"""Contexts neither cancelled nor finished: provisionals go upstream, failover may happen."""
 
 
 class _Branch:
@@ -1010,7 +1006,7 @@ class ProxyCore:
             if routes is None:
                 return request
             first = routes.split(",", 1)[0].strip()
-            stamp = first.find(_STAMP_MARK)
+            stamp = first.find(STAMP_MARK)
             if stamp > 0:
                 first = first[:stamp] + ">"
             if first in self._own_routes:

@@ -23,6 +23,8 @@ DEFAULT_MAX_FORWARDS = 70
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 DIALOG_STAMP_PARAM = "dlg"
 """The Record-Route URI parameter that carries a dialog's stamp."""
+STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
+"""Where a dialog stamp starts in a Record-Route or Route value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ class LocalAddress:
         """Our Record-Route value for this transport, always loose (``;lr``), with the
         dialog's stamp (:meth:`BranchFactory.dialog_stamp`) when given."""
         transport = "" if self.transport == "udp" else f";transport={self.transport}"
-        tail = "" if stamp is None else f";{DIALOG_STAMP_PARAM}={stamp}"
+        tail = "" if stamp is None else f"{STAMP_MARK}{stamp}"
         return f"<sip:{self.hostport}{transport};lr{tail}>"
 
 
@@ -250,10 +252,10 @@ def add_record_route(
 
 def route_stamp(route: str) -> str | None:
     """The dialog stamp in one Route value written from our Record-Route, if any."""
-    start = route.find(f";{DIALOG_STAMP_PARAM}=")
+    start = route.find(STAMP_MARK)
     if start < 0:
         return None
-    start += len(DIALOG_STAMP_PARAM) + 2
+    start += len(STAMP_MARK)
     end = start
     while end < len(route) and route[end] not in ";>":
         end += 1
