@@ -12,7 +12,6 @@ and logged (rate-limited) with its Call-ID.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -185,11 +184,22 @@ class CallRecorder:
             while not stop.is_set():
                 self._wake = None
                 self._guarded(lambda: self._book.expire(self._wall()))
-                if self._queue and pause == 0.0 and len(self._queue) < options.batch_size:
+                if (
+                    self._queue
+                    and pause == 0.0
+                    and len(self._queue) < options.batch_size
+                    and options.linger > 0
+                ):
                     # The write's own cost (a pipeline, a round trip) is the same for one
                     # record as for a hundred: let the calls of the next few milliseconds
-                    # join it.
-                    await _linger(options.linger, stop)
+                    # join it. Only the timer or the stop ends the wait.
+                    waiter = loop.create_future()
+                    timer = loop.call_later(options.linger, _resolve, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        waiter = None
                 if self._queue:
                     if await self._write_batch():
                         pause = 0.0
@@ -264,12 +274,3 @@ class CallRecorder:
 def _resolve(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
-
-
-async def _linger(seconds: float, stop: asyncio.Event) -> None:
-    """Wait ``seconds``, or until ``stop`` (what is queued is then written at once): a
-    shutdown does not wait out a linger. Once per batch, so its waiter costs nothing."""
-    if seconds > 0 and not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stop.wait()
