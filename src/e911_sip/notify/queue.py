@@ -54,6 +54,11 @@ class Queue(Protocol):
         """Remove a taken item for good. Raises QueueError."""
         ...
 
+    async def done_many(self, entries: Sequence[str]) -> None:
+        """Remove taken items for good, in one round trip (one journal write). Raises
+        QueueError; the caller then tries them all again (removing one twice is harmless)."""
+        ...
+
     async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
         """Move a taken item to the dead-letter list. Raises QueueError."""
         ...
@@ -197,9 +202,16 @@ class FileQueue:
         return [(entry, self._items[entry]) for entry in ready if entry in self._items]
 
     async def done(self, entry: str) -> None:
-        if self._items.pop(entry, None) is None:
+        await self.done_many((entry,))
+
+    async def done_many(self, entries: Sequence[str]) -> None:
+        live = [entry for entry in entries if entry in self._items]
+        if not live:
             return
-        self._append({"done": entry})
+        # Journaled before forgotten: a failed write leaves them live, to be retried.
+        self._append_all([{"done": entry} for entry in live])
+        for entry in live:
+            self._items.pop(entry, None)
         self._maybe_compact()
 
     async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
@@ -232,8 +244,8 @@ class RedisStreamQueue:
 
     ``put`` is ``XADD``; ``take`` first returns this consumer's pending entries (taken before
     a restart and never acknowledged), then new ones (``XREADGROUP ... >``); ``done`` is
-    ``XACK`` plus ``XDEL``; ``dead`` pushes to the list and acknowledges, in one
-    ``MULTI``.
+    ``XACK`` plus ``XDEL`` in one ``MULTI`` (``done_many``: of every entry given, in one);
+    ``dead`` pushes to the list and acknowledges, in one ``MULTI``.
     """
 
     def __init__(
@@ -336,10 +348,15 @@ class RedisStreamQueue:
         return out, last
 
     async def done(self, entry: str) -> None:
+        await self.done_many((entry,))
+
+    async def done_many(self, entries: Sequence[str]) -> None:
+        if not entries:
+            return
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self._stream, self._group, entry)
-                pipe.xdel(self._stream, entry)
+                pipe.xack(self._stream, self._group, *entries)
+                pipe.xdel(self._stream, *entries)
                 await pipe.execute()
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
