@@ -261,6 +261,32 @@ async def test_the_redis_queue_stores_a_batch_in_order_and_reports_a_refused_one
     await queue.close()
 
 
+async def test_the_redis_queue_acknowledges_a_batch_in_one_go(
+    redis_server: RedisServer,
+) -> None:
+    def open_queue() -> RedisStreamQueue:
+        return RedisStreamQueue.from_url(
+            redis_server.url, stream="a:events", dead_list="a:dead", consumer="box1"
+        )
+
+    first = open_queue()
+    await first.put_many([{"n": n} for n in range(6)])
+    taken = await first.take(0.5)
+    await first.done_many([entry for entry, item in taken if item["n"] % 2 == 0])
+    await first.done_many([taken[0][0]])  # again: harmless
+    await first.done_many([])
+    assert await first.depth() == 3
+    await first.close()  # a restart with the odd ones taken and unfinished
+
+    second = open_queue()
+    again = await second.take(0.5)
+    assert [item["n"] for _, item in again] == [1, 3, 5]
+    await second.done_many([entry for entry, _ in again])
+    assert await second.depth() == 0
+    assert redis_server.client().xpending("a:events", "notifier")["pending"] == 0
+    await second.close()
+
+
 async def test_a_notifier_restart_on_redis_streams_loses_nothing(
     redis_server: RedisServer,
 ) -> None:
