@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from e911_sip.batching import end_wait
 from e911_sip.callrecords.book import BookOptions, CallRecord, CallRecordBook
 from e911_sip.callrecords.stream import RecordSink
 from e911_sip.metrics import Children, Metrics
@@ -179,7 +180,7 @@ class CallRecorder:
         waiter: asyncio.Future[None] | None = None
         # One future per wait, resolved by a record, the stop or the timer: asyncio.wait on
         # two Event.wait() tasks cost both tasks and their callbacks every few calls.
-        stopper.add_done_callback(lambda _: _resolve(waiter))
+        stopper.add_done_callback(lambda _: end_wait(waiter))
         try:
             while not stop.is_set():
                 self._wake = None
@@ -194,7 +195,7 @@ class CallRecorder:
                     # record as for a hundred: let the calls of the next few milliseconds
                     # join it. Only the timer or the stop ends the wait.
                     waiter = loop.create_future()
-                    timer = loop.call_later(options.linger, _resolve, waiter)
+                    timer = loop.call_later(options.linger, end_wait, waiter)
                     try:
                         await waiter
                     finally:
@@ -215,7 +216,7 @@ class CallRecorder:
                 # While the sink fails, new records do not hurry the next attempt.
                 if pause == 0.0:
                     self._wake = waiter
-                timer = loop.call_later(pause or options.expire_interval, _resolve, waiter)
+                timer = loop.call_later(pause or options.expire_interval, end_wait, waiter)
                 try:
                     await waiter
                 finally:
@@ -269,8 +270,3 @@ class CallRecorder:
             self._queue.popleft()
         self._results["written"].inc(len(batch))
         return True
-
-
-def _resolve(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
 
+from e911_sip.batching import xadd_all
 from e911_sip.callrecords.book import CallRecord, RecordError
 from e911_sip.store.redis import connect
 
@@ -167,7 +168,7 @@ class _LocalDelivery:
 
 
 class RedisStreamSink:
-    """XADD each record's JSON to a stream. Implements RecordSink."""
+    """XADD each record's JSON to a stream (a batch in one script). Implements RecordSink."""
 
     def __init__(
         self, *, url: str, stream: str = DEFAULT_STREAM, maxlen: int = 1_000_000, timeout: float
@@ -180,15 +181,13 @@ class RedisStreamSink:
         if not records:
             return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for record in records:
-                    pipe.xadd(
-                        self._stream,
-                        {"record": encode(record)},
-                        maxlen=self._maxlen,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            await xadd_all(
+                self._client,
+                self._stream,
+                "record",
+                [encode(record) for record in records],
+                maxlen=self._maxlen,
+            )
         except (RedisError, OSError) as exc:
             raise TransferError(f"XADD to {self._stream} failed: {exc}") from exc
 

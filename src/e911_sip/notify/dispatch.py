@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from e911_sip.batching import end_wait
 from e911_sip.notify.channels import Channel, DeliveryFailed
 from e911_sip.notify.event import CallEvent, Delivery, Resolution, Targets, deliveries
 from e911_sip.notify.queue import Queue, QueueError
@@ -125,7 +126,7 @@ class Publisher:
     async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """``seconds``, or until the stop."""
         pause = self._pause = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, pause)
+        timer = loop.call_later(seconds, end_wait, pause)
         try:
             await pause
         finally:
@@ -134,7 +135,7 @@ class Publisher:
 
     def _stopped(self, _stopper: object) -> None:
         for waiter in (self._idle, self._pause):
-            _resolve(waiter)
+            end_wait(waiter)
 
     async def _flush(self) -> None:
         # Events go in batches: one XADD round trip per event cannot keep up with a burst
@@ -149,11 +150,6 @@ class Publisher:
                 return
             for _ in range(count):
                 self._pending.popleft()
-
-
-def _resolve(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

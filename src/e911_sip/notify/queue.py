@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from e911_sip.batching import xadd_all
+
 log = logging.getLogger("e911_sip.notify")
 
 
@@ -41,7 +43,7 @@ class Queue(Protocol):
 
         Raises QueueError; the caller then keeps the batch and sends it again. An error
         before the batch reached the store applied none of it; Redis applies a MULTI it
-        received as a whole, so only a reply lost after EXEC can make a retry store events
+        received as a whole, so only a reply lost after it can make a retry store events
         twice (the notifier's deliveries carry idempotency keys)."""
         ...
 
@@ -242,10 +244,11 @@ class FileQueue:
 class RedisStreamQueue:
     """A Redis stream read through a consumer group; dead letters in a Redis list.
 
-    ``put`` is ``XADD``; ``take`` first returns this consumer's pending entries (taken before
-    a restart and never acknowledged), then new ones (``XREADGROUP ... >``); ``done`` is
-    ``XACK`` plus ``XDEL`` in one ``MULTI`` (``done_many``: of every entry given, in one);
-    ``dead`` pushes to the list and acknowledges, in one ``MULTI``.
+    ``put`` is ``XADD`` (``put_many``: of each item, in one script); ``take`` first returns
+    this consumer's pending entries (taken before a restart and never acknowledged), then new
+    ones (``XREADGROUP ... >``); ``done`` is ``XACK`` plus ``XDEL`` in one ``MULTI``
+    (``done_many``: of every entry given, in one); ``dead`` pushes to the list and
+    acknowledges, in one ``MULTI``.
     """
 
     def __init__(
@@ -296,12 +299,9 @@ class RedisStreamQueue:
             if len(items) == 1:
                 await self._redis.xadd(self._stream, {"item": json.dumps(dict(items[0]))})
                 return
-            # MULTI/EXEC: the batch is applied together, never interleaved with another
-            # writer's, and a connection lost before EXEC applies none of it.
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for item in items:
-                    pipe.xadd(self._stream, {"item": json.dumps(dict(item))})
-                await pipe.execute()
+            # One script: the batch is applied together, never interleaved with another
+            # writer's, and a connection lost before the command arrived applies none of it.
+            await xadd_all(self._redis, self._stream, "item", [json.dumps(dict(i)) for i in items])
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
