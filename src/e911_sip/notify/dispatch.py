@@ -218,6 +218,11 @@ class Notifier:
         self._clock = clock
         self._slots = asyncio.Semaphore(options.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks: list[tuple[str, asyncio.Future[bool]]] = []
+        """Delivered entries waiting for their acknowledgement, each with what its task
+        waits on: True once written, False when that task is to write the next group."""
+        self._acking = False
+        """A delivery task is writing (or gathering) a group of acknowledgements."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work both queues until ``stop``; attempts in progress are abandoned, not lost
@@ -373,7 +378,7 @@ class Notifier:
                     reason, permanent, retry_after = type(exc).__name__, False, None
                 else:
                     latency = self._clock() - delivery.received_at
-                    await self._retrying(lambda: self._deliveries.done(entry))
+                    await self._acknowledge(entry)
                     self._on_outcome(delivery.channel, "delivered")
                     self._on_latency(delivery.channel, latency)
                     log.info(
@@ -398,6 +403,51 @@ class Notifier:
                 extra={**extra, "attempt": attempt, "reason": reason, "delay": round(delay, 3)},
             )
             await asyncio.sleep(delay)
+
+    async def _acknowledge(self, entry: str) -> None:
+        """Mark a delivered entry done, together with those delivered at the same moment.
+
+        Group commit: the first lets the loop turn once for others to join, then writes the
+        group in one ``done_many``; entries delivered meanwhile form the next group, which
+        the first of them writes once this one is done. A task cancelled while it waits
+        leaves its entry to the next group, or, at a stop, in the queue (sent again at the
+        next start, under the same idempotency key)."""
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks.append((entry, mine))
+        if self._acking:
+            try:
+                if await mine:
+                    return
+            except asyncio.CancelledError:
+                if mine.done() and not mine.cancelled() and not mine.result():
+                    # Handed the next group just as it was cancelled: pass it on.
+                    self._acking = False
+                    self._next_acknowledger()
+                raise
+        self._acking = True
+        group: list[tuple[str, asyncio.Future[bool]]] = []
+        try:
+            await asyncio.sleep(0)
+            group, self._acks = self._acks, []
+            entries = [done for done, _ in group]
+            await self._retrying(functools.partial(self._deliveries.done_many, entries))
+        except BaseException:
+            for _, waiter in group:
+                waiter.cancel()
+            raise
+        finally:
+            self._acking = False
+            self._next_acknowledger()
+        for _, waiter in group:
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def _next_acknowledger(self) -> None:
+        for _, waiter in self._acks:
+            if not waiter.done():
+                self._acking = True
+                waiter.set_result(False)
+                return
 
     @staticmethod
     async def _retrying(operation: Callable[[], Awaitable[None]]) -> None:

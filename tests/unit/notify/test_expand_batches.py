@@ -247,3 +247,50 @@ async def test_acknowledgements_in_one_journal_write_survive_a_restart(tmp_path:
     second = FileQueue(tmp_path / "q")
     assert [item["n"] for _, item in await second.take(0.1)] == [2]
     await second.close()
+
+
+async def test_deliveries_accepted_together_are_acknowledged_together(tmp_path: Path) -> None:
+    events, queue = Journal(tmp_path / "events"), Journal(tmp_path / "deliveries")
+    await events.put_many([call(n).to_dict() for n in range(10)])
+    queue.refuse_acks = 1  # the first group's write is refused once, then retried
+    box = Box(events, queue, own_contacts)
+    await until(lambda: len(box.sent()) == 20)
+    await until(box.settled)
+    await box.halt()
+    assert sum(queue.acks) == 20
+    assert len(queue.acks) < 20  # in groups, not one write each
+    assert len(box.sent()) == 20  # a refused acknowledgement does not send again
+    await events.close()
+    await queue.close()
+
+
+async def test_acknowledgements_keep_coming_while_one_group_is_being_written(
+    tmp_path: Path,
+) -> None:
+    """Deliveries accepted while a group's write hangs wait for the next group; when the
+    write ends, the first of them writes theirs."""
+    events, queue = Journal(tmp_path / "events"), Journal(tmp_path / "deliveries")
+    release = asyncio.Event()
+    original = queue.done_many
+
+    async def slow_done_many(entries: Sequence[str]) -> None:
+        if not release.is_set():
+            queue.ack_tried.set()
+            await release.wait()
+        await original(entries)
+
+    queue.done_many = slow_done_many  # type: ignore[method-assign]
+    box = Box(events, queue, own_contacts)
+    await events.put(call(0).to_dict())
+    async with asyncio.timeout(WAIT):
+        await queue.ack_tried.wait()
+    await events.put_many([call(n).to_dict() for n in range(1, 6)])
+    await until(lambda: len(box.sent()) == 12)
+    assert await queue.depth() == 12  # none acknowledged while the first write hangs
+    release.set()
+    await until(box.settled)
+    await box.halt()
+    assert sum(queue.acks) == 12
+    assert {d.delivery_id for d in box.sent()} == expected(range(6))
+    await events.close()
+    await queue.close()
