@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
+
 import pytest
 
 from e911_sip.callrecords.book import (
@@ -201,3 +204,18 @@ def test_from_dict_refuses_what_is_not_a_record() -> None:
         CallRecord.from_dict(
             {"call_id": "x", "number": "911", "invite_at": iso_time(T0), "level": "planet"}
         )
+
+
+def test_iso_time_is_what_datetime_writes_to_the_millisecond() -> None:
+    def reference(epoch: float) -> str:
+        text = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+        return text.replace("+00:00", "Z")
+
+    spread = random.Random(911)
+    epochs = [spread.uniform(0, 4e9) for _ in range(5000)]
+    epochs += [T0 + n / 7 for n in range(2000)]
+    # Rounding edges: half a microsecond, the last microsecond of a second, before 1970.
+    epochs += [T0 + 0.0005, T0 + 0.9995, T0 + 0.9999995, T0 + 0.0000005, 0.0, -1.5, -0.0004]
+    for epoch in epochs:
+        assert iso_time(epoch) == reference(epoch), epoch
+    assert iso_time(1_796_000_000.123456) == "2026-11-30T00:53:20.123Z"
