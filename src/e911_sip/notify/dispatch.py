@@ -4,12 +4,14 @@ Two stages, each a durable queue (:mod:`e911_sip.notify.queue`):
 
 1. The edge calls :meth:`Publisher.publish` (synchronous, never waits, bounded): the event
    goes to an in-memory list that a task writes to the *events* queue.
-2. The :class:`Notifier`, where provisioning state is, takes each event, asks provisioning
-   for the line's contacts, level and address, queues one delivery per target in the
-   *deliveries* queue and only then marks the event done. Each delivery is attempted at once
-   and retried with exponential back-off and full jitter (honouring a ``Retry-After``) until
-   it succeeds, fails permanently, or runs out of attempts or time; then it moves to the
-   dead-letter list, logged at ERROR and counted (an alert fires on it).
+2. The :class:`Notifier`, where provisioning state is, takes the events in batches, asks
+   provisioning for each line's contacts, level and address, queues one delivery per target
+   in the *deliveries* queue (the batch's in one write) and only then marks the events done
+   (in one acknowledgement). Each delivery is attempted at once and retried with
+   exponential back-off and full jitter (honouring a ``Retry-After``) until it succeeds,
+   fails permanently, or runs out of attempts or time; then it moves to the dead-letter
+   list, logged at ERROR and counted (an alert fires on it). Deliveries that succeed at the
+   same moment are marked done in one acknowledgement.
 
 A crash between two steps repeats a step, never skips one: an event may yield its deliveries
 twice, a delivery may be sent twice. Every delivery carries the same idempotency key each
