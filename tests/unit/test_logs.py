@@ -412,3 +412,37 @@ def test_the_handler_writes_one_line_per_record_through_filters(
     assert list(first) == ["ts", "level", "logger", "msg", "call_id", "enriched", "worker"]
     assert first["call_id"] == "c7" and first["enriched"] is True and first["worker"] == 3
     assert (second["level"], second["trunk"], second["worker"]) == ("WARNING", "b", 3)
+
+
+def test_a_cycle_in_a_field_fails_as_it_always_did() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        JsonFormatter().format(at("x", loop=loop))
+
+
+def test_a_value_whose_text_fails_raises_the_same_error() -> None:
+    class Broken:
+        def __str__(self) -> str:
+            raise LookupError("no text")
+
+    formatter = JsonFormatter()
+    with pytest.raises(LookupError, match="no text"):
+        formatter.format(at("x", obj=Broken()))
+    # Nothing of the failed line stays behind for the next one.
+    assert formatter.format(pinned_records()["forwarded"]) == PINNED["forwarded"]
+
+
+def test_the_call_fields_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-call line must not fall back to building and encoding a whole dict.
+    def slow(self: JsonFormatter, record: logging.LogRecord) -> str:
+        raise AssertionError("slow path")
+
+    monkeypatch.setattr(JsonFormatter, "_as_dict", slow)
+    formatter = JsonFormatter()
+    for case in ("forwarded", "none_false", "unicode", "numbers", "containers", "exc"):
+        assert formatter.format(pinned_records()[case]) == PINNED[case]
+    assert formatter.format(at("no fields")) == (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"no fields"}'
+    )
