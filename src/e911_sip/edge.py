@@ -244,7 +244,8 @@ class Edge:
         self._failovers = Children(metrics.failovers)
         self._probes = Children(metrics.trunk_probes)
         self._trunk_up = Children(metrics.trunk_up)
-        self._results = Children(metrics.emergency_results)
+        self._results: dict[int, Any] = {}
+        """Children of ``emergency_results`` by status class (``status // 100``)."""
         self._evicted = {
             kind: metrics.evicted.labels(kind) for kind in ("transactions", "contexts")
         }
@@ -424,7 +425,9 @@ class Edge:
             handler(event)
 
     def _on_routed(self, event: RequestRouted) -> None:
-        key = (event.method, event.route.value)
+        # A Route is a str: the member keys the dict as its value does, without the enum's
+        # ``value`` property (a Python call, three times a call).
+        key = (event.method, event.route)
         counter = self._request_counters.get(key)
         if counter is None:
             method = event.method if event.method in _KNOWN_METHODS else "other"
@@ -576,7 +579,14 @@ class Edge:
                 self._add_dialog(event.call_id)
             return
         call = self._calls.pop(event.call_id, None)
-        self._results(f"{event.status // 100}xx").inc()
+        status_class = event.status // 100
+        result = self._results.get(status_class)
+        if result is None:
+            # Made on first use, as ``labels`` would: a class never seen is not exported.
+            result = self._metrics.emergency_results.labels(f"{status_class}xx")
+            if len(self._results) < 16:
+                self._results[status_class] = result
+        result.inc()
         if 200 <= event.status < 300:
             self._emergency_dialogs[event.call_id] = self._loop.time()
         elif event.status != 487:

@@ -11,36 +11,98 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
+from itertools import islice
 from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message",
-    "asctime",
-    "taskName",
-}
+_FRESH = vars(logging.LogRecord("", 0, "", 0, "", (), None))
+_STANDARD = frozenset(_FRESH) | {"message", "asctime", "taskName"}
+_FIRST_EXTRA = len(_FRESH)
+"""A plain LogRecord's ``__init__`` sets this many attributes before ``extra=`` adds its own:
+the formatter skips them without looking at them."""
 
+# A key the line itself writes: an extra field with one of these names takes the line's own
+# place in the object (the dict the lines were first built with did that). A record with one,
+# with an attribute of ``_STANDARD`` set after ``__init__`` (``message`` by another handler's
+# formatter) or with an empty key goes the slow way, which writes what it always did.
+_SLOW = _STANDARD | {"ts", "level", "logger", "msg", "exc", ""}
 
 # One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring_ascii
+_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+# The C encoder ``_encode`` builds per call, built once; without the circular-reference check
+# (its memo would be shared by every line): a cycle raises RecursionError here, and the line
+# is then encoded the slow way, which raises the ValueError it always did.
+_encode_fields: Callable[[dict[str, Any], int], list[str]] | None = (
+    None
+    if _c_encoder is None
+    else _c_encoder(None, str, _string, None, ":", ",", False, False, True)
+)
+_MILLIS = tuple(f'.{ms:03d}Z"' for ms in range(1000))
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one line of JSON."""
+    """Formats a record as one line of JSON.
+
+    The line is ``{"ts", "level", "logger", "msg", the extra fields in the order given,
+    "exc"}``, written as ``json.JSONEncoder(default=str, separators=(",", ":"))`` writes that
+    object. It is put together from cached pieces (the timestamp to the second, the level and
+    logger names), the message, and one call of the C encoder for the extra fields: the edge
+    writes a line for every emergency call.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._second = -1
         self._prefix = ""
+        self._heads: dict[tuple[str, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         second = int(record.created)
         if second != self._second:
-            # One strftime per second, not per line: the edge logs every emergency call.
+            # One strftime per second, not per line.
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._prefix = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        if type(record) is not logging.LogRecord or _encode_fields is None:
+            return self._as_dict(record)
+        # ``extra=`` fields follow the attributes ``__init__`` set, in the order given.
+        fields = dict(islice(record.__dict__.items(), _FIRST_EXTRA, None))
+        if fields:
+            # Every key starts after a NUL here, so "\0_" finds a key that starts with "_".
+            if not fields.keys().isdisjoint(_SLOW) or "\0_" in "\0" + "\0".join(fields):
+                return self._as_dict(record)
+            try:
+                tail = "," + "".join(_encode_fields(fields, 0))[1:]
+            except Exception:
+                return self._as_dict(record)
+        else:
+            tail = "}"
+        millis = int(record.msecs)
+        level = record.levelname
+        name = record.name
+        head = self._heads.get((level, name))
+        if head is None:
+            # As many as there are loggers and levels, which ``logging`` keeps for good too.
+            head = f',"level":{_encode(level)},"logger":{_encode(name)},"msg":'
+            self._heads[(level, name)] = head
+        line = (
+            self._prefix
+            + (_MILLIS[millis] if 0 <= millis < 1000 else f'.{millis:03d}Z"')
+            + head
+            + _string(record.getMessage())
+        )
+        if record.exc_info:
+            # "exc" goes last: the closing brace of the encoded fields makes way for it.
+            exc = ',"exc":' + _string(self.formatException(record.exc_info)) + "}"
+            return line + (tail[:-1] + exc if fields else exc)
+        return line + tail
+
+    def _as_dict(self, record: logging.LogRecord) -> str:
+        """The line built as a dict and encoded whole, as it always was: for the records
+        :meth:`format` does not put together itself."""
         out: dict[str, Any] = {
-            "ts": f"{self._prefix}.{int(record.msecs):03d}Z",
+            "ts": f"{self._prefix[7:]}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -53,6 +115,22 @@ class JsonFormatter(logging.Formatter):
         return _encode(out)
 
 
+class _JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes and flushes under the lock ``Handler.handle`` holds
+    already (``StreamHandler.emit`` calls ``flush``, which takes it again)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = self.stream
+            stream.write(self.format(record) + self.terminator)
+            if hasattr(stream, "flush"):
+                stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def configure(level: str = "INFO") -> None:
     """Send every log record of the process to stderr as JSON lines.
 
@@ -63,7 +141,7 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _JsonLines(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

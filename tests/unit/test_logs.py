@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 import functools
+import io
 import json
 import logging
+import sys
+from pathlib import PurePosixPath
+from typing import Any
 
-from e911_sip.logs import JsonFormatter, RateLimitedLog
+import pytest
+
+from e911_sip.logs import JsonFormatter, RateLimitedLog, configure
 
 
 def record(msg: str, **extra: object) -> logging.LogRecord:
@@ -126,3 +133,316 @@ def test_fields_built_by_a_function_are_built_only_for_lines_written() -> None:
         log.hit("malformed", functools.partial(fields, n))
     assert built == [0, 1, 2]
     assert [r.__dict__["peer"] for r in capture.records] == ["p0", "p1", "p2"]
+
+
+# -- the exact bytes of a line ------------------------------------------------------------
+# Written by the formatter as it was before its fast path (a dict through
+# ``json.JSONEncoder(default=str, separators=(",", ":"))``): the same records must keep
+# giving the same bytes, field order, escaping and timestamp included.
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Mode(enum.StrEnum):
+    UDP = "udp"
+
+
+class Thing:
+    def __str__(self) -> str:
+        return "thing \u260e"
+
+
+class Text(str):
+    pass
+
+
+def at(
+    msg: str,
+    *,
+    args: tuple[object, ...] = (),
+    level: int = logging.INFO,
+    name: str = "e911_sip.edge",
+    created: float = 1_795_000_000.0,
+    msecs: float = 7.0,
+    exc_info: Any = None,
+    extra: dict[str, object] | None = None,
+    **more: object,
+) -> logging.LogRecord:
+    rec = logging.LogRecord(name, level, "(unknown file)", 0, msg, args, exc_info)
+    rec.created = created
+    rec.msecs = msecs
+    rec.__dict__.update(extra or {})
+    rec.__dict__.update(more)
+    return rec
+
+
+def pinned_records() -> dict[str, logging.LogRecord]:
+    return {
+        "forwarded": at(
+            "emergency call forwarded",
+            call_id="a84b4c76e66710@pc33.example.com",
+            caller="3215550001",
+            number="911",
+            outcome="enriched",
+            enriched=True,
+            trunk="bandwidth-a",
+            attempt=1,
+        ),
+        "none_false": at(
+            "emergency call forwarded",
+            msecs=999.9,
+            call_id="c2",
+            caller=None,
+            number=None,
+            outcome=None,
+            enriched=False,
+            trunk=None,
+            attempt=0,
+        ),
+        "unicode": at(
+            "na\u00efve \u2192 \u260e \U0001f600",
+            level=logging.WARNING,
+            caller="Zo\u00eb \u260e",
+            removed=["<cid:\u00e9@x>", "\U0001f600"],
+        ),
+        "control": at(
+            'tab\there\nnew\x00nul\x1f\x7f"q"\\b\u2028\ud800',
+            peer="\r\n\x08\x0c",
+            error="\u00e9\x00",
+        ),
+        "numbers": at(
+            "%d of %s",
+            args=(3, "x"),
+            count=-12,
+            big=10**30,
+            latency=0.25,
+            ratio=1e-7,
+            huge=1e300,
+            nan=float("nan"),
+            inf=float("inf"),
+            ninf=float("-inf"),
+            neg_zero=-0.0,
+        ),
+        "containers": at(
+            "x",
+            level=logging.ERROR,
+            counts={"malformed": 9900, "stray_response": 100},
+            peer=("127.0.0.1", 5060),
+            nested={"a": [1, None, True, {"b": "\u00e9"}], "c": ()},
+            empty={},
+            obj=Thing(),
+            path=PurePosixPath("/etc/\u00e9"),
+            keys={1: "one", None: "n", False: "f", 2.5: "x"},
+        ),
+        "enums": at("x", color=Color.RED, mode=Mode.UDP, strsub=Text("s\n")),
+        "critical": at(
+            "emergency call failed on every trunk",
+            level=logging.CRITICAL,
+            created=1_795_000_059.0,
+            msecs=0.0,
+            call_id="c3",
+        ),
+        "private": at("x", _private="hidden", worker=2, message="stale", asctime="stale"),
+        "clash": at(
+            "x",
+            extra={
+                "level": "custom",
+                "ts": "mine",
+                "logger": "other",
+                "msg2": 1,
+                "exc": "extra-exc",
+            },
+            after=1,
+        ),
+        "exc": at(
+            "enrichment failed",
+            level=logging.ERROR,
+            exc_info=(RuntimeError, RuntimeError("boom \u260e"), None),
+            call_id="c4",
+        ),
+        "exc_clash": at(
+            "enrichment failed",
+            level=logging.ERROR,
+            exc_info=(ValueError, ValueError("v"), None),
+            exc="mine",
+            call_id="c5",
+        ),
+        "other_logger": at(
+            "ok", name="aiohttp.access", level=logging.DEBUG, created=1_000_000_000.5, msecs=500.0
+        ),
+    }
+
+
+PINNED = {
+    "forwarded": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"emergency call forwarded","call_id":"a84b4c76e66710@pc33.example.com",'
+        '"caller":"3215550001","number":"911","outcome":"enriched","enriched":true,'
+        '"trunk":"bandwidth-a","attempt":1}'
+    ),
+    "none_false": (
+        '{"ts":"2026-11-18T11:06:40.999Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"emergency call forwarded","call_id":"c2","caller":null,"number":null,'
+        '"outcome":null,"enriched":false,"trunk":null,"attempt":0}'
+    ),
+    "unicode": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"WARNING","logger":"e911_sip.edge",'
+        '"msg":"na\\u00efve \\u2192 \\u260e \\ud83d\\ude00","caller":"Zo\\u00eb \\u260e",'
+        '"removed":["<cid:\\u00e9@x>","\\ud83d\\ude00"]}'
+    ),
+    "control": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"tab\\there\\nnew\\u0000nul\\u001f\\u007f\\"q\\"\\\\b\\u2028\\ud800",'
+        '"peer":"\\r\\n\\b\\f","error":"\\u00e9\\u0000"}'
+    ),
+    "numbers": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"3 of x","count":-12,"big":1000000000000000000000000000000,"latency":0.25,'
+        '"ratio":1e-07,"huge":1e+300,"nan":NaN,"inf":Infinity,"ninf":-Infinity,'
+        '"neg_zero":-0.0}'
+    ),
+    "containers": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"ERROR","logger":"e911_sip.edge",'
+        '"msg":"x","counts":{"malformed":9900,"stray_response":100},'
+        '"peer":["127.0.0.1",5060],"nested":{"a":[1,null,true,{"b":"\\u00e9"}],"c":[]},'
+        '"empty":{},"obj":"thing \\u260e","path":"/etc/\\u00e9","keys":{"1":"one",'
+        '"null":"n","false":"f","2.5":"x"}}'
+    ),
+    "enums": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"x","color":1,"mode":"udp","strsub":"s\\n"}'
+    ),
+    "critical": (
+        '{"ts":"2026-11-18T11:07:39.000Z","level":"CRITICAL","logger":"e911_sip.edge",'
+        '"msg":"emergency call failed on every trunk","call_id":"c3"}'
+    ),
+    "private": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"x","worker":2}'
+    ),
+    "clash": (
+        '{"ts":"mine","level":"custom","logger":"other","msg":"x","msg2":1,'
+        '"exc":"extra-exc","after":1}'
+    ),
+    "exc": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"ERROR","logger":"e911_sip.edge",'
+        '"msg":"enrichment failed","call_id":"c4","exc":"RuntimeError: boom \\u260e"}'
+    ),
+    "exc_clash": (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"ERROR","logger":"e911_sip.edge",'
+        '"msg":"enrichment failed","exc":"ValueError: v","call_id":"c5"}'
+    ),
+    "other_logger": (
+        '{"ts":"2001-09-09T01:46:40.500Z","level":"DEBUG","logger":"aiohttp.access","msg":"ok"}'
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_the_line_is_byte_for_byte_what_it_was(case: str) -> None:
+    assert JsonFormatter().format(pinned_records()[case]) == PINNED[case]
+
+
+def test_one_formatter_gives_the_same_bytes_for_every_record_in_turn() -> None:
+    # The formatter caches per second and per logger: a record after another must not
+    # inherit the other's timestamp, level or name.
+    formatter = JsonFormatter()
+    for _ in range(2):
+        records = pinned_records()
+        assert {case: formatter.format(records[case]) for case in PINNED} == PINNED
+
+
+def test_a_record_of_another_class_gives_the_same_bytes() -> None:
+    class Custom(logging.LogRecord):
+        pass
+
+    rec = at("emergency call forwarded", call_id="c1", attempt=2)
+    custom = Custom("e911_sip.edge", logging.INFO, "(unknown file)", 0, rec.msg, (), None)
+    custom.created, custom.msecs = rec.created, rec.msecs
+    custom.__dict__.update(call_id="c1", attempt=2)
+    assert JsonFormatter().format(custom) == JsonFormatter().format(rec)
+
+
+def test_an_exception_with_its_traceback_is_the_formatted_text() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        rec = at("enrichment failed", level=logging.ERROR, exc_info=sys.exc_info(), call_id="c6")
+    formatter = JsonFormatter()
+    text = formatter.formatException(rec.exc_info)  # type: ignore[arg-type]
+    assert "Traceback" in text
+    assert formatter.format(rec) == (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"ERROR","logger":"e911_sip.edge",'
+        '"msg":"enrichment failed","call_id":"c6","exc":' + json.dumps(text) + "}"
+    )
+
+
+def test_the_handler_writes_one_line_per_record_through_filters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure("INFO")
+        (handler,) = root.handlers
+
+        class Tag(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                record.worker = 3
+                return True
+
+        handler.addFilter(Tag())
+        logger = logging.getLogger("e911_sip.edge")
+        logger.info("emergency call forwarded", extra={"call_id": "c7", "enriched": True})
+        logger.debug("not written")
+        logger.warning("trunk is down", extra={"trunk": "b"})
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    lines = stream.getvalue().split("\n")
+    assert lines[-1] == ""
+    first, second = (json.loads(line) for line in lines[:-1])
+    assert list(first) == ["ts", "level", "logger", "msg", "call_id", "enriched", "worker"]
+    assert first["call_id"] == "c7" and first["enriched"] is True and first["worker"] == 3
+    assert (second["level"], second["trunk"], second["worker"]) == ("WARNING", "b", 3)
+
+
+def test_a_cycle_in_a_field_fails_as_it_always_did() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        JsonFormatter().format(at("x", loop=loop))
+
+
+def test_a_value_whose_text_fails_raises_the_same_error() -> None:
+    class Broken:
+        def __str__(self) -> str:
+            raise LookupError("no text")
+
+    formatter = JsonFormatter()
+    with pytest.raises(LookupError, match="no text"):
+        formatter.format(at("x", obj=Broken()))
+    # Nothing of the failed line stays behind for the next one.
+    assert formatter.format(pinned_records()["forwarded"]) == PINNED["forwarded"]
+
+
+def test_the_call_fields_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-call line must not fall back to building and encoding a whole dict.
+    def slow(self: JsonFormatter, record: logging.LogRecord) -> str:
+        raise AssertionError("slow path")
+
+    monkeypatch.setattr(JsonFormatter, "_as_dict", slow)
+    formatter = JsonFormatter()
+    for case in ("forwarded", "none_false", "unicode", "numbers", "containers", "exc"):
+        assert formatter.format(pinned_records()[case]) == PINNED[case]
+    assert formatter.format(at("no fields")) == (
+        '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
+        '"msg":"no fields"}'
+    )
