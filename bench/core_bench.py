@@ -4,7 +4,7 @@ Drives ProxyCore through a full INVITE/100/180/200/ACK/BYE/200 flow with enrichm
 times, and reports microseconds of CPU per call. It isolates the Python work from the kernel's
 (sendto/recvfrom), so a change to the parser or the core can be judged on its own.
 
-    python bench/core_bench.py [--calls N] [--warmup N] [--profile]
+    python bench/core_bench.py [--calls N] [--warmup N] [--profile] [--kind passthrough]
     python bench/core_bench.py --callgrind [--callgrind-calls 200,400]
 
 On a shared machine CPU time varies; instruction counts do not. ``--callgrind`` runs this
@@ -48,13 +48,13 @@ SDP = (
 )
 
 
-def invite(n: int) -> bytes:
+def invite(n: int, number: str = "911") -> bytes:
     head = (
-        "INVITE sip:911@127.0.0.1:5070 SIP/2.0\r\n"
+        f"INVITE sip:{number}@127.0.0.1:5070 SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-inv\r\n"
         "Max-Forwards: 70\r\n"
         f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
-        "To: <sip:911@127.0.0.1:5070>\r\n"
+        f"To: <sip:{number}@127.0.0.1:5070>\r\n"
         f"Call-ID: {n}-bench@127.0.0.1\r\n"
         "CSeq: 102 INVITE\r\n"
         "Contact: <sip:3215551234@127.0.0.1:5060;transport=UDP>\r\n"
@@ -93,14 +93,14 @@ def answer(request: bytes, status: int, reason: str) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def in_dialog(method: str, n: int, cseq: int) -> bytes:
+def in_dialog(method: str, n: int, cseq: int, number: str = "911") -> bytes:
     return (
         f"{method} sip:127.0.0.1:5080 SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-{method.lower()}\r\n"
         "Route: <sip:127.0.0.1:5070;lr>\r\n"
         "Max-Forwards: 70\r\n"
         f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
-        "To: <sip:911@127.0.0.1:5070>;tag=uas1\r\n"
+        f"To: <sip:{number}@127.0.0.1:5070>;tag=uas1\r\n"
         f"Call-ID: {n}-bench@127.0.0.1\r\n"
         f"CSeq: {cseq} {method}\r\n"
         "Content-Length: 0\r\n\r\n"
@@ -112,19 +112,27 @@ def in_dialog(method: str, n: int, cseq: int) -> bytes:
 TIMER_EVERY = 100
 
 
-def run(calls: int) -> float:
+KINDS = {"emergency": "911", "passthrough": "3215550000"}
+"""What each ``--kind`` of call dials: 911 is enriched and goes to the emergency trunk, any
+other number passes through to the default trunk (the same path minus enrichment)."""
+
+
+def run(calls: int, kind: str = "emergency") -> float:
+    number = KINDS[kind]
     options = ProxyOptions(
         local=(LocalAddress("udp", "127.0.0.1", 5070),),
         emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
         emergency_trunks=("sip:127.0.0.1:5080",),
+        default_trunks=("sip:127.0.0.1:5080",) if kind == "passthrough" else (),
     )
     core = ProxyCore(options=options, entropy=os.urandom)
     enrich_options = EnrichOptions()
     now = 0.0
     start = time.process_time()
     for n in range(calls):
-        core.receive(invite(n), UAC, now)
-        core.data_to_send()
+        core.receive(invite(n, number), UAC, now)
+        # The 100 Trying; a pass-through INVITE also went at once, after it.
+        first = core.data_to_send()
         while (event := core.next_event()) is not None:
             if isinstance(event, EmergencyCall):
                 line = caller_line(event.request)
@@ -135,14 +143,14 @@ def run(calls: int) -> float:
                     options=enrich_options,
                 )
                 core.forward_emergency(event.call, result.request, now)
-        sent = core.data_to_send()
-        downstream = sent[0].data
+        sent = core.data_to_send() or first
+        downstream = sent[-1].data
         for status, reason in ((100, "Trying"), (180, "Ringing"), (200, "OK")):
             core.receive(answer(downstream, status, reason), UAS, now)
             core.data_to_send()
-        core.receive(in_dialog("ACK", n, 102), UAC, now)
+        core.receive(in_dialog("ACK", n, 102, number), UAC, now)
         core.data_to_send()
-        core.receive(in_dialog("BYE", n, 103), UAC, now)
+        core.receive(in_dialog("BYE", n, 103, number), UAC, now)
         bye = core.data_to_send()[0].data
         core.receive(answer(bye, 200, "OK"), UAS, now)
         core.data_to_send()
@@ -200,6 +208,7 @@ def run_callgrind(
     script: Path | None = None,
     extra: Sequence[str] = (),
     what: str = "core + enrichment, no I/O",
+    call: str = "emergency call",
 ) -> None:
     """Instructions per call from two callgrind runs with different numbers of calls (of
     this bench, or of ``script`` with ``extra`` arguments, measuring ``what``)."""
@@ -213,7 +222,7 @@ def run_callgrind(
             print(f"{calls} calls: {totals[calls]:,} instructions ({wall:.0f} s under callgrind)")
     per_call = (totals[high] - totals[low]) / (high - low)
     print(
-        f"{per_call:,.0f} instructions per emergency call ({what}; "
+        f"{per_call:,.0f} instructions per {call} ({what}; "
         f"difference of the {high}- and {low}-call runs)"
     )
 
@@ -253,22 +262,32 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(KINDS),
+        default="emergency",
+        help="an emergency call (enriched, to the emergency trunk; the default) or a "
+        "pass-through call (any other number, to the default trunk)",
+    )
     add_callgrind_options(parser)
     args = parser.parse_args()
     counts = callgrind_counts(parser, args)
+    emergency = args.kind == "emergency"
+    call = "emergency call" if emergency else "pass-through call"
+    what = "core + enrichment, no I/O" if emergency else "core, no I/O"
     if counts is not None:
-        run_callgrind(counts)
+        run_callgrind(counts, extra=("--kind", args.kind), what=what, call=call)
         return
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        run(args.calls)
+        run(args.calls, args.kind)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
     if args.warmup:
-        run(args.warmup)
-    print(f"{run(args.calls):.1f} us of CPU per emergency call (core + enrichment, no I/O)")
+        run(args.warmup, args.kind)
+    print(f"{run(args.calls, args.kind):.1f} us of CPU per {call} ({what})")
 
 
 if __name__ == "__main__":

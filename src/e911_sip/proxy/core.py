@@ -66,6 +66,7 @@ from e911_sip.proxy.routing import (
     STAMP_MARK,
     BranchFactory,
     LocalAddress,
+    R,
     Tokens,
     add_record_route,
     add_via,
@@ -91,6 +92,7 @@ from e911_sip.sip.errors import RemoteSipError, SipError, TooManyHops, Transacti
 from e911_sip.sip.message import (
     DEFAULT_MAX_HEADERS,
     DEFAULT_MAX_SIZE,
+    Edit,
     ParseFailure,
     Request,
     Response,
@@ -916,8 +918,10 @@ class ProxyCore:
         if method == "INVITE":
             self._reply(context, make_response(request, 100), now)
 
+        # The changes every forwarded request gets are collected on one copy of it, made
+        # once the route is known (Message.edit).
         try:
-            forwarded = decrement_max_forwards(request)
+            forwarded = decrement_max_forwards(request.edit())
         except TooManyHops:
             if method == "OPTIONS" and self._addressed_to_us(request):
                 self._answer_options(context, now)
@@ -935,7 +939,7 @@ class ProxyCore:
                 # RFC 7090 §6: honoured only on calls from a PSAP, and none comes through
                 # here (callbacks reach the CSP from its carrier, not from its softswitch):
                 # on anything we relay the marking could only jump a queue it has no right to.
-                forwarded = forwarded.remove("priority")
+                forwarded.remove("priority")
 
         if initial and method == "INVITE":
             number = self._options.emergency_classifier(request.request_uri)
@@ -943,7 +947,7 @@ class ProxyCore:
                 if has_route:
                     # The emergency trunks are ours to choose: a route set preloaded past us
                     # would take the call somewhere else.
-                    forwarded = forwarded.remove("route")
+                    forwarded.remove("route")
                 self._begin_emergency(context, forwarded, number, now)
                 return
         if initial and not has_route:
@@ -951,11 +955,9 @@ class ProxyCore:
                 self._answer_options(context, now)
                 return
             context.route = Route.DEFAULT
-            context.template = (
+            if method in DIALOG_CREATING:
                 add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
-                if method in DIALOG_CREATING
-                else forwarded
-            )
+            context.template = forwarded.done()
             context.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
@@ -973,14 +975,12 @@ class ProxyCore:
             # and stays in the dialog it creates.
             context.route = Route.ROUTE_SET
             if method in DIALOG_CREATING:
-                forwarded = add_record_route(
-                    forwarded, inbound, inbound, self._stamp(request, False)
-                )
+                add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
         else:
             context.route = Route.IN_DIALOG
-        context.template = forwarded
+        context.template = forwarded.done()
         self._events.append(RequestRouted(method, context.route))
-        self._start_branch(context, target, forwarded, now, trunk=None)
+        self._start_branch(context, target, context.template, now, trunk=None)
 
     def _absorbed(self, key: ServerKey, request: Request, now: float) -> bool:
         """Fast path: a retransmission (or the ACK of a non-2xx final) that its server
@@ -998,7 +998,7 @@ class ProxyCore:
         self._run_server(server, txn.receive(request, now), now)
         return True
 
-    def _pop_own_routes(self, request: Request) -> Request:
+    def _pop_own_routes(self, request: R) -> R:
         """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
         spelled exactly as we record it is recognised without parsing it."""
         if self._fast:
@@ -1215,17 +1215,18 @@ class ProxyCore:
         self._reply(context, reply, now)
 
     def _begin_emergency(
-        self, context: _Context, forwarded: Request, number: str, now: float
+        self, context: _Context, edit: Edit[Request], number: str, now: float
     ) -> None:
         removed: tuple[str, ...] = ()
         if not self._options.keep_device_geolocation:
             # A location the edge did not write is not passed to the PSAP by default: the
             # provisioned, validated one is the dispatchable location (RFC 6442 §3.2).
             for name in ("geolocation", "geolocation-routing", "geolocation-error"):
-                if forwarded.has(name):
+                if edit.has(name):
                     if name == "geolocation":
-                        removed = tuple(forwarded.get_all(name))
-                    forwarded = forwarded.remove(name)
+                        removed = tuple(edit.get_all(name))
+                    edit.remove(name)
+        forwarded = edit.done()
         context.route = Route.EMERGENCY
         context.emergency_number = number
         context.trunks = self._health.order(self._options.emergency_trunks)
@@ -1272,12 +1273,12 @@ class ProxyCore:
             return False
         trunk = context.trunks.pop(0)
         uri = self._trunk_uris.get(trunk) or parse_uri(trunk)
-        request = context.template
         number = context.emergency_number
+        ruri: str | None = None
         if number is not None:
             transport = uri.param("transport")
             suffix = f";transport={transport}" if transport else ""
-            request = request.with_uri(f"sip:{number}@{uri.hostport}{suffix}")
+            ruri = f"sip:{number}@{uri.hostport}{suffix}"
         context.attempt += 1
         if number is not None:
             self._events.append(
@@ -1285,32 +1286,43 @@ class ProxyCore:
                     context.id, context.request.call_id, trunk, context.attempt, context.enriched
                 )
             )
-        self._start_branch(context, uri, request, now, trunk=trunk)
+        self._start_branch(context, uri, context.template, now, trunk=trunk, ruri=ruri)
         return True
 
     def _start_branch(
-        self, context: _Context, target: Uri, request: Request, now: float, *, trunk: str | None
+        self,
+        context: _Context,
+        target: Uri,
+        request: Request,
+        now: float,
+        *,
+        trunk: str | None,
+        ruri: str | None = None,
     ) -> None:
+        """Send ``request`` to ``target`` (with the Request-URI ``ruri``, when given) as a new
+        branch: our Via, and the second Record-Route when the transports differ, are added
+        in one copy of the request."""
         peer = peer_for_uri(target)
         local = self._by_transport.get(peer.transport)
         if local is None:
             # No listener for that transport: use the first we have rather than fail.
             local = self._locals[0]
             peer = Peer(local.transport, peer.host, peer.port)
+        edit = request.edit()
         if (
             local != context.inbound
             and context.route is not Route.IN_DIALOG
             and request.method in DIALOG_CREATING
         ):
             # The two sides use different transports: a double Record-Route (RFC 5658).
-            request = add_record_route(
-                request.pop_first_value("record-route"),
+            add_record_route(
+                edit.pop_first_value("record-route"),
                 context.inbound,
                 local,
                 self._stamp(request, context.route is Route.EMERGENCY),
             )
         via_branch = self._branches.new()
-        request = add_via(request, local, via_branch)
+        request = add_via(edit, local, via_branch).done(uri=ruri)
         timers = self._options.timers
         txn: ClientTransaction
         if request.method == "INVITE":
@@ -1386,8 +1398,9 @@ class ProxyCore:
 
     def _forward_stateless(self, request: Request, source: Peer) -> None:
         """Forward without a transaction: ACK for 2xx, CANCEL without a context (§16.11)."""
+        # Every change is made on one copy of the request, written out once.
         try:
-            forwarded = decrement_max_forwards(request)
+            forwarded = decrement_max_forwards(request.edit())
         except TooManyHops:
             self._events.append(Discarded("too_many_hops", request.method, source))
             return
@@ -1404,9 +1417,10 @@ class ProxyCore:
         local = self._by_transport.get(peer.transport, self._locals[0])
         if local.transport != peer.transport:
             peer = Peer(local.transport, peer.host, peer.port)
-        forwarded = add_via(forwarded, local, self._branches.stateless(request))
+        branch = self._branches.stateless(request)
+        add_via(forwarded, local, branch, answered=request.method != "ACK")
         self._events.append(RequestRouted(request.method, Route.STATELESS))
-        self._outbox.append(Outgoing(forwarded.to_bytes(), peer))
+        self._outbox.append(Outgoing(forwarded.done().to_bytes(), peer))
 
     def _send_stateless_reply(self, response: Response, source: Peer) -> None:
         try:

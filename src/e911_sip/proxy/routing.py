@@ -12,11 +12,12 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from e911_sip.sip.errors import SipError, TooManyHops
-from e911_sip.sip.message import Request
+from e911_sip.sip.message import Edit, Request
 from e911_sip.sip.peer import DEFAULT_PORTS, Peer
-from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, split_values
+from e911_sip.sip.uri import Uri, Via, parse_name_addr, parse_uri, remember_via, split_values
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_MAX_FORWARDS = 70
@@ -25,6 +26,10 @@ DIALOG_STAMP_PARAM = "dlg"
 """The Record-Route URI parameter that carries a dialog's stamp."""
 STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
 """Where a dialog stamp starts in a Record-Route or Route value."""
+
+R = TypeVar("R", Request, Edit[Request])
+"""A request, or changes being made to one (:meth:`Message.edit`): the changes below can be
+collected on one copy and written out once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,14 +191,14 @@ class BranchFactory:
         return emergency
 
 
-def decrement_max_forwards(request: Request) -> Request:
+def decrement_max_forwards(request: R) -> R:
     """Max-Forwards minus one, or 70 when absent (§16.6 step 3).
 
     Raises:
         TooManyHops: it was already 0 (the caller answers 483, §16.3 step 3).
         MalformedMessage: it is not a number.
     """
-    hops = request.max_forwards
+    hops = request.max_forwards if isinstance(request, Request) else request.message.max_forwards
     if hops is None:
         return request.append("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
     if hops <= 0:
@@ -229,16 +234,37 @@ def stamp_received(request: Request, source: Peer) -> Request:
     return stamped
 
 
-def add_via(request: Request, local: LocalAddress, branch: str) -> Request:
-    """Our Via on top, asking for rport so replies find us through NAT (RFC 3581)."""
-    return request.prepend(
-        "Via", f"SIP/2.0/{local.transport.upper()} {local.hostport};branch={branch};rport"
-    )
+def add_via(request: R, local: LocalAddress, branch: str, *, answered: bool = True) -> R:
+    """Our Via on top, asking for rport so replies find us through NAT (RFC 3581).
+
+    ``answered``: responses will come back with it (not so for an ACK).
+    """
+    return request.prepend("Via", own_via(local, branch, answered=answered))
+
+
+def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
+    """The value of our Via for ``branch``. When ``answered`` it is also put, parsed, into
+    the Via cache: the responses to the request come back with it on top, and their parse
+    then finds it there."""
+    transport = local.transport.upper()
+    text = f"SIP/2.0/{transport} {local.hostport};branch={branch};rport"
+    if answered and ":" not in local.host:
+        # An IPv6 host is left to the parser, which takes its brackets off.
+        remember_via(
+            Via(
+                transport,
+                local.host.lower(),
+                local.port,
+                (("branch", branch), ("rport", None)),
+                text,
+            )
+        )
+    return text
 
 
 def add_record_route(
-    request: Request, inbound: LocalAddress, outbound: LocalAddress, stamp: str | None = None
-) -> Request:
+    request: R, inbound: LocalAddress, outbound: LocalAddress, stamp: str | None = None
+) -> R:
     """Record-Route so in-dialog requests come back through us (§16.6 step 4).
 
     When the two sides use different transports, two entries are written (RFC 5658 §3.2):
@@ -275,7 +301,7 @@ def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
     return False
 
 
-def pop_own_routes(request: Request, locals_: tuple[LocalAddress, ...]) -> Request:
+def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
     """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
     out = request
     while True:
@@ -292,7 +318,7 @@ def pop_own_routes(request: Request, locals_: tuple[LocalAddress, ...]) -> Reque
         out = out.pop_first_value("route")
 
 
-def next_hop(request: Request) -> Uri:
+def next_hop(request: Request | Edit[Request]) -> Uri:
     """The URI the request goes to: the top Route if any, else the Request-URI (§16.6 step 6).
 
     Raises:
@@ -301,4 +327,4 @@ def next_hop(request: Request) -> Uri:
     routes = request.get("route")
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-    return request.request_uri
+    return request.request_uri if isinstance(request, Request) else request.message.request_uri

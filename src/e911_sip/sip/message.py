@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import NamedTuple, Self, cast
+from typing import Generic, NamedTuple, Self, TypeVar, cast
 
 from e911_sip.sip.errors import (
     MalformedMessage,
@@ -47,7 +47,17 @@ from e911_sip.sip.errors import (
     VersionNotSupported,
 )
 from e911_sip.sip.numbers import MAX_CONTENT_LENGTH, MAX_CSEQ, bounded_uint, is_digits, wire_uint
-from e911_sip.sip.uri import NameAddr, Uri, Via, parse_name_addr, parse_uri, parse_via, split_values
+from e911_sip.sip.uri import (
+    NameAddr,
+    Uri,
+    Via,
+    cached_uri,
+    cached_via,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    split_values,
+)
 
 SIP_VERSION = "SIP/2.0"
 DEFAULT_MAX_SIZE = 65535
@@ -222,6 +232,10 @@ class Message:
 
     def values(self, key: str) -> list[str]:
         """Every comma-separated value of headers named ``key`` (Via, Route, ...), in order."""
+        keys = self._keys
+        if keys.count(key) == 1:
+            # One header line, as a response's Vias usually are: no list to gather.
+            return split_values(_value_of(self._lines[keys.index(key)]))
         out: list[str] = []
         for value in self.get_all(key):
             out.extend(split_values(value))
@@ -443,8 +457,40 @@ class Message:
         return clone
 
     def pop_top_via(self) -> Self:
-        """Without the topmost Via value (RFC 3261 §16.7 step 3)."""
-        return self.pop_first_value("via")
+        """Without the topmost Via value (RFC 3261 §16.7 step 3).
+
+        A response relayed upstream is the one received less our Via: its bytes are the
+        received ones with that one line cut or shortened, not the whole message written
+        out again (``_splice``).
+        """
+        clone = self.pop_first_value("via")
+        wire = self._wire
+        if wire is not None and clone is not self:
+            clone._wire = self._splice(wire, clone._lines, self._keys.index("via"))
+        return clone
+
+    def _splice(self, wire: bytes, lines: list[str], index: int) -> bytes | None:
+        """The bytes of a copy whose header ``index`` is ``lines[index]`` instead (or is gone,
+        when ``lines`` is one shorter), cut from ``wire``, the bytes of this message; None
+        when ``wire`` is not exactly how this message writes itself (a start line written
+        otherwise, say "SIP/2.0 200" without a reason), and the copy is written whole."""
+        start = f"{self.start_line()}\r\n".encode("latin-1")
+        if not wire.startswith(start):
+            return None
+        old_lines = self._lines
+        at = len(start)
+        for line in old_lines[:index]:
+            at += len(line) + 2
+        old = f"{old_lines[index]}\r\n".encode("latin-1")
+        if not wire.startswith(old, at):
+            return None
+        new = f"{lines[index]}\r\n".encode("latin-1") if len(lines) == len(old_lines) else b""
+        return b"".join((wire[:at], new, wire[at + len(old) :]))
+
+    def edit(self) -> Edit[Self]:
+        """Several changes made as one copy: ``m.edit().append(...).remove(...).done()`` is
+        ``m.append(...).remove(...)`` without the copies in between."""
+        return Edit(self)
 
     # -- writing -------------------------------------------------------------------------
     def start_line(self) -> str:
@@ -466,6 +512,152 @@ class Message:
 
 _CACHED = frozenset(("*", "via", "cseq", "call-id", "to", "from", "max-forwards"))
 """Changes that invalidate something cached on a message (``*``: anything may have)."""
+
+
+M = TypeVar("M", bound=Message)
+
+
+class Edit(Generic[M]):
+    """Changes to a message collected on one copy of its header lists (``Message.edit``).
+
+    Each method does what the message's method of that name does, in the order called, and
+    ``done()`` makes the one new message: what a chain of changes gives, with one copy and
+    one pass over the cached values instead of one per change.
+    """
+
+    __slots__ = ("_message", "_lines", "_keys", "_changed")
+
+    def __init__(self, message: M) -> None:
+        self._message = message
+        self._lines = message._lines.copy()
+        self._keys = message._keys.copy()
+        self._changed: str | None = None
+        """None while nothing changed; then the one key changed so far that a message caches
+        a value of, ``*`` when several such were, ``""`` when none was."""
+
+    def _touch(self, key: str) -> None:
+        changed = self._changed
+        if key not in _CACHED:
+            if changed is None:
+                self._changed = ""
+        elif key != changed:
+            self._changed = key if not changed else "*"
+
+    @property
+    def message(self) -> M:
+        """The message as it was before any of these changes."""
+        return self._message
+
+    def has(self, key: str) -> bool:
+        """True when a header named ``key`` is present, as changed so far."""
+        return key in self._keys
+
+    def get(self, key: str) -> str | None:
+        """The value of the first header named ``key``, as changed so far, or None."""
+        try:
+            return _value_of(self._lines[self._keys.index(key)])
+        except ValueError:
+            return None
+
+    def get_all(self, key: str) -> list[str]:
+        """The values of every header named ``key``, as changed so far."""
+        lines = self._lines
+        return [_value_of(lines[i]) for i, k in enumerate(self._keys) if k == key]
+
+    def append(self, name: str, value: str) -> Self:
+        """As :meth:`Message.append`."""
+        keys = self._keys
+        index = len(keys) - 1 if keys and keys[-1] == "content-length" else len(keys)
+        key = _key_of(name)
+        self._lines.insert(index, f"{name}: {value}")
+        keys.insert(index, key)
+        self._touch(key)
+        return self
+
+    def replace(self, name: str, value: str) -> Self:
+        """As :meth:`Message.replace`."""
+        key = _key_of(name)
+        keys = self._keys
+        if key not in keys:
+            return self.append(name, value)
+        lines = self._lines
+        first = keys.index(key)
+        lines[first] = f"{name}: {value}"
+        for i in range(len(keys) - 1, first, -1):
+            if keys[i] == key:
+                del lines[i]
+                del keys[i]
+        self._touch(key)
+        return self
+
+    def remove(self, key: str) -> Self:
+        """As :meth:`Message.remove`."""
+        keys = self._keys
+        if key in keys:
+            lines = self._lines
+            for i in range(len(keys) - 1, -1, -1):
+                if keys[i] == key:
+                    del lines[i]
+                    del keys[i]
+            self._touch(key)
+        return self
+
+    def prepend(self, name: str, value: str) -> Self:
+        """As :meth:`Message.prepend`."""
+        key = _key_of(name)
+        keys = self._keys
+        try:
+            index = keys.index(key)
+        except ValueError:
+            index = 0 if key == "via" else _after_vias(keys)
+        self._lines.insert(index, f"{name}: {value}")
+        keys.insert(index, key)
+        self._touch(key)
+        return self
+
+    def replace_at(self, key: str, value: str) -> Self:
+        """As :meth:`Message.replace_at`."""
+        index = self._keys.index(key)
+        lines = self._lines
+        name = lines[index].partition(":")[0].rstrip(" \t")
+        lines[index] = f"{name}: {value}"
+        self._touch(key)
+        return self
+
+    def pop_first_value(self, key: str) -> Self:
+        """As :meth:`Message.pop_first_value`."""
+        keys = self._keys
+        try:
+            index = keys.index(key)
+        except ValueError:
+            return self
+        lines = self._lines
+        rest = split_values(_value_of(lines[index]))[1:]
+        if rest:
+            name = lines[index].partition(":")[0].rstrip(" \t")
+            lines[index] = f"{name}: {', '.join(rest)}"
+        else:
+            del lines[index]
+            del keys[index]
+        self._touch(key)
+        return self
+
+    def done(self, *, uri: str | None = None) -> M:
+        """The changed message, sent to ``uri`` when given (a request's, as
+        :meth:`Request.with_uri`); the message itself when nothing changed."""
+        message = self._message
+        changed = self._changed
+        if uri is None:
+            if changed is None:
+                return message
+            # "": no key a message caches a value of changed: every cached value carries over.
+            return message._copy(self._lines, self._keys, changed)
+        if not isinstance(message, Request):
+            raise TypeError("only a request has a Request-URI")
+        clone = message._copy(self._lines, self._keys, changed or "")
+        clone.uri = uri
+        clone._ruri = None
+        return clone
 
 
 def _top_via_of(value: str | None) -> Via:
@@ -761,7 +953,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     if not sep or text.count("\r") != crlfs or text.count("\n") != crlfs:
         return None
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
-    keys = _cached_keys(lines)
+    # (_cached_keys, written out: this runs for every message.)
+    spelt = _SPELLINGS.get
+    keys = [spelt(line[: line.find(":") + 1]) for line in lines]
     if None in keys or len(keys) > max_headers or keys.count("content-length") != 1:
         return None
     line = lines[keys.index("content-length")]
@@ -797,12 +991,24 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         call_id = line.partition(":")[2].strip()
         if not call_id:
             return None
-        line = lines[known.index("from")]
-        _check_name_addr(line.partition(":")[2].strip())
-        line = lines[known.index("to")]
-        _check_name_addr(line.partition(":")[2].strip())
-        line = lines[known.index("via")]
-        top_via = _top_via_of(line.partition(":")[2].strip())
+        # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
+        # else is left to it.
+        value = lines[known.index("from")].partition(":")[2]
+        lt = value.find("<")
+        if lt < 0 or '"' in value or value.find(">", lt) < 0:
+            _check_name_addr(value.strip())
+        value = lines[known.index("to")].partition(":")[2]
+        lt = value.find("<")
+        if lt < 0 or '"' in value or value.find(">", lt) < 0:
+            _check_name_addr(value.strip())
+        # The top Via, when it is the cached parse of the text before the first comma (no
+        # quote or '<' before it, so that comma is where split_values would cut too): a
+        # response to one of our branches, whose Via is ours. Anything else, _top_via_of.
+        value = lines[known.index("via")].partition(":")[2]
+        head = value.partition(",")[0].strip()
+        top_via = cached_via(head) if head and '"' not in head and "<" not in head else None
+        if top_via is None:
+            top_via = _top_via_of(value.strip())
         message: Request | Response
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")
@@ -823,10 +1029,14 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request = object.__new__(Request)
             request.method = method
             request.uri = uri
-            request._ruri = parse_uri(uri)
+            request._ruri = cached_uri(uri) or parse_uri(uri)
             if "max-forwards" in known:
-                line = lines[known.index("max-forwards")]
-                request._mf = _max_forwards_of(line.partition(":")[2].strip())
+                value = lines[known.index("max-forwards")].partition(":")[2].strip()
+                request._mf = (
+                    int(value)  # the common case of _max_forwards_of, without the call
+                    if len(value) < 4 and value.isdigit() and value.isascii()
+                    else _max_forwards_of(value)
+                )
             else:
                 request._mf = None
             message = request

@@ -115,6 +115,11 @@ _URI_CACHE_LENGTH = 256
 text."""
 
 
+cached_uri = _URI_CACHE.get
+"""The URI parsed from a text before and still kept, or None: what ``parse_uri`` would
+return, without the call, for a caller on the hot path that tries the cache first."""
+
+
 def parse_uri(text: str) -> Uri:
     """Parse a sip, sips, tel or urn URI.
 
@@ -337,6 +342,22 @@ def parse_via(text: str) -> Via:
                 _VIA_CACHE.clear()  # bounded, as the URI cache is
             _VIA_CACHE[text] = via
     return via
+
+
+cached_via = _VIA_CACHE.get
+"""The Via parsed from a text before and still kept, or None (as ``cached_uri``)."""
+
+
+def remember_via(via: Via) -> None:
+    """Put a Via this element wrote itself into the cache, as ``parse_via(via.raw)`` would
+    have found it: every response to the request it tops brings it back, and is then read
+    with a dictionary lookup rather than a parse. The caller builds ``via`` to be exactly
+    what the parse gives (tests/unit/sip/test_message.py checks that it is)."""
+    text = via.raw
+    if len(text) <= _URI_CACHE_LENGTH:
+        if len(_VIA_CACHE) >= _VIA_CACHE_SIZE:
+            _VIA_CACHE.clear()
+        _VIA_CACHE[text] = via
 
 
 def _parse_via(text: str) -> Via:

@@ -1,0 +1,160 @@
+"""The short cuts of the relay path give exactly what the general path gives.
+
+Each short cut (a response's bytes spliced rather than written out again, our own Via put in
+the Via cache parsed) must fall back to the general path for anything unusual; these tests
+compare the two on usual and unusual input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e911_sip.proxy.routing import LocalAddress, own_via
+from e911_sip.sip.message import Response, parse
+from e911_sip.sip.uri import _VIA_CACHE, _parse_via, parse_via
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+VALID = sorted((DATA / "valid").glob("*.sip"))
+
+OURS = "SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKours;rport"
+UPSTREAM = "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKup;received=10.0.0.2;rport=5060"
+
+
+def _response(start: str, via_lines: list[str], *, body: bytes = b"") -> bytes:
+    head = [
+        start,
+        *via_lines,
+        "From: <sip:a@example.com>;tag=1",
+        "To: <sip:b@example.com>;tag=2",
+        "Call-ID: abc@example.com",
+        "CSeq: 1 INVITE",
+        f"Content-Length: {len(body)}",
+    ]
+    return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body
+
+
+def _written_whole(message: Response) -> bytes:
+    """What the general path writes: the popped copy serialised from its header lines."""
+    return message.pop_first_value("via").to_bytes()
+
+
+CASES = {
+    "one line, two values": ["Via: " + OURS + ", " + UPSTREAM],
+    "two lines": ["Via: " + OURS, "Via: " + UPSTREAM],
+    "compact form": ["v: " + OURS + "," + UPSTREAM],
+    "odd spacing": ["Via:   " + OURS + " ,\t" + UPSTREAM + "  "],
+    "three values": ["Via: " + OURS + ", " + UPSTREAM + ", SIP/2.0/TCP 10.0.0.3;branch=z9hG4bKx"],
+    "folded": ["Via: " + OURS + ",", " " + UPSTREAM],
+    "quoted comma": ["Via: " + OURS + ';x="a,b", ' + UPSTREAM],
+    "empty first value": ["Via: , " + OURS + ", " + UPSTREAM],
+    "lone value": ["Via: " + OURS],
+    "not first": ["Record-Route: <sip:10.0.0.1;lr>", "Via: " + OURS + ", " + UPSTREAM],
+}
+
+
+@pytest.mark.parametrize("vias", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("start", ["SIP/2.0 180 Ringing", "SIP/2.0 200 OK", "SIP/2.0 200"])
+def test_popping_our_via_writes_what_a_whole_rewrite_writes(start: str, vias: list[str]) -> None:
+    data = _response(start, vias, body=b"v=0\r\n")
+    message = parse(data)
+    assert isinstance(message, Response)
+    assert message.to_bytes() == data  # the parse kept the received bytes
+    popped = message.pop_top_via()
+    assert popped.to_bytes() == _written_whole(message)
+    assert popped.values("via") == message.values("via")[1:]
+
+
+def test_a_start_line_without_reason_falls_back_to_the_whole_rewrite() -> None:
+    message = parse(_response("SIP/2.0 200", ["Via: " + OURS + ", " + UPSTREAM]))
+    assert isinstance(message, Response)
+    popped = message.pop_top_via()
+    assert popped.to_bytes().startswith(b"SIP/2.0 200 \r\nVia: " + UPSTREAM.encode())
+
+
+def test_a_datagram_cut_to_its_content_length_is_spliced_without_the_excess() -> None:
+    data = _response("SIP/2.0 200 OK", ["Via: " + OURS + ", " + UPSTREAM], body=b"abc")
+    message = parse(data + b"trailing junk", datagram=True)
+    assert isinstance(message, Response)
+    popped = message.pop_top_via()
+    assert popped.to_bytes() == _written_whole(message)
+    assert popped.to_bytes().endswith(b"\r\n\r\nabc")
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+def test_popping_a_via_of_each_valid_message_matches_the_whole_rewrite(path: Path) -> None:
+    message = parse(path.read_bytes())
+    assert message.pop_top_via().to_bytes() == message.pop_first_value("via").to_bytes()
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        LocalAddress("udp", "127.0.0.1", 5070),
+        LocalAddress("tcp", "Edge.Example.COM", 5060),
+        LocalAddress("tls", "10.1.2.3", 5061),
+        LocalAddress("udp", "::1", 5070),
+    ],
+    ids=lambda local: f"{local.transport}-{local.host}",
+)
+def test_our_via_in_the_cache_is_what_parsing_it_gives(local: LocalAddress) -> None:
+    text = own_via(local, "z9hG4bKabcdefABCDEF-_0123456789xy")
+    assert parse_via(text) == _parse_via(text)
+    assert parse_via(text).raw == text
+
+
+def test_a_via_for_no_response_is_not_cached() -> None:
+    text = own_via(LocalAddress("udp", "127.0.0.1", 5070), "z9hG4bKack-only", answered=False)
+    assert text not in _VIA_CACHE
+
+
+EDITS = [
+    ("replace", "Priority", "emergency"),
+    ("append", "Geolocation", "<https://example.com/loc>"),
+    ("append", "Geolocation-Routing", "no"),
+    ("replace", "P-Asserted-Identity", "<sip:3215551234@example.com>"),
+    ("remove", "p-preferred-identity", ""),
+    ("remove", "via", ""),
+    ("replace", "Max-Forwards", "12"),
+    ("append", "Via", "SIP/2.0/UDP 10.9.9.9;branch=z9hG4bKnew"),
+    ("replace", "Contact", "<sip:x@example.com>"),
+    ("remove", "contact", ""),
+    ("replace", "To", "<sip:b@example.com>;tag=zz"),
+]
+
+
+def _apply_chained(message, edits):  # type: ignore[no-untyped-def]
+    for op, name, value in edits:
+        message = message.remove(name) if op == "remove" else getattr(message, op)(name, value)
+    return message
+
+
+def _read(message):  # type: ignore[no-untyped-def]
+    out = [message.to_bytes(), message.headers]
+    for name in ("top_via", "cseq", "call_id", "to_tag", "from_tag", "max_forwards", "vias"):
+        try:
+            out.append(getattr(message, name))
+        except Exception as exc:  # noqa: BLE001 - the same failure either way is the point
+            out.append(type(exc))
+    return out
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+@pytest.mark.parametrize("start", range(len(EDITS)))
+def test_edits_on_one_copy_give_what_the_chain_of_copies_gives(path: Path, start: int) -> None:
+    message = parse(path.read_bytes())
+    message.top_via  # noqa: B018 - cached values must carry over (or not) the same way
+    edits = EDITS[start:] + EDITS[:start]
+    for count in range(len(edits) + 1):
+        edit = message.edit()
+        for op, name, value in edits[:count]:
+            edit = edit.remove(name) if op == "remove" else getattr(edit, op)(name, value)
+        assert _read(edit.done()) == _read(_apply_chained(message, edits[:count]))
+
+
+def test_an_edit_that_changes_nothing_is_the_message_itself() -> None:
+    message = parse(VALID[0].read_bytes())
+    assert message.edit().remove("x-not-there").done() is message
+    assert message.edit().has("via")
+    assert message.edit().append("X-A", "1").get_all("x-a") == ["1"]
