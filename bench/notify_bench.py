@@ -13,8 +13,8 @@ With several ``--src`` directories the children alternate between them (before/a
 on the same loaded host); the median of ``--runs`` per build is printed.
 
     PYTHONPATH=src python bench/notify_bench.py
-    git archive HEAD~3 src | tar -x -C /tmp/before
-    PYTHONPATH=src python bench/notify_bench.py --src /tmp/before/src --src src --runs 7
+    mkdir -p ../before && git archive HEAD~3 src | tar -x -C ../before
+    PYTHONPATH=src python bench/notify_bench.py --src ../before/src --src src --runs 7
 """
 
 from __future__ import annotations
