@@ -6,10 +6,17 @@
 # config/e911-sip.container.toml lists the environment a deployment sets and the TLS files
 # mounted at /etc/e911-sip/tls/: the provisioning API and /metrics are served over HTTPS.
 FROM python:3.11-slim-bookworm AS build
+# A C compiler for the modules setup.py compiles with mypyc (e911_sip/build.py lists them);
+# the runtime image needs none.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && pip install --no-cache-dir --no-deps --target /tmp/check /wheels/e911_sip-*.whl \
+    && PYTHONPATH=/tmp/check python -m e911_sip.build --require-compiled
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10911 --home-dir /nonexistent --shell /usr/sbin/nologin e911 \

@@ -51,6 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.run_load import BenchSipp  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
+    PACKAGE_ROOT,
     SCENARIO_DIR,
     EdgeProcess,
     HarnessError,
@@ -61,6 +62,8 @@ from tests.integration.harness import (  # noqa: E402
     free_port_pair,
     trunk_uri,
 )
+
+from e911_sip import build as edge_build  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -226,7 +229,7 @@ class Bench:
             (probe / "sitecustomize.py").write_text(GC_PROBE)
             gc_file = rundir / "gc.json"
             env = {
-                "PYTHONPATH": f"{probe}{os.pathsep}{REPO_ROOT / 'src'}",
+                "PYTHONPATH": f"{probe}{os.pathsep}{PACKAGE_ROOT}",
                 "EDGE_PROFILE_GC_FILE": str(gc_file),
             }
             edge = EdgeProcess(rundir, self.config(ports[0], ports[1]), env=env)
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     print(
         f"edge {args.kind}, {args.store} store, {args.lines} lines, {args.rate:g} calls/s x "
-        f"{args.duration:g} s; load average {os.getloadavg()[0]:.2f}; {workdir}",
+        f"{args.duration:g} s; load average {os.getloadavg()[0]:.2f}; {workdir}\n"
+        f"  build: {edge_build.describe()} ({PACKAGE_ROOT})",
         flush=True,
     )
     figures: list[float] = []

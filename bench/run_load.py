@@ -126,6 +126,7 @@ from bench.callers import (  # noqa: E402
 from bench.reference import kamailio as reference  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
     LOOPBACK,
+    PACKAGE_ROOT,
     EdgeProcess,
     HarnessError,
     RedisServer,
@@ -140,6 +141,8 @@ from tests.integration.harness import (  # noqa: E402
     metric_value,
     trunk_uri,
 )
+
+from e911_sip import build as edge_build  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_TRUNK_SCENARIO = "uas_load"
@@ -404,6 +407,7 @@ class Environment:
     redis_server: str | None = None
     kamailio: str | None = None
     git: str = ""
+    build: str = ""
     targets: str = ""
     store: str = ""
     loadavg_before: str = ""
@@ -1309,7 +1313,7 @@ class LoadBench:
                     probe.mkdir()
                     (probe / "sitecustomize.py").write_text(HEAP_PROBE, encoding="utf-8")
                     probe_env = {
-                        "PYTHONPATH": f"{probe}{os.pathsep}{REPO_ROOT / 'src'}",
+                        "PYTHONPATH": f"{probe}{os.pathsep}{PACKAGE_ROOT}",
                         "E911_BENCH_HEAP_FILE": str(heap_file),
                         "E911_BENCH_HEAP_INTERVAL": str(self.options.rss_interval),
                     }
@@ -1742,7 +1746,8 @@ def render(report: Report) -> str:
         f"- Python {env.python}, uvloop {env.uvloop}, {env.sipp}, {env.tcpdump}"
         + (f", redis-server {env.redis_server}" if env.redis_server else "")
         + (f", Kamailio {env.kamailio}" if env.kamailio else ""),
-        f"- code: {env.git}; proxies: {env.targets}; location store: {env.store}",
+        f"- code: {env.git}, {env.build or 'build not recorded'}; proxies: {env.targets}; "
+        f"location store: {env.store}",
         f"- load average before {env.loadavg_before}, after {env.loadavg_after}",
         f"- speed probe (fixed Python loop, lower is faster): before "
         f"{env.speed_probe_before_ms} ms, after {env.speed_probe_after_ms} ms",
@@ -2467,6 +2472,7 @@ def environment(options: Options, argv: Sequence[str]) -> Environment:
         ),
         kamailio=reference.version() if KAMAILIO in options.targets else None,
         git=_run_text(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
+        build=f"{edge_build.describe()} ({PACKAGE_ROOT})",
         targets=" and ".join(options.targets)
         + (", alternating" if len(options.targets) > 1 else ""),
         store=_store_text(options),

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from e911_sip import logs
+from e911_sip import __version__, build, logs
 from e911_sip.callrecords.book import CallRecord
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.callrecords.stream import (
@@ -1189,6 +1189,7 @@ async def run(
 
     nofile = raise_nofile_limit()
     log.info("open-file limit", extra={"nofile": nofile})
+    log.info("build", extra={"version": __version__, "build": build.describe()})
     metrics = Metrics()
     metrics.store_master_changes.set_function(lambda: float(master_changes()))
     store = build_store(config, mirror=edge_here)

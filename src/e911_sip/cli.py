@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from e911_sip import __version__, app, logs, supervisor
+from e911_sip import __version__, app, build, logs, supervisor
 from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
 from e911_sip.config import Config, ConfigError, load
 from e911_sip.provisioning import remote
@@ -393,7 +393,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="e911-sip",
         description="SIP edge that attaches the caller's dispatchable location to 911 calls.",
     )
-    parser.add_argument("--version", action="version", version=f"e911-sip {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"e911-sip {__version__} ({build.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the edge and/or the provisioning API")

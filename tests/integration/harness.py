@@ -46,6 +46,7 @@ from typing import IO, Any
 import redis
 import trustme
 
+import e911_sip
 from tests.certs import issue, write_ca
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -259,11 +260,17 @@ def wait_until(
         time.sleep(interval)
 
 
+PACKAGE_ROOT = str(Path(e911_sip.__file__).resolve().parent.parent)
+"""Where this test process imported the package from: ``src/``, or the compiled build that
+``scripts/compile`` unpacked. Child processes import the same one."""
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with ``src/`` first on PYTHONPATH, so a child imports the
-    package under test even when it is not installed; ``extra`` added."""
+    """This process's environment with the package under test (:data:`PACKAGE_ROOT`) first
+    on PYTHONPATH, so a child runs the same build even when it is not installed; ``extra``
+    added."""
     env = dict(os.environ)
-    src = str(REPO_ROOT / "src")
+    src = PACKAGE_ROOT
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = src if not path else f"{src}{os.pathsep}{path}"
     env.update(extra or {})

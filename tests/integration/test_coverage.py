@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.harness import (
     LOOPBACK,
-    REPO_ROOT,
+    PACKAGE_ROOT,
     EdgeProcess,
     RedisServer,
     edge_config,
@@ -92,7 +92,7 @@ class Provisioning:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
-        src = str(REPO_ROOT / "src")
+        src = PACKAGE_ROOT
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
         for name in ("E911_SIP_API_URL", "E911_SIP_API_TOKEN"):
             env.pop(name, None)

@@ -16,7 +16,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from e911_sip import __version__
+from e911_sip import __version__, build
 from e911_sip.cli import main, service_url
 from e911_sip.config import load
 from e911_sip.provisioning.api import build_provisioning_app
@@ -107,7 +107,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == f"e911-sip {__version__}"
+    # The build that runs: compiled, pure, or which modules are compiled.
+    assert capsys.readouterr().out.strip() == f"e911-sip {__version__} ({build.describe()})"
 
 
 def test_resync_asks_the_running_service(

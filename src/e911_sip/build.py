@@ -1,0 +1,57 @@
+"""Which build of the package is running: the hot modules compiled with mypyc, or pure Python.
+
+``COMPILED`` is the one list of modules that setup.py compiles when the package is built
+(``pip install .``, ``pip wheel .``, the container image). An editable install, or a build
+with ``E911_SIP_PURE=1``, runs the same files as Python with the same behaviour, only
+slower; the start-up log and ``e911-sip --version`` say which one runs. docs/decisions.md
+records why these modules and what compiling them gains.
+
+``python -m e911_sip.build`` prints the state of each module; with ``--require-compiled``
+it fails unless every one of them was loaded from an extension module (the build check in
+``scripts/compile`` and the test suite's compiled run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import sys
+
+COMPILED = ("e911_sip.proxy.wheel",)
+"""Modules setup.py compiles; read by setup.py without importing the package."""
+
+
+def compiled_modules() -> list[str]:
+    """The modules of ``COMPILED`` that this process loaded from an extension module."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    found = []
+    for name in COMPILED:
+        path = getattr(importlib.import_module(name), "__file__", None) or ""
+        if path.endswith(suffixes):
+            found.append(name)
+    return found
+
+
+def describe() -> str:
+    """``compiled`` (every listed module), ``pure`` (none) or ``partly compiled (...)``."""
+    found = compiled_modules()
+    if len(found) == len(COMPILED):
+        return "compiled"
+    if not found:
+        return "pure"
+    return f"partly compiled ({', '.join(found)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    found = set(compiled_modules())
+    for name in COMPILED:
+        print(f"{name}: {'compiled' if name in found else 'python'}")
+    if "--require-compiled" in args and len(found) != len(COMPILED):
+        print("e911_sip.build: not every listed module is compiled", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
