@@ -191,6 +191,13 @@ class Message:
 
     body: bytes
 
+    def __new__(cls, *args: object, **kwargs: object) -> Self:
+        # Defined so that ``Request.__new__(Request)`` makes a bare message in the parser and
+        # in ``_copy``, which then set every attribute themselves, without running
+        # ``__init__``; compiled, a class without its own ``__new__`` would run ``__init__``
+        # there, and ``object.__new__(Request)`` is refused.
+        return object.__new__(cls)
+
     def __init__(self, headers: Iterable[Header], body: bytes = b"") -> None:
         self._lines: list[str] = []
         self._keys: list[str] = []
@@ -342,7 +349,8 @@ class Message:
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
         # What was read from headers the change did not touch stays valid in the copy: a
         # relayed request is copied several times and its Via need not be parsed each time.
-        clone = object.__new__(type(self))
+        cls = type(self)
+        clone = cls.__new__(cls)
         clone._lines = lines
         clone._keys = keys
         clone.body = self.body
@@ -1014,7 +1022,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             code, _, reason = first[8:].partition(" ")
             if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
                 return None
-            response = object.__new__(Response)
+            response = Response.__new__(Response)
             response.status = int(code)
             response.reason = reason
             response._mf = -1
@@ -1026,7 +1034,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             method, uri, version = parts
             if method not in _METHODS or version != SIP_VERSION or cseq[1] != method or not uri:
                 return None
-            request = object.__new__(Request)
+            request = Request.__new__(Request)
             request.method = method
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
@@ -1116,8 +1124,8 @@ def _parse_careful(
         if sep:
             try:
                 lines, keys = _split_head(head)
-            except _BadHeaders as exc:
-                lines, keys = exc.lines, exc.keys
+            except _BadHeaders as bad:
+                lines, keys = bad.lines, bad.keys
                 raise
         if start_error is not None:
             raise start_error
@@ -1167,7 +1175,7 @@ def _parse_careful(
                 if "max-forwards" in keys
                 else None
             )
-            request = object.__new__(Request)
+            request = Request.__new__(Request)
             request.method = method
             request.uri = uri
             request._ruri = ruri
@@ -1175,7 +1183,7 @@ def _parse_careful(
         else:
             cseq = _parse_cseq(_value_of(lines[cseq_at]))
             mf = -1
-            response = object.__new__(Response)
+            response = Response.__new__(Response)
             response.status = status
             response.reason = reason
             message = response
