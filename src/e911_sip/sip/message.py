@@ -191,13 +191,6 @@ class Message:
 
     body: bytes
 
-    def __new__(cls, *args: object, **kwargs: object) -> Self:
-        # Defined so that ``Request.__new__(Request)`` makes a bare message in the parser and
-        # in ``_copy``, which then set every attribute themselves, without running
-        # ``__init__``; compiled, a class without its own ``__new__`` would run ``__init__``
-        # there, and ``object.__new__(Request)`` is refused.
-        return object.__new__(cls)
-
     def __init__(self, headers: Iterable[Header], body: bytes = b"") -> None:
         self._lines: list[str] = []
         self._keys: list[str] = []
@@ -701,6 +694,17 @@ class Request(Message):
 
     __slots__ = ("method", "uri", "_ruri")
 
+    def __new__(
+        cls, method: str = "", uri: str = "", headers: Iterable[Header] = (), body: bytes = b""
+    ) -> Self:
+        # So that ``Request.__new__(Request)`` makes a bare request, whose every attribute the
+        # parser and ``Message._copy`` then set, without running ``__init__``, compiled as
+        # well as not: compiled, a class without a ``__new__`` of its own runs ``__init__``
+        # there, and ``object.__new__(Request)`` is refused. The parameters are
+        # ``__init__``'s, which every ``Request(...)`` passes here first; their defaults
+        # only serve the bare request (``__init__`` has none for method and uri).
+        return object.__new__(cls)
+
     def __init__(
         self, method: str, uri: str, headers: Iterable[Header] = (), body: bytes = b""
     ) -> None:
@@ -739,6 +743,12 @@ class Response(Message):
     """A SIP response."""
 
     __slots__ = ("status", "reason")
+
+    def __new__(
+        cls, status: int = 0, reason: str = "", headers: Iterable[Header] = (), body: bytes = b""
+    ) -> Self:
+        # As ``Request.__new__``.
+        return object.__new__(cls)
 
     def __init__(
         self, status: int, reason: str, headers: Iterable[Header] = (), body: bytes = b""
