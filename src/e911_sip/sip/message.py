@@ -1135,6 +1135,8 @@ def _parse_careful(
             try:
                 lines, keys = _split_head(head)
             except _BadHeaders as bad:
+                # Not "exc", the name the RemoteSipError below is bound to: compiled, one
+                # name holds one type, and a MalformedMessage is no _BadHeaders.
                 lines, keys = bad.lines, bad.keys
                 raise
         if start_error is not None:
