@@ -703,6 +703,7 @@ class ProxyCore:
         self._outbox: list[Outgoing] = []
         self._events: deque[Event] = deque()
         self._fast = options.fast_paths
+        self._absorbed_fast = 0
         self._own_routes = frozenset(
             value
             for value in (local.record_route() for local in options.local)
@@ -763,6 +764,12 @@ class ProxyCore:
     def contexts_in_flight(self) -> int:
         """Requests being proxied (response contexts)."""
         return len(self._contexts)
+
+    @property
+    def absorbed_fast(self) -> int:
+        """Requests a server transaction absorbed on the fast path (retransmissions, ACKs of
+        a non-2xx final), neither stamped nor routed: shows the fast path is in use."""
+        return self._absorbed_fast
 
     @property
     def trunk_health(self) -> TrunkHealth:
@@ -995,6 +1002,7 @@ class ProxyCore:
         txn = server.txn
         if request.method == "ACK" and txn.state is TransactionState.ACCEPTED:
             return False
+        self._absorbed_fast += 1
         self._run_server(server, txn.receive(request, now), now)
         return True
 
