@@ -706,7 +706,7 @@ class ProxyCore:
         self._absorbed_fast = 0
         self._own_routes = frozenset(
             value
-            for value in (local.record_route() for local in options.local)
+            for value in [local.record_route() for local in options.local]
             if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
         )
         """Our Record-Route values exactly as written, each one that routing would find ours."""
