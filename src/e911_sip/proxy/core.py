@@ -804,14 +804,15 @@ class ProxyCore:
                 max_headers=self._options.max_headers,
                 datagram=not source.reliable,
             )
-        except ParseFailure as exc:
-            self._events.append(Discarded("malformed", str(exc), source))
-            reply = error_response(exc, to_tag=self._branches.tag())
+        # One name per handler: compiled code gives a name one type, the first handler's.
+        except ParseFailure as failure:
+            self._events.append(Discarded("malformed", str(failure), source))
+            reply = error_response(failure, to_tag=self._branches.tag())
             if reply is not None:
                 self._send_stateless_reply(reply, source)
             return
-        except RemoteSipError as exc:
-            self._events.append(Discarded("unparsable", str(exc), source))
+        except RemoteSipError as unreadable:
+            self._events.append(Discarded("unparsable", str(unreadable), source))
             return
         try:
             if isinstance(message, Request):
