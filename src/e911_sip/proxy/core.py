@@ -703,9 +703,10 @@ class ProxyCore:
         self._outbox: list[Outgoing] = []
         self._events: deque[Event] = deque()
         self._fast = options.fast_paths
+        self._absorbed_fast = 0
         self._own_routes = frozenset(
             value
-            for value in (local.record_route() for local in options.local)
+            for value in [local.record_route() for local in options.local]
             if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
         )
         """Our Record-Route values exactly as written, each one that routing would find ours."""
@@ -765,6 +766,12 @@ class ProxyCore:
         return len(self._contexts)
 
     @property
+    def absorbed_fast(self) -> int:
+        """Requests a server transaction absorbed on the fast path (retransmissions, ACKs of
+        a non-2xx final), neither stamped nor routed: shows the fast path is in use."""
+        return self._absorbed_fast
+
+    @property
     def trunk_health(self) -> TrunkHealth:
         """The trunks' health, to read (``status``, ``is_up``); the core alone updates it."""
         return self._health
@@ -797,14 +804,15 @@ class ProxyCore:
                 max_headers=self._options.max_headers,
                 datagram=not source.reliable,
             )
-        except ParseFailure as exc:
-            self._events.append(Discarded("malformed", str(exc), source))
-            reply = error_response(exc, to_tag=self._branches.tag())
+        # One name per handler: compiled code gives a name one type, the first handler's.
+        except ParseFailure as failure:
+            self._events.append(Discarded("malformed", str(failure), source))
+            reply = error_response(failure, to_tag=self._branches.tag())
             if reply is not None:
                 self._send_stateless_reply(reply, source)
             return
-        except RemoteSipError as exc:
-            self._events.append(Discarded("unparsable", str(exc), source))
+        except RemoteSipError as unreadable:
+            self._events.append(Discarded("unparsable", str(unreadable), source))
             return
         try:
             if isinstance(message, Request):
@@ -995,6 +1003,7 @@ class ProxyCore:
         txn = server.txn
         if request.method == "ACK" and txn.state is TransactionState.ACCEPTED:
             return False
+        self._absorbed_fast += 1
         self._run_server(server, txn.receive(request, now), now)
         return True
 

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, Self, TypeVar, overload
 
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Edit, Request
@@ -27,9 +27,24 @@ DIALOG_STAMP_PARAM = "dlg"
 STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
 """Where a dialog stamp starts in a Record-Route or Route value."""
 
-R = TypeVar("R", Request, Edit[Request])
-"""A request, or changes being made to one (:meth:`Message.edit`): the changes below can be
-collected on one copy and written out once."""
+
+class RequestHeaders(Protocol):
+    """What the header changes below need of a request: a :class:`Request`, or changes being
+    made to one (:meth:`Message.edit`), so they can be collected on one copy and written out
+    once. Each change returns a new object of the same kind."""
+
+    def has(self, key: str) -> bool: ...
+    def get(self, key: str) -> str | None: ...
+    def prepend(self, name: str, value: str) -> Self: ...
+    def append(self, name: str, value: str) -> Self: ...
+    def replace_at(self, key: str, value: str) -> Self: ...
+    def pop_first_value(self, key: str) -> Self: ...
+
+
+# A bound, not constrained, type variable: compiled code checks a constrained one's body
+# against the union of its constraints and refuses it.
+R = TypeVar("R", bound=RequestHeaders)
+"""A :class:`Request` or an ``Edit[Request]``; the result is of the same kind."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +206,11 @@ class BranchFactory:
         return emergency
 
 
-def decrement_max_forwards(request: R) -> R:
+@overload
+def decrement_max_forwards(request: Request) -> Request: ...
+@overload
+def decrement_max_forwards(request: Edit[Request]) -> Edit[Request]: ...
+def decrement_max_forwards(request: Request | Edit[Request]) -> Request | Edit[Request]:
     """Max-Forwards minus one, or 70 when absent (§16.6 step 3).
 
     Raises:

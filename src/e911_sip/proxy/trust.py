@@ -83,7 +83,7 @@ class TrustPolicy:
         cache_size: int = 4096,
     ) -> None:
         self._networks = tuple(trusted_sources)
-        self._trunks = frozenset(a for a in (_address(h) for h in trunk_hosts) if a is not None)
+        self._trunks = frozenset(a for a in [_address(h) for h in trunk_hosts] if a is not None)
         self._cache: dict[str, Trust] = {}
         self._cache_size = cache_size
 

@@ -342,7 +342,8 @@ class Message:
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
         # What was read from headers the change did not touch stays valid in the copy: a
         # relayed request is copied several times and its Via need not be parsed each time.
-        clone = object.__new__(type(self))
+        cls = type(self)
+        clone = cls.__new__(cls)
         clone._lines = lines
         clone._keys = keys
         clone.body = self.body
@@ -693,6 +694,17 @@ class Request(Message):
 
     __slots__ = ("method", "uri", "_ruri")
 
+    def __new__(
+        cls, method: str = "", uri: str = "", headers: Iterable[Header] = (), body: bytes = b""
+    ) -> Self:
+        # So that ``Request.__new__(Request)`` makes a bare request, whose every attribute the
+        # parser and ``Message._copy`` then set, without running ``__init__``, compiled as
+        # well as not: compiled, a class without a ``__new__`` of its own runs ``__init__``
+        # there, and ``object.__new__(Request)`` is refused. The parameters are
+        # ``__init__``'s, which every ``Request(...)`` passes here first; their defaults
+        # only serve the bare request (``__init__`` has none for method and uri).
+        return object.__new__(cls)
+
     def __init__(
         self, method: str, uri: str, headers: Iterable[Header] = (), body: bytes = b""
     ) -> None:
@@ -731,6 +743,12 @@ class Response(Message):
     """A SIP response."""
 
     __slots__ = ("status", "reason")
+
+    def __new__(
+        cls, status: int = 0, reason: str = "", headers: Iterable[Header] = (), body: bytes = b""
+    ) -> Self:
+        # As ``Request.__new__``.
+        return object.__new__(cls)
 
     def __init__(
         self, status: int, reason: str, headers: Iterable[Header] = (), body: bytes = b""
@@ -1014,7 +1032,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             code, _, reason = first[8:].partition(" ")
             if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
                 return None
-            response = object.__new__(Response)
+            response = Response.__new__(Response)
             response.status = int(code)
             response.reason = reason
             response._mf = -1
@@ -1026,7 +1044,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             method, uri, version = parts
             if method not in _METHODS or version != SIP_VERSION or cseq[1] != method or not uri:
                 return None
-            request = object.__new__(Request)
+            request = Request.__new__(Request)
             request.method = method
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
@@ -1116,8 +1134,10 @@ def _parse_careful(
         if sep:
             try:
                 lines, keys = _split_head(head)
-            except _BadHeaders as exc:
-                lines, keys = exc.lines, exc.keys
+            except _BadHeaders as bad:
+                # Not "exc", the name the RemoteSipError below is bound to: compiled, one
+                # name holds one type, and a MalformedMessage is no _BadHeaders.
+                lines, keys = bad.lines, bad.keys
                 raise
         if start_error is not None:
             raise start_error
@@ -1167,7 +1187,7 @@ def _parse_careful(
                 if "max-forwards" in keys
                 else None
             )
-            request = object.__new__(Request)
+            request = Request.__new__(Request)
             request.method = method
             request.uri = uri
             request._ruri = ruri
@@ -1175,7 +1195,7 @@ def _parse_careful(
         else:
             cseq = _parse_cseq(_value_of(lines[cseq_at]))
             mf = -1
-            response = object.__new__(Response)
+            response = Response.__new__(Response)
             response.status = status
             response.reason = reason
             message = response

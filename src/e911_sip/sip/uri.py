@@ -384,11 +384,16 @@ def _parse_via(text: str) -> Via:
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")
-    transport, host, port_text, ptext = m.groups()
-    if host.startswith("["):
-        host = host[1:-1]
-    port = bounded_uint(port_text, MAX_PORT) if port_text else None
-    if port_text and port is None:
+    # The optional groups are None when absent: names of their own, typed so, since the
+    # short cut's names above are plain strings.
+    sent_transport: str = m.group(1)
+    sent_host: str = m.group(2)
+    port_group: str | None = m.group(3)
+    params_group: str | None = m.group(4)
+    if sent_host.startswith("["):
+        sent_host = sent_host[1:-1]
+    port = bounded_uint(port_group, MAX_PORT) if port_group else None
+    if port_group and port is None:
         raise MalformedMessage(f"bad port in Via {text[:80]!r}")
-    params = _split_params(ptext[1:] if ptext else "")
-    return Via(transport.upper(), host.lower(), port, params, text)
+    params = _split_params(params_group[1:] if params_group else "")
+    return Via(sent_transport.upper(), sent_host.lower(), port, params, text)
