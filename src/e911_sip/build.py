@@ -17,7 +17,19 @@ import importlib
 import importlib.machinery
 import sys
 
-COMPILED = ("e911_sip.proxy.wheel",)
+COMPILED = (
+    "e911_sip.sip.message",
+    "e911_sip.sip.uri",
+    "e911_sip.sip.transaction",
+    "e911_sip.proxy.core",
+    "e911_sip.proxy.routing",
+    "e911_sip.proxy.wheel",
+    "e911_sip.proxy.trust",
+    "e911_sip.proxy.admission",
+    "e911_sip.proxy.trunks",
+    "e911_sip.policy.emergency",
+    "e911_sip.policy.enrich",
+)
 """Modules setup.py compiles; read by setup.py without importing the package."""
 
 
