@@ -1,26 +1,41 @@
 .PHONY: bench bench-quick bench-compare soak attack fuzz
 
+# The load benchmarks run the package as it ships: its hot modules compiled (scripts/compile
+# builds it into build/compiled first). BUILD=src runs src/ as Python instead.
+BUILD ?= compiled
+ifeq ($(BUILD),src)
+BENCH = PYTHONPATH=src python
+PREPARE = true
+else
+BENCH = PYTHONPATH=build/compiled python
+PREPARE = scripts/compile build/compiled
+endif
+
 # Load benchmark, run by hand (not part of the tests); see bench/README.md. The edge on the
 # Redis store and on memory://, calls from 10,000 provisioned lines in mixed caller formats,
 # 30 s rate steps, each best rate confirmed by a 60 s run; about 15 minutes.
 # Extra options: make bench ARGS="--only emergency --store redis"
 bench:
-	python bench/run_load.py $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/run_load.py $(ARGS)
 
 bench-quick:
-	python bench/run_load.py --quick $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/run_load.py --quick $(ARGS)
 
 # The edge and Kamailio 5.6 (bench/reference/kamailio.cfg, one worker, the same Redis)
 # measured alternately in one session, ending with edge / Kamailio ratios; about 25 minutes.
 # Needs kamailio and kamailio-redis-modules. Example: make bench-compare ARGS="--quick"
 bench-compare:
-	python bench/run_load.py --target both $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/run_load.py --target both $(ARGS)
 
 # The edge alone for 600 s at half its confirmed 911 maximum (from the newest report in
 # bench/results/, or ARGS="--soak-rate N"), its RSS read every 10 s: flat or not.
 # Example: make soak ARGS="--soak-duration 60 --soak-rate 100"
 soak:
-	python bench/run_load.py --soak $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/run_load.py --soak $(ARGS)
 
 # Fault and attack bench (bench/attack.py), run by hand: floods, forged responses, relay
 # attempts, half-open TCP, a 911 burst, Redis faults, a blackholed trunk, SIGTERM; about 7 min.
