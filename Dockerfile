@@ -15,8 +15,8 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
-    && pip install --no-cache-dir --no-deps --target /tmp/check /wheels/e911_sip-*.whl \
-    && PYTHONPATH=/tmp/check python -m e911_sip.build --require-compiled
+    && pip install --no-cache-dir --no-deps --target wheel-check /wheels/e911_sip-*.whl \
+    && PYTHONPATH=wheel-check python -m e911_sip.build --require-compiled
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10911 --home-dir /nonexistent --shell /usr/sbin/nologin e911 \
