@@ -41,11 +41,15 @@ soak:
 # attempts, half-open TCP, a 911 burst, Redis faults, a blackholed trunk, SIGTERM; about 7 min.
 # Example: make attack ARGS="--only forged relay --duration 10"
 attack:
-	python bench/attack.py $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/attack.py $(ARGS)
 
 # Fuzz bench for the parser, the stream framer and the proxy core, run by hand (not in CI):
 # 1,000,000 inputs by default, reproducers in fuzz-crashes/. See bench/fuzz.py and
-# docs/reliability.md. Examples: make fuzz ARGS="--count 100000 --seed 7 --jobs 2"
-#   make fuzz ARGS="--atheris -- -runs=200000"   (coverage-guided; pip install -e '.[fuzz]')
+# docs/reliability.md. It fuzzes the build that ships (compiled), as the load benches do.
+# Examples: make fuzz ARGS="--count 100000 --seed 7 --jobs 2"
+#   make fuzz BUILD=src ARGS="--atheris -- -runs=200000"   (coverage-guided, so on src/ as
+#   Python: atheris sees no coverage inside compiled modules; pip install -e '.[fuzz]')
 fuzz:
-	python bench/fuzz.py $(ARGS)
+	$(PREPARE)
+	$(BENCH) bench/fuzz.py $(ARGS)

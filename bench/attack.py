@@ -98,6 +98,8 @@ from tests.integration.harness import (  # noqa: E402
     trunk_uri,
 )
 
+from e911_sip.build import describe as describe_build  # noqa: E402
+
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 ATTACKER = "127.0.0.9"
 """The attackers' own loopback address, outside the default trusted sources."""
@@ -385,6 +387,7 @@ class Environment:
     cpu_model: str = ""
     kernel: str = ""
     python: str = ""
+    build: str = ""
     sipp: str = ""
     redis_server: str = ""
     git: str = ""
@@ -1531,6 +1534,7 @@ def render(env: Environment, options: Options, results: Sequence[ScenarioResult]
         f"- command: `{env.command}`",
         f"- machine: {env.nproc} CPUs, {env.cpu_model}; Linux {env.kernel}; "
         f"Python {env.python}; {env.sipp}; {env.redis_server}",
+        f"- build: {env.build} (the edges import the same package as this bench)",
         f"- load average before / after: {env.loadavg_before} / {env.loadavg_after}",
         f"- git: {env.git}; finished {env.finished_at}"
         + (" (INTERRUPTED)" if env.interrupted else ""),
@@ -1667,6 +1671,7 @@ def environment(argv: Sequence[str]) -> Environment:
         cpu_model=cpu_model(),
         kernel=platform.release(),
         python=platform.python_version(),
+        build=describe_build(),
         sipp=_first_line_matching(_run_text(["sipp", "-v"]), r"SIPp v"),
         redis_server=_first_line_matching(_run_text(["redis-server", "--version"]), r"v="),
         git=_run_text(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e911_sip.build import describe as describe_build
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.proxy.core import EmergencyCall, Outgoing, ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
@@ -1229,6 +1230,7 @@ def fuzz(args: argparse.Namespace) -> int:
         "unique_failures": len(unique),
         "reproducers": {sig: str(path) for sig, path in unique.items()},
         "python": sys.version.split()[0],
+        "build": describe_build(),
         "nproc": os.cpu_count(),
     }
     print("summary: " + json.dumps(summary, indent=1), flush=True)
