@@ -287,6 +287,28 @@ async def test_the_redis_queue_acknowledges_a_batch_in_one_go(
     await second.close()
 
 
+async def test_the_redis_queue_acknowledges_after_the_server_forgot_its_scripts(
+    redis_server: RedisServer,
+) -> None:
+    queue = RedisStreamQueue.from_url(
+        redis_server.url, stream="f:events", dead_list="f:dead", consumer="box1"
+    )
+    await queue.put_many([{"n": n} for n in range(2500)])
+    taken: list[str] = []
+    while len(taken) < 2500:
+        batch = await queue.take(0.5)
+        assert batch, "the queue handed out fewer items than were put"
+        taken += [entry for entry, _ in batch]
+    await queue.done_many(taken[:10])
+    # As after a restart or a failover of the server: the script is loaded again.
+    redis_server.client().script_flush()
+    # More ids than one call of Lua's unpack spreads.
+    await queue.done_many(taken[10:])
+    assert await queue.depth() == 0
+    assert redis_server.client().xpending("f:events", "notifier")["pending"] == 0
+    await queue.close()
+
+
 async def test_a_notifier_restart_on_redis_streams_loses_nothing(
     redis_server: RedisServer,
 ) -> None:
