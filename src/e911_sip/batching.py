@@ -26,7 +26,28 @@ for i = 3, #ARGV do
 end
 return #ARGV - 2
 """
-_XADD_ALL_SHA = hashlib.sha1(_XADD_ALL.encode(), usedforsecurity=False).hexdigest()
+
+
+class StoredScript:
+    """A Lua script run by ``EVALSHA``, loaded again when the server does not know it (a
+    restart, a failover): one command for redis-py to pack and parse where a ``MULTI`` of
+    several costs the client that many."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(
+        self, client: aioredis.Redis, keys: Sequence[str], args: Sequence[str | int]
+    ) -> object:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_XADD_ALL_SCRIPT = StoredScript(_XADD_ALL)
 
 
 def end_wait(waiter: asyncio.Future[None] | None) -> None:
@@ -49,9 +70,4 @@ async def xadd_all(
     """
     if not values:
         return
-    args: list[str | int] = [stream, maxlen, field, *values]
-    try:
-        await client.evalsha(_XADD_ALL_SHA, 1, *args)
-    except NoScriptError:
-        await client.script_load(_XADD_ALL)
-        await client.evalsha(_XADD_ALL_SHA, 1, *args)
+    await _XADD_ALL_SCRIPT.run(client, (stream,), (maxlen, field, *values))

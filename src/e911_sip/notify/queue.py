@@ -11,7 +11,6 @@ done; every delivery therefore carries an idempotency key (:mod:`e911_sip.notify
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import logging
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from e911_sip.batching import xadd_all
+from e911_sip.batching import StoredScript, xadd_all
 
 log = logging.getLogger("e911_sip.notify")
 
@@ -252,7 +251,7 @@ return #ARGV - 1
 """
 """``XACK stream group id...`` then ``XDEL stream id...`` (``ARGV``: the group, then the
 ids), a thousand ids at a time: Lua's ``unpack`` has a bound on how many it spreads."""
-_DONE_ALL_SHA = hashlib.sha1(_DONE_ALL.encode(), usedforsecurity=False).hexdigest()
+_DONE_ALL_SCRIPT = StoredScript(_DONE_ALL)
 
 
 class RedisStreamQueue:
@@ -370,14 +369,8 @@ class RedisStreamQueue:
         # One script, atomic as a MULTI of XACK and XDEL was, at half the client's CPU:
         # redis-py packs and parses every command of a transaction in Python, and the
         # notifier acknowledges a batch of events for every few calls.
-        args = (self._stream, self._group, *entries)
         try:
-            try:
-                await self._redis.evalsha(_DONE_ALL_SHA, 1, *args)
-            except NoScriptError:
-                # Scripts do not survive a restart or a failover of the server.
-                await self._redis.script_load(_DONE_ALL)
-                await self._redis.evalsha(_DONE_ALL_SHA, 1, *args)
+            await _DONE_ALL_SCRIPT.run(self._redis, (self._stream,), (self._group, *entries))
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
