@@ -216,10 +216,12 @@ class Message:
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key`` (lower-case long name), or None."""
-        try:
-            return _value_of(self._lines[self._keys.index(key)])
-        except ValueError:
-            return None
+        keys = self._keys
+        # A test first, not index() in a try: an absent header is common, and a caught
+        # exception costs far more than the second scan of a short list.
+        if key in keys:
+            return _value_of(self._lines[keys.index(key)])
+        return None
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
@@ -555,10 +557,10 @@ class Edit(Generic[M]):
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key``, as changed so far, or None."""
-        try:
-            return _value_of(self._lines[self._keys.index(key)])
-        except ValueError:
-            return None
+        keys = self._keys
+        if key in keys:  # as Message.get
+            return _value_of(self._lines[keys.index(key)])
+        return None
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, as changed so far."""
@@ -678,7 +680,8 @@ def _max_forwards_of(value: str | None) -> int | None:
 
 
 def _value_of(line: str) -> str:
-    value = line.partition(":")[2]
+    colon = line.find(":")  # a slice, not partition(): no tuple to build and throw away
+    value = line[colon + 1 :] if colon >= 0 else ""
     if "\n" in value:
         value = " ".join(part.strip() for part in value.split("\r\n"))
     return value.strip()
@@ -967,18 +970,23 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         return None
     text = data[:end].decode("latin-1")
     lines = text.split("\r\n")
-    first = lines.pop(0)
     # Every CR and every LF is part of one of the CRLFs just cut at (one after the start
-    # line, one between each two header lines): no bare CR or LF anywhere.
-    crlfs = len(lines)
-    if not crlfs or text.count("\r") != crlfs or text.count("\n") != crlfs:
+    # line, one between each two header lines): no bare CR or LF anywhere. The lines
+    # joined are searched with memchr, where text.count() would test every character.
+    joined = "".join(lines)
+    if len(lines) < 2 or "\r" in joined or "\n" in joined:
         return None
+    first = lines.pop(0)
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
     # (_cached_keys, written out: this runs for every message.)
-    keys = [_SPELLINGS.get(line[: line.find(":") + 1]) for line in lines]
-    if None in keys or len(keys) > max_headers or keys.count("content-length") != 1:
+    known: list[str] = []
+    for line in lines:
+        key = _SPELLINGS.get(line[: line.find(":") + 1])
+        if key is None:
+            return None
+        known.append(key)
+    if len(known) > max_headers or known.count("content-length") != 1:
         return None
-    known: list[str] = keys  # type: ignore[assignment]  # no None, checked above
     message: Request | Response
     base: Message  # the same object: a native class, so its attributes are set directly
     try:

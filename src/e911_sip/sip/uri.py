@@ -255,7 +255,12 @@ def split_values(text: str) -> list[str]:
         return [text.strip()]
     if '"' not in text and "<" not in text:
         # Via and most list headers: no quoting, so a plain split is exact.
-        return [part for part in map(str.strip, text.split(",")) if part] or [""]
+        parts: list[str] = []
+        for part in text.split(","):
+            part = part.strip()
+            if part:
+                parts.append(part)
+        return parts or [""]
     out: list[str] = []
     depth = 0
     quoted = False
