@@ -53,6 +53,7 @@ from e911_sip.sip.uri import (
     Via,
     cached_uri,
     cached_via,
+    param_of,
     parse_name_addr,
     parse_uri,
     parse_via,
@@ -328,7 +329,7 @@ class Message:
             if value is None or "tag" not in value.lower():
                 tag = None  # the common initial request: no need to parse the value
             else:
-                tag = parse_name_addr(value).param("tag")
+                tag = param_of(parse_name_addr(value).params, "tag")
             self._to_tag = tag
         return tag
 
@@ -337,7 +338,7 @@ class Message:
         """The From tag, None when absent."""
         tag = self._from_tag
         if tag is _UNREAD:
-            tag = self._from_tag = self.from_addr().param("tag")
+            tag = self._from_tag = param_of(self.from_addr().params, "tag")
         return tag
 
     # -- changing (each returns a new message) -------------------------------------------
@@ -988,7 +989,6 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     if len(known) > max_headers or known.count("content-length") != 1:
         return None
     message: Request | Response
-    base: Message  # the same object: a native class, so its attributes are set directly
     try:
         line = lines[known.index("content-length")]
         value = line[line.find(":") + 1 :].strip()
@@ -1049,7 +1049,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             response.status = int(code)
             response.reason = reason
             response._mf = -1
-            message = base = response
+            message = response
         else:
             parts = first.split(" ")
             if len(parts) != 3:
@@ -1071,9 +1071,12 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 )
             else:
                 request._mf = None
-            message = base = request
+            message = request
     except (ValueError, RemoteSipError):
         return None  # a mandatory header missing, or a value the careful path will name
+    # Typed as the one native class, compiled the attributes are set directly (on the
+    # union each would be a generic setattr).
+    base = cast(Message, message)
     base._lines = lines
     base._keys = known
     base.body = body

@@ -26,6 +26,16 @@ ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 Params = tuple[tuple[str, str | None], ...]
 
 
+def param_of(params: Params, name: str) -> str | None:
+    """Parameter ``name`` (lower-case) of ``params``: '' for a flag, None when absent. What
+    the ``param`` method of a Uri, NameAddr or Via returns; compiled code calling this
+    function directly is spared a method call on a class that is not native."""
+    for key, value in params:
+        if key == name:
+            return "" if value is None else value
+    return None
+
+
 class Uri(NamedTuple):
     """A parsed URI. ``raw`` is the text it was parsed from, kept for pass-through."""
 
