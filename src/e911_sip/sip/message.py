@@ -964,7 +964,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     """
     # Compiled, slices up to a find() and str.isdigit() are native operations where
     # partition() builds a tuple and str.isascii() is a method call; a digit other than
-    # 0-9 that isdigit() lets through ('²', the only kind latin-1 holds) makes int() raise
+    # 0-9 that isdigit() lets through (in latin-1: '¹', '²', '³') makes int() raise
     # ValueError, which sends the message to the careful path as isascii() did.
     end = data.find(b"\r\n\r\n")
     if end <= 0:
@@ -1240,7 +1240,7 @@ def _parse_careful(
         raise ParseFailure(exc, method=method, headers=headers) from exc
 
 
-REASONS = {
+REASONS: Final = {
     100: "Trying",
     180: "Ringing",
     183: "Session Progress",
@@ -1278,8 +1278,11 @@ def make_response(
     """
     lines: list[str] = []
     keys: list[str] = []
-    for line, key in zip(request._lines, request._keys, strict=True):
+    request_lines = request._lines
+    # enumerate, not zip: compiled, a loop over enumerate is native and one over zip is not.
+    for i, key in enumerate(request._keys):
         if key in _COPIED:
+            line = request_lines[i]
             if key == "to" and to_tag and status > 100 and not _has_tag(_value_of(line)):
                 line = f"{line.rstrip()};tag={to_tag}"
             lines.append(line)
