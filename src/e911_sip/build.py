@@ -20,6 +20,8 @@ import sys
 COMPILED = (
     "e911_sip.sip.message",
     "e911_sip.sip.uri",
+    "e911_sip.sip.numbers",
+    "e911_sip.sip.peer",
     "e911_sip.sip.transaction",
     "e911_sip.proxy.core",
     "e911_sip.proxy.routing",

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Generic, NamedTuple, Self, TypeVar, cast
+from typing import Final, Generic, NamedTuple, Self, TypeVar, cast
 
 from e911_sip.sip.errors import (
     MalformedMessage,
@@ -53,13 +53,14 @@ from e911_sip.sip.uri import (
     Via,
     cached_uri,
     cached_via,
+    param_of,
     parse_name_addr,
     parse_uri,
     parse_via,
     split_values,
 )
 
-SIP_VERSION = "SIP/2.0"
+SIP_VERSION: Final = "SIP/2.0"
 DEFAULT_MAX_SIZE = 65535
 DEFAULT_MAX_HEADERS = 256
 MAX_FORWARDS_READ = 2**32 - 1
@@ -160,7 +161,7 @@ def make_header(name: str, value: str) -> Header:
     return Header(_key_of(name), f"{name}: {value}", value)
 
 
-_UNREAD = "\x00unread"
+_UNREAD: Final = "\x00unread"
 """Marks a cached tag not read yet (compared by identity: no parsed string is this object)."""
 
 
@@ -216,10 +217,12 @@ class Message:
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key`` (lower-case long name), or None."""
-        try:
-            return _value_of(self._lines[self._keys.index(key)])
-        except ValueError:
-            return None
+        keys = self._keys
+        # A test first, not index() in a try: an absent header is common, and a caught
+        # exception costs far more than the second scan of a short list.
+        if key in keys:
+            return _value_of(self._lines[keys.index(key)])
+        return None
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
@@ -326,7 +329,7 @@ class Message:
             if value is None or "tag" not in value.lower():
                 tag = None  # the common initial request: no need to parse the value
             else:
-                tag = parse_name_addr(value).param("tag")
+                tag = param_of(parse_name_addr(value).params, "tag")
             self._to_tag = tag
         return tag
 
@@ -335,7 +338,7 @@ class Message:
         """The From tag, None when absent."""
         tag = self._from_tag
         if tag is _UNREAD:
-            tag = self._from_tag = self.from_addr().param("tag")
+            tag = self._from_tag = param_of(self.from_addr().params, "tag")
         return tag
 
     # -- changing (each returns a new message) -------------------------------------------
@@ -511,7 +514,7 @@ class Message:
         return self._wire
 
 
-_CACHED = frozenset(("*", "via", "cseq", "call-id", "to", "from", "max-forwards"))
+_CACHED: Final = frozenset(("*", "via", "cseq", "call-id", "to", "from", "max-forwards"))
 """Changes that invalidate something cached on a message (``*``: anything may have)."""
 
 
@@ -555,10 +558,10 @@ class Edit(Generic[M]):
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key``, as changed so far, or None."""
-        try:
-            return _value_of(self._lines[self._keys.index(key)])
-        except ValueError:
-            return None
+        keys = self._keys
+        if key in keys:  # as Message.get
+            return _value_of(self._lines[keys.index(key)])
+        return None
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, as changed so far."""
@@ -678,7 +681,8 @@ def _max_forwards_of(value: str | None) -> int | None:
 
 
 def _value_of(line: str) -> str:
-    value = line.partition(":")[2]
+    colon = line.find(":")  # a slice, not partition(): no tuple to build and throw away
+    value = line[colon + 1 :] if colon >= 0 else ""
     if "\n" in value:
         value = " ".join(part.strip() for part in value.split("\r\n"))
     return value.strip()
@@ -859,19 +863,18 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     return lines, cast(list[str], keys)
 
 
-_SPELLINGS: dict[str, str] = {}
+_SPELLINGS: Final[dict[str, str]] = {}
 """Header name exactly as received, with its colon -> key; filled as names are seen, up to a
 bound. The colon is part of the key so that a line without one (a bare "Call-ID") never
 matches: its slice is empty."""
-_MAX_SPELLINGS = 4096
+_MAX_SPELLINGS: Final = 4096
 
 
 def _cached_keys(lines: list[str]) -> list[str | None]:
     """Each line's key through the spelling cache; None for a line whose name (and colon) is
     not in it. Slicing up to the colon copies only the name, where ``partition`` would copy
     every value too: this is the parser's largest single step."""
-    spelt = _SPELLINGS.get
-    return [spelt(line[: line.find(":") + 1]) for line in lines]
+    return [_SPELLINGS.get(line[: line.find(":") + 1]) for line in lines]
 
 
 _BAD = "\x00bad"
@@ -941,7 +944,7 @@ def parse(
     return _parse_careful(data, max_size, max_headers, datagram)
 
 
-_METHODS = frozenset(
+_METHODS: Final = frozenset(
     ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO")
     + ("SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH")
 )
@@ -959,78 +962,88 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     judged here that ``_parse_careful`` does not judge the same way, so a message takes
     this path only when the careful one would have accepted it as the same value.
     """
+    # Compiled, slices up to a find() and str.isdigit() are native operations where
+    # partition() builds a tuple and str.isascii() is a method call; a digit other than
+    # 0-9 that isdigit() lets through (in latin-1: '¹', '²', '³') makes int() raise
+    # ValueError, which sends the message to the careful path as isascii() did.
     end = data.find(b"\r\n\r\n")
     if end <= 0:
         return None
     text = data[:end].decode("latin-1")
-    first, sep, head = text.partition("\r\n")
-    lines = head.split("\r\n")
+    lines = text.split("\r\n")
     # Every CR and every LF is part of one of the CRLFs just cut at (one after the start
-    # line, one between each two header lines): no bare CR or LF anywhere.
-    crlfs = len(lines)
-    if not sep or text.count("\r") != crlfs or text.count("\n") != crlfs:
+    # line, one between each two header lines): no bare CR or LF anywhere. The lines
+    # joined are searched with memchr, where text.count() would test every character.
+    joined = "".join(lines)
+    if len(lines) < 2 or "\r" in joined or "\n" in joined:
         return None
+    first = lines.pop(0)
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
     # (_cached_keys, written out: this runs for every message.)
-    spelt = _SPELLINGS.get
-    keys = [spelt(line[: line.find(":") + 1]) for line in lines]
-    if None in keys or len(keys) > max_headers or keys.count("content-length") != 1:
-        return None
-    line = lines[keys.index("content-length")]
-    value = line.partition(":")[2].strip()
-    if len(value) > 5 or not value.isdigit() or not value.isascii():
-        return None
-    length = int(value)
-    body = data[end + 4 :]
-    wire = data
-    if length != len(body):
-        if length > len(body):
+    known: list[str] = []
+    for line in lines:
+        key = _SPELLINGS.get(line[: line.find(":") + 1])
+        if key is None:
             return None
-        if datagram:
-            body = body[:length]
-            wire = data[: end + 4 + length]
-    known: list[str] = keys  # type: ignore[assignment]  # no None, checked above
+        known.append(key)
+    if len(known) > max_headers or known.count("content-length") != 1:
+        return None
+    message: Request | Response
     try:
+        line = lines[known.index("content-length")]
+        value = line[line.find(":") + 1 :].strip()
+        if len(value) > 5 or not value.isdigit():
+            return None
+        length = int(value)
+        body = data[end + 4 :]
+        wire = data
+        if length != len(body):
+            if length > len(body):
+                return None
+            if datagram:
+                body = body[:length]
+                wire = data[: end + 4 + length]
         # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
         # it (anything else, extra spaces included, is left to the careful path).
-        number, space, cseq_method = (
-            lines[known.index("cseq")].partition(":")[2].strip().partition(" ")
-        )
-        if (
-            not space
-            or cseq_method not in _METHODS
-            or len(number) > 9
-            or not number.isdigit()
-            or not number.isascii()
-        ):
+        line = lines[known.index("cseq")]
+        value = line[line.find(":") + 1 :].strip()
+        space = value.find(" ")
+        if space < 0:
+            return None
+        number = value[:space]
+        cseq_method = value[space + 1 :]
+        if cseq_method not in _METHODS or len(number) > 9 or not number.isdigit():
             return None
         cseq = (int(number), cseq_method)
         line = lines[known.index("call-id")]
-        call_id = line.partition(":")[2].strip()
+        call_id = line[line.find(":") + 1 :].strip()
         if not call_id:
             return None
         # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
         # else is left to it.
-        value = lines[known.index("from")].partition(":")[2]
+        line = lines[known.index("from")]
+        value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
-        value = lines[known.index("to")].partition(":")[2]
+        line = lines[known.index("to")]
+        value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
         # The top Via, when it is the cached parse of the text before the first comma (no
         # quote or '<' before it, so that comma is where split_values would cut too): a
         # response to one of our branches, whose Via is ours. Anything else, _top_via_of.
-        value = lines[known.index("via")].partition(":")[2]
-        head = value.partition(",")[0].strip()
+        line = lines[known.index("via")]
+        value = line[line.find(":") + 1 :]
+        comma = value.find(",")
+        head = (value if comma < 0 else value[:comma]).strip()
         top_via = cached_via(head) if head and '"' not in head and "<" not in head else None
         if top_via is None:
             top_via = _top_via_of(value.strip())
-        message: Request | Response
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")
-            if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] == "0":
+            if len(code) != 3 or not code.isdigit() or code[0] == "0":
                 return None
             response = Response.__new__(Response)
             response.status = int(code)
@@ -1049,10 +1062,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
             if "max-forwards" in known:
-                value = lines[known.index("max-forwards")].partition(":")[2].strip()
+                line = lines[known.index("max-forwards")]
+                value = line[line.find(":") + 1 :].strip()
                 request._mf = (
                     int(value)  # the common case of _max_forwards_of, without the call
-                    if len(value) < 4 and value.isdigit() and value.isascii()
+                    if len(value) < 4 and value.isdigit()
                     else _max_forwards_of(value)
                 )
             else:
@@ -1060,16 +1074,19 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             message = request
     except (ValueError, RemoteSipError):
         return None  # a mandatory header missing, or a value the careful path will name
-    message._lines = lines
-    message._keys = known
-    message.body = body
-    message._wire = wire
-    message._vias = None
-    message._top_via = top_via
-    message._cseq = cseq
-    message._call_id = call_id
-    message._to_tag = _UNREAD
-    message._from_tag = _UNREAD
+    # Typed as the one native class, compiled the attributes are set directly (on the
+    # union each would be a generic setattr).
+    base = cast(Message, message)
+    base._lines = lines
+    base._keys = known
+    base.body = body
+    base._wire = wire
+    base._vias = None
+    base._top_via = top_via
+    base._cseq = cseq
+    base._call_id = call_id
+    base._to_tag = _UNREAD
+    base._from_tag = _UNREAD
     return message
 
 
@@ -1223,7 +1240,7 @@ def _parse_careful(
         raise ParseFailure(exc, method=method, headers=headers) from exc
 
 
-REASONS = {
+REASONS: Final = {
     100: "Trying",
     180: "Ringing",
     183: "Session Progress",
@@ -1261,8 +1278,11 @@ def make_response(
     """
     lines: list[str] = []
     keys: list[str] = []
-    for line, key in zip(request._lines, request._keys, strict=True):
+    request_lines = request._lines
+    # enumerate, not zip: compiled, a loop over enumerate is native and one over zip is not.
+    for i, key in enumerate(request._keys):
         if key in _COPIED:
+            line = request_lines[i]
             if key == "to" and to_tag and status > 100 and not _has_tag(_value_of(line)):
                 line = f"{line.rstrip()};tag={to_tag}"
             lines.append(line)
@@ -1278,7 +1298,7 @@ def make_response(
     return response
 
 
-_COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+_COPIED: Final = frozenset({"via", "from", "to", "call-id", "cseq"})
 
 
 def _has_tag(value: str) -> bool:

@@ -15,9 +15,8 @@ Vias come back in each of its responses.
 
 from __future__ import annotations
 
-import operator
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint
@@ -25,6 +24,16 @@ from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
 Params = tuple[tuple[str, str | None], ...]
+
+
+def param_of(params: Params, name: str) -> str | None:
+    """Parameter ``name`` (lower-case) of ``params``: '' for a flag, None when absent. What
+    the ``param`` method of a Uri, NameAddr or Via returns; compiled code calling this
+    function directly is spared a method call on a class that is not native."""
+    for key, value in params:
+        if key == name:
+            return "" if value is None else value
+    return None
 
 
 class Uri(NamedTuple):
@@ -68,16 +77,16 @@ class Uri(NamedTuple):
 def _split_params(text: str) -> Params:
     if not text:
         return ()
-    return tuple(
-        [
-            (name.strip().lower(), value.strip() if sep else None)
-            for name, sep, value in map(_EQUALS, text.split(";"))
-            if name or sep
-        ]
-    )
-
-
-_EQUALS = operator.methodcaller("partition", "=")
+    # find and slices rather than partition: compiled, they are native string operations.
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(";"):
+        eq = part.find("=")
+        if eq < 0:
+            if part:
+                out.append((part.strip().lower(), None))
+        else:
+            out.append((part[:eq].strip().lower(), part[eq + 1 :].strip()))
+    return tuple(out)
 
 
 def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
@@ -106,7 +115,7 @@ def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
     return host, port
 
 
-_URI_CACHE: dict[str, Uri] = {}
+_URI_CACHE: Final[dict[str, Uri]] = {}
 """Recently parsed URIs by their text. Request-URIs, trunk URIs and Route values repeat from
 call to call; a URI is an immutable value, so the parse of one can serve them all."""
 _URI_CACHE_SIZE = 1024
@@ -115,9 +124,10 @@ _URI_CACHE_LENGTH = 256
 text."""
 
 
-cached_uri = _URI_CACHE.get
-"""The URI parsed from a text before and still kept, or None: what ``parse_uri`` would
-return, without the call, for a caller on the hot path that tries the cache first."""
+def cached_uri(text: str) -> Uri | None:
+    """The URI parsed from a text before and still kept, or None: what ``parse_uri`` would
+    return, without the parse, for a caller on the hot path that tries the cache first."""
+    return _URI_CACHE.get(text)
 
 
 def parse_uri(text: str) -> Uri:
@@ -218,7 +228,12 @@ def parse_name_addr(text: str) -> NameAddr:
         params = _split_params(ptext)
     if not uri:
         raise MalformedMessage(f"empty URI in {raw[:80]!r}")
-    return NameAddr(display, uri, params, raw)
+    return _name_addr(display, uri, params, raw)
+
+
+def _name_addr(display: str, uri: str, params: Params, raw: str) -> NameAddr:
+    # tuple.__new__ skips the Python-level __new__ a NamedTuple is given: half the cost.
+    return tuple.__new__(NameAddr, (display, uri, params, raw))
 
 
 def _find_outside_quotes(text: str, char: str) -> int:
@@ -250,7 +265,12 @@ def split_values(text: str) -> list[str]:
         return [text.strip()]
     if '"' not in text and "<" not in text:
         # Via and most list headers: no quoting, so a plain split is exact.
-        return [part for part in map(str.strip, text.split(",")) if part] or [""]
+        parts: list[str] = []
+        for part in text.split(","):
+            part = part.strip()
+            if part:
+                parts.append(part)
+        return parts or [""]
     out: list[str] = []
     depth = 0
     quoted = False
@@ -317,11 +337,13 @@ _VIA_RE = re.compile(
 )
 
 
-_VIA_PROTOCOLS = {f"SIP/2.0/{t}": t for t in ("UDP", "TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS")}
+_VIA_PROTOCOLS: Final = {
+    f"SIP/2.0/{t}": t for t in ("UDP", "TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS")
+}
 """The sent-protocol as nearly every Via spells it: no LWS, upper case."""
 
 
-_VIA_CACHE: dict[str, Via] = {}
+_VIA_CACHE: Final[dict[str, Via]] = {}
 """Recently parsed Via values by their text. A call's Vias come back in every response to
 each of its requests (and the proxy reads the one below its own), so most parses are of a
 text seen moments before."""
@@ -344,8 +366,14 @@ def parse_via(text: str) -> Via:
     return via
 
 
-cached_via = _VIA_CACHE.get
-"""The Via parsed from a text before and still kept, or None (as ``cached_uri``)."""
+def cached_via(text: str) -> Via | None:
+    """The Via parsed from a text before and still kept, or None (as ``cached_uri``)."""
+    return _VIA_CACHE.get(text)
+
+
+def _via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
+    # As _name_addr: what Via(...) builds, without its Python-level __new__.
+    return tuple.__new__(Via, (transport, host, port, params, raw))
 
 
 def remember_via(via: Via) -> None:
@@ -365,22 +393,31 @@ def _parse_via(text: str) -> Via:
     reference) is cut with string methods; anything else, and anything the short cut cannot
     vouch for, goes through the full expression, so both give the same answer.
     """
-    protocol, _, rest = text.partition(" ")
-    transport = _VIA_PROTOCOLS.get(protocol)
+    # Cut with find() and slices, native operations once compiled (partition builds tuples).
+    space = text.find(" ")
+    transport = _VIA_PROTOCOLS.get(text[:space]) if space > 0 else None
     if transport is not None:
+        rest = text[space + 1 :]
         # No whitespace of any kind left (isprintable() is False for every space but ' ').
         if rest.isprintable() and " " not in rest:
-            hostport, _, ptext = rest.partition(";")
-            host, colon, port_text = hostport.partition(":")
+            semi = rest.find(";")
+            hostport = rest if semi < 0 else rest[:semi]
+            ptext = "" if semi < 0 else rest[semi + 1 :]
+            colon = hostport.find(":")
+            host = hostport if colon < 0 else hostport[:colon]
             if host and "[" not in hostport and "]" not in hostport:
-                if not colon:
-                    return Via(transport, host.lower(), None, _split_params(ptext), text)
-                if port_text.isdigit() and port_text.isascii():
+                if colon < 0:
+                    return _via(transport, host.lower(), None, _split_params(ptext), text)
+                port_text = hostport[colon + 1 :]
+                # isdigit() also passes '²', which isascii() (in bounded_uint) refuses.
+                if port_text.isdigit():
                     port = (
-                        int(port_text) if len(port_text) < 5 else bounded_uint(port_text, MAX_PORT)
+                        int(port_text)
+                        if len(port_text) < 5 and port_text.isascii()
+                        else bounded_uint(port_text, MAX_PORT)
                     )
                     if port is not None:
-                        return Via(transport, host.lower(), port, _split_params(ptext), text)
+                        return _via(transport, host.lower(), port, _split_params(ptext), text)
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")
@@ -396,4 +433,4 @@ def _parse_via(text: str) -> Via:
     if port_group and port is None:
         raise MalformedMessage(f"bad port in Via {text[:80]!r}")
     params = _split_params(params_group[1:] if params_group else "")
-    return Via(sent_transport.upper(), sent_host.lower(), port, params, text)
+    return _via(sent_transport.upper(), sent_host.lower(), port, params, text)

@@ -13,7 +13,15 @@ import pytest
 
 from e911_sip.proxy.routing import LocalAddress, own_via
 from e911_sip.sip.message import Response, parse
-from e911_sip.sip.uri import _VIA_CACHE, _parse_via, parse_via
+from e911_sip.sip.uri import (
+    _VIA_CACHE,
+    NameAddr,
+    Via,
+    _parse_via,
+    param_of,
+    parse_name_addr,
+    parse_via,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 VALID = sorted((DATA / "valid").glob("*.sip"))
@@ -158,3 +166,30 @@ def test_an_edit_that_changes_nothing_is_the_message_itself() -> None:
     assert message.edit().remove("x-not-there").done() is message
     assert message.edit().has("via")
     assert message.edit().append("X-A", "1").get_all("x-a") == ["1"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        OURS,
+        "SIP/2.0/TCP host.example;received=192.0.2.4;flag",
+        "SIP / 2.0 / udp [::1] : 5060 ; branch = b",
+    ],
+)
+def test_a_parsed_via_is_the_value_its_constructor_builds(text: str) -> None:
+    via = _parse_via(text)
+    assert type(via) is Via
+    assert via == Via(*via)
+    assert (via.transport, via.host, via.raw) == (via[0], via[1], text)
+    for name in ("branch", "rport", "received", "flag", "absent"):
+        assert param_of(via.params, name) == via.param(name)
+
+
+@pytest.mark.parametrize("text", ['"A" <sip:a@x>;tag=1;x', "sip:b@y;tag=2", "<sip:c@z>"])
+def test_a_parsed_name_addr_is_the_value_its_constructor_builds(text: str) -> None:
+    addr = parse_name_addr(text)
+    assert type(addr) is NameAddr
+    assert addr == NameAddr(*addr)
+    assert (addr.uri, addr.raw) == (addr[1], text)
+    for name in ("tag", "x", "absent"):
+        assert param_of(addr.params, name) == addr.param(name)
