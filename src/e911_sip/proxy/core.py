@@ -65,7 +65,6 @@ from e911_sip.proxy.routing import (
     STAMP_MARK,
     BranchFactory,
     LocalAddress,
-    R,
     Tokens,
     add_record_route,
     add_via,
@@ -659,6 +658,10 @@ def _rfc3261_key(request: Request) -> ServerKey | None:
     return branch, via.sent_by, "INVITE" if method == "ACK" else method
 
 
+_PEERS_SIZE = 1024
+"""How many targets :meth:`ProxyCore._peer_for` remembers before it starts again."""
+
+
 def _reliable(peer: Peer) -> bool:
     """``peer.reliable``, as a native call: the property is Python code run per message."""
     return peer.transport != "udp"
@@ -666,23 +669,26 @@ def _reliable(peer: Peer) -> bool:
 
 def _below_top_via(response: Response, expected: str | None) -> bool:
     """True when the Via below the response's top one is ``expected``, as the second of
-    ``response.values("via")`` would be, read from the one Via line without splitting all
-    of it. False means only "not known here": the caller then splits the line.
+    ``response.values("via")`` would be, read in place on the one Via line instead of
+    splitting all of it. False means only "not known here": the caller then splits the line.
     """
     if not expected or response.count("via") != 1:
         return False
     value = response.get("via") or ""
     if '"' in value or "<" in value:
         return False  # quoting: split_values has its own rules
-    # Without quotes split_values is a split at every comma, stripped, empty parts skipped;
-    # the top Via is its first part, so the part right after it, when not empty, is the second.
-    top = response.top_via.raw
-    if not value.startswith(top):
+    # Without quotes split_values splits at every comma and strips the parts (the top Via
+    # and ``expected`` are such parts: no comma, no surrounding space). So the line is the
+    # top Via, a comma, an optional space, ``expected``, then its end or a comma (optionally
+    # after a space); any other spelling is left to the split.
+    at = len(response.top_via.raw)
+    if not value.startswith(response.top_via.raw) or not value.startswith(",", at):
         return False
-    rest = value[len(top) :].lstrip()
-    if not rest.startswith(","):
+    at += 2 if value.startswith(" ", at + 1) else 1
+    if not value.startswith(expected, at):
         return False
-    return rest[1:].split(",", 1)[0].strip() == expected
+    end = at + len(expected)
+    return end == len(value) or value.startswith(",", end) or value.startswith(" ,", end)
 
 
 def _is_failover_status(status: int) -> bool:
@@ -755,8 +761,8 @@ class ProxyCore:
             trunk: parse_uri(trunk)
             for trunk in (*options.emergency_trunks, *options.default_trunks)
         }
-        self._trunk_peers: dict[str, Peer] = {}
-        """Where each trunk's requests go, read from its URI when first used."""
+        self._peers: dict[Uri, Peer] = {}
+        """``peer_for_uri`` of the targets sent to lately (:meth:`_peer_for`)."""
         probes = {trunk: options.default_probe for trunk in options.default_trunks}
         probes.update((trunk, options.emergency_probe) for trunk in options.emergency_trunks)
         self._health = TrunkHealth(probes)
@@ -1039,9 +1045,10 @@ class ProxyCore:
         self._run_server(server, txn.receive(request, now), now)
         return True
 
-    def _pop_own_routes(self, request: R) -> R:
+    def _pop_own_routes(self, request: Edit[Request]) -> Edit[Request]:
         """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
-        spelled exactly as we record it is recognised without parsing it."""
+        spelled exactly as we record it is recognised without parsing it. (An edit, not any
+        ``R``: its methods are then native calls in compiled code.)"""
         # has() first: get() of an absent header costs a raised and caught exception.
         if not request.has("route"):
             return request
@@ -1099,7 +1106,7 @@ class ProxyCore:
             if (
                 request.method == "OPTIONS"
                 and self._addressed_to_us(request)
-                and not self._pop_own_routes(request).has("route")
+                and not self._pop_own_routes(request.edit()).has("route")
             ):
                 return request
             self._refuse(request, source, "untrusted_initial")
@@ -1109,7 +1116,7 @@ class ProxyCore:
         ) and not self._restore_trunk_dialog(request, source, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
-        target = next_hop(self._pop_own_routes(request))
+        target = next_hop(self._pop_own_routes(request.edit()))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1317,10 +1324,6 @@ class ProxyCore:
             return False
         trunk = context.trunks.pop(0)
         uri = self._trunk_uris.get(trunk) or parse_uri(trunk)
-        peer = self._trunk_peers.get(trunk)
-        if peer is None:
-            # Trunks come from the configuration: the table stays as small as it.
-            peer = self._trunk_peers[trunk] = peer_for_uri(uri)
         number = context.emergency_number
         ruri: str | None = None
         if number is not None:
@@ -1334,7 +1337,7 @@ class ProxyCore:
                     context.id, context.request.call_id, trunk, context.attempt, context.enriched
                 )
             )
-        self._start_branch(context, uri, context.template, now, trunk=trunk, ruri=ruri, peer=peer)
+        self._start_branch(context, uri, context.template, now, trunk=trunk, ruri=ruri)
         return True
 
     def _start_branch(
@@ -1346,13 +1349,11 @@ class ProxyCore:
         *,
         trunk: str | None,
         ruri: str | None = None,
-        peer: Peer | None = None,
     ) -> None:
         """Send ``request`` to ``target`` (with the Request-URI ``ruri``, when given) as a new
         branch: our Via, and the second Record-Route when the transports differ, are added
-        in one copy of the request. ``peer``: ``peer_for_uri(target)``, when known."""
-        if peer is None:
-            peer = peer_for_uri(target)
+        in one copy of the request."""
+        peer = self._peer_for(target)
         local = self._by_transport.get(peer.transport)
         if local is None:
             # No listener for that transport: use the first we have rather than fail.
@@ -1395,6 +1396,21 @@ class ProxyCore:
             branch.provisional_deadline = now + self._options.provisional_timeout
             self._arm_branch(branch)
         self._run_client(entry, txn.start(now), now)
+
+    def _peer_for(self, target: Uri) -> Peer:
+        """``peer_for_uri(target)``, remembered: it is Python code (sip/peer.py is not
+        compiled), and requests go to a few targets again and again (trunks, the softswitch).
+
+        Raises:
+            UnsupportedUriScheme: as peer_for_uri (nothing is remembered then).
+        """
+        peer = self._peers.get(target)
+        if peer is None:
+            peer = peer_for_uri(target)
+            if len(self._peers) >= _PEERS_SIZE:
+                self._peers.clear()  # bounded: in-dialog targets are the callers' addresses
+            self._peers[target] = peer
+        return peer
 
     def _on_cancel(
         self, request: Request, source: Peer, key: tuple[str, str, str], now: float
@@ -1466,7 +1482,7 @@ class ProxyCore:
         if not forwarded.has("route") and is_local_uri(target, self._locals):
             self._events.append(Discarded("no_route", request.method, source))
             return
-        peer = peer_for_uri(target)
+        peer = self._peer_for(target)
         local = self._by_transport.get(peer.transport, self._locals[0])
         if local.transport != peer.transport:
             peer = Peer(local.transport, peer.host, peer.port)

@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from e911_sip.proxy.core import _below_top_via, _reliable
 from e911_sip.sip.message import Message, Response, parse
@@ -151,6 +153,28 @@ def test_the_via_below_ours_is_read_as_values_reads_it(via_lines: list[str]) -> 
     if via_lines in ([f"{OURS}, {BELOW}"], [f"{OURS},{BELOW}"]):
         assert _below_top_via(response, BELOW)  # the usual line is read without a split
     assert not _below_top_via(response, None)
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [OURS, BELOW, "SIP/2.0/UDP 192.0.2.11;branch=z9hG4bKx", "", " ", "x", ";a", '"', "<"]
+        ),
+        max_size=5,
+    ),
+    st.lists(st.sampled_from([",", ", ", " ,", " , ", ",  ", ",\t", ",,"]), min_size=5, max_size=5),
+)
+def test_the_via_below_ours_is_never_misread(parts: list[str], commas: list[str]) -> None:
+    line = OURS + "".join(comma + part for comma, part in zip(commas, parts, strict=False))
+    response = parse(
+        f"SIP/2.0 180 Ringing\r\nVia: {line}\r\nFrom: <sip:a@192.0.2.10>;tag=1\r\n"
+        "To: <sip:911@192.0.2.1>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
+        "Content-Length: 0\r\n\r\n".encode()
+    )
+    assert isinstance(response, Response)
+    if _below_top_via(response, BELOW):
+        vias = response.values("via")
+        assert len(vias) >= 2 and vias[1] == BELOW
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
