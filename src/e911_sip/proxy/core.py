@@ -681,14 +681,17 @@ def _below_top_via(response: Response, expected: str | None) -> bool:
     # and ``expected`` are such parts: no comma, no surrounding space). So the line is the
     # top Via, a comma, an optional space, ``expected``, then its end or a comma (optionally
     # after a space); any other spelling is left to the split.
-    at = len(response.top_via.raw)
-    if not value.startswith(response.top_via.raw) or not value.startswith(",", at):
+    # Indexing and slices, not startswith(x, start): that form is a generic call when compiled.
+    top = response.top_via.raw
+    at = len(top)
+    size = len(value)
+    if at >= size or value[at] != "," or not value.startswith(top):
         return False
-    at += 2 if value.startswith(" ", at + 1) else 1
-    if not value.startswith(expected, at):
-        return False
+    at += 2 if at + 1 < size and value[at + 1] == " " else 1
     end = at + len(expected)
-    return end == len(value) or value.startswith(",", end) or value.startswith(" ,", end)
+    if value[at:end] != expected:
+        return False
+    return end == size or value[end] == "," or value[end : end + 2] == " ,"
 
 
 def _is_failover_status(status: int) -> bool:
