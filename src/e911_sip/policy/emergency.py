@@ -24,14 +24,17 @@ def dialled_digits(uri: Uri) -> str | None:
         if user is None:
             return None
         # A sip user may carry tel parameters ("911;phone-context=...").
-        user = user.partition(";")[0]
+        if ";" in user:
+            user = user.partition(";")[0]
     elif uri.scheme == "tel":
         user = uri.user
         if user is None:
             return None
     else:
         return None
-    return user.translate(_VISUAL_SEPARATORS)
+    # All digits (the usual case) has no separator to take out: translate costs a lookup
+    # per character.
+    return user if user.isdigit() else user.translate(_VISUAL_SEPARATORS)
 
 
 def emergency_number(uri: Uri, numbers: Collection[str] = DEFAULT_NUMBERS) -> str | None:
@@ -62,7 +65,7 @@ def normalize_nanp(number: str) -> str | None:
     provisioning stored (the acceptance story's own account, 1321551234, is outside them), and
     an unknown number only finds no record.
     """
-    digits = number.translate(_VISUAL_SEPARATORS)
+    digits = number if number.isdigit() else number.translate(_VISUAL_SEPARATORS)
     if digits.startswith("+"):
         digits = digits[1:]
         if not digits.startswith("1") or len(digits) != 11:
@@ -74,9 +77,30 @@ def normalize_nanp(number: str) -> str | None:
     return digits
 
 
+_NAME_ADDR_URIS: dict[str, Uri] = {}
+_NAME_ADDR_URIS_SIZE = 256
+
+
+def name_addr_uri(value: str) -> Uri:
+    """``parse_uri(parse_name_addr(value).uri)``, remembered for the next request with the
+    same value: an emergency call reads its From twice (:func:`caller_line`, then the
+    P-Asserted-Identity host of enrichment), and a caller's next call has the same one.
+
+    Raises:
+        SipError: as the parses do (nothing is remembered then).
+    """
+    uri = _NAME_ADDR_URIS.get(value)
+    if uri is None:
+        uri = parse_uri(parse_name_addr(value).uri)
+        if len(_NAME_ADDR_URIS) >= _NAME_ADDR_URIS_SIZE:
+            _NAME_ADDR_URIS.clear()  # bounded, as the URI cache of the parser is
+        _NAME_ADDR_URIS[value] = uri
+    return uri
+
+
 def _line_of(value: str) -> str | None:
     try:
-        uri = parse_uri(parse_name_addr(value).uri)
+        uri = name_addr_uri(value)
     except SipError:
         return None
     digits = dialled_digits(uri)

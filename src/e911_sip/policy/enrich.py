@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from e911_sip.policy.emergency import name_addr_uri
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.message import Request
-from e911_sip.sip.uri import parse_name_addr, parse_uri
 
 
 class ExistingGeolocation(StrEnum):
@@ -59,7 +59,9 @@ class EnrichOptions:
     """Host used when ``pai_domain`` is unset and From has no SIP host (a tel URI)."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per emergency call, and a frozen dataclass sets each field through
+# object.__setattr__ (a generic call per field in compiled code).
+@dataclass(slots=True)
 class Enrichment:
     """The enriched request and what was done to it."""
 
@@ -76,7 +78,7 @@ def _pai_host(request: Request, options: EnrichOptions) -> str:
     if options.pai_domain:
         return options.pai_domain
     try:
-        uri = parse_uri(parse_name_addr(request.get("from") or "").uri)
+        uri = name_addr_uri(request.get("from") or "")
     except SipError:
         return options.fallback_domain
     if uri.scheme in ("sip", "sips") and uri.host:

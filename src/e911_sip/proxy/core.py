@@ -55,7 +55,6 @@ injected time (the aioquic pattern).
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,7 +65,6 @@ from e911_sip.proxy.routing import (
     STAMP_MARK,
     BranchFactory,
     LocalAddress,
-    R,
     Tokens,
     add_record_route,
     add_via,
@@ -651,10 +649,49 @@ def _rfc3261_key(request: Request) -> ServerKey | None:
     received/rport change neither the branch nor the sent-by, only an RFC 2543 key (which
     includes the whole Via, so it is left to the general path).
     """
-    branch = request.top_via.branch
+    via = request.top_via
+    branch = via.branch
     if branch is None or not branch.startswith(MAGIC_COOKIE):
         return None
-    return server_key(request)
+    # server_key's RFC 3261 case, without reading the branch a second time.
+    method = request.method
+    return branch, via.sent_by, "INVITE" if method == "ACK" else method
+
+
+_PEERS_SIZE = 1024
+"""How many targets :meth:`ProxyCore._peer_for` remembers before it starts again."""
+
+
+def _reliable(peer: Peer) -> bool:
+    """``peer.reliable``, as a native call: the property is Python code run per message."""
+    return peer.transport != "udp"
+
+
+def _below_top_via(response: Response, expected: str | None) -> bool:
+    """True when the Via below the response's top one is ``expected``, as the second of
+    ``response.values("via")`` would be, read in place on the one Via line instead of
+    splitting all of it. False means only "not known here": the caller then splits the line.
+    """
+    if not expected or response.count("via") != 1:
+        return False
+    value = response.get("via") or ""
+    if '"' in value or "<" in value:
+        return False  # quoting: split_values has its own rules
+    # Without quotes split_values splits at every comma and strips the parts (the top Via
+    # and ``expected`` are such parts: no comma, no surrounding space). So the line is the
+    # top Via, a comma, an optional space, ``expected``, then its end or a comma (optionally
+    # after a space); any other spelling is left to the split.
+    # Indexing and slices, not startswith(x, start): that form is a generic call when compiled.
+    top = response.top_via.raw
+    at = len(top)
+    size = len(value)
+    if at >= size or value[at] != "," or not value.startswith(top):
+        return False
+    at += 2 if at + 1 < size and value[at + 1] == " " else 1
+    end = at + len(expected)
+    if value[at:end] != expected:
+        return False
+    return end == size or value[end] == "," or value[end : end + 2] == " ,"
 
 
 def _is_failover_status(status: int) -> bool:
@@ -699,7 +736,8 @@ class ProxyCore:
         self._server: dict[tuple[str, str, str], _ServerEntry] = {}
         self._client: dict[tuple[str, str], _ClientEntry] = {}
         self._contexts: dict[int, _Context] = {}
-        self._ids = itertools.count(1)
+        self._last_id = 0
+        """The id of the last context made (a plain int: next() on a count is a generic call)."""
         self._outbox: list[Outgoing] = []
         self._events: deque[Event] = deque()
         self._fast = options.fast_paths
@@ -726,6 +764,8 @@ class ProxyCore:
             trunk: parse_uri(trunk)
             for trunk in (*options.emergency_trunks, *options.default_trunks)
         }
+        self._peers: dict[Uri, Peer] = {}
+        """``peer_for_uri`` of the targets sent to lately (:meth:`_peer_for`)."""
         probes = {trunk: options.default_probe for trunk in options.default_trunks}
         probes.update((trunk, options.emergency_probe) for trunk in options.emergency_trunks)
         self._health = TrunkHealth(probes)
@@ -802,7 +842,7 @@ class ProxyCore:
                 data,
                 max_size=self._options.max_message_size,
                 max_headers=self._options.max_headers,
-                datagram=not source.reliable,
+                datagram=not _reliable(source),
             )
         # One name per handler: compiled code gives a name one type, the first handler's.
         except ParseFailure as failure:
@@ -910,7 +950,7 @@ class ProxyCore:
         if self._refused(request, source):
             return
 
-        reliable = source.reliable
+        reliable = _reliable(source)
         timers = self._options.timers
         txn: ServerTransaction
         if method == "INVITE":
@@ -918,7 +958,8 @@ class ProxyCore:
         else:
             txn = ServerNonInviteTransaction(request, reliable=reliable, timers=timers, key=key)
         inbound = self._by_transport.get(source.transport, self._locals[0])
-        context = _Context(next(self._ids), txn, source, request, inbound)
+        self._last_id += 1
+        context = _Context(self._last_id, txn, source, request, inbound)
         self._created = context
         entry = _ServerEntry(txn, context, response_peer(request.top_via, source))
         self._server[key] = entry
@@ -1007,19 +1048,23 @@ class ProxyCore:
         self._run_server(server, txn.receive(request, now), now)
         return True
 
-    def _pop_own_routes(self, request: R) -> R:
+    def _pop_own_routes(self, request: Edit[Request]) -> Edit[Request]:
         """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
-        spelled exactly as we record it is recognised without parsing it."""
+        spelled exactly as we record it is recognised without parsing it. (An edit, not any
+        ``R``: its methods are then native calls in compiled code.)"""
+        # has() first: get() of an absent header costs a raised and caught exception.
+        if not request.has("route"):
+            return request
         if self._fast:
-            routes = request.get("route")
-            if routes is None:
-                return request
+            routes = request.get("route") or ""
             first = routes.split(",", 1)[0].strip()
             stamp = first.find(STAMP_MARK)
             if stamp > 0:
                 first = first[:stamp] + ">"
             if first in self._own_routes:
                 request = request.pop_first_value("route")
+                if not request.has("route"):
+                    return request
         return pop_own_routes(request, self._locals)
 
     def _stamp(self, request: Request, emergency: bool) -> str:
@@ -1030,7 +1075,7 @@ class ProxyCore:
         """A trunk sends in a dialog the table does not hold: allowed when its top Route is
         ours with the stamp we wrote for this Call-ID (another worker routed the call, or
         this process before a restart), and then remembered again."""
-        routes = request.get("route")
+        routes = request.get("route") if request.has("route") else None
         if routes is None:
             return False
         first = split_values(routes)[0]
@@ -1064,7 +1109,7 @@ class ProxyCore:
             if (
                 request.method == "OPTIONS"
                 and self._addressed_to_us(request)
-                and not self._pop_own_routes(request).has("route")
+                and not self._pop_own_routes(request.edit()).has("route")
             ):
                 return request
             self._refuse(request, source, "untrusted_initial")
@@ -1074,7 +1119,7 @@ class ProxyCore:
         ) and not self._restore_trunk_dialog(request, source, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
-        target = next_hop(self._pop_own_routes(request))
+        target = next_hop(self._pop_own_routes(request.edit()))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1311,15 +1356,18 @@ class ProxyCore:
         """Send ``request`` to ``target`` (with the Request-URI ``ruri``, when given) as a new
         branch: our Via, and the second Record-Route when the transports differ, are added
         in one copy of the request."""
-        peer = peer_for_uri(target)
+        peer = self._peer_for(target)
         local = self._by_transport.get(peer.transport)
         if local is None:
             # No listener for that transport: use the first we have rather than fail.
             local = self._locals[0]
             peer = Peer(local.transport, peer.host, peer.port)
         edit = request.edit()
+        # Identity first: both come from the configured addresses, and a dataclass == is a
+        # generic call in compiled code.
         if (
-            local != context.inbound
+            local is not context.inbound
+            and local != context.inbound
             and context.route is not Route.IN_DIALOG
             and request.method in DIALOG_CREATING
         ):
@@ -1336,11 +1384,11 @@ class ProxyCore:
         txn: ClientTransaction
         if request.method == "INVITE":
             txn = ClientInviteTransaction(
-                request, reliable=peer.reliable, timers=timers, branch=via_branch
+                request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
         else:
             txn = ClientNonInviteTransaction(
-                request, reliable=peer.reliable, timers=timers, branch=via_branch
+                request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
         context.branches.append(branch)
@@ -1351,6 +1399,21 @@ class ProxyCore:
             branch.provisional_deadline = now + self._options.provisional_timeout
             self._arm_branch(branch)
         self._run_client(entry, txn.start(now), now)
+
+    def _peer_for(self, target: Uri) -> Peer:
+        """``peer_for_uri(target)``, remembered: it is Python code (sip/peer.py is not
+        compiled), and requests go to a few targets again and again (trunks, the softswitch).
+
+        Raises:
+            UnsupportedUriScheme: as peer_for_uri (nothing is remembered then).
+        """
+        peer = self._peers.get(target)
+        if peer is None:
+            peer = peer_for_uri(target)
+            if len(self._peers) >= _PEERS_SIZE:
+                self._peers.clear()  # bounded: in-dialog targets are the callers' addresses
+            self._peers[target] = peer
+        return peer
 
     def _on_cancel(
         self, request: Request, source: Peer, key: tuple[str, str, str], now: float
@@ -1363,7 +1426,7 @@ class ProxyCore:
             self._forward_stateless(request, source)
             return
         txn = ServerNonInviteTransaction(
-            request, reliable=source.reliable, timers=self._options.timers, key=key
+            request, reliable=_reliable(source), timers=self._options.timers, key=key
         )
         entry = _ServerEntry(txn, None, response_peer(request.top_via, source))
         self._server[key] = entry
@@ -1395,7 +1458,7 @@ class ProxyCore:
         cancel = build_cancel(branch.txn.request)
         txn = ClientNonInviteTransaction(
             cancel,
-            reliable=branch.peer.reliable,
+            reliable=_reliable(branch.peer),
             timers=self._options.timers,
             branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
         )
@@ -1422,7 +1485,7 @@ class ProxyCore:
         if not forwarded.has("route") and is_local_uri(target, self._locals):
             self._events.append(Discarded("no_route", request.method, source))
             return
-        peer = peer_for_uri(target)
+        peer = self._peer_for(target)
         local = self._by_transport.get(peer.transport, self._locals[0])
         if local.transport != peer.transport:
             peer = Peer(local.transport, peer.host, peer.port)
@@ -1446,10 +1509,10 @@ class ProxyCore:
                 self._events.append(Discarded("stray_response", str(response.status), source))
             return
         peer = entry.peer
-        if (source.host, source.port, source.transport) != (
-            peer.host,
-            peer.port,
-            peer.transport,
+        if (
+            source.host != peer.host
+            or source.port != peer.port
+            or source.transport != peer.transport
         ) and is_ip_address(peer.host):
             # §17.1.3 matches by branch; the branch is unguessable, and on top of that only
             # the hop the request went to may answer it (a forged 503 must not end a call).
@@ -1457,7 +1520,9 @@ class ProxyCore:
             # not known here; trunks are configured by IP, so the emergency path is checked.
             self._events.append(Discarded("response_source", str(response.status), source))
             return
-        if entry.branch is not None:
+        if entry.branch is not None and not (
+            self._fast and _below_top_via(response, entry.upstream_via)
+        ):
             vias = response.values("via")
             if len(vias) < 2:
                 # §16.7 step 3: with our Via popped nothing would be left to route it upstream.
@@ -1914,7 +1979,7 @@ class ProxyCore:
             user_agent=self._options.server_header,
         )
         txn = ClientNonInviteTransaction(
-            request, reliable=peer.reliable, timers=self._options.timers, branch=branch
+            request, reliable=_reliable(peer), timers=self._options.timers, branch=branch
         )
         probe = _Probe(trunk, txn.key, now + self._health.probe_timeout(trunk))
         entry = _ClientEntry(txn, None, peer, probe)

@@ -8,6 +8,7 @@ received/rport parameters of the top Via (§18.2.1, RFC 3581), our own Via with 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable
@@ -71,6 +72,14 @@ class LocalAddress:
         return f"<sip:{self.hostport}{transport};lr{tail}>"
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64(data: bytes) -> str:
+    """``base64.urlsafe_b64encode(data)`` as text, without its two Python-level calls."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).decode("ascii")
+
+
 class Tokens:
     """Unpredictable tokens for branches and tags (RFC 3261 §8.1.1.7, §19.3).
 
@@ -104,7 +113,7 @@ class Tokens:
 
     def token(self) -> str:
         """16 URL-safe characters (all of them SIP ``token`` characters)."""
-        return base64.urlsafe_b64encode(self.raw(self._SIZE)).decode("ascii")
+        return _b64(self.raw(self._SIZE))
 
 
 class BranchFactory:
@@ -138,7 +147,7 @@ class BranchFactory:
         """A branch never handed out before, that no peer can predict: 96 random bits and a
         48-bit keyed digest of them."""
         nonce = self._tokens.raw(12)
-        token = base64.urlsafe_b64encode(nonce + self._digest(nonce, 6)).decode("ascii")
+        token = _b64(nonce + self._digest(nonce, 6))
         return f"{MAGIC_COOKIE}{token}"
 
     def is_local_branch(self, branch: str | None) -> bool:
@@ -152,7 +161,7 @@ class BranchFactory:
         keyed digest of them, so :meth:`is_local_tag` recognises it later without keeping any
         state, and nobody without the key can make one."""
         nonce = self._tokens.raw(6)
-        return base64.urlsafe_b64encode(nonce + self._digest(nonce, 6)).decode("ascii")
+        return _b64(nonce + self._digest(nonce, 6))
 
     def is_local_tag(self, tag: str | None) -> bool:
         """True when ``tag`` came from :meth:`tag` of a factory with our key (an ACK for a
@@ -179,7 +188,7 @@ class BranchFactory:
         """
         top = request.top_via.branch or request.call_id
         digest = self._digest(f"{top}|{request.method}".encode(), 12)
-        return f"{MAGIC_COOKIE}{base64.urlsafe_b64encode(digest).decode('ascii')}"
+        return f"{MAGIC_COOKIE}{_b64(digest)}"
 
     def dialog_stamp(self, call_id: str, *, emergency: bool) -> str:
         """The value of our Record-Route's ``dlg`` parameter for the dialog ``call_id``.
@@ -192,7 +201,7 @@ class BranchFactory:
         """
         kind = "e" if emergency else "o"
         digest = self._digest(f"{kind}|{call_id}".encode(), 9)
-        return kind + base64.urlsafe_b64encode(digest).decode("ascii")
+        return kind + _b64(digest)
 
     def check_dialog_stamp(self, call_id: str, stamp: str) -> bool | None:
         """Whether ``stamp`` marks an emergency dialog (True) or another one (False), or None
@@ -290,7 +299,7 @@ def add_record_route(
     each side of the dialog then reaches us on its own transport. Both carry ``stamp``.
     """
     out = request.prepend("Record-Route", inbound.record_route(stamp))
-    if outbound != inbound:
+    if outbound is not inbound and outbound != inbound:  # identity first: == is a generic call
         out = out.prepend("Record-Route", outbound.record_route(stamp))
     return out
 
@@ -323,7 +332,8 @@ def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
 def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
     """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
     out = request
-    while True:
+    # has() before get(): get() of an absent header costs a raised and caught exception.
+    while out.has("route"):
         routes = out.get("route")
         if routes is None:
             return out
@@ -335,6 +345,7 @@ def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
         if not is_local_uri(uri, locals_):
             return out
         out = out.pop_first_value("route")
+    return out
 
 
 def next_hop(request: Request | Edit[Request]) -> Uri:
@@ -343,7 +354,7 @@ def next_hop(request: Request | Edit[Request]) -> Uri:
     Raises:
         MalformedMessage / UnsupportedUriScheme: the chosen URI is not routable.
     """
-    routes = request.get("route")
+    routes = request.get("route") if request.has("route") else None
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
     return request.request_uri if isinstance(request, Request) else request.message.request_uri
