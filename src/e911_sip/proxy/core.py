@@ -663,7 +663,8 @@ _PEERS_SIZE = 1024
 
 
 def _reliable(peer: Peer) -> bool:
-    """``peer.reliable``, as a native call: the property is Python code run per message."""
+    """``peer.reliable``, as a native call: Peer is a NamedTuple, not a native class, so even
+    compiled its property is a generic attribute lookup per message."""
     return peer.transport != "udp"
 
 
@@ -1401,8 +1402,8 @@ class ProxyCore:
         self._run_client(entry, txn.start(now), now)
 
     def _peer_for(self, target: Uri) -> Peer:
-        """``peer_for_uri(target)``, remembered: it is Python code (sip/peer.py is not
-        compiled), and requests go to a few targets again and again (trunks, the softswitch).
+        """``peer_for_uri(target)``, remembered: requests go to a few targets again and again
+        (trunks, the softswitch), and each reading builds a Peer from the URI's parameters.
 
         Raises:
             UnsupportedUriScheme: as peer_for_uri (nothing is remembered then).
