@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from e911_sip.proxy.routing import LocalAddress, own_via
-from e911_sip.sip.message import Response, parse
+from e911_sip.sip.errors import MalformedMessage
+from e911_sip.sip.message import Response, _tag_of, parse
 from e911_sip.sip.uri import (
     _VIA_CACHE,
     NameAddr,
@@ -193,3 +196,52 @@ def test_a_parsed_name_addr_is_the_value_its_constructor_builds(text: str) -> No
     assert (addr.uri, addr.raw) == (addr[1], text)
     for name in ("tag", "x", "absent"):
         assert param_of(addr.params, name) == addr.param(name)
+
+
+def _tag_by_full_parse(value: str) -> str | None | type[Exception]:
+    try:
+        return param_of(parse_name_addr(value).params, "tag")
+    except MalformedMessage:
+        return MalformedMessage
+
+
+def _tag_in_place(value: str) -> str | None | type[Exception]:
+    try:
+        return _tag_of(value)
+    except MalformedMessage:
+        return MalformedMessage
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "<sip:b@example.com>;tag=2",
+        "<sip:b@example.com>;tag=2;x=y",
+        " <sip:b@example.com>;tag= 2 ;x",
+        "Bob <sip:b@example.com>;tag=",
+        '"Bob" <sip:b@example.com>;tag=2',
+        "<sip:b@example.com> ;tag=2",
+        "<sip:b@example.com>;TAG=2",
+        "<sip:b@example.com>;x;tag=2",
+        "<sip:b@example.com;tag=uri>;tag=2",
+        "<sip:b@example.com>",
+        "<sip:b@example.com>x;tag=2",
+        "< >;tag=2",
+        "<sip:b@example.com;tag=2",
+        "sip:b@example.com;tag=2",
+        "<sip:b@example.com>;tag=2<",
+    ],
+)
+def test_a_tag_read_in_place_is_the_one_the_full_parse_reads(value: str) -> None:
+    assert _tag_in_place(value) == _tag_by_full_parse(value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["<", ">", ";", "tag", "=", " ", '"', "sip:a@b", "x", "TAG", ","]),
+        max_size=12,
+    ).map("".join)
+)
+def test_any_to_or_from_gives_the_tag_the_full_parse_gives(value: str) -> None:
+    assert _tag_in_place(value) == _tag_by_full_parse(value)
