@@ -17,7 +17,6 @@ still says which location and which trunks went with the call.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from e911_sip.proxy.core import (
     FailOpen,
     Failover,
 )
+from e911_sip.timefmt import utc_millis
 
 END_REASONS = ("bye", "failed", "cancelled", "max_age", "capacity", "shutdown", "replaced")
 """Why a record was finished."""
@@ -63,23 +63,7 @@ class RecordError(ValueError):
 
 def iso_time(epoch: float) -> str:
     """``epoch`` as ISO 8601 UTC with milliseconds (``2026-12-01T20:41:02.123Z``)."""
-    # What datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds") gives (the
-    # microseconds rounded half to even, then cut to milliseconds), at half its cost: a
-    # record's three times, and the records of one busy second, share their second's text.
-    whole = int(epoch)
-    micro = round((epoch - whole) * 1e6)
-    if micro >= 1_000_000:
-        whole += 1
-        micro -= 1_000_000
-    elif micro < 0:
-        whole -= 1
-        micro += 1_000_000
-    return f"{_iso_second(whole)}.{micro // 1000:03d}Z"
-
-
-@functools.lru_cache(maxsize=256)
-def _iso_second(whole: int) -> str:
-    return datetime.fromtimestamp(whole, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
+    return utc_millis(epoch)
 
 
 def parse_time(text: str) -> float:

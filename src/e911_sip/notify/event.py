@@ -9,13 +9,13 @@ retried, or re-created after a restart, carries the same idempotency key.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
+
+from e911_sip.timefmt import utc_millis
 
 CHANNELS = ("webhook", "email", "sms")
 """Every delivery channel, in the order a call's notifications are queued."""
@@ -23,23 +23,7 @@ CHANNELS = ("webhook", "email", "sms")
 
 def rfc3339(epoch: float) -> str:
     """``2026-12-01T20:31:07.123Z`` for a Unix time."""
-    # What datetime.fromtimestamp(epoch, UTC) and strftime give (the microseconds rounded
-    # half to even, then cut to milliseconds) without a datetime per call: the events of
-    # one busy second share their second's text.
-    whole = int(epoch)
-    micro = round((epoch - whole) * 1e6)
-    if micro >= 1_000_000:
-        whole += 1
-        micro -= 1_000_000
-    elif micro < 0:
-        whole -= 1
-        micro += 1_000_000
-    return f"{_rfc3339_second(whole)}.{micro // 1000:03d}Z"
-
-
-@functools.lru_cache(maxsize=256)
-def _rfc3339_second(whole: int) -> str:
-    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return utc_millis(epoch)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
