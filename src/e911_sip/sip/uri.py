@@ -54,10 +54,7 @@ class Uri(NamedTuple):
 
     def param(self, name: str) -> str | None:
         """Value of parameter ``name`` (lower-case), '' for a flag, None when absent."""
-        for key, value in self.params:
-            if key == name:
-                return "" if value is None else value
-        return None
+        return param_of(self.params, name)
 
     @property
     def transport(self) -> str:
@@ -197,10 +194,7 @@ class NameAddr(NamedTuple):
 
     def param(self, name: str) -> str | None:
         """Header parameter ``name`` (lower-case): '' for a flag, None when absent."""
-        for key, value in self.params:
-            if key == name:
-                return "" if value is None else value
-        return None
+        return param_of(self.params, name)
 
 
 def parse_name_addr(text: str) -> NameAddr:
@@ -314,10 +308,7 @@ class Via(NamedTuple):
 
     def param(self, name: str) -> str | None:
         """Parameter ``name`` (lower-case): '' for a flag, None when absent."""
-        for key, value in self.params:
-            if key == name:
-                return "" if value is None else value
-        return None
+        return param_of(self.params, name)
 
     @property
     def branch(self) -> str | None:
