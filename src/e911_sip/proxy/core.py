@@ -1053,19 +1053,16 @@ class ProxyCore:
         """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
         spelled exactly as we record it is recognised without parsing it. (An edit, not any
         ``R``: its methods are then native calls in compiled code.)"""
-        # has() first: get() of an absent header costs a raised and caught exception.
-        if not request.has("route"):
+        routes = request.get("route")
+        if routes is None:
             return request
         if self._fast:
-            routes = request.get("route") or ""
             first = routes.split(",", 1)[0].strip()
             stamp = first.find(STAMP_MARK)
             if stamp > 0:
                 first = first[:stamp] + ">"
             if first in self._own_routes:
                 request = request.pop_first_value("route")
-                if not request.has("route"):
-                    return request
         return pop_own_routes(request, self._locals)
 
     def _stamp(self, request: Request, emergency: bool) -> str:
@@ -1076,7 +1073,7 @@ class ProxyCore:
         """A trunk sends in a dialog the table does not hold: allowed when its top Route is
         ours with the stamp we wrote for this Call-ID (another worker routed the call, or
         this process before a restart), and then remembered again."""
-        routes = request.get("route") if request.has("route") else None
+        routes = request.get("route")
         if routes is None:
             return False
         first = split_values(routes)[0]

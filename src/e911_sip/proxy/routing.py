@@ -332,8 +332,7 @@ def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
 def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
     """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
     out = request
-    # has() before get(): get() of an absent header costs a raised and caught exception.
-    while out.has("route"):
+    while True:
         routes = out.get("route")
         if routes is None:
             return out
@@ -345,7 +344,6 @@ def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
         if not is_local_uri(uri, locals_):
             return out
         out = out.pop_first_value("route")
-    return out
 
 
 def next_hop(request: Request | Edit[Request]) -> Uri:
@@ -354,7 +352,7 @@ def next_hop(request: Request | Edit[Request]) -> Uri:
     Raises:
         MalformedMessage / UnsupportedUriScheme: the chosen URI is not routable.
     """
-    routes = request.get("route") if request.has("route") else None
+    routes = request.get("route")
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
     return request.request_uri if isinstance(request, Request) else request.message.request_uri
