@@ -82,9 +82,10 @@ _NAME_ADDR_URIS_SIZE = 256
 
 
 def name_addr_uri(value: str) -> Uri:
-    """``parse_uri(parse_name_addr(value).uri)``, remembered for the next request with the
-    same value: an emergency call reads its From twice (:func:`caller_line`, then the
-    P-Asserted-Identity host of enrichment), and a caller's next call has the same one.
+    """``parse_uri(parse_name_addr(value).uri)``, remembered for the next read of the same
+    value: an emergency call reads its From twice (:func:`caller_line`, then the
+    P-Asserted-Identity host of enrichment). The From carries the call's tag, so another
+    call's From is another value; the table is cleared at its bound.
 
     Raises:
         SipError: as the parses do (nothing is remembered then).
