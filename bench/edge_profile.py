@@ -81,7 +81,7 @@ import atexit, gc, json, os, time
 
 _out = os.environ["EDGE_PROFILE_GC_FILE"]
 _stats = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "max_pause": 0.0,
-          "cpu_seconds": 0.0, "max_cpu_pause": 0.0, "collected": 0}
+          "cpu_seconds": 0.0, "max_cpu_pause": 0.0, "collected": 0, "pauses": []}
 _started = [0.0, 0.0]
 
 def _probe(phase, info):
@@ -98,6 +98,8 @@ def _probe(phase, info):
     _stats["collections"][generation] += 1
     _stats["seconds"][generation] += pause
     _stats["collected"] += info["collected"]
+    # (ended at, on the host's monotonic clock; wall; CPU): the report keeps those of the run.
+    _stats["pauses"].append((time.monotonic(), pause, cpu))
     if pause > _stats["max_pause"]:
         _stats["max_pause"] = pause
 
@@ -154,6 +156,20 @@ class Run:
     wall: float
     host_busy_pct: float
     gc: dict[str, Any] | None = None
+    calls_from: float = 0.0
+    calls_to: float = 0.0
+    """When SIPp started and ended, on the host's monotonic clock (the probe's too)."""
+
+    def pauses_during_calls(self) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds of each collection that ended while the calls ran: the
+        start-up collections over the whole imported heap are not the call path's."""
+        if self.gc is None:
+            return []
+        return [
+            (wall, cpu)
+            for ended, wall, cpu in self.gc.get("pauses", [])
+            if self.calls_from <= ended <= self.calls_to
+        ]
 
     @property
     def us_per_call(self) -> float:
@@ -301,6 +317,8 @@ class Bench:
             wall=wall,
             host_busy_pct=share,
             gc=json.loads(gc_file.read_text()) if gc_file.exists() else None,
+            calls_from=started,
+            calls_to=started + wall,
         )
         return run, raw if profile else None
 
@@ -383,6 +401,18 @@ def main(argv: list[str] | None = None) -> int:
                     "objects collected",
                     flush=True,
                 )
+                during = run.pauses_during_calls()
+                if during:
+                    cpu_ms = sorted(1000 * c for _, c in during)
+                    wall_ms = sorted(1000 * w for w, _ in during)
+                    print(
+                        f"    gc while the calls ran: {len(during)} collections, "
+                        f"{sum(cpu_ms):.0f} ms CPU in all ({sum(cpu_ms) / run.calls * 1000:.0f} "
+                        f"µs/call); pause median {statistics.median(wall_ms):.2f} ms "
+                        f"({statistics.median(cpu_ms):.2f} ms CPU), longest {wall_ms[-1]:.2f} ms "
+                        f"({cpu_ms[-1]:.2f} ms CPU)",
+                        flush=True,
+                    )
         if figures:
             print(
                 f"edge CPU per call, median of {len(figures)}: {statistics.median(figures):.0f} µs"

@@ -1080,8 +1080,10 @@ async def watch_notify_queues(
             pass
 
 
-GC_FREEZE_INTERVAL = 0.5
-"""Seconds between moves of surviving objects out of the collector's reach."""
+GC_FREEZE_INTERVAL = 0.1
+"""Seconds between moves of surviving objects out of the collector's reach: each pass walks
+what this many seconds of calls left alive, so the pause grows with the interval while the
+collector's CPU per call does not (docs/decisions.md)."""
 
 
 GC_YOUNG_THRESHOLD = 50_000
