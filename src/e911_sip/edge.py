@@ -380,20 +380,28 @@ class Edge:
     def _pump(self) -> None:
         core = self._core
         while True:
-            outgoing = core.data_to_send()
-            for out in outgoing:
-                transport = self._transports.get(out.peer.transport)
-                if transport is None:
-                    self.delivery_failed(out.branch, out.peer, "no transport for peer")
-                    continue
-                transport.send(out.data, out.peer, out.branch)
+            # What the core has to send goes before the next event is handled: the events
+            # are bookkeeping (metrics, logs, records, notifications) and must not stand
+            # between a request and the wire.
+            sent = self._send_pending()
             event = core.next_event()
-            if event is None and not outgoing:
-                break
-            while event is not None:
-                self._on_event(event)
-                event = core.next_event()
+            if event is None:
+                if not sent:
+                    break
+                continue
+            self._on_event(event)
         self._arm_timer()
+
+    def _send_pending(self) -> bool:
+        """Hand the core's outgoing messages to the transports; whether there were any."""
+        outgoing = self._core.data_to_send()
+        for out in outgoing:
+            transport = self._transports.get(out.peer.transport)
+            if transport is None:
+                self.delivery_failed(out.branch, out.peer, "no transport for peer")
+                continue
+            transport.send(out.data, out.peer, out.branch)
+        return bool(outgoing)
 
     def _arm_timer(self) -> None:
         deadline = self._core.get_timer()
@@ -703,6 +711,8 @@ class Edge:
                 extra=call.fields(store_error=store_error) if store_error else call.fields(),
             )
         self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        # The INVITE leaves now; the notification and the call's log line come after it.
+        self._send_pending()
         if self._notify is not None:
             self._notify_call(self._notify, event, call, result, outcome)
 
