@@ -560,7 +560,13 @@ class _Context:
         "enriched",
         "inbound",
         "initial",
+        "upstream",
     )
+
+    # Deleted once the context is forgotten (``ProxyCore._maybe_forget``): a finished call
+    # lingers for Timer L with only what forwarding a 2xx retransmission or an ACK reads,
+    # and a stray read of the rest fails loudly instead of using stale state.
+    __deletable__ = ("request", "template", "trunks", "responses")
 
     def __init__(
         self,
@@ -581,7 +587,8 @@ class _Context:
         self.emergency_number: str | None = None
         self.trunks: list[str] = []
         self.attempt = 0
-        self.branches: list[_Branch] = []
+        self.branches: tuple[_Branch, ...] = ()
+        """A tuple: the empty one, which a forgotten context keeps, is shared."""
         self.responses: list[Response] = []
         """Final responses collected so far, already fit to go upstream."""
         self.state = ContextState.PROXYING
@@ -590,6 +597,9 @@ class _Context:
         self.inbound = inbound
         self.initial: bool | None = None
         """No To tag (an initial request); None until read, or when the To is unreadable."""
+        self.upstream: Peer | None = None
+        """Where responses go, as its server transaction sends them; a 2xx that comes after
+        that transaction ended goes there directly."""
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
@@ -963,6 +973,7 @@ class ProxyCore:
         context = _Context(self._last_id, txn, source, request, inbound)
         self._created = context
         entry = _ServerEntry(txn, context, response_peer(request.top_via, source))
+        context.upstream = entry.peer
         self._server[key] = entry
         self._contexts[context.id] = context
         if method == "INVITE":
@@ -1244,11 +1255,16 @@ class ProxyCore:
             if entry is not None and entry.txn is txn:
                 del self._client[txn.key]
                 dropped += 1
-            if isinstance(txn, ClientInviteTransaction) and branch.state is BranchState.PROCEEDING:
-                self._outbox.append(Outgoing(build_cancel(txn.request).to_bytes(), branch.peer))
+            invite = txn.request
+            if (
+                isinstance(txn, ClientInviteTransaction)
+                and branch.state is BranchState.PROCEEDING
+                and invite is not None
+            ):
+                self._outbox.append(Outgoing(build_cancel(invite).to_bytes(), branch.peer))
             branch.state = BranchState.DONE
             self._wheel.cancel(branch)
-        context.branches = []
+        context.branches = ()
         return dropped
 
     def _addressed_to_us(self, request: Request) -> bool:
@@ -1389,7 +1405,7 @@ class ProxyCore:
                 request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
-        context.branches.append(branch)
+        context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
         entry.upstream_via = context.request.top_via.raw
         self._client[txn.key] = entry
@@ -1453,16 +1469,19 @@ class ProxyCore:
         self._send_cancel(branch, now)
 
     def _send_cancel(self, branch: _Branch, now: float) -> None:
-        cancel = build_cancel(branch.txn.request)
-        txn = ClientNonInviteTransaction(
-            cancel,
-            reliable=_reliable(branch.peer),
-            timers=self._options.timers,
-            branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
-        )
-        entry = _ClientEntry(txn, None, branch.peer)
-        self._client[txn.key] = entry
-        self._run_client(entry, txn.start(now), now)
+        invite = branch.txn.request
+        # The INVITE is only let go of once a final response came, and then there is no
+        # CANCEL to send (§9.1); the timer is armed all the same, so the branch ends.
+        if invite is not None:
+            txn = ClientNonInviteTransaction(
+                build_cancel(invite),
+                reliable=_reliable(branch.peer),
+                timers=self._options.timers,
+                branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
+            )
+            entry = _ClientEntry(txn, None, branch.peer)
+            self._client[txn.key] = entry
+            self._run_client(entry, txn.start(now), now)
         branch.timer_c_deadline = now + self._options.timers.timer_b
         self._arm_branch(branch)
 
@@ -1651,8 +1670,9 @@ class ProxyCore:
     def _note_trunk_dialog(self, branch: _Branch, response: Response, now: float) -> None:
         """A trunk answered a dialog-creating request: it may now send in that dialog."""
         branch.dialog_noted = True
-        request = branch.txn.request
-        if request.method not in DIALOG_CREATING:
+        # The context's request, not the branch's: the transaction let go of its request
+        # when this response finished it. Both carry the same Call-ID.
+        if branch.txn.method not in DIALOG_CREATING:
             return
         if self._trust.classify(branch.peer.host) is not Trust.TRUNK:
             return
@@ -1662,7 +1682,7 @@ class ProxyCore:
             return  # an unreadable To: no dialog the trunk could send in (found by fuzzing)
         if tag is not None:
             self._trunk_dialogs.add(
-                request.call_id,
+                branch.context.request.call_id,
                 branch.peer.host,
                 now,
                 emergency=branch.context.route is Route.EMERGENCY,
@@ -1766,10 +1786,14 @@ class ProxyCore:
         for branch in context.branches:
             if branch.state is not BranchState.DONE:
                 return
-        self._contexts.pop(context.id, None)
+        if self._contexts.pop(context.id, None) is None:
+            return  # forgotten before
         # Branches point back at their context; dropping the forward list breaks the cycle
         # so the context is freed by reference counting, not by a GC pass.
-        context.branches = []
+        context.branches = ()
+        # What lingers (the server transaction in Accepted, a branch's client transaction
+        # forwarding 2xx retransmissions) reads none of these again.
+        del context.request, context.template, context.trunks, context.responses
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
@@ -1784,8 +1808,8 @@ class ProxyCore:
         entry = self._server.get(context.server.key)
         if entry is None or entry.txn is not context.server:
             # The server transaction has ended (its Timer L ran out); a late 2xx still goes.
-            if 200 <= response.status < 300:
-                peer = response_peer(context.request.top_via, context.source)
+            peer = context.upstream
+            if 200 <= response.status < 300 and peer is not None:
                 self._outbox.append(Outgoing(response.to_bytes(), peer))
             return
         try:
