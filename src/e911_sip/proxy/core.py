@@ -1953,7 +1953,9 @@ class ProxyCore:
             self._wheel.cancel(txn)
         else:
             self._wheel.schedule(txn, due, self._on_client_timer)
-        if not entry.done and txn.finished and self._client.get(txn.key) is entry:
+        # Only ever called on an entry in its table: every caller found it there, and a
+        # transaction leaves the table only once terminated (not finished any more).
+        if not entry.done and txn.finished:
             entry.done = True
             self._done[entry] = None
 
@@ -1965,25 +1967,27 @@ class ProxyCore:
             self._wheel.cancel(txn)
         else:
             self._wheel.schedule(txn, due, self._on_server_timer)
-        if not entry.done and txn.finished and self._server.get(txn.key) is entry:
+        if not entry.done and txn.finished:
             entry.done = True
             self._done[entry] = None
 
     def _drop_client(self, entry: _ClientEntry) -> None:
-        """Take ``entry`` out of the client table, if it is still there."""
+        """Take ``entry`` out of the client table (if it is still there) and the count."""
         key = entry.txn.key
         if self._client.get(key) is entry:
             del self._client[key]
-            if entry.done:
-                del self._done[entry]
+        if entry.done:
+            entry.done = False
+            del self._done[entry]
 
     def _drop_server(self, entry: _ServerEntry) -> None:
-        """Take ``entry`` out of the server table, if it is still there."""
+        """Take ``entry`` out of the server table (if it is still there) and the count."""
         key = entry.txn.key
         if self._server.get(key) is entry:
             del self._server[key]
-            if entry.done:
-                del self._done[entry]
+        if entry.done:
+            entry.done = False
+            del self._done[entry]
 
     def _client_effects(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
         txn = entry.txn
