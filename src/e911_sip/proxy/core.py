@@ -40,10 +40,11 @@ injected time (the aioquic pattern).
   tried up ones first, down ones last, none skipped.
 - Overload (:mod:`e911_sip.proxy.admission`): the server, client and context tables are
   bounded. A request that would create a server transaction while a table is at its bound,
-  or a new non-emergency one while the owner's load signal or the transaction count says
-  shed, gets a stateless 503 with Retry-After: no transaction, no retransmission cycle.
-  An emergency INVITE (and a BYE, which ends a call) is never refused: it evicts the oldest
-  non-emergency state instead. The ACK of such a 503 ends here.
+  or a new non-emergency one while the owner's load signal or the count of working
+  transactions (those still waiting for a final response) says shed, gets a stateless 503
+  with Retry-After: no transaction, no retransmission cycle. An emergency INVITE (and a
+  BYE, which ends a call) is never refused: it evicts finished transactions, oldest first,
+  then the oldest non-emergency state. The ACK of such a 503 ends here.
 - State and time: each branch and each response context is one explicit state, changed only
   through ``BRANCH_TRANSITIONS`` and ``CONTEXT_TRANSITIONS``; every deadline (transactions,
   Timer C, the provisional timeout, fail-open, probes) sits on one coarse timer wheel
@@ -183,11 +184,13 @@ class ProxyOptions:
     """OPTIONS probing of the default trunks; a trunk on both lists is probed as an
     emergency trunk."""
     max_transactions: int = 150_000
-    """Server plus client transactions kept at most. At the bound, a new request gets a
-    stateless 503, except an emergency INVITE or a BYE, which evict the oldest
-    non-emergency state instead."""
+    """Server plus client transactions kept at most, finished ones included. At the bound, a
+    new request gets a stateless 503, except an emergency INVITE or a BYE, which evict
+    finished transactions (oldest first), then the oldest non-emergency state."""
     shed_transactions: int = 100_000
-    """Transactions above which new non-emergency initial requests get a stateless 503."""
+    """Working transactions (still waiting for their final response) above which new
+    non-emergency initial requests get a stateless 503. Finished ones, which only absorb
+    retransmissions until their timer ends them, are memory, not work: they do not count."""
     max_contexts: int = 50_000
     """Requests being proxied (response contexts) kept at most; at the bound, as above."""
     overload: Callable[[], str | None] = lambda: None
@@ -560,7 +563,13 @@ class _Context:
         "enriched",
         "inbound",
         "initial",
+        "upstream",
     )
+
+    # Deleted once the context is forgotten (``ProxyCore._maybe_forget``): a finished call
+    # lingers for Timer L with only what forwarding a 2xx retransmission or an ACK reads,
+    # and a stray read of the rest fails loudly instead of using stale state.
+    __deletable__ = ("request", "template", "trunks", "responses")
 
     def __init__(
         self,
@@ -581,7 +590,8 @@ class _Context:
         self.emergency_number: str | None = None
         self.trunks: list[str] = []
         self.attempt = 0
-        self.branches: list[_Branch] = []
+        self.branches: tuple[_Branch, ...] = ()
+        """A tuple: the empty one, which a forgotten context keeps, is shared."""
         self.responses: list[Response] = []
         """Final responses collected so far, already fit to go upstream."""
         self.state = ContextState.PROXYING
@@ -590,6 +600,9 @@ class _Context:
         self.inbound = inbound
         self.initial: bool | None = None
         """No To tag (an initial request); None until read, or when the To is unreadable."""
+        self.upstream: Peer | None = None
+        """Where responses go, as its server transaction sends them; a 2xx that comes after
+        that transaction ended goes there directly."""
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
@@ -600,17 +613,19 @@ class _Context:
 
 
 class _ServerEntry:
-    __slots__ = ("txn", "context", "peer")
+    __slots__ = ("txn", "context", "peer", "done")
 
     def __init__(self, txn: ServerTransaction, context: _Context | None, peer: Peer) -> None:
         self.txn = txn
         self.context = context
         self.peer = peer
         """Where responses go (RFC 3261 §18.2.2)."""
+        self.done = False
+        """The transaction is finished and counted in ``ProxyCore._done``."""
 
 
 class _ClientEntry:
-    __slots__ = ("txn", "branch", "peer", "probe", "upstream_via")
+    __slots__ = ("txn", "branch", "peer", "probe", "upstream_via", "done")
 
     def __init__(
         self,
@@ -628,6 +643,8 @@ class _ClientEntry:
         self.upstream_via: str | None = None
         """The Via below ours as we sent it, already parsed once: a response repeating it
         needs no second check that it parses."""
+        self.done = False
+        """The transaction is finished and counted in ``ProxyCore._done``."""
 
 
 class _Probe:
@@ -737,6 +754,10 @@ class ProxyCore:
         self._server: dict[tuple[str, str, str], _ServerEntry] = {}
         self._client: dict[tuple[str, str], _ClientEntry] = {}
         self._contexts: dict[int, _Context] = {}
+        self._done: dict[_ServerEntry | _ClientEntry, None] = {}
+        """The entries of both tables whose transaction is finished, oldest first: what
+        ``_make_room`` evicts first, and what the shedding count leaves out (kept as they
+        finish and leave, so counting costs nothing per message)."""
         self._last_id = 0
         """The id of the last context made (a plain int: next() on a count is a generic call)."""
         self._outbox: list[Outgoing] = []
@@ -800,6 +821,13 @@ class ProxyCore:
     def transactions_in_flight(self) -> int:
         """Server plus client transactions that have not terminated."""
         return len(self._server) + len(self._client)
+
+    @property
+    def transactions_working(self) -> int:
+        """Transactions still waiting for their final response: the ones in flight less
+        those finished and only absorbing retransmissions (what ``shed_transactions``
+        counts)."""
+        return len(self._server) + len(self._client) - len(self._done)
 
     @property
     def contexts_in_flight(self) -> int:
@@ -963,6 +991,7 @@ class ProxyCore:
         context = _Context(self._last_id, txn, source, request, inbound)
         self._created = context
         entry = _ServerEntry(txn, context, response_peer(request.top_via, source))
+        context.upstream = entry.peer
         self._server[key] = entry
         self._contexts[context.id] = context
         if method == "INVITE":
@@ -1140,6 +1169,7 @@ class ProxyCore:
         afford; make room instead when it is an emergency INVITE or a BYE."""
         options = self._options
         transactions = len(self._server) + len(self._client)
+        working = transactions - len(self._done)
         load: str | None = None
         if transactions >= options.max_transactions:
             bound: str | None = "transactions_full"
@@ -1147,7 +1177,7 @@ class ProxyCore:
             bound = "contexts_full"
         else:
             bound = None
-            if transactions < options.shed_transactions:
+            if working < options.shed_transactions:
                 load = options.overload()
                 if load is None:
                     return False  # the common case: nothing to decide
@@ -1168,7 +1198,7 @@ class ProxyCore:
             # In-dialog requests finish calls already admitted; OPTIONS to us is the
             # softswitch asking whether it can send 911 calls here, which it can.
             return False
-        elif transactions >= options.shed_transactions:
+        elif working >= options.shed_transactions:
             reason = "transactions"
         else:
             reason = load
@@ -1181,7 +1211,8 @@ class ProxyCore:
         return make_response(request, 503, to_tag=self._branches.tag(), extra=retry)
 
     def _make_room(self) -> None:
-        """Evict the oldest non-emergency state until a new call fits under the bounds."""
+        """Evict finished transactions, oldest first, then the oldest non-emergency state,
+        until a new call fits under the bounds."""
         options = self._options
         contexts = self._contexts
         dropped_transactions = 0
@@ -1194,6 +1225,17 @@ class ProxyCore:
             dropped_contexts += 1
         # Room for the server transaction, one branch, and a CANCEL or a failover.
         target = options.max_transactions - 4
+        done = self._done
+        while done and len(self._server) + len(self._client) > target:
+            # A finished transaction only absorbs retransmissions: losing it costs at most
+            # an answer to a late one, and its context (if still kept) carries on without it.
+            finished = next(iter(done))
+            if isinstance(finished, _ServerEntry):
+                self._drop_server(finished)
+            else:
+                self._drop_client(finished)
+            self._wheel.cancel(finished.txn)
+            dropped_transactions += 1
         while len(self._server) + len(self._client) > target:
             context: _Context | None = None
             key = next(
@@ -1205,7 +1247,9 @@ class ProxyCore:
                 None,
             )
             if key is not None:
-                context = self._server.pop(key).context
+                server = self._server[key]
+                self._drop_server(server)
+                context = server.context
             else:
                 oldest_client = next(
                     (
@@ -1217,7 +1261,9 @@ class ProxyCore:
                 )
                 if oldest_client is None:
                     break  # everything left is emergency state: the call goes over the bound
-                branch = self._client.pop(oldest_client).branch
+                client = self._client[oldest_client]
+                self._drop_client(client)
+                branch = client.branch
                 context = branch.context if branch is not None else None
             dropped_transactions += 1
             if context is not None and contexts.get(context.id) is context:
@@ -1233,7 +1279,7 @@ class ProxyCore:
         self._contexts.pop(context.id, None)
         server = self._server.get(context.server.key)
         if server is not None and server.txn is context.server:
-            del self._server[context.server.key]
+            self._drop_server(server)
             dropped += 1
         self._wheel.cancel(context)
         if context.step(ContextEvent.FINAL) is not None:
@@ -1242,13 +1288,18 @@ class ProxyCore:
             txn = branch.txn
             entry = self._client.get(txn.key)
             if entry is not None and entry.txn is txn:
-                del self._client[txn.key]
+                self._drop_client(entry)
                 dropped += 1
-            if isinstance(txn, ClientInviteTransaction) and branch.state is BranchState.PROCEEDING:
-                self._outbox.append(Outgoing(build_cancel(txn.request).to_bytes(), branch.peer))
+            invite = txn.request
+            if (
+                isinstance(txn, ClientInviteTransaction)
+                and branch.state is BranchState.PROCEEDING
+                and invite is not None
+            ):
+                self._outbox.append(Outgoing(build_cancel(invite).to_bytes(), branch.peer))
             branch.state = BranchState.DONE
             self._wheel.cancel(branch)
-        context.branches = []
+        context.branches = ()
         return dropped
 
     def _addressed_to_us(self, request: Request) -> bool:
@@ -1389,7 +1440,7 @@ class ProxyCore:
                 request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
-        context.branches.append(branch)
+        context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
         entry.upstream_via = context.request.top_via.raw
         self._client[txn.key] = entry
@@ -1453,16 +1504,19 @@ class ProxyCore:
         self._send_cancel(branch, now)
 
     def _send_cancel(self, branch: _Branch, now: float) -> None:
-        cancel = build_cancel(branch.txn.request)
-        txn = ClientNonInviteTransaction(
-            cancel,
-            reliable=_reliable(branch.peer),
-            timers=self._options.timers,
-            branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
-        )
-        entry = _ClientEntry(txn, None, branch.peer)
-        self._client[txn.key] = entry
-        self._run_client(entry, txn.start(now), now)
+        invite = branch.txn.request
+        # The INVITE is only let go of once a final response came, and then there is no
+        # CANCEL to send (§9.1); the timer is armed all the same, so the branch ends.
+        if invite is not None:
+            txn = ClientNonInviteTransaction(
+                build_cancel(invite),
+                reliable=_reliable(branch.peer),
+                timers=self._options.timers,
+                branch=branch.txn.key[0],  # a CANCEL has its INVITE's branch (§9.1)
+            )
+            entry = _ClientEntry(txn, None, branch.peer)
+            self._client[txn.key] = entry
+            self._run_client(entry, txn.start(now), now)
         branch.timer_c_deadline = now + self._options.timers.timer_b
         self._arm_branch(branch)
 
@@ -1537,7 +1591,7 @@ class ProxyCore:
             try:
                 self._branch_response(branch, response, now)
             finally:
-                self._arm_client(txn)
+                self._arm_client(entry)
             return
         self._run_client(entry, effects, now)
 
@@ -1651,8 +1705,9 @@ class ProxyCore:
     def _note_trunk_dialog(self, branch: _Branch, response: Response, now: float) -> None:
         """A trunk answered a dialog-creating request: it may now send in that dialog."""
         branch.dialog_noted = True
-        request = branch.txn.request
-        if request.method not in DIALOG_CREATING:
+        # The context's request, not the branch's: the transaction let go of its request
+        # when this response finished it. Both carry the same Call-ID.
+        if branch.txn.method not in DIALOG_CREATING:
             return
         if self._trust.classify(branch.peer.host) is not Trust.TRUNK:
             return
@@ -1662,7 +1717,7 @@ class ProxyCore:
             return  # an unreadable To: no dialog the trunk could send in (found by fuzzing)
         if tag is not None:
             self._trunk_dialogs.add(
-                request.call_id,
+                branch.context.request.call_id,
                 branch.peer.host,
                 now,
                 emergency=branch.context.route is Route.EMERGENCY,
@@ -1766,10 +1821,14 @@ class ProxyCore:
         for branch in context.branches:
             if branch.state is not BranchState.DONE:
                 return
-        self._contexts.pop(context.id, None)
+        if self._contexts.pop(context.id, None) is None:
+            return  # forgotten before
         # Branches point back at their context; dropping the forward list breaks the cycle
         # so the context is freed by reference counting, not by a GC pass.
-        context.branches = []
+        context.branches = ()
+        # What lingers (the server transaction in Accepted, a branch's client transaction
+        # forwarding 2xx retransmissions) reads none of these again.
+        del context.request, context.template, context.trunks, context.responses
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
@@ -1784,8 +1843,8 @@ class ProxyCore:
         entry = self._server.get(context.server.key)
         if entry is None or entry.txn is not context.server:
             # The server transaction has ended (its Timer L ran out); a late 2xx still goes.
-            if 200 <= response.status < 300:
-                peer = response_peer(context.request.top_via, context.source)
+            peer = context.upstream
+            if 200 <= response.status < 300 and peer is not None:
                 self._outbox.append(Outgoing(response.to_bytes(), peer))
             return
         try:
@@ -1798,7 +1857,7 @@ class ProxyCore:
         if self._fast and len(effects) == 1 and type(effects[0]) is Transmit:
             # Fast path: the response goes out once, the usual case.
             self._outbox.append(Outgoing(response.to_bytes(), entry.peer))
-            self._arm_server(entry.txn)
+            self._arm_server(entry)
             return
         self._run_server(entry, effects, now)
 
@@ -1837,7 +1896,7 @@ class ProxyCore:
                     txn = branch.txn
                     entry = self._client.get(txn.key)
                     if entry is not None and entry.txn is txn:
-                        del self._client[txn.key]
+                        self._drop_client(entry)
                     self._wheel.cancel(txn)
                     self._branch_failed(branch, "timeout", now, BranchEvent.TIMER_C)
                     self._maybe_forget(branch.context)
@@ -1878,27 +1937,57 @@ class ProxyCore:
         if entry.probe is not None:
             self._run_probe(entry, entry.probe, effects, now)
             return
-        txn = entry.txn
         try:
             self._client_effects(entry, effects, now)
         finally:
             # Whatever handling an effect raised, the transaction keeps its timer: one
             # without a timer would never end.
-            self._arm_client(txn)
+            self._arm_client(entry)
 
-    def _arm_client(self, txn: ClientTransaction) -> None:
+    def _arm_client(self, entry: _ClientEntry) -> None:
+        """Put the transaction on the wheel for its next deadline; count it as finished once
+        its final response came (it is then only absorbing retransmissions)."""
+        txn = entry.txn
         due = txn.get_timer()
         if due is None:
             self._wheel.cancel(txn)
         else:
             self._wheel.schedule(txn, due, self._on_client_timer)
+        # Only ever called on an entry in its table: every caller found it there, and a
+        # transaction leaves the table only once terminated (not finished any more).
+        if not entry.done and txn.finished:
+            entry.done = True
+            self._done[entry] = None
 
-    def _arm_server(self, txn: ServerTransaction) -> None:
+    def _arm_server(self, entry: _ServerEntry) -> None:
+        """As :meth:`_arm_client`: finished once its final response went."""
+        txn = entry.txn
         due = txn.get_timer()
         if due is None:
             self._wheel.cancel(txn)
         else:
             self._wheel.schedule(txn, due, self._on_server_timer)
+        if not entry.done and txn.finished:
+            entry.done = True
+            self._done[entry] = None
+
+    def _drop_client(self, entry: _ClientEntry) -> None:
+        """Take ``entry`` out of the client table (if it is still there) and the count."""
+        key = entry.txn.key
+        if self._client.get(key) is entry:
+            del self._client[key]
+        if entry.done:
+            entry.done = False
+            del self._done[entry]
+
+    def _drop_server(self, entry: _ServerEntry) -> None:
+        """Take ``entry`` out of the server table (if it is still there) and the count."""
+        key = entry.txn.key
+        if self._server.get(key) is entry:
+            del self._server[key]
+        if entry.done:
+            entry.done = False
+            del self._done[entry]
 
     def _client_effects(self, entry: _ClientEntry, effects: Iterable[object], now: float) -> None:
         txn = entry.txn
@@ -1916,21 +2005,18 @@ class ProxyCore:
                 if branch is not None:
                     self._branch_failed(branch, "transport", now)
             elif isinstance(effect, Terminated):
-                if self._client.get(txn.key) is entry:
-                    del self._client[txn.key]
+                self._drop_client(entry)
                 if branch is not None:
                     self._branch_failed(branch, "timeout", now)
                     self._maybe_forget(branch.context)
 
     def _run_server(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
-        txn = entry.txn
         try:
             self._server_effects(entry, effects, now)
         finally:
-            self._arm_server(txn)  # as for client transactions: never lose the timer
+            self._arm_server(entry)  # as for client transactions: never lose the timer
 
     def _server_effects(self, entry: _ServerEntry, effects: Iterable[object], now: float) -> None:
-        txn = entry.txn
         for effect in effects:
             if isinstance(effect, Transmit):
                 self._outbox.append(Outgoing(effect.message.to_bytes(), entry.peer))
@@ -1940,8 +2026,7 @@ class ProxyCore:
                 if isinstance(message, Request) and entry.context is not None:
                     self._forward_stateless(message, entry.context.source)
             elif isinstance(effect, Terminated):
-                if self._server.get(txn.key) is entry:
-                    del self._server[txn.key]
+                self._drop_server(entry)
                 context = entry.context
                 if context is not None and context.step(ContextEvent.SERVER_GONE) is not None:
                     # Only a transport failure ends a server transaction before its final.
@@ -2005,10 +2090,9 @@ class ProxyCore:
             elif isinstance(effect, TransportFailure):
                 self._probe_result(probe, False, "transport", now)
             elif isinstance(effect, Terminated):
-                if self._client.get(txn.key) is entry:
-                    del self._client[txn.key]
+                self._drop_client(entry)
                 self._probe_result(probe, False, "timeout", now)
-        self._arm_client(txn)
+        self._arm_client(entry)
 
     def _probe_deadline(self, probe: _Probe, now: float) -> None:
         if probe.done or probe.deadline > now:
@@ -2017,7 +2101,7 @@ class ProxyCore:
         # response finds no transaction (it is dropped as a stray of ours).
         entry = self._client.get(probe.key)
         if entry is not None and entry.probe is probe:
-            del self._client[probe.key]
+            self._drop_client(entry)
         self._probe_result(probe, False, "timeout", now)
 
     def _probe_result(self, probe: _Probe, ok: bool, result: str, now: float) -> None:

@@ -229,6 +229,10 @@ COMPLETED of a non-INVITE client, and anything at all once TERMINATED.
 """
 
 
+_FINISHED = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
+"""States after the final response, where a machine only absorbs retransmissions."""
+
+
 def _table_for(kind: Kind) -> dict[tuple[State, Event], State]:
     return {(state, event): nxt for (k, state, event), nxt in TRANSITIONS.items() if k is kind}
 
@@ -432,10 +436,18 @@ def _send_event(status: int) -> Event:
 
 
 class _Transaction:
-    """State, timers and the table lookups the four machines share."""
+    """State, timers and the table lookups the four machines share.
+
+    Once the final response has passed (``finished``), a machine only absorbs
+    retransmissions for up to 32 s; it lets go of its request then, keeping what that state
+    still reads (the final response to resend, the ACK of a non-2xx), because over UDP the
+    owner holds thousands of such machines and the garbage collector walks every object
+    they keep.
+    """
 
     __slots__ = (
         "request",
+        "method",
         "state",
         "reliable",
         "timers",
@@ -448,13 +460,16 @@ class _Transaction:
     kind: ClassVar[Kind]
     _table: ClassVar[dict[tuple[State, Event], State]]
 
-    request: Request
+    request: Request | None
+    """The request the transaction was made for; None once ``finished``."""
+    method: str
     state: State
     reliable: bool
     timers: TimerSettings
 
     def __init__(self, request: Request, state: State, reliable: bool, timers: TimerSettings):
         self.request = request
+        self.method = request.method
         self.state = state
         self.reliable = reliable
         self.timers = timers
@@ -464,7 +479,13 @@ class _Transaction:
         self._end_timer = Event.TIMER_B
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.request.method} {self.state.name}>"
+        return f"<{type(self).__name__} {self.method} {self.state.name}>"
+
+    @property
+    def finished(self) -> bool:
+        """Past the final response: only absorbing retransmissions until a timer ends it
+        (client COMPLETED or ACCEPTED, server COMPLETED, CONFIRMED or ACCEPTED)."""
+        return self.state in _FINISHED
 
     def get_timer(self) -> float | None:
         """The earliest pending deadline, or None when no timer is running."""
@@ -535,7 +556,7 @@ class _Transaction:
 
 
 class _ClientTransaction(_Transaction):
-    __slots__ = ("key", "_started", "_send")
+    __slots__ = ("key", "_started")
 
     key: tuple[str, str]
 
@@ -556,7 +577,6 @@ class _ClientTransaction(_Transaction):
             )
         self.key = (branch, request.method)
         self._started = False
-        self._send = Transmit(request)
 
     def _start(self, now: float, end_timer: Event) -> list[Effect]:
         if self._started:
@@ -568,7 +588,13 @@ class _ClientTransaction(_Transaction):
             self._retx_interval = t1
             self._retx_at = now + t1
         self._arm_end(end_timer, now + 64 * t1)
-        return [self._send]
+        return self._transmit_request()
+
+    def _transmit_request(self) -> list[Effect]:
+        # A Transmit made per send rather than kept: sends after the first are retransmissions
+        # (rare), and a finished transaction keeps nothing of its request.
+        request = self.request
+        return [] if request is None else [Transmit(request)]
 
 
 class ClientInviteTransaction(_ClientTransaction):
@@ -627,6 +653,7 @@ class ClientInviteTransaction(_ClientTransaction):
         if event is Event.RECV_2XX:
             if state is not State.ACCEPTED:
                 self.state = nxt
+                self.request = None
                 self._retx_at = None
                 self._arm_end(Event.TIMER_M, now + self.timers.timer_m)
             return [PassUp(response)]
@@ -635,6 +662,7 @@ class ClientInviteTransaction(_ClientTransaction):
             return [] if ack is None else [ack]
         ack = self._ack = Transmit(self.build_ack(response))
         self.state = nxt
+        self.request = None
         self._retx_at = None
         if self.reliable:
             return [ack, PassUp(response), *self._expire(Event.TIMER_D)]
@@ -647,8 +675,14 @@ class ClientInviteTransaction(_ClientTransaction):
         It keeps the INVITE's Request-URI, Call-ID, From and CSeq number, takes To (with the
         tag) from the response, has exactly one Via equal to the INVITE's top Via, repeats the
         INVITE's Route headers, and has Max-Forwards 70 and no body.
+
+        Raises:
+            TransactionStateError: the transaction is finished and no longer holds the INVITE.
         """
-        return _same_transaction(self.request, "ACK", response.get("to") or "")
+        request = self.request
+        if request is None:
+            raise TransactionStateError(self.kind.value, self.state.name, "build ACK")
+        return _same_transaction(request, "ACK", response.get("to") or "")
 
     def _retransmit(self, now: float) -> list[Effect]:
         if (self.state, Event.TIMER_A) not in self._table:
@@ -657,7 +691,7 @@ class ClientInviteTransaction(_ClientTransaction):
         interval = self._retx_interval * 2
         self._retx_interval = interval
         self._retx_at = now + interval
-        return [self._send]
+        return self._transmit_request()
 
 
 class ClientNonInviteTransaction(_ClientTransaction):
@@ -707,6 +741,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         self.state = nxt
         if event is Event.RECV_1XX:
             return [PassUp(response)]
+        self.request = None
         self._retx_at = None
         if self.reliable:
             return [PassUp(response), *self._expire(Event.TIMER_K)]
@@ -722,7 +757,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         interval = t2 if state is State.PROCEEDING else min(self._retx_interval * 2, t2)
         self._retx_interval = interval
         self._retx_at = now + interval
-        return [self._send]
+        return self._transmit_request()
 
 
 def build_cancel(invite: Request) -> Request:
@@ -747,10 +782,11 @@ def _same_transaction(invite: Request, method: str, to: str) -> Request:
 
 
 class _ServerTransaction(_Transaction):
-    __slots__ = ("key", "last_response", "_last_sent")
+    __slots__ = ("key", "last_response")
 
     key: ServerKey
     last_response: Response | None
+    """The latest response sent: a retransmitted request is answered with it."""
 
     def __init__(
         self,
@@ -763,17 +799,18 @@ class _ServerTransaction(_Transaction):
         super().__init__(request, state, reliable, timers)
         self.key = server_key(request) if key is None else key
         self.last_response = None
-        self._last_sent: Transmit | None = None
 
-    def _record(self, response: Response) -> Transmit:
-        sent = Transmit(response)
+    def _record(self, response: Response, nxt: State) -> Transmit:
         self.last_response = response
-        self._last_sent = sent
-        return sent
+        self.state = nxt
+        if nxt in _FINISHED:
+            self.request = None
+        return Transmit(response)
 
     def _resend_last(self) -> list[Effect]:
-        sent = self._last_sent
-        return [] if sent is None else [sent]
+        # Made per resend, not kept: a retransmitted request is the exception.
+        last = self.last_response
+        return [] if last is None else [Transmit(last)]
 
 
 class ServerInviteTransaction(_ServerTransaction):
@@ -842,8 +879,7 @@ class ServerInviteTransaction(_ServerTransaction):
         event = _send_event(response.status)
         state = self.state
         nxt = self._tu_step(event)
-        sent = self._record(response)
-        self.state = nxt
+        sent = self._record(response, nxt)
         if event is Event.SEND_2XX:
             if state is State.PROCEEDING:
                 self._arm_end(Event.TIMER_L, now + self.timers.timer_l)
@@ -856,14 +892,13 @@ class ServerInviteTransaction(_ServerTransaction):
         return [sent]
 
     def _retransmit(self, now: float) -> list[Effect]:
-        sent = self._last_sent
-        if sent is None or (self.state, Event.TIMER_G) not in self._table:
+        if (self.state, Event.TIMER_G) not in self._table:
             self._retx_at = None
             return []
         interval = min(self._retx_interval * 2, self.timers.t2)
         self._retx_interval = interval
         self._retx_at = now + interval
-        return [sent]
+        return self._resend_last()
 
 
 class ServerNonInviteTransaction(_ServerTransaction):
@@ -895,7 +930,7 @@ class ServerNonInviteTransaction(_ServerTransaction):
 
     def receive(self, request: Request, now: float) -> list[Effect]:
         """A retransmission of the request matched to this transaction by ``server_key``."""
-        if request.method != self.request.method:
+        if request.method != self.method:
             return []
         if (self.state, Event.RECV_REQUEST) not in self._table:
             return []
@@ -912,8 +947,7 @@ class ServerNonInviteTransaction(_ServerTransaction):
         """
         event = _send_event(response.status)
         nxt = self._tu_step(event)
-        sent = self._record(response)
-        self.state = nxt
+        sent = self._record(response, nxt)
         if event is Event.SEND_1XX:
             return [sent]
         if self.reliable:

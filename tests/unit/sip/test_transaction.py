@@ -1000,16 +1000,19 @@ def network_script(draw: st.DrawFn) -> list[tuple[str, int, float]]:
     return steps
 
 
-def _run_script(t: Any, script: list[tuple[str, int, float]], server: bool) -> None:
+def _run_script(
+    t: Any, request: Request, script: list[tuple[str, int, float]], server: bool
+) -> None:
+    # ``request`` is the transaction's own: a finished transaction no longer holds it.
     now = 0.0
     was_terminated = t.state is State.TERMINATED
-    method = t.request.method
+    method = request.method
     for what, status, delta in script:
         now += delta
         if what == "response" and not server:
             effects = t.receive(response(status, method=method), now)
         elif what == "request" and server:
-            effects = t.receive(t.request, now)
+            effects = t.receive(request, now)
         elif what == "ack" and server:
             effects = t.receive(phone_ack(), now)
         elif what == "timer":
@@ -1032,12 +1035,14 @@ def _run_script(t: Any, script: list[tuple[str, int, float]], server: bool) -> N
 def test_client_transactions_never_raise_on_network_input(
     script: list[tuple[str, int, float]], reliable: bool
 ) -> None:
-    invite = ClientInviteTransaction(request("INVITE"), reliable=reliable)
+    sent = request("INVITE")
+    invite = ClientInviteTransaction(sent, reliable=reliable)
     invite.start(0.0)
-    _run_script(invite, script, server=False)
-    options = ClientNonInviteTransaction(request("OPTIONS"), reliable=reliable)
+    _run_script(invite, sent, script, server=False)
+    sent = request("OPTIONS")
+    options = ClientNonInviteTransaction(sent, reliable=reliable)
     options.start(0.0)
-    _run_script(options, script, server=False)
+    _run_script(options, sent, script, server=False)
 
 
 @settings(max_examples=150, deadline=None)
@@ -1049,10 +1054,75 @@ def test_client_transactions_never_raise_on_network_input(
 def test_server_transactions_never_raise_on_network_input(
     script: list[tuple[str, int, float]], reliable: bool, answer: int | None
 ) -> None:
-    invite_txn, _ = server_invite(reliable=reliable)
-    options_txn, _ = server_non_invite(reliable=reliable)
+    invite_txn, invite = server_invite(reliable=reliable)
+    options_txn, options = server_non_invite(reliable=reliable)
     if answer is not None:
         invite_txn.send_response(phone_response(answer), 0.0)
         options_txn.send_response(phone_reply(answer), 0.0)
-    _run_script(invite_txn, script, server=True)
-    _run_script(options_txn, script, server=True)
+    _run_script(invite_txn, invite, script, server=True)
+    _run_script(options_txn, options, script, server=True)
+
+
+# -- a finished transaction keeps only what it still reads ----------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 486])
+def test_finished_client_invite_lets_go_of_its_request(status: int) -> None:
+    t = ClientInviteTransaction(request("INVITE"), reliable=False)
+    t.start(0.0)
+    assert not t.finished
+    t.receive(response(180), 0.1)
+    assert t.request is not None and not t.finished
+    final = response(status)
+    effects = t.receive(final, 0.2)
+    assert t.finished and t.request is None
+    if status == 200:
+        assert t.receive(final, 0.3) == [PassUp(final)]  # 2xx retransmissions still go up
+    else:
+        ack = effects[0]
+        assert isinstance(ack, Transmit) and isinstance(ack.message, Request)
+        assert ack.message.method == "ACK"
+        assert t.receive(final, 0.3) == [ack]  # the same ACK answers a retransmission
+        with pytest.raises(TransactionStateError):
+            t.build_ack(final)
+
+
+def test_finished_client_non_invite_lets_go_of_its_request() -> None:
+    t = ClientNonInviteTransaction(request("BYE"), reliable=False)
+    t.start(0.0)
+    assert t.receive(response(100, method="BYE"), 0.1)
+    assert t.request is not None and not t.finished
+    t.receive(response(200, method="BYE"), 0.2)
+    assert t.finished and t.request is None and t.method == "BYE"
+    assert t.receive(response(200, method="BYE"), 0.3) == []
+    assert t.handle_timer(0.2 + t.timers.timer_k) == [Terminated()]
+
+
+@pytest.mark.parametrize("status", [200, 486])
+def test_finished_server_invite_lets_go_of_its_request_and_still_answers(status: int) -> None:
+    t, invite = server_invite()
+    t.send_response(phone_response(180), 0.0)
+    assert t.request is invite and not t.finished
+    final = phone_response(status)
+    t.send_response(final, 0.1)
+    assert t.finished and t.request is None and t.last_response is final
+    if status == 200:
+        assert t.receive(invite, 0.2) == []  # absorbed in Accepted (RFC 6026 §7.1)
+        ack = phone_ack()
+        assert t.receive(ack, 0.3) == [PassUp(ack)]  # the ACK of a 2xx still goes up
+        again = phone_response(200)
+        assert t.send_response(again, 0.4) == [Transmit(again)]  # and further 2xx go down
+    else:
+        assert t.handle_timer(0.6) == [Transmit(final)]  # Timer G
+        assert t.receive(invite, 0.7) == [Transmit(final)]
+        assert t.receive(phone_ack(), 0.8) == []
+        assert t.state is State.CONFIRMED and t.finished
+
+
+def test_finished_server_non_invite_lets_go_of_its_request_and_still_answers() -> None:
+    t, req = server_non_invite("BYE")
+    ok = phone_reply(200, "BYE")
+    t.send_response(ok, 0.0)
+    assert t.finished and t.request is None
+    assert t.receive(req, 0.5) == [Transmit(ok)]
+    assert t.receive(request("OPTIONS", via=PHONE_VIA, extra_via=None), 0.6) == []

@@ -1,0 +1,157 @@
+"""Finished transactions: what the core keeps of them, and how overload control counts them.
+
+Over UDP a transaction lingers up to 32 s after its final response to absorb
+retransmissions. That state is memory, not work: it holds no parsed request, and the
+shedding threshold does not count it.
+"""
+
+from __future__ import annotations
+
+import gc
+import types
+
+import pytest
+
+from e911_sip.proxy.core import Evicted, ProxyCore, RequestRouted, Route, Shed
+from e911_sip.sip.message import Request, Response
+from tests.unit.proxy.test_admission import make_core, plain_invite
+from tests.unit.proxy.test_core import (
+    DEFAULT,
+    SOFTSWITCH,
+    TRUNK1,
+    Harness,
+    invite,
+    only,
+    response_to,
+    start_emergency,
+    to,
+)
+
+pytestmark = pytest.mark.usefixtures("core_paths")
+
+
+def finished_message(h: Harness, n: int) -> None:
+    """A MESSAGE the default trunk answers 200: two transactions, both finished (UDP)."""
+    out = h.feed(plain_invite(n).replace(b"INVITE", b"MESSAGE"))
+    raw = [o.data for o in out if o.peer.host == DEFAULT.host][0]
+    reply = only(SOFTSWITCH, h.feed(response_to(raw, 200, "OK"), DEFAULT))
+    assert isinstance(reply, Response) and reply.status == 200
+
+
+def working_invite(h: Harness, n: int) -> None:
+    """An INVITE ringing at the default trunk: two transactions, both working."""
+    out = h.feed(plain_invite(n))
+    raw = [o.data for o in out if o.peer.host == DEFAULT.host][0]
+    h.feed(response_to(raw, 180, "Ringing"), DEFAULT)
+
+
+def test_finished_transactions_do_not_shed_a_new_call() -> None:
+    h = make_core(max_transactions=100, shed_transactions=4)
+    for n in range(3):
+        finished_message(h, n)
+    assert h.core.transactions_in_flight == 6
+    assert h.core.transactions_working == 0
+    h.feed(plain_invite(10))
+    assert not h.event(Shed)
+    assert h.event(RequestRouted)[-1] == RequestRouted("INVITE", Route.DEFAULT)
+    assert h.core.transactions_working == 2
+
+
+def test_working_transactions_still_shed_beside_finished_ones() -> None:
+    h = make_core(max_transactions=100, shed_transactions=4)
+    finished_message(h, 0)
+    working_invite(h, 1)
+    assert h.core.transactions_working == 2
+    h.feed(plain_invite(2))  # 4 working now
+    assert not h.event(Shed)
+    h.feed(plain_invite(3))
+    assert [(e.reason, e.method) for e in h.event(Shed)] == [("transactions", "INVITE")]
+    h.feed(invite())  # an emergency INVITE is never shed
+    assert h.event(RequestRouted)[-1] == RequestRouted("INVITE", Route.EMERGENCY)
+
+
+def test_transactions_leave_the_count_as_their_timers_end() -> None:
+    h = make_core(max_transactions=100, shed_transactions=4)
+    finished_message(h, 0)
+    working_invite(h, 1)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (4, 2)
+    h.advance(40.0)  # Timers J and K end the MESSAGE; the INVITE still rings (Timer C)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (2, 2)
+
+
+def test_at_the_bound_finished_transactions_are_evicted_before_working_ones() -> None:
+    h = make_core(max_transactions=16)
+    for n in range(3):
+        working_invite(h, n)  # the oldest state, still working
+    for n in range(10, 15):
+        finished_message(h, n)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (16, 6)
+    # A new call is refused at the bound, as before.
+    h.feed(plain_invite(50))
+    assert [e.reason for e in h.event(Shed)] == ["transactions_full"]
+    h.sent.clear()
+    out = h.feed(invite())
+    assert h.event(Evicted) == [Evicted(4, 0)]  # the two oldest finished MESSAGEs
+    assert h.core.transactions_working == 7  # the ringing calls and the emergency one
+    # The working calls were left alone: no 503 to their callers, no CANCEL to the trunk.
+    assert not [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status == 503]
+    assert not to(DEFAULT, out)
+    h.collect()
+    call = h.emergency()
+    h.core.forward_emergency(call.call, call.request, h.now)
+    assert isinstance(only(TRUNK1, h.collect()), Request)
+
+
+def test_working_emergency_state_is_never_evicted_for_another_emergency_call() -> None:
+    h = make_core(max_transactions=16)
+
+    def emergency_call(name: str) -> None:
+        h.feed(invite(branch=f"z9hG4bK911-{name}", call_id=f"e-{name}"))
+        call = h.emergency()
+        assert call.call_id == f"e-{name}"
+        h.core.forward_emergency(call.call, call.request, h.now)
+        h.collect()
+
+    for n in range(6):
+        emergency_call(str(n))
+    for n in range(10, 12):
+        finished_message(h, n)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (16, 12)
+    emergency_call("a")
+    assert h.event(Evicted) == [Evicted(4, 0)]  # every finished one
+    emergency_call("b")  # only working emergency state is left: over the bound
+    assert h.event(Evicted) == [Evicted(4, 0)]
+    assert h.core.transactions_in_flight == h.core.transactions_working == 16
+
+
+def _reachable(core: ProxyCore) -> list[object]:
+    """Everything the core holds, short of code and modules."""
+    seen: set[int] = set()
+    found: list[object] = []
+    stack: list[object] = [core]
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+def test_a_finished_call_keeps_no_parsed_request() -> None:
+    h = make_core()
+    _, raw = start_emergency(h)
+    ok = response_to(raw, 200, "OK")
+    h.feed(ok, TRUNK1)
+    finished_message(h, 1)
+    assert h.core.contexts_in_flight == 0
+    assert h.core.transactions_in_flight == 4 and h.core.transactions_working == 0
+    held = _reachable(h.core)
+    assert not [o for o in held if isinstance(o, Request)]
+    # Only the two final responses, kept to answer a retransmitted request.
+    assert len([o for o in held if isinstance(o, Response)]) == 2
+    # What the finished state does still works: a 2xx retransmission goes upstream.
+    again = only(SOFTSWITCH, h.feed(ok, TRUNK1))
+    assert isinstance(again, Response) and again.status == 200
