@@ -317,10 +317,14 @@ class OverloadConfig:
     lag_interval: float = 0.05
     """Seconds between event-loop lag measurements."""
     shed_transactions: int = 100_000
-    """Open transactions above which new non-emergency initial requests get 503."""
+    """Working transactions (still waiting for their final response) above which new
+    non-emergency initial requests get 503; finished ones, which only absorb
+    retransmissions, do not count."""
     max_transactions: int = 150_000
-    """Open transactions at most (about 4 KB each): at the bound every new request but an
-    emergency INVITE or a BYE gets 503, and those evict the oldest non-emergency state."""
+    """Transactions kept at most, finished ones included (about 2.5 KB each): at the bound a
+    new request takes the place of the oldest finished ones; with none finished, every new
+    request but an emergency INVITE or a BYE gets 503, and those evict the oldest
+    non-emergency state."""
     max_contexts: int = 50_000
     """Requests being proxied at most; at the bound, as for ``max_transactions``."""
     retry_after: int = 5

@@ -185,8 +185,9 @@ class ProxyOptions:
     emergency trunk."""
     max_transactions: int = 150_000
     """Server plus client transactions kept at most, finished ones included. At the bound, a
-    new request gets a stateless 503, except an emergency INVITE or a BYE, which evict
-    finished transactions (oldest first), then the oldest non-emergency state."""
+    new request takes the place of the oldest finished transactions; with none finished it
+    gets a stateless 503, except an emergency INVITE or a BYE, which evict the oldest
+    non-emergency state."""
     shed_transactions: int = 100_000
     """Working transactions (still waiting for their final response) above which new
     non-emergency initial requests get a stateless 503. Finished ones, which only absorb
@@ -288,7 +289,8 @@ class Shed:
 
 @dataclass(slots=True)
 class Evicted:
-    """Non-emergency state was dropped to make room for an emergency INVITE or a BYE."""
+    """State was dropped to make room at a bound: finished transactions for any new request,
+    working non-emergency state for an emergency INVITE or a BYE."""
 
     transactions: int
     contexts: int
@@ -1166,9 +1168,16 @@ class ProxyCore:
     # -- admission (overload control) ----------------------------------------------------
     def _refused(self, request: Request, source: Peer) -> bool:
         """Refuse, with a stateless 503, a request that would add state the edge cannot
-        afford; make room instead when it is an emergency INVITE or a BYE."""
+        afford; make room instead by dropping finished transactions, or any non-emergency
+        state when it is an emergency INVITE or a BYE."""
         options = self._options
         transactions = len(self._server) + len(self._client)
+        if transactions >= options.max_transactions and self._done:
+            # A finished transaction only absorbs retransmissions: at the bound, any new
+            # request takes the place of the oldest ones rather than being refused.
+            evicted = self._evict_finished(options.max_transactions - 4)
+            self._events.append(Evicted(evicted, 0))
+            transactions = len(self._server) + len(self._client)
         working = transactions - len(self._done)
         load: str | None = None
         if transactions >= options.max_transactions:
@@ -1210,6 +1219,23 @@ class ProxyCore:
         retry = (("Retry-After", str(self._options.retry_after)),)
         return make_response(request, 503, to_tag=self._branches.tag(), extra=retry)
 
+    def _evict_finished(self, target: int) -> int:
+        """Drop finished transactions, oldest first, until at most ``target`` transactions
+        are left or none is finished; how many went."""
+        done = self._done
+        dropped = 0
+        while done and len(self._server) + len(self._client) > target:
+            # A finished transaction only absorbs retransmissions: losing it costs at most
+            # an answer to a late one, and its context (if still kept) carries on without it.
+            finished = next(iter(done))
+            if isinstance(finished, _ServerEntry):
+                self._drop_server(finished)
+            else:
+                self._drop_client(finished)
+            self._wheel.cancel(finished.txn)
+            dropped += 1
+        return dropped
+
     def _make_room(self) -> None:
         """Evict finished transactions, oldest first, then the oldest non-emergency state,
         until a new call fits under the bounds."""
@@ -1225,17 +1251,7 @@ class ProxyCore:
             dropped_contexts += 1
         # Room for the server transaction, one branch, and a CANCEL or a failover.
         target = options.max_transactions - 4
-        done = self._done
-        while done and len(self._server) + len(self._client) > target:
-            # A finished transaction only absorbs retransmissions: losing it costs at most
-            # an answer to a late one, and its context (if still kept) carries on without it.
-            finished = next(iter(done))
-            if isinstance(finished, _ServerEntry):
-                self._drop_server(finished)
-            else:
-                self._drop_client(finished)
-            self._wheel.cancel(finished.txn)
-            dropped_transactions += 1
+        dropped_transactions += self._evict_finished(target)
         while len(self._server) + len(self._client) > target:
             context: _Context | None = None
             key = next(

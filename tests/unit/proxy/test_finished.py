@@ -86,20 +86,35 @@ def test_at_the_bound_finished_transactions_are_evicted_before_working_ones() ->
     for n in range(10, 15):
         finished_message(h, n)
     assert (h.core.transactions_in_flight, h.core.transactions_working) == (16, 6)
-    # A new call is refused at the bound, as before.
-    h.feed(plain_invite(50))
-    assert [e.reason for e in h.event(Shed)] == ["transactions_full"]
-    h.sent.clear()
-    out = h.feed(invite())
+    # A new call takes the place of the oldest finished transactions instead of a 503.
+    out = h.feed(plain_invite(50))
+    assert not h.event(Shed)
     assert h.event(Evicted) == [Evicted(4, 0)]  # the two oldest finished MESSAGEs
-    assert h.core.transactions_working == 7  # the ringing calls and the emergency one
+    assert h.event(RequestRouted)[-1] == RequestRouted("INVITE", Route.DEFAULT)
+    assert h.core.transactions_working == 8  # the ringing calls and the new one
     # The working calls were left alone: no 503 to their callers, no CANCEL to the trunk.
     assert not [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status == 503]
-    assert not to(DEFAULT, out)
+    assert [m.method for m in to(DEFAULT, out) if isinstance(m, Request)] == ["INVITE"]
     h.collect()
+    # So does an emergency call.
+    finished_message(h, 20)
+    assert h.core.transactions_in_flight == 16
+    h.feed(invite())
+    assert h.event(Evicted)[-1] == Evicted(4, 0)
+    assert h.core.transactions_working == 9  # its server transaction; the branch follows
     call = h.emergency()
     h.core.forward_emergency(call.call, call.request, h.now)
     assert isinstance(only(TRUNK1, h.collect()), Request)
+
+
+def test_at_the_bound_with_nothing_finished_a_new_call_is_refused() -> None:
+    h = make_core(max_transactions=8)
+    for n in range(4):
+        working_invite(h, n)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (8, 8)
+    h.feed(plain_invite(50))
+    assert [e.reason for e in h.event(Shed)] == ["transactions_full"]
+    assert not h.event(Evicted)
 
 
 def test_working_emergency_state_is_never_evicted_for_another_emergency_call() -> None:
