@@ -467,10 +467,70 @@ class Message:
         received ones with that one line cut or shortened, not the whole message written
         out again (``_splice``).
         """
-        clone = self.pop_first_value("via")
         wire = self._wire
+        top = self._top_via
+        if wire is not None and top is not None:
+            spliced = self._pop_top_via_in_place(wire, top.raw)
+            if spliced is not None:
+                return spliced
+        clone = self.pop_first_value("via")
         if wire is not None and clone is not self:
             clone._wire = self._splice(wire, clone._lines, self._keys.index("via"))
+        return clone
+
+    def _pop_top_via_in_place(self, wire: bytes, top: str) -> Self | None:
+        """``pop_top_via`` of a Via line written as nearly every response brings it back,
+        ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded: what the
+        general path gives (that line written ``Via: <the other value>``), read from the text
+        of ``top`` known from the parse instead of splitting and joining the line, and the
+        bytes cut out of ``wire`` directly. None for anything else (the general path)."""
+        keys = self._keys
+        if "via" not in keys:
+            return None
+        index = keys.index("via")
+        line = self._lines[index]
+        colon = line.find(":")
+        # The name as the general path writes it back: no space or tab before the colon.
+        if colon <= 0 or line[colon - 1] in " \t":
+            return None
+        head = colon + 2  # past "Via: "
+        after = head + len(top)
+        if not (
+            line.startswith(" ", colon + 1)
+            and line.startswith(top, head)
+            and line.startswith(", ", after)
+        ):
+            return None
+        other = line[after + 2 :]
+        # What split_values would cut into exactly [top, other]: one comma, no quote or '<',
+        # no fold, no whitespace at either end of the other value.
+        if (
+            not other
+            or not top.strip()
+            or "," in other
+            or "," in top
+            or '"' in line
+            or "<" in line
+            or "\n" in line
+            or other.strip() != other
+        ):
+            return None
+        start = f"{self.start_line()}\r\n".encode("latin-1")
+        if not wire.startswith(start):
+            return None
+        at = len(start)
+        lines = self._lines
+        for i in range(index):
+            at += len(lines[i]) + 2
+        if not wire.startswith(f"{line}\r\n".encode("latin-1"), at):
+            return None
+        lines = lines.copy()
+        lines[index] = line[:head] + other
+        clone = self._copy(lines, keys.copy(), "via")
+        if self._vias:
+            clone._vias = self._vias[1:]
+        # The received bytes less "<top>, ": the line as the general path writes it.
+        clone._wire = wire[: at + head] + wire[at + after + 2 :]
         return clone
 
     def _splice(self, wire: bytes, lines: list[str], index: int) -> bytes | None:
