@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Final, Generic, NamedTuple, Self, TypeVar, cast
+from typing import Final, Generic, NamedTuple, Self, TypeVar, cast, final
 
 from e911_sip.sip.errors import (
     MalformedMessage,
@@ -345,8 +345,7 @@ class Message:
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
         # What was read from headers the change did not touch stays valid in the copy: a
         # relayed request is copied several times and its Via need not be parsed each time.
-        cls = type(self)
-        clone = cls.__new__(cls)
+        clone = self._bare_copy()
         clone._lines = lines
         clone._keys = keys
         clone.body = self.body
@@ -376,10 +375,11 @@ class Message:
             clone._to_tag = _UNREAD if changed == "to" else self._to_tag
             clone._from_tag = _UNREAD if changed == "from" else self._from_tag
             clone._mf = -1 if changed == "max-forwards" else self._mf
-        self._copy_start_line(clone)
         return clone
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        """A new message of this one's class with only its start line set (``_copy`` sets
+        the rest)."""
         raise NotImplementedError
 
     def prepend(self, name: str, value: str) -> Self:
@@ -775,6 +775,7 @@ def _key_of(name: str) -> str:
     return COMPACT_FORMS.get(key, key)
 
 
+@final
 class Request(Message):
     """A SIP request."""
 
@@ -806,10 +807,14 @@ class Request(Message):
             self._ruri = parse_uri(self.uri)
         return self._ruri
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        # The class named, not type(self): compiled, Request.__new__(Request) is a direct
+        # call where cls.__new__(cls) is a generic one (the class is final, so they agree).
+        clone = Request.__new__(Request)
         clone.method = self.method
         clone.uri = self.uri
         clone._ruri = self._ruri
+        return clone
 
     def with_uri(self, uri: str) -> Request:
         """The same request sent to another Request-URI."""
@@ -825,6 +830,7 @@ class Request(Message):
         return f"<Request {self.method} {self.uri}>"
 
 
+@final
 class Response(Message):
     """A SIP response."""
 
@@ -843,9 +849,11 @@ class Response(Message):
         self.status = status
         self.reason = reason
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        clone = Response.__new__(Response)  # as Request._bare_copy
         clone.status = self.status
         clone.reason = self.reason
+        return clone
 
     def start_line(self) -> str:
         return f"{SIP_VERSION} {self.status} {self.reason}"
