@@ -1382,9 +1382,22 @@ def make_response(
         keys.append(_key_of(name))
     lines.append("Content-Length: 0")
     keys.append("content-length")
-    response = Response(status, reason or REASONS.get(status, "Unknown"))
+    # Every attribute set here, as Response(...) with no headers would leave it: compiled,
+    # that call runs __init__ and its loop over the empty headers through generic calls.
+    response = Response.__new__(Response)
+    response.status = status
+    response.reason = reason or REASONS.get(status, "Unknown")
     response._lines = lines
     response._keys = keys
+    response.body = b""
+    response._wire = None
+    response._vias = None
+    response._top_via = None
+    response._cseq = None
+    response._call_id = None
+    response._to_tag = _UNREAD
+    response._from_tag = _UNREAD
+    response._mf = -1
     return response
 
 
