@@ -953,18 +953,34 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     return lines, cast(list[str], keys)
 
 
-_SPELLINGS: Final[dict[str, str]] = {}
-"""Header name exactly as received, with its colon -> key; filled as names are seen, up to a
-bound. The colon is part of the key so that a line without one (a bare "Call-ID") never
-matches: its slice is empty."""
+_SPELLINGS: Final[dict[str, tuple[str, int]]] = {}
+"""Header name exactly as received, with its colon -> (key, slot); filled as names are seen,
+up to a bound. The colon is part of the key so that a line without one (a bare "Call-ID")
+never matches: its slice is empty. The slot is the key's place in ``_SLOTS`` (0 for the
+others): the plain parse notes where each header it reads is as it meets it, where
+``list.index`` would scan the keys once per header."""
 _MAX_SPELLINGS: Final = 4096
+
+_SLOTS: Final = {
+    "via": 1,
+    "from": 2,
+    "to": 3,
+    "call-id": 4,
+    "cseq": 5,
+    "content-length": 6,
+    "max-forwards": 7,
+}
 
 
 def _cached_keys(lines: list[str]) -> list[str | None]:
     """Each line's key through the spelling cache; None for a line whose name (and colon) is
     not in it. Slicing up to the colon copies only the name, where ``partition`` would copy
     every value too: this is the parser's largest single step."""
-    return [_SPELLINGS.get(line[: line.find(":") + 1]) for line in lines]
+    out: list[str | None] = []
+    for line in lines:
+        entry = _SPELLINGS.get(line[: line.find(":") + 1])
+        out.append(None if entry is None else entry[0])
+    return out
 
 
 _BAD = "\x00bad"
@@ -1004,7 +1020,7 @@ def _slow_key(line: str) -> str:
         key = name
     if len(_SPELLINGS) < _MAX_SPELLINGS:
         # Bounded: a peer inventing names cannot grow it without limit.
-        _SPELLINGS[spelt + ":"] = key
+        _SPELLINGS[spelt + ":"] = (key, _SLOTS.get(key, 0))
     return key
 
 
@@ -1071,16 +1087,34 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
     # (_cached_keys, written out: this runs for every message.)
     known: list[str] = []
-    for line in lines:
-        key = _SPELLINGS.get(line[: line.find(":") + 1])
-        if key is None:
+    # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is none
+    # (what known.index would give, without a scan per key).
+    at = [-1, -1, -1, -1, -1, -1, -1, -1]
+    lengths = 0
+    for i, line in enumerate(lines):
+        entry = _SPELLINGS.get(line[: line.find(":") + 1])
+        if entry is None:
             return None
+        key, slot = entry
         known.append(key)
-    if len(known) > max_headers or known.count("content-length") != 1:
+        if slot:
+            if at[slot] < 0:
+                at[slot] = i
+            if slot == 6:
+                lengths += 1
+    via_at = at[1]
+    from_at = at[2]
+    to_at = at[3]
+    call_id_at = at[4]
+    cseq_at = at[5]
+    mf_at = at[7]
+    if len(known) > max_headers or lengths != 1:
         return None
+    if via_at < 0 or from_at < 0 or to_at < 0 or call_id_at < 0 or cseq_at < 0:
+        return None  # a mandatory header missing: the careful path names it
     message: Request | Response
     try:
-        line = lines[known.index("content-length")]
+        line = lines[at[6]]
         value = line[line.find(":") + 1 :].strip()
         if len(value) > 5 or not value.isdigit():
             return None
@@ -1095,7 +1129,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 wire = data[: end + 4 + length]
         # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
         # it (anything else, extra spaces included, is left to the careful path).
-        line = lines[known.index("cseq")]
+        line = lines[cseq_at]
         value = line[line.find(":") + 1 :].strip()
         space = value.find(" ")
         if space < 0:
@@ -1105,18 +1139,18 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         if cseq_method not in _METHODS or len(number) > 9 or not number.isdigit():
             return None
         cseq = (int(number), cseq_method)
-        line = lines[known.index("call-id")]
+        line = lines[call_id_at]
         call_id = line[line.find(":") + 1 :].strip()
         if not call_id:
             return None
         # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
         # else is left to it.
-        line = lines[known.index("from")]
+        line = lines[from_at]
         value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
-        line = lines[known.index("to")]
+        line = lines[to_at]
         value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
@@ -1124,7 +1158,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         # The top Via, when it is the cached parse of the text before the first comma (no
         # quote or '<' before it, so that comma is where split_values would cut too): a
         # response to one of our branches, whose Via is ours. Anything else, _top_via_of.
-        line = lines[known.index("via")]
+        line = lines[via_at]
         value = line[line.find(":") + 1 :]
         comma = value.find(",")
         head = (value if comma < 0 else value[:comma]).strip()
@@ -1151,8 +1185,8 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request.method = method
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
-            if "max-forwards" in known:
-                line = lines[known.index("max-forwards")]
+            if mf_at >= 0:
+                line = lines[mf_at]
                 value = line[line.find(":") + 1 :].strip()
                 request._mf = (
                     int(value)  # the common case of _max_forwards_of, without the call
@@ -1163,7 +1197,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 request._mf = None
             message = request
     except (ValueError, RemoteSipError):
-        return None  # a mandatory header missing, or a value the careful path will name
+        return None  # a value the careful path will name
     # Typed as the one native class, compiled the attributes are set directly (on the
     # union each would be a generic setattr).
     base = cast(Message, message)
