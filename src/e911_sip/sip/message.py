@@ -386,9 +386,11 @@ class Message:
         """A new header placed before every other header of that name (or first, if none)."""
         key = _key_of(name)
         keys = self._keys
-        try:
+        # A test first, not index() in a try: the first Record-Route is prepended to a
+        # request with none, and a caught exception costs far more than a second scan.
+        if key in keys:
             index = keys.index(key)
-        except ValueError:
+        else:
             index = 0 if key == "via" else _after_vias(keys)
         lines = self._lines.copy()
         keys = keys.copy()
@@ -670,9 +672,9 @@ class Edit(Generic[M]):
         """As :meth:`Message.prepend`."""
         key = _key_of(name)
         keys = self._keys
-        try:
+        if key in keys:  # as Message.prepend
             index = keys.index(key)
-        except ValueError:
+        else:
             index = 0 if key == "via" else _after_vias(keys)
         self._lines.insert(index, f"{name}: {value}")
         keys.insert(index, key)
