@@ -567,7 +567,9 @@ class Message:
         """The message on the wire. Adds Content-Length when it is missing (RFC 3261 §18.3)."""
         if self._wire is None:
             head = "\r\n".join(self._lines)
-            if "content-length" not in self._keys:
+            keys = self._keys
+            # Content-Length is nearly always the last header: looked at first, no scan.
+            if (not keys or keys[-1] != "content-length") and "content-length" not in keys:
                 head = f"{head}\r\nContent-Length: {len(self.body)}"
             text = (
                 f"{self.start_line()}\r\n{head}\r\n\r\n" if head else f"{self.start_line()}\r\n\r\n"
