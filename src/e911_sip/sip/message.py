@@ -867,7 +867,13 @@ class Response(Message):
 
 
 def _after_vias(keys: list[str]) -> int:
-    return len(keys) - keys[::-1].index("via") if "via" in keys else 0
+    # From the end, where keys[::-1].index() would copy the list and scan it twice.
+    i = len(keys)
+    while i > 0:
+        i -= 1
+        if keys[i] == "via":
+            return i + 1
+    return 0
 
 
 def _check_name_addr(value: str) -> None:

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from e911_sip.proxy.routing import LocalAddress, own_via
 from e911_sip.sip.errors import MalformedMessage, RemoteSipError
-from e911_sip.sip.message import Message, Request, Response, _tag_of, make_response, parse
+from e911_sip.sip.message import (
+    Message,
+    Request,
+    Response,
+    _after_vias,
+    _tag_of,
+    make_response,
+    parse,
+)
 from e911_sip.sip.uri import (
     _VIA_CACHE,
     NameAddr,
@@ -325,3 +333,10 @@ def test_a_made_response_holds_what_the_constructor_leaves() -> None:
     for name in _RESPONSE_ATTRIBUTES:
         assert getattr(made, name) == getattr(built, name), name
     assert made.to_bytes() == Response(100, "Trying", made.headers).to_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["via", "from", "to", "route", "record-route"]), max_size=8))
+def test_the_place_after_the_vias_is_found_from_the_end(keys: list[str]) -> None:
+    expected = len(keys) - keys[::-1].index("via") if "via" in keys else 0
+    assert _after_vias(keys) == expected
