@@ -18,7 +18,14 @@ from typing import Protocol, Self, TypeVar, overload
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Edit, Request
 from e911_sip.sip.peer import DEFAULT_PORTS, Peer
-from e911_sip.sip.uri import Uri, Via, parse_name_addr, parse_uri, remember_via, split_values
+from e911_sip.sip.uri import (
+    Uri,
+    new_via,
+    parse_name_addr,
+    parse_uri,
+    remember_via,
+    split_values,
+)
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_MAX_FORWARDS = 70
@@ -279,7 +286,7 @@ def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
     if answered and ":" not in local.host:
         # An IPv6 host is left to the parser, which takes its brackets off.
         remember_via(
-            Via(
+            new_via(
                 transport,
                 local.host.lower(),
                 local.port,

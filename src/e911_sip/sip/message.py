@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Final, Generic, NamedTuple, Self, TypeVar, cast
+from typing import Final, Generic, NamedTuple, Self, TypeVar, cast, final
 
 from e911_sip.sip.errors import (
     MalformedMessage,
@@ -345,8 +345,7 @@ class Message:
     def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
         # What was read from headers the change did not touch stays valid in the copy: a
         # relayed request is copied several times and its Via need not be parsed each time.
-        cls = type(self)
-        clone = cls.__new__(cls)
+        clone = self._bare_copy()
         clone._lines = lines
         clone._keys = keys
         clone.body = self.body
@@ -376,19 +375,22 @@ class Message:
             clone._to_tag = _UNREAD if changed == "to" else self._to_tag
             clone._from_tag = _UNREAD if changed == "from" else self._from_tag
             clone._mf = -1 if changed == "max-forwards" else self._mf
-        self._copy_start_line(clone)
         return clone
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        """A new message of this one's class with only its start line set (``_copy`` sets
+        the rest)."""
         raise NotImplementedError
 
     def prepend(self, name: str, value: str) -> Self:
         """A new header placed before every other header of that name (or first, if none)."""
         key = _key_of(name)
         keys = self._keys
-        try:
+        # A test first, not index() in a try: the first Record-Route is prepended to a
+        # request with none, and a caught exception costs far more than a second scan.
+        if key in keys:
             index = keys.index(key)
-        except ValueError:
+        else:
             index = 0 if key == "via" else _after_vias(keys)
         lines = self._lines.copy()
         keys = keys.copy()
@@ -467,10 +469,70 @@ class Message:
         received ones with that one line cut or shortened, not the whole message written
         out again (``_splice``).
         """
-        clone = self.pop_first_value("via")
         wire = self._wire
+        top = self._top_via
+        if wire is not None and top is not None:
+            spliced = self._pop_top_via_in_place(wire, top.raw)
+            if spliced is not None:
+                return spliced
+        clone = self.pop_first_value("via")
         if wire is not None and clone is not self:
             clone._wire = self._splice(wire, clone._lines, self._keys.index("via"))
+        return clone
+
+    def _pop_top_via_in_place(self, wire: bytes, top: str) -> Self | None:
+        """``pop_top_via`` of a Via line written as nearly every response brings it back,
+        ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded: what the
+        general path gives (that line written ``Via: <the other value>``), read from the text
+        of ``top`` known from the parse instead of splitting and joining the line, and the
+        bytes cut out of ``wire`` directly. None for anything else (the general path)."""
+        keys = self._keys
+        if "via" not in keys:
+            return None
+        index = keys.index("via")
+        line = self._lines[index]
+        colon = line.find(":")
+        # The name as the general path writes it back: no space or tab before the colon.
+        if colon <= 0 or line[colon - 1] in " \t":
+            return None
+        head = colon + 2  # past "Via: "
+        after = head + len(top)
+        if not (
+            line.startswith(" ", colon + 1)
+            and line.startswith(top, head)
+            and line.startswith(", ", after)
+        ):
+            return None
+        other = line[after + 2 :]
+        # What split_values would cut into exactly [top, other]: one comma, no quote or '<',
+        # no fold, no whitespace at either end of the other value.
+        if (
+            not other
+            or not top.strip()
+            or "," in other
+            or "," in top
+            or '"' in line
+            or "<" in line
+            or "\n" in line
+            or other.strip() != other
+        ):
+            return None
+        start = f"{self.start_line()}\r\n".encode("latin-1")
+        if not wire.startswith(start):
+            return None
+        at = len(start)
+        lines = self._lines
+        for i in range(index):
+            at += len(lines[i]) + 2
+        if not wire.startswith(f"{line}\r\n".encode("latin-1"), at):
+            return None
+        lines = lines.copy()
+        lines[index] = line[:head] + other
+        clone = self._copy(lines, keys.copy(), "via")
+        if self._vias:
+            clone._vias = self._vias[1:]
+        # The received bytes less "<top>, ": the line as the general path writes it.
+        clone._wire = wire[: at + head] + wire[at + after + 2 :]
         return clone
 
     def _splice(self, wire: bytes, lines: list[str], index: int) -> bytes | None:
@@ -505,7 +567,9 @@ class Message:
         """The message on the wire. Adds Content-Length when it is missing (RFC 3261 §18.3)."""
         if self._wire is None:
             head = "\r\n".join(self._lines)
-            if "content-length" not in self._keys:
+            keys = self._keys
+            # Content-Length is nearly always the last header: looked at first, no scan.
+            if (not keys or keys[-1] != "content-length") and "content-length" not in keys:
                 head = f"{head}\r\nContent-Length: {len(self.body)}"
             text = (
                 f"{self.start_line()}\r\n{head}\r\n\r\n" if head else f"{self.start_line()}\r\n\r\n"
@@ -610,9 +674,9 @@ class Edit(Generic[M]):
         """As :meth:`Message.prepend`."""
         key = _key_of(name)
         keys = self._keys
-        try:
+        if key in keys:  # as Message.prepend
             index = keys.index(key)
-        except ValueError:
+        else:
             index = 0 if key == "via" else _after_vias(keys)
         self._lines.insert(index, f"{name}: {value}")
         keys.insert(index, key)
@@ -715,6 +779,7 @@ def _key_of(name: str) -> str:
     return COMPACT_FORMS.get(key, key)
 
 
+@final
 class Request(Message):
     """A SIP request."""
 
@@ -746,10 +811,14 @@ class Request(Message):
             self._ruri = parse_uri(self.uri)
         return self._ruri
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        # The class named, not type(self): compiled, Request.__new__(Request) is a direct
+        # call where cls.__new__(cls) is a generic one (the class is final, so they agree).
+        clone = Request.__new__(Request)
         clone.method = self.method
         clone.uri = self.uri
         clone._ruri = self._ruri
+        return clone
 
     def with_uri(self, uri: str) -> Request:
         """The same request sent to another Request-URI."""
@@ -765,6 +834,7 @@ class Request(Message):
         return f"<Request {self.method} {self.uri}>"
 
 
+@final
 class Response(Message):
     """A SIP response."""
 
@@ -783,9 +853,11 @@ class Response(Message):
         self.status = status
         self.reason = reason
 
-    def _copy_start_line(self, clone: Self) -> None:
+    def _bare_copy(self) -> Self:
+        clone = Response.__new__(Response)  # as Request._bare_copy
         clone.status = self.status
         clone.reason = self.reason
+        return clone
 
     def start_line(self) -> str:
         return f"{SIP_VERSION} {self.status} {self.reason}"
@@ -795,7 +867,13 @@ class Response(Message):
 
 
 def _after_vias(keys: list[str]) -> int:
-    return len(keys) - keys[::-1].index("via") if "via" in keys else 0
+    # From the end, where keys[::-1].index() would copy the list and scan it twice.
+    i = len(keys)
+    while i > 0:
+        i -= 1
+        if keys[i] == "via":
+            return i + 1
+    return 0
 
 
 def _check_name_addr(value: str) -> None:
@@ -885,18 +963,34 @@ def _split_head(head: str) -> tuple[list[str], list[str]]:
     return lines, cast(list[str], keys)
 
 
-_SPELLINGS: Final[dict[str, str]] = {}
-"""Header name exactly as received, with its colon -> key; filled as names are seen, up to a
-bound. The colon is part of the key so that a line without one (a bare "Call-ID") never
-matches: its slice is empty."""
+_SPELLINGS: Final[dict[str, tuple[str, int]]] = {}
+"""Header name exactly as received, with its colon -> (key, slot); filled as names are seen,
+up to a bound. The colon is part of the key so that a line without one (a bare "Call-ID")
+never matches: its slice is empty. The slot is the key's place in ``_SLOTS`` (0 for the
+others): the plain parse notes where each header it reads is as it meets it, where
+``list.index`` would scan the keys once per header."""
 _MAX_SPELLINGS: Final = 4096
+
+_SLOTS: Final = {
+    "via": 1,
+    "from": 2,
+    "to": 3,
+    "call-id": 4,
+    "cseq": 5,
+    "content-length": 6,
+    "max-forwards": 7,
+}
 
 
 def _cached_keys(lines: list[str]) -> list[str | None]:
     """Each line's key through the spelling cache; None for a line whose name (and colon) is
     not in it. Slicing up to the colon copies only the name, where ``partition`` would copy
     every value too: this is the parser's largest single step."""
-    return [_SPELLINGS.get(line[: line.find(":") + 1]) for line in lines]
+    out: list[str | None] = []
+    for line in lines:
+        entry = _SPELLINGS.get(line[: line.find(":") + 1])
+        out.append(None if entry is None else entry[0])
+    return out
 
 
 _BAD = "\x00bad"
@@ -936,7 +1030,7 @@ def _slow_key(line: str) -> str:
         key = name
     if len(_SPELLINGS) < _MAX_SPELLINGS:
         # Bounded: a peer inventing names cannot grow it without limit.
-        _SPELLINGS[spelt + ":"] = key
+        _SPELLINGS[spelt + ":"] = (key, _SLOTS.get(key, 0))
     return key
 
 
@@ -1003,16 +1097,34 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # A folded line, an empty one or a name not seen before has no spelling in the cache.
     # (_cached_keys, written out: this runs for every message.)
     known: list[str] = []
-    for line in lines:
-        key = _SPELLINGS.get(line[: line.find(":") + 1])
-        if key is None:
+    # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is none
+    # (what known.index would give, without a scan per key).
+    at = [-1, -1, -1, -1, -1, -1, -1, -1]
+    lengths = 0
+    for i, line in enumerate(lines):
+        entry = _SPELLINGS.get(line[: line.find(":") + 1])
+        if entry is None:
             return None
+        key, slot = entry
         known.append(key)
-    if len(known) > max_headers or known.count("content-length") != 1:
+        if slot:
+            if at[slot] < 0:
+                at[slot] = i
+            if slot == 6:
+                lengths += 1
+    via_at = at[1]
+    from_at = at[2]
+    to_at = at[3]
+    call_id_at = at[4]
+    cseq_at = at[5]
+    mf_at = at[7]
+    if len(known) > max_headers or lengths != 1:
         return None
+    if via_at < 0 or from_at < 0 or to_at < 0 or call_id_at < 0 or cseq_at < 0:
+        return None  # a mandatory header missing: the careful path names it
     message: Request | Response
     try:
-        line = lines[known.index("content-length")]
+        line = lines[at[6]]
         value = line[line.find(":") + 1 :].strip()
         if len(value) > 5 or not value.isdigit():
             return None
@@ -1027,7 +1139,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 wire = data[: end + 4 + length]
         # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
         # it (anything else, extra spaces included, is left to the careful path).
-        line = lines[known.index("cseq")]
+        line = lines[cseq_at]
         value = line[line.find(":") + 1 :].strip()
         space = value.find(" ")
         if space < 0:
@@ -1037,18 +1149,18 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         if cseq_method not in _METHODS or len(number) > 9 or not number.isdigit():
             return None
         cseq = (int(number), cseq_method)
-        line = lines[known.index("call-id")]
+        line = lines[call_id_at]
         call_id = line[line.find(":") + 1 :].strip()
         if not call_id:
             return None
         # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
         # else is left to it.
-        line = lines[known.index("from")]
+        line = lines[from_at]
         value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
-        line = lines[known.index("to")]
+        line = lines[to_at]
         value = line[line.find(":") + 1 :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
@@ -1056,7 +1168,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         # The top Via, when it is the cached parse of the text before the first comma (no
         # quote or '<' before it, so that comma is where split_values would cut too): a
         # response to one of our branches, whose Via is ours. Anything else, _top_via_of.
-        line = lines[known.index("via")]
+        line = lines[via_at]
         value = line[line.find(":") + 1 :]
         comma = value.find(",")
         head = (value if comma < 0 else value[:comma]).strip()
@@ -1083,8 +1195,8 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request.method = method
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
-            if "max-forwards" in known:
-                line = lines[known.index("max-forwards")]
+            if mf_at >= 0:
+                line = lines[mf_at]
                 value = line[line.find(":") + 1 :].strip()
                 request._mf = (
                     int(value)  # the common case of _max_forwards_of, without the call
@@ -1095,7 +1207,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 request._mf = None
             message = request
     except (ValueError, RemoteSipError):
-        return None  # a mandatory header missing, or a value the careful path will name
+        return None  # a value the careful path will name
     # Typed as the one native class, compiled the attributes are set directly (on the
     # union each would be a generic setattr).
     base = cast(Message, message)
@@ -1314,9 +1426,22 @@ def make_response(
         keys.append(_key_of(name))
     lines.append("Content-Length: 0")
     keys.append("content-length")
-    response = Response(status, reason or REASONS.get(status, "Unknown"))
+    # Every attribute set here, as Response(...) with no headers would leave it: compiled,
+    # that call runs __init__ and its loop over the empty headers through generic calls.
+    response = Response.__new__(Response)
+    response.status = status
+    response.reason = reason or REASONS.get(status, "Unknown")
     response._lines = lines
     response._keys = keys
+    response.body = b""
+    response._wire = None
+    response._vias = None
+    response._top_via = None
+    response._cseq = None
+    response._call_id = None
+    response._to_tag = _UNREAD
+    response._from_tag = _UNREAD
+    response._mf = -1
     return response
 
 

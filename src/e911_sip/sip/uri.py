@@ -362,8 +362,9 @@ def cached_via(text: str) -> Via | None:
     return _VIA_CACHE.get(text)
 
 
-def _via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
-    # As _name_addr: what Via(...) builds, without its Python-level __new__.
+def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
+    """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
+    ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
     return tuple.__new__(Via, (transport, host, port, params, raw))
 
 
@@ -398,7 +399,7 @@ def _parse_via(text: str) -> Via:
             host = hostport if colon < 0 else hostport[:colon]
             if host and "[" not in hostport and "]" not in hostport:
                 if colon < 0:
-                    return _via(transport, host.lower(), None, _split_params(ptext), text)
+                    return new_via(transport, host.lower(), None, _split_params(ptext), text)
                 port_text = hostport[colon + 1 :]
                 # isdigit() also passes '²', which isascii() (in bounded_uint) refuses.
                 if port_text.isdigit():
@@ -408,7 +409,7 @@ def _parse_via(text: str) -> Via:
                         else bounded_uint(port_text, MAX_PORT)
                     )
                     if port is not None:
-                        return _via(transport, host.lower(), port, _split_params(ptext), text)
+                        return new_via(transport, host.lower(), port, _split_params(ptext), text)
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")
@@ -424,4 +425,4 @@ def _parse_via(text: str) -> Via:
     if port_group and port is None:
         raise MalformedMessage(f"bad port in Via {text[:80]!r}")
     params = _split_params(params_group[1:] if params_group else "")
-    return _via(sent_transport.upper(), sent_host.lower(), port, params, text)
+    return new_via(sent_transport.upper(), sent_host.lower(), port, params, text)

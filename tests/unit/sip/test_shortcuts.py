@@ -14,8 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from e911_sip.proxy.routing import LocalAddress, own_via
-from e911_sip.sip.errors import MalformedMessage
-from e911_sip.sip.message import Response, _tag_of, parse
+from e911_sip.sip.errors import MalformedMessage, RemoteSipError
+from e911_sip.sip.message import (
+    Message,
+    Request,
+    Response,
+    _after_vias,
+    _tag_of,
+    make_response,
+    parse,
+)
 from e911_sip.sip.uri import (
     _VIA_CACHE,
     NameAddr,
@@ -245,3 +253,90 @@ def test_a_tag_read_in_place_is_the_one_the_full_parse_reads(value: str) -> None
 )
 def test_any_to_or_from_gives_the_tag_the_full_parse_gives(value: str) -> None:
     assert _tag_in_place(value) == _tag_by_full_parse(value)
+
+
+_VIA_VALUES = [OURS, UPSTREAM] * 3 + ['SIP/2.0/TCP 10.0.0.3;x="a,b"', "", " ", "<", OURS + " "]
+_VIA_SEPARATORS = [", "] * 5 + [",", " , ", ",\t", ", ,"]
+
+
+@st.composite
+def _via_values(draw: st.DrawFn) -> str:
+    """Via values joined as responses usually join them (", "), with now and then a value
+    or a separator the in-place cut must leave to the general path."""
+    values = draw(st.lists(st.sampled_from(_VIA_VALUES), min_size=1, max_size=3))
+    values.insert(0, draw(st.sampled_from([OURS, OURS, " "])))
+    out = values[0]
+    for value in values[1:]:
+        out += draw(st.sampled_from(_VIA_SEPARATORS)) + value
+    return out + draw(st.sampled_from(["", "", "", "", " ", ","]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["Via: ", "Via: ", "Via: ", "Via:", "v: ", "VIA : "]),
+    _via_values(),
+    st.sampled_from(["SIP/2.0 200 OK", "SIP/2.0 200 OK", "SIP/2.0 200"]),
+)
+def test_any_via_line_is_popped_as_the_whole_rewrite_pops_it(
+    name: str, value: str, start: str
+) -> None:
+    data = _response(start, [name + value], body=b"x")
+    try:
+        message = parse(data)
+    except RemoteSipError:
+        return  # nothing to pop: the parse refused it
+    assert isinstance(message, Response)
+    message.top_via  # noqa: B018 - the in-place cut reads the top Via the parse kept
+    popped = message.pop_top_via()
+    general = message.pop_first_value("via")
+    assert _read(popped) == _read(general)
+    assert popped.to_bytes() == _written_whole(message)
+
+
+@pytest.mark.parametrize("name", ["Via", "v"])
+def test_a_usual_via_line_is_cut_in_place(name: str) -> None:
+    message = parse(_response("SIP/2.0 180 Ringing", [f"{name}: {OURS}, {UPSTREAM}"]))
+    assert message._wire is not None
+    popped = message._pop_top_via_in_place(message._wire, OURS)
+    assert popped is not None  # the usual shape must not fall back to the general path
+    assert popped.to_bytes() == _written_whole(message)
+
+
+_RESPONSE_ATTRIBUTES = (
+    "status",
+    "reason",
+    "body",
+    "_wire",
+    "_vias",
+    "_top_via",
+    "_cseq",
+    "_call_id",
+    "_to_tag",
+    "_from_tag",
+    "_mf",
+)
+
+
+def test_a_made_response_holds_what_the_constructor_leaves() -> None:
+    request = parse(
+        b"INVITE sip:911@10.0.0.1 SIP/2.0\r\nVia: " + OURS.encode() + b"\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:911@example.com>\r\n"
+        b"Call-ID: c@example.com\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(request, Request)
+    made = make_response(request, 100)
+    built = Response(100, "Trying")
+    # Named here: compiled, the classes have no __slots__ to list them.
+    if hasattr(Response, "__slots__"):
+        slots = set(Response.__slots__) | set(Message.__slots__)
+        assert slots - {"_lines", "_keys"} == set(_RESPONSE_ATTRIBUTES)
+    for name in _RESPONSE_ATTRIBUTES:
+        assert getattr(made, name) == getattr(built, name), name
+    assert made.to_bytes() == Response(100, "Trying", made.headers).to_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["via", "from", "to", "route", "record-route"]), max_size=8))
+def test_the_place_after_the_vias_is_found_from_the_end(keys: list[str]) -> None:
+    expected = len(keys) - keys[::-1].index("via") if "via" in keys else 0
+    assert _after_vias(keys) == expected
