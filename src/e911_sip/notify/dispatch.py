@@ -6,12 +6,13 @@ Two stages, each a durable queue (:mod:`e911_sip.notify.queue`):
    goes to an in-memory list that a task writes to the *events* queue.
 2. The :class:`Notifier`, where provisioning state is, takes the events in batches, asks
    provisioning for each line's contacts, level and address, queues one delivery per target
-   in the *deliveries* queue (the batch's in one write) and only then marks the events done
-   (in one acknowledgement). Each delivery is attempted at once and retried with
-   exponential back-off and full jitter (honouring a ``Retry-After``) until it succeeds,
-   fails permanently, or runs out of attempts or time; then it moves to the dead-letter
-   list, logged at ERROR and counted (an alert fires on it). Deliveries that succeed at the
-   same moment are marked done in one acknowledgement.
+   in the *deliveries* queue and marks the events done, the batch's in one step (on Redis
+   one script; elsewhere the deliveries' write, then the events' acknowledgement). Each
+   delivery is attempted at once and retried with exponential back-off and full jitter
+   (honouring a ``Retry-After``) until it succeeds, fails permanently, or runs out of
+   attempts or time; then it moves to the dead-letter list, logged at ERROR and counted (an
+   alert fires on it). Deliveries that succeed at the same moment are marked done in one
+   acknowledgement.
 
 A crash between two steps repeats a step, never skips one: an event may yield its deliveries
 twice, a delivery may be sent twice. Every delivery carries the same idempotency key each
@@ -253,8 +254,8 @@ class Notifier:
                 await handle(batch)
 
     async def _expand(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        """A batch of events → all their deliveries in the deliveries queue (one write) →
-        the events done (one acknowledgement)."""
+        """A batch of events → all their deliveries in the deliveries queue and the events
+        done, in one :meth:`~e911_sip.notify.queue.Queue.hand_over`."""
         entries = [entry for entry, _ in batch]
         events: list[CallEvent] = []
         for entry, item in batch:
@@ -270,12 +271,13 @@ class Notifier:
             if not own:
                 self._on_no_target(event)
             planned.extend(delivery.to_dict() for delivery in own)
-        # The events are acknowledged only once their deliveries are stored: a crash between
-        # the two writes takes the whole batch again, and its deliveries are queued twice
-        # under the same idempotency keys.
-        if planned:
-            await self._retrying(functools.partial(self._deliveries.put_many, planned))
-        await self._retrying(functools.partial(self._events.done_many, entries))
+        # The deliveries stored and the events acknowledged in one step (on Redis one
+        # script: one round trip, and a crash cannot fall between them). Where it takes two
+        # writes the events come second: a crash between them takes the batch again, its
+        # deliveries queued twice under the same idempotency keys.
+        await self._retrying(
+            functools.partial(self._events.hand_over, entries, planned, self._deliveries)
+        )
 
     async def _resolve_all(self, events: list[CallEvent]) -> list[Resolution]:
         """Each event's resolution, or an empty one (the fallback targets) for an event whose
