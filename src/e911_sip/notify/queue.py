@@ -320,9 +320,12 @@ def _database(client: aioredis.Redis) -> tuple[object, ...]:
     keys of two queues only when both name the same one."""
     pool = client.connection_pool
     kwargs = pool.connection_kwargs
-    # A Sentinel pool finds its master each time it connects: the service names it.
-    where = getattr(pool, "service_name", None)
-    if where is None:
+    # A Sentinel pool finds its master each time it connects: its sentinels and the service
+    # name it.
+    target = getattr(pool, "target", None)
+    if target is not None:
+        where: tuple[object, ...] = (target.sentinels, target.service)
+    else:
         where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"))
     return (type(pool).__name__, where, kwargs.get("db", 0))
 

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from e911_sip.notify.queue import FileQueue, Queue, QueueError
+from e911_sip.notify.queue import FileQueue, Queue, QueueError, _database
+from e911_sip.store.redis import connect
 
 
 async def hand_over_behaviour(events: Queue, deliveries: Queue) -> None:
@@ -107,3 +108,24 @@ async def test_a_hand_over_tried_again_stores_its_items_once() -> None:
     entries = [entry for entry, _ in await events.take(0.1)]
     await events.hand_over(entries, [{"d": 2}], deliveries)
     assert deliveries.writes == [2, 1]
+
+
+def test_a_script_touches_two_queues_only_on_one_database() -> None:
+    def where(url: str) -> tuple[object, ...]:
+        return _database(connect(url, socket_timeout=1.0, replica_acks=False))
+
+    same = (
+        "redis://127.0.0.1:6379/0",
+        "unix:///run/redis.sock?db=2",
+        "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/e911/1",
+    )
+    for url in same:
+        assert where(url) == where(url)
+    assert where("redis://127.0.0.1:6379/0") != where("redis://127.0.0.1:6379/1")
+    assert where("redis://127.0.0.1:6379/0") != where("redis://127.0.0.2:6379/0")
+    assert where("redis+sentinel://127.0.0.1:26379/e911/1") != where(
+        "redis+sentinel://127.0.0.9:26379/e911/1"
+    )
+    assert where("redis+sentinel://127.0.0.1:26379/e911/1") != where(
+        "redis+sentinel://127.0.0.1:26379/other/1"
+    )
