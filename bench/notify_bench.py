@@ -7,14 +7,24 @@ contacts → ``deliveries`` stream → a channel that accepts at once) and the r
 :class:`RedisStreamSink`), on one uvloop loop, against a real redis-server on 127.0.0.1.
 
 Each run is a fresh child process that feeds ``--events`` calls at ``--rate`` calls/s (ticks
-of 10 ms) and waits until every delivery was accepted and every record written. It reports
-the child's CPU (``time.process_time``) from the first call to the last write, per call.
+of 10 ms) and waits until every delivery was accepted and acknowledged and every record
+written. With ``--work`` each call also holds the loop that many µs (busy CPU, as the
+edge's SIP work does), so that the writers run late as on a loaded edge. It reports, per
+call, from the first call to the last write:
+
+- the child's CPU (``time.process_time``), without that work;
+- its Redis round trips: commands (a pipeline or a script counts one) its redis-py
+  connections sent, counted in the child;
+- the server's work: ``INFO commandstats`` calls before → after, each command apart
+  (commands a script runs count there too; the bench's own ``XLEN`` polls are not included).
+
 With several ``--src`` directories the children alternate between them (before/after builds
 on the same loaded host); the median of ``--runs`` per build is printed.
 
     PYTHONPATH=src python bench/notify_bench.py
     mkdir -p ../before && git archive HEAD~3 src | tar -x -C ../before
     PYTHONPATH=src python bench/notify_bench.py --src ../before/src --src src --runs 7
+    PYTHONPATH=src python bench/notify_bench.py --rate 800 --work 700 --events 4000
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 async def child(args: argparse.Namespace) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+    from redis.asyncio.connection import AbstractConnection, Connection
+
     from e911_sip.callrecords.recorder import CallRecorder, RecorderOptions
     from e911_sip.callrecords.stream import RedisStreamSink
     from e911_sip.metrics import Metrics
@@ -43,6 +56,31 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     from e911_sip.notify.queue import RedisStreamQueue
     from e911_sip.proxy.core import CallCompleted, EmergencyCall, EmergencyForwarded
     from e911_sip.store.redis import connect
+
+    sent = 0
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        nonlocal sent
+        sent += 1
+        await send(self, command, check_health)
+
+    class Uncounted(Connection):
+        """The bench's own probes: not the writers' round trips."""
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            await send(self, command, check_health)
+
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+    probe = aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool.from_url(
+            args.redis, decode_responses=True, connection_class=Uncounted
+        )
+    )
+
+    async def commandstats() -> dict[str, int]:
+        stats: dict[str, Any] = await probe.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
     prefix = f"bench:{os.getpid()}:{time.time_ns()}:"
     events = RedisStreamQueue(
@@ -99,13 +137,16 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     written = recorder._results["written"]
     await asyncio.sleep(0.2)  # connections and consumer groups set up before the clock starts
 
+    stats_before = await commandstats()
+    sent_before = sent
     start_cpu, start_wall = time.process_time(), time.monotonic()
     per_tick = args.rate / 100
-    sent = 0.0
+    due = 0.0
+    worked = 0.0
     n = 0
     while n < args.events:
-        sent += per_tick
-        while n < min(args.events, int(sent)):
+        due += per_tick
+        while n < min(args.events, int(due)):
             call_id = f"bench-{n}@softswitch"
             line = f"{3215500000 + n}"
             recorder.on_event(EmergencyCall(0, None, "911", call_id))  # type: ignore[arg-type]
@@ -129,26 +170,47 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             recorder.on_event(CallCompleted(call_id, "BYE", True, 200, None))
+            if args.work:
+                # The call's SIP work, which holds the loop as the edge's does.
+                began = time.process_time()
+                until = time.perf_counter() + args.work / 1e6
+                while time.perf_counter() < until:
+                    pass
+                worked += time.process_time() - began
             n += 1
         await asyncio.sleep(0.01)
     async with asyncio.timeout(60):
         await all_delivered.wait()
         while written._value.get() < args.events:
             await asyncio.sleep(0.005)
-        while await queue.depth() or await events.depth():
+        while await probe.xlen(prefix + "deliveries") or await probe.xlen(prefix + "events"):
             await asyncio.sleep(0.005)
-    cpu, wall = time.process_time() - start_cpu, time.monotonic() - start_wall
+    cpu, wall = time.process_time() - start_cpu - worked, time.monotonic() - start_wall
+    trips = sent - sent_before
+    stats_after = await commandstats()
     stop.set()
     await asyncio.gather(*tasks)
     await events.close()
     await queue.close()
-    return {"cpu_us": cpu / args.events * 1e6, "wall": wall, "delivered": delivered}
+    await probe.aclose()
+    server = {
+        name: (calls - stats_before.get(name, 0)) / args.events
+        for name, calls in stats_after.items()
+        if name not in ("info", "xlen") and calls != stats_before.get(name, 0)
+    }
+    return {
+        "cpu_us": cpu / args.events * 1e6,
+        "wall": wall,
+        "delivered": delivered,
+        "trips": trips / args.events,
+        "server": server,
+    }
 
 
 def run_child(src: str, args: argparse.Namespace, url: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
     command = [sys.executable, __file__, "--child", "--redis", url]
-    command += ["--events", str(args.events), "--rate", str(args.rate)]
+    command += ["--events", str(args.events), "--rate", str(args.rate), "--work", str(args.work)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=120)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -170,14 +232,20 @@ def main(args: argparse.Namespace) -> None:
     server = RedisServer(Path(tempfile.mkdtemp(prefix="notify-bench-")))
     server.start()
     figures: dict[str, list[float]] = {src: [] for src in sources}
+    trips: dict[str, list[float]] = {src: [] for src in sources}
     try:
         for run in range(args.runs):
             for src in sources:
                 result = run_child(src, args, server.url)
                 figures[src].append(result["cpu_us"])
+                trips[src].append(result["trips"])
+                commands = ", ".join(
+                    f"{name} {calls:.2f}" for name, calls in sorted(result["server"].items())
+                )
                 print(
                     f"run {run + 1} {src}: {result['cpu_us']:.0f} µs CPU/call, "
-                    f"{result['wall']:.2f} s",
+                    f"{result['trips']:.2f} round trips/call, {result['wall']:.2f} s; "
+                    f"server commands/call: {commands}",
                     flush=True,
                 )
     finally:
@@ -186,7 +254,8 @@ def main(args: argparse.Namespace) -> None:
     for src, values in figures.items():
         print(
             f"{src}: median {statistics.median(values):.0f} µs CPU/call "
-            f"(min {min(values):.0f}, max {max(values):.0f})"
+            f"(min {min(values):.0f}, max {max(values):.0f}), "
+            f"median {statistics.median(trips[src]):.2f} Redis round trips/call"
         )
 
 
@@ -195,6 +264,12 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=500.0, help="calls a second (≤ 2000)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--work",
+        type=float,
+        default=0.0,
+        help="µs of busy CPU per call on the loop, as the edge's SIP work (not in the figures)",
+    )
     parser.add_argument("--src", action="append", help="a src/ directory (repeat to compare)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis", default="", help=argparse.SUPPRESS)

@@ -1,5 +1,6 @@
 """What the background writers (notifications, call records) share: the single-future waits
-of their lingering, and a batch of stream entries written in one Redis command.
+of their lingering (:class:`Pauses`), and a batch of stream entries written in one Redis
+command.
 
 redis-py builds every command of a pipeline in Python (packing, a reply to parse each), so
 a ``MULTI`` of a hundred ``XADD`` cost the edge several times the CPU of one ``EVALSHA``
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -54,6 +57,77 @@ def end_wait(waiter: asyncio.Future[None] | None) -> None:
     """End a wait on ``waiter``, unless there is none or it has ended."""
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
+
+
+class Pauses:
+    """The waits of a background task that runs until ``stop``: each one future, ended by
+    its timer, by the stop, or (a wait that asks for it) by :meth:`wake`.
+
+    A busy edge waits every few calls: ``asyncio.wait`` on ``Event.wait()`` tasks, or
+    ``asyncio.timeout`` around one, cost tasks, callbacks and a cancellation each time; here
+    a wait is a future and a timer, and one task watches the stop for all of them.
+
+    Used as a context manager (``with Pauses(stop) as pauses:``) inside the running loop: it
+    watches the stop from entry to exit. A wait that starts after the stop ends at once.
+    """
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopper: asyncio.Task[Literal[True]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._wakeable = False
+
+    def __enter__(self) -> Pauses:
+        self._loop = asyncio.get_running_loop()
+        stopper = self._stopper = asyncio.ensure_future(self._stop.wait())
+        stopper.add_done_callback(self._stopped)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        stopper, self._stopper = self._stopper, None
+        if stopper is not None:
+            stopper.remove_done_callback(self._stopped)
+            stopper.cancel()
+        self._waiter = None
+
+    def _stopped(self, _stopper: object) -> None:
+        end_wait(self._waiter)
+
+    async def until(self, when: float | None, *, wakeable: bool = False) -> None:
+        """Wait until the loop's clock reads ``when`` (None: no timer), the stop, or, when
+        ``wakeable``, the next :meth:`wake`."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("Pauses used outside its with block")
+        if self._stop.is_set():
+            return
+        waiter = self._waiter = loop.create_future()
+        self._wakeable = wakeable
+        timer = None if when is None else loop.call_at(when, end_wait, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    async def sleep(self, seconds: float, *, wakeable: bool = False) -> None:
+        """:meth:`until` ``seconds`` from now."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("Pauses used outside its with block")
+        await self.until(loop.time() + seconds, wakeable=wakeable)
+
+    def wake(self) -> None:
+        """End the current wait if it is ``wakeable`` (else, or with none, nothing)."""
+        if self._wakeable:
+            end_wait(self._waiter)
 
 
 async def xadd_all(

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from e911_sip.batching import end_wait
+from e911_sip.batching import Pauses
 from e911_sip.callrecords.book import BookOptions, CallRecord, CallRecordBook
 from e911_sip.callrecords.stream import RecordSink
 from e911_sip.metrics import Children, Metrics
@@ -99,9 +99,9 @@ class CallRecorder:
         self._book = CallRecordBook(self._options.book)
         self._wall = wall_clock
         self._queue: deque[CallRecord] = deque()
-        self._wake: asyncio.Future[None] | None = None
-        """While :meth:`run` waits with nothing to write: resolved by the next finished
-        record, or by the stop."""
+        self._pauses: Pauses | None = None
+        """While :meth:`run` runs: its waits (with nothing to write: ended by the next
+        finished record too)."""
         self._log = _RateLimitedLog()
         self._results = {r: metrics.call_records.labels(r) for r in RECORD_RESULTS}
         self._ends = Children(metrics.call_records_finished)
@@ -165,66 +165,46 @@ class CallRecorder:
                 )
                 continue
             self._queue.append(record)
-        wake, self._wake = self._wake, None
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        pauses = self._pauses
+        if pauses is not None:
+            pauses.wake()
 
     # -- the background writer ---------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Write records until ``stop``; then finish the calls in progress and write what is
         left, within ``stop_timeout``."""
         options = self._options
-        loop = asyncio.get_running_loop()
         pause = 0.0  # above zero while the sink fails
-        stopper = asyncio.ensure_future(stop.wait())
-        waiter: asyncio.Future[None] | None = None
-        # One future per wait, resolved by a record, the stop or the timer: asyncio.wait on
-        # two Event.wait() tasks cost both tasks and their callbacks every few calls.
-        stopper.add_done_callback(lambda _: end_wait(waiter))
-        try:
-            while not stop.is_set():
-                self._wake = None
-                self._guarded(lambda: self._book.expire(self._wall()))
-                if (
-                    self._queue
-                    and pause == 0.0
-                    and len(self._queue) < options.batch_size
-                    and options.linger > 0
-                ):
-                    # The write's own cost (a pipeline, a round trip) is the same for one
-                    # record as for a hundred: let the calls of the next few milliseconds
-                    # join it. Only the timer or the stop ends the wait.
-                    waiter = loop.create_future()
-                    timer = loop.call_later(options.linger, end_wait, waiter)
-                    try:
-                        await waiter
-                    finally:
-                        timer.cancel()
-                        waiter = None
-                if self._queue:
-                    if await self._write_batch():
-                        pause = 0.0
-                        if self._queue:
-                            continue
-                    else:
-                        pause = min(max(pause * 2, options.retry_min), options.retry_max)
-                if stop.is_set():
-                    break
-                if pause == 0.0 and self._queue:
-                    continue
-                waiter = loop.create_future()
-                # While the sink fails, new records do not hurry the next attempt.
-                if pause == 0.0:
-                    self._wake = waiter
-                timer = loop.call_later(pause or options.expire_interval, end_wait, waiter)
-                try:
-                    await waiter
-                finally:
-                    timer.cancel()
-                    waiter = None
-        finally:
-            stopper.cancel()
-            self._wake = None
+        with Pauses(stop) as pauses:
+            self._pauses = pauses
+            try:
+                while not stop.is_set():
+                    self._guarded(lambda: self._book.expire(self._wall()))
+                    if (
+                        self._queue
+                        and pause == 0.0
+                        and len(self._queue) < options.batch_size
+                        and options.linger > 0
+                    ):
+                        # The write's own cost (a pipeline, a round trip) is the same for one
+                        # record as for a hundred: let the calls of the next few milliseconds
+                        # join it. Only the timer or the stop ends the wait.
+                        await pauses.sleep(options.linger)
+                    if self._queue:
+                        if await self._write_batch():
+                            pause = 0.0
+                            if self._queue:
+                                continue
+                        else:
+                            pause = min(max(pause * 2, options.retry_min), options.retry_max)
+                    if stop.is_set():
+                        break
+                    if pause == 0.0 and self._queue:
+                        continue
+                    # While the sink fails, new records do not hurry the next attempt.
+                    await pauses.sleep(pause or options.expire_interval, wakeable=pause == 0.0)
+            finally:
+                self._pauses = None
         self._guarded(self._book.flush)
         try:
             async with asyncio.timeout(options.stop_timeout):

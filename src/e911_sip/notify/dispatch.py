@@ -6,12 +6,13 @@ Two stages, each a durable queue (:mod:`e911_sip.notify.queue`):
    goes to an in-memory list that a task writes to the *events* queue.
 2. The :class:`Notifier`, where provisioning state is, takes the events in batches, asks
    provisioning for each line's contacts, level and address, queues one delivery per target
-   in the *deliveries* queue (the batch's in one write) and only then marks the events done
-   (in one acknowledgement). Each delivery is attempted at once and retried with
-   exponential back-off and full jitter (honouring a ``Retry-After``) until it succeeds,
-   fails permanently, or runs out of attempts or time; then it moves to the dead-letter
-   list, logged at ERROR and counted (an alert fires on it). Deliveries that succeed at the
-   same moment are marked done in one acknowledgement.
+   in the *deliveries* queue and marks the events done, the batch's in one step (on Redis
+   one script; elsewhere the deliveries' write, then the events' acknowledgement). Each
+   delivery is attempted at once and retried with exponential back-off and full jitter
+   (honouring a ``Retry-After``) until it succeeds, fails permanently, or runs out of
+   attempts or time; then it moves to the dead-letter list, logged at ERROR and counted (an
+   alert fires on it). Deliveries that succeed at the same moment are marked done in one
+   acknowledgement.
 
 A crash between two steps repeats a step, never skips one: an event may yield its deliveries
 twice, a delivery may be sent twice. Every delivery carries the same idempotency key each
@@ -30,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from e911_sip.batching import end_wait
+from e911_sip.batching import Pauses
 from e911_sip.notify.channels import Channel, DeliveryFailed
 from e911_sip.notify.event import CallEvent, Delivery, Resolution, Targets, deliveries
 from e911_sip.notify.queue import Queue, QueueError
@@ -64,10 +65,8 @@ class Publisher:
         self._max_pending = max_pending
         self._batch = max(1, batch)
         self._on_dropped = on_dropped
-        self._idle: asyncio.Future[None] | None = None
-        """While :meth:`run` waits for work: resolved by the next event, or by the stop."""
-        self._pause: asyncio.Future[None] | None = None
-        """While :meth:`run` lingers or backs off: resolved by the stop only."""
+        self._pauses: Pauses | None = None
+        """While :meth:`run` runs: its waits (for work: ended by the next event too)."""
 
     @property
     def pending(self) -> int:
@@ -84,60 +83,38 @@ class Publisher:
             self._on_dropped(event)
             return
         self._pending.append(event)
-        idle, self._idle = self._idle, None
-        if idle is not None and not idle.done():
-            idle.set_result(None)
+        pauses = self._pauses
+        if pauses is not None:
+            pauses.wake()
 
     async def run(self, stop: asyncio.Event, *, flush_timeout: float = 2.0) -> None:
         """Write events to the queue until ``stop``, then for up to ``flush_timeout``."""
-        loop = asyncio.get_running_loop()
-        stopper = asyncio.ensure_future(stop.wait())
-        # Every wait below is one future that an event or the stop resolves: waiting with
-        # asyncio.wait on Event.wait() tasks cost two tasks and a few callbacks per batch,
-        # and a busy edge writes a batch every few calls.
-        stopper.add_done_callback(self._stopped)
-        try:
-            while not stop.is_set():
-                if self._linger > 0 and 0 < len(self._pending) < self._batch:
-                    await self._sleep(loop, self._linger)
-                await self._flush()
-                if self._pending:
-                    # The queue failed: try again shortly.
-                    await self._sleep(loop, 0.5)
-                    continue
-                if stop.is_set():
-                    break
-                idle = self._idle = loop.create_future()
-                await idle
+        with Pauses(stop) as pauses:
+            self._pauses = pauses
             try:
-                async with asyncio.timeout(flush_timeout):
-                    while self._pending:
-                        await self._flush()
-                        if self._pending:
-                            await asyncio.sleep(0.1)
-            except TimeoutError:
-                log.error(
-                    "notification events not queued at shutdown",
-                    extra={"events": len(self._pending)},
-                )
-        finally:
-            stopper.remove_done_callback(self._stopped)
-            stopper.cancel()
-            self._idle = self._pause = None
-
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        """``seconds``, or until the stop."""
-        pause = self._pause = loop.create_future()
-        timer = loop.call_later(seconds, end_wait, pause)
+                while not stop.is_set():
+                    if self._linger > 0 and 0 < len(self._pending) < self._batch:
+                        await pauses.sleep(self._linger)
+                    await self._flush()
+                    if self._pending:
+                        # The queue failed: try again shortly.
+                        await pauses.sleep(0.5)
+                        continue
+                    # Until the next event (or the stop).
+                    await pauses.until(None, wakeable=True)
+            finally:
+                self._pauses = None
         try:
-            await pause
-        finally:
-            timer.cancel()
-            self._pause = None
-
-    def _stopped(self, _stopper: object) -> None:
-        for waiter in (self._idle, self._pause):
-            end_wait(waiter)
+            async with asyncio.timeout(flush_timeout):
+                while self._pending:
+                    await self._flush()
+                    if self._pending:
+                        await asyncio.sleep(0.1)
+        except TimeoutError:
+            log.error(
+                "notification events not queued at shutdown",
+                extra={"events": len(self._pending)},
+            )
 
     async def _flush(self) -> None:
         # Events go in batches: one XADD round trip per event cannot keep up with a burst
@@ -277,8 +254,8 @@ class Notifier:
                 await handle(batch)
 
     async def _expand(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        """A batch of events → all their deliveries in the deliveries queue (one write) →
-        the events done (one acknowledgement)."""
+        """A batch of events → all their deliveries in the deliveries queue and the events
+        done, in one :meth:`~e911_sip.notify.queue.Queue.hand_over`."""
         entries = [entry for entry, _ in batch]
         events: list[CallEvent] = []
         for entry, item in batch:
@@ -294,12 +271,13 @@ class Notifier:
             if not own:
                 self._on_no_target(event)
             planned.extend(delivery.to_dict() for delivery in own)
-        # The events are acknowledged only once their deliveries are stored: a crash between
-        # the two writes takes the whole batch again, and its deliveries are queued twice
-        # under the same idempotency keys.
-        if planned:
-            await self._retrying(functools.partial(self._deliveries.put_many, planned))
-        await self._retrying(functools.partial(self._events.done_many, entries))
+        # The deliveries stored and the events acknowledged in one step (on Redis one
+        # script: one round trip, and a crash cannot fall between them). Where it takes two
+        # writes the events come second: a crash between them takes the batch again, its
+        # deliveries queued twice under the same idempotency keys.
+        await self._retrying(
+            functools.partial(self._events.hand_over, entries, planned, self._deliveries)
+        )
 
     async def _resolve_all(self, events: list[CallEvent]) -> list[Resolution]:
         """Each event's resolution, or an empty one (the fallback targets) for an event whose

@@ -61,6 +61,21 @@ class Queue(Protocol):
         QueueError; the caller then tries them all again (removing one twice is harmless)."""
         ...
 
+    async def hand_over(
+        self, entries: Sequence[str], items: Sequence[Mapping[str, Any]], to: Queue
+    ) -> None:
+        """Store ``items`` in ``to``, in order, and remove the taken ``entries`` for good.
+
+        On one Redis database both happen in one script: one round trip, and no crash can
+        store the items without finishing the entries (which would queue them twice when
+        the entries are taken again), nor the reverse. Elsewhere ``to.put_many`` comes
+        first, then ``done_many``: a crash between them repeats the items, never loses them.
+
+        Raises QueueError; the caller then calls it again with the same arguments. Items
+        stored by a call that then failed to remove the entries are not stored again, except
+        when Redis ran the script and its reply was lost (as with ``put_many``)."""
+        ...
+
     async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
         """Move a taken item to the dead-letter list. Raises QueueError."""
         ...
@@ -82,6 +97,26 @@ class Queue(Protocol):
         ...
 
 
+class _TwoStepHandOver:
+    """``hand_over`` as two writes, ``to.put_many`` then ``done_many``, for queues that
+    cannot make them one. The batch last stored whose entries are not finished yet is
+    remembered, so that the caller's retry after a failed ``done_many`` does not store its
+    items again."""
+
+    def __init__(self) -> None:
+        self._stored_for: tuple[str, ...] | None = None
+
+    async def run(
+        self, queue: Queue, entries: Sequence[str], items: Sequence[Mapping[str, Any]], to: Queue
+    ) -> None:
+        key = tuple(entries)
+        if items and key != self._stored_for:
+            await to.put_many(items)
+            self._stored_for = key
+        await queue.done_many(entries)
+        self._stored_for = None
+
+
 class FileQueue:
     """An in-process queue journaled to a file (or to nothing: ``path=None``).
 
@@ -101,6 +136,7 @@ class FileQueue:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._file: Any = None
+        self._two_step = _TwoStepHandOver()
         if path is not None:
             self._replay(path)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
@@ -216,6 +252,12 @@ class FileQueue:
             self._items.pop(entry, None)
         self._maybe_compact()
 
+    async def hand_over(
+        self, entries: Sequence[str], items: Sequence[Mapping[str, Any]], to: Queue
+    ) -> None:
+        # Two journals cannot be written as one.
+        await self._two_step.run(self, entries, items, to)
+
     async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
         record = {"item": dict(item), "reason": reason}
         if self._path is not None:
@@ -254,14 +296,49 @@ ids), a thousand ids at a time: Lua's ``unpack`` has a bound on how many it spre
 _DONE_ALL_SCRIPT = StoredScript(_DONE_ALL)
 
 
+_HAND_OVER = """
+local last = 2 + tonumber(ARGV[2])
+for i = last + 1, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'item', ARGV[i])
+end
+for i = 3, last, 1000 do
+  local upto = math.min(i + 999, last)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, upto))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, i, upto))
+end
+return #ARGV - last
+"""
+"""``XADD`` of each item to ``KEYS[2]``, then ``XACK`` and ``XDEL`` of the entries of
+``KEYS[1]`` (``ARGV``: the group, how many entries, the entries, the items). The items are
+stored first: should a command fail part way, the entries stay pending and their items are
+stored again when they are taken again (under the same idempotency keys)."""
+_HAND_OVER_SCRIPT = StoredScript(_HAND_OVER)
+
+
+def _database(client: aioredis.Redis) -> tuple[object, ...]:
+    """What names the Redis database a client's connections reach: one script may touch
+    keys of two queues only when both name the same one."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    # A Sentinel pool finds its master each time it connects: its sentinels and the service
+    # name it.
+    target = getattr(pool, "target", None)
+    if target is not None:
+        where: tuple[object, ...] = (target.sentinels, target.service)
+    else:
+        where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"))
+    return (type(pool).__name__, where, kwargs.get("db", 0))
+
+
 class RedisStreamQueue:
     """A Redis stream read through a consumer group; dead letters in a Redis list.
 
     ``put`` is ``XADD`` (``put_many``: of each item, in one script); ``take`` first returns
     this consumer's pending entries (taken before a restart and never acknowledged), then new
     ones (``XREADGROUP ... >``); ``done`` is ``XACK`` plus ``XDEL`` in one script
-    (``done_many``: of every entry given, in one); ``dead`` pushes to the list and
-    acknowledges, in one ``MULTI``.
+    (``done_many``: of every entry given, in one); ``hand_over`` to a queue on the same
+    database is one script too; ``dead`` pushes to the list and acknowledges, in one
+    ``MULTI``.
     """
 
     def __init__(
@@ -281,6 +358,7 @@ class RedisStreamQueue:
         self._group_ready = False
         self._backlog_from: str | None = "0"
         """Where the next read of our own pending entries starts; None once they are read."""
+        self._two_step = _TwoStepHandOver()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStreamQueue:
@@ -371,6 +449,23 @@ class RedisStreamQueue:
         # notifier acknowledges a batch of events for every few calls.
         try:
             await _DONE_ALL_SCRIPT.run(self._redis, (self._stream,), (self._group, *entries))
+        except RedisError as exc:
+            raise QueueError(f"Redis: {exc}") from exc
+
+    async def hand_over(
+        self, entries: Sequence[str], items: Sequence[Mapping[str, Any]], to: Queue
+    ) -> None:
+        if not isinstance(to, RedisStreamQueue) or _database(to._redis) != _database(self._redis):
+            await self._two_step.run(self, entries, items, to)
+            return
+        if not entries and not items:
+            return
+        try:
+            await _HAND_OVER_SCRIPT.run(
+                self._redis,
+                (self._stream, to._stream),
+                (self._group, len(entries), *entries, *[json.dumps(dict(i)) for i in items]),
+            )
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
