@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from e911_sip.batching import end_wait
+from e911_sip.batching import Pauses
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Children, Metrics
@@ -733,21 +733,12 @@ class Edge:
         flush_every = max(1, int(1.0 / interval))
         ticks = 0
         previous = 0.0
-        waiter: asyncio.Future[None] | None = None
-        # One future per tick, resolved by its timer or by the stop: asyncio.timeout around
-        # Event.wait() cost a cancellation and two exceptions twenty times a second.
-        stopper = asyncio.ensure_future(stop.wait())
-        stopper.add_done_callback(lambda _: end_wait(waiter))
-        try:
+        # One future per tick (batching.Pauses): asyncio.timeout around Event.wait() cost a
+        # cancellation and two exceptions twenty times a second.
+        with Pauses(stop) as pauses:
             while not stop.is_set():
                 expected = loop.time() + interval
-                waiter = loop.create_future()
-                timer = loop.call_at(expected, end_wait, waiter)
-                try:
-                    await waiter
-                finally:
-                    timer.cancel()
-                    waiter = None
+                await pauses.until(expected)
                 lag = max(0.0, loop.time() - expected)
                 # The lower of two measurements in a row: one stall (a collection, a
                 # neighbour on the host taking the CPU) does not shed calls; a loop that
@@ -761,8 +752,6 @@ class Edge:
                     self._shed_log.flush()
                     self._delivery_log.flush()
                     self._evict_log.flush()
-        finally:
-            stopper.cancel()
 
     def _notify_call(
         self,
