@@ -322,7 +322,8 @@ class Edge:
         )
         self._evict_log = RateLimitedLog(
             log,
-            "evicted non-emergency state to admit an emergency call or a BYE",
+            "evicted state at a table bound (finished transactions, or non-emergency state "
+            "for an emergency call or a BYE)",
             noun="evictions",
             interval=interval,
             level=logging.WARNING,
