@@ -16,6 +16,7 @@ import pytest
 from e911_sip import edge as edge_module
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
+from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions
 from e911_sip.proxy.admission import LoadSignal
@@ -42,7 +43,11 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def build(
-    store: LocationStore, *, provisional_timeout: float = 2.0, lookup_timeout: float = 0.05
+    store: LocationStore,
+    *,
+    provisional_timeout: float = 2.0,
+    lookup_timeout: float = 0.05,
+    notify: Callable[[CallEvent], None] | None = None,
 ) -> tuple[Edge, RecordingTransport, Metrics]:
     options = ProxyOptions(
         local=(LocalAddress("udp", "192.0.2.1", 5070),),
@@ -59,6 +64,7 @@ def build(
         lookup=ResilientLookup(store, options=LookupOptions(timeout=lookup_timeout)),
         metrics=metrics,
         options=EdgeOptions(enrich=EnrichOptions(geolocation_base_url=BASE)),
+        notify=notify,
     )
     transport = RecordingTransport(sink=edge)
     edge.add_transport("udp", transport)
@@ -456,3 +462,19 @@ async def test_drain_logs_what_it_waits_for_until_the_emergency_call_is_answered
         edge.message_received(busy.to_bytes(), Peer("udp", "198.51.100.1", 5060))
         await asyncio.wait_for(drain, 5)
     edge.close()
+
+
+async def test_the_emergency_invite_leaves_before_its_notification_is_built() -> None:
+    # The bookkeeping after enrichment (the Kari's Law event, the log line) must not stand
+    # between the INVITE and the wire: the INVITE is already with the transport when the
+    # notification is handed over.
+    seen_at_notify: list[int] = []
+    transports: list[RecordingTransport] = []
+    edge, transport, _ = build(
+        MemoryStore({"3215551234": RECORD}),
+        notify=lambda event: seen_at_notify.append(len(invites_to(transports[0], "198.51.100.1"))),
+    )
+    transports.append(transport)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(seen_at_notify))
+    assert seen_at_notify == [1]
