@@ -170,3 +170,40 @@ def test_a_finished_call_keeps_no_parsed_request() -> None:
     # What the finished state does still works: a 2xx retransmission goes upstream.
     again = only(SOFTSWITCH, h.feed(ok, TRUNK1))
     assert isinstance(again, Response) and again.status == 200
+
+
+def test_evicting_at_the_bound_keeps_the_finished_list_to_the_entries_counted() -> None:
+    # Evicting the oldest used to read the first key of a dict whose front was all deleted
+    # slots, a scan that grew with every transaction evicted or ended since its last resize.
+    h = make_core(max_transactions=16)
+    done = h.core._done
+    for n in range(300):
+        finished_message(h, n)  # at the bound, each evicts the two oldest transactions
+        h.advance(0.5 if n % 50 else 40.0)  # and now and then every one ends by its timer
+        assert len(done._entries) - done._head <= 2 * done.count + 64
+        assert done._head <= max(1024, len(done._entries) // 2)
+    assert h.core.transactions_in_flight <= 16
+    assert done.count == h.core.transactions_in_flight - h.core.transactions_working
+    assert sum(e.transactions for e in h.event(Evicted)) > 300
+
+
+def test_eviction_passes_over_finished_transactions_that_already_ended() -> None:
+    h = make_core(max_transactions=12)
+    finished_message(h, 0)  # the oldest finished: ends by its timers below
+    working_invite(h, 1)
+    h.advance(40.0)
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (2, 2)
+    for n in range(10, 15):
+        finished_message(h, n)
+    assert h.core.transactions_in_flight == 12
+    h.feed(plain_invite(50))
+    # The two oldest finished MESSAGEs still held (10 and 11) went, not the ringing call.
+    assert h.event(Evicted) == [Evicted(4, 0)]
+    assert h.core.transactions_working == 4
+    again = h.feed(plain_invite(11).replace(b"INVITE", b"MESSAGE"))
+    assert h.event(RequestRouted)[-1] == RequestRouted("MESSAGE", Route.DEFAULT)  # forgotten
+    assert [o for o in again if o.peer.host == DEFAULT.host]
+    h.collect()
+    retransmitted = h.feed(plain_invite(12).replace(b"INVITE", b"MESSAGE"))
+    reply = only(SOFTSWITCH, retransmitted)  # still held: answered again, not forwarded
+    assert isinstance(reply, Response) and reply.status == 200
