@@ -859,6 +859,12 @@ class ProxyCore:
         self._outbox = []
         return out
 
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` has anything to give. The owner asks after every
+        event it handles, and most leave nothing to send: this answers without the new
+        list that taking the (empty) outbox costs."""
+        return bool(self._outbox)
+
     def next_event(self) -> Event | None:
         """The oldest event not yet collected, or None."""
         return self._events.popleft() if self._events else None

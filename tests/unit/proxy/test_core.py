@@ -686,3 +686,28 @@ def test_a_424_retries_the_same_trunk_without_our_location_and_never_goes_upstre
     out = h.feed(response_to(raw, 424, "Bad Location Information"), TRUNK1)
     final = [m for m in to(SOFTSWITCH, out) if isinstance(m, Response) and m.status >= 300]
     assert [m.status for m in final] == [500]  # type: ignore[union-attr]
+
+
+def test_has_data_to_send_says_whether_data_to_send_would_give_anything() -> None:
+    h = make_core()
+    core = h.core
+    assert not core.has_data_to_send()
+    core.receive(invite(), SOFTSWITCH, h.now)
+    assert core.has_data_to_send()  # the 100 Trying
+    assert [o.data[:12] for o in core.data_to_send()] == [b"SIP/2.0 100 "]
+    assert not core.has_data_to_send()
+    events = []
+    while (event := core.next_event()) is not None:
+        events.append(event)
+        assert not core.has_data_to_send()  # handing events over queues nothing
+    call = [e for e in events if isinstance(e, EmergencyCall)][0]
+    core.forward_emergency(call.call, call.request, h.now)
+    assert core.has_data_to_send()
+    out = core.data_to_send()
+    assert [o.peer.host for o in out] == [TRUNK1.host]
+    assert not core.has_data_to_send() and core.data_to_send() == []
+    core.receive(response_to(out[0].data, 100, "Trying"), TRUNK1, h.now)
+    assert not core.has_data_to_send()  # a 100 from the trunk goes nowhere
+    core.receive(response_to(out[0].data, 180, "Ringing"), TRUNK1, h.now)
+    assert core.has_data_to_send()
+    assert len(core.data_to_send()) == 1
