@@ -71,8 +71,6 @@ from e911_sip.proxy.routing import (
     add_via,
     decrement_max_forwards,
     is_local_uri,
-    next_hop,
-    pop_own_routes,
     route_stamp,
     stamp_received,
 )
@@ -771,6 +769,14 @@ def _below_top_via(response: Response, expected: str | None) -> bool:
     return end == size or value[end] == "," or value[end : end + 2] == " ,"
 
 
+def _next_hop(request: Edit[Request], routes: str | None) -> Uri:
+    """:func:`~e911_sip.proxy.routing.next_hop` of ``request``, whose first Route value
+    (:meth:`ProxyCore._pop_own_routes`) is ``routes``: the header is not looked up again."""
+    if routes is not None:
+        return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
+    return request.message.request_uri
+
+
 def _is_failover_status(status: int) -> bool:
     return status == 408 or status >= 500
 
@@ -1073,8 +1079,8 @@ class ProxyCore:
             self._events.append(RequestRouted(method, Route.REJECTED))
             self._reply(context, make_response(request, 483, to_tag=self._branches.tag()), now)
             return
-        forwarded = self._pop_own_routes(forwarded)
-        has_route = forwarded.has("route")
+        routes = self._pop_own_routes(forwarded)
+        has_route = routes is not None
         initial = request.to_tag is None
         context.initial = initial
         if initial and forwarded.has("priority"):
@@ -1108,7 +1114,7 @@ class ProxyCore:
                 self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
             return
 
-        target = next_hop(forwarded)
+        target = _next_hop(forwarded, routes)
         if not has_route and is_local_uri(target, self._locals):
             # In-dialog request for us, not through us: no dialog of ours to match.
             self._events.append(RequestRouted(method, Route.REJECTED))
@@ -1143,21 +1149,36 @@ class ProxyCore:
         self._run_server(server, txn.receive(request, now), now)
         return True
 
-    def _pop_own_routes(self, request: Edit[Request]) -> Edit[Request]:
-        """:func:`~e911_sip.proxy.routing.pop_own_routes`; on the fast path a top Route
-        spelled exactly as we record it is recognised without parsing it. (An edit, not any
-        ``R``: its methods are then native calls in compiled code.)"""
+    def _pop_own_routes(self, request: Edit[Request]) -> str | None:
+        """:func:`~e911_sip.proxy.routing.pop_own_routes` on ``request``, in place; the value
+        of the first Route header left, None when none is (``has("route")`` then costs the
+        callers nothing, and ``_next_hop`` reads no header again).
+
+        Written out here rather than calling the routing function: that one takes any
+        ``RequestHeaders``, so compiled its every read of the edit is a generic method call.
+        On the fast path a top Route spelled exactly as we record it is recognised without
+        parsing it."""
         routes = request.get("route")
         if routes is None:
-            return request
+            return None
         if self._fast:
             first = routes.split(",", 1)[0].strip()
             stamp = first.find(STAMP_MARK)
             if stamp > 0:
                 first = first[:stamp] + ">"
             if first in self._own_routes:
-                request = request.pop_first_value("route")
-        return pop_own_routes(request, self._locals)
+                request.pop_first_value("route")
+                routes = request.get("route")
+        while routes is not None:
+            try:
+                uri = parse_uri(parse_name_addr(split_values(routes)[0]).uri)
+            except SipError:
+                break
+            if not is_local_uri(uri, self._locals):
+                break
+            request.pop_first_value("route")
+            routes = request.get("route")
+        return routes
 
     def _stamp(self, request: Request, emergency: bool) -> str:
         """The stamp for the Record-Route of the dialog ``request`` creates."""
@@ -1201,7 +1222,7 @@ class ProxyCore:
             if (
                 request.method == "OPTIONS"
                 and self._addressed_to_us(request)
-                and not self._pop_own_routes(request.edit()).has("route")
+                and self._pop_own_routes(request.edit()) is None
             ):
                 return request
             self._refuse(request, source, "untrusted_initial")
@@ -1211,7 +1232,8 @@ class ProxyCore:
         ) and not self._restore_trunk_dialog(request, source, now):
             self._refuse(request, source, "untrusted_dialog")
             return None
-        target = next_hop(self._pop_own_routes(request.edit()))
+        edit = request.edit()
+        target = _next_hop(edit, self._pop_own_routes(edit))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1609,13 +1631,13 @@ class ProxyCore:
         except TooManyHops:
             self._events.append(Discarded("too_many_hops", request.method, source))
             return
-        forwarded = self._pop_own_routes(forwarded)
-        if request.method == "CANCEL" and not forwarded.has("route"):
+        routes = self._pop_own_routes(forwarded)
+        if request.method == "CANCEL" and routes is None:
             # A CANCEL for a request we never saw: nothing downstream can match it either.
             self._events.append(Discarded("no_transaction", "CANCEL", source))
             return
-        target = next_hop(forwarded)
-        if not forwarded.has("route") and is_local_uri(target, self._locals):
+        target = _next_hop(forwarded, routes)
+        if routes is None and is_local_uri(target, self._locals):
             self._events.append(Discarded("no_route", request.method, source))
             return
         peer = self._peer_for(target)
