@@ -114,6 +114,8 @@ from e911_sip.sip.transaction import (
     build_cancel,
     client_key,
     server_key,
+    via_branch,
+    via_sent_by,
 )
 from e911_sip.sip.transaction import State as TransactionState
 from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via, split_values
@@ -724,12 +726,12 @@ def _rfc3261_key(request: Request) -> ServerKey | None:
     includes the whole Via, so it is left to the general path).
     """
     via = request.top_via
-    branch = via.branch
+    branch = via_branch(via)
     if branch is None or not branch.startswith(MAGIC_COOKIE):
         return None
     # server_key's RFC 3261 case, without reading the branch a second time.
     method = request.method
-    return branch, via.sent_by, "INVITE" if method == "ACK" else method
+    return branch, via_sent_by(via), "INVITE" if method == "ACK" else method
 
 
 _PEERS_SIZE = 1024

@@ -64,6 +64,7 @@ from typing import ClassVar
 
 from e911_sip.sip.errors import TransactionStateError
 from e911_sip.sip.message import Message, Request, Response, make_header
+from e911_sip.sip.uri import Via, param_of
 
 __all__ = [
     "DEFAULT_TIMERS",
@@ -368,6 +369,19 @@ ServerKey = tuple[str, str, str]
 """A server transaction's identity: (branch or RFC 2543 identity, sent-by, method)."""
 
 
+# Via is a NamedTuple, not a native class: compiled, each of its properties is a generic
+# attribute lookup and a call (and ``branch`` one more, to ``param``). The keys read them for
+# every message; these two functions give the same values natively.
+def via_branch(via: Via) -> str | None:
+    """``via.branch``."""
+    return param_of(via.params, "branch")
+
+
+def via_sent_by(via: Via) -> str:
+    """``via.sent_by``."""
+    return f"{via.host}:{via.port or 5060}"
+
+
 def server_key(request: Request, method: str | None = None) -> ServerKey:
     """The key that matches ``request`` to its server transaction (RFC 3261 §17.2.3).
 
@@ -394,11 +408,11 @@ def server_key(request: Request, method: str | None = None) -> ServerKey:
         method = request.method
     if method == "ACK":
         method = "INVITE"
-    branch = via.branch
+    branch = via_branch(via)
     if branch and branch.startswith(MAGIC_COOKIE):
-        return branch, via.sent_by, method
+        return branch, via_sent_by(via), method
     identity = (request.uri, request.from_tag or "", request.call_id, request.cseq[0], via.raw)
-    return f"rfc2543 {identity!r}", via.sent_by, method
+    return f"rfc2543 {identity!r}", via_sent_by(via), method
 
 
 def client_key(response: Response) -> tuple[str, str]:
@@ -407,7 +421,7 @@ def client_key(response: Response) -> tuple[str, str]:
     It is the top Via's branch (empty when there is none, which matches nothing this element
     sent) and the CSeq method, so a 200 to a CANCEL does not match the INVITE it cancelled.
     """
-    return response.top_via.branch or "", response.cseq[1]
+    return via_branch(response.top_via) or "", response.cseq[1]
 
 
 # -- machines -------------------------------------------------------------------------------
@@ -570,7 +584,7 @@ class _ClientTransaction(_Transaction):
     ) -> None:
         super().__init__(request, state, reliable, timers)
         if branch is None:
-            branch = request.top_via.branch
+            branch = via_branch(request.top_via)
         if not branch:
             raise ValueError(
                 "a client transaction's request needs a Via branch (RFC 3261 §8.1.1.7)"

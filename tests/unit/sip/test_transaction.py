@@ -30,7 +30,10 @@ from e911_sip.sip.transaction import (
     TransportFailure,
     client_key,
     server_key,
+    via_branch,
+    via_sent_by,
 )
+from e911_sip.sip.uri import parse_via
 
 BRANCH = "z9hG4bK-proxy-1"
 UPSTREAM_BRANCH = "z9hG4bK-phone-1"
@@ -1126,3 +1129,17 @@ def test_finished_server_non_invite_lets_go_of_its_request_and_still_answers() -
     assert t.finished and t.request is None
     assert t.receive(req, 0.5) == [Transmit(ok)]
     assert t.receive(request("OPTIONS", via=PHONE_VIA, extra_via=None), 0.6) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bKa1;rport",
+        "SIP/2.0/TCP host.example;rport=5062;received=192.0.2.9",
+        "SIP/2.0/UDP [2001:db8::1]:5080;BRANCH=old;ttl=1",
+    ],
+)
+def test_the_keys_read_a_via_as_its_own_properties_do(value: str) -> None:
+    via = parse_via(value)
+    assert via_branch(via) == via.branch
+    assert via_sent_by(via) == via.sent_by
