@@ -88,8 +88,11 @@ class TimerWheel:
 
     def cancel(self, target: object) -> None:
         """Forget the target's deadline, if it has one."""
-        old = self._armed.pop(target, None)
+        armed = self._armed
+        old = armed.get(target)
         if old is not None:
+            # get and del, not pop: compiled, dict.pop is a generic method call.
+            del armed[target]
             self._remove(target, old)
 
     def deadline_of(self, target: object) -> float | None:
