@@ -711,3 +711,23 @@ def test_has_data_to_send_says_whether_data_to_send_would_give_anything() -> Non
     core.receive(response_to(out[0].data, 180, "Ringing"), TRUNK1, h.now)
     assert core.has_data_to_send()
     assert len(core.data_to_send()) == 1
+
+
+def test_events_come_out_in_order_when_more_arrive_before_all_are_collected() -> None:
+    h = make_core()
+    core = h.core
+    core.receive(invite(), SOFTSWITCH, h.now)
+    first = core.next_event()
+    assert isinstance(first, RequestRouted) and first.route is Route.EMERGENCY
+    core.receive(invite(branch="z9hG4bKuac2", call_id="call-2@192.0.2.10"), SOFTSWITCH, h.now)
+    rest = []
+    while (event := core.next_event()) is not None:
+        rest.append(event)
+    assert [type(e) for e in rest] == [EmergencyCall, RequestRouted, EmergencyCall]
+    assert [e.call_id for e in rest if isinstance(e, EmergencyCall)] == [
+        "call-1@192.0.2.10",
+        "call-2@192.0.2.10",
+    ]
+    assert core.next_event() is None
+    core.receive(b"garbage\r\n\r\n", SOFTSWITCH, h.now)
+    assert isinstance(core.next_event(), Discarded) and core.next_event() is None
