@@ -208,6 +208,8 @@ class ProxyOptions:
 # -- events for the owner ----------------------------------------------------------------
 # Plain (not frozen) slotted dataclasses: several are made per message, and a frozen one
 # pays an object.__setattr__ per field. They are values all the same; nothing mutates them.
+# Each writes out its __init__ (dataclass keeps one the class defines): compiled, that one is
+# native, where the one dataclass generates runs as Python, three times the cost of a call.
 
 
 @dataclass(slots=True)
@@ -216,6 +218,10 @@ class RequestRouted:
 
     method: str
     route: Route
+
+    def __init__(self, method: str, route: Route) -> None:
+        self.method = method
+        self.route = route
 
 
 @dataclass(slots=True)
@@ -232,6 +238,20 @@ class EmergencyCall:
     removed_geolocation: tuple[str, ...] = ()
     """Geolocation values the call arrived with and that were removed (not ours to pass on)."""
 
+    def __init__(
+        self,
+        call: int,
+        request: Request,
+        number: str,
+        call_id: str,
+        removed_geolocation: tuple[str, ...] = (),
+    ) -> None:
+        self.call = call
+        self.request = request
+        self.number = number
+        self.call_id = call_id
+        self.removed_geolocation = removed_geolocation
+
 
 @dataclass(slots=True)
 class EmergencyForwarded:
@@ -245,6 +265,13 @@ class EmergencyForwarded:
     enriched: bool
     """False when the original request went (fail-open deadline, or the owner said so)."""
 
+    def __init__(self, call: int, call_id: str, trunk: str, attempt: int, enriched: bool) -> None:
+        self.call = call
+        self.call_id = call_id
+        self.trunk = trunk
+        self.attempt = attempt
+        self.enriched = enriched
+
 
 @dataclass(slots=True)
 class FailOpen:
@@ -252,6 +279,10 @@ class FailOpen:
 
     call: int
     call_id: str
+
+    def __init__(self, call: int, call_id: str) -> None:
+        self.call = call
+        self.call_id = call_id
 
 
 @dataclass(slots=True)
@@ -264,6 +295,12 @@ class Failover:
     reason: str
     """``transport``, ``timeout``, ``no_provisional`` or the status code."""
 
+    def __init__(self, call_id: str, emergency: bool, trunk: str, reason: str) -> None:
+        self.call_id = call_id
+        self.emergency = emergency
+        self.trunk = trunk
+        self.reason = reason
+
 
 @dataclass(slots=True)
 class CallCompleted:
@@ -275,6 +312,15 @@ class CallCompleted:
     status: int
     trunk: str | None
 
+    def __init__(
+        self, call_id: str, method: str, emergency: bool, status: int, trunk: str | None
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.emergency = emergency
+        self.status = status
+        self.trunk = trunk
+
 
 @dataclass(slots=True)
 class Shed:
@@ -285,6 +331,11 @@ class Shed:
     method: str
     source: Peer
 
+    def __init__(self, reason: str, method: str, source: Peer) -> None:
+        self.reason = reason
+        self.method = method
+        self.source = source
+
 
 @dataclass(slots=True)
 class Evicted:
@@ -294,6 +345,10 @@ class Evicted:
     transactions: int
     contexts: int
 
+    def __init__(self, transactions: int, contexts: int) -> None:
+        self.transactions = transactions
+        self.contexts = contexts
+
 
 @dataclass(slots=True)
 class Discarded:
@@ -302,6 +357,11 @@ class Discarded:
     reason: str
     detail: str
     source: Peer
+
+    def __init__(self, reason: str, detail: str, source: Peer) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.source = source
 
 
 @dataclass(slots=True)
@@ -318,6 +378,13 @@ class Recovered:
     method: str
     """The trunk's request (``trunk_dialog``), or ``INVITE`` (``late_2xx``)."""
 
+    def __init__(self, kind: str, emergency: bool, source: Peer, call_id: str, method: str) -> None:
+        self.kind = kind
+        self.emergency = emergency
+        self.source = source
+        self.call_id = call_id
+        self.method = method
+
 
 @dataclass(slots=True)
 class TrunkProbed:
@@ -327,6 +394,11 @@ class TrunkProbed:
     ok: bool
     result: str
     """``ok``, ``timeout``, ``transport`` or the failing status code."""
+
+    def __init__(self, trunk: str, ok: bool, result: str) -> None:
+        self.trunk = trunk
+        self.ok = ok
+        self.result = result
 
 
 @dataclass(slots=True)
@@ -338,6 +410,11 @@ class TrunkStateChanged:
     reason: str
     """The outcome that decided it: ``ok``, ``timeout``, ``transport``, ``no_provisional``
     or a status code."""
+
+    def __init__(self, trunk: str, up: bool, reason: str) -> None:
+        self.trunk = trunk
+        self.up = up
+        self.reason = reason
 
 
 Event = (
@@ -356,7 +433,7 @@ Event = (
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # its __init__ written out, as the events' are
 class Outgoing:
     """Bytes for the transport to send."""
 
@@ -364,6 +441,11 @@ class Outgoing:
     peer: Peer
     branch: str | None = None
     """The client transaction this belongs to, for reporting transport errors back."""
+
+    def __init__(self, data: bytes, peer: Peer, branch: str | None = None) -> None:
+        self.data = data
+        self.peer = peer
+        self.branch = branch
 
 
 # -- per-request state -------------------------------------------------------------------

@@ -313,7 +313,9 @@ DEFAULT_TIMERS = TimerSettings()
 
 # -- effects -------------------------------------------------------------------------------
 # Not frozen: several are made per message and a frozen dataclass pays an
-# object.__setattr__ per field on construction. Nobody mutates them.
+# object.__setattr__ per field on construction. Nobody mutates them. Each __init__ is written
+# out (dataclass keeps one the class defines): compiled, it is native, where the generated
+# one runs as Python.
 
 
 @dataclass(slots=True)
@@ -326,6 +328,9 @@ class Transmit:
 
     message: Message
 
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
 
 @dataclass(slots=True)
 class PassUp:
@@ -333,12 +338,18 @@ class PassUp:
 
     message: Message
 
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
 
 @dataclass(slots=True)
 class Timeout:
     """A transaction timer ran out: ``"B"`` or ``"F"`` (the TU treats it as 408) or ``"H"``."""
 
     timer: str
+
+    def __init__(self, timer: str) -> None:
+        self.timer = timer
 
 
 @dataclass(slots=True)
