@@ -60,7 +60,9 @@ class EnrichOptions:
 
 
 # Not frozen: one is made per emergency call, and a frozen dataclass sets each field through
-# object.__setattr__ (a generic call per field in compiled code).
+# object.__setattr__ (a generic call per field in compiled code). Its __init__ is written out
+# (dataclass keeps one the class defines): compiled, that one is native, where the one
+# dataclass generates runs as Python.
 @dataclass(slots=True)
 class Enrichment:
     """The enriched request and what was done to it."""
@@ -72,6 +74,18 @@ class Enrichment:
     """Geolocation values that arrived and were removed (REMOVE or REPLACE policy)."""
     callback: str | None
     """The 10-digit callback number written into P-Asserted-Identity, if any."""
+
+    def __init__(
+        self,
+        request: Request,
+        geolocation: str | None,
+        removed_geolocation: tuple[str, ...],
+        callback: str | None,
+    ) -> None:
+        self.request = request
+        self.geolocation = geolocation
+        self.removed_geolocation = removed_geolocation
+        self.callback = callback
 
 
 def _pai_host(request: Request, options: EnrichOptions) -> str:

@@ -12,6 +12,7 @@ import inspect
 
 import pytest
 
+from e911_sip.policy import enrich
 from e911_sip.proxy import core
 from e911_sip.sip import transaction
 
@@ -32,6 +33,7 @@ WRITTEN_OUT = [
     transaction.Transmit,
     transaction.PassUp,
     transaction.Timeout,
+    enrich.Enrichment,
 ]
 
 
