@@ -46,7 +46,14 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.numbers import MAX_CONTENT_LENGTH, MAX_CSEQ, bounded_uint, is_digits, wire_uint
+from e911_sip.sip.numbers import (
+    MAX_CONTENT_LENGTH,
+    MAX_CSEQ,
+    bounded_uint,
+    is_digits,
+    short_uint,
+    wire_uint,
+)
 from e911_sip.sip.uri import (
     NameAddr,
     Uri,
@@ -1161,9 +1168,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     try:
         line = lines[at[6]]
         value = line[line.find(":") + 1 :].strip()
-        if len(value) > 5 or not value.isdigit():
+        length = short_uint(value) if len(value) <= 5 else -1
+        if length < 0:
             return None
-        length = int(value)
         body = data[end + 4 :]
         wire = data
         if length != len(body):
@@ -1179,11 +1186,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         space = value.find(" ")
         if space < 0:
             return None
-        number = value[:space]
+        number = short_uint(value[:space])  # at most nine digits: below 2**31
         cseq_method = value[space + 1 :]
-        if cseq_method not in _METHODS or len(number) > 9 or not number.isdigit():
+        if cseq_method not in _METHODS or number < 0:
             return None
-        cseq = (int(number), cseq_method)
+        cseq = (number, cseq_method)
         line = lines[call_id_at]
         call_id = line[line.find(":") + 1 :].strip()
         if not call_id:
@@ -1212,10 +1219,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             top_via = _top_via_of(value.strip())
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")
-            if len(code) != 3 or not code.isdigit() or code[0] == "0":
+            status = short_uint(code) if len(code) == 3 else -1
+            if status < 100:  # not three digits, or a first digit of 0
                 return None
             response = Response.__new__(Response)
-            response.status = int(code)
+            response.status = status
             response.reason = reason
             response._mf = -1
             message = response
@@ -1233,11 +1241,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             if mf_at >= 0:
                 line = lines[mf_at]
                 value = line[line.find(":") + 1 :].strip()
-                request._mf = (
-                    int(value)  # the common case of _max_forwards_of, without the call
-                    if len(value) < 4 and value.isdigit()
-                    else _max_forwards_of(value)
-                )
+                # The common case of _max_forwards_of, without the call.
+                mf = short_uint(value) if len(value) < 4 else -1
+                request._mf = mf if mf >= 0 else _max_forwards_of(value)
             else:
                 request._mf = None
             message = request
