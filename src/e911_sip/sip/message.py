@@ -366,13 +366,7 @@ class Message:
             clone._from_tag = self._from_tag
             clone._mf = self._mf
         elif changed == "*":
-            clone._vias = None
-            clone._top_via = None
-            clone._cseq = None
-            clone._call_id = None
-            clone._to_tag = _UNREAD
-            clone._from_tag = _UNREAD
-            clone._mf = -1
+            _set_unread(clone, lines, keys, self.body)
         else:
             via = changed == "via"
             clone._vias = None if via else self._vias
@@ -1472,18 +1466,25 @@ def make_response(
     response = Response.__new__(Response)
     response.status = status
     response.reason = reason or REASONS.get(status, "Unknown")
-    response._lines = lines
-    response._keys = keys
-    response.body = b""
-    response._wire = None
-    response._vias = None
-    response._top_via = None
-    response._cseq = None
-    response._call_id = None
-    response._to_tag = _UNREAD
-    response._from_tag = _UNREAD
-    response._mf = -1
+    _set_unread(response, lines, keys, b"")
     return response
+
+
+def _set_unread(message: Message, lines: list[str], keys: list[str], body: bytes) -> None:
+    """Give a bare message (``__new__`` only) its headers and body, with nothing read from
+    them yet: what ``Message.__init__`` leaves, set directly (compiled, each a native store,
+    where ``__init__`` loops over Header values through generic calls)."""
+    message._lines = lines
+    message._keys = keys
+    message.body = body
+    message._wire = None
+    message._vias = None
+    message._top_via = None
+    message._cseq = None
+    message._call_id = None
+    message._to_tag = _UNREAD
+    message._from_tag = _UNREAD
+    message._mf = -1
 
 
 _COPIED: Final = frozenset({"via", "from", "to", "call-id", "cseq"})
