@@ -46,7 +46,14 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.numbers import MAX_CONTENT_LENGTH, MAX_CSEQ, bounded_uint, is_digits, wire_uint
+from e911_sip.sip.numbers import (
+    MAX_CONTENT_LENGTH,
+    MAX_CSEQ,
+    bounded_uint,
+    is_digits,
+    short_uint,
+    wire_uint,
+)
 from e911_sip.sip.uri import (
     NameAddr,
     Uri,
@@ -359,13 +366,7 @@ class Message:
             clone._from_tag = self._from_tag
             clone._mf = self._mf
         elif changed == "*":
-            clone._vias = None
-            clone._top_via = None
-            clone._cseq = None
-            clone._call_id = None
-            clone._to_tag = _UNREAD
-            clone._from_tag = _UNREAD
-            clone._mf = -1
+            _set_unread(clone, lines, keys, self.body)
         else:
             via = changed == "via"
             clone._vias = None if via else self._vias
@@ -982,6 +983,20 @@ _SLOTS: Final = {
 }
 
 
+_TEMPLATES: Final[dict[int, tuple[list[str], list[str], list[int], int]]] = {}
+"""The header names of the last message of each shape, a shape being its number of header
+lines and the first letter of its start line: (each line's name as spelt, with its colon;
+their keys; the ``at`` and Content-Length count ``_parse_plain`` derives from them). A peer
+writes its messages of one kind with the same headers in the same order, so a message is
+nearly always of the shape of one before it, and a ``startswith`` per line confirms its names
+where slicing each name out and looking it up in ``_SPELLINGS`` cost four times as much. A
+name spelt as in the template is the same name: no spelling holds a colon but its last
+character."""
+_MAX_TEMPLATES: Final = 256
+_TEMPLATE_LINES: Final = 256
+"""Messages of more header lines than this leave no template (a shape is a count of them)."""
+
+
 def _cached_keys(lines: list[str]) -> list[str | None]:
     """Each line's key through the spelling cache; None for a line whose name (and colon) is
     not in it. Slicing up to the colon copies only the name, where ``partition`` would copy
@@ -1094,24 +1109,45 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     if len(lines) < 2 or "\r" in joined or "\n" in joined:
         return None
     first = lines.pop(0)
-    # A folded line, an empty one or a name not seen before has no spelling in the cache.
-    # (_cached_keys, written out: this runs for every message.)
-    known: list[str] = []
-    # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is none
-    # (what known.index would give, without a scan per key).
-    at = [-1, -1, -1, -1, -1, -1, -1, -1]
-    lengths = 0
-    for i, line in enumerate(lines):
-        entry = _SPELLINGS.get(line[: line.find(":") + 1])
-        if entry is None:
-            return None
-        key, slot = entry
-        known.append(key)
-        if slot:
-            if at[slot] < 0:
-                at[slot] = i
-            if slot == 6:
-                lengths += 1
+    if not first:
+        return None  # a CRLF before the start line: the careful path skips it
+    count = len(lines)
+    shape = count * 128 + (ord(first[0]) & 127)
+    template = _TEMPLATES.get(shape)
+    known: list[str] | None = None
+    if template is not None:
+        spellings, template_keys, at, lengths = template
+        for i, line in enumerate(lines):
+            if not line.startswith(spellings[i]):
+                break
+        else:
+            known = template_keys.copy()
+    if known is None:
+        # A folded line, an empty one or a name not seen before has no spelling in the
+        # cache. (_cached_keys, written out: this runs for every message.)
+        known = []
+        spellings = []
+        # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is
+        # none (what known.index would give, without a scan per key).
+        at = [-1, -1, -1, -1, -1, -1, -1, -1]
+        lengths = 0
+        for i, line in enumerate(lines):
+            spelt = line[: line.find(":") + 1]
+            entry = _SPELLINGS.get(spelt)
+            if entry is None:
+                return None
+            key, slot = entry
+            known.append(key)
+            spellings.append(spelt)
+            if slot:
+                if at[slot] < 0:
+                    at[slot] = i
+                if slot == 6:
+                    lengths += 1
+        if count <= _TEMPLATE_LINES:
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()  # bounded, as the spelling cache is
+            _TEMPLATES[shape] = (spellings, known.copy(), at, lengths)
     via_at = at[1]
     from_at = at[2]
     to_at = at[3]
@@ -1126,9 +1162,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     try:
         line = lines[at[6]]
         value = line[line.find(":") + 1 :].strip()
-        if len(value) > 5 or not value.isdigit():
+        length = short_uint(value) if len(value) <= 5 else -1
+        if length < 0:
             return None
-        length = int(value)
         body = data[end + 4 :]
         wire = data
         if length != len(body):
@@ -1144,11 +1180,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         space = value.find(" ")
         if space < 0:
             return None
-        number = value[:space]
+        number = short_uint(value[:space])  # at most nine digits: below 2**31
         cseq_method = value[space + 1 :]
-        if cseq_method not in _METHODS or len(number) > 9 or not number.isdigit():
+        if cseq_method not in _METHODS or number < 0:
             return None
-        cseq = (int(number), cseq_method)
+        cseq = (number, cseq_method)
         line = lines[call_id_at]
         call_id = line[line.find(":") + 1 :].strip()
         if not call_id:
@@ -1177,10 +1213,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             top_via = _top_via_of(value.strip())
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")
-            if len(code) != 3 or not code.isdigit() or code[0] == "0":
+            status = short_uint(code) if len(code) == 3 else -1
+            if status < 100:  # not three digits, or a first digit of 0
                 return None
             response = Response.__new__(Response)
-            response.status = int(code)
+            response.status = status
             response.reason = reason
             response._mf = -1
             message = response
@@ -1198,11 +1235,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             if mf_at >= 0:
                 line = lines[mf_at]
                 value = line[line.find(":") + 1 :].strip()
-                request._mf = (
-                    int(value)  # the common case of _max_forwards_of, without the call
-                    if len(value) < 4 and value.isdigit()
-                    else _max_forwards_of(value)
-                )
+                # The common case of _max_forwards_of, without the call.
+                mf = short_uint(value) if len(value) < 4 else -1
+                request._mf = mf if mf >= 0 else _max_forwards_of(value)
             else:
                 request._mf = None
             message = request
@@ -1431,18 +1466,25 @@ def make_response(
     response = Response.__new__(Response)
     response.status = status
     response.reason = reason or REASONS.get(status, "Unknown")
-    response._lines = lines
-    response._keys = keys
-    response.body = b""
-    response._wire = None
-    response._vias = None
-    response._top_via = None
-    response._cseq = None
-    response._call_id = None
-    response._to_tag = _UNREAD
-    response._from_tag = _UNREAD
-    response._mf = -1
+    _set_unread(response, lines, keys, b"")
     return response
+
+
+def _set_unread(message: Message, lines: list[str], keys: list[str], body: bytes) -> None:
+    """Give a bare message (``__new__`` only) its headers and body, with nothing read from
+    them yet: what ``Message.__init__`` leaves, set directly (compiled, each a native store,
+    where ``__init__`` loops over Header values through generic calls)."""
+    message._lines = lines
+    message._keys = keys
+    message.body = body
+    message._wire = None
+    message._vias = None
+    message._top_via = None
+    message._cseq = None
+    message._call_id = None
+    message._to_tag = _UNREAD
+    message._from_tag = _UNREAD
+    message._mf = -1
 
 
 _COPIED: Final = frozenset({"via", "from", "to", "call-id", "cseq"})

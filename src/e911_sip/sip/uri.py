@@ -19,7 +19,7 @@ import re
 from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
-from e911_sip.sip.numbers import MAX_PORT, bounded_uint
+from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
 
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
@@ -401,13 +401,12 @@ def _parse_via(text: str) -> Via:
                 if colon < 0:
                     return new_via(transport, host.lower(), None, _split_params(ptext), text)
                 port_text = hostport[colon + 1 :]
-                # isdigit() also passes '²', which isascii() (in bounded_uint) refuses.
-                if port_text.isdigit():
-                    port = (
-                        int(port_text)
-                        if len(port_text) < 5 and port_text.isascii()
-                        else bounded_uint(port_text, MAX_PORT)
-                    )
+                if len(port_text) < 5:
+                    number = short_uint(port_text)
+                    if number >= 0:
+                        return new_via(transport, host.lower(), number, _split_params(ptext), text)
+                else:
+                    port = bounded_uint(port_text, MAX_PORT)
                     if port is not None:
                         return new_via(transport, host.lower(), port, _split_params(ptext), text)
     m = _VIA_RE.match(text)

@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 
 from e911_sip.sip import uri as uri_module
 from e911_sip.sip.errors import MalformedMessage, RemoteSipError
-from e911_sip.sip.message import Request, Response, _parse_careful, _parse_plain, parse
-from e911_sip.sip.numbers import MAX_PORT, bounded_uint
+from e911_sip.sip.message import (
+    _TEMPLATES,
+    Request,
+    Response,
+    _parse_careful,
+    _parse_plain,
+    parse,
+)
+from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
 from e911_sip.sip.uri import Via, parse_uri, parse_via
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -278,3 +285,52 @@ def test_uri_cache_is_bounded_and_keeps_no_long_uri() -> None:
         parse_uri("sip:@x")
     with pytest.raises(MalformedMessage):
         parse_uri("sip:@x")  # an error is not cached as a value
+
+
+@given(st.text(alphabet="0123456789²¹ +-a\x00", max_size=11))
+def test_short_uint_is_int_of_one_to_nine_ascii_digits(text: str) -> None:
+    plain = 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+    assert short_uint(text) == (int(text) if plain else -1)
+
+
+def test_a_message_of_a_known_shape_is_read_against_its_template() -> None:
+    _TEMPLATES.clear()
+    first = parse(ACK)
+    assert len(_TEMPLATES) == 1  # the ACK left the names of its shape
+    (spellings, keys, _, lengths) = next(iter(_TEMPLATES.values()))
+    assert keys == list(first._keys)
+    assert spellings == [line[: line.find(":") + 1] for line in first._lines]
+    assert lengths == 1
+    again = parse(ACK.replace(b"-7-ack", b"-8-ack"))
+    assert again._keys == first._keys and again._keys is not keys
+    assert len(_TEMPLATES) == 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"Max-Forwards:", b"Subject:"),  # another header in that place
+        (b"Route:", b"route:"),  # the same header spelt otherwise
+        (b"Route:", b"Route :"),  # space before the colon
+        (b"Call-ID:", b"i:"),  # a compact form
+        (b"Max-Forwards:", b"Max-Forwards-X:"),  # a longer name with the same start
+        (b"Max-Forwards: 70", b"Max-Forwards"),  # no colon at all
+    ],
+)
+def test_a_message_of_a_known_shape_but_other_names_is_read_by_its_names(
+    old: bytes, new: bytes
+) -> None:
+    changed = ACK.replace(old, new)
+    try:
+        careful: Request | Response | None = _parse_careful(changed, 65535, 256, True)
+    except RemoteSipError:
+        careful = None  # the careful path has now seen every name spelt as here
+    _TEMPLATES.clear()
+    parse(ACK)  # the template the changed message is of the shape of
+    plain = _parse_plain(changed, 256, True)
+    if careful is None:
+        assert plain is None
+        return
+    assert plain is not None
+    assert plain._keys == careful._keys
+    assert plain._lines == careful._lines
