@@ -92,8 +92,38 @@ class RecordSource(Protocol):
 _encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
+def _not_serializable(value: object) -> object:
+    # What JSONEncoder.default raises: a record holds only JSON types.
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+# The C encoder that ``_encode`` builds for every record (with the Python of ``encode`` and
+# ``iterencode`` around it), built once. Without the circular-reference check, whose memo
+# would be shared by every record: a record's to_dict() is fresh lists and dicts of text,
+# numbers and None, never a cycle.
+_encode_chunks: Any = (
+    None
+    if _c_encoder is None
+    else _c_encoder(
+        None,
+        _not_serializable,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+)
+
+
 def encode(record: CallRecord) -> str:
-    return _encode(record.to_dict())
+    """The record's stream entry: its :meth:`~CallRecord.to_dict`, keys sorted, compact."""
+    if _encode_chunks is None:
+        return _encode(record.to_dict())
+    return "".join(_encode_chunks(record.to_dict(), 0))
 
 
 def decode(text: str) -> CallRecord:
