@@ -39,6 +39,9 @@ _encode_fields: Callable[[dict[str, Any], int], list[str]] | None = (
     if _c_encoder is None
     else _c_encoder(None, str, _string, None, ":", ",", False, False, True)
 )
+_KEY_SETS = 1024
+"""Sets of ``extra=`` keys a formatter remembers the check of (the product's lines have a few
+dozen); beyond that each line is checked."""
 _MILLIS = tuple(f'.{ms:03d}Z"' for ms in range(1000))
 
 
@@ -57,6 +60,8 @@ class JsonFormatter(logging.Formatter):
         self._second = -1
         self._prefix = ""
         self._heads: dict[tuple[str, str], str] = {}
+        self._keys: dict[tuple[str, ...], bool] = {}
+        """Sets of ``extra=`` keys, in order, seen: True for those :meth:`format` writes."""
 
     def format(self, record: logging.LogRecord) -> str:
         second = int(record.created)
@@ -69,8 +74,16 @@ class JsonFormatter(logging.Formatter):
         # ``extra=`` fields follow the attributes ``__init__`` set, in the order given.
         fields = dict(islice(record.__dict__.items(), _FIRST_EXTRA, None))
         if fields:
-            # Every key starts after a NUL here, so "\0_" finds a key that starts with "_".
-            if not fields.keys().isdisjoint(_SLOW) or "\0_" in "\0" + "\0".join(fields):
+            # The same few sets of keys come again and again (a call's line has seven): each
+            # is checked once.
+            keys = tuple(fields)
+            fast = self._keys.get(keys)
+            if fast is None:
+                # Every key starts after a NUL here, so "\0_" finds a key that starts with "_".
+                fast = fields.keys().isdisjoint(_SLOW) and "\0_" not in "\0" + "\0".join(fields)
+                if len(self._keys) < _KEY_SETS:
+                    self._keys[keys] = fast
+            if not fast:
                 return self._as_dict(record)
             try:
                 tail = "," + "".join(_encode_fields(fields, 0))[1:]
@@ -119,16 +132,136 @@ class _JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes and flushes under the lock ``Handler.handle`` holds
     already (``StreamHandler.emit`` calls ``flush``, which takes it again)."""
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        lock = self.lock
+        if self.filters or lock is None:
+            # A worker's tag, a test's filter: ``Handler.handle`` runs them as it always did.
+            return bool(super().handle(record))
+        # What ``Handler.handle`` does with no filter, without its calls around it: a line
+        # per emergency call goes through here.
+        with lock:
+            self.emit(record)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = self.stream
-            stream.write(self.format(record) + self.terminator)
+            formatter = self.formatter
+            line = self.format(record) if formatter is None else formatter.format(record)
+            stream.write(line + self.terminator)
             if hasattr(stream, "flush"):
                 stream.flush()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+
+_UNKNOWN_FILE = "(unknown file)"
+"""The pathname ``Logger._log`` gives every record while ``logging._srcfile`` is None."""
+
+_PLAIN_FIELDS = (
+    "name",
+    "msg",
+    "args",
+    "levelname",
+    "levelno",
+    "pathname",
+    "filename",
+    "module",
+    "exc_info",
+    "exc_text",
+    "stack_info",
+    "lineno",
+    "funcName",
+    "created",
+    "msecs",
+    "relativeCreated",
+    "thread",
+    "threadName",
+    "processName",
+    "process",
+)
+"""What ``LogRecord.__init__`` sets, in its order, on the Python this was written for (3.11)
+with no thread or process looked up: :class:`_Records` is used only where a plain record has
+exactly these."""
+
+
+class _Records:
+    """The log record factory :func:`configure` installs: records of the class
+    ``logging.LogRecord``, with the attributes ``LogRecord.__init__`` would set, in its
+    order and with its values, put in as one dict built from a template.
+
+    ``LogRecord.__init__`` works out from the pathname, per record, a file name and a module
+    name that are the same for every record here (``(unknown file)``: no record looks up its
+    caller's file) and sets some twenty attributes one at a time, a quarter of the cost of a
+    log line. A record with ``%`` arguments, another pathname, or thread or process fields
+    turned back on is made by ``LogRecord`` itself.
+    """
+
+    def __init__(self, start: float) -> None:
+        self._start = start
+        probe = logging.LogRecord("", logging.INFO, _UNKNOWN_FILE, 0, "", (), None)
+        self._template = dict(vars(probe))
+
+    def __call__(
+        self,
+        name: str,
+        level: int,
+        pathname: str,
+        lineno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        sinfo: str | None = None,
+        **kwargs: Any,
+    ) -> logging.LogRecord:
+        if (
+            args
+            or kwargs
+            or pathname != _UNKNOWN_FILE
+            or logging.logThreads
+            or logging.logProcesses
+            or logging.logMultiprocessing
+        ):
+            return logging.LogRecord(
+                name, level, pathname, lineno, msg, args, exc_info, func, sinfo, **kwargs
+            )
+        created = time.time()
+        record = _new_record(logging.LogRecord)
+        # ``dict(template, **changes)`` keeps the template's order: the formatter finds the
+        # ``extra=`` fields after these, as after ``__init__``'s own.
+        record.__dict__ = dict(
+            self._template,
+            name=name,
+            msg=msg,
+            args=args,
+            levelname=logging.getLevelName(level),
+            levelno=level,
+            exc_info=exc_info,
+            stack_info=sinfo,
+            lineno=lineno,
+            funcName=func,
+            created=created,
+            msecs=int((created - int(created)) * 1000) + 0.0,
+            relativeCreated=(created - self._start) * 1000,
+        )
+        return record
+
+
+_new_record = object.__new__
+
+
+def _install_records() -> None:
+    """Install :class:`_Records` where it makes what ``LogRecord`` makes: the default
+    factory in place, a plain record with :data:`_PLAIN_FIELDS`, the start time known."""
+    start = getattr(logging, "_startTime", None)
+    if logging.getLogRecordFactory() is not logging.LogRecord or not isinstance(start, float):
+        return
+    probe = logging.LogRecord("", logging.INFO, _UNKNOWN_FILE, 0, "", (), None)
+    if tuple(vars(probe)) == _PLAIN_FIELDS:
+        logging.setLogRecordFactory(_Records(start))
 
 
 def configure(level: str = "INFO") -> None:
@@ -141,6 +274,7 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    _install_records()
     handler = _JsonLines(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

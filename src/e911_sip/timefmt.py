@@ -24,7 +24,11 @@ def utc_millis(epoch: float) -> str:
     elif micro < 0:
         whole -= 1
         micro += 1_000_000
-    return f"{_second(whole)}.{micro // 1000:03d}Z"
+    return _second(whole) + _MILLIS[micro // 1000]
+
+
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+"""The text after the second, by milliseconds: a call record writes three times a call."""
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,11 +8,13 @@ import io
 import json
 import logging
 import sys
+import time
 from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 
+from e911_sip import logs
 from e911_sip.logs import JsonFormatter, RateLimitedLog, configure
 
 
@@ -446,3 +448,92 @@ def test_the_call_fields_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
         '{"ts":"2026-11-18T11:06:40.007Z","level":"INFO","logger":"e911_sip.edge",'
         '"msg":"no fields"}'
     )
+
+
+# -- the records and the handler of configure() ----------------------------------------------
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """configure() into a StringIO; the root's handlers and the record factory restored."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogRecordFactory())
+    logging.setLogRecordFactory(logging.LogRecord)
+    try:
+        configure("INFO")
+        yield stream
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        logging.setLogRecordFactory(saved[2])
+
+
+def test_configure_makes_records_as_log_record_makes_them(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factory = logging.getLogRecordFactory()
+    assert factory is not logging.LogRecord
+    monkeypatch.setattr(time, "time", lambda: 1_795_000_000.007_3)
+    for args in (
+        ("e911_sip.edge", logging.INFO, "(unknown file)", 0, "forwarded", (), None, None, None),
+        ("x", logging.ERROR, "(unknown file)", 0, "m", (), (ValueError, None, None), "f", "st"),
+        ("e911_sip", logging.WARNING, "(unknown file)", 0, "%d of %s", (3, "x"), None),
+        ("e911_sip", logging.INFO, "(unknown file)", 0, "%(a)s", ({"a": 1},), None),
+        ("e911_sip", logging.INFO, __file__, 12, "a file", (), None, "test"),
+    ):
+        made = factory(*args)
+        plain = logging.LogRecord(*args)
+        assert type(made) is logging.LogRecord
+        assert list(vars(made).items()) == list(vars(plain).items())
+        assert made.getMessage() == plain.getMessage()
+
+
+def test_a_logged_line_is_the_formatters_line_of_a_plain_record(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_795_000_000.007_3)
+    fields = {"call_id": "c1", "caller": None, "enriched": True, "attempt": 1}
+    logging.getLogger("e911_sip.edge").info("emergency call forwarded", extra=fields)
+    logging.getLogger("e911_sip.edge").warning("%d of %s", 3, "x", extra={"trunk": "b"})
+    plain = logging.LogRecord(
+        "e911_sip.edge", logging.INFO, "(unknown file)", 0, "emergency call forwarded", (), None
+    )
+    plain.__dict__.update(fields)
+    lines = configured.getvalue().split("\n")
+    assert lines[0] == JsonFormatter().format(plain)
+    assert lines[0].startswith('{"ts":"2026-11-18T11:06:40.007Z","level":"INFO"')
+    assert json.loads(lines[1])["msg"] == "3 of x"
+
+
+def test_a_line_without_filters_skips_the_filter_step(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: logging.Filterer, record: logging.LogRecord) -> bool:
+        raise AssertionError("filter step ran")
+
+    monkeypatch.setattr(logging.Filterer, "filter", refuse)
+    logger = logging.getLogger("e911_sip.edge")
+    # Logger.handle runs the logger's own (empty) filter step: call the handler directly.
+    (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, logs._JsonLines)]
+    assert handler.handle(logger.makeRecord("e911_sip.edge", logging.INFO, "", 0, "x", (), None))
+    assert json.loads(configured.getvalue())["msg"] == "x"
+
+
+def test_the_check_of_each_set_of_keys_is_remembered_within_a_bound() -> None:
+    formatter = JsonFormatter()
+    for _ in range(2):
+        records = pinned_records()
+        assert {case: formatter.format(records[case]) for case in PINNED} == PINNED
+    # One entry per set of keys, the slow ones ("private", "clash", "exc_clash") included.
+    sets = {tuple(vars(r))[20:] for r in pinned_records().values()} - {()}
+    assert len(formatter._keys) == len(sets)
+    for n in range(logs._KEY_SETS + 10):
+        line = formatter.format(at("x", **{f"k{n}": n}))
+        assert line.endswith(f'"msg":"x","k{n}":{n}}}')
+    assert len(formatter._keys) == logs._KEY_SETS
+    assert formatter.format(at("x", _hidden=1, shown=2)).endswith('"msg":"x","shown":2}')

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 from e911_sip.batching import xadd_all
 from e911_sip.callrecords.book import CallRecord, RecordError
 from e911_sip.store.redis import connect
+from e911_sip.timefmt import utc_millis
 
 DEFAULT_STREAM = "e911:calls"
 DEFAULT_GROUP = "provisioning"
@@ -92,8 +93,86 @@ class RecordSource(Protocol):
 _encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
+def _not_serializable(value: object) -> object:
+    # What JSONEncoder.default raises: a record holds only JSON types.
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+# The C encoder that ``_encode`` builds for every record (with the Python of ``encode`` and
+# ``iterencode`` around it), built once. Without the circular-reference check, whose memo
+# would be shared by every record: a record's to_dict() is fresh lists and dicts of text,
+# numbers and None, never a cycle.
+_encode_chunks: Any = (
+    None
+    if _c_encoder is None
+    else _c_encoder(
+        None,
+        _not_serializable,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+)
+
+
 def encode(record: CallRecord) -> str:
-    return _encode(record.to_dict())
+    """The record's stream entry: its :meth:`~CallRecord.to_dict`, keys sorted, compact."""
+    try:
+        text = _written_out(record)
+    except TypeError:
+        text = None
+    if text is not None:
+        return text
+    if _encode_chunks is None:
+        return _encode(record.to_dict())
+    return "".join(_encode_chunks(record.to_dict(), 0))
+
+
+_string = json.encoder.encode_basestring_ascii
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _string(value)
+
+
+def _time(epoch: float | None) -> str:
+    # utc_millis writes digits, dashes, colons, a dot, T and Z: nothing JSON escapes.
+    return "null" if epoch is None else f'"{utc_millis(epoch)}"'
+
+
+def _written_out(record: CallRecord) -> str | None:
+    """What the encoder writes for the record's :meth:`~CallRecord.to_dict` with its keys
+    sorted, written out field by field: the keys are constants here and only the values are
+    encoded, with no dict built and sorted per record (a record is written for every
+    emergency call). None for a record with a number of another type than the fields
+    declare (the encoder then writes it); TypeError for text that is not a str."""
+    status = record.status
+    if status is not None and type(status) is not int:
+        return None
+    trunks = []
+    for t in record.trunks:
+        attempt = t.attempt
+        if type(attempt) is not int or type(t.enriched) is not bool:
+            return None
+        trunks.append(
+            f'{{"attempt":{attempt},"enriched":{"true" if t.enriched else "false"},'
+            f'"result":{_text(t.result)},"trunk":{_string(t.trunk)}}}'
+        )
+    return (
+        f'{{"answered_at":{_time(record.answered_at)},"bye_at":{_time(record.bye_at)},'
+        f'"call_id":{_string(record.call_id)},"callback":{_text(record.callback)},'
+        f'"caller":{_text(record.caller)},"end":{_text(record.end)},'
+        f'"id":{_string(record.id)},"invite_at":"{utc_millis(record.invite_at)}",'
+        f'"level":{_text(record.level)},"number":{_string(record.number)},'
+        f'"outcome":{_text(record.outcome)},'
+        f'"provider_endpoint":{_text(record.provider_endpoint)},'
+        f'"status":{"null" if status is None else status},"trunks":[{",".join(trunks)}]}}'
+    )
 
 
 def decode(text: str) -> CallRecord:

@@ -1,0 +1,288 @@
+"""Instructions per emergency call of the Python work around the core, part by part.
+
+    PYTHONPATH=src python bench/glue_bench.py --part log|records|publish|metrics [--calls N]
+    PYTHONPATH=src python bench/glue_bench.py --callgrind [--part ...] [--callgrind-calls 200,400]
+
+The parts the edge runs for every emergency call outside the core, each alone, with no
+sockets and no event loop (a Redis client that answers at once stands in for the server, so
+redis-py's own packing of the command is left out):
+
+- ``log``: the JSON line "emergency call forwarded" (``logger.info`` with the call's fields
+  through :func:`e911_sip.logs.configure`'s handler, into /dev/null);
+- ``records``: the call's record, fed the core's events and the enrichment as the edge does
+  (:class:`~e911_sip.callrecords.recorder.CallRecorder`), finished, and written in batches
+  of ``--batch`` through :class:`~e911_sip.callrecords.stream.RedisStreamSink` (the record's
+  id, JSON and ``XADD`` arguments);
+- ``publish``: the call's notification event made as the edge makes it, published, and
+  written in batches of ``--batch`` by the :class:`~e911_sip.notify.dispatch.Publisher`
+  through :class:`~e911_sip.notify.queue.RedisStreamQueue`;
+- ``metrics``: the counter increments and the histogram observation the edge makes per
+  emergency call (children bound once, as the edge binds them).
+
+``--callgrind`` runs each part twice under valgrind's callgrind (``bench/core_bench.py``'s
+method: the difference of two runs' totals over the difference in calls, ``PYTHONHASHSEED=0``)
+and prints its instructions per call; the figures include the bench's few lines per call that
+build the inputs (the same before and after a change). The parts run side by side. Only what
+a part needs is imported (not the app, as core_bench.py does): start-up is in both runs of a
+part and cancels out, but under valgrind it is most of the wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+PARTS = ("log", "records", "publish", "metrics")
+
+INVITE = (
+    b"INVITE sip:911@127.0.0.1:5070 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-0-inv\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"From: <sip:3215550100@127.0.0.1:5060>;tag=uac-0\r\n"
+    b"To: <sip:911@127.0.0.1:5070>\r\n"
+    b"Call-ID: 0-bench@127.0.0.1\r\n"
+    b"CSeq: 101 INVITE\r\n"
+    b"Contact: <sip:3215550100@127.0.0.1:5060>\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+def tune_gc() -> None:
+    """What ``e911_sip.app.tune_gc`` does in the running edge (without importing the app)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(50_000, middle, old)
+
+
+class _Redis:
+    """Answers every command at once, as if the server had."""
+
+    async def evalsha(self, sha: str, numkeys: int, *args: object) -> int:
+        return len(args)
+
+    async def xadd(self, stream: str, fields: dict[str, str]) -> str:
+        return "0-1"
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run a coroutine that never waits (its awaits all answer at once) without a loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the coroutine waited")
+
+
+def _log_part() -> Callable[[int], None]:
+    from e911_sip import logs
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    logs.configure("INFO")
+    log = logging.getLogger("e911_sip.edge")
+
+    def call(n: int) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "emergency call forwarded",
+                extra={
+                    "call_id": f"{n}-bench@127.0.0.1",
+                    "caller": "3215550100",
+                    "number": "911",
+                    "outcome": "enriched",
+                    "enriched": True,
+                    "trunk": "sip:127.0.0.1:5080",
+                    "attempt": 1,
+                },
+            )
+
+    return call
+
+
+def _records_part(batch: int) -> Callable[[int], None]:
+    from e911_sip.callrecords.recorder import CallRecorder
+    from e911_sip.callrecords.stream import RedisStreamSink
+    from e911_sip.metrics import Metrics
+    from e911_sip.proxy.core import CallCompleted, EmergencyCall, EmergencyForwarded
+    from e911_sip.sip.message import Request, parse
+
+    sink = RedisStreamSink.__new__(RedisStreamSink)
+    sink._stream = "e911:calls"
+    sink._maxlen = 1_000_000
+    sink._client = _Redis()  # type: ignore[assignment]
+    clock = [1_796_000_000.0]
+
+    def wall() -> float:
+        clock[0] += 0.000_37
+        return clock[0]
+
+    recorder = CallRecorder(sink=sink, metrics=Metrics(), wall_clock=wall)
+    message = parse(INVITE)
+    assert isinstance(message, Request)
+
+    def call(n: int) -> None:
+        call_id = f"{n}-bench@127.0.0.1"
+        recorder.on_event(EmergencyCall(n, message, "911", call_id))
+        recorder.on_enrichment(
+            call_id,
+            outcome="enriched",
+            caller="3215550100",
+            callback="3215550100",
+            provider_endpoint="5551234/ep-0001",
+        )
+        recorder.on_event(EmergencyForwarded(n, call_id, "sip:127.0.0.1:5080", 1, True))
+        recorder.on_event(CallCompleted(call_id, "INVITE", True, 200, "sip:127.0.0.1:5080"))
+        recorder.on_event(CallCompleted(call_id, "BYE", True, 200, None))
+        if recorder.queued >= batch:
+            _run(recorder._write_batch())
+
+    return call
+
+
+def _publish_part(batch: int) -> Callable[[int], None]:
+    from e911_sip.notify.dispatch import Publisher
+    from e911_sip.notify.event import CallEvent
+    from e911_sip.notify.queue import RedisStreamQueue
+
+    queue = RedisStreamQueue(_Redis(), stream="e911:events", dead_list="e911:events:dead")  # type: ignore[arg-type]
+    publisher = Publisher(queue, batch=batch)
+
+    def call(n: int) -> None:
+        publisher.publish(
+            CallEvent.now(
+                call_id=f"{n}-bench@127.0.0.1",
+                caller="3215550100",
+                callback="3215550100",
+                dialed="911",
+                provider_endpoint="5551234/ep-0001",
+                outcome="enriched",
+                age=0.0004,
+            )
+        )
+        if publisher.pending >= batch:
+            _run(publisher._flush())
+
+    return call
+
+
+def _metrics_part() -> Callable[[int], None]:
+    from e911_sip.metrics import Metrics
+
+    metrics = Metrics()
+    request = metrics.requests.labels("INVITE", "emergency")
+    ack = metrics.requests.labels("ACK", "emergency")
+    bye = metrics.requests.labels("BYE", "emergency")
+    enriched = metrics.emergency_calls.labels("enriched")
+    result = metrics.emergency_results.labels("2xx")
+    lookup = metrics.store_lookup_seconds.labels("memory")
+    enrich = metrics.enrich_seconds
+
+    def call(n: int) -> None:
+        request.inc()
+        lookup.observe(0.00002)
+        enriched.inc()
+        enrich.observe(0.00031)
+        result.inc()
+        ack.inc()
+        bye.inc()
+
+    return call
+
+
+_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
+
+
+def _instructions(part: str, calls: int, batch: int, workdir: Path) -> int:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    out = workdir / f"callgrind.out.{part}.{calls}"
+    command = [
+        valgrind,
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *("--part", part, "--batch", str(batch), "--warmup", "0", "--calls", str(calls)),
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{part}: callgrind run with {calls} calls failed:\n{done.stderr[-3000:]}")
+    match = _TOTAL.search(out.read_text())
+    if match is None:
+        raise SystemExit(f"no instruction total in {out}")
+    return int(match.group(1))
+
+
+def callgrind(parts: list[str], counts: tuple[int, int], batch: int) -> None:
+    low, high = counts
+    with (
+        tempfile.TemporaryDirectory(prefix="glue-callgrind-") as tmp,
+        ThreadPoolExecutor(len(parts) * 2) as pool,
+    ):
+        runs = {
+            (part, calls): pool.submit(_instructions, part, calls, batch, Path(tmp))
+            for part in parts
+            for calls in counts
+        }
+        for part in parts:
+            per_call = (runs[part, high].result() - runs[part, low].result()) / (high - low)
+            print(f"{part}: {per_call:,.0f} instructions per call ({high} and {low} calls)")
+
+
+def make(part: str, batch: int) -> Callable[[int], None]:
+    if part == "log":
+        return _log_part()
+    if part == "records":
+        return _records_part(batch)
+    if part == "publish":
+        return _publish_part(batch)
+    return _metrics_part()
+
+
+def main() -> None:
+    tune_gc()  # as the running edge does
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=PARTS, action="append")
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=20,
+        help="records / events per write (at 800 calls/s the records' 50 ms linger gathers "
+        "about 40, the events' 10 ms about 8; default 20)",
+    )
+    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument(
+        "--callgrind-calls", default="1000,3000", help="the two call counts (default 1000,3000)"
+    )
+    args = parser.parse_args()
+    parts = args.part or list(PARTS)
+    if args.callgrind:
+        low, high = sorted(int(part) for part in args.callgrind_calls.split(","))
+        callgrind(parts, (low, high), args.batch)
+        return
+    if len(parts) != 1:
+        parser.error("one --part at a time without --callgrind")
+    call = make(parts[0], args.batch)
+    for n in range(args.warmup):
+        call(n)
+    for n in range(args.warmup, args.warmup + args.calls):
+        call(n)
+
+
+if __name__ == "__main__":
+    main()
