@@ -24,6 +24,7 @@ import http.client
 import json
 import math
 import os
+import random
 import re
 import selectors
 import shutil
@@ -110,38 +111,68 @@ class EdgeStartError(HarnessError):
 # ---------------------------------------------------------------------------- ports
 
 
+# Test ports come from below the kernel's ephemeral range: a port the kernel picked (bind to
+# port 0) is one it may hand to the next outgoing connection too (a Redis client, SIPp),
+# which then holds it when the server under test binds it (EADDRINUSE). Ports below the range
+# are only ever taken by an explicit bind. The floor keeps clear of SIPp's fixed ports
+# (media 6000+, control 8888+).
+_PORT_FLOOR = 10_000
+_handed_out: set[int] = set()
+_pick = random.Random()
+
+
+def _port_range() -> tuple[int, int]:
+    """The ports to pick from: ``_PORT_FLOOR`` up to the start of the ephemeral range."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768
+    return _PORT_FLOOR, max(ephemeral_low, _PORT_FLOOR + 2_000) - 1
+
+
+def _bindable(port: int, kinds: Sequence[int], host: str) -> bool:
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def _pick_port(kinds: Sequence[int], host: str) -> int:
+    low, high = _port_range()
+    if len(_handed_out) > (high - low) // 2:
+        # A long session: the oldest ports were bound and released long ago.
+        _handed_out.clear()
+    for _ in range(500):
+        port = _pick.randint(low, high)
+        if port in _handed_out or not _bindable(port, kinds, host):
+            continue
+        # Never the same port twice: two picks made before either is bound must differ.
+        _handed_out.add(port)
+        return port
+    raise HarnessError(f"no loopback port free in {low}-{high} after 500 tries")
+
+
 def free_port(transport: str = "udp", *, host: str = LOOPBACK) -> int:
     """A port on ``host`` that is free right now for ``"udp"`` or ``"tcp"`` (``"both"``: both).
 
-    The kernel picks it from the ephemeral range, away from the fixed ports SIPp takes for
-    itself (media 6000+, control 8888+). Another process could still take it before the
-    caller binds it; callers that start a server on it detect that and report it.
+    Picked below the kernel's ephemeral range, so no outgoing connection can take it before
+    the caller binds it; another test's explicit bind still could, and callers that start a
+    server on it detect that and report it.
     """
     kind = transport.lower()
     if kind == "both":
         return free_port_pair(host=host)
     if kind not in ("udp", "tcp"):
         raise ValueError(f"transport must be 'udp', 'tcp' or 'both', not {transport!r}")
-    sock_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, sock_type) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return _pick_port([socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM], host)
 
 
 def free_port_pair(*, host: str = LOOPBACK) -> int:
     """A port on ``host`` free for both UDP and TCP (the edge listens on both)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise HarnessError("no loopback port free for both UDP and TCP after 200 tries")
+    return _pick_port([socket.SOCK_STREAM, socket.SOCK_DGRAM], host)
 
 
 def trunk_uri(port: int, transport: str = "udp", host: str = LOOPBACK) -> str:

@@ -102,6 +102,14 @@ def test_free_ports_can_be_bound() -> None:
         free_port("sctp")
 
 
+def test_free_ports_are_never_ones_the_kernel_hands_to_outgoing_connections() -> None:
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked = [free_port("udp") for _ in range(20)] + [free_port_pair() for _ in range(20)]
+    assert all(port < ephemeral_low for port in picked)
+    # Two picks made before either is bound must not collide.
+    assert len(set(picked)) == len(picked)
+
+
 # ----------------------------------------------------------------------------- Redis
 
 
