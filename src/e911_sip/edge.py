@@ -284,6 +284,7 @@ class Edge:
             metrics.location_sync_age.set_function(lambda: mirrored.state().age)
             metrics.location_updates.set_function(lambda: mirrored.state().updates)
         metrics.transactions.set_function(lambda: core.transactions_in_flight)
+        metrics.transactions_working.set_function(lambda: core.transactions_working)
         metrics.contexts.set_function(lambda: core.contexts_in_flight)
         self._trunk_routes: dict[str, list[str]] = {}
         for route, trunks in core.trunks_by_route.items():

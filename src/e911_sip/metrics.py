@@ -179,6 +179,12 @@ class Metrics:
             "SIP transactions (server plus client) not yet terminated.",
             registry=r,
         )
+        self.transactions_working = Gauge(
+            "e911_sip_transactions_working",
+            "SIP transactions still waiting for their final response: what "
+            "[overload] shed_transactions counts (finished ones only absorb retransmissions).",
+            registry=r,
+        )
         self.contexts = Gauge(
             "e911_sip_requests_in_flight",
             "Requests being proxied (response contexts).",

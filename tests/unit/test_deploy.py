@@ -252,6 +252,7 @@ def test_the_dashboard_covers_what_the_edge_measures() -> None:
         "e911_sip_notification_latency_seconds_bucket",
         "e911_sip_notification_dead_letters",
         "e911_sip_dialogs",
+        "e911_sip_transactions_working",
         "e911_sip_worker_restarts_total",
         "e911_sip_recovered_total",
     ):

@@ -478,3 +478,22 @@ async def test_the_emergency_invite_leaves_before_its_notification_is_built() ->
     edge.message_received(invite(), SOFTSWITCH)
     await until(lambda: bool(seen_at_notify))
     assert seen_at_notify == [1]
+
+
+async def test_working_transactions_have_a_gauge_apart_from_the_finished_ones() -> None:
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}))
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    # The caller's transaction and the trunk's, neither answered yet.
+    assert gauge("e911_sip_transactions_working") == 2
+    forwarded = invites_to(transport, "198.51.100.1")[0]
+    answer = make_response(forwarded, 200, to_tag="psap")
+    edge.message_received(answer.to_bytes(), Peer("udp", "198.51.100.1", 5060))
+    # Both finished; kept to absorb retransmissions, no longer counted as work.
+    assert gauge("e911_sip_transactions_working") == 0
+    assert gauge("e911_sip_transactions_in_flight") == 2
+    edge.close()
