@@ -396,7 +396,11 @@ class Edge:
 
     def _send_pending(self) -> bool:
         """Hand the core's outgoing messages to the transports; whether there were any."""
-        outgoing = self._core.data_to_send()
+        core = self._core
+        if not core.has_data_to_send():
+            # Most turns of the pump have nothing to send: no new list for them.
+            return False
+        outgoing = core.data_to_send()
         for out in outgoing:
             transport = self._transports.get(out.peer.transport)
             if transport is None:
