@@ -33,9 +33,6 @@ import argparse
 import gc
 import logging
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
@@ -200,30 +197,19 @@ def _metrics_part() -> Callable[[int], None]:
     return call
 
 
-_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
-
-
 def _instructions(part: str, calls: int, batch: int, workdir: Path) -> int:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
-    out = workdir / f"callgrind.out.{part}.{calls}"
-    command = [
-        valgrind,
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        str(Path(__file__).resolve()),
-        *("--part", part, "--batch", str(batch), "--warmup", "0", "--calls", str(calls)),
-    ]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{part}: callgrind run with {calls} calls failed:\n{done.stderr[-3000:]}")
-    match = _TOTAL.search(out.read_text())
-    if match is None:
-        raise SystemExit(f"no instruction total in {out}")
-    return int(match.group(1))
+    """Instructions of one part's run with ``calls`` calls, in a directory of its own (the
+    parts' runs go side by side)."""
+    # Imported here: the measured runs stay free of the core bench's imports.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.core_bench import callgrind_instructions
+
+    own = workdir / part
+    own.mkdir(exist_ok=True)
+    total, _ = callgrind_instructions(
+        calls, own, script=Path(__file__), extra=("--part", part, "--batch", str(batch))
+    )
+    return total
 
 
 def callgrind(parts: list[str], counts: tuple[int, int], batch: int) -> None:
