@@ -382,10 +382,11 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
 
 
 async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelCluster) -> None:
-    # Three replicas asked, two exist: the write is applied but never acknowledged.
+    # Three replicas asked, two exist: the write is applied but never acknowledged. On a busy
+    # host a replica may also miss the 0.2 s window, so fewer than two may have confirmed.
     client = connect(cluster.url(min_replicas_ack="3", replica_ack_timeout="0.2"), socket_timeout=2)
     try:
-        with pytest.raises(ReplicationLag, match="2 of the 3 replicas"):
+        with pytest.raises(ReplicationLag, match="[0-2] of the 3 replicas"):
             async with client.pipeline(transaction=True) as pipe:
                 pipe.set("e911:test:acked", "1")
                 await pipe.execute()
