@@ -20,7 +20,6 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -101,6 +100,7 @@ from e911_sip.provisioning.state import (
 from e911_sip.proxy.admission import LoadSignal, classify
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
+from e911_sip.roles import Role, WorkerSetup
 from e911_sip.sip.transaction import TimerSettings
 from e911_sip.store import schema
 from e911_sip.store.base import LineRecordWriter, LocationStore, StoreError
@@ -121,61 +121,6 @@ from e911_sip.transport.stream import TcpTransport
 from e911_sip.transport.udp import UdpOptions, UdpTransport
 
 log = logging.getLogger("e911_sip.app")
-
-
-class Role(StrEnum):
-    """What one process runs."""
-
-    EDGE = "edge"
-    PROVISIONING = "provisioning"
-    ALL = "all"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerSetup:
-    """What an edge worker inherits from its supervisor (``serve --worker``)."""
-
-    slot: int
-    """The worker's slot number: it owns the Call-IDs the dispatcher hashes to it."""
-    udp_fd: int
-    """The shared UDP socket, bound by the supervisor: sent on, never read."""
-    channel_fd: int
-    """The AF_UNIX datagram socket the dispatcher hands this worker its datagrams on."""
-    control_fd: int
-    """The AF_UNIX stream socket of the control channel (readiness, metrics)."""
-    listeners: dict[str, int] = dataclasses.field(default_factory=dict)
-    """The supervisor's listening sockets this worker serves, by transport (tcp, tls):
-    worker 0's; the others open outbound stream connections only."""
-
-    @classmethod
-    def parse(cls, text: str) -> WorkerSetup:
-        """``SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD`` followed by ``:TRANSPORT=FD`` for each
-        stream listener this worker serves.
-
-        Raises:
-            ValueError: not in that form.
-        """
-        parts = text.split(":")
-        numbers, extra = parts[:4], parts[4:]
-        listeners: dict[str, int] = {}
-        for item in extra:
-            name, sep, fd = item.partition("=")
-            if not sep or name not in ("tcp", "tls") or not fd.isdigit():
-                break
-            listeners[name] = int(fd)
-        else:
-            if len(numbers) == 4 and all(p.isdigit() for p in numbers):
-                slot, udp_fd, channel_fd, control_fd = (int(p) for p in numbers)
-                return cls(
-                    slot=slot,
-                    udp_fd=udp_fd,
-                    channel_fd=channel_fd,
-                    control_fd=control_fd,
-                    listeners=listeners,
-                )
-        raise ValueError(
-            f"--worker: expected SLOT:UDP_FD:CHANNEL_FD:CONTROL_FD[:tcp=FD][:tls=FD], got {text!r}"
-        )
 
 
 class Supervision(Protocol):

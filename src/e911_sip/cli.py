@@ -16,20 +16,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
+from e911_sip import __version__, build
+from e911_sip.roles import Role, WorkerSetup
 
-from e911_sip import __version__, app, build, logs, supervisor
-from e911_sip.callrecords.book import CSV_COLUMNS, CallRecord, parse_time
-from e911_sip.config import Config, ConfigError, load
-from e911_sip.provisioning import remote
-from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
-from e911_sip.provisioning.coverage import summary as coverage_summary
-from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
-from e911_sip.store.schema import CURRENT as SCHEMA_CURRENT
-from e911_sip.store.schema import SchemaRefused
+if TYPE_CHECKING:
+    from e911_sip.callrecords.book import CallRecord
+    from e911_sip.config import Config
+
+# The rest of the product is imported by the command that needs it, after the arguments are
+# parsed: the service's modules take a second or more to load, which ``--help``, a mistyped
+# option and the commands that only call the provisioning API have no use for.
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -55,6 +54,8 @@ def _run_pair(
 
 def service_url(config: Config) -> str:
     """Where this host reaches the provisioning API ``config`` serves."""
+    from e911_sip import app
+
     host, port = config.provisioning.listen
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
@@ -66,6 +67,10 @@ def service_url(config: Config) -> str:
 def _resync(args: argparse.Namespace) -> int:
     """Ask the running service to resync; without one, resync shared stores directly, or
     refuse when the records live only inside a service process (``memory://``)."""
+    from e911_sip import app, logs
+    from e911_sip.config import ConfigError, load
+    from e911_sip.provisioning import remote
+
     config = load(args.config, os.environ)
     logs.configure(config.log.level)
     tokens = config.provisioning.tokens
@@ -129,6 +134,8 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def _time(text: str) -> float:
+    from e911_sip.callrecords.book import parse_time
+
     try:
         return parse_time(text)
     except ValueError:
@@ -138,6 +145,11 @@ def _time(text: str) -> float:
 
 
 def _export_calls(args: argparse.Namespace) -> int:
+    from e911_sip import app
+    from e911_sip.callrecords.book import CSV_COLUMNS
+    from e911_sip.config import load
+    from e911_sip.provisioning.calls import MAX_PAGE, CallQuery, CallStoreError
+
     config = load(args.config, os.environ)
     query = CallQuery(since=args.since, until=args.until, caller=args.caller, limit=MAX_PAGE)
     out = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -192,6 +204,9 @@ def _add_import_parser(sub: Any) -> None:
 
 
 def _import_target(args: argparse.Namespace) -> tuple[str, str]:
+    from e911_sip import app
+    from e911_sip.config import ConfigError, load
+
     url, token = args.url, args.token or os.environ.get("E911_SIP_TOKEN")
     if args.config is not None:
         config = load(args.config, os.environ)
@@ -215,6 +230,8 @@ def _progress(view: dict[str, Any], tty: bool) -> str:
 
 
 async def _run_import(args: argparse.Namespace, url: str, token: str) -> int:
+    import aiohttp
+
     headers = {"Authorization": f"Bearer {token}"}
     tty = sys.stdout.isatty()
     context = ssl.create_default_context(cafile=args.cafile)
@@ -270,6 +287,8 @@ async def _run_import(args: argparse.Namespace, url: str, token: str) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from e911_sip.config import ConfigError
+
     if args.file is None and not args.job:
         raise ConfigError("import: give a FILE or --job ID")
     url, token = _import_target(args)
@@ -294,6 +313,8 @@ class _ApiError(Exception):
 def _api_base(config: Config, given: str | None) -> str:
     """``--url``, else ``E911_SIP_API_URL``, else ``[provisioning] listen`` (a wildcard
     address is reached on loopback)."""
+    from e911_sip import app
+
     if given:
         return given.rstrip("/")
     host, port = config.provisioning.listen
@@ -304,6 +325,8 @@ def _api_base(config: Config, given: str | None) -> str:
 def _api_token(config: Config, given: str | None, name: str | None) -> str:
     """``--token``, else ``E911_SIP_API_TOKEN``, else the ``[provisioning] tokens`` entry
     called ``--token-name`` (default: the first)."""
+    from e911_sip.config import ConfigError
+
     if given:
         return given
     tokens = config.provisioning.tokens
@@ -335,6 +358,9 @@ def _api_get(url: str, token: str, *, ca_file: str | None, timeout: float) -> An
 
 
 def _coverage(args: argparse.Namespace) -> int:
+    from e911_sip.config import load
+    from e911_sip.provisioning.coverage import summary as coverage_summary
+
     config = load(args.config, os.environ)
     base = _api_base(config, args.url or os.environ.get(API_URL_ENV))
     token = _api_token(config, args.token or os.environ.get(API_TOKEN_ENV), args.token_name)
@@ -388,26 +414,36 @@ def _coverage_parser(sub: Any) -> None:
     coverage.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
 
 
+class _Version(argparse.Action):
+    """``--version``: which build (compiled or pure) is only found out by importing the hot
+    modules, so it is found out when asked, not for every parse."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"e911-sip {__version__} ({build.describe()})")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="e911-sip",
         description="SIP edge that attaches the caller's dispatchable location to 911 calls.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"e911-sip {__version__} ({build.describe()})"
-    )
+    parser.add_argument("--version", action=_Version, help="show the version and build, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the edge and/or the provisioning API")
     serve.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
     serve.add_argument(
         "--role",
-        choices=[r.value for r in app.Role],
-        default=app.Role.ALL.value,
+        choices=[r.value for r in Role],
+        default=Role.ALL.value,
         help="edge, provisioning, or all in one process (default: all)",
     )
     # Set by the supervisor when it starts a worker ([sip] workers above 1), never by hand.
-    serve.add_argument("--worker", type=app.WorkerSetup.parse, help=argparse.SUPPRESS)
+    serve.add_argument("--worker", type=WorkerSetup.parse, help=argparse.SUPPRESS)
 
     resync = sub.add_parser(
         "resync",
@@ -444,7 +480,6 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, required=True)
 
-    defaults = EmulatorOptions()
     emulator = sub.add_parser(
         "bandwidth-emulator",
         help="serve a local emulator of Bandwidth's v2 emergency API (for tests and trials)",
@@ -452,15 +487,16 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--listen", type=_hostport, default=("127.0.0.1", 9300), help="HOST:PORT (127.0.0.1:9300)"
     )
-    emulator.add_argument("--client-id", default=defaults.client_id)
-    emulator.add_argument("--client-secret", default=defaults.client_secret)
-    emulator.add_argument("--account-id", default=defaults.account_id)
+    # No defaults here: the emulator's own (EmulatorOptions) apply to what is not given.
+    emulator.add_argument("--client-id", help="the OAuth2 client id it accepts")
+    emulator.add_argument("--client-secret", help="the secret that goes with it")
+    emulator.add_argument("--account-id", help="the one Bandwidth account that exists")
     emulator.add_argument(
         "--nonexistent-street",
         action="append",
         metavar="STREET",
         help="a standardised street line that does not exist (repeatable); "
-        f"default: {', '.join(defaults.nonexistent_streets)}",
+        "default: the emulator's own list (1 NOWHERE ST, 123 FAKE ST, 0 MAIN ST)",
     )
     emulator.add_argument("--log-level", default="INFO")
 
@@ -468,11 +504,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bandwidth_emulator(args: argparse.Namespace) -> int:
+    from e911_sip import logs
+    from e911_sip.provisioning.emulator import EmulatorOptions, serve_emulator
+
     defaults = EmulatorOptions()
     options = EmulatorOptions(
-        client_id=args.client_id,
-        client_secret=args.client_secret,
-        account_id=args.account_id,
+        client_id=args.client_id or defaults.client_id,
+        client_secret=args.client_secret or defaults.client_secret,
+        account_id=args.account_id or defaults.account_id,
         nonexistent_streets=tuple(args.nonexistent_street or defaults.nonexistent_streets),
     )
     host, port = args.listen
@@ -500,6 +539,9 @@ def redacted(url: str) -> str:
 
 
 def _check_config(path: Path) -> int:
+    from e911_sip import app
+    from e911_sip.config import load
+
     config = load(path, os.environ)
     prov, bw = config.provisioning, config.bandwidth.client
 
@@ -535,6 +577,9 @@ def _check_config(path: Path) -> int:
 def _check_schema(config: Config, row: Callable[[str, str], None]) -> int:
     """Show the data schema of each Redis database the configuration names (it is only
     read here); 1 when one would be refused at start."""
+    from e911_sip import app
+    from e911_sip.store.schema import CURRENT as SCHEMA_CURRENT
+    from e911_sip.store.schema import SchemaRefused
 
     async def read() -> int:
         found = await app.schema_status(config, writer=False, provisioning=True)
@@ -557,6 +602,9 @@ def _check_schema(config: Config, row: Callable[[str, str], None]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``e911-sip`` command."""
     args = _parser().parse_args(argv)
+    from e911_sip import app, supervisor
+    from e911_sip.config import ConfigError, load
+
     try:
         if args.command == "check-config":
             return _check_config(args.config)
@@ -572,10 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _resync(args)
         if args.command == "serve":
             config = load(args.config, os.environ)
-            role = app.Role(args.role)
+            role = Role(args.role)
             if args.worker is not None:
-                return _run(app.run(config, role=app.Role.EDGE, worker=args.worker))
-            if config.sip.workers > 1 and role is not app.Role.PROVISIONING:
+                return _run(app.run(config, role=Role.EDGE, worker=args.worker))
+            if config.sip.workers > 1 and role is not Role.PROVISIONING:
                 return _run(supervisor.serve(config, role=role))
             return _run(app.run(config, role=role))
     except ConfigError as exc:

@@ -43,6 +43,7 @@ from e911_sip.metrics import (
     render_families,
 )
 from e911_sip.proxy.trust import TrustPolicy
+from e911_sip.roles import Role
 from e911_sip.sip.uri import parse_uri
 from e911_sip.transport.control import ADOPT, LIVE, Dialogs, SupervisorSide
 from e911_sip.transport.dispatch import DROP_REASONS, Dispatcher, channel_pair
@@ -459,7 +460,7 @@ class Supervisor:
         return application
 
 
-async def serve(config: Config, *, role: app.Role) -> int:
+async def serve(config: Config, *, role: Role) -> int:
     """``serve`` with several workers: this process supervises them (and runs provisioning
     with ``--role all``). Returns the exit code."""
     supervisor = Supervisor(config)

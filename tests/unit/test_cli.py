@@ -7,6 +7,8 @@ import contextlib
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from e911_sip.cli import main, service_url
 from e911_sip.config import load
 from e911_sip.provisioning.api import build_provisioning_app
 from e911_sip.provisioning.audit import MemoryAuditLog
+from e911_sip.provisioning.emulator import EmulatorOptions
 from e911_sip.provisioning.service import ProvisioningService, ServiceOptions
 from e911_sip.provisioning.state import MemoryStateStore
 from e911_sip.store.memory import MemoryStore
@@ -109,6 +112,35 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     # The build that runs: compiled, pure, or which modules are compiled.
     assert capsys.readouterr().out.strip() == f"e911-sip {__version__} ({build.describe()})"
+
+
+def test_help_answers_without_loading_the_service() -> None:
+    # In a process of its own: this one has imported the whole product already.
+    probe = (
+        "import sys\n"
+        "from e911_sip.cli import main\n"
+        "for argv in (['--help'], ['serve', '--help'], ['bandwidth-emulator', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('e911_sip.app', 'e911_sip.config', 'e911_sip.proxy', 'aiohttp', 'redis')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: e911-sip" in done.stdout
+
+
+def test_the_emulators_help_names_its_default_streets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["bandwidth-emulator", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(street in text for street in EmulatorOptions().nonexistent_streets)
 
 
 def test_resync_asks_the_running_service(

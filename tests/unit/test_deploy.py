@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import trustme
 
-from e911_sip.app import Role, check_role
+from e911_sip.app import check_role
 from e911_sip.config import load
+from e911_sip.roles import Role
 from tests.certs import issue
 from tests.deploy_files import (
     ALERT_RULES,

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import trustme
 
-from e911_sip.app import Role, check_role
+from e911_sip.app import check_role
 from e911_sip.cli import main
 from e911_sip.config import Config, load
+from e911_sip.roles import Role
 from tests.certs import issue
 from tests.deploy_files import ROOT, bind_mounts, load_yaml
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from e911_sip.app import WorkerSetup
 from e911_sip.config import ConfigError, from_mapping
 from e911_sip.metrics import (
     Metrics,
@@ -21,6 +20,7 @@ from e911_sip.metrics import (
     parse_exposition,
     render_families,
 )
+from e911_sip.roles import WorkerSetup
 from e911_sip.transport.control import ADOPT, LIVE, SupervisorSide, serve_worker_side
 from tests.integration.harness import metric_value
 
