@@ -6,6 +6,7 @@ collide and ``/metrics`` shows only this product's series plus the process colle
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
     generate_latest,
 )
@@ -24,6 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from e911_sip import __version__, build
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -133,6 +137,20 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)
         _PlatformCollector(registry=r)
+        # Which release runs where, and whether its hot modules are compiled: during a
+        # rolling upgrade, or when one host is slower than the others, the first question.
+        Info(
+            "e911_sip_build",
+            "The running release: version, build (compiled, pure or partly compiled) and "
+            "Python version.",
+            registry=r,
+        ).info(
+            {
+                "version": __version__,
+                "build": build.describe(),
+                "python": platform.python_version(),
+            }
+        )
         self.requests = Counter(
             "e911_sip_requests_total",
             "New SIP requests (not retransmissions) by method and how they were routed.",
@@ -536,6 +554,7 @@ class Metrics:
 
 GAUGES_MAX = frozenset(
     {
+        "e911_sip_build_info",
         "e911_sip_overload_limit",
         "e911_sip_event_loop_lag_seconds",
         "e911_sip_location_records",

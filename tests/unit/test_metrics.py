@@ -1,8 +1,12 @@
-"""Labelled children bound once."""
+"""Labelled children bound once; the build the process runs."""
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
+from e911_sip import __version__, build
 from e911_sip.metrics import Children, Metrics
+from tests.integration.harness import metric_value
 
 
 def test_a_child_is_bound_once_and_counts_like_labels() -> None:
@@ -27,3 +31,11 @@ def test_past_the_limit_children_still_count_but_are_not_kept() -> None:
     assert len(discarded._bound) == 2
     sample = metrics.registry.get_sample_value("e911_sip_messages_discarded_total", {"reason": "c"})
     assert sample == 2
+
+
+def test_the_build_is_a_metric() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    # The build this test runs: compiled under scripts/check's second pass, pure under the first.
+    assert (
+        metric_value(text, "e911_sip_build_info", version=__version__, build=build.describe()) == 1
+    )

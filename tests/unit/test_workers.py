@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from e911_sip import __version__
 from e911_sip.config import ConfigError, from_mapping
 from e911_sip.metrics import (
     Metrics,
@@ -93,6 +94,8 @@ def test_merge_sums_counters_histograms_and_counts_but_not_shared_gauges() -> No
     assert metric_value(text, "e911_sip_transactions_in_flight") == 15
     assert metric_value(text, "e911_sip_store_up") == 0  # one worker's failure shows
     assert metric_value(text, "e911_sip_overload_limit", limit="max_queue") == 500
+    # One release on the host, not one per worker.
+    assert metric_value(text, "e911_sip_build_info", version=__version__) == 1
     assert "_created" not in text
     # The exposition stays valid Prometheus text with the same names and types.
     again = parse_exposition(text.encode())
