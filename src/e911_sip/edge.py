@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -265,9 +266,13 @@ class Edge:
             Recovered: self._on_recovered,
         }
         self._emergency_dialogs: dict[str, float] = {}
-        self._dialogs: dict[str, float] = {}
+        self._dialogs: OrderedDict[str, float] = OrderedDict()
         """Answered non-emergency calls whose BYE has not been seen, by Call-ID, oldest
-        first (loop time answered): a drain keeps routing their BYE."""
+        first (loop time answered): a drain keeps routing their BYE. Ordered, not a dict:
+        BYEs take calls out roughly oldest first, and a dict's ``next(iter())`` then scans
+        every slot emptied at its front, so taking the oldest (pruning, or evicting with
+        the table full) cost in proportion to the table's size, and pruning many at once
+        in proportion to its square."""
         self._ended: dict[str, None] = {}
         """Call-IDs whose BYE was answered lately (a bounded memory, oldest first)."""
         self._dialogs_forgotten = {
@@ -885,7 +890,7 @@ class Edge:
         excess = max(0, len(ordered) - self._options.max_dialogs)
         if excess:
             self._dialogs_forgotten["capacity"].inc(excess)
-        self._dialogs = dict(ordered[excess:])
+        self._dialogs = OrderedDict(ordered[excess:])
 
     def _add_dialog(self, call_id: str) -> None:
         dialogs = self._dialogs
@@ -893,7 +898,7 @@ class Edge:
         # first young entry.
         dialogs.pop(call_id, None)
         if len(dialogs) >= self._options.max_dialogs:
-            del dialogs[next(iter(dialogs))]
+            dialogs.popitem(last=False)
             self._dialogs_forgotten["capacity"].inc()
         dialogs[call_id] = self._loop.time()
 
@@ -992,7 +997,7 @@ class Edge:
             call_id = next(iter(dialogs))
             if dialogs[call_id] >= oldest:
                 break
-            del dialogs[call_id]
+            dialogs.popitem(last=False)
             self._dialogs_forgotten["max_age"].inc()
         for call_id, call in list(self._calls.items()):
             if now - call.started > _CALL_MAX_AGE:
