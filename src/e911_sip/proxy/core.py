@@ -186,7 +186,8 @@ class ProxyOptions:
     """Server plus client transactions kept at most, finished ones included. At the bound, a
     new request takes the place of the oldest finished transactions; with none finished it
     gets a stateless 503, except an emergency INVITE or a BYE, which evict the oldest
-    non-emergency state."""
+    non-emergency state. An emergency call's transactions are never evicted, finished or
+    not: they go over the bound and end by their timers."""
     shed_transactions: int = 100_000
     """Working transactions (still waiting for their final response) above which new
     non-emergency initial requests get a stateless 503. Finished ones, which only absorb
@@ -762,6 +763,14 @@ class _Finished:
         """Index of the oldest entry that may still be counted: those before it have left."""
         self.count = 0
         """Entries with ``done`` set: finished and still in their table."""
+
+    def hold(self, entry: _ServerEntry | _ClientEntry) -> None:
+        """Count ``entry`` as finished without ever offering it for eviction: what an
+        emergency call's transaction absorbs (a 911 INVITE retransmitted because the 200 or
+        the 486 was lost) must not be taken for a new call because ordinary traffic filled
+        the table. Those end by their own timers, and there are few of them."""
+        entry.done = True
+        self.count += 1
 
     def add(self, entry: _ServerEntry | _ClientEntry) -> None:
         entry.done = True
@@ -1358,7 +1367,8 @@ class ProxyCore:
             # A finished transaction only absorbs retransmissions: at the bound, any new
             # request takes the place of the oldest ones rather than being refused.
             evicted = self._evict_finished(options.max_transactions - 4)
-            self._events.append(Evicted(evicted, 0))
+            if evicted:
+                self._events.append(Evicted(evicted, 0))
             transactions = len(self._server) + len(self._client)
         working = transactions - self._done.count
         load: str | None = None
@@ -2158,7 +2168,11 @@ class ProxyCore:
         # Only ever called on an entry in its table: every caller found it there, and a
         # transaction leaves the table only once terminated (not finished any more).
         if not entry.done and txn.finished:
-            self._done.add(entry)
+            branch = entry.branch
+            if branch is not None and branch.context.route is Route.EMERGENCY:
+                self._done.hold(entry)
+            else:
+                self._done.add(entry)
 
     def _arm_server(self, entry: _ServerEntry) -> None:
         """As :meth:`_arm_client`: finished once its final response went."""
@@ -2169,7 +2183,11 @@ class ProxyCore:
         else:
             self._wheel.schedule(txn, due, self._on_server_timer)
         if not entry.done and txn.finished:
-            self._done.add(entry)
+            context = entry.context
+            if context is not None and context.route is Route.EMERGENCY:
+                self._done.hold(entry)
+            else:
+                self._done.add(entry)
 
     def _drop_client(self, entry: _ClientEntry) -> None:
         """Take ``entry`` out of the client table (if it is still there) and the count."""

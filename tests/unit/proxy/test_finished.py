@@ -207,3 +207,37 @@ def test_eviction_passes_over_finished_transactions_that_already_ended() -> None
     retransmitted = h.feed(plain_invite(12).replace(b"INVITE", b"MESSAGE"))
     reply = only(SOFTSWITCH, retransmitted)  # still held: answered again, not forwarded
     assert isinstance(reply, Response) and reply.status == 200
+
+
+def test_a_finished_emergency_transaction_outlasts_ordinary_traffic_at_the_bound() -> None:
+    h = make_core(max_transactions=8)
+    h.feed(invite(branch="z9hG4bK911-done", call_id="e-done"))
+    call = h.emergency()
+    h.core.forward_emergency(call.call, call.request, h.now)
+    raw = [o.data for o in h.collect() if o.peer.host == TRUNK1.host][0]
+    # The PSAP is busy: the final response finishes both transactions of the 911 call.
+    out = h.feed(response_to(raw, 486, "Busy Here"), TRUNK1)
+    busy = [m for m in to(SOFTSWITCH, out) if isinstance(m, Response)]
+    assert [m.status for m in busy] == [486]
+    assert (h.core.transactions_in_flight, h.core.transactions_working) == (2, 0)
+    for n in range(3):
+        finished_message(h, n)
+    assert h.core.transactions_in_flight == 8
+    # Ordinary calls take the place of the ordinary finished transactions only: four (of
+    # six) for the first, the last two for the third.
+    h.feed(plain_invite(50))
+    assert h.event(Evicted) == [Evicted(4, 0)]
+    h.feed(plain_invite(51))
+    h.feed(plain_invite(52))
+    assert h.event(Evicted)[-1] == Evicted(2, 0)
+    assert h.core.transactions_in_flight == 8
+    # Only the 911 call's finished state is left to take: the next ordinary call is refused.
+    h.feed(plain_invite(53))
+    assert [e.reason for e in h.event(Shed)] == ["transactions_full"]
+    # The caller never saw the 486 and retransmits its INVITE: still absorbed, answered with
+    # the same 486, and not sent to the PSAP again as a new call.
+    again = h.feed(invite(branch="z9hG4bK911-done", call_id="e-done"))
+    replies = [m for m in to(SOFTSWITCH, again) if isinstance(m, Response)]
+    assert [m.status for m in replies] == [486]
+    assert not to(TRUNK1, again)
+    assert not h.event(RequestRouted) or h.event(RequestRouted)[-1].route is not Route.EMERGENCY
