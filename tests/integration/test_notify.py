@@ -140,6 +140,49 @@ def test_a_911_call_through_the_edge_posts_the_signed_webhook(
     ) >= 1
 
 
+def test_a_911_call_while_redis_is_down_is_notified_once_it_returns(
+    edge_factory: Callable[..., EdgeProcess],
+    sipp: Sipp,
+    redis_server: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    """The notification queue lives on the store's Redis. With that Redis stopped, the call
+    is still placed (enriched from the edge's copy of the records), the event waits in the
+    edge, and it is queued and delivered once Redis is back."""
+    redis_server.client().hset(
+        f"e911:line:{DEFAULT_CALLER}",
+        mapping={"provider_endpoint": DEFAULT_ENDPOINT, "updated_at": "2026-11-01T12:00:00Z"},
+    )
+    trunk = free_port("udp")
+    config = edge_config(
+        sip_port=free_port("both"),
+        http_port=free_port("tcp"),
+        emergency_trunks=[trunk_uri(trunk)],
+        default_trunks=[trunk_uri(free_port("udp"))],
+        store_url=redis_server.url,
+        notify={"webhook_urls": [receiver.url], "webhook_secret": SECRET},
+    )
+    edge = edge_factory(config)
+    status, body = edge.http_get("/readyz")
+    assert status == 200 and '"loaded": true' in body
+    redis_server.stop()
+    call_and_check(sipp, edge, trunk, DEFAULT_CALLER, DEFAULT_ENDPOINT)
+    assert edge.metric("e911_sip_emergency_calls_total", outcome="enriched") == 1
+    # Nothing could be queued, so nothing was sent, and nothing was dropped either.
+    assert receiver.posts.empty()
+    assert not edge.metric("e911_sip_notification_events_dropped_total")
+    redis_server.start()
+    _, headers, raw = receiver.posts.get(timeout=30)
+    body = json.loads(raw)
+    assert body["caller"] == DEFAULT_CALLER and body["provider_endpoint"] == DEFAULT_ENDPOINT
+    assert body["outcome"] == "enriched"
+    expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-E911-Signature"], expected)
+    # Once only: the event was queued once, not once per retry of the write.
+    with pytest.raises(queue.Empty):
+        receiver.posts.get(timeout=2)
+
+
 def test_split_roles_notify_the_provisioned_contacts_with_the_address(
     tmp_path: Path,
     processes: list[EdgeProcess],
@@ -232,6 +275,36 @@ async def test_the_redis_queue_hands_back_what_a_consumer_took_and_did_not_finis
     assert await second.depth() == 0
     assert await second.dead_letters() == [{"item": {"n": 1}, "reason": "http 410"}]
     await second.close()
+
+
+async def test_the_redis_queue_makes_its_group_again_when_redis_lost_it(
+    redis_server: RedisServer,
+) -> None:
+    queue = RedisStreamQueue.from_url(
+        redis_server.url, stream="g:events", dead_list="g:dead", consumer="box1"
+    )
+    await queue.put({"n": 0})
+    (entry, item), *_ = await queue.take(0.5)
+    await queue.done(entry)
+    # Restarted without persistence: the stream and its consumer group are gone.
+    redis_server.stop()
+    redis_server.start()
+    # Written while no group exists; the first command may meet the pooled connection the
+    # old server closed, which the publisher treats as any failed write: it tries again.
+    for _ in range(3):
+        try:
+            await queue.put({"n": 1})
+            break
+        except QueueError:
+            continue
+    else:
+        pytest.fail("the queue never wrote to the restarted server")
+    with pytest.raises(QueueError, match="NOGROUP"):
+        await queue.take(0.1)
+    # The next read makes the group from the stream's start: the entry is not skipped.
+    taken = await queue.take(0.5)
+    assert [item["n"] for _, item in taken] == [1]
+    await queue.close()
 
 
 async def test_the_redis_queue_stores_a_batch_in_order_and_reports_a_refused_one(

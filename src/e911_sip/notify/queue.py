@@ -419,6 +419,15 @@ class RedisStreamQueue:
             reply = await self._redis.xreadgroup(
                 self._group, self._consumer, {self._stream: start}, count=100, block=block
             )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost the stream and its group (restarted without persistence, or
+                # failed over to a replica that never had them): make the group again from
+                # the first entry, so what was written since, while no group existed, is
+                # read and not skipped.
+                self._group_ready = False
+                self._backlog_from = "0"
+            raise QueueError(f"Redis: {exc}") from exc
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
         out: list[tuple[str, dict[str, Any]]] = []
