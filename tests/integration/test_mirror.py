@@ -111,8 +111,54 @@ async def test_follows_every_writer(running: MirroredRedisStore, redis_server: R
     await until(lambda: record(mirror, "3215551236") is not None, "one more record")
     loads = mirror.state().loads
     client.flushall()
+    # Every record gone and no schema key: taken for a lost database, the records held
+    # stay in use and the mirror says it is out of sync.
+    await until(lambda: not mirror.state().in_sync, "the flush taken for a loss")
+    assert record(mirror, "3215551236") == LocationRecord("5555555/x")
+    assert mirror.state().loads == loads
+    # With the schema key back, an empty database is what Redis means: the mirror follows.
+    client.set("e911:schema", "1.1")
     await until(lambda: mirror.state().records == 0, "a flush")
+    await until(lambda: mirror.state().in_sync, "back in sync")
     assert mirror.state().loads == loads + 1
+
+
+async def test_a_redis_that_comes_back_empty_is_taken_for_a_lost_database(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    mirror = MirroredRedisStore(
+        url=redis_server.url, direct=RedisStore(url=redis_server.url), options=FAST
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(mirror.run(stop))
+    try:
+        provision(redis_server, 3)
+        redis_server.client().set("e911:schema", "1.1")
+        await until(lambda: mirror.state().records == 3, "the records")
+        # Restarted without persistence: nothing under the prefix, no schema key.
+        redis_server.stop()
+        redis_server.start()
+        await until(
+            lambda: any("lost database" in r.getMessage() for r in caplog.records),
+            "the loss reported",
+        )
+        assert [r.levelname for r in caplog.records if "lost database" in r.getMessage()] == [
+            "CRITICAL"
+        ]
+        assert record(mirror, "3215500001") == LocationRecord("5555555/ep1")
+        assert mirror.state().records == 3 and not mirror.state().in_sync
+        age = mirror.state().age
+        await until(lambda: mirror.state().age > age, "the sync age growing")
+        # Provisioning writes the records again (a resync): Redis is followed again.
+        redis_server.client().hset("e911:line:3215500001", "provider_endpoint", "5555555/back")
+        await until(lambda: mirror.state().in_sync, "back in sync")
+        assert mirror.state().records == 1
+        assert record(mirror, "3215500001") == LocationRecord("5555555/back")
+        assert record(mirror, "3215500002") is None
+    finally:
+        stop.set()
+        await task
+        await mirror.close()
 
 
 async def test_serves_what_it_holds_while_redis_is_paused_then_catches_up(

@@ -23,6 +23,13 @@ How it stays current (docs/decisions.md, "Location records in memory"):
    fresh full load into a new dict (so records deleted meanwhile disappear), swapped in when
    complete. Until then the previous dict keeps serving.
 
+A full load that finds no line record while the mirror holds some, on a Redis that has no
+schema key either (``e911:schema``, which provisioning writes), is taken for a database that
+was lost (restarted without persistence, flushed, or a replica that never had the data), not
+for an instruction to forget every location: the mirror keeps serving what it holds, says so
+once at CRITICAL, stays out of sync (so the sync age grows and E911LocationsStale fires) and
+loads again until Redis has records or the schema key again.
+
 Before the first full load completes, :meth:`lookup_now` raises :class:`StoreNotReady` and
 :meth:`lookup` reads Redis directly (the edge bounds that read with its lookup timeout), and
 the sync state says not ready so ``/readyz`` can tell.
@@ -56,6 +63,7 @@ from e911_sip.store.base import (
     SyncState,
 )
 from e911_sip.store.redis import RedisStore
+from e911_sip.store.schema import SCHEMA_KEY
 from e911_sip.store.sentinel import connection_pool, is_sentinel_url
 
 log = logging.getLogger("e911_sip.store.mirror")
@@ -176,6 +184,8 @@ class MirroredRedisStore:
         self._pending: set[bytes] = set()
         self._pending_event = asyncio.Event()
         self._reload_wanted = False
+        self._holding_over = False
+        """True while Redis looks lost and the records held are served in its place."""
         self._prefix = options.key_prefix.encode()
         self._hgetall_many = self._reader.register_script(_HGETALL_MANY)
 
@@ -424,6 +434,21 @@ class MirroredRedisStore:
                 next_report = now + 5.0
             if cursor == 0:
                 break
+        if not fresh and self._records and not await self._schema_present():
+            if not self._holding_over:
+                self._holding_over = True
+                log.critical(
+                    "Redis came back with no line records and no schema key: taken for a "
+                    "lost database; serving the records held until it has records again",
+                    extra={"records": len(self._records)},
+                )
+            raise StoreError("redis has no line records and no schema key (database lost?)")
+        if self._holding_over:
+            self._holding_over = False
+            log.warning(
+                "Redis has line records again; they replace the records held",
+                extra={"records": len(fresh), "held": len(self._records)},
+            )
         self._records = fresh
         self._loaded = True
         self._loads += 1
@@ -436,6 +461,12 @@ class MirroredRedisStore:
                 "seconds": round(self._clock() - started, 3),
             },
         )
+
+    async def _schema_present(self) -> bool:
+        try:
+            return bool(await self._reader.exists(SCHEMA_KEY))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {exc}") from exc
 
     async def _read(self, keys: list[bytes]) -> list[list[bytes]]:
         """HGETALL of every key, in one round trip and one reply (flat field/value lists;
