@@ -13,7 +13,9 @@ else From), looks the line up (:mod:`e911_sip.store.resilient`: a timeout, a cac
 cool-down in front of the store), enriches the request (:mod:`e911_sip.policy.enrich`) and
 hands it back with ``forward_emergency``. An in-memory store answers at once, so the INVITE
 leaves in the same turn of the loop that received it; a Redis lookup runs in a task while the
-loop serves other messages. Any exception on that path sends the original
+loop serves other messages. The INVITE is with the transport before anything else is done
+about the call (its record, counters, log lines, notification), and the core sends the
+caller's 100 Trying after it. Any exception on that path sends the original
 request instead, and the core itself forwards the original if no answer comes within its
 fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
 the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
