@@ -38,7 +38,7 @@ def call(core: ProxyCore, n: int, now: float) -> int:
     """One pass-through call, INVITE to the BYE's 200; the transactions evicted for it."""
     evicted = 0
     core.receive(invite(n, NUMBER), UAC, now)
-    downstream = core.data_to_send()[-1].data
+    downstream = core.data_to_send()[0].data  # the INVITE, before the 100 Trying
     for status, reason in ((100, "Trying"), (180, "Ringing"), (200, "OK")):
         core.receive(answer(downstream, status, reason), UAS, now)
     core.receive(in_dialog("ACK", n, 102, NUMBER), UAC, now)

@@ -13,7 +13,9 @@ else From), looks the line up (:mod:`e911_sip.store.resilient`: a timeout, a cac
 cool-down in front of the store), enriches the request (:mod:`e911_sip.policy.enrich`) and
 hands it back with ``forward_emergency``. An in-memory store answers at once, so the INVITE
 leaves in the same turn of the loop that received it; a Redis lookup runs in a task while the
-loop serves other messages. Any exception on that path sends the original
+loop serves other messages. The INVITE is with the transport before anything else is done
+about the call (its record, counters, log lines, notification), and the core sends the
+caller's 100 Trying after it. Any exception on that path sends the original
 request instead, and the core itself forwards the original if no answer comes within its
 fail-open deadline (RFC 6881 §6: the call must go through). Every outcome is counted, and
 the ones that lose location are logged at WARNING or above with the Call-ID and the caller.
@@ -281,6 +283,9 @@ class Edge:
         metrics.dialogs.labels("emergency").set_function(lambda: len(self._emergency_dialogs))
         metrics.dialogs.labels("other").set_function(lambda: len(self._dialogs))
         self._now_received = 0.0
+        self._pump_follows = False
+        """A pump runs after the current code: a delivery failure reported while it sends
+        leaves the core's new work to that pump instead of pumping in the middle of it."""
         self.draining = False
         self.store_ok = True
         if isinstance(store, MirroredLocationStore):
@@ -381,22 +386,30 @@ class Edge:
         self._delivery_log.hit(peer.transport, lambda: {"peer": str(peer), "error": reason})
         if branch is not None:
             self._core.transport_error(branch, self._loop.time())
-            self._pump()
+            if not self._pump_follows:
+                self._pump()
 
     # -- the pump ------------------------------------------------------------------------
     def _pump(self) -> None:
         core = self._core
-        while True:
-            # What the core has to send goes before the next event is handled: the events
-            # are bookkeeping (metrics, logs, records, notifications) and must not stand
-            # between a request and the wire.
-            sent = self._send_pending()
-            event = core.next_event()
-            if event is None:
-                if not sent:
-                    break
-                continue
-            self._on_event(event)
+        follows = self._pump_follows
+        # A transport that reports a failure while this loop sends only queues the core's
+        # next attempt; the loop sends it on its next turn.
+        self._pump_follows = True
+        try:
+            while True:
+                # What the core has to send goes before the next event is handled: the
+                # events are bookkeeping (metrics, logs, records, notifications) and must
+                # not stand between a request and the wire.
+                sent = self._send_pending()
+                event = core.next_event()
+                if event is None:
+                    if not sent:
+                        break
+                    continue
+                self._on_event(event)
+        finally:
+            self._pump_follows = follows
         self._arm_timer()
 
     def _send_pending(self) -> bool:
@@ -437,8 +450,9 @@ class Edge:
 
     # -- events --------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
-        if self._recorder is not None:
-            # The per-call record (RAY BAUM's Act); memory only, never raises.
+        if self._recorder is not None and type(event) is not EmergencyCall:
+            # The per-call record (RAY BAUM's Act); memory only, never raises. An emergency
+            # call's record is begun by ``_note_call``, once its INVITE has left.
             self._recorder.on_event(event)
         handler = self._handlers.get(type(event))
         if handler is not None:
@@ -459,12 +473,18 @@ class Edge:
     def _on_emergency_call(self, event: EmergencyCall) -> None:
         call = _Call(event.call_id, event.number, self._now_received, self._loop.time())
         self._calls[event.call_id] = call
+        self._begin_emergency(event, call)
+
+    def _note_call(self, event: EmergencyCall, call: _Call) -> None:
+        """Begin the call's record; called once its INVITE has left (a lookup that must be
+        awaited: before it starts, since the core's events about the call may come first)."""
+        if self._recorder is not None:
+            self._recorder.on_event(event)
         if event.removed_geolocation and log.isEnabledFor(logging.INFO):
             log.info(
                 "removed a Geolocation the edge did not write",
                 extra=call.fields(removed=list(event.removed_geolocation)),
             )
-        self._begin_emergency(event, call)
 
     def _on_forwarded(self, event: EmergencyForwarded) -> None:
         call = self._calls.get(event.call_id)
@@ -633,6 +653,8 @@ class Edge:
         if line is None or result is not None:
             self._finish_emergency(event, call, result)
             return
+        # Before the lookup: a fail-open at its deadline reaches the recorder in the meantime.
+        self._note_call(event, call)
         task = self._loop.create_task(self._lookup_then_finish(event, call, line))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -644,7 +666,7 @@ class Edge:
         except Exception:
             log.exception("location lookup failed", extra=call.fields())
             result, failed = None, True
-        self._finish_emergency(event, call, result, failed=failed)
+        self._finish_emergency(event, call, result, failed=failed, noted=True)
         self._pump()
 
     def _finish_emergency(
@@ -654,13 +676,17 @@ class Edge:
         result: LookupResult | None,
         *,
         failed: bool = False,
+        noted: bool = False,
     ) -> None:
-        """Enrich with what the lookup found and hand the request back to the core."""
+        """Enrich with what the lookup found and hand the request back to the core; it goes
+        to the wire before any of the call's bookkeeping. ``noted``: ``_note_call`` has run
+        (before a lookup that had to be awaited)."""
         request = event.request
         line = call.caller
         provider_endpoint: str | None = None
         callback: str | None = None
         store_error: str | None = None
+        replaced: tuple[str, ...] = ()
         try:
             if failed:
                 raise RuntimeError("the caller or the location could not be read")
@@ -669,7 +695,6 @@ class Edge:
             elif result is None:
                 raise RuntimeError("the lookup of a known caller gave no result")
             else:
-                self._lookup_seconds[result.source].observe(result.seconds)
                 if result.record is not None:
                     provider_endpoint = result.record.provider_endpoint
                     callback = result.record.callback
@@ -685,11 +710,7 @@ class Edge:
                 callback=callback,
                 options=self._options.enrich,
             )
-            if enrichment.removed_geolocation:
-                log.info(
-                    "replaced the Geolocation that came with the call",
-                    extra=call.fields(removed=list(enrichment.removed_geolocation)),
-                )
+            replaced = enrichment.removed_geolocation
             to_send = enrichment.request
             enriched = True
         except Exception:
@@ -698,6 +719,26 @@ class Edge:
             outcome = "enrich_error"
             to_send = request
             enriched = False
+        self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        # The INVITE leaves now; what is counted, recorded, logged and notified about the
+        # call comes after it. A delivery failure in this send is left to the pump that
+        # follows (the one running, or the one after the awaited lookup): a pump nested here
+        # would hand on the core's events about the call before its record is begun.
+        follows = self._pump_follows
+        self._pump_follows = True
+        try:
+            self._send_pending()
+        finally:
+            self._pump_follows = follows
+        if not noted:
+            self._note_call(event, call)
+        if not failed and line is not None and result is not None:
+            self._lookup_seconds[result.source].observe(result.seconds)
+        if replaced:
+            log.info(
+                "replaced the Geolocation that came with the call",
+                extra=call.fields(removed=list(replaced)),
+            )
         self._outcomes[outcome].inc()
         if call.outcome is None:
             # After a fail-open the original went: the call's outcome stays ``fail_open``.
@@ -721,9 +762,6 @@ class Edge:
                 "emergency call without location; Bandwidth's call center will answer it",
                 extra=call.fields(store_error=store_error) if store_error else call.fields(),
             )
-        self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
-        # The INVITE leaves now; the notification and the call's log line come after it.
-        self._send_pending()
         if self._notify is not None:
             self._notify_call(self._notify, event, call, result, outcome)
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 
 from e911_sip import edge as edge_module
+from e911_sip.callrecords.recorder import CallRecorder
+from e911_sip.callrecords.stream import LocalHandoff
 from e911_sip.edge import Edge, EdgeOptions
 from e911_sip.metrics import Metrics
 from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import EnrichOptions
 from e911_sip.proxy.admission import LoadSignal
-from e911_sip.proxy.core import ProxyCore, ProxyOptions
+from e911_sip.proxy.core import EmergencyCall, Event, ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, make_response, parse
 from e911_sip.sip.peer import Peer
@@ -48,6 +50,7 @@ def build(
     provisional_timeout: float = 2.0,
     lookup_timeout: float = 0.05,
     notify: Callable[[CallEvent], None] | None = None,
+    recorder: CallRecorder | None = None,
 ) -> tuple[Edge, RecordingTransport, Metrics]:
     options = ProxyOptions(
         local=(LocalAddress("udp", "192.0.2.1", 5070),),
@@ -65,6 +68,7 @@ def build(
         metrics=metrics,
         options=EdgeOptions(enrich=EnrichOptions(geolocation_base_url=BASE)),
         notify=notify,
+        recorder=recorder,
     )
     transport = RecordingTransport(sink=edge)
     edge.add_transport("udp", transport)
@@ -478,6 +482,55 @@ async def test_the_emergency_invite_leaves_before_its_notification_is_built() ->
     edge.message_received(invite(), SOFTSWITCH)
     await until(lambda: bool(seen_at_notify))
     assert seen_at_notify == [1]
+
+
+async def test_the_emergency_invite_leaves_before_the_calls_bookkeeping() -> None:
+    # The call's record, its enrichment outcome and its notification all come after the
+    # INVITE is with the transport; the record is begun once, and the 100 Trying follows
+    # the INVITE on the wire.
+    seen: list[tuple[str, int]] = []
+    transports: list[RecordingTransport] = []
+
+    def invites_sent() -> int:
+        return len(invites_to(transports[0], "198.51.100.1"))
+
+    class Watching(CallRecorder):
+        def on_event(self, event: Event) -> None:
+            if isinstance(event, EmergencyCall):
+                seen.append(("record", invites_sent()))
+            super().on_event(event)
+
+        def on_enrichment(
+            self,
+            call_id: str,
+            *,
+            outcome: str,
+            caller: str | None,
+            callback: str | None,
+            provider_endpoint: str | None,
+        ) -> None:
+            seen.append((f"enrichment {outcome}", invites_sent()))
+            super().on_enrichment(
+                call_id,
+                outcome=outcome,
+                caller=caller,
+                callback=callback,
+                provider_endpoint=provider_endpoint,
+            )
+
+    edge, transport, metrics = build(
+        MemoryStore({"3215551234": RECORD}),
+        notify=lambda event: seen.append(("notify", invites_sent())),
+        recorder=Watching(sink=LocalHandoff(), metrics=Metrics()),
+    )
+    transports.append(transport)
+    edge.message_received(invite(), SOFTSWITCH)
+    # An in-memory store answers at once: all of it happened in the one call.
+    assert seen == [("record", 1), ("enrichment enriched", 1), ("notify", 1)]
+    assert outcome(metrics, "enriched") == 1
+    first, second = transport.sent[:2]
+    assert first.peer.host == "198.51.100.1" and first.data.startswith(b"INVITE ")
+    assert second.peer == SOFTSWITCH and second.data.startswith(b"SIP/2.0 100 ")
 
 
 async def test_working_transactions_have_a_gauge_apart_from_the_finished_ones() -> None:

@@ -8,13 +8,18 @@ through ``handle_timer(now)`` at the deadline ``get_timer()`` names. Nothing her
 socket or reads a clock, so every path, failover and fail-open included, is tested with
 injected time (the aioquic pattern).
 
-- Requests (RFC 3261 §16.3–16.6). A new request gets a server transaction (§17.2) and, for
-  INVITE, an immediate 100 Trying (§16.2 allows 200 ms; sooner stops the caller's
-  retransmissions). Max-Forwards 0 is answered 483. Our Route entries are popped (§16.4);
-  an in-dialog request follows the remaining Route or its Request-URI; an initial one is
-  classified: an emergency INVITE (RFC 6881 §5) goes to the emergency trunks, anything else
-  to the default trunks. OPTIONS addressed to us is answered 200 here (softswitch keepalive),
-  503 while the owner drains the process (``draining``).
+- Requests (RFC 3261 §16.3–16.6). A new request gets a server transaction (§17.2).
+  Max-Forwards 0 is answered 483. Our Route entries are popped (§16.4); an in-dialog request
+  follows the remaining Route or its Request-URI; an initial one is classified: an emergency
+  INVITE (RFC 6881 §5) goes to the emergency trunks, anything else to the default trunks.
+  OPTIONS addressed to us is answered 200 here (softswitch keepalive), 503 while the owner
+  drains the process (``draining``).
+- The 100 Trying to an INVITE goes *after* the forwarded INVITE: the INVITE is what the
+  call waits for, the 100 only stops the caller's retransmissions. An INVITE answered at
+  once with a final response (483, 481, 503) gets none. An emergency INVITE's 100 is held
+  until the INVITE leaves (the owner hands it back, or fail-open), but no longer than
+  ``trying_after`` (§17.2.1 asks for one within 200 ms); a retransmitted INVITE gets it at
+  once, since a retransmission must be answered; none goes after a final response.
 - Emergency INVITEs are handed to the owner as an :class:`EmergencyCall` event so that the
   location lookup and enrichment, which need I/O, happen outside. The owner calls
   :meth:`ProxyCore.forward_emergency` with the request to send. If it does not do so by the
@@ -47,9 +52,10 @@ injected time (the aioquic pattern).
   then the oldest non-emergency state. The ACK of such a 503 ends here.
 - State and time: each branch and each response context is one explicit state, changed only
   through ``BRANCH_TRANSITIONS`` and ``CONTEXT_TRANSITIONS``; every deadline (transactions,
-  Timer C, the provisional timeout, fail-open, probes) sits on one coarse timer wheel
-  (:mod:`e911_sip.proxy.wheel`, 1/64 s ticks, never early). The common messages take fast
-  paths (``ProxyOptions.fast_paths``) with the same result as the general handling.
+  Timer C, the provisional timeout, fail-open and the held 100 Trying, probes) sits on one
+  coarse timer wheel (:mod:`e911_sip.proxy.wheel`, 1/64 s ticks, never early). The common
+  messages take fast paths (``ProxyOptions.fast_paths``) with the same result as the
+  general handling.
 - Nothing a peer sends makes this code raise: malformed input is answered 400 (or the code
   its error implies) when it can be answered and dropped when it cannot.
 """
@@ -152,6 +158,10 @@ class ProxyOptions:
     """Seconds a trunk has to send any provisional to an INVITE before the next is tried."""
     fail_open_after: float = 0.5
     """Seconds the owner has to return an enriched emergency INVITE before the original goes."""
+    trying_after: float = 0.1
+    """Seconds an emergency INVITE's 100 Trying is held while the owner looks the caller up:
+    normally it goes just after the forwarded INVITE; a slow lookup sends it at this deadline
+    instead (RFC 3261 §17.2.1 asks for one within 200 ms)."""
     timer_c: float = 185.0
     """RFC 3261 §16.6 step 11 Timer C for INVITE branches; must exceed 3 minutes."""
     timers: TimerSettings = field(default_factory=TimerSettings)
@@ -644,6 +654,7 @@ class _Context:
         "responses",
         "state",
         "fail_open_deadline",
+        "trying_deadline",
         "enriched",
         "inbound",
         "initial",
@@ -680,6 +691,10 @@ class _Context:
         """Final responses collected so far, already fit to go upstream."""
         self.state = ContextState.PROXYING
         self.fail_open_deadline: float | None = None
+        self.trying_deadline: float | None = None
+        """While an INVITE's 100 Trying is held (an emergency call waiting for the owner):
+        when it must go at the latest. It shares the context's wheel slot with the
+        fail-open deadline."""
         self.enriched = False
         self.inbound = inbound
         self.initial: bool | None = None
@@ -938,7 +953,7 @@ class ProxyCore:
         self._on_server_timer = self._server_timer
         self._on_probe_timer = self._probe_timer
         self._on_probe_deadline = self._probe_deadline
-        self._on_fail_open = self._fail_open_timer
+        self._on_context_timer = self._context_timer
         self._probe_slot = object()
         """The wheel's key for the next round of trunk probes."""
         self._created: _Context | None = None
@@ -1141,6 +1156,7 @@ class ProxyCore:
         if server is not None:
             # A retransmission, or the ACK of a non-2xx: the transaction absorbs it.
             self._run_server(server, server.txn.receive(request, now), now)
+            self._retransmitted(server, now)
             return
         if method == "ACK":
             if self._branches.is_local_tag(request.to_tag):
@@ -1171,8 +1187,6 @@ class ProxyCore:
         context.upstream = entry.peer
         self._server[key] = entry
         self._contexts[context.id] = context
-        if method == "INVITE":
-            self._reply(context, make_response(request, 100), now)
 
         # The changes every forwarded request gets are collected on one copy of it, made
         # once the route is known (Message.edit).
@@ -1218,6 +1232,8 @@ class ProxyCore:
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
                 self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
+            elif method == "INVITE":
+                self._send_trying(context, now)
             return
 
         target = _next_hop(forwarded, routes)
@@ -1237,6 +1253,22 @@ class ProxyCore:
         context.template = forwarded.done()
         self._events.append(RequestRouted(method, context.route))
         self._start_branch(context, target, context.template, now, trunk=None)
+        if method == "INVITE":
+            self._send_trying(context, now)
+
+    def _retransmitted(self, server: _ServerEntry, now: float) -> None:
+        """After a retransmitted request reached its transaction: an INVITE whose 100 Trying
+        is still held gets it now. The transaction answers a retransmission with its latest
+        provisional (RFC 3261 §17.2.1), and there is none yet; the caller must hear from us."""
+        context = server.context
+        if context is not None and context.trying_deadline is not None:
+            self._send_trying(context, now)
+
+    def _send_trying(self, context: _Context, now: float) -> None:
+        """The 100 Trying, unless a final response went first (it would only follow it)."""
+        context.trying_deadline = None
+        if context.state is not ContextState.FINISHED:
+            self._server_send(context, make_response(context.request, 100), now)
 
     def _absorbed(self, key: ServerKey, request: Request, now: float) -> bool:
         """Fast path: a retransmission (or the ACK of a non-2xx final) that its server
@@ -1253,6 +1285,7 @@ class ProxyCore:
             return False
         self._absorbed_fast += 1
         self._run_server(server, txn.receive(request, now), now)
+        self._retransmitted(server, now)
         return True
 
     def _pop_own_routes(self, request: Edit[Request]) -> str | None:
@@ -1545,22 +1578,34 @@ class ProxyCore:
         context.trunks = self._health.order(self._options.emergency_trunks)
         context.template = forwarded
         context.step(ContextEvent.AWAIT_OWNER)
-        context.fail_open_deadline = now + self._options.fail_open_after
-        self._wheel.schedule(context, context.fail_open_deadline, self._on_fail_open)
+        fail_open = now + self._options.fail_open_after
+        trying = now + self._options.trying_after
+        context.fail_open_deadline = fail_open
+        context.trying_deadline = trying
+        # One slot on the wheel for both deadlines: the earlier, then the other.
+        self._wheel.schedule(
+            context, trying if trying < fail_open else fail_open, self._on_context_timer
+        )
         self._events.append(RequestRouted("INVITE", Route.EMERGENCY))
         self._events.append(
             EmergencyCall(context.id, forwarded, number, forwarded.call_id, removed)
         )
 
-    def _fail_open_timer(self, context: _Context, now: float) -> None:
+    def _context_timer(self, context: _Context, now: float) -> None:
+        """The deadlines of an emergency call waiting for the owner: fail-open (which sends
+        the held 100 Trying too), or the held 100 Trying alone."""
+        if context.state is not ContextState.AWAITING_OWNER:
+            return
         deadline = context.fail_open_deadline
-        if (
-            context.state is ContextState.AWAITING_OWNER
-            and deadline is not None
-            and deadline <= now
-        ):
+        if deadline is not None and deadline <= now:
             self._events.append(FailOpen(context.id, context.request.call_id))
             self._start_emergency(context, context.template, now, enriched=False)
+            return
+        trying = context.trying_deadline
+        if trying is not None and trying <= now:
+            self._send_trying(context, now)
+        if deadline is not None:
+            self._wheel.schedule(context, deadline, self._on_context_timer)
 
     def _start_emergency(
         self, context: _Context, request: Request, now: float, *, enriched: bool
@@ -1579,6 +1624,9 @@ class ProxyCore:
             self._reply(
                 context, make_response(context.request, 503, to_tag=self._branches.tag()), now
             )
+        if context.trying_deadline is not None:
+            # The held 100 goes after the INVITE (and not at all after that 503).
+            self._send_trying(context, now)
 
     def _next_trunk(self, context: _Context, now: float) -> bool:
         """Send the request to the next trunk in order; False when none is left."""

@@ -167,15 +167,17 @@ def only(peer: Peer, out: list[Outgoing]) -> Request | Response:
 
 
 def start_emergency(h: Harness, data: bytes | None = None) -> tuple[Request, bytes]:
-    """Send an emergency INVITE, forward it unchanged, return what reached trunk 1."""
+    """Send an emergency INVITE, forward it unchanged, return what reached trunk 1 (the
+    held 100 Trying follows it)."""
     first = h.feed(data or invite())
-    trying = only(SOFTSWITCH, first)
-    assert isinstance(trying, Response) and trying.status == 100
+    assert to(SOFTSWITCH, first) == []  # the 100 waits for the INVITE to leave
     call = h.emergency()
     h.core.forward_emergency(call.call, call.request.replace("Priority", "emergency"), h.now)
     out = h.collect()
     sent = only(TRUNK1, out)
     assert isinstance(sent, Request)
+    trying = only(SOFTSWITCH, out)
+    assert isinstance(trying, Response) and trying.status == 100
     raw = [o.data for o in out if o.peer.host == TRUNK1.host][0]
     return sent, raw
 
@@ -185,8 +187,7 @@ def start_emergency(h: Harness, data: bytes | None = None) -> tuple[Request, byt
 
 def test_emergency_invite_waits_for_the_owner_then_goes_to_the_first_trunk() -> None:
     h = make_core()
-    out = h.feed(invite())
-    assert [parse(o.data).status for o in out] == [100]  # type: ignore[union-attr]
+    assert h.feed(invite()) == []  # the 100 Trying waits for the INVITE to leave
     assert h.event(RequestRouted) == [RequestRouted("INVITE", Route.EMERGENCY)]
     call = h.emergency()
     assert call.number == "911" and call.call_id == "call-1@192.0.2.10"
@@ -433,7 +434,7 @@ def test_max_forwards_zero_is_answered_483() -> None:
     h = make_core()
     out = h.feed(invite(max_forwards=0))
     statuses = [m.status for m in to(SOFTSWITCH, out)]  # type: ignore[union-attr]
-    assert statuses == [100, 483]
+    assert statuses == [483]  # no 100 before a final response made at once
     assert to(TRUNK1, h.advance(1.0)) == []
 
 
@@ -518,8 +519,11 @@ def test_ack_for_2xx_is_forwarded_statelessly_along_its_route() -> None:
 def test_responses_to_tcp_requests_go_back_on_their_connection() -> None:
     h = make_core()
     source = Peer("tcp", "192.0.2.10", 40001, connection=7)
-    out = h.feed(invite(transport="TCP"), source)
-    assert out[0].peer == source
+    h.feed(invite(transport="TCP"), source)
+    call = h.emergency()
+    h.core.forward_emergency(call.call, call.request, h.now)
+    out = h.collect()
+    assert [o.peer for o in out if o.data.startswith(b"SIP/2.0 100 ")] == [source]
 
 
 def test_transport_change_writes_a_double_record_route() -> None:
@@ -542,8 +546,10 @@ def test_rport_and_received_are_stamped_on_the_callers_via() -> None:
     h = make_core()
     nat = Peer("udp", "203.0.113.77", 31000)
     data = invite().replace(b"branch=z9hG4bKuac1", b"branch=z9hG4bKuac1;rport")
-    out = h.feed(data, nat)
+    h.feed(data, nat)
+    out = h.advance(0.2)  # the held 100 Trying goes at its deadline
     trying = parse(out[0].data)
+    assert isinstance(trying, Response) and trying.status == 100
     assert out[0].peer == Peer("udp", "203.0.113.77", 31000)
     assert trying.top_via.param("received") == "203.0.113.77"
     assert trying.top_via.param("rport") == "31000"
@@ -693,9 +699,8 @@ def test_has_data_to_send_says_whether_data_to_send_would_give_anything() -> Non
     core = h.core
     assert not core.has_data_to_send()
     core.receive(invite(), SOFTSWITCH, h.now)
-    assert core.has_data_to_send()  # the 100 Trying
-    assert [o.data[:12] for o in core.data_to_send()] == [b"SIP/2.0 100 "]
-    assert not core.has_data_to_send()
+    assert not core.has_data_to_send()  # the 100 Trying is held for the INVITE
+    assert core.data_to_send() == []
     events = []
     while (event := core.next_event()) is not None:
         events.append(event)
@@ -704,7 +709,7 @@ def test_has_data_to_send_says_whether_data_to_send_would_give_anything() -> Non
     core.forward_emergency(call.call, call.request, h.now)
     assert core.has_data_to_send()
     out = core.data_to_send()
-    assert [o.peer.host for o in out] == [TRUNK1.host]
+    assert [o.peer.host for o in out] == [TRUNK1.host, SOFTSWITCH.host]  # INVITE, then 100
     assert not core.has_data_to_send() and core.data_to_send() == []
     core.receive(response_to(out[0].data, 100, "Trying"), TRUNK1, h.now)
     assert not core.has_data_to_send()  # a 100 from the trunk goes nowhere
