@@ -62,7 +62,6 @@ from enum import Enum, StrEnum
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
-    STAMP_MARK,
     BranchFactory,
     LocalAddress,
     Tokens,
@@ -70,6 +69,9 @@ from e911_sip.proxy.routing import (
     add_via,
     decrement_max_forwards,
     is_local_uri,
+    next_hop,
+    own_routes,
+    pop_own_routes,
     route_stamp,
     stamp_received,
 )
@@ -852,14 +854,6 @@ def _below_top_via(response: Response, expected: str | None) -> bool:
     return end == size or value[end] == "," or value[end : end + 2] == " ,"
 
 
-def _next_hop(request: Edit[Request], routes: str | None) -> Uri:
-    """:func:`~e911_sip.proxy.routing.next_hop` of ``request``, whose first Route value
-    (:meth:`ProxyCore._pop_own_routes`) is ``routes``: the header is not looked up again."""
-    if routes is not None:
-        return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-    return request.message.request_uri
-
-
 def _is_failover_status(status: int) -> bool:
     return status == 408 or status >= 500
 
@@ -916,12 +910,9 @@ class ProxyCore:
         self._event_head = 0
         self._fast = options.fast_paths
         self._absorbed_fast = 0
-        self._own_routes = frozenset(
-            value
-            for value in [local.record_route() for local in options.local]
-            if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
-        )
-        """Our Record-Route values exactly as written, each one that routing would find ours."""
+        self._own_routes = own_routes(options.local) if options.fast_paths else None
+        """Our Record-Route values exactly as written, each one that routing would find ours;
+        None when the fast paths are off, and every top Route is parsed."""
         self._wheel = TimerWheel()
         # Bound once: a bound method made per timer armed would be an allocation each.
         self._on_branch_timer = self._branch_timer
@@ -1211,7 +1202,7 @@ class ProxyCore:
                 self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
             return
 
-        target = _next_hop(forwarded, routes)
+        target = next_hop(forwarded, routes)
         if not has_route and is_local_uri(target, self._locals):
             # In-dialog request for us, not through us: no dialog of ours to match.
             self._events.append(RequestRouted(method, Route.REJECTED))
@@ -1247,35 +1238,9 @@ class ProxyCore:
         return True
 
     def _pop_own_routes(self, request: Edit[Request]) -> str | None:
-        """:func:`~e911_sip.proxy.routing.pop_own_routes` on ``request``, in place; the value
-        of the first Route header left, None when none is (``has("route")`` then costs the
-        callers nothing, and ``_next_hop`` reads no header again).
-
-        Written out here rather than calling the routing function: that one takes any
-        ``RequestHeaders``, so compiled its every read of the edit is a generic method call.
-        On the fast path a top Route spelled exactly as we record it is recognised without
-        parsing it."""
-        routes = request.get("route")
-        if routes is None:
-            return None
-        if self._fast:
-            first = routes.split(",", 1)[0].strip()
-            stamp = first.find(STAMP_MARK)
-            if stamp > 0:
-                first = first[:stamp] + ">"
-            if first in self._own_routes:
-                request.pop_first_value("route")
-                routes = request.get("route")
-        while routes is not None:
-            try:
-                uri = parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-            except SipError:
-                break
-            if not is_local_uri(uri, self._locals):
-                break
-            request.pop_first_value("route")
-            routes = request.get("route")
-        return routes
+        """:func:`~e911_sip.proxy.routing.pop_own_routes` on ``request`` with our addresses
+        (and, on the fast path, our Record-Route values recognised without parsing them)."""
+        return pop_own_routes(request, self._locals, self._own_routes)
 
     def _stamp(self, request: Request, emergency: bool) -> str:
         """The stamp for the Record-Route of the dialog ``request`` creates."""
@@ -1330,7 +1295,7 @@ class ProxyCore:
             self._refuse(request, source, "untrusted_dialog")
             return None
         edit = request.edit()
-        target = _next_hop(edit, self._pop_own_routes(edit))
+        target = next_hop(edit, self._pop_own_routes(edit))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1733,7 +1698,7 @@ class ProxyCore:
             # A CANCEL for a request we never saw: nothing downstream can match it either.
             self._events.append(Discarded("no_transaction", "CANCEL", source))
             return
-        target = _next_hop(forwarded, routes)
+        target = next_hop(forwarded, routes)
         if routes is None and is_local_uri(target, self._locals):
             self._events.append(Discarded("no_route", request.method, source))
             return

@@ -336,30 +336,60 @@ def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
     return False
 
 
-def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
-    """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
-    out = request
-    while True:
-        routes = out.get("route")
-        if routes is None:
-            return out
-        first = split_values(routes)[0]
+def own_routes(locals_: tuple[LocalAddress, ...]) -> frozenset[str]:
+    """Our Record-Route values exactly as written (unstamped), each one that
+    :func:`is_local_uri` finds ours: :func:`pop_own_routes` recognises a top Route spelled
+    so without parsing it. Computed once per proxy, not per request."""
+    return frozenset(
+        value
+        for value in [local.record_route() for local in locals_]
+        if is_local_uri(parse_uri(parse_name_addr(value).uri), locals_)
+    )
+
+
+def pop_own_routes(
+    edit: Edit[Request],
+    locals_: tuple[LocalAddress, ...],
+    own: frozenset[str] | None = None,
+) -> str | None:
+    """Remove, in place, the Route values at the top that name us (§16.4; both of a double
+    RR). Returns the value of the first Route header left, None when none is: callers then
+    ask :func:`next_hop` with it rather than reading the header again.
+
+    ``own``: :func:`own_routes` of ``locals_``; a top Route spelled exactly as one of them
+    (stamped or not) is popped without parsing it.
+    """
+    routes = edit.get("route")
+    if routes is None:
+        return None
+    if own is not None:
+        first = routes.split(",", 1)[0].strip()
+        stamp = first.find(STAMP_MARK)
+        if stamp > 0:
+            first = first[:stamp] + ">"
+        if first in own:
+            edit.pop_first_value("route")
+            routes = edit.get("route")
+    while routes is not None:
         try:
-            uri = parse_uri(parse_name_addr(first).uri)
+            uri = parse_uri(parse_name_addr(split_values(routes)[0]).uri)
         except SipError:
-            return out
+            break
         if not is_local_uri(uri, locals_):
-            return out
-        out = out.pop_first_value("route")
+            break
+        edit.pop_first_value("route")
+        routes = edit.get("route")
+    return routes
 
 
-def next_hop(request: Request | Edit[Request]) -> Uri:
+def next_hop(edit: Edit[Request], routes: str | None) -> Uri:
     """The URI the request goes to: the top Route if any, else the Request-URI (§16.6 step 6).
+
+    ``routes``: what :func:`pop_own_routes` returned for ``edit``.
 
     Raises:
         MalformedMessage / UnsupportedUriScheme: the chosen URI is not routable.
     """
-    routes = request.get("route")
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-    return request.request_uri if isinstance(request, Request) else request.message.request_uri
+    return edit.message.request_uri
