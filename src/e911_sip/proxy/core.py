@@ -628,6 +628,22 @@ class _Branch:
         return nxt
 
 
+class _Held:
+    """What a response context holds only until it is forgotten: a finished call lingers for
+    Timer L with only what forwarding a 2xx retransmission or an ACK reads."""
+
+    __slots__ = ("request", "template", "trunks", "responses")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        """The request as received (received/rport stamped): responses are built from it."""
+        self.template: Request = request
+        """The request to forward, before the per-branch Via and Request-URI."""
+        self.trunks: list[str] = []
+        self.responses: list[Response] = []
+        """Final responses collected so far, already fit to go upstream."""
+
+
 class _Context:
     """A response context (RFC 3261 §16): one server transaction and its branches."""
 
@@ -635,14 +651,11 @@ class _Context:
         "id",
         "server",
         "source",
-        "request",
-        "template",
+        "held",
         "route",
         "emergency_number",
-        "trunks",
         "attempt",
         "branches",
-        "responses",
         "state",
         "fail_open_deadline",
         "enriched",
@@ -650,11 +663,6 @@ class _Context:
         "initial",
         "upstream",
     )
-
-    # Deleted once the context is forgotten (``ProxyCore._maybe_forget``): a finished call
-    # lingers for Timer L with only what forwarding a 2xx retransmission or an ACK reads,
-    # and a stray read of the rest fails loudly instead of using stale state.
-    __deletable__ = ("request", "template", "trunks", "responses")
 
     def __init__(
         self,
@@ -667,18 +675,15 @@ class _Context:
         self.id = ident
         self.server = server
         self.source = source
-        self.request = request
-        """The request as received (received/rport stamped): responses are built from it."""
-        self.template: Request = request
-        """The request to forward, before the per-branch Via and Request-URI."""
+        self.held: _Held | None = _Held(request)
+        """None once the context is forgotten (``ProxyCore._maybe_forget``): one reference
+        dropped, where deleting four attributes was four generic calls compiled. A stray
+        read of what it held then fails loudly instead of using stale state."""
         self.route = Route.DEFAULT
         self.emergency_number: str | None = None
-        self.trunks: list[str] = []
         self.attempt = 0
         self.branches: tuple[_Branch, ...] = ()
         """A tuple: the empty one, which a forgotten context keeps, is shared."""
-        self.responses: list[Response] = []
-        """Final responses collected so far, already fit to go upstream."""
         self.state = ContextState.PROXYING
         self.fail_open_deadline: float | None = None
         self.enriched = False
@@ -688,6 +693,41 @@ class _Context:
         self.upstream: Peer | None = None
         """Where responses go, as its server transaction sends them; a 2xx that comes after
         that transaction ended goes there directly."""
+
+    def _held(self) -> _Held:
+        held = self.held
+        if held is None:
+            raise AttributeError(f"context {self.id} is forgotten: it holds no request")
+        return held
+
+    # Properties, so the call paths read these as they did when they were attributes.
+    @property
+    def request(self) -> Request:
+        """The request as received (:attr:`_Held.request`)."""
+        return self._held().request
+
+    @property
+    def template(self) -> Request:
+        """The request to forward (:attr:`_Held.template`)."""
+        return self._held().template
+
+    @template.setter
+    def template(self, value: Request) -> None:
+        self._held().template = value
+
+    @property
+    def trunks(self) -> list[str]:
+        """The trunks left to try, in order (:attr:`_Held.trunks`)."""
+        return self._held().trunks
+
+    @trunks.setter
+    def trunks(self, value: list[str]) -> None:
+        self._held().trunks = value
+
+    @property
+    def responses(self) -> list[Response]:
+        """Final responses collected so far (:attr:`_Held.responses`)."""
+        return self._held().responses
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
@@ -1995,7 +2035,7 @@ class ProxyCore:
         context.branches = ()
         # What lingers (the server transaction in Accepted, a branch's client transaction
         # forwarding 2xx retransmissions) reads none of these again.
-        del context.request, context.template, context.trunks, context.responses
+        context.held = None
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""
