@@ -68,7 +68,6 @@ from enum import Enum, StrEnum
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
-    STAMP_MARK,
     BranchFactory,
     LocalAddress,
     Tokens,
@@ -76,6 +75,9 @@ from e911_sip.proxy.routing import (
     add_via,
     decrement_max_forwards,
     is_local_uri,
+    next_hop,
+    own_routes,
+    pop_own_routes,
     route_stamp,
     stamp_received,
 )
@@ -637,6 +639,22 @@ class _Branch:
         return nxt
 
 
+class _Held:
+    """What a response context holds only until it is forgotten: a finished call lingers for
+    Timer L with only what forwarding a 2xx retransmission or an ACK reads."""
+
+    __slots__ = ("request", "template", "trunks", "responses")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        """The request as received (received/rport stamped): responses are built from it."""
+        self.template: Request = request
+        """The request to forward, before the per-branch Via and Request-URI."""
+        self.trunks: list[str] = []
+        self.responses: list[Response] = []
+        """Final responses collected so far, already fit to go upstream."""
+
+
 class _Context:
     """A response context (RFC 3261 §16): one server transaction and its branches."""
 
@@ -644,14 +662,11 @@ class _Context:
         "id",
         "server",
         "source",
-        "request",
-        "template",
+        "held",
         "route",
         "emergency_number",
-        "trunks",
         "attempt",
         "branches",
-        "responses",
         "state",
         "fail_open_deadline",
         "trying_deadline",
@@ -660,11 +675,6 @@ class _Context:
         "initial",
         "upstream",
     )
-
-    # Deleted once the context is forgotten (``ProxyCore._maybe_forget``): a finished call
-    # lingers for Timer L with only what forwarding a 2xx retransmission or an ACK reads,
-    # and a stray read of the rest fails loudly instead of using stale state.
-    __deletable__ = ("request", "template", "trunks", "responses")
 
     def __init__(
         self,
@@ -677,18 +687,15 @@ class _Context:
         self.id = ident
         self.server = server
         self.source = source
-        self.request = request
-        """The request as received (received/rport stamped): responses are built from it."""
-        self.template: Request = request
-        """The request to forward, before the per-branch Via and Request-URI."""
+        self.held: _Held | None = _Held(request)
+        """None once the context is forgotten (``ProxyCore._maybe_forget``): one reference
+        dropped, where deleting four attributes was four generic calls compiled. A stray
+        read of what it held then fails loudly instead of using stale state."""
         self.route = Route.DEFAULT
         self.emergency_number: str | None = None
-        self.trunks: list[str] = []
         self.attempt = 0
         self.branches: tuple[_Branch, ...] = ()
         """A tuple: the empty one, which a forgotten context keeps, is shared."""
-        self.responses: list[Response] = []
-        """Final responses collected so far, already fit to go upstream."""
         self.state = ContextState.PROXYING
         self.fail_open_deadline: float | None = None
         self.trying_deadline: float | None = None
@@ -702,6 +709,41 @@ class _Context:
         self.upstream: Peer | None = None
         """Where responses go, as its server transaction sends them; a 2xx that comes after
         that transaction ended goes there directly."""
+
+    def _held(self) -> _Held:
+        held = self.held
+        if held is None:
+            raise AttributeError(f"context {self.id} is forgotten: it holds no request")
+        return held
+
+    # Properties, so the call paths read these as they did when they were attributes.
+    @property
+    def request(self) -> Request:
+        """The request as received (:attr:`_Held.request`)."""
+        return self._held().request
+
+    @property
+    def template(self) -> Request:
+        """The request to forward (:attr:`_Held.template`)."""
+        return self._held().template
+
+    @template.setter
+    def template(self, value: Request) -> None:
+        self._held().template = value
+
+    @property
+    def trunks(self) -> list[str]:
+        """The trunks left to try, in order (:attr:`_Held.trunks`)."""
+        return self._held().trunks
+
+    @trunks.setter
+    def trunks(self, value: list[str]) -> None:
+        self._held().trunks = value
+
+    @property
+    def responses(self) -> list[Response]:
+        """Final responses collected so far (:attr:`_Held.responses`)."""
+        return self._held().responses
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
@@ -876,14 +918,6 @@ def _below_top_via(response: Response, expected: str | None) -> bool:
     return end == size or value[end] == "," or value[end : end + 2] == " ,"
 
 
-def _next_hop(request: Edit[Request], routes: str | None) -> Uri:
-    """:func:`~e911_sip.proxy.routing.next_hop` of ``request``, whose first Route value
-    (:meth:`ProxyCore._pop_own_routes`) is ``routes``: the header is not looked up again."""
-    if routes is not None:
-        return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-    return request.message.request_uri
-
-
 def _is_failover_status(status: int) -> bool:
     return status == 408 or status >= 500
 
@@ -940,12 +974,9 @@ class ProxyCore:
         self._event_head = 0
         self._fast = options.fast_paths
         self._absorbed_fast = 0
-        self._own_routes = frozenset(
-            value
-            for value in [local.record_route() for local in options.local]
-            if is_local_uri(parse_uri(parse_name_addr(value).uri), options.local)
-        )
-        """Our Record-Route values exactly as written, each one that routing would find ours."""
+        self._own_routes = own_routes(options.local) if options.fast_paths else None
+        """Our Record-Route values exactly as written, each one that routing would find ours;
+        None when the fast paths are off, and every top Route is parsed."""
         self._wheel = TimerWheel()
         # Bound once: a bound method made per timer armed would be an allocation each.
         self._on_branch_timer = self._branch_timer
@@ -1236,7 +1267,7 @@ class ProxyCore:
                 self._send_trying(context, now)
             return
 
-        target = _next_hop(forwarded, routes)
+        target = next_hop(forwarded, routes)
         if not has_route and is_local_uri(target, self._locals):
             # In-dialog request for us, not through us: no dialog of ours to match.
             self._events.append(RequestRouted(method, Route.REJECTED))
@@ -1289,35 +1320,9 @@ class ProxyCore:
         return True
 
     def _pop_own_routes(self, request: Edit[Request]) -> str | None:
-        """:func:`~e911_sip.proxy.routing.pop_own_routes` on ``request``, in place; the value
-        of the first Route header left, None when none is (``has("route")`` then costs the
-        callers nothing, and ``_next_hop`` reads no header again).
-
-        Written out here rather than calling the routing function: that one takes any
-        ``RequestHeaders``, so compiled its every read of the edit is a generic method call.
-        On the fast path a top Route spelled exactly as we record it is recognised without
-        parsing it."""
-        routes = request.get("route")
-        if routes is None:
-            return None
-        if self._fast:
-            first = routes.split(",", 1)[0].strip()
-            stamp = first.find(STAMP_MARK)
-            if stamp > 0:
-                first = first[:stamp] + ">"
-            if first in self._own_routes:
-                request.pop_first_value("route")
-                routes = request.get("route")
-        while routes is not None:
-            try:
-                uri = parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-            except SipError:
-                break
-            if not is_local_uri(uri, self._locals):
-                break
-            request.pop_first_value("route")
-            routes = request.get("route")
-        return routes
+        """:func:`~e911_sip.proxy.routing.pop_own_routes` on ``request`` with our addresses
+        (and, on the fast path, our Record-Route values recognised without parsing them)."""
+        return pop_own_routes(request, self._locals, self._own_routes)
 
     def _stamp(self, request: Request, emergency: bool) -> str:
         """The stamp for the Record-Route of the dialog ``request`` creates."""
@@ -1372,7 +1377,7 @@ class ProxyCore:
             self._refuse(request, source, "untrusted_dialog")
             return None
         edit = request.edit()
-        target = _next_hop(edit, self._pop_own_routes(edit))
+        target = next_hop(edit, self._pop_own_routes(edit))
         if not self._trust.may_receive(target.host):
             self._refuse(request, source, "untrusted_target")
             return None
@@ -1791,7 +1796,7 @@ class ProxyCore:
             # A CANCEL for a request we never saw: nothing downstream can match it either.
             self._events.append(Discarded("no_transaction", "CANCEL", source))
             return
-        target = _next_hop(forwarded, routes)
+        target = next_hop(forwarded, routes)
         if routes is None and is_local_uri(target, self._locals):
             self._events.append(Discarded("no_route", request.method, source))
             return
@@ -2088,7 +2093,7 @@ class ProxyCore:
         context.branches = ()
         # What lingers (the server transaction in Accepted, a branch's client transaction
         # forwarding 2xx retransmissions) reads none of these again.
-        del context.request, context.template, context.trunks, context.responses
+        context.held = None
 
     def _reply(self, context: _Context, response: Response, now: float) -> None:
         """A response of our own making (100, 483, 503, ...) or a provisional going upstream."""

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, Self, TypeVar, overload
+from typing import overload
 
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Edit, Request
@@ -34,25 +34,6 @@ DIALOG_STAMP_PARAM = "dlg"
 """The Record-Route URI parameter that carries a dialog's stamp."""
 STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
 """Where a dialog stamp starts in a Record-Route or Route value."""
-
-
-class RequestHeaders(Protocol):
-    """What the header changes below need of a request: a :class:`Request`, or changes being
-    made to one (:meth:`Message.edit`), so they can be collected on one copy and written out
-    once. Each change returns a new object of the same kind."""
-
-    def has(self, key: str) -> bool: ...
-    def get(self, key: str) -> str | None: ...
-    def prepend(self, name: str, value: str) -> Self: ...
-    def append(self, name: str, value: str) -> Self: ...
-    def replace_at(self, key: str, value: str) -> Self: ...
-    def pop_first_value(self, key: str) -> Self: ...
-
-
-# A bound, not constrained, type variable: compiled code checks a constrained one's body
-# against the union of its constraints and refuses it.
-R = TypeVar("R", bound=RequestHeaders)
-"""A :class:`Request` or an ``Edit[Request]``; the result is of the same kind."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,12 +250,27 @@ def stamp_received(request: Request, source: Peer) -> Request:
     return stamped
 
 
-def add_via(request: R, local: LocalAddress, branch: str, *, answered: bool = True) -> R:
+@overload
+def add_via(
+    request: Request, local: LocalAddress, branch: str, *, answered: bool = True
+) -> Request: ...
+@overload
+def add_via(
+    request: Edit[Request], local: LocalAddress, branch: str, *, answered: bool = True
+) -> Edit[Request]: ...
+def add_via(
+    request: Request | Edit[Request], local: LocalAddress, branch: str, *, answered: bool = True
+) -> Request | Edit[Request]:
     """Our Via on top, asking for rport so replies find us through NAT (RFC 3581).
 
     ``answered``: responses will come back with it (not so for an ACK).
     """
-    return request.prepend("Via", own_via(local, branch, answered=answered))
+    value = own_via(local, branch, answered=answered)
+    # One branch per concrete class: compiled, a call through a union (or a Protocol) is
+    # a generic method call, and on a known class a native one.
+    if isinstance(request, Request):
+        return request.prepend("Via", value)
+    return request.prepend("Via", value)
 
 
 def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
@@ -297,18 +293,37 @@ def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
     return text
 
 
+@overload
 def add_record_route(
-    request: R, inbound: LocalAddress, outbound: LocalAddress, stamp: str | None = None
-) -> R:
+    request: Request, inbound: LocalAddress, outbound: LocalAddress, stamp: str | None = None
+) -> Request: ...
+@overload
+def add_record_route(
+    request: Edit[Request],
+    inbound: LocalAddress,
+    outbound: LocalAddress,
+    stamp: str | None = None,
+) -> Edit[Request]: ...
+def add_record_route(
+    request: Request | Edit[Request],
+    inbound: LocalAddress,
+    outbound: LocalAddress,
+    stamp: str | None = None,
+) -> Request | Edit[Request]:
     """Record-Route so in-dialog requests come back through us (§16.6 step 4).
 
     When the two sides use different transports, two entries are written (RFC 5658 §3.2):
     each side of the dialog then reaches us on its own transport. Both carry ``stamp``.
     """
-    out = request.prepend("Record-Route", inbound.record_route(stamp))
-    if outbound is not inbound and outbound != inbound:  # identity first: == is a generic call
-        out = out.prepend("Record-Route", outbound.record_route(stamp))
-    return out
+    first = inbound.record_route(stamp)
+    # identity first: == is a generic call
+    second = None if outbound is inbound or outbound == inbound else outbound.record_route(stamp)
+    # One branch per concrete class, as in add_via.
+    if isinstance(request, Request):
+        out = request.prepend("Record-Route", first)
+        return out if second is None else out.prepend("Record-Route", second)
+    edit = request.prepend("Record-Route", first)
+    return edit if second is None else edit.prepend("Record-Route", second)
 
 
 def route_stamp(route: str) -> str | None:
@@ -336,30 +351,60 @@ def is_local_uri(uri: Uri, locals_: Iterable[LocalAddress]) -> bool:
     return False
 
 
-def pop_own_routes(request: R, locals_: tuple[LocalAddress, ...]) -> R:
-    """Remove the Route values at the top that name us (§16.4; both of a double RR)."""
-    out = request
-    while True:
-        routes = out.get("route")
-        if routes is None:
-            return out
-        first = split_values(routes)[0]
+def own_routes(locals_: tuple[LocalAddress, ...]) -> frozenset[str]:
+    """Our Record-Route values exactly as written (unstamped), each one that
+    :func:`is_local_uri` finds ours: :func:`pop_own_routes` recognises a top Route spelled
+    so without parsing it. Computed once per proxy, not per request."""
+    return frozenset(
+        value
+        for value in [local.record_route() for local in locals_]
+        if is_local_uri(parse_uri(parse_name_addr(value).uri), locals_)
+    )
+
+
+def pop_own_routes(
+    edit: Edit[Request],
+    locals_: tuple[LocalAddress, ...],
+    own: frozenset[str] | None = None,
+) -> str | None:
+    """Remove, in place, the Route values at the top that name us (§16.4; both of a double
+    RR). Returns the value of the first Route header left, None when none is: callers then
+    ask :func:`next_hop` with it rather than reading the header again.
+
+    ``own``: :func:`own_routes` of ``locals_``; a top Route spelled exactly as one of them
+    (stamped or not) is popped without parsing it.
+    """
+    routes = edit.get("route")
+    if routes is None:
+        return None
+    if own is not None:
+        first = routes.split(",", 1)[0].strip()
+        stamp = first.find(STAMP_MARK)
+        if stamp > 0:
+            first = first[:stamp] + ">"
+        if first in own:
+            edit.pop_first_value("route")
+            routes = edit.get("route")
+    while routes is not None:
         try:
-            uri = parse_uri(parse_name_addr(first).uri)
+            uri = parse_uri(parse_name_addr(split_values(routes)[0]).uri)
         except SipError:
-            return out
+            break
         if not is_local_uri(uri, locals_):
-            return out
-        out = out.pop_first_value("route")
+            break
+        edit.pop_first_value("route")
+        routes = edit.get("route")
+    return routes
 
 
-def next_hop(request: Request | Edit[Request]) -> Uri:
+def next_hop(edit: Edit[Request], routes: str | None) -> Uri:
     """The URI the request goes to: the top Route if any, else the Request-URI (§16.6 step 6).
+
+    ``routes``: what :func:`pop_own_routes` returned for ``edit``.
 
     Raises:
         MalformedMessage / UnsupportedUriScheme: the chosen URI is not routable.
     """
-    routes = request.get("route")
     if routes is not None:
         return parse_uri(parse_name_addr(split_values(routes)[0]).uri)
-    return request.request_uri if isinstance(request, Request) else request.message.request_uri
+    return edit.message.request_uri

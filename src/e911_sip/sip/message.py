@@ -172,6 +172,33 @@ _UNREAD: Final = "\x00unread"
 """Marks a cached tag not read yet (compared by identity: no parsed string is this object)."""
 
 
+def _index(keys: list[str], key: str) -> int:
+    """Where ``key`` first is in ``keys``, -1 when it is not there.
+
+    A loop of native string compares: compiled, ``list.index``, ``list.count`` and ``in`` on
+    a list are each a generic call, which costs more than the scan of a header list."""
+    for i in range(len(keys)):
+        if keys[i] == key:
+            return i
+    return -1
+
+
+def _index_from(keys: list[str], key: str, start: int) -> int:
+    """Where ``key`` is in ``keys`` at or after ``start``, -1 when it is not there."""
+    for i in range(start, len(keys)):
+        if keys[i] == key:
+            return i
+    return -1
+
+
+def _must_index(keys: list[str], key: str) -> int:
+    """``keys.index(key)``: where ``key`` first is, ValueError when it is not there."""
+    i = _index(keys, key)
+    if i < 0:
+        raise ValueError(f"{key!r} is not in the list")
+    return i
+
+
 class Message:
     """Headers and body common to requests and responses. Immutable.
 
@@ -224,28 +251,32 @@ class Message:
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key`` (lower-case long name), or None."""
-        keys = self._keys
-        # A test first, not index() in a try: an absent header is common, and a caught
-        # exception costs far more than the second scan of a short list.
-        if key in keys:
-            return _value_of(self._lines[keys.index(key)])
-        return None
+        # -1, not index() in a try: an absent header is common, and a caught exception
+        # costs far more than the scan of a short list.
+        i = _index(self._keys, key)
+        return None if i < 0 else _value_of(self._lines[i])
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
         keys = self._keys
-        count = keys.count(key)
-        if count < 2:
-            return [_value_of(self._lines[keys.index(key)])] if count else []
+        first = _index(keys, key)
+        if first < 0:
+            return []
         lines = self._lines
-        return [_value_of(lines[i]) for i, k in enumerate(keys) if k == key]
+        out = [_value_of(lines[first])]
+        i = _index_from(keys, key, first + 1)
+        while i >= 0:
+            out.append(_value_of(lines[i]))
+            i = _index_from(keys, key, i + 1)
+        return out
 
     def values(self, key: str) -> list[str]:
         """Every comma-separated value of headers named ``key`` (Via, Route, ...), in order."""
         keys = self._keys
-        if keys.count(key) == 1:
+        first = _index(keys, key)
+        if first >= 0 and _index_from(keys, key, first + 1) < 0:
             # One header line, as a response's Vias usually are: no list to gather.
-            return split_values(_value_of(self._lines[keys.index(key)]))
+            return split_values(_value_of(self._lines[first]))
         out: list[str] = []
         for value in self.get_all(key):
             out.extend(split_values(value))
@@ -253,11 +284,15 @@ class Message:
 
     def has(self, key: str) -> bool:
         """True when a header named ``key`` is present."""
-        return key in self._keys
+        return _index(self._keys, key) >= 0
 
     def count(self, key: str) -> int:
         """How many header lines are named ``key``."""
-        return self._keys.count(key)
+        n = 0
+        for k in self._keys:
+            if k == key:
+                n += 1
+        return n
 
     @property
     def vias(self) -> list[Via]:
@@ -387,11 +422,10 @@ class Message:
         """A new header placed before every other header of that name (or first, if none)."""
         key = _key_of(name)
         keys = self._keys
-        # A test first, not index() in a try: the first Record-Route is prepended to a
-        # request with none, and a caught exception costs far more than a second scan.
-        if key in keys:
-            index = keys.index(key)
-        else:
+        # -1, not index() in a try: the first Record-Route is prepended to a request with
+        # none, and a caught exception costs far more than the scan.
+        index = _index(keys, key)
+        if index < 0:
             index = 0 if key == "via" else _after_vias(keys)
         lines = self._lines.copy()
         keys = keys.copy()
@@ -412,7 +446,7 @@ class Message:
     def replace(self, name: str, value: str) -> Self:
         """Set header ``name`` to one value: the first one is rewritten in place, others go."""
         key = _key_of(name)
-        if key not in self._keys:
+        if _index(self._keys, key) < 0:
             return self.append(name, value)
         lines: list[str] = []
         keys: list[str] = []
@@ -429,7 +463,7 @@ class Message:
 
     def replace_at(self, key: str, value: str) -> Self:
         """Rewrite the first ``key`` header's value, keeping the name as it was spelt."""
-        index = self._keys.index(key)
+        index = _must_index(self._keys, key)
         lines = self._lines.copy()
         name = lines[index].partition(":")[0].rstrip(" \t")
         lines[index] = f"{name}: {value}"
@@ -437,16 +471,15 @@ class Message:
 
     def remove(self, key: str) -> Self:
         """Without any header named ``key``."""
-        if key not in self._keys:
+        if _index(self._keys, key) < 0:
             return self
         pairs = [(ln, k) for ln, k in zip(self._lines, self._keys, strict=True) if k != key]
         return self._copy([ln for ln, _ in pairs], [k for _, k in pairs], key)
 
     def pop_first_value(self, key: str) -> Self:
         """Without the first comma-separated value of header ``key`` (top Via, top Route)."""
-        try:
-            index = self._keys.index(key)
-        except ValueError:
+        index = _index(self._keys, key)
+        if index < 0:
             return self
         lines = self._lines.copy()
         keys = self._keys.copy()
@@ -478,7 +511,7 @@ class Message:
                 return spliced
         clone = self.pop_first_value("via")
         if wire is not None and clone is not self:
-            clone._wire = self._splice(wire, clone._lines, self._keys.index("via"))
+            clone._wire = self._splice(wire, clone._lines, _must_index(self._keys, "via"))
         return clone
 
     def _pop_top_via_in_place(self, wire: bytes, top: str) -> Self | None:
@@ -488,9 +521,9 @@ class Message:
         of ``top`` known from the parse instead of splitting and joining the line, and the
         bytes cut out of ``wire`` directly. None for anything else (the general path)."""
         keys = self._keys
-        if "via" not in keys:
+        index = _index(keys, "via")
+        if index < 0:
             return None
-        index = keys.index("via")
         line = self._lines[index]
         colon = line.find(":")
         # The name as the general path writes it back: no space or tab before the colon.
@@ -498,10 +531,11 @@ class Message:
             return None
         head = colon + 2  # past "Via: "
         after = head + len(top)
+        # Slices compared, not startswith(x, at): compiled, that is a generic call.
         if not (
-            line.startswith(" ", colon + 1)
-            and line.startswith(top, head)
-            and line.startswith(", ", after)
+            line[colon + 1 : head] == " "
+            and line[head:after] == top
+            and line[after : after + 2] == ", "
         ):
             return None
         other = line[after + 2 :]
@@ -525,7 +559,8 @@ class Message:
         lines = self._lines
         for i in range(index):
             at += len(lines[i]) + 2
-        if not wire.startswith(f"{line}\r\n".encode("latin-1"), at):
+        expected = f"{line}\r\n".encode("latin-1")
+        if wire[at : at + len(expected)] != expected:
             return None
         lines = lines.copy()
         lines[index] = line[:head] + other
@@ -549,7 +584,7 @@ class Message:
         for line in old_lines[:index]:
             at += len(line) + 2
         old = f"{old_lines[index]}\r\n".encode("latin-1")
-        if not wire.startswith(old, at):
+        if wire[at : at + len(old)] != old:
             return None
         new = f"{lines[index]}\r\n".encode("latin-1") if len(lines) == len(old_lines) else b""
         return b"".join((wire[:at], new, wire[at + len(old) :]))
@@ -570,7 +605,7 @@ class Message:
             head = "\r\n".join(self._lines)
             keys = self._keys
             # Content-Length is nearly always the last header: looked at first, no scan.
-            if (not keys or keys[-1] != "content-length") and "content-length" not in keys:
+            if (not keys or keys[-1] != "content-length") and _index(keys, "content-length") < 0:
                 head = f"{head}\r\nContent-Length: {len(self.body)}"
             text = (
                 f"{self.start_line()}\r\n{head}\r\n\r\n" if head else f"{self.start_line()}\r\n\r\n"
@@ -619,14 +654,12 @@ class Edit(Generic[M]):
 
     def has(self, key: str) -> bool:
         """True when a header named ``key`` is present, as changed so far."""
-        return key in self._keys
+        return _index(self._keys, key) >= 0
 
     def get(self, key: str) -> str | None:
         """The value of the first header named ``key``, as changed so far, or None."""
-        keys = self._keys
-        if key in keys:  # as Message.get
-            return _value_of(self._lines[keys.index(key)])
-        return None
+        i = _index(self._keys, key)  # as Message.get
+        return None if i < 0 else _value_of(self._lines[i])
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, as changed so far."""
@@ -647,10 +680,10 @@ class Edit(Generic[M]):
         """As :meth:`Message.replace`."""
         key = _key_of(name)
         keys = self._keys
-        if key not in keys:
+        first = _index(keys, key)
+        if first < 0:
             return self.append(name, value)
         lines = self._lines
-        first = keys.index(key)
         lines[first] = f"{name}: {value}"
         for i in range(len(keys) - 1, first, -1):
             if keys[i] == key:
@@ -662,9 +695,10 @@ class Edit(Generic[M]):
     def remove(self, key: str) -> Self:
         """As :meth:`Message.remove`."""
         keys = self._keys
-        if key in keys:
+        first = _index(keys, key)
+        if first >= 0:
             lines = self._lines
-            for i in range(len(keys) - 1, -1, -1):
+            for i in range(len(keys) - 1, first - 1, -1):
                 if keys[i] == key:
                     del lines[i]
                     del keys[i]
@@ -675,9 +709,8 @@ class Edit(Generic[M]):
         """As :meth:`Message.prepend`."""
         key = _key_of(name)
         keys = self._keys
-        if key in keys:  # as Message.prepend
-            index = keys.index(key)
-        else:
+        index = _index(keys, key)  # as Message.prepend
+        if index < 0:
             index = 0 if key == "via" else _after_vias(keys)
         self._lines.insert(index, f"{name}: {value}")
         keys.insert(index, key)
@@ -686,7 +719,7 @@ class Edit(Generic[M]):
 
     def replace_at(self, key: str, value: str) -> Self:
         """As :meth:`Message.replace_at`."""
-        index = self._keys.index(key)
+        index = _must_index(self._keys, key)
         lines = self._lines
         name = lines[index].partition(":")[0].rstrip(" \t")
         lines[index] = f"{name}: {value}"
@@ -696,9 +729,8 @@ class Edit(Generic[M]):
     def pop_first_value(self, key: str) -> Self:
         """As :meth:`Message.pop_first_value`."""
         keys = self._keys
-        try:
-            index = keys.index(key)
-        except ValueError:
+        index = _index(keys, key)
+        if index < 0:
             return self
         lines = self._lines
         rest = split_values(_value_of(lines[index]))[1:]
@@ -892,8 +924,9 @@ def _check_name_addr(value: str) -> None:
 
 
 def _content_length(lines: list[str], keys: list[str]) -> int:
-    text = _value_of(lines[keys.index("content-length")])
-    if keys.count("content-length") > 1:
+    first = _must_index(keys, "content-length")
+    text = _value_of(lines[first])
+    if _index_from(keys, "content-length", first + 1) >= 0:
         others = {
             bounded_uint(_value_of(lines[i]), MAX_CONTENT_LENGTH)
             for i, k in enumerate(keys)
@@ -1097,10 +1130,14 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # partition() builds a tuple and str.isascii() is a method call; a digit other than
     # 0-9 that isdigit() lets through (in latin-1: '¹', '²', '³') makes int() raise
     # ValueError, which sends the message to the careful path as isascii() did.
-    end = data.find(b"\r\n\r\n")
+    # Decoded whole, once, and the end of the header block found in the text: compiled,
+    # bytes.find is a generic call and str.find a native one. Latin-1 maps each byte to one
+    # character, so an index in the text is the same index in the bytes.
+    whole = data.decode("latin-1")
+    end = whole.find("\r\n\r\n")
     if end <= 0:
         return None
-    text = data[:end].decode("latin-1")
+    text = whole[:end]
     lines = text.split("\r\n")
     # Every CR and every LF is part of one of the CRLFs just cut at (one after the start
     # line, one between each two header lines): no bare CR or LF anywhere. The lines

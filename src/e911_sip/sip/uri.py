@@ -390,8 +390,13 @@ def _parse_via(text: str) -> Via:
     transport = _VIA_PROTOCOLS.get(text[:space]) if space > 0 else None
     if transport is not None:
         rest = text[space + 1 :]
-        # No whitespace of any kind left (isprintable() is False for every space but ' ').
-        if rest.isprintable() and " " not in rest:
+        # No whitespace of any kind left: split() finds none when its one part is all of
+        # ``rest`` (compiled, split() is a native call where isprintable() is a generic one).
+        # It counts more characters as whitespace than the expression's ASCII \s does, so
+        # it sends more to the expression, never fewer; a control character, which neither
+        # counts, reads the same either way.
+        parts = rest.split()
+        if len(parts) == 1 and len(parts[0]) == len(rest):
             semi = rest.find(";")
             hostport = rest if semi < 0 else rest[:semi]
             ptext = "" if semi < 0 else rest[semi + 1 :]

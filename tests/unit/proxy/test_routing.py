@@ -15,6 +15,7 @@ from e911_sip.proxy.routing import (
     add_via,
     decrement_max_forwards,
     next_hop,
+    own_routes,
     pop_own_routes,
     route_stamp,
     stamp_received,
@@ -132,10 +133,23 @@ def test_record_route_single_and_double() -> None:
 
 def test_loose_routing_pops_only_our_entries() -> None:
     routes = "Route: <sip:192.0.2.1:5070;transport=tcp;lr>, <sip:192.0.2.1:5070;lr>"
-    out = pop_own_routes(request(routes, "Route: <sip:198.51.100.9;lr>"), (UDP, TCP))
-    assert out.values("route") == ["<sip:198.51.100.9;lr>"]
-    assert next_hop(out).host == "198.51.100.9"
-    assert next_hop(pop_own_routes(request(routes), (UDP, TCP))).host == "198.51.100.1"
+    for own in (None, own_routes((UDP, TCP))):
+        edit = request(routes, "Route: <sip:198.51.100.9;lr>").edit()
+        first = pop_own_routes(edit, (UDP, TCP), own)
+        assert first == "<sip:198.51.100.9;lr>"
+        assert edit.done().values("route") == ["<sip:198.51.100.9;lr>"]
+        assert next_hop(edit, first).host == "198.51.100.9"
+        edit = request(routes).edit()
+        first = pop_own_routes(edit, (UDP, TCP), own)
+        assert first is None
+        assert next_hop(edit, first).host == "198.51.100.1"
+
+
+def test_own_routes_are_our_record_routes_as_written() -> None:
+    assert own_routes((UDP, TCP)) == {
+        "<sip:192.0.2.1:5070;lr>",
+        "<sip:192.0.2.1:5070;transport=tcp;lr>",
+    }
 
 
 def test_max_forwards_with_non_ascii_digits_is_malformed() -> None:
@@ -201,4 +215,7 @@ def test_record_route_carries_the_stamp_and_route_stamp_reads_it() -> None:
     assert route_stamp("<sip:192.0.2.1:5070;lr>") is None
     # A stamped Route is still ours for loose routing.
     stamped = request("Route: <sip:192.0.2.1:5070;lr;dlg=eABCDEFGHIJKL>, <sip:198.51.100.9;lr>")
-    assert pop_own_routes(stamped, (UDP, TCP)).values("route") == ["<sip:198.51.100.9;lr>"]
+    for own in (None, own_routes((UDP, TCP))):
+        edit = stamped.edit()
+        assert pop_own_routes(edit, (UDP, TCP), own) == "<sip:198.51.100.9;lr>"
+        assert edit.done().values("route") == ["<sip:198.51.100.9;lr>"]
