@@ -1122,9 +1122,14 @@ async def keep_gc_young(stop: asyncio.Event, interval: float = GC_FREEZE_INTERVA
     # cancellation and exceptions around Event.wait() a cost of their own.
     with Pauses(stop) as pauses:
         while not stop.is_set():
-            gc.collect()
-            gc.freeze()
+            gc_pass()
             await pauses.sleep(interval)
+
+
+def gc_pass() -> None:
+    """One pass of :func:`keep_gc_young`: collect what is not frozen, then freeze it."""
+    gc.collect()
+    gc.freeze()
 
 
 class _WorkerTag(logging.Filter):
