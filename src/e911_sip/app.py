@@ -1143,9 +1143,17 @@ class _WorkerTag(logging.Filter):
 
 
 def tag_worker_logs(slot: int) -> None:
-    """Every line a worker logs names its slot: the workers share the supervisor's stderr."""
+    """Every line a worker logs names its slot: the workers share the supervisor's stderr.
+
+    The JSON formatter sets the slot on each record itself; a handler with another formatter
+    gets a filter that sets it.
+    """
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerTag(slot))
+        formatter = handler.formatter
+        if isinstance(formatter, logs.JsonFormatter):
+            formatter.worker = slot
+        else:
+            handler.addFilter(_WorkerTag(slot))
 
 
 def supervisor_lost(stop: asyncio.Event) -> None:
