@@ -1127,8 +1127,15 @@ async def keep_gc_young(stop: asyncio.Event, interval: float = GC_FREEZE_INTERVA
 
 
 def gc_pass() -> None:
-    """One pass of :func:`keep_gc_young`: collect what is not frozen, then freeze it."""
-    gc.collect()
+    """One pass of :func:`keep_gc_young`: collect the young generations, then freeze.
+
+    Every pass freezes what survives it, so the generations hold only what was allocated
+    since the last pass (the oldest only what an automatic collection moved there in the
+    meantime, which ``GC_YOUNG_THRESHOLD`` makes rare). A full collection walked the same
+    few objects and also emptied the interpreter's free lists of floats, tuples, lists,
+    dicts and frames, which the next calls then allocated again from the system allocator.
+    """
+    gc.collect(1)
     gc.freeze()
 
 
