@@ -96,3 +96,92 @@ def test_dumps_without_the_c_encoder_is_json_dumps(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(queue, "_encode_c", None)
     for item in _payloads():
         assert queue.dumps(item) == json.dumps(item)
+
+
+@pytest.mark.parametrize("index", range(len(_payloads())))
+def test_loads_reads_what_json_loads_reads(index: int) -> None:
+    text = json.dumps(_payloads()[index])
+    value = queue.loads(text)
+    assert json.dumps(value) == json.dumps(json.loads(text))
+    assert type(value) is type(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1}',
+        ' {"a": 1}',
+        '{"a": 1}\n',
+        '{"a": 1}{"b": 2}',
+        '{"a": 1} }',
+        '{"a": {"b": [1, 2.5, -0.0, 1e400, NaN, Infinity, -Infinity, true, null]}}',
+        '{"\\u00e9\\ud83d\\ude00": "\\ud800", "a": "\u00e9"}',
+        '{"a": 1, "a": 2}',
+        "{}",
+        "[1]",
+        '"text"',
+        "12",
+        "\ufeff{}",
+    ],
+)
+def test_loads_reads_well_formed_text_as_json_loads(text: str) -> None:
+    try:
+        expected = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(type(exc)) as raised:
+            queue.loads(text)
+        assert str(raised.value) == str(exc)
+        return
+    assert repr(queue.loads(text)) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "}",
+        "{}}",
+        '{"a": }',
+        '{"a" 1}',
+        '{"a": 1,}',
+        "{'a': 1}",
+        '{"a": "unterminated}',
+        '{"a": "bad \\x escape"}',
+        '{"a": "raw \n newline"}',
+        '{"a": 01}',
+        '{"a": nul}',
+        "{a: 1}",
+        '{"a": [1, 2}',
+        "{\ufeff}",
+        "\ufeff{}",
+        '{"a": 1}{',
+        "[" * 100_000 + "]" * 100_000,
+        "{" + '"a":{' * 100_000 + "}" * 100_001,
+    ],
+)
+def test_loads_fails_as_json_loads_fails(text: str) -> None:
+    with pytest.raises((ValueError, RecursionError)) as expected:
+        json.loads(text)
+    with pytest.raises(type(expected.value)) as raised:
+        queue.loads(text)
+    assert str(raised.value) == str(expected.value)
+    if isinstance(expected.value, json.JSONDecodeError):
+        assert isinstance(raised.value, json.JSONDecodeError)
+        assert (raised.value.pos, raised.value.lineno, raised.value.colno) == (
+            expected.value.pos,
+            expected.value.lineno,
+            expected.value.colno,
+        )
+
+
+def test_loads_of_bytes_is_json_loads() -> None:
+    raw: Any = b'{"a": "\xc3\xa9"}'
+    assert queue.loads(raw) == json.loads(raw) == {"a": "\u00e9"}
+
+
+def test_a_failed_read_leaves_nothing_behind() -> None:
+    with pytest.raises(json.JSONDecodeError):
+        queue.loads('{"call_id": "x", "caller": ')
+    item = _event().to_dict()
+    assert queue.loads(queue.dumps(item)) == item
