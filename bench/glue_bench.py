@@ -1,6 +1,6 @@
 """Instructions per emergency call of the Python work around the core, part by part.
 
-    PYTHONPATH=src python bench/glue_bench.py --part log|records|publish|metrics [--calls N]
+    PYTHONPATH=src python bench/glue_bench.py --part log|records|publish|notify|... [--calls N]
     PYTHONPATH=src python bench/glue_bench.py --callgrind [--part ...] [--callgrind-calls 200,400]
 
 The parts the edge runs for every emergency call outside the core, each alone, with no
@@ -9,6 +9,8 @@ redis-py's own packing of the command is left out):
 
 - ``log``: the JSON line "emergency call forwarded" (``logger.info`` with the call's fields
   through :func:`e911_sip.logs.configure`'s handler, into /dev/null);
+- ``worker_log``: the same line written by an edge worker (its handler tagged by
+  :func:`e911_sip.app.tag_worker_logs`, which imports the app);
 - ``records``: the call's record, fed the core's events and the enrichment as the edge does
   (:class:`~e911_sip.callrecords.recorder.CallRecorder`), finished, and written in batches
   of ``--batch`` through :class:`~e911_sip.callrecords.stream.RedisStreamSink` (the record's
@@ -16,8 +18,16 @@ redis-py's own packing of the command is left out):
 - ``publish``: the call's notification event made as the edge makes it, published, and
   written in batches of ``--batch`` by the :class:`~e911_sip.notify.dispatch.Publisher`
   through :class:`~e911_sip.notify.queue.RedisStreamQueue`;
+- ``notify``: ``publish``, then the notifier's work on each batch without provisioning's
+  lookup and the channels: the events taken from the stream (decoded), read, turned into one
+  delivery for each of three targets, handed over to the deliveries stream (encoded), and
+  the deliveries taken (decoded), read and acknowledged (a Redis client that keeps what is
+  written and gives it back stands in for the server);
 - ``metrics``: the counter increments and the histogram observation the edge makes per
-  emergency call (children bound once, as the edge binds them).
+  emergency call (children bound once, as the edge binds them);
+- ``gc``: one pass of :func:`e911_sip.app.gc_pass` (the edge runs one every 0.1 s) after
+  ``GC_PARSES`` INVITEs parsed, one of them kept alive; a "call" here is a pass with the
+  parsing before it (the same before and after a change of the pass).
 
 ``--callgrind`` runs each part twice under valgrind's callgrind (``bench/core_bench.py``'s
 method: the difference of two runs' totals over the difference in calls, ``PYTHONHASHSEED=0``)
@@ -31,16 +41,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-PARTS = ("log", "records", "publish", "metrics")
+PARTS = ("log", "worker_log", "records", "publish", "notify", "metrics", "gc")
+
+GC_PARSES = 20
+"""INVITEs the ``gc`` part parses before each pass."""
 
 INVITE = (
     b"INVITE sip:911@127.0.0.1:5070 SIP/2.0\r\n"
@@ -73,20 +88,64 @@ class _Redis:
         return "0-1"
 
 
-def _run(coroutine: Coroutine[Any, Any, Any]) -> None:
-    """Run a coroutine that never waits (its awaits all answer at once) without a loop."""
+class _Streams:
+    """Answers at once and keeps what the queues' scripts and ``XADD`` write, per stream,
+    for ``XREADGROUP ... >`` to give back (nothing is pending: ``XACK`` is not kept)."""
+
+    def __init__(self) -> None:
+        self.connection_pool = SimpleNamespace(connection_kwargs={})
+        self._entries: dict[str, list[tuple[str, dict[str, str]]]] = {}
+        self._ids = itertools.count(1)
+
+    def _add(self, stream: str, values: Sequence[object]) -> None:
+        entries = self._entries.setdefault(stream, [])
+        for value in values:
+            entries.append((f"{next(self._ids)}-0", {"item": str(value)}))
+
+    async def xadd(self, stream: str, fields: dict[str, str]) -> str:
+        self._add(stream, (fields["item"],))
+        return self._entries[stream][-1][0]
+
+    async def evalsha(self, sha: str, numkeys: int, *args: object) -> int:
+        keys, argv = args[:numkeys], args[numkeys:]
+        if numkeys == 2:
+            # The hand-over: the group, how many entries, the entries, the items.
+            self._add(str(keys[1]), argv[2 + int(str(argv[1])) :])
+        elif isinstance(argv[0], int):
+            # xadd_all: MAXLEN, the field, the values.
+            self._add(str(keys[0]), argv[2:])
+        return len(argv)
+
+    async def xreadgroup(
+        self, group: str, consumer: str, streams: dict[str, str], count: int, block: int | None
+    ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+        ((stream, start),) = streams.items()
+        entries = self._entries.get(stream) if start == ">" else None
+        if not entries:
+            return []
+        taken, self._entries[stream] = entries[:count], entries[count:]
+        return [(stream, taken)]
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never waits (its awaits all answer at once) without a loop; its
+    result."""
     try:
         coroutine.send(None)
-    except StopIteration:
-        return
+    except StopIteration as done:
+        return done.value
     raise RuntimeError("the coroutine waited")
 
 
-def _log_part() -> Callable[[int], None]:
+def _log_part(worker: bool = False) -> Callable[[int], None]:
     from e911_sip import logs
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     logs.configure("INFO")
+    if worker:
+        from e911_sip.app import tag_worker_logs
+
+        tag_worker_logs(1)
     log = logging.getLogger("e911_sip.edge")
 
     def call(n: int) -> None:
@@ -173,6 +232,79 @@ def _publish_part(batch: int) -> Callable[[int], None]:
     return call
 
 
+def _notify_part(batch: int) -> Callable[[int], None]:
+    from e911_sip.notify.dispatch import Publisher
+    from e911_sip.notify.event import CallEvent, Delivery, Resolution, Targets, deliveries
+    from e911_sip.notify.queue import RedisStreamQueue
+
+    redis: Any = _Streams()
+    events = RedisStreamQueue(redis, stream="e911:events", dead_list="e911:events:dead")
+    out = RedisStreamQueue(redis, stream="e911:deliveries", dead_list="e911:deliveries:dead")
+    for queue in (events, out):
+        queue._group_ready = True
+    publisher = Publisher(events, batch=batch)
+    resolution = Resolution(
+        targets=Targets(
+            webhooks=("https://alerts.example.com/e911",),
+            emails=("security@example.com",),
+            sms=("3215550199",),
+        ),
+        level="site",
+        address="1600 Main St, Suite 200, Melbourne, FL 32901",
+        name="Acme \u2013 Melbourne",
+    )
+    fallback = Targets()
+
+    def call(n: int) -> None:
+        publisher.publish(
+            CallEvent.now(
+                call_id=f"{n}-bench@127.0.0.1",
+                caller="3215550100",
+                callback="3215550100",
+                dialed="911",
+                provider_endpoint="5551234/ep-0001",
+                outcome="enriched",
+                age=0.0004,
+            )
+        )
+        if publisher.pending < batch:
+            return
+        _run(publisher._flush())
+        # What Notifier._expand does with the batch, with a lookup that answers at once,
+        # then the deliveries as the notifier takes them.
+        taken = _run(events.take(0.01))
+        planned = [
+            delivery.to_dict()
+            for _, item in taken
+            for delivery in deliveries(CallEvent.from_dict(item), resolution, fallback)
+        ]
+        _run(events.hand_over([entry for entry, _ in taken], planned, out))
+        sent = _run(out.take(0.01))
+        for _, item in sent:
+            Delivery.from_dict(item)
+        _run(out.done_many([entry for entry, _ in sent]))
+
+    return call
+
+
+def _gc_part() -> Callable[[int], None]:
+    from e911_sip.app import gc_pass
+    from e911_sip.sip.message import parse
+
+    kept: list[object] = []
+
+    def call(n: int) -> None:
+        # Between two passes the edge handles calls, which fill the interpreter's free
+        # lists and leave a few objects alive: a pass's cost includes what it does to them.
+        for i in range(GC_PARSES):
+            message = parse(INVITE)
+            if i == 0:
+                kept.append(message)
+        gc_pass()
+
+    return call
+
+
 def _metrics_part() -> Callable[[int], None]:
     from e911_sip.metrics import Metrics
 
@@ -229,12 +361,16 @@ def callgrind(parts: list[str], counts: tuple[int, int], batch: int) -> None:
 
 
 def make(part: str, batch: int) -> Callable[[int], None]:
-    if part == "log":
-        return _log_part()
+    if part in ("log", "worker_log"):
+        return _log_part(worker=part == "worker_log")
     if part == "records":
         return _records_part(batch)
     if part == "publish":
         return _publish_part(batch)
+    if part == "notify":
+        return _notify_part(batch)
+    if part == "gc":
+        return _gc_part()
     return _metrics_part()
 
 

@@ -1067,9 +1067,21 @@ async def keep_gc_young(stop: asyncio.Event, interval: float = GC_FREEZE_INTERVA
     # cancellation and exceptions around Event.wait() a cost of their own.
     with Pauses(stop) as pauses:
         while not stop.is_set():
-            gc.collect()
-            gc.freeze()
+            gc_pass()
             await pauses.sleep(interval)
+
+
+def gc_pass() -> None:
+    """One pass of :func:`keep_gc_young`: collect the young generations, then freeze.
+
+    Every pass freezes what survives it, so the generations hold only what was allocated
+    since the last pass (the oldest only what an automatic collection moved there in the
+    meantime, which ``GC_YOUNG_THRESHOLD`` makes rare). A full collection walked the same
+    few objects and also emptied the interpreter's free lists of floats, tuples, lists,
+    dicts and frames, which the next calls then allocated again from the system allocator.
+    """
+    gc.collect(1)
+    gc.freeze()
 
 
 class _WorkerTag(logging.Filter):
@@ -1083,9 +1095,17 @@ class _WorkerTag(logging.Filter):
 
 
 def tag_worker_logs(slot: int) -> None:
-    """Every line a worker logs names its slot: the workers share the supervisor's stderr."""
+    """Every line a worker logs names its slot: the workers share the supervisor's stderr.
+
+    The JSON formatter sets the slot on each record itself; a handler with another formatter
+    gets a filter that sets it.
+    """
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerTag(slot))
+        formatter = handler.formatter
+        if isinstance(formatter, logs.JsonFormatter):
+            formatter.worker = slot
+        else:
+            handler.addFilter(_WorkerTag(slot))
 
 
 def supervisor_lost(stop: asyncio.Event) -> None:

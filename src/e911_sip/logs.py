@@ -53,10 +53,15 @@ class JsonFormatter(logging.Formatter):
     object. It is put together from cached pieces (the timestamp to the second, the level and
     logger names), the message, and one call of the C encoder for the extra fields: the edge
     writes a line for every emergency call.
+
+    With :attr:`worker` set, every record it formats gets that ``worker`` attribute first, as
+    a logging filter that sets it would have done before the record reached the formatter.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.worker: int | None = None
+        """The edge worker's slot every line names (``worker``), or None for none."""
         self._second = -1
         self._prefix = ""
         self._heads: dict[tuple[str, str], str] = {}
@@ -64,6 +69,11 @@ class JsonFormatter(logging.Formatter):
         """Sets of ``extra=`` keys, in order, seen: True for those :meth:`format` writes."""
 
     def format(self, record: logging.LogRecord) -> str:
+        worker = self.worker
+        if worker is not None:
+            # One attribute set here instead of a filter: a handler with a filter goes
+            # through ``Handler.handle``'s filter pass for every line.
+            record.worker = worker
         second = int(record.created)
         if second != self._second:
             # One strftime per second, not per line.

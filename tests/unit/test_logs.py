@@ -537,3 +537,40 @@ def test_the_check_of_each_set_of_keys_is_remembered_within_a_bound() -> None:
         assert line.endswith(f'"msg":"x","k{n}":{n}}}')
     assert len(formatter._keys) == logs._KEY_SETS
     assert formatter.format(at("x", _hidden=1, shown=2)).endswith('"msg":"x","shown":2}')
+
+
+def test_a_worker_tag_is_set_by_the_json_formatter_without_a_filter(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e911_sip.app import tag_worker_logs
+
+    root = logging.getLogger()
+    (json_handler,) = [h for h in root.handlers if isinstance(h, logs._JsonLines)]
+    plain = io.StringIO()
+    other = logging.StreamHandler(plain)
+    other.setFormatter(logging.Formatter("%(message)s worker=%(worker)s"))
+    root.addHandler(other)
+    tag_worker_logs(3)
+    # The JSON lines skip the filter step; the other handler's records are tagged by one.
+    assert json_handler.filters == [] and len(other.filters) == 1
+    logger = logging.getLogger("e911_sip.edge")
+    logger.info("emergency call forwarded", extra={"call_id": "c7", "enriched": True})
+    logger.warning("x", extra={"worker": 9, "trunk": "b"})
+    first, second = (json.loads(line) for line in configured.getvalue().splitlines())
+    assert list(first) == ["ts", "level", "logger", "msg", "call_id", "enriched", "worker"]
+    assert first["worker"] == 3
+    # A worker field given with ``extra=`` is replaced in place, as the filter replaced it.
+    assert list(second) == ["ts", "level", "logger", "msg", "worker", "trunk"]
+    assert second["worker"] == 3
+    assert plain.getvalue() == "emergency call forwarded worker=3\nx worker=3\n"
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_a_worker_line_is_what_the_filter_made_it(case: str) -> None:
+    formatter = JsonFormatter()
+    formatter.worker = 5
+    tag = logging.Filter()
+    filtered = pinned_records()[case]
+    filtered.worker = 5  # what the filter did before the record reached the formatter
+    assert tag.filter(filtered)
+    assert formatter.format(pinned_records()[case]) == JsonFormatter().format(filtered)

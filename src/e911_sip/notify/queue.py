@@ -26,6 +26,66 @@ from e911_sip.batching import StoredScript, xadd_all
 
 log = logging.getLogger("e911_sip.notify")
 
+_ENCODER = json.JSONEncoder()
+"""What ``json.dumps`` with no options encodes with."""
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+# The C encoder ``json.dumps`` builds on every call, built once. It has no memo of the
+# containers being encoded (one memo would be shared by every call and keep the entries of a
+# call that failed): a cycle raises RecursionError, and ``dumps`` then encodes the item with
+# ``json.dumps``, which raises the ValueError it always did.
+_encode_c: Any = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        _ENCODER.indent,
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        _ENCODER.sort_keys,
+        _ENCODER.skipkeys,
+        _ENCODER.allow_nan,
+    )
+)
+
+
+_DECODER: Any = json.JSONDecoder()  # typeshed leaves out its scan_once
+_scan_once: Any = _DECODER.scan_once
+"""What ``json.loads`` with no options reads a value with: the C scanner where there is
+one."""
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """``json.loads(text)``: the same value, and for malformed text the same error.
+
+    A document that is one object with nothing around it (every item the queues write) is
+    read by one call of the scanner; ``json.loads`` also matches whitespace before and after
+    it with a regular expression and goes through two methods. Anything else, and any text
+    the scanner does not read to its end, goes to ``json.loads``.
+    """
+    if type(text) is str and text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _scan_once(text, 0)
+        except Exception:
+            # Malformed (StopIteration or JSONDecodeError from the scanner): json.loads
+            # raises the error it always raised.
+            value, end = None, -1
+        if end == len(text):
+            return value
+    return json.loads(text)
+
+
+def dumps(item: Any) -> str:
+    """``json.dumps(item)``, the same text and the same errors, at less cost per item: every
+    notification event and delivery is encoded once on its way into a queue."""
+    if _encode_c is None:
+        return json.dumps(item)
+    try:
+        return "".join(_encode_c(item, 0))
+    except RecursionError:
+        return json.dumps(item)
+
 
 class QueueError(Exception):
     """The queue's backing store failed (Redis unreachable, the file cannot be written)."""
@@ -149,7 +209,7 @@ class FileQueue:
             text = ""
         for line in text.splitlines():
             try:
-                record = json.loads(line)
+                record = loads(line)
             except ValueError:
                 # A torn last line from a crash mid-write: that item was never acknowledged.
                 log.warning("skipped a torn notification journal line", extra={"path": str(path)})
@@ -169,7 +229,7 @@ class FileQueue:
             dead_text = ""
         for line in dead_text.splitlines():
             try:
-                self._dead.append(json.loads(line))
+                self._dead.append(loads(line))
             except ValueError:
                 log.warning("skipped a torn dead-letter line", extra={"path": str(path)})
         self._lines = len(self._items)
@@ -185,7 +245,7 @@ class FileQueue:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as out:
             for entry, item in self._items.items():
-                out.write(json.dumps({"put": entry, "item": item}) + "\n")
+                out.write(dumps({"put": entry, "item": item}) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -200,7 +260,7 @@ class FileQueue:
         if target is None:
             return
         try:
-            target.write("".join(json.dumps(record) + "\n" for record in records))
+            target.write("".join(dumps(record) + "\n" for record in records))
             target.flush()
             os.fsync(target.fileno())
         except (OSError, ValueError) as exc:
@@ -388,11 +448,11 @@ class RedisStreamQueue:
             return
         try:
             if len(items) == 1:
-                await self._redis.xadd(self._stream, {"item": json.dumps(dict(items[0]))})
+                await self._redis.xadd(self._stream, {"item": dumps(dict(items[0]))})
                 return
             # One script: the batch is applied together, never interleaved with another
             # writer's, and a connection lost before the command arrived applies none of it.
-            await xadd_all(self._redis, self._stream, "item", [json.dumps(dict(i)) for i in items])
+            await xadd_all(self._redis, self._stream, "item", [dumps(dict(i)) for i in items])
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
@@ -441,7 +501,7 @@ class RedisStreamQueue:
                     await self.done(entry)
                     continue
                 try:
-                    out.append((entry, json.loads(raw)))
+                    out.append((entry, loads(raw)))
                 except ValueError:
                     log.error("dropped an unreadable notification entry", extra={"entry": entry})
                     await self.done(entry)
@@ -473,13 +533,13 @@ class RedisStreamQueue:
             await _HAND_OVER_SCRIPT.run(
                 self._redis,
                 (self._stream, to._stream),
-                (self._group, len(entries), *entries, *[json.dumps(dict(i)) for i in items]),
+                (self._group, len(entries), *entries, *[dumps(dict(i)) for i in items]),
             )
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
     async def dead(self, entry: str, item: Mapping[str, Any], reason: str) -> None:
-        record = json.dumps({"item": dict(item), "reason": reason})
+        record = dumps({"item": dict(item), "reason": reason})
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(self._dead_list, record)
@@ -500,7 +560,7 @@ class RedisStreamQueue:
             raw = await self._redis.lrange(self._dead_list, 0, -1)
         except RedisError as exc:
             raise QueueError(f"Redis: {exc}") from exc
-        return [json.loads(r) for r in raw]
+        return [loads(r) for r in raw]
 
     async def dead_count(self) -> int:
         try:
