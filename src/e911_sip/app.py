@@ -303,6 +303,7 @@ def proxy_options(
         default_trunks=config.default.trunks,
         provisional_timeout=config.emergency.provisional_timeout,
         fail_open_after=config.emergency.fail_open_after,
+        trying_after=config.emergency.trying_after,
         timer_c=config.sip.timer_c,
         timers=TimerSettings(t1=config.sip.t1, t2=config.sip.t2, t4=config.sip.t4),
         max_message_size=config.sip.max_message_size,

@@ -137,6 +137,9 @@ class EmergencyConfig:
     """Seconds one location lookup may take before the cache, then no location, is used."""
     fail_open_after: float = 0.5
     """Seconds after which an emergency INVITE goes out unenriched whatever is pending."""
+    trying_after: float = 0.1
+    """Seconds an emergency INVITE's 100 Trying waits for the enriched INVITE to leave first;
+    a slower lookup has it sent at this deadline (RFC 3261 §17.2.1: within 200 ms)."""
     cache_size: int = 100_000
     """Lines whose last record is kept for use while the store is down."""
     cache_max_age: float = 86_400.0
@@ -846,6 +849,12 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
             f"[emergency] store_failure_ratio: expected a share above 0 and at most 1, "
             f"got {breaker.failure_ratio}"
         )
+    trying_after = s.number("trying_after", d.trying_after, minimum=0.0)
+    if trying_after > 0.2:
+        raise ConfigError(
+            f"{s.where('trying_after')}: at most 0.2 (RFC 3261 §17.2.1 asks for a 100 Trying "
+            f"within 200 ms), got {trying_after}"
+        )
     return EmergencyConfig(
         numbers=numbers,
         trunks=trunks,
@@ -855,6 +864,7 @@ def _emergency(data: Mapping[str, Any]) -> EmergencyConfig:
         provisional_timeout=s.number("provisional_timeout", d.provisional_timeout, minimum=0.05),
         lookup_timeout=s.number("lookup_timeout", d.lookup_timeout, minimum=0.001),
         fail_open_after=s.number("fail_open_after", d.fail_open_after, minimum=0.01),
+        trying_after=trying_after,
         cache_size=s.integer("cache_size", d.cache_size),
         cache_max_age=s.number("cache_max_age", d.cache_max_age),
         breaker=breaker,

@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import trustme
 
-from e911_sip.app import DIALOG_KEY_ENV, dialog_key, raise_nofile_limit, stream_limits
+from e911_sip.app import (
+    DIALOG_KEY_ENV,
+    dialog_key,
+    proxy_options,
+    raise_nofile_limit,
+    stream_limits,
+)
 from e911_sip.cli import main
 from e911_sip.config import ConfigError, ListenAddress, UntrustedAction, load
 from e911_sip.policy.enrich import ExistingGeolocation
+from e911_sip.proxy.routing import LocalAddress
 from tests.certs import issue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +40,7 @@ def test_built_in_defaults() -> None:
     assert config.store.url == "memory://"
     assert config.emergency.lookup_timeout == 0.05
     assert config.emergency.provisional_timeout == 2.0
+    assert config.emergency.trying_after == 0.1
 
 
 def test_shipped_example_config_is_valid() -> None:
@@ -98,6 +106,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
             '[emergency]\nlookup_timeout = "fast"\n',
             r"\[emergency\] lookup_timeout: expected a number",
         ),
+        ("[emergency]\ntrying_after = 0.5\n", r"\[emergency\] trying_after: at most 0.2"),
         ('[emergency]\ngeolocation_base_url = "ftp://x/"\n', r"geolocation_base_url"),
         ('[emergency]\nexisting_geolocation = "merge"\n', r"existing_geolocation: expected one of"),
         ('[store]\nurl = "postgres://x"\n', r"\[store\] url"),
@@ -466,3 +475,12 @@ def test_tls_trunks_get_a_plain_twin_tried_last(tmp_path: Path) -> None:
     assert off.emergency.fallback_trunks() == ()
     plain = load(None, {})
     assert plain.emergency.fallback_trunks() == ()
+
+
+def test_emergency_timings_reach_the_proxy_core(tmp_path: Path) -> None:
+    text = "[emergency]\nfail_open_after = 0.4\ntrying_after = 0.05\nprovisional_timeout = 1.5\n"
+    options = proxy_options(
+        load(write(tmp_path, text), {}), (LocalAddress("udp", "127.0.0.1", 5070),)
+    )
+    assert (options.fail_open_after, options.trying_after) == (0.4, 0.05)
+    assert options.provisional_timeout == 1.5
