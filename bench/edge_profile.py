@@ -14,7 +14,12 @@ a fixed rate for a bounded time on 127.0.0.1, and reports:
   collections per generation, their total (wall and CPU) and their longest pause.
 - **where it goes** (``--profile``): one more run with py-spy sampling the edge (``py-spy
   record --format raw``), then the top functions by own samples and by inclusive samples.
-  py-spy stops the process for each sample, so that run's µs/call is not counted.
+  py-spy stops the process for each sample, so that run's µs/call is not counted. With
+  ``--native`` py-spy samples C frames too, and the report starts with the samples by area:
+  the compiled modules, each libc call (the syscalls), uvloop, Python by file.
+- **the role**: ``--role`` as ``run_load.py`` deploys each store unless given (``redis``: the
+  edge alone, ``--role edge``; ``memory``: the embedded box, ``--role all``, which also runs
+  the notifier and provisioning).
 
 Each caller is a different line (SIPp's injection file, sequential): one caller would
 measure a cache. Runs are short (``--duration`` ≤ 30 s); the machine is shared.
@@ -49,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.run_load import BenchSipp  # noqa: E402
+from bench.run_load import EDGE_ROLES, BenchSipp  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
     PACKAGE_ROOT,
     SCENARIO_DIR,
@@ -190,6 +195,7 @@ class Bench:
         self.scenario = caller_scenario(workdir)
         self.inject = injection_file(workdir, self.callers)
         self.runs = 0
+        self.role: str = args.role or EDGE_ROLES[args.store]
 
     def __enter__(self) -> Bench:
         if self.args.store == "redis":
@@ -248,7 +254,21 @@ class Bench:
                 "PYTHONPATH": f"{probe}{os.pathsep}{PACKAGE_ROOT}",
                 "EDGE_PROFILE_GC_FILE": str(gc_file),
             }
-            edge = EdgeProcess(rundir, self.config(ports[0], ports[1]), env=env)
+            edge = EdgeProcess(
+                rundir,
+                self.config(ports[0], ports[1]),
+                command=[
+                    sys.executable,
+                    "-m",
+                    "e911_sip",
+                    "serve",
+                    "--role",
+                    self.role,
+                    "--config",
+                    "{config}",
+                ],
+                env=env,
+            )
             edge.start()
             assert edge.pid is not None
             if profile:
@@ -256,6 +276,7 @@ class Bench:
                     [
                         str(shutil.which("py-spy")),
                         "record",
+                        *(["--native"] if args.native else []),
                         "--pid",
                         str(edge.pid),
                         "--format",
@@ -323,6 +344,43 @@ class Bench:
         return run, raw if profile else None
 
 
+_COMPILED_FRAME = ("CPy", "__native")
+
+
+def by_area(raw: Path) -> str:
+    """Own samples grouped by where the CPU went, from a ``--native`` run's stacks: inside
+    the compiled modules (with the C they call), in a libc call (the syscalls), in uvloop,
+    as Python in each file, or as other C called from Python in each file."""
+    areas: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        python = [i for i, frame in enumerate(frames) if ".py:" in frame]
+        below = frames[python[-1] + 1 :] if python else frames
+        leaf = frames[-1]
+        caller = frames[python[-1]] if python else ""
+        where = caller.partition(" (")[2].split(":")[0].rsplit("/", 2)[-2:]
+        file = "/".join(where) if caller else "?"
+        if any(marker in frame for frame in below for marker in _COMPILED_FRAME):
+            areas["compiled modules (and the C they call)"] += count
+        elif not below:
+            areas[f"Python: {file}"] += count
+        elif "libc" in leaf:
+            areas[f"libc: {leaf.partition(' ')[0]}"] += count
+        elif any(marker in frame for frame in below for marker in ("loop.c", "uv_", "uv__")):
+            areas["uvloop"] += count
+        else:
+            areas[f"C under Python: {file}"] += count
+    out = [f"{total} samples by area (own)", ""]
+    out += [f"{100 * n / max(1, total):5.1f}  {name}" for name, n in areas.most_common(40)]
+    return "\n".join(out)
+
+
 def top_functions(raw: Path, limit: int) -> str:
     """Own and inclusive samples per function from py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
@@ -360,6 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
     parser.add_argument("--kind", choices=tuple(SERVICES), default="emergency")
     parser.add_argument("--profile", action="store_true", help="one more run under py-spy")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: py-spy --native (C frames too: the compiled modules, syscalls)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("edge", "all"),
+        help="the edge's --role (default: as run_load.py deploys the store: redis -> edge, "
+        "memory -> all)",
+    )
     parser.add_argument("--sample-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--log-level", default="INFO", help="the edge's [log] level")
@@ -422,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  profiled run: {run.successful}/{run.calls} calls ok (µs/call not counted)")
             if raw is not None and raw.exists():
                 report = top_functions(raw, args.top)
+                if args.native:
+                    report = f"{by_area(raw)}\n\n{report}"
                 (workdir / "top.txt").write_text(report + "\n")
                 print(report)
             else:
