@@ -1258,8 +1258,9 @@ class ProxyCore:
             context.route = Route.DEFAULT
             if method in DIALOG_CREATING:
                 add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
-            context.template = forwarded.done()
-            context.trunks = self._health.order(self._options.default_trunks)
+            held = context._held()  # one call, where each property is one more
+            held.template = forwarded.done()
+            held.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
                 self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
@@ -1281,9 +1282,9 @@ class ProxyCore:
                 add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
         else:
             context.route = Route.IN_DIALOG
-        context.template = forwarded.done()
+        template = context._held().template = forwarded.done()
         self._events.append(RequestRouted(method, context.route))
-        self._start_branch(context, target, context.template, now, trunk=None)
+        self._start_branch(context, target, template, now, trunk=None)
         if method == "INVITE":
             self._send_trying(context, now)
 
@@ -1580,8 +1581,9 @@ class ProxyCore:
         forwarded = edit.done()
         context.route = Route.EMERGENCY
         context.emergency_number = number
-        context.trunks = self._health.order(self._options.emergency_trunks)
-        context.template = forwarded
+        held = context._held()
+        held.trunks = self._health.order(self._options.emergency_trunks)
+        held.template = forwarded
         context.step(ContextEvent.AWAIT_OWNER)
         fail_open = now + self._options.fail_open_after
         trying = now + self._options.trying_after
@@ -1635,9 +1637,11 @@ class ProxyCore:
 
     def _next_trunk(self, context: _Context, now: float) -> bool:
         """Send the request to the next trunk in order; False when none is left."""
-        if not context.trunks:
+        held = context._held()  # once: each property read is one more call
+        trunks = held.trunks
+        if not trunks:
             return False
-        trunk = context.trunks.pop(0)
+        trunk = trunks.pop(0)
         uri = self._trunk_uris.get(trunk) or parse_uri(trunk)
         number = context.emergency_number
         ruri: str | None = None
@@ -1649,10 +1653,10 @@ class ProxyCore:
         if number is not None:
             self._events.append(
                 EmergencyForwarded(
-                    context.id, context.request.call_id, trunk, context.attempt, context.enriched
+                    context.id, held.request.call_id, trunk, context.attempt, context.enriched
                 )
             )
-        self._start_branch(context, uri, context.template, now, trunk=trunk, ruri=ruri)
+        self._start_branch(context, uri, held.template, now, trunk=trunk, ruri=ruri)
         return True
 
     def _start_branch(
@@ -1705,9 +1709,10 @@ class ProxyCore:
         branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
         context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
-        entry.upstream_via = context.request.top_via.raw
+        held = context._held()
+        entry.upstream_via = held.request.top_via.raw
         self._client[txn.key] = entry
-        if request.method == "INVITE" and trunk is not None and context.trunks:
+        if request.method == "INVITE" and trunk is not None and held.trunks:
             branch.provisional_deadline = now + self._options.provisional_timeout
             self._arm_branch(branch)
         self._run_client(entry, txn.start(now), now)
