@@ -65,6 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Final
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
@@ -595,6 +596,35 @@ CONTEXT_TRANSITIONS: dict[tuple[ContextState, ContextEvent], ContextState] = {
 """Every transition of a response context: (state, event) -> next state. Missing pairs are
 ignored (a CANCEL or a final response after the final response)."""
 
+
+def _by_state(
+    table: dict[tuple[BranchState, BranchEvent], BranchState],
+) -> dict[BranchState, dict[BranchEvent, BranchState]]:
+    """``table`` indexed by state, then event: two lookups keyed by an enum member (hashed
+    by identity), where the pair would be a tuple built and hashed per step."""
+    out: dict[BranchState, dict[BranchEvent, BranchState]] = {state: {} for state in BranchState}
+    for (state, event), nxt in table.items():
+        out[state][event] = nxt
+    return out
+
+
+def _context_by_state(
+    table: dict[tuple[ContextState, ContextEvent], ContextState],
+) -> dict[ContextState, dict[ContextEvent, ContextState]]:
+    """As :func:`_by_state`, for the context table."""
+    out: dict[ContextState, dict[ContextEvent, ContextState]] = {
+        state: {} for state in ContextState
+    }
+    for (state, event), nxt in table.items():
+        out[state][event] = nxt
+    return out
+
+
+_BRANCH_NEXT: Final = _by_state(BRANCH_TRANSITIONS)
+"""``BRANCH_TRANSITIONS`` by state, then event (what :meth:`_Branch.step` reads)."""
+_CONTEXT_NEXT: Final = _context_by_state(CONTEXT_TRANSITIONS)
+"""``CONTEXT_TRANSITIONS`` by state, then event (what :meth:`_Context.step` reads)."""
+
 _NO_PROVISIONAL_YET = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})
 _COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLING})
 """Branches whose final response may still decide the context's (not abandoned, not done)."""
@@ -633,7 +663,7 @@ class _Branch:
 
     def step(self, event: BranchEvent) -> BranchState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
-        nxt = BRANCH_TRANSITIONS.get((self.state, event))
+        nxt = _BRANCH_NEXT[self.state].get(event)
         if nxt is not None:
             self.state = nxt
         return nxt
@@ -747,7 +777,7 @@ class _Context:
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
-        nxt = CONTEXT_TRANSITIONS.get((self.state, event))
+        nxt = _CONTEXT_NEXT[self.state].get(event)
         if nxt is not None:
             self.state = nxt
         return nxt
