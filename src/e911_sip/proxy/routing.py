@@ -13,7 +13,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import overload
+from typing import Final, overload
 
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Edit, Request
@@ -104,6 +104,13 @@ class Tokens:
         return _b64(self.raw(self._SIZE))
 
 
+# The blake2s methods taken from the type once: compiled, ``keyed.copy()`` is a method call
+# that looks the name up on the object's type each time, and calling these is a plain call.
+_COPY: Final = hashlib.blake2s.copy
+_UPDATE: Final = hashlib.blake2s.update
+_DIGEST: Final = hashlib.blake2s.digest
+
+
 class BranchFactory:
     """``z9hG4bK`` branches (RFC 3261 §8.1.1.7): random per client transaction, and keyed
     digests of the incoming branch for requests forwarded without a transaction; the To
@@ -127,9 +134,9 @@ class BranchFactory:
         self._keyed = {size: hashlib.blake2s(digest_size=size, key=secret) for size in (6, 9, 12)}
 
     def _digest(self, data: bytes, size: int) -> bytes:
-        keyed = self._keyed[size].copy()
-        keyed.update(data)
-        return keyed.digest()
+        keyed = _COPY(self._keyed[size])
+        _UPDATE(keyed, data)
+        return _DIGEST(keyed)
 
     def new(self) -> str:
         """A branch never handed out before, that no peer can predict: 96 random bits and a
