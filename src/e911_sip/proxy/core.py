@@ -126,7 +126,15 @@ from e911_sip.sip.transaction import (
     via_sent_by,
 )
 from e911_sip.sip.transaction import State as TransactionState
-from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via, split_values
+from e911_sip.sip.uri import (
+    Uri,
+    param_of,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    split_values,
+    uri_hostport,
+)
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -1676,9 +1684,10 @@ class ProxyCore:
         number = context.emergency_number
         ruri: str | None = None
         if number is not None:
-            transport = uri.param("transport")
+            # param_of and uri_hostport: compiled, a Uri's methods are generic calls.
+            transport = param_of(uri.params, "transport")
             suffix = f";transport={transport}" if transport else ""
-            ruri = f"sip:{number}@{uri.hostport}{suffix}"
+            ruri = f"sip:{number}@{uri_hostport(uri)}{suffix}"
         context.attempt += 1
         if number is not None:
             self._events.append(
@@ -1736,7 +1745,7 @@ class ProxyCore:
             txn = ClientNonInviteTransaction(
                 request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
-        branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
+        branch = _Branch(context, txn, peer, trunk or f"sip:{uri_hostport(target)}")
         context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
         held = context._held()

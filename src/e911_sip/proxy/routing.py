@@ -21,6 +21,7 @@ from e911_sip.sip.peer import DEFAULT_PORTS, Peer
 from e911_sip.sip.uri import (
     Uri,
     new_via,
+    param_of,
     parse_name_addr,
     parse_uri,
     remember_via,
@@ -63,9 +64,13 @@ class LocalAddress:
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
+_B2A: Final = binascii.b2a_base64
+"""Taken from its module once: compiled, ``binascii.b2a_base64`` is an attribute lookup."""
+
+
 def _b64(data: bytes) -> str:
     """``base64.urlsafe_b64encode(data)`` as text, without its two Python-level calls."""
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).decode("ascii")
+    return _B2A(data, newline=False).translate(_URLSAFE).decode("ascii")
 
 
 class Tokens:
@@ -232,7 +237,7 @@ def decrement_max_forwards(request: Request | Edit[Request]) -> Request | Edit[R
 def stamp_received(request: Request, source: Peer) -> Request:
     """Add ``received`` / fill ``rport`` on the top Via (§18.2.1, RFC 3581 §4)."""
     via = request.top_via
-    rport = via.param("rport")
+    rport = param_of(via.params, "rport")  # not via.param(): a generic call compiled
     needs_received = via.host != source.host
     needs_rport = rport == ""
     if not needs_received and not needs_rport:

@@ -67,8 +67,17 @@ class Uri(NamedTuple):
     @property
     def hostport(self) -> str:
         """``host[:port]`` with IPv6 brackets restored."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port is None else f"{host}:{self.port}"
+        return uri_hostport(self)
+
+
+def uri_hostport(uri: Uri) -> str:
+    """``uri.hostport``, as a native call: compiled, a NamedTuple's property is a generic
+    attribute lookup and a call."""
+    host = uri.host
+    if ":" in host:
+        host = f"[{host}]"
+    port = uri.port
+    return host if port is None else f"{host}:{port}"
 
 
 def _split_params(text: str) -> Params:
