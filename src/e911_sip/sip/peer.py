@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import UnsupportedUriScheme
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 from e911_sip.sip.uri import Uri, Via, param_of
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+_TUPLE_NEW: Final = tuple.__new__
+"""As in :mod:`e911_sip.sip.uri`: a plain call, where ``tuple.__new__(...)`` compiled looks
+the method up on the type each time."""
 
 
 class Peer(NamedTuple):
@@ -76,4 +80,4 @@ def response_peer(via: Via, source: Peer) -> Peer:
 def _peer(transport: str, host: str, port: int) -> Peer:
     """``Peer(transport, host, port)`` without the Python-level ``__new__`` a NamedTuple is
     given (as ``uri.new_via``)."""
-    return tuple.__new__(Peer, (transport, host, port, None))
+    return _TUPLE_NEW(Peer, (transport, host, port, None))

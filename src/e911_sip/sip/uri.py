@@ -25,6 +25,10 @@ ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
 Params = tuple[tuple[str, str | None], ...]
 
+_TUPLE_NEW: Final = tuple.__new__
+"""Taken from ``tuple`` once: compiled, ``tuple.__new__(...)`` looks the method up on the
+type at each call, and calling this is a plain call."""
+
 
 def param_of(params: Params, name: str) -> str | None:
     """Parameter ``name`` (lower-case) of ``params``: '' for a flag, None when absent. What
@@ -236,7 +240,7 @@ def parse_name_addr(text: str) -> NameAddr:
 
 def _name_addr(display: str, uri: str, params: Params, raw: str) -> NameAddr:
     # tuple.__new__ skips the Python-level __new__ a NamedTuple is given: half the cost.
-    return tuple.__new__(NameAddr, (display, uri, params, raw))
+    return _TUPLE_NEW(NameAddr, (display, uri, params, raw))
 
 
 def _find_outside_quotes(text: str, char: str) -> int:
@@ -374,7 +378,7 @@ def cached_via(text: str) -> Via | None:
 def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
     """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
     ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
-    return tuple.__new__(Via, (transport, host, port, params, raw))
+    return _TUPLE_NEW(Via, (transport, host, port, params, raw))
 
 
 def remember_via(via: Via) -> None:
