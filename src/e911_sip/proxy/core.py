@@ -65,6 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Final
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
@@ -125,7 +126,15 @@ from e911_sip.sip.transaction import (
     via_sent_by,
 )
 from e911_sip.sip.transaction import State as TransactionState
-from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, parse_via, split_values
+from e911_sip.sip.uri import (
+    Uri,
+    param_of,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    split_values,
+    uri_hostport,
+)
 
 ClientTransaction = ClientInviteTransaction | ClientNonInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
@@ -595,6 +604,35 @@ CONTEXT_TRANSITIONS: dict[tuple[ContextState, ContextEvent], ContextState] = {
 """Every transition of a response context: (state, event) -> next state. Missing pairs are
 ignored (a CANCEL or a final response after the final response)."""
 
+
+def _by_state(
+    table: dict[tuple[BranchState, BranchEvent], BranchState],
+) -> dict[BranchState, dict[BranchEvent, BranchState]]:
+    """``table`` indexed by state, then event: two lookups keyed by an enum member (hashed
+    by identity), where the pair would be a tuple built and hashed per step."""
+    out: dict[BranchState, dict[BranchEvent, BranchState]] = {state: {} for state in BranchState}
+    for (state, event), nxt in table.items():
+        out[state][event] = nxt
+    return out
+
+
+def _context_by_state(
+    table: dict[tuple[ContextState, ContextEvent], ContextState],
+) -> dict[ContextState, dict[ContextEvent, ContextState]]:
+    """As :func:`_by_state`, for the context table."""
+    out: dict[ContextState, dict[ContextEvent, ContextState]] = {
+        state: {} for state in ContextState
+    }
+    for (state, event), nxt in table.items():
+        out[state][event] = nxt
+    return out
+
+
+_BRANCH_NEXT: Final = _by_state(BRANCH_TRANSITIONS)
+"""``BRANCH_TRANSITIONS`` by state, then event (what :meth:`_Branch.step` reads)."""
+_CONTEXT_NEXT: Final = _context_by_state(CONTEXT_TRANSITIONS)
+"""``CONTEXT_TRANSITIONS`` by state, then event (what :meth:`_Context.step` reads)."""
+
 _NO_PROVISIONAL_YET = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})
 _COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLING})
 """Branches whose final response may still decide the context's (not abandoned, not done)."""
@@ -633,7 +671,7 @@ class _Branch:
 
     def step(self, event: BranchEvent) -> BranchState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
-        nxt = BRANCH_TRANSITIONS.get((self.state, event))
+        nxt = _BRANCH_NEXT[self.state].get(event)
         if nxt is not None:
             self.state = nxt
         return nxt
@@ -747,7 +785,7 @@ class _Context:
 
     def step(self, event: ContextEvent) -> ContextState | None:
         """Apply ``event``; the new state, or None when the event is ignored here."""
-        nxt = CONTEXT_TRANSITIONS.get((self.state, event))
+        nxt = _CONTEXT_NEXT[self.state].get(event)
         if nxt is not None:
             self.state = nxt
         return nxt
@@ -1258,8 +1296,9 @@ class ProxyCore:
             context.route = Route.DEFAULT
             if method in DIALOG_CREATING:
                 add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
-            context.template = forwarded.done()
-            context.trunks = self._health.order(self._options.default_trunks)
+            held = context._held()  # one call, where each property is one more
+            held.template = forwarded.done()
+            held.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
             if not self._next_trunk(context, now):
                 self._reply(context, make_response(request, 503, to_tag=self._branches.tag()), now)
@@ -1281,9 +1320,9 @@ class ProxyCore:
                 add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
         else:
             context.route = Route.IN_DIALOG
-        context.template = forwarded.done()
+        template = context._held().template = forwarded.done()
         self._events.append(RequestRouted(method, context.route))
-        self._start_branch(context, target, context.template, now, trunk=None)
+        self._start_branch(context, target, template, now, trunk=None)
         if method == "INVITE":
             self._send_trying(context, now)
 
@@ -1580,8 +1619,9 @@ class ProxyCore:
         forwarded = edit.done()
         context.route = Route.EMERGENCY
         context.emergency_number = number
-        context.trunks = self._health.order(self._options.emergency_trunks)
-        context.template = forwarded
+        held = context._held()
+        held.trunks = self._health.order(self._options.emergency_trunks)
+        held.template = forwarded
         context.step(ContextEvent.AWAIT_OWNER)
         fail_open = now + self._options.fail_open_after
         trying = now + self._options.trying_after
@@ -1635,24 +1675,27 @@ class ProxyCore:
 
     def _next_trunk(self, context: _Context, now: float) -> bool:
         """Send the request to the next trunk in order; False when none is left."""
-        if not context.trunks:
+        held = context._held()  # once: each property read is one more call
+        trunks = held.trunks
+        if not trunks:
             return False
-        trunk = context.trunks.pop(0)
+        trunk = trunks.pop(0)
         uri = self._trunk_uris.get(trunk) or parse_uri(trunk)
         number = context.emergency_number
         ruri: str | None = None
         if number is not None:
-            transport = uri.param("transport")
+            # param_of and uri_hostport: compiled, a Uri's methods are generic calls.
+            transport = param_of(uri.params, "transport")
             suffix = f";transport={transport}" if transport else ""
-            ruri = f"sip:{number}@{uri.hostport}{suffix}"
+            ruri = f"sip:{number}@{uri_hostport(uri)}{suffix}"
         context.attempt += 1
         if number is not None:
             self._events.append(
                 EmergencyForwarded(
-                    context.id, context.request.call_id, trunk, context.attempt, context.enriched
+                    context.id, held.request.call_id, trunk, context.attempt, context.enriched
                 )
             )
-        self._start_branch(context, uri, context.template, now, trunk=trunk, ruri=ruri)
+        self._start_branch(context, uri, held.template, now, trunk=trunk, ruri=ruri)
         return True
 
     def _start_branch(
@@ -1702,12 +1745,13 @@ class ProxyCore:
             txn = ClientNonInviteTransaction(
                 request, reliable=_reliable(peer), timers=timers, branch=via_branch
             )
-        branch = _Branch(context, txn, peer, trunk or f"sip:{target.hostport}")
+        branch = _Branch(context, txn, peer, trunk or f"sip:{uri_hostport(target)}")
         context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
-        entry.upstream_via = context.request.top_via.raw
+        held = context._held()
+        entry.upstream_via = held.request.top_via.raw
         self._client[txn.key] = entry
-        if request.method == "INVITE" and trunk is not None and context.trunks:
+        if request.method == "INVITE" and trunk is not None and held.trunks:
             branch.provisional_deadline = now + self._options.provisional_timeout
             self._arm_branch(branch)
         self._run_client(entry, txn.start(now), now)

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import overload
+from typing import Final, overload
 
 from e911_sip.sip.errors import SipError, TooManyHops
 from e911_sip.sip.message import Edit, Request
@@ -21,6 +21,7 @@ from e911_sip.sip.peer import DEFAULT_PORTS, Peer
 from e911_sip.sip.uri import (
     Uri,
     new_via,
+    param_of,
     parse_name_addr,
     parse_uri,
     remember_via,
@@ -63,9 +64,13 @@ class LocalAddress:
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
+_B2A: Final = binascii.b2a_base64
+"""Taken from its module once: compiled, ``binascii.b2a_base64`` is an attribute lookup."""
+
+
 def _b64(data: bytes) -> str:
     """``base64.urlsafe_b64encode(data)`` as text, without its two Python-level calls."""
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).decode("ascii")
+    return _B2A(data, newline=False).translate(_URLSAFE).decode("ascii")
 
 
 class Tokens:
@@ -104,6 +109,13 @@ class Tokens:
         return _b64(self.raw(self._SIZE))
 
 
+# The blake2s methods taken from the type once: compiled, ``keyed.copy()`` is a method call
+# that looks the name up on the object's type each time, and calling these is a plain call.
+_COPY: Final = hashlib.blake2s.copy
+_UPDATE: Final = hashlib.blake2s.update
+_DIGEST: Final = hashlib.blake2s.digest
+
+
 class BranchFactory:
     """``z9hG4bK`` branches (RFC 3261 §8.1.1.7): random per client transaction, and keyed
     digests of the incoming branch for requests forwarded without a transaction; the To
@@ -127,9 +139,9 @@ class BranchFactory:
         self._keyed = {size: hashlib.blake2s(digest_size=size, key=secret) for size in (6, 9, 12)}
 
     def _digest(self, data: bytes, size: int) -> bytes:
-        keyed = self._keyed[size].copy()
-        keyed.update(data)
-        return keyed.digest()
+        keyed = _COPY(self._keyed[size])
+        _UPDATE(keyed, data)
+        return _DIGEST(keyed)
 
     def new(self) -> str:
         """A branch never handed out before, that no peer can predict: 96 random bits and a
@@ -225,7 +237,7 @@ def decrement_max_forwards(request: Request | Edit[Request]) -> Request | Edit[R
 def stamp_received(request: Request, source: Peer) -> Request:
     """Add ``received`` / fill ``rport`` on the top Via (§18.2.1, RFC 3581 §4)."""
     via = request.top_via
-    rport = via.param("rport")
+    rport = param_of(via.params, "rport")  # not via.param(): a generic call compiled
     needs_received = via.host != source.host
     needs_rport = rport == ""
     if not needs_received and not needs_rport:

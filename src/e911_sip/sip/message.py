@@ -553,9 +553,9 @@ class Message:
         ):
             return None
         start = f"{self.start_line()}\r\n".encode("latin-1")
-        if not wire.startswith(start):
-            return None
         at = len(start)
+        if wire[:at] != start:  # a slice compared: compiled, startswith is a generic call
+            return None
         lines = self._lines
         for i in range(index):
             at += len(lines[i]) + 2
@@ -577,10 +577,10 @@ class Message:
         when ``wire`` is not exactly how this message writes itself (a start line written
         otherwise, say "SIP/2.0 200" without a reason), and the copy is written whole."""
         start = f"{self.start_line()}\r\n".encode("latin-1")
-        if not wire.startswith(start):
+        at = len(start)
+        if wire[:at] != start:  # as in _pop_top_via_in_place
             return None
         old_lines = self._lines
-        at = len(start)
         for line in old_lines[:index]:
             at += len(line) + 2
         old = f"{old_lines[index]}\r\n".encode("latin-1")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import UnsupportedUriScheme
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint
-from e911_sip.sip.uri import Uri, Via
+from e911_sip.sip.uri import Uri, Via, param_of
 
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+_TUPLE_NEW: Final = tuple.__new__
+"""As in :mod:`e911_sip.sip.uri`: a plain call, where ``tuple.__new__(...)`` compiled looks
+the method up on the type each time."""
 
 
 class Peer(NamedTuple):
@@ -56,15 +60,24 @@ def response_peer(via: Via, source: Peer) -> Peer:
     """
     if source.connection is not None:
         return source
-    rport = via.param("rport")
+    # param_of and _peer, not via.param() and Peer(): compiled, a NamedTuple's method is a
+    # generic call, and its constructor a Python-level __new__.
+    params = via.params
+    rport = param_of(params, "rport")
     if rport == "":
         # RFC 3581 §4: a request asking for rport is answered to where it came from, even
         # when nothing stamped its Via (a reply built straight from a message that failed
         # to parse).
-        return Peer(source.transport, source.host, source.port)
-    host = via.param("received") or via.host
+        return _peer(source.transport, source.host, source.port)
+    host = param_of(params, "received") or via.host
     # A port outside 1-65535 cannot be sent to: such an rport is ignored (RFC 3581 §4).
     port = bounded_uint(rport, MAX_PORT) if rport else None
     if port:
-        return Peer(source.transport, host, port)
-    return Peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))
+        return _peer(source.transport, host, port)
+    return _peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))
+
+
+def _peer(transport: str, host: str, port: int) -> Peer:
+    """``Peer(transport, host, port)`` without the Python-level ``__new__`` a NamedTuple is
+    given (as ``uri.new_via``)."""
+    return _TUPLE_NEW(Peer, (transport, host, port, None))

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from e911_sip.sip.errors import TransactionStateError
 from e911_sip.sip.message import Message, Request, Response, make_header
@@ -236,6 +236,12 @@ _FINISHED = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
 
 def _table_for(kind: Kind) -> dict[tuple[State, Event], State]:
     return {(state, event): nxt for (k, state, event), nxt in TRANSITIONS.items() if k is kind}
+
+
+_CLIENT_INVITE_TABLE: Final = _table_for(Kind.CLIENT_INVITE)
+_CLIENT_NON_INVITE_TABLE: Final = _table_for(Kind.CLIENT_NON_INVITE)
+_SERVER_INVITE_TABLE: Final = _table_for(Kind.SERVER_INVITE)
+_SERVER_NON_INVITE_TABLE: Final = _table_for(Kind.SERVER_NON_INVITE)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -480,10 +486,14 @@ class _Transaction:
         "_retx_interval",
         "_end_at",
         "_end_timer",
+        "_steps",
     )
 
     kind: ClassVar[Kind]
     _table: ClassVar[dict[tuple[State, Event], State]]
+    _steps: dict[tuple[State, Event], State]
+    """The class's ``_table``, held by the instance: compiled, reading a class attribute
+    through ``self`` is a generic attribute lookup, and an instance slot a native read."""
 
     request: Request | None
     """The request the transaction was made for; None once ``finished``."""
@@ -539,7 +549,7 @@ class _Transaction:
         error, ``[TransportFailure()]`` where it only informs the TU, ``[]`` where nothing
         this transaction sends is outstanding.
         """
-        nxt = self._table.get((self.state, Event.TRANSPORT_ERROR))
+        nxt = self._steps.get((self.state, Event.TRANSPORT_ERROR))
         if nxt is None:
             return []
         if nxt is State.TERMINATED:
@@ -550,7 +560,7 @@ class _Transaction:
 
     # -- internals ------------------------------------------------------------------------
     def _tu_step(self, event: Event) -> State:
-        nxt = self._table.get((self.state, event))
+        nxt = self._steps.get((self.state, event))
         if nxt is None:
             raise TransactionStateError(self.kind.value, self.state.name, event.value)
         return nxt
@@ -570,7 +580,7 @@ class _Transaction:
         Every such timer ends the transaction (see ``TRANSITIONS``).
         """
         self._end_at = None
-        if (self.state, event) not in self._table:
+        if (self.state, event) not in self._steps:
             return []
         self._terminate()
         timeout = _TIMEOUTS.get(event)
@@ -636,7 +646,7 @@ class ClientInviteTransaction(_ClientTransaction):
     __slots__ = ("_ack",)
 
     kind = Kind.CLIENT_INVITE
-    _table = _table_for(Kind.CLIENT_INVITE)
+    _table = _CLIENT_INVITE_TABLE
 
     def __init__(
         self,
@@ -650,6 +660,7 @@ class ClientInviteTransaction(_ClientTransaction):
         wrote it (it saves parsing that Via again)."""
         if request.method != "INVITE":
             raise ValueError(f"an INVITE client transaction cannot carry {request.method}")
+        self._steps = _CLIENT_INVITE_TABLE
         super().__init__(request, State.CALLING, reliable, timers, branch)
         self._ack: Transmit | None = None
 
@@ -667,7 +678,7 @@ class ClientInviteTransaction(_ClientTransaction):
         if event is None:
             return []
         state = self.state
-        nxt = self._table.get((state, event))
+        nxt = self._steps.get((state, event))
         if nxt is None:
             return []
         if event is Event.RECV_1XX:
@@ -710,7 +721,7 @@ class ClientInviteTransaction(_ClientTransaction):
         return _same_transaction(request, "ACK", response.get("to") or "")
 
     def _retransmit(self, now: float) -> list[Effect]:
-        if (self.state, Event.TIMER_A) not in self._table:
+        if (self.state, Event.TIMER_A) not in self._steps:
             self._retx_at = None
             return []
         interval = self._retx_interval * 2
@@ -731,7 +742,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
     __slots__ = ()
 
     kind = Kind.CLIENT_NON_INVITE
-    _table = _table_for(Kind.CLIENT_NON_INVITE)
+    _table = _CLIENT_NON_INVITE_TABLE
 
     def __init__(
         self,
@@ -745,6 +756,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         wrote it (it saves parsing that Via again)."""
         if request.method in ("INVITE", "ACK"):
             raise ValueError(f"a non-INVITE client transaction cannot carry {request.method}")
+        self._steps = _CLIENT_NON_INVITE_TABLE
         super().__init__(request, State.TRYING, reliable, timers, branch)
 
     def start(self, now: float) -> list[Effect]:
@@ -760,7 +772,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         event = _response_event(response.status)
         if event is None:
             return []
-        nxt = self._table.get((self.state, event))
+        nxt = self._steps.get((self.state, event))
         if nxt is None:
             return []
         self.state = nxt
@@ -775,7 +787,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
 
     def _retransmit(self, now: float) -> list[Effect]:
         state = self.state
-        if (state, Event.TIMER_E) not in self._table:
+        if (state, Event.TIMER_E) not in self._steps:
             self._retx_at = None
             return []
         t2 = self.timers.t2
@@ -852,7 +864,7 @@ class ServerInviteTransaction(_ServerTransaction):
     __slots__ = ()
 
     kind = Kind.SERVER_INVITE
-    _table = _table_for(Kind.SERVER_INVITE)
+    _table = _SERVER_INVITE_TABLE
 
     def __init__(
         self,
@@ -865,6 +877,7 @@ class ServerInviteTransaction(_ServerTransaction):
         """``key``, when given, is ``server_key(request)``, already computed by the caller."""
         if request.method != "INVITE":
             raise ValueError(f"an INVITE server transaction cannot carry {request.method}")
+        self._steps = _SERVER_INVITE_TABLE
         super().__init__(request, State.PROCEEDING, reliable, timers, key)
 
     def receive(self, request: Request, now: float) -> list[Effect]:
@@ -877,7 +890,7 @@ class ServerInviteTransaction(_ServerTransaction):
         else:
             return []
         state = self.state
-        nxt = self._table.get((state, event))
+        nxt = self._steps.get((state, event))
         if nxt is None:
             return []
         if event is Event.RECV_REQUEST:
@@ -917,7 +930,7 @@ class ServerInviteTransaction(_ServerTransaction):
         return [sent]
 
     def _retransmit(self, now: float) -> list[Effect]:
-        if (self.state, Event.TIMER_G) not in self._table:
+        if (self.state, Event.TIMER_G) not in self._steps:
             self._retx_at = None
             return []
         interval = min(self._retx_interval * 2, self.timers.t2)
@@ -938,7 +951,7 @@ class ServerNonInviteTransaction(_ServerTransaction):
     __slots__ = ()
 
     kind = Kind.SERVER_NON_INVITE
-    _table = _table_for(Kind.SERVER_NON_INVITE)
+    _table = _SERVER_NON_INVITE_TABLE
 
     def __init__(
         self,
@@ -951,13 +964,14 @@ class ServerNonInviteTransaction(_ServerTransaction):
         """``key``, when given, is ``server_key(request)``, already computed by the caller."""
         if request.method in ("INVITE", "ACK"):
             raise ValueError(f"a non-INVITE server transaction cannot carry {request.method}")
+        self._steps = _SERVER_NON_INVITE_TABLE
         super().__init__(request, State.TRYING, reliable, timers, key)
 
     def receive(self, request: Request, now: float) -> list[Effect]:
         """A retransmission of the request matched to this transaction by ``server_key``."""
         if request.method != self.method:
             return []
-        if (self.state, Event.RECV_REQUEST) not in self._table:
+        if (self.state, Event.RECV_REQUEST) not in self._steps:
             return []
         return self._resend_last()
 

@@ -25,6 +25,10 @@ ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
 Params = tuple[tuple[str, str | None], ...]
 
+_TUPLE_NEW: Final = tuple.__new__
+"""Taken from ``tuple`` once: compiled, ``tuple.__new__(...)`` looks the method up on the
+type at each call, and calling this is a plain call."""
+
 
 def param_of(params: Params, name: str) -> str | None:
     """Parameter ``name`` (lower-case) of ``params``: '' for a flag, None when absent. What
@@ -67,8 +71,17 @@ class Uri(NamedTuple):
     @property
     def hostport(self) -> str:
         """``host[:port]`` with IPv6 brackets restored."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port is None else f"{host}:{self.port}"
+        return uri_hostport(self)
+
+
+def uri_hostport(uri: Uri) -> str:
+    """``uri.hostport``, as a native call: compiled, a NamedTuple's property is a generic
+    attribute lookup and a call."""
+    host = uri.host
+    if ":" in host:
+        host = f"[{host}]"
+    port = uri.port
+    return host if port is None else f"{host}:{port}"
 
 
 def _split_params(text: str) -> Params:
@@ -227,7 +240,7 @@ def parse_name_addr(text: str) -> NameAddr:
 
 def _name_addr(display: str, uri: str, params: Params, raw: str) -> NameAddr:
     # tuple.__new__ skips the Python-level __new__ a NamedTuple is given: half the cost.
-    return tuple.__new__(NameAddr, (display, uri, params, raw))
+    return _TUPLE_NEW(NameAddr, (display, uri, params, raw))
 
 
 def _find_outside_quotes(text: str, char: str) -> int:
@@ -365,7 +378,7 @@ def cached_via(text: str) -> Via | None:
 def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
     """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
     ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
-    return tuple.__new__(Via, (transport, host, port, params, raw))
+    return _TUPLE_NEW(Via, (transport, host, port, params, raw))
 
 
 def remember_via(via: Via) -> None:

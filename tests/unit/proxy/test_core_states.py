@@ -65,3 +65,19 @@ def test_only_a_waiting_emergency_call_resumes_and_a_cancel_counts_once() -> Non
     resumes = {s for (s, e) in CONTEXT_TRANSITIONS if e is ContextEvent.RESUME}
     assert resumes == {ContextState.AWAITING_OWNER}
     assert (ContextState.CANCELLED, ContextEvent.CANCEL) not in CONTEXT_TRANSITIONS
+
+
+def test_step_indexes_match_the_tables() -> None:
+    # The per-state indexes the steps read hold exactly the pairs of the tables.
+    from e911_sip.proxy import core
+
+    assert {
+        (state, event): nxt
+        for state, events in core._BRANCH_NEXT.items()
+        for event, nxt in events.items()
+    } == BRANCH_TRANSITIONS
+    assert {
+        (state, event): nxt
+        for state, events in core._CONTEXT_NEXT.items()
+        for event, nxt in events.items()
+    } == CONTEXT_TRANSITIONS

@@ -24,6 +24,7 @@ from e911_sip.sip.message import (
     make_response,
     parse,
 )
+from e911_sip.sip.peer import Peer, response_peer
 from e911_sip.sip.uri import (
     _VIA_CACHE,
     NameAddr,
@@ -31,7 +32,9 @@ from e911_sip.sip.uri import (
     _parse_via,
     param_of,
     parse_name_addr,
+    parse_uri,
     parse_via,
+    uri_hostport,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -340,3 +343,42 @@ def test_a_made_response_holds_what_the_constructor_leaves() -> None:
 def test_the_place_after_the_vias_is_found_from_the_end(keys: list[str]) -> None:
     expected = len(keys) - keys[::-1].index("via") if "via" in keys else 0
     assert _after_vias(keys) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sip:10.0.0.1",
+        "sip:10.0.0.1:5080;transport=tcp",
+        "sip:911@trunk.example.com:5061;transport=TLS",
+        "sips:[2001:db8::1]:5061",
+        "sip:[2001:db8::1]",
+    ],
+)
+def test_a_uri_hostport_read_natively_is_the_property(text: str) -> None:
+    uri = parse_uri(text)
+    host = f"[{uri.host}]" if ":" in uri.host else uri.host
+    assert uri_hostport(uri) == (host if uri.port is None else f"{host}:{uri.port}")
+    assert uri.hostport == uri_hostport(uri)
+
+
+@pytest.mark.parametrize(
+    ("via", "source", "expected"),
+    [
+        ("SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKa;rport", ("udp", "10.0.0.9", 5062), 5062),
+        ("SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKa;rport=5064;received=10.0.0.8", None, 5064),
+        ("SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKa", None, 5060),
+        ("SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKa", ("tls", "10.0.0.9", 4000), 5061),
+        ("SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bKa;rport=99999", None, 5070),
+    ],
+)
+def test_a_response_peer_is_a_plain_peer(
+    via: str, source: tuple[str, str, int] | None, expected: int
+) -> None:
+    # Built without the NamedTuple's constructor, it is the value the constructor builds.
+    transport, host, port = source or ("udp", "10.0.0.7", 5999)
+    peer = response_peer(parse_via(via), Peer(transport, host, port))
+    assert type(peer) is Peer
+    assert peer.port == expected
+    assert peer == Peer(*peer[:3]) and peer.connection is None
+    assert repr(peer) == repr(Peer(peer.transport, peer.host, peer.port))
