@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.sip.peer import Peer
 from e911_sip.transport.base import MessageSink
@@ -91,6 +93,9 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Compiled, a native class; the worker's transport (transport.dispatch) and the edge bench
+# subclass it in Python, which a native class allows only when told.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UdpTransport:
     """A bound UDP socket that sends to any peer and serves what it reads by priority."""
 
