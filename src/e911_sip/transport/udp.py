@@ -28,6 +28,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mypy_extensions import mypyc_attr
 
@@ -119,10 +120,13 @@ class UdpTransport:
         self._on_drop = on_drop
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: tuple[deque[tuple[bytes, tuple[str, int]]], ...] = tuple(
+        # A source address is a tuple of any length: (host, port), or for IPv6 (host, port,
+        # flowinfo, scope_id). Compiled, ``tuple[str, int]`` would be checked and unpacked to
+        # two fields, and an IPv6 datagram would raise TypeError.
+        self._queues: tuple[deque[tuple[bytes, tuple[Any, ...]]], ...] = tuple(
             deque() for _ in _PRIORITIES
         )
-        self._peers: dict[tuple[str, int], Peer] = {}
+        self._peers: dict[tuple[Any, ...], Peer] = {}
         """The Peer of each recent source address: the softswitch and the trunks send most
         datagrams, and one Peer each serves them all (bounded: cleared when full)."""
         self._depth = 0
