@@ -50,6 +50,16 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+def _unwatch(loop: asyncio.AbstractEventLoop, fd: int, *, reader: bool) -> None:
+    """Stop watching ``fd`` for writing, and for reading too when ``reader``."""
+    # Typed as the loop's remove_reader/remove_writer are declared (bool), compiled code
+    # checks their result, and uvloop's return None: called untyped, the result is not read.
+    untyped: Any = loop
+    if reader:
+        untyped.remove_reader(fd)
+    untyped.remove_writer(fd)
+
+
 def _all_new(_data: bytes) -> Priority:
     return Priority.NEW
 
@@ -292,7 +302,7 @@ class UdpTransport:
                 continue
             backlog.popleft()
         if sock is not None and self._loop is not None:
-            self._loop.remove_writer(sock.fileno())
+            _unwatch(self._loop, sock.fileno(), reader=False)
 
     async def close(self) -> None:
         """Close the socket; whatever is still queued is dropped."""
@@ -301,8 +311,7 @@ class UdpTransport:
             return
         self._sock = None
         if self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-            self._loop.remove_writer(sock.fileno())
+            _unwatch(self._loop, sock.fileno(), reader=True)
         if self._drain_handle is not None:
             self._drain_handle.cancel()
             self._drain_handle = None

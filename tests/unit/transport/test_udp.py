@@ -333,3 +333,29 @@ async def test_an_ipv6_source_address_of_four_fields_is_served() -> None:
     finally:
         client.close()
         await transport.close()
+
+
+def test_the_adapter_stops_watching_its_socket_on_uvloop(client: socket.socket) -> None:
+    # uvloop's remove_reader and remove_writer return None where asyncio's return a bool:
+    # compiled, a result read as the declared bool made close() raise TypeError at shutdown.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        sink = Recorder()
+        transport = await start(sink)
+        real = transport._sock
+        assert real is not None
+        transport._sock = _FullOnce(real, full=1)  # type: ignore[assignment]
+        peer = Peer("udp", *client.getsockname())
+        try:
+            transport.send(b"held", peer, "b1")  # the kernel refuses: the loop watches
+            await until_empty(transport)  # sent once writable; the watch removed
+        finally:
+            transport._sock = real
+            await transport.close()
+        assert not transport.bound and sink.failed == []
+        client.settimeout(5)
+        assert client.recvfrom(100)[0] == b"held"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
