@@ -31,6 +31,8 @@ COMPILED = (
     "e911_sip.proxy.trunks",
     "e911_sip.policy.emergency",
     "e911_sip.policy.enrich",
+    "e911_sip.edge",
+    "e911_sip.transport.udp",
 )
 """Modules setup.py compiles; read by setup.py without importing the package."""
 

@@ -61,7 +61,7 @@ from e911_sip.logs import RateLimitedLog
 from e911_sip.metrics import EMERGENCY_OUTCOMES, Children, Metrics
 from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import caller_line
-from e911_sip.policy.enrich import EnrichOptions, enrich
+from e911_sip.policy.enrich import Enrichment, EnrichOptions, enrich
 from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.proxy.core import (
     CallCompleted,
@@ -79,6 +79,7 @@ from e911_sip.proxy.core import (
     TrunkProbed,
     TrunkStateChanged,
 )
+from e911_sip.sip.message import Request
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore, MirroredLocationStore
 from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
@@ -170,6 +171,21 @@ class Sender(Protocol):
         ...
 
 
+class Enricher(Protocol):
+    """What enriches an emergency INVITE: :func:`e911_sip.policy.enrich.enrich`, or a
+    replacement with its signature (a test's failing one exercises the fail-safe path)."""
+
+    def __call__(
+        self,
+        request: Request,
+        *,
+        line: str | None,
+        provider_endpoint: str | None,
+        callback: str | None = None,
+        options: EnrichOptions,
+    ) -> Enrichment: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EdgeOptions:
     """Behaviour of the edge around the core."""
@@ -221,8 +237,12 @@ class Edge:
         load: LoadSignal | None = None,
         recorder: CallRecorder | None = None,
         notify: Callable[[CallEvent], None] | None = None,
+        enrich: Enricher = enrich,
     ) -> None:
+        """``enrich`` is the enrichment policy; whatever it raises sends the original
+        INVITE (``enrich_error``)."""
         self._core = core
+        self._enrich = enrich
         self._recorder = recorder
         self._notify = notify
         self._store = store
@@ -703,7 +723,7 @@ class Edge:
                 else:
                     outcome = _OUTCOME_BY_SOURCE[result.source]
                     store_error = result.error
-            enrichment = enrich(
+            enrichment = self._enrich(
                 request,
                 line=line,
                 provider_endpoint=provider_endpoint,

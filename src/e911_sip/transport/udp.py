@@ -28,6 +28,9 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from e911_sip.proxy.admission import LoadSignal, Priority
 from e911_sip.sip.peer import Peer
@@ -45,6 +48,16 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _unwatch(loop: asyncio.AbstractEventLoop, fd: int, *, reader: bool) -> None:
+    """Stop watching ``fd`` for writing, and for reading too when ``reader``."""
+    # Typed as the loop's remove_reader/remove_writer are declared (bool), compiled code
+    # checks their result, and uvloop's return None: called untyped, the result is not read.
+    untyped: Any = loop
+    if reader:
+        untyped.remove_reader(fd)
+    untyped.remove_writer(fd)
 
 
 def _all_new(_data: bytes) -> Priority:
@@ -91,6 +104,9 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Compiled, a native class; the worker's transport (transport.dispatch) and the edge bench
+# subclass it in Python, which a native class allows only when told.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UdpTransport:
     """A bound UDP socket that sends to any peer and serves what it reads by priority."""
 
@@ -114,10 +130,13 @@ class UdpTransport:
         self._on_drop = on_drop
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: tuple[deque[tuple[bytes, tuple[str, int]]], ...] = tuple(
+        # A source address is a tuple of any length: (host, port), or for IPv6 (host, port,
+        # flowinfo, scope_id). Compiled, ``tuple[str, int]`` would be checked and unpacked to
+        # two fields, and an IPv6 datagram would raise TypeError.
+        self._queues: tuple[deque[tuple[bytes, tuple[Any, ...]]], ...] = tuple(
             deque() for _ in _PRIORITIES
         )
-        self._peers: dict[tuple[str, int], Peer] = {}
+        self._peers: dict[tuple[Any, ...], Peer] = {}
         """The Peer of each recent source address: the softswitch and the trunks send most
         datagrams, and one Peer each serves them all (bounded: cleared when full)."""
         self._depth = 0
@@ -283,7 +302,7 @@ class UdpTransport:
                 continue
             backlog.popleft()
         if sock is not None and self._loop is not None:
-            self._loop.remove_writer(sock.fileno())
+            _unwatch(self._loop, sock.fileno(), reader=False)
 
     async def close(self) -> None:
         """Close the socket; whatever is still queued is dropped."""
@@ -292,8 +311,7 @@ class UdpTransport:
             return
         self._sock = None
         if self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-            self._loop.remove_writer(sock.fileno())
+            _unwatch(self._loop, sock.fileno(), reader=True)
         if self._drain_handle is not None:
             self._drain_handle.cancel()
             self._drain_handle = None

@@ -294,3 +294,68 @@ async def test_each_datagram_costs_its_own_size_not_the_receive_buffer(
         assert all(type(data) is bytes for data in sink.received)
     finally:
         await transport.close()
+
+
+class PeerRecorder:
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, Peer]] = []
+        self.done = asyncio.Event()
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        self.received.append((data, source))
+        self.done.set()
+
+    def delivery_failed(self, branch: str | None, peer: Peer, reason: str) -> None:
+        raise AssertionError(f"delivery failed: {reason}")
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+async def test_an_ipv6_source_address_of_four_fields_is_served() -> None:
+    # An AF_INET6 socket names a source (host, port, flowinfo, scope_id); compiled, a
+    # queue typed for (host, port) pairs raised TypeError on the first one.
+    sink = PeerRecorder()
+    transport = UdpTransport(sink, host="::1", port=0)
+    try:
+        await transport.start()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        client.settimeout(5)
+        client.bind(("::1", 0))
+        client.sendto(b"OPTIONS sip:x SIP/2.0\r\n\r\n", ("::1", transport.port))
+        async with asyncio.timeout(5):
+            await sink.done.wait()
+        peer = sink.received[0][1]
+        assert (peer.transport, peer.host, peer.port) == ("udp", "::1", client.getsockname()[1])
+        transport.send(b"SIP/2.0 200 OK\r\n\r\n", peer, None)
+        assert client.recv(100) == b"SIP/2.0 200 OK\r\n\r\n"
+    finally:
+        client.close()
+        await transport.close()
+
+
+def test_the_adapter_stops_watching_its_socket_on_uvloop(client: socket.socket) -> None:
+    # uvloop's remove_reader and remove_writer return None where asyncio's return a bool:
+    # compiled, a result read as the declared bool made close() raise TypeError at shutdown.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        sink = Recorder()
+        transport = await start(sink)
+        real = transport._sock
+        assert real is not None
+        transport._sock = _FullOnce(real, full=1)  # type: ignore[assignment]
+        peer = Peer("udp", *client.getsockname())
+        try:
+            transport.send(b"held", peer, "b1")  # the kernel refuses: the loop watches
+            await until_empty(transport)  # sent once writable; the watch removed
+        finally:
+            transport._sock = real
+            await transport.close()
+        assert not transport.bound and sink.failed == []
+        client.settimeout(5)
+        assert client.recvfrom(100)[0] == b"held"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
