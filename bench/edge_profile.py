@@ -348,8 +348,9 @@ _COMPILED_FRAME = ("CPy", "__native")
 
 
 def by_area(raw: Path) -> str:
-    """Own samples grouped by where the CPU went, from a ``--native`` run's stacks: inside
-    the compiled modules (with the C they call), in a libc call (the syscalls), in uvloop,
+    """Own samples grouped by where the CPU went, from a ``--native`` run's stacks: in a
+    libc call (the syscalls, whoever made them), inside the compiled modules (with the other
+    C they call), in uvloop,
     as Python in each file, or as other C called from Python in each file."""
     areas: Counter[str] = Counter()
     total = 0
@@ -366,12 +367,13 @@ def by_area(raw: Path) -> str:
         caller = frames[python[-1]] if python else ""
         where = caller.partition(" (")[2].split(":")[0].rsplit("/", 2)[-2:]
         file = "/".join(where) if caller else "?"
-        if any(marker in frame for frame in below for marker in _COMPILED_FRAME):
+        if "libc" in leaf:
+            # A syscall, whether Python or a compiled module made it.
+            areas[f"libc: {leaf.partition(' ')[0]}"] += count
+        elif any(marker in frame for frame in below for marker in _COMPILED_FRAME):
             areas["compiled modules (and the C they call)"] += count
         elif not below:
             areas[f"Python: {file}"] += count
-        elif "libc" in leaf:
-            areas[f"libc: {leaf.partition(' ')[0]}"] += count
         elif any(marker in frame for frame in below for marker in ("loop.c", "uv_", "uv__")):
             areas["uvloop"] += count
         else:
