@@ -14,8 +14,10 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
+# The check imports every compiled module, and the edge's import the runtime dependencies:
+# they are installed beside the package, from the wheels just built.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
-    && pip install --no-cache-dir --no-deps --target wheel-check /wheels/e911_sip-*.whl \
+    && pip install --no-cache-dir --no-index --find-links /wheels --target wheel-check e911-sip \
     && PYTHONPATH=wheel-check python -m e911_sip.build --require-compiled
 
 FROM python:3.11-slim-bookworm

@@ -7,6 +7,7 @@ import os
 import runpy
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,12 @@ def test_the_image_is_built_compiled() -> None:
     assert "COPY pyproject.toml setup.py" in build_stage
     assert "gcc" in build_stage
     assert "python -m e911_sip.build --require-compiled" in build_stage
+
+
+def test_the_build_environment_has_what_the_compiled_modules_import() -> None:
+    # mypyc type-checks the modules it compiles and everything they import; the edge imports
+    # the runtime dependencies, and an isolated build (pip, the image) has only these.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requires = set(project["build-system"]["requires"])
+    missing = [dep for dep in project["project"]["dependencies"] if dep not in requires]
+    assert not missing, f"add to [build-system] requires: {missing}"
