@@ -191,7 +191,13 @@ class _LoopMetric(Collector):
                     f"{self._name}: {len(self._labelnames)} label values expected, "
                     f"got {len(values)}"
                 )
-            child = self._children[tuple(str(v) for v in values)] = self._new_child()
+            # Kept under the values as written out, and looked up again under them: a value
+            # given as something other than a str (an int status) finds the same child each
+            # time instead of replacing it.
+            key = tuple(str(v) for v in values)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._new_child()
         return child
 
     def _new_child(self) -> Any:

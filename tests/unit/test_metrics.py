@@ -93,6 +93,13 @@ def test_a_loop_counter_without_labels_and_its_checks() -> None:
     labelled = LoopCounter("x_other", "Other.", ["reason"], registry=registry)
     with pytest.raises(ValueError, match="1 label values expected, got 2"):
         labelled.labels("a", "b")
+    # A label value given as an int is the same child every time, written as prometheus_client
+    # writes it.
+    by_status = LoopCounter("x_status", "By status.", ["status"], registry=registry)
+    by_status.labels(5).inc()  # type: ignore[arg-type]
+    by_status.labels(5).inc()  # type: ignore[arg-type]
+    by_status.labels("5").inc()
+    assert registry.get_sample_value("x_status_total", {"status": "5"}) == 3
     # A name already in the registry is refused, as for any collector.
     with pytest.raises(ValueError, match="Duplicated"):
         LoopCounter("x_events", "Again.", (), registry=registry)
