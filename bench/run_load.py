@@ -97,6 +97,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1168,6 +1169,20 @@ class Options:
     workers: int = 1
     """``[sip] workers`` of the edge: above 1, a supervisor and that many worker processes
     (UDP only, the Redis store)."""
+    edge_settings: tuple[tuple[str, Any], ...] = ()
+    """``--edge-set``: (``table.key``, value) pairs written into the edge's configuration,
+    e.g. to measure it with the call records or the notifications off."""
+
+    def edge_overrides(self) -> dict[str, Any]:
+        """``edge_settings`` as nested tables, for ``edge_config``'s overrides."""
+        tables: dict[str, Any] = {}
+        for dotted, value in self.edge_settings:
+            *path, key = dotted.split(".")
+            table = tables
+            for name in path:
+                table = table.setdefault(name, {})
+            table[key] = value
+        return tables
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -1250,6 +1265,8 @@ class LoadBench:
             # [store] mirror is left at its default (true): every record in memory, loaded
             # from Redis before the edge reports ready.
             workers = self.options.workers
+            overrides = self.options.edge_overrides()
+            overrides["sip"] = {"workers": workers, **overrides.get("sip", {})}
             return edge_config(
                 sip_port=sip_port,
                 http_port=http_port,
@@ -1258,7 +1275,7 @@ class LoadBench:
                 store_url=self.redis.url,
                 # Several workers serve UDP listeners only.
                 transports=("udp",) if workers > 1 else ("udp", "tcp"),
-                sip={"workers": workers},
+                **overrides,
             )
         return edge_config(
             sip_port=sip_port,
@@ -1266,6 +1283,7 @@ class LoadBench:
             emergency_trunks=[trunk_uri(emergency_port)],
             default_trunks=[trunk_uri(default_port)],
             seed_file=self.seed_file,
+            **self.options.edge_overrides(),
         )
 
     def run(self, target: str, kind: str, rate: int, duration: float, *, purpose: str) -> RunResult:
@@ -2398,7 +2416,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=1,
         help="[sip] workers of the edge (default 1); above 1 needs --store redis",
     )
+    parser.add_argument(
+        "--edge-set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="a setting written into the edge's configuration, the value in TOML, e.g. "
+        "records.enabled=false or log.level='\"WARNING\"' (repeatable; the report names them)",
+    )
     args = parser.parse_args(argv)
+    try:
+        edge_settings = tuple(_edge_setting(text) for text in args.edge_set)
+    except ValueError as exc:
+        parser.error(f"--edge-set: {exc}")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and args.store != "redis":
@@ -2451,7 +2481,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         rss_interval=args.rss_interval,
         heap_probe=args.heap_probe,
         workers=args.workers,
+        edge_settings=edge_settings,
     )
+
+
+def _edge_setting(text: str) -> tuple[str, Any]:
+    """``table.key=value`` (the value in TOML) as (``table.key``, value)."""
+    dotted, sep, value = text.partition("=")
+    names = dotted.strip().split(".")
+    if not sep or len(names) < 2 or not all(names):
+        raise ValueError(f"expected TABLE.KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{text!r}: the value is not TOML ({exc})") from exc
+    return ".".join(names), parsed
 
 
 def environment(options: Options, argv: Sequence[str]) -> Environment:
@@ -2498,6 +2542,9 @@ def _store_text(options: Options) -> str:
         parts += [stores[store] for store in options.edge_stores]
     if KAMAILIO in options.targets:
         parts.append("kamailio: ndb_redis HGET on the same redis-server per 911 call")
+    if options.edge_settings and any(t.startswith("edge-") for t in options.targets):
+        settings = ", ".join(f"{key} = {json.dumps(value)}" for key, value in options.edge_settings)
+        parts.append(f"the edge's configuration also sets {settings}")
     return "; ".join(parts)
 
 
