@@ -83,6 +83,7 @@ from e911_sip.sip.message import Request
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore, MirroredLocationStore
 from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
+from e911_sip.transport.udp import UdpTransport
 
 log = logging.getLogger("e911_sip.edge")
 
@@ -252,6 +253,10 @@ class Edge:
         self._clock = clock
         self._loop = asyncio.get_running_loop()
         self._transports: dict[str, Sender] = {}
+        self._udp: UdpTransport | None = None
+        """The ``udp`` transport when it is a :class:`UdpTransport`. Compiled, a call through
+        the ``Sender`` protocol is generic (a method looked up by name, its arguments packed
+        for Python); a call on the concrete class is a native one."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -371,6 +376,8 @@ class Edge:
     def add_transport(self, name: str, transport: Sender) -> None:
         """Register the transport that sends messages for ``name`` (udp, tcp)."""
         self._transports[name] = transport
+        if name == "udp":
+            self._udp = transport if isinstance(transport, UdpTransport) else None
 
     def start(self) -> None:
         """Begin the core's own work (the first trunk probes are due at once); call it once
@@ -439,12 +446,17 @@ class Edge:
             # Most turns of the pump have nothing to send: no new list for them.
             return False
         outgoing = core.data_to_send()
+        udp = self._udp
         for out in outgoing:
-            transport = self._transports.get(out.peer.transport)
-            if transport is None:
-                self.delivery_failed(out.branch, out.peer, "no transport for peer")
+            peer = out.peer
+            if udp is not None and peer.transport == "udp":
+                udp.send(out.data, peer, out.branch)
                 continue
-            transport.send(out.data, out.peer, out.branch)
+            transport = self._transports.get(peer.transport)
+            if transport is None:
+                self.delivery_failed(out.branch, peer, "no transport for peer")
+                continue
+            transport.send(out.data, peer, out.branch)
         return bool(outgoing)
 
     def _arm_timer(self) -> None:
