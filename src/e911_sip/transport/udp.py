@@ -121,8 +121,11 @@ class UdpTransport:
         on_drop: Callable[[Priority], None] | None = None,
     ) -> None:
         """``load`` receives the queue depth; ``on_drop`` hears of each datagram dropped
-        because the queues were full."""
+        because the queues were full. The sink's ``message_received`` is bound here, once."""
         self.sink = sink
+        self._deliver: Callable[[bytes, Peer], None] = sink.message_received
+        """The sink's ``message_received``, bound once: compiled, a call through the
+        ``MessageSink`` protocol looks the method up by name on every datagram."""
         self.host = host
         self.port = port
         self.options = options or UdpOptions()
@@ -229,7 +232,7 @@ class UdpTransport:
     def _drain(self) -> None:
         self._drain_handle = None
         budget = self.options.batch
-        sink = self.sink
+        deliver = self._deliver
         load = self.load
         peers = self._peers
         for queue in self._queues:
@@ -244,7 +247,7 @@ class UdpTransport:
                         peers.clear()
                     # An IPv6 source address is (host, port, flowinfo, scope_id).
                     peer = peers[addr] = Peer("udp", addr[0], addr[1])
-                sink.message_received(data, peer)
+                deliver(data, peer)
             if not budget:
                 break
         if self._depth and self._drain_handle is None and self._loop is not None:
