@@ -238,12 +238,14 @@ class Edge:
         load: LoadSignal | None = None,
         recorder: CallRecorder | None = None,
         notify: Callable[[CallEvent], None] | None = None,
-        enrich: Enricher = enrich,
+        enrich: Enricher | None = None,
     ) -> None:
-        """``enrich`` is the enrichment policy; whatever it raises sends the original
-        INVITE (``enrich_error``)."""
+        """``enrich`` replaces the enrichment policy (:func:`e911_sip.policy.enrich.enrich`
+        by default); whatever it raises sends the original INVITE (``enrich_error``)."""
         self._core = core
         self._enrich = enrich
+        """A replacement enrichment; None: the policy's own, called natively (compiled, a
+        call through the ``Enricher`` protocol is generic, its keywords packed for Python)."""
         self._recorder = recorder
         self._notify = notify
         self._store = store
@@ -735,13 +737,23 @@ class Edge:
                 else:
                     outcome = _OUTCOME_BY_SOURCE[result.source]
                     store_error = result.error
-            enrichment = self._enrich(
-                request,
-                line=line,
-                provider_endpoint=provider_endpoint,
-                callback=callback,
-                options=self._options.enrich,
-            )
+            custom = self._enrich
+            if custom is None:
+                enrichment = enrich(
+                    request,
+                    line=line,
+                    provider_endpoint=provider_endpoint,
+                    callback=callback,
+                    options=self._options.enrich,
+                )
+            else:
+                enrichment = custom(
+                    request,
+                    line=line,
+                    provider_endpoint=provider_endpoint,
+                    callback=callback,
+                    options=self._options.enrich,
+                )
             replaced = enrichment.removed_geolocation
             to_send = enrichment.request
             enriched = True

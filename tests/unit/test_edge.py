@@ -51,7 +51,7 @@ def build(
     notify: Callable[[CallEvent], None] | None = None,
     recorder: CallRecorder | None = None,
     overload: Callable[[], str | None] = lambda: None,
-    enricher: Enricher = enrich,
+    enricher: Enricher | None = None,
 ) -> tuple[Edge, RecordingTransport, Metrics]:
     options = ProxyOptions(
         local=(LocalAddress("udp", "192.0.2.1", 5070),),
@@ -183,6 +183,35 @@ async def test_a_bug_in_enrichment_sends_the_original_invite(
     assert sent.uri == "sip:911@198.51.100.1:5060"
     assert outcome(metrics, "enrich_error") == 1
     assert any(r.exc_info for r in caplog.records)
+
+
+async def test_a_replacement_enrichment_is_the_one_called() -> None:
+    calls: list[str | None] = []
+
+    def counted(
+        request: Request,
+        *,
+        line: str | None,
+        provider_endpoint: str | None,
+        callback: str | None = None,
+        options: EnrichOptions,
+    ) -> Enrichment:
+        calls.append(line)
+        return enrich(
+            request,
+            line=line,
+            provider_endpoint=provider_endpoint,
+            callback=callback,
+            options=options,
+        )
+
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}), enricher=counted)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert calls == ["3215551234"]
+    sent = invites_to(transport, "198.51.100.1")[0]
+    assert sent.get("geolocation") == f"<{BASE}5555555/e911abc123def456>"
+    assert outcome(metrics, "enriched") == 1
 
 
 async def test_delivery_failure_fails_over_to_the_next_trunk() -> None:
