@@ -280,20 +280,6 @@ class Edge:
         self._evicted = {
             kind: metrics.evicted.labels(kind) for kind in ("transactions", "contexts")
         }
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            RequestRouted: self._on_routed,
-            EmergencyCall: self._on_emergency_call,
-            EmergencyForwarded: self._on_forwarded,
-            Failover: self._on_failover,
-            FailOpen: self._on_fail_open,
-            CallCompleted: self._on_completed,
-            TrunkProbed: self._on_probed,
-            TrunkStateChanged: self._on_trunk_state,
-            Shed: self._on_shed,
-            Evicted: self._on_evicted,
-            Discarded: self._on_discarded,
-            Recovered: self._on_recovered,
-        }
         self._emergency_dialogs: dict[str, float] = {}
         self._dialogs: OrderedDict[str, float] = OrderedDict()
         """Answered non-emergency calls whose BYE has not been seen, by Call-ID, oldest
@@ -488,9 +474,33 @@ class Edge:
             # The per-call record (RAY BAUM's Act); memory only, never raises. An emergency
             # call's record is begun by ``_note_call``, once its INVITE has left.
             self._recorder.on_event(event)
-        handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(event)
+        # Checked in order of frequency and called directly: compiled, a handler looked up
+        # in a dict and called as a bound method is a generic Python call. No event class
+        # derives from another, so each check matches its class only, as the type did.
+        if isinstance(event, RequestRouted):
+            self._on_routed(event)
+        elif isinstance(event, CallCompleted):
+            self._on_completed(event)
+        elif isinstance(event, EmergencyForwarded):
+            self._on_forwarded(event)
+        elif isinstance(event, EmergencyCall):
+            self._on_emergency_call(event)
+        elif isinstance(event, Recovered):
+            self._on_recovered(event)
+        elif isinstance(event, Discarded):
+            self._on_discarded(event)
+        elif isinstance(event, Shed):
+            self._on_shed(event)
+        elif isinstance(event, TrunkProbed):
+            self._on_probed(event)
+        elif isinstance(event, Failover):
+            self._on_failover(event)
+        elif isinstance(event, FailOpen):
+            self._on_fail_open(event)
+        elif isinstance(event, Evicted):
+            self._on_evicted(event)
+        elif isinstance(event, TrunkStateChanged):
+            self._on_trunk_state(event)
 
     def _on_routed(self, event: RequestRouted) -> None:
         # A Route is a str: the member keys the dict as its value does, without the enum's
