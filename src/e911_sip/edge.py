@@ -83,7 +83,7 @@ from e911_sip.sip.message import Request
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore, MirroredLocationStore
 from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
-from e911_sip.transport.udp import UdpTransport
+from e911_sip.transport.udp import UdpTransport, send_datagram
 
 log = logging.getLogger("e911_sip.edge")
 
@@ -256,9 +256,10 @@ class Edge:
         self._loop = asyncio.get_running_loop()
         self._transports: dict[str, Sender] = {}
         self._udp: UdpTransport | None = None
-        """The ``udp`` transport when it is a :class:`UdpTransport`. Compiled, a call through
-        the ``Sender`` protocol is generic (a method looked up by name, its arguments packed
-        for Python); a call on the concrete class is a native one."""
+        """The ``udp`` transport when it is a :class:`UdpTransport` whose ``send`` is the
+        class's own, sent on with :func:`send_datagram`. Compiled, a call through the
+        ``Sender`` protocol is generic (a method looked up by name, a Python-level call);
+        the function is a native one."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -365,7 +366,10 @@ class Edge:
         """Register the transport that sends messages for ``name`` (udp, tcp)."""
         self._transports[name] = transport
         if name == "udp":
-            self._udp = transport if isinstance(transport, UdpTransport) else None
+            self._udp = None
+            # A subclass that replaces ``send`` is called through it, as any transport.
+            if isinstance(transport, UdpTransport) and type(transport).send is UdpTransport.send:
+                self._udp = transport
 
     def start(self) -> None:
         """Begin the core's own work (the first trunk probes are due at once); call it once
@@ -438,7 +442,7 @@ class Edge:
         for out in outgoing:
             peer = out.peer
             if udp is not None and peer.transport == "udp":
-                udp.send(out.data, peer, out.branch)
+                send_datagram(udp, out.data, peer, out.branch)
                 continue
             transport = self._transports.get(peer.transport)
             if transport is None:

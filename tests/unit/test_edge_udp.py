@@ -29,6 +29,20 @@ from e911_sip.transport.udp import UdpTransport
 from tests.unit.test_edge import BASE, RECORD, invite
 
 
+class Subclass(UdpTransport):
+    """A Python subclass that replaces no sending, as the worker's transport."""
+
+
+class Overriding(UdpTransport):
+    """A Python subclass that replaces ``send``: the edge must call it."""
+
+    seen: list[bytes]
+
+    def send(self, data: bytes, peer: Peer, branch: str | None) -> None:
+        self.seen.append(data)
+        super().send(data, peer, branch)
+
+
 @dataclass
 class Rig:
     edge: Edge
@@ -55,8 +69,11 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
         trunk.close()
 
 
-@pytest.fixture
-async def rig(sockets: tuple[socket.socket, socket.socket]) -> AsyncIterator[Rig]:
+@pytest.fixture(params=[UdpTransport, Subclass, Overriding])
+async def rig(
+    request: pytest.FixtureRequest, sockets: tuple[socket.socket, socket.socket]
+) -> AsyncIterator[Rig]:
+    kind: type[UdpTransport] = request.param
     softswitch, trunk = sockets
     trunk_port = trunk.getsockname()[1]
     options = ProxyOptions(
@@ -75,7 +92,9 @@ async def rig(sockets: tuple[socket.socket, socket.socket]) -> AsyncIterator[Rig
         metrics=metrics,
         options=EdgeOptions(enrich=EnrichOptions(geolocation_base_url=BASE)),
     )
-    udp = UdpTransport(edge, host="127.0.0.1", port=0)
+    udp = kind(edge, host="127.0.0.1", port=0)
+    if isinstance(udp, Overriding):
+        udp.seen = []
     await udp.start()
     edge.add_transport("udp", udp)
     try:
@@ -101,6 +120,11 @@ async def test_an_emergency_call_goes_through_the_udp_adapter_both_ways(rig: Rig
         "e911_sip_emergency_calls_total", {"outcome": "enriched"}
     )
     assert answered == 1
+    if isinstance(rig.udp, Overriding):
+        assert [parse(data).start_line() for data in rig.udp.seen] == [
+            forwarded.start_line(),
+            trying.start_line(),
+        ]
 
 
 async def test_a_transport_registered_again_for_udp_replaces_the_adapter(rig: Rig) -> None:
