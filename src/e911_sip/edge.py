@@ -254,6 +254,9 @@ class Edge:
         self._options = options
         self._clock = clock
         self._loop = asyncio.get_running_loop()
+        # Bound once: compiled, ``self._loop.time()`` looks the method up by name each time
+        # (several times per message).
+        self._loop_time: Callable[[], float] = self._loop.time
         self._transports: dict[str, Sender] = {}
         self._udp: UdpTransport | None = None
         """The ``udp`` transport when it is a :class:`UdpTransport` whose ``send`` is the
@@ -391,7 +394,7 @@ class Edge:
         """A transport delivered one message."""
         self._now_received = self._clock()
         try:
-            self._core.receive(data, source, self._loop.time())
+            self._core.receive(data, source, self._loop_time())
         except Exception:
             # The core answers or drops whatever a peer sends; reaching here is a bug. Keep
             # serving, and make it loud: the message is lost.
@@ -404,7 +407,7 @@ class Edge:
         self._delivery_failures(peer.transport).inc()
         self._delivery_log.hit(peer.transport, lambda: {"peer": str(peer), "error": reason})
         if branch is not None:
-            self._core.transport_error(branch, self._loop.time())
+            self._core.transport_error(branch, self._loop_time())
             if not self._pump_follows:
                 self._pump()
 
@@ -466,7 +469,7 @@ class Edge:
         self._timer = None
         self._timer_at = None
         try:
-            self._core.handle_timer(self._loop.time())
+            self._core.handle_timer(self._loop_time())
         except Exception:
             self._discarded("internal_error").inc()
             log.exception("internal error running timers")
@@ -519,7 +522,7 @@ class Edge:
         counter.inc()
 
     def _on_emergency_call(self, event: EmergencyCall) -> None:
-        call = _Call(event.call_id, event.number, self._now_received, self._loop.time())
+        call = _Call(event.call_id, event.number, self._now_received, self._loop_time())
         self._calls[event.call_id] = call
         self._begin_emergency(event, call)
 
@@ -538,7 +541,7 @@ class Edge:
         call = self._calls.get(event.call_id)
         if call is None:
             # Forgotten by the age bound; the line still names the call.
-            call = _Call(event.call_id, None, self._clock(), self._loop.time())
+            call = _Call(event.call_id, None, self._clock(), self._loop_time())
         elif call.received_at is not None:
             self._metrics.enrich_seconds.observe(self._clock() - call.received_at)
             call.received_at = None
@@ -614,7 +617,7 @@ class Edge:
             # A call up that this process did not set up: its BYE now comes here, so a
             # drain waits for it like for its own.
             if event.emergency:
-                self._emergency_dialogs.setdefault(event.call_id, self._loop.time())
+                self._emergency_dialogs.setdefault(event.call_id, self._loop_time())
             elif event.call_id not in self._dialogs:
                 self._add_dialog(event.call_id)
         self._recover_log.hit(
@@ -635,7 +638,7 @@ class Edge:
     def trunk_states(self) -> dict[str, dict[str, dict[str, object]]]:
         """Each route's trunks, in configured order, with their state for ``/readyz``."""
         health = self._core.trunk_health
-        now = self._loop.time()
+        now = self._loop_time()
         out: dict[str, dict[str, dict[str, object]]] = {}
         for route, trunks in self._core.trunks_by_route.items():
             states: dict[str, dict[str, object]] = {}
@@ -676,7 +679,7 @@ class Edge:
                 self._results[status_class] = result
         result.inc()
         if 200 <= event.status < 300:
-            self._emergency_dialogs[event.call_id] = self._loop.time()
+            self._emergency_dialogs[event.call_id] = self._loop_time()
         elif event.status != 487:
             # 487 is the caller hanging up; anything else means no trunk took the call.
             self._outcomes["failed"].inc()
@@ -743,13 +746,16 @@ class Edge:
             elif result is None:
                 raise RuntimeError("the lookup of a known caller gave no result")
             else:
-                if result.record is not None:
-                    provider_endpoint = result.record.provider_endpoint
-                    callback = result.record.callback
-                if result.source is LookupSource.STORE:
-                    outcome = "enriched" if result.record is not None else "no_location"
+                # Each attribute of the lookup's (Python) objects is a generic read: once.
+                record = result.record
+                source = result.source
+                if record is not None:
+                    provider_endpoint = record.provider_endpoint
+                    callback = record.callback
+                if source is LookupSource.STORE:
+                    outcome = "enriched" if record is not None else "no_location"
                 else:
-                    outcome = _OUTCOME_BY_SOURCE[result.source]
+                    outcome = _OUTCOME_BY_SOURCE[source]
                     store_error = result.error
             custom = self._enrich
             if custom is None:
@@ -777,7 +783,7 @@ class Edge:
             outcome = "enrich_error"
             to_send = request
             enriched = False
-        self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        self._core.forward_emergency(event.call, to_send, self._loop_time(), enriched=enriched)
         # The INVITE leaves now; what is counted, recorded, logged and notified about the
         # call comes after it. A delivery failure in this send is left to the pump that
         # follows (the one running, or the one after the awaited lookup): a pump nested here
@@ -996,7 +1002,7 @@ class Edge:
         if len(dialogs) >= self._options.max_dialogs:
             dialogs.popitem(last=False)
             self._dialogs_forgotten["capacity"].inc()
-        dialogs[call_id] = self._loop.time()
+        dialogs[call_id] = self._loop_time()
 
     async def drain(self, force: asyncio.Event) -> None:
         """Serve until nothing needs this process, within the grace periods, or ``force``.
