@@ -21,7 +21,7 @@ from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import Enrichment, EnrichOptions, enrich
 from e911_sip.proxy.admission import LoadSignal
-from e911_sip.proxy.core import EmergencyCall, Event, ProxyCore, ProxyOptions
+from e911_sip.proxy.core import EmergencyCall, Event, ProxyCore, ProxyOptions, Recovered
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, make_response, parse
 from e911_sip.sip.peer import Peer
@@ -589,3 +589,16 @@ async def test_working_transactions_have_a_gauge_apart_from_the_finished_ones() 
     assert gauge("e911_sip_transactions_working") == 0
     assert gauge("e911_sip_transactions_in_flight") == 2
     edge.close()
+
+
+async def test_a_call_routed_without_state_is_counted_and_held_by_a_drain() -> None:
+    edge, _, metrics = build(MemoryStore())
+    trunk = Peer("udp", "198.51.100.1", 5060)
+    # What the core reports for a trunk's request in a dialog another process set up.
+    edge._on_event(Recovered("trunk_dialog", True, trunk, "911-elsewhere", "INFO"))
+    edge._on_event(Recovered("late_2xx", False, trunk, "other-elsewhere", "INVITE"))
+    for kind in ("trunk_dialog", "late_2xx"):
+        count = metrics.registry.get_sample_value("e911_sip_recovered_total", {"kind": kind})
+        assert count == 1
+    waiting = edge.waiting_for()
+    assert waiting["emergency_dialogs"] == 1 and waiting["dialogs"] == 1
