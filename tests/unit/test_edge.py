@@ -21,7 +21,14 @@ from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import Enrichment, EnrichOptions, enrich
 from e911_sip.proxy.admission import LoadSignal
-from e911_sip.proxy.core import EmergencyCall, Event, ProxyCore, ProxyOptions, Recovered
+from e911_sip.proxy.core import (
+    EmergencyCall,
+    Event,
+    FailOpen,
+    ProxyCore,
+    ProxyOptions,
+    Recovered,
+)
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, make_response, parse
 from e911_sip.sip.peer import Peer
@@ -602,3 +609,14 @@ async def test_a_call_routed_without_state_is_counted_and_held_by_a_drain() -> N
         assert count == 1
     waiting = edge.waiting_for()
     assert waiting["emergency_dialogs"] == 1 and waiting["dialogs"] == 1
+
+
+async def test_a_fail_open_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    edge, _, metrics = build(MemoryStore())
+    # What the core reports when the lookup outlives its deadline and the original went.
+    with caplog.at_level(logging.ERROR, logger="e911_sip.edge"):
+        edge._on_event(FailOpen(1, "911-slow"))
+    assert outcome(metrics, "fail_open") == 1
+    lines = [r for r in caplog.records if r.name == "e911_sip.edge"]
+    assert [r.levelno for r in lines] == [logging.ERROR]
+    assert "without enrichment" in lines[0].getMessage()
