@@ -83,6 +83,7 @@ from e911_sip.sip.message import Request
 from e911_sip.sip.peer import Peer
 from e911_sip.store.base import LocationStore, MirroredLocationStore
 from e911_sip.store.resilient import LookupResult, LookupSource, ResilientLookup
+from e911_sip.transport.udp import UdpTransport, send_datagram
 
 log = logging.getLogger("e911_sip.edge")
 
@@ -237,12 +238,14 @@ class Edge:
         load: LoadSignal | None = None,
         recorder: CallRecorder | None = None,
         notify: Callable[[CallEvent], None] | None = None,
-        enrich: Enricher = enrich,
+        enrich: Enricher | None = None,
     ) -> None:
-        """``enrich`` is the enrichment policy; whatever it raises sends the original
-        INVITE (``enrich_error``)."""
+        """``enrich`` replaces the enrichment policy (:func:`e911_sip.policy.enrich.enrich`
+        by default); whatever it raises sends the original INVITE (``enrich_error``)."""
         self._core = core
         self._enrich = enrich
+        """A replacement enrichment; None: the policy's own, called natively (compiled, a
+        call through the ``Enricher`` protocol is generic, its keywords packed for Python)."""
         self._recorder = recorder
         self._notify = notify
         self._store = store
@@ -251,7 +254,15 @@ class Edge:
         self._options = options
         self._clock = clock
         self._loop = asyncio.get_running_loop()
+        # Bound once: compiled, ``self._loop.time()`` looks the method up by name each time
+        # (several times per message).
+        self._loop_time: Callable[[], float] = self._loop.time
         self._transports: dict[str, Sender] = {}
+        self._udp: UdpTransport | None = None
+        """The ``udp`` transport when it is a :class:`UdpTransport` whose ``send`` is the
+        class's own, sent on with :func:`send_datagram`. Compiled, a call through the
+        ``Sender`` protocol is generic (a method looked up by name, a Python-level call);
+        the function is a native one."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -272,20 +283,6 @@ class Edge:
         """Children of ``emergency_results`` by status class (``status // 100``)."""
         self._evicted = {
             kind: metrics.evicted.labels(kind) for kind in ("transactions", "contexts")
-        }
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            RequestRouted: self._on_routed,
-            EmergencyCall: self._on_emergency_call,
-            EmergencyForwarded: self._on_forwarded,
-            Failover: self._on_failover,
-            FailOpen: self._on_fail_open,
-            CallCompleted: self._on_completed,
-            TrunkProbed: self._on_probed,
-            TrunkStateChanged: self._on_trunk_state,
-            Shed: self._on_shed,
-            Evicted: self._on_evicted,
-            Discarded: self._on_discarded,
-            Recovered: self._on_recovered,
         }
         self._emergency_dialogs: dict[str, float] = {}
         self._dialogs: OrderedDict[str, float] = OrderedDict()
@@ -371,6 +368,11 @@ class Edge:
     def add_transport(self, name: str, transport: Sender) -> None:
         """Register the transport that sends messages for ``name`` (udp, tcp)."""
         self._transports[name] = transport
+        if name == "udp":
+            self._udp = None
+            # A subclass that replaces ``send`` is called through it, as any transport.
+            if isinstance(transport, UdpTransport) and type(transport).send is UdpTransport.send:
+                self._udp = transport
 
     def start(self) -> None:
         """Begin the core's own work (the first trunk probes are due at once); call it once
@@ -392,7 +394,7 @@ class Edge:
         """A transport delivered one message."""
         self._now_received = self._clock()
         try:
-            self._core.receive(data, source, self._loop.time())
+            self._core.receive(data, source, self._loop_time())
         except Exception:
             # The core answers or drops whatever a peer sends; reaching here is a bug. Keep
             # serving, and make it loud: the message is lost.
@@ -405,7 +407,7 @@ class Edge:
         self._delivery_failures(peer.transport).inc()
         self._delivery_log.hit(peer.transport, lambda: {"peer": str(peer), "error": reason})
         if branch is not None:
-            self._core.transport_error(branch, self._loop.time())
+            self._core.transport_error(branch, self._loop_time())
             if not self._pump_follows:
                 self._pump()
 
@@ -439,12 +441,17 @@ class Edge:
             # Most turns of the pump have nothing to send: no new list for them.
             return False
         outgoing = core.data_to_send()
+        udp = self._udp
         for out in outgoing:
-            transport = self._transports.get(out.peer.transport)
-            if transport is None:
-                self.delivery_failed(out.branch, out.peer, "no transport for peer")
+            peer = out.peer
+            if udp is not None and peer.transport == "udp":
+                send_datagram(udp, out.data, peer, out.branch)
                 continue
-            transport.send(out.data, out.peer, out.branch)
+            transport = self._transports.get(peer.transport)
+            if transport is None:
+                self.delivery_failed(out.branch, peer, "no transport for peer")
+                continue
+            transport.send(out.data, peer, out.branch)
         return bool(outgoing)
 
     def _arm_timer(self) -> None:
@@ -462,7 +469,7 @@ class Edge:
         self._timer = None
         self._timer_at = None
         try:
-            self._core.handle_timer(self._loop.time())
+            self._core.handle_timer(self._loop_time())
         except Exception:
             self._discarded("internal_error").inc()
             log.exception("internal error running timers")
@@ -474,9 +481,33 @@ class Edge:
             # The per-call record (RAY BAUM's Act); memory only, never raises. An emergency
             # call's record is begun by ``_note_call``, once its INVITE has left.
             self._recorder.on_event(event)
-        handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(event)
+        # Checked in order of frequency and called directly: compiled, a handler looked up
+        # in a dict and called as a bound method is a generic Python call. No event class
+        # derives from another, so each check matches its class only, as the type did.
+        if isinstance(event, RequestRouted):
+            self._on_routed(event)
+        elif isinstance(event, CallCompleted):
+            self._on_completed(event)
+        elif isinstance(event, EmergencyForwarded):
+            self._on_forwarded(event)
+        elif isinstance(event, EmergencyCall):
+            self._on_emergency_call(event)
+        elif isinstance(event, Recovered):
+            self._on_recovered(event)
+        elif isinstance(event, Discarded):
+            self._on_discarded(event)
+        elif isinstance(event, Shed):
+            self._on_shed(event)
+        elif isinstance(event, TrunkProbed):
+            self._on_probed(event)
+        elif isinstance(event, Failover):
+            self._on_failover(event)
+        elif isinstance(event, FailOpen):
+            self._on_fail_open(event)
+        elif isinstance(event, Evicted):
+            self._on_evicted(event)
+        elif isinstance(event, TrunkStateChanged):
+            self._on_trunk_state(event)
 
     def _on_routed(self, event: RequestRouted) -> None:
         # A Route is a str: the member keys the dict as its value does, without the enum's
@@ -491,7 +522,7 @@ class Edge:
         counter.inc()
 
     def _on_emergency_call(self, event: EmergencyCall) -> None:
-        call = _Call(event.call_id, event.number, self._now_received, self._loop.time())
+        call = _Call(event.call_id, event.number, self._now_received, self._loop_time())
         self._calls[event.call_id] = call
         self._begin_emergency(event, call)
 
@@ -510,7 +541,7 @@ class Edge:
         call = self._calls.get(event.call_id)
         if call is None:
             # Forgotten by the age bound; the line still names the call.
-            call = _Call(event.call_id, None, self._clock(), self._loop.time())
+            call = _Call(event.call_id, None, self._clock(), self._loop_time())
         elif call.received_at is not None:
             self._metrics.enrich_seconds.observe(self._clock() - call.received_at)
             call.received_at = None
@@ -586,7 +617,7 @@ class Edge:
             # A call up that this process did not set up: its BYE now comes here, so a
             # drain waits for it like for its own.
             if event.emergency:
-                self._emergency_dialogs.setdefault(event.call_id, self._loop.time())
+                self._emergency_dialogs.setdefault(event.call_id, self._loop_time())
             elif event.call_id not in self._dialogs:
                 self._add_dialog(event.call_id)
         self._recover_log.hit(
@@ -607,7 +638,7 @@ class Edge:
     def trunk_states(self) -> dict[str, dict[str, dict[str, object]]]:
         """Each route's trunks, in configured order, with their state for ``/readyz``."""
         health = self._core.trunk_health
-        now = self._loop.time()
+        now = self._loop_time()
         out: dict[str, dict[str, dict[str, object]]] = {}
         for route, trunks in self._core.trunks_by_route.items():
             states: dict[str, dict[str, object]] = {}
@@ -648,7 +679,7 @@ class Edge:
                 self._results[status_class] = result
         result.inc()
         if 200 <= event.status < 300:
-            self._emergency_dialogs[event.call_id] = self._loop.time()
+            self._emergency_dialogs[event.call_id] = self._loop_time()
         elif event.status != 487:
             # 487 is the caller hanging up; anything else means no trunk took the call.
             self._outcomes["failed"].inc()
@@ -715,21 +746,34 @@ class Edge:
             elif result is None:
                 raise RuntimeError("the lookup of a known caller gave no result")
             else:
-                if result.record is not None:
-                    provider_endpoint = result.record.provider_endpoint
-                    callback = result.record.callback
-                if result.source is LookupSource.STORE:
-                    outcome = "enriched" if result.record is not None else "no_location"
+                # Each attribute of the lookup's (Python) objects is a generic read: once.
+                record = result.record
+                source = result.source
+                if record is not None:
+                    provider_endpoint = record.provider_endpoint
+                    callback = record.callback
+                if source is LookupSource.STORE:
+                    outcome = "enriched" if record is not None else "no_location"
                 else:
-                    outcome = _OUTCOME_BY_SOURCE[result.source]
+                    outcome = _OUTCOME_BY_SOURCE[source]
                     store_error = result.error
-            enrichment = self._enrich(
-                request,
-                line=line,
-                provider_endpoint=provider_endpoint,
-                callback=callback,
-                options=self._options.enrich,
-            )
+            custom = self._enrich
+            if custom is None:
+                enrichment = enrich(
+                    request,
+                    line=line,
+                    provider_endpoint=provider_endpoint,
+                    callback=callback,
+                    options=self._options.enrich,
+                )
+            else:
+                enrichment = custom(
+                    request,
+                    line=line,
+                    provider_endpoint=provider_endpoint,
+                    callback=callback,
+                    options=self._options.enrich,
+                )
             replaced = enrichment.removed_geolocation
             to_send = enrichment.request
             enriched = True
@@ -739,7 +783,7 @@ class Edge:
             outcome = "enrich_error"
             to_send = request
             enriched = False
-        self._core.forward_emergency(event.call, to_send, self._loop.time(), enriched=enriched)
+        self._core.forward_emergency(event.call, to_send, self._loop_time(), enriched=enriched)
         # The INVITE leaves now; what is counted, recorded, logged and notified about the
         # call comes after it. A delivery failure in this send is left to the pump that
         # follows (the one running, or the one after the awaited lookup): a pump nested here
@@ -958,7 +1002,7 @@ class Edge:
         if len(dialogs) >= self._options.max_dialogs:
             dialogs.popitem(last=False)
             self._dialogs_forgotten["capacity"].inc()
-        dialogs[call_id] = self._loop.time()
+        dialogs[call_id] = self._loop_time()
 
     async def drain(self, force: asyncio.Event) -> None:
         """Serve until nothing needs this process, within the grace periods, or ``force``.

@@ -21,7 +21,14 @@ from e911_sip.notify.event import CallEvent
 from e911_sip.policy.emergency import emergency_number
 from e911_sip.policy.enrich import Enrichment, EnrichOptions, enrich
 from e911_sip.proxy.admission import LoadSignal
-from e911_sip.proxy.core import EmergencyCall, Event, ProxyCore, ProxyOptions
+from e911_sip.proxy.core import (
+    EmergencyCall,
+    Event,
+    FailOpen,
+    ProxyCore,
+    ProxyOptions,
+    Recovered,
+)
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.sip.message import Request, make_response, parse
 from e911_sip.sip.peer import Peer
@@ -51,7 +58,7 @@ def build(
     notify: Callable[[CallEvent], None] | None = None,
     recorder: CallRecorder | None = None,
     overload: Callable[[], str | None] = lambda: None,
-    enricher: Enricher = enrich,
+    enricher: Enricher | None = None,
 ) -> tuple[Edge, RecordingTransport, Metrics]:
     options = ProxyOptions(
         local=(LocalAddress("udp", "192.0.2.1", 5070),),
@@ -183,6 +190,35 @@ async def test_a_bug_in_enrichment_sends_the_original_invite(
     assert sent.uri == "sip:911@198.51.100.1:5060"
     assert outcome(metrics, "enrich_error") == 1
     assert any(r.exc_info for r in caplog.records)
+
+
+async def test_a_replacement_enrichment_is_the_one_called() -> None:
+    calls: list[str | None] = []
+
+    def counted(
+        request: Request,
+        *,
+        line: str | None,
+        provider_endpoint: str | None,
+        callback: str | None = None,
+        options: EnrichOptions,
+    ) -> Enrichment:
+        calls.append(line)
+        return enrich(
+            request,
+            line=line,
+            provider_endpoint=provider_endpoint,
+            callback=callback,
+            options=options,
+        )
+
+    edge, transport, metrics = build(MemoryStore({"3215551234": RECORD}), enricher=counted)
+    edge.message_received(invite(), SOFTSWITCH)
+    await until(lambda: bool(invites_to(transport, "198.51.100.1")))
+    assert calls == ["3215551234"]
+    sent = invites_to(transport, "198.51.100.1")[0]
+    assert sent.get("geolocation") == f"<{BASE}5555555/e911abc123def456>"
+    assert outcome(metrics, "enriched") == 1
 
 
 async def test_delivery_failure_fails_over_to_the_next_trunk() -> None:
@@ -560,3 +596,27 @@ async def test_working_transactions_have_a_gauge_apart_from_the_finished_ones() 
     assert gauge("e911_sip_transactions_working") == 0
     assert gauge("e911_sip_transactions_in_flight") == 2
     edge.close()
+
+
+async def test_a_call_routed_without_state_is_counted_and_held_by_a_drain() -> None:
+    edge, _, metrics = build(MemoryStore())
+    trunk = Peer("udp", "198.51.100.1", 5060)
+    # What the core reports for a trunk's request in a dialog another process set up.
+    edge._on_event(Recovered("trunk_dialog", True, trunk, "911-elsewhere", "INFO"))
+    edge._on_event(Recovered("late_2xx", False, trunk, "other-elsewhere", "INVITE"))
+    for kind in ("trunk_dialog", "late_2xx"):
+        count = metrics.registry.get_sample_value("e911_sip_recovered_total", {"kind": kind})
+        assert count == 1
+    waiting = edge.waiting_for()
+    assert waiting["emergency_dialogs"] == 1 and waiting["dialogs"] == 1
+
+
+async def test_a_fail_open_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    edge, _, metrics = build(MemoryStore())
+    # What the core reports when the lookup outlives its deadline and the original went.
+    with caplog.at_level(logging.ERROR, logger="e911_sip.edge"):
+        edge._on_event(FailOpen(1, "911-slow"))
+    assert outcome(metrics, "fail_open") == 1
+    lines = [r for r in caplog.records if r.name == "e911_sip.edge"]
+    assert [r.levelno for r in lines] == [logging.ERROR]
+    assert "without enrichment" in lines[0].getMessage()

@@ -121,8 +121,11 @@ class UdpTransport:
         on_drop: Callable[[Priority], None] | None = None,
     ) -> None:
         """``load`` receives the queue depth; ``on_drop`` hears of each datagram dropped
-        because the queues were full."""
+        because the queues were full. The sink's ``message_received`` is bound here, once."""
         self.sink = sink
+        self._deliver: Callable[[bytes, Peer], None] = sink.message_received
+        """The sink's ``message_received``, bound once: compiled, a call through the
+        ``MessageSink`` protocol looks the method up by name on every datagram."""
         self.host = host
         self.port = port
         self.options = options or UdpOptions()
@@ -207,7 +210,7 @@ class UdpTransport:
             # a callback for it would cost a turn of the loop (and an epoll_wait) per read,
             # and would run the same datagrams in the same order. What is left waits for
             # the next turn, as before.
-            self._drain()
+            _serve_batch(self)
 
     def _make_room(self, priority: Priority) -> bool:
         """Drop the oldest queued datagram that is not more urgent than ``priority``."""
@@ -227,56 +230,13 @@ class UdpTransport:
             self._on_drop(priority)
 
     def _drain(self) -> None:
-        self._drain_handle = None
-        budget = self.options.batch
-        sink = self.sink
-        load = self.load
-        peers = self._peers
-        for queue in self._queues:
-            while queue and budget:
-                data, addr = queue.popleft()
-                budget -= 1
-                self._depth -= 1
-                load.queue_depth = self._depth
-                peer = peers.get(addr)
-                if peer is None:
-                    if len(peers) >= _PEER_CACHE:
-                        peers.clear()
-                    # An IPv6 source address is (host, port, flowinfo, scope_id).
-                    peer = peers[addr] = Peer("udp", addr[0], addr[1])
-                sink.message_received(data, peer)
-            if not budget:
-                break
-        if self._depth and self._drain_handle is None and self._loop is not None:
-            self._drain_handle = self._loop.call_soon(self._drain)
+        """Serve at most a batch of queued datagrams (a later turn of the loop)."""
+        _serve_batch(self)
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, data: bytes, peer: Peer, branch: str | None) -> None:
         """Send one datagram; a local send error is reported to the sink."""
-        sock = self._sock
-        if sock is None:
-            self.sink.delivery_failed(branch, peer, "udp socket closed")
-            return
-        literal = self._literal.get(peer.host)
-        if literal is None:
-            literal = _is_ip_literal(peer.host)
-            if len(self._literal) < 4096:
-                self._literal[peer.host] = literal
-        if not literal:
-            # sendto() would resolve a host name synchronously and stall the event loop,
-            # every call included; names (a Via or Contact that carries one) are not
-            # resolved on the message path, so the proxy fails over as for any send error.
-            self.sink.delivery_failed(branch, peer, "a host name, not an IP address")
-            return
-        if self._backlog:
-            self._queue_send(data, peer, branch)
-            return
-        try:
-            sock.sendto(data, (peer.host, peer.port))
-        except (BlockingIOError, InterruptedError):
-            self._queue_send(data, peer, branch)
-        except OSError as exc:
-            self.sink.delivery_failed(branch, peer, str(exc))
+        send_datagram(self, data, peer, branch)
 
     def _queue_send(self, data: bytes, peer: Peer, branch: str | None) -> None:
         """Hold a datagram the kernel could not take yet; sent in order when it can."""
@@ -320,3 +280,64 @@ class UdpTransport:
         self._depth = 0
         self._backlog.clear()
         sock.close()
+
+
+# Compiled, a method call on an instance of a Python subclass of UdpTransport (the worker's
+# transport, the edge bench's) goes through Python, even for a method the subclass does not
+# replace; a module function is a direct native call on any instance.
+
+
+def send_datagram(transport: UdpTransport, data: bytes, peer: Peer, branch: str | None) -> None:
+    """:meth:`UdpTransport.send` as a function: what the edge calls for a transport whose
+    class does not replace ``send``."""
+    sock = transport._sock
+    if sock is None:
+        transport.sink.delivery_failed(branch, peer, "udp socket closed")
+        return
+    literal = transport._literal.get(peer.host)
+    if literal is None:
+        literal = _is_ip_literal(peer.host)
+        if len(transport._literal) < 4096:
+            transport._literal[peer.host] = literal
+    if not literal:
+        # sendto() would resolve a host name synchronously and stall the event loop,
+        # every call included; names (a Via or Contact that carries one) are not
+        # resolved on the message path, so the proxy fails over as for any send error.
+        transport.sink.delivery_failed(branch, peer, "a host name, not an IP address")
+        return
+    if transport._backlog:
+        transport._queue_send(data, peer, branch)
+        return
+    try:
+        sock.sendto(data, (peer.host, peer.port))
+    except (BlockingIOError, InterruptedError):
+        transport._queue_send(data, peer, branch)
+    except OSError as exc:
+        transport.sink.delivery_failed(branch, peer, str(exc))
+
+
+def _serve_batch(transport: UdpTransport) -> None:
+    """Hand at most ``batch`` queued datagrams to the sink, most urgent first; what is left
+    waits for the next turn of the loop."""
+    transport._drain_handle = None
+    budget = transport.options.batch
+    deliver = transport._deliver
+    load = transport.load
+    peers = transport._peers
+    for queue in transport._queues:
+        while queue and budget:
+            data, addr = queue.popleft()
+            budget -= 1
+            transport._depth -= 1
+            load.queue_depth = transport._depth
+            peer = peers.get(addr)
+            if peer is None:
+                if len(peers) >= _PEER_CACHE:
+                    peers.clear()
+                # An IPv6 source address is (host, port, flowinfo, scope_id).
+                peer = peers[addr] = Peer("udp", addr[0], addr[1])
+            deliver(data, peer)
+        if not budget:
+            break
+    if transport._depth and transport._drain_handle is None and transport._loop is not None:
+        transport._drain_handle = transport._loop.call_soon(transport._drain)

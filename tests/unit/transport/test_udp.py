@@ -161,14 +161,15 @@ async def test_an_emergency_invite_evicts_queued_responses_when_nothing_less_urg
 async def test_queue_depth_is_published_while_datagrams_wait(client: socket.socket) -> None:
     depths: list[int] = []
     sink = Recorder()
-    transport = await start(sink, batch=5)
     original = sink.message_received
 
     def record(data: bytes, source: Peer) -> None:
         depths.append(transport.load.queue_depth)
         original(data, source)
 
+    # Before the transport is made: it binds the sink's message_received once.
     sink.message_received = record  # type: ignore[method-assign]
+    transport = await start(sink, batch=5)
     try:
         target = ("127.0.0.1", transport.port)
         for n in range(20):
