@@ -378,11 +378,6 @@ def parse_via(text: str) -> Via:
     return via
 
 
-def cached_via(text: str) -> Via | None:
-    """The Via parsed from a text before and still kept, or None (as ``cached_uri``)."""
-    return _VIA_CACHE.get(text)
-
-
 def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
     """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
     ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
