@@ -87,6 +87,13 @@ def uri_hostport(uri: Uri) -> str:
 def _split_params(text: str) -> Params:
     if not text:
         return ()
+    if ";" not in text:
+        # One parameter, as a request's Via often has (its branch): what the loop below
+        # gives for one part, without the list it splits into and builds.
+        eq = text.find("=")
+        if eq < 0:
+            return ((text.strip().lower(), None),)
+        return ((text[:eq].strip().lower(), text[eq + 1 :].strip()),)
     # find and slices rather than partition: compiled, they are native string operations.
     out: list[tuple[str, str | None]] = []
     for part in text.split(";"):

@@ -31,6 +31,7 @@ from e911_sip.sip.uri import (
     NameAddr,
     Via,
     _parse_via,
+    _split_params,
     param_of,
     parse_name_addr,
     parse_uri,
@@ -235,6 +236,23 @@ def test_a_via_read_after_its_sent_by_was_kept_is_what_the_full_cut_reads(
     _VIA_BASES.clear()
     assert warm == _via_or_error(text)
     assert warm == _via_or_error(text)  # the cold read may have kept it: the same again
+
+
+def _params_by_the_loop(text: str) -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        if eq:
+            out.append((name.strip().lower(), value.strip()))
+        elif part:
+            out.append((part.strip().lower(), None))
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([";", "=", " ", "Branch", "x", "\t"]), max_size=6).map("".join))
+def test_parameters_are_cut_as_the_loop_over_every_part_cuts_them(text: str) -> None:
+    assert _split_params(text) == _params_by_the_loop(text)
 
 
 def test_a_via_sent_by_is_kept_only_when_the_short_cut_read_it() -> None:
