@@ -245,9 +245,13 @@ def parse_name_addr(text: str) -> NameAddr:
     return _name_addr(display, uri, params, raw)
 
 
+_NAME_ADDR: Final = NameAddr
+"""As ``_VIA`` (below): the class as a C static once compiled."""
+
+
 def _name_addr(display: str, uri: str, params: Params, raw: str) -> NameAddr:
     # tuple.__new__ skips the Python-level __new__ a NamedTuple is given: half the cost.
-    return _TUPLE_NEW(NameAddr, (display, uri, params, raw))
+    return _TUPLE_NEW(_NAME_ADDR, (display, uri, params, raw))
 
 
 def _find_outside_quotes(text: str, char: str) -> int:
@@ -385,10 +389,15 @@ def parse_via(text: str) -> Via:
     return via
 
 
+_VIA: Final = Via
+"""The class, as a final name: compiled, that is a C static, where the class's own name is
+looked up in the module's dictionary at each call."""
+
+
 def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
     """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
     ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
-    return _TUPLE_NEW(Via, (transport, host, port, params, raw))
+    return _TUPLE_NEW(_VIA, (transport, host, port, params, raw))
 
 
 def remember_via(via: Via) -> None:
