@@ -285,22 +285,38 @@ def add_via(
     return request.prepend("Via", value)
 
 
+_OWN_VIA_PARTS: Final[list[tuple[LocalAddress, str, str, str]]] = []
+"""The last local address :func:`own_via` wrote a Via for, with what it derived from it:
+(address, upper-case transport, lower-case host, the text up to the branch). A proxy writes
+each of its Vias for one of a few addresses, nearly always the one it wrote the last for; an
+address is immutable, so one found here by identity has not changed since."""
+
+
+def _own_via_parts(local: LocalAddress) -> tuple[LocalAddress, str, str, str]:
+    memo = _OWN_VIA_PARTS
+    if memo:
+        parts = memo[0]
+        if parts[0] is local:
+            return parts
+    transport = local.transport.upper()
+    parts = (local, transport, local.host.lower(), f"SIP/2.0/{transport} {local.hostport};branch=")
+    if memo:
+        memo[0] = parts
+    else:
+        memo.append(parts)
+    return parts
+
+
 def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
     """The value of our Via for ``branch``. When ``answered`` it is also put, parsed, into
     the Via cache: the responses to the request come back with it on top, and their parse
     then finds it there."""
-    transport = local.transport.upper()
-    text = f"SIP/2.0/{transport} {local.hostport};branch={branch};rport"
-    if answered and ":" not in local.host:
+    _, transport, host, prefix = _own_via_parts(local)
+    text = f"{prefix}{branch};rport"
+    if answered and ":" not in host:
         # An IPv6 host is left to the parser, which takes its brackets off.
         remember_via(
-            new_via(
-                transport,
-                local.host.lower(),
-                local.port,
-                (("branch", branch), ("rport", None)),
-                text,
-            )
+            new_via(transport, host, local.port, (("branch", branch), ("rport", None)), text)
         )
     return text
 

@@ -59,7 +59,6 @@ from e911_sip.sip.uri import (
     Uri,
     Via,
     cached_uri,
-    cached_via,
     param_of,
     parse_name_addr,
     parse_uri,
@@ -1238,15 +1237,17 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
-        # The top Via, when it is the cached parse of the text before the first comma (no
-        # quote or '<' before it, so that comma is where split_values would cut too): a
-        # response to one of our branches, whose Via is ours. Anything else, _top_via_of.
+        # The top Via is the text before the first comma when there is no quote or '<'
+        # before it (that comma is where split_values would cut too): parsed from that text
+        # as it is, where _top_via_of would strip and hash the value once more. A response
+        # to one of our branches finds its Via (ours) in the cache.
         line = lines[via_at]
         value = line[line.find(":") + 1 :]
         comma = value.find(",")
         head = (value if comma < 0 else value[:comma]).strip()
-        top_via = cached_via(head) if head and '"' not in head and "<" not in head else None
-        if top_via is None:
+        if head and '"' not in head and "<" not in head:
+            top_via = parse_via(head)
+        else:
             top_via = _top_via_of(value.strip())
         if first.startswith("SIP/2.0 "):
             code, _, reason = first[8:].partition(" ")

@@ -77,7 +77,12 @@ def response_peer(via: Via, source: Peer) -> Peer:
     return _peer(source.transport, host, via.port or DEFAULT_PORTS.get(source.transport, 5060))
 
 
+_PEER: Final = Peer
+"""The class as a final name: compiled, a C static, where ``Peer`` is looked up in the
+module's dictionary at each call (as ``uri._VIA``)."""
+
+
 def _peer(transport: str, host: str, port: int) -> Peer:
     """``Peer(transport, host, port)`` without the Python-level ``__new__`` a NamedTuple is
     given (as ``uri.new_via``)."""
-    return _TUPLE_NEW(Peer, (transport, host, port, None))
+    return _TUPLE_NEW(_PEER, (transport, host, port, None))

@@ -234,8 +234,15 @@ _FINISHED = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
 """States after the final response, where a machine only absorbs retransmissions."""
 
 
-def _table_for(kind: Kind) -> dict[tuple[State, Event], State]:
-    return {(state, event): nxt for (k, state, event), nxt in TRANSITIONS.items() if k is kind}
+def _table_for(kind: Kind) -> dict[State, dict[Event, State]]:
+    """The machine ``kind``'s part of ``TRANSITIONS`` by state, then event: two lookups
+    keyed by an enum member (hashed by identity), where a (state, event) pair would be a
+    tuple built and hashed per step. Every state has an entry (TERMINATED's is empty)."""
+    out: dict[State, dict[Event, State]] = {state: {} for state in State}
+    for (k, state, event), nxt in TRANSITIONS.items():
+        if k is kind:
+            out[state][event] = nxt
+    return out
 
 
 _CLIENT_INVITE_TABLE: Final = _table_for(Kind.CLIENT_INVITE)
@@ -490,8 +497,8 @@ class _Transaction:
     )
 
     kind: ClassVar[Kind]
-    _table: ClassVar[dict[tuple[State, Event], State]]
-    _steps: dict[tuple[State, Event], State]
+    _table: ClassVar[dict[State, dict[Event, State]]]
+    _steps: dict[State, dict[Event, State]]
     """The class's ``_table``, held by the instance: compiled, reading a class attribute
     through ``self`` is a generic attribute lookup, and an instance slot a native read."""
 
@@ -549,7 +556,7 @@ class _Transaction:
         error, ``[TransportFailure()]`` where it only informs the TU, ``[]`` where nothing
         this transaction sends is outstanding.
         """
-        nxt = self._steps.get((self.state, Event.TRANSPORT_ERROR))
+        nxt = self._steps[self.state].get(Event.TRANSPORT_ERROR)
         if nxt is None:
             return []
         if nxt is State.TERMINATED:
@@ -560,7 +567,7 @@ class _Transaction:
 
     # -- internals ------------------------------------------------------------------------
     def _tu_step(self, event: Event) -> State:
-        nxt = self._steps.get((self.state, event))
+        nxt = self._steps[self.state].get(event)
         if nxt is None:
             raise TransactionStateError(self.kind.value, self.state.name, event.value)
         return nxt
@@ -580,7 +587,7 @@ class _Transaction:
         Every such timer ends the transaction (see ``TRANSITIONS``).
         """
         self._end_at = None
-        if (self.state, event) not in self._steps:
+        if event not in self._steps[self.state]:
             return []
         self._terminate()
         timeout = _TIMEOUTS.get(event)
@@ -678,7 +685,7 @@ class ClientInviteTransaction(_ClientTransaction):
         if event is None:
             return []
         state = self.state
-        nxt = self._steps.get((state, event))
+        nxt = self._steps[state].get(event)
         if nxt is None:
             return []
         if event is Event.RECV_1XX:
@@ -721,7 +728,7 @@ class ClientInviteTransaction(_ClientTransaction):
         return _same_transaction(request, "ACK", response.get("to") or "")
 
     def _retransmit(self, now: float) -> list[Effect]:
-        if (self.state, Event.TIMER_A) not in self._steps:
+        if Event.TIMER_A not in self._steps[self.state]:
             self._retx_at = None
             return []
         interval = self._retx_interval * 2
@@ -772,7 +779,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
         event = _response_event(response.status)
         if event is None:
             return []
-        nxt = self._steps.get((self.state, event))
+        nxt = self._steps[self.state].get(event)
         if nxt is None:
             return []
         self.state = nxt
@@ -787,7 +794,7 @@ class ClientNonInviteTransaction(_ClientTransaction):
 
     def _retransmit(self, now: float) -> list[Effect]:
         state = self.state
-        if (state, Event.TIMER_E) not in self._steps:
+        if Event.TIMER_E not in self._steps[state]:
             self._retx_at = None
             return []
         t2 = self.timers.t2
@@ -890,7 +897,7 @@ class ServerInviteTransaction(_ServerTransaction):
         else:
             return []
         state = self.state
-        nxt = self._steps.get((state, event))
+        nxt = self._steps[state].get(event)
         if nxt is None:
             return []
         if event is Event.RECV_REQUEST:
@@ -930,7 +937,7 @@ class ServerInviteTransaction(_ServerTransaction):
         return [sent]
 
     def _retransmit(self, now: float) -> list[Effect]:
-        if (self.state, Event.TIMER_G) not in self._steps:
+        if Event.TIMER_G not in self._steps[self.state]:
             self._retx_at = None
             return []
         interval = min(self._retx_interval * 2, self.timers.t2)
@@ -971,7 +978,7 @@ class ServerNonInviteTransaction(_ServerTransaction):
         """A retransmission of the request matched to this transaction by ``server_key``."""
         if request.method != self.method:
             return []
-        if (self.state, Event.RECV_REQUEST) not in self._steps:
+        if Event.RECV_REQUEST not in self._steps[self.state]:
             return []
         return self._resend_last()
 

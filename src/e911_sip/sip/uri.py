@@ -87,6 +87,13 @@ def uri_hostport(uri: Uri) -> str:
 def _split_params(text: str) -> Params:
     if not text:
         return ()
+    if ";" not in text:
+        # One parameter, as a request's Via often has (its branch): what the loop below
+        # gives for one part, without the list it splits into and builds.
+        eq = text.find("=")
+        if eq < 0:
+            return ((text.strip().lower(), None),)
+        return ((text[:eq].strip().lower(), text[eq + 1 :].strip()),)
     # find and slices rather than partition: compiled, they are native string operations.
     out: list[tuple[str, str | None]] = []
     for part in text.split(";"):
@@ -238,9 +245,13 @@ def parse_name_addr(text: str) -> NameAddr:
     return _name_addr(display, uri, params, raw)
 
 
+_NAME_ADDR: Final = NameAddr
+"""As ``_VIA`` (below): the class as a C static once compiled."""
+
+
 def _name_addr(display: str, uri: str, params: Params, raw: str) -> NameAddr:
     # tuple.__new__ skips the Python-level __new__ a NamedTuple is given: half the cost.
-    return _TUPLE_NEW(NameAddr, (display, uri, params, raw))
+    return _TUPLE_NEW(_NAME_ADDR, (display, uri, params, raw))
 
 
 def _find_outside_quotes(text: str, char: str) -> int:
@@ -354,6 +365,14 @@ text seen moments before."""
 _VIA_CACHE_SIZE = 4096
 
 
+_VIA_BASES: Final[dict[str, tuple[str, str, int | None]]] = {}
+"""The sent-protocol and sent-by (transport, host, port) the short cut of ``_parse_via`` read
+from the text before a Via's first ';', by that text. A caller's requests each carry a new
+branch, so their whole Via is never seen twice, but what comes before the parameters repeats
+in every request from that caller: only the parameters are read again."""
+_VIA_BASES_SIZE = 1024
+
+
 def parse_via(text: str) -> Via:
     """Parse one Via value: ``SIP/2.0/UDP host[:port];params`` (LWS allowed, RFC 3261 §25).
 
@@ -370,15 +389,15 @@ def parse_via(text: str) -> Via:
     return via
 
 
-def cached_via(text: str) -> Via | None:
-    """The Via parsed from a text before and still kept, or None (as ``cached_uri``)."""
-    return _VIA_CACHE.get(text)
+_VIA: Final = Via
+"""The class, as a final name: compiled, that is a C static, where the class's own name is
+looked up in the module's dictionary at each call."""
 
 
 def new_via(transport: str, host: str, port: int | None, params: Params, raw: str) -> Via:
     """What ``Via(transport, host, port, params, raw)`` builds, without the Python-level
     ``__new__`` a NamedTuple is given (as ``_name_addr``): half the cost."""
-    return _TUPLE_NEW(Via, (transport, host, port, params, raw))
+    return _TUPLE_NEW(_VIA, (transport, host, port, params, raw))
 
 
 def remember_via(via: Via) -> None:
@@ -399,6 +418,16 @@ def _parse_via(text: str) -> Via:
     vouch for, goes through the full expression, so both give the same answer.
     """
     # Cut with find() and slices, native operations once compiled (partition builds tuples).
+    first_semi = text.find(";")
+    if first_semi > 0:
+        base = _VIA_BASES.get(text[:first_semi])
+        if base is not None:
+            # The text before the ';' passed the short cut below before, so only what the
+            # short cut checks of the rest is left to check here: no whitespace.
+            tail = text[first_semi + 1 :]
+            words = tail.split()
+            if len(words) == 1 and len(words[0]) == len(tail):
+                return new_via(base[0], base[1], base[2], _split_params(tail), text)
     space = text.find(" ")
     transport = _VIA_PROTOCOLS.get(text[:space]) if space > 0 else None
     if transport is not None:
@@ -416,17 +445,21 @@ def _parse_via(text: str) -> Via:
             colon = hostport.find(":")
             host = hostport if colon < 0 else hostport[:colon]
             if host and "[" not in hostport and "]" not in hostport:
-                if colon < 0:
-                    return new_via(transport, host.lower(), None, _split_params(ptext), text)
-                port_text = hostport[colon + 1 :]
-                if len(port_text) < 5:
-                    number = short_uint(port_text)
-                    if number >= 0:
-                        return new_via(transport, host.lower(), number, _split_params(ptext), text)
-                else:
-                    port = bounded_uint(port_text, MAX_PORT)
-                    if port is not None:
-                        return new_via(transport, host.lower(), port, _split_params(ptext), text)
+                sent_port: int | None = None
+                if colon >= 0:
+                    port_text = hostport[colon + 1 :]
+                    if len(port_text) < 5:
+                        number = short_uint(port_text)
+                        sent_port = number if number >= 0 else None
+                    else:
+                        sent_port = bounded_uint(port_text, MAX_PORT)
+                if colon < 0 or sent_port is not None:
+                    host = host.lower()
+                    if semi >= 0:
+                        if len(_VIA_BASES) >= _VIA_BASES_SIZE:
+                            _VIA_BASES.clear()  # bounded, as the Via cache is
+                        _VIA_BASES[text[: space + 1 + semi]] = (transport, host, sent_port)
+                    return new_via(transport, host, sent_port, _split_params(ptext), text)
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")

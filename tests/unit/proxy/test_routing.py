@@ -16,6 +16,7 @@ from e911_sip.proxy.routing import (
     decrement_max_forwards,
     next_hop,
     own_routes,
+    own_via,
     pop_own_routes,
     route_stamp,
     stamp_received,
@@ -219,3 +220,15 @@ def test_record_route_carries_the_stamp_and_route_stamp_reads_it() -> None:
         edit = stamped.edit()
         assert pop_own_routes(edit, (UDP, TCP), own) == "<sip:198.51.100.9;lr>"
         assert edit.done().values("route") == ["<sip:198.51.100.9;lr>"]
+
+
+def test_our_via_is_written_for_the_address_given_whichever_was_given_last() -> None:
+    udp = LocalAddress("udp", "Edge.Example.COM", 5070)
+    tls = LocalAddress("tls", "10.1.2.3", 5061)
+    for local, expected in [
+        (udp, "SIP/2.0/UDP Edge.Example.COM:5070;branch=z9hG4bK1;rport"),
+        (tls, "SIP/2.0/TLS 10.1.2.3:5061;branch=z9hG4bK1;rport"),
+        (udp, "SIP/2.0/UDP Edge.Example.COM:5070;branch=z9hG4bK1;rport"),
+        (LocalAddress("udp", "::1", 5070), "SIP/2.0/UDP [::1]:5070;branch=z9hG4bK1;rport"),
+    ]:
+        assert own_via(local, "z9hG4bK1") == expected

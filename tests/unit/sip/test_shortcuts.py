@@ -26,10 +26,12 @@ from e911_sip.sip.message import (
 )
 from e911_sip.sip.peer import Peer, response_peer
 from e911_sip.sip.uri import (
+    _VIA_BASES,
     _VIA_CACHE,
     NameAddr,
     Via,
     _parse_via,
+    _split_params,
     param_of,
     parse_name_addr,
     parse_uri,
@@ -197,6 +199,68 @@ def test_a_parsed_via_is_the_value_its_constructor_builds(text: str) -> None:
     assert (via.transport, via.host, via.raw) == (via[0], via[1], text)
     for name in ("branch", "rport", "received", "flag", "absent"):
         assert param_of(via.params, name) == via.param(name)
+
+
+def _via_or_error(text: str) -> Via | str:
+    try:
+        return _parse_via(text)
+    except MalformedMessage as exc:
+        return str(exc)
+
+
+_VIA_BASE_TEXTS = [
+    "SIP/2.0/UDP 10.0.0.2:5060",
+    "SIP/2.0/TLS Edge.Example.COM",
+    "SIP/2.0/TCP h:99999",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(_VIA_BASE_TEXTS),
+    st.lists(
+        st.sampled_from(
+            [";", "branch", "=", "z9hG4bK-1", " ", "\t", "rport", "\xa0", ":", "[", ","]
+        ),
+        max_size=8,
+    ).map("".join),
+)
+def test_a_via_read_after_its_sent_by_was_kept_is_what_the_full_cut_reads(
+    base: str, tail: str
+) -> None:
+    first = f"{base};branch=z9hG4bK-first"
+    _VIA_BASES.clear()
+    _via_or_error(first)  # keeps the part before the ';' when the short cut read it
+    text = f"{base};{tail}"
+    warm = _via_or_error(text)
+    _VIA_BASES.clear()
+    assert warm == _via_or_error(text)
+    assert warm == _via_or_error(text)  # the cold read may have kept it: the same again
+
+
+def _params_by_the_loop(text: str) -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        if eq:
+            out.append((name.strip().lower(), value.strip()))
+        elif part:
+            out.append((part.strip().lower(), None))
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([";", "=", " ", "Branch", "x", "\t"]), max_size=6).map("".join))
+def test_parameters_are_cut_as_the_loop_over_every_part_cuts_them(text: str) -> None:
+    assert _split_params(text) == _params_by_the_loop(text)
+
+
+def test_a_via_sent_by_is_kept_only_when_the_short_cut_read_it() -> None:
+    _VIA_BASES.clear()
+    _parse_via("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK-1")
+    _parse_via("SIP / 2.0 / UDP 10.0.0.3 ;branch=z9hG4bK-2")
+    _parse_via("SIP/2.0/UDP 10.0.0.4")
+    assert _VIA_BASES == {"SIP/2.0/UDP 10.0.0.2:5060": ("UDP", "10.0.0.2", 5060)}
 
 
 @pytest.mark.parametrize("text", ['"A" <sip:a@x>;tag=1;x', "sip:b@y;tag=2", "<sip:c@z>"])
