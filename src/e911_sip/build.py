@@ -33,6 +33,11 @@ COMPILED = (
     "e911_sip.policy.enrich",
     "e911_sip.edge",
     "e911_sip.transport.udp",
+    "e911_sip.timefmt",
+    "e911_sip.callrecords.book",
+    "e911_sip.callrecords.stream",
+    "e911_sip.callrecords.recorder",
+    "e911_sip.notify.event",
 )
 """Modules setup.py compiles; read by setup.py without importing the package."""
 

@@ -145,12 +145,14 @@ def _written_out(record: CallRecord) -> str | None:
     # Each value written out in place (``null``, or the encoded text), not by a helper:
     # nine calls a record. utc_millis writes digits, dashes, colons, a dot, T and Z:
     # nothing JSON escapes.
-    status = record.status
+    # ``object``: a compiled build would take a bool in an int field for an int and write
+    # it as one, where the encoder writes ``true``.
+    status: object = record.status
     if status is not None and type(status) is not int:
         return None
     trunks = []
     for t in record.trunks:
-        attempt = t.attempt
+        attempt: object = t.attempt
         if type(attempt) is not int or type(t.enriched) is not bool:
             return None
         result = t.result
