@@ -33,6 +33,10 @@ COMPILED = (
     "e911_sip.policy.enrich",
     "e911_sip.edge",
     "e911_sip.transport.udp",
+    "e911_sip.timefmt",
+    "e911_sip.callrecords.book",
+    "e911_sip.callrecords.stream",
+    "e911_sip.callrecords.recorder",
 )
 """Modules setup.py compiles; read by setup.py without importing the package."""
 

@@ -101,6 +101,10 @@ class JsonFormatter(logging.Formatter):
                 return self._as_dict(record)
         else:
             tail = "}"
+        # ``getMessage`` inlined for the usual record (``msg`` a str, no ``%`` arguments):
+        # ``object``, as a compiled build would otherwise check that ``msg`` is a str.
+        msg: object = record.msg
+        message = msg if type(msg) is str and not record.args else record.getMessage()
         millis = int(record.msecs)
         level = record.levelname
         name = record.name
@@ -113,7 +117,7 @@ class JsonFormatter(logging.Formatter):
             self._prefix
             + (_MILLIS[millis] if 0 <= millis < 1000 else f'.{millis:03d}Z"')
             + head
-            + _string(record.getMessage())
+            + _string(message)
         )
         if record.exc_info:
             # "exc" goes last: the closing brace of the encoded fields makes way for it.
@@ -247,7 +251,7 @@ class _Records:
             name=name,
             msg=msg,
             args=args,
-            levelname=logging.getLevelName(level),
+            levelname=_level_names.get(level) or logging.getLevelName(level),
             levelno=level,
             exc_info=exc_info,
             stack_info=sinfo,
@@ -261,6 +265,9 @@ class _Records:
 
 
 _new_record = object.__new__
+_level_names: dict[int, str] = getattr(logging, "_levelToName", {})
+"""The names ``logging.getLevelName`` looks up first (the dict ``addLevelName`` fills), read
+here without a call to it per record; a level it does not hold goes to the function."""
 
 
 def _install_records() -> None:

@@ -108,6 +108,14 @@ class TrunkAttempt:
     failover reason (``503``, ``timeout``, ``no_provisional``, ``transport``); None while
     the trunk has not answered."""
 
+    # Written out, as the core's events are: compiled, this one is native, where the
+    # generated one runs as Python. A field added here goes into it too.
+    def __init__(self, trunk: str, attempt: int, enriched: bool, result: str | None = None) -> None:
+        self.trunk = trunk
+        self.attempt = attempt
+        self.enriched = enriched
+        self.result = result
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "trunk": self.trunk,
@@ -144,6 +152,38 @@ class CallRecord:
     bye_at: float | None = None
     end: str | None = None
     """Why the record was finished (one of :data:`END_REASONS`)."""
+
+    # Written out (see TrunkAttempt); ``trunks`` None is a new list, as the default factory.
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        number: str,
+        invite_at: float,
+        caller: str | None = None,
+        callback: str | None = None,
+        provider_endpoint: str | None = None,
+        level: str | None = None,
+        outcome: str | None = None,
+        trunks: list[TrunkAttempt] | None = None,
+        status: int | None = None,
+        answered_at: float | None = None,
+        bye_at: float | None = None,
+        end: str | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.number = number
+        self.invite_at = invite_at
+        self.caller = caller
+        self.callback = callback
+        self.provider_endpoint = provider_endpoint
+        self.level = level
+        self.outcome = outcome
+        self.trunks = [] if trunks is None else trunks
+        self.status = status
+        self.answered_at = answered_at
+        self.bye_at = bye_at
+        self.end = end
 
     @property
     def id(self) -> str:
@@ -277,8 +317,9 @@ class CallRecordBook:
         out, self._finished = self._finished, []
         return out
 
-    def event(self, event: Event, now: float) -> None:
-        """Apply one core event that happened at ``now`` (epoch seconds)."""
+    def event(self, event: Event, now: float) -> bool:
+        """Apply one core event that happened at ``now`` (epoch seconds); True when
+        :meth:`finished` has records to give (the caller need not ask)."""
         # By the event's own class (the core's events are not subclassed; the recorder
         # passes on only these five by class already), the two of every call first: the
         # isinstance chain before made CallCompleted, twice a call, pay for five tests.
@@ -298,6 +339,7 @@ class CallRecordBook:
             call = self._calls.get(event.call_id)
             if call is not None:
                 call.outcome = "fail_open"
+        return bool(self._finished)
 
     def enrichment(
         self,

@@ -119,8 +119,9 @@ class CallRecorder:
         if type(event) not in _RECORDED:
             return
         try:
-            self._book.event(event, self._wall())
-            self._collect()
+            # Most events finish no record: nothing to collect then.
+            if self._book.event(event, self._wall()):
+                self._collect()
         except Exception:
             self._internal_error()
 

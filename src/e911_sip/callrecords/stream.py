@@ -136,41 +136,52 @@ def encode(record: CallRecord) -> str:
 _string = json.encoder.encode_basestring_ascii
 
 
-def _text(value: str | None) -> str:
-    return "null" if value is None else _string(value)
-
-
-def _time(epoch: float | None) -> str:
-    # utc_millis writes digits, dashes, colons, a dot, T and Z: nothing JSON escapes.
-    return "null" if epoch is None else f'"{utc_millis(epoch)}"'
-
-
 def _written_out(record: CallRecord) -> str | None:
     """What the encoder writes for the record's :meth:`~CallRecord.to_dict` with its keys
     sorted, written out field by field: the keys are constants here and only the values are
     encoded, with no dict built and sorted per record (a record is written for every
     emergency call). None for a record with a number of another type than the fields
     declare (the encoder then writes it); TypeError for text that is not a str."""
-    status = record.status
+    # Each value written out in place (``null``, or the encoded text), not by a helper:
+    # nine calls a record. utc_millis writes digits, dashes, colons, a dot, T and Z:
+    # nothing JSON escapes.
+    # ``object``: a compiled build would take a bool in an int field for an int and write
+    # it as one, where the encoder writes ``true``.
+    status: object = record.status
     if status is not None and type(status) is not int:
         return None
     trunks = []
     for t in record.trunks:
-        attempt = t.attempt
+        attempt: object = t.attempt
         if type(attempt) is not int or type(t.enriched) is not bool:
             return None
+        result = t.result
         trunks.append(
             f'{{"attempt":{attempt},"enriched":{"true" if t.enriched else "false"},'
-            f'"result":{_text(t.result)},"trunk":{_string(t.trunk)}}}'
+            f'"result":{"null" if result is None else _string(result)},'
+            f'"trunk":{_string(t.trunk)}}}'
         )
+    answered_at = record.answered_at
+    answered = "null" if answered_at is None else f'"{utc_millis(answered_at)}"'
+    bye_at = record.bye_at
+    bye = "null" if bye_at is None else f'"{utc_millis(bye_at)}"'
+    callback = record.callback
+    caller = record.caller
+    end = record.end
+    level = record.level
+    outcome = record.outcome
+    endpoint = record.provider_endpoint
     return (
-        f'{{"answered_at":{_time(record.answered_at)},"bye_at":{_time(record.bye_at)},'
-        f'"call_id":{_string(record.call_id)},"callback":{_text(record.callback)},'
-        f'"caller":{_text(record.caller)},"end":{_text(record.end)},'
+        f'{{"answered_at":{answered},"bye_at":{bye},'
+        f'"call_id":{_string(record.call_id)},'
+        f'"callback":{"null" if callback is None else _string(callback)},'
+        f'"caller":{"null" if caller is None else _string(caller)},'
+        f'"end":{"null" if end is None else _string(end)},'
         f'"id":{_string(record.id)},"invite_at":"{utc_millis(record.invite_at)}",'
-        f'"level":{_text(record.level)},"number":{_string(record.number)},'
-        f'"outcome":{_text(record.outcome)},'
-        f'"provider_endpoint":{_text(record.provider_endpoint)},'
+        f'"level":{"null" if level is None else _string(level)},'
+        f'"number":{_string(record.number)},'
+        f'"outcome":{"null" if outcome is None else _string(outcome)},'
+        f'"provider_endpoint":{"null" if endpoint is None else _string(endpoint)},'
         f'"status":{"null" if status is None else status},"trunks":[{",".join(trunks)}]}}'
     )
 

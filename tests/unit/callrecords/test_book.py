@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import random
 from datetime import UTC, datetime
 
@@ -13,6 +15,7 @@ from e911_sip.callrecords.book import (
     CallRecord,
     CallRecordBook,
     RecordError,
+    TrunkAttempt,
     iso_time,
     parse_time,
     record_id,
@@ -219,3 +222,31 @@ def test_iso_time_is_what_datetime_writes_to_the_millisecond() -> None:
     for epoch in epochs:
         assert iso_time(epoch) == reference(epoch), epoch
     assert iso_time(1_796_000_000.123456) == "2026-11-30T00:53:20.123Z"
+
+
+@pytest.mark.parametrize("cls", [CallRecord, TrunkAttempt], ids=lambda cls: cls.__name__)
+def test_the_init_is_the_class_own_and_takes_every_field(cls: type) -> None:
+    # Written out so that compiled it is native; the generated one is compiled from a
+    # string. It must take each field, with the dataclass's default.
+    init = cls.__dict__["__init__"]
+    code = getattr(init, "__code__", None)
+    assert code is None or code.co_filename != "<string>"
+    fields = dataclasses.fields(cls)
+    if code is not None:
+        parameters = list(inspect.signature(init).parameters.values())[1:]
+        assert [p.name for p in parameters] == [f.name for f in fields]
+        for parameter, f in zip(parameters, fields, strict=True):
+            if f.default_factory is not dataclasses.MISSING:
+                assert parameter.default is None
+            elif f.default is dataclasses.MISSING:
+                assert parameter.default is inspect.Parameter.empty
+            else:
+                assert parameter.default == f.default
+    bare = CallRecord(call_id="c1", number="911", invite_at=T0)
+    assert (
+        bare.trunks == []
+        and bare.trunks is not CallRecord(call_id="c2", number="911", invite_at=T0).trunks
+    )
+    assert TrunkAttempt("t", 1, True) == TrunkAttempt(
+        trunk="t", attempt=1, enriched=True, result=None
+    )
