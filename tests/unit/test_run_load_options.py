@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from bench.run_load import _store_text, parse_args
 
 
