@@ -54,15 +54,16 @@ class _Pieces:
         """The second and the line's start up to it: one tuple, so that a thread never sees
         one's second with another's text."""
         self.heads: dict[tuple[str, str], str] = {}
-        self.keys: dict[tuple[str, ...], bool] = {}
-        """Sets of field names, in order, seen: True for those the formatter writes itself."""
+        self.keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        """Sets of field names, in order, seen: for those the formatter writes itself, each
+        name encoded with the separators around it (``,"call_id":``); () for the others."""
 
     def line(self, created: float, level: int, name: str, msg: str, fields: dict[str, Any]) -> str:
         """The line, or "" where the formatter would write it the slow way."""
         if fields:
             keys = tuple(fields)
-            fast = self.keys.get(keys)
-            if fast is None:
+            names = self.keys.get(keys)
+            if names is None:
                 try:
                     # The formatter's check: no name the line writes itself or a record has,
                     # none empty or starting with "_" (every name starts after a NUL here).
@@ -70,14 +71,38 @@ class _Pieces:
                 except TypeError:
                     # A name that is not a string: the formatter fails on it, as before.
                     return ""
+                # The C encoder writes a str key (a subclass's too) as the string it holds.
+                names = tuple("," + _string(key) + ":" for key in keys) if fast else ()
                 if len(self.keys) < _KEY_SETS:
-                    self.keys[keys] = fast
-            if not fast or _encode_fields is None:
+                    self.keys[keys] = names
+            if not names or _encode_fields is None:
                 return ""
+            # The fields as the formatter's one call of the C encoder writes the dict: each
+            # name then its value, in order. The values a call's line has are written here,
+            # without the encoder's list of pieces (most of its cost); any other goes to it.
+            parts: list[str] = []
+            i = 0
             try:
-                tail = "," + "".join(_encode_fields(fields, 0))[1:]
+                for value in fields.values():
+                    parts.append(names[i])
+                    i += 1
+                    if type(value) is str:
+                        parts.append(_string(value))
+                    elif value is None:
+                        parts.append("null")
+                    elif value is True:
+                        parts.append("true")
+                    elif value is False:
+                        parts.append("false")
+                    elif type(value) is int:
+                        # int's str is the repr the encoder writes (a subclass's may not be).
+                        parts.append(str(value))
+                    else:
+                        parts.append("".join(_encode_fields(value, 0)))
             except Exception:
                 return ""
+            parts.append("}")
+            tail = "".join(parts)
         else:
             tail = "}"
         second = int(created)

@@ -24,6 +24,20 @@ class Color(enum.IntEnum):
     RED = 1
 
 
+class Mode(enum.StrEnum):
+    UDP = "udp"
+
+
+class Text(str):
+    def __str__(self) -> str:
+        return "not this"
+
+
+class Count(int):
+    def __str__(self) -> str:
+        return "not this"
+
+
 class Thing:
     def __str__(self) -> str:
         return "thing \u260e"
@@ -54,6 +68,15 @@ FIELDS: dict[str, dict[str, Any]] = {
         "bytes": b"\xff",
         "set": {1},
     },
+    "subclasses": {
+        "text": Text("s\n\u00e9"),
+        "count": Count(5),
+        "mode": Mode.UDP,
+        "one": 1,
+        "true": True,
+        "huge": 1e300,
+        "inf": float("-inf"),
+    },
     "nested": {
         "counts": {"malformed": 9900, 1: "one", None: "n", 2.5: "x"},
         "nested": {"a": [1, None, True, {"b": "\u00e9"}], "c": []},
@@ -74,6 +97,7 @@ FAST = {
     "numbers",
     "non_str",
     "nested",
+    "subclasses",
     "worker_given",
 }
 
