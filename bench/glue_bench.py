@@ -11,6 +11,8 @@ redis-py's own packing of the command is left out):
   through :func:`e911_sip.logs.configure`'s handler, into /dev/null);
 - ``worker_log``: the same line written by an edge worker (its handler tagged by
   :func:`e911_sip.app.tag_worker_logs`, which imports the app);
+- ``log_line``, ``worker_log_line``: the same two lines written by
+  :func:`e911_sip.logline.emit_info` (straight to the handler) instead of ``logger.info``;
 - ``records``: the call's record, fed the core's events and the enrichment as the edge does
   (:class:`~e911_sip.callrecords.recorder.CallRecorder`), finished, and written in batches
   of ``--batch`` through :class:`~e911_sip.callrecords.stream.RedisStreamSink` (the record's
@@ -52,7 +54,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-PARTS = ("log", "worker_log", "records", "publish", "notify", "metrics", "gc")
+PARTS = (
+    "log",
+    "worker_log",
+    "log_line",
+    "worker_log_line",
+    "records",
+    "publish",
+    "notify",
+    "metrics",
+    "gc",
+)
 
 GC_PARSES = 20
 """INVITEs the ``gc`` part parses before each pass."""
@@ -152,8 +164,8 @@ def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("the coroutine waited")
 
 
-def _log_part(worker: bool = False) -> Callable[[int], None]:
-    from e911_sip import logs
+def _log_part(worker: bool = False, line: bool = False) -> Callable[[int], None]:
+    from e911_sip import logline, logs
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     logs.configure("INFO")
@@ -178,7 +190,23 @@ def _log_part(worker: bool = False) -> Callable[[int], None]:
                 },
             )
 
-    return call
+    def call_line(n: int) -> None:
+        if log.isEnabledFor(logging.INFO):
+            logline.emit_info(
+                log,
+                "emergency call forwarded",
+                {
+                    "call_id": f"{n}-bench@127.0.0.1",
+                    "caller": "3215550100",
+                    "number": "911",
+                    "outcome": "enriched",
+                    "enriched": True,
+                    "trunk": "sip:127.0.0.1:5080",
+                    "attempt": 1,
+                },
+            )
+
+    return call_line if line else call
 
 
 def _records_part(batch: int) -> Callable[[int], None]:
@@ -374,8 +402,8 @@ def callgrind(parts: list[str], counts: tuple[int, int], batch: int) -> None:
 
 
 def make(part: str, batch: int) -> Callable[[int], None]:
-    if part in ("log", "worker_log"):
-        return _log_part(worker=part == "worker_log")
+    if part in ("log", "worker_log", "log_line", "worker_log_line"):
+        return _log_part(worker=part.startswith("worker"), line=part.endswith("_line"))
     if part == "records":
         return _records_part(batch)
     if part == "publish":

@@ -265,9 +265,22 @@ class _Records:
 
 
 _new_record = object.__new__
-_level_names: dict[int, str] = getattr(logging, "_levelToName", {})
-"""The names ``logging.getLevelName`` looks up first (the dict ``addLevelName`` fills), read
-here without a call to it per record; a level it does not hold goes to the function."""
+_level_names: dict[int, str] = {}
+"""The name ``logging.getLevelName`` gives each level it knows, as of the last
+:func:`_name_levels` (at import and by :func:`configure`): a record looks its level up here
+without a call per record; a level added since goes to the function."""
+
+
+def _name_levels() -> None:
+    """Fill :data:`_level_names` in place (it is bound elsewhere) from the public API."""
+    names = {
+        level: logging.getLevelName(level) for level in logging.getLevelNamesMapping().values()
+    }
+    _level_names.clear()
+    _level_names.update(names)
+
+
+_name_levels()
 
 
 def _install_records() -> None:
@@ -291,6 +304,7 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    _name_levels()
     _install_records()
     handler = _JsonLines(sys.stderr)
     handler.setFormatter(JsonFormatter())
