@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from e911_sip import logline
 from e911_sip.batching import Pauses
 from e911_sip.callrecords.recorder import CallRecorder
 from e911_sip.logs import RateLimitedLog
@@ -551,7 +552,7 @@ class Edge:
         # One line per trunk attempt: where each emergency call was routed, and with
         # what, is part of the RAY BAUM's Act trail.
         if log.isEnabledFor(logging.INFO):
-            log.info("emergency call forwarded", extra=call.fields())
+            logline.emit_info(log, "emergency call forwarded", call.fields())
 
     def _on_failover(self, event: Failover) -> None:
         route = "emergency" if event.emergency else "default"
