@@ -65,7 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
@@ -120,6 +120,7 @@ from e911_sip.sip.transaction import (
     Transmit,
     TransportFailure,
     build_cancel,
+    by_state,
     client_key,
     server_key,
     via_branch,
@@ -605,23 +606,9 @@ CONTEXT_TRANSITIONS: dict[tuple[ContextState, ContextEvent], ContextState] = {
 ignored (a CANCEL or a final response after the final response)."""
 
 
-_S = TypeVar("_S", bound=Enum)
-_E = TypeVar("_E", bound=Enum)
-
-
-def _by_state(states: type[_S], table: dict[tuple[_S, _E], _S]) -> dict[_S, dict[_E, _S]]:
-    """``table`` indexed by state, then event: two lookups keyed by an enum member (hashed
-    by identity), where the pair would be a tuple built and hashed per step. Every state of
-    ``states`` has an entry, so a step reads it with ``[]`` and no test for a missing one."""
-    out: dict[_S, dict[_E, _S]] = {state: {} for state in states}
-    for (state, event), nxt in table.items():
-        out[state][event] = nxt
-    return out
-
-
-_BRANCH_NEXT: Final = _by_state(BranchState, BRANCH_TRANSITIONS)
+_BRANCH_NEXT: Final = by_state(BranchState, BRANCH_TRANSITIONS)
 """``BRANCH_TRANSITIONS`` by state, then event (what :meth:`_Branch.step` reads)."""
-_CONTEXT_NEXT: Final = _by_state(ContextState, CONTEXT_TRANSITIONS)
+_CONTEXT_NEXT: Final = by_state(ContextState, CONTEXT_TRANSITIONS)
 """``CONTEXT_TRANSITIONS`` by state, then event (what :meth:`_Context.step` reads)."""
 
 _NO_PROVISIONAL_YET = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, overload
 
 from e911_sip.sip.errors import SipError, TooManyHops
@@ -46,6 +46,26 @@ class LocalAddress:
     host: str
     """Advertised host (an IP address peers can reach)."""
     port: int
+    # Derived once, when the address is made (it is immutable): every Via and Record-Route
+    # of ours is written for one of a few addresses, many times a second.
+    via_transport: str = field(init=False, repr=False, compare=False)
+    """The transport as our Via's sent-protocol spells it (upper case)."""
+    via_host: str = field(init=False, repr=False, compare=False)
+    """The host as a parse of our Via reads it (lower case, without IPv6 brackets)."""
+    via_prefix: str = field(init=False, repr=False, compare=False)
+    """Our Via's value up to its branch: ``SIP/2.0/UDP host:port;branch=``."""
+    route_prefix: str = field(init=False, repr=False, compare=False)
+    """Our Record-Route value up to its stamp: ``<sip:host:port;lr`` (no ``>``)."""
+
+    def __post_init__(self) -> None:
+        transport = self.transport.upper()
+        hostport = self.hostport
+        suffix = "" if self.transport == "udp" else f";transport={self.transport}"
+        # object.__setattr__: the dataclass is frozen.
+        object.__setattr__(self, "via_transport", transport)
+        object.__setattr__(self, "via_host", self.host.lower())
+        object.__setattr__(self, "via_prefix", f"SIP/2.0/{transport} {hostport};branch=")
+        object.__setattr__(self, "route_prefix", f"<sip:{hostport}{suffix};lr")
 
     @property
     def hostport(self) -> str:
@@ -56,9 +76,9 @@ class LocalAddress:
     def record_route(self, stamp: str | None = None) -> str:
         """Our Record-Route value for this transport, always loose (``;lr``), with the
         dialog's stamp (:meth:`BranchFactory.dialog_stamp`) when given."""
-        transport = "" if self.transport == "udp" else f";transport={self.transport}"
-        tail = "" if stamp is None else f"{STAMP_MARK}{stamp}"
-        return f"<sip:{self.hostport}{transport};lr{tail}>"
+        if stamp is None:
+            return f"{self.route_prefix}>"
+        return f"{self.route_prefix}{STAMP_MARK}{stamp}>"
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -285,38 +305,18 @@ def add_via(
     return request.prepend("Via", value)
 
 
-_OWN_VIA_PARTS: Final[list[tuple[LocalAddress, str, str, str]]] = []
-"""The last local address :func:`own_via` wrote a Via for, with what it derived from it:
-(address, upper-case transport, lower-case host, the text up to the branch). A proxy writes
-each of its Vias for one of a few addresses, nearly always the one it wrote the last for; an
-address is immutable, so one found here by identity has not changed since."""
-
-
-def _own_via_parts(local: LocalAddress) -> tuple[LocalAddress, str, str, str]:
-    memo = _OWN_VIA_PARTS
-    if memo:
-        parts = memo[0]
-        if parts[0] is local:
-            return parts
-    transport = local.transport.upper()
-    parts = (local, transport, local.host.lower(), f"SIP/2.0/{transport} {local.hostport};branch=")
-    if memo:
-        memo[0] = parts
-    else:
-        memo.append(parts)
-    return parts
-
-
 def own_via(local: LocalAddress, branch: str, *, answered: bool = True) -> str:
     """The value of our Via for ``branch``. When ``answered`` it is also put, parsed, into
     the Via cache: the responses to the request come back with it on top, and their parse
     then finds it there."""
-    _, transport, host, prefix = _own_via_parts(local)
-    text = f"{prefix}{branch};rport"
+    text = f"{local.via_prefix}{branch};rport"
+    host = local.via_host
     if answered and ":" not in host:
         # An IPv6 host is left to the parser, which takes its brackets off.
         remember_via(
-            new_via(transport, host, local.port, (("branch", branch), ("rport", None)), text)
+            new_via(
+                local.via_transport, host, local.port, (("branch", branch), ("rport", None)), text
+            )
         )
     return text
 

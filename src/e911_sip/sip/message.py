@@ -207,6 +207,13 @@ class Message:
     cached on the message (top Via, Via list, CSeq, Call-ID, To and From tags,
     Max-Forwards), and a changed copy keeps every cached value its change did not touch.
     A parsed message keeps the bytes it arrived as: serialised unchanged, it writes them.
+
+    Those bytes (``_wire``, set by a parse, by ``to_bytes`` and by a splice of them) are the
+    start line, each of ``_lines`` with its CRLF (then the Content-Length ``to_bytes`` adds
+    when there is none), a blank line and the body: the parsers cut the lines at CRLFs and
+    keep a fold inside its line, ``to_bytes`` and a splice write the lines themselves. Only
+    the start line may be spelt otherwise than :meth:`start_line` writes it (a status line
+    without a reason phrase, kept as it came).
     """
 
     __slots__ = (
@@ -551,16 +558,14 @@ class Message:
             or other.strip() != other
         ):
             return None
-        start = f"{self.start_line()}\r\n".encode("latin-1")
-        at = len(start)
-        if wire[:at] != start:  # a slice compared: compiled, startswith is a generic call
+        at = self._start_end(wire)
+        if at < 0:
             return None
+        # The header lines are the wire's as they are (the class's rule for ``_wire``): the
+        # Via line starts after the start line and the lines before it, each with its CRLF.
         lines = self._lines
         for i in range(index):
             at += len(lines[i]) + 2
-        expected = f"{line}\r\n".encode("latin-1")
-        if wire[at : at + len(expected)] != expected:
-            return None
         lines = lines.copy()
         lines[index] = line[:head] + other
         clone = self._copy(lines, keys.copy(), "via")
@@ -575,18 +580,23 @@ class Message:
         when ``lines`` is one shorter), cut from ``wire``, the bytes of this message; None
         when ``wire`` is not exactly how this message writes itself (a start line written
         otherwise, say "SIP/2.0 200" without a reason), and the copy is written whole."""
-        start = f"{self.start_line()}\r\n".encode("latin-1")
-        at = len(start)
-        if wire[:at] != start:  # as in _pop_top_via_in_place
+        at = self._start_end(wire)
+        if at < 0:
             return None
         old_lines = self._lines
         for line in old_lines[:index]:
             at += len(line) + 2
-        old = f"{old_lines[index]}\r\n".encode("latin-1")
-        if wire[at : at + len(old)] != old:
-            return None
+        end = at + len(old_lines[index]) + 2
         new = f"{lines[index]}\r\n".encode("latin-1") if len(lines) == len(old_lines) else b""
-        return b"".join((wire[:at], new, wire[at + len(old) :]))
+        return b"".join((wire[:at], new, wire[end:]))
+
+    def _start_end(self, wire: bytes) -> int:
+        """Where the start line and its CRLF end in ``wire``, this message's ``_wire``; -1
+        when ``wire`` spells the start line otherwise than :meth:`start_line` writes it."""
+        start = f"{self.start_line()}\r\n".encode("latin-1")
+        at = len(start)
+        # A slice compared: compiled, startswith is a generic call.
+        return at if wire[:at] == start else -1
 
     def edit(self) -> Edit[Self]:
         """Several changes made as one copy: ``m.edit().append(...).remove(...).done()`` is
@@ -893,6 +903,17 @@ class Response(Message):
 
     def start_line(self) -> str:
         return f"{SIP_VERSION} {self.status} {self.reason}"
+
+    def _start_end(self, wire: bytes) -> int:
+        # Read, not written out and compared. Both parsers take a status line only as
+        # "SIP/2.0 ", three ASCII digits not starting with 0 (str(status) gives them back),
+        # then either its end or a space and the reason (kept as it was); to_bytes and a
+        # splice write start_line() itself. So the wire's status line is start_line() unless
+        # it ends at the digits ("SIP/2.0 200"), where start_line() adds a space: the byte
+        # after the digits tells the two apart.
+        if 99 < self.status < 1000 and len(wire) > 11 and wire[11] == 32:
+            return 14 + len(self.reason)
+        return -1
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"

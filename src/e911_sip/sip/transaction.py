@@ -58,9 +58,10 @@ in order. It never sends, sleeps or reads a clock: ``now`` is always an argument
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Final
+from typing import ClassVar, Final, TypeVar
 
 from e911_sip.sip.errors import TransactionStateError
 from e911_sip.sip.message import Message, Request, Response, make_header
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_TIMERS",
     "TRANSITIONS",
     "build_cancel",
+    "by_state",
     "ClientInviteTransaction",
     "ClientNonInviteTransaction",
     "Effect",
@@ -234,15 +236,26 @@ _FINISHED = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
 """States after the final response, where a machine only absorbs retransmissions."""
 
 
-def _table_for(kind: Kind) -> dict[State, dict[Event, State]]:
-    """The machine ``kind``'s part of ``TRANSITIONS`` by state, then event: two lookups
-    keyed by an enum member (hashed by identity), where a (state, event) pair would be a
-    tuple built and hashed per step. Every state has an entry (TERMINATED's is empty)."""
-    out: dict[State, dict[Event, State]] = {state: {} for state in State}
-    for (k, state, event), nxt in TRANSITIONS.items():
-        if k is kind:
-            out[state][event] = nxt
+_S = TypeVar("_S", bound=Enum)
+_E = TypeVar("_E", bound=Enum)
+
+
+def by_state(states: Iterable[_S], table: Mapping[tuple[_S, _E], _S]) -> dict[_S, dict[_E, _S]]:
+    """``table``, a machine's (state, event) -> next state, indexed by state and then event:
+    two lookups keyed by an enum member (hashed by identity), where a (state, event) pair
+    would be a tuple built and hashed per step. Every member of ``states`` has an entry (an
+    empty one when no event leaves it), so a step reads it with ``[]`` and no test for a
+    missing one. The transactions' machines and the proxy's branch and context machines
+    are all read this way."""
+    out: dict[_S, dict[_E, _S]] = {state: {} for state in states}
+    for (state, event), nxt in table.items():
+        out[state][event] = nxt
     return out
+
+
+def _table_for(kind: Kind) -> dict[State, dict[Event, State]]:
+    """The machine ``kind``'s part of ``TRANSITIONS``, by state and then event."""
+    return by_state(State, {(s, e): nxt for (k, s, e), nxt in TRANSITIONS.items() if k is kind})
 
 
 _CLIENT_INVITE_TABLE: Final = _table_for(Kind.CLIENT_INVITE)

@@ -79,7 +79,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("vias", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("start", ["SIP/2.0 180 Ringing", "SIP/2.0 200 OK", "SIP/2.0 200"])
+@pytest.mark.parametrize(
+    "start",
+    ["SIP/2.0 180 Ringing", "SIP/2.0 200 OK", "SIP/2.0 200", "SIP/2.0 200 ", "SIP/2.0 200  x "],
+)
 def test_popping_our_via_writes_what_a_whole_rewrite_writes(start: str, vias: list[str]) -> None:
     data = _response(start, vias, body=b"v=0\r\n")
     message = parse(data)
@@ -88,6 +91,43 @@ def test_popping_our_via_writes_what_a_whole_rewrite_writes(start: str, vias: li
     popped = message.pop_top_via()
     assert popped.to_bytes() == _written_whole(message)
     assert popped.values("via") == message.values("via")[1:]
+
+
+@given(
+    reason=st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f")),
+    status=st.integers(100, 699),
+)
+@settings(max_examples=200)
+def test_any_status_line_is_spliced_as_the_whole_rewrite_writes_it(
+    status: int, reason: str
+) -> None:
+    # The splice finds where the start line ends without writing it out: the status line
+    # read must be the one start_line() writes, whatever its reason phrase holds.
+    data = _response(f"SIP/2.0 {status} {reason}", ["Via: " + OURS + ", " + UPSTREAM])
+    message = parse(data)
+    assert isinstance(message, Response)
+    assert message.to_bytes() == data
+    assert message.pop_top_via().to_bytes() == _written_whole(message)
+
+
+def test_a_response_read_past_leading_crlfs_is_spliced_as_the_whole_rewrite_writes_it() -> None:
+    # The careful parse (it skips CRLFs before the start line) keeps the bytes from the
+    # start line on: the splice counts from there.
+    data = _response("SIP/2.0 180 Ringing", ["Via: " + OURS + ", " + UPSTREAM])
+    message = parse(b"\r\n\r\n" + data)
+    assert isinstance(message, Response)
+    assert message.to_bytes() == data
+    assert message.pop_top_via().to_bytes() == _written_whole(message)
+
+
+def test_a_response_written_here_is_spliced_as_the_whole_rewrite_writes_it() -> None:
+    # Bytes from to_bytes, not from a parse: a Content-Length added at the end, a reason
+    # phrase of our choosing, and a status line of another length than three digits.
+    for status, reason in [(180, "Ringing"), (200, ""), (486, "Busy Here Now"), (99, " x")]:
+        received = parse(_response("SIP/2.0 200 OK", ["Via: " + OURS + ", " + UPSTREAM]))
+        made = Response(status, reason, received.headers).remove("content-length")
+        made.to_bytes()
+        assert made.pop_top_via().to_bytes() == _written_whole(made)
 
 
 def test_a_start_line_without_reason_falls_back_to_the_whole_rewrite() -> None:
