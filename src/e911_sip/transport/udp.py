@@ -198,11 +198,13 @@ class UdpTransport:
                 log.debug("udp error received", extra={"error": str(exc)})
                 continue
             data = view[:size].tobytes()
-            priority = classify(data)
-            if self._depth >= limit and not self._make_room(priority):
-                self._dropped(priority)
+            # A Priority is an int: read as one (compiled, unboxed once), it indexes the
+            # tuple directly, where the enum object would go through a generic look-up.
+            index: int = classify(data)
+            if self._depth >= limit and not self._make_room(index):
+                self._dropped(_PRIORITIES[index])
                 continue
-            queues[priority].append((data, addr))
+            queues[index].append((data, addr))
             self._depth += 1
         self.load.queue_depth = self._depth
         if self._depth and self._drain_handle is None:
@@ -212,16 +214,16 @@ class UdpTransport:
             # the next turn, as before.
             _serve_batch(self)
 
-    def _make_room(self, priority: Priority) -> bool:
-        """Drop the oldest queued datagram that is not more urgent than ``priority``."""
-        for candidate in reversed(_PRIORITIES):
-            if candidate < priority:
-                return False
-            queue = self._queues[candidate]
+    def _make_room(self, priority: int) -> bool:
+        """Drop the oldest queued datagram that is not more urgent than ``priority`` (a
+        :class:`Priority`'s value)."""
+        queues = self._queues
+        for candidate in range(len(queues) - 1, priority - 1, -1):
+            queue = queues[candidate]
             if queue:
                 queue.popleft()
                 self._depth -= 1
-                self._dropped(candidate)
+                self._dropped(_PRIORITIES[candidate])
                 return True
         return False
 
