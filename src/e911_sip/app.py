@@ -455,12 +455,17 @@ async def start_edge(
     """
     local = local_addresses(config)
     overload = config.overload
-    load = LoadSignal(max_lag=overload.max_lag, max_queue=overload.max_queue)
+    load = LoadSignal(
+        max_lag=overload.max_lag,
+        max_queue=overload.max_queue,
+        max_queue_delay=overload.max_queue_delay,
+    )
     key = dialog_key(config, worker=worker is not None)
     core = ProxyCore(options=proxy_options(config, local, load, key=key), entropy=os.urandom)
     for name, value in (
         ("max_lag_seconds", overload.max_lag),
         ("max_queue", overload.max_queue),
+        ("max_queue_delay_seconds", overload.max_queue_delay),
         ("queue_limit", overload.queue_limit),
         ("shed_transactions", overload.shed_transactions),
         ("max_transactions", overload.max_transactions),

@@ -311,8 +311,12 @@ class OverloadConfig:
 
     max_lag: float = 0.1
     """Seconds of event-loop lag above which new non-emergency requests get 503."""
-    max_queue: int = 500
-    """Datagrams waiting to be processed above which new non-emergency requests get 503."""
+    max_queue_delay: float = 0.1
+    """Seconds a datagram waited in the receive queue (from its read to its turn) above which
+    a new non-emergency request gets 503: the queue's delay, whatever the call rate."""
+    max_queue: int = 5_000
+    """Datagrams waiting to be processed above which new non-emergency requests get 503: a
+    backstop behind ``max_queue_delay`` (a burst of a few hundred is milliseconds of work)."""
     queue_limit: int = 10_000
     """Datagrams waiting at most; beyond, the least urgent are dropped unread."""
     batch: int = 32
@@ -1102,6 +1106,7 @@ def _overload(data: Mapping[str, Any]) -> OverloadConfig:
         )
     return OverloadConfig(
         max_lag=s.number("max_lag", d.max_lag, minimum=0.001),
+        max_queue_delay=s.number("max_queue_delay", d.max_queue_delay, minimum=0.001),
         max_queue=max_queue,
         queue_limit=queue_limit,
         batch=s.integer("batch", d.batch, minimum=1),

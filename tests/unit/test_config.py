@@ -429,10 +429,12 @@ def test_stream_limits_fit_under_a_low_open_file_limit() -> None:
 def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
     defaults = load(None, {}).overload
     assert defaults.max_transactions == 150_000 and defaults.retry_after == 5
+    assert defaults.max_queue_delay == 0.1 and defaults.max_queue == 5_000
     config = load(
         write(
             tmp_path,
-            "[overload]\nmax_lag = 0.02\nmax_transactions = 500\nshed_transactions = 400\n",
+            "[overload]\nmax_lag = 0.02\nmax_transactions = 500\nshed_transactions = 400\n"
+            "max_queue_delay = 0.25\n",
         ),
         {"E911_SIP__OVERLOAD__MAX_QUEUE": "50"},
     )
@@ -440,6 +442,7 @@ def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
     assert config.overload.max_transactions == 500
     assert config.overload.shed_transactions == 400
     assert config.overload.max_queue == 50
+    assert config.overload.max_queue_delay == 0.25
 
 
 @pytest.mark.parametrize(
@@ -449,6 +452,7 @@ def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
         ("max_queue = 20000", "[overload] max_queue: must be below queue_limit"),
         ("shed_transactions = 200000", "[overload] shed_transactions: must not exceed"),
         ("retry_after = 0", "[overload] retry_after: must be at least 1"),
+        ("max_queue_delay = 0", "[overload] max_queue_delay: must be at least 0.001"),
         ("max_transaction = 5", "[overload] max_transaction: unknown key"),
     ],
 )

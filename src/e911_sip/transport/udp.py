@@ -15,8 +15,9 @@ The queues together hold at most ``queue_limit`` datagrams. When they are full, 
 datagram of the least urgent class that is not more urgent than the newcomer is dropped, or
 the newcomer when every queued datagram outranks it: new non-emergency requests go first,
 an emergency INVITE last. A dropped UDP request is retransmitted by its sender (§17.1.1.2).
-Their depth is published on the :class:`~e911_sip.proxy.admission.LoadSignal`, which the
-core reads to shed new non-emergency requests with a 503 before the limit is reached.
+Their depth, and how long the datagram being served waited since its read, are published on
+the :class:`~e911_sip.proxy.admission.LoadSignal`, which the core reads to shed new
+non-emergency requests with a 503 before the limit is reached.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class UdpTransport:
         # A source address is a tuple of any length: (host, port), or for IPv6 (host, port,
         # flowinfo, scope_id). Compiled, ``tuple[str, int]`` would be checked and unpacked to
         # two fields, and an IPv6 datagram would raise TypeError.
-        self._queues: tuple[deque[tuple[bytes, tuple[Any, ...]]], ...] = tuple(
+        # Each entry keeps the loop's clock at its read: the core sheds new work on how long
+        # a datagram waited (``LoadSignal.queue_delay``), not only on how many wait.
+        self._queues: tuple[deque[tuple[bytes, tuple[Any, ...], float]], ...] = tuple(
             deque() for _ in _PRIORITIES
         )
         self._peers: dict[tuple[Any, ...], Peer] = {}
@@ -187,6 +190,10 @@ class UdpTransport:
         limit = self.options.queue_limit
         view = self._view
         queues = self._queues
+        loop = self._loop
+        # One reading of the clock for the burst: the datagrams of one callback arrived
+        # together as far as the queue is concerned.
+        now = loop.time() if loop is not None else 0.0
         for _ in range(self.options.read_burst):
             try:
                 size, addr = sock.recvfrom_into(view)
@@ -204,7 +211,7 @@ class UdpTransport:
             if self._depth >= limit and not self._make_room(index):
                 self._dropped(_PRIORITIES[index])
                 continue
-            queues[index].append((data, addr))
+            queues[index].append((data, addr, now))
             self._depth += 1
         self.load.queue_depth = self._depth
         if self._depth and self._drain_handle is None:
@@ -326,12 +333,15 @@ def _serve_batch(transport: UdpTransport) -> None:
     deliver = transport._deliver
     load = transport.load
     peers = transport._peers
+    loop = transport._loop
+    now = loop.time() if loop is not None else 0.0
     for queue in transport._queues:
         while queue and budget:
-            data, addr = queue.popleft()
+            data, addr, queued_at = queue.popleft()
             budget -= 1
             transport._depth -= 1
             load.queue_depth = transport._depth
+            load.queue_delay = now - queued_at
             peer = peers.get(addr)
             if peer is None:
                 if len(peers) >= _PEER_CACHE:

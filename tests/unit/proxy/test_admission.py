@@ -259,7 +259,7 @@ def test_transaction_count_sheds_new_calls_before_the_table_is_full() -> None:
 
 
 def test_load_signal_thresholds() -> None:
-    load = LoadSignal(max_lag=0.1, max_queue=10)
+    load = LoadSignal(max_lag=0.1, max_queue=10, max_queue_delay=0.05)
     assert load.shed_reason() is None
     load.lag = 0.1
     assert load.shed_reason() is None
@@ -267,6 +267,34 @@ def test_load_signal_thresholds() -> None:
     assert load.shed_reason() == "lag"
     load.queue_depth = 11
     assert load.shed_reason() == "queue"
+    load.queue_delay = 0.05
+    assert load.shed_reason() == "queue"
+    load.queue_delay = 0.06
+    assert load.shed_reason() == "queue_delay"
+    load.lag, load.queue_depth = 0.0, 0
+    assert load.shed_reason() == "queue_delay"
+    load.queue_delay = 0.0
+    assert load.shed_reason() is None
+
+
+def test_without_a_delay_bound_the_queue_delay_sheds_nothing() -> None:
+    load = LoadSignal(max_lag=0.1, max_queue=10)
+    load.queue_delay = 3600.0
+    assert load.shed_reason() is None
+
+
+def test_a_request_that_waited_too_long_in_the_queue_is_shed_and_911_is_not() -> None:
+    load = LoadSignal(max_lag=1.0, max_queue=10_000, max_queue_delay=0.1)
+    h = make_core(overload=load.shed_reason)
+    load.queue_delay = 0.25
+    assert_shed(h, plain_invite(1), "queue_delay")
+    assert to(SOFTSWITCH, h.feed(invite())) == []  # not refused; the 100 is held
+    assert h.emergency().call_id == "call-1@192.0.2.10"
+    load.queue_delay = 0.001
+    h.feed(plain_invite(2))
+    assert [e for e in h.events if isinstance(e, RequestRouted)][-1] == RequestRouted(
+        "INVITE", Route.DEFAULT
+    )
 
 
 # -- the byte-level classifier agrees with the emergency policy -----------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -67,18 +68,65 @@ def client() -> Iterator[socket.socket]:
         sock.close()
 
 
-async def start(sink: Recorder, **options: object) -> UdpTransport:
+async def start(sink: Recorder, load: LoadSignal | None = None, **options: object) -> UdpTransport:
     opts = UdpOptions(classify=functools.partial(classify, emergency=POLICY), **options)  # type: ignore[arg-type]
     transport = UdpTransport(
         sink,
         host="127.0.0.1",
         port=0,
         options=opts,
-        load=LoadSignal(max_lag=1.0, max_queue=1),
+        load=load or LoadSignal(max_lag=1.0, max_queue=1),
         on_drop=dropped.append,
     )
     await transport.start()
     return transport
+
+
+class SlowRecorder(Recorder):
+    """Takes ``hold`` seconds of the loop over the first datagram, as a busy edge would, and
+    notes the queue delay the adapter published as it handed over each one."""
+
+    def __init__(self, load: LoadSignal, hold: float) -> None:
+        super().__init__()
+        self.load = load
+        self.hold = hold
+        self.delays: list[float] = []
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        self.delays.append(self.load.queue_delay)
+        if len(self.delays) == 1:
+            time.sleep(self.hold)  # the work of a busy loop, not a wait for an event
+        super().message_received(data, source)
+
+
+async def test_the_load_signal_carries_how_long_a_datagram_waited_in_the_queue(
+    client: socket.socket,
+) -> None:
+    load = LoadSignal(max_lag=1.0, max_queue=10_000, max_queue_delay=0.05)
+    sink = SlowRecorder(load, hold=0.08)
+    transport = await start(sink, load=load, batch=1)
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(3):
+            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+        sink.expected = 3
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        # Read together, served one a turn: the first at once, the others after the first
+        # held the loop for 80 ms.
+        assert sink.delays[0] < 0.05
+        assert all(delay >= 0.07 for delay in sink.delays[1:])  # the clock counts ms
+        assert load.shed_reason() == "queue_delay"
+        # A datagram that finds the queue empty is served at once: the signal falls again.
+        sink.expected = 4
+        sink.done.clear()
+        client.sendto(request("sip:3215550000@127.0.0.1", 4), target)
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        assert sink.delays[3] < 0.05
+        assert load.shed_reason() is None
+    finally:
+        await transport.close()
 
 
 async def test_emergency_invites_are_served_before_a_backlog_of_new_calls(
