@@ -42,7 +42,7 @@ _encode: Final = logs._encode
 _string: Final = logs._string
 _encode_fields: Final = logs._encode_fields
 _INFO: Final = logging.INFO
-_UNKNOWN_FILE: Final = "(unknown file)"
+_UNKNOWN_FILE: Final = logs._UNKNOWN_FILE
 _UNKNOWN_FUNCTION: Final = "(unknown function)"
 
 
