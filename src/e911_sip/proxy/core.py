@@ -816,6 +816,11 @@ class _Probe:
         self.done = False
 
 
+_FRONT_STEP: Final = 4
+"""Slots :meth:`_Finished.add` may pass over: more than the one an entry adds, so the front
+catches up after a burst of transactions ending together."""
+
+
 class _Finished:
     """The entries whose transaction is finished, oldest first, and how many there are.
 
@@ -823,17 +828,26 @@ class _Finished:
     made CPython scan past every slot deleted at the front since the dict was last
     resized, so with the table full each eviction cost time in proportion to the finished
     transactions already gone (100,000 evictions from a 150,000-entry dict: 25 s). Here an
-    entry leaves by its ``done`` flag; the list lets go of left entries from its front as
-    the oldest are read, and is rebuilt when they outnumber the ones still counted, so each
-    entry costs a constant amount however full the table is.
+    entry leaves by its ``done`` flag and stays in the list until the front passes it.
+
+    The list is usually the last holder of an entry that left, and so of its transaction
+    and messages: letting go of them in bulk (the list cut in half, or rebuilt without
+    them, as it once was) freed tens of thousands of transactions in one call and stalled
+    the event loop for 0.2 s with the table at its bound. So the front lets go of them one
+    at a time: every slot passed over is cleared as it is passed, a few at each ``add``
+    and as many as needed by ``oldest``; the list is cut only once its front is cleared
+    slots. Transactions finish in about the order they started and live at most 64*T1,
+    so the entries that left and wait behind a counted one are bounded by that much
+    traffic.
     """
 
     __slots__ = ("_entries", "_head", "count")
 
     def __init__(self) -> None:
-        self._entries: list[_ServerEntry | _ClientEntry] = []
+        self._entries: list[_ServerEntry | _ClientEntry | None] = []
         self._head = 0
-        """Index of the oldest entry that may still be counted: those before it have left."""
+        """Index of the oldest entry that may still be counted: the slots before it are
+        cleared."""
         self.count = 0
         """Entries with ``done`` set: finished and still in their table."""
 
@@ -848,13 +862,10 @@ class _Finished:
     def add(self, entry: _ServerEntry | _ClientEntry) -> None:
         entry.done = True
         self.count += 1
-        entries = self._entries
-        entries.append(entry)
-        # Entries that left (their timers ended them) are only skipped over later: once
-        # they are most of the list, it keeps the counted ones alone.
-        if len(entries) - self._head > 2 * self.count + 64:
-            self._entries = [e for e in entries[self._head :] if e.done]
-            self._head = 0
+        self._entries.append(entry)
+        # Entries leave about as often as they are added: passing a few here keeps the
+        # front moving, one freed entry at a time, without a long pass in any one call.
+        self._advance(_FRONT_STEP)
 
     def remove(self, entry: _ServerEntry | _ClientEntry) -> None:
         """Uncount ``entry`` (it left its table); it stays in the list until passed over."""
@@ -864,21 +875,27 @@ class _Finished:
 
     def oldest(self) -> _ServerEntry | _ClientEntry | None:
         """The oldest entry still counted, or None."""
+        self._advance(len(self._entries))
+        head = self._head
+        entries = self._entries
+        return entries[head] if head < len(entries) else None
+
+    def _advance(self, limit: int) -> None:
+        """Move the front past at most ``limit`` entries that left, clearing their slots."""
         entries = self._entries
         head = self._head
         size = len(entries)
-        found: _ServerEntry | _ClientEntry | None = None
-        while head < size:
+        stop = min(size, head + limit)
+        while head < stop:
             entry = entries[head]
-            if entry.done:
-                found = entry
+            if entry is not None and entry.done:
                 break
+            entries[head] = None
             head += 1
         if head > 1024 and head * 2 > size:
-            del entries[:head]
+            del entries[:head]  # cleared slots only: no entry is freed here
             head = 0
         self._head = head
-        return found
 
 
 def _rfc3261_key(request: Request) -> ServerKey | None:

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from e911_sip.proxy.core import Evicted, ProxyCore, RequestRouted, Route, Shed
+from e911_sip.proxy.core import _FRONT_STEP, Evicted, ProxyCore, RequestRouted, Route, Shed
 from e911_sip.sip.message import Request, Response
 from tests.unit.proxy.test_admission import make_core, plain_invite
 from tests.unit.proxy.test_core import (
@@ -182,6 +182,7 @@ def test_evicting_at_the_bound_keeps_the_finished_list_to_the_entries_counted() 
         h.advance(0.5 if n % 50 else 40.0)  # and now and then every one ends by its timer
         assert len(done._entries) - done._head <= 2 * done.count + 64
         assert done._head <= max(1024, len(done._entries) // 2)
+        assert all(e is None for e in done._entries[: done._head])
     assert h.core.transactions_in_flight <= 16
     assert done.count == h.core.transactions_in_flight - h.core.transactions_working
     assert sum(e.transactions for e in h.event(Evicted)) > 300
@@ -241,3 +242,47 @@ def test_a_finished_emergency_transaction_outlasts_ordinary_traffic_at_the_bound
     assert [m.status for m in replies] == [486]
     assert not to(TRUNK1, again)
     assert not h.event(RequestRouted) or h.event(RequestRouted)[-1].route is not Route.EMERGENCY
+
+
+def _left_but_held(core: ProxyCore) -> int:
+    """Entries that left their table and that the finished list still holds."""
+    done = core._done
+    return sum(1 for e in done._entries[done._head :] if e is not None and not e.done)
+
+
+def test_the_finished_list_lets_go_of_ended_transactions_a_few_at_a_time() -> None:
+    # The list is usually the last holder of a transaction that ended: letting go of
+    # thousands in one call (the list cut in half, or rebuilt) stalled the loop for 0.2 s.
+    h = make_core(max_transactions=10_000)
+    for n in range(100):
+        finished_message(h, n)
+    assert h.core._done.count == 200
+    h.advance(40.0)  # every one ends by its timers
+    assert h.core.transactions_in_flight == 0
+    held = _left_but_held(h.core)
+    assert held == 200
+    for n in range(100, 200):
+        finished_message(h, n)  # two entries added, each passing a few of those that left
+        now = _left_but_held(h.core)
+        assert held - 2 * _FRONT_STEP <= now <= held
+        held = now
+        if not held:
+            break
+    assert held == 0
+    assert all(e is None for e in h.core._done._entries[: h.core._done._head])
+
+
+def test_eviction_lets_go_of_the_entries_it_passes() -> None:
+    h = make_core(max_transactions=16)
+    for n in range(8):
+        finished_message(h, n)
+    h.advance(40.0)
+    for n in range(10, 18):
+        finished_message(h, n)
+    assert h.core.transactions_in_flight == 16
+    h.feed(plain_invite(50))  # evicts the oldest finished, passing every entry that ended
+    assert h.event(Evicted) == [Evicted(4, 0)]
+    done = h.core._done
+    # Only the last one evicted is still at the front, to be passed by the next read.
+    assert _left_but_held(h.core) == 1
+    assert all(e is None for e in done._entries[: done._head])
