@@ -153,7 +153,7 @@ class CircuitBreaker:
             if self._connect_failures >= self._options.connect_failures:
                 self._open(now, reason)
                 return
-        lookups, failures = self._count(now, failed=True)
+        lookups, failures = self._window(self._count(now, failed=True)[0])
         if (
             lookups >= self._options.min_lookups
             and failures >= self._options.failure_ratio * lookups
@@ -187,8 +187,12 @@ class CircuitBreaker:
         if self._trial_successes >= self._options.trial_lookups:
             self._close()
 
-    def _count(self, now: float, *, failed: bool) -> tuple[int, int]:
-        """Add one lookup to the window; return the window's (lookups, failures)."""
+    def _count(self, now: float, *, failed: bool) -> list[int]:
+        """Add one lookup to the window; return its bucket ``[number, lookups, failures]``.
+
+        Only a failure reads the whole window (:meth:`_window`): a success is one bucket's
+        increment, which every 911 call answered from memory pays.
+        """
         bucket = int(now // self._width)
         slot = self._slots[bucket % _BUCKETS]
         if slot[0] != bucket:
@@ -196,6 +200,10 @@ class CircuitBreaker:
         slot[1] += 1
         if failed:
             slot[2] += 1
+        return slot
+
+    def _window(self, bucket: int) -> tuple[int, int]:
+        """The (lookups, failures) of the window that ends with ``bucket``."""
         oldest = bucket - _BUCKETS
         lookups = failures = 0
         for number, total, bad in self._slots:

