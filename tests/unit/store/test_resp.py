@@ -3,6 +3,7 @@ double (the wire itself is in tests/integration/test_resp.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from e911_sip.callrecords.book import CallRecord
 from e911_sip.callrecords.stream import RedisStreamSink, TransferError
 from e911_sip.notify.queue import QueueError, RedisStreamQueue
 from e911_sip.store.base import StoreError, StoreTimeout, StoreUnreachable
-from e911_sip.store.resp import ReplyError, RespPool, RespStreamWriter, pack
+from e911_sip.store.resp import Connection, ReplyError, RespPool, RespStreamWriter, pack
 
 
 class _Pool:
@@ -156,3 +157,41 @@ class _Client:
 def test_a_pool_needs_a_connection() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         RespPool("redis://127.0.0.1:1/0", size=0)
+
+
+class _Transport:
+    """Enough of an asyncio transport for a connection that is never really opened."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@pytest.mark.parametrize("sentinel", [True, False])
+async def test_a_readonly_reply_behind_sentinel_retires_the_connection(sentinel: bool) -> None:
+    url = "redis+sentinel://127.0.0.1:1/e911" if sentinel else "redis://127.0.0.1:1/0"
+    pool = RespPool(url, size=1)
+    connection = Connection(pool, silence=60.0)
+    transport = _Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.ready = True
+    if sentinel:
+        connection.address = ("10.0.0.1", 6379)
+    pool._slots = [connection]
+    write = asyncio.ensure_future(pool.execute("XADD", "s", "*", "f", "v", timeout=5.0))
+    await asyncio.sleep(0)
+    assert transport.written == [pack("XADD", "s", "*", "f", "v")]
+    connection.data_received(b"-READONLY You can't write against a read only replica.\r\n")
+    with pytest.raises(ReplyError, match="READONLY"):
+        await write
+    # Behind Sentinel the next command opens a connection to the master the sentinels name;
+    # without, there is no other master to go to.
+    assert transport.aborted is sentinel
+    assert pool._slots == ([None] if sentinel else [connection])
+    await pool.close()
