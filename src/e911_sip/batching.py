@@ -97,10 +97,10 @@ class ClientStreamWriter:
         if not values:
             return
         try:
-            if len(values) == 1:
-                await self._client.xadd(
-                    stream, {field: values[0]}, maxlen=maxlen or None, approximate=True
-                )
+            if len(values) == 1 and maxlen > 0:
+                await self._client.xadd(stream, {field: values[0]}, maxlen=maxlen)
+            elif len(values) == 1:
+                await self._client.xadd(stream, {field: values[0]})
             else:
                 await XADD_ALL.run(self._client, (stream,), (maxlen, field, *values))
         except (RedisError, OSError) as exc:
