@@ -136,16 +136,15 @@ class Address:
 
 def pack(*args: Arg | None) -> bytes:
     """A command in RESP (an array of bulk strings); None arguments are left out."""
-    out = [b""]
+    out = []
     for arg in args:
         if arg is None:
             continue
         item = (
             arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
         )
-        out += (b"$%d\r\n" % len(item), item, b"\r\n")
-    out[0] = b"*%d\r\n" % (len(out) // 3)
-    return b"".join(out)
+        out.append(b"$%d\r\n%b\r\n" % (len(item), item))
+    return b"*%d\r\n%b" % (len(out), b"".join(out))
 
 
 class Connection(asyncio.Protocol):
