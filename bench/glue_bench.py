@@ -4,8 +4,9 @@
     PYTHONPATH=src python bench/glue_bench.py --callgrind [--part ...] [--callgrind-calls 200,400]
 
 The parts the edge runs for every emergency call outside the core, each alone, with no
-sockets and no event loop (a Redis client that answers at once stands in for the server, so
-redis-py's own packing of the command is left out):
+sockets and no event loop (a Redis client or pool that answers at once stands in for the
+server; the edge's writes are packed into RESP as its own pipelined connection packs them,
+and redis-py's packing of the notifier's commands is left out):
 
 - ``log``: the JSON line "emergency call forwarded" (``logger.info`` with the call's fields
   through :func:`e911_sip.logs.configure`'s handler, into /dev/null);
@@ -16,10 +17,12 @@ redis-py's own packing of the command is left out):
 - ``records``: the call's record, fed the core's events and the enrichment as the edge does
   (:class:`~e911_sip.callrecords.recorder.CallRecorder`), finished, and written in batches
   of ``--batch`` through :class:`~e911_sip.callrecords.stream.RedisStreamSink` (the record's
-  id, JSON and ``XADD`` arguments);
+  id, JSON, and the ``XADD`` or ``EVALSHA`` packed in RESP by
+  :class:`~e911_sip.store.resp.RespStreamWriter`);
 - ``publish``: the call's notification event made as the edge makes it, published, and
   written in batches of ``--batch`` by the :class:`~e911_sip.notify.dispatch.Publisher`
-  through :class:`~e911_sip.notify.queue.RedisStreamQueue`;
+  through :class:`~e911_sip.notify.queue.RedisStreamQueue` and its
+  :class:`~e911_sip.store.resp.RespStreamWriter` (the command packed in RESP);
 - ``notify``: ``publish``, then the notifier's work on each batch without provisioning's
   lookup and the channels: the events taken from the stream (decoded), read, turned into one
   delivery for each of three targets, handed over to the deliveries stream (encoded), and
@@ -90,19 +93,28 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, middle, old)
 
 
-def _redis_class() -> type[Any]:
-    """A redis-py client (never connected) that answers the writers' commands at once, as if
-    the server had: a subclass, as a compiled sink takes only a client for its client."""
-    import redis.asyncio as aioredis
+class _Answering:
+    """A RESP pool that answers every command at once, as if the server had, after packing
+    it as the real pool does (the packing is the edge's own work, not a client's)."""
 
-    class _Redis(aioredis.Redis):
-        async def evalsha(self, sha: str, numkeys: int, *args: object) -> int:  # type: ignore[override]
-            return len(args)
+    def __init__(self) -> None:
+        from e911_sip.store.resp import pack
 
-        async def xadd(self, stream: str, fields: dict[str, str]) -> str:  # type: ignore[override]
-            return "0-1"
+        self._pack = pack
 
-    return _Redis
+    async def execute(self, *args: Any, timeout: float | None = None) -> Any:
+        self._pack(*args)
+        return b"0-1" if args[0] == "XADD" else len(args)
+
+    async def close(self) -> None:
+        return None
+
+
+def _writer() -> Any:
+    """The edge's stream writer on a pool that answers at once."""
+    from e911_sip.store.resp import RespStreamWriter
+
+    return RespStreamWriter(_Answering(), timeout=5.0)  # type: ignore[arg-type]
 
 
 class _Redis:
@@ -217,7 +229,7 @@ def _records_part(batch: int) -> Callable[[int], None]:
     from e911_sip.sip.message import Request, parse
 
     sink = RedisStreamSink(url="redis://127.0.0.1:6379/0", stream="e911:calls", timeout=1.0)
-    sink._client = _redis_class()()
+    sink._writer = _writer()
     clock = [1_796_000_000.0]
 
     def wall() -> float:
@@ -252,7 +264,12 @@ def _publish_part(batch: int) -> Callable[[int], None]:
     from e911_sip.notify.event import CallEvent
     from e911_sip.notify.queue import RedisStreamQueue
 
-    queue = RedisStreamQueue(_Redis(), stream="e911:events", dead_list="e911:events:dead")  # type: ignore[arg-type]
+    queue = RedisStreamQueue(
+        _Redis(),  # type: ignore[arg-type]
+        stream="e911:events",
+        dead_list="e911:events:dead",
+        writer=_writer(),
+    )
     publisher = Publisher(queue, batch=batch)
 
     def call(n: int) -> None:

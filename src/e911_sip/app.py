@@ -108,6 +108,7 @@ from e911_sip.store.memory import MemoryStore
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore, connect
 from e911_sip.store.resilient import LookupOptions, ResilientLookup
+from e911_sip.store.resp import RespStreamWriter
 from e911_sip.store.sentinel import master_changes
 from e911_sip.transport.control import Dialogs, serve_worker_side
 from e911_sip.transport.dispatch import (
@@ -910,12 +911,16 @@ def build_notify(
         # Through store.redis.connect, not RedisStreamQueue.from_url: that is where every
         # Redis URL form (redis+sentinel:// too) is understood. No replica acknowledgements:
         # the publisher retries a failed batch, and a batch the master applied but no replica
-        # confirmed would be queued (and notified) twice.
+        # confirmed would be queued (and notified) twice. The edge's events are written on a
+        # pipelined connection of their own (one for every emergency call: redis-py's
+        # per-command cost was a large share of the call's), each write within 5 s as the
+        # client's socket timeout bounded it; it opens on the first write.
         events = RedisStreamQueue(
             connect(config.store.url, socket_timeout=5.0, replica_acks=False),
             stream=f"{n.key_prefix}events",
             dead_list=f"{n.key_prefix}dead",
             consumer=consumer,
+            writer=RespStreamWriter.open(config.store.url, timeout=5.0),
         )
         deliveries = RedisStreamQueue(
             connect(config.store.url, socket_timeout=5.0, replica_acks=False),

@@ -1,10 +1,12 @@
 """What the background writers (notifications, call records) share: the single-future waits
 of their lingering (:class:`Pauses`), and a batch of stream entries written in one Redis
-command.
+command (:class:`StreamWriter`).
 
-redis-py builds every command of a pipeline in Python (packing, a reply to parse each), so
-a ``MULTI`` of a hundred ``XADD`` cost the edge several times the CPU of one ``EVALSHA``
-carrying the hundred entries; the script is atomic as the ``MULTI`` was.
+A ``MULTI`` of a hundred ``XADD`` costs the client a command to pack and a reply to parse
+each; one ``EVALSHA`` of :data:`XADD_ALL` carries the hundred entries, atomic as the
+``MULTI`` was. The edge writes through :class:`e911_sip.store.resp.RespStreamWriter` (its
+own pipelined connection); :class:`ClientStreamWriter` does the same through a redis-py
+client, for a queue built without one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 _XADD_ALL = """
 local maxlen = tonumber(ARGV[1])
@@ -50,7 +52,62 @@ class StoredScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-_XADD_ALL_SCRIPT = StoredScript(_XADD_ALL)
+XADD_ALL = StoredScript(_XADD_ALL)
+"""``XADD KEYS[1] [MAXLEN ~ ARGV[1]] * ARGV[2] value`` for each value of ``ARGV[3:]``, in
+order (``ARGV[1]`` 0: no trimming); returns how many."""
+
+
+class WriteError(Exception):
+    """A batch of stream entries was not (all) written."""
+
+
+class StreamWriter(Protocol):
+    """Where the background writers append their batches of stream entries."""
+
+    async def xadd_all(
+        self, stream: str, field: str, values: Sequence[str], *, maxlen: int = 0
+    ) -> None:
+        """``XADD stream [MAXLEN ~ maxlen] * field value`` for each of ``values``, in order,
+        in one command (``maxlen`` 0: no trimming).
+
+        Raises:
+            WriteError: not (all) written. An error before the command reached Redis wrote
+                none of it; a reply lost after it may leave it written, so a retry may
+                store the batch twice (the writers' entries carry ids that make that
+                harmless). A script that fails part way has written the values before the
+                failure (as a ``MULTI`` applied every command that did not fail).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release what the writer owns."""
+        ...
+
+
+class ClientStreamWriter:
+    """:class:`StreamWriter` through a redis-py client (which it does not own: ``close``
+    leaves it open)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+
+    async def xadd_all(
+        self, stream: str, field: str, values: Sequence[str], *, maxlen: int = 0
+    ) -> None:
+        if not values:
+            return
+        try:
+            if len(values) == 1 and maxlen > 0:
+                await self._client.xadd(stream, {field: values[0]}, maxlen=maxlen)
+            elif len(values) == 1:
+                await self._client.xadd(stream, {field: values[0]})
+            else:
+                await XADD_ALL.run(self._client, (stream,), (maxlen, field, *values))
+        except (RedisError, OSError) as exc:
+            raise WriteError(str(exc)) from exc
+
+    async def close(self) -> None:
+        return None
 
 
 def end_wait(waiter: asyncio.Future[None] | None) -> None:
@@ -128,20 +185,3 @@ class Pauses:
         """End the current wait if it is ``wakeable`` (else, or with none, nothing)."""
         if self._wakeable:
             end_wait(self._waiter)
-
-
-async def xadd_all(
-    client: aioredis.Redis, stream: str, field: str, values: Sequence[str], *, maxlen: int = 0
-) -> None:
-    """``XADD stream [MAXLEN ~ maxlen] * field value`` for each of ``values``, in order, in
-    one ``EVALSHA`` (the script is loaded again when the server does not know it: a restart,
-    a failover). ``maxlen`` 0: no trimming.
-
-    Raises:
-        RedisError: not (all) written. A script that fails part way has written the values
-            before the failure (a ``MULTI`` applied every command that did not fail): a
-            retry may store some twice.
-    """
-    if not values:
-        return
-    await _XADD_ALL_SCRIPT.run(client, (stream,), (maxlen, field, *values))

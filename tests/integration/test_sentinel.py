@@ -25,9 +25,11 @@ import pytest
 import redis
 import trustme
 
+from e911_sip.batching import WriteError
 from e911_sip.store.base import LocationRecord, StoreError
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore, connect
+from e911_sip.store.resp import RespStreamWriter
 from e911_sip.store.sentinel import ReplicationLag, master_changes
 from tests.certs import write_ca
 from tests.integration.conftest import require_tool
@@ -379,6 +381,41 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
             await asyncio.to_thread(sentinel.stop)
         assert await direct.ping()
         assert await direct.lookup(line(1)) == record(2)
+
+
+@pytest.mark.parametrize("batch", [["c"], ["c", "d"]], ids=["xadd", "script"])
+async def test_the_stream_writer_follows_a_planned_switch(
+    cluster: SentinelCluster, batch: list[str]
+) -> None:
+    # The old master lives on as a replica: the writer's connection to it is closed by the
+    # sentinels' reconfiguration (or, were it not, answers READONLY and is retired), and a
+    # write after that goes to the master the sentinels name.
+    writer = RespStreamWriter.open(cluster.url(), timeout=5.0)
+    try:
+        await writer.xadd_all("w:calls", "record", ["a", "b"])
+        old_port = cluster.master_port()
+        with cluster.sentinels[0].client() as client:
+            assert client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        new_master = await asyncio.to_thread(cluster.wait_for_new_master, old_port)
+        old = cluster.server(old_port)
+        await asyncio.to_thread(
+            cluster.wait_for,
+            lambda: cluster.client(old).info("replication").get("role") == "slave",
+            "the old master demoted",
+        )
+        deadline = time.monotonic() + BOUND
+        while True:
+            try:
+                await writer.xadd_all("w:calls", "record", batch)
+                break
+            except WriteError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        written = [fields["record"] for _id, fields in new_master.client().xrange("w:calls")]
+        assert written == ["a", "b", *batch]
+    finally:
+        await writer.close()
 
 
 async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelCluster) -> None:

@@ -7,7 +7,9 @@
 - :class:`LocalHandoff`: the embedded single box (``memory://`` store), where the edge and
   provisioning share one process: a bounded in-memory queue.
 
-Every redis-py exception becomes :class:`TransferError` here.
+Every Redis failure becomes :class:`TransferError` here. The edge's sink writes through a
+pipelined connection of :mod:`e911_sip.store.resp` (a call's record is written on every
+emergency call); provisioning's source reads through redis-py.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
 
-from e911_sip.batching import xadd_all
+from e911_sip.batching import StreamWriter, WriteError
 from e911_sip.callrecords.book import CallRecord, RecordError
 from e911_sip.store.redis import connect
+from e911_sip.store.resp import RespStreamWriter
 from e911_sip.timefmt import utc_millis
 
 DEFAULT_STREAM = "e911:calls"
@@ -258,34 +261,31 @@ class _LocalDelivery:
 
 
 class RedisStreamSink:
-    """XADD each record's JSON to a stream (a batch in one script). Implements RecordSink."""
+    """XADD each record's JSON to a stream (a batch in one command, each write bounded by
+    ``timeout`` seconds). Implements RecordSink."""
 
     def __init__(
         self, *, url: str, stream: str = DEFAULT_STREAM, maxlen: int = 1_000_000, timeout: float
     ) -> None:
         self._stream = stream
         self._maxlen = maxlen
-        self._client = connect(url, socket_timeout=timeout, max_connections=2)
+        self._writer: StreamWriter = RespStreamWriter.open(url, timeout=timeout)
 
     async def write(self, records: Sequence[CallRecord]) -> None:
         if not records:
             return
         try:
-            await xadd_all(
-                self._client,
+            await self._writer.xadd_all(
                 self._stream,
                 "record",
                 [encode(record) for record in records],
                 maxlen=self._maxlen,
             )
-        except (RedisError, OSError) as exc:
+        except WriteError as exc:
             raise TransferError(f"XADD to {self._stream} failed: {exc}") from exc
 
     async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except (RedisError, OSError):
-            pass
+        await self._writer.close()
 
 
 class _StreamDelivery:

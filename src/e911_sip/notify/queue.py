@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from e911_sip.batching import StoredScript, xadd_all
+from e911_sip.batching import ClientStreamWriter, StoredScript, StreamWriter, WriteError
 
 log = logging.getLogger("e911_sip.notify")
 
@@ -393,9 +393,12 @@ def _database(client: aioredis.Redis) -> tuple[object, ...]:
 class RedisStreamQueue:
     """A Redis stream read through a consumer group; dead letters in a Redis list.
 
-    ``put`` is ``XADD`` (``put_many``: of each item, in one script); ``take`` first returns
-    this consumer's pending entries (taken before a restart and never acknowledged), then new
-    ones (``XREADGROUP ... >``); ``done`` is ``XACK`` plus ``XDEL`` in one script
+    ``put`` is ``XADD`` (``put_many``: of each item, in one script), through ``writer`` when
+    one is given (the product gives the edge's events a pipelined connection of their own,
+    :class:`e911_sip.store.resp.RespStreamWriter`: an event is written on every emergency
+    call), else through ``client``; everything else goes through ``client``. ``take`` first
+    returns this consumer's pending entries (taken before a restart and never acknowledged),
+    then new ones (``XREADGROUP ... >``); ``done`` is ``XACK`` plus ``XDEL`` in one script
     (``done_many``: of every entry given, in one); ``hand_over`` to a queue on the same
     database is one script too; ``dead`` pushes to the list and acknowledges, in one
     ``MULTI``.
@@ -409,8 +412,11 @@ class RedisStreamQueue:
         dead_list: str,
         group: str = "notifier",
         consumer: str = "notifier",
+        writer: StreamWriter | None = None,
     ) -> None:
+        """The queue owns ``client`` and ``writer``: :meth:`close` closes both."""
         self._redis = client
+        self._writer: StreamWriter = writer if writer is not None else ClientStreamWriter(client)
         self._stream = stream
         self._dead_list = dead_list
         self._group = group
@@ -446,14 +452,12 @@ class RedisStreamQueue:
     async def put_many(self, items: Sequence[Mapping[str, Any]]) -> None:
         if not items:
             return
+        # One command (a script for more than one): the batch is applied together, never
+        # interleaved with another writer's, and a connection lost before the command
+        # arrived applies none of it.
         try:
-            if len(items) == 1:
-                await self._redis.xadd(self._stream, {"item": dumps(dict(items[0]))})
-                return
-            # One script: the batch is applied together, never interleaved with another
-            # writer's, and a connection lost before the command arrived applies none of it.
-            await xadd_all(self._redis, self._stream, "item", [dumps(dict(i)) for i in items])
-        except RedisError as exc:
+            await self._writer.xadd_all(self._stream, "item", [dumps(dict(i)) for i in items])
+        except WriteError as exc:
             raise QueueError(f"Redis: {exc}") from exc
 
     async def take(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
@@ -569,4 +573,7 @@ class RedisStreamQueue:
             raise QueueError(f"Redis: {exc}") from exc
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        try:
+            await self._writer.close()
+        finally:
+            await self._redis.aclose()
