@@ -531,11 +531,11 @@ def test_the_check_of_each_set_of_keys_is_remembered_within_a_bound() -> None:
         assert {case: formatter.format(records[case]) for case in PINNED} == PINNED
     # One entry per set of keys, the slow ones ("private", "clash", "exc_clash") included.
     sets = {tuple(vars(r))[20:] for r in pinned_records().values()} - {()}
-    assert len(formatter._keys) == len(sets)
+    assert len(formatter._pieces.keys) == len(sets)
     for n in range(logs._KEY_SETS + 10):
         line = formatter.format(at("x", **{f"k{n}": n}))
         assert line.endswith(f'"msg":"x","k{n}":{n}}}')
-    assert len(formatter._keys) == logs._KEY_SETS
+    assert len(formatter._pieces.keys) == logs._KEY_SETS
     assert formatter.format(at("x", _hidden=1, shown=2)).endswith('"msg":"x","shown":2}')
 
 
