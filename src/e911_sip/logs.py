@@ -88,7 +88,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and key[0] != "_":
+            # ``key[:1]``: an empty key is written as any other, not an IndexError.
+            if key not in _STANDARD and key[:1] != "_":
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

@@ -86,6 +86,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "clash_level": {"level": "custom", "logger": "other"},
     "clash_exc": {"exc": "extra-exc", "after": 1},
     "private": {"_hidden": 1, "shown": 2},
+    "empty_key": {"": "x", "call_id": "c"},
     "worker_given": {"worker": 9, "trunk": "b"},
 }
 FAST = {
