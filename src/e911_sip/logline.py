@@ -20,7 +20,10 @@ that does not encode) goes the standard way, which writes what it always did.
 The line is put together by the builder :meth:`JsonFormatter.format` uses for its usual line
 (:class:`e911_sip.logjson.Pieces`), with the formatter's ``worker`` set on the fields as it
 sets it on the record, and written by the same :func:`e911_sip.logjson.write`.
-``tests/unit/test_logline.py`` writes each line both ways and compares the bytes.
+``tests/unit/test_logline.py`` writes each line both ways and compares the bytes. The level's
+name is looked up per line in ``logging``'s own map (:data:`e911_sip.logs._level_names`), as
+a record looks it up: a level named with ``logging.addLevelName`` after ``configure`` is
+written with its new name.
 """
 
 from __future__ import annotations

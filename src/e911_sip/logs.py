@@ -217,22 +217,13 @@ class _Records:
 
 
 _new_record = object.__new__
-_level_names: dict[int, str] = {}
-"""The name ``logging.getLevelName`` gives each level it knows, as of the last
-:func:`_name_levels` (at import and by :func:`configure`): a record looks its level up here
-without a call per record; a level added since goes to the function."""
-
-
-def _name_levels() -> None:
-    """Fill :data:`_level_names` in place (it is bound elsewhere) from the public API."""
-    names = {
-        level: logging.getLevelName(level) for level in logging.getLevelNamesMapping().values()
-    }
-    _level_names.clear()
-    _level_names.update(names)
-
-
-_name_levels()
+_level_names: dict[int, str] = getattr(logging, "_levelToName", {})
+"""``logging``'s own map from each level to its name, which ``logging.addLevelName`` changes
+in place: a record (and a line of :mod:`e911_sip.logline`) looks its level up here without
+a call per record, and a level named or renamed at any time has its new name at once, as
+``LogRecord`` gives it. ``logging`` keeps the map private (it has been there since 3.4) and
+never binds another; without it, this is empty and every level goes to
+``logging.getLevelName``."""
 
 
 def _install_records() -> None:
@@ -256,7 +247,6 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    _name_levels()
     _install_records()
     handler = _JsonLines(sys.stderr)
     handler.setFormatter(JsonFormatter())

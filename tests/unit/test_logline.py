@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import io
+import json
 import logging
 import sys
 import time
@@ -220,6 +221,45 @@ def test_other_levels_and_loggers_are_written_straight(
         assert mine == configured.getvalue()[start:]
     # The root is a RootLogger: the standard way, with the same bytes.
     assert records == ["m", "m", "m", "m", "m"]
+
+
+@pytest.fixture
+def level_names() -> Iterator[None]:
+    """``logging``'s level names restored after the test renames some."""
+    names, levels = dict(logging._levelToName), dict(logging._nameToLevel)
+    try:
+        yield
+    finally:
+        logging._levelToName.clear()
+        logging._levelToName.update(names)
+        logging._nameToLevel.clear()
+        logging._nameToLevel.update(levels)
+
+
+def test_a_level_named_after_configure_has_its_new_name(
+    configured: io.StringIO, records: list[str], level_names: None
+) -> None:
+    only_ours()
+    logger = logging.getLogger(NAME)
+    # After configure(), and after a line of each level was written with the old name.
+    logline.emit(logger, logging.INFO, "m", {"call_id": "c"})
+    logline.emit(logger, 27, "m", {"call_id": "c"})
+    assert [json.loads(line)["level"] for line in configured.getvalue().splitlines()] == [
+        "INFO",
+        "Level 27",
+    ]
+    logging.addLevelName(logging.INFO, "NOTICE")
+    logging.addLevelName(27, "AUDIT")
+    for level, name in ((logging.INFO, "NOTICE"), (27, "AUDIT")):
+        start = configured.tell()
+        logline.emit(logger, level, "m", {"call_id": "c"})
+        mine = configured.getvalue()[start:]
+        start = configured.tell()
+        logger.log(level, "m", extra={"call_id": "c"})
+        assert mine == configured.getvalue()[start:]
+        assert json.loads(mine)["level"] == name
+    # Written straight each time; the records are those of logger.log.
+    assert records == ["m", "m"]
 
 
 def test_the_second_and_the_millisecond_follow_the_clock(
