@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_FRESH: Final = vars(logging.LogRecord("", 0, "", 0, "", (), None))
-STANDARD: Final = frozenset(_FRESH) | {"message", "asctime", "taskName"}
-FIRST_EXTRA: Final = len(_FRESH)
+_FRESH: Final[dict[str, Any]] = vars(logging.LogRecord("", 0, "", 0, "", (), None))
+STANDARD: Final[frozenset[str]] = frozenset(_FRESH) | {"message", "asctime", "taskName"}
+FIRST_EXTRA: Final[int] = len(_FRESH)
 """A plain LogRecord's ``__init__`` sets this many attributes before ``extra=`` adds its own:
 the formatter skips them without looking at them."""
 
@@ -29,11 +29,11 @@ the formatter skips them without looking at them."""
 # place in the object (the dict the lines were first built with did that). A record with one,
 # with an attribute of ``STANDARD`` set after ``__init__`` (``message`` by another handler's
 # formatter) or with an empty key goes the slow way, which writes what it always did.
-SLOW: Final = STANDARD | {"ts", "level", "logger", "msg", "exc", ""}
+SLOW: Final[frozenset[str]] = STANDARD | {"ts", "level", "logger", "msg", "exc", ""}
 
 # One encoder for every line: ``json.dumps`` with options builds a new one per call.
-encode: Final = json.JSONEncoder(default=str, separators=(",", ":")).encode
-string: Final = json.encoder.encode_basestring_ascii
+encode: Final[Callable[[object], str]] = json.JSONEncoder(default=str, separators=(",", ":")).encode
+string: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 _c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 # The C encoder ``encode`` builds per call, built once; without the circular-reference check
 # (its memo would be shared by every line): a cycle raises RecursionError here, and the line
@@ -43,10 +43,10 @@ encode_fields: Final[Callable[[Any, int], Any] | None] = (
     if _c_encoder is None
     else _c_encoder(None, str, string, None, ":", ",", False, False, True)
 )
-KEY_SETS: Final = 1024
+KEY_SETS: Final[int] = 1024
 """Sets of ``extra=`` keys a :class:`Pieces` remembers the check of (the product's lines
 have a few dozen); beyond that each line is checked."""
-MILLIS: Final = tuple(f'.{ms:03d}Z"' for ms in range(1000))
+MILLIS: Final[tuple[str, ...]] = tuple(f'.{ms:03d}Z"' for ms in range(1000))
 
 
 class Pieces:
