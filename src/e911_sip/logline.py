@@ -24,6 +24,16 @@ sets it on the record, and written by the same :func:`e911_sip.logjson.write`.
 name is looked up per line in ``logging``'s own map (:data:`e911_sip.logs._level_names`), as
 a record looks it up: a level named with ``logging.addLevelName`` after ``configure`` is
 written with its new name.
+
+The edge writes its per-call line after the INVITE went out, so nothing of this module's own
+may raise to it: an exception in the check or in putting the line together (before anything
+is written) sends the line the standard way, ``logger.log``, rather than dropping it. That
+way writes it when it can, and otherwise fails as every other line of the process fails: a
+handler's failure is reported by ``Handler.handleError`` (on stderr while
+``logging.raiseExceptions`` is set) and not raised; what ``logger.log`` itself raises (a
+field named as a record's attribute, a filter that raises) is raised here as there, a
+programming error a test finds. The write's own failures are the handler's to report, as
+for a line of ``logger.log``.
 """
 
 from __future__ import annotations
@@ -89,23 +99,32 @@ def _write(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> bool:
     the standard one would go, with nothing written."""
     if type(msg) is not str or type(fields) is not dict:
         return False
-    handler = _json_handler(logger, level)
-    if handler is None:
+    try:
+        handler = _json_handler(logger, level)
+        if handler is None:
+            return False
+        worker = handler.formatter.worker
+        if worker is not None:
+            # As the formatter sets ``record.worker``: in its place if given, else last.
+            fields = dict(fields)
+            fields["worker"] = worker
+        created = time.time()
+        second = int(created)
+        # What LogRecord and the factory of ``configure`` make ``msecs``.
+        millis = int((created - second) * 1000)
+        levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        line = _pieces.line(second, millis, levelname, logger.name, msg, fields)
+        lock = handler.lock
+    except Exception:
+        # The check or the line failed on something not as ``configure`` left it (a logger
+        # or handler changed in a way the check does not expect, a patched function), with
+        # nothing written: the standard way writes the line, or its handler reports the
+        # failure through ``Handler.handleError``, as for any line.
         return False
-    worker = handler.formatter.worker
-    if worker is not None:
-        # As the formatter sets ``record.worker``: in its place if given, else last.
-        fields = dict(fields)
-        fields["worker"] = worker
-    created = time.time()
-    second = int(created)
-    # What LogRecord and the factory of ``configure`` make ``msecs``.
-    millis = int((created - second) * 1000)
-    levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
-    line = _pieces.line(second, millis, levelname, logger.name, msg, fields)
     if not line:
         return False
-    with handler.lock:
+    with lock:
+        # Failures of the write are the handler's to report, as ``_JsonLines.emit``'s.
         logjson.write(handler, line, (logger, level, msg, fields), _record)
     return True
 

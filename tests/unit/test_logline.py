@@ -461,6 +461,46 @@ def test_a_failed_write_is_reported_as_the_handler_reports_it(
     assert mine.splitlines()[-2:] == theirs.splitlines()[-2:]
 
 
+def test_a_failing_check_falls_back_to_logger_info(
+    configured: io.StringIO, records: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edge writes this line after the INVITE went out: a failure of logline's own check
+    # must not reach it. The line goes the standard way instead, the same bytes.
+    only_ours()
+
+    def broken() -> Any:
+        raise RuntimeError("factory lookup failed")
+
+    monkeypatch.setattr(logging, "getLogRecordFactory", broken)
+    mine, theirs = both_ways(configured, emit_info, "emergency call forwarded", dict(CALL))
+    assert mine == theirs and mine.count("\n") == 1
+    start = configured.tell()
+    logline.emit(logging.getLogger(NAME), logging.WARNING, "w", {"call_id": "c"})
+    assert json.loads(configured.getvalue()[start:])["level"] == "WARNING"
+    assert records == ["emergency call forwarded"] * 2 + ["w"]
+
+
+@pytest.mark.parametrize("raise_exceptions", [True, False])
+def test_a_handler_that_fails_its_check_is_reported_not_raised(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch, raise_exceptions: bool
+) -> None:
+    # A formatter without its ``worker``: logline's check fails on it, and so does the
+    # formatter on the standard way, inside the handler, which reports it as it reports a
+    # failed line (Handler.handleError, on sys.stderr while logging.raiseExceptions is set).
+    handler = only_ours()
+    delattr(handler.formatter, "worker")
+    monkeypatch.setattr(logging, "raiseExceptions", raise_exceptions)
+    monkeypatch.setattr(sys, "stderr", report := io.StringIO())
+    emit_info("emergency call forwarded", dict(CALL))
+    logline.emit(logging.getLogger(NAME), logging.ERROR, "e", {})
+    assert configured.getvalue() == ""
+    if raise_exceptions:
+        assert report.getvalue().count("--- Logging error ---") == 2
+        assert "AttributeError" in report.getvalue()
+    else:
+        assert report.getvalue() == ""
+
+
 def test_a_value_that_does_not_encode_fails_as_it_always_did(
     configured: io.StringIO, records: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
