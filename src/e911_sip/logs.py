@@ -223,7 +223,9 @@ in place: a record (and a line of :mod:`e911_sip.logline`) looks its level up he
 a call per record, and a level named or renamed at any time has its new name at once, as
 ``LogRecord`` gives it. ``logging`` keeps the map private (it has been there since 3.4) and
 never binds another; without it, this is empty and every level goes to
-``logging.getLevelName``."""
+``logging.getLevelName``. The private map, not a copy made with the public API: no public
+call tells that a name changed short of ``getLevelName`` per line (a Python call, several
+hundred instructions), and a copy keeps a renamed level's old name."""
 
 
 def _install_records() -> None:
