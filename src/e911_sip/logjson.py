@@ -153,14 +153,18 @@ class Pieces:
 def write(
     handler: Any,
     line: str,
-    record: Any,
-    make_record: Callable[..., logging.LogRecord] | None = None,
+    record: logging.LogRecord | None,
+    logger: Any = None,
+    level: int = 0,
+    msg: str = "",
+    fields: dict[str, Any] | None = None,
 ) -> None:
     """Write ``line`` and the handler's terminator to its stream and flush it, as
     ``StreamHandler.emit`` does, under the lock the caller holds.
 
-    A failure goes to ``handler.handleError`` with ``record``, or, with ``make_record``,
-    with ``make_record(*record)``: a caller without a record makes one only then.
+    A failure goes to ``handler.handleError`` with ``record``; a caller that writes without
+    one (``logline``) passes None and the logger, level, message and fields instead, of
+    which the record is made only then.
     """
     try:
         stream = handler.stream
@@ -171,4 +175,20 @@ def write(
         raise
     except Exception:
         # In the except block: handleError prints the exception being handled.
-        handler.handleError(record if make_record is None else make_record(*record))
+        if record is None:
+            record = _record(logger, level, msg, fields or {})
+        handler.handleError(record)
+
+
+UNKNOWN_FILE: Final = "(unknown file)"
+"""The pathname ``Logger._log`` gives every record while ``logging._srcfile`` is None."""
+_UNKNOWN_FUNCTION: Final = "(unknown function)"
+
+
+def _record(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
+    """The record ``logger`` would have made, for ``Handler.handleError`` to report."""
+    record: logging.LogRecord = logger.makeRecord(
+        logger.name, level, UNKNOWN_FILE, 0, msg, (), None, _UNKNOWN_FUNCTION
+    )
+    record.__dict__.update(fields)
+    return record

@@ -49,8 +49,6 @@ _FORMATTER: Final = logs.JsonFormatter
 _RECORDS: Final = logs._Records
 _LEVEL_NAMES: Final = logs._level_names
 _INFO: Final = logging.INFO
-_UNKNOWN_FILE: Final = logs._UNKNOWN_FILE
-_UNKNOWN_FUNCTION: Final = "(unknown function)"
 
 _pieces: Final = logjson.Pieces()
 """The line's cached pieces: its own, not a formatter's (the line is built outside the
@@ -125,17 +123,8 @@ def _write(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> bool:
         return False
     with lock:
         # Failures of the write are the handler's to report, as ``_JsonLines.emit``'s.
-        logjson.write(handler, line, (logger, level, msg, fields), _record)
+        logjson.write(handler, line, None, logger, level, msg, fields)
     return True
-
-
-def _record(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
-    """The record ``logger`` would have made, for ``Handler.handleError`` to report."""
-    record: logging.LogRecord = logger.makeRecord(
-        logger.name, level, _UNKNOWN_FILE, 0, msg, (), None, _UNKNOWN_FUNCTION
-    )
-    record.__dict__.update(fields)
-    return record
 
 
 def emit(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:

@@ -123,8 +123,7 @@ class _JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
         logjson.write(self, line, record)
 
 
-_UNKNOWN_FILE = "(unknown file)"
-"""The pathname ``Logger._log`` gives every record while ``logging._srcfile`` is None."""
+_UNKNOWN_FILE = logjson.UNKNOWN_FILE
 
 _PLAIN_FIELDS = (
     "name",
