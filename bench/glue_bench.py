@@ -176,6 +176,19 @@ def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("the coroutine waited")
 
 
+def _call_fields(n: int) -> dict[str, object]:
+    """The fields of the edge's "emergency call forwarded" line for call ``n``."""
+    return {
+        "call_id": f"{n}-bench@127.0.0.1",
+        "caller": "3215550100",
+        "number": "911",
+        "outcome": "enriched",
+        "enriched": True,
+        "trunk": "sip:127.0.0.1:5080",
+        "attempt": 1,
+    }
+
+
 def _log_part(worker: bool = False, line: bool = False) -> Callable[[int], None]:
     from e911_sip import logline, logs
 
@@ -189,34 +202,11 @@ def _log_part(worker: bool = False, line: bool = False) -> Callable[[int], None]
 
     def call(n: int) -> None:
         if log.isEnabledFor(logging.INFO):
-            log.info(
-                "emergency call forwarded",
-                extra={
-                    "call_id": f"{n}-bench@127.0.0.1",
-                    "caller": "3215550100",
-                    "number": "911",
-                    "outcome": "enriched",
-                    "enriched": True,
-                    "trunk": "sip:127.0.0.1:5080",
-                    "attempt": 1,
-                },
-            )
+            log.info("emergency call forwarded", extra=_call_fields(n))
 
     def call_line(n: int) -> None:
         if log.isEnabledFor(logging.INFO):
-            logline.emit_info(
-                log,
-                "emergency call forwarded",
-                {
-                    "call_id": f"{n}-bench@127.0.0.1",
-                    "caller": "3215550100",
-                    "number": "911",
-                    "outcome": "enriched",
-                    "enriched": True,
-                    "trunk": "sip:127.0.0.1:5080",
-                    "attempt": 1,
-                },
-            )
+            logline.emit_info(log, "emergency call forwarded", _call_fields(n))
 
     return call_line if line else call
 

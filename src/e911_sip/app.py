@@ -97,11 +97,12 @@ from e911_sip.provisioning.state import (
     RedisStateStore,
     StateStore,
 )
-from e911_sip.proxy.admission import LoadSignal, classify
+from e911_sip.proxy.admission import LoadSignal, Priority, classify
 from e911_sip.proxy.core import ProxyCore, ProxyOptions
 from e911_sip.proxy.routing import LocalAddress
 from e911_sip.roles import Role, WorkerSetup
 from e911_sip.sip.transaction import TimerSettings
+from e911_sip.sip.uri import Uri
 from e911_sip.store import schema
 from e911_sip.store.base import LineRecordWriter, LocationStore, StoreError
 from e911_sip.store.memory import MemoryStore
@@ -281,6 +282,31 @@ def dialog_key(config: Config, *, worker: bool) -> bytes | None:
     return None
 
 
+def emergency_policy(numbers: frozenset[str]) -> Callable[[Uri], str | None]:
+    """:func:`emergency_number` bound to the configured ``numbers``.
+
+    A closure, not ``functools.partial(emergency_number, numbers=numbers)``: a partial with a
+    keyword copies it into a new dict and calls through the keyword path (which the compiled
+    function then parses) on every call, and this runs for every INVITE and every datagram.
+    """
+
+    def policy(uri: Uri) -> str | None:
+        return emergency_number(uri, numbers)
+
+    return policy
+
+
+def datagram_classifier(numbers: frozenset[str]) -> Callable[[bytes], Priority]:
+    """:func:`classify` bound to :func:`emergency_policy`, for the UDP adapter's read: a
+    closure, for the reason :func:`emergency_policy` gives."""
+    policy = emergency_policy(numbers)
+
+    def classify_datagram(data: bytes) -> Priority:
+        return classify(data, policy)
+
+    return classify_datagram
+
+
 def proxy_options(
     config: Config,
     local: tuple[LocalAddress, ...],
@@ -294,7 +320,7 @@ def proxy_options(
     overload = config.overload
     return ProxyOptions(
         local=local,
-        emergency_classifier=functools.partial(emergency_number, numbers=numbers),
+        emergency_classifier=emergency_policy(numbers),
         max_transactions=overload.max_transactions,
         shed_transactions=overload.shed_transactions,
         max_contexts=overload.max_contexts,
@@ -476,9 +502,7 @@ async def start_edge(
         metrics.overload_limit.labels(name).set(value)
     numbers = frozenset(config.emergency.numbers)
     udp_options = UdpOptions(
-        classify=functools.partial(
-            classify, emergency=functools.partial(emergency_number, numbers=numbers)
-        ),
+        classify=datagram_classifier(numbers),
         queue_limit=overload.queue_limit,
         batch=overload.batch,
         max_datagram=config.sip.max_message_size,

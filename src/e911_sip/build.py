@@ -34,6 +34,7 @@ COMPILED = (
     "e911_sip.edge",
     "e911_sip.transport.udp",
     "e911_sip.timefmt",
+    "e911_sip.logjson",
     "e911_sip.logline",
     "e911_sip.callrecords.book",
     "e911_sip.callrecords.stream",

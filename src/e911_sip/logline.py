@@ -17,10 +17,23 @@ everything else (another handler, a filter, a level that drops the line, a disab
 ``logging.disable``, another record factory, keys the formatter writes the slow way, a value
 that does not encode) goes the standard way, which writes what it always did.
 
-The line is put together as :meth:`JsonFormatter.format` puts together its usual line: the
-same cached pieces, the same encoder for the fields, the formatter's ``worker`` set on the
-fields as it sets it on the record. ``tests/unit/test_logline.py`` writes each line both ways
-and compares the bytes.
+The line is put together by the builder :meth:`JsonFormatter.format` uses for its usual line
+(:class:`e911_sip.logjson.Pieces`), with the formatter's ``worker`` set on the fields as it
+sets it on the record, and written by the same :func:`e911_sip.logjson.write`.
+``tests/unit/test_logline.py`` writes each line both ways and compares the bytes. The level's
+name is looked up per line in ``logging``'s own map (:data:`e911_sip.logs._level_names`), as
+a record looks it up: a level named with ``logging.addLevelName`` after ``configure`` is
+written with its new name.
+
+The edge writes its per-call line after the INVITE went out, so nothing of this module's own
+may raise to it: an exception in the check or in putting the line together (before anything
+is written) sends the line the standard way, ``logger.log``, rather than dropping it. That
+way writes it when it can, and otherwise fails as every other line of the process fails: a
+handler's failure is reported by ``Handler.handleError`` (on stderr while
+``logging.raiseExceptions`` is set) and not raised; what ``logger.log`` itself raises (a
+field named as a record's attribute, a filter that raises) is raised here as there, a
+programming error a test finds. The write's own failures are the handler's to report, as
+for a line of ``logger.log``.
 """
 
 from __future__ import annotations
@@ -29,107 +42,17 @@ import logging
 import time
 from typing import Any, Final
 
-from e911_sip import logs
+from e911_sip import logjson, logs
 
 _HANDLER: Final = logs._JsonLines
 _FORMATTER: Final = logs.JsonFormatter
 _RECORDS: Final = logs._Records
 _LEVEL_NAMES: Final = logs._level_names
-_SLOW: Final = logs._SLOW
-_MILLIS: Final = logs._MILLIS
-_KEY_SETS: Final = logs._KEY_SETS
-_encode: Final = logs._encode
-_string: Final = logs._string
-_encode_fields: Final = logs._encode_fields
 _INFO: Final = logging.INFO
-_UNKNOWN_FILE: Final = logs._UNKNOWN_FILE
-_UNKNOWN_FUNCTION: Final = "(unknown function)"
 
-
-class _Pieces:
-    """The parts of a line that repeat, kept as :class:`JsonFormatter` keeps its own."""
-
-    def __init__(self) -> None:
-        self.stamp: tuple[int, str] = (-1, "")
-        """The second and the line's start up to it: one tuple, so that a thread never sees
-        one's second with another's text."""
-        self.heads: dict[tuple[str, str], str] = {}
-        self.keys: dict[tuple[str, ...], tuple[str, ...]] = {}
-        """Sets of field names, in order, seen: for those the formatter writes itself, each
-        name encoded with the separators around it (``,"call_id":``); () for the others."""
-
-    def line(self, created: float, level: int, name: str, msg: str, fields: dict[str, Any]) -> str:
-        """The line, or "" where the formatter would write it the slow way."""
-        if fields:
-            keys = tuple(fields)
-            names = self.keys.get(keys)
-            if names is None:
-                try:
-                    # The formatter's check: no name the line writes itself or a record has,
-                    # none empty or starting with "_" (every name starts after a NUL here).
-                    fast = fields.keys().isdisjoint(_SLOW) and "\0_" not in "\0" + "\0".join(fields)
-                except TypeError:
-                    # A name that is not a string: the formatter fails on it, as before.
-                    return ""
-                # The C encoder writes a str key (a subclass's too) as the string it holds.
-                names = tuple("," + _string(key) + ":" for key in keys) if fast else ()
-                if len(self.keys) < _KEY_SETS:
-                    self.keys[keys] = names
-            if not names or _encode_fields is None:
-                return ""
-            # The fields as the formatter's one call of the C encoder writes the dict: each
-            # name then its value, in order. The values a call's line has are written here,
-            # without the encoder's list of pieces (most of its cost); any other goes to it.
-            parts: list[str] = []
-            i = 0
-            try:
-                for value in fields.values():
-                    parts.append(names[i])
-                    i += 1
-                    if type(value) is str:
-                        parts.append(_string(value))
-                    elif value is None:
-                        parts.append("null")
-                    elif value is True:
-                        parts.append("true")
-                    elif value is False:
-                        parts.append("false")
-                    elif type(value) is int:
-                        # int's str is the repr the encoder writes (a subclass's may not be).
-                        parts.append(str(value))
-                    else:
-                        parts.append("".join(_encode_fields(value, 0)))
-            except Exception:
-                return ""
-            parts.append("}")
-            tail = "".join(parts)
-        else:
-            tail = "}"
-        second = int(created)
-        stamp = self.stamp
-        if stamp[0] != second:
-            stamp = (
-                second,
-                '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
-            )
-            self.stamp = stamp
-        # What LogRecord and the factory of ``configure`` make ``msecs``.
-        millis = int((created - second) * 1000)
-        levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
-        head = self.heads.get((levelname, name))
-        if head is None:
-            head = f',"level":{_encode(levelname)},"logger":{_encode(name)},"msg":'
-            self.heads[(levelname, name)] = head
-        return (
-            stamp[1]
-            + (_MILLIS[millis] if 0 <= millis < 1000 else f'.{millis:03d}Z"')
-            + head
-            + _string(msg)
-            + tail
-        )
-
-
-_pieces: Final = _Pieces()
+_pieces: Final = logjson.Pieces()
+"""The line's cached pieces: its own, not a formatter's (the line is built outside the
+handler's lock, and a formatter may be replaced)."""
 
 
 def _json_handler(logger: Any, level: int) -> Any:
@@ -174,38 +97,34 @@ def _write(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> bool:
     the standard one would go, with nothing written."""
     if type(msg) is not str or type(fields) is not dict:
         return False
-    handler = _json_handler(logger, level)
-    if handler is None:
+    try:
+        handler = _json_handler(logger, level)
+        if handler is None:
+            return False
+        worker = handler.formatter.worker
+        if worker is not None:
+            # As the formatter sets ``record.worker``: in its place if given, else last.
+            fields = dict(fields)
+            fields["worker"] = worker
+        created = time.time()
+        second = int(created)
+        # What LogRecord and the factory of ``configure`` make ``msecs``.
+        millis = int((created - second) * 1000)
+        levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        line = _pieces.line(second, millis, levelname, logger.name, msg, fields)
+        lock = handler.lock
+    except Exception:
+        # The check or the line failed on something not as ``configure`` left it (a logger
+        # or handler changed in a way the check does not expect, a patched function), with
+        # nothing written: the standard way writes the line, or its handler reports the
+        # failure through ``Handler.handleError``, as for any line.
         return False
-    worker = handler.formatter.worker
-    if worker is not None:
-        # As the formatter sets ``record.worker``: in its place if given, else last.
-        fields = dict(fields)
-        fields["worker"] = worker
-    line = _pieces.line(time.time(), level, logger.name, msg, fields)
     if not line:
         return False
-    with handler.lock:
-        # What ``_JsonLines.emit`` does with the formatter's line.
-        stream = handler.stream
-        try:
-            stream.write(line + handler.terminator)
-            if hasattr(stream, "flush"):
-                stream.flush()
-        except RecursionError:
-            raise
-        except Exception:
-            handler.handleError(_record(logger, level, msg, fields))
+    with lock:
+        # Failures of the write are the handler's to report, as ``_JsonLines.emit``'s.
+        logjson.write(handler, line, None, logger, level, msg, fields)
     return True
-
-
-def _record(logger: Any, level: int, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
-    """The record ``logger`` would have made, for ``Handler.handleError`` to report."""
-    record: logging.LogRecord = logger.makeRecord(
-        logger.name, level, _UNKNOWN_FILE, 0, msg, (), None, _UNKNOWN_FUNCTION
-    )
-    record.__dict__.update(fields)
-    return record
 
 
 def emit(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:

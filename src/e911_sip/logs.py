@@ -6,7 +6,6 @@ caller it is about. Nothing here formats secrets: callers never pass tokens or p
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -14,35 +13,15 @@ from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_FRESH = vars(logging.LogRecord("", 0, "", 0, "", (), None))
-_STANDARD = frozenset(_FRESH) | {"message", "asctime", "taskName"}
-_FIRST_EXTRA = len(_FRESH)
-"""A plain LogRecord's ``__init__`` sets this many attributes before ``extra=`` adds its own:
-the formatter skips them without looking at them."""
+from e911_sip import logjson
 
-# A key the line itself writes: an extra field with one of these names takes the line's own
-# place in the object (the dict the lines were first built with did that). A record with one,
-# with an attribute of ``_STANDARD`` set after ``__init__`` (``message`` by another handler's
-# formatter) or with an empty key goes the slow way, which writes what it always did.
-_SLOW = _STANDARD | {"ts", "level", "logger", "msg", "exc", ""}
-
-# One encoder for every line: ``json.dumps`` with options builds a new one per call.
-_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
-_string = json.encoder.encode_basestring_ascii
-_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
-# The C encoder ``_encode`` builds per call, built once; without the circular-reference check
-# (its memo would be shared by every line): a cycle raises RecursionError here, and the line
-# is then encoded the slow way, which raises the ValueError it always did.
-_encode_fields: Callable[[dict[str, Any], int], list[str]] | None = (
-    None
-    if _c_encoder is None
-    else _c_encoder(None, str, _string, None, ":", ",", False, False, True)
-)
-_KEY_SETS = 1024
-"""Sets of ``extra=`` keys a formatter remembers the check of (the product's lines have a few
-dozen); beyond that each line is checked."""
-_MILLIS = tuple(f'.{ms:03d}Z"' for ms in range(1000))
+_STANDARD = logjson.STANDARD
+_FIRST_EXTRA = logjson.FIRST_EXTRA
+_SLOW = logjson.SLOW
+_encode = logjson.encode
+_string = logjson.string
+_encode_fields = logjson.encode_fields
+_KEY_SETS = logjson.KEY_SETS
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,9 +29,10 @@ class JsonFormatter(logging.Formatter):
 
     The line is ``{"ts", "level", "logger", "msg", the extra fields in the order given,
     "exc"}``, written as ``json.JSONEncoder(default=str, separators=(",", ":"))`` writes that
-    object. It is put together from cached pieces (the timestamp to the second, the level and
-    logger names), the message, and one call of the C encoder for the extra fields: the edge
-    writes a line for every emergency call.
+    object. :class:`e911_sip.logjson.Pieces` puts it together from cached pieces (the
+    timestamp to the second, the level and logger names, the field names), the message and
+    the values, in compiled code: the edge writes a line for every emergency call. A record
+    it does not put together is encoded whole as a dict (:meth:`_as_dict`).
 
     With :attr:`worker` set, every record it formats gets that ``worker`` attribute first, as
     a logging filter that sets it would have done before the record reached the formatter.
@@ -62,11 +42,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.worker: int | None = None
         """The edge worker's slot every line names (``worker``), or None for none."""
-        self._second = -1
-        self._prefix = ""
-        self._heads: dict[tuple[str, str], str] = {}
-        self._keys: dict[tuple[str, ...], bool] = {}
-        """Sets of ``extra=`` keys, in order, seen: True for those :meth:`format` writes."""
+        self._pieces = logjson.Pieces()
 
     def format(self, record: logging.LogRecord) -> str:
         worker = self.worker
@@ -74,68 +50,46 @@ class JsonFormatter(logging.Formatter):
             # One attribute set here instead of a filter: a handler with a filter goes
             # through ``Handler.handle``'s filter pass for every line.
             record.worker = worker
-        second = int(record.created)
-        if second != self._second:
-            # One strftime per second, not per line.
-            self._second = second
-            self._prefix = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        if type(record) is not logging.LogRecord or _encode_fields is None:
+        if type(record) is not logging.LogRecord:
             return self._as_dict(record)
-        # ``extra=`` fields follow the attributes ``__init__`` set, in the order given.
-        fields = dict(islice(record.__dict__.items(), _FIRST_EXTRA, None))
-        if fields:
-            # The same few sets of keys come again and again (a call's line has seven): each
-            # is checked once.
-            keys = tuple(fields)
-            fast = self._keys.get(keys)
-            if fast is None:
-                # Every key starts after a NUL here, so "\0_" finds a key that starts with "_".
-                fast = fields.keys().isdisjoint(_SLOW) and "\0_" not in "\0" + "\0".join(fields)
-                if len(self._keys) < _KEY_SETS:
-                    self._keys[keys] = fast
-            if not fast:
-                return self._as_dict(record)
-            try:
-                tail = "," + "".join(_encode_fields(fields, 0))[1:]
-            except Exception:
-                return self._as_dict(record)
-        else:
-            tail = "}"
-        # ``getMessage`` inlined for the usual record (``msg`` a str, no ``%`` arguments):
-        # ``object``, as a compiled build would otherwise check that ``msg`` is a str.
-        msg: object = record.msg
+        # ``getMessage`` inlined for the usual record (``msg`` a str, no ``%`` arguments).
+        msg = record.msg
         message = msg if type(msg) is str and not record.args else record.getMessage()
-        millis = int(record.msecs)
         level = record.levelname
         name = record.name
-        head = self._heads.get((level, name))
-        if head is None:
-            # As many as there are loggers and levels, which ``logging`` keeps for good too.
-            head = f',"level":{_encode(level)},"logger":{_encode(name)},"msg":'
-            self._heads[(level, name)] = head
-        line = (
-            self._prefix
-            + (_MILLIS[millis] if 0 <= millis < 1000 else f'.{millis:03d}Z"')
-            + head
-            + _string(message)
+        if type(level) is not str or type(name) is not str or type(message) is not str:
+            # The builder takes strings (compiled, it checks): a record made by hand.
+            return self._as_dict(record)
+        # ``extra=`` fields follow the attributes ``__init__`` set, in the order given.
+        line = self._pieces.line(
+            int(record.created),
+            int(record.msecs),
+            level,
+            name,
+            message,
+            dict(islice(record.__dict__.items(), _FIRST_EXTRA, None)),
         )
+        if not line:
+            return self._as_dict(record)
         if record.exc_info:
-            # "exc" goes last: the closing brace of the encoded fields makes way for it.
-            exc = ',"exc":' + _string(self.formatException(record.exc_info)) + "}"
-            return line + (tail[:-1] + exc if fields else exc)
-        return line + tail
+            # "exc" goes last: the line's closing brace makes way for it.
+            exc = self.formatException(record.exc_info)
+            return line[:-1] + ',"exc":' + _string(exc) + "}"
+        return line
 
     def _as_dict(self, record: logging.LogRecord) -> str:
         """The line built as a dict and encoded whole, as it always was: for the records
         :meth:`format` does not put together itself."""
+        prefix = self._pieces.prefix(int(record.created))
         out: dict[str, Any] = {
-            "ts": f"{self._prefix[7:]}.{int(record.msecs):03d}Z",
+            "ts": f"{prefix[7:]}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and key[0] != "_":
+            # ``key[:1]``: an empty key is written as any other, not an IndexError.
+            if key not in _STANDARD and key[:1] != "_":
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
@@ -159,20 +113,17 @@ class _JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = self.stream
             formatter = self.formatter
             line = self.format(record) if formatter is None else formatter.format(record)
-            stream.write(line + self.terminator)
-            if hasattr(stream, "flush"):
-                stream.flush()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+            return
+        logjson.write(self, line, record)
 
 
-_UNKNOWN_FILE = "(unknown file)"
-"""The pathname ``Logger._log`` gives every record while ``logging._srcfile`` is None."""
+_UNKNOWN_FILE = logjson.UNKNOWN_FILE
 
 _PLAIN_FIELDS = (
     "name",
@@ -265,22 +216,15 @@ class _Records:
 
 
 _new_record = object.__new__
-_level_names: dict[int, str] = {}
-"""The name ``logging.getLevelName`` gives each level it knows, as of the last
-:func:`_name_levels` (at import and by :func:`configure`): a record looks its level up here
-without a call per record; a level added since goes to the function."""
-
-
-def _name_levels() -> None:
-    """Fill :data:`_level_names` in place (it is bound elsewhere) from the public API."""
-    names = {
-        level: logging.getLevelName(level) for level in logging.getLevelNamesMapping().values()
-    }
-    _level_names.clear()
-    _level_names.update(names)
-
-
-_name_levels()
+_level_names: dict[int, str] = getattr(logging, "_levelToName", {})
+"""``logging``'s own map from each level to its name, which ``logging.addLevelName`` changes
+in place: a record (and a line of :mod:`e911_sip.logline`) looks its level up here without
+a call per record, and a level named or renamed at any time has its new name at once, as
+``LogRecord`` gives it. ``logging`` keeps the map private (it has been there since 3.4) and
+never binds another; without it, this is empty and every level goes to
+``logging.getLevelName``. The private map, not a copy made with the public API: no public
+call tells that a name changed short of ``getLevelName`` per line (a Python call, several
+hundred instructions), and a copy keeps a renamed level's old name."""
 
 
 def _install_records() -> None:
@@ -304,7 +248,6 @@ def configure(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    _name_levels()
     _install_records()
     handler = _JsonLines(sys.stderr)
     handler.setFormatter(JsonFormatter())

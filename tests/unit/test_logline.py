@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import io
+import json
 import logging
 import sys
 import time
@@ -86,6 +87,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "clash_level": {"level": "custom", "logger": "other"},
     "clash_exc": {"exc": "extra-exc", "after": 1},
     "private": {"_hidden": 1, "shown": 2},
+    "empty_key": {"": "x", "call_id": "c"},
     "worker_given": {"worker": 9, "trunk": "b"},
 }
 FAST = {
@@ -219,6 +221,45 @@ def test_other_levels_and_loggers_are_written_straight(
         assert mine == configured.getvalue()[start:]
     # The root is a RootLogger: the standard way, with the same bytes.
     assert records == ["m", "m", "m", "m", "m"]
+
+
+@pytest.fixture
+def level_names() -> Iterator[None]:
+    """``logging``'s level names restored after the test renames some."""
+    names, levels = dict(logging._levelToName), dict(logging._nameToLevel)
+    try:
+        yield
+    finally:
+        logging._levelToName.clear()
+        logging._levelToName.update(names)
+        logging._nameToLevel.clear()
+        logging._nameToLevel.update(levels)
+
+
+def test_a_level_named_after_configure_has_its_new_name(
+    configured: io.StringIO, records: list[str], level_names: None
+) -> None:
+    only_ours()
+    logger = logging.getLogger(NAME)
+    # After configure(), and after a line of each level was written with the old name.
+    logline.emit(logger, logging.INFO, "m", {"call_id": "c"})
+    logline.emit(logger, 27, "m", {"call_id": "c"})
+    assert [json.loads(line)["level"] for line in configured.getvalue().splitlines()] == [
+        "INFO",
+        "Level 27",
+    ]
+    logging.addLevelName(logging.INFO, "NOTICE")
+    logging.addLevelName(27, "AUDIT")
+    for level, name in ((logging.INFO, "NOTICE"), (27, "AUDIT")):
+        start = configured.tell()
+        logline.emit(logger, level, "m", {"call_id": "c"})
+        mine = configured.getvalue()[start:]
+        start = configured.tell()
+        logger.log(level, "m", extra={"call_id": "c"})
+        assert mine == configured.getvalue()[start:]
+        assert json.loads(mine)["level"] == name
+    # Written straight each time; the records are those of logger.log.
+    assert records == ["m", "m"]
 
 
 def test_the_second_and_the_millisecond_follow_the_clock(
@@ -418,6 +459,46 @@ def test_a_failed_write_is_reported_as_the_handler_reports_it(
     assert mine.startswith("--- Logging error ---\n")
     assert "OSError: disk full" in mine and "OSError: disk full" in theirs
     assert mine.splitlines()[-2:] == theirs.splitlines()[-2:]
+
+
+def test_a_failing_check_falls_back_to_logger_info(
+    configured: io.StringIO, records: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The edge writes this line after the INVITE went out: a failure of logline's own check
+    # must not reach it. The line goes the standard way instead, the same bytes.
+    only_ours()
+
+    def broken() -> Any:
+        raise RuntimeError("factory lookup failed")
+
+    monkeypatch.setattr(logging, "getLogRecordFactory", broken)
+    mine, theirs = both_ways(configured, emit_info, "emergency call forwarded", dict(CALL))
+    assert mine == theirs and mine.count("\n") == 1
+    start = configured.tell()
+    logline.emit(logging.getLogger(NAME), logging.WARNING, "w", {"call_id": "c"})
+    assert json.loads(configured.getvalue()[start:])["level"] == "WARNING"
+    assert records == ["emergency call forwarded"] * 2 + ["w"]
+
+
+@pytest.mark.parametrize("raise_exceptions", [True, False])
+def test_a_handler_that_fails_its_check_is_reported_not_raised(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch, raise_exceptions: bool
+) -> None:
+    # A formatter without its ``worker``: logline's check fails on it, and so does the
+    # formatter on the standard way, inside the handler, which reports it as it reports a
+    # failed line (Handler.handleError, on sys.stderr while logging.raiseExceptions is set).
+    handler = only_ours()
+    delattr(handler.formatter, "worker")
+    monkeypatch.setattr(logging, "raiseExceptions", raise_exceptions)
+    monkeypatch.setattr(sys, "stderr", report := io.StringIO())
+    emit_info("emergency call forwarded", dict(CALL))
+    logline.emit(logging.getLogger(NAME), logging.ERROR, "e", {})
+    assert configured.getvalue() == ""
+    if raise_exceptions:
+        assert report.getvalue().count("--- Logging error ---") == 2
+        assert "AttributeError" in report.getvalue()
+    else:
+        assert report.getvalue() == ""
 
 
 def test_a_value_that_does_not_encode_fails_as_it_always_did(

@@ -435,6 +435,22 @@ def test_a_value_whose_text_fails_raises_the_same_error() -> None:
     assert formatter.format(pinned_records()["forwarded"]) == PINNED["forwarded"]
 
 
+def test_an_empty_extra_key_is_written_not_an_error() -> None:
+    # The slow way takes it: the line is the dict encoded whole, as for any other key.
+    for formatter in (JsonFormatter(), JsonFormatter()):
+        line = formatter.format(at("x", extra={"": 1, "call_id": "c"}))
+        assert line.endswith('"msg":"x","":1,"call_id":"c"}')
+        line = formatter.format(at("x", extra={"call_id": "c", "": None}))
+        assert line.endswith('"msg":"x","call_id":"c","":null}')
+
+
+def test_an_empty_extra_key_is_logged_through_the_handler(configured: io.StringIO) -> None:
+    logging.getLogger("e911_sip.edge").info("x", extra={"": "v", "call_id": "c"})
+    lines = configured.getvalue().splitlines()
+    assert len(lines) == 1 and "Logging error" not in configured.getvalue()
+    assert list(json.loads(lines[0]).items())[3:] == [("msg", "x"), ("", "v"), ("call_id", "c")]
+
+
 def test_the_call_fields_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # The per-call line must not fall back to building and encoding a whole dict.
     def slow(self: JsonFormatter, record: logging.LogRecord) -> str:
@@ -531,11 +547,11 @@ def test_the_check_of_each_set_of_keys_is_remembered_within_a_bound() -> None:
         assert {case: formatter.format(records[case]) for case in PINNED} == PINNED
     # One entry per set of keys, the slow ones ("private", "clash", "exc_clash") included.
     sets = {tuple(vars(r))[20:] for r in pinned_records().values()} - {()}
-    assert len(formatter._keys) == len(sets)
+    assert len(formatter._pieces.keys) == len(sets)
     for n in range(logs._KEY_SETS + 10):
         line = formatter.format(at("x", **{f"k{n}": n}))
         assert line.endswith(f'"msg":"x","k{n}":{n}}}')
-    assert len(formatter._keys) == logs._KEY_SETS
+    assert len(formatter._pieces.keys) == logs._KEY_SETS
     assert formatter.format(at("x", _hidden=1, shown=2)).endswith('"msg":"x","shown":2}')
 
 
