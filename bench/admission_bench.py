@@ -5,12 +5,12 @@
     PYTHONPATH=src python bench/admission_bench.py --callgrind [--part P] [--kind K]
 
 - ``classify``: :func:`e911_sip.proxy.admission.classify` bound to the emergency policy as
-  ``app`` binds it (two ``functools.partial``), called on one message of ``--kind`` a call
-  (a pool of 64 built before, so the figure holds no message building): ``emergency`` (an
-  INVITE to 911: its Request-URI parsed, or found in the parser's cache), ``passthrough``
-  (an INVITE to another number: the policy says no, then the whole header block is searched
-  for a To tag and none is found), ``reinvite`` (an INVITE with a To tag), ``info`` (an
-  in-dialog INFO: the To tag found), ``options`` (out of dialog: no To tag),
+  ``app`` binds it (:func:`e911_sip.app.datagram_classifier`), called on one message of
+  ``--kind`` a call (a pool of 64 built before, so the figure holds no message building):
+  ``emergency`` (an INVITE to 911: its Request-URI parsed, or found in the parser's cache),
+  ``passthrough`` (an INVITE to another number: the policy says no, then the whole header
+  block is searched for a To tag and none is found), ``reinvite`` (an INVITE with a To tag),
+  ``info`` (an in-dialog INFO: the To tag found), ``options`` (out of dialog: no To tag),
   ``response`` and ``bye`` (told by their start line). Without ``--kind``, every kind;
 - ``read``: one readiness callback of the real ``UdpTransport`` (``_on_readable``) on a
   loopback socket that holds ``--burst`` datagrams (a pass-through INVITE each), the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import socket
 import sys
 import tempfile
@@ -47,8 +46,8 @@ from bench.core_bench import (  # noqa: E402
     invite,
 )
 
-from e911_sip.policy.emergency import emergency_number  # noqa: E402
-from e911_sip.proxy.admission import Priority, classify  # noqa: E402
+from e911_sip.app import datagram_classifier  # noqa: E402
+from e911_sip.proxy.admission import Priority  # noqa: E402
 from e911_sip.sip.peer import Peer  # noqa: E402
 from e911_sip.transport.udp import UdpOptions, UdpTransport  # noqa: E402
 
@@ -94,8 +93,7 @@ EXPECTED = {
 
 def bound_classify() -> Callable[[bytes], Priority]:
     """``classify`` bound as ``app`` binds it for the UDP adapter."""
-    policy = functools.partial(emergency_number, numbers=frozenset({"911", "933"}))
-    return functools.partial(classify, emergency=policy)
+    return datagram_classifier(frozenset({"911", "933"}))
 
 
 def run_classify(calls: int, kind: str) -> None:
