@@ -486,6 +486,7 @@ async def start_edge(
         max_lag=overload.max_lag,
         max_queue=overload.max_queue,
         max_queue_delay=overload.max_queue_delay,
+        queue_delay_sustain=overload.queue_delay_sustain,
     )
     key = dialog_key(config, worker=worker is not None)
     core = ProxyCore(options=proxy_options(config, local, load, key=key), entropy=os.urandom)
@@ -493,6 +494,7 @@ async def start_edge(
         ("max_lag_seconds", overload.max_lag),
         ("max_queue", overload.max_queue),
         ("max_queue_delay_seconds", overload.max_queue_delay),
+        ("queue_delay_sustain_seconds", overload.queue_delay_sustain),
         ("queue_limit", overload.queue_limit),
         ("shed_transactions", overload.shed_transactions),
         ("max_transactions", overload.max_transactions),

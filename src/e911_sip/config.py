@@ -314,6 +314,10 @@ class OverloadConfig:
     max_queue_delay: float = 0.1
     """Seconds a datagram waited in the receive queue (from its read to its turn) above which
     a new non-emergency request gets 503: the queue's delay, whatever the call rate."""
+    queue_delay_sustain: float = 0.05
+    """Seconds the new work served must keep waiting more than ``max_queue_delay``, without
+    a break, before requests are refused for it: a moment without the core (a busy host, a
+    collector pass) is caught up within milliseconds and refuses nothing."""
     max_queue: int = 5_000
     """Datagrams waiting to be processed above which new non-emergency requests get 503: a
     backstop behind ``max_queue_delay`` (a burst of a few hundred is milliseconds of work)."""
@@ -1107,6 +1111,7 @@ def _overload(data: Mapping[str, Any]) -> OverloadConfig:
     return OverloadConfig(
         max_lag=s.number("max_lag", d.max_lag, minimum=0.001),
         max_queue_delay=s.number("max_queue_delay", d.max_queue_delay, minimum=0.001),
+        queue_delay_sustain=s.number("queue_delay_sustain", d.queue_delay_sustain),
         max_queue=max_queue,
         queue_limit=queue_limit,
         batch=s.integer("batch", d.batch, minimum=1),

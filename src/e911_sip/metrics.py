@@ -430,7 +430,8 @@ class Metrics:
         self.overload_limit = Gauge(
             "e911_sip_overload_limit",
             "Configured overload thresholds and bounds ([overload]), by limit: max_lag_seconds, "
-            "max_queue, max_queue_delay_seconds, queue_limit, shed_transactions, max_transactions, "
+            "max_queue, max_queue_delay_seconds, queue_delay_sustain_seconds, queue_limit, "
+            "shed_transactions, max_transactions, "
             "max_contexts, send_backlog.",
             ["limit"],
             registry=r,

@@ -430,11 +430,12 @@ def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
     defaults = load(None, {}).overload
     assert defaults.max_transactions == 150_000 and defaults.retry_after == 5
     assert defaults.max_queue_delay == 0.1 and defaults.max_queue == 5_000
+    assert defaults.queue_delay_sustain == 0.05
     config = load(
         write(
             tmp_path,
             "[overload]\nmax_lag = 0.02\nmax_transactions = 500\nshed_transactions = 400\n"
-            "max_queue_delay = 0.25\n",
+            "max_queue_delay = 0.25\nqueue_delay_sustain = 0\n",
         ),
         {"E911_SIP__OVERLOAD__MAX_QUEUE": "50"},
     )
@@ -443,6 +444,7 @@ def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
     assert config.overload.shed_transactions == 400
     assert config.overload.max_queue == 50
     assert config.overload.max_queue_delay == 0.25
+    assert config.overload.queue_delay_sustain == 0.0
 
 
 @pytest.mark.parametrize(
@@ -453,6 +455,7 @@ def test_overload_section_defaults_and_values(tmp_path: Path) -> None:
         ("shed_transactions = 200000", "[overload] shed_transactions: must not exceed"),
         ("retry_after = 0", "[overload] retry_after: must be at least 1"),
         ("max_queue_delay = 0", "[overload] max_queue_delay: must be at least 0.001"),
+        ("queue_delay_sustain = -1", "[overload] queue_delay_sustain: must be at least 0"),
         ("max_transaction = 5", "[overload] max_transaction: unknown key"),
     ],
 )

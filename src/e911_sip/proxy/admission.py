@@ -178,12 +178,32 @@ class LoadSignal:
     thousand calls a second a burst from the softswitch queues hundreds of datagrams that are
     served within milliseconds, and refusing calls for it (the depth bound was once the only
     queue signal) turned calls away at two thirds of a core.
+
+    The delay sheds only once it has stayed over ``max_queue_delay`` for
+    ``queue_delay_sustain`` seconds without a break (``queue_delay_over``): a process that
+    loses its core for a moment (a busy host, a collector pass) serves the datagrams it held
+    late, then catches up within milliseconds, and refusing every call in that moment turned
+    away a hundred calls at half a core. An edge that cannot keep up sees the delay stay up.
     """
 
-    __slots__ = ("lag", "queue_depth", "queue_delay", "max_lag", "max_queue", "max_queue_delay")
+    __slots__ = (
+        "lag",
+        "queue_depth",
+        "queue_delay",
+        "queue_delay_over",
+        "max_lag",
+        "max_queue",
+        "max_queue_delay",
+        "queue_delay_sustain",
+    )
 
     def __init__(
-        self, *, max_lag: float, max_queue: int, max_queue_delay: float = float("inf")
+        self,
+        *,
+        max_lag: float,
+        max_queue: int,
+        max_queue_delay: float = float("inf"),
+        queue_delay_sustain: float = 0.0,
     ) -> None:
         self.lag = 0.0
         """Seconds the event loop's last periodic tick came late."""
@@ -191,14 +211,21 @@ class LoadSignal:
         """Datagrams read but not yet processed."""
         self.queue_delay = 0.0
         """Seconds the datagram being served waited between its read and its turn."""
+        self.queue_delay_over = 0.0
+        """Seconds the datagrams served have all waited more than ``max_queue_delay``, from
+        the first of them to the one being served (0 when it waited less)."""
         self.max_lag = max_lag
         self.max_queue = max_queue
         self.max_queue_delay = max_queue_delay
+        self.queue_delay_sustain = queue_delay_sustain
 
     def shed_reason(self) -> str | None:
         """``queue_delay``, ``queue`` or ``lag`` when new non-emergency work must be refused
         now, else None."""
-        if self.queue_delay > self.max_queue_delay:
+        if (
+            self.queue_delay > self.max_queue_delay
+            and self.queue_delay_over >= self.queue_delay_sustain
+        ):
             return "queue_delay"
         if self.queue_depth > self.max_queue:
             return "queue"

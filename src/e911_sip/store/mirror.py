@@ -50,9 +50,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from e911_sip.store.base import (
     DEFAULT_KEY_PREFIX,

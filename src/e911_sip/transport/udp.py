@@ -146,6 +146,10 @@ class UdpTransport:
         """The Peer of each recent source address: the softswitch and the trunks send most
         datagrams, and one Peer each serves them all (bounded: cleared when full)."""
         self._depth = 0
+        self._over_since = -1.0
+        """The loop's clock at the first batch of the current run of new work that waited
+        more than ``max_queue_delay`` (-1 outside such a run): ``LoadSignal.queue_delay_over``
+        is measured from it."""
         self._drain_handle: asyncio.Handle | None = None
         self._backlog: deque[tuple[bytes, Peer, str | None]] = deque()
         self._literal: dict[str, bool] = {}
@@ -335,13 +339,28 @@ def _serve_batch(transport: UdpTransport) -> None:
     peers = transport._peers
     loop = transport._loop
     now = loop.time() if loop is not None else 0.0
-    for queue in transport._queues:
+    queues = transport._queues
+    # How long the delay has stayed over its bound is read from new work alone: that is what
+    # shedding refuses, and it waits behind the rest, whose short waits would break the run.
+    new_work = queues[-1]
+    max_delay = load.max_queue_delay
+    over_since = transport._over_since
+    for queue in queues:
         while queue and budget:
             data, addr, queued_at = queue.popleft()
             budget -= 1
             transport._depth -= 1
             load.queue_depth = transport._depth
-            load.queue_delay = now - queued_at
+            delay = now - queued_at
+            load.queue_delay = delay
+            if queue is new_work:
+                if delay > max_delay:
+                    if over_since < 0.0:
+                        over_since = now
+                    load.queue_delay_over = now - over_since
+                elif over_since >= 0.0:
+                    over_since = -1.0
+                    load.queue_delay_over = 0.0
             peer = peers.get(addr)
             if peer is None:
                 if len(peers) >= _PEER_CACHE:
@@ -351,5 +370,10 @@ def _serve_batch(transport: UdpTransport) -> None:
             deliver(data, peer)
         if not budget:
             break
+    if not transport._depth and over_since >= 0.0:
+        # Everything waiting has been served: the next wait starts a new run.
+        over_since = -1.0
+        load.queue_delay_over = 0.0
+    transport._over_since = over_since
     if transport._depth and transport._drain_handle is None and transport._loop is not None:
         transport._drain_handle = transport._loop.call_soon(transport._drain)

@@ -277,6 +277,20 @@ def test_load_signal_thresholds() -> None:
     assert load.shed_reason() is None
 
 
+def test_the_queue_delay_sheds_only_once_it_has_stayed_over_its_bound() -> None:
+    load = LoadSignal(max_lag=0.1, max_queue=10, max_queue_delay=0.05, queue_delay_sustain=0.2)
+    load.queue_delay = 0.5
+    load.queue_delay_over = 0.0  # the first datagram of the run over the bound
+    assert load.shed_reason() is None
+    load.queue_delay_over = 0.19
+    assert load.shed_reason() is None
+    load.queue_delay_over = 0.2
+    assert load.shed_reason() == "queue_delay"
+    # The run is measured on new work; this datagram itself waited less: it is served.
+    load.queue_delay = 0.01
+    assert load.shed_reason() is None
+
+
 def test_without_a_delay_bound_the_queue_delay_sheds_nothing() -> None:
     load = LoadSignal(max_lag=0.1, max_queue=10)
     load.queue_delay = 3600.0

@@ -129,6 +129,63 @@ async def test_the_load_signal_carries_how_long_a_datagram_waited_in_the_queue(
         await transport.close()
 
 
+class HoldingRecorder(Recorder):
+    """Takes ``hold`` seconds of the loop over every datagram and notes, for each, whether the
+    load signal would refuse new work as it is handed over."""
+
+    def __init__(self, load: LoadSignal, hold: float) -> None:
+        super().__init__()
+        self.load = load
+        self.hold = hold
+        self.reasons: list[str | None] = []
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        self.reasons.append(self.load.shed_reason())
+        time.sleep(self.hold)  # the work of a busy loop, not a wait for an event
+        super().message_received(data, source)
+
+
+async def test_a_moment_of_queue_delay_refuses_nothing(client: socket.socket) -> None:
+    load = LoadSignal(max_lag=1.0, max_queue=10_000, max_queue_delay=0.05, queue_delay_sustain=1)
+    sink = SlowRecorder(load, hold=0.08)
+    transport = await start(sink, load=load, batch=1)
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(3):
+            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+        sink.expected = 3
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        # The two behind the held one waited over the bound, but for a moment, not a second.
+        assert all(delay >= 0.07 for delay in sink.delays[1:])
+        assert load.shed_reason() is None
+        # The queue emptied: the next wait over the bound starts a new run.
+        assert load.queue_delay_over == 0.0
+    finally:
+        await transport.close()
+
+
+async def test_a_queue_delay_that_stays_over_its_bound_refuses_new_work(
+    client: socket.socket,
+) -> None:
+    load = LoadSignal(max_lag=1.0, max_queue=10_000, max_queue_delay=0.02, queue_delay_sustain=0.05)
+    sink = HoldingRecorder(load, hold=0.04)
+    transport = await start(sink, load=load, batch=1)
+    try:
+        target = ("127.0.0.1", transport.port)
+        for n in range(6):
+            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+        sink.expected = 6
+        async with asyncio.timeout(10):
+            await sink.done.wait()
+        # Each waits 40 ms more than the one before it: the second is the first over the
+        # bound (a run of none yet), the fourth has seen it stay over for at least 80 ms.
+        assert sink.reasons[:2] == [None, None]
+        assert sink.reasons[3:] == ["queue_delay"] * 3
+    finally:
+        await transport.close()
+
+
 async def test_emergency_invites_are_served_before_a_backlog_of_new_calls(
     client: socket.socket,
 ) -> None:
