@@ -16,7 +16,7 @@ edge's RSS before, at peak (VmRSS sampled every 100 ms) and after, its CPU, and 
 of /metrics that matter (discards by reason, failovers, emergency outcomes):
 
 1. ``flood``: non-emergency INVITEs from the trusted softswitch at ``--flood-rate`` (default
-   twice the ~800 calls/s of docs/performance.md), answered by a SIPp default trunk;
+   twice the ~800 calls/s of docs/performance-history.md), answered by a SIPp default trunk;
 2. ``garbage``: malformed datagrams from 127.0.0.9 (random bytes, truncated SIP, huge
    Content-Length, bad headers, oversized) at ``--datagram-rate``;
 3. ``forged``: 503/200/487 responses with plausible branches, Call-IDs and tags sprayed at
@@ -1636,7 +1636,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         type=int,
         default=1600,
         help="INVITEs/s of the flood (about twice the ~800 calls/s pass-through capacity of "
-        "docs/performance.md) and forged responses/s (default 1600)",
+        "docs/performance-history.md) and forged responses/s (default 1600)",
     )
     parser.add_argument(
         "--datagram-rate", type=int, default=5000, help="malformed datagrams/s (default 5000)"
