@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Literal, Protocol
 
@@ -57,6 +57,29 @@ XADD_ALL = StoredScript(_XADD_ALL)
 order (``ARGV[1]`` 0: no trimming); returns how many."""
 
 
+def write_batch(
+    stream: str,
+    field: str,
+    values: Sequence[str],
+    maxlen: int,
+    command: Callable[..., Awaitable[object]],
+    script: Callable[[StoredScript, Sequence[str], Sequence[str | int]], Awaitable[object]],
+) -> Awaitable[object]:
+    """A batch of one or more stream entries as one command, through the transport's
+    ``command`` (a Redis command's arguments) or ``script`` (a :class:`StoredScript`, its
+    keys and its arguments); the awaitable that writes it.
+
+    One entry is a plain ``XADD`` (``MAXLEN ~ maxlen`` when ``maxlen`` is set): the script
+    would cost the server a Lua call for nothing. Several are the ``EVALSHA`` of
+    :data:`XADD_ALL`, atomic as a ``MULTI`` of them was.
+    """
+    if len(values) == 1:
+        if maxlen > 0:
+            return command("XADD", stream, "MAXLEN", "~", maxlen, "*", field, values[0])
+        return command("XADD", stream, "*", field, values[0])
+    return script(XADD_ALL, (stream,), (maxlen, field, *values))
+
+
 class WriteError(Exception):
     """A batch of stream entries was not (all) written."""
 
@@ -97,14 +120,16 @@ class ClientStreamWriter:
         if not values:
             return
         try:
-            if len(values) == 1 and maxlen > 0:
-                await self._client.xadd(stream, {field: values[0]}, maxlen=maxlen)
-            elif len(values) == 1:
-                await self._client.xadd(stream, {field: values[0]})
-            else:
-                await XADD_ALL.run(self._client, (stream,), (maxlen, field, *values))
+            await write_batch(
+                stream, field, values, maxlen, self._client.execute_command, self._run_script
+            )
         except (RedisError, OSError) as exc:
             raise WriteError(str(exc)) from exc
+
+    def _run_script(
+        self, script: StoredScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Awaitable[object]:
+        return script.run(self._client, keys, args)
 
     async def close(self) -> None:
         return None

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import redis.asyncio as aioredis
+
+from e911_sip.batching import ClientStreamWriter
 from e911_sip.callrecords.book import CallRecord, TrunkAttempt
 from e911_sip.callrecords.stream import RedisStreamSink, RedisStreamSource, encode
 from e911_sip.notify.queue import RedisStreamQueue
@@ -81,3 +84,27 @@ async def test_a_batch_of_events_keeps_its_shape_and_order_after_a_forgotten_scr
     taken = await queue.take(0.5)
     assert [item["n"] for _, item in taken] == list(range(6))
     await queue.close()
+
+
+async def test_the_redis_py_writer_writes_as_the_edge_writer_does(
+    redis_server: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    writer = ClientStreamWriter(client)
+    try:
+        await writer.xadd_all("c:one", "record", ["only"], maxlen=5)
+        await writer.xadd_all("c:one", "record", [])
+        redis_server.client().script_flush()
+        await writer.xadd_all("c:many", "item", ["a", "b", "c"])
+        for start in range(0, 1000, 100):
+            await writer.xadd_all(
+                "c:trimmed", "record", [str(i) for i in range(start, start + 100)], maxlen=10
+            )
+    finally:
+        await writer.close()
+        await client.aclose()
+    check = redis_server.client()
+    assert [fields for _, fields in check.xrange("c:one")] == [{"record": "only"}]
+    assert [fields for _, fields in check.xrange("c:many")] == [{"item": v} for v in "abc"]
+    # MAXLEN ~: whole macro nodes are dropped, so a little more than 10 may stay.
+    assert 10 <= check.xlen("c:trimmed") < 1000

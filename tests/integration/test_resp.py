@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,16 @@ from e911_sip.batching import XADD_ALL, WriteError
 from e911_sip.store.base import StoreTimeout, StoreUnreachable
 from e911_sip.store.resp import ReplyError, RespPool, RespStreamWriter, run_script
 from tests.integration.harness import LOOPBACK, RedisServer
+
+
+@contextlib.asynccontextmanager
+async def opened_writer(url: str) -> AsyncIterator[RespStreamWriter]:
+    """A stream writer on a connection of its own to ``url``, closed on the way out."""
+    writer = RespStreamWriter.open(url, timeout=5.0)
+    try:
+        yield writer
+    finally:
+        await writer.close()
 
 
 async def test_commands_take_text_bytes_and_numbers_and_return_hiredis_replies(
@@ -80,9 +92,8 @@ async def test_a_script_is_loaded_again_after_script_flush(redis_server: RedisSe
 async def test_the_writer_writes_one_entry_as_xadd_and_trims_approximately(
     redis_server: RedisServer,
 ) -> None:
-    writer = RespStreamWriter.open(redis_server.url, timeout=5.0)
     client = redis_server.client()
-    try:
+    async with opened_writer(redis_server.url) as writer:
         await writer.xadd_all("one", "record", ["only"], maxlen=5)
         assert [f for _i, f in client.xrange("one")] == [{"record": "only"}]
         for start in range(0, 1000, 100):
@@ -93,8 +104,6 @@ async def test_the_writer_writes_one_entry_as_xadd_and_trims_approximately(
         assert 10 <= client.xlen("trimmed") < 1000
         assert client.xrevrange("trimmed", count=1)[0][1] == {"record": "999"}
         assert await _nothing_written(writer) is None
-    finally:
-        await writer.close()
 
 
 async def _nothing_written(writer: RespStreamWriter) -> None:
@@ -161,12 +170,9 @@ async def test_auth_with_and_without_a_user_and_select(redis_server: RedisServer
 
 async def test_a_unix_socket_url(tmp_path: Path) -> None:
     with RedisServer(tmp_path, unix_socket=True) as server:
-        writer = RespStreamWriter.open(server.unix_url, timeout=5.0)
-        try:
+        async with opened_writer(server.unix_url) as writer:
             await writer.xadd_all("u", "item", ["x", "y"])
             assert server.client().xlen("u") == 2
-        finally:
-            await writer.close()
 
 
 async def test_a_closed_pool_or_an_unreachable_server_fails_the_write(
@@ -177,9 +183,6 @@ async def test_a_closed_pool_or_an_unreachable_server_fails_the_write(
     with pytest.raises(WriteError, match="closed"):
         await writer.xadd_all("s", "item", ["x"])
     redis_server.stop()
-    writer = RespStreamWriter.open(redis_server.url, timeout=5.0)
-    try:
+    async with opened_writer(redis_server.url) as writer:
         with pytest.raises(WriteError, match="connect failed"):
             await writer.xadd_all("s", "item", ["x", "y"])
-    finally:
-        await writer.close()

@@ -29,7 +29,6 @@ from e911_sip.batching import WriteError
 from e911_sip.store.base import LocationRecord, StoreError
 from e911_sip.store.mirror import MirroredRedisStore, MirrorOptions
 from e911_sip.store.redis import RedisStore, connect
-from e911_sip.store.resp import RespStreamWriter
 from e911_sip.store.sentinel import ReplicationLag, master_changes
 from tests.certs import write_ca
 from tests.integration.conftest import require_tool
@@ -46,6 +45,7 @@ from tests.integration.harness import (
     serve_command,
 )
 from tests.integration.test_end_to_end import provisioning_tables
+from tests.integration.test_resp import opened_writer
 
 T = TypeVar("T")
 
@@ -355,16 +355,7 @@ async def test_a_planned_switch_is_followed_while_the_old_master_lives_on(
         await direct.put_records({line(1): record(1)})
         assert await direct.lookup(line(1)) == record(1)
         await until(lambda: mirror.state().in_sync, "mirror in sync")
-        old_port = cluster.master_port()
-        with cluster.sentinels[0].client() as client:
-            assert client.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        new_master = await asyncio.to_thread(cluster.wait_for_new_master, old_port)
-        old = cluster.server(old_port)
-        await asyncio.to_thread(
-            cluster.wait_for,
-            lambda: cluster.client(old).info("replication").get("role") == "slave",
-            "the old master demoted",
-        )
+        new_master = await planned_switch(cluster)
 
         await retried(lambda: direct.put_records({line(1): record(2)}))
         assert new_master.client().hget(f"e911:line:{line(1)}", "provider_endpoint") == (
@@ -390,19 +381,9 @@ async def test_the_stream_writer_follows_a_planned_switch(
     # The old master lives on as a replica: the writer's connection to it is closed by the
     # sentinels' reconfiguration (or, were it not, answers READONLY and is retired), and a
     # write after that goes to the master the sentinels name.
-    writer = RespStreamWriter.open(cluster.url(), timeout=5.0)
-    try:
+    async with opened_writer(cluster.url()) as writer:
         await writer.xadd_all("w:calls", "record", ["a", "b"])
-        old_port = cluster.master_port()
-        with cluster.sentinels[0].client() as client:
-            assert client.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        new_master = await asyncio.to_thread(cluster.wait_for_new_master, old_port)
-        old = cluster.server(old_port)
-        await asyncio.to_thread(
-            cluster.wait_for,
-            lambda: cluster.client(old).info("replication").get("role") == "slave",
-            "the old master demoted",
-        )
+        new_master = await planned_switch(cluster)
         deadline = time.monotonic() + BOUND
         while True:
             try:
@@ -414,8 +395,22 @@ async def test_the_stream_writer_follows_a_planned_switch(
                 await asyncio.sleep(0.1)
         written = [fields["record"] for _id, fields in new_master.client().xrange("w:calls")]
         assert written == ["a", "b", *batch]
-    finally:
-        await writer.close()
+
+
+async def planned_switch(cluster: SentinelCluster) -> RedisServer:
+    """``SENTINEL FAILOVER`` and its end: the old master demoted to a replica, where it lives
+    on; the new master."""
+    old_port = cluster.master_port()
+    with cluster.sentinels[0].client() as client:
+        assert client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    new_master = await asyncio.to_thread(cluster.wait_for_new_master, old_port)
+    old = cluster.server(old_port)
+    await asyncio.to_thread(
+        cluster.wait_for,
+        lambda: cluster.client(old).info("replication").get("role") == "slave",
+        "the old master demoted",
+    )
+    return new_master
 
 
 async def test_a_write_no_replica_confirms_is_reported_failed(cluster: SentinelCluster) -> None:

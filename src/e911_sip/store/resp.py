@@ -29,14 +29,14 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 from redis.exceptions import RedisError
 
-from e911_sip.batching import XADD_ALL, StoredScript, WriteError
+from e911_sip.batching import StoredScript, WriteError, write_batch
 from e911_sip.store.base import (
     PoolExhausted,
     StoreError,
@@ -594,17 +594,17 @@ class RespStreamWriter:
         if not values:
             return
         try:
-            if len(values) == 1:
-                trim: tuple[Arg, ...] = ("MAXLEN", "~", maxlen) if maxlen > 0 else ()
-                await self._pool.execute(
-                    "XADD", stream, *trim, "*", field, values[0], timeout=self._timeout
-                )
-            else:
-                await run_script(
-                    self._pool, XADD_ALL, (stream,), (maxlen, field, *values), timeout=self._timeout
-                )
+            await write_batch(stream, field, values, maxlen, self._execute, self._run_script)
         except StoreError as exc:
             raise WriteError(str(exc)) from exc
+
+    def _execute(self, *args: Arg) -> Awaitable[Any]:
+        return self._pool.execute(*args, timeout=self._timeout)
+
+    def _run_script(
+        self, script: StoredScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Awaitable[Any]:
+        return run_script(self._pool, script, keys, args, timeout=self._timeout)
 
     async def close(self) -> None:
         await self._pool.close()

@@ -15,6 +15,7 @@ from e911_sip.callrecords.stream import RedisStreamSink, TransferError
 from e911_sip.notify.queue import QueueError, RedisStreamQueue
 from e911_sip.store.base import StoreError, StoreTimeout, StoreUnreachable
 from e911_sip.store.resp import Connection, ReplyError, RespPool, RespStreamWriter, pack
+from tests.unit.store.transport_double import made_ready
 
 
 class _Pool:
@@ -159,30 +160,12 @@ def test_a_pool_needs_a_connection() -> None:
         RespPool("redis://127.0.0.1:1/0", size=0)
 
 
-class _Transport:
-    """Enough of an asyncio transport for a connection that is never really opened."""
-
-    def __init__(self) -> None:
-        self.aborted = False
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 @pytest.mark.parametrize("sentinel", [True, False])
 async def test_a_readonly_reply_behind_sentinel_retires_the_connection(sentinel: bool) -> None:
     url = "redis+sentinel://127.0.0.1:1/e911" if sentinel else "redis://127.0.0.1:1/0"
     pool = RespPool(url, size=1)
     connection = Connection(pool, silence=60.0)
-    transport = _Transport()
-    connection.connection_made(transport)  # type: ignore[arg-type]
-    connection.ready = True
-    if sentinel:
-        connection.address = ("10.0.0.1", 6379)
+    transport = made_ready(connection, ("10.0.0.1", 6379) if sentinel else None)
     pool._slots = [connection]
     write = asyncio.ensure_future(pool.execute("XADD", "s", "*", "f", "v", timeout=5.0))
     await asyncio.sleep(0)

@@ -23,6 +23,7 @@ from e911_sip.store.sentinel import (
     tls_context,
 )
 from tests.certs import issue, write_ca
+from tests.unit.store.transport_double import made_ready
 
 
 def test_hosts_service_and_db() -> None:
@@ -171,32 +172,14 @@ def test_a_master_switch_is_counted_once_per_process() -> None:
     assert note_master(target, ("10.0.0.2", 6379)) is False
 
 
-class _Transport:
-    """Enough of an asyncio transport for a lookup connection that is never really opened."""
-
-    def __init__(self) -> None:
-        self.aborted = False
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 async def test_connections_to_an_old_master_are_retired_once_they_have_answered() -> None:
     store = RedisStore(url="redis+sentinel://127.0.0.1:1/e911", pool_size=3)
     connections = []
     transports = []
     for address in (("10.0.0.1", 6379), ("10.0.0.1", 6379), ("10.0.0.2", 6379)):
         connection = _Connection(store, silence=60.0)
-        transport = _Transport()
-        connection.connection_made(transport)  # type: ignore[arg-type]
-        connection.ready = True
-        connection.address = address
+        transports.append(made_ready(connection, address))
         connections.append(connection)
-        transports.append(transport)
     store._slots = list(connections)
     idle, busy, current = connections
     reply = asyncio.get_running_loop().create_future()
