@@ -1353,8 +1353,12 @@ class ProxyCore:
                 self._begin_emergency(context, forwarded, number, now)
                 return
         # Only here is the context known not to be an emergency call's; those that ended
-        # before (a 483, an OPTIONS answered here) are forgotten already.
-        self._evictable.add(context)
+        # before (a 483, an OPTIONS answered here) are forgotten already. An in-dialog
+        # request (a BYE above all) finishes a call already admitted, a 911 call's as much
+        # as any: evicting one to make room for another freed nothing and refused both
+        # callers' hang-ups in turn, so only new work is offered.
+        if initial:
+            self._evictable.add(context)
         if initial and not has_route:
             if method == "OPTIONS" and self._addressed_to_us(request):
                 self._answer_options(context, now)

@@ -172,3 +172,25 @@ def test_the_evictable_list_lets_go_of_what_ended_and_stays_short() -> None:
     assert evictable.oldest() is None
     assert len(evictable._slots) <= 2 * 1024 + 64
     assert not [s for s in evictable._slots if s is not None]
+
+
+def test_at_a_bound_of_911_calls_a_hang_up_does_not_evict_the_one_before_it() -> None:
+    h = make_core(max_transactions=40)
+    for n in range(18):
+        emergency_call(h, n)
+    for n in range(18, 20):
+        emergency_call(h, n, 486, "Busy Here")
+    out: list[Any] = []
+    # The BYEs of calls already answered, each still waiting for its 200 when the next one
+    # comes: room is sought for each, and none is taken from the one before (that freed
+    # nothing and refused its caller's hang-up). They go over the bound, as 911 calls do.
+    for n in range(3):
+        out += h.feed(in_dialog("BYE", n))
+    assert refused(h, out) == []
+    assert [o.data.split(b"\r\n")[0] for o in out if o.data.startswith(b"BYE ")] == [
+        b"BYE sip:3215550000@198.51.100.9:5060 SIP/2.0"
+    ] * 3
+    assert not h.event(Evicted)
+    assert h.core._evictable.oldest() is None
+    # A new ordinary call is still refused at the bound.
+    assert refused(h, h.feed(plain_invite(100))) == ["f100"]
