@@ -179,14 +179,31 @@ class BranchFactory:
     def tag(self) -> str:
         """A To tag for a response made here (RFC 3261 §19.3): 48 random bits and a 48-bit
         keyed digest of them, so :meth:`is_local_tag` recognises it later without keeping any
-        state, and nobody without the key can make one."""
+        state, and nobody without the key can make one.
+
+        In lowercase hex, as the dialog stamp is: base64's mixed case can spell a header
+        name, and a parser that finds the CSeq by searching the text for ``CSeq`` (SIPp's
+        method check does) takes a tag that spells it for the header and fails the call.
+        """
         nonce = self._tokens.raw(6)
-        return _b64(nonce + self._digest(nonce, 6))
+        return (nonce + self._digest(nonce, 6)).hex()
 
     def is_local_tag(self, tag: str | None) -> bool:
         """True when ``tag`` came from :meth:`tag` of a factory with our key (an ACK for a
-        final response we made with no transaction to absorb it, a 503 when shedding load)."""
-        if tag is None or len(tag) != 16:
+        final response we made with no transaction to absorb it, a 503 when shedding load).
+        The base64 tags of earlier releases are still recognised, for the ACKs that reach
+        an upgraded process."""
+        if tag is None:
+            return False
+        if len(tag) == 24:
+            try:
+                raw = bytes.fromhex(tag)
+            except ValueError:
+                return False
+            if raw.hex() != tag:
+                return False  # only the form tag() writes: lowercase, no spaces
+            return hmac.compare_digest(raw[6:], self._digest(raw[:6], 6))
+        if len(tag) != 16:
             return False
         return self._verify(tag, 6)
 
@@ -220,16 +237,23 @@ class BranchFactory:
         never sent.
         """
         kind = "e" if emergency else "o"
-        digest = self._digest(f"{kind}|{call_id}".encode(), 9)
-        return kind + _b64(digest)
+        return kind + self._digest(f"{kind}|{call_id}".encode(), 9).hex()
 
     def check_dialog_stamp(self, call_id: str, stamp: str) -> bool | None:
         """Whether ``stamp`` marks an emergency dialog (True) or another one (False), or None
-        when it is not :meth:`dialog_stamp` of ``call_id`` under our key."""
-        if len(stamp) != 13 or stamp[0] not in "eo":
+        when it is not :meth:`dialog_stamp` of ``call_id`` under our key.
+
+        The stamp was base64 before it was hex (``Record-Route`` goes back to the caller in
+        every response, and base64 can spell ``CSeq``: see :meth:`tag`); that form is still
+        recognised, so the calls an earlier release set up end through an upgraded one.
+        """
+        size = len(stamp)
+        if (size != 19 and size != 13) or stamp[0] not in "eo":
             return None
         emergency = stamp[0] == "e"
-        expected = self.dialog_stamp(call_id, emergency=emergency)
+        kind = stamp[0]
+        digest = self._digest(f"{kind}|{call_id}".encode(), 9)
+        expected = kind + (digest.hex() if size == 19 else _b64(digest))
         if not hmac.compare_digest(stamp.encode("ascii", "replace"), expected.encode("ascii")):
             return None
         return emergency

@@ -47,7 +47,7 @@ DEFAULT = Peer("udp", "203.0.113.5", 5060)
 def is_our_record_route(value: str | None, *, emergency: bool, transport: str = "") -> bool:
     """Our Record-Route, loose, with the dialog's stamp (``e`` for an emergency call)."""
     kind = "e" if emergency else "o"
-    pattern = rf"<sip:192\.0\.2\.1:5070{transport};lr;dlg={kind}[A-Za-z0-9_-]{{12}}>"
+    pattern = rf"<sip:192\.0\.2\.1:5070{transport};lr;dlg={kind}[0-9a-f]{{18}}>"
     return value is not None and re.fullmatch(pattern, value) is not None
 
 

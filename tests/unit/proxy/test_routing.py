@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 
@@ -168,8 +169,33 @@ def test_local_tags_are_recognised_without_state_and_not_forgeable() -> None:
     assert not any(other.is_local_tag(t) for t in tags)
     tag = next(iter(tags))
     assert not branches.is_local_tag(tag[:-1] + ("A" if tag[-1] != "A" else "B"))
-    for junk in (None, "", "x" * 16, "uas-tag", "!!!!!!!!!!!!!!!!", "é" * 16):
+    for junk in (None, "", "x" * 16, "uas-tag", "!!!!!!!!!!!!!!!!", "é" * 16, "x" * 24):
         assert not branches.is_local_tag(junk)
+    assert not branches.is_local_tag(tag.upper()) or tag.upper() == tag
+
+
+def test_tags_and_stamps_cannot_spell_a_header_name() -> None:
+    # Lowercase hex: a parser that finds the CSeq by searching a response for "CSeq" (SIPp's
+    # method check) took a stamp or a tag that spelt it for the header and failed the call.
+    branches = BranchFactory(Tokens(os.urandom))
+    for n in range(200):
+        for text in (branches.tag(), branches.dialog_stamp(f"call-{n}", emergency=n % 2 == 0)):
+            assert set(text) <= set("0123456789abcdefo"), text
+
+
+def test_the_base64_tags_and_stamps_of_earlier_releases_are_still_recognised() -> None:
+    # The form before hex, made here with the factory's own keyed digest: an ACK to an
+    # earlier release's response, or a BYE in a call it set up, reaches an upgraded process.
+    key = b"shared by the workers of one edge"
+    factory = BranchFactory(Tokens(os.urandom), key)
+    nonce = bytes(range(6))
+    legacy_tag = base64.urlsafe_b64encode(nonce + factory._digest(nonce, 6)).decode()
+    assert len(legacy_tag) == 16 and factory.is_local_tag(legacy_tag)
+    digest = factory._digest(b"e|call-1@192.0.2.10", 9)
+    legacy_stamp = "e" + base64.urlsafe_b64encode(digest).decode()
+    assert len(legacy_stamp) == 13
+    assert factory.check_dialog_stamp("call-1@192.0.2.10", legacy_stamp) is True
+    assert factory.check_dialog_stamp("call-2@192.0.2.10", legacy_stamp) is None
 
 
 def test_branches_are_recognised_by_any_factory_with_the_same_key() -> None:
@@ -193,7 +219,7 @@ def test_dialog_stamps_bind_the_call_id_and_the_kind() -> None:
     factory = BranchFactory(Tokens(os.urandom), key)
     stamp = factory.dialog_stamp("call-1@192.0.2.10", emergency=True)
     other = factory.dialog_stamp("call-1@192.0.2.10", emergency=False)
-    assert stamp[0] == "e" and other[0] == "o" and len(stamp) == 13
+    assert stamp[0] == "e" and other[0] == "o" and len(stamp) == 19
     assert all(c.isalnum() or c in "-_" for c in stamp)  # a SIP token: fits a URI parameter
     again = BranchFactory(Tokens(os.urandom), key)
     assert again.check_dialog_stamp("call-1@192.0.2.10", stamp) is True
@@ -201,7 +227,7 @@ def test_dialog_stamps_bind_the_call_id_and_the_kind() -> None:
     assert again.check_dialog_stamp("call-2@192.0.2.10", stamp) is None
     assert again.check_dialog_stamp("call-1@192.0.2.10", "o" + stamp[1:]) is None
     assert BranchFactory(Tokens(os.urandom)).check_dialog_stamp("call-1@192.0.2.10", stamp) is None
-    for junk in ("", "e", "x" * 13, "é" * 13, stamp + "A"):
+    for junk in ("", "e", "x" * 13, "é" * 13, "x" * 19, stamp + "A", stamp.upper()):
         assert again.check_dialog_stamp("call-1@192.0.2.10", junk) is None
 
 
