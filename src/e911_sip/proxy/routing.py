@@ -202,7 +202,7 @@ class BranchFactory:
                 return False
             if raw.hex() != tag:
                 return False  # only the form tag() writes: lowercase, no spaces
-            return hmac.compare_digest(raw[6:], self._digest(raw[:6], 6))
+            return self._signed(raw, 6)
         if len(tag) != 16:
             return False
         return self._verify(tag, 6)
@@ -212,6 +212,10 @@ class BranchFactory:
             raw = base64.urlsafe_b64decode(token.encode("ascii"))
         except (ValueError, UnicodeEncodeError):
             return False
+        return self._signed(raw, size)
+
+    def _signed(self, raw: bytes, size: int) -> bool:
+        """True when ``raw`` is ``size`` bytes and their 6-byte keyed digest."""
         if len(raw) != size + 6:
             return False
         return hmac.compare_digest(raw[size:], self._digest(raw[:size], 6))
@@ -237,7 +241,10 @@ class BranchFactory:
         never sent.
         """
         kind = "e" if emergency else "o"
-        return kind + self._digest(f"{kind}|{call_id}".encode(), 9).hex()
+        return kind + self._stamp_digest(kind, call_id).hex()
+
+    def _stamp_digest(self, kind: str, call_id: str) -> bytes:
+        return self._digest(f"{kind}|{call_id}".encode(), 9)
 
     def check_dialog_stamp(self, call_id: str, stamp: str) -> bool | None:
         """Whether ``stamp`` marks an emergency dialog (True) or another one (False), or None
@@ -250,9 +257,9 @@ class BranchFactory:
         size = len(stamp)
         if (size != 19 and size != 13) or stamp[0] not in "eo":
             return None
-        emergency = stamp[0] == "e"
         kind = stamp[0]
-        digest = self._digest(f"{kind}|{call_id}".encode(), 9)
+        emergency = kind == "e"
+        digest = self._stamp_digest(kind, call_id)
         expected = kind + (digest.hex() if size == 19 else _b64(digest))
         if not hmac.compare_digest(stamp.encode("ascii", "replace"), expected.encode("ascii")):
             return None

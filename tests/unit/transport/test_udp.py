@@ -99,6 +99,18 @@ class SlowRecorder(Recorder):
         super().message_received(data, source)
 
 
+async def send_and_wait(
+    client: socket.socket, transport: UdpTransport, sink: Recorder, count: int
+) -> None:
+    """Send ``count`` INVITEs back to back and wait until the sink has them all."""
+    target = ("127.0.0.1", transport.port)
+    for n in range(count):
+        client.sendto(request("sip:3215550000@127.0.0.1", n), target)
+    sink.expected = count
+    async with asyncio.timeout(10):
+        await sink.done.wait()
+
+
 async def test_the_load_signal_carries_how_long_a_datagram_waited_in_the_queue(
     client: socket.socket,
 ) -> None:
@@ -106,12 +118,7 @@ async def test_the_load_signal_carries_how_long_a_datagram_waited_in_the_queue(
     sink = SlowRecorder(load, hold=0.08)
     transport = await start(sink, load=load, batch=1)
     try:
-        target = ("127.0.0.1", transport.port)
-        for n in range(3):
-            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
-        sink.expected = 3
-        async with asyncio.timeout(10):
-            await sink.done.wait()
+        await send_and_wait(client, transport, sink, 3)
         # Read together, served one a turn: the first at once, the others after the first
         # held the loop for 80 ms.
         assert sink.delays[0] < 0.05
@@ -120,7 +127,7 @@ async def test_the_load_signal_carries_how_long_a_datagram_waited_in_the_queue(
         # A datagram that finds the queue empty is served at once: the signal falls again.
         sink.expected = 4
         sink.done.clear()
-        client.sendto(request("sip:3215550000@127.0.0.1", 4), target)
+        client.sendto(request("sip:3215550000@127.0.0.1", 4), ("127.0.0.1", transport.port))
         async with asyncio.timeout(10):
             await sink.done.wait()
         assert sink.delays[3] < 0.05
@@ -150,12 +157,7 @@ async def test_a_moment_of_queue_delay_refuses_nothing(client: socket.socket) ->
     sink = SlowRecorder(load, hold=0.08)
     transport = await start(sink, load=load, batch=1)
     try:
-        target = ("127.0.0.1", transport.port)
-        for n in range(3):
-            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
-        sink.expected = 3
-        async with asyncio.timeout(10):
-            await sink.done.wait()
+        await send_and_wait(client, transport, sink, 3)
         # The two behind the held one waited over the bound, but for a moment, not a second.
         assert all(delay >= 0.07 for delay in sink.delays[1:])
         assert load.shed_reason() is None
@@ -172,12 +174,7 @@ async def test_a_queue_delay_that_stays_over_its_bound_refuses_new_work(
     sink = HoldingRecorder(load, hold=0.04)
     transport = await start(sink, load=load, batch=1)
     try:
-        target = ("127.0.0.1", transport.port)
-        for n in range(6):
-            client.sendto(request("sip:3215550000@127.0.0.1", n), target)
-        sink.expected = 6
-        async with asyncio.timeout(10):
-            await sink.done.wait()
+        await send_and_wait(client, transport, sink, 6)
         # Each waits 40 ms more than the one before it: the second is the first over the
         # bound (a run of none yet), the fourth has seen it stay over for at least 80 ms.
         assert sink.reasons[:2] == [None, None]
