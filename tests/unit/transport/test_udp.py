@@ -183,6 +183,53 @@ async def test_a_queue_delay_that_stays_over_its_bound_refuses_new_work(
         await transport.close()
 
 
+class AnsweringRecorder(HoldingRecorder):
+    """A :class:`HoldingRecorder` for new calls that, as it holds each one, has a response
+    sent to the transport: read at the next turn, it is served ahead of the calls still
+    queued and has hardly waited."""
+
+    def __init__(self, load: LoadSignal, hold: float, client: socket.socket) -> None:
+        super().__init__(load, hold)
+        self.client = client
+        self.target: tuple[str, int] = ("127.0.0.1", 0)
+        self.answers = 0
+
+    def message_received(self, data: bytes, source: Peer) -> None:
+        if data.startswith(b"SIP/2.0"):
+            Recorder.message_received(self, data, source)
+            return
+        self.answers += 1
+        self.client.sendto(response(self.answers), self.target)
+        super().message_received(data, source)
+
+
+async def test_answers_served_ahead_of_new_calls_do_not_break_a_run_of_queue_delay(
+    client: socket.socket,
+) -> None:
+    # Responses are served before new calls, so they wait little even when new calls wait
+    # long: were their waits counted, every answer would restart the run and an edge that
+    # cannot keep up with new calls would never refuse one.
+    load = LoadSignal(max_lag=1.0, max_queue=10_000, max_queue_delay=0.02, queue_delay_sustain=0.05)
+    sink = AnsweringRecorder(load, hold=0.04, client=client)
+    transport = await start(sink, load=load, batch=1)
+    try:
+        sink.target = ("127.0.0.1", transport.port)
+        await send_and_wait(client, transport, sink, 6)
+        sink.expected = 12
+        async with asyncio.timeout(10):
+            while len(sink.received) < 12:
+                sink.done.clear()
+                await sink.done.wait()
+        # The answers came between the calls, each served at once...
+        kinds = [data.startswith(b"SIP/2.0") for data in sink.received]
+        assert kinds.count(True) == 6 and not kinds[0]
+        # ...and the calls were still refused once their waits had stayed over the bound.
+        assert sink.reasons[:2] == [None, None]
+        assert sink.reasons[3:] == ["queue_delay"] * 3
+    finally:
+        await transport.close()
+
+
 async def test_emergency_invites_are_served_before_a_backlog_of_new_calls(
     client: socket.socket,
 ) -> None:
