@@ -1036,10 +1036,10 @@ _SLOTS: Final = {
 }
 
 
-_TEMPLATES: Final[dict[int, tuple[list[str], list[str], list[int], int]]] = {}
+_TEMPLATES: Final[dict[int, tuple[list[str], list[str], list[int], int, list[int]]]] = {}
 """The header names of the last message of each shape, a shape being its number of header
 lines and the first letter of its start line: (each line's name as spelt, with its colon;
-their keys; the ``at`` and Content-Length count ``_parse_plain`` derives from them). A peer
+their keys; the ``at``, Content-Length count and ``cut`` ``_parse_plain`` derives from them). A peer
 writes its messages of one kind with the same headers in the same order, so a message is
 nearly always of the shape of one before it, and a ``startswith`` per line confirms its names
 where slicing each name out and looking it up in ``_SPELLINGS`` cost four times as much. A
@@ -1173,7 +1173,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     template = _TEMPLATES.get(shape)
     known: list[str] | None = None
     if template is not None:
-        spellings, template_keys, at, lengths = template
+        spellings, template_keys, at, lengths, cut = template
         for i, line in enumerate(lines):
             if not line.startswith(spellings[i]):
                 break
@@ -1187,6 +1187,10 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is
         # none (what known.index would give, without a scan per key).
         at = [-1, -1, -1, -1, -1, -1, -1, -1]
+        # cut[slot]: where the value of that header starts in its line (past the colon), so
+        # that reading it below is one slice with no find(); a template's names are those
+        # of the lines that match it, colon included, so its cuts hold for them too.
+        cut = [0, 0, 0, 0, 0, 0, 0, 0]
         lengths = 0
         for i, line in enumerate(lines):
             spelt = line[: line.find(":") + 1]
@@ -1199,12 +1203,13 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             if slot:
                 if at[slot] < 0:
                     at[slot] = i
+                    cut[slot] = len(spelt)
                 if slot == 6:
                     lengths += 1
         if count <= _TEMPLATE_LINES:
             if len(_TEMPLATES) >= _MAX_TEMPLATES:
                 _TEMPLATES.clear()  # bounded, as the spelling cache is
-            _TEMPLATES[shape] = (spellings, known.copy(), at, lengths)
+            _TEMPLATES[shape] = (spellings, known.copy(), at, lengths, cut)
     via_at = at[1]
     from_at = at[2]
     to_at = at[3]
@@ -1217,8 +1222,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         return None  # a mandatory header missing: the careful path names it
     message: Request | Response
     try:
-        line = lines[at[6]]
-        value = line[line.find(":") + 1 :].strip()
+        value = lines[at[6]][cut[6] :].strip()
         length = short_uint(value) if len(value) <= 5 else -1
         if length < 0:
             return None
@@ -1232,8 +1236,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 wire = data[: end + 4 + length]
         # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
         # it (anything else, extra spaces included, is left to the careful path).
-        line = lines[cseq_at]
-        value = line[line.find(":") + 1 :].strip()
+        value = lines[cseq_at][cut[5] :].strip()
         space = value.find(" ")
         if space < 0:
             return None
@@ -1242,28 +1245,24 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         if cseq_method not in _METHODS or number < 0:
             return None
         cseq = (number, cseq_method)
-        line = lines[call_id_at]
-        call_id = line[line.find(":") + 1 :].strip()
+        call_id = lines[call_id_at][cut[4] :].strip()
         if not call_id:
             return None
         # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
         # else is left to it.
-        line = lines[from_at]
-        value = line[line.find(":") + 1 :]
+        value = lines[from_at][cut[2] :]
         lt = value.find("<")
         if lt < 0 or '"' in value or value.find(">", lt) < 0:
             _check_name_addr(value.strip())
-        line = lines[to_at]
-        value = line[line.find(":") + 1 :]
-        lt = value.find("<")
-        if lt < 0 or '"' in value or value.find(">", lt) < 0:
-            _check_name_addr(value.strip())
+        to_value = lines[to_at][cut[3] :]
+        lt = to_value.find("<")
+        if lt < 0 or '"' in to_value or to_value.find(">", lt) < 0:
+            _check_name_addr(to_value.strip())
         # The top Via is the text before the first comma when there is no quote or '<'
         # before it (that comma is where split_values would cut too): parsed from that text
         # as it is, where _top_via_of would strip and hash the value once more. A response
         # to one of our branches finds its Via (ours) in the cache.
-        line = lines[via_at]
-        value = line[line.find(":") + 1 :]
+        value = lines[via_at][cut[1] :]
         comma = value.find(",")
         head = (value if comma < 0 else value[:comma]).strip()
         if head and '"' not in head and "<" not in head:
@@ -1292,8 +1291,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             request.uri = uri
             request._ruri = cached_uri(uri) or parse_uri(uri)
             if mf_at >= 0:
-                line = lines[mf_at]
-                value = line[line.find(":") + 1 :].strip()
+                value = lines[mf_at][cut[7] :].strip()
                 # The common case of _max_forwards_of, without the call.
                 mf = short_uint(value) if len(value) < 4 else -1
                 request._mf = mf if mf >= 0 else _max_forwards_of(value)
@@ -1302,6 +1300,20 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
             message = request
     except (ValueError, RemoteSipError):
         return None  # a value the careful path will name
+    to_tag: str | None = _UNREAD
+    if isinstance(message, Request):
+        # Every request's To tag is read (it tells an initial request from one in a
+        # dialog): taken here from the value already cut, where the property would find
+        # the line and cut it again. No fold in a plain message, so the value is the line's
+        # text past its colon, stripped, as ``_value_of`` gives it.
+        to_value = to_value.strip()
+        if "tag" not in to_value.lower():
+            to_tag = None
+        else:
+            try:
+                to_tag = _tag_of(to_value)
+            except MalformedMessage:
+                pass  # left unread: the property raises it when the tag is asked for
     # Typed as the one native class, compiled the attributes are set directly (on the
     # union each would be a generic setattr).
     base = cast(Message, message)
@@ -1313,7 +1325,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     base._top_via = top_via
     base._cseq = cseq
     base._call_id = call_id
-    base._to_tag = _UNREAD
+    base._to_tag = to_tag
     base._from_tag = _UNREAD
     return message
 
