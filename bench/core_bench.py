@@ -6,6 +6,7 @@ times, and reports microseconds of CPU per call. It isolates the Python work fro
 
     python bench/core_bench.py [--calls N] [--warmup N] [--profile] [--kind passthrough]
     python bench/core_bench.py --callgrind [--callgrind-calls 200,400]
+    python bench/core_bench.py --held [--calls N] [--kind passthrough]
 
 On a shared machine CPU time varies; instruction counts do not. ``--callgrind`` runs this
 script twice under ``valgrind --tool=callgrind`` (``--warmup 0``, 200 and then 400 calls by
@@ -18,6 +19,11 @@ and the last line is the core's alone: the difference. Both call counts are mult
 ``TIMER_EVERY``, so the difference includes the timer sweeps that retire the transactions,
 as a running edge's would. Needs valgrind (``apt-get install valgrind``); it takes a minute
 or two (valgrind runs Python about 50 times slower).
+
+``--held`` runs ``--calls`` calls with no timer run and prints the memory (tracemalloc) and
+the collector-tracked objects the core holds per finished call: what each call leaves for
+the 32 s its transactions linger over UDP, which above about 2,350 911 calls/s sets the
+edge's memory (a 911 call's INVITE transactions are never evicted).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import os
 import pstats
 import re
@@ -33,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,19 +128,37 @@ KINDS = {"emergency": "911", "passthrough": "3215550000"}
 other number passes through to the default trunk (the same path minus enrichment)."""
 
 
-def run(calls: int, kind: str = "emergency") -> float:
-    number = KINDS[kind]
+def make_core(kind: str = "emergency", **settings: int) -> ProxyCore:
+    """The core the bench drives: one UDP address, 911 to the emergency trunk and, for
+    ``kind`` passthrough, every other number to the default trunk."""
     options = ProxyOptions(
         local=(LocalAddress("udp", "127.0.0.1", 5070),),
         emergency_classifier=functools.partial(emergency_number, numbers=frozenset({"911"})),
         emergency_trunks=("sip:127.0.0.1:5080",),
         default_trunks=("sip:127.0.0.1:5080",) if kind == "passthrough" else (),
+        **settings,
     )
-    core = ProxyCore(options=options, entropy=os.urandom)
+    return ProxyCore(options=options, entropy=os.urandom)
+
+
+def run(
+    calls: int,
+    kind: str = "emergency",
+    *,
+    core: ProxyCore | None = None,
+    first: int = 0,
+    retire: bool = True,
+) -> float:
+    """CPU µs per call of ``calls`` whole calls (numbered from ``first``) through ``core``
+    (a new one by default); with ``retire`` the timers run every ``TIMER_EVERY`` calls, 64 s
+    later, as a running edge's would, and without it every finished transaction stays."""
+    number = KINDS[kind]
+    if core is None:
+        core = make_core(kind)
     enrich_options = EnrichOptions()
     now = 0.0
     start = time.process_time()
-    for n in range(calls):
+    for n in range(first, first + calls):
         core.receive(invite(n, number), UAC, now)
         # A pass-through INVITE went at once, the 100 Trying after it; an emergency one's
         # 100 is held until the enriched INVITE has gone.
@@ -161,10 +187,29 @@ def run(calls: int, kind: str = "emergency") -> float:
         while core.next_event() is not None:
             pass
         now += 0.001
-        if n % TIMER_EVERY == TIMER_EVERY - 1:
+        if retire and n % TIMER_EVERY == TIMER_EVERY - 1:
             core.handle_timer(now + 64)
     elapsed = time.process_time() - start
     return elapsed / calls * 1e6
+
+
+def held(calls: int, kind: str = "emergency") -> tuple[float, float]:
+    """(bytes, collector-tracked objects) the core holds per finished call: ``calls`` whole
+    calls with no timer run, so that each call's transactions stay as they do for the 32 s
+    of Timers J, K, L and M over UDP (a 911 call's INVITE transactions, never evicted, above
+    all). Measured with tracemalloc and ``gc.get_objects()`` against the same core after a
+    first round of calls that fills its caches."""
+    core = make_core(kind, max_transactions=4 * (calls + 1000))
+    run(1000, kind, core=core, retire=False)
+    gc.collect()
+    objects = len(gc.get_objects())
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    run(calls, kind, core=core, first=1000, retire=False)
+    gc.collect()
+    size = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return size / calls, (len(gc.get_objects()) - objects) / calls
 
 
 def run_harness(calls: int, kind: str = "emergency") -> None:
@@ -310,6 +355,11 @@ def main() -> None:
         action="store_true",
         help="build the bench's messages only, with no core work (what --callgrind subtracts)",
     )
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="the memory the core holds per finished call (--calls calls, no timers run)",
+    )
     add_callgrind_options(parser)
     args = parser.parse_args()
     counts = callgrind_counts(parser, args)
@@ -318,6 +368,13 @@ def main() -> None:
     what = "core + enrichment, no I/O" if emergency else "core, no I/O"
     if args.harness_only:
         run_harness(args.calls, args.kind)
+        return
+    if args.held:
+        size, objects = held(args.calls, args.kind)
+        print(
+            f"{size:,.0f} bytes and {objects:.1f} collector-tracked objects held per finished "
+            f"{call} (tracemalloc, {args.calls} calls, no timers run)"
+        )
         return
     if counts is not None:
         total = run_callgrind(

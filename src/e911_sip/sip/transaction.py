@@ -843,7 +843,8 @@ class _ServerTransaction(_Transaction):
 
     key: ServerKey
     last_response: Response | None
-    """The latest response sent: a retransmitted request is answered with it."""
+    """The latest response sent: a retransmitted request is answered with it (None in
+    ACCEPTED, where nothing is answered)."""
 
     def __init__(
         self,
@@ -858,7 +859,10 @@ class _ServerTransaction(_Transaction):
         self.last_response = None
 
     def _record(self, response: Response, nxt: State) -> Transmit:
-        self.last_response = response
+        # In ACCEPTED a retransmitted INVITE is absorbed, never answered (RFC 6026 §7.1), so
+        # the 2xx is not kept: with its SDP it was a third of what a finished call held for
+        # the 32 s of Timer L, and 911 calls' transactions are never evicted.
+        self.last_response = None if nxt is State.ACCEPTED else response
         self.state = nxt
         if nxt in _FINISHED:
             self.request = None
