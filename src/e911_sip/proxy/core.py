@@ -65,7 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from e911_sip.proxy.routing import (
     DIALOG_CREATING,
@@ -817,37 +817,82 @@ class _Probe:
 
 
 _FRONT_STEP: Final = 4
-"""Slots :meth:`_Finished.add` may pass over: more than the one an entry adds, so the front
-catches up after a burst of transactions ending together."""
+"""Slots an ``add`` may pass over: more than the one it adds, so the front catches up after
+a burst of items leaving together."""
+
+_CUT_AFTER: Final = 1024
+"""Cleared slots at the front of an :class:`_AgeList` before it is cut (once they are also
+more than half of it): the cut is one memmove of the rest, paid every so often."""
+
+_Item = TypeVar("_Item")
 
 
-class _Finished:
-    """The entries whose transaction is finished, oldest first, and how many there are.
+class _AgeList(Generic[_Item]):
+    """Items oldest first, each leaving by a mark on itself, not by a search of the list.
 
-    Not a dict of entries, as it was: evicting its oldest (``next(iter(d))``, then ``del``)
-    made CPython scan past every slot deleted at the front since the dict was last
-    resized, so with the table full each eviction cost time in proportion to the finished
-    transactions already gone (100,000 evictions from a 150,000-entry dict: 25 s). Here an
-    entry leaves by its ``done`` flag and stays in the list until the front passes it.
-
-    The list is usually the last holder of an entry that left, and so of its transaction
-    and messages: letting go of them in bulk (the list cut in half, or rebuilt without
-    them, as it once was) freed tens of thousands of transactions in one call and stalled
-    the event loop for 0.2 s with the table at its bound. So the front lets go of them one
-    at a time: every slot passed over is cleared as it is passed, a few at each ``add``
-    and as many as needed by ``oldest``; the list is cut only once its front is cleared
-    slots. Transactions finish in about the order they started and live at most 64*T1,
-    so the entries that left and wait behind a counted one are bounded by that much
-    traffic.
+    Not a dict: its oldest key is found by scanning past every slot deleted at its front
+    since its last resize (100,000 evictions from a 150,000-entry dict took 25 s). Nor an
+    ``OrderedDict``, whose insertion and removal cost about 2,000 instructions each,
+    compiled. Here an item that leaves is marked (:meth:`_left`) and stays in its slot until
+    the front passes it, clearing the slot as it goes: a few slots at each ``add`` and as
+    many as needed by ``oldest``. The list is usually the last holder of what left, so each
+    is let go of one at a time (letting tens of thousands go in one call once stalled the
+    event loop for 0.2 s), and the list is cut only once its front is cleared slots. Items
+    are added in about the order they leave and live a bounded time, so what waits behind
+    the oldest one still counted is bounded by that much traffic.
     """
 
-    __slots__ = ("_entries", "_head", "count")
+    __slots__ = ("_slots", "_head")
 
     def __init__(self) -> None:
-        self._entries: list[_ServerEntry | _ClientEntry | None] = []
+        self._slots: list[_Item | None] = []
         self._head = 0
-        """Index of the oldest entry that may still be counted: the slots before it are
-        cleared."""
+        """Index of the oldest slot that may still hold an item: those before are cleared."""
+
+    def oldest(self) -> _Item | None:
+        """The oldest item that has not left, or None."""
+        self._advance(len(self._slots))
+        head = self._head
+        slots = self._slots
+        return slots[head] if head < len(slots) else None
+
+    def _left(self, item: _Item) -> bool:
+        """True when ``item`` has left: the front may pass it and clear its slot."""
+        raise NotImplementedError
+
+    def _cut(self, count: int) -> None:
+        """The first ``count`` slots were cut off the list (all cleared)."""
+
+    def _advance(self, limit: int) -> None:
+        """Move the front past at most ``limit`` slots that left, clearing them."""
+        slots = self._slots
+        head = self._head
+        size = len(slots)
+        stop = min(size, head + limit)
+        while head < stop:
+            item = slots[head]
+            if item is not None and not self._left(item):
+                break
+            slots[head] = None
+            head += 1
+        if head > _CUT_AFTER and head * 2 > size:
+            del slots[:head]  # cleared slots only: nothing is freed here
+            self._cut(head)
+            head = 0
+        self._head = head
+
+
+class _Finished(_AgeList[_ServerEntry | _ClientEntry]):
+    """The entries whose transaction is finished, oldest first, and how many there are.
+
+    An entry leaves by its ``done`` flag (it ended, or left its table): transactions finish
+    in about the order they started and live at most 64*T1.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        super().__init__()
         self.count = 0
         """Entries with ``done`` set: finished and still in their table."""
 
@@ -862,7 +907,7 @@ class _Finished:
     def add(self, entry: _ServerEntry | _ClientEntry) -> None:
         entry.done = True
         self.count += 1
-        self._entries.append(entry)
+        self._slots.append(entry)
         # Entries leave about as often as they are added: passing a few here keeps the
         # front moving, one freed entry at a time, without a long pass in any one call.
         self._advance(_FRONT_STEP)
@@ -873,55 +918,26 @@ class _Finished:
             entry.done = False
             self.count -= 1
 
-    def oldest(self) -> _ServerEntry | _ClientEntry | None:
-        """The oldest entry still counted, or None."""
-        self._advance(len(self._entries))
-        head = self._head
-        entries = self._entries
-        return entries[head] if head < len(entries) else None
-
-    def _advance(self, limit: int) -> None:
-        """Move the front past at most ``limit`` entries that left, clearing their slots."""
-        entries = self._entries
-        head = self._head
-        size = len(entries)
-        stop = min(size, head + limit)
-        while head < stop:
-            entry = entries[head]
-            if entry is not None and entry.done:
-                break
-            entries[head] = None
-            head += 1
-        if head > 1024 and head * 2 > size:
-            del entries[:head]  # cleared slots only: no entry is freed here
-            head = 0
-        self._head = head
+    def _left(self, item: _ServerEntry | _ClientEntry) -> bool:
+        return not item.done
 
 
-class _Evictable:
+class _Evictable(_AgeList[_Context]):
     """The contexts ``ProxyCore._make_room`` may evict (none an emergency call's), oldest
     first.
 
-    A list indexed by context id less ``_base`` (ids rise by one per context): a context
-    leaves by its slot being cleared, and the ids of contexts never offered (emergency
-    calls', requests ended before they were routed) are cleared slots from the start. Not
-    a dict, whose oldest key is found by scanning past every slot deleted at its front
-    since its last resize (see :class:`_Finished`), nor an ``OrderedDict``, whose insertion
-    and removal cost about 2,000 instructions per request compiled. As in ``_Finished``,
-    the front passes cleared slots a few at each ``add``, and the list is cut once its
-    front is cleared slots; it holds no context that left, only its cleared slot until the
-    front passes it.
+    Indexed by context id less ``_base`` (ids rise by one per context): a context leaves by
+    its slot being cleared (:meth:`remove`), and the ids of contexts never offered
+    (emergency calls', requests ended before they were routed) are cleared slots from the
+    start.
     """
 
-    __slots__ = ("_slots", "_base", "_head")
+    __slots__ = ("_base",)
 
     def __init__(self) -> None:
-        self._slots: list[_Context | None] = []
+        super().__init__()
         self._base = 1
         """The id of the context of ``_slots[0]`` (the first context's id is 1)."""
-        self._head = 0
-        """Index of the oldest slot that may still hold a context: those before are
-        cleared."""
 
     def add(self, context: _Context) -> None:
         """Offer ``context``, created after every context offered before it."""
@@ -940,25 +956,11 @@ class _Evictable:
         if 0 <= index < len(slots):
             slots[index] = None
 
-    def oldest(self) -> _Context | None:
-        """The oldest context still offered, or None."""
-        self._advance(len(self._slots))
-        head = self._head
-        slots = self._slots
-        return slots[head] if head < len(slots) else None
+    def _left(self, item: _Context) -> bool:
+        return False  # a context that left has its slot cleared already
 
-    def _advance(self, limit: int) -> None:
-        """Move the front past at most ``limit`` cleared slots."""
-        slots = self._slots
-        head = self._head
-        stop = min(len(slots), head + limit)
-        while head < stop and slots[head] is None:
-            head += 1
-        if head > 1024 and head * 2 > len(slots):
-            del slots[:head]
-            self._base += head
-            head = 0
-        self._head = head
+    def _cut(self, count: int) -> None:
+        self._base += count
 
 
 def _rfc3261_key(request: Request) -> ServerKey | None:

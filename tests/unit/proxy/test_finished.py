@@ -182,9 +182,9 @@ def test_evicting_at_the_bound_keeps_the_finished_list_to_the_entries_counted() 
     for n in range(300):
         finished_message(h, n)  # at the bound, each evicts the two oldest transactions
         h.advance(0.5 if n % 50 else 40.0)  # and now and then every one ends by its timer
-        assert len(done._entries) - done._head <= 2 * done.count + 64
-        assert done._head <= max(1024, len(done._entries) // 2)
-        assert all(e is None for e in done._entries[: done._head])
+        assert len(done._slots) - done._head <= 2 * done.count + 64
+        assert done._head <= max(1024, len(done._slots) // 2)
+        assert all(e is None for e in done._slots[: done._head])
     assert h.core.transactions_in_flight <= 16
     assert done.count == h.core.transactions_in_flight - h.core.transactions_working
     assert sum(e.transactions for e in h.event(Evicted)) > 300
@@ -249,7 +249,7 @@ def test_a_finished_emergency_transaction_outlasts_ordinary_traffic_at_the_bound
 def _left_but_held(core: ProxyCore) -> int:
     """Entries that left their table and that the finished list still holds."""
     done = core._done
-    return sum(1 for e in done._entries[done._head :] if e is not None and not e.done)
+    return sum(1 for e in done._slots[done._head :] if e is not None and not e.done)
 
 
 def test_the_finished_list_lets_go_of_ended_transactions_a_few_at_a_time() -> None:
@@ -271,7 +271,7 @@ def test_the_finished_list_lets_go_of_ended_transactions_a_few_at_a_time() -> No
         if not held:
             break
     assert held == 0
-    assert all(e is None for e in h.core._done._entries[: h.core._done._head])
+    assert all(e is None for e in h.core._done._slots[: h.core._done._head])
 
 
 def test_eviction_lets_go_of_the_entries_it_passes() -> None:
@@ -287,4 +287,4 @@ def test_eviction_lets_go_of_the_entries_it_passes() -> None:
     done = h.core._done
     # Only the last one evicted is still at the front, to be passed by the next read.
     assert _left_but_held(h.core) == 1
-    assert all(e is None for e in done._entries[: done._head])
+    assert all(e is None for e in done._slots[: done._head])
