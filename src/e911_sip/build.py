@@ -39,6 +39,12 @@ COMPILED = (
     "e911_sip.callrecords.book",
     "e911_sip.callrecords.stream",
     "e911_sip.callrecords.recorder",
+    "e911_sip.store.breaker",
+    "e911_sip.store.resilient",
+    "e911_sip.store.memory",
+    "e911_sip.notify.event",
+    "e911_sip.notify.queue",
+    "e911_sip.notify.dispatch",
 )
 """Modules setup.py compiles; read by setup.py without importing the package."""
 
