@@ -55,6 +55,13 @@ def start_edge(
     return edge_factory(config)
 
 
+PATIENT_LOOKUP = {"lookup_timeout": 10.0, "fail_open_after": 20.0}
+"""``[emergency]`` bounds for a test whose calls must be enriched from Redis: the 50 ms
+default lookup is missed whenever the host leaves the edge unscheduled that long, and the
+call then goes out without its location. A live Redis answers at once; a killed one is
+refused at once, so neither bound is waited out."""
+
+
 def outcome(edge: EdgeProcess, name: str) -> float:
     return edge.metric("e911_sip_emergency_calls_total", outcome=name) or 0.0
 
@@ -268,6 +275,7 @@ def test_cached_location_is_used_while_redis_is_down_without_the_mirror(
         trunks=[trunk_uri(trunk)],
         store_url=redis_server.url,
         store={"mirror": False},
+        emergency=PATIENT_LOOKUP,
     )
     first = sipp.uas("uas_emergency.xml", port=trunk)
     assert sipp.uac("uac_911.xml", edge.sip_target).ok

@@ -406,12 +406,32 @@ async def test_email_reaches_a_real_smtp_server(tmp_path: Path) -> None:
 # -- SMS ---------------------------------------------------------------------------------
 
 
+class TickingClock:
+    """A clock that moves ``step`` seconds each time it is read, whatever the host does."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 async def test_sms_through_the_emulator_survives_a_429_storm(tmp_path: Path) -> None:
     """The emulated account drains 20 messages a second and queues 0.1 s worth (2); the
     sender is allowed 200 a second, so most sends meet 429
     ``max-message-queue-size-exceeded``. Every text still arrives, once, with the body the
-    official SDK's model accepts."""
-    emulator = build_emulator_app(EmulatorOptions(messaging_rate=20.0, messaging_queue_seconds=0.1))
+    official SDK's model accepts.
+
+    The emulator's clock ticks per read, not with the host: on a slow host a sender held up
+    between its sends would find the queue drained by the wall clock and meet no 429. Here a
+    message request drains a fraction of a message, so the queue fills at the third send and
+    every later refusal still lets the account move on."""
+    emulator = build_emulator_app(
+        EmulatorOptions(messaging_rate=20.0, messaging_queue_seconds=0.1),
+        clock=TickingClock(1 / 128),
+    )
     runner = web.AppRunner(emulator)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
