@@ -97,7 +97,7 @@ def test_popping_our_via_writes_what_a_whole_rewrite_writes(start: str, vias: li
     reason=st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f")),
     status=st.integers(100, 699),
 )
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_any_status_line_is_spliced_as_the_whole_rewrite_writes_it(
     status: int, reason: str
 ) -> None:
