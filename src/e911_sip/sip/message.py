@@ -374,10 +374,7 @@ class Message:
         tag = self._to_tag
         if tag is _UNREAD:
             value = self.get("to")
-            if value is None or "tag" not in value.lower():
-                tag = None  # the common initial request: no need to parse the value
-            else:
-                tag = _tag_of(value)
+            tag = None if value is None else _to_tag_of(value)
             self._to_tag = tag
         return tag
 
@@ -768,6 +765,16 @@ class Edit(Generic[M]):
         clone.uri = uri
         clone._ruri = None
         return clone
+
+
+def _to_tag_of(value: str) -> str | None:
+    """The tag of a To value (as ``_value_of`` gives it), None when it has none: most are
+    an initial request's, with no "tag" anywhere, and need no parse.
+
+    Raises:
+        MalformedMessage: as :func:`_tag_of`.
+    """
+    return None if "tag" not in value.lower() else _tag_of(value)
 
 
 def _tag_of(value: str) -> str | None:
@@ -1306,14 +1313,10 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         # dialog): taken here from the value already cut, where the property would find
         # the line and cut it again. No fold in a plain message, so the value is the line's
         # text past its colon, stripped, as ``_value_of`` gives it.
-        to_value = to_value.strip()
-        if "tag" not in to_value.lower():
-            to_tag = None
-        else:
-            try:
-                to_tag = _tag_of(to_value)
-            except MalformedMessage:
-                pass  # left unread: the property raises it when the tag is asked for
+        try:
+            to_tag = _to_tag_of(to_value.strip())
+        except MalformedMessage:
+            pass  # left unread: the property raises it when the tag is asked for
     # Typed as the one native class, compiled the attributes are set directly (on the
     # union each would be a generic setattr).
     base = cast(Message, message)
