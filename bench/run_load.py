@@ -30,8 +30,9 @@ poison the next):
    or failed call and, for 911, one enriched call per call placed; Kamailio's statistics
    (read with ``kamcmd``) show one enriched call per 911 call and no failed lookup. Between
    the last pass and the first failure, two bisection steps refine the figure; then a long
-   run (``--confirm-duration``, 60 s) at the best rate confirms it (if it fails, one more at
-   the next passing rate below). The quoted maximum is the confirmed rate.
+   run (``--confirm-duration``, 60 s) at the best rate confirms it (if it fails, one at the
+   middle of it and the next passing rate below, then one at that rate, until one passes).
+   The quoted maximum is the confirmed rate.
 2. **Latency added by the proxy, on the wire**, at ``--rates`` (200 calls/s). tcpdump
    captures, on ``lo``, only INVITEs (a BPF test on the first payload bytes) sent to the
    proxy by the caller and to the trunk by the proxy. Pairing them by Call-ID gives in->out
@@ -172,8 +173,9 @@ MAX_RAMP_STEPS = 12
 # shrinks to a quarter, and a full comparison run stays within about 25 minutes
 # (bench/README.md).
 BISECT_STEPS = 2
-# A best rate that fails its long run gets one more, at the next passing rate below.
-CONFIRM_ATTEMPTS = 2
+# A best rate that fails its long run gets up to two more (confirm_rates): the middle of it and
+# the next passing rate below, then that rate.
+CONFIRM_ATTEMPTS = 3
 # A step must finish placing its calls within this much more than ``duration`` + hold.
 LATE_SLACK_FRACTION = 0.05
 LATE_SLACK_MIN_S = 1.0
@@ -386,7 +388,8 @@ class MaxSearch:
     capped: bool
     steps: list[RunResult] = field(default_factory=list)
     confirm: list[RunResult] = field(default_factory=list)
-    """The long runs at the best rate (and, if that failed, at the next passing rate below)."""
+    """The long runs at the best rate (and, if that failed, at the rates below it that
+    :func:`confirm_rates` gives, until one passed)."""
     confirmed_rate: int | None = None
     """The rate a long run sustained; None when none did or none was run."""
 
@@ -1665,20 +1668,44 @@ def run_max_searches(bench: LoadBench, report: Report) -> None:
             confirm_best_rates(bench, [search.result for search in searches])
 
 
+def confirm_rates(passing: Sequence[int]) -> list[int]:
+    """The rates of the long runs for a search whose passing step rates are ``passing``, in
+    the order they are tried until one passes: the best; then the middle of the best and the
+    next passing rate below it; then that rate.
+
+    The ramp doubles, so the next passing rate is often half the best: a best rate that
+    fails its long run by a little would otherwise be quoted at half of what the proxy
+    sustains. The middle lies between two rates that each passed a step, for either proxy
+    alike.
+    """
+    rates = sorted(set(passing), reverse=True)
+    if not rates:
+        return []
+    out = [rates[0]]
+    if len(rates) > 1:
+        best, below = rates[0], rates[1]
+        middle = _round_rate((best + below) / 2, best - below)
+        if below < middle < best:
+            out.append(middle)
+        out.append(below)
+    return out[:CONFIRM_ATTEMPTS]
+
+
 def confirm_best_rates(bench: LoadBench, searches: Sequence[MaxSearch]) -> None:
-    """Holds each search's best rate for ``--confirm-duration``; when that fails, the next
-    passing step rate below it gets one more long run. At most two long runs per search."""
+    """Holds each search's best rate for ``--confirm-duration``; when that fails, the rates
+    :func:`confirm_rates` gives below it get a long run each until one passes, the proxies'
+    runs alternating."""
     for attempt in range(CONFIRM_ATTEMPTS):
         for search in searches:
             if search.confirmed_rate is not None or len(search.confirm) != attempt:
                 continue
-            passing = sorted({step.rate for step in search.steps if step.passed}, reverse=True)
-            if attempt >= len(passing):
+            rates = confirm_rates([step.rate for step in search.steps if step.passed])
+            if attempt >= len(rates):
                 continue
             run = bench.run(
                 search.target,
                 search.kind,
-                passing[attempt],
+                rates[attempt],
                 bench.options.confirm_duration,
                 purpose="confirm",
             )
