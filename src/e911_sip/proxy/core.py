@@ -659,13 +659,18 @@ class _Held:
     """What a response context holds only until it is forgotten: a finished call lingers for
     Timer L with only what forwarding a 2xx retransmission or an ACK reads."""
 
-    __slots__ = ("request", "template", "trunks", "responses")
+    __slots__ = ("request", "template", "trunks", "responses", "stamp")
 
     def __init__(self, request: Request) -> None:
         self.request = request
         """The request as received (received/rport stamped): responses are built from it."""
         self.template: Request = request
         """The request to forward, before the per-branch Via and Request-URI."""
+        self.stamp: str | None = None
+        """An emergency call's dialog stamp: each branch adds the Record-Route with it to the
+        template, which is what the owner handed back, so whatever the owner made of the
+        request the dialog still comes back through us, and the request is copied once
+        per branch (the Via's copy) instead of once more for the Record-Route."""
         self.trunks: list[str] = []
         self.responses: list[Response] = []
         """Final responses collected so far, already fit to go upstream."""
@@ -1709,9 +1714,9 @@ class ProxyCore:
         context.enriched = enriched
         if context.step(ContextEvent.RESUME) is None:
             return
-        context.template = add_record_route(
-            request, context.inbound, context.inbound, self._stamp(request, True)
-        )
+        held = context._held()
+        held.template = request
+        held.stamp = self._stamp(request, True)
         if not self._next_trunk(context, now):
             # No emergency trunk configured: the config check refuses that, but answer
             # rather than leave a caller waiting if it ever happens.
@@ -1767,9 +1772,14 @@ class ProxyCore:
             local = self._locals[0]
             peer = Peer(local.transport, peer.host, peer.port)
         edit = request.edit()
+        held = context._held()
+        stamp = held.stamp
+        if stamp is not None:
+            # An emergency call's Record-Route (two when the transports differ, RFC 5658).
+            add_record_route(edit, context.inbound, local, stamp)
         # Identity first: both come from the configured addresses, and a dataclass == is a
         # generic call in compiled code.
-        if (
+        elif (
             local is not context.inbound
             and local != context.inbound
             and context.route is not Route.IN_DIALOG
@@ -1797,7 +1807,6 @@ class ProxyCore:
         branch = _Branch(context, txn, peer, trunk or f"sip:{uri_hostport(target)}")
         context.branches = (*context.branches, branch)
         entry = _ClientEntry(txn, branch, peer)
-        held = context._held()
         entry.upstream_via = held.request.top_via.raw
         self._client[txn.key] = entry
         if request.method == "INVITE" and trunk is not None and held.trunks:

@@ -260,6 +260,10 @@ def test_failover_on_503_then_success_upstream() -> None:
     second = only(TRUNK2, out)
     assert isinstance(second, Request) and second.uri == "sip:911@198.51.100.2:5060"
     assert second.vias[0].branch != sent.vias[0].branch
+    # Each branch adds the Record-Route to the template: one each, the same one.
+    assert len(sent.values("record-route")) == len(second.values("record-route")) == 1
+    assert second.get("record-route") == sent.get("record-route")
+    assert is_our_record_route(second.get("record-route"), emergency=True)
     assert to(SOFTSWITCH, out) == []
     failover = h.event(Failover)
     assert [(f.trunk, f.reason) for f in failover] == [("sip:198.51.100.1:5060", "503")]  # type: ignore[union-attr]
