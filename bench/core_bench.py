@@ -59,16 +59,30 @@ SDP = (
 )
 
 
+LINES = 10_000
+FIRST_LINE = 3_215_550_000
+
+
+def caller(n: int) -> str:
+    """The line call ``n`` comes from: one of ``LINES`` distinct lines in turn, as a
+    softswitch's calls come from thousands of lines. With every call from one line, the
+    parser's URI caches would answer for the caller's URIs and the figure would measure
+    them, not the reading of a caller never seen."""
+    return str(FIRST_LINE + n % LINES)
+
+
 def invite(n: int, number: str = "911") -> bytes:
+    line = caller(n)
     head = (
         f"INVITE sip:{number}@127.0.0.1:5070 SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-inv\r\n"
         "Max-Forwards: 70\r\n"
-        f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
+        f"From: <sip:{line}@127.0.0.1>;tag={n}SIPpTag00\r\n"
         f"To: <sip:{number}@127.0.0.1:5070>\r\n"
         f"Call-ID: {n}-bench@127.0.0.1\r\n"
         "CSeq: 102 INVITE\r\n"
-        "Contact: <sip:3215551234@127.0.0.1:5060;transport=UDP>\r\n"
+        f"Contact: <sip:{line}@127.0.0.1:5060;transport=UDP>\r\n"
+        f"P-Asserted-Identity: <sip:+1{line}@127.0.0.1>\r\n"
         "User-Agent: PortaSIP\r\n"
         "Identity: eyJhbGciOiJFUzI1NiJ9.eyJhdHRlc3QiOiJBIn0.c2ln;info=<https://cert.example/a.pem>;alg=ES256;ppt=shaken\r\n"
         "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY, REGISTER, SUBSCRIBE, REFER\r\n"
@@ -110,7 +124,7 @@ def in_dialog(method: str, n: int, cseq: int, number: str = "911") -> bytes:
         f"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-{n}-{method.lower()}\r\n"
         "Route: <sip:127.0.0.1:5070;lr>\r\n"
         "Max-Forwards: 70\r\n"
-        f"From: <sip:3215551234@127.0.0.1>;tag={n}SIPpTag00\r\n"
+        f"From: <sip:{caller(n)}@127.0.0.1>;tag={n}SIPpTag00\r\n"
         f"To: <sip:{number}@127.0.0.1:5070>;tag=uas1\r\n"
         f"Call-ID: {n}-bench@127.0.0.1\r\n"
         f"CSeq: {cseq} {method}\r\n"
