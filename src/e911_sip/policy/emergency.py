@@ -32,9 +32,16 @@ def dialled_digits(uri: Uri) -> str | None:
             return None
     else:
         return None
-    # All digits (the usual case) has no separator to take out: translate costs a lookup
-    # per character.
-    return user if user.isdigit() else user.translate(_VISUAL_SEPARATORS)
+    return _without_separators(user)
+
+
+def _without_separators(text: str) -> str:
+    """``text`` without visual separators. Digits, with or without a leading '+' (the usual
+    cases: a line and its E.164 form), have none to take out: translate costs a lookup per
+    character, and gives them back unchanged."""
+    if text.isdigit() or (text[:1] == "+" and text[1:].isdigit()):
+        return text
+    return text.translate(_VISUAL_SEPARATORS)
 
 
 def emergency_number(uri: Uri, numbers: Collection[str] = DEFAULT_NUMBERS) -> str | None:

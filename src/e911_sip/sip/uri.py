@@ -179,11 +179,11 @@ def _parse_uri(text: str) -> Uri:
         number, _, ptext = rest.partition(";")
         if not number:
             raise MalformedMessage(f"tel URI without a number: {raw[:80]!r}")
-        return Uri(scheme, number, "", None, _split_params(ptext), raw)
+        return _uri(scheme, number, "", None, _split_params(ptext), raw)
     if scheme == "urn":
         if not rest or " " in rest:
             raise MalformedMessage(f"bad urn: {raw[:80]!r}")
-        return Uri(scheme, None, rest.lower(), None, (), raw)
+        return _uri(scheme, None, rest.lower(), None, (), raw)
     # sip / sips: [user[:password]@]hostport[;params][?headers]. A user part may hold ';',
     # '?' and '/' (RFC 3261 §25.1 user-unreserved) but never a bare '@', which the header
     # part may not hold either, so the first '@' ends the userinfo.
@@ -201,7 +201,19 @@ def _parse_uri(text: str) -> Uri:
     if " " in hostport or "\t" in hostport:
         raise MalformedMessage(f"whitespace inside URI {raw[:80]!r}")
     host, port = _split_hostport(hostport, raw)
-    return Uri(scheme, user, host.lower(), port, _split_params(ptext), raw)
+    return _uri(scheme, user, host.lower(), port, _split_params(ptext), raw)
+
+
+_URI: Final = Uri
+"""As ``_VIA`` (below): the class as a C static once compiled."""
+
+
+def _uri(
+    scheme: str, user: str | None, host: str, port: int | None, params: Params, raw: str
+) -> Uri:
+    # As _name_addr: without the NamedTuple's Python-level __new__, which cost a third of
+    # the parse of a caller's URI (a new caller's, read from no cache).
+    return _TUPLE_NEW(_URI, (scheme, user, host, port, params, raw))
 
 
 class NameAddr(NamedTuple):

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from e911_sip.policy.emergency import caller_line, emergency_number, normalize_nanp
+from e911_sip.policy.emergency import (
+    _VISUAL_SEPARATORS,
+    _without_separators,
+    caller_line,
+    emergency_number,
+    normalize_nanp,
+)
 from e911_sip.sip.message import Request, parse
 from e911_sip.sip.uri import parse_uri
 
@@ -98,3 +106,9 @@ def test_unusable_pai_falls_back_to_from() -> None:
 
 def test_no_line_at_all() -> None:
     assert caller_line(request(from_uri="sip:anonymous@anonymous.invalid")) is None
+
+
+@settings(deadline=None)
+@given(st.text(alphabet="+0123456789-.() x\u0663\u00b2", max_size=16))
+def test_the_digits_short_cut_takes_out_what_translate_does(text: str) -> None:
+    assert _without_separators(text) == text.translate(_VISUAL_SEPARATORS)
