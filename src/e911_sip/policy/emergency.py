@@ -72,7 +72,7 @@ def normalize_nanp(number: str) -> str | None:
     provisioning stored (the acceptance story's own account, 1321551234, is outside them), and
     an unknown number only finds no record.
     """
-    digits = number if number.isdigit() else number.translate(_VISUAL_SEPARATORS)
+    digits = _without_separators(number)
     if digits.startswith("+"):
         digits = digits[1:]
         if not digits.startswith("1") or len(digits) != 11:
