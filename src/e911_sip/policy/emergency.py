@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.message import Request
-from e911_sip.sip.uri import Uri, parse_name_addr, parse_uri, split_values
+from e911_sip.sip.uri import Uri, name_addr_uri_text, parse_uri, split_values
 
 DEFAULT_NUMBERS = frozenset({"911", "933"})
 _VISUAL_SEPARATORS = str.maketrans("", "", "-.() ")
@@ -99,7 +99,7 @@ def name_addr_uri(value: str) -> Uri:
     """
     uri = _NAME_ADDR_URIS.get(value)
     if uri is None:
-        uri = parse_uri(parse_name_addr(value).uri)
+        uri = parse_uri(name_addr_uri_text(value))
         if len(_NAME_ADDR_URIS) >= _NAME_ADDR_URIS_SIZE:
             _NAME_ADDR_URIS.clear()  # bounded, as the URI cache of the parser is
         _NAME_ADDR_URIS[value] = uri

@@ -231,6 +231,18 @@ class NameAddr(NamedTuple):
 
 def parse_name_addr(text: str) -> NameAddr:
     """Parse ``["display"] <uri>;params`` or a bare ``uri;params`` (RFC 3261 §20.10)."""
+    display, uri, ptext = _cut_name_addr(text)
+    return _name_addr(display, uri, _split_params(ptext), text)
+
+
+def name_addr_uri_text(text: str) -> str:
+    """``parse_name_addr(text).uri``, raising what it raises, without splitting the header
+    parameters nobody reads (the caller's URI read for its line or its host)."""
+    return _cut_name_addr(text)[1]
+
+
+def _cut_name_addr(text: str) -> tuple[str, str, str]:
+    """(display name, URI, header parameters after their ';') of a name-addr or addr-spec."""
     raw = text
     text = text.strip()
     lt = text.find("<")
@@ -245,16 +257,15 @@ def parse_name_addr(text: str) -> NameAddr:
         ptext = text[gt + 1 :].strip()
         if ptext and not ptext.startswith(";"):
             raise MalformedMessage(f"unexpected text after URI in {raw[:80]!r}")
-        params = _split_params(ptext[1:])
+        ptext = ptext[1:]
     else:
         # addr-spec form: parameters after the URI belong to the header, not the URI.
         uri, _, ptext = text.partition(";")
         uri = uri.strip()
         display = ""
-        params = _split_params(ptext)
     if not uri:
         raise MalformedMessage(f"empty URI in {raw[:80]!r}")
-    return _name_addr(display, uri, params, raw)
+    return display, uri, ptext
 
 
 _NAME_ADDR: Final = NameAddr

@@ -7,6 +7,7 @@ compare the two on usual and unusual input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from e911_sip.sip.uri import (
     Via,
     _parse_via,
     _split_params,
+    name_addr_uri_text,
     param_of,
     parse_name_addr,
     parse_uri,
@@ -311,6 +313,21 @@ def test_a_parsed_name_addr_is_the_value_its_constructor_builds(text: str) -> No
     assert (addr.uri, addr.raw) == (addr[1], text)
     for name in ("tag", "x", "absent"):
         assert param_of(addr.params, name) == addr.param(name)
+
+
+def _uri_of(read: Callable[[str], str], value: str) -> str | type[Exception]:
+    try:
+        return read(value)
+    except MalformedMessage:
+        return MalformedMessage
+
+
+@settings(deadline=None)
+@given(st.text(alphabet='<>;=" \t:@sipab', max_size=24))
+def test_the_uri_of_a_name_addr_is_the_full_parse_s(value: str) -> None:
+    assert _uri_of(name_addr_uri_text, value) == _uri_of(
+        lambda text: parse_name_addr(text).uri, value
+    )
 
 
 def _tag_by_full_parse(value: str) -> str | None | type[Exception]:
