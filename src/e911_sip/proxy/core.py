@@ -667,10 +667,12 @@ class _Held:
         self.template: Request = request
         """The request to forward, before the per-branch Via and Request-URI."""
         self.stamp: str | None = None
-        """An emergency call's dialog stamp: each branch adds the Record-Route with it to the
-        template, which is what the owner handed back, so whatever the owner made of the
-        request the dialog still comes back through us, and the request is copied once
-        per branch (the Via's copy) instead of once more for the Record-Route."""
+        """The dialog stamp of a request that creates a dialog (None for any other): each
+        branch adds our Record-Route with it to the template, one entry or, when the
+        branch's transport differs from the caller's, two (RFC 5658). So the template is
+        copied once per branch (the Via's copy), an emergency call's Record-Route goes on
+        whatever request the owner handed back, and no branch removes a Record-Route to
+        write two."""
         self.trunks: list[str] = []
         self.responses: list[Response] = []
         """Final responses collected so far, already fit to go upstream."""
@@ -1371,9 +1373,9 @@ class ProxyCore:
                 self._answer_options(context, now)
                 return
             context.route = Route.DEFAULT
-            if method in DIALOG_CREATING:
-                add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
             held = context._held()  # one call, where each property is one more
+            if method in DIALOG_CREATING:
+                held.stamp = self._stamp(request, False)
             held.template = forwarded.done()
             held.trunks = self._health.order(self._options.default_trunks)
             self._events.append(RequestRouted(method, Route.DEFAULT))
@@ -1394,7 +1396,7 @@ class ProxyCore:
             # and stays in the dialog it creates.
             context.route = Route.ROUTE_SET
             if method in DIALOG_CREATING:
-                add_record_route(forwarded, inbound, inbound, self._stamp(request, False))
+                context._held().stamp = self._stamp(request, False)
         else:
             context.route = Route.IN_DIALOG
         template = context._held().template = forwarded.done()
@@ -1775,23 +1777,9 @@ class ProxyCore:
         held = context._held()
         stamp = held.stamp
         if stamp is not None:
-            # An emergency call's Record-Route (two when the transports differ, RFC 5658).
+            # Our Record-Route: two entries when the two sides use different transports
+            # (RFC 5658), which only the branch knows.
             add_record_route(edit, context.inbound, local, stamp)
-        # Identity first: both come from the configured addresses, and a dataclass == is a
-        # generic call in compiled code.
-        elif (
-            local is not context.inbound
-            and local != context.inbound
-            and context.route is not Route.IN_DIALOG
-            and request.method in DIALOG_CREATING
-        ):
-            # The two sides use different transports: a double Record-Route (RFC 5658).
-            add_record_route(
-                edit.pop_first_value("record-route"),
-                context.inbound,
-                local,
-                self._stamp(request, context.route is Route.EMERGENCY),
-            )
         via_branch = self._branches.new()
         request = add_via(edit, local, via_branch).done(uri=ruri)
         timers = self._options.timers

@@ -546,6 +546,31 @@ def test_transport_change_writes_a_double_record_route() -> None:
     assert sent.vias[0].transport == "TCP"
 
 
+def test_pass_through_transport_change_writes_a_double_record_route() -> None:
+    h = make_core(default_trunks=("sip:203.0.113.5:5060;transport=tcp",))
+    out = h.feed(invite("sip:3215550000@192.0.2.1:5070"))
+    sent = [parse(o.data) for o in out if o.peer.host == "203.0.113.5"]
+    assert len(sent) == 1 and isinstance(sent[0], Request)
+    tcp, udp = sent[0].values("record-route")
+    assert is_our_record_route(tcp, emergency=False, transport=";transport=tcp")
+    assert is_our_record_route(udp, emergency=False)
+    assert tcp.split(";dlg=")[1] == udp.split(";dlg=")[1]
+
+
+def test_each_default_branch_writes_one_record_route() -> None:
+    h = make_core(default_trunks=("sip:203.0.113.5:5060", "sip:203.0.113.6:5060"))
+    out = h.feed(invite("sip:3215550000@192.0.2.1:5070"))
+    first = [o.data for o in out if o.peer.host == "203.0.113.5"][0]
+    out = h.feed(response_to(first, 503, "Service Unavailable"), Peer("udp", "203.0.113.5", 5060))
+    second = [parse(o.data) for o in out if o.peer.host == "203.0.113.6"]
+    assert len(second) == 1 and isinstance(second[0], Request)
+    sent = parse(first)
+    assert isinstance(sent, Request)
+    assert sent.values("record-route") == second[0].values("record-route")
+    assert len(sent.values("record-route")) == 1
+    assert is_our_record_route(sent.get("record-route"), emergency=False)
+
+
 def test_rport_and_received_are_stamped_on_the_callers_via() -> None:
     h = make_core()
     nat = Peer("udp", "203.0.113.77", 31000)
