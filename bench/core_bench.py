@@ -44,12 +44,18 @@ import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
-from e911_sip.app import tune_gc
-from e911_sip.policy.emergency import caller_line, emergency_number
-from e911_sip.policy.enrich import EnrichOptions, enrich
-from e911_sip.proxy.core import EmergencyCall, ProxyCore, ProxyOptions
-from e911_sip.proxy.routing import LocalAddress
-from e911_sip.sip.peer import Peer
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.callers import DEFAULT_LINES, FIRST_LINE  # noqa: E402
+
+from e911_sip.app import tune_gc  # noqa: E402
+from e911_sip.policy.emergency import caller_line, emergency_number  # noqa: E402
+from e911_sip.policy.enrich import EnrichOptions, enrich  # noqa: E402
+from e911_sip.proxy.core import EmergencyCall, ProxyCore, ProxyOptions  # noqa: E402
+from e911_sip.proxy.routing import LocalAddress  # noqa: E402
+from e911_sip.sip.peer import Peer  # noqa: E402
 
 UAC = Peer("udp", "127.0.0.1", 5060)
 UAS = Peer("udp", "127.0.0.1", 5080)
@@ -59,16 +65,12 @@ SDP = (
 )
 
 
-LINES = 10_000
-FIRST_LINE = 3_215_550_000
-
-
 def caller(n: int) -> str:
-    """The line call ``n`` comes from: one of ``LINES`` distinct lines in turn, as a
+    """The line call ``n`` comes from: one of the load benchmark's lines in turn, as a
     softswitch's calls come from thousands of lines. With every call from one line, the
     parser's URI caches would answer for the caller's URIs and the figure would measure
     them, not the reading of a caller never seen."""
-    return str(FIRST_LINE + n % LINES)
+    return str(FIRST_LINE + n % DEFAULT_LINES)
 
 
 def invite(n: int, number: str = "911") -> bytes:

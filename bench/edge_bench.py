@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.callers import FIRST_LINE  # noqa: E402
 from bench.core_bench import (  # noqa: E402
     add_callgrind_options,
     answer,
@@ -60,7 +61,6 @@ from e911_sip.transport.udp import UdpTransport  # noqa: E402
 EDGE = ("127.0.0.1", 5070)
 UAC = ("127.0.0.1", 5060)
 TRUNK = ("127.0.0.1", 5080)
-FIRST_LINE = 3_215_550_000
 PROVIDER_ENDPOINT = "5555555/e911abc123def456"
 TIMER_EVERY = 100
 """Every this many calls the virtual clock jumps 64 s: each transaction so far has ended."""
