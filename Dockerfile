@@ -6,8 +6,8 @@
 # config/e911-sip.container.toml lists the environment a deployment sets and the TLS files
 # mounted at /etc/e911-sip/tls/: the provisioning API and /metrics are served over HTTPS.
 FROM python:3.11-slim-bookworm AS build
-# A C compiler for the modules setup.py compiles with mypyc (e911_sip/build.py lists them);
-# the runtime image needs none.
+# A C compiler for the modules setup.py compiles with mypyc and the C ones beside them
+# (e911_sip/build.py lists both); the runtime image needs none.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

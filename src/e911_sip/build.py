@@ -48,13 +48,24 @@ COMPILED = (
 )
 """Modules setup.py compiles; read by setup.py without importing the package."""
 
+NATIVE = ("e911_sip.sip._headscan",)
+"""Extension modules written in C (``<module>.c``), built beside ``COMPILED``. Each replaces
+the functions of a Python module that says so, which serve when it is not built."""
+
 
 def compiled_modules() -> list[str]:
-    """The modules of ``COMPILED`` that this process loaded from an extension module."""
+    """The modules of ``COMPILED`` and ``NATIVE`` that this process loaded from an extension
+    module (a native module that cannot be imported is not)."""
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     found = []
-    for name in COMPILED:
-        path = getattr(importlib.import_module(name), "__file__", None) or ""
+    for name in COMPILED + NATIVE:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            if name in NATIVE:
+                continue
+            raise
+        path = getattr(module, "__file__", None) or ""
         if path.endswith(suffixes):
             found.append(name)
     return found
@@ -63,7 +74,7 @@ def compiled_modules() -> list[str]:
 def describe() -> str:
     """``compiled`` (every listed module), ``pure`` (none) or ``partly compiled (...)``."""
     found = compiled_modules()
-    if len(found) == len(COMPILED):
+    if len(found) == len(COMPILED + NATIVE):
         return "compiled"
     if not found:
         return "pure"
@@ -73,9 +84,9 @@ def describe() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     found = set(compiled_modules())
-    for name in COMPILED:
+    for name in COMPILED + NATIVE:
         print(f"{name}: {'compiled' if name in found else 'python'}")
-    if "--require-compiled" in args and len(found) != len(COMPILED):
+    if "--require-compiled" in args and len(found) != len(COMPILED + NATIVE):
         print("e911_sip.build: not every listed module is compiled", file=sys.stderr)
         return 1
     return 0

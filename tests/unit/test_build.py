@@ -25,6 +25,10 @@ def test_setup_compiles_the_modules_the_package_lists() -> None:
     ]
     for name in build.COMPILED:
         assert (ROOT / "src" / (name.replace(".", "/") + ".py")).is_file(), name
+    native = namespace["native_extensions"]()
+    assert [ext.name for ext in native] == list(build.NATIVE)
+    for ext in native:
+        assert [(ROOT / source).is_file() for source in ext.sources] == [True], ext.name
 
 
 def test_every_listed_module_imports() -> None:
@@ -55,7 +59,7 @@ def test_build_check_command_reports_each_module() -> None:
         timeout=60,
     )
     lines = result.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == list(build.COMPILED)
+    assert [line.split(":")[0] for line in lines] == list(build.COMPILED + build.NATIVE)
     assert all(line.endswith((": compiled", ": python")) for line in lines)
     found = set(build.compiled_modules())
     required = subprocess.run(
@@ -64,7 +68,7 @@ def test_build_check_command_reports_each_module() -> None:
         text=True,
         timeout=60,
     )
-    assert (required.returncode == 0) == (found == set(build.COMPILED))
+    assert (required.returncode == 0) == (found == set(build.COMPILED + build.NATIVE))
 
 
 def test_the_image_is_built_compiled() -> None:

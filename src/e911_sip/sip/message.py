@@ -46,6 +46,7 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
+from e911_sip.sip.headscan import names_match, split_head
 from e911_sip.sip.numbers import (
     MAX_CONTENT_LENGTH,
     MAX_CSEQ,
@@ -1156,35 +1157,21 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # Compiled, slices up to a find() and str.isdigit() are native operations where
     # partition() builds a tuple and str.isascii() is a method call; a digit other than
     # 0-9 that isdigit() lets through (in latin-1: '¹', '²', '³') makes int() raise
-    # ValueError, which sends the message to the careful path as isascii() did.
-    # Decoded whole, once, and the end of the header block found in the text: compiled,
-    # bytes.find is a generic call and str.find a native one. Latin-1 maps each byte to one
-    # character, so an index in the text is the same index in the bytes.
-    whole = data.decode("latin-1")
-    end = whole.find("\r\n\r\n")
-    if end <= 0:
+    # ValueError, which sends the message to the careful path as isascii() did. The block
+    # is cut into lines, and their names checked, by headscan (native in the built package):
+    # a line's index in the text is its index in the bytes, latin-1 mapping each byte to one
+    # character.
+    scanned = split_head(data)
+    if scanned is None:
         return None
-    text = whole[:end]
-    lines = text.split("\r\n")
-    # Every CR and every LF is part of one of the CRLFs just cut at (one after the start
-    # line, one between each two header lines): no bare CR or LF anywhere. The lines
-    # joined are searched with memchr, where text.count() would test every character.
-    joined = "".join(lines)
-    if len(lines) < 2 or "\r" in joined or "\n" in joined:
-        return None
-    first = lines.pop(0)
-    if not first:
-        return None  # a CRLF before the start line: the careful path skips it
+    end, first, lines = scanned
     count = len(lines)
     shape = count * 128 + (ord(first[0]) & 127)
     template = _TEMPLATES.get(shape)
     known: list[str] | None = None
     if template is not None:
         spellings, template_keys, at, lengths, cut = template
-        for i, line in enumerate(lines):
-            if not line.startswith(spellings[i]):
-                break
-        else:
+        if names_match(lines, spellings):
             known = template_keys.copy()
     if known is None:
         # A folded line, an empty one or a name not seen before has no spelling in the
