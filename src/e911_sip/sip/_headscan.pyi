@@ -1,2 +1,14 @@
+from e911_sip.sip.headscan import Plain, Template
+
 def split_head(data: bytes, /) -> tuple[int, str, list[str]] | None: ...
 def names_match(lines: list[str], spellings: list[str], /) -> bool: ...
+def read_plain(
+    data: bytes,
+    end: int,
+    first: str,
+    lines: list[str],
+    template: Template,
+    max_headers: int,
+    datagram: bool,
+    /,
+) -> Plain | None: ...

@@ -46,13 +46,12 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.headscan import names_match, split_head
+from e911_sip.sip.headscan import Template, read_plain, split_head
 from e911_sip.sip.numbers import (
     MAX_CONTENT_LENGTH,
     MAX_CSEQ,
     bounded_uint,
     is_digits,
-    short_uint,
     wire_uint,
 )
 from e911_sip.sip.uri import (
@@ -1044,7 +1043,7 @@ _SLOTS: Final = {
 }
 
 
-_TEMPLATES: Final[dict[int, tuple[list[str], list[str], list[int], int, list[int]]]] = {}
+_TEMPLATES: Final[dict[int, Template]] = {}
 """The header names of the last message of each shape, a shape being its number of header
 lines and the first letter of its start line: (each line's name as spelt, with its colon;
 their keys; the ``at``, Content-Length count and ``cut`` ``_parse_plain`` derives from them). A peer
@@ -1136,13 +1135,6 @@ def parse(
     return _parse_careful(data, max_size, max_headers, datagram)
 
 
-_METHODS: Final = frozenset(
-    ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO")
-    + ("SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH")
-)
-"""Methods the plain path takes without the token check (all are tokens)."""
-
-
 def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Response | None:
     """The message as ``_parse_careful`` would return it, when it is written plainly; else
     None, and ``_parse_careful`` reads it again and says what is wrong.
@@ -1154,13 +1146,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     judged here that ``_parse_careful`` does not judge the same way, so a message takes
     this path only when the careful one would have accepted it as the same value.
     """
-    # Compiled, slices up to a find() and str.isdigit() are native operations where
-    # partition() builds a tuple and str.isascii() is a method call; a digit other than
-    # 0-9 that isdigit() lets through (in latin-1: '¹', '²', '³') makes int() raise
-    # ValueError, which sends the message to the careful path as isascii() did. The block
-    # is cut into lines, and their names checked, by headscan (native in the built package):
-    # a line's index in the text is its index in the bytes, latin-1 mapping each byte to one
-    # character.
+    # The passes over the bytes (cutting the block into lines, checking their names, reading
+    # the values of fixed form) are headscan's, native in the built package; what is left
+    # here builds and checks the values that are objects (the top Via, the Request-URI, a
+    # name-addr written otherwise than "<uri>..."). A line's index in the text is its index
+    # in the bytes: latin-1 maps each byte to one character.
     scanned = split_head(data)
     if scanned is None:
         return None
@@ -1168,140 +1158,66 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     count = len(lines)
     shape = count * 128 + (ord(first[0]) & 127)
     template = _TEMPLATES.get(shape)
-    known: list[str] | None = None
+    plain = None
     if template is not None:
-        spellings, template_keys, at, lengths, cut = template
-        if names_match(lines, spellings):
-            known = template_keys.copy()
-    if known is None:
-        # A folded line, an empty one or a name not seen before has no spelling in the
-        # cache. (_cached_keys, written out: this runs for every message.)
-        known = []
-        spellings = []
-        # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is
-        # none (what known.index would give, without a scan per key).
-        at = [-1, -1, -1, -1, -1, -1, -1, -1]
-        # cut[slot]: where the value of that header starts in its line (past the colon), so
-        # that reading it below is one slice with no find(); a template's names are those
-        # of the lines that match it, colon included, so its cuts hold for them too.
-        cut = [0, 0, 0, 0, 0, 0, 0, 0]
-        lengths = 0
-        for i, line in enumerate(lines):
-            spelt = line[: line.find(":") + 1]
-            entry = _SPELLINGS.get(spelt)
-            if entry is None:
-                return None
-            key, slot = entry
-            known.append(key)
-            spellings.append(spelt)
-            if slot:
-                if at[slot] < 0:
-                    at[slot] = i
-                    cut[slot] = len(spelt)
-                if slot == 6:
-                    lengths += 1
+        plain = read_plain(data, end, first, lines, template, max_headers, datagram)
+    if plain is None:
+        template = _new_template(lines)
+        if template is None:
+            return None
         if count <= _TEMPLATE_LINES:
             if len(_TEMPLATES) >= _MAX_TEMPLATES:
                 _TEMPLATES.clear()  # bounded, as the spelling cache is
-            _TEMPLATES[shape] = (spellings, known.copy(), at, lengths, cut)
-    via_at = at[1]
-    from_at = at[2]
-    to_at = at[3]
-    call_id_at = at[4]
-    cseq_at = at[5]
-    mf_at = at[7]
-    if len(known) > max_headers or lengths != 1:
-        return None
-    if via_at < 0 or from_at < 0 or to_at < 0 or call_id_at < 0 or cseq_at < 0:
-        return None  # a mandatory header missing: the careful path names it
+            _TEMPLATES[shape] = template
+        plain = read_plain(data, end, first, lines, template, max_headers, datagram)
+        if plain is None:
+            return None
+    (
+        known,
+        body,
+        wire,
+        cseq,
+        call_id,
+        from_check,
+        to_value,
+        to_check,
+        via,
+        via_plain,
+        status,
+        text,
+        mf,
+    ) = plain
     message: Request | Response
     try:
-        value = lines[at[6]][cut[6] :].strip()
-        length = short_uint(value) if len(value) <= 5 else -1
-        if length < 0:
-            return None
-        body = data[end + 4 :]
-        wire = data
-        if length != len(body):
-            if length > len(body):
-                return None
-            if datagram:
-                body = body[:length]
-                wire = data[: end + 4 + length]
-        # "number SP METHOD" with a method we know: what _CSEQ_RE accepts, without running
-        # it (anything else, extra spaces included, is left to the careful path).
-        value = lines[cseq_at][cut[5] :].strip()
-        space = value.find(" ")
-        if space < 0:
-            return None
-        number = short_uint(value[:space])  # at most nine digits: below 2**31
-        cseq_method = value[space + 1 :]
-        if cseq_method not in _METHODS or number < 0:
-            return None
-        cseq = (number, cseq_method)
-        call_id = lines[call_id_at][cut[4] :].strip()
-        if not call_id:
-            return None
-        # From and To written "<uri>..." with no quotes pass _check_name_addr; anything
-        # else is left to it.
-        value = lines[from_at][cut[2] :]
-        lt = value.find("<")
-        if lt < 0 or '"' in value or value.find(">", lt) < 0:
-            _check_name_addr(value.strip())
-        to_value = lines[to_at][cut[3] :]
-        lt = to_value.find("<")
-        if lt < 0 or '"' in to_value or to_value.find(">", lt) < 0:
-            _check_name_addr(to_value.strip())
-        # The top Via is the text before the first comma when there is no quote or '<'
-        # before it (that comma is where split_values would cut too): parsed from that text
-        # as it is, where _top_via_of would strip and hash the value once more. A response
-        # to one of our branches finds its Via (ours) in the cache.
-        value = lines[via_at][cut[1] :]
-        comma = value.find(",")
-        head = (value if comma < 0 else value[:comma]).strip()
-        if head and '"' not in head and "<" not in head:
-            top_via = parse_via(head)
-        else:
-            top_via = _top_via_of(value.strip())
-        if first.startswith("SIP/2.0 "):
-            code, _, reason = first[8:].partition(" ")
-            status = short_uint(code) if len(code) == 3 else -1
-            if status < 100:  # not three digits, or a first digit of 0
-                return None
+        if from_check is not None:
+            _check_name_addr(from_check)
+        if to_check:
+            _check_name_addr(to_value)
+        # A response to one of our branches finds its Via (ours) in the cache.
+        top_via = parse_via(via) if via_plain else _top_via_of(via)
+        if status:
             response = Response.__new__(Response)
             response.status = status
-            response.reason = reason
+            response.reason = text
             response._mf = -1
             message = response
         else:
-            parts = first.split(" ")
-            if len(parts) != 3:
-                return None
-            method, uri, version = parts
-            if method not in _METHODS or version != SIP_VERSION or cseq[1] != method or not uri:
-                return None
             request = Request.__new__(Request)
-            request.method = method
-            request.uri = uri
-            request._ruri = cached_uri(uri) or parse_uri(uri)
-            if mf_at >= 0:
-                value = lines[mf_at][cut[7] :].strip()
-                # The common case of _max_forwards_of, without the call.
-                mf = short_uint(value) if len(value) < 4 else -1
-                request._mf = mf if mf >= 0 else _max_forwards_of(value)
-            else:
-                request._mf = None
+            request.method = cseq[1]
+            request.uri = text
+            request._ruri = cached_uri(text) or parse_uri(text)
+            # The common case of _max_forwards_of is read already.
+            request._mf = _max_forwards_of(mf) if isinstance(mf, str) else mf
             message = request
     except (ValueError, RemoteSipError):
         return None  # a value the careful path will name
     to_tag: str | None = _UNREAD
-    if isinstance(message, Request):
+    if not status:
         # Every request's To tag is read (it tells an initial request from one in a
         # dialog): taken here from the value already cut, where the property would find
-        # the line and cut it again. No fold in a plain message, so the value is the line's
-        # text past its colon, stripped, as ``_value_of`` gives it.
+        # the line and cut it again.
         try:
-            to_tag = _to_tag_of(to_value.strip())
+            to_tag = _to_tag_of(to_value)
         except MalformedMessage:
             pass  # left unread: the property raises it when the tag is asked for
     # Typed as the one native class, compiled the attributes are set directly (on the
@@ -1318,6 +1234,37 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     base._to_tag = to_tag
     base._from_tag = _UNREAD
     return message
+
+
+def _new_template(lines: list[str]) -> Template | None:
+    """The template of the shape of ``lines`` when every name in them is spelt as one seen
+    before; else None (a folded line, an empty one or a new name has no spelling in the
+    cache)."""
+    spellings = []
+    known = []
+    # at[slot]: the index of the first header of each key in _SLOTS, -1 when there is none
+    # (what known.index would give, without a scan per key).
+    at = [-1, -1, -1, -1, -1, -1, -1, -1]
+    # cut[slot]: where the value of that header starts in its line (past the colon), so that
+    # reading it is one slice with no find(); a template's names are those of the lines
+    # that match it, colon included, so its cuts hold for them too.
+    cut = [0, 0, 0, 0, 0, 0, 0, 0]
+    lengths = 0
+    for i, line in enumerate(lines):
+        spelt = line[: line.find(":") + 1]
+        entry = _SPELLINGS.get(spelt)
+        if entry is None:
+            return None
+        key, slot = entry
+        known.append(key)
+        spellings.append(spelt)
+        if slot:
+            if at[slot] < 0:
+                at[slot] = i
+                cut[slot] = len(spelt)
+            if slot == 6:
+                lengths += 1
+    return (spellings, known, at, lengths, cut)
 
 
 def _parse_careful(

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from e911_sip import build
-from e911_sip.sip import headscan
-from e911_sip.sip.headscan import names_match_python, split_head_python
+from e911_sip.sip import headscan, message
+from e911_sip.sip.errors import RemoteSipError
+from e911_sip.sip.headscan import names_match_python, read_plain_python, split_head_python
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 CORPUS = [p.read_bytes() for p in sorted(DATA.glob("*/*.sip"))]
@@ -114,3 +115,190 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
         native.names_match(("a",), ["a"])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         native.names_match([b"a"], ["a"])  # type: ignore[list-item]
+
+
+# Messages as the edge meets them, and the corpus: the values read_plain reads, each
+# mutated below with the characters its checks turn on.
+PLAIN = [
+    b"INVITE sip:911@10.0.0.1:5070 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK-1, SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK-2\r\n"
+    b"Max-Forwards: 70\r\n"
+    b'From: "Front Desk" <sip:3215551234@10.0.0.2>;tag=a1\r\n'
+    b"To: <sip:911@10.0.0.1>\r\n"
+    b"Call-ID: c1@10.0.0.2\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"P-Asserted-Identity: <sip:+13215551234@10.0.0.2>\r\n"
+    b"Content-Length: 4\r\n\r\nv=0\n",
+    b"SIP/2.0 180 Ringing\r\n"
+    b"Via: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKe1\r\n"
+    b"From: <sip:3215551234@10.0.0.2>;tag=a1\r\n"
+    b"To: <sip:911@10.0.0.1>;tag=b2\r\n"
+    b"Call-ID: c1@10.0.0.2\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"Content-Length: 0\r\n\r\n",
+    b"BYE sip:911@10.0.0.1 SIP/2.0\r\n"
+    b"v: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK-3\r\n"
+    b"f: <sip:3215551234@10.0.0.2>;tag=a1\r\n"
+    b"t: sip:911@10.0.0.1;tag=b2\r\n"
+    b"i: c1@10.0.0.2\r\n"
+    b"CSeq: 2 BYE\r\n"
+    b"l: 0\r\n\r\n",
+]
+EDITS = [" ", "\t", "\xa0", "\x85", "\x1c", '"', "<", ">", ",", "0", "9", "a", ";tag=", "SIP/2.0"]
+
+
+def _read_both(data: bytes, max_headers: int, datagram: bool) -> object:
+    """read_plain's answer, native and Python held equal, for ``data`` read against the
+    template of its own names."""
+    scanned = split_head_python(data)
+    if scanned is None:
+        return None
+    end, first, lines = scanned
+    template = message._new_template(lines)
+    if template is None:
+        return None
+    python = read_plain_python(data, end, first, lines, template, max_headers, datagram)
+    if native is not None:
+        assert native.read_plain(data, end, first, lines, template, max_headers, datagram) == (
+            python
+        )
+    return python
+
+
+def _learn_names() -> None:
+    # The spellings of these messages' names, as the parser learns them when it meets them.
+    for data in PLAIN + CORPUS:
+        try:
+            message.parse(data)
+        except RemoteSipError:
+            pass
+
+
+@pytest.mark.parametrize("data", PLAIN, ids=range(len(PLAIN)))
+def test_read_plain_reads_what_the_parse_keeps(data: bytes) -> None:
+    _learn_names()
+    plain = _read_both(data, 256, True)
+    assert plain is not None
+    parsed = message.parse(data)
+    keys, body, wire, cseq, call_id, _, _, _, _, _, status, text, _ = plain
+    assert (keys, body, wire, cseq, call_id) == (
+        parsed._keys,
+        parsed.body,
+        data,
+        parsed.cseq,
+        parsed.call_id,
+    )
+    if isinstance(parsed, message.Response):
+        assert (status, text) == (parsed.status, parsed.reason)
+    else:
+        assert (status, text) == (0, parsed.uri)
+    assert _read_both(data, 3, True) is None  # over max_headers
+
+
+@settings(max_examples=600)
+@given(
+    st.sampled_from(PLAIN + CORPUS),
+    st.lists(st.tuples(st.integers(0, 400), st.sampled_from(EDITS), st.integers(0, 3))),
+    st.integers(0, 12),
+    st.booleans(),
+)
+def test_read_plain_native_and_python_agree_on_mutated_messages(
+    data: bytes, edits: list[tuple[int, str, int]], max_headers: int, datagram: bool
+) -> None:
+    _learn_names()
+    text = data.decode("latin-1")
+    for at, insert, cut in edits:
+        at = at % (len(text) + 1)
+        text = text[:at] + insert + text[at + cut :]
+    mutated = text.encode("latin-1")
+    _read_both(mutated, 256, datagram)
+    _read_both(mutated, max_headers, not datagram)
+
+
+pads = st.sampled_from(["", " ", "\t", "  ", "\xa0", "\x85", "\x1c", "\x0b"])
+
+
+def _value(*cores: str) -> st.SearchStrategy[str]:
+    # The first core, the plain one, half the time.
+    core = st.one_of(st.just(cores[0]), st.sampled_from(cores))
+    return st.tuples(pads, core, pads).map("".join)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    """A message whose every value read_plain reads is drawn from its edge cases."""
+    # Mostly valid, so that most examples reach every check.
+    method = draw(st.sampled_from(["INVITE", "ACK", "BYE", "INVITE", "ACK", "BYE", "FOO", ""]))
+    start = draw(
+        st.sampled_from(
+            [
+                f"{method} sip:911@h SIP/2.0",
+                "SIP/2.0 200 OK",
+                f"{method} sip:911@h SIP/2.0",
+                f"{method} sip:911@h SIP/2.0 ",
+                f"{method}  sip:911@h SIP/2.0",
+                f"{method} sip:911@h SIP/2.1",
+                f"{method}  SIP/2.0",
+                "SIP/2.0 200 OK",
+                "SIP/2.0 180",
+                "SIP/2.0 099 Low",
+                "SIP/2.0 1x0 Bad",
+                "SIP/2.0 4000 Long",
+                "SIP/2.0  200 Two spaces",
+            ]
+        )
+    )
+    body = draw(st.sampled_from(["", "v=0\n", "v=0\r\nmore"]))
+    headers = [
+        (
+            "Via",
+            _value(
+                "SIP/2.0/UDP h;branch=z9hG4bK1",
+                "SIP/2.0/UDP h, SIP/2.0/TCP g",
+                "",
+                ",x",
+                '"q", SIP/2.0/UDP h',
+                "<x>",
+                " , ",
+            ),
+        ),
+        ("Max-Forwards", _value("70", "0", "255", "1000", "7a", "", "007", "0070")),
+        (
+            "From",
+            _value("<sip:a@h>;tag=1", "sip:a@h;tag=1", '"A" <sip:a@h>', "<sip:a@h", "x>y<", ""),
+        ),
+        ("To", _value("<sip:911@h>", "sip:911@h", "<sip:911@h>;tag=2", '"B" <sip:b@h>', "<")),
+        ("Call-ID", _value("c1@h", "", "c 1")),
+        (
+            "CSeq",
+            _value(
+                f"1 {method}",
+                f"1  {method}",
+                "1 INVITE",
+                "x INVITE",
+                "1234567890 BYE",
+                "1",
+                f"1 {method} x",
+                f"0 {method}",
+            ),
+        ),
+        (
+            "Content-Length",
+            _value(str(len(body)), "0", "99999", "123456", "000000", "00001", "", "1"),
+        ),
+    ]
+    lines = [start]
+    for name, strategy in headers:
+        for _ in range(draw(st.sampled_from([1] * 12 + [0, 2]))):
+            lines.append(f"{name}:{draw(strategy)}")
+    order = draw(st.permutations(lines[1:]))
+    return ("\r\n".join([lines[0], *order]) + "\r\n\r\n" + body).encode("latin-1")
+
+
+@settings(max_examples=1500)
+@given(messages(), st.booleans())
+def test_read_plain_native_and_python_agree_on_every_edge_of_a_value(
+    data: bytes, datagram: bool
+) -> None:
+    _learn_names()
+    _read_both(data, 256, datagram)
