@@ -494,6 +494,200 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* -- via_parts ------------------------------------------------------------------------- */
+
+/* The sent-protocols uri._VIA_PROTOCOLS spells, and the transports they give. */
+static const char *const PROTOCOLS[] = {
+    "SIP/2.0/UDP", "SIP/2.0/TCP", "SIP/2.0/TLS", "SIP/2.0/SCTP", "SIP/2.0/TLS-SCTP",
+    "SIP/2.0/WS", "SIP/2.0/WSS",
+};
+#define PROTOCOL_COUNT ((Py_ssize_t)(sizeof(PROTOCOLS) / sizeof(PROTOCOLS[0])))
+static PyObject *transports[sizeof(PROTOCOLS) / sizeof(PROTOCOLS[0])];
+
+/* Whitespace of str.split() among the ASCII characters. */
+static int
+is_ascii_space(unsigned char c)
+{
+    return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f);
+}
+
+static PyObject *
+lower_text(const unsigned char *text, Py_ssize_t length)
+{
+    PyObject *out = PyUnicode_New(length, 127);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_UCS1 *data = PyUnicode_1BYTE_DATA(out);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        const unsigned char c = text[i];
+        data[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + 32) : (Py_UCS1)c;
+    }
+    return out;
+}
+
+/* uri._split_params of ``text``, which holds no whitespace and only ASCII. */
+static PyObject *
+split_params(const unsigned char *text, Py_ssize_t length)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t start = 0;
+    while (start <= length && length > 0) {
+        const unsigned char *semi = memchr(text + start, ';', (size_t)(length - start));
+        const Py_ssize_t stop = semi == NULL ? length : semi - text;
+        const unsigned char *part = text + start;
+        const Py_ssize_t size = stop - start;
+        const unsigned char *eq = size > 0 ? memchr(part, '=', (size_t)size) : NULL;
+        PyObject *pair = NULL;
+        if (eq == NULL) {
+            if (size > 0) {
+                PyObject *name = lower_text(part, size);
+                pair = name == NULL ? NULL : PyTuple_Pack(2, name, Py_None);
+                Py_XDECREF(name);
+                if (pair == NULL) {
+                    goto error;
+                }
+            }
+        }
+        else {
+            PyObject *name = lower_text(part, eq - part);
+            PyObject *value = name == NULL ? NULL : text_of((span){eq + 1, part + size - eq - 1});
+            pair = value == NULL ? NULL : PyTuple_Pack(2, name, value);
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            if (pair == NULL) {
+                goto error;
+            }
+        }
+        if (pair != NULL) {
+            int failed = PyList_Append(out, pair);
+            Py_DECREF(pair);
+            if (failed) {
+                goto error;
+            }
+        }
+        start = stop + 1;
+    }
+    PyObject *params = PyList_AsTuple(out);
+    Py_DECREF(out);
+    return params;
+error:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* via_parts(text) -> (transport, host, port, params) | None
+ *
+ * What uri._via_parts reads of a Via written the common way (a known sent-protocol, one
+ * space, then host[:port][;params] with no whitespace, no IPv6 reference), for text that is
+ * all ASCII; None for anything else, which the Python definitions read instead.
+ */
+static PyObject *
+via_parts(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "via_parts() reads a string");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(arg)) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *text = PyUnicode_1BYTE_DATA(arg);
+    const Py_ssize_t length = PyUnicode_GET_LENGTH(arg);
+    const unsigned char *gap = memchr(text, ' ', (size_t)length);
+    if (gap == NULL || gap == text) {
+        Py_RETURN_NONE;
+    }
+    const Py_ssize_t space = gap - text;
+    PyObject *transport = NULL;
+    for (Py_ssize_t i = 0; i < PROTOCOL_COUNT; i++) {
+        if ((size_t)space == strlen(PROTOCOLS[i])
+            && memcmp(text, PROTOCOLS[i], (size_t)space) == 0) {
+            transport = transports[i];
+            break;
+        }
+    }
+    if (transport == NULL) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *rest = gap + 1;
+    const Py_ssize_t size = length - space - 1;
+    if (size == 0) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (is_ascii_space(rest[i])) {
+            Py_RETURN_NONE;
+        }
+    }
+    const unsigned char *semi = memchr(rest, ';', (size_t)size);
+    const Py_ssize_t hostport = semi == NULL ? size : semi - rest;
+    if (memchr(rest, '[', (size_t)hostport) != NULL
+        || memchr(rest, ']', (size_t)hostport) != NULL) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *colon = memchr(rest, ':', (size_t)hostport);
+    const Py_ssize_t host = colon == NULL ? hostport : colon - rest;
+    if (host == 0) {
+        Py_RETURN_NONE;
+    }
+    long port = -1;
+    if (colon != NULL) {
+        /* numbers.short_uint below five digits, bounded_uint(text, 65535) from five on */
+        const span digits = {colon + 1, rest + hostport - colon - 1};
+        if (digits.length < 5) {
+            port = short_uint(digits);
+        }
+        else {
+            Py_ssize_t at = 0;
+            while (at < digits.length && digits.text[at] == '0') {
+                at++;
+            }
+            port = 0;
+            for (Py_ssize_t i = 0; i < digits.length; i++) {
+                if (digits.text[i] < '0' || digits.text[i] > '9') {
+                    port = -1;
+                    break;
+                }
+            }
+            if (port == 0) {
+                if (digits.length - at > 5) {
+                    port = -1;
+                }
+                else {
+                    port = short_uint((span){digits.text + at, digits.length - at});
+                    if (digits.length == at) {
+                        port = 0;
+                    }
+                    if (port > 65535) {
+                        port = -1;
+                    }
+                }
+            }
+        }
+        if (port < 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *items[4] = {NULL};
+    items[0] = Py_NewRef(transport);
+    items[1] = lower_text(rest, host);
+    items[2] = port < 0 ? Py_NewRef(Py_None) : PyLong_FromLong(port);
+    items[3] = semi == NULL ? PyTuple_New(0) : split_params(semi + 1, rest + size - semi - 1);
+    PyObject *result = NULL;
+    if (items[1] != NULL && items[2] != NULL && items[3] != NULL) {
+        result = PyTuple_Pack(4, items[0], items[1], items[2], items[3]);
+    }
+    for (Py_ssize_t i = 0; i < 4; i++) {
+        Py_XDECREF(items[i]);
+    }
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_head", (PyCFunction)split_head, METH_O,
      "split_head(data) -> (end, start_line, header_lines) or None"},
@@ -501,6 +695,8 @@ static PyMethodDef module_methods[] = {
      "names_match(lines, spellings) -> bool"},
     {"read_plain", (PyCFunction)(void (*)(void))read_plain, METH_FASTCALL,
      "read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple or None"},
+    {"via_parts", (PyCFunction)via_parts, METH_O,
+     "via_parts(text) -> (transport, host, port, params) or None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -512,6 +708,15 @@ exec_module(PyObject *module)
         if (methods[i] == NULL) {
             methods[i] = PyUnicode_InternFromString(METHOD_NAMES[i]);
             if (methods[i] == NULL) {
+                return -1;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < PROTOCOL_COUNT; i++) {
+        if (transports[i] == NULL) {
+            /* "SIP/2.0/" is 8 characters */
+            transports[i] = PyUnicode_InternFromString(PROTOCOLS[i] + 8);
+            if (transports[i] == NULL) {
                 return -1;
             }
         }

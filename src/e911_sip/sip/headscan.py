@@ -25,12 +25,14 @@ __all__ = [
     "NATIVE",
     "Plain",
     "Template",
+    "ViaParts",
     "names_match",
     "names_match_python",
     "read_plain",
     "read_plain_python",
     "split_head",
     "split_head_python",
+    "via_parts",
 ]
 
 METHODS: Final = (
@@ -54,6 +56,10 @@ Template = tuple[list[str], list[str], list[int], int, list[int]]
 for none: Via, From, To, Call-ID, CSeq, Content-Length, Max-Forwards at 1 to 7), the number
 of Content-Length headers, and ``cut`` (where that first header's value starts in its
 line)."""
+
+ViaParts = tuple[str, str, int | None, tuple[tuple[str, str | None], ...]]
+"""A Via's transport, host (lower case), port (None when absent) and parameters, as
+``uri.Via`` holds them."""
 
 Plain = tuple[
     list[str],
@@ -215,11 +221,15 @@ names_match: Callable[[list[str], list[str]], bool] = names_match_python
 read_plain: Callable[[bytes, int, str, list[str], Template, int, bool], Plain | None] = (
     read_plain_python
 )
+via_parts: Callable[[str], ViaParts | None] | None = None
+"""The native reading of a Via written the common way (``uri._via_parts`` for text that is
+all ASCII, None for any other); None itself in the pure build, where uri reads every Via."""
 NATIVE = False
-"""Whether ``split_head`` and ``names_match`` are the extension module's."""
+"""Whether ``split_head``, ``names_match`` and ``read_plain`` are the extension module's,
+and ``via_parts`` is set."""
 
 try:
-    from e911_sip.sip._headscan import names_match, read_plain, split_head
+    from e911_sip.sip._headscan import names_match, read_plain, split_head, via_parts
 
     NATIVE = True
 except ImportError:  # a pure-Python install: the definitions above serve

@@ -25,10 +25,11 @@ written out unchanged it is those bytes; a changed copy writes every line it did
 as the received text and only the changed ones anew.
 
 Most messages are written plainly (no folds, header names already seen, one short
-Content-Length, valid values), and ``_parse_plain`` takes those in a few C-level passes. It
-decides nothing on its own: anything it cannot vouch for goes to ``_parse_careful``, which
-makes every check in the order that decides the status of the reply, so the two agree on
-every message (tests/unit/sip/test_lazy.py compares them on mutated input).
+Content-Length, valid values), and ``_parse_plain`` takes those in a few C-level passes
+(``headscan``'s, native in the built package). It decides nothing on its own: anything it
+cannot vouch for goes to ``_parse_careful``, which makes every check in the order that
+decides the status of the reply, so the two agree on every message
+(tests/unit/sip/test_lazy.py compares them on mutated input).
 
 Messages are immutable. Every change returns a new message that shares the untouched headers
 and keeps what was read from them.

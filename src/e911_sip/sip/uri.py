@@ -19,6 +19,7 @@ import re
 from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
+from e911_sip.sip.headscan import via_parts
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
 
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
@@ -440,6 +441,19 @@ def _parse_via(text: str) -> Via:
     reference) is cut with string methods; anything else, and anything the short cut cannot
     vouch for, goes through the full expression, so both give the same answer.
     """
+    parts = None
+    if via_parts is not None:
+        parts = via_parts(text)  # the short cut below, native (ASCII text only)
+    if parts is None:
+        parts = _via_parts(text)
+    if parts is not None:
+        return new_via(parts[0], parts[1], parts[2], parts[3], text)
+    return _parse_via_fully(text)
+
+
+def _via_parts(text: str) -> tuple[str, str, int | None, Params] | None:
+    """(transport, host, port, params) of a Via written the common way, by the short cut;
+    None for anything else."""
     # Cut with find() and slices, native operations once compiled (partition builds tuples).
     first_semi = text.find(";")
     if first_semi > 0:
@@ -450,39 +464,46 @@ def _parse_via(text: str) -> Via:
             tail = text[first_semi + 1 :]
             words = tail.split()
             if len(words) == 1 and len(words[0]) == len(tail):
-                return new_via(base[0], base[1], base[2], _split_params(tail), text)
+                return base[0], base[1], base[2], _split_params(tail)
     space = text.find(" ")
     transport = _VIA_PROTOCOLS.get(text[:space]) if space > 0 else None
-    if transport is not None:
-        rest = text[space + 1 :]
-        # No whitespace of any kind left: split() finds none when its one part is all of
-        # ``rest`` (compiled, split() is a native call where isprintable() is a generic one).
-        # It counts more characters as whitespace than the expression's ASCII \s does, so
-        # it sends more to the expression, never fewer; a control character, which neither
-        # counts, reads the same either way.
-        parts = rest.split()
-        if len(parts) == 1 and len(parts[0]) == len(rest):
-            semi = rest.find(";")
-            hostport = rest if semi < 0 else rest[:semi]
-            ptext = "" if semi < 0 else rest[semi + 1 :]
-            colon = hostport.find(":")
-            host = hostport if colon < 0 else hostport[:colon]
-            if host and "[" not in hostport and "]" not in hostport:
-                sent_port: int | None = None
-                if colon >= 0:
-                    port_text = hostport[colon + 1 :]
-                    if len(port_text) < 5:
-                        number = short_uint(port_text)
-                        sent_port = number if number >= 0 else None
-                    else:
-                        sent_port = bounded_uint(port_text, MAX_PORT)
-                if colon < 0 or sent_port is not None:
-                    host = host.lower()
-                    if semi >= 0:
-                        if len(_VIA_BASES) >= _VIA_BASES_SIZE:
-                            _VIA_BASES.clear()  # bounded, as the Via cache is
-                        _VIA_BASES[text[: space + 1 + semi]] = (transport, host, sent_port)
-                    return new_via(transport, host, sent_port, _split_params(ptext), text)
+    if transport is None:
+        return None
+    rest = text[space + 1 :]
+    # No whitespace of any kind left: split() finds none when its one part is all of
+    # ``rest`` (compiled, split() is a native call where isprintable() is a generic one). It
+    # counts more characters as whitespace than the expression's ASCII \s does, so it sends
+    # more to the expression, never fewer; a control character, which neither counts, reads
+    # the same either way.
+    words = rest.split()
+    if len(words) != 1 or len(words[0]) != len(rest):
+        return None
+    semi = rest.find(";")
+    hostport = rest if semi < 0 else rest[:semi]
+    ptext = "" if semi < 0 else rest[semi + 1 :]
+    colon = hostport.find(":")
+    host = hostport if colon < 0 else hostport[:colon]
+    if not host or "[" in hostport or "]" in hostport:
+        return None
+    sent_port: int | None = None
+    if colon >= 0:
+        port_text = hostport[colon + 1 :]
+        if len(port_text) < 5:
+            number = short_uint(port_text)
+            sent_port = number if number >= 0 else None
+        else:
+            sent_port = bounded_uint(port_text, MAX_PORT)
+        if sent_port is None:
+            return None
+    host = host.lower()
+    if semi >= 0:
+        if len(_VIA_BASES) >= _VIA_BASES_SIZE:
+            _VIA_BASES.clear()  # bounded, as the Via cache is
+        _VIA_BASES[text[: space + 1 + semi]] = (transport, host, sent_port)
+    return transport, host, sent_port, _split_params(ptext)
+
+
+def _parse_via_fully(text: str) -> Via:
     m = _VIA_RE.match(text)
     if m is None:
         raise MalformedMessage(f"bad Via {text[:80]!r}")

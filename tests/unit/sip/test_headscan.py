@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from e911_sip import build
-from e911_sip.sip import headscan, message
+from e911_sip.sip import headscan, message, uri
 from e911_sip.sip.errors import RemoteSipError
 from e911_sip.sip.headscan import names_match_python, read_plain_python, split_head_python
 
@@ -302,3 +302,40 @@ def test_read_plain_native_and_python_agree_on_every_edge_of_a_value(
 ) -> None:
     _learn_names()
     _read_both(data, 256, datagram)
+
+
+via_texts = st.lists(
+    st.sampled_from(
+        ["SIP/2.0/UDP", "SIP/2.0/TLS-SCTP", "SIP/2.0/udp", "SIP/2.0/WSS", " ", "h", "Host.EX"]
+        + ["10.0.0.1", ":", "5060", "065535", "0000000000080", "99999", "00000", ";", "branch"]
+        + ["=", "z9hG4bK-1", "RPort", "[", "]", "\t", "\x1c", "\xa0", "é", "==", ";;", ","]
+    ),
+    max_size=10,
+).map("".join)
+
+
+@settings(max_examples=1500)
+@given(st.one_of(via_texts, st.text(max_size=20)))
+def test_a_via_is_read_by_the_native_short_cut_as_by_the_python_one(text: str) -> None:
+    uri._VIA_BASES.clear()
+    python = uri._via_parts(text)
+    if native is not None:
+        parts = native.via_parts(text)
+        assert parts is None or parts == python
+        if text.isascii():
+            assert parts == python  # only non-ASCII text is left to Python
+    if python is not None:
+        # The short cut reads what the full expression reads.
+        assert uri.new_via(*python, text) == uri._parse_via_fully(text)
+
+
+def test_a_via_read_natively_is_the_parse_s() -> None:
+    text = "SIP/2.0/UDP Edge.Example:05060;branch=z9hG4bK-1;RPort;received=10.0.0.1"
+    assert uri._parse_via(text) == uri._parse_via_fully(text)
+    if native is not None:
+        assert native.via_parts(text) == (
+            "UDP",
+            "edge.example",
+            5060,
+            (("branch", "z9hG4bK-1"), ("rport", None), ("received", "10.0.0.1")),
+        )

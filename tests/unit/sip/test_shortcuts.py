@@ -33,6 +33,7 @@ from e911_sip.sip.uri import (
     Via,
     _parse_via,
     _split_params,
+    _via_parts,
     name_addr_uri_text,
     param_of,
     parse_name_addr,
@@ -272,12 +273,14 @@ def test_a_via_read_after_its_sent_by_was_kept_is_what_the_full_cut_reads(
 ) -> None:
     first = f"{base};branch=z9hG4bK-first"
     _VIA_BASES.clear()
-    _via_or_error(first)  # keeps the part before the ';' when the short cut read it
+    _via_parts(first)  # keeps the part before the ';' when the short cut read it
     text = f"{base};{tail}"
-    warm = _via_or_error(text)
+    warm = _via_parts(text)
     _VIA_BASES.clear()
-    assert warm == _via_or_error(text)
-    assert warm == _via_or_error(text)  # the cold read may have kept it: the same again
+    assert warm == _via_parts(text)
+    assert warm == _via_parts(text)  # the cold read may have kept it: the same again
+    if warm is not None:
+        assert _via_or_error(text) == Via(*warm, text)
 
 
 def _params_by_the_loop(text: str) -> tuple[tuple[str, str | None], ...]:
@@ -298,10 +301,11 @@ def test_parameters_are_cut_as_the_loop_over_every_part_cuts_them(text: str) -> 
 
 
 def test_a_via_sent_by_is_kept_only_when_the_short_cut_read_it() -> None:
+    # The Python short cut's own cache (the native reading, when built, needs none).
     _VIA_BASES.clear()
-    _parse_via("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK-1")
-    _parse_via("SIP / 2.0 / UDP 10.0.0.3 ;branch=z9hG4bK-2")
-    _parse_via("SIP/2.0/UDP 10.0.0.4")
+    _via_parts("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK-1")
+    _via_parts("SIP / 2.0 / UDP 10.0.0.3 ;branch=z9hG4bK-2")
+    _via_parts("SIP/2.0/UDP 10.0.0.4")
     assert _VIA_BASES == {"SIP/2.0/UDP 10.0.0.2:5060": ("UDP", "10.0.0.2", 5060)}
 
 
