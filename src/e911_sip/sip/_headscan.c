@@ -1,12 +1,15 @@
-/* The two passes of a SIP message's plain parse that touch every byte of its header
- * block, as native code: e911_sip/sip/headscan.py holds the Python functions they replace,
- * with the same contract, and docs/decisions.md says why and what it gains.
+/* The passes of a SIP message's plain parse over its text, as native code: cutting the
+ * header block into lines (split_head), confirming their names against a template
+ * (names_match), reading the values of fixed form (read_plain) and a Via written the common
+ * way (via_parts). e911_sip/sip/headscan.py and uri._via_parts hold the Python functions
+ * they replace, with the same contract, and docs/decisions.md says why and what it gains.
  *
  * Compiled by mypyc, each string operation the parse makes from Python (a split, a
- * startswith per header line, a join and two searches to rule out a bare CR or LF) is a
- * call of a few hundred instructions; done here they are a memchr or a memcmp per line.
- * Nothing here decides anything headscan.py would not: a block these functions cannot
- * vouch for is answered None or False, and the careful parse reads it again.
+ * startswith per header line, a find, a slice, a strip) is a call of a few hundred
+ * instructions; done here they are a memchr, a memcmp or a loop over a few bytes. Nothing
+ * here decides anything the Python functions would not: what these cannot vouch for is
+ * answered None or False, and the Python code reads it again. Every argument is checked
+ * for its type: a wrong one raises TypeError, never reads memory it should not.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

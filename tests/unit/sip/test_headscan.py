@@ -115,6 +115,31 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
         native.names_match(("a",), ["a"])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         native.names_match([b"a"], ["a"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        native.via_parts(b"SIP/2.0/UDP h")  # type: ignore[arg-type]
+    data = PLAIN[1]
+    scanned = split_head_python(data)
+    assert scanned is not None
+    end, first, lines = scanned
+    _learn_names()
+    template = message._new_template(lines)
+    assert template is not None
+    spellings, keys, at, lengths, cut = template
+    for bad in [
+        (spellings, keys, at, lengths),  # a tuple of four
+        (spellings, keys, at[:3], lengths, cut),  # an at of three slots
+        (spellings, keys, at, "1", cut),  # a count that is not a number
+        (spellings, keys, [len(lines)] * 8, lengths, cut),  # a line that is not there
+        (spellings, keys, at, lengths, [-1] * 8),  # a cut before the line
+    ]:
+        with pytest.raises((TypeError, ValueError)):
+            native.read_plain(data, end, first, lines, bad, 256, True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        native.read_plain(data, len(data), first, lines, template, 256, True)
+    with pytest.raises(TypeError):
+        native.read_plain(data, end, first, [b"x"] * len(lines), template, 256, True)  # type: ignore[list-item]
+    # Bytes of another type are not read: the careful parse takes them.
+    assert native.read_plain(bytearray(data), end, first, lines, template, 256, True) is None  # type: ignore[arg-type]
 
 
 # Messages as the edge meets them, and the corpus: the values read_plain reads, each
