@@ -1,7 +1,7 @@
 /* The passes of a SIP message's plain parse over its text, as native code: cutting the
- * header block into lines (split_head), confirming their names against a template
- * (names_match), reading the values of fixed form (read_plain) and a Via written the common
- * way (via_parts). e911_sip/sip/headscan.py and uri._via_parts hold the Python functions
+ * header block into lines (split_head), confirming their names against a template and
+ * reading the values of fixed form (read_plain), and reading a Via written the common way
+ * (via_parts). e911_sip/sip/headscan.py and uri._via_parts hold the Python functions
  * they replace, with the same contract, and docs/decisions.md says why and what it gains.
  *
  * Compiled by mypyc, each string operation the parse makes from Python (a split, a
@@ -122,12 +122,9 @@ error:
     return result;
 }
 
-/* names_match(lines, spellings) -> bool
- *
- * True when the two lists are as long as each other and each line starts with the
- * spelling at its index: ``all(line.startswith(s) for line, s in zip(lines, spellings))``.
- */
-/* 1 when they match, 0 when not, -1 with an exception set. */
+/* 1 when the two lists are as long as each other and each line starts with the spelling at
+ * its index (headscan.names_match_python), 0 when not, -1 with an exception set. Both are
+ * latin-1 strings, as split_head and the parser's templates make them. */
 static int
 match_names(PyObject *lines, PyObject *spellings)
 {
@@ -142,44 +139,19 @@ match_names(PyObject *lines, PyObject *spellings)
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *line = PyList_GET_ITEM(lines, i);
         PyObject *spelt = PyList_GET_ITEM(spellings, i);
-        if (!PyUnicode_Check(line) || !PyUnicode_Check(spelt)) {
-            PyErr_SetString(PyExc_TypeError, "names are matched between strings");
+        if (!PyUnicode_Check(line) || !PyUnicode_Check(spelt)
+            || PyUnicode_KIND(line) != PyUnicode_1BYTE_KIND
+            || PyUnicode_KIND(spelt) != PyUnicode_1BYTE_KIND) {
+            PyErr_SetString(PyExc_TypeError, "names are matched between latin-1 strings");
             return -1;
         }
         const Py_ssize_t length = PyUnicode_GET_LENGTH(spelt);
-        if (PyUnicode_GET_LENGTH(line) < length) {
+        if (PyUnicode_GET_LENGTH(line) < length
+            || memcmp(PyUnicode_DATA(line), PyUnicode_DATA(spelt), (size_t)length) != 0) {
             return 0;
-        }
-        if (PyUnicode_KIND(line) == PyUnicode_1BYTE_KIND
-            && PyUnicode_KIND(spelt) == PyUnicode_1BYTE_KIND) {
-            if (memcmp(PyUnicode_DATA(line), PyUnicode_DATA(spelt), (size_t)length) != 0) {
-                return 0;
-            }
-        }
-        else {
-            /* Wider strings than latin-1 never come from a parse; compared the slow way. */
-            Py_ssize_t hit = PyUnicode_Tailmatch(line, spelt, 0, PY_SSIZE_T_MAX, -1);
-            if (hit <= 0) {
-                return (int)hit;
-            }
         }
     }
     return 1;
-}
-
-static PyObject *
-names_match(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "names_match() takes exactly 2 arguments");
-        return NULL;
-    }
-    int hit = match_names(args[0], args[1]);
-    if (hit < 0) {
-        return NULL;
-    }
-    return PyBool_FromLong(hit);
 }
 
 
@@ -281,7 +253,7 @@ span_of(PyObject *text, span *out)
 
 #define SLOTS 8
 
-/* read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple | None
+/* read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple | False | None
  *
  * headscan.read_plain_python, for ``end``, ``first`` and ``lines`` as split_head gives
  * them; see there for what the tuple holds.
@@ -332,7 +304,8 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     int hit = match_names(lines, PyTuple_GET_ITEM(template, 0));
     if (hit <= 0) {
-        return hit < 0 ? NULL : Py_NewRef(Py_None);
+        /* False: the lines are not of this template's names (the caller makes another) */
+        return hit < 0 ? NULL : Py_NewRef(Py_False);
     }
     const Py_ssize_t lengths = PyLong_AsSsize_t(PyTuple_GET_ITEM(template, 3));
     if (lengths == -1 && PyErr_Occurred()) {
@@ -694,10 +667,8 @@ via_parts(PyObject *module, PyObject *arg)
 static PyMethodDef module_methods[] = {
     {"split_head", (PyCFunction)split_head, METH_O,
      "split_head(data) -> (end, start_line, header_lines) or None"},
-    {"names_match", (PyCFunction)(void (*)(void))names_match, METH_FASTCALL,
-     "names_match(lines, spellings) -> bool"},
     {"read_plain", (PyCFunction)(void (*)(void))read_plain, METH_FASTCALL,
-     "read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple or None"},
+     "read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple, False or None"},
     {"via_parts", (PyCFunction)via_parts, METH_O,
      "via_parts(text) -> (transport, host, port, params) or None"},
     {NULL, NULL, 0, NULL},

@@ -1,7 +1,8 @@
+from typing import Literal
+
 from e911_sip.sip.headscan import Plain, Template, ViaParts
 
 def split_head(data: bytes, /) -> tuple[int, str, list[str]] | None: ...
-def names_match(lines: list[str], spellings: list[str], /) -> bool: ...
 def read_plain(
     data: bytes,
     end: int,
@@ -11,5 +12,5 @@ def read_plain(
     max_headers: int,
     datagram: bool,
     /,
-) -> Plain | None: ...
+) -> Plain | Literal[False] | None: ...
 def via_parts(text: str, /) -> ViaParts | None: ...

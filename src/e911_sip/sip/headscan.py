@@ -1,6 +1,6 @@
 """The passes of the plain parse over the bytes of a message: cutting its header block into
-lines, confirming the lines' names against those of a message of the same shape, and reading
-the values of fixed form (Content-Length, CSeq, Call-ID, the start line, Max-Forwards, the
+lines, then confirming the lines' names against those of a message of the same shape and
+reading the values of fixed form (Content-Length, CSeq, Call-ID, the start line, Max-Forwards, the
 text of the top Via, whether From and To need the full name-addr check).
 
 These are the Python definitions. The built package replaces them with the functions of
@@ -16,7 +16,7 @@ drawn to sit at every edge of what they accept).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from e911_sip.sip.numbers import short_uint as _short_uint
 
@@ -26,7 +26,6 @@ __all__ = [
     "Plain",
     "Template",
     "ViaParts",
-    "names_match",
     "names_match_python",
     "read_plain",
     "read_plain_python",
@@ -123,14 +122,18 @@ def read_plain_python(
     template: Template,
     max_headers: int,
     datagram: bool,
-) -> Plain | None:
+) -> Plain | Literal[False] | None:
     """The values the plain parse reads from a message whose lines ``split_head`` cut, when
-    their names are those of ``template`` and each is written the plain way; None when any
-    is not, and the careful parse decides. ``data`` must be bytes (not a subclass)."""
+    their names are those of ``template`` and each is written the plain way. False when the
+    names are not the template's (the parser then makes the template of these lines); None
+    when a value is not plain, or ``data`` is not bytes (a subclass included), and the
+    careful parse decides."""
     spellings, keys, at, lengths, cut = template
     count = len(lines)
-    if type(data) is not bytes or not names_match_python(lines, spellings):
+    if type(data) is not bytes:
         return None
+    if not names_match_python(lines, spellings):
+        return False
     if count > max_headers or lengths != 1:
         return None
     if at[1] < 0 or at[2] < 0 or at[3] < 0 or at[4] < 0 or at[5] < 0:
@@ -217,19 +220,18 @@ def read_plain_python(
 
 
 split_head: Callable[[bytes], tuple[int, str, list[str]] | None] = split_head_python
-names_match: Callable[[list[str], list[str]], bool] = names_match_python
-read_plain: Callable[[bytes, int, str, list[str], Template, int, bool], Plain | None] = (
-    read_plain_python
-)
+read_plain: Callable[
+    [bytes, int, str, list[str], Template, int, bool], Plain | Literal[False] | None
+] = read_plain_python
 via_parts: Callable[[str], ViaParts | None] | None = None
 """The native reading of a Via written the common way (``uri._via_parts`` for text that is
 all ASCII, None for any other); None itself in the pure build, where uri reads every Via."""
 NATIVE = False
-"""Whether ``split_head``, ``names_match`` and ``read_plain`` are the extension module's,
-and ``via_parts`` is set."""
+"""Whether ``split_head`` and ``read_plain`` are the extension module's, and ``via_parts``
+is set."""
 
 try:
-    from e911_sip.sip._headscan import names_match, read_plain, split_head, via_parts
+    from e911_sip.sip._headscan import read_plain, split_head, via_parts
 
     NATIVE = True
 except ImportError:  # a pure-Python install: the definitions above serve

@@ -47,7 +47,7 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.headscan import Template, read_plain, split_head
+from e911_sip.sip.headscan import Plain, Template, read_plain, split_head
 from e911_sip.sip.numbers import (
     MAX_CONTENT_LENGTH,
     MAX_CSEQ,
@@ -1159,10 +1159,11 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     count = len(lines)
     shape = count * 128 + (ord(first[0]) & 127)
     template = _TEMPLATES.get(shape)
-    plain = None
+    plain: Plain | bool | None = False
     if template is not None:
         plain = read_plain(data, end, first, lines, template, max_headers, datagram)
-    if plain is None:
+    if plain is False:
+        # No message of this shape yet, or one of other names: the template of these lines.
         template = _new_template(lines)
         if template is None:
             return None
@@ -1171,8 +1172,8 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
                 _TEMPLATES.clear()  # bounded, as the spelling cache is
             _TEMPLATES[shape] = template
         plain = read_plain(data, end, first, lines, template, max_headers, datagram)
-        if plain is None:
-            return None
+    if not isinstance(plain, tuple):
+        return None  # a value not written plainly: the careful path reads it
     (
         known,
         body,

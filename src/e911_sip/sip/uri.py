@@ -443,7 +443,9 @@ def _parse_via(text: str) -> Via:
     """
     parts = None
     if via_parts is not None:
-        parts = via_parts(text)  # the short cut below, native (ASCII text only)
+        parts = via_parts(text)  # the short cut below, native: the same answer for ASCII text
+        if parts is None and text.isascii():
+            return _parse_via_fully(text)
     if parts is None:
         parts = _via_parts(text)
     if parts is not None:

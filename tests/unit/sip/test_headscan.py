@@ -29,9 +29,6 @@ needs_native = pytest.mark.skipif(native is None, reason="the pure-Python build"
 # lines and non-ASCII octets common.
 PIECES = [b"\r\n", b"\r", b"\n", b"\r\n\r\n", b"Via: x", b":", b" ", b"a", b"\xe9", b"\x00"]
 blocks = st.lists(st.sampled_from(PIECES), max_size=24).map(b"".join)
-# Latin-1 and wider characters: a wider string never comes from a parse, but is compared
-# right all the same.
-names = st.text(alphabet="Via:ÿé€ ", max_size=6)
 
 
 def test_the_build_uses_the_native_scan_when_it_is_built() -> None:
@@ -91,30 +88,9 @@ def test_native_split_head_agrees_on_any_block(start: bytes, block: bytes) -> No
 
 
 @needs_native
-@settings(max_examples=400)
-@given(
-    st.lists(st.tuples(names.filter(bool), names), max_size=6),
-    st.booleans(),
-)
-def test_native_names_match_agrees(pairs: list[tuple[str, str]], shorter: bool) -> None:
-    lines = [line for line, _ in pairs]
-    spellings = [spelt for _, spelt in pairs]
-    if shorter and spellings:
-        spellings.pop()
-    assert native.names_match(lines, spellings) == names_match_python(lines, spellings)
-    # A spelling that is the line's own start always matches.
-    prefixes = [line[: len(line) // 2] for line in lines]
-    assert native.names_match(lines, prefixes) is True
-
-
-@needs_native
 def test_native_functions_refuse_what_is_not_their_type() -> None:
     with pytest.raises(TypeError):
         native.split_head("text")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        native.names_match(("a",), ["a"])  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        native.names_match([b"a"], ["a"])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         native.via_parts(b"SIP/2.0/UDP h")  # type: ignore[arg-type]
     data = PLAIN[1]
@@ -126,6 +102,9 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
     assert template is not None
     spellings, keys, at, lengths, cut = template
     for bad in [
+        (tuple(spellings), keys, at, lengths, cut),  # names not in a list
+        ([s.encode() for s in spellings], keys, at, lengths, cut),  # names as bytes
+        (["V€a:"] + spellings[1:], keys, at, lengths, cut),  # wider than latin-1
         (spellings, keys, at, lengths),  # a tuple of four
         (spellings, keys, at[:3], lengths, cut),  # an at of three slots
         (spellings, keys, at, "1", cut),  # a count that is not a number
@@ -364,3 +343,67 @@ def test_a_via_read_natively_is_the_parse_s() -> None:
             5060,
             (("branch", "z9hG4bK-1"), ("rport", None), ("received", "10.0.0.1")),
         )
+
+
+@pytest.mark.parametrize("data", PLAIN, ids=range(len(PLAIN)))
+@settings(max_examples=200)
+@given(index=st.integers(0, 20), spelt=st.text(alphabet="Via:é ", max_size=6))
+def test_names_other_than_the_template_s_are_told_apart_from_values_not_plain(
+    data: bytes, index: int, spelt: str
+) -> None:
+    # False (names not of this template: the parser makes another), not None (a value for
+    # the careful parse), and the same answer natively.
+    _learn_names()
+    scanned = split_head_python(data)
+    assert scanned is not None
+    end, first, lines = scanned
+    template = message._new_template(lines)
+    assert template is not None
+    spellings = list(template[0])
+    i = index % len(spellings)
+    spellings[i] = spelt
+    changed = (spellings, *template[1:])
+    python = read_plain_python(data, end, first, lines, changed, 256, True)
+    assert (python is False) == (not lines[i].startswith(spelt))
+    if native is not None:
+        assert native.read_plain(data, end, first, lines, changed, 256, True) == python
+
+
+def test_a_message_of_a_known_shape_with_other_names_makes_its_own_template() -> None:
+    _learn_names()
+    message._TEMPLATES.clear()
+    first = message.parse(PLAIN[1])
+    assert len(message._TEMPLATES) == 1
+    # The same shape (a response of as many lines) with its To and From swapped.
+    lines = PLAIN[1].split(b"\r\n")
+    lines[2], lines[3] = lines[3], lines[2]
+    swapped = message.parse(b"\r\n".join(lines))
+    assert (swapped.get("from"), swapped.get("to")) == (first.get("from"), first.get("to"))
+    ((spellings, *_),) = message._TEMPLATES.values()
+    assert spellings[1:3] == ["To:", "From:"]
+
+
+@needs_native
+@pytest.mark.parametrize("method", headscan.METHODS)
+def test_every_method_the_python_reading_takes_the_native_one_takes(method: str) -> None:
+    # The C module spells the methods and the Via protocols out again: the lists must agree.
+    data = (
+        f"{method} sip:911@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        f"From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>\r\nCall-ID: c\r\nCSeq: 1 {method}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+    _learn_names()
+    plain = _read_both(data, 256, True)
+    assert isinstance(plain, tuple)
+    assert plain[3] == (1, method)
+    assert _read_both(data.replace(method.encode(), b"FOO"), 256, True) is None
+
+
+@needs_native
+@pytest.mark.parametrize("protocol", sorted(uri._VIA_PROTOCOLS))
+def test_every_via_protocol_the_python_short_cut_reads_the_native_one_reads(
+    protocol: str,
+) -> None:
+    text = f"{protocol} h:5060;branch=z9hG4bK1"
+    assert native.via_parts(text) == uri._via_parts(text) is not None
+    assert native.via_parts(text.replace(protocol, protocol + "X")) is None
