@@ -13,14 +13,16 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
-/* split_head(data) -> (end, start_line, header_lines) | None
+/* split_head(data) -> (end, start_line, at) | None
  *
  * ``end`` is the index of the first CRLFCRLF (the end of the header block), the start line
- * and the header lines are the block cut at each CRLF, each decoded as latin-1. None when
+ * is the block up to its first CRLF, decoded as latin-1, and ``at`` holds where each header
+ * line starts and then end + 2, as 32-bit integers (headscan.split_head_python). None when
  * there is no CRLFCRLF past the first byte, a CR or LF outside those CRLFs, no header line,
- * or an empty start line.
+ * an empty start line, or an end past what 32 bits hold.
  */
 static PyObject *
 split_head(PyObject *module, PyObject *data)
@@ -71,45 +73,46 @@ split_head(PyObject *module, PyObject *data)
         goto none; /* no header line, or an empty start line (a CRLF before it) */
     }
     const Py_ssize_t end = stop - base;
+    if (end > (Py_ssize_t)UINT32_MAX - 2) {
+        goto none; /* offsets past 32 bits */
+    }
 
-    PyObject *lines = PyList_New(cuts);
-    if (lines == NULL) {
+    /* The start of each header line, then end + 2 (where a line after the last would
+     * start), as 32-bit integers. */
+    PyObject *at = PyBytes_FromStringAndSize(NULL, (cuts + 1) * 4);
+    if (at == NULL) {
         goto error;
     }
-    const char *line = base;
-    const char *crlf = memchr(line, '\r', (size_t)(stop - line));
-    PyObject *first = PyUnicode_DecodeLatin1(line, crlf - line, NULL);
+    char *out = PyBytes_AS_STRING(at);
+    const char *crlf = memchr(base, '\r', (size_t)(stop - base));
+    PyObject *first = PyUnicode_DecodeLatin1(base, crlf - base, NULL);
     if (first == NULL) {
-        Py_DECREF(lines);
+        Py_DECREF(at);
         goto error;
     }
     for (Py_ssize_t i = 0; i < cuts; i++) {
-        line = crlf + 2;
-        crlf = (i + 1 < cuts) ? memchr(line, '\r', (size_t)(stop - line)) : stop;
-        PyObject *text = PyUnicode_DecodeLatin1(line, crlf - line, NULL);
-        if (text == NULL) {
-            Py_DECREF(first);
-            Py_DECREF(lines);
-            goto error;
-        }
-        PyList_SET_ITEM(lines, i, text);
+        const uint32_t start = (uint32_t)(crlf + 2 - base);
+        memcpy(out + 4 * i, &start, 4);
+        crlf = (i + 1 < cuts) ? memchr(crlf + 2, '\r', (size_t)(stop - crlf - 2)) : stop;
     }
+    const uint32_t after = (uint32_t)(end + 2);
+    memcpy(out + 4 * cuts, &after, 4);
     PyObject *index = PyLong_FromSsize_t(end);
     if (index == NULL) {
         Py_DECREF(first);
-        Py_DECREF(lines);
+        Py_DECREF(at);
         goto error;
     }
     result = PyTuple_New(3);
     if (result == NULL) {
         Py_DECREF(index);
         Py_DECREF(first);
-        Py_DECREF(lines);
+        Py_DECREF(at);
         goto error;
     }
     PyTuple_SET_ITEM(result, 0, index);
     PyTuple_SET_ITEM(result, 1, first);
-    PyTuple_SET_ITEM(result, 2, lines);
+    PyTuple_SET_ITEM(result, 2, at);
     goto done;
 
 none:
@@ -122,32 +125,70 @@ error:
     return result;
 }
 
-/* 1 when the two lists are as long as each other and each line starts with the spelling at
- * its index (headscan.names_match_python), 0 when not, -1 with an exception set. Both are
- * latin-1 strings, as split_head and the parser's templates make them. */
-static int
-match_names(PyObject *lines, PyObject *spellings)
+/* Where the header lines of ``data`` (``size`` bytes) are, from an ``at`` as split_head makes
+ * it, checked so that every line lies inside ``data``: ``*count`` is the number of lines.
+ * NULL with TypeError or ValueError for anything else. */
+static const char *
+offsets_of(PyObject *at, Py_ssize_t size, Py_ssize_t *count)
 {
-    if (!PyList_Check(lines) || !PyList_Check(spellings)) {
-        PyErr_SetString(PyExc_TypeError, "names are matched between two lists");
+    if (!PyBytes_CheckExact(at)) {
+        PyErr_SetString(PyExc_TypeError, "the offsets of the lines are bytes");
+        return NULL;
+    }
+    const Py_ssize_t length = PyBytes_GET_SIZE(at);
+    if (length < 8 || length % 4 != 0) {
+        PyErr_SetString(PyExc_ValueError, "the offsets are of one line or more");
+        return NULL;
+    }
+    const char *offsets = PyBytes_AS_STRING(at);
+    uint32_t last;
+    memcpy(&last, offsets, 4);
+    for (Py_ssize_t i = 4; i < length; i += 4) {
+        uint32_t next;
+        memcpy(&next, offsets + i, 4);
+        if (next < last || next - last < 2 || (Py_ssize_t)next > size) {
+            PyErr_SetString(PyExc_ValueError, "the offsets are not of lines of these bytes");
+            return NULL;
+        }
+        last = next;
+    }
+    *count = length / 4 - 1;
+    return offsets;
+}
+
+/* Line ``i`` of the ``offsets_of`` checked: where it starts and how long it is. */
+static void
+line_at(const char *offsets, Py_ssize_t i, Py_ssize_t *start, Py_ssize_t *length)
+{
+    uint32_t pair[2];
+    memcpy(pair, offsets + 4 * i, 8);
+    *start = (Py_ssize_t)pair[0];
+    *length = (Py_ssize_t)pair[1] - 2 - (Py_ssize_t)pair[0];
+}
+
+/* 1 when ``spellings`` has one entry per line and each line starts with the spelling at its
+ * index (headscan.names_match_python), 0 when not, -1 with an exception set. The spellings
+ * are latin-1 strings, as the parser's templates make them. */
+static int
+match_names(const char *data, const char *offsets, Py_ssize_t count, PyObject *spellings)
+{
+    if (!PyList_Check(spellings)) {
+        PyErr_SetString(PyExc_TypeError, "names are matched against a list");
         return -1;
     }
-    const Py_ssize_t count = PyList_GET_SIZE(lines);
     if (PyList_GET_SIZE(spellings) != count) {
         return 0;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *line = PyList_GET_ITEM(lines, i);
         PyObject *spelt = PyList_GET_ITEM(spellings, i);
-        if (!PyUnicode_Check(line) || !PyUnicode_Check(spelt)
-            || PyUnicode_KIND(line) != PyUnicode_1BYTE_KIND
-            || PyUnicode_KIND(spelt) != PyUnicode_1BYTE_KIND) {
-            PyErr_SetString(PyExc_TypeError, "names are matched between latin-1 strings");
+        if (!PyUnicode_Check(spelt) || PyUnicode_KIND(spelt) != PyUnicode_1BYTE_KIND) {
+            PyErr_SetString(PyExc_TypeError, "names are matched against latin-1 strings");
             return -1;
         }
-        const Py_ssize_t length = PyUnicode_GET_LENGTH(spelt);
-        if (PyUnicode_GET_LENGTH(line) < length
-            || memcmp(PyUnicode_DATA(line), PyUnicode_DATA(spelt), (size_t)length) != 0) {
+        Py_ssize_t start, length;
+        line_at(offsets, i, &start, &length);
+        const Py_ssize_t size = PyUnicode_GET_LENGTH(spelt);
+        if (length < size || memcmp(data + start, PyUnicode_DATA(spelt), (size_t)size) != 0) {
             return 0;
         }
     }
@@ -253,10 +294,49 @@ span_of(PyObject *text, span *out)
 
 #define SLOTS 8
 
-/* read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple | False | None
+/* 1 when ``s`` holds "tag" in any case (the test ``"tag" in value.lower()`` makes: no
+ * latin-1 character but T, A and G lowers to t, a or g). */
+static int
+has_tag(span s)
+{
+    for (Py_ssize_t i = 0; i + 3 <= s.length; i++) {
+        if ((s.text[i] | 0x20) == 't' && (s.text[i + 1] | 0x20) == 'a'
+            && (s.text[i + 2] | 0x20) == 'g') {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* headscan.tag_in_place: the tag of a value written ``...<uri>;tag=x[;...]`` with no quote,
+ * as a span in ``*tag``; 0 for any other spelling. */
+static int
+tag_in_place(span value, span *tag)
+{
+    if (find_char(value, '"', 0) >= 0) {
+        return 0;
+    }
+    const Py_ssize_t lt = find_char(value, '<', 0);
+    if (lt < 0) {
+        return 0;
+    }
+    const Py_ssize_t gt = find_char(value, '>', lt);
+    if (gt <= lt || strip((span){value.text + lt + 1, gt - lt - 1}).length == 0) {
+        return 0;
+    }
+    const span rest = {value.text + gt + 1, value.length - gt - 1};
+    if (rest.length < 5 || memcmp(rest.text, ";tag=", 5) != 0) {
+        return 0;
+    }
+    const Py_ssize_t end = find_char(rest, ';', 5);
+    *tag = strip((span){rest.text + 5, (end < 0 ? rest.length : end) - 5});
+    return 1;
+}
+
+/* read_plain(data, end, first, at, template, max_headers, datagram) -> tuple | False | None
  *
- * headscan.read_plain_python, for ``end``, ``first`` and ``lines`` as split_head gives
- * them; see there for what the tuple holds.
+ * headscan.read_plain_python, for ``end``, ``first`` and ``at`` as split_head gives them
+ * (``at`` is checked to lie inside the block); see there for what the tuple holds.
  */
 static PyObject *
 read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -268,7 +348,7 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *data = args[0];
     PyObject *first_obj = args[2];
-    PyObject *lines = args[3];
+    PyObject *at_lines = args[3];
     PyObject *template = args[4];
     const Py_ssize_t end = PyLong_AsSsize_t(args[1]);
     if (end == -1 && PyErr_Occurred()) {
@@ -282,8 +362,8 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (datagram < 0) {
         return NULL;
     }
-    if (!PyList_Check(lines) || !PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 5) {
-        PyErr_SetString(PyExc_TypeError, "read_plain() takes the lines and a template");
+    if (!PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 5) {
+        PyErr_SetString(PyExc_TypeError, "read_plain() takes a template");
         return NULL;
     }
     if (!PyBytes_CheckExact(data)) {
@@ -294,6 +374,12 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "read_plain() takes the end split_head found");
         return NULL;
     }
+    Py_ssize_t count;
+    const char *offsets = offsets_of(at_lines, end + 2, &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    const char *bytes = PyBytes_AS_STRING(data);
     PyObject *keys = PyTuple_GET_ITEM(template, 1);
     PyObject *at_obj = PyTuple_GET_ITEM(template, 2);
     PyObject *cut_obj = PyTuple_GET_ITEM(template, 4);
@@ -302,7 +388,7 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "read_plain() takes a template as the parser keeps");
         return NULL;
     }
-    int hit = match_names(lines, PyTuple_GET_ITEM(template, 0));
+    int hit = match_names(bytes, offsets, count, PyTuple_GET_ITEM(template, 0));
     if (hit <= 0) {
         /* False: the lines are not of this template's names (the caller makes another) */
         return hit < 0 ? NULL : Py_NewRef(Py_False);
@@ -311,7 +397,6 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (lengths == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    const Py_ssize_t count = PyList_GET_SIZE(lines);
     if (count > max_headers || lengths != 1) {
         Py_RETURN_NONE;
     }
@@ -332,10 +417,10 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_ValueError, "read_plain() takes a template of these lines");
             return NULL;
         }
+        Py_ssize_t start;
         span line;
-        if (!span_of(PyList_GET_ITEM(lines, at[slot]), &line)) {
-            return NULL;
-        }
+        line_at(offsets, at[slot], &start, &line.length);
+        line.text = (const unsigned char *)bytes + start;
         /* line[cut:] */
         const Py_ssize_t from = cut < line.length ? cut : line.length;
         value[slot].text = line.text + from;
@@ -405,6 +490,8 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     span text;
     span mf = {NULL, 0};
     long mf_read = -2; /* -2: no Max-Forwards; -1: the text; else its value */
+    int tag_read = -1; /* -1: left to the parser (False); 0: no tag (None); 1: ``tag`` */
+    span tag = {NULL, 0};
     if (first.length >= 8 && memcmp(first.text, "SIP/2.0 ", 8) == 0) {
         const Py_ssize_t gap = find_char(first, ' ', 8);
         const span code = {first.text + 8, (gap < 0 ? first.length : gap) - 8};
@@ -428,6 +515,12 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             || memcmp(version.text, "SIP/2.0", 7) != 0 || text.length == 0) {
             Py_RETURN_NONE;
         }
+        if (!has_tag(to_value)) {
+            tag_read = 0;
+        }
+        else if (tag_in_place(to_value, &tag)) {
+            tag_read = 1;
+        }
         if (at[7] >= 0) {
             mf = strip(value[7]);
             mf_read = mf.length < 4 ? short_uint(mf) : -1;
@@ -435,8 +528,8 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 
     /* Every check passed: the values as objects. */
-    PyObject *items[13] = {NULL};
-    items[0] = PyList_GetSlice(keys, 0, PyList_GET_SIZE(keys));
+    PyObject *items[14] = {NULL};
+    items[0] = Py_NewRef(keys); /* shared: no message changes its keys in place */
     items[1] = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + body_at, body_end - body_at);
     items[2] = body_end == size ? Py_NewRef(data)
                                 : PyBytes_FromStringAndSize(PyBytes_AS_STRING(data), body_end);
@@ -454,17 +547,20 @@ read_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     items[12] = mf_read >= 0    ? PyLong_FromLong(mf_read)
                 : mf_read == -1 ? text_of(mf)
                                 : Py_NewRef(Py_None);
-    PyObject *result = PyTuple_New(13);
-    for (Py_ssize_t i = 0; i < 13; i++) {
+    items[13] = tag_read == 1   ? text_of(tag)
+                : tag_read == 0 ? Py_NewRef(Py_None)
+                                : Py_NewRef(Py_False);
+    PyObject *result = PyTuple_New(14);
+    for (Py_ssize_t i = 0; i < 14; i++) {
         if (items[i] == NULL || result == NULL) {
-            for (Py_ssize_t j = 0; j < 13; j++) {
+            for (Py_ssize_t j = 0; j < 14; j++) {
                 Py_XDECREF(items[j]);
             }
             Py_XDECREF(result);
             return NULL;
         }
     }
-    for (Py_ssize_t i = 0; i < 13; i++) {
+    for (Py_ssize_t i = 0; i < 14; i++) {
         PyTuple_SET_ITEM(result, i, items[i]);
     }
     return result;
@@ -664,11 +760,180 @@ via_parts(PyObject *module, PyObject *arg)
     return result;
 }
 
+/* -- the lines of a parsed message, when asked for ----------------------------------- */
+
+/* The bytes and the offsets a lines_of, line_of or pop_first is given, checked. */
+static const char *
+lines_args(PyObject *data, PyObject *at, Py_ssize_t *count)
+{
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "the lines are read from bytes");
+        return NULL;
+    }
+    return offsets_of(at, PyBytes_GET_SIZE(data), count);
+}
+
+/* lines_of(data, at) -> list of str: every header line, decoded as latin-1
+ * (headscan.lines_of_python). */
+static PyObject *
+lines_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lines_of() takes exactly 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t count;
+    const char *offsets = lines_args(args[0], args[1], &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[0]);
+    PyObject *lines = PyList_New(count);
+    if (lines == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t start, length;
+        line_at(offsets, i, &start, &length);
+        PyObject *text = PyUnicode_DecodeLatin1(data + start, length, NULL);
+        if (text == NULL) {
+            Py_DECREF(lines);
+            return NULL;
+        }
+        PyList_SET_ITEM(lines, i, text);
+    }
+    return lines;
+}
+
+/* line_of(data, at, index) -> str: header line ``index``, decoded as latin-1
+ * (headscan.line_of_python). */
+static PyObject *
+line_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "line_of() takes exactly 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t count;
+    const char *offsets = lines_args(args[0], args[1], &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    const Py_ssize_t index = PyLong_AsSsize_t(args[2]);
+    if (index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (index < 0 || index >= count) {
+        PyErr_SetString(PyExc_IndexError, "line_of() index out of range");
+        return NULL;
+    }
+    Py_ssize_t start, length;
+    line_at(offsets, index, &start, &length);
+    return PyUnicode_DecodeLatin1(PyBytes_AS_STRING(args[0]) + start, length, NULL);
+}
+
+/* pop_first(wire, at, index, first) -> (wire, at) | None
+ *
+ * headscan.pop_first_python: the bytes and offsets less ``first`` and the ", " after it in
+ * header line ``index``, when that line is ``Name: <first>, <other>`` written plainly.
+ */
+static PyObject *
+pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "pop_first() takes exactly 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t count;
+    const char *offsets = lines_args(args[0], args[1], &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    const Py_ssize_t index = PyLong_AsSsize_t(args[2]);
+    if (index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (index < 0 || index >= count) {
+        PyErr_SetString(PyExc_IndexError, "pop_first() index out of range");
+        return NULL;
+    }
+    PyObject *first_obj = args[3];
+    if (!PyUnicode_Check(first_obj)) {
+        PyErr_SetString(PyExc_TypeError, "pop_first() takes the first value as a string");
+        return NULL;
+    }
+    if (PyUnicode_KIND(first_obj) != PyUnicode_1BYTE_KIND) {
+        Py_RETURN_NONE; /* not latin-1: not the text of any line */
+    }
+    const span first = {PyUnicode_1BYTE_DATA(first_obj), PyUnicode_GET_LENGTH(first_obj)};
+    const char *wire = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t start;
+    span line;
+    line_at(offsets, index, &start, &line.length);
+    line.text = (const unsigned char *)wire + start;
+
+    const Py_ssize_t colon = find_char(line, ':', 0);
+    if (colon <= 0 || line.text[colon - 1] == ' ' || line.text[colon - 1] == '\t') {
+        Py_RETURN_NONE;
+    }
+    const Py_ssize_t head = colon + 2; /* past "Name: " */
+    const Py_ssize_t after = head + first.length;
+    if (after + 2 > line.length || line.text[colon + 1] != ' '
+        || memcmp(line.text + head, first.text, (size_t)first.length) != 0
+        || line.text[after] != ',' || line.text[after + 1] != ' ') {
+        Py_RETURN_NONE;
+    }
+    const span other = {line.text + after + 2, line.length - after - 2};
+    const span trimmed = strip(first);
+    if (other.length == 0 || trimmed.length == 0 || find_char(other, ',', 0) >= 0
+        || find_char(first, ',', 0) >= 0 || find_char(line, '"', 0) >= 0
+        || find_char(line, '<', 0) >= 0 || find_char(line, '\n', 0) >= 0
+        || is_space(other.text[0]) || is_space(other.text[other.length - 1])) {
+        Py_RETURN_NONE;
+    }
+
+    const Py_ssize_t cut = first.length + 2;
+    const Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size - cut);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *to = PyBytes_AS_STRING(out);
+    memcpy(to, wire, (size_t)(start + head));
+    memcpy(to + start + head, wire + start + after + 2, (size_t)(size - start - after - 2));
+    const Py_ssize_t bytes = PyBytes_GET_SIZE(args[1]);
+    PyObject *moved = PyBytes_FromStringAndSize(offsets, bytes);
+    if (moved == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    char *shifted = PyBytes_AS_STRING(moved);
+    for (Py_ssize_t i = 4 * (index + 1); i < bytes; i += 4) {
+        uint32_t value;
+        memcpy(&value, shifted + i, 4);
+        value -= (uint32_t)cut;
+        memcpy(shifted + i, &value, 4);
+    }
+    PyObject *result = PyTuple_Pack(2, out, moved);
+    Py_DECREF(out);
+    Py_DECREF(moved);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_head", (PyCFunction)split_head, METH_O,
-     "split_head(data) -> (end, start_line, header_lines) or None"},
+     "split_head(data) -> (end, start_line, at) or None"},
     {"read_plain", (PyCFunction)(void (*)(void))read_plain, METH_FASTCALL,
-     "read_plain(data, end, first, lines, template, max_headers, datagram) -> tuple, False or None"},
+     "read_plain(data, end, first, at, template, max_headers, datagram) -> tuple, False or None"},
+    {"lines_of", (PyCFunction)(void (*)(void))lines_of, METH_FASTCALL,
+     "lines_of(data, at) -> list of str"},
+    {"line_of", (PyCFunction)(void (*)(void))line_of, METH_FASTCALL,
+     "line_of(data, at, index) -> str"},
+    {"pop_first", (PyCFunction)(void (*)(void))pop_first, METH_FASTCALL,
+     "pop_first(wire, at, index, first) -> (wire, at) or None"},
     {"via_parts", (PyCFunction)via_parts, METH_O,
      "via_parts(text) -> (transport, host, port, params) or None"},
     {NULL, NULL, 0, NULL},

@@ -15,7 +15,10 @@ drawn to sit at every edge of what they accept).
 
 from __future__ import annotations
 
+import struct
+import sys
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Final, Literal
 
 from e911_sip.sip.numbers import short_uint as _short_uint
@@ -26,11 +29,18 @@ __all__ = [
     "Plain",
     "Template",
     "ViaParts",
+    "line_of",
+    "line_of_python",
+    "lines_of",
+    "lines_of_python",
     "names_match_python",
+    "pop_first",
+    "pop_first_python",
     "read_plain",
     "read_plain_python",
     "split_head",
     "split_head_python",
+    "tag_in_place",
     "via_parts",
 ]
 
@@ -48,6 +58,8 @@ METHODS: Final = (
 """Methods the plain parse takes without the token check (all are tokens); any other goes to
 the careful parse."""
 _METHODS: Final = frozenset(METHODS)
+_MAX_END: Final = 2**32 - 3
+"""The longest header block whose offsets (its end plus a CRLF) fit in 32 bits."""
 
 Template = tuple[list[str], list[str], list[int], int, list[int]]
 """The header names of a message shape, as the parser keeps them: each line's name as spelt
@@ -74,22 +86,33 @@ Plain = tuple[
     int,
     str,
     int | str | None,
+    str | Literal[False] | None,
 ]
-"""What ``read_plain`` reads of a message: (keys, body, wire, cseq, Call-ID, the From value
+"""What ``read_plain`` reads of a message: (keys (the template's own list: a message never
+changes its keys in place, so every message of a shape shares them), body, wire, cseq,
+Call-ID, the From value
 when it must be checked as a name-addr else None, the To value, whether it must be,
 the top Via's text, whether that is the first of the values as it stands, the status code
 (0 for a request), the reason phrase or the Request-URI, Max-Forwards: its value, None when
-there is none, the text when it is not one to three digits)."""
+there is none, the text when it is not one to three digits), and a request's To tag: None
+when the value holds no "tag" in any case, the tag when it is written ``...<uri>;tag=x``
+(``tag_in_place``), False for a response or any other spelling (the parser reads it)."""
 
 
-def split_head_python(data: bytes) -> tuple[int, str, list[str]] | None:
-    """(index of the first CRLFCRLF, start line, header lines) of a message, each line
-    decoded as latin-1; None when the block is not written plainly: no CRLFCRLF past the
-    first byte, a CR or LF that is not part of a CRLF, no header line, or an empty start
-    line (a CRLF before it)."""
+def split_head_python(data: bytes) -> tuple[int, str, bytes] | None:
+    """(index of the first CRLFCRLF, start line decoded as latin-1, where the header lines
+    are) of a message; None when the block is not written plainly: no CRLFCRLF past the
+    first byte, a CR or LF that is not part of a CRLF, no header line, an empty start line
+    (a CRLF before it), or a block too long for the offsets.
+
+    The third item holds, as unsigned 32-bit integers in the machine's order, the index in
+    ``data`` where each header line starts and then where a line after the last would
+    (the end of the block plus its CRLF): line ``i`` is ``data[at[i] : at[i + 1] - 2]``.
+    One object for the whole block, where a string per line would be a dozen, which most
+    messages (a relayed response) never need (``lines_of`` and ``line_of`` make them)."""
     whole = data.decode("latin-1")
     end = whole.find("\r\n\r\n")
-    if end <= 0:
+    if end <= 0 or end > _MAX_END:
         return None
     lines = whole[:end].split("\r\n")
     # Every CR and every LF is part of one of the CRLFs just cut at: the lines joined are
@@ -100,7 +123,82 @@ def split_head_python(data: bytes) -> tuple[int, str, list[str]] | None:
     first = lines.pop(0)
     if not first:
         return None
-    return end, first, lines
+    starts = list(accumulate([len(line) + 2 for line in lines], initial=len(first) + 2))
+    at = _pack(starts)
+    global _last_split
+    _last_split = (at, lines)
+    return end, first, at
+
+
+_last_split: tuple[bytes, list[str]] = (b"", [])
+"""The offsets the last ``split_head_python`` made and the lines it cut: ``read_plain_python``
+reads the same lines next, and need not cut them again (matched by the offsets' identity,
+so a stale entry is never taken for another message's)."""
+
+
+def _pack(starts: list[int]) -> bytes:
+    return struct.pack(f"={len(starts)}I", *starts)
+
+
+def _starts(at: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"={len(at) // 4}I", at)
+
+
+def lines_of_python(data: bytes, at: bytes) -> list[str]:
+    """The header lines of ``data`` where ``at`` (as ``split_head`` gives it) says they are,
+    each decoded as latin-1."""
+    # The lines of one block, each ended by the CRLF the next starts after, and none
+    # holding a CR or LF of its own: one decode and one split.
+    first = int.from_bytes(at[:4], sys.byteorder)
+    after = int.from_bytes(at[-4:], sys.byteorder)
+    return data[first : after - 2].decode("latin-1").split("\r\n")
+
+
+def line_of_python(data: bytes, at: bytes, index: int) -> str:
+    """Header line ``index`` of ``data``, where ``at`` says it is, decoded as latin-1."""
+    start, stop = struct.unpack_from("=2I", at, 4 * index)
+    return data[start : stop - 2].decode("latin-1")
+
+
+def pop_first_python(wire: bytes, at: bytes, index: int, first: str) -> tuple[bytes, bytes] | None:
+    """``wire`` and ``at`` less the first of the two values of header line ``index``, when
+    that line is written as nearly every response brings its Vias back, ``Name: <first>,
+    <other>``: nothing quoted, bracketed or folded, no space before the colon, one space
+    after it, one comma, no whitespace at either end of ``other``. The line is then written
+    ``Name: <other>``, which is what ``Message.pop_first_value`` writes of it; None for any
+    other line (the general path)."""
+    starts = _starts(at)
+    start = starts[index]
+    line = wire[start : starts[index + 1] - 2].decode("latin-1")
+    colon = line.find(":")
+    if colon <= 0 or line[colon - 1] in " \t":
+        return None
+    head = colon + 2  # past "Name: "
+    after = head + len(first)
+    # Slices compared, not startswith(x, at): compiled, that is a generic call.
+    if not (
+        line[colon + 1 : head] == " "
+        and line[head:after] == first
+        and line[after : after + 2] == ", "
+    ):
+        return None
+    other = line[after + 2 :]
+    # What split_values would cut into exactly [first, other]: one comma, no quote or '<',
+    # no fold, no whitespace at either end of the other value.
+    if (
+        not other
+        or not first.strip()
+        or "," in other
+        or "," in first
+        or '"' in line
+        or "<" in line
+        or "\n" in line
+        or other.strip() != other
+    ):
+        return None
+    cut = len(first) + 2
+    shifted = [s if i <= index else s - cut for i, s in enumerate(starts)]
+    return wire[: start + head] + wire[start + after + 2 :], _pack(shifted)
 
 
 def names_match_python(lines: list[str], spellings: list[str]) -> bool:
@@ -114,31 +212,50 @@ def names_match_python(lines: list[str], spellings: list[str]) -> bool:
     return True
 
 
+def tag_in_place(value: str) -> str | None:
+    """The tag of a name-addr value written ``...<uri>;tag=x[;...]`` with no quote (every To
+    and From of a dialog, in practice), read in place; None for any other spelling, which
+    takes the full parse of the name-addr."""
+    if '"' not in value:
+        lt = value.find("<")
+        if lt >= 0:
+            gt = value.find(">", lt)
+            if gt > lt and value[lt + 1 : gt].strip():
+                rest = value[gt + 1 :]
+                if rest.startswith(";tag="):
+                    end = rest.find(";", 5)
+                    return (rest[5:] if end < 0 else rest[5:end]).strip()
+    return None
+
+
 def read_plain_python(
     data: bytes,
     end: int,
     first: str,
-    lines: list[str],
+    at: bytes,
     template: Template,
     max_headers: int,
     datagram: bool,
 ) -> Plain | Literal[False] | None:
-    """The values the plain parse reads from a message whose lines ``split_head`` cut, when
+    """The values the plain parse reads from a message whose lines ``split_head`` found, when
     their names are those of ``template`` and each is written the plain way. False when the
     names are not the template's (the parser then makes the template of these lines); None
     when a value is not plain, or ``data`` is not bytes (a subclass included), and the
     careful parse decides."""
-    spellings, keys, at, lengths, cut = template
-    count = len(lines)
     if type(data) is not bytes:
         return None
+    last_at, lines = _last_split
+    if last_at is not at:
+        lines = lines_of_python(data, at)
+    spellings, keys, slot_at, lengths, cut = template
+    count = len(lines)
     if not names_match_python(lines, spellings):
         return False
     if count > max_headers or lengths != 1:
         return None
-    if at[1] < 0 or at[2] < 0 or at[3] < 0 or at[4] < 0 or at[5] < 0:
+    if slot_at[1] < 0 or slot_at[2] < 0 or slot_at[3] < 0 or slot_at[4] < 0 or slot_at[5] < 0:
         return None  # a mandatory header missing: the careful path names it
-    value = lines[at[6]][cut[6] :].strip()
+    value = lines[slot_at[6]][cut[6] :].strip()
     length = _short_uint(value) if len(value) <= 5 else -1
     if length < 0:
         return None
@@ -152,7 +269,7 @@ def read_plain_python(
             wire = data[: end + 4 + length]
     # "number SP METHOD" with a method we know: what the careful parse's expression
     # accepts, without running it (anything else, extra spaces included, goes to it).
-    value = lines[at[5]][cut[5] :].strip()
+    value = lines[slot_at[5]][cut[5] :].strip()
     space = value.find(" ")
     if space < 0:
         return None
@@ -160,29 +277,30 @@ def read_plain_python(
     cseq_method = value[space + 1 :]
     if cseq_method not in _METHODS or number < 0:
         return None
-    call_id = lines[at[4]][cut[4] :].strip()
+    call_id = lines[slot_at[4]][cut[4] :].strip()
     if not call_id:
         return None
     # From and To written "<uri>..." with no quotes pass the name-addr check; anything else
     # is left to it.
-    value = lines[at[2]][cut[2] :]
+    value = lines[slot_at[2]][cut[2] :]
     lt = value.find("<")
     from_check = None
     if lt < 0 or '"' in value or value.find(">", lt) < 0:
         from_check = value.strip()
-    value = lines[at[3]][cut[3] :]
+    value = lines[slot_at[3]][cut[3] :]
     lt = value.find("<")
     to_check = lt < 0 or '"' in value or value.find(">", lt) < 0
     to_value = value.strip()
     # The top Via is the text before the first comma when there is no quote or '<' before
     # it (that comma is where split_values would cut too).
-    value = lines[at[1]][cut[1] :]
+    value = lines[slot_at[1]][cut[1] :]
     comma = value.find(",")
     via = (value if comma < 0 else value[:comma]).strip()
     via_plain = bool(via) and '"' not in via and "<" not in via
     if not via_plain:
         via = value.strip()
     mf: int | str | None = None
+    to_tag: str | Literal[False] | None = False
     if first.startswith("SIP/2.0 "):
         space = first.find(" ", 8)
         code = first[8:] if space < 0 else first[8:space]
@@ -198,12 +316,18 @@ def read_plain_python(
         if method not in _METHODS or version != "SIP/2.0" or method != cseq_method or not text:
             return None
         status = 0
-        if at[7] >= 0:
-            value = lines[at[7]][cut[7] :].strip()
+        # Every request's To tag is read (it tells an initial request from one in a dialog).
+        if "tag" not in to_value.lower():
+            to_tag = None
+        else:
+            tag = tag_in_place(to_value)
+            to_tag = False if tag is None else tag
+        if slot_at[7] >= 0:
+            value = lines[slot_at[7]][cut[7] :].strip()
             read = _short_uint(value) if len(value) < 4 else -1
             mf = read if read >= 0 else value
     return (
-        keys.copy(),
+        keys,
         body,
         wire,
         (number, cseq_method),
@@ -216,22 +340,33 @@ def read_plain_python(
         status,
         text,
         mf,
+        to_tag,
     )
 
 
-split_head: Callable[[bytes], tuple[int, str, list[str]] | None] = split_head_python
+split_head: Callable[[bytes], tuple[int, str, bytes] | None] = split_head_python
 read_plain: Callable[
-    [bytes, int, str, list[str], Template, int, bool], Plain | Literal[False] | None
+    [bytes, int, str, bytes, Template, int, bool], Plain | Literal[False] | None
 ] = read_plain_python
+lines_of: Callable[[bytes, bytes], list[str]] = lines_of_python
+line_of: Callable[[bytes, bytes, int], str] = line_of_python
+pop_first: Callable[[bytes, bytes, int, str], tuple[bytes, bytes] | None] = pop_first_python
 via_parts: Callable[[str], ViaParts | None] | None = None
 """The native reading of a Via written the common way (``uri._via_parts`` for text that is
 all ASCII, None for any other); None itself in the pure build, where uri reads every Via."""
 NATIVE = False
-"""Whether ``split_head`` and ``read_plain`` are the extension module's, and ``via_parts``
-is set."""
+"""Whether ``split_head``, ``read_plain``, ``lines_of``, ``line_of`` and ``pop_first`` are
+the extension module's, and ``via_parts`` is set."""
 
 try:
-    from e911_sip.sip._headscan import read_plain, split_head, via_parts
+    from e911_sip.sip._headscan import (
+        line_of,
+        lines_of,
+        pop_first,
+        read_plain,
+        split_head,
+        via_parts,
+    )
 
     NATIVE = True
 except ImportError:  # a pure-Python install: the definitions above serve

@@ -8,7 +8,7 @@ changing bytes nobody meant to change.
 
 What a parse does, and what it leaves:
 
-- Eagerly, for every message: the start line, where each header line ends and its name
+- Eagerly, for every message: the start line, where each header line starts and its name
   (the lookup key, compact forms expanded), and the checks a decision depends on or that
   decide how a broken request is answered: every line ended by CRLF, Content-Length, the
   mandatory headers, CSeq (and its method against the request's), Max-Forwards, the
@@ -18,8 +18,11 @@ What a parse does, and what it leaves:
   header's value is cut from its line only when asked for; nobody splits, decodes or
   rebuilds a line that no decision reads.
 
-The header block is decoded once as latin-1, a one-to-one map of bytes to code points, so
-any octet (UTF-8 display names included) survives the round trip. Each header is kept as
+The header lines are read as latin-1, a one-to-one map of bytes to code points, so any
+octet (UTF-8 display names included) survives the round trip. A plainly written message
+keeps its bytes and where each line starts; a line becomes a string when a value is read
+from it, and the whole list of them only when a change is made on lines (a relayed
+response never needs it: its top Via is cut out of the bytes). Each header is kept as
 the exact text it arrived as, folds and all. A parsed message keeps the bytes it came in:
 written out unchanged it is those bytes; a changed copy writes every line it did not change
 as the received text and only the changed ones anew.
@@ -47,7 +50,16 @@ from e911_sip.sip.errors import (
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.headscan import Plain, Template, read_plain, split_head
+from e911_sip.sip.headscan import (
+    Plain,
+    Template,
+    line_of,
+    lines_of,
+    pop_first,
+    read_plain,
+    split_head,
+    tag_in_place,
+)
 from e911_sip.sip.numbers import (
     MAX_CONTENT_LENGTH,
     MAX_CSEQ,
@@ -222,6 +234,7 @@ class Message:
         "_keys",
         "body",
         "_wire",
+        "_at",
         "_vias",
         "_top_via",
         "_cseq",
@@ -234,13 +247,15 @@ class Message:
     body: bytes
 
     def __init__(self, headers: Iterable[Header], body: bytes = b"") -> None:
-        self._lines: list[str] = []
+        lines: list[str] = []
         self._keys: list[str] = []
         for h in headers:
             self._keys.append(h.key)
-            self._lines.append(h.raw)
+            lines.append(h.raw)
+        self._lines: list[str] | None = lines
         self.body = body
         self._wire: bytes | None = None
+        self._at = b""
         self._vias: list[Via] | None = None
         self._top_via: Via | None = None
         self._cseq: tuple[int, str] | None = None
@@ -250,10 +265,29 @@ class Message:
         self._mf: int | None = -1
 
     # -- reading -------------------------------------------------------------------------
+    def _text(self) -> list[str]:
+        """The header lines, made from the received bytes when first needed."""
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = self._text_made()
+        return lines
+
+    def _text_made(self) -> list[str]:
+        """A new list of the header lines of a message whose lines are not made, made from
+        its received bytes and not kept."""
+        return lines_of(cast(bytes, self._wire), self._at)
+
+    def _line(self, index: int) -> str:
+        """Header line ``index``, read from the received bytes when the lines are not made."""
+        lines = self._lines
+        if lines is not None:
+            return lines[index]
+        return line_of(cast(bytes, self._wire), self._at, index)
+
     @property
     def headers(self) -> tuple[Header, ...]:
         """Every header field in order."""
-        lines = self._lines
+        lines = self._text()
         return tuple(Header(key, lines[i], _value_of(lines[i])) for i, key in enumerate(self._keys))
 
     def get(self, key: str) -> str | None:
@@ -261,7 +295,7 @@ class Message:
         # -1, not index() in a try: an absent header is common, and a caught exception
         # costs far more than the scan of a short list.
         i = _index(self._keys, key)
-        return None if i < 0 else _value_of(self._lines[i])
+        return None if i < 0 else _value_of(self._line(i))
 
     def get_all(self, key: str) -> list[str]:
         """The values of every header named ``key``, one entry per header line."""
@@ -269,11 +303,10 @@ class Message:
         first = _index(keys, key)
         if first < 0:
             return []
-        lines = self._lines
-        out = [_value_of(lines[first])]
+        out = [_value_of(self._line(first))]
         i = _index_from(keys, key, first + 1)
         while i >= 0:
-            out.append(_value_of(lines[i]))
+            out.append(_value_of(self._line(i)))
             i = _index_from(keys, key, i + 1)
         return out
 
@@ -283,7 +316,7 @@ class Message:
         first = _index(keys, key)
         if first >= 0 and _index_from(keys, key, first + 1) < 0:
             # One header line, as a response's Vias usually are: no list to gather.
-            return split_values(_value_of(self._lines[first]))
+            return split_values(_value_of(self._line(first)))
         out: list[str] = []
         for value in self.get_all(key):
             out.extend(split_values(value))
@@ -388,7 +421,7 @@ class Message:
         return tag
 
     # -- changing (each returns a new message) -------------------------------------------
-    def _copy(self, lines: list[str], keys: list[str], changed: str = "*") -> Self:
+    def _copy(self, lines: list[str] | None, keys: list[str], changed: str = "*") -> Self:
         # What was read from headers the change did not touch stays valid in the copy: a
         # relayed request is copied several times and its Via need not be parsed each time.
         clone = self._bare_copy()
@@ -396,6 +429,7 @@ class Message:
         clone._keys = keys
         clone.body = self.body
         clone._wire = None
+        clone._at = b""
         if changed not in _CACHED:
             clone._vias = self._vias
             clone._top_via = self._top_via
@@ -405,7 +439,8 @@ class Message:
             clone._from_tag = self._from_tag
             clone._mf = self._mf
         elif changed == "*":
-            _set_unread(clone, lines, keys, self.body)
+            # Only a change made on the lines changes anything: never one of offsets.
+            _set_unread(clone, cast(list[str], lines), keys, self.body)
         else:
             via = changed == "via"
             clone._vias = None if via else self._vias
@@ -431,7 +466,7 @@ class Message:
         index = _index(keys, key)
         if index < 0:
             index = 0 if key == "via" else _after_vias(keys)
-        lines = self._lines.copy()
+        lines = self._text().copy()
         keys = keys.copy()
         lines.insert(index, f"{name}: {value}")
         keys.insert(index, key)
@@ -439,7 +474,7 @@ class Message:
 
     def append(self, name: str, value: str) -> Self:
         """A new header after the others; Content-Length stays last when it was last."""
-        lines = self._lines.copy()
+        lines = self._text().copy()
         keys = self._keys.copy()
         index = len(keys) - 1 if keys and keys[-1] == "content-length" else len(keys)
         key = _key_of(name)
@@ -455,7 +490,7 @@ class Message:
         lines: list[str] = []
         keys: list[str] = []
         placed = False
-        for line, k in zip(self._lines, self._keys, strict=True):
+        for line, k in zip(self._text(), self._keys, strict=True):
             if k == key:
                 if placed:
                     continue
@@ -468,7 +503,7 @@ class Message:
     def replace_at(self, key: str, value: str) -> Self:
         """Rewrite the first ``key`` header's value, keeping the name as it was spelt."""
         index = _must_index(self._keys, key)
-        lines = self._lines.copy()
+        lines = self._text().copy()
         name = lines[index].partition(":")[0].rstrip(" \t")
         lines[index] = f"{name}: {value}"
         return self._copy(lines, self._keys.copy(), key)
@@ -477,7 +512,7 @@ class Message:
         """Without any header named ``key``."""
         if _index(self._keys, key) < 0:
             return self
-        pairs = [(ln, k) for ln, k in zip(self._lines, self._keys, strict=True) if k != key]
+        pairs = [(ln, k) for ln, k in zip(self._text(), self._keys, strict=True) if k != key]
         return self._copy([ln for ln, _ in pairs], [k for _, k in pairs], key)
 
     def pop_first_value(self, key: str) -> Self:
@@ -485,7 +520,7 @@ class Message:
         index = _index(self._keys, key)
         if index < 0:
             return self
-        lines = self._lines.copy()
+        lines = self._text().copy()
         keys = self._keys.copy()
         rest = split_values(_value_of(lines[index]))[1:]
         if rest:
@@ -515,62 +550,30 @@ class Message:
                 return spliced
         clone = self.pop_first_value("via")
         if wire is not None and clone is not self:
-            clone._wire = self._splice(wire, clone._lines, _must_index(self._keys, "via"))
+            clone._wire = self._splice(wire, clone._text(), _must_index(self._keys, "via"))
         return clone
 
     def _pop_top_via_in_place(self, wire: bytes, top: str) -> Self | None:
-        """``pop_top_via`` of a Via line written as nearly every response brings it back,
-        ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded: what the
-        general path gives (that line written ``Via: <the other value>``), read from the text
-        of ``top`` known from the parse instead of splitting and joining the line, and the
-        bytes cut out of ``wire`` directly. None for anything else (the general path)."""
-        keys = self._keys
-        index = _index(keys, "via")
+        """``pop_top_via`` of a received Via line written as nearly every response brings it
+        back, ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded: what
+        the general path gives (that line written ``Via: <the other value>``), cut out of
+        the received bytes where the parse found the line (``headscan.pop_first``), with
+        no header line made. None for anything else (the general path)."""
+        at = self._at
+        if not at or self._start_end(wire) < 0:
+            # Not the received bytes' lines (no offsets to cut at), or a start line the
+            # general path writes otherwise ("SIP/2.0 200" gains its space).
+            return None
+        index = _index(self._keys, "via")
         if index < 0:
             return None
-        line = self._lines[index]
-        colon = line.find(":")
-        # The name as the general path writes it back: no space or tab before the colon.
-        if colon <= 0 or line[colon - 1] in " \t":
+        cut = pop_first(wire, at, index, top)
+        if cut is None:
             return None
-        head = colon + 2  # past "Via: "
-        after = head + len(top)
-        # Slices compared, not startswith(x, at): compiled, that is a generic call.
-        if not (
-            line[colon + 1 : head] == " "
-            and line[head:after] == top
-            and line[after : after + 2] == ", "
-        ):
-            return None
-        other = line[after + 2 :]
-        # What split_values would cut into exactly [top, other]: one comma, no quote or '<',
-        # no fold, no whitespace at either end of the other value.
-        if (
-            not other
-            or not top.strip()
-            or "," in other
-            or "," in top
-            or '"' in line
-            or "<" in line
-            or "\n" in line
-            or other.strip() != other
-        ):
-            return None
-        at = self._start_end(wire)
-        if at < 0:
-            return None
-        # The header lines are the wire's as they are (the class's rule for ``_wire``): the
-        # Via line starts after the start line and the lines before it, each with its CRLF.
-        lines = self._lines
-        for i in range(index):
-            at += len(lines[i]) + 2
-        lines = lines.copy()
-        lines[index] = line[:head] + other
-        clone = self._copy(lines, keys.copy(), "via")
+        clone = self._copy(None, self._keys, "via")
         if self._vias:
             clone._vias = self._vias[1:]
-        # The received bytes less "<top>, ": the line as the general path writes it.
-        clone._wire = wire[: at + head] + wire[at + after + 2 :]
+        clone._wire, clone._at = cut
         return clone
 
     def _splice(self, wire: bytes, lines: list[str], index: int) -> bytes | None:
@@ -581,7 +584,7 @@ class Message:
         at = self._start_end(wire)
         if at < 0:
             return None
-        old_lines = self._lines
+        old_lines = self._text()
         for line in old_lines[:index]:
             at += len(line) + 2
         end = at + len(old_lines[index]) + 2
@@ -609,7 +612,7 @@ class Message:
     def to_bytes(self) -> bytes:
         """The message on the wire. Adds Content-Length when it is missing (RFC 3261 §18.3)."""
         if self._wire is None:
-            head = "\r\n".join(self._lines)
+            head = "\r\n".join(self._text())
             keys = self._keys
             # Content-Length is nearly always the last header: looked at first, no scan.
             if (not keys or keys[-1] != "content-length") and _index(keys, "content-length") < 0:
@@ -640,7 +643,9 @@ class Edit(Generic[M]):
 
     def __init__(self, message: M) -> None:
         self._message = message
-        self._lines = message._lines.copy()
+        lines = message._lines
+        # Lines not made yet are made for this edit alone: the message keeps its bytes.
+        self._lines = lines.copy() if lines is not None else message._text_made()
         self._keys = message._keys.copy()
         self._changed: str | None = None
         """None while nothing changed; then the one key changed so far that a message caches
@@ -780,23 +785,17 @@ def _to_tag_of(value: str) -> str | None:
 
 def _tag_of(value: str) -> str | None:
     """``param_of(parse_name_addr(value).params, "tag")``, read in place when the value is
-    written ``...<uri>;tag=x[;...]`` with no quote (every To and From a dialog carries, in
-    practice); any other spelling, and anything ``parse_name_addr`` refuses, takes the full
-    parse. A NameAddr and its parameters built per ACK and BYE were the largest single cost
-    of an in-dialog request.
+    written ``...<uri>;tag=x[;...]`` with no quote (``headscan.tag_in_place``); any other
+    spelling, and anything ``parse_name_addr`` refuses, takes the full parse. A NameAddr and
+    its parameters built per ACK and BYE were the largest single cost of an in-dialog
+    request.
 
     Raises:
         MalformedMessage: as parse_name_addr.
     """
-    if '"' not in value:
-        lt = value.find("<")
-        if lt >= 0:
-            gt = value.find(">", lt)
-            if gt > lt and value[lt + 1 : gt].strip():
-                rest = value[gt + 1 :]
-                if rest.startswith(";tag="):
-                    end = rest.find(";", 5)
-                    return (rest[5:] if end < 0 else rest[5:end]).strip()
+    tag = tag_in_place(value)
+    if tag is not None:
+        return tag
     return param_of(parse_name_addr(value).params, "tag")
 
 
@@ -872,7 +871,7 @@ class Request(Message):
 
     def with_uri(self, uri: str) -> Request:
         """The same request sent to another Request-URI."""
-        clone = self._copy(self._lines.copy(), self._keys.copy(), "")
+        clone = self._copy(self._text().copy(), self._keys.copy(), "")
         clone.uri = uri
         clone._ruri = None
         return clone
@@ -1155,23 +1154,23 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     scanned = split_head(data)
     if scanned is None:
         return None
-    end, first, lines = scanned
-    count = len(lines)
+    end, first, at = scanned
+    count = len(at) // 4 - 1
     shape = count * 128 + (ord(first[0]) & 127)
     template = _TEMPLATES.get(shape)
     plain: Plain | bool | None = False
     if template is not None:
-        plain = read_plain(data, end, first, lines, template, max_headers, datagram)
+        plain = read_plain(data, end, first, at, template, max_headers, datagram)
     if plain is False:
         # No message of this shape yet, or one of other names: the template of these lines.
-        template = _new_template(lines)
+        template = _new_template(lines_of(data, at))
         if template is None:
             return None
         if count <= _TEMPLATE_LINES:
             if len(_TEMPLATES) >= _MAX_TEMPLATES:
                 _TEMPLATES.clear()  # bounded, as the spelling cache is
             _TEMPLATES[shape] = template
-        plain = read_plain(data, end, first, lines, template, max_headers, datagram)
+        plain = read_plain(data, end, first, at, template, max_headers, datagram)
     if not isinstance(plain, tuple):
         return None  # a value not written plainly: the careful path reads it
     (
@@ -1188,6 +1187,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         status,
         text,
         mf,
+        tag,
     ) = plain
     message: Request | Response
     try:
@@ -1214,7 +1214,9 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     except (ValueError, RemoteSipError):
         return None  # a value the careful path will name
     to_tag: str | None = _UNREAD
-    if not status:
+    if tag is not False:
+        to_tag = tag  # a request's, absent or written the common way
+    elif not status:
         # Every request's To tag is read (it tells an initial request from one in a
         # dialog): taken here from the value already cut, where the property would find
         # the line and cut it again.
@@ -1225,10 +1227,13 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # Typed as the one native class, compiled the attributes are set directly (on the
     # union each would be a generic setattr).
     base = cast(Message, message)
-    base._lines = lines
+    # The header lines are made only if something asks for them: a relayed response is
+    # sent as its received bytes less our Via, cut where ``at`` says that line is.
+    base._lines = None
     base._keys = known
     base.body = body
     base._wire = wire
+    base._at = at
     base._vias = None
     base._top_via = top_via
     base._cseq = cseq
@@ -1407,6 +1412,7 @@ def _parse_careful(
         message._keys = keys
         message.body = body
         message._wire = wire
+        message._at = b""
         message._vias = None
         message._cseq = cseq
         message._call_id = call_id
@@ -1457,11 +1463,10 @@ def make_response(
     """
     lines: list[str] = []
     keys: list[str] = []
-    request_lines = request._lines
     # enumerate, not zip: compiled, a loop over enumerate is native and one over zip is not.
     for i, key in enumerate(request._keys):
         if key in _COPIED:
-            line = request_lines[i]
+            line = request._line(i)
             if key == "to" and to_tag and status > 100 and not _has_tag(_value_of(line)):
                 line = f"{line.rstrip()};tag={to_tag}"
             lines.append(line)
@@ -1488,6 +1493,7 @@ def _set_unread(message: Message, lines: list[str], keys: list[str], body: bytes
     message._keys = keys
     message.body = body
     message._wire = None
+    message._at = b""
     message._vias = None
     message._top_via = None
     message._cseq = None

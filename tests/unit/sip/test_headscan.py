@@ -4,6 +4,7 @@ on every input, and the Python ones say what the plain parse needs of a block.""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 from e911_sip import build
 from e911_sip.sip import headscan, message, uri
 from e911_sip.sip.errors import RemoteSipError
-from e911_sip.sip.headscan import names_match_python, read_plain_python, split_head_python
+from e911_sip.sip.headscan import (
+    line_of_python,
+    lines_of_python,
+    names_match_python,
+    pop_first_python,
+    read_plain_python,
+    split_head_python,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 CORPUS = [p.read_bytes() for p in sorted(DATA.glob("*/*.sip"))]
@@ -39,9 +47,32 @@ def test_the_build_uses_the_native_scan_when_it_is_built() -> None:
         assert "e911_sip.sip._headscan" in build.compiled_modules()
 
 
+def _lines(data: bytes) -> tuple[int, str, bytes, list[str]]:
+    """split_head_python's answer for a block that is plain, with the lines it found."""
+    scanned = split_head_python(data)
+    assert scanned is not None
+    end, first, at = scanned
+    return end, first, at, lines_of_python(data, at)
+
+
 def test_split_head_cuts_the_block_at_its_crlfs() -> None:
     data = b"INVITE sip:911@x SIP/2.0\r\nVia: a\r\nTo: b\r\n\r\nbody\r\n\r\n"
-    assert split_head_python(data) == (39, "INVITE sip:911@x SIP/2.0", ["Via: a", "To: b"])
+    end, first, at, lines = _lines(data)
+    assert (end, first, lines) == (39, "INVITE sip:911@x SIP/2.0", ["Via: a", "To: b"])
+    # Where each line starts, then where one after the last would: 32-bit integers.
+    assert memoryview(at).cast("I").tolist() == [26, 34, 41]
+    assert [line_of_python(data, at, i) for i in range(2)] == lines
+
+
+def _agree_on_lines(data: bytes) -> None:
+    """The lines found in ``data`` read alike natively and in Python, whole or one by one."""
+    scanned = split_head_python(data)
+    if scanned is None:
+        return
+    at = scanned[2]
+    lines = lines_of_python(data, at)
+    assert native.lines_of(data, at) == lines
+    assert [native.line_of(data, at, i) for i in range(len(lines))] == lines
 
 
 @pytest.mark.parametrize(
@@ -75,6 +106,7 @@ def test_names_match_needs_every_name_and_equal_lengths() -> None:
 @pytest.mark.parametrize("data", CORPUS, ids=range(len(CORPUS)))
 def test_native_split_head_agrees_on_the_corpus(data: bytes) -> None:
     assert native.split_head(data) == split_head_python(data)
+    _agree_on_lines(data)
 
 
 @needs_native
@@ -85,6 +117,7 @@ def test_native_split_head_agrees_on_any_block(start: bytes, block: bytes) -> No
     assert native.split_head(data) == split_head_python(data)
     # Any object with the buffer protocol reads as its bytes.
     assert native.split_head(bytearray(data)) == split_head_python(data)
+    _agree_on_lines(data)
 
 
 @needs_native
@@ -94,9 +127,7 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
     with pytest.raises(TypeError):
         native.via_parts(b"SIP/2.0/UDP h")  # type: ignore[arg-type]
     data = PLAIN[1]
-    scanned = split_head_python(data)
-    assert scanned is not None
-    end, first, lines = scanned
+    end, first, at_lines, lines = _lines(data)
     _learn_names()
     template = message._new_template(lines)
     assert template is not None
@@ -112,13 +143,46 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
         (spellings, keys, at, lengths, [-1] * 8),  # a cut before the line
     ]:
         with pytest.raises((TypeError, ValueError)):
-            native.read_plain(data, end, first, lines, bad, 256, True)  # type: ignore[arg-type]
+            native.read_plain(data, end, first, at_lines, bad, 256, True)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        native.read_plain(data, len(data), first, lines, template, 256, True)
+        native.read_plain(data, len(data), first, at_lines, template, 256, True)
     with pytest.raises(TypeError):
-        native.read_plain(data, end, first, [b"x"] * len(lines), template, 256, True)  # type: ignore[list-item]
+        native.read_plain(data, end, first, lines, template, 256, True)  # type: ignore[arg-type]
+    # Offsets that are not of lines inside the header block: refused, never read.
+    count = len(at_lines) // 4
+    bad_offsets = [
+        b"",  # no line
+        at_lines[:4],  # a start with no end
+        at_lines[:-1],  # not whole integers
+        at_lines[4:8] + at_lines[:4],  # going back
+        at_lines[:4] * 2,  # an empty line without its CRLF
+        at_lines[:-4] + (end + 3).to_bytes(4, sys.byteorder),  # past the block
+        b"\xff" * 4 * count,  # far past the data
+    ]
+    for bad_at in bad_offsets:
+        with pytest.raises(ValueError):
+            native.read_plain(data, end, first, bad_at, template, 256, True)
+    # Past the block, but inside the data: lines_of reads any line of the bytes.
+    for bad_at in bad_offsets[:5] + bad_offsets[6:]:
+        with pytest.raises(ValueError):
+            native.lines_of(data, bad_at)
+        with pytest.raises(ValueError):
+            native.line_of(data, bad_at, 0)
+        with pytest.raises(ValueError):
+            native.pop_first(data, bad_at, 0, "x")
+    with pytest.raises(TypeError):
+        native.lines_of(bytearray(data), at_lines)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        native.lines_of(data, bytearray(at_lines))  # type: ignore[arg-type]
+    for index in (-1, count - 1, 2**40):
+        with pytest.raises((IndexError, OverflowError)):
+            native.line_of(data, at_lines, index)
+        with pytest.raises((IndexError, OverflowError)):
+            native.pop_first(data, at_lines, index, "x")
+    with pytest.raises(TypeError):
+        native.pop_first(data, at_lines, 0, b"x")  # type: ignore[arg-type]
     # Bytes of another type are not read: the careful parse takes them.
-    assert native.read_plain(bytearray(data), end, first, lines, template, 256, True) is None  # type: ignore[arg-type]
+    assert native.read_plain(bytearray(data), end, first, at_lines, template, 256, True) is None  # type: ignore[arg-type]
 
 
 # Messages as the edge meets them, and the corpus: the values read_plain reads, each
@@ -157,15 +221,13 @@ def _read_both(data: bytes, max_headers: int, datagram: bool) -> object:
     scanned = split_head_python(data)
     if scanned is None:
         return None
-    end, first, lines = scanned
-    template = message._new_template(lines)
+    end, first, at = scanned
+    template = message._new_template(lines_of_python(data, at))
     if template is None:
         return None
-    python = read_plain_python(data, end, first, lines, template, max_headers, datagram)
+    python = read_plain_python(data, end, first, at, template, max_headers, datagram)
     if native is not None:
-        assert native.read_plain(data, end, first, lines, template, max_headers, datagram) == (
-            python
-        )
+        assert native.read_plain(data, end, first, at, template, max_headers, datagram) == (python)
     return python
 
 
@@ -184,7 +246,7 @@ def test_read_plain_reads_what_the_parse_keeps(data: bytes) -> None:
     plain = _read_both(data, 256, True)
     assert plain is not None
     parsed = message.parse(data)
-    keys, body, wire, cseq, call_id, _, _, _, _, _, status, text, _ = plain
+    keys, body, wire, cseq, call_id, _, _, _, _, _, status, text, _, _ = plain
     assert (keys, body, wire, cseq, call_id) == (
         parsed._keys,
         parsed.body,
@@ -354,19 +416,17 @@ def test_names_other_than_the_template_s_are_told_apart_from_values_not_plain(
     # False (names not of this template: the parser makes another), not None (a value for
     # the careful parse), and the same answer natively.
     _learn_names()
-    scanned = split_head_python(data)
-    assert scanned is not None
-    end, first, lines = scanned
+    end, first, at, lines = _lines(data)
     template = message._new_template(lines)
     assert template is not None
     spellings = list(template[0])
     i = index % len(spellings)
     spellings[i] = spelt
     changed = (spellings, *template[1:])
-    python = read_plain_python(data, end, first, lines, changed, 256, True)
+    python = read_plain_python(data, end, first, at, changed, 256, True)
     assert (python is False) == (not lines[i].startswith(spelt))
     if native is not None:
-        assert native.read_plain(data, end, first, lines, changed, 256, True) == python
+        assert native.read_plain(data, end, first, at, changed, 256, True) == python
 
 
 def test_a_message_of_a_known_shape_with_other_names_makes_its_own_template() -> None:
@@ -407,3 +467,97 @@ def test_every_via_protocol_the_python_short_cut_reads_the_native_one_reads(
     text = f"{protocol} h:5060;branch=z9hG4bK1"
     assert native.via_parts(text) == uri._via_parts(text) is not None
     assert native.via_parts(text.replace(protocol, protocol + "X")) is None
+
+
+# The Via lines a response brings back, and values cut from them: pop_first's cases.
+VIA_VALUES = [
+    "SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKours;rport",
+    "SIP/2.0/UDP up;branch=z9hG4bKu",
+]
+VIA_PIECES = [*VIA_VALUES, ", ", ",", " ", "\t", '"', "<", "\xa0", "\x85", "é", "\n", ""]
+
+
+def _response(via_line: str) -> bytes:
+    return (
+        f"SIP/2.0 200 OK\r\n{via_line}\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\n"
+        "Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 1\r\n\r\nx"
+    ).encode("latin-1")
+
+
+def test_pop_first_cuts_the_first_value_and_moves_the_lines_after_it() -> None:
+    ours, upstream = VIA_VALUES
+    data = _response(f"Via: {ours}, {upstream}")
+    end, first, at, lines = _lines(data)
+    popped = pop_first_python(data, at, 0, ours)
+    assert popped is not None
+    wire, moved = popped
+    assert wire == _response(f"Via: {upstream}")
+    assert lines_of_python(wire, moved) == [f"Via: {upstream}", *lines[1:]]
+    assert split_head_python(wire) == (end - len(ours) - 2, first, moved)
+    # A line that does not start with that value, or holds one value: not cut here.
+    assert pop_first_python(data, at, 0, upstream) is None
+    assert pop_first_python(data, at, 1, ours) is None
+
+
+@settings(max_examples=1500)
+@given(
+    name=st.sampled_from(["Via: ", "Via:", "Via : ", "v: ", "Via:  ", "Via:\t"]),
+    pieces=st.lists(st.sampled_from(VIA_PIECES), min_size=1, max_size=5),
+    first=st.sampled_from([*VIA_VALUES, " " + VIA_VALUES[0], VIA_VALUES[0] + " ", "é", ""]),
+    index=st.integers(0, 5),
+)
+def test_pop_first_native_and_python_agree_on_any_via_line(
+    name: str, pieces: list[str], first: str, index: int
+) -> None:
+    data = _response(name + "".join(pieces))
+    scanned = split_head_python(data)
+    if scanned is None:
+        return  # a bare LF drawn: not a block the parse would cut
+    at = scanned[2]
+    python = pop_first_python(data, at, index, first)
+    if python is not None:
+        # What the general path writes: that line as "Name: <the other value>".
+        line = lines_of_python(data, at)[index]
+        rest = uri.split_values(message._value_of(line))
+        assert rest[0] == first and len(rest) == 2
+        assert lines_of_python(*python)[index] == line[: line.find(":")] + ": " + rest[1]
+    if native is not None:
+        assert native.pop_first(data, at, index, first) == python
+        assert native.pop_first(data, at, index, first + "€") is None
+
+
+@settings(max_examples=1000)
+@given(
+    st.tuples(
+        pads,
+        st.sampled_from(
+            ["<sip:b@h>", "sip:b@h", '"B" <sip:b@h>', "< >", "<sip:b@h", "B <sip:b@h>"]
+        ),
+        st.sampled_from(
+            ["", ";tag=", ";tag=x", ";TAG=x", ";tag= x ;a", ";x=tag", ">", ";tag=x;tag=y"]
+        ),
+        pads,
+    ).map("".join),
+    st.booleans(),
+)
+def test_the_to_tag_read_with_the_values_is_the_property_s(value: str, response: bool) -> None:
+    _learn_names()
+    start = "SIP/2.0 200 OK" if response else "BYE sip:b@h SIP/2.0"
+    data = (
+        f"{start}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@h>;tag=1\r\n"
+        f"To: {value}\r\nCall-ID: c\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    ).encode("latin-1")
+    plain = _read_both(data, 256, True)
+    if not isinstance(plain, tuple):
+        return
+    tag = plain[13]
+    if response:
+        assert tag is False  # a response's is read when asked for
+    elif tag is not False:
+        assert tag == message._to_tag_of(plain[6])
+    try:
+        parsed = message.parse(data)
+        expected = message._to_tag_of(plain[6])
+    except RemoteSipError:
+        return  # a To the parse refuses: nothing to read a tag from
+    assert parsed.to_tag == expected

@@ -435,6 +435,7 @@ _RESPONSE_ATTRIBUTES = (
     "reason",
     "body",
     "_wire",
+    "_at",
     "_vias",
     "_top_via",
     "_cseq",
