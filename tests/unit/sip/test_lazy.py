@@ -353,3 +353,94 @@ def test_a_message_of_a_known_shape_but_other_names_is_read_by_its_names(
     assert plain is not None
     assert plain._keys == careful._keys
     assert plain._text() == careful._text()
+
+
+# An edit of a message that keeps its received bytes (its lines not made) makes its lines
+# for itself; the same edit of the same message with its lines made copies them. The two
+# must give the same message, and the message edited must keep its bytes.
+EDIT_NAMES = ["Via", "Route", "Record-Route", "Max-Forwards", "Priority", "X-Extra", "To"]
+EDIT_VALUES = ["SIP/2.0/UDP e:5060;branch=z9hG4bKe;rport", "<sip:e;lr>", "70", "a, b", "é", "€"]
+EDIT_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["prepend", "append", "replace", "remove", "replace_at", "pop_first_value", "get"]
+        ),
+        st.sampled_from(EDIT_NAMES),
+        st.sampled_from(EDIT_VALUES),
+    ),
+    max_size=6,
+)
+
+
+def _apply(message: Request | Response, ops: list[tuple[str, str, str]], uri: str | None):
+    edit = message.edit()
+    seen: list[object] = []
+    for op, name, value in ops:
+        key = name.lower()
+        if op in ("prepend", "append", "replace"):
+            getattr(edit, op)(name, value)
+        elif op == "remove":
+            edit.remove(key)
+        elif op == "pop_first_value":
+            edit.pop_first_value(key)
+        elif op == "replace_at":
+            if edit.has(key):
+                edit.replace_at(key, value)
+        else:
+            seen.append((edit.get(key), edit.get_all(key), edit.has(key)))
+    if uri is not None and isinstance(message, Request):
+        return edit.done(uri=uri), seen
+    return edit.done(), seen
+
+
+@settings(max_examples=500)
+@given(
+    st.sampled_from([ACK, *VALID]),
+    EDIT_OPS,
+    st.sampled_from([None, "sip:911@10.0.0.9", "sip:é@h"]),
+)
+def test_an_edit_from_the_received_bytes_is_the_edit_from_the_lines(
+    data: bytes, ops: list[tuple[str, str, str]], uri: str | None
+) -> None:
+    try:
+        kept = parse(data)
+        made = parse(data)
+    except RemoteSipError:
+        return
+    made._text()  # the lines made: the edit works on a copy of them
+    if kept._lines is not None:
+        return  # a message the careful parse read: it has its lines anyway
+    a, seen_a = _apply(kept, ops, uri)
+    assert kept._lines is None  # its lines were made for the edit alone
+    b, seen_b = _apply(made, ops, uri)
+    assert seen_a == seen_b
+    assert a._text() == b._text() and a._keys == b._keys
+    assert a.headers == b.headers
+    try:
+        expected = b.to_bytes()
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            a.to_bytes()
+        return
+    assert a.to_bytes() == expected
+    # What the bytes were written from reads back the same: parsed again, the same message.
+    try:
+        again = parse(expected)
+    except RemoteSipError:
+        pass  # an edit drawn to leave a mandatory header out
+    else:
+        assert again.headers == a.headers
+    assert _cached(a) == _cached(b)
+    # The message edited is unchanged.
+    assert kept.to_bytes() == data[: len(kept.to_bytes())]
+
+
+def _cached(message: Request | Response) -> list[object]:
+    """The values a message reads and keeps, or the error each raises."""
+    out: list[object] = []
+    for name in ("top_via", "cseq", "call_id", "max_forwards", "to_tag", "from_tag"):
+        try:
+            out.append(getattr(message, name))
+        except RemoteSipError as exc:
+            out.append(type(exc))
+    return out
