@@ -651,6 +651,33 @@ error:
     return NULL;
 }
 
+/* numbers.bounded_uint(text, 65535) of a port's digits (short_uint below five digits, where
+ * the two agree), or -1. */
+static long
+port_of(span digits)
+{
+    if (digits.length < 5) {
+        return short_uint(digits);
+    }
+    for (Py_ssize_t i = 0; i < digits.length; i++) {
+        if (digits.text[i] < '0' || digits.text[i] > '9') {
+            return -1;
+        }
+    }
+    Py_ssize_t at = 0;
+    while (at < digits.length && digits.text[at] == '0') {
+        at++;
+    }
+    if (digits.length - at > 5) {
+        return -1;
+    }
+    if (digits.length == at) {
+        return 0;
+    }
+    const long port = short_uint((span){digits.text + at, digits.length - at});
+    return port > 65535 ? -1 : port;
+}
+
 /* via_parts(text) -> (transport, host, port, params) | None
  *
  * What uri._via_parts reads of a Via written the common way (a known sent-protocol, one
@@ -709,38 +736,7 @@ via_parts(PyObject *module, PyObject *arg)
     }
     long port = -1;
     if (colon != NULL) {
-        /* numbers.short_uint below five digits, bounded_uint(text, 65535) from five on */
-        const span digits = {colon + 1, rest + hostport - colon - 1};
-        if (digits.length < 5) {
-            port = short_uint(digits);
-        }
-        else {
-            Py_ssize_t at = 0;
-            while (at < digits.length && digits.text[at] == '0') {
-                at++;
-            }
-            port = 0;
-            for (Py_ssize_t i = 0; i < digits.length; i++) {
-                if (digits.text[i] < '0' || digits.text[i] > '9') {
-                    port = -1;
-                    break;
-                }
-            }
-            if (port == 0) {
-                if (digits.length - at > 5) {
-                    port = -1;
-                }
-                else {
-                    port = short_uint((span){digits.text + at, digits.length - at});
-                    if (digits.length == at) {
-                        port = 0;
-                    }
-                    if (port > 65535) {
-                        port = -1;
-                    }
-                }
-            }
-        }
+        port = port_of((span){colon + 1, rest + hostport - colon - 1});
         if (port < 0) {
             Py_RETURN_NONE;
         }
@@ -755,6 +751,98 @@ via_parts(PyObject *module, PyObject *arg)
         result = PyTuple_Pack(4, items[0], items[1], items[2], items[3]);
     }
     for (Py_ssize_t i = 0; i < 4; i++) {
+        Py_XDECREF(items[i]);
+    }
+    return result;
+}
+
+/* -- uri_parts ------------------------------------------------------------------------- */
+
+static PyObject *scheme_sip;
+static PyObject *scheme_sips;
+
+/* uri_parts(text) -> (scheme, user, host, port, params) | None
+ *
+ * What uri._parse_uri reads of a sip or sips URI written the common way: all ASCII, no
+ * whitespace, no IPv6 reference, a user (when there is an '@') that is not empty, a host,
+ * a port of digits worth at most 65535. None for anything else, which the Python code
+ * reads (and refuses, when it must).
+ */
+static PyObject *
+uri_parts(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "uri_parts() reads a string");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(arg)) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *text = PyUnicode_1BYTE_DATA(arg);
+    const Py_ssize_t length = PyUnicode_GET_LENGTH(arg);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (is_ascii_space(text[i]) || text[i] == '[' || text[i] == ']') {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *scheme;
+    Py_ssize_t at;
+    if (length >= 4 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'i'
+        && (text[2] | 0x20) == 'p' && text[3] == ':') {
+        scheme = scheme_sip;
+        at = 4;
+    }
+    else if (length >= 5 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'i'
+             && (text[2] | 0x20) == 'p' && (text[3] | 0x20) == 's' && text[4] == ':') {
+        scheme = scheme_sips;
+        at = 5;
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+    span rest = {text + at, length - at};
+    span user = {NULL, 0};
+    const Py_ssize_t sign = find_char(rest, '@', 0);
+    if (sign >= 0) {
+        const span userinfo = {rest.text, sign};
+        const Py_ssize_t colon = find_char(userinfo, ':', 0);
+        user = (span){userinfo.text, colon < 0 ? userinfo.length : colon};
+        if (user.length == 0) {
+            Py_RETURN_NONE;
+        }
+        rest = (span){rest.text + sign + 1, rest.length - sign - 1};
+    }
+    const Py_ssize_t question = find_char(rest, '?', 0);
+    if (question >= 0) {
+        rest.length = question;
+    }
+    const Py_ssize_t semi = find_char(rest, ';', 0);
+    const span hostport = {rest.text, semi < 0 ? rest.length : semi};
+    const Py_ssize_t colon = find_char(hostport, ':', 0);
+    const span host = {hostport.text, colon < 0 ? hostport.length : colon};
+    if (host.length == 0) {
+        Py_RETURN_NONE;
+    }
+    long port = -1;
+    if (colon >= 0 && colon + 1 < hostport.length) {
+        port = port_of((span){hostport.text + colon + 1, hostport.length - colon - 1});
+        if (port < 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *items[5] = {NULL};
+    items[0] = Py_NewRef(scheme);
+    items[1] = user.text == NULL ? Py_NewRef(Py_None) : text_of(user);
+    items[2] = lower_text(host.text, host.length);
+    items[3] = port < 0 ? Py_NewRef(Py_None) : PyLong_FromLong(port);
+    items[4] = semi < 0 ? PyTuple_New(0)
+                        : split_params(rest.text + semi + 1, rest.length - semi - 1);
+    PyObject *result = NULL;
+    if (items[1] != NULL && items[2] != NULL && items[3] != NULL && items[4] != NULL) {
+        result = PyTuple_Pack(5, items[0], items[1], items[2], items[3], items[4]);
+    }
+    for (Py_ssize_t i = 0; i < 5; i++) {
         Py_XDECREF(items[i]);
     }
     return result;
@@ -934,6 +1022,8 @@ static PyMethodDef module_methods[] = {
      "line_of(data, at, index) -> str"},
     {"pop_first", (PyCFunction)(void (*)(void))pop_first, METH_FASTCALL,
      "pop_first(wire, at, index, first) -> (wire, at) or None"},
+    {"uri_parts", (PyCFunction)uri_parts, METH_O,
+     "uri_parts(text) -> (scheme, user, host, port, params) or None"},
     {"via_parts", (PyCFunction)via_parts, METH_O,
      "via_parts(text) -> (transport, host, port, params) or None"},
     {NULL, NULL, 0, NULL},
@@ -949,6 +1039,13 @@ exec_module(PyObject *module)
             if (methods[i] == NULL) {
                 return -1;
             }
+        }
+    }
+    if (scheme_sip == NULL) {
+        scheme_sip = PyUnicode_InternFromString("sip");
+        scheme_sips = PyUnicode_InternFromString("sips");
+        if (scheme_sip == NULL || scheme_sips == NULL) {
+            return -1;
         }
     }
     for (Py_ssize_t i = 0; i < PROTOCOL_COUNT; i++) {

@@ -28,6 +28,7 @@ __all__ = [
     "NATIVE",
     "Plain",
     "Template",
+    "UriParts",
     "ViaParts",
     "line_of",
     "line_of_python",
@@ -41,6 +42,7 @@ __all__ = [
     "split_head",
     "split_head_python",
     "tag_in_place",
+    "uri_parts",
     "via_parts",
 ]
 
@@ -69,6 +71,9 @@ of Content-Length headers, and ``cut`` (where that first header's value starts i
 line)."""
 
 ViaParts = tuple[str, str, int | None, tuple[tuple[str, str | None], ...]]
+UriParts = tuple[str, str | None, str, int | None, tuple[tuple[str, str | None], ...]]
+"""A URI's scheme, user (None when absent), host (lower case), port (None when absent) and
+parameters, as ``uri.Uri`` holds them."""
 """A Via's transport, host (lower case), port (None when absent) and parameters, as
 ``uri.Via`` holds them."""
 
@@ -351,6 +356,10 @@ read_plain: Callable[
 lines_of: Callable[[bytes, bytes], list[str]] = lines_of_python
 line_of: Callable[[bytes, bytes, int], str] = line_of_python
 pop_first: Callable[[bytes, bytes, int, str], tuple[bytes, bytes] | None] = pop_first_python
+uri_parts: Callable[[str], UriParts | None] | None = None
+"""The native reading of a sip or sips URI written the common way (what ``uri._parse_uri``
+reads of one that is all ASCII, with no whitespace and no IPv6 reference; None for any
+other); None itself in the pure build, where uri reads every URI."""
 via_parts: Callable[[str], ViaParts | None] | None = None
 """The native reading of a Via written the common way (``uri._via_parts`` for text that is
 all ASCII, None for any other); None itself in the pure build, where uri reads every Via."""
@@ -365,6 +374,7 @@ try:
         pop_first,
         read_plain,
         split_head,
+        uri_parts,
         via_parts,
     )
 

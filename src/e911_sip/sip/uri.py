@@ -19,7 +19,7 @@ import re
 from typing import Final, NamedTuple
 
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
-from e911_sip.sip.headscan import via_parts
+from e911_sip.sip.headscan import uri_parts, via_parts
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
 
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
@@ -167,6 +167,17 @@ def parse_uri(text: str) -> Uri:
 
 
 def _parse_uri(text: str) -> Uri:
+    if uri_parts is not None:
+        # A sip URI written the common way (a new caller's From and P-Asserted-Identity),
+        # read natively: the same answer as below, for the text the native reader takes.
+        parts = uri_parts(text)
+        if parts is not None:
+            return _uri(parts[0], parts[1], parts[2], parts[3], parts[4], text)
+    return _read_uri(text)
+
+
+def _read_uri(text: str) -> Uri:
+    """The Python reading of any URI (``_parse_uri`` without the native one)."""
     raw = text
     scheme, sep, rest = text.partition(":")
     if not sep or not scheme:

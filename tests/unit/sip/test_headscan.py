@@ -561,3 +561,55 @@ def test_the_to_tag_read_with_the_values_is_the_property_s(value: str, response:
     except RemoteSipError:
         return  # a To the parse refuses: nothing to read a tag from
     assert parsed.to_tag == expected
+
+
+# -- uri_parts: a caller's sip URI read natively ---------------------------------------------
+
+URI_TEXTS = st.tuples(
+    # The common spelling half the time for each part, so that many texts are read natively.
+    st.one_of(
+        st.just("sip:"),
+        st.sampled_from(["SIP:", "sips:", "sIpS:", "tel:", "urn:", "", "si:", "sipx:"]),
+    ),
+    st.sampled_from(["", "alice@", "a:pw@", "+13215551234@", ":pw@", "é@", "a@b@", "a;x=1@"]),
+    st.sampled_from(["h", "EXAMPLE.com", "10.0.0.1", "[::1]", "", "h]", "H-1.Example"]),
+    st.sampled_from(["", ":5060", ":", ":65535", ":65536", ":0005060", ":00000000000080", ":x"]),
+    st.sampled_from(["", ";transport=TCP", ";lr", ";", ";a=b;c", ";A=B;;", ";x=é"]),
+    st.sampled_from(["", "?x=y", "?", "?a;b=c"]),
+    st.one_of(st.just(""), st.sampled_from([" ", "\t", "\x0b", "\x1c"])),
+    st.integers(0, 60),
+).map(lambda p: _with_space("".join(p[:6]), p[6], p[7]))
+
+
+def _with_space(text: str, space: str, at: int) -> str:
+    at %= len(text) + 1
+    return text[:at] + space + text[at:]
+
+
+@needs_native
+@settings(max_examples=2000)
+@given(URI_TEXTS)
+def test_uri_parts_reads_what_the_python_reading_reads(text: str) -> None:
+    parts = native.uri_parts(text)
+    try:
+        expected = uri._read_uri(text)
+    except RemoteSipError:
+        assert parts is None  # refused: the Python reading names why
+        return
+    if parts is not None:
+        assert (*parts, text) == tuple(expected)
+    assert uri._parse_uri(text) == expected
+
+
+@needs_native
+def test_uri_parts_reads_a_caller_written_the_common_way() -> None:
+    assert native.uri_parts("sip:+13215551234@Edge.example:5060;user=phone") == (
+        "sip",
+        "+13215551234",
+        "edge.example",
+        5060,
+        (("user", "phone"),),
+    )
+    assert native.uri_parts("tel:+13215551234") is None
+    with pytest.raises(TypeError):
+        native.uri_parts(b"sip:a@h")  # type: ignore[arg-type]
