@@ -227,6 +227,12 @@ class Message:
     keep a fold inside its line, ``to_bytes`` and a splice write the lines themselves. Only
     the start line may be spelt otherwise than :meth:`start_line` writes it (a status line
     without a reason phrase, kept as it came).
+
+    A plain parse, and the in-place cut of a response's top Via, leave ``_lines`` None and
+    ``_at`` set: where each header line starts in ``_wire`` (``headscan.split_head``). The
+    lines are then made from the bytes when a change is made on them (``_text``), and a
+    value read cuts its one line (``_line``). ``_at`` is empty for a message whose bytes
+    were written from its lines, or that has none yet.
     """
 
     __slots__ = (
