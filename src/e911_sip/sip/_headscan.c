@@ -894,6 +894,27 @@ lines_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return lines;
 }
 
+/* The bytes, offsets and line index a line_of or pop_first is given (``name`` for the
+ * errors), checked: the offsets of the lines, with ``*index`` a line among them. */
+static const char *
+line_args(PyObject *const *args, const char *name, Py_ssize_t *index)
+{
+    Py_ssize_t count;
+    const char *offsets = lines_args(args[0], args[1], &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    *index = PyLong_AsSsize_t(args[2]);
+    if (*index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (*index < 0 || *index >= count) {
+        PyErr_Format(PyExc_IndexError, "%s() index out of range", name);
+        return NULL;
+    }
+    return offsets;
+}
+
 /* line_of(data, at, index) -> str: header line ``index``, decoded as latin-1
  * (headscan.line_of_python). */
 static PyObject *
@@ -904,17 +925,9 @@ line_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "line_of() takes exactly 3 arguments");
         return NULL;
     }
-    Py_ssize_t count;
-    const char *offsets = lines_args(args[0], args[1], &count);
+    Py_ssize_t index;
+    const char *offsets = line_args(args, "line_of", &index);
     if (offsets == NULL) {
-        return NULL;
-    }
-    const Py_ssize_t index = PyLong_AsSsize_t(args[2]);
-    if (index == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (index < 0 || index >= count) {
-        PyErr_SetString(PyExc_IndexError, "line_of() index out of range");
         return NULL;
     }
     Py_ssize_t start, length;
@@ -935,17 +948,9 @@ pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pop_first() takes exactly 4 arguments");
         return NULL;
     }
-    Py_ssize_t count;
-    const char *offsets = lines_args(args[0], args[1], &count);
+    Py_ssize_t index;
+    const char *offsets = line_args(args, "pop_first", &index);
     if (offsets == NULL) {
-        return NULL;
-    }
-    const Py_ssize_t index = PyLong_AsSsize_t(args[2]);
-    if (index == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (index < 0 || index >= count) {
-        PyErr_SetString(PyExc_IndexError, "pop_first() index out of range");
         return NULL;
     }
     PyObject *first_obj = args[3];

@@ -1224,10 +1224,10 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
         to_tag = tag  # a request's, absent or written the common way
     elif not status:
         # Every request's To tag is read (it tells an initial request from one in a
-        # dialog): taken here from the value already cut, where the property would find
-        # the line and cut it again.
+        # dialog). read_plain found "tag" in the value but not written in place: only the
+        # full parse of the name-addr is left of what the property would do.
         try:
-            to_tag = _to_tag_of(to_value)
+            to_tag = param_of(parse_name_addr(to_value).params, "tag")
         except MalformedMessage:
             pass  # left unread: the property raises it when the tag is asked for
     # Typed as the one native class, compiled the attributes are set directly (on the
