@@ -1925,8 +1925,15 @@ class ProxyCore:
             # not known here; trunks are configured by IP, so the emergency path is checked.
             self._events.append(Discarded("response_source", str(response.status), source))
             return
-        if entry.branch is not None and not (
-            self._fast and _below_top_via(response, entry.upstream_via)
+        relayed: Response | None = None
+        if entry.branch is not None and self._fast and entry.upstream_via:
+            # The common case checked and cut at once: the Vias received as ``<ours>,
+            # <upstream's>`` give the response to relay, our Via cut from the bytes.
+            relayed = response.pop_top_via_before(entry.upstream_via)
+        if (
+            entry.branch is not None
+            and relayed is None
+            and not (self._fast and _below_top_via(response, entry.upstream_via))
         ):
             vias = response.values("via")
             if len(vias) < 2:
@@ -1942,7 +1949,7 @@ class ProxyCore:
         if self._fast and branch is not None and len(effects) == 1 and type(effects[0]) is PassUp:
             # Fast path: a provisional or a 2xx for one of our branches, the common response.
             try:
-                self._branch_response(branch, response, now)
+                self._branch_response(branch, response, now, relayed)
             finally:
                 self._arm_client(entry)
             return
@@ -1995,7 +2002,11 @@ class ProxyCore:
         self._outbox.append(Outgoing(response.pop_top_via().to_bytes(), peer))
         return True
 
-    def _branch_response(self, branch: _Branch, response: Response, now: float) -> None:
+    def _branch_response(
+        self, branch: _Branch, response: Response, now: float, relayed: Response | None = None
+    ) -> None:
+        """A response of ``branch`` passed up by its transaction; ``relayed`` is what goes
+        upstream of it (``response.pop_top_via()``) when already made."""
         context = branch.context
         status = response.status
         if status > 100 and status < 300 and not branch.dialog_noted:
@@ -2015,7 +2026,7 @@ class ProxyCore:
             branch.timer_c_deadline = now + self._options.timer_c
             self._arm_branch(branch)
             if status != 100 and context.state in _OPEN:
-                self._reply(context, response.pop_top_via(), now)
+                self._reply(context, relayed or response.pop_top_via(), now)
             return
         if branch.step(BranchEvent.SUCCESS if status < 300 else BranchEvent.FAILURE) is None:
             return
@@ -2026,7 +2037,7 @@ class ProxyCore:
             # Every 2xx goes upstream (§16.7 step 5), even a late one from an abandoned trunk.
             if context.step(ContextEvent.FINAL) is not None:
                 self._completed(context, status, branch.trunk)
-            self._server_send(context, response.pop_top_via(), now)
+            self._server_send(context, relayed or response.pop_top_via(), now)
             for other in context.branches:
                 if other is not branch:
                     self._cancel_branch(other, now)
@@ -2035,7 +2046,7 @@ class ProxyCore:
         if was is BranchState.ABANDONED or was is BranchState.ABANDONED_CANCELLING:
             self._maybe_finish(context, now)
             return
-        context.responses.append(response.pop_top_via())
+        context.responses.append(relayed or response.pop_top_via())
         if (
             status == 424
             and context.route is Route.EMERGENCY

@@ -935,17 +935,18 @@ line_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyUnicode_DecodeLatin1(PyBytes_AS_STRING(args[0]) + start, length, NULL);
 }
 
-/* pop_first(wire, at, index, first) -> (wire, at) | None
+/* pop_first(wire, at, index, first, other) -> (wire, at) | None
  *
  * headscan.pop_first_python: the bytes and offsets less ``first`` and the ", " after it in
- * header line ``index``, when that line is ``Name: <first>, <other>`` written plainly.
+ * header line ``index``, when that line is ``Name: <first>, <other>`` written plainly (and
+ * its other value is ``other``, unless that is None).
  */
 static PyObject *
 pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "pop_first() takes exactly 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "pop_first() takes exactly 5 arguments");
         return NULL;
     }
     Py_ssize_t index;
@@ -958,7 +959,13 @@ pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pop_first() takes the first value as a string");
         return NULL;
     }
-    if (PyUnicode_KIND(first_obj) != PyUnicode_1BYTE_KIND) {
+    PyObject *expected_obj = args[4];
+    if (expected_obj != Py_None && !PyUnicode_Check(expected_obj)) {
+        PyErr_SetString(PyExc_TypeError, "pop_first() takes the other value as a string or None");
+        return NULL;
+    }
+    if (PyUnicode_KIND(first_obj) != PyUnicode_1BYTE_KIND
+        || (expected_obj != Py_None && PyUnicode_KIND(expected_obj) != PyUnicode_1BYTE_KIND)) {
         Py_RETURN_NONE; /* not latin-1: not the text of any line */
     }
     const span first = {PyUnicode_1BYTE_DATA(first_obj), PyUnicode_GET_LENGTH(first_obj)};
@@ -985,6 +992,11 @@ pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || find_char(first, ',', 0) >= 0 || find_char(line, '"', 0) >= 0
         || find_char(line, '<', 0) >= 0 || find_char(line, '\n', 0) >= 0
         || is_space(other.text[0]) || is_space(other.text[other.length - 1])) {
+        Py_RETURN_NONE;
+    }
+    if (expected_obj != Py_None
+        && (PyUnicode_GET_LENGTH(expected_obj) != other.length
+            || memcmp(PyUnicode_1BYTE_DATA(expected_obj), other.text, (size_t)other.length) != 0)) {
         Py_RETURN_NONE;
     }
 
@@ -1016,6 +1028,135 @@ pop_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* copy_lines(data, at, keys, wanted, head, last, last_key) -> (wire, at, keys)
+ *
+ * headscan.copy_lines_python: a new message head made of ``head`` (a start line and its
+ * CRLF), each header line of ``data`` whose key (``keys``, one per line) is in ``wanted``,
+ * in order, and ``last`` as its last line, then the blank line; with the offsets of its
+ * lines as split_head gives them, and their keys.
+ */
+static PyObject *
+copy_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "copy_lines() takes exactly 7 arguments");
+        return NULL;
+    }
+    Py_ssize_t count;
+    const char *offsets = lines_args(args[0], args[1], &count);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    PyObject *keys = args[2];
+    PyObject *wanted = args[3];
+    PyObject *head = args[4];
+    PyObject *last = args[5];
+    PyObject *last_key = args[6];
+    if (!PyList_Check(keys) || !PyAnySet_Check(wanted) || !PyBytes_CheckExact(head) || !PyBytes_CheckExact(last)
+        || !PyUnicode_Check(last_key)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "copy_lines() takes a list and a set of keys, the head and last line "
+                        "as bytes and the last line's key as a string");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(keys) != count) {
+        PyErr_SetString(PyExc_ValueError, "copy_lines() takes one key per line");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t head_size = PyBytes_GET_SIZE(head);
+    const Py_ssize_t last_size = PyBytes_GET_SIZE(last);
+    /* Which lines are taken, found once: a key's membership is a hash lookup, and the list
+     * may change under a lookup that runs Python code (a str subclass's __eq__), so its
+     * items are read again, checked, in the copying pass below. */
+    char picked_small[64];
+    char *picked = count <= 64 ? picked_small : PyMem_Malloc((size_t)count);
+    if (picked == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t taken = 0;
+    Py_ssize_t size = head_size + last_size + 4;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i >= PyList_GET_SIZE(keys)) {
+            PyErr_SetString(PyExc_ValueError, "copy_lines() takes one key per line");
+            goto error;
+        }
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        Py_INCREF(key);
+        const int found = PySet_Contains(wanted, key);
+        Py_DECREF(key);
+        if (found < 0) {
+            goto error;
+        }
+        picked[i] = (char)found;
+        if (found) {
+            Py_ssize_t start, length;
+            line_at(offsets, i, &start, &length);
+            size += length + 2;
+            taken++;
+        }
+    }
+    if (PyList_GET_SIZE(keys) != count) {
+        PyErr_SetString(PyExc_ValueError, "copy_lines() takes one key per line");
+        goto error;
+    }
+    if (size > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "copy_lines() makes a head past 32-bit offsets");
+        goto error;
+    }
+    PyObject *wire = PyBytes_FromStringAndSize(NULL, size);
+    PyObject *at = PyBytes_FromStringAndSize(NULL, (taken + 2) * 4);
+    PyObject *new_keys = PyList_New(taken + 1);
+    if (wire == NULL || at == NULL || new_keys == NULL) {
+        Py_XDECREF(wire);
+        Py_XDECREF(at);
+        Py_XDECREF(new_keys);
+        goto error;
+    }
+    char *to = PyBytes_AS_STRING(wire);
+    char *out = PyBytes_AS_STRING(at);
+    memcpy(to, PyBytes_AS_STRING(head), (size_t)head_size);
+    Py_ssize_t written = head_size;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!picked[i]) {
+            continue;
+        }
+        Py_ssize_t start, length;
+        line_at(offsets, i, &start, &length);
+        const uint32_t where = (uint32_t)written;
+        memcpy(out + 4 * n, &where, 4);
+        memcpy(to + written, data + start, (size_t)length + 2); /* the line and its CRLF */
+        written += length + 2;
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyList_SET_ITEM(new_keys, n, Py_NewRef(key));
+        n++;
+    }
+    const uint32_t where = (uint32_t)written;
+    memcpy(out + 4 * n, &where, 4);
+    memcpy(to + written, PyBytes_AS_STRING(last), (size_t)last_size);
+    written += last_size;
+    memcpy(to + written, "\r\n\r\n", 4);
+    const uint32_t after = (uint32_t)(written + 2);
+    memcpy(out + 4 * (n + 1), &after, 4);
+    PyList_SET_ITEM(new_keys, n, Py_NewRef(last_key));
+    if (picked != picked_small) {
+        PyMem_Free(picked);
+    }
+    PyObject *result = PyTuple_Pack(3, wire, at, new_keys);
+    Py_DECREF(wire);
+    Py_DECREF(at);
+    Py_DECREF(new_keys);
+    return result;
+
+error:
+    if (picked != picked_small) {
+        PyMem_Free(picked);
+    }
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_head", (PyCFunction)split_head, METH_O,
      "split_head(data) -> (end, start_line, at) or None"},
@@ -1026,7 +1167,9 @@ static PyMethodDef module_methods[] = {
     {"line_of", (PyCFunction)(void (*)(void))line_of, METH_FASTCALL,
      "line_of(data, at, index) -> str"},
     {"pop_first", (PyCFunction)(void (*)(void))pop_first, METH_FASTCALL,
-     "pop_first(wire, at, index, first) -> (wire, at) or None"},
+     "pop_first(wire, at, index, first, other) -> (wire, at) or None"},
+    {"copy_lines", (PyCFunction)(void (*)(void))copy_lines, METH_FASTCALL,
+     "copy_lines(data, at, keys, wanted, head, last, last_key) -> (wire, at, keys)"},
     {"uri_parts", (PyCFunction)uri_parts, METH_O,
      "uri_parts(text) -> (scheme, user, host, port, params) or None"},
     {"via_parts", (PyCFunction)via_parts, METH_O,

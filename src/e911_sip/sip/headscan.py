@@ -30,6 +30,8 @@ __all__ = [
     "Template",
     "UriParts",
     "ViaParts",
+    "copy_lines",
+    "copy_lines_python",
     "line_of",
     "line_of_python",
     "lines_of",
@@ -165,13 +167,16 @@ def line_of_python(data: bytes, at: bytes, index: int) -> str:
     return data[start : stop - 2].decode("latin-1")
 
 
-def pop_first_python(wire: bytes, at: bytes, index: int, first: str) -> tuple[bytes, bytes] | None:
+def pop_first_python(
+    wire: bytes, at: bytes, index: int, first: str, expected: str | None
+) -> tuple[bytes, bytes] | None:
     """``wire`` and ``at`` less the first of the two values of header line ``index``, when
     that line is written as nearly every response brings its Vias back, ``Name: <first>,
     <other>``: nothing quoted, bracketed or folded, no space before the colon, one space
-    after it, one comma, no whitespace at either end of ``other``. The line is then written
-    ``Name: <other>``, which is what ``Message.pop_first_value`` writes of it; None for any
-    other line (the general path)."""
+    after it, one comma, no whitespace at either end of ``other``, and ``other`` is
+    ``expected`` unless that is None. The line is then written ``Name: <other>``, which is
+    what ``Message.pop_first_value`` writes of it; None for any other line (the general
+    path)."""
     starts = _starts(at)
     start = starts[index]
     line = wire[start : starts[index + 1] - 2].decode("latin-1")
@@ -199,11 +204,47 @@ def pop_first_python(wire: bytes, at: bytes, index: int, first: str) -> tuple[by
         or "<" in line
         or "\n" in line
         or other.strip() != other
+        or (expected is not None and other != expected)
     ):
         return None
     cut = len(first) + 2
     shifted = [s if i <= index else s - cut for i, s in enumerate(starts)]
     return wire[: start + head] + wire[start + after + 2 :], _pack(shifted)
+
+
+def copy_lines_python(
+    data: bytes,
+    at: bytes,
+    keys: list[str],
+    wanted: frozenset[str],
+    head: bytes,
+    last: bytes,
+    last_key: str,
+) -> tuple[bytes, bytes, list[str]]:
+    """A new message head: ``head`` (a start line and its CRLF), the header lines of ``data``
+    (where ``at`` says they are) whose key in ``keys`` is in ``wanted``, in order, and
+    ``last`` as the last line, then the blank line; with the offsets of its lines as
+    ``split_head`` gives them, and their keys. What a response made from a request copies
+    of it (RFC 3261 §8.2.6.2), written without making those lines into strings."""
+    starts = _starts(at)
+    if len(keys) != len(starts) - 1:
+        raise ValueError("copy_lines() takes one key per line")
+    parts = [head]
+    offsets: list[int] = []
+    taken: list[str] = []
+    size = len(head)
+    for i, key in enumerate(keys):
+        if key in wanted:
+            line = data[starts[i] : starts[i + 1]]  # the line and its CRLF
+            offsets.append(size)
+            parts.append(line)
+            taken.append(key)
+            size += len(line)
+    offsets.append(size)
+    offsets.append(size + len(last) + 2)
+    parts.append(last + b"\r\n\r\n")
+    taken.append(last_key)
+    return b"".join(parts), _pack(offsets), taken
 
 
 def names_match_python(lines: list[str], spellings: list[str]) -> bool:
@@ -355,7 +396,12 @@ read_plain: Callable[
 ] = read_plain_python
 lines_of: Callable[[bytes, bytes], list[str]] = lines_of_python
 line_of: Callable[[bytes, bytes, int], str] = line_of_python
-pop_first: Callable[[bytes, bytes, int, str], tuple[bytes, bytes] | None] = pop_first_python
+pop_first: Callable[[bytes, bytes, int, str, str | None], tuple[bytes, bytes] | None] = (
+    pop_first_python
+)
+copy_lines: Callable[
+    [bytes, bytes, list[str], frozenset[str], bytes, bytes, str], tuple[bytes, bytes, list[str]]
+] = copy_lines_python
 uri_parts: Callable[[str], UriParts | None] | None = None
 """The native reading of a sip or sips URI written the common way (what ``uri._parse_uri``
 reads of one that is all ASCII, with no whitespace and no IPv6 reference; None for any
@@ -364,11 +410,12 @@ via_parts: Callable[[str], ViaParts | None] | None = None
 """The native reading of a Via written the common way (``uri._via_parts`` for text that is
 all ASCII, None for any other); None itself in the pure build, where uri reads every Via."""
 NATIVE = False
-"""Whether ``split_head``, ``read_plain``, ``lines_of``, ``line_of`` and ``pop_first`` are
-the extension module's, and ``via_parts`` is set."""
+"""Whether ``split_head``, ``read_plain``, ``lines_of``, ``line_of``, ``pop_first`` and
+``copy_lines`` are the extension module's, and ``via_parts`` is set."""
 
 try:
     from e911_sip.sip._headscan import (
+        copy_lines,
         line_of,
         lines_of,
         pop_first,

@@ -53,6 +53,7 @@ from e911_sip.sip.errors import (
 from e911_sip.sip.headscan import (
     Plain,
     Template,
+    copy_lines,
     line_of,
     lines_of,
     pop_first,
@@ -551,7 +552,7 @@ class Message:
         wire = self._wire
         top = self._top_via
         if wire is not None and top is not None:
-            spliced = self._pop_top_via_in_place(wire, top.raw)
+            spliced = self._pop_top_via_in_place(wire, top.raw, None)
             if spliced is not None:
                 return spliced
         clone = self.pop_first_value("via")
@@ -559,12 +560,25 @@ class Message:
             clone._wire = self._splice(wire, clone._text(), _must_index(self._keys, "via"))
         return clone
 
-    def _pop_top_via_in_place(self, wire: bytes, top: str) -> Self | None:
+    def pop_top_via_before(self, expected: str) -> Self | None:
+        """``pop_top_via()`` when the received bytes hold the Vias as
+        ``Via: <top>, <expected>`` (the in-place cut of :meth:`pop_top_via`, with the value
+        left checked to be ``expected``); None when that is not known without reading the
+        Vias. A response to a branch of ours is checked and relayed with the one native cut:
+        its second Via must be the one the request came with."""
+        wire = self._wire
+        top = self._top_via
+        if wire is None or top is None:
+            return None
+        return self._pop_top_via_in_place(wire, top.raw, expected)
+
+    def _pop_top_via_in_place(self, wire: bytes, top: str, expected: str | None) -> Self | None:
         """``pop_top_via`` of a received Via line written as nearly every response brings it
-        back, ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded: what
-        the general path gives (that line written ``Via: <the other value>``), cut out of
-        the received bytes where the parse found the line (``headscan.pop_first``), with
-        no header line made. None for anything else (the general path)."""
+        back, ``Via: <top>, <one more value>`` with nothing quoted, bracketed or folded (and
+        that value ``expected``, unless None): what the general path gives (that line written
+        ``Via: <the other value>``), cut out of the received bytes where the parse found the
+        line (``headscan.pop_first``), with no header line made. None for anything else (the
+        general path)."""
         at = self._at
         if not at or self._start_end(wire) < 0:
             # Not the received bytes' lines (no offsets to cut at), or a start line the
@@ -573,7 +587,7 @@ class Message:
         index = _index(self._keys, "via")
         if index < 0:
             return None
-        cut = pop_first(wire, at, index, top)
+        cut = pop_first(wire, at, index, top, expected)
         if cut is None:
             return None
         clone = self._copy(None, self._keys, "via")
@@ -1467,6 +1481,10 @@ def make_response(
     Via, From, Call-ID and CSeq are copied as received; To gains ``to_tag`` when it has none
     and the status is above 100.
     """
+    if request._lines is None and not extra and not (to_tag and status > 100):
+        # Nothing to change in the lines copied, and the request's lines still in its
+        # bytes: the response's bytes are made from those, none made into a string.
+        return _response_of_lines(request, status, reason)
     lines: list[str] = []
     keys: list[str] = []
     # enumerate, not zip: compiled, a loop over enumerate is native and one over zip is not.
@@ -1491,7 +1509,30 @@ def make_response(
     return response
 
 
-def _set_unread(message: Message, lines: list[str], keys: list[str], body: bytes) -> None:
+def _response_of_lines(request: Request, status: int, reason: str | None) -> Response:
+    """``make_response`` of a request whose lines are not made, with no line to change and
+    nothing to add: the copied lines cut from its bytes (``headscan.copy_lines``), so the
+    response is as a parsed one, its bytes and the offsets of its lines."""
+    response = Response.__new__(Response)
+    response.status = status
+    response.reason = reason or REASONS.get(status, "Unknown")
+    head = f"{response.start_line()}\r\n".encode("latin-1")
+    wire, at, keys = copy_lines(
+        cast(bytes, request._wire),
+        request._at,
+        request._keys,
+        _COPIED,
+        head,
+        b"Content-Length: 0",
+        "content-length",
+    )
+    _set_unread(response, None, keys, b"")
+    response._wire = wire
+    response._at = at
+    return response
+
+
+def _set_unread(message: Message, lines: list[str] | None, keys: list[str], body: bytes) -> None:
     """Give a bare message (``__new__`` only) its headers and body, with nothing read from
     them yet: what ``Message.__init__`` leaves, set directly (compiled, each a native store,
     where ``__init__`` loops over Header values through generic calls)."""

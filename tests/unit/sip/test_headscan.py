@@ -169,7 +169,9 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
         with pytest.raises(ValueError):
             native.line_of(data, bad_at, 0)
         with pytest.raises(ValueError):
-            native.pop_first(data, bad_at, 0, "x")
+            native.pop_first(data, bad_at, 0, "x", None)
+        with pytest.raises(ValueError):
+            native.copy_lines(data, bad_at, [], frozenset(), b"", b"", "")
     with pytest.raises(TypeError):
         native.lines_of(bytearray(data), at_lines)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -178,9 +180,26 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
         with pytest.raises((IndexError, OverflowError)):
             native.line_of(data, at_lines, index)
         with pytest.raises((IndexError, OverflowError)):
-            native.pop_first(data, at_lines, index, "x")
+            native.pop_first(data, at_lines, index, "x", None)
     with pytest.raises(TypeError):
-        native.pop_first(data, at_lines, 0, b"x")  # type: ignore[arg-type]
+        native.pop_first(data, at_lines, 0, b"x", None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        native.pop_first(data, at_lines, 0, "x", b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        native.pop_first(data, at_lines, 0, "x")  # type: ignore[call-arg]
+    keys = ["x"] * (count - 1)
+    for bad_keys in (keys[1:], [*keys, "x"]):
+        with pytest.raises(ValueError):
+            native.copy_lines(data, at_lines, bad_keys, frozenset(), b"", b"", "")
+    for args in (
+        (tuple(keys), frozenset(), b"", b"", ""),
+        (keys, ["x"], b"", b"", ""),
+        (keys, frozenset(), "", b"", ""),
+        (keys, frozenset(), b"", bytearray(), ""),
+        (keys, frozenset(), b"", b"", b""),
+    ):
+        with pytest.raises(TypeError):
+            native.copy_lines(data, at_lines, *args)  # type: ignore[arg-type]
     # Bytes of another type are not read: the careful parse takes them.
     assert native.read_plain(bytearray(data), end, first, at_lines, template, 256, True) is None  # type: ignore[arg-type]
 
@@ -488,15 +507,18 @@ def test_pop_first_cuts_the_first_value_and_moves_the_lines_after_it() -> None:
     ours, upstream = VIA_VALUES
     data = _response(f"Via: {ours}, {upstream}")
     end, first, at, lines = _lines(data)
-    popped = pop_first_python(data, at, 0, ours)
+    popped = pop_first_python(data, at, 0, ours, None)
     assert popped is not None
+    assert pop_first_python(data, at, 0, ours, upstream) == popped
+    assert pop_first_python(data, at, 0, ours, upstream + ";x") is None
+    assert pop_first_python(data, at, 0, ours, upstream[:-1]) is None
     wire, moved = popped
     assert wire == _response(f"Via: {upstream}")
     assert lines_of_python(wire, moved) == [f"Via: {upstream}", *lines[1:]]
     assert split_head_python(wire) == (end - len(ours) - 2, first, moved)
     # A line that does not start with that value, or holds one value: not cut here.
-    assert pop_first_python(data, at, 0, upstream) is None
-    assert pop_first_python(data, at, 1, ours) is None
+    assert pop_first_python(data, at, 0, upstream, None) is None
+    assert pop_first_python(data, at, 1, ours, None) is None
 
 
 @settings(max_examples=1500)
@@ -514,16 +536,22 @@ def test_pop_first_native_and_python_agree_on_any_via_line(
     if scanned is None:
         return  # a bare LF drawn: not a block the parse would cut
     at = scanned[2]
-    python = pop_first_python(data, at, index, first)
+    python = pop_first_python(data, at, index, first, None)
+    other: str | None = None
     if python is not None:
         # What the general path writes: that line as "Name: <the other value>".
         line = lines_of_python(data, at)[index]
         rest = uri.split_values(message._value_of(line))
         assert rest[0] == first and len(rest) == 2
         assert lines_of_python(*python)[index] == line[: line.find(":")] + ": " + rest[1]
-    if native is not None:
-        assert native.pop_first(data, at, index, first) == python
-        assert native.pop_first(data, at, index, first + "€") is None
+        other = rest[1]
+    # Checked against the value left: cut only when it is that one.
+    for expected in (None, other, *VIA_VALUES, " " + VIA_VALUES[1], "é", ""):
+        checked = pop_first_python(data, at, index, first, expected)
+        assert checked == (python if expected is None or expected == other else None)
+        if native is not None:
+            assert native.pop_first(data, at, index, first, expected) == checked
+            assert native.pop_first(data, at, index, first + "€", expected) is None
 
 
 @settings(max_examples=1000)
@@ -613,3 +641,63 @@ def test_uri_parts_reads_a_caller_written_the_common_way() -> None:
     assert native.uri_parts("tel:+13215551234") is None
     with pytest.raises(TypeError):
         native.uri_parts(b"sip:a@h")  # type: ignore[arg-type]
+
+
+COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
+def _keys_of(lines: list[str]) -> list[str]:
+    return [line.partition(":")[0].strip().lower() for line in lines]
+
+
+@settings(max_examples=500)
+@given(
+    data=st.sampled_from([*PLAIN, *CORPUS]),
+    wanted=st.sampled_from([COPIED, frozenset(), frozenset({"via"}), frozenset({"x", "cseq"})]),
+    head=st.sampled_from([b"SIP/2.0 100 Trying\r\n", b"", b"\xe9\r\n"]),
+    last=st.sampled_from([b"Content-Length: 0", b"", b"X: \xe9"]),
+)
+def test_copy_lines_makes_a_head_of_the_lines_wanted(
+    data: bytes, wanted: frozenset[str], head: bytes, last: bytes
+) -> None:
+    scanned = split_head_python(data)
+    if scanned is None:
+        return
+    at = scanned[2]
+    lines = lines_of_python(data, at)
+    keys = _keys_of(lines)
+    wire, moved, taken = headscan.copy_lines_python(data, at, keys, wanted, head, last, "k")
+    picked = [line for line, key in zip(lines, keys, strict=True) if key in wanted]
+    assert wire == head + b"".join(f"{line}\r\n".encode("latin-1") for line in picked) + (
+        last + b"\r\n\r\n"
+    )
+    assert lines_of_python(wire, moved) == [*picked, last.decode("latin-1")]
+    assert taken == [key for key in keys if key in wanted] + ["k"]
+    if head and last:
+        assert split_head_python(wire) == (len(wire) - 4, head[:-2].decode("latin-1"), moved)
+    if native is not None:
+        assert native.copy_lines(data, at, keys, wanted, head, last, "k") == (wire, moved, taken)
+
+
+@needs_native
+def test_copy_lines_reads_the_keys_again_after_looking_them_up() -> None:
+    # A key whose comparison changes the list: refused, never read past its end.
+    data = PLAIN[0]
+    scanned = split_head_python(data)
+    assert scanned is not None
+    at = scanned[2]
+    keys = _keys_of(lines_of_python(data, at))
+
+    class Shrinking(str):
+        __slots__ = ()
+
+        def __hash__(self) -> int:
+            return hash("via")
+
+        def __eq__(self, other: object) -> bool:
+            keys.clear()
+            return str.__eq__(self, other)
+
+    keys[0] = Shrinking("via")
+    with pytest.raises(ValueError):
+        native.copy_lines(data, at, keys, COPIED, b"", b"", "k")

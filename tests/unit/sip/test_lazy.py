@@ -19,6 +19,7 @@ from e911_sip.sip.message import (
     Response,
     _parse_careful,
     _parse_plain,
+    make_response,
     parse,
 )
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
@@ -444,3 +445,51 @@ def _cached(message: Request | Response) -> list[object]:
         except RemoteSipError as exc:
             out.append(type(exc))
     return out
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([ACK, *VALID]),
+    st.sampled_from([100, 180, 200, 487, 503]),
+    st.sampled_from([None, "", "t1"]),
+    st.sampled_from([None, "Custom Reason"]),
+)
+def test_a_response_made_from_the_received_bytes_is_the_one_made_from_the_lines(
+    data: bytes, status: int, to_tag: str | None, reason: str | None
+) -> None:
+    try:
+        kept = parse(data)
+        made = parse(data)
+    except RemoteSipError:
+        return
+    if not isinstance(kept, Request):
+        return
+    made._text()
+    a = make_response(kept, status, reason, to_tag=to_tag)
+    b = make_response(made, status, reason, to_tag=to_tag)
+    assert kept._lines is None or kept._at == b""  # the request's lines stay unmade
+    if kept._lines is None and not (to_tag and status > 100):
+        assert a._lines is None and a._at  # made from the bytes: a parsed response's form
+    assert (a.status, a.reason, a._keys) == (b.status, b.reason, b._keys)
+    assert a.headers == b.headers
+    assert a.to_bytes() == b.to_bytes()
+    assert _cached(a) == _cached(b)
+    again = parse(a.to_bytes())
+    assert again.headers == a.headers and again.to_bytes() == a.to_bytes()
+    # Read and changed as any parsed response is.
+    assert a.pop_top_via().to_bytes() == b.pop_top_via().to_bytes()
+    assert a.append("X-A", "1").to_bytes() == b.append("X-A", "1").to_bytes()
+
+
+def test_the_response_to_pass_upstream_is_cut_only_below_the_expected_via() -> None:
+    response = parse(OK)
+    assert isinstance(response, Response)
+    upstream = "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-uac-7-inv"
+    relayed = response.pop_top_via_before(upstream)
+    assert relayed is not None
+    assert relayed.to_bytes() == response.pop_top_via().to_bytes()
+    assert relayed.to_bytes() == OK.replace(b"SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKe1, ", b"")
+    assert response.pop_top_via_before(upstream + ";rport") is None
+    assert response.pop_top_via_before(upstream[:-1]) is None
+    # A message written from its lines has no received bytes to cut.
+    assert response.append("X-A", "1").pop_top_via_before(upstream) is None

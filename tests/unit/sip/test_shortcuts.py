@@ -425,7 +425,7 @@ def test_any_via_line_is_popped_as_the_whole_rewrite_pops_it(
 def test_a_usual_via_line_is_cut_in_place(name: str) -> None:
     message = parse(_response("SIP/2.0 180 Ringing", [f"{name}: {OURS}, {UPSTREAM}"]))
     assert message._wire is not None
-    popped = message._pop_top_via_in_place(message._wire, OURS)
+    popped = message._pop_top_via_in_place(message._wire, OURS, None)
     assert popped is not None  # the usual shape must not fall back to the general path
     assert popped.to_bytes() == _written_whole(message)
 
@@ -459,9 +459,18 @@ def test_a_made_response_holds_what_the_constructor_leaves() -> None:
     if hasattr(Response, "__slots__"):
         slots = set(Response.__slots__) | set(Message.__slots__)
         assert slots - {"_lines", "_keys"} == set(_RESPONSE_ATTRIBUTES)
+    # Made from the request's received bytes, it holds bytes and offsets as a parsed
+    # response does; all else as the constructor leaves it.
     for name in _RESPONSE_ATTRIBUTES:
-        assert getattr(made, name) == getattr(built, name), name
-    assert made.to_bytes() == Response(100, "Trying", made.headers).to_bytes()
+        if name not in ("_wire", "_at"):
+            assert getattr(made, name) == getattr(built, name), name
+    assert made._at and made._wire == Response(100, "Trying", made.headers).to_bytes()
+    # Made from the request's lines, it holds exactly what the constructor leaves.
+    request._text()
+    lined = make_response(request, 100)
+    for name in _RESPONSE_ATTRIBUTES:
+        assert getattr(lined, name) == getattr(built, name), name
+    assert lined.to_bytes() == made.to_bytes()
 
 
 @settings(max_examples=200, deadline=None)
