@@ -8,13 +8,14 @@ else from From, normalised to the 10-digit NANP form the location store is keyed
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Final
 
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.message import Request
 from e911_sip.sip.uri import Uri, name_addr_uri_text, parse_uri, split_values
 
 DEFAULT_NUMBERS = frozenset({"911", "933"})
-_VISUAL_SEPARATORS = str.maketrans("", "", "-.() ")
+_VISUAL_SEPARATORS: Final = str.maketrans("", "", "-.() ")
 
 
 def dialled_digits(uri: Uri) -> str | None:
@@ -84,8 +85,8 @@ def normalize_nanp(number: str) -> str | None:
     return digits
 
 
-_NAME_ADDR_URIS: dict[str, Uri] = {}
-_NAME_ADDR_URIS_SIZE = 256
+_NAME_ADDR_URIS: Final[dict[str, Uri]] = {}
+_NAME_ADDR_URIS_SIZE: Final = 256
 
 
 def name_addr_uri(value: str) -> Uri:

@@ -611,13 +611,13 @@ _BRANCH_NEXT: Final = by_state(BranchState, BRANCH_TRANSITIONS)
 _CONTEXT_NEXT: Final = by_state(ContextState, CONTEXT_TRANSITIONS)
 """``CONTEXT_TRANSITIONS`` by state, then event (what :meth:`_Context.step` reads)."""
 
-_NO_PROVISIONAL_YET = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})
-_COUNTING = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLING})
+_NO_PROVISIONAL_YET: Final = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.ABANDONED})
+_COUNTING: Final = frozenset({_B.CALLING, _B.CANCEL_PENDING, _B.PROCEEDING, _B.CANCELLING})
 """Branches whose final response may still decide the context's (not abandoned, not done)."""
-_CANCEL_SENT = frozenset({_B.CANCELLING, _B.ABANDONED_CANCELLING})
-_OPEN = frozenset({_C.PROXYING, _C.AWAITING_OWNER})
+_CANCEL_SENT: Final = frozenset({_B.CANCELLING, _B.ABANDONED_CANCELLING})
+_OPEN: Final = frozenset({_C.PROXYING, _C.AWAITING_OWNER})
 """Contexts neither cancelled nor finished: provisionals go upstream, failover may happen."""
-_REPORTED = frozenset({Route.EMERGENCY, Route.DEFAULT, Route.ROUTE_SET})
+_REPORTED: Final = frozenset({Route.EMERGENCY, Route.DEFAULT, Route.ROUTE_SET})
 """Routes of the initial requests whose final response is reported (:class:`CallCompleted`):
 every call the owner may wait for in a drain, a preloaded route set's included."""
 
@@ -986,7 +986,7 @@ def _rfc3261_key(request: Request) -> ServerKey | None:
     return branch, via_sent_by(via), "INVITE" if method == "ACK" else method
 
 
-_PEERS_SIZE = 1024
+_PEERS_SIZE: Final = 1024
 """How many targets :meth:`ProxyCore._peer_for` remembers before it starts again."""
 
 

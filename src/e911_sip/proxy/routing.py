@@ -28,12 +28,12 @@ from e911_sip.sip.uri import (
     split_values,
 )
 
-MAGIC_COOKIE = "z9hG4bK"
-DEFAULT_MAX_FORWARDS = 70
-DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
-DIALOG_STAMP_PARAM = "dlg"
+MAGIC_COOKIE: Final = "z9hG4bK"
+DEFAULT_MAX_FORWARDS: Final = 70
+DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+DIALOG_STAMP_PARAM: Final = "dlg"
 """The Record-Route URI parameter that carries a dialog's stamp."""
-STAMP_MARK = f";{DIALOG_STAMP_PARAM}="
+STAMP_MARK: Final = f";{DIALOG_STAMP_PARAM}="
 """Where a dialog stamp starts in a Record-Route or Route value."""
 
 
@@ -81,7 +81,7 @@ class LocalAddress:
         return f"{self.route_prefix}{STAMP_MARK}{stamp}>"
 
 
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 _B2A: Final = binascii.b2a_base64

@@ -25,14 +25,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
 Fire = Callable[[Any, float], None]
 """What to call with the target and ``now`` when its tick comes."""
 
-TICKS_PER_SECOND = 64
+TICKS_PER_SECOND: Final = 64
 """The wheel's resolution: 1/64 s. A power of two keeps tick arithmetic exact."""
 
 

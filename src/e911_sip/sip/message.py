@@ -44,23 +44,14 @@ import re
 from collections.abc import Iterable
 from typing import Final, Generic, NamedTuple, Self, TypeVar, cast, final
 
+from e911_sip.sip import headscan
 from e911_sip.sip.errors import (
     MalformedMessage,
     MessageTooLarge,
     RemoteSipError,
     VersionNotSupported,
 )
-from e911_sip.sip.headscan import (
-    Plain,
-    Template,
-    copy_lines,
-    line_of,
-    lines_of,
-    pop_first,
-    read_plain,
-    split_head,
-    tag_in_place,
-)
+from e911_sip.sip.headscan import Plain, Template
 from e911_sip.sip.numbers import (
     MAX_CONTENT_LENGTH,
     MAX_CSEQ,
@@ -80,14 +71,24 @@ from e911_sip.sip.uri import (
     split_values,
 )
 
+# The scan's functions as statics: compiled, a name imported from headscan (which binds the
+# native ones over its own when they load) is a lookup in this module's globals at each call.
+_COPY_LINES: Final = headscan.copy_lines
+_LINE_OF: Final = headscan.line_of
+_LINES_OF: Final = headscan.lines_of
+_POP_FIRST: Final = headscan.pop_first
+_READ_PLAIN: Final = headscan.read_plain
+_SPLIT_HEAD: Final = headscan.split_head
+_TAG_IN_PLACE: Final = headscan.tag_in_place
+
 SIP_VERSION: Final = "SIP/2.0"
 DEFAULT_MAX_SIZE = 65535
 DEFAULT_MAX_HEADERS = 256
-MAX_FORWARDS_READ = 2**32 - 1
+MAX_FORWARDS_READ: Final = 2**32 - 1
 """The largest Max-Forwards read; the proxy lowers anything above 255 to 254 anyway."""
 
 # RFC 3261 §7.3.3 and the registry of compact forms; "y" is Identity (RFC 8224).
-COMPACT_FORMS = {
+COMPACT_FORMS: Final = {
     "a": "accept-contact",
     "b": "referred-by",
     "c": "content-type",
@@ -161,7 +162,7 @@ _KNOWN = {
 _KNOWN.update(COMPACT_FORMS)
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
-_CSEQ_RE = re.compile(r"(\d+)\s+([A-Za-z0-9.!%*_+`'~-]+)", re.ASCII)
+_CSEQ_RE: Final = re.compile(r"(\d+)\s+([A-Za-z0-9.!%*_+`'~-]+)", re.ASCII)
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 
 
@@ -282,14 +283,14 @@ class Message:
     def _text_made(self) -> list[str]:
         """A new list of the header lines of a message whose lines are not made, made from
         its received bytes and not kept."""
-        return lines_of(cast(bytes, self._wire), self._at)
+        return _LINES_OF(cast(bytes, self._wire), self._at)
 
     def _line(self, index: int) -> str:
         """Header line ``index``, read from the received bytes when the lines are not made."""
         lines = self._lines
         if lines is not None:
             return lines[index]
-        return line_of(cast(bytes, self._wire), self._at, index)
+        return _LINE_OF(cast(bytes, self._wire), self._at, index)
 
     @property
     def headers(self) -> tuple[Header, ...]:
@@ -587,7 +588,7 @@ class Message:
         index = _index(self._keys, "via")
         if index < 0:
             return None
-        cut = pop_first(wire, at, index, top, expected)
+        cut = _POP_FIRST(wire, at, index, top, expected)
         if cut is None:
             return None
         clone = self._copy(None, self._keys, "via")
@@ -813,7 +814,7 @@ def _tag_of(value: str) -> str | None:
     Raises:
         MalformedMessage: as parse_name_addr.
     """
-    tag = tag_in_place(value)
+    tag = _TAG_IN_PLACE(value)
     if tag is not None:
         return tag
     return param_of(parse_name_addr(value).params, "tag")
@@ -1088,7 +1089,7 @@ def _cached_keys(lines: list[str]) -> list[str | None]:
     return out
 
 
-_BAD = "\x00bad"
+_BAD: Final = "\x00bad"
 
 
 class _BadHeaders(MalformedMessage):
@@ -1171,7 +1172,7 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     # here builds and checks the values that are objects (the top Via, the Request-URI, a
     # name-addr written otherwise than "<uri>..."). A line's index in the text is its index
     # in the bytes: latin-1 maps each byte to one character.
-    scanned = split_head(data)
+    scanned = _SPLIT_HEAD(data)
     if scanned is None:
         return None
     end, first, at = scanned
@@ -1180,17 +1181,17 @@ def _parse_plain(data: bytes, max_headers: int, datagram: bool) -> Request | Res
     template = _TEMPLATES.get(shape)
     plain: Plain | bool | None = False
     if template is not None:
-        plain = read_plain(data, end, first, at, template, max_headers, datagram)
+        plain = _READ_PLAIN(data, end, first, at, template, max_headers, datagram)
     if plain is False:
         # No message of this shape yet, or one of other names: the template of these lines.
-        template = _new_template(lines_of(data, at))
+        template = _new_template(_LINES_OF(data, at))
         if template is None:
             return None
         if count <= _TEMPLATE_LINES:
             if len(_TEMPLATES) >= _MAX_TEMPLATES:
                 _TEMPLATES.clear()  # bounded, as the spelling cache is
             _TEMPLATES[shape] = template
-        plain = read_plain(data, end, first, at, template, max_headers, datagram)
+        plain = _READ_PLAIN(data, end, first, at, template, max_headers, datagram)
     if not isinstance(plain, tuple):
         return None  # a value not written plainly: the careful path reads it
     (
@@ -1517,7 +1518,7 @@ def _response_of_lines(request: Request, status: int, reason: str | None) -> Res
     response.status = status
     response.reason = reason or REASONS.get(status, "Unknown")
     head = f"{response.start_line()}\r\n".encode("latin-1")
-    wire, at, keys = copy_lines(
+    wire, at, keys = _COPY_LINES(
         cast(bytes, request._wire),
         request._at,
         request._keys,

@@ -10,12 +10,14 @@ which RFC 3261's ``1*DIGIT`` allows in any number.
 
 from __future__ import annotations
 
+from typing import Final
+
 from e911_sip.sip.errors import MalformedMessage
 
-MAX_PORT = 65535
-MAX_CSEQ = 2**31 - 1
+MAX_PORT: Final = 65535
+MAX_CSEQ: Final = 2**31 - 1
 """RFC 3261 §8.1.1.5: a CSeq number is below 2**31."""
-MAX_CONTENT_LENGTH = 2**32 - 1
+MAX_CONTENT_LENGTH: Final = 2**32 - 1
 """Far above any message limit; a larger value is refused as malformed, not as too large."""
 
 

@@ -8,7 +8,7 @@ from e911_sip.sip.errors import UnsupportedUriScheme
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint
 from e911_sip.sip.uri import Uri, Via, param_of
 
-DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+DEFAULT_PORTS: Final = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 _TUPLE_NEW: Final = tuple.__new__
 """As in :mod:`e911_sip.sip.uri`: a plain call, where ``tuple.__new__(...)`` compiled looks

@@ -91,7 +91,7 @@ __all__ = [
     "server_key",
 ]
 
-MAGIC_COOKIE = "z9hG4bK"
+MAGIC_COOKIE: Final = "z9hG4bK"
 """Branch prefix of RFC 3261 elements (§8.1.1.7); without it the peer is an RFC 2543 one."""
 
 
@@ -162,7 +162,7 @@ _CN = Kind.CLIENT_NON_INVITE
 _SI = Kind.SERVER_INVITE
 _SN = Kind.SERVER_NON_INVITE
 
-TRANSITIONS: dict[tuple[Kind, State, Event], State] = {
+TRANSITIONS: Final[dict[tuple[Kind, State, Event], State]] = {
     # Client INVITE: RFC 3261 §17.1.1.2 (Figure 5) as amended by RFC 6026 §8.4.
     (_CI, State.CALLING, Event.START): State.CALLING,
     (_CI, State.CALLING, Event.TIMER_A): State.CALLING,
@@ -232,7 +232,7 @@ COMPLETED of a non-INVITE client, and anything at all once TERMINATED.
 """
 
 
-_FINISHED = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
+_FINISHED: Final = frozenset({State.COMPLETED, State.ACCEPTED, State.CONFIRMED})
 """States after the final response, where a machine only absorbs retransmissions."""
 
 
@@ -333,7 +333,7 @@ class TimerSettings:
         return 64 * self.t1
 
 
-DEFAULT_TIMERS = TimerSettings()
+DEFAULT_TIMERS: Final = TimerSettings()
 """RFC 3261's recommended values: T1 = 500 ms, T2 = 4 s, T4 = 5 s."""
 
 
@@ -391,9 +391,9 @@ class Terminated:
 Effect = Transmit | PassUp | Timeout | TransportFailure | Terminated
 """One thing the owner of a transaction must do, in the order returned."""
 
-_TERMINATED = Terminated()
-_TRANSPORT_FAILURE = TransportFailure()
-_TIMEOUTS = {
+_TERMINATED: Final = Terminated()
+_TRANSPORT_FAILURE: Final = TransportFailure()
+_TIMEOUTS: Final = {
     Event.TIMER_B: Timeout("B"),
     Event.TIMER_F: Timeout("F"),
     Event.TIMER_H: Timeout("H"),

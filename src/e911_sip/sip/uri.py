@@ -18,9 +18,14 @@ from __future__ import annotations
 import re
 from typing import Final, NamedTuple
 
+from e911_sip.sip import headscan
 from e911_sip.sip.errors import MalformedMessage, UnsupportedUriScheme
-from e911_sip.sip.headscan import uri_parts, via_parts
 from e911_sip.sip.numbers import MAX_PORT, bounded_uint, short_uint
+
+# The native readers as statics (None in the pure build): compiled, a name imported from
+# headscan is a lookup in this module's globals at each call.
+_URI_PARTS: Final = headscan.uri_parts
+_VIA_PARTS: Final = headscan.via_parts
 
 ROUTABLE_SCHEMES = frozenset({"sip", "sips", "tel", "urn"})
 
@@ -136,8 +141,8 @@ def _split_hostport(text: str, raw: str) -> tuple[str, int | None]:
 _URI_CACHE: Final[dict[str, Uri]] = {}
 """Recently parsed URIs by their text. Request-URIs, trunk URIs and Route values repeat from
 call to call; a URI is an immutable value, so the parse of one can serve them all."""
-_URI_CACHE_SIZE = 1024
-_URI_CACHE_LENGTH = 256
+_URI_CACHE_SIZE: Final = 1024
+_URI_CACHE_LENGTH: Final = 256
 """Longer URIs (and Via values) are not kept, so each cache holds at most about 1 MiB of
 text."""
 
@@ -167,10 +172,10 @@ def parse_uri(text: str) -> Uri:
 
 
 def _parse_uri(text: str) -> Uri:
-    if uri_parts is not None:
+    if _URI_PARTS is not None:
         # A sip URI written the common way (a new caller's From and P-Asserted-Identity),
         # read natively: the same answer as below, for the text the native reader takes.
-        parts = uri_parts(text)
+        parts = _URI_PARTS(text)
         if parts is not None:
             return _uri(parts[0], parts[1], parts[2], parts[3], parts[4], text)
     return _read_uri(text)
@@ -397,7 +402,7 @@ _VIA_CACHE: Final[dict[str, Via]] = {}
 """Recently parsed Via values by their text. A call's Vias come back in every response to
 each of its requests (and the proxy reads the one below its own), so most parses are of a
 text seen moments before."""
-_VIA_CACHE_SIZE = 4096
+_VIA_CACHE_SIZE: Final = 4096
 
 
 _VIA_BASES: Final[dict[str, tuple[str, str, int | None]]] = {}
@@ -405,7 +410,7 @@ _VIA_BASES: Final[dict[str, tuple[str, str, int | None]]] = {}
 from the text before a Via's first ';', by that text. A caller's requests each carry a new
 branch, so their whole Via is never seen twice, but what comes before the parameters repeats
 in every request from that caller: only the parameters are read again."""
-_VIA_BASES_SIZE = 1024
+_VIA_BASES_SIZE: Final = 1024
 
 
 def parse_via(text: str) -> Via:
@@ -453,8 +458,8 @@ def _parse_via(text: str) -> Via:
     vouch for, goes through the full expression, so both give the same answer.
     """
     parts = None
-    if via_parts is not None:
-        parts = via_parts(text)  # the short cut below, native: the same answer for ASCII text
+    if _VIA_PARTS is not None:
+        parts = _VIA_PARTS(text)  # the short cut below, native: the same answer for ASCII text
         if parts is None and text.isascii():
             return _parse_via_fully(text)
     if parts is None:
