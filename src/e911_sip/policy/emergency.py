@@ -12,7 +12,7 @@ from typing import Final
 
 from e911_sip.sip.errors import SipError
 from e911_sip.sip.message import Request
-from e911_sip.sip.uri import Uri, name_addr_uri_text, parse_uri, split_values
+from e911_sip.sip.uri import Uri, name_addr_uri_text, read_uri, split_values
 
 DEFAULT_NUMBERS = frozenset({"911", "933"})
 _VISUAL_SEPARATORS: Final = str.maketrans("", "", "-.() ")
@@ -100,7 +100,8 @@ def name_addr_uri(value: str) -> Uri:
     """
     uri = _NAME_ADDR_URIS.get(value)
     if uri is None:
-        uri = parse_uri(name_addr_uri_text(value))
+        # Not through the parser's URI cache: this table keeps it for the call.
+        uri = read_uri(name_addr_uri_text(value))
         if len(_NAME_ADDR_URIS) >= _NAME_ADDR_URIS_SIZE:
             _NAME_ADDR_URIS.clear()  # bounded, as the URI cache of the parser is
         _NAME_ADDR_URIS[value] = uri

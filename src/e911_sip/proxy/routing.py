@@ -227,7 +227,8 @@ class BranchFactory:
         gets the same branch again; the digest is keyed, so the branch tells a peer nothing it
         could use to match or forge anything.
         """
-        top = request.top_via.branch or request.call_id
+        # param_of, not the property: compiled, a NamedTuple's property is a generic lookup.
+        top = param_of(request.top_via.params, "branch") or request.call_id
         digest = self._digest(f"{top}|{request.method}".encode(), 12)
         return f"{MAGIC_COOKIE}{_b64(digest)}"
 

@@ -1468,6 +1468,12 @@ REASONS: Final = {
     513: "Message Too Large",
 }
 
+_STATUS_LINES: Final = {
+    status: f"{SIP_VERSION} {status} {reason}\r\n".encode("latin-1")
+    for status, reason in REASONS.items()
+}
+"""Each status line ``make_response`` writes with the usual reason, and its CRLF, as bytes."""
+
 
 def make_response(
     request: Request,
@@ -1517,7 +1523,9 @@ def _response_of_lines(request: Request, status: int, reason: str | None) -> Res
     response = Response.__new__(Response)
     response.status = status
     response.reason = reason or REASONS.get(status, "Unknown")
-    head = f"{response.start_line()}\r\n".encode("latin-1")
+    head = _STATUS_LINES.get(status) if reason is None else None
+    if head is None:
+        head = f"{response.start_line()}\r\n".encode("latin-1")
     wire, at, keys = _COPY_LINES(
         cast(bytes, request._wire),
         request._at,

@@ -171,6 +171,17 @@ def parse_uri(text: str) -> Uri:
     return uri
 
 
+def read_uri(text: str) -> Uri:
+    """``parse_uri(text)`` without its cache: for a caller's own URI, which its call reads
+    once (and its caller keeps), so that a new caller's URIs do not push out the ones many
+    calls share (a trunk's, the softswitch's).
+
+    Raises:
+        UnsupportedUriScheme, MalformedMessage: as :func:`parse_uri`.
+    """
+    return _parse_uri(text)
+
+
 def _parse_uri(text: str) -> Uri:
     if _URI_PARTS is not None:
         # A sip URI written the common way (a new caller's From and P-Asserted-Identity),
