@@ -583,6 +583,24 @@ is_ascii_space(unsigned char c)
     return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f);
 }
 
+/* The text of ``arg`` for via_parts and uri_parts (``name`` for the error): 1 with ``*text``
+ * and ``*length`` set when it is an ASCII string, 0 when it is a string of other
+ * characters (the Python code reads it), -1 with TypeError when it is not a string. */
+static int
+ascii_arg(PyObject *arg, const char *name, const unsigned char **text, Py_ssize_t *length)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s() reads a string", name);
+        return -1;
+    }
+    if (!PyUnicode_IS_ASCII(arg)) {
+        return 0;
+    }
+    *text = PyUnicode_1BYTE_DATA(arg);
+    *length = PyUnicode_GET_LENGTH(arg);
+    return 1;
+}
+
 static PyObject *
 lower_text(const unsigned char *text, Py_ssize_t length)
 {
@@ -688,15 +706,12 @@ static PyObject *
 via_parts(PyObject *module, PyObject *arg)
 {
     (void)module;
-    if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "via_parts() reads a string");
-        return NULL;
+    const unsigned char *text;
+    Py_ssize_t length;
+    const int ascii = ascii_arg(arg, "via_parts", &text, &length);
+    if (ascii <= 0) {
+        return ascii < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (!PyUnicode_IS_ASCII(arg)) {
-        Py_RETURN_NONE;
-    }
-    const unsigned char *text = PyUnicode_1BYTE_DATA(arg);
-    const Py_ssize_t length = PyUnicode_GET_LENGTH(arg);
     const unsigned char *gap = memchr(text, ' ', (size_t)length);
     if (gap == NULL || gap == text) {
         Py_RETURN_NONE;
@@ -763,7 +778,7 @@ static PyObject *scheme_sips;
 
 /* uri_parts(text) -> (scheme, user, host, port, params) | None
  *
- * What uri._parse_uri reads of a sip or sips URI written the common way: all ASCII, no
+ * What uri.read_uri reads of a sip or sips URI written the common way: all ASCII, no
  * whitespace, no IPv6 reference, a user (when there is an '@') that is not empty, a host,
  * a port of digits worth at most 65535. None for anything else, which the Python code
  * reads (and refuses, when it must).
@@ -772,15 +787,12 @@ static PyObject *
 uri_parts(PyObject *module, PyObject *arg)
 {
     (void)module;
-    if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "uri_parts() reads a string");
-        return NULL;
+    const unsigned char *text;
+    Py_ssize_t length;
+    const int ascii = ascii_arg(arg, "uri_parts", &text, &length);
+    if (ascii <= 0) {
+        return ascii < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (!PyUnicode_IS_ASCII(arg)) {
-        Py_RETURN_NONE;
-    }
-    const unsigned char *text = PyUnicode_1BYTE_DATA(arg);
-    const Py_ssize_t length = PyUnicode_GET_LENGTH(arg);
     for (Py_ssize_t i = 0; i < length; i++) {
         if (is_ascii_space(text[i]) || text[i] == '[' || text[i] == ']') {
             Py_RETURN_NONE;
@@ -1053,7 +1065,9 @@ copy_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *head = args[4];
     PyObject *last = args[5];
     PyObject *last_key = args[6];
-    if (!PyList_Check(keys) || !PyAnySet_Check(wanted) || !PyBytes_CheckExact(head) || !PyBytes_CheckExact(last)
+    /* Exactly a set or frozenset: a subclass's own __contains__ is what the Python
+     * definition would call, and PySet_Contains would not. */
+    if (!PyList_Check(keys) || !(PyFrozenSet_CheckExact(wanted) || PySet_CheckExact(wanted)) || !PyBytes_CheckExact(head) || !PyBytes_CheckExact(last)
         || !PyUnicode_Check(last_key)) {
         PyErr_SetString(PyExc_TypeError,
                         "copy_lines() takes a list and a set of keys, the head and last line "

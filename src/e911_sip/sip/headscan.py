@@ -403,7 +403,7 @@ copy_lines: Callable[
     [bytes, bytes, list[str], frozenset[str], bytes, bytes, str], tuple[bytes, bytes, list[str]]
 ] = copy_lines_python
 uri_parts: Callable[[str], UriParts | None] | None = None
-"""The native reading of a sip or sips URI written the common way (what ``uri._parse_uri``
+"""The native reading of a sip or sips URI written the common way (what ``uri.read_uri``
 reads of one that is all ASCII, with no whitespace and no IPv6 reference; None for any
 other); None itself in the pure build, where uri reads every URI."""
 via_parts: Callable[[str], ViaParts | None] | None = None

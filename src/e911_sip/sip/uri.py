@@ -162,7 +162,7 @@ def parse_uri(text: str) -> Uri:
     """
     uri = _URI_CACHE.get(text)
     if uri is None:
-        uri = _parse_uri(text)
+        uri = read_uri(text)
         if len(text) <= _URI_CACHE_LENGTH:
             if len(_URI_CACHE) >= _URI_CACHE_SIZE:
                 # Bounded: a peer sending ever new URIs only ever costs a clear now and then.
@@ -179,10 +179,6 @@ def read_uri(text: str) -> Uri:
     Raises:
         UnsupportedUriScheme, MalformedMessage: as :func:`parse_uri`.
     """
-    return _parse_uri(text)
-
-
-def _parse_uri(text: str) -> Uri:
     if _URI_PARTS is not None:
         # A sip URI written the common way (a new caller's From and P-Asserted-Identity),
         # read natively: the same answer as below, for the text the native reader takes.
@@ -193,7 +189,7 @@ def _parse_uri(text: str) -> Uri:
 
 
 def _read_uri(text: str) -> Uri:
-    """The Python reading of any URI (``_parse_uri`` without the native one)."""
+    """The Python reading of any URI (``read_uri`` without the native one)."""
     raw = text
     scheme, sep, rest = text.partition(":")
     if not sep or not scheme:

@@ -194,6 +194,7 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
     for args in (
         (tuple(keys), frozenset(), b"", b"", ""),
         (keys, ["x"], b"", b"", ""),
+        (keys, _OwnContains(), b"", b"", ""),
         (keys, frozenset(), "", b"", ""),
         (keys, frozenset(), b"", bytearray(), ""),
         (keys, frozenset(), b"", b"", b""),
@@ -202,6 +203,15 @@ def test_native_functions_refuse_what_is_not_their_type() -> None:
             native.copy_lines(data, at_lines, *args)  # type: ignore[arg-type]
     # Bytes of another type are not read: the careful parse takes them.
     assert native.read_plain(bytearray(data), end, first, at_lines, template, 256, True) is None  # type: ignore[arg-type]
+
+
+class _OwnContains(frozenset[str]):
+    """A set whose membership is its own: what copy_lines_python asks it, the C could not."""
+
+    __slots__ = ()
+
+    def __contains__(self, key: object) -> bool:
+        return True
 
 
 # Messages as the edge meets them, and the corpus: the values read_plain reads, each
@@ -626,7 +636,7 @@ def test_uri_parts_reads_what_the_python_reading_reads(text: str) -> None:
         return
     if parts is not None:
         assert (*parts, text) == tuple(expected)
-    assert uri._parse_uri(text) == expected
+    assert uri.read_uri(text) == expected
 
 
 @needs_native
