@@ -403,11 +403,10 @@ def _apply(message: Request | Response, ops: list[tuple[str, str, str]], uri: st
 def test_an_edit_from_the_received_bytes_is_the_edit_from_the_lines(
     data: bytes, ops: list[tuple[str, str, str]], uri: str | None
 ) -> None:
-    try:
-        kept = parse(data)
-        made = parse(data)
-    except RemoteSipError:
+    parsed = _parsed_twice(data)
+    if parsed is None:
         return
+    kept, made = parsed
     made._text()  # the lines made: the edit works on a copy of them
     if kept._lines is not None:
         return  # a message the careful parse read: it has its lines anyway
@@ -436,6 +435,15 @@ def test_an_edit_from_the_received_bytes_is_the_edit_from_the_lines(
     assert kept.to_bytes() == data[: len(kept.to_bytes())]
 
 
+def _parsed_twice(data: bytes) -> tuple[Request | Response, Request | Response] | None:
+    """Two parses of ``data`` (one to keep as parsed, one to have its lines made), or None
+    when it does not parse."""
+    try:
+        return parse(data), parse(data)
+    except RemoteSipError:
+        return None
+
+
 def _cached(message: Request | Response) -> list[object]:
     """The values a message reads and keeps, or the error each raises."""
     out: list[object] = []
@@ -457,13 +465,11 @@ def _cached(message: Request | Response) -> list[object]:
 def test_a_response_made_from_the_received_bytes_is_the_one_made_from_the_lines(
     data: bytes, status: int, to_tag: str | None, reason: str | None
 ) -> None:
-    try:
-        kept = parse(data)
-        made = parse(data)
-    except RemoteSipError:
+    parsed = _parsed_twice(data)
+    if parsed is None or not isinstance(parsed[0], Request):
         return
-    if not isinstance(kept, Request):
-        return
+    kept, made = parsed
+    assert isinstance(made, Request)
     made._text()
     a = make_response(kept, status, reason, to_tag=to_tag)
     b = make_response(made, status, reason, to_tag=to_tag)
